@@ -1,0 +1,127 @@
+"""`peft-lora`: a plain PEFT LoRA adapter on a Hugging Face base model: one always-on expert.
+
+Layout: adapter_config.json (peft_type LORA) + adapter_model.safetensors (or .bin), keys
+`base_model.model.model.layers.{L}.{self_attn|mlp}.{module}.lora_{A|B}.weight`.
+Honours use_rslora, rank_pattern, alpha_pattern and target_modules (list or regex).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import AdafuseError
+from ..spec import MODULES, AdapterSpec
+from ..tensors import LazySource, SafetensorsSource, TensorInfo, TensorSource, in_memory_source, read_json
+from . import Converter, register, resolve_base
+from .adafuse import load_hf_base
+
+ADAPTER_CONFIG = "adapter_config.json"
+LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+def read_adapter_dir(path: Path) -> tuple[dict, TensorSource]:
+    """adapter_config.json and the adapter weights (safetensors preferred, else pickled .bin)."""
+    cfg = read_json(path / ADAPTER_CONFIG)
+    if not isinstance(cfg, dict):
+        raise AdafuseError(f"{path / ADAPTER_CONFIG}: expected a JSON object, found {type(cfg).__name__}")
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.exists():
+        return cfg, SafetensorsSource([st])
+    if binf.exists():
+        import torch
+
+        try:
+            tensors = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdafuseError(f"{binf}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdafuseError(f"{binf}: expected a dict of tensors")
+        return cfg, in_memory_source(tensors, str(binf))
+    raise AdafuseError(f"{path}: no adapter_model.safetensors or adapter_model.bin found")
+
+
+def peft_pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rule: the first key k such that the module name matches `(.*\\.)?k$`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def stacked(source: TensorSource, name: str, canonical: str) -> tuple[TensorInfo, object]:
+    """A [r, in] / [out, r] PEFT matrix as a one-expert [1, ...] canonical tensor."""
+    info = source.info(name)
+    return TensorInfo(canonical, (1,) + info.shape, info.dtype, info.origin), (lambda: source.get(name)[None])
+
+
+@register
+class PeftLoraConverter(Converter):
+    name = "peft-lora"
+    description = "PEFT LoRA adapter (adapter_config.json peft_type LORA) on a base model directory: one always-on expert"
+
+    def detect(self, path: Path) -> bool:
+        try:
+            cfg = read_json(path / ADAPTER_CONFIG)
+        except AdafuseError:
+            return False
+        # LoRAMoE / HydraLoRA forks also say LORA but add expert counts.
+        return isinstance(cfg, dict) and cfg.get("peft_type") == "LORA" and "lora_nums" not in cfg \
+            and "routing_strategy" not in cfg
+
+    def load(self, path: Path, base: Path | None = None) -> Checkpoint:
+        cfg, weights = read_adapter_dir(path)
+        where = path / ADAPTER_CONFIG
+        for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+            if cfg.get(key, ok) not in (ok, None):
+                raise AdafuseError(f"{where}: '{key}: {cfg[key]}' is not supported (expected {ok})")
+        if cfg.get("bias", "none") != "none":
+            raise AdafuseError(f"{where}: 'bias: {cfg['bias']}' is not supported (expected 'none')")
+        if cfg.get("modules_to_save"):
+            raise AdafuseError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported (expected none)")
+        if cfg.get("layers_to_transform") is not None:
+            raise AdafuseError(f"{where}: layers_to_transform is not supported (expected every layer adapted)")
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+        for key, value in (("r", r), ("lora_alpha", alpha)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise AdafuseError(f"{where}: '{key}' must be a positive number, found {value!r}")
+        hf_cfg, model, base_src = load_hf_base(resolve_base(path, cfg.get("base_model_name_or_path"), base))
+
+        found: dict[tuple[int, str], dict[str, str]] = {}
+        for name in weights.names():
+            m = LORA_KEY.match(name)
+            if not m:
+                raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' is not a LoRA weight of a decoder projection "
+                                   "(expected base_model.model.model.layers.L.<self_attn|mlp>.<proj>.lora_<A|B>.weight)")
+            layer, _, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+            if module not in MODULES:
+                raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' adapts unsupported module '{module}'")
+            found.setdefault((layer, module), {})[which] = name
+        modules = sorted({mod for _, mod in found}, key=MODULES.index)
+        if not modules:
+            raise AdafuseError(f"{weights.info(weights.names()[0]).origin if weights.names() else path}: no LoRA tensors found")
+        entries, ranks, alphas = {}, {}, {}
+        use_rslora = bool(cfg.get("use_rslora", False))
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        for layer in range(model.num_layers):
+            for module in modules:
+                pair = found.get((layer, module), {})
+                site = f"layers.{layer}.{module}"
+                peft_name = f"model.layers.{layer}.{'self_attn' if module in MODULES[:4] else 'mlp'}.{module}"
+                for which in "AB":
+                    if which not in pair:
+                        raise AdafuseError(f"{path}: missing tensor 'base_model.model.{peft_name}.lora_{which}.weight' "
+                                           f"(every layer must adapt {module})")
+                    entries[f"{site}.lora_{which}"] = stacked(weights, pair[which], f"{site}.lora_{which}")
+                site_r = int(peft_pattern_value(rank_pattern, peft_name, r))
+                site_alpha = float(peft_pattern_value(alpha_pattern, peft_name, alpha))
+                if site_r != r:
+                    ranks[site] = site_r
+                if site_alpha != float(alpha):
+                    alphas[site] = site_alpha
+        adapter = AdapterSpec(num_experts=1, top_k=1, r=int(r), lora_alpha=float(alpha), target_modules=(),
+                              routing="none", use_rslora=use_rslora, static_modules=tuple(modules),
+                              rank_pattern=ranks, alpha_pattern=alphas)
+        adapter.check(str(where))
+        return Checkpoint(path=path, format=self.name, hf_config=hf_cfg, model=model, adapter=adapter,
+                          base=base_src, adapters=LazySource(entries))

@@ -1,0 +1,250 @@
+"""Llama-family decoder (llama, mistral, qwen2) with mixture-of-LoRA-experts adapters.
+
+Written from the math, not from Hugging Face code, so that it can also serve as the
+specification for the ONNX graphs and kernels. Matches transformers' float32 logits
+with adapters off (tests/test_reference.py).
+
+Adapter modes (AdapterSpec.routing / expert_kind):
+  pregate            one router at the first adapted input; the same (experts, gates)
+                     apply at every routed site: y = W x + s * sum_k g_k B_k A_k x
+  layerwise/linear   a router per projection (MoLA top-k, LoRAMoE dense softmax)
+  layerwise/ffn      MixLoRA: a router per FFN; expert e is the FFN with LoRA e on
+                     gate/up/down; out = sum_k w_k FFN_e(x)
+  static modules     one always-on LoRA (plain PEFT LoRA, MixLoRA attention)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import Checkpoint, Site
+from ..errors import AdafuseError
+from ..spec import module_group
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] for integer positions [B, S]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+               normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router in float32: (expert ids [N, k] int64, gates [N, k] float32)."""
+    logits = x.to(torch.float32) @ weight.to(torch.float32).T
+    if bias is not None:
+        logits = logits + bias.to(torch.float32)
+    probs = torch.softmax(logits, dim=-1)
+    gates, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        gates = gates / gates.sum(-1, keepdim=True)
+    return ids, gates
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """scale * sum_j gates[n,j] * B[ids[n,j]] @ A[ids[n,j]] @ x[n], for x [N, in] -> [N, out]."""
+    t = torch.einsum("nkri,ni->nkr", A[ids], x)  # [N, k, r]
+    t = t * gates.to(t.dtype)[..., None]
+    return torch.einsum("nkor,nkr->no", B[ids], t) * scale
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]  # per layer [B, KV, T, d]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, S, vocab] float32
+    cache: KVCache
+    expert_ids: torch.Tensor | None  # [B, S, k] int64 (pre-gated checkpoints)
+    gates: torch.Tensor | None  # [B, S, k] float32
+
+
+class ReferenceModel:
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 adapters: bool = True):
+        self.ckpt, self.spec, self.aspec = ckpt, ckpt.model, ckpt.adapter
+        self.dtype, self.device, self.use_adapters = dtype, torch.device(device), adapters
+
+        def load(src, name):
+            return src.get(name).to(device=self.device, dtype=dtype)
+
+        self.w = {n: load(ckpt.base, n) for n in self.spec.hf_weight_shapes()}
+        if self.spec.tie_word_embeddings:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.a = {n: load(ckpt.adapters, n) for n in ckpt.adapters.names()} if adapters else {}
+        self.sites: dict[tuple[int, str], Site] = {(s.layer, s.module): s for s in ckpt.sites()} if adapters else {}
+        self.scales = {s.name: self.aspec.site_scale(s.name) for s in self.sites.values()}
+
+    # ---- routing -------------------------------------------------------------
+    @property
+    def pregated(self) -> bool:
+        return self.use_adapters and self.aspec.routing == "pregate"
+
+    def pregate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-gate on its input hidden state x [..., hidden] -> ids, gates [..., k]."""
+        lead = x.shape[:-1]
+        ids, gates = route_topk(x.reshape(-1, x.shape[-1]), self.a["pregate.weight"], self.a.get("pregate.bias"),
+                                self.aspec.top_k, self.aspec.normalize_topk)
+        return ids.reshape(*lead, -1), gates.reshape(*lead, -1)
+
+    def routing_table(self, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact pre-gate as a table: expert ids [vocab, k] int32 and gates [vocab, k] float32."""
+        if not self.pregated or not self.aspec.routing_table_exact:
+            raise AdafuseError(f"{self.ckpt.path}: a routing table needs a pre-gate reading RMSNorm_0(embed(token)) "
+                               f"(routing '{self.aspec.routing}', pregate_input '{self.aspec.pregate_input}')")
+        ids, gates = [], []
+        emb, norm = self.w["model.embed_tokens.weight"], self.w["model.layers.0.input_layernorm.weight"]
+        for start in range(0, self.spec.vocab_size, chunk):
+            x = rms_norm(emb[start:start + chunk], norm, self.spec.rms_norm_eps)
+            i, g = self.pregate(x)
+            ids.append(i.to(torch.int32))
+            gates.append(g)
+        return torch.cat(ids), torch.cat(gates)
+
+    # ---- layers ----------------------------------------------------------------
+    def _adapted(self, x: torch.Tensor, layer: int, module: str, route, ffn_expert=None) -> torch.Tensor:
+        """One projection with its adapter. x [N, in] -> [N, out].
+
+        route: pre-gate (ids, gates) [N, k] for routed sites; ffn_expert: ids [N, 1] of the
+        MixLoRA expert being evaluated.
+        """
+        p = f"model.layers.{layer}.{module_group(module)}.{module}"
+        y = x @ self.w[f"{p}.weight"].T
+        if f"{p}.bias" in self.w:
+            y = y + self.w[f"{p}.bias"]
+        site = self.sites.get((layer, module))
+        if site is None:
+            return y
+        A, B, scale = self.a[f"{site.name}.lora_A"], self.a[f"{site.name}.lora_B"], self.scales[site.name]
+        if site.static:
+            ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+            return y + lora_delta(x, A, B, ids, torch.ones(ids.shape, device=x.device), scale)
+        if self.aspec.expert_kind == "ffn":
+            ones = torch.ones(ffn_expert.shape, device=x.device)
+            return y + lora_delta(x, A, B, ffn_expert, ones, scale)
+        if self.aspec.routing == "layerwise":
+            k = A.shape[0] if self.aspec.router_kind == "dense" else self.aspec.top_k
+            route = route_topk(x, self.a[f"{site.name}.router.weight"], None, k,
+                               self.aspec.normalize_topk and self.aspec.router_kind == "topk")
+        ids, gates = route
+        return y + lora_delta(x, A, B, ids, gates, scale)
+
+    def _attention(self, x, layer, route, cos, sin, cache: KVCache, past: int, batch: int, seq: int):
+        s = self.spec
+        q = self._adapted(x, layer, "q_proj", route).view(batch, seq, s.num_heads, s.head_dim).transpose(1, 2)
+        k = self._adapted(x, layer, "k_proj", route).view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = self._adapted(x, layer, "v_proj", route).view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos_, sin_ = cos[:, None], sin[:, None]
+        q = q * cos_ + rotate_half(q) * sin_
+        k = k * cos_ + rotate_half(k) * sin_
+        if past:
+            k = torch.cat([cache.keys[layer], k], dim=2)
+            v = torch.cat([cache.values[layer], v], dim=2)
+        cache.keys[layer], cache.values[layer] = k, v
+        rep = s.num_heads // s.num_kv_heads
+        k_, v_ = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k_.transpose(-1, -2)) * s.head_dim ** -0.5
+        qpos = torch.arange(past, past + seq, device=x.device)[:, None]
+        kpos = torch.arange(past + seq, device=x.device)[None, :]
+        allowed = kpos <= qpos
+        if s.sliding_window is not None:
+            allowed = allowed & (kpos > qpos - s.sliding_window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
+        out = (probs @ v_).transpose(1, 2).reshape(batch * seq, s.num_heads * s.head_dim)
+        return self._adapted(out, layer, "o_proj", route)
+
+    def _mlp(self, x, layer, route):
+        if self.use_adapters and self.aspec.expert_kind == "ffn":
+            ids, gates = route_topk(x, self.a[f"layers.{layer}.mlp.router.weight"], None, self.aspec.top_k,
+                                    self.aspec.normalize_topk)
+            out = 0
+            for j in range(ids.shape[1]):
+                e = ids[:, j:j + 1]
+                h = torch.nn.functional.silu(self._adapted(x, layer, "gate_proj", None, e)) \
+                    * self._adapted(x, layer, "up_proj", None, e)
+                out = out + gates[:, j:j + 1].to(x.dtype) * self._adapted(h, layer, "down_proj", None, e)
+            return out
+        h = torch.nn.functional.silu(self._adapted(x, layer, "gate_proj", route)) * self._adapted(x, layer, "up_proj", route)
+        return self._adapted(h, layer, "down_proj", route)
+
+    # ---- forward ---------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                routes: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
+        """input_ids [B, S] (positions continue the cache). routes: optional (ids, gates)
+        [B, S, k] that replace the pre-gate's (runners feed routes they computed)."""
+        s = self.spec
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        if input_ids.dim() != 2:
+            raise AdafuseError(f"input ids must be [batch, seq], found shape {list(input_ids.shape)}")
+        bad = (input_ids < 0) | (input_ids >= s.vocab_size)
+        if bad.any():
+            raise AdafuseError(f"token id {input_ids[bad][0].item()} is out of the vocabulary [0, {s.vocab_size})")
+        batch, seq = input_ids.shape
+        cache = cache or KVCache([None] * s.num_layers, [None] * s.num_layers)
+        past = cache.length if cache.keys[0] is not None else 0
+        positions = torch.arange(past, past + seq, device=self.device).expand(batch, seq)
+        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, self.dtype)
+        h = self.w["model.embed_tokens.weight"][input_ids].reshape(batch * seq, s.hidden_size)
+        route = None
+        if routes is not None:
+            route = (routes[0].reshape(batch * seq, -1).long(), routes[1].reshape(batch * seq, -1).float())
+        eps = s.rms_norm_eps
+        for layer in range(s.num_layers):
+            p = f"model.layers.{layer}"
+            x = rms_norm(h, self.w[f"{p}.input_layernorm.weight"], eps)
+            if layer == 0 and self.pregated and route is None and self.aspec.pregate_input == "attn_norm_0":
+                route = self.pregate(x)
+            h = h + self._attention(x, layer, route, cos, sin, cache, past, batch, seq)
+            x = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], eps)
+            if layer == 0 and self.pregated and route is None and self.aspec.pregate_input == "mlp_norm_0":
+                route = self.pregate(x)
+            h = h + self._mlp(x, layer, route)
+        h = rms_norm(h, self.w["model.norm.weight"], eps)
+        logits = (h @ self.w["lm_head.weight"].T).float().reshape(batch, seq, s.vocab_size)
+        ids = gates = None
+        if self.pregated:
+            ids, gates = route[0].reshape(batch, seq, -1), route[1].reshape(batch, seq, -1)
+        return StepOutput(logits, cache, ids, gates)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[StepOutput]]:
+        """Greedy decoding: (generated ids [B, max_new_tokens], step outputs: prefill then each decode)."""
+        out = self.forward(prompt_ids)
+        steps, tokens = [out], []
+        for i in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if i + 1 == max_new_tokens:
+                break
+            out = self.forward(nxt, out.cache)
+            steps.append(out)
+        gen = torch.cat(tokens, dim=1) if tokens else torch.empty(prompt_ids.shape[0], 0, dtype=torch.int64)
+        return gen, steps
+

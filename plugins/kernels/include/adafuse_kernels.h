@@ -1,0 +1,86 @@
+// adafuse_kernels.h - C ABI of the AdaFuse fused adapter kernels.
+//
+// Used by the TensorRT plugins (plugins/<name>Plugin/), the torch GPU runner
+// (through ctypes) and the tests. Every pointer is a device pointer unless
+// stated otherwise; every matrix is row-major and contiguous. All functions
+// only enqueue work on `stream` (no host synchronisation), so they can be
+// captured in CUDA graphs. They return 0 on success or an adafuse_status code.
+#ifndef ADAFUSE_KERNELS_H
+#define ADAFUSE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ADAFUSE_KERNELS_ABI_VERSION 1
+
+typedef enum {
+  ADAFUSE_FLOAT32 = 0,
+  ADAFUSE_FLOAT16 = 1,
+  ADAFUSE_BFLOAT16 = 2
+} adafuse_dtype;
+
+typedef enum {
+  ADAFUSE_OK = 0,
+  ADAFUSE_ERR_INVALID_ARGUMENT = 1,  // a size, pointer or dtype is out of range
+  ADAFUSE_ERR_WORKSPACE = 2,         // workspace missing or too small
+  ADAFUSE_ERR_CUDA = 3               // a CUDA call or launch failed
+} adafuse_status;
+
+const char* adafuse_status_string(int status);
+int adafuse_abi_version(void);
+
+// ---- Routed fused linear --------------------------------------------------
+// y[n] = W x[n] (+ bias) + scale * sum_j gates[n,j] * B[e] (A[e] x[n]),
+//   e = expert_ids[n,j], for every row n in [0, rows).
+// x [rows, in], W [out, in], bias [out] or NULL, A [E, rank, in],
+// B [E, out, rank], expert_ids [rows, top_k] int32 (each in [0, E)),
+// gates [rows, top_k] float32, y [rows, out]. x, W, bias, A, B, y share dtype.
+// Few rows: one GEMV-class pass over W; many rows: tokens grouped by expert.
+size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
+                                          int num_experts, int rank, int top_k);
+int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,
+                        const void* x, const void* W, const void* bias,
+                        const void* A, const void* B, int num_experts, int rank,
+                        const int32_t* expert_ids, const float* gates, int top_k,
+                        float scale, void* y, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
+// ---- Fused switch (the paper's SGMM) --------------------------------------
+// One site = one adapted weight matrix. The site table lives in device memory.
+typedef struct {
+  void* W;              // [out, in], updated in place
+  const void* W_base;   // [out, in] pristine copy, or NULL (see adafuse_switch)
+  const void* A;        // [E, rank, in]
+  const void* B;        // [E, out, rank]
+  int32_t out_features;
+  int32_t in_features;
+  int32_t rank;
+  int32_t num_experts;
+  float scale;
+  int32_t reserved;
+} adafuse_switch_site;
+
+// One launch over all sites (all layers). Route arrays are device arrays of
+// length top_k. For each site:
+//   W_base != NULL:  W = W_base + scale * sum_j new_gates[j] B[new_ids[j]] A[new_ids[j]]
+//                    (re-derived from the pristine copy: no drift)
+//   W_base == NULL:  W += scale * (sum_j new_gates[j] B A[new] - sum_j old_gates[j] B A[old])
+//                    (in place; old_ids[j] < 0 means "nothing merged")
+// If new and old routes are identical the kernel writes nothing (checked on the
+// device, so the call is graph-capturable). After the call the caller copies
+// new -> old (adafuse_switch does it on the device when update_old != 0).
+int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
+                   int max_out_features, int max_in_features,
+                   const int32_t* new_ids, const float* new_gates,
+                   int32_t* old_ids, float* old_gates, int top_k, int update_old,
+                   cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif  // ADAFUSE_KERNELS_H

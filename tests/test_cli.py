@@ -1,0 +1,61 @@
+"""The command line on the built-in examples."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from adafuse_export.converters import load_checkpoint
+from adafuse_export.examples import KINDS
+from adafuse_export.reference import ReferenceModel
+
+
+def test_formats_lists_registered_converters(cli):
+    r = cli("formats")
+    assert r.code == 0
+    names = [line.split()[0] for line in r.out.splitlines()]
+    assert {"adafuse", "peft-lora", "moe-peft"} <= set(names)
+
+
+def test_inspect_every_example(cli, example_dirs):
+    for kind, path in example_dirs.items():
+        r = cli("inspect", path, "--json")
+        assert r.code == 0, r.err
+        info = json.loads(r.out)
+        assert info["format"] == "adafuse" and info["family"] == "llama"
+        assert info["model"]["num_layers"] == 2 and info["adapter"]["routing"] == KINDS[kind]["routing"]
+        ckpt = load_checkpoint(path)
+        assert info["adapter_parameters"] == sum(ckpt.adapters.info(n).numel for n in ckpt.adapters.names())
+        table = cli("inspect", path)
+        assert table.code == 0 and "routing" in table.out and "parameters" in table.out
+
+
+def test_run_prints_greedy_ids_and_saves_logits(cli, example_dirs, tmp_path):
+    out = tmp_path / "logits.safetensors"
+    r = cli("run", example_dirs["pregate"], "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4", "--save-logits", out)
+    assert r.code == 0, r.err
+    model = ReferenceModel(load_checkpoint(example_dirs["pregate"]))
+    gen, steps = model.generate(torch.tensor([[5, 6, 7, 8]]), 4)
+    assert r.out.split() == [str(t) for t in gen[0].tolist()]
+    saved = load_file(out)["logits"]
+    assert saved.shape == (1, 4, 256) and torch.equal(saved, steps[0].logits)
+
+
+def test_make_example_refuses_to_overwrite(cli, tmp_path):
+    assert cli("make-example", tmp_path / "ex").code == 0
+    r = cli("make-example", tmp_path / "ex")
+    assert r.code == 2 and "not empty" in r.err and "--force" in r.err
+    assert cli("make-example", tmp_path / "ex", "--force", "--kind", "mixlora").code == 0
+
+
+def test_console_script_help_and_error_without_traceback(tmp_path):
+    exe = [sys.executable, "-m", "adafuse_export"]
+    help_ = subprocess.run(exe + ["--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "inspect" in help_.stdout
+    bad = subprocess.run(exe + ["inspect", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"error: {tmp_path / 'nope'}: checkpoint directory not found"
+    assert "Traceback" not in bad.stderr
