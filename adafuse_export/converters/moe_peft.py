@@ -1,4 +1,163 @@
-"""`moe-peft`: MixLoRA, LoRAMoE and MoLA adapters as saved by MoE-PEFT / the mixlora package.
+"""`moe-peft`: MixLoRA, LoRAMoE and MoLA adapters as saved by MoE-PEFT (layouts and math:
+docs/formats/moe-peft.md).
 
-(Implemented from the layouts in docs/formats/moe-peft.md.)
+  MixLoRA  experts are whole FFNs behind one router per layer; attention targets are plain LoRA
+  LoRAMoE  a dense softmax router per FFN linear; attention targets are plain LoRA
+  MoLA     a top-k router per targeted linear (attention and FFN)
 """
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import AdafuseError
+from ..spec import ATTN_MODULES, MLP_MODULES, MODULES, AdapterSpec, module_group
+from ..tensors import LazySource, TensorInfo, TensorSource, read_json
+from . import Converter, register, resolve_base
+from .adafuse import load_hf_base
+from .peft_lora import ADAPTER_CONFIG, read_adapter_dir, stacked
+
+STRATEGIES = ("mixlora", "loramoe", "mola")
+UNSUPPORTED = {"mixlora-dynamic": "top-p routing", "mixlora-switch": "switch routing with capacity"}
+PEFT_TYPES = {"MIXLORA": "mixlora", "LORAMOE": "loramoe", "MOLA": "mola"}
+
+
+def _number(cfg: dict, key: str, where: Path, default=None, positive=True):
+    value = cfg.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or (positive and value <= 0):
+        raise AdafuseError(f"{where}: '{key}' must be a positive number, found {value!r}")
+    return value
+
+
+def _stack(source: TensorSource, names: list[str], canonical: str) -> tuple[TensorInfo, object]:
+    """Per-expert [r, in] matrices stacked into one [E, r, in] canonical tensor."""
+    import torch
+
+    infos = [source.info(n) for n in names]
+    for info in infos[1:]:
+        if info.shape != infos[0].shape:
+            raise AdafuseError(f"{info.origin}: tensor '{info.name}' has shape {list(info.shape)}, expected "
+                               f"{list(infos[0].shape)} like '{infos[0].name}' (experts must share one rank)")
+    info = TensorInfo(canonical, (len(names),) + infos[0].shape, infos[0].dtype, infos[0].origin)
+    return info, (lambda: torch.stack([source.get(n) for n in names]))
+
+
+@register
+class MoePeftConverter(Converter):
+    name = "moe-peft"
+    description = "MixLoRA / LoRAMoE / MoLA adapters saved by MoE-PEFT or mixlora (adapter_config.json + adapter_model.bin)"
+
+    def detect(self, path: Path) -> bool:
+        try:
+            cfg = read_json(path / ADAPTER_CONFIG)
+        except AdafuseError:
+            return False
+        return isinstance(cfg, dict) and (cfg.get("routing_strategy") in STRATEGIES + tuple(UNSUPPORTED)
+                                          or cfg.get("peft_type") in PEFT_TYPES)
+
+    def load(self, path: Path, base: Path | None = None) -> Checkpoint:
+        cfg, weights = read_adapter_dir(path)
+        where = path / ADAPTER_CONFIG
+        strategy = cfg.get("routing_strategy") or PEFT_TYPES.get(cfg.get("peft_type"))
+        if strategy in UNSUPPORTED:
+            raise AdafuseError(f"{where}: routing_strategy '{strategy}' ({UNSUPPORTED[strategy]}) is not supported "
+                               f"(expected one of {', '.join(STRATEGIES)})")
+        if strategy not in STRATEGIES:
+            raise AdafuseError(f"{where}: routing_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if cfg.get("use_dora"):
+            raise AdafuseError(f"{where}: 'use_dora: true' is not supported (MoE-PEFT does not save DoRA magnitudes)")
+        r, alpha = int(_number(cfg, "r", where)), float(_number(cfg, "lora_alpha", where))
+        num_experts = int(_number(cfg, "num_experts", where))
+        rslora = bool(cfg.get("use_rslora", False))
+        targets = cfg.get("target_modules")
+        if isinstance(targets, dict):
+            targets = [k for k, v in targets.items() if v]
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise AdafuseError(f"{where}: 'target_modules' must be a non-empty list of module names, found {targets!r}")
+        for t in targets:
+            if t not in MODULES:
+                raise AdafuseError(f"{where}: target module '{t}' is not supported (expected some of {', '.join(MODULES)})")
+        hf_cfg, model, base_src = load_hf_base(resolve_base(path, cfg.get("base_model_name_or_path"), base))
+        act = cfg.get("act_fn") or hf_cfg.get("hidden_act", "silu")
+        if strategy == "mixlora" and act != "silu":
+            raise AdafuseError(f"{where}: act_fn '{act}' is not supported (expected 'silu')")
+
+        # Which targets are routed, and the experts' rank/scale.
+        exp_r, exp_alpha, exp_rslora = r, alpha, rslora
+        if strategy == "mixlora":
+            routed = [m for m in MLP_MODULES if m in targets]
+            expert_lora = cfg.get("expert_lora")
+            if isinstance(expert_lora, dict):
+                exp_r = int(_number(expert_lora, "r", where))
+                exp_alpha = float(_number(expert_lora, "lora_alpha", where))
+                exp_rslora = bool(expert_lora.get("use_rslora", rslora))
+            top_k = int(_number(cfg, "top_k", where, 2))
+        elif strategy == "loramoe":
+            routed, top_k = [m for m in MLP_MODULES if m in targets], num_experts
+        else:
+            routed, top_k = [m for m in MODULES if m in targets], int(_number(cfg, "top_k", where, 2))
+        static = [m for m in ATTN_MODULES if m in targets and m not in routed]
+
+        P = strategy
+        entries: dict[str, tuple[TensorInfo, object]] = {}
+        used: set[str] = set()
+        ranks, alphas = {}, {}
+
+        def take(name: str) -> str:
+            if name not in weights:
+                raise AdafuseError(f"{weights.info(weights.names()[0]).origin if weights.names() else path}: "
+                                   f"missing tensor '{name}'")
+            used.add(name)
+            return name
+
+        def record(site: str, site_r: int, scale: float):
+            # Canonical scale is alpha / (sqrt(r) if use_rslora else r) with the experts' settings;
+            # other sites keep their exact scale through per-site rank/alpha patterns.
+            if site_r != exp_r:
+                ranks[site] = site_r
+            site_alpha = scale * (math.sqrt(site_r) if exp_rslora else site_r)
+            if not math.isclose(site_alpha, exp_alpha, rel_tol=1e-12):
+                alphas[site] = site_alpha
+
+        for layer in range(model.num_layers):
+            for m in static:
+                pre, site = f"{P}.layers.{layer}.self_attn.{m}", f"layers.{layer}.{m}"
+                for w in "AB":
+                    entries[f"{site}.lora_{w}"] = stacked(weights, take(f"{pre}.lora_{w}.weight"), f"{site}.lora_{w}")
+                site_r = entries[f"{site}.lora_A"][0].shape[1]
+                record(site, site_r, alpha / (math.sqrt(site_r) if rslora else site_r))
+            for m in routed:
+                pre, site = f"{P}.layers.{layer}.{module_group(m)}.{m}", f"layers.{layer}.{m}"
+                for w in "AB":
+                    names = [take(f"{pre}.experts.{e}.lora_{w}.weight") for e in range(num_experts)]
+                    entries[f"{site}.lora_{w}"] = _stack(weights, names, f"{site}.lora_{w}")
+                site_r = entries[f"{site}.lora_A"][0].shape[1]
+                record(site, site_r, exp_alpha / (math.sqrt(site_r) if exp_rslora else site_r))
+                if strategy != "mixlora":
+                    name = take(f"{pre}.moe_gate.weight")
+                    info = weights.info(name)
+                    entries[f"{site}.router.weight"] = (TensorInfo(f"{site}.router.weight", info.shape, info.dtype, info.origin),
+                                                        (lambda n=name: weights.get(n)))
+            if strategy == "mixlora" and routed:
+                name = take(f"{P}.layers.{layer}.mlp.moe_gate.weight")
+                info = weights.info(name)
+                entries[f"layers.{layer}.mlp.router.weight"] = (
+                    TensorInfo(f"layers.{layer}.mlp.router.weight", info.shape, info.dtype, info.origin),
+                    (lambda n=name: weights.get(n)))
+        extra = sorted(set(weights.names()) - used)
+        if extra:
+            raise AdafuseError(f"{weights.info(extra[0]).origin}: unexpected tensor '{extra[0]}' "
+                               f"({len(extra)} unexpected in all) for a {strategy} adapter with targets {targets}")
+        adapter = AdapterSpec(
+            num_experts=num_experts, top_k=top_k, r=exp_r, lora_alpha=exp_alpha, use_rslora=exp_rslora,
+            target_modules=tuple(routed), static_modules=tuple(static), routing="layerwise",
+            router_kind="dense" if strategy == "loramoe" else "topk",
+            normalize_topk=strategy != "loramoe", expert_kind="ffn" if strategy == "mixlora" else "linear",
+            rank_pattern=ranks, alpha_pattern=alphas)
+        adapter.check(str(where))
+        ckpt = Checkpoint(path=path, format=self.name, hf_config=hf_cfg, model=model, adapter=adapter,
+                          base=base_src, adapters=LazySource(entries))
+        ckpt.notes.append(f"MoE-PEFT routing_strategy '{strategy}'")
+        return ckpt
