@@ -1,0 +1,120 @@
+#include "adafuseSwitchLinearKernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace adafuse
+{
+namespace plugin
+{
+namespace
+{
+constexpr int kWarpsPerBlock = 8;
+
+__device__ __forceinline__ float toFloat(float v)
+{
+    return v;
+}
+__device__ __forceinline__ float toFloat(__half v)
+{
+    return __half2float(v);
+}
+__device__ __forceinline__ float toFloat(__nv_bfloat16 v)
+{
+    return __bfloat162float(v);
+}
+template <typename T>
+__device__ __forceinline__ T fromFloat(float v);
+template <>
+__device__ __forceinline__ float fromFloat<float>(float v)
+{
+    return v;
+}
+template <>
+__device__ __forceinline__ __half fromFloat<__half>(float v)
+{
+    return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__global__ void denseLinearKernel(
+    int rows, int inFeatures, int outFeatures, T const* __restrict__ x, T const* __restrict__ W,
+    T const* __restrict__ bias, T* __restrict__ y)
+{
+    int const lane = threadIdx.x & 31;
+    int const o = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
+    if (o >= outFeatures)
+    {
+        return;
+    }
+    T const* w = W + static_cast<size_t>(o) * inFeatures;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y)
+    {
+        T const* xr = x + static_cast<size_t>(r) * inFeatures;
+        float acc = 0.F;
+        for (int i = lane; i < inFeatures; i += 32)
+        {
+            acc += toFloat(w[i]) * toFloat(xr[i]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1)
+        {
+            acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        }
+        if (lane == 0)
+        {
+            if (bias != nullptr)
+            {
+                acc += toFloat(bias[o]);
+            }
+            y[static_cast<size_t>(r) * outFeatures + o] = fromFloat<T>(acc);
+        }
+    }
+}
+
+__global__ void writeSiteKernel(adafuse_switch_site* dst, adafuse_switch_site value)
+{
+    *dst = value;
+}
+
+template <typename T>
+cudaError_t launchDense(int rows, int in, int out, void const* x, void const* W, void const* bias, void* y,
+    cudaStream_t stream)
+{
+    dim3 block(32 * kWarpsPerBlock);
+    dim3 grid((out + kWarpsPerBlock - 1) / kWarpsPerBlock, rows < 65535 ? rows : 65535);
+    denseLinearKernel<T><<<grid, block, 0, stream>>>(rows, in, out, static_cast<T const*>(x),
+        static_cast<T const*>(W), static_cast<T const*>(bias), static_cast<T*>(y));
+    return cudaGetLastError();
+}
+} // namespace
+
+cudaError_t launchDenseLinear(adafuse_dtype dtype, int rows, int inFeatures, int outFeatures, void const* x,
+    void const* W, void const* bias, void* y, cudaStream_t stream)
+{
+    if (rows <= 0 || inFeatures <= 0 || outFeatures <= 0)
+    {
+        return rows == 0 ? cudaSuccess : cudaErrorInvalidValue;
+    }
+    switch (dtype)
+    {
+    case ADAFUSE_FLOAT32: return launchDense<float>(rows, inFeatures, outFeatures, x, W, bias, y, stream);
+    case ADAFUSE_FLOAT16: return launchDense<__half>(rows, inFeatures, outFeatures, x, W, bias, y, stream);
+    case ADAFUSE_BFLOAT16: return launchDense<__nv_bfloat16>(rows, inFeatures, outFeatures, x, W, bias, y, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+cudaError_t launchWriteSite(adafuse_switch_site* dst, adafuse_switch_site value, cudaStream_t stream)
+{
+    writeSiteKernel<<<1, 1, 0, stream>>>(dst, value);
+    return cudaGetLastError();
+}
+
+} // namespace plugin
+} // namespace adafuse

@@ -1,0 +1,359 @@
+#include "adafuseLinearConfig.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace adafuse
+{
+namespace plugin
+{
+namespace
+{
+using nvinfer1::DataType;
+using nvinfer1::Dims;
+
+char const* inputName(int32_t i)
+{
+    switch (i)
+    {
+    case kINPUT_X: return "x";
+    case kINPUT_W: return "W";
+    case kINPUT_A: return "A";
+    case kINPUT_B: return "B";
+    case kINPUT_EXPERT_IDS: return "expert_ids";
+    case kINPUT_GATES: return "gates";
+    case kINPUT_BIAS: return "bias";
+    default: return "?";
+    }
+}
+
+struct TensorView
+{
+    DataType type;
+    Dims dims;
+    nvinfer1::TensorFormat format;
+};
+
+// Checks dimension `axis` of a tensor: -1 (dynamic) passes, anything else must equal `expected`.
+void checkDim(char const* plugin, char const* tensor, Dims const& d, int32_t axis, int64_t expected,
+    char const* meaning)
+{
+    int64_t found = d.d[axis];
+    check(found < 0 || found == expected, plugin, tensor, " dimension ", axis, " expected ", meaning, "=", expected,
+        ", found ", found, " (shape ", dimsToString(d), ")");
+}
+
+void checkRank(char const* plugin, char const* tensor, Dims const& d, int32_t expected)
+{
+    check(d.nbDims == expected, plugin, tensor, " expected ", expected, " dimensions, found ", d.nbDims, " (shape ",
+        dimsToString(d), ")");
+}
+
+void checkViews(LinearConfig const& cfg, std::vector<TensorView> const& in, std::vector<TensorView> const& out)
+{
+    char const* p = cfg.pluginName();
+    LinearFields const& f = cfg.fields();
+    check(static_cast<int32_t>(in.size()) == cfg.nbInputs(), p, "expected ", cfg.nbInputs(),
+        " inputs (has_bias=", f.hasBias, "), found ", in.size());
+    check(static_cast<int32_t>(out.size()) == kNB_OUTPUTS, p, "expected ", kNB_OUTPUTS, " output, found ",
+        out.size());
+    for (size_t i = 0; i < in.size(); ++i)
+    {
+        check(in[i].format == nvinfer1::TensorFormat::kLINEAR, p, "input ", i, " (", inputName(int32_t(i)),
+            ") must use the linear format");
+    }
+    DataType const t = in[kINPUT_X].type;
+    check(isSupportedFloat(t), p, "input 0 (x) expected float32, float16 or bfloat16, found ", dataTypeName(t));
+    for (int32_t i : {kINPUT_W, kINPUT_A, kINPUT_B, kINPUT_BIAS})
+    {
+        if (i < cfg.nbInputs())
+        {
+            check(in[i].type == t, p, "input ", i, " (", inputName(i), ") expected the dtype of x (", dataTypeName(t),
+                "), found ", dataTypeName(in[i].type));
+        }
+    }
+    check(in[kINPUT_EXPERT_IDS].type == DataType::kINT32, p, "input 4 (expert_ids) expected int32, found ",
+        dataTypeName(in[kINPUT_EXPERT_IDS].type));
+    check(in[kINPUT_GATES].type == DataType::kFLOAT, p, "input 5 (gates) expected float32, found ",
+        dataTypeName(in[kINPUT_GATES].type));
+    check(out[kOUTPUT_Y].type == t, p, "output 0 (y) expected the dtype of x (", dataTypeName(t), "), found ",
+        dataTypeName(out[kOUTPUT_Y].type));
+
+    Dims const& x = in[kINPUT_X].dims;
+    check(x.nbDims >= 1, p, "input 0 (x) expected at least 1 dimension, found ", x.nbDims);
+    checkDim(p, "input 0 (x)", x, x.nbDims - 1, f.inFeatures, "in_features");
+    checkRank(p, "input 1 (W)", in[kINPUT_W].dims, 2);
+    checkDim(p, "input 1 (W)", in[kINPUT_W].dims, 0, f.outFeatures, "out_features");
+    checkDim(p, "input 1 (W)", in[kINPUT_W].dims, 1, f.inFeatures, "in_features");
+    checkRank(p, "input 2 (A)", in[kINPUT_A].dims, 3);
+    checkDim(p, "input 2 (A)", in[kINPUT_A].dims, 0, f.numExperts, "num_experts");
+    checkDim(p, "input 2 (A)", in[kINPUT_A].dims, 1, f.rank, "rank");
+    checkDim(p, "input 2 (A)", in[kINPUT_A].dims, 2, f.inFeatures, "in_features");
+    checkRank(p, "input 3 (B)", in[kINPUT_B].dims, 3);
+    checkDim(p, "input 3 (B)", in[kINPUT_B].dims, 0, f.numExperts, "num_experts");
+    checkDim(p, "input 3 (B)", in[kINPUT_B].dims, 1, f.outFeatures, "out_features");
+    checkDim(p, "input 3 (B)", in[kINPUT_B].dims, 2, f.rank, "rank");
+    for (int32_t i : {kINPUT_EXPERT_IDS, kINPUT_GATES})
+    {
+        std::string const name = str("input ", i, " (", inputName(i), ")");
+        Dims const& r = in[i].dims;
+        checkRank(p, name.c_str(), r, x.nbDims);
+        checkDim(p, name.c_str(), r, r.nbDims - 1, f.topK, "top_k");
+        for (int32_t a = 0; a + 1 < x.nbDims; ++a)
+        {
+            if (x.d[a] >= 0)
+            {
+                checkDim(p, name.c_str(), r, a, x.d[a], "the matching leading dimension of x");
+            }
+        }
+    }
+    if (f.hasBias)
+    {
+        checkRank(p, "input 6 (bias)", in[kINPUT_BIAS].dims, 1);
+        checkDim(p, "input 6 (bias)", in[kINPUT_BIAS].dims, 0, f.outFeatures, "out_features");
+    }
+    Dims const& y = out[kOUTPUT_Y].dims;
+    checkRank(p, "output 0 (y)", y, x.nbDims);
+    checkDim(p, "output 0 (y)", y, y.nbDims - 1, f.outFeatures, "out_features");
+    for (int32_t a = 0; a + 1 < x.nbDims; ++a)
+    {
+        if (x.d[a] >= 0)
+        {
+            checkDim(p, "output 0 (y)", y, a, x.d[a], "the matching leading dimension of x");
+        }
+    }
+}
+} // namespace
+
+LinearConfig::LinearConfig(char const* pluginName, LinearFields const& fields)
+    : mPlugin(pluginName)
+    , mFields(fields)
+{
+    validate();
+}
+
+LinearConfig::LinearConfig(LinearConfig const& other)
+    : mPlugin(other.mPlugin)
+    , mFields(other.mFields)
+{
+}
+
+LinearConfig& LinearConfig::operator=(LinearConfig const& other)
+{
+    mPlugin = other.mPlugin;
+    mFields = other.mFields;
+    return *this;
+}
+
+void LinearConfig::validate() const
+{
+    char const* p = mPlugin;
+    LinearFields const& f = mFields;
+    check(f.inFeatures > 0, p, "field 'in_features' expected > 0, found ", f.inFeatures);
+    check(f.outFeatures > 0, p, "field 'out_features' expected > 0, found ", f.outFeatures);
+    check(f.numExperts > 0, p, "field 'num_experts' expected > 0, found ", f.numExperts);
+    check(f.rank > 0, p, "field 'rank' expected > 0, found ", f.rank);
+    check(f.topK >= 1 && f.topK <= f.numExperts, p, "field 'top_k' expected in [1, num_experts=", f.numExperts,
+        "], found ", f.topK);
+    check(std::isfinite(f.scale), p, "field 'scale' expected a finite float, found ", f.scale);
+    check(f.hasBias == 0 || f.hasBias == 1, p, "field 'has_bias' expected 0 or 1, found ", f.hasBias);
+    int64_t const wElems = int64_t(f.outFeatures) * f.inFeatures;
+    check(wElems <= std::numeric_limits<int32_t>::max(), p, "out_features*in_features = ", wElems,
+        " exceeds the int32 element count the kernels index with");
+}
+
+LinearConfig LinearConfig::fromFieldCollection(char const* pluginName, nvinfer1::PluginFieldCollection const* fc)
+{
+    FieldReader r(pluginName, fc);
+    std::vector<std::string> unknown = r.unknownFields({kFIELD_IN_FEATURES, kFIELD_OUT_FEATURES, kFIELD_NUM_EXPERTS,
+        kFIELD_RANK, kFIELD_TOP_K, kFIELD_SCALE, kFIELD_HAS_BIAS});
+    for (std::string const& u : unknown)
+    {
+        logWarning(str(pluginName, ": ignoring unknown field '", u, "'"));
+    }
+    LinearFields f;
+    f.inFeatures = r.getInt32(kFIELD_IN_FEATURES);
+    f.outFeatures = r.getInt32(kFIELD_OUT_FEATURES);
+    f.numExperts = r.getInt32(kFIELD_NUM_EXPERTS);
+    f.rank = r.getInt32(kFIELD_RANK);
+    f.topK = r.getInt32(kFIELD_TOP_K);
+    f.scale = r.getFloat32(kFIELD_SCALE);
+    f.hasBias = r.getInt32(kFIELD_HAS_BIAS);
+    return LinearConfig(pluginName, f);
+}
+
+nvinfer1::PluginFieldCollection const* LinearConfig::fieldNames()
+{
+    using nvinfer1::PluginField;
+    using nvinfer1::PluginFieldType;
+    static PluginField const kFields[kNB_FIELDS] = {
+        PluginField(kFIELD_IN_FEATURES, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_OUT_FEATURES, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_NUM_EXPERTS, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_RANK, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_TOP_K, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_SCALE, nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField(kFIELD_HAS_BIAS, nullptr, PluginFieldType::kINT32, 1),
+    };
+    static nvinfer1::PluginFieldCollection const kFc{kNB_FIELDS, kFields};
+    return &kFc;
+}
+
+nvinfer1::PluginFieldCollection const* LinearConfig::fieldsToSerialize()
+{
+    using nvinfer1::PluginField;
+    using nvinfer1::PluginFieldType;
+    mSerial = {
+        PluginField(kFIELD_IN_FEATURES, &mFields.inFeatures, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_OUT_FEATURES, &mFields.outFeatures, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_NUM_EXPERTS, &mFields.numExperts, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_RANK, &mFields.rank, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_TOP_K, &mFields.topK, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_SCALE, &mFields.scale, PluginFieldType::kFLOAT32, 1),
+        PluginField(kFIELD_HAS_BIAS, &mFields.hasBias, PluginFieldType::kINT32, 1),
+    };
+    mSerialFc.nbFields = kNB_FIELDS;
+    mSerialFc.fields = mSerial.data();
+    return &mSerialFc;
+}
+
+void LinearConfig::outputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const
+{
+    check(nbInputs == this->nbInputs(), mPlugin, "expected ", this->nbInputs(), " inputs (has_bias=", mFields.hasBias,
+        "), found ", nbInputs);
+    check(nbOutputs == kNB_OUTPUTS, mPlugin, "expected 1 output, found ", nbOutputs);
+    check(outputTypes != nullptr && inputTypes != nullptr, mPlugin, "null type array");
+    DataType const t = inputTypes[kINPUT_X];
+    check(isSupportedFloat(t), mPlugin, "input 0 (x) expected float32, float16 or bfloat16, found ", dataTypeName(t));
+    for (int32_t i : {kINPUT_W, kINPUT_A, kINPUT_B, kINPUT_BIAS})
+    {
+        if (i < nbInputs)
+        {
+            check(inputTypes[i] == t, mPlugin, "input ", i, " (", inputName(i), ") expected the dtype of x (",
+                dataTypeName(t), "), found ", dataTypeName(inputTypes[i]));
+        }
+    }
+    check(inputTypes[kINPUT_EXPERT_IDS] == DataType::kINT32, mPlugin, "input 4 (expert_ids) expected int32, found ",
+        dataTypeName(inputTypes[kINPUT_EXPERT_IDS]));
+    check(inputTypes[kINPUT_GATES] == DataType::kFLOAT, mPlugin, "input 5 (gates) expected float32, found ",
+        dataTypeName(inputTypes[kINPUT_GATES]));
+    outputTypes[kOUTPUT_Y] = t;
+}
+
+void LinearConfig::outputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs* outputs,
+    int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) const
+{
+    check(nbInputs == this->nbInputs(), mPlugin, "expected ", this->nbInputs(), " inputs (has_bias=", mFields.hasBias,
+        "), found ", nbInputs);
+    check(nbOutputs == kNB_OUTPUTS, mPlugin, "expected 1 output, found ", nbOutputs);
+    check(inputs != nullptr && outputs != nullptr, mPlugin, "null shape array");
+    nvinfer1::DimsExprs const& x = inputs[kINPUT_X];
+    check(x.nbDims >= 1, mPlugin, "input 0 (x) expected at least 1 dimension, found ", x.nbDims);
+    nvinfer1::IDimensionExpr const* last = x.d[x.nbDims - 1];
+    check(last != nullptr, mPlugin, "input 0 (x) has a null dimension expression");
+    check(!last->isConstant() || last->getConstantValue() == mFields.inFeatures, mPlugin,
+        "input 0 (x) last dimension expected in_features=", mFields.inFeatures, ", found ",
+        last->isConstant() ? last->getConstantValue() : -1);
+    for (int32_t i : {kINPUT_EXPERT_IDS, kINPUT_GATES})
+    {
+        check(inputs[i].nbDims == x.nbDims, mPlugin, "input ", i, " (", inputName(i), ") expected ", x.nbDims,
+            " dimensions like x, found ", inputs[i].nbDims);
+        nvinfer1::IDimensionExpr const* k = inputs[i].d[inputs[i].nbDims - 1];
+        check(k != nullptr && (!k->isConstant() || k->getConstantValue() == mFields.topK), mPlugin, "input ", i, " (",
+            inputName(i), ") last dimension expected top_k=", mFields.topK, ", found ",
+            (k != nullptr && k->isConstant()) ? k->getConstantValue() : -1);
+    }
+    nvinfer1::DimsExprs& y = outputs[kOUTPUT_Y];
+    y = x;
+    y.d[y.nbDims - 1] = exprBuilder.constant(mFields.outFeatures);
+    check(y.d[y.nbDims - 1] != nullptr, mPlugin, "IExprBuilder::constant returned null");
+}
+
+bool LinearConfig::supportsFormatCombination(
+    int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) const
+{
+    check(nbInputs == this->nbInputs(), mPlugin, "expected ", this->nbInputs(), " inputs (has_bias=", mFields.hasBias,
+        "), found ", nbInputs);
+    check(nbOutputs == kNB_OUTPUTS, mPlugin, "expected 1 output, found ", nbOutputs);
+    check(pos >= 0 && pos < nbInputs + nbOutputs, mPlugin, "position ", pos, " out of range [0, ",
+        nbInputs + nbOutputs, ")");
+    check(inOut != nullptr, mPlugin, "null tensor description array");
+    nvinfer1::PluginTensorDesc const& d = inOut[pos].desc;
+    if (d.format != nvinfer1::TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    if (pos == kINPUT_X)
+    {
+        return isSupportedFloat(d.type);
+    }
+    if (pos == kINPUT_EXPERT_IDS)
+    {
+        return d.type == DataType::kINT32;
+    }
+    if (pos == kINPUT_GATES)
+    {
+        return d.type == DataType::kFLOAT;
+    }
+    // W, A, B, bias and y share the dtype of x (already decided: pos > 0).
+    return d.type == inOut[kINPUT_X].desc.type;
+}
+
+void LinearConfig::checkTensors(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) const
+{
+    check(in != nullptr && out != nullptr, mPlugin, "null tensor description array");
+    std::vector<TensorView> vi, vo;
+    for (int32_t i = 0; i < nbInputs; ++i)
+        vi.push_back({in[i].type, in[i].dims, in[i].format});
+    for (int32_t i = 0; i < nbOutputs; ++i)
+        vo.push_back({out[i].type, out[i].dims, out[i].format});
+    checkViews(*this, vi, vo);
+}
+
+void LinearConfig::checkTensors(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const
+{
+    check(in != nullptr && out != nullptr, mPlugin, "null tensor description array");
+    std::vector<TensorView> vi, vo;
+    for (int32_t i = 0; i < nbInputs; ++i)
+        vi.push_back({in[i].desc.type, in[i].desc.dims, in[i].desc.format});
+    for (int32_t i = 0; i < nbOutputs; ++i)
+        vo.push_back({out[i].desc.type, out[i].desc.dims, out[i].desc.format});
+    checkViews(*this, vi, vo);
+    // The profile bounds must agree with the fields too.
+    vi.clear();
+    vo.clear();
+    for (int32_t i = 0; i < nbInputs; ++i)
+        vi.push_back({in[i].desc.type, in[i].max, in[i].desc.format});
+    for (int32_t i = 0; i < nbOutputs; ++i)
+        vo.push_back({out[i].desc.type, out[i].max, out[i].desc.format});
+    checkViews(*this, vi, vo);
+}
+
+int32_t LinearConfig::rows(nvinfer1::Dims const& x) const
+{
+    int64_t n = 1;
+    for (int32_t a = 0; a + 1 < x.nbDims; ++a)
+    {
+        check(x.d[a] >= 0, mPlugin, "input 0 (x) has an unresolved dimension ", a, " (shape ", dimsToString(x), ")");
+        n *= x.d[a];
+        check(n <= std::numeric_limits<int32_t>::max(), mPlugin, "input 0 (x) has more than 2^31-1 rows (shape ",
+            dimsToString(x), ")");
+    }
+    return static_cast<int32_t>(n);
+}
+
+size_t LinearConfig::loraWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs) const
+{
+    check(inputs != nullptr && nbInputs == this->nbInputs(), mPlugin, "expected ", this->nbInputs(),
+        " inputs, found ", nbInputs);
+    int32_t const maxRows = rows(inputs[kINPUT_X].max);
+    return adafuse_lora_linear_workspace_size(
+        maxRows, mFields.inFeatures, mFields.outFeatures, mFields.numExperts, mFields.rank, mFields.topK);
+}
+
+} // namespace plugin
+} // namespace adafuse

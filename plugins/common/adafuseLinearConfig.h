@@ -1,0 +1,96 @@
+// adafuseLinearConfig.h - fields, tensor positions and shape/type rules shared by
+// the AdafuseLoraLinear and AdafuseSwitchLinear plugins (same inputs, same fields).
+#ifndef ADAFUSE_LINEAR_CONFIG_H
+#define ADAFUSE_LINEAR_CONFIG_H
+
+#include "adafusePluginCommon.h"
+
+#include <array>
+
+namespace adafuse
+{
+namespace plugin
+{
+
+// Input positions (named constants; bias exists only when has_bias = 1).
+constexpr int32_t kINPUT_X = 0;          // [..., in_features]            f32 / f16 / bf16
+constexpr int32_t kINPUT_W = 1;          // [out_features, in_features]   dtype of x
+constexpr int32_t kINPUT_A = 2;          // [num_experts, rank, in]       dtype of x
+constexpr int32_t kINPUT_B = 3;          // [num_experts, out, rank]      dtype of x
+constexpr int32_t kINPUT_EXPERT_IDS = 4; // [..., top_k]                  int32
+constexpr int32_t kINPUT_GATES = 5;      // [..., top_k]                  float32
+constexpr int32_t kINPUT_BIAS = 6;       // [out_features]                dtype of x
+constexpr int32_t kOUTPUT_Y = 0;         // [..., out_features]           dtype of x
+constexpr int32_t kNB_OUTPUTS = 1;
+
+// Field names, in serialization order (identical to the ONNX node attributes).
+constexpr char const* kFIELD_IN_FEATURES = "in_features";
+constexpr char const* kFIELD_OUT_FEATURES = "out_features";
+constexpr char const* kFIELD_NUM_EXPERTS = "num_experts";
+constexpr char const* kFIELD_RANK = "rank";
+constexpr char const* kFIELD_TOP_K = "top_k";
+constexpr char const* kFIELD_SCALE = "scale";
+constexpr char const* kFIELD_HAS_BIAS = "has_bias";
+constexpr int32_t kNB_FIELDS = 7;
+
+struct LinearFields
+{
+    int32_t inFeatures{0};
+    int32_t outFeatures{0};
+    int32_t numExperts{0};
+    int32_t rank{0};
+    int32_t topK{0};
+    float scale{1.0F};
+    int32_t hasBias{0};
+};
+
+//! Validated fields plus the shape and type rules of the routed linear.
+class LinearConfig
+{
+public:
+    //! Throws PluginError naming the plugin, the field, the expected and the found value.
+    LinearConfig(char const* pluginName, LinearFields const& fields);
+    LinearConfig(LinearConfig const& other);
+    LinearConfig& operator=(LinearConfig const& other);
+
+    //! Parses and validates a field collection (createPlugin). Unknown fields are warned about.
+    static LinearConfig fromFieldCollection(char const* pluginName, nvinfer1::PluginFieldCollection const* fc);
+    //! Field names and types for IPluginCreatorV3One::getFieldNames (data = nullptr).
+    static nvinfer1::PluginFieldCollection const* fieldNames();
+
+    LinearFields const& fields() const noexcept { return mFields; }
+    char const* pluginName() const noexcept { return mPlugin; }
+    int32_t nbInputs() const noexcept { return mFields.hasBias ? 7 : 6; }
+
+    //! Collection pointing into this object (valid while it lives and is not modified).
+    nvinfer1::PluginFieldCollection const* fieldsToSerialize();
+
+    // --- build-time rules ---
+    void outputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes,
+        int32_t nbInputs) const;
+    void outputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs* outputs,
+        int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) const;
+    bool supportsFormatCombination(
+        int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) const;
+    //! Checks counts, types and every known dimension (-1 = dynamic is skipped).
+    void checkTensors(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const;
+    void checkTensors(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) const;
+    //! Product of the leading dimensions of x (throws on -1 or overflow of int32).
+    int32_t rows(nvinfer1::Dims const& xDims) const;
+    //! Workspace for adafuse_lora_linear at the largest number of rows of the profile.
+    size_t loraWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs) const;
+
+private:
+    void validate() const;
+    char const* mPlugin;
+    LinearFields mFields;
+    std::array<nvinfer1::PluginField, kNB_FIELDS> mSerial{};
+    nvinfer1::PluginFieldCollection mSerialFc{};
+};
+
+} // namespace plugin
+} // namespace adafuse
+
+#endif // ADAFUSE_LINEAR_CONFIG_H
