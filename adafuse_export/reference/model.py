@@ -64,6 +64,17 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ids: torch.Ten
     return torch.einsum("nkor,nkr->no", B[ids], t) * scale
 
 
+def routing_table(embed: torch.Tensor, norm0: torch.Tensor, eps: float, pregate_w: torch.Tensor,
+                  pregate_b: torch.Tensor | None, top_k: int, normalize: bool, chunk: int = 8192):
+    """The pre-gate of RMSNorm_0(embed(token)) for every token: ids [vocab, k] int32, gates [vocab, k] float32."""
+    ids, gates = [], []
+    for start in range(0, embed.shape[0], chunk):
+        i, g = route_topk(rms_norm(embed[start:start + chunk], norm0, eps), pregate_w, pregate_b, top_k, normalize)
+        ids.append(i.to(torch.int32))
+        gates.append(g)
+    return torch.cat(ids), torch.cat(gates)
+
+
 @dataclass
 class KVCache:
     keys: list[torch.Tensor]  # per layer [B, KV, T, d]
@@ -115,14 +126,9 @@ class ReferenceModel:
         if not self.pregated or not self.aspec.routing_table_exact:
             raise AdafuseError(f"{self.ckpt.path}: a routing table needs a pre-gate reading RMSNorm_0(embed(token)) "
                                f"(routing '{self.aspec.routing}', pregate_input '{self.aspec.pregate_input}')")
-        ids, gates = [], []
-        emb, norm = self.w["model.embed_tokens.weight"], self.w["model.layers.0.input_layernorm.weight"]
-        for start in range(0, self.spec.vocab_size, chunk):
-            x = rms_norm(emb[start:start + chunk], norm, self.spec.rms_norm_eps)
-            i, g = self.pregate(x)
-            ids.append(i.to(torch.int32))
-            gates.append(g)
-        return torch.cat(ids), torch.cat(gates)
+        return routing_table(self.w["model.embed_tokens.weight"], self.w["model.layers.0.input_layernorm.weight"],
+                             self.spec.rms_norm_eps, self.a["pregate.weight"], self.a.get("pregate.bias"),
+                             self.aspec.top_k, self.aspec.normalize_topk, chunk)
 
     # ---- layers ----------------------------------------------------------------
     def _adapted(self, x: torch.Tensor, layer: int, module: str, route, ffn_expert=None) -> torch.Tensor:

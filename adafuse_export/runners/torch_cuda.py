@@ -1,0 +1,234 @@
+"""GPU decoder for pre-gated checkpoints: routing table -> adapters -> dense backbone.
+
+A static KV cache and device-side positions make every decode step the same sequence of
+kernels, so it is captured once in a CUDA graph and replayed (at batch 1 the GPU otherwise
+waits on kernel launches from the host). Adapter strategies:
+
+  dense     no adapters (the base model: the speed floor)
+  unmerged  y = W x + s * sum_k g_k B_k (A_k x) with plain PyTorch ops
+  fused     the routed fused linear kernel (plugins/kernels): W x and the LoRA term in one pass
+  switch    the fused switch kernel merges the token's experts into W in place (one launch for all
+            layers, a no-op when the route is unchanged), then the dense backbone runs (batch 1)
+
+Without the kernel library (CPU, tests) `fused` and `switch` run the same math with PyTorch
+ops, so the decoding logic is tested everywhere and the kernels are tested on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import AdafuseError
+from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
+from ..spec import AdapterSpec, ModelSpec, module_group
+
+STRATEGIES = ("dense", "unmerged", "fused", "switch")
+
+
+@dataclass
+class SiteWeights:
+    name: str
+    W: torch.Tensor  # [out, in] live (merged in place under `switch`)
+    bias: torch.Tensor | None
+    A: torch.Tensor | None  # [E, r, in]
+    B: torch.Tensor | None  # [E, out, r]
+    scale: float
+    W_base: torch.Tensor | None = None  # pristine copy for drift-free switching
+
+
+class TorchOps:
+    """The adapter math in PyTorch ops: the fallback and the definition the kernels must meet."""
+
+    @staticmethod
+    def lora_linear(x, site: SiteWeights, ids, gates):
+        y = x @ site.W.T
+        if site.bias is not None:
+            y = y + site.bias
+        return y + lora_delta(x, site.A, site.B, ids, gates, site.scale).to(y.dtype)
+
+    def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
+        """W = W_base + s sum_j g_j B_j A_j for the (single) new route; mirrors the kernel's pristine mode."""
+        ids, gates = new_ids.reshape(-1).long(), new_gates.reshape(-1).float()
+        for s in sites:
+            delta = torch.einsum("kor,kri->oi", s.B[ids].float() * gates[:, None, None], s.A[ids].float())
+            s.W.copy_((s.W_base.float() + s.scale * delta).to(s.W.dtype))
+        old_ids.copy_(new_ids.reshape(old_ids.shape))
+        old_gates.copy_(new_gates.reshape(old_gates.shape))
+
+
+class GpuDecoder:
+    def __init__(self, model: ModelSpec, adapter: AdapterSpec | None, weights: dict[str, torch.Tensor],
+                 routes: tuple[torch.Tensor, torch.Tensor] | None, *, strategy: str = "fused",
+                 max_batch: int = 1, max_seq: int = 1024, ops=None):
+        if strategy not in STRATEGIES:
+            raise AdafuseError(f"--strategy '{strategy}' is unknown (expected one of {', '.join(STRATEGIES)})")
+        if strategy != "dense" and (adapter is None or routes is None):
+            raise AdafuseError("the GPU decoder needs a pre-gated checkpoint with an exact routing table")
+        if strategy == "switch" and max_batch != 1:
+            raise AdafuseError(f"strategy 'switch' merges one route into the weights, so it needs batch 1, found max batch {max_batch}")
+        self.m, self.a, self.strategy = model, adapter, strategy
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.ops = ops or TorchOps()
+        any_w = next(iter(weights.values()))
+        self.device, self.dtype = any_w.device, any_w.dtype
+        self.w = weights
+        if model.tie_word_embeddings:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
+                                            routes[1].to(self.device, torch.float32).contiguous()) if routes else (None, None)
+        self.sites: dict[tuple[int, str], SiteWeights] = {}
+        for layer in range(model.num_layers):
+            for mod in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                p = f"model.layers.{layer}.{module_group(mod)}.{mod}"
+                name = f"layers.{layer}.{mod}"
+                routed = strategy != "dense" and mod in adapter.target_modules
+                site = SiteWeights(name, weights[f"{p}.weight"], weights.get(f"{p}.bias"),
+                                   weights[f"{name}.lora_A"] if routed else None,
+                                   weights[f"{name}.lora_B"] if routed else None,
+                                   adapter.site_scale(name) if routed else 0.0)
+                if routed and strategy == "switch":
+                    site.W_base = site.W.clone()
+                self.sites[(layer, mod)] = site
+        kv_shape = (max_batch, model.num_kv_heads, max_seq, model.head_dim)
+        self.k_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
+        self.v_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
+        k = adapter.top_k if adapter else 1
+        self.old_ids = torch.full((k,), -1, device=self.device, dtype=torch.int32)
+        self.old_gates = torch.zeros((k,), device=self.device, dtype=torch.float32)
+        self.length = 0
+        self._graph = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, device="cuda", dtype=torch.bfloat16, **kw) -> "GpuDecoder":
+        from ..reference import ReferenceModel
+
+        ref = ReferenceModel(ckpt, dtype=torch.float32)
+        routes = ref.routing_table()
+        weights = {n: t.to(device=device, dtype=dtype).contiguous() for n, t in {**ref.w, **ref.a}.items()
+                   if n != "lm_head.weight" or not ckpt.model.tie_word_embeddings}
+        return cls(ckpt.model, ckpt.adapter, weights, routes, **kw)
+
+    # ---- one step ------------------------------------------------------------
+    def _linear(self, x, layer, mod, ids, gates):
+        site = self.sites[(layer, mod)]
+        if site.A is None or self.strategy in ("dense", "switch"):
+            y = x @ site.W.T
+            return y + site.bias if site.bias is not None else y
+        if self.strategy == "unmerged":
+            return TorchOps.lora_linear(x, site, ids, gates)
+        return self.ops.lora_linear(x, site, ids, gates)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [B, S] on the device -> logits [B, S, vocab] float32."""
+        m = self.m
+        batch, seq = input_ids.shape
+        ids = gates = None
+        if self.route_ids is not None and self.strategy != "dense":
+            ids = self.route_ids[input_ids.reshape(-1)]
+            gates = self.route_gates[input_ids.reshape(-1)]
+            if self.strategy == "switch":
+                self.ops.switch([s for s in self.sites.values() if s.A is not None], ids, gates, self.old_ids, self.old_gates)
+        cos, sin = rope_cos_sin(positions, m.head_dim, m.rope_theta, self.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        kpos = torch.arange(self.max_seq, device=self.device)
+        allowed = kpos[None, None, :] <= positions[:, :, None]  # [B, S, max_seq]
+        if m.sliding_window is not None:
+            allowed = allowed & (kpos[None, None, :] > positions[:, :, None] - m.sliding_window)
+        mask = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(~allowed, float("-inf"))[:, None]
+        h = self.w["model.embed_tokens.weight"][input_ids].reshape(batch * seq, m.hidden_size)
+        rep = m.num_heads // m.num_kv_heads
+        for layer in range(m.num_layers):
+            p = f"model.layers.{layer}"
+            x = rms_norm(h, self.w[f"{p}.input_layernorm.weight"], m.rms_norm_eps)
+            q = self._linear(x, layer, "q_proj", ids, gates).view(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
+            k = self._linear(x, layer, "k_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+            v = self._linear(x, layer, "v_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            # write this step's keys/values at their positions (device-side index: graph-safe)
+            index = positions[0]
+            self.k_cache[layer][:batch].index_copy_(2, index, k)
+            self.v_cache[layer][:batch].index_copy_(2, index, v)
+            kc, vc = self.k_cache[layer][:batch], self.v_cache[layer][:batch]
+            attn = torch.nn.functional.scaled_dot_product_attention(
+                q, kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1), attn_mask=mask)
+            attn = attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
+            h = h + self._linear(attn, layer, "o_proj", ids, gates)
+            x = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], m.rms_norm_eps)
+            act = torch.nn.functional.silu(self._linear(x, layer, "gate_proj", ids, gates)) * self._linear(x, layer, "up_proj", ids, gates)
+            h = h + self._linear(act, layer, "down_proj", ids, gates)
+        h = rms_norm(h, self.w["model.norm.weight"], m.rms_norm_eps)
+        return (h @ self.w["lm_head.weight"].T).float().reshape(batch, seq, m.vocab_size)
+
+    # ---- public --------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        batch, seq = input_ids.shape
+        if batch > self.max_batch or seq > self.max_seq:
+            raise AdafuseError(f"prompt of shape {list(input_ids.shape)} exceeds max batch {self.max_batch} / max seq {self.max_seq}")
+        self.batch = batch
+        positions = torch.arange(seq, device=self.device).expand(batch, seq)
+        self.old_ids.fill_(-1)
+        if self.strategy == "switch":
+            # Prefill carries many routes: run it unmerged on pristine weights, merge from the first decode step.
+            saved, self.strategy = self.strategy, "unmerged"
+            for s in self.sites.values():
+                if s.W_base is not None:
+                    s.W.copy_(s.W_base)
+            try:
+                logits = self._step(input_ids, positions)
+            finally:
+                self.strategy = saved
+        else:
+            logits = self._step(input_ids, positions)
+        self.length = seq
+        self._graph = None
+        return logits
+
+    @torch.no_grad()
+    def decode(self, next_ids: torch.Tensor, use_graph: bool = True) -> torch.Tensor:
+        """One token per row: next_ids [B, 1] -> logits [B, 1, vocab]."""
+        if self.length >= self.max_seq:
+            raise AdafuseError(f"sequence length {self.length + 1} exceeds max seq {self.max_seq}")
+        if not use_graph or self.device.type != "cuda":
+            positions = torch.full((self.batch, 1), self.length, device=self.device, dtype=torch.int64)
+            out = self._step(next_ids.to(self.device), positions)
+            self.length += 1
+            return out
+        if self._graph is None:
+            self._static_ids = torch.zeros((self.batch, 1), device=self.device, dtype=torch.int64)
+            self._static_pos = torch.zeros((self.batch, 1), device=self.device, dtype=torch.int64)
+            self._static_ids.copy_(next_ids)
+            self._static_pos.fill_(self.length)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuBLAS handles)
+                self._step(self._static_ids, self._static_pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_out = self._step(self._static_ids, self._static_pos)
+        self._static_ids.copy_(next_ids)
+        self._static_pos.fill_(self.length)
+        self._graph.replay()
+        self.length += 1
+        return self._static_out
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, use_graph: bool = True) -> torch.Tensor:
+        logits = self.prefill(prompt_ids)
+        tokens = []
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits = self.decode(nxt, use_graph)
+        return torch.cat(tokens, 1) if tokens else torch.empty(prompt_ids.shape[0], 0, dtype=torch.int64)
+
+
+def weight_bytes(decoder: GpuDecoder) -> int:
+    """Bytes one decode step must read at least: every projection and the LM head once."""
+    mats = [s.W for s in decoder.sites.values()] + [decoder.w["lm_head.weight"]]
+    return sum(t.numel() * t.element_size() for t in mats)

@@ -1,0 +1,63 @@
+"""The GPU decoder's logic (static KV cache, routing table, switch bookkeeping) on the CPU.
+
+On the CPU every strategy runs PyTorch ops; benchmarks/h200_decode.py runs the same checks
+with the CUDA kernels and CUDA graphs on the H200.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adafuse_export.converters import load_checkpoint
+from adafuse_export.errors import AdafuseError
+from adafuse_export.reference import ReferenceModel
+from adafuse_export.runners.torch_cuda import GpuDecoder
+
+
+@pytest.mark.parametrize("strategy", ["unmerged", "fused", "switch"])
+def test_decoder_matches_reference_every_step(example_dirs, strategy):
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    ref = ReferenceModel(ckpt)
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(7))
+    tokens, steps = ref.generate(prompt, 10)
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy=strategy, max_seq=32)
+    logits = dec.prefill(prompt)
+    assert (logits - steps[0].logits).abs().max().item() < 1e-4
+    for i, step in enumerate(steps[1:]):
+        logits = dec.decode(tokens[:, i:i + 1])
+        assert (logits - step.logits).abs().max().item() < 1e-4
+    assert torch.equal(dec.generate(prompt, 10), tokens)
+
+
+def test_switch_merges_route_and_restores_on_prefill(example_dirs):
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="switch", max_seq=32)
+    dec.prefill(torch.tensor([[1, 2, 3]]))
+    dec.decode(torch.tensor([[4]]))
+    site = dec.sites[(1, "v_proj")]
+    ids, gates = dec.route_ids[4].long(), dec.route_gates[4]
+    expected = site.W_base + site.scale * sum(gates[j] * site.B[ids[j]] @ site.A[ids[j]] for j in range(2))
+    assert torch.allclose(site.W, expected, atol=1e-6)
+    assert dec.old_ids.tolist() == ids.tolist()
+    dec.prefill(torch.tensor([[1, 2, 3]]))
+    assert torch.equal(site.W, site.W_base)
+
+
+def test_batched_decode_with_different_routes(example_dirs):
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    ref = ReferenceModel(ckpt)
+    prompt = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(8))
+    tokens, _ = ref.generate(prompt, 6)
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="fused", max_batch=3, max_seq=16)
+    assert torch.equal(dec.generate(prompt, 6), tokens)
+
+
+def test_decoder_errors(example_dirs):
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    with pytest.raises(AdafuseError, match="strategy 'switch' merges one route"):
+        GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="switch", max_batch=2)
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="fused", max_seq=4)
+    with pytest.raises(AdafuseError, match="exceeds max batch 1 / max seq 4"):
+        dec.prefill(torch.tensor([[1, 2, 3, 4, 5]]))
+    with pytest.raises(AdafuseError, match="routing table needs a pre-gate"):
+        GpuDecoder.from_checkpoint(load_checkpoint(example_dirs["mola"]), device="cpu", dtype=torch.float32)
