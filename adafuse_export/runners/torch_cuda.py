@@ -58,6 +58,28 @@ class TorchOps:
         old_gates.copy_(new_gates.reshape(old_gates.shape))
 
 
+class KernelOps:
+    """The same two operations through the CUDA kernel library (adafuse_export.kernels)."""
+
+    def __init__(self, kernels):
+        self.k = kernels
+        self._tables: dict[tuple, tuple] = {}
+        self._workspace = None
+
+    def lora_linear(self, x, site: SiteWeights, ids, gates):
+        return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
+
+    def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
+        key = tuple(s.W.data_ptr() for s in sites)
+        if key not in self._tables:  # the device site table is built once per decoder
+            table = self.k.sites_to_device([{"W": s.W, "W_base": s.W_base, "A": s.A, "B": s.B, "scale": s.scale}
+                                            for s in sites])
+            self._tables[key] = (table, max(s.W.shape[0] for s in sites), max(s.W.shape[1] for s in sites))
+        table, max_out, max_in = self._tables[key]
+        self.k.switch(sites[0].W.dtype, table, len(sites), max_out, max_in, new_ids.reshape(-1),
+                      new_gates.reshape(-1), old_ids, old_gates)
+
+
 class GpuDecoder:
     def __init__(self, model: ModelSpec, adapter: AdapterSpec | None, weights: dict[str, torch.Tensor],
                  routes: tuple[torch.Tensor, torch.Tensor] | None, *, strategy: str = "fused",
