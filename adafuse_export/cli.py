@@ -197,3 +197,4 @@ def main(argv=None) -> int:
 
 def entry_point() -> None:
     sys.exit(main())
+from . import cli_export  # noqa: E402,F401  (registers export-onnx and validate)

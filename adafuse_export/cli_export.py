@@ -1,0 +1,87 @@
+"""`export-onnx` and `validate` commands (registered on the main group by importing this module)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cli import _import_torch, base_option, ckpt_argument, cli, format_option, parse_ids
+from .errors import AdafuseError, missing_dependency
+
+
+def _import_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise missing_dependency("onnx", "onnx") from None
+
+
+@cli.command("export-onnx")
+@ckpt_argument
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@click.option("--flavour", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
+              help="portable: adapters in standard ONNX ops (ONNX Runtime, TensorRT-RTX); "
+                   "plugin: one adafuse::AdafuseLoraLinear node per routed site (TensorRT + plugin library).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight and activation dtype (routers, norms and softmax stay float32).")
+@click.option("--external-data-threshold", type=click.IntRange(0), default=None, metavar="BYTES",
+              help="Write weights to <graph>.onnx.data when they exceed this many bytes [default: 2e9].")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT_DIR.")
+def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, dtype, external_data_threshold, force):
+    """Write ONNX graphs for CKPT into OUT_DIR: decoder.onnx, pregate.onnx, routes.safetensors, manifest.json.
+
+    The directory appears complete or not at all (built in a temporary directory next to it, then renamed).
+    """
+    _import_torch()
+    _import_onnx()
+    from .converters import load_checkpoint
+    from .onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx
+
+    if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
+    c = load_checkpoint(ckpt, fmt, base)
+    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+    manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold)
+    for graph, info in manifest["graphs"].items():
+        extra = f" + {info['external_data']}" if info["external_data"] else ""
+        click.echo(f"{graph:<8} {out_dir / info['file']}{extra}: "
+                   f"{len(info['inputs'])} inputs, {len(info['outputs'])} outputs")
+    if manifest["routes"]:
+        click.echo(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
+    click.echo(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
+
+
+@cli.command()
+@ckpt_argument
+@click.argument("model", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@click.option("--prompt-ids", "prompt_ids", multiple=True,
+              help="Prompt token ids, comma-separated; repeat for several prompts [default: 1,2,...,8].")
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(0, 10000), help="Greedy decode steps after the prefill.")
+@click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
+@click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default per dtype: 1e-3, 2e-2, 5e-2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def validate(ctx, ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
+    """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
+
+    Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
+    """
+    if Path(model).suffix == ".engine":
+        raise AdafuseError(f"{model}: TensorRT runner not available yet (it needs the 'tensorrt' Python package and the "
+                           f"adafuse plugin library); validate the ONNX export instead")
+    _import_torch()
+    _import_onnx()
+    from .converters import load_checkpoint
+    from .validate import format_report, validate as run_validate
+
+    prompts = [parse_ids(p) for p in prompt_ids] or None
+    c = load_checkpoint(ckpt, fmt, base)
+    report = run_validate(c, model, prompts, steps, atol, rtol)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["passed"]:
+        ctx.exit(1)

@@ -1,0 +1,307 @@
+"""ONNX graphs built directly from the canonical checkpoint (no tracing).
+
+Mirrors adafuse_export/reference/model.py op by op, so the reference is the spec:
+  decoder  input_ids, position_ids, [expert_ids, gates], past_key_values.{l}.key/value
+           -> logits, present.{l}.key/value[, expert_ids, gates]
+  pregate  input_ids -> expert_ids, gates        (pre-gate reading RMSNorm_0(embed) only)
+See docs/onnx-graphs.md for the contract.
+
+Hidden states are kept flat, [N = batch*seq, hidden], so every projection is one Gemm
+(transB=1 over the [out, in] weight) or one AdafuseLoraLinear node.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from ..checkpoint import Checkpoint
+from ..errors import AdafuseError
+from ..spec import module_group
+from . import plugin_ops
+from .graph import ELEM, Graph, torch_dtype
+
+FLAVOURS = ("portable", "plugin")
+DTYPES = ("float32", "float16", "bfloat16")
+F32, I64, I32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
+
+
+def pregate_in_decoder(ckpt: Checkpoint) -> bool:
+    """Pre-gate computed inside the decoder (its input comes after layer 0's attention)."""
+    a = ckpt.adapter
+    return a.routing == "pregate" and a.pregate_input == "mlp_norm_0"
+
+
+def has_pregate_graph(ckpt: Checkpoint) -> bool:
+    return ckpt.adapter.routing_table_exact
+
+
+def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str, str]:
+    m, a = ckpt.model, ckpt.adapter
+    return {
+        "adafuse.format": "adafuse-onnx/1", "adafuse.graph": graph, "adafuse.flavour": flavour,
+        "adafuse.dtype": dtype, "adafuse.checkpoint_sha256": ckpt.index_sha256(),
+        "adafuse.family": m.family, "adafuse.vocab_size": str(m.vocab_size), "adafuse.hidden_size": str(m.hidden_size),
+        "adafuse.num_layers": str(m.num_layers), "adafuse.num_kv_heads": str(m.num_kv_heads),
+        "adafuse.head_dim": str(m.head_dim), "adafuse.routing": a.routing,
+        "adafuse.router_kind": a.router_kind if a.routing == "layerwise" else "-",
+        "adafuse.expert_kind": a.expert_kind, "adafuse.num_experts": str(a.num_experts),
+        "adafuse.top_k": str(a.top_k), "adafuse.pregate_input": a.pregate_input if a.routing == "pregate" else "-",
+        "adafuse.sliding_window": str(m.sliding_window),
+    }
+
+
+class _Builder:
+    def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str):
+        if flavour not in FLAVOURS:
+            raise AdafuseError(f"--flavour '{flavour}' is unknown (expected one of {', '.join(FLAVOURS)})")
+        if dtype not in DTYPES:
+            raise AdafuseError(f"--dtype '{dtype}' is unknown (expected one of {', '.join(DTYPES)})")
+        self.ckpt, self.spec, self.aspec = ckpt, ckpt.model, ckpt.adapter
+        self.flavour, self.dtype = flavour, dtype
+        self.tdtype = torch_dtype(dtype)
+        self.g = Graph(name, dtype)
+        self.elem = ELEM[dtype]
+        self.sites = {(s.layer, s.module): s for s in ckpt.sites()}
+        self._weights: dict[str, str] = {}
+
+    # ---- weights ---------------------------------------------------------------------
+    def _rounded(self, src, name: str):
+        """The tensor as the reference holds it (cast to the model dtype), in float32."""
+        import torch
+
+        return src.get(name).to(self.tdtype).to(torch.float32)
+
+    def weight(self, name: str, merge_site=None) -> str:
+        """A base weight initializer in the model dtype; static LoRA merged in float32 when given."""
+        if name in self._weights:
+            return self._weights[name]
+        if name == "lm_head.weight" and self.spec.tie_word_embeddings:
+            self._weights[name] = self.weight("model.embed_tokens.weight")
+            return self._weights[name]
+        w = self._rounded(self.ckpt.base, name)
+        if merge_site is not None:
+            A = self._rounded(self.ckpt.adapters, f"{merge_site.name}.lora_A")[0]
+            B = self._rounded(self.ckpt.adapters, f"{merge_site.name}.lora_B")[0]
+            w = w + self.aspec.site_scale(merge_site.name) * (B @ A)
+        self._weights[name] = self.g.init(name, w.to(self.tdtype))
+        return self._weights[name]
+
+    def adapter_weight(self, name: str) -> str:
+        if name not in self._weights:
+            self._weights[name] = self.g.init(name, self._rounded(self.ckpt.adapters, name).to(self.tdtype))
+        return self._weights[name]
+
+    def router_weight(self, name: str) -> str:
+        """Routers run in float32 on dtype-rounded weights, as in the reference."""
+        if name not in self._weights:
+            self._weights[name] = self.g.init(name, self._rounded(self.ckpt.adapters, name))
+        return self._weights[name]
+
+    # ---- building blocks ---------------------------------------------------------------
+    def rms_norm(self, x: str, weight_name: str) -> str:
+        g = self.g
+        h = g.cast(x, F32, self.elem)
+        ms = g.op("ReduceMean", [g.op("Mul", [h, h])], axes=[-1], keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(self.spec.rms_norm_eps, np.float32)])])])
+        h = g.cast(g.op("Mul", [h, inv]), self.elem, F32)
+        return g.op("Mul", [self.weight(weight_name), h], hint="rms_norm")
+
+    def route(self, x: str, weight: str, bias: str | None, k: int, normalize: bool) -> tuple[str, str]:
+        """Softmax router in float32 -> (ids [N, k] int32, gates [N, k] float32)."""
+        g = self.g
+        logits = g.op("Gemm", [g.cast(x, F32, self.elem), weight] + ([bias] if bias else []), transB=1, hint="router")
+        probs = g.op("Softmax", [logits], axis=-1)
+        gates, ids = g.op("TopK", [probs, g.const([k])], n_out=2, axis=-1, largest=1, sorted=1)
+        if normalize:
+            gates = g.op("Div", [gates, g.op("ReduceSum", [gates, g.const([-1])], keepdims=1)])
+        return g.op("Cast", [ids], to=I32), gates
+
+    def lora_delta(self, x: str, A: str, B: str, ids: str, gates: str | None, scale: float) -> str:
+        """scale * sum_j gates[n,j] B[ids[n,j]] A[ids[n,j]] x[n] in standard ops (gates None: all 1)."""
+        g = self.g
+        t = g.op("MatMul", [g.op("Gather", [A, ids], axis=0), g.op("Unsqueeze", [x, g.const([1, 3])])])  # [N,k,r,1]
+        if gates is not None:
+            gd = g.cast(gates, self.elem, F32)
+            t = g.op("Mul", [t, g.op("Unsqueeze", [gd, g.const([2, 3])])])
+        u = g.op("MatMul", [g.op("Gather", [B, ids], axis=0), t])  # [N,k,out,1]
+        s = g.op("ReduceSum", [u, g.const([1, 3])], keepdims=0)  # [N,out]
+        return g.op("Mul", [s, g.const_of(scale, self.dtype)], hint="lora_delta")
+
+    def linear(self, x: str, layer: int, module: str, route=None, ffn_slot: str | None = None) -> str:
+        """One projection with its adapter; x [N, in] -> [N, out].
+
+        route: (ids, gates) [N, k] for routed linear sites; ffn_slot: ids [N, 1] of a MixLoRA expert.
+        """
+        g = self.g
+        p = f"model.layers.{layer}.{module_group(module)}.{module}"
+        site = self.sites.get((layer, module))
+        static = site is not None and site.static
+        W = self.weight(f"{p}.weight", merge_site=site if static else None)
+        bias = [self.weight(f"{p}.bias")] if module in self.spec.bias_modules else []
+        if site is None or static:
+            return g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
+        A, B = self.adapter_weight(f"{site.name}.lora_A"), self.adapter_weight(f"{site.name}.lora_B")
+        scale = self.aspec.site_scale(site.name)
+        if ffn_slot is not None:
+            ids, gates = ffn_slot, None
+        elif self.aspec.routing == "layerwise":
+            dense = self.aspec.router_kind == "dense"
+            k = self.aspec.experts_in_layer(layer) if dense else self.aspec.top_k
+            ids, gates = self.route(x, self.router_weight(f"{site.name}.router.weight"), None, k,
+                                    self.aspec.normalize_topk and not dense)
+        else:
+            ids, gates = route
+        if self.flavour == "plugin":
+            e, r, inp = self.ckpt.adapters.info(f"{site.name}.lora_A").shape
+            out = self.spec.linear_shape(module)[0]
+            top_k = 1 if ffn_slot is not None else (e if self.aspec.routing == "layerwise" and self.aspec.router_kind == "dense" else self.aspec.top_k)
+            if gates is None:
+                gates = g.op("Expand", [g.const([[1.0]], np.float32), g.op("Shape", [ids])], hint="ones")
+            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), f"/{site.name}/AdafuseLoraLinear",
+                                        in_features=inp, out_features=out, num_experts=e, rank=r, top_k=top_k,
+                                        scale=scale, has_bias=bool(bias))
+            return g.add_node(node)
+        base = g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
+        return g.op("Add", [base, self.lora_delta(x, A, B, ids, gates, scale)])
+
+    def embed_flat(self, input_ids: str) -> str:
+        g = self.g
+        h = g.op("Gather", [self.weight("model.embed_tokens.weight"), input_ids], axis=0)
+        return g.op("Reshape", [h, g.const([-1, self.spec.hidden_size])], hint="embed")
+
+    def pregate_route(self, x: str) -> tuple[str, str]:
+        bias = self.router_weight("pregate.bias") if "pregate.bias" in self.ckpt.adapters else None
+        return self.route(x, self.router_weight("pregate.weight"), bias, self.aspec.top_k, self.aspec.normalize_topk)
+
+    def unflatten_route(self, ids: str, gates: str, input_ids: str) -> tuple[str, str]:
+        g = self.g
+        shape = g.op("Concat", [g.op("Shape", [input_ids]), g.const([self.aspec.top_k])], axis=0)
+        return g.op("Reshape", [ids, shape]), g.op("Reshape", [gates, shape])
+
+
+class DecoderBuilder(_Builder):
+    def build(self):
+        g, s, a = self.g, self.spec, self.aspec
+        k, kv, d, H = a.top_k, s.num_kv_heads, s.head_dim, s.num_heads
+        ids_in = g.input("input_ids", I64, ["batch", "seq"])
+        pos_in = g.input("position_ids", I64, ["batch", "seq"])
+        route = None
+        routes_in = a.routing == "pregate" and not pregate_in_decoder(self.ckpt)
+        if routes_in:
+            e_in = g.input("expert_ids", I32, ["batch", "seq", k])
+            g_in = g.input("gates", F32, ["batch", "seq", k])
+            route = (g.op("Reshape", [e_in, g.const([-1, k])]), g.op("Reshape", [g_in, g.const([-1, k])]))
+        past = []
+        for layer in range(s.num_layers):
+            past.append((g.input(f"past_key_values.{layer}.key", self.elem, ["batch", kv, "past_seq", d]),
+                         g.input(f"past_key_values.{layer}.value", self.elem, ["batch", kv, "past_seq", d])))
+
+        # rotary tables [B, 1, S, d] and the causal mask [B, 1, 1, S, T] from position ids
+        import torch
+        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos_in], to=F32), g.const([-1])]), g.init("rope.inv_freq", inv_freq)])
+        emb = g.op("Concat", [freqs, freqs], axis=-1)
+        cos = g.op("Unsqueeze", [g.cast(g.op("Cos", [emb]), self.elem, F32), g.const([1])], hint="rope_cos")
+        sin = g.op("Unsqueeze", [g.cast(g.op("Sin", [emb]), self.elem, F32), g.const([1])], hint="rope_sin")
+        total = g.op("Add", [g.op("Shape", [past[0][0]], start=2, end=3), g.op("Shape", [ids_in], start=1, end=2)])
+        kpos = g.op("Range", [g.const(0), g.op("Squeeze", [total, g.const([0])]), g.const(1)])  # [T]
+        qpos = g.op("Unsqueeze", [pos_in, g.const([2])])  # [B, S, 1]
+        allowed = g.op("LessOrEqual", [kpos, qpos])
+        if s.sliding_window is not None:
+            window = g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(s.sliding_window)])])
+            allowed = g.op("And", [allowed, window])
+        mask = g.op("Unsqueeze", [allowed, g.const([1, 2])], hint="causal_mask")
+        neg_inf = g.const(-np.inf, np.float32)
+        q_shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([H, d])], axis=0)
+        kv_shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([kv, d])], axis=0)
+
+        h = self.embed_flat(ids_in)
+        for layer in range(s.num_layers):
+            p = f"model.layers.{layer}"
+            x = self.rms_norm(h, f"{p}.input_layernorm.weight")
+            # attention
+            def heads(t, shape):
+                return g.op("Transpose", [g.op("Reshape", [t, shape])], perm=[0, 2, 1, 3])  # [B, heads, S, d]
+
+            def rope(t):
+                x1, x2 = g.op("Split", [t], n_out=2, axis=3)
+                rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+                return g.op("Add", [g.op("Mul", [t, cos]), g.op("Mul", [rot, sin])])
+
+            q = rope(heads(self.linear(x, layer, "q_proj", route), q_shape))
+            kk = rope(heads(self.linear(x, layer, "k_proj", route), kv_shape))
+            v = heads(self.linear(x, layer, "v_proj", route), kv_shape)
+            pk = g.op("Concat", [past[layer][0], kk], axis=2, out=f"present_{layer}_key")
+            pv = g.op("Concat", [past[layer][1], v], axis=2, out=f"present_{layer}_value")
+            g.output(f"present.{layer}.key", pk, self.elem, ["batch", kv, "total_seq", d])
+            g.output(f"present.{layer}.value", pv, self.elem, ["batch", kv, "total_seq", d])
+            q5 = g.op("Reshape", [q, g.const([0, kv, H // kv, -1, d])])  # [B, KV, rep, S, d]
+            k5 = g.op("Transpose", [g.op("Unsqueeze", [pk, g.const([2])])], perm=[0, 1, 2, 4, 3])  # [B, KV, 1, d, T]
+            v5 = g.op("Unsqueeze", [pv, g.const([2])])  # [B, KV, 1, T, d]
+            scores = g.op("Mul", [g.op("MatMul", [q5, k5]), g.const_of(d ** -0.5, self.dtype)])
+            scores = g.op("Where", [mask, g.cast(scores, F32, self.elem), neg_inf])
+            probs = g.cast(g.op("Softmax", [scores], axis=-1), self.elem, F32)
+            o = g.op("Reshape", [g.op("MatMul", [probs, v5]), g.const([0, H, -1, d])])  # [B, H, S, d]
+            o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.const([-1, H * d])])
+            h = g.op("Add", [h, self.linear(o, layer, "o_proj", route)], hint=f"{p}.attn_residual")
+            # MLP
+            x = self.rms_norm(h, f"{p}.post_attention_layernorm.weight")
+            if layer == 0 and pregate_in_decoder(self.ckpt):
+                route = self.pregate_route(x)
+                e_out, g_out = self.unflatten_route(*route, ids_in)
+                g.output("expert_ids", e_out, I32, ["batch", "seq", k])
+                g.output("gates", g_out, F32, ["batch", "seq", k])
+            h = g.op("Add", [h, self.mlp(x, layer, route)], hint=f"{p}.mlp_residual")
+        h = self.rms_norm(h, "model.norm.weight")
+        logits = g.cast(g.op("Gemm", [h, self.weight("lm_head.weight")], transB=1, hint="lm_head"), F32, self.elem)
+        shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([s.vocab_size])], axis=0)
+        g.output("logits", g.op("Reshape", [logits, shape]), F32, ["batch", "seq", s.vocab_size])
+        return self._finish("decoder")
+
+    def mlp(self, x: str, layer: int, route) -> str:
+        g, a = self.g, self.aspec
+        if a.expert_kind == "ffn":
+            ids, gates = self.route(x, self.router_weight(f"layers.{layer}.mlp.router.weight"), None, a.top_k, a.normalize_topk)
+            out = None
+            for j in range(a.top_k):
+                e = g.op("Slice", [ids, g.const([j]), g.const([j + 1]), g.const([1])])  # [N, 1]
+                hj = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", ffn_slot=e)),
+                                  self.linear(x, layer, "up_proj", ffn_slot=e)])
+                gj = g.cast(g.op("Slice", [gates, g.const([j]), g.const([j + 1]), g.const([1])]), self.elem, F32)
+                term = g.op("Mul", [gj, self.linear(hj, layer, "down_proj", ffn_slot=e)])
+                out = term if out is None else g.op("Add", [out, term])
+            return out
+        hh = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", route)), self.linear(x, layer, "up_proj", route)])
+        return self.linear(hh, layer, "down_proj", route)
+
+    def silu(self, x: str) -> str:
+        return self.g.op("Mul", [x, self.g.op("Sigmoid", [x])], hint="silu")
+
+    def _finish(self, graph: str):
+        imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
+        return self.g.model(imports, metadata(self.ckpt, graph, self.flavour, self.dtype))
+
+    def _uses_plugin(self) -> bool:
+        return any(n.domain == plugin_ops.DOMAIN for n in self.g.nodes)
+
+
+class PregateBuilder(DecoderBuilder):
+    def build(self):
+        g, a = self.g, self.aspec
+        if not has_pregate_graph(self.ckpt):
+            raise AdafuseError(f"{self.ckpt.path}: a separate pre-gate graph needs routing 'pregate' with pregate_input "
+                               f"'attn_norm_0', found routing '{a.routing}', pregate_input '{a.pregate_input}'")
+        ids_in = g.input("input_ids", I64, ["batch", "seq"])
+        x = self.rms_norm(self.embed_flat(ids_in), "model.layers.0.input_layernorm.weight")
+        e_out, g_out = self.unflatten_route(*self.pregate_route(x), ids_in)
+        g.output("expert_ids", e_out, I32, ["batch", "seq", a.top_k])
+        g.output("gates", g_out, F32, ["batch", "seq", a.top_k])
+        return self._finish("pregate")
+
+
+def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32"):
+    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder").build()
+
+
+def build_pregate(ckpt: Checkpoint, dtype: str = "float32"):
+    return PregateBuilder(ckpt, "portable", dtype, "adafuse_pregate").build()

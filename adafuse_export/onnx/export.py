@@ -1,0 +1,146 @@
+"""`export-onnx`: write decoder.onnx (+ .data), pregate.onnx, routes.safetensors, manifest.json atomically."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..checkpoint import Checkpoint
+from ..errors import AdafuseError
+from . import plugin_ops
+from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
+from .graph import ELEM_NAMES, OPSET
+
+# Protobuf cannot hold more than 2 GiB; above this many initializer bytes, weights go to external data.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+MANIFEST = "manifest.json"
+DECODER, PREGATE, ROUTES = "decoder.onnx", "pregate.onnx", "routes.safetensors"
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> str | None:
+    """Save; initializers go to `<name>.data` when they total more than `threshold` bytes. Returns that file name."""
+    path = Path(path)
+    if initializer_bytes(model) > threshold:
+        location = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=0, convert_attribute=False)
+        return location
+    onnx.save_model(model, str(path))
+    return None
+
+
+def io_spec(model: onnx.ModelProto) -> dict:
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": ELEM_NAMES.get(t.elem_type, str(t.elem_type)), "shape": shape})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def _check(path: Path, flavour: str) -> None:
+    try:
+        # custom-domain ops have no schema: full (shape-inferring) check for the portable flavour only
+        onnx.checker.check_model(str(path), full_check=flavour == "portable")
+    except onnx.checker.ValidationError as e:  # a builder bug, not a user error
+        raise RuntimeError(f"{path}: exported graph fails onnx.checker: {e}") from e
+
+
+def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
+                force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+    """Build and write every file into a temporary directory next to out_dir, then rename it into place."""
+    out_dir = Path(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    if not parent.is_dir():
+        raise AdafuseError(f"{out_dir}: parent directory {parent} does not exist")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise AdafuseError(f"{out_dir}: exists and is not a directory")
+        if any(out_dir.iterdir()) and not force:
+            raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise AdafuseError(f"{out_dir}: cannot write in {parent}: {e.strerror or e}") from None
+    try:
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the result is an ordinary directory
+        manifest = _write_all(ckpt, tmp, flavour, dtype, external_data_threshold)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int) -> dict:
+    a, m = ckpt.adapter, ckpt.model
+    graphs = {}
+    decoder = build_decoder(ckpt, flavour, dtype)
+    ext = save_model(decoder, tmp / DECODER, threshold)
+    _check(tmp / DECODER, flavour)
+    graphs["decoder"] = {"file": DECODER, "external_data": ext, **io_spec(decoder)}
+    del decoder
+    routes = None
+    if has_pregate_graph(ckpt):
+        pregate = build_pregate(ckpt, dtype)
+        ext = save_model(pregate, tmp / PREGATE, threshold)
+        _check(tmp / PREGATE, "portable")
+        graphs["pregate"] = {"file": PREGATE, "external_data": ext, **io_spec(pregate)}
+        routes = _write_routes(ckpt, tmp / ROUTES, dtype)
+    manifest = {
+        "format": "adafuse-onnx", "version": 1, "flavour": flavour, "dtype": dtype, "opset": OPSET,
+        "checkpoint": {"path": str(ckpt.path), "format": ckpt.format, "index_sha256": ckpt.index_sha256()},
+        "model": {"family": m.family, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
+                  "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+                  "sliding_window": m.sliding_window},
+        "adapter": {"routing": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
+                    "expert_kind": a.expert_kind, "num_experts": a.num_experts, "top_k": a.top_k,
+                    "pregate_input": a.pregate_input if a.routing == "pregate" else None,
+                    "pregate_location": ("pregate.onnx" if has_pregate_graph(ckpt) else
+                                         "decoder (outputs expert_ids, gates)" if pregate_in_decoder(ckpt) else None),
+                    "static_modules_merged": list(a.static_modules), "routed_modules": list(a.target_modules)},
+        "graphs": graphs, "routes": routes,
+        "custom_ops": ({"domain": plugin_ops.DOMAIN, "version": plugin_ops.DOMAIN_VERSION, "op_type": plugin_ops.OP_TYPE,
+                        "plugin_version": plugin_ops.PLUGIN_VERSION, "fields": [n for n, _ in plugin_ops.FIELDS],
+                        "inputs": list(plugin_ops.INPUTS)} if flavour == "plugin" and a.target_modules else None),
+        "kv_cache": "past_key_values.{l}.key/value hold positions 0..past_seq-1; present = concat(past, new) on axis 2",
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
+    from ..reference import ReferenceModel
+    from .graph import torch_dtype
+    from safetensors.torch import save_file
+
+    ids, gates = ReferenceModel(ckpt, dtype=torch_dtype(dtype)).routing_table()
+    save_file({"expert_ids": ids.contiguous(), "gates": gates.float().contiguous()}, str(path),
+              metadata={"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype})
+    return {"file": ROUTES, "expert_ids": [list(ids.shape), "int32"], "gates": [list(gates.shape), "float32"]}

@@ -1,0 +1,149 @@
+"""ONNX Runtime runner over an `export-onnx` output (portable flavour).
+
+CUDA execution provider when onnxruntime-gpu sees a GPU, else CPU. Pre-gated models
+with a separate pre-gate run pregate.onnx (or, without it, gather from routes.safetensors)
+and feed its expert ids and gates to the decoder; layer-routed models route in-graph.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AdafuseError, missing_dependency
+from ..onnx.load import load_header, metadata, resolve, uses_plugin
+from .base import Runner, StepResult
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_dependency("onnxruntime", "onnx") from None
+    return onnxruntime
+
+
+def default_providers(ort) -> list[str]:
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, model: Path | str, providers: list[str] | None = None, threads: int | None = None):
+        ort = import_onnxruntime()
+        self.files = resolve(Path(model))
+        header = load_header(self.files.decoder)
+        if uses_plugin(header):
+            raise AdafuseError(f"{self.files.decoder}: plugin-flavour ONNX (AdafuseLoraLinear nodes, domain 'adafuse') "
+                               f"runs only in TensorRT with the adafuse plugin library, not in ONNX Runtime; "
+                               f"export with --flavour portable to validate in ONNX Runtime")
+        self.meta = metadata(header)
+        self.header = header
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.providers = providers or default_providers(ort)
+        self.session = self._session(ort, self.files.decoder, options)
+        self.provider = self.session.get_providers()[0]
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        for needed in ("input_ids", "position_ids", "past_key_values.0.key"):
+            if needed not in self.inputs:
+                raise AdafuseError(f"{self.files.decoder}: decoder input '{needed}' not found (found {', '.join(self.inputs)})")
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.num_layers = len(self.past_names) // 2
+        k0 = self.inputs["past_key_values.0.key"]
+        if k0.type not in _NP:
+            raise AdafuseError(f"{self.files.decoder}: past_key_values dtype {k0.type} cannot be fed from numpy "
+                               f"(ONNX Runtime runner supports float32 and float16 graphs)")
+        self.kv_dtype = _NP[k0.type]
+        self.kv_heads, self.head_dim = k0.shape[1], k0.shape[3]
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.vocab_size = logits.shape[2] if isinstance(logits.shape[2], int) else None
+        self.needs_routes = "expert_ids" in self.inputs
+        self.pregate = self.table = None
+        if self.needs_routes:
+            if self.files.pregate is not None:
+                load_header(self.files.pregate)
+                self.pregate = self._session(ort, self.files.pregate, options)
+            elif self.files.routes is not None:
+                from safetensors.numpy import load_file
+
+                t = load_file(str(self.files.routes))
+                self.table = (t["expert_ids"], t["gates"])
+            else:
+                raise AdafuseError(f"{self.files.decoder}: the decoder takes expert_ids/gates but neither pregate.onnx "
+                                   f"nor routes.safetensors is next to it")
+        self.description = (f"ONNX Runtime {ort.__version__}, {self.provider}, {self.meta.get('adafuse.dtype', '?')}, "
+                            f"{self.meta.get('adafuse.flavour', '?')} flavour")
+        self.past: dict[str, np.ndarray] | None = None
+        self._past_len = 0
+
+    def _session(self, ort, path: Path, options):
+        try:
+            return ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AdafuseError(f"{path}: ONNX Runtime cannot load this model: {first}") from None
+
+    # ---- interface -------------------------------------------------------------------
+    def _check_ids(self, input_ids) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise AdafuseError(f"input ids must be [batch, seq], found shape {list(ids.shape)}")
+        if self.vocab_size is not None:
+            bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+            if bad.size:
+                raise AdafuseError(f"token id {int(bad[0])} is out of the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def routes(self, input_ids):
+        ids = self._check_ids(input_ids)
+        if self.pregate is not None:
+            e, g = self.pregate.run(None, {"input_ids": ids})
+            return e, g
+        if self.table is not None:
+            return self.table[0][ids], self.table[1][ids]
+        return None
+
+    def _run(self, ids: np.ndarray) -> StepResult:
+        batch, seq = ids.shape
+        if self.past is None:
+            self.past = {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for n in self.past_names}
+        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(self._past_len, self._past_len + seq), (batch, seq)).astype(np.int64)}
+        feeds.update(self.past)
+        expert_ids = gates = None
+        if self.needs_routes:
+            expert_ids, gates = self.routes(ids)
+            feeds["expert_ids"], feeds["gates"] = expert_ids, gates
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        present = {n: outs[n] for n in self.output_names if n.startswith("present.")}
+        self.past = {f"past_key_values.{n[len('present.'):]}": v for n, v in present.items()}
+        self._past_len += seq
+        if "expert_ids" in outs:
+            expert_ids, gates = outs["expert_ids"], outs["gates"]
+        return StepResult(outs["logits"], present, expert_ids, gates)
+
+    def prefill(self, input_ids):
+        ids = self._check_ids(input_ids)
+        self.past, self._past_len = None, 0
+        return self._run(ids)
+
+    def decode(self, input_ids):
+        if self.past is None:
+            raise AdafuseError("decode() called before prefill()")
+        ids = self._check_ids(input_ids)
+        if ids.shape[0] != next(iter(self.past.values())).shape[0]:
+            raise AdafuseError(f"decode batch {ids.shape[0]} differs from the prefill batch {next(iter(self.past.values())).shape[0]}")
+        return self._run(ids)
+
+    @property
+    def past_length(self) -> int:
+        return self._past_len

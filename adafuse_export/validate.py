@@ -1,0 +1,173 @@
+"""validate: run the PyTorch reference and a runner on the same prompts and compare every output.
+
+Prefill, then N greedy decode steps. The runner is fed the reference's tokens, so one
+early difference does not compound; greedy agreement (does the runner's argmax equal the
+reference's?) is reported besides. Per output (logits, each present key/value, expert ids,
+gates): max abs diff, max rel diff, tolerance, pass/fail, like Optimum's export check and
+Polygraphy's comparator. Element passes when |runner - ref| <= atol + rtol * |ref|;
+expert ids must match exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import AdafuseError
+
+# (atol, rtol) per model dtype
+TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 5e-2)}
+DEFAULT_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+class _Stat:
+    def __init__(self, name: str, atol: float, rtol: float):
+        self.name, self.atol, self.rtol = name, atol, rtol
+        self.max_abs = self.max_rel = 0.0
+        self.mismatched = self.elements = 0
+        self.worst_step = None
+        self.shape_error = None
+
+    def add(self, got, want, step: str):
+        if got is None or want is None:
+            if (got is None) != (want is None):
+                self.shape_error = f"{'runner' if got is None else 'reference'} has no '{self.name}' at {step}"
+            return
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            self.shape_error = f"shape {list(got.shape)} from the runner, {list(want.shape)} from the reference at {step}"
+            return
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        diff = np.abs(g - w)
+        ok = diff <= self.atol + self.rtol * np.abs(w)
+        rel = diff / np.maximum(np.abs(w), 1e-6)
+        m_abs = float(np.max(diff)) if diff.size else 0.0
+        if not np.isfinite(g).all():
+            m_abs = float("nan")
+        if self.worst_step is None or not (m_abs <= self.max_abs):
+            self.worst_step = step
+        self.max_abs = m_abs if not (m_abs <= self.max_abs) else self.max_abs
+        self.max_rel = max(self.max_rel, float(np.max(rel)) if rel.size else 0.0)
+        self.mismatched += int((~ok).sum())
+        self.elements += int(ok.size)
+
+    def report(self) -> dict:
+        passed = self.shape_error is None and self.mismatched == 0 and self.max_abs == self.max_abs
+        return {"name": self.name, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel, "atol": self.atol,
+                "rtol": self.rtol, "mismatched": self.mismatched, "elements": self.elements,
+                "worst_step": self.worst_step, "error": self.shape_error, "passed": passed}
+
+
+def check_compatible(ckpt: Checkpoint, runner) -> list[str]:
+    """Raise AdafuseError when the model's inputs/outputs or recorded config do not fit the checkpoint.
+
+    Returns notes (e.g. a different checkpoint hash with the same structure)."""
+    m, a = ckpt.model, ckpt.adapter
+    where = f"{runner.files.decoder}: model does not match checkpoint {ckpt.path}"
+
+    def bad(what, model_value, ckpt_value):
+        raise AdafuseError(f"{where}: {what} is {model_value} in the model, {ckpt_value} in the checkpoint")
+
+    if runner.num_layers != m.num_layers:
+        bad("the number of layers (past_key_values inputs)", runner.num_layers, m.num_layers)
+    if runner.vocab_size != m.vocab_size:
+        bad("the vocabulary size (logits)", runner.vocab_size, m.vocab_size)
+    if runner.kv_heads != m.num_kv_heads:
+        bad("the number of KV heads", runner.kv_heads, m.num_kv_heads)
+    if runner.head_dim != m.head_dim:
+        bad("head_dim", runner.head_dim, m.head_dim)
+    wants_routes = a.routing == "pregate" and a.pregate_input == "attn_norm_0"
+    if runner.needs_routes != wants_routes:
+        bad("'expert_ids'/'gates' decoder inputs", "present" if runner.needs_routes else "absent",
+            f"{'needed' if wants_routes else 'not needed'} (routing '{a.routing}')")
+    meta = runner.meta
+    expected = {
+        "adafuse.routing": a.routing, "adafuse.router_kind": a.router_kind if a.routing == "layerwise" else "-",
+        "adafuse.expert_kind": a.expert_kind, "adafuse.num_experts": str(a.num_experts), "adafuse.top_k": str(a.top_k),
+        "adafuse.pregate_input": a.pregate_input if a.routing == "pregate" else "-",
+        "adafuse.hidden_size": str(m.hidden_size),
+    }
+    notes = []
+    if "adafuse.format" not in meta:
+        notes.append("the model carries no adafuse metadata; only its inputs and outputs were checked against the checkpoint")
+        return notes
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            bad(key.split(".", 1)[1], meta[key], value)
+    if meta.get("adafuse.checkpoint_sha256") not in (None, ckpt.index_sha256()):
+        notes.append("the model was exported from a checkpoint with a different tensor index hash (same structure)")
+    return notes
+
+
+def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
+             atol: float | None = None, rtol: float | None = None, runner=None) -> dict:
+    from .runners import open_runner
+    from .runners.reference import ReferenceRunner
+
+    prompts = prompts or [[t % ckpt.model.vocab_size for t in DEFAULT_PROMPT]]
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < ckpt.model.vocab_size]
+        if bad:
+            raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {ckpt.model.vocab_size}) of {ckpt.path}")
+    runner = runner or open_runner(model)
+    notes = check_compatible(ckpt, runner)
+    dtype = runner.meta.get("adafuse.dtype", "float32")
+    d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    reference = ReferenceRunner(ckpt, dtype=dtype)
+    stats: dict[str, _Stat] = {}
+
+    def stat(name, exact=False):
+        if name not in stats:
+            stats[name] = _Stat(name, 0.0 if exact else atol, 0.0 if exact else rtol)
+        return stats[name]
+
+    agree = total = 0
+    for pi, prompt in enumerate(prompts):
+        ids = np.asarray([prompt], dtype=np.int64)
+        ref, got = reference.prefill(ids), runner.prefill(ids)
+        for step in range(steps + 1):
+            label = f"prompt {pi} " + ("prefill" if step == 0 else f"decode {step}")
+            stat("logits").add(got.logits, ref.logits, label)
+            for name in ref.present:
+                stat(name).add(got.present.get(name), ref.present[name], label)
+            if ref.expert_ids is not None or got.expert_ids is not None:
+                stat("expert_ids", exact=True).add(got.expert_ids, ref.expert_ids, label)
+                stat("gates").add(got.gates, ref.gates, label)
+            nxt = ref.logits[:, -1].argmax(-1)
+            agree += int((got.logits[:, -1].argmax(-1) == nxt).sum())
+            total += nxt.size
+            if step == steps:
+                break
+            tok = nxt[:, None].astype(np.int64)
+            ref, got = reference.decode(tok), runner.decode(tok)
+    outputs = [s.report() for s in stats.values()]
+    return {
+        "checkpoint": str(ckpt.path), "model": str(runner.files.decoder), "runner": runner.name,
+        "runner_description": runner.description, "reference": reference.description, "dtype": dtype,
+        "prompts": prompts, "decode_steps": steps, "atol": atol, "rtol": rtol, "outputs": outputs,
+        "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0},
+        "notes": notes, "passed": all(o["passed"] for o in outputs),
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"validate {report['model']}",
+             f"  against {report['checkpoint']} ({report['reference']})",
+             f"  runner  {report['runner_description']}",
+             f"  {len(report['prompts'])} prompt(s) of {', '.join(str(len(p)) for p in report['prompts'])} tokens, "
+             f"prefill + {report['decode_steps']} greedy decode steps (runner fed the reference's tokens)", ""]
+    header = f"{'output':<28} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<22} {'mismatched':>14}  result"
+    lines += [header, "-" * len(header)]
+    for o in report["outputs"]:
+        tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} rtol {o['rtol']:.0e}"
+        result = "PASS" if o["passed"] else "FAIL" + (f" ({o['error']})" if o["error"] else f" (worst at {o['worst_step']})")
+        lines.append(f"{o['name']:<28} {o['max_abs_diff']:>12.3e} {o['max_rel_diff']:>12.3e}  {tol:<22} "
+                     f"{str(o['mismatched']) + '/' + str(o['elements']):>14}  {result}")
+    g = report["greedy_agreement"]
+    lines += ["", f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)"]
+    lines += [f"note: {n}" for n in report["notes"]]
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
