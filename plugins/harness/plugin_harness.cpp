@@ -1,0 +1,1335 @@
+// plugin_harness.cpp - contract harness for libadafuse_trt_plugins.so.
+//
+// Loads the plugin library with dlopen exactly as TensorRT's
+// IPluginRegistry::loadLibrary does (setLoggerFinder, then getCreators) and
+// drives every plugin through the IPluginV3 contract without TensorRT:
+//   CPU (default; what CI runs): creator names/versions/fields, create from
+//     fields, serialize fields and re-create, clone, getOutputDataTypes,
+//     getOutputShapes through an IExprBuilder implemented here (constants,
+//     symbols, operations), supportsFormatCombination, configurePlugin,
+//     getWorkspaceSize, and rejection of bad field values / shapes / dtypes with
+//     a logged message naming the plugin and the field or tensor.
+//   --gpu: additionally attachToContext + onShapeChange + enqueue on device
+//     buffers with random inputs, compared with a float64 reference
+//     y = W x + b + scale * sum_k g_k B_k A_k x computed here from the same
+//     (dtype-rounded) values; AdafuseSwitchLinear also runs a route sequence
+//     (change, repeat, prefill in between) and must leave its W input untouched.
+// Exit status: 0 when every check passed, 1 otherwise, 2 on usage/load errors.
+//
+// Usage: adafuse_plugin_harness [--gpu] [--lib PATH] [--verbose]
+
+#include "NvInferRuntime.h"
+#include "adafuse_kernels.h"
+
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifndef ADAFUSE_PLUGIN_LIBRARY_PATH
+#define ADAFUSE_PLUGIN_LIBRARY_PATH "libadafuse_trt_plugins.so"
+#endif
+
+using namespace nvinfer1;
+
+namespace
+{
+
+// ============================================================================
+// Reporting
+// ============================================================================
+int gPassed = 0;
+int gFailed = 0;
+bool gVerbose = false;
+
+void expect(bool ok, std::string const& what)
+{
+    if (ok)
+    {
+        ++gPassed;
+        if (gVerbose)
+            std::printf("  ok    %s\n", what.c_str());
+    }
+    else
+    {
+        ++gFailed;
+        std::printf("  FAIL  %s\n", what.c_str());
+    }
+}
+
+template <typename... Args>
+std::string cat(Args const&... args)
+{
+    std::ostringstream os;
+    (os << ... << args);
+    return os.str();
+}
+
+// ============================================================================
+// Logger handed to the library through setLoggerFinder
+// ============================================================================
+class HarnessLogger : public ILogger
+{
+public:
+    void log(Severity severity, AsciiChar const* msg) noexcept override
+    {
+        mMessages.emplace_back(severity, msg != nullptr ? msg : "");
+        if (gVerbose)
+            std::printf("    [plugin log %d] %s\n", static_cast<int>(severity), msg);
+    }
+    void clear() { mMessages.clear(); }
+    //! True when an error was logged that contains every one of `parts`.
+    bool hasError(std::vector<std::string> const& parts) const
+    {
+        for (auto const& m : mMessages)
+        {
+            if (m.first > Severity::kERROR)
+                continue;
+            bool all = true;
+            for (auto const& p : parts)
+                all = all && m.second.find(p) != std::string::npos;
+            if (all)
+                return true;
+        }
+        return false;
+    }
+    bool hasWarning(std::string const& part) const
+    {
+        for (auto const& m : mMessages)
+            if (m.first == Severity::kWARNING && m.second.find(part) != std::string::npos)
+                return true;
+        return false;
+    }
+    size_t errorCount() const
+    {
+        return std::count_if(
+            mMessages.begin(), mMessages.end(), [](auto const& m) { return m.first <= Severity::kERROR; });
+    }
+    std::string lastError() const
+    {
+        for (auto it = mMessages.rbegin(); it != mMessages.rend(); ++it)
+            if (it->first <= Severity::kERROR)
+                return it->second;
+        return "<no error logged>";
+    }
+
+private:
+    std::vector<std::pair<Severity, std::string>> mMessages;
+};
+
+class HarnessLoggerFinder : public ILoggerFinder
+{
+public:
+    explicit HarnessLoggerFinder(ILogger* logger)
+        : mLogger(logger)
+    {
+    }
+    ILogger* findLogger() override { return mLogger; }
+
+private:
+    ILogger* mLogger;
+};
+
+HarnessLogger gLogger;
+
+// ============================================================================
+// IExprBuilder / IDimensionExpr implemented by the harness
+// ============================================================================
+class Expr : public IDimensionExpr
+{
+public:
+    enum class Kind { kCONST, kSYMBOL, kOP };
+
+    Expr(Kind kind, int64_t value, DimensionOperation op = DimensionOperation::kSUM, Expr const* a = nullptr,
+        Expr const* b = nullptr)
+        : mKind(kind)
+        , mValue(value)
+        , mOp(op)
+        , mA(a)
+        , mB(b)
+        , mImplObj(this)
+    {
+        mImpl = &mImplObj;
+    }
+    ~Expr() override = default;
+
+    bool constant() const { return mKind == Kind::kCONST; }
+    int64_t value() const { return mValue; }
+
+    //! Value with symbols bound to `symbols[i]`.
+    int64_t eval(std::vector<int64_t> const& symbols) const
+    {
+        switch (mKind)
+        {
+        case Kind::kCONST: return mValue;
+        case Kind::kSYMBOL: return symbols.at(static_cast<size_t>(mValue));
+        case Kind::kOP: return apply(mOp, mA->eval(symbols), mB->eval(symbols));
+        }
+        return 0;
+    }
+
+    static int64_t apply(DimensionOperation op, int64_t a, int64_t b)
+    {
+        switch (op)
+        {
+        case DimensionOperation::kSUM: return a + b;
+        case DimensionOperation::kPROD: return a * b;
+        case DimensionOperation::kMAX: return std::max(a, b);
+        case DimensionOperation::kMIN: return std::min(a, b);
+        case DimensionOperation::kSUB: return a - b;
+        case DimensionOperation::kEQUAL: return a == b ? 1 : 0;
+        case DimensionOperation::kLESS: return a < b ? 1 : 0;
+        case DimensionOperation::kFLOOR_DIV: return b == 0 ? 0 : (a / b - ((a % b != 0) && ((a < 0) != (b < 0))));
+        case DimensionOperation::kCEIL_DIV: return b == 0 ? 0 : -((-a) / b - (((-a) % b != 0) && ((-a < 0) != (b < 0))));
+        }
+        return 0;
+    }
+
+private:
+    struct Impl : public apiv::VDimensionExpr
+    {
+        explicit Impl(Expr const* owner)
+            : mOwner(owner)
+        {
+        }
+        bool isConstant() const override { return mOwner->constant(); }
+        int64_t getConstantValue() const override
+        {
+            return mOwner->constant() ? mOwner->value() : std::numeric_limits<int64_t>::min();
+        }
+        bool isSizeTensor() const override { return false; }
+        Expr const* mOwner;
+    };
+
+    Kind mKind;
+    int64_t mValue; // constant value or symbol index
+    DimensionOperation mOp;
+    Expr const* mA;
+    Expr const* mB;
+    Impl mImplObj;
+};
+
+class ExprBuilder : public IExprBuilder
+{
+public:
+    ExprBuilder()
+        : mImplObj(this)
+    {
+        mImpl = &mImplObj;
+    }
+    ~ExprBuilder() override = default;
+
+    Expr const* makeConstant(int64_t v) { return add(std::make_unique<Expr>(Expr::Kind::kCONST, v)); }
+    Expr const* symbol(int64_t index) { return add(std::make_unique<Expr>(Expr::Kind::kSYMBOL, index)); }
+    Expr const* makeOperation(DimensionOperation op, IDimensionExpr const& a, IDimensionExpr const& b)
+    {
+        auto const& ea = static_cast<Expr const&>(a);
+        auto const& eb = static_cast<Expr const&>(b);
+        if (ea.constant() && eb.constant())
+            return makeConstant(Expr::apply(op, ea.value(), eb.value()));
+        return add(std::make_unique<Expr>(Expr::Kind::kOP, 0, op, &ea, &eb));
+    }
+    bool owns(IDimensionExpr const* e) const
+    {
+        for (auto const& n : mNodes)
+            if (n.get() == e)
+                return true;
+        return false;
+    }
+
+private:
+    Expr const* add(std::unique_ptr<Expr> e)
+    {
+        mNodes.push_back(std::move(e));
+        return mNodes.back().get();
+    }
+    struct Impl : public apiv::VExprBuilder
+    {
+        explicit Impl(ExprBuilder* owner)
+            : mOwner(owner)
+        {
+        }
+        IDimensionExpr const* constant(int64_t value) override { return mOwner->makeConstant(value); }
+        IDimensionExpr const* operation(
+            DimensionOperation op, IDimensionExpr const& first, IDimensionExpr const& second) override
+        {
+            return mOwner->makeOperation(op, first, second);
+        }
+        IDimensionExpr const* declareSizeTensor(int32_t, IDimensionExpr const&, IDimensionExpr const&) override
+        {
+            return nullptr; // the adafuse plugins have no size tensors
+        }
+        ExprBuilder* mOwner;
+    };
+    std::vector<std::unique_ptr<Expr>> mNodes;
+    Impl mImplObj;
+};
+
+class HarnessResourceContext : public IPluginResourceContext
+{
+public:
+    IGpuAllocator* getGpuAllocator() const noexcept override { return nullptr; }
+    IErrorRecorder* getErrorRecorder() const noexcept override { return nullptr; }
+};
+
+// ============================================================================
+// Fields
+// ============================================================================
+struct Cfg
+{
+    int32_t in, out, experts, rank, topK;
+    float scale;
+    int32_t hasBias;
+    int32_t nbInputs() const { return hasBias ? 7 : 6; }
+    std::string str() const
+    {
+        return cat("in=", in, " out=", out, " E=", experts, " r=", rank, " k=", topK, " scale=", scale,
+            " bias=", hasBias);
+    }
+};
+
+char const* const kFieldNames[7] = {"in_features", "out_features", "num_experts", "rank", "top_k", "scale", "has_bias"};
+PluginFieldType const kFieldTypes[7] = {PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kINT32,
+    PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kFLOAT32, PluginFieldType::kINT32};
+
+//! Owns field storage and a PluginFieldCollection over it.
+struct Fields
+{
+    explicit Fields(Cfg const& c)
+    {
+        ints = {c.in, c.out, c.experts, c.rank, c.topK, c.hasBias};
+        scale = c.scale;
+        for (int i = 0; i < 7; ++i)
+        {
+            void const* data = i == 5 ? static_cast<void const*>(&scale)
+                                      : static_cast<void const*>(&ints[static_cast<size_t>(i < 5 ? i : 5)]);
+            list.emplace_back(kFieldNames[i], data, kFieldTypes[i], 1);
+        }
+    }
+    PluginFieldCollection const* fc()
+    {
+        coll.nbFields = static_cast<int32_t>(list.size());
+        coll.fields = list.data();
+        return &coll;
+    }
+    std::vector<int32_t> ints;
+    float scale;
+    std::vector<PluginField> list;
+    PluginFieldCollection coll{};
+    // extra storage for tampered fields
+    std::vector<std::unique_ptr<std::vector<char>>> extra;
+    void const* keep(void const* p, size_t n)
+    {
+        extra.push_back(std::make_unique<std::vector<char>>(static_cast<char const*>(p), static_cast<char const*>(p) + n));
+        return extra.back()->data();
+    }
+};
+
+//! Reads the fields of a collection back into a Cfg (false if anything is off).
+bool readFields(PluginFieldCollection const* fc, Cfg& out, std::string& why)
+{
+    if (fc == nullptr)
+    {
+        why = "null collection";
+        return false;
+    }
+    int found = 0;
+    for (int32_t i = 0; i < fc->nbFields; ++i)
+    {
+        PluginField const& f = fc->fields[i];
+        for (int j = 0; j < 7; ++j)
+        {
+            if (f.name != nullptr && std::strcmp(f.name, kFieldNames[j]) == 0)
+            {
+                if (f.type != kFieldTypes[j] || f.length != 1 || f.data == nullptr)
+                {
+                    why = cat("field ", f.name, " has type ", static_cast<int>(f.type), " length ", f.length);
+                    return false;
+                }
+                ++found;
+                if (j == 5)
+                    out.scale = *static_cast<float const*>(f.data);
+                else
+                {
+                    int32_t v = *static_cast<int32_t const*>(f.data);
+                    int32_t* dst[] = {&out.in, &out.out, &out.experts, &out.rank, &out.topK, nullptr, &out.hasBias};
+                    *dst[j] = v;
+                }
+            }
+        }
+    }
+    if (found != 7 || fc->nbFields != 7)
+    {
+        why = cat("expected the 7 fields, found ", found, " known of ", fc->nbFields);
+        return false;
+    }
+    return true;
+}
+
+bool sameCfg(Cfg const& a, Cfg const& b)
+{
+    return a.in == b.in && a.out == b.out && a.experts == b.experts && a.rank == b.rank && a.topK == b.topK
+        && a.hasBias == b.hasBias && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0;
+}
+
+// ============================================================================
+// Library access
+// ============================================================================
+using GetCreatorsFn = IPluginCreatorInterface* const* (*) (int32_t&);
+using SetLoggerFinderFn = void (*)(ILoggerFinder*);
+
+std::map<std::string, IPluginCreatorV3One*> gCreators;
+
+struct PluginDeleter
+{
+    void operator()(IPluginV3* p) const { delete p; }
+};
+using PluginPtr = std::unique_ptr<IPluginV3, PluginDeleter>;
+
+IPluginV3OneCore* core(IPluginV3* p)
+{
+    return static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
+}
+IPluginV3OneBuild* build(IPluginV3* p)
+{
+    return static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
+}
+IPluginV3OneRuntime* runtime(IPluginV3* p)
+{
+    return static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+}
+
+PluginPtr create(std::string const& name, PluginFieldCollection const* fc, TensorRTPhase phase = TensorRTPhase::kBUILD)
+{
+    return PluginPtr(gCreators.at(name)->createPlugin(name.c_str(), fc, phase));
+}
+
+// ============================================================================
+// Tensor descriptions
+// ============================================================================
+Dims dims(std::vector<int64_t> const& v)
+{
+    Dims d{};
+    d.nbDims = static_cast<int32_t>(v.size());
+    for (size_t i = 0; i < v.size(); ++i)
+        d.d[i] = v[i];
+    return d;
+}
+
+//! Shapes of every input and the output for leading dims `lead`.
+struct Shapes
+{
+    std::vector<Dims> in;
+    Dims out;
+};
+
+Shapes shapesFor(Cfg const& c, std::vector<int64_t> const& lead)
+{
+    auto withLast = [&](int64_t last) {
+        std::vector<int64_t> v = lead;
+        v.push_back(last);
+        return dims(v);
+    };
+    Shapes s;
+    s.in = {withLast(c.in), dims({c.out, c.in}), dims({c.experts, c.rank, c.in}), dims({c.experts, c.out, c.rank}),
+        withLast(c.topK), withLast(c.topK)};
+    if (c.hasBias)
+        s.in.push_back(dims({c.out}));
+    s.out = withLast(c.out);
+    return s;
+}
+
+std::vector<DataType> typesFor(Cfg const& c, DataType t)
+{
+    std::vector<DataType> v = {t, t, t, t, DataType::kINT32, DataType::kFLOAT};
+    if (c.hasBias)
+        v.push_back(t);
+    return v;
+}
+
+PluginTensorDesc desc(Dims const& d, DataType t)
+{
+    PluginTensorDesc p{};
+    p.dims = d;
+    p.type = t;
+    p.format = TensorFormat::kLINEAR;
+    p.scale = -1.F;
+    return p;
+}
+
+DynamicPluginTensorDesc dynDesc(Dims const& d, Dims const& mn, Dims const& mx, DataType t)
+{
+    DynamicPluginTensorDesc p{};
+    p.desc = desc(d, t);
+    p.min = mn;
+    p.max = mx;
+    p.opt = mx;
+    return p;
+}
+
+char const* typeName(DataType t)
+{
+    switch (t)
+    {
+    case DataType::kFLOAT: return "float32";
+    case DataType::kHALF: return "float16";
+    case DataType::kBF16: return "bfloat16";
+    case DataType::kINT32: return "int32";
+    case DataType::kINT8: return "int8";
+    case DataType::kINT64: return "int64";
+    default: return "other";
+    }
+}
+
+// ============================================================================
+// CPU checks
+// ============================================================================
+std::vector<std::string> const kPluginNames = {"AdafuseLoraLinear", "AdafuseSwitchLinear"};
+
+std::vector<Cfg> cpuConfigs()
+{
+    return {{64, 48, 4, 8, 2, 2.0F, 1}, {100, 70, 3, 4, 1, 0.5F, 0}, {32, 32, 8, 16, 8, 0.25F, 1}};
+}
+
+void checkCreators(void* lib)
+{
+    std::printf("[creators]\n");
+    auto setLoggerFinder = reinterpret_cast<SetLoggerFinderFn>(dlsym(lib, "setLoggerFinder"));
+    auto getCreators = reinterpret_cast<GetCreatorsFn>(dlsym(lib, "getCreators"));
+    expect(setLoggerFinder != nullptr, "library exports setLoggerFinder");
+    expect(getCreators != nullptr, "library exports getCreators");
+    if (setLoggerFinder == nullptr || getCreators == nullptr)
+        return;
+    static HarnessLoggerFinder finder(&gLogger);
+    setLoggerFinder(&finder);
+    int32_t n = -1;
+    IPluginCreatorInterface* const* creators = getCreators(n);
+    expect(creators != nullptr && n == 2, cat("getCreators returns 2 creators (found ", n, ")"));
+    for (int32_t i = 0; creators != nullptr && i < n; ++i)
+    {
+        InterfaceInfo info = creators[i]->getInterfaceInfo();
+        bool v3 = std::strcmp(info.kind, "PLUGIN CREATOR_V3ONE") == 0 && info.major == 1;
+        expect(v3, cat("creator ", i, " is an IPluginCreatorV3One (kind '", info.kind, "' ", info.major, ".",
+                          info.minor, ")"));
+        if (!v3)
+            continue;
+        auto* c = static_cast<IPluginCreatorV3One*>(creators[i]);
+        std::string name = c->getPluginName();
+        expect(std::string(c->getPluginVersion()) == "1", cat(name, " creator version is \"1\""));
+        expect(std::string(c->getPluginNamespace()).empty(), cat(name, " creator namespace is \"\""));
+        gCreators[name] = c;
+        PluginFieldCollection const* fn = c->getFieldNames();
+        bool fieldsOk = fn != nullptr && fn->nbFields == 7;
+        for (int j = 0; fieldsOk && j < 7; ++j)
+            fieldsOk = std::strcmp(fn->fields[j].name, kFieldNames[j]) == 0 && fn->fields[j].type == kFieldTypes[j]
+                && fn->fields[j].length == 1;
+        expect(fieldsOk, cat(name, " getFieldNames lists in_features..has_bias with kINT32/kFLOAT32 types"));
+    }
+    for (auto const& n2 : kPluginNames)
+        expect(gCreators.count(n2) == 1, cat("creator ", n2, " is registered"));
+}
+
+void checkBadFields(std::string const& name)
+{
+    std::printf("[%s: bad fields]\n", name.c_str());
+    Cfg const good{64, 48, 4, 8, 2, 2.0F, 1};
+    struct Case
+    {
+        std::string what;
+        std::function<void(Fields&)> tamper;
+        std::vector<std::string> mustMention;
+    };
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    float const inf = std::numeric_limits<float>::infinity();
+    static int64_t const big = int64_t(1) << 40;
+    static double const d05 = 0.5;
+    std::vector<Case> cases = {
+        {"in_features=0", [](Fields& f) { f.ints[0] = 0; }, {"in_features", "> 0", "found 0"}},
+        {"out_features=-3", [](Fields& f) { f.ints[1] = -3; }, {"out_features", "found -3"}},
+        {"num_experts=0", [](Fields& f) { f.ints[2] = 0; }, {"num_experts", "found 0"}},
+        {"rank=0", [](Fields& f) { f.ints[3] = 0; }, {"rank", "found 0"}},
+        {"top_k=0", [](Fields& f) { f.ints[4] = 0; }, {"top_k", "found 0"}},
+        {"top_k>num_experts", [](Fields& f) { f.ints[4] = 5; }, {"top_k", "num_experts=4", "found 5"}},
+        {"scale=NaN", [nan](Fields& f) { f.scale = nan; }, {"scale", "finite"}},
+        {"scale=inf", [inf](Fields& f) { f.scale = inf; }, {"scale", "finite"}},
+        {"has_bias=2", [](Fields& f) { f.ints[5] = 2; }, {"has_bias", "0 or 1", "found 2"}},
+        {"rank missing", [](Fields& f) { f.list.erase(f.list.begin() + 3); }, {"rank", "missing"}},
+        {"in_features as float",
+            [](Fields& f) { f.list[0] = PluginField("in_features", &f.scale, PluginFieldType::kFLOAT32, 1); },
+            {"in_features", "integer", "kFLOAT32"}},
+        {"scale as int32",
+            [](Fields& f) { f.list[5] = PluginField("scale", &f.ints[0], PluginFieldType::kINT32, 1); },
+            {"scale", "float", "kINT32"}},
+        {"top_k length 2",
+            [](Fields& f) { f.list[4] = PluginField("top_k", f.ints.data(), PluginFieldType::kINT32, 2); },
+            {"top_k", "length 2"}},
+        {"in_features int64 2^40",
+            [](Fields& f) { f.list[0] = PluginField("in_features", &big, PluginFieldType::kINT64, 1); },
+            {"in_features", "int32"}},
+        {"rank given twice", [](Fields& f) { f.list.push_back(f.list[3]); }, {"rank", "more than once"}},
+    };
+    for (auto const& cs : cases)
+    {
+        Fields f(good);
+        cs.tamper(f);
+        gLogger.clear();
+        PluginPtr p = create(name, f.fc());
+        std::vector<std::string> parts = cs.mustMention;
+        parts.insert(parts.begin(), name);
+        bool rejected = p == nullptr;
+        bool mentioned = gLogger.hasError(parts);
+        expect(rejected && mentioned,
+            cat(name, " rejects ", cs.what, rejected ? "" : " (NOT rejected)",
+                mentioned ? "" : cat(" (message lacks expected text; last error: ", gLogger.lastError(), ")")));
+        if (gVerbose && rejected)
+            std::printf("        message: %s\n", gLogger.lastError().c_str());
+    }
+    // Accepted variations: int64 / float64 encodings, unknown extra field (warned about).
+    {
+        Fields f(good);
+        static int64_t const in64 = 64;
+        f.list[0] = PluginField("in_features", &in64, PluginFieldType::kINT64, 1);
+        f.list[5] = PluginField("scale", &d05, PluginFieldType::kFLOAT64, 1);
+        gLogger.clear();
+        PluginPtr p = create(name, f.fc());
+        Cfg back{};
+        std::string why;
+        bool ok = p != nullptr && readFields(runtime(p.get())->getFieldsToSerialize(), back, why) && back.in == 64
+            && back.scale == 0.5F;
+        expect(ok, cat(name, " accepts in_features as kINT64 and scale as kFLOAT64 ", why));
+    }
+    {
+        Fields f(good);
+        static int32_t const extra = 7;
+        f.list.emplace_back("bogus_field", &extra, PluginFieldType::kINT32, 1);
+        gLogger.clear();
+        PluginPtr p = create(name, f.fc());
+        expect(p != nullptr && gLogger.hasWarning("bogus_field"),
+            cat(name, " creates with an unknown field and warns about it"));
+    }
+    {
+        gLogger.clear();
+        PluginPtr p = create(name, nullptr);
+        expect(p == nullptr && gLogger.hasError({name, "null"}), cat(name, " rejects a null field collection"));
+    }
+}
+
+void checkShapes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
+{
+    // x [S0, S1, in] with symbolic S0, S1.
+    for (int rank : {1, 2, 3})
+    {
+        ExprBuilder eb;
+        std::vector<IDimensionExpr const*> lead;
+        for (int a = 0; a + 1 < rank; ++a)
+            lead.push_back(eb.symbol(a));
+        auto mk = [&](int64_t last) {
+            DimsExprs d{};
+            d.nbDims = rank;
+            for (int a = 0; a + 1 < rank; ++a)
+                d.d[a] = lead[static_cast<size_t>(a)];
+            d.d[rank - 1] = eb.makeConstant(last);
+            return d;
+        };
+        auto mkc = [&](std::vector<int64_t> const& v) {
+            DimsExprs d{};
+            d.nbDims = static_cast<int32_t>(v.size());
+            for (size_t i = 0; i < v.size(); ++i)
+                d.d[i] = eb.makeConstant(v[i]);
+            return d;
+        };
+        std::vector<DimsExprs> in = {mk(c.in), mkc({c.out, c.in}), mkc({c.experts, c.rank, c.in}),
+            mkc({c.experts, c.out, c.rank}), mk(c.topK), mk(c.topK)};
+        if (c.hasBias)
+            in.push_back(mkc({c.out}));
+        DimsExprs out[1]{};
+        gLogger.clear();
+        int32_t rc = b->getOutputShapes(in.data(), c.nbInputs(), nullptr, 0, out, 1, eb);
+        bool ok = rc == 0 && out[0].nbDims == rank;
+        std::vector<int64_t> binding = {3, 5};
+        for (int a = 0; ok && a < rank; ++a)
+            ok = out[0].d[a] != nullptr && eb.owns(out[0].d[a]);
+        for (int a = 0; ok && a + 1 < rank; ++a)
+            ok = static_cast<Expr const*>(out[0].d[a])->eval(binding) == binding[static_cast<size_t>(a)];
+        ok = ok && out[0].d[rank - 1]->isConstant() && out[0].d[rank - 1]->getConstantValue() == c.out;
+        expect(ok, cat(name, " getOutputShapes rank-", rank, " x -> [..., out_features=", c.out, "] (rc ", rc, ")"));
+
+        // wrong in_features in x
+        in[0] = mk(c.in + 1);
+        gLogger.clear();
+        rc = b->getOutputShapes(in.data(), c.nbInputs(), nullptr, 0, out, 1, eb);
+        expect(rc != 0 && gLogger.hasError({name, "input 0 (x)", "in_features"}),
+            cat(name, " getOutputShapes rejects x last dim in_features+1"));
+        in[0] = mk(c.in);
+        // wrong top_k in expert_ids
+        in[4] = mk(c.topK + 1);
+        gLogger.clear();
+        rc = b->getOutputShapes(in.data(), c.nbInputs(), nullptr, 0, out, 1, eb);
+        expect(rc != 0 && gLogger.hasError({name, "expert_ids", "top_k"}),
+            cat(name, " getOutputShapes rejects expert_ids last dim top_k+1"));
+        in[4] = mk(c.topK);
+        // wrong input count
+        gLogger.clear();
+        rc = b->getOutputShapes(in.data(), c.nbInputs() - 1, nullptr, 0, out, 1, eb);
+        expect(rc != 0 && gLogger.hasError({name, "inputs"}), cat(name, " getOutputShapes rejects a missing input"));
+    }
+}
+
+void checkTypes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
+{
+    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    {
+        std::vector<DataType> in = typesFor(c, t);
+        DataType out[1] = {DataType::kINT8};
+        gLogger.clear();
+        int32_t rc = b->getOutputDataTypes(out, 1, in.data(), c.nbInputs());
+        expect(rc == 0 && out[0] == t, cat(name, " getOutputDataTypes(", typeName(t), ") = ", typeName(t)));
+    }
+    struct Bad
+    {
+        int pos;
+        DataType t;
+        std::string mention;
+    };
+    for (Bad const& bad : std::vector<Bad>{{0, DataType::kINT32, "input 0 (x)"}, {1, DataType::kHALF, "input 1 (W)"},
+             {4, DataType::kINT64, "input 4 (expert_ids)"}, {5, DataType::kHALF, "input 5 (gates)"}})
+    {
+        std::vector<DataType> in = typesFor(c, DataType::kFLOAT);
+        in[static_cast<size_t>(bad.pos)] = bad.t;
+        DataType out[1];
+        gLogger.clear();
+        int32_t rc = b->getOutputDataTypes(out, 1, in.data(), c.nbInputs());
+        expect(rc != 0 && gLogger.hasError({name, bad.mention, typeName(bad.t)}),
+            cat(name, " getOutputDataTypes rejects ", bad.mention, " as ", typeName(bad.t)));
+    }
+}
+
+void checkFormats(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
+{
+    std::vector<DataType> const candidates
+        = {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32, DataType::kINT8, DataType::kINT64};
+    int32_t const nbIn = c.nbInputs();
+    Shapes s = shapesFor(c, {2});
+    bool allOk = true;
+    std::string firstBad;
+    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    {
+        std::vector<DataType> want = typesFor(c, t);
+        want.push_back(t); // output
+        std::vector<DynamicPluginTensorDesc> io;
+        for (int32_t i = 0; i < nbIn; ++i)
+            io.push_back(dynDesc(s.in[static_cast<size_t>(i)], s.in[static_cast<size_t>(i)],
+                s.in[static_cast<size_t>(i)], want[static_cast<size_t>(i)]));
+        io.push_back(dynDesc(s.out, s.out, s.out, t));
+        for (int32_t pos = 0; pos < nbIn + 1; ++pos)
+        {
+            DataType keep = io[static_cast<size_t>(pos)].desc.type;
+            for (DataType cand : candidates)
+            {
+                io[static_cast<size_t>(pos)].desc.type = cand;
+                bool expected = cand == want[static_cast<size_t>(pos)];
+                if (pos == 0) // x itself: any of the three float types
+                    expected = cand == DataType::kFLOAT || cand == DataType::kHALF || cand == DataType::kBF16;
+                bool got = b->supportsFormatCombination(pos, io.data(), nbIn, 1);
+                if (got != expected && allOk)
+                {
+                    allOk = false;
+                    firstBad = cat("x=", typeName(t), " pos ", pos, " type ", typeName(cand), " expected ", expected);
+                }
+            }
+            io[static_cast<size_t>(pos)].desc.type = keep;
+            io[static_cast<size_t>(pos)].desc.format = TensorFormat::kCHW32;
+            if (b->supportsFormatCombination(pos, io.data(), nbIn, 1) && allOk)
+            {
+                allOk = false;
+                firstBad = cat("pos ", pos, " accepts kCHW32");
+            }
+            io[static_cast<size_t>(pos)].desc.format = TensorFormat::kLINEAR;
+        }
+    }
+    expect(allOk, cat(name, " supportsFormatCombination: linear only; x float32/float16/bfloat16; W, A, B, bias, y = "
+                            "dtype of x; expert_ids int32; gates float32 ",
+                      firstBad));
+}
+
+void checkConfigureAndWorkspace(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
+{
+    // Profile: x [-1, -1, in] with min [1,1,in], max [4, 32, in].
+    Shapes dyn = shapesFor(c, {-1, -1});
+    Shapes mn = shapesFor(c, {1, 1});
+    Shapes mx = shapesFor(c, {4, 32});
+    std::vector<DataType> types = typesFor(c, DataType::kHALF);
+    std::vector<DynamicPluginTensorDesc> in;
+    for (size_t i = 0; i < types.size(); ++i)
+        in.push_back(dynDesc(dyn.in[i], mn.in[i], mx.in[i], types[i]));
+    DynamicPluginTensorDesc out = dynDesc(dyn.out, mn.out, mx.out, DataType::kHALF);
+    gLogger.clear();
+    int32_t rc = b->configurePlugin(in.data(), c.nbInputs(), &out, 1);
+    expect(rc == 0, cat(name, " configurePlugin accepts a dynamic profile (rc ", rc, ") ", gLogger.lastError()));
+
+    size_t ws = b->getWorkspaceSize(in.data(), c.nbInputs(), &out, 1);
+    size_t want = adafuse_lora_linear_workspace_size(4 * 32, c.in, c.out, c.experts, c.rank, c.topK);
+    expect(ws == want, cat(name, " getWorkspaceSize(max rows 128) = adafuse_lora_linear_workspace_size = ", want,
+                           " (got ", ws, ")"));
+
+    // Decode-only profile (max rows 1).
+    Shapes one = shapesFor(c, {1, 1});
+    std::vector<DynamicPluginTensorDesc> in1;
+    for (size_t i = 0; i < types.size(); ++i)
+        in1.push_back(dynDesc(one.in[i], one.in[i], one.in[i], types[i]));
+    DynamicPluginTensorDesc out1 = dynDesc(one.out, one.out, one.out, DataType::kHALF);
+    size_t ws1 = b->getWorkspaceSize(in1.data(), c.nbInputs(), &out1, 1);
+    size_t want1 = name == "AdafuseSwitchLinear"
+        ? 0
+        : adafuse_lora_linear_workspace_size(1, c.in, c.out, c.experts, c.rank, c.topK);
+    expect(ws1 == want1, cat(name, " getWorkspaceSize(max rows 1) = ", want1, " (got ", ws1, ")"));
+
+    // Wrong static dims / dtype mismatches must fail with a message naming the tensor.
+    struct Bad
+    {
+        std::string what;
+        std::function<void(std::vector<DynamicPluginTensorDesc>&)> tamper;
+        std::vector<std::string> mention;
+    };
+    std::vector<Bad> bads = {
+        {"W [out+1, in]", [&](auto& v) { v[1].desc.dims.d[0] = c.out + 1; v[1].max.d[0] = c.out + 1; },
+            {"input 1 (W)", "out_features"}},
+        {"A [E, rank+1, in]", [&](auto& v) { v[2].desc.dims.d[1] = c.rank + 1; v[2].max.d[1] = c.rank + 1; },
+            {"input 2 (A)", "rank"}},
+        {"B [E+1, out, rank]", [&](auto& v) { v[3].desc.dims.d[0] = c.experts + 1; v[3].max.d[0] = c.experts + 1; },
+            {"input 3 (B)", "num_experts"}},
+        {"gates float16", [&](auto& v) { v[5].desc.type = DataType::kHALF; }, {"input 5 (gates)", "float32"}},
+        {"A float32 with x float16", [&](auto& v) { v[2].desc.type = DataType::kFLOAT; }, {"input 2 (A)", "dtype of x"}},
+        {"expert_ids rank 2", [&](auto& v) { v[4].desc.dims.nbDims = 2; v[4].max.nbDims = 2; },
+            {"input 4 (expert_ids)", "dimensions"}},
+        {"profile max x rows differ from gates",
+            [&](auto& v) { v[5].max.d[0] = 3; }, {"input 5 (gates)", "leading dimension"}},
+    };
+    for (auto const& bad : bads)
+    {
+        std::vector<DynamicPluginTensorDesc> v = in;
+        bad.tamper(v);
+        gLogger.clear();
+        rc = b->configurePlugin(v.data(), c.nbInputs(), &out, 1);
+        std::vector<std::string> parts = bad.mention;
+        parts.insert(parts.begin(), name);
+        expect(rc != 0 && gLogger.hasError(parts),
+            cat(name, " configurePlugin rejects ", bad.what, rc != 0 ? "" : " (accepted!)", " last error: ",
+                gLogger.lastError()));
+    }
+}
+
+void checkPlugin(std::string const& name, Cfg const& c)
+{
+    std::printf("[%s: %s]\n", name.c_str(), c.str().c_str());
+    Fields f(c);
+    gLogger.clear();
+    PluginPtr p = create(name, f.fc(), TensorRTPhase::kBUILD);
+    expect(p != nullptr, cat(name, " createPlugin(kBUILD) from fields ", p ? "" : gLogger.lastError()));
+    if (!p)
+        return;
+    InterfaceInfo info = p->getInterfaceInfo();
+    expect(std::strcmp(info.kind, "PLUGIN") == 0 && info.major == 1, cat(name, " is an IPluginV3"));
+    IPluginV3OneCore* co = core(p.get());
+    IPluginV3OneBuild* b = build(p.get());
+    IPluginV3OneRuntime* r = runtime(p.get());
+    expect(co != nullptr && b != nullptr && r != nullptr, cat(name, " has core, build and runtime capabilities"));
+    if (!co || !b || !r)
+        return;
+    expect(std::strcmp(co->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0
+            && std::strcmp(b->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0
+            && std::strcmp(r->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
+        cat(name, " capability interfaces report their kinds"));
+    expect(name == co->getPluginName() && std::string(co->getPluginVersion()) == "1"
+            && std::string(co->getPluginNamespace()).empty(),
+        cat(name, " core name/version/namespace = ", name, "/1/\"\""));
+    expect(b->getNbOutputs() == 1, cat(name, " getNbOutputs = 1"));
+
+    // Serialize fields, re-create (runtime phase, as when deserializing an engine), clone.
+    Cfg back{};
+    std::string why;
+    bool ser = readFields(r->getFieldsToSerialize(), back, why) && sameCfg(back, c);
+    expect(ser, cat(name, " getFieldsToSerialize returns all 7 fields with their values ", why));
+    {
+        // Copy the serialized fields (as TensorRT does) before the source plugin goes away.
+        Fields again(back);
+        PluginPtr p2 = create(name, again.fc(), TensorRTPhase::kRUNTIME);
+        Cfg back2{};
+        bool ok = p2 != nullptr && readFields(runtime(p2.get())->getFieldsToSerialize(), back2, why)
+            && sameCfg(back2, c);
+        expect(ok, cat(name, " re-created from its serialized fields (kRUNTIME) has the same fields ", why));
+        PluginPtr p3(p->clone());
+        Cfg back3{};
+        ok = p3 != nullptr && readFields(runtime(p3.get())->getFieldsToSerialize(), back3, why) && sameCfg(back3, c);
+        expect(ok, cat(name, " clone() keeps the fields ", why));
+        HarnessResourceContext ctx;
+        PluginPtr p4(r->attachToContext(&ctx));
+        Cfg back4{};
+        ok = p4 != nullptr && p4.get() != p.get()
+            && readFields(runtime(p4.get())->getFieldsToSerialize(), back4, why) && sameCfg(back4, c);
+        expect(ok, cat(name, " attachToContext() returns a new plugin with the same fields ", why));
+    }
+    checkTypes(name, b, c);
+    checkShapes(name, b, c);
+    checkFormats(name, b, c);
+    checkConfigureAndWorkspace(name, b, c);
+}
+
+// ============================================================================
+// GPU checks
+// ============================================================================
+uint16_t floatToHalfBits(float f)
+{
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t const sign = (x >> 16) & 0x8000u;
+    uint32_t const absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u)
+        return static_cast<uint16_t>(sign | (absx > 0x7f800000u ? 0x7e00u : 0x7c00u));
+    if (absx >= 0x477ff000u) // rounds to >= 65520 -> inf
+        return static_cast<uint16_t>(sign | 0x7c00u);
+    if (absx < 0x38800000u) // subnormal half
+    {
+        float const af = std::fabs(f);
+        int const m = static_cast<int>(std::nearbyint(af * 16777216.0f)); // 2^24
+        return static_cast<uint16_t>(sign | static_cast<uint32_t>(m));
+    }
+    uint32_t const exp = ((absx >> 23) - 112) << 10;
+    uint32_t mant = absx & 0x7fffffu;
+    uint32_t h = exp | (mant >> 13);
+    uint32_t const rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
+        ++h;
+    return static_cast<uint16_t>(sign | h);
+}
+
+float halfBitsToFloat(uint16_t h)
+{
+    uint32_t const sign = (h & 0x8000u) << 16;
+    uint32_t const exp = (h >> 10) & 0x1fu;
+    uint32_t const mant = h & 0x3ffu;
+    float f;
+    if (exp == 0)
+    {
+        f = std::ldexp(static_cast<float>(mant), -24);
+        return sign ? -f : f;
+    }
+    uint32_t bits;
+    if (exp == 31)
+        bits = sign | 0x7f800000u | (mant << 13);
+    else
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t floatToBf16Bits(float f)
+{
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return static_cast<uint16_t>((x >> 16) | 0x40u);
+    uint32_t const lsb = (x >> 16) & 1u;
+    x += 0x7fffu + lsb;
+    return static_cast<uint16_t>(x >> 16);
+}
+
+float bf16BitsToFloat(uint16_t h)
+{
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+//! Rounds `v` to dtype `t` in place and returns the raw bytes for the device.
+std::vector<uint8_t> toDevice(std::vector<float>& v, DataType t)
+{
+    std::vector<uint8_t> bytes;
+    if (t == DataType::kFLOAT)
+    {
+        bytes.resize(v.size() * 4);
+        std::memcpy(bytes.data(), v.data(), bytes.size());
+        return bytes;
+    }
+    bytes.resize(v.size() * 2);
+    for (size_t i = 0; i < v.size(); ++i)
+    {
+        uint16_t h = t == DataType::kHALF ? floatToHalfBits(v[i]) : floatToBf16Bits(v[i]);
+        v[i] = t == DataType::kHALF ? halfBitsToFloat(h) : bf16BitsToFloat(h);
+        std::memcpy(bytes.data() + 2 * i, &h, 2);
+    }
+    return bytes;
+}
+
+std::vector<double> fromDevice(std::vector<uint8_t> const& bytes, DataType t)
+{
+    size_t const es = t == DataType::kFLOAT ? 4 : 2;
+    std::vector<double> out(bytes.size() / es);
+    for (size_t i = 0; i < out.size(); ++i)
+    {
+        if (t == DataType::kFLOAT)
+        {
+            float f;
+            std::memcpy(&f, bytes.data() + 4 * i, 4);
+            out[i] = f;
+        }
+        else
+        {
+            uint16_t h;
+            std::memcpy(&h, bytes.data() + 2 * i, 2);
+            out[i] = t == DataType::kHALF ? halfBitsToFloat(h) : bf16BitsToFloat(h);
+        }
+    }
+    return out;
+}
+
+bool cudaOk(cudaError_t e, char const* what)
+{
+    if (e != cudaSuccess)
+    {
+        std::printf("  FAIL  CUDA %s: %s\n", what, cudaGetErrorString(e));
+        ++gFailed;
+        return false;
+    }
+    return true;
+}
+
+struct DeviceBuffer
+{
+    void* ptr{nullptr};
+    size_t bytes{0};
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t n)
+        : bytes(n)
+    {
+        if (n > 0)
+            cudaOk(cudaMalloc(&ptr, n), "cudaMalloc");
+    }
+    DeviceBuffer(std::vector<uint8_t> const& host)
+        : DeviceBuffer(host.size())
+    {
+        if (ptr)
+            cudaOk(cudaMemcpy(ptr, host.data(), host.size(), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    }
+    DeviceBuffer(DeviceBuffer const&) = delete;
+    DeviceBuffer& operator=(DeviceBuffer const&) = delete;
+    ~DeviceBuffer()
+    {
+        if (ptr)
+            cudaFree(ptr);
+    }
+    std::vector<uint8_t> read() const
+    {
+        std::vector<uint8_t> h(bytes);
+        if (ptr)
+            cudaOk(cudaMemcpy(h.data(), ptr, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
+        return h;
+    }
+};
+
+//! Host copy of one problem (values already rounded to the dtype).
+struct Problem
+{
+    Cfg c;
+    DataType t;
+    std::vector<float> W, A, B, bias;
+    std::vector<uint8_t> Wd, Ad, Bd, biasd;
+};
+
+Problem makeProblem(Cfg const& c, DataType t, std::mt19937& rng)
+{
+    std::uniform_real_distribution<float> u(-1.F, 1.F);
+    Problem p{c, t, {}, {}, {}, {}, {}, {}, {}, {}};
+    auto fill = [&](std::vector<float>& v, size_t n, float s) {
+        v.resize(n);
+        for (auto& e : v)
+            e = u(rng) * s;
+    };
+    fill(p.W, size_t(c.out) * c.in, 1.F / std::sqrt(float(c.in)));
+    fill(p.A, size_t(c.experts) * c.rank * c.in, 1.F / std::sqrt(float(c.in)));
+    fill(p.B, size_t(c.experts) * c.out * c.rank, 1.F / std::sqrt(float(c.rank)));
+    fill(p.bias, c.hasBias ? size_t(c.out) : 0, 0.1F);
+    p.Wd = toDevice(p.W, t);
+    p.Ad = toDevice(p.A, t);
+    p.Bd = toDevice(p.B, t);
+    p.biasd = toDevice(p.bias, t);
+    return p;
+}
+
+struct Route
+{
+    std::vector<int32_t> ids;  // [rows, k]
+    std::vector<float> gates;  // [rows, k]
+};
+
+Route makeRoute(Cfg const& c, int rows, std::mt19937& rng)
+{
+    Route r;
+    std::uniform_real_distribution<float> u(0.05F, 1.F);
+    for (int n = 0; n < rows; ++n)
+    {
+        std::vector<int32_t> perm(static_cast<size_t>(c.experts));
+        for (int e = 0; e < c.experts; ++e)
+            perm[static_cast<size_t>(e)] = e;
+        std::shuffle(perm.begin(), perm.end(), rng);
+        float sum = 0.F;
+        std::vector<float> g(static_cast<size_t>(c.topK));
+        for (auto& x : g)
+            sum += (x = u(rng));
+        for (int j = 0; j < c.topK; ++j)
+        {
+            r.ids.push_back(perm[static_cast<size_t>(j)]);
+            r.gates.push_back(g[static_cast<size_t>(j)] / sum);
+        }
+    }
+    return r;
+}
+
+std::vector<double> reference(Problem const& p, std::vector<float> const& x, Route const& r, int rows)
+{
+    Cfg const& c = p.c;
+    std::vector<double> y(size_t(rows) * c.out);
+    std::vector<double> ax(static_cast<size_t>(c.rank));
+    for (int n = 0; n < rows; ++n)
+    {
+        float const* xn = x.data() + size_t(n) * c.in;
+        double* yn = y.data() + size_t(n) * c.out;
+        for (int o = 0; o < c.out; ++o)
+        {
+            double acc = c.hasBias ? p.bias[static_cast<size_t>(o)] : 0.0;
+            float const* w = p.W.data() + size_t(o) * c.in;
+            for (int i = 0; i < c.in; ++i)
+                acc += double(w[i]) * xn[i];
+            yn[o] = acc;
+        }
+        for (int j = 0; j < c.topK; ++j)
+        {
+            int32_t e = r.ids[size_t(n) * c.topK + j];
+            double g = r.gates[size_t(n) * c.topK + j];
+            for (int q = 0; q < c.rank; ++q)
+            {
+                double acc = 0;
+                float const* a = p.A.data() + (size_t(e) * c.rank + q) * c.in;
+                for (int i = 0; i < c.in; ++i)
+                    acc += double(a[i]) * xn[i];
+                ax[static_cast<size_t>(q)] = acc;
+            }
+            for (int o = 0; o < c.out; ++o)
+            {
+                double acc = 0;
+                float const* bb = p.B.data() + (size_t(e) * c.out + o) * c.rank;
+                for (int q = 0; q < c.rank; ++q)
+                    acc += double(bb[q]) * ax[static_cast<size_t>(q)];
+                yn[o] += double(c.scale) * g * acc;
+            }
+        }
+    }
+    return y;
+}
+
+double tolerance(DataType t)
+{
+    // max|y - ref| / max|ref|. float32 allows TF32 tensor-core accumulation; the
+    // 16-bit types include output rounding and (switch) the rounding of W_merged.
+    return t == DataType::kFLOAT ? 2e-3 : (t == DataType::kHALF ? 1e-2 : 4e-2);
+}
+
+//! One enqueue of `plugin` (already attached) on `rows` rows; returns max rel error (or -1 on failure).
+double runOnce(IPluginV3* plugin, Problem const& p, DeviceBuffer const& Wdev, DeviceBuffer const& Adev,
+    DeviceBuffer const& Bdev, DeviceBuffer const& biasDev, DeviceBuffer& workspace, int rows, Route const& route,
+    std::mt19937& rng, cudaStream_t stream, std::string const& label)
+{
+    Cfg const& c = p.c;
+    std::uniform_real_distribution<float> u(-1.F, 1.F);
+    std::vector<float> x(size_t(rows) * c.in);
+    for (auto& e : x)
+        e = u(rng);
+    std::vector<uint8_t> xd = toDevice(x, p.t);
+    std::vector<uint8_t> idsBytes(route.ids.size() * 4), gatesBytes(route.gates.size() * 4);
+    std::memcpy(idsBytes.data(), route.ids.data(), idsBytes.size());
+    std::memcpy(gatesBytes.data(), route.gates.data(), gatesBytes.size());
+    DeviceBuffer xDev(xd), idsDev(idsBytes), gatesDev(gatesBytes);
+    size_t const es = p.t == DataType::kFLOAT ? 4 : 2;
+    DeviceBuffer yDev(size_t(rows) * c.out * es);
+
+    Shapes s = shapesFor(c, {rows});
+    std::vector<DataType> types = typesFor(c, p.t);
+    std::vector<PluginTensorDesc> in;
+    for (size_t i = 0; i < types.size(); ++i)
+        in.push_back(desc(s.in[i], types[i]));
+    PluginTensorDesc out = desc(s.out, p.t);
+    IPluginV3OneRuntime* r = runtime(plugin);
+    gLogger.clear();
+    if (r->onShapeChange(in.data(), c.nbInputs(), &out, 1) != 0)
+    {
+        expect(false, cat(label, " onShapeChange: ", gLogger.lastError()));
+        return -1;
+    }
+    std::vector<void const*> inPtrs = {xDev.ptr, Wdev.ptr, Adev.ptr, Bdev.ptr, idsDev.ptr, gatesDev.ptr};
+    if (c.hasBias)
+        inPtrs.push_back(biasDev.ptr);
+    void* outPtrs[1] = {yDev.ptr};
+    if (r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream) != 0)
+    {
+        expect(false, cat(label, " enqueue: ", gLogger.lastError()));
+        return -1;
+    }
+    if (!cudaOk(cudaStreamSynchronize(stream), "cudaStreamSynchronize after enqueue"))
+        return -1;
+    std::vector<double> y = fromDevice(yDev.read(), p.t);
+    std::vector<double> ref = reference(p, x, route, rows);
+    double maxRef = 1e-12, maxErr = 0;
+    for (size_t i = 0; i < y.size(); ++i)
+    {
+        maxRef = std::max(maxRef, std::fabs(ref[i]));
+        maxErr = std::max(maxErr, std::fabs(y[i] - ref[i]));
+        if (!std::isfinite(y[i]))
+            maxErr = std::numeric_limits<double>::infinity();
+    }
+    return maxErr / maxRef;
+}
+
+void gpuChecks()
+{
+    int count = 0;
+    if (!cudaOk(cudaGetDeviceCount(&count), "cudaGetDeviceCount") || count == 0)
+    {
+        expect(false, "--gpu needs a CUDA device");
+        return;
+    }
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, 0);
+    std::printf("[gpu] device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+    cudaStream_t stream;
+    if (!cudaOk(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"))
+        return;
+    std::mt19937 rng(1234);
+    std::vector<Cfg> cfgs = {{256, 192, 4, 8, 2, 2.0F, 1}, {100, 70, 3, 4, 1, 0.5F, 0}, {1024, 512, 8, 16, 2, 2.0F, 1}};
+    std::map<std::string, double> worst; // "plugin dtype" -> max rel error
+    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    {
+        for (auto const& name : kPluginNames)
+        {
+            std::string const key = cat(name, " ", typeName(t));
+            worst[key] = 0;
+            for (Cfg const& c : cfgs)
+            {
+                Problem p = makeProblem(c, t, rng);
+                DeviceBuffer Wdev(p.Wd), Adev(p.Ad), Bdev(p.Bd), biasDev(p.biasd);
+                Fields f(c);
+                PluginPtr built = create(name, f.fc(), TensorRTPhase::kRUNTIME);
+                if (!built)
+                {
+                    expect(false, cat(key, " createPlugin: ", gLogger.lastError()));
+                    continue;
+                }
+                HarnessResourceContext ctx;
+                PluginPtr plugin(runtime(built.get())->attachToContext(&ctx));
+                // Workspace as TensorRT would size it: getWorkspaceSize at the profile's max rows.
+                int const maxRows = 64;
+                Shapes mx = shapesFor(c, {maxRows});
+                std::vector<DataType> types = typesFor(c, t);
+                std::vector<DynamicPluginTensorDesc> din;
+                for (size_t i = 0; i < types.size(); ++i)
+                    din.push_back(dynDesc(mx.in[i], mx.in[i], mx.in[i], types[i]));
+                DynamicPluginTensorDesc dout = dynDesc(mx.out, mx.out, mx.out, t);
+                DeviceBuffer workspace(build(built.get())->getWorkspaceSize(din.data(), c.nbInputs(), &dout, 1));
+
+                std::vector<std::pair<int, Route>> steps;
+                Route r1 = makeRoute(c, 1, rng);
+                Route r2 = makeRoute(c, 1, rng);
+                Route r1g = r1; // same experts, other weights
+                if (c.topK > 1)
+                    std::swap(r1g.gates[0], r1g.gates[1]);
+                else
+                    r1g.gates[0] *= 0.5F;
+                steps = {{1, r1}, {1, r1}, {1, r2}, {5, makeRoute(c, 5, rng)}, {1, r2}, {1, r1g}, {1, r1},
+                    {maxRows, makeRoute(c, maxRows, rng)}, {1, r1}};
+                int stepNo = 0;
+                for (auto const& st : steps)
+                {
+                    std::string label = cat(key, " [", c.str(), "] step ", stepNo++, " rows=", st.first);
+                    double err = runOnce(plugin.get(), p, Wdev, Adev, Bdev, biasDev, workspace, st.first, st.second,
+                        rng, stream, label);
+                    if (err < 0)
+                    {
+                        worst[key] = std::numeric_limits<double>::infinity();
+                        continue;
+                    }
+                    worst[key] = std::max(worst[key], err);
+                    expect(err <= tolerance(t), cat(label, " max rel err ", err, " (tol ", tolerance(t), ")"));
+                }
+                // The plugin must treat its weight inputs as read-only.
+                expect(Wdev.read() == p.Wd && Adev.read() == p.Ad && Bdev.read() == p.Bd,
+                    cat(key, " [", c.str(), "] left W, A, B inputs unchanged"));
+            }
+        }
+    }
+    std::printf("[gpu] max rel error (max|y-ref|/max|ref|, float64 reference):\n");
+    for (auto const& kv : worst)
+    {
+        std::string dtype = kv.first.substr(kv.first.find(' ') + 1);
+        DataType t = dtype == "float32" ? DataType::kFLOAT : (dtype == "float16" ? DataType::kHALF : DataType::kBF16);
+        std::printf("  %-32s %.3e  (tol %.0e)  %s\n", kv.first.c_str(), kv.second, tolerance(t),
+            kv.second <= tolerance(t) ? "PASS" : "FAIL");
+    }
+    cudaStreamDestroy(stream);
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    bool gpu = false;
+    std::string lib = ADAFUSE_PLUGIN_LIBRARY_PATH;
+    for (int i = 1; i < argc; ++i)
+    {
+        std::string a = argv[i];
+        if (a == "--gpu")
+            gpu = true;
+        else if (a == "--verbose" || a == "-v")
+            gVerbose = true;
+        else if (a == "--lib" && i + 1 < argc)
+            lib = argv[++i];
+        else
+        {
+            std::fprintf(stderr, "usage: %s [--gpu] [--lib PATH] [--verbose]\n", argv[0]);
+            return 2;
+        }
+    }
+    std::printf("adafuse plugin harness: %s (mode: %s)\n", lib.c_str(), gpu ? "cpu + gpu" : "cpu only");
+    void* handle = dlopen(lib.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr)
+    {
+        std::fprintf(stderr, "cannot load %s: %s\n", lib.c_str(), dlerror());
+        return 2;
+    }
+    checkCreators(handle);
+    if (gCreators.size() == kPluginNames.size())
+    {
+        for (auto const& name : kPluginNames)
+        {
+            checkBadFields(name);
+            for (Cfg const& c : cpuConfigs())
+                checkPlugin(name, c);
+        }
+        if (gpu)
+            gpuChecks();
+    }
+    std::printf("harness summary: %d checks ok, %d failed\n", gPassed, gFailed);
+    // The library stays loaded: creators are static objects inside it.
+    return gFailed == 0 ? 0 : 1;
+}

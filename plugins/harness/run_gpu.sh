@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build the plugin project and run the contract harness with --gpu.
+#
+# On the GPU machine (no network there):
+#   bash plugins/harness/run_gpu.sh            # builds into $BUILD_DIR, runs `adafuse_plugin_harness --gpu`
+# TensorRT headers, first found wins:
+#   TENSORRT_ROOT=/path/to/TensorRT            # an SDK with include/NvInfer.h
+#   ADAFUSE_TRT_HEADERS_DIR=/path/with/NvInfer.h
+#   plugins/harness/.trt_headers/...           # prepared beforehand on a machine with PyPI access:
+#       bash plugins/harness/run_gpu.sh --prepare
+#     (git-ignored: carry the path "plugins/harness/.trt_headers" to the GPU machine)
+#   otherwise CMake tries to download the kernel-lens wheel (fails without network).
+# Extra arguments go to the harness (e.g. --verbose). Exit status: the harness's.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+plugins="$(dirname "$here")"
+headers_cache="$here/.trt_headers"
+kl_include="$headers_cache/kernel_lens/include/tensorrt"
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  mkdir -p "$headers_cache"
+  python3 -m pip download --no-deps --only-binary=:all: -q -d "$headers_cache" kernel-lens==2.0.1
+  python3 -m zipfile -e "$headers_cache"/kernel_lens-2.0.1-*.whl "$headers_cache"
+  test -f "$kl_include/NvInfer.h"
+  echo "TensorRT headers ready in $kl_include"
+  exit 0
+fi
+
+export PATH="/usr/local/cuda/bin:$PATH"
+build="${BUILD_DIR:-/tmp/adafuse_plugins_gpu_build}"
+args=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}")
+if [[ -n "${TENSORRT_ROOT:-}" ]]; then
+  args+=("-DTENSORRT_ROOT=$TENSORRT_ROOT")
+elif [[ -n "${ADAFUSE_TRT_HEADERS_DIR:-}" ]]; then
+  args+=("-DADAFUSE_TRT_HEADERS_DIR=$ADAFUSE_TRT_HEADERS_DIR")
+elif [[ -f "$kl_include/NvInfer.h" ]]; then
+  args+=("-DADAFUSE_TRT_HEADERS_DIR=$kl_include")
+fi
+nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader || true
+cmake -S "$plugins" -B "$build" "${args[@]}"
+cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
+exec "$build/adafuse_plugin_harness" --gpu --lib "$build/libadafuse_trt_plugins.so" "$@"
