@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 namespace adafuse
 {
 namespace plugin
@@ -41,11 +43,13 @@ __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v)
     return __float2bfloat16_rn(v);
 }
 
+// One warp per output feature; lanes read 16-byte vectors of W and x when the
+// rows are 16-byte aligned (the usual case), scalars otherwise.
 template <typename T>
-__global__ void denseLinearKernel(
-    int rows, int inFeatures, int outFeatures, T const* __restrict__ x, T const* __restrict__ W,
-    T const* __restrict__ bias, T* __restrict__ y)
+__global__ void denseLinearKernel(int rows, int inFeatures, int outFeatures, T const* __restrict__ x,
+    T const* __restrict__ W, T const* __restrict__ bias, T* __restrict__ y, bool vectorized)
 {
+    constexpr int kVec = 16 / sizeof(T);
     int const lane = threadIdx.x & 31;
     int const o = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
     if (o >= outFeatures)
@@ -57,9 +61,30 @@ __global__ void denseLinearKernel(
     {
         T const* xr = x + static_cast<size_t>(r) * inFeatures;
         float acc = 0.F;
-        for (int i = lane; i < inFeatures; i += 32)
+        if (vectorized)
         {
-            acc += toFloat(w[i]) * toFloat(xr[i]);
+            int const nVec = inFeatures / kVec;
+            uint4 const* w4 = reinterpret_cast<uint4 const*>(w);
+            uint4 const* x4 = reinterpret_cast<uint4 const*>(xr);
+            for (int v = lane; v < nVec; v += 32)
+            {
+                uint4 const wv = w4[v];
+                uint4 const xv = x4[v];
+                T const* wt = reinterpret_cast<T const*>(&wv);
+                T const* xt = reinterpret_cast<T const*>(&xv);
+#pragma unroll
+                for (int e = 0; e < kVec; ++e)
+                {
+                    acc += toFloat(wt[e]) * toFloat(xt[e]);
+                }
+            }
+        }
+        else
+        {
+            for (int i = lane; i < inFeatures; i += 32)
+            {
+                acc += toFloat(w[i]) * toFloat(xr[i]);
+            }
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1)
@@ -88,8 +113,10 @@ cudaError_t launchDense(int rows, int in, int out, void const* x, void const* W,
 {
     dim3 block(32 * kWarpsPerBlock);
     dim3 grid((out + kWarpsPerBlock - 1) / kWarpsPerBlock, rows < 65535 ? rows : 65535);
+    auto aligned16 = [](void const* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+    bool const vectorized = (static_cast<size_t>(in) * sizeof(T)) % 16 == 0 && aligned16(x) && aligned16(W);
     denseLinearKernel<T><<<grid, block, 0, stream>>>(rows, in, out, static_cast<T const*>(x),
-        static_cast<T const*>(W), static_cast<T const*>(bias), static_cast<T*>(y));
+        static_cast<T const*>(W), static_cast<T const*>(bias), static_cast<T*>(y), vectorized);
     return cudaGetLastError();
 }
 } // namespace
