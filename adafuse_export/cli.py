@@ -168,10 +168,10 @@ def make_example_cmd(out_dir, kind, family, force):
     """Write a tiny random canonical checkpoint (the built-in example) to OUT_DIR."""
     _import_torch()
     from .examples import make_example
+    from .tensors import atomic_directory
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
-    make_example(out_dir, kind, family)
+    with atomic_directory(out_dir, force) as tmp:
+        make_example(tmp, kind, family)
     click.echo(f"wrote {kind} example ({family}) to {out_dir}")
 
 

@@ -10,6 +10,15 @@ from .cli import _import_torch, base_option, ckpt_argument, cli, format_option, 
 from .errors import AdafuseError, missing_dependency
 
 
+class ValidationFailed(click.ClickException):
+    """Outputs out of tolerance: exit status 1 (bad input exits 2 through AdafuseError)."""
+
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
 def _import_onnx():
     try:
         import onnx  # noqa: F401
@@ -65,8 +74,7 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, dtype, external_data_thre
 @click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
 @click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default per dtype: 1e-3, 2e-2, 5e-2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-def validate(ctx, ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
     """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
@@ -84,4 +92,6 @@ def validate(ctx, ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json
     report = run_validate(c, model, prompts, steps, atol, rtol)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
-        ctx.exit(1)
+        failed = [o["name"] for o in report["outputs"] if not o["passed"]]
+        raise ValidationFailed(f"validation failed: {len(failed)} output(s) out of tolerance ({', '.join(failed[:4])}"
+                               f"{', ...' if len(failed) > 4 else ''})")

@@ -36,6 +36,8 @@ def _get(cfg: dict, key: str, kind, where: str, default=_MISSING):
     if not ok:
         names = " or ".join(k.__name__ for k in kinds)
         raise AdafuseError(f"{where}: key '{key}' must be {names}, found {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AdafuseError(f"{where}: key '{key}' must be a finite number, found {value!r}")
     return value
 
 
@@ -95,7 +97,7 @@ class ModelSpec:
         if rope_type != "default":
             raise AdafuseError(f"{where}: rope type '{rope_type}' is not supported (expected 'default', no rope scaling)")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
             raise AdafuseError(f"{where}: rope_theta must be a positive number, found {theta!r}")
         if family == "qwen2":
             bias = ("q_proj", "k_proj", "v_proj")
@@ -116,7 +118,7 @@ class ModelSpec:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rope_theta=float(theta),
-            rms_norm_eps=float(_get(cfg, "rms_norm_eps", (int, float), where, 1e-6)),
+            rms_norm_eps=_positive(float(_get(cfg, "rms_norm_eps", (int, float), where, 1e-6)), "rms_norm_eps", where),
             tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, where, False),
             bias_modules=bias,
             sliding_window=window,
@@ -202,7 +204,7 @@ class AdapterSpec:
         def pattern(key, kind):
             value = _get(cfg, key, dict, where, {})
             for k, v in value.items():
-                if not isinstance(v, kind) or isinstance(v, bool):
+                if not isinstance(v, kind) or isinstance(v, bool) or not math.isfinite(v):
                     raise AdafuseError(f"{where}: {key}['{k}'] must be a number, found {v!r}")
             return dict(value)
 
@@ -242,6 +244,8 @@ class AdapterSpec:
             bad(f"top_k must be positive, found {self.top_k}")
         if self.r <= 0:
             bad(f"r must be positive, found {self.r}")
+        if not self.lora_alpha > 0:
+            bad(f"lora_alpha must be positive, found {self.lora_alpha}")
         for key, value in self.rank_pattern.items():
             if value <= 0:
                 bad(f"rank_pattern['{key}'] must be positive, found {value}")

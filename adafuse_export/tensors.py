@@ -8,9 +8,12 @@ a one-line AdafuseError naming the file and tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -101,10 +104,7 @@ def _reject_duplicates(path: Path):
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
     """Parse and validate a safetensors header: (tensors, metadata, data start offset)."""
     path = Path(path)
-    if not path.exists():
-        raise AdafuseError(f"{path}: file not found")
-    if path.is_dir():
-        raise AdafuseError(f"{path}: expected a safetensors file, found a directory")
+    check_readable_file(path, "safetensors file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -242,6 +242,7 @@ def load_sharded_dir(directory: Path, stem: str) -> SafetensorsSource:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise AdafuseError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
         shards = sorted(set(weight_map.values()))
+        _check_shard_numbering(index, shards)
         for shard in shards:
             if not (directory / shard).is_file():
                 raise AdafuseError(f"{index}: shard '{shard}' named in the index is missing from {directory}")
@@ -251,12 +252,43 @@ def load_sharded_dir(directory: Path, stem: str) -> SafetensorsSource:
     raise AdafuseError(f"{directory}: no {single.name} or {index.name} found")
 
 
-def read_json(path: Path) -> object:
-    path = Path(path)
+SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+
+
+def _check_shard_numbering(index: Path, shards: list[str]) -> None:
+    """Hugging Face shard names (`-00001-of-00003`) must number 1..N with none missing."""
+    numbered = [SHARD_NAME.search(s) for s in shards]
+    if not shards or not all(numbered):
+        return
+    totals = {int(m.group(2)) for m in numbered}
+    present = sorted(int(m.group(1)) for m in numbered)
+    if len(totals) != 1 or present != list(range(1, totals.pop() + 1)):
+        raise AdafuseError(f"{index}: shard index is not contiguous: it names shards {', '.join(shards)}, "
+                           f"expected -00001-of-N .. -N-of-N with none missing")
+
+
+def check_readable_file(path: Path, what: str = "file") -> None:
+    """Not found, a symlink loop, or a directory: each gets its own one-line message."""
+    if path.is_symlink() and not path.exists():
+        raise AdafuseError(f"{path}: broken or looping symbolic link, expected a {what}")
     if not path.exists():
         raise AdafuseError(f"{path}: file not found")
     if path.is_dir():
-        raise AdafuseError(f"{path}: expected a JSON file, found a directory")
+        raise AdafuseError(f"{path}: expected a {what}, found a directory")
+
+
+def check_directory(path: Path, what: str) -> None:
+    if path.is_symlink() and not path.exists():
+        raise AdafuseError(f"{path}: broken or looping symbolic link, expected a {what}")
+    if not path.exists():
+        raise AdafuseError(f"{path}: {what} not found")
+    if not path.is_dir():
+        raise AdafuseError(f"{path}: expected a {what}, found a file")
+
+
+def read_json(path: Path) -> object:
+    path = Path(path)
+    check_readable_file(path, "JSON file")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -291,6 +323,40 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path, force: bool = False):
+    """Build a directory under a temporary sibling name, then rename it into place.
+
+    An existing non-empty `path` is replaced only with `force` (and only once the new one is
+    complete); a failure or Ctrl-C leaves the previous directory intact and no temporary behind.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not path.is_dir():
+        raise AdafuseError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise AdafuseError(f"{path}: directory is not empty; pass --force to overwrite")
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise AdafuseError(f"{path}: output directory {parent} {state}")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise AdafuseError(f"{path}: cannot write in {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / "d")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
+from ..tensors import check_directory
 
 
 class Converter:
@@ -45,10 +46,7 @@ def converters() -> dict[str, Converter]:
 
 def detect_format(path: Path) -> str:
     path = Path(path)
-    if not path.exists():
-        raise AdafuseError(f"{path}: checkpoint directory not found")
-    if not path.is_dir():
-        raise AdafuseError(f"{path}: expected a checkpoint directory, found a file")
+    check_directory(path, "checkpoint directory")
     for name, conv in converters().items():
         if conv.detect(path):
             return name
@@ -61,8 +59,7 @@ def load_checkpoint(path: Path | str, format: str | None = None, base: Path | st
     name = format or detect_format(path)
     if name not in converters():
         raise AdafuseError(f"--format '{name}' is unknown (registered formats: {', '.join(converters())})")
-    if not path.is_dir():
-        raise AdafuseError(f"{path}: checkpoint directory not found" if not path.exists() else f"{path}: expected a checkpoint directory, found a file")
+    check_directory(path, "checkpoint directory")
     ckpt = converters()[name].load(path, Path(base) if base else None)
     if validate:
         ckpt.validate()
@@ -72,8 +69,10 @@ def load_checkpoint(path: Path | str, format: str | None = None, base: Path | st
 def resolve_base(adapter_dir: Path, declared: object, base: Path | None) -> Path:
     """The base model directory of a PEFT-style adapter: --base, else base_model_name_or_path if local."""
     if base is not None:
-        if not base.is_dir():
-            raise AdafuseError(f"--base {base}: base model directory not found")
+        try:
+            check_directory(base, "base model directory")
+        except AdafuseError as e:
+            raise AdafuseError(f"--base {e}") from None
         return base
     if isinstance(declared, str) and declared:
         candidate = Path(declared)

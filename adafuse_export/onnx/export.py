@@ -31,7 +31,7 @@ def save_model(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DAT
     if initializer_bytes(model) > threshold:
         location = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=0, convert_attribute=False)
+                        location=location, size_threshold=1024, convert_attribute=False)  # small constants stay inline
         return location
     onnx.save_model(model, str(path))
     return None
@@ -136,11 +136,21 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
 
 
 def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
-    from ..reference import ReferenceModel
-    from .graph import torch_dtype
+    """The exact pre-gate as a table (reference.routing_table, what ReferenceModel.routing_table returns),
+    computed from the four tensors it needs rather than a whole reference model."""
     from safetensors.torch import save_file
 
-    ids, gates = ReferenceModel(ckpt, dtype=torch_dtype(dtype)).routing_table()
+    from ..reference.model import routing_table
+    from .graph import torch_dtype
+
+    a, td = ckpt.adapter, torch_dtype(dtype)
+
+    def get(src, name):
+        return src.get(name).to(td)
+
+    bias = get(ckpt.adapters, "pregate.bias") if "pregate.bias" in ckpt.adapters else None
+    ids, gates = routing_table(get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, "model.layers.0.input_layernorm.weight"),
+                               ckpt.model.rms_norm_eps, get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
     save_file({"expert_ids": ids.contiguous(), "gates": gates.float().contiguous()}, str(path),
               metadata={"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype})
     return {"file": ROUTES, "expert_ids": [list(ids.shape), "int32"], "gates": [list(gates.shape), "float32"]}

@@ -47,8 +47,11 @@ def make_node(inputs: list[str], output: str, name: str, *, in_features: int, ou
     expected = len(INPUTS) if has_bias else len(INPUTS) - 1
     if len(inputs) != expected:
         raise ValueError(f"{OP_TYPE} node '{name}': {len(inputs)} inputs, expected {expected}")
-    attrs = {k: (float(fields[k]) if kind == "float" else int(fields[k])) for k, kind in FIELDS}
-    return helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN, **attrs)
+    node = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN)
+    # in the plugin's field order (helper.make_node would sort them by name)
+    node.attribute.extend(helper.make_attribute(k, float(fields[k]) if kind == "float" else int(fields[k]))
+                          for k, kind in FIELDS)
+    return node
 
 
 def node_fields(node) -> dict:

@@ -1,0 +1,280 @@
+"""ctypes binding of libadafuse_kernels.so over torch CUDA tensors.
+
+All calls enqueue on torch's current CUDA stream (``torch.cuda.current_stream()``)
+unless a stream is given, so they compose with torch ops and CUDA graph capture.
+A nonzero status from the library raises :class:`AdafuseKernelError`; argument
+problems found in Python raise it too (before anything reaches the GPU).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+ADAFUSE_OK = 0
+ADAFUSE_ERR_INVALID_ARGUMENT = 1
+ADAFUSE_ERR_WORKSPACE = 2
+ADAFUSE_ERR_CUDA = 3
+ABI_VERSION = 1
+
+DTYPE_FLOAT32 = 0
+DTYPE_FLOAT16 = 1
+DTYPE_BFLOAT16 = 2
+_DTYPE_NAMES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
+
+
+class AdafuseKernelError(RuntimeError):
+    """A kernel call was refused (bad argument) or failed (CUDA error)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class SwitchSite(ctypes.Structure):
+    """Mirror of adafuse_switch_site (48 bytes on 64-bit)."""
+
+    _fields_ = [
+        ("W", ctypes.c_void_p),
+        ("W_base", ctypes.c_void_p),
+        ("A", ctypes.c_void_p),
+        ("B", ctypes.c_void_p),
+        ("out_features", ctypes.c_int32),
+        ("in_features", ctypes.c_int32),
+        ("rank", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+SWITCH_SITE_DTYPE_SIZE = ctypes.sizeof(SwitchSite)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise AdafuseKernelError("torch is required for the kernel binding: pip install torch") from exc
+    return torch
+
+
+def dtype_code(dtype: Any) -> int:
+    """Map a torch dtype (or 'float32' / 'float16' / 'bfloat16') to adafuse_dtype."""
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    name = {"float": "float32", "half": "float16", "fp32": "float32", "fp16": "float16",
+            "bf16": "bfloat16"}.get(name, name)
+    if name not in _DTYPE_NAMES:
+        raise AdafuseKernelError(
+            f"unsupported dtype {dtype}: the kernels take float32, float16 or bfloat16",
+            ADAFUSE_ERR_INVALID_ARGUMENT)
+    return _DTYPE_NAMES[name]
+
+
+def _check_tensor(name: str, t: Any, *, dtype=None, shape: Optional[Sequence[int]] = None,
+                  device=None) -> None:
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise AdafuseKernelError(f"{name} must be a torch.Tensor, got {type(t).__name__}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if not t.is_cuda:
+        raise AdafuseKernelError(f"{name} must be a CUDA tensor (got device {t.device})",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if device is not None and t.device != device:
+        raise AdafuseKernelError(f"{name} is on {t.device}, expected {device}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if dtype is not None and t.dtype != dtype:
+        raise AdafuseKernelError(f"{name} must have dtype {dtype}, got {t.dtype}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise AdafuseKernelError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if not t.is_contiguous():
+        raise AdafuseKernelError(f"{name} must be contiguous", ADAFUSE_ERR_INVALID_ARGUMENT)
+
+
+class Kernels:
+    """The loaded library. ``Kernels(path)`` or :func:`load_kernels` (builds if needed)."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        try:
+            self.lib = ctypes.CDLL(str(self.path))
+        except OSError as exc:
+            raise AdafuseKernelError(f"cannot load {self.path}: {exc}") from exc
+        L = self.lib
+        L.adafuse_status_string.restype = ctypes.c_char_p
+        L.adafuse_status_string.argtypes = [ctypes.c_int]
+        L.adafuse_abi_version.restype = ctypes.c_int
+        L.adafuse_abi_version.argtypes = []
+        L.adafuse_lora_linear_workspace_size.restype = ctypes.c_size_t
+        L.adafuse_lora_linear_workspace_size.argtypes = [ctypes.c_int] * 6
+        vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        L.adafuse_lora_linear.restype = ctypes.c_int
+        L.adafuse_lora_linear.argtypes = [i, i, i, i, vp, vp, vp, vp, vp, i, i, vp, vp, i, f, vp,
+                                          vp, ctypes.c_size_t, vp]
+        L.adafuse_switch.restype = ctypes.c_int
+        L.adafuse_switch.argtypes = [i, vp, i, i, i, vp, vp, vp, vp, i, i, vp]
+        v = L.adafuse_abi_version()
+        if v != ABI_VERSION:
+            raise AdafuseKernelError(f"{self.path} has ABI version {v}, binding expects {ABI_VERSION}")
+
+    # ---- raw helpers -------------------------------------------------------
+    def status_string(self, status: int) -> str:
+        return self.lib.adafuse_status_string(int(status)).decode()
+
+    def _raise_if(self, status: int, what: str) -> None:
+        if status != ADAFUSE_OK:
+            raise AdafuseKernelError(f"{what} failed: {self.status_string(status)} (status {status})",
+                                     status)
+
+    @staticmethod
+    def _stream_handle(stream) -> int:
+        if stream is None:
+            return _torch().cuda.current_stream().cuda_stream
+        if isinstance(stream, int):
+            return stream
+        return stream.cuda_stream
+
+    # ---- routed fused linear ----------------------------------------------
+    def lora_linear_workspace_size(self, rows: int, in_features: int, out_features: int,
+                                   num_experts: int, rank: int, top_k: int) -> int:
+        n = self.lib.adafuse_lora_linear_workspace_size(rows, in_features, out_features,
+                                                        num_experts, rank, top_k)
+        if n == 0:
+            raise AdafuseKernelError(
+                f"invalid sizes rows={rows} in={in_features} out={out_features} "
+                f"experts={num_experts} rank={rank} top_k={top_k}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        return n
+
+    def lora_linear(self, x, W, A, B, expert_ids, gates, scale: float, *, bias=None, out=None,
+                    workspace=None, stream=None):
+        """y = x W^T (+ bias) + scale * sum_j gates[:, j] * (x A[e]^T) B[e]^T, e = expert_ids[:, j].
+
+        x [rows, in], W [out, in], A [E, rank, in], B [E, out, rank], expert_ids
+        [rows, top_k] int32, gates [rows, top_k] float32; returns y [rows, out].
+        """
+        torch = _torch()
+        _check_tensor("x", x)
+        if x.dim() != 2:
+            raise AdafuseKernelError(f"x must be 2-D [rows, in], got shape {tuple(x.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        dt = dtype_code(x.dtype)
+        rows, in_f = x.shape
+        _check_tensor("W", W, dtype=x.dtype, device=x.device)
+        if W.dim() != 2 or W.shape[1] != in_f:
+            raise AdafuseKernelError(f"W must be [out, {in_f}], got {tuple(W.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        out_f = W.shape[0]
+        _check_tensor("A", A, dtype=x.dtype, device=x.device)
+        if A.dim() != 3 or A.shape[2] != in_f:
+            raise AdafuseKernelError(f"A must be [E, rank, {in_f}], got {tuple(A.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        E, rank = A.shape[0], A.shape[1]
+        _check_tensor("B", B, dtype=x.dtype, device=x.device, shape=(E, out_f, rank))
+        if expert_ids.dim() != 2 or expert_ids.shape[0] != rows:
+            raise AdafuseKernelError(
+                f"expert_ids must be [{rows}, top_k], got {tuple(expert_ids.shape)}",
+                ADAFUSE_ERR_INVALID_ARGUMENT)
+        top_k = expert_ids.shape[1]
+        _check_tensor("expert_ids", expert_ids, dtype=torch.int32, device=x.device)
+        _check_tensor("gates", gates, dtype=torch.float32, device=x.device, shape=(rows, top_k))
+        if bias is not None:
+            _check_tensor("bias", bias, dtype=x.dtype, device=x.device, shape=(out_f,))
+        if out is None:
+            out = torch.empty((rows, out_f), dtype=x.dtype, device=x.device)
+        else:
+            _check_tensor("out", out, dtype=x.dtype, device=x.device, shape=(rows, out_f))
+        need = self.lora_linear_workspace_size(rows, in_f, out_f, E, rank, top_k)
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+        else:
+            _check_tensor("workspace", workspace, device=x.device)
+            if workspace.numel() * workspace.element_size() < need:
+                raise AdafuseKernelError(
+                    f"workspace has {workspace.numel() * workspace.element_size()} bytes, "
+                    f"needs {need}", ADAFUSE_ERR_WORKSPACE)
+        st = self.lib.adafuse_lora_linear(
+            dt, rows, in_f, out_f, x.data_ptr(), W.data_ptr(),
+            bias.data_ptr() if bias is not None else None, A.data_ptr(), B.data_ptr(), E, rank,
+            expert_ids.data_ptr(), gates.data_ptr(), top_k, float(scale), out.data_ptr(),
+            workspace.data_ptr(), workspace.numel() * workspace.element_size(),
+            self._stream_handle(stream))
+        self._raise_if(st, "adafuse_lora_linear")
+        return out
+
+    # ---- fused switch ------------------------------------------------------
+    @staticmethod
+    def pack_sites(sites: Sequence[Dict[str, Any]]) -> bytes:
+        """Pack site dicts {W, W_base (or None), A, B, scale} of torch tensors into the
+        adafuse_switch_site array (host bytes); copy it to the device before the call."""
+        arr = (SwitchSite * len(sites))()
+        for k, s in enumerate(sites):
+            W, A, B = s["W"], s["A"], s["B"]
+            base = s.get("W_base")
+            for nm, t in (("W", W), ("A", A), ("B", B)):
+                _check_tensor(f"sites[{k}].{nm}", t, dtype=W.dtype, device=W.device)
+            if base is not None:
+                _check_tensor(f"sites[{k}].W_base", base, dtype=W.dtype, device=W.device,
+                              shape=tuple(W.shape))
+            if W.dim() != 2 or A.dim() != 3 or B.dim() != 3 or A.shape[2] != W.shape[1] \
+                    or B.shape[1] != W.shape[0] or B.shape[2] != A.shape[1] \
+                    or B.shape[0] != A.shape[0]:
+                raise AdafuseKernelError(
+                    f"sites[{k}]: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} "
+                    "do not fit W [out, in], A [E, r, in], B [E, out, r]",
+                    ADAFUSE_ERR_INVALID_ARGUMENT)
+            arr[k] = SwitchSite(W.data_ptr(), base.data_ptr() if base is not None else None,
+                                A.data_ptr(), B.data_ptr(), W.shape[0], W.shape[1], A.shape[1],
+                                A.shape[0], float(s.get("scale", 1.0)), 0)
+        return bytes(arr)
+
+    def sites_to_device(self, sites: Sequence[Dict[str, Any]], device=None):
+        torch = _torch()
+        raw = self.pack_sites(sites)
+        dev = device if device is not None else sites[0]["W"].device
+        host = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return host.to(dev)
+
+    def switch(self, dtype, sites_dev, num_sites: int, max_out: int, max_in: int, new_ids,
+               new_gates, old_ids, old_gates, *, update_old: bool = True, stream=None) -> None:
+        """One launch updating every site (see adafuse_switch in the header)."""
+        torch = _torch()
+        dt = dtype_code(dtype)
+        _check_tensor("sites", sites_dev, dtype=torch.uint8)
+        if sites_dev.numel() < num_sites * SWITCH_SITE_DTYPE_SIZE:
+            raise AdafuseKernelError(
+                f"sites holds {sites_dev.numel()} bytes, {num_sites} sites need "
+                f"{num_sites * SWITCH_SITE_DTYPE_SIZE}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        top_k = new_ids.numel()
+        for nm, t, d in (("new_ids", new_ids, torch.int32), ("old_ids", old_ids, torch.int32),
+                         ("new_gates", new_gates, torch.float32),
+                         ("old_gates", old_gates, torch.float32)):
+            _check_tensor(nm, t, dtype=d, device=sites_dev.device)
+            if t.numel() != top_k:
+                raise AdafuseKernelError(f"{nm} has {t.numel()} entries, expected top_k={top_k}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+        st = self.lib.adafuse_switch(dt, sites_dev.data_ptr(), int(num_sites), int(max_out),
+                                     int(max_in), new_ids.data_ptr(), new_gates.data_ptr(),
+                                     old_ids.data_ptr(), old_gates.data_ptr(), int(top_k),
+                                     1 if update_old else 0, self._stream_handle(stream))
+        self._raise_if(st, "adafuse_switch")
+
+
+_LOADED: Dict[str, Kernels] = {}
+
+
+def load_kernels(path: Optional[Union[str, Path]] = None, archs: Optional[Sequence[str]] = None,
+                 **build_kwargs) -> Kernels:
+    """Load the library from `path`, $ADAFUSE_KERNELS_LIB, or build it (cached)."""
+    if path is None:
+        path = os.environ.get("ADAFUSE_KERNELS_LIB")
+    if path is None:
+        from .build import build_library
+
+        path = build_library(archs, **build_kwargs)
+    key = str(Path(path).resolve())
+    if key not in _LOADED:
+        _LOADED[key] = Kernels(key)
+    return _LOADED[key]
