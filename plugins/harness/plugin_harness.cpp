@@ -1202,6 +1202,110 @@ double runOnce(IPluginV3* plugin, Problem const& p, DeviceBuffer const& Wdev, De
     return maxErr / maxRef;
 }
 
+//! Captures one single-row enqueue in a CUDA graph, then replays it with new x /
+//! routes written into the captured buffers (as a decode loop with CUDA graphs does).
+void graphCheck(std::string const& name, Cfg const& c, DataType t, std::mt19937& rng, cudaStream_t stream)
+{
+    std::string const label = cat(name, " ", typeName(t), " [", c.str(), "] CUDA graph replay");
+    Problem p = makeProblem(c, t, rng);
+    DeviceBuffer Wdev(p.Wd), Adev(p.Ad), Bdev(p.Bd), biasDev(p.biasd);
+    Fields f(c);
+    PluginPtr built = create(name, f.fc(), TensorRTPhase::kRUNTIME);
+    if (!built)
+    {
+        expect(false, cat(label, ": createPlugin: ", gLogger.lastError()));
+        return;
+    }
+    HarnessResourceContext ctx;
+    PluginPtr plugin(runtime(built.get())->attachToContext(&ctx));
+    IPluginV3OneRuntime* r = runtime(plugin.get());
+    size_t const es = t == DataType::kFLOAT ? 4 : 2;
+    DeviceBuffer xDev(size_t(c.in) * es), idsDev(size_t(c.topK) * 4), gatesDev(size_t(c.topK) * 4),
+        yDev(size_t(c.out) * es);
+    Shapes s = shapesFor(c, {1});
+    std::vector<DataType> types = typesFor(c, t);
+    std::vector<PluginTensorDesc> in;
+    std::vector<DynamicPluginTensorDesc> din;
+    for (size_t i = 0; i < types.size(); ++i)
+    {
+        in.push_back(desc(s.in[i], types[i]));
+        din.push_back(dynDesc(s.in[i], s.in[i], s.in[i], types[i]));
+    }
+    PluginTensorDesc out = desc(s.out, t);
+    DynamicPluginTensorDesc dout = dynDesc(s.out, s.out, s.out, t);
+    DeviceBuffer workspace(build(built.get())->getWorkspaceSize(din.data(), c.nbInputs(), &dout, 1));
+    std::vector<void const*> inPtrs = {xDev.ptr, Wdev.ptr, Adev.ptr, Bdev.ptr, idsDev.ptr, gatesDev.ptr};
+    if (c.hasBias)
+        inPtrs.push_back(biasDev.ptr);
+    void* outPtrs[1] = {yDev.ptr};
+
+    std::uniform_real_distribution<float> u(-1.F, 1.F);
+    auto upload = [&](Route const& route, std::vector<float>& x) {
+        x.assign(size_t(c.in), 0.F);
+        for (auto& e : x)
+            e = u(rng);
+        std::vector<uint8_t> xd = toDevice(x, t);
+        cudaOk(cudaMemcpy(xDev.ptr, xd.data(), xd.size(), cudaMemcpyHostToDevice), "upload x");
+        cudaOk(cudaMemcpy(idsDev.ptr, route.ids.data(), route.ids.size() * 4, cudaMemcpyHostToDevice), "upload ids");
+        cudaOk(cudaMemcpy(gatesDev.ptr, route.gates.data(), route.gates.size() * 4, cudaMemcpyHostToDevice),
+            "upload gates");
+    };
+    auto check = [&](std::vector<float> const& x, Route const& route, std::string const& what) {
+        std::vector<double> y = fromDevice(yDev.read(), t);
+        std::vector<double> ref = reference(p, x, route, 1);
+        double maxRef = 1e-12, maxErr = 0;
+        for (size_t i = 0; i < y.size(); ++i)
+        {
+            maxRef = std::max(maxRef, std::fabs(ref[i]));
+            maxErr = std::isfinite(y[i]) ? std::max(maxErr, std::fabs(y[i] - ref[i]))
+                                         : std::numeric_limits<double>::infinity();
+        }
+        double const err = maxErr / maxRef;
+        expect(err <= tolerance(t), cat(label, " ", what, " max rel err ", err, " (tol ", tolerance(t), ")"));
+    };
+
+    // Warm-up outside the capture (allocations, site record, route reset), as TensorRT users do.
+    Route r0 = makeRoute(c, 1, rng);
+    std::vector<float> x;
+    upload(r0, x);
+    if (r->onShapeChange(in.data(), c.nbInputs(), &out, 1) != 0
+        || r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream) != 0)
+    {
+        expect(false, cat(label, ": warm-up: ", gLogger.lastError()));
+        return;
+    }
+    cudaOk(cudaStreamSynchronize(stream), "warm-up sync");
+    check(x, r0, "warm-up");
+
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (!cudaOk(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"))
+        return;
+    int32_t const rc = r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream);
+    bool const captured = cudaOk(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+    expect(rc == 0 && captured, cat(label, ": enqueue is capturable ", rc == 0 ? "" : gLogger.lastError()));
+    if (rc != 0 || !captured || !cudaOk(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate"))
+    {
+        if (graph)
+            cudaGraphDestroy(graph);
+        return;
+    }
+    Route r1 = makeRoute(c, 1, rng);
+    Route r2 = makeRoute(c, 1, rng);
+    std::vector<std::pair<std::string, Route>> seq = {
+        {"replay r1", r1}, {"replay r1 again", r1}, {"replay r2", r2}, {"replay r0", r0}};
+    for (auto const& st : seq)
+    {
+        upload(st.second, x);
+        cudaOk(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
+        cudaOk(cudaStreamSynchronize(stream), "graph sync");
+        check(x, st.second, st.first);
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    expect(Wdev.read() == p.Wd, cat(label, " left W unchanged"));
+}
+
 void gpuChecks()
 {
     int count = 0;
@@ -1278,6 +1382,9 @@ void gpuChecks()
             }
         }
     }
+    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+        for (auto const& name : kPluginNames)
+            graphCheck(name, cfgs[0], t, rng, stream);
     std::printf("[gpu] max rel error (max|y-ref|/max|ref|, float64 reference):\n");
     for (auto const& kv : worst)
     {
