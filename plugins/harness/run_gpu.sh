@@ -36,7 +36,7 @@ elif [[ -n "${ADAFUSE_TRT_HEADERS_DIR:-}" ]]; then
 elif [[ -f "$kl_include/NvInfer.h" ]]; then
   args+=("-DADAFUSE_TRT_HEADERS_DIR=$kl_include")
 fi
-nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null || true
 cmake -S "$plugins" -B "$build" "${args[@]}"
 cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
 exec "$build/adafuse_plugin_harness" --gpu --lib "$build/libadafuse_trt_plugins.so" "$@"
