@@ -142,3 +142,11 @@ def test_help_lists_commands(cli):
     assert r.code == 0 and "export-onnx" in r.out and "validate" in r.out
     r = cli("validate", "--help")
     assert r.code == 0 and "--atol" in r.out and "--json" in r.out
+
+
+def test_missing_onnxruntime_hint(cli, example_dirs, exported, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    line = one_line_error(cli("validate", example_dirs["pregate"], exported["pregate", "portable"]))
+    assert "needs the Python package 'onnxruntime'" in line and "pip install 'adafuse-export[onnx]'" in line

@@ -11,14 +11,12 @@ import onnx
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from . import plugin_ops
+from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, OPSET
 
 # Protobuf cannot hold more than 2 GiB; above this many initializer bytes, weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
-MANIFEST = "manifest.json"
-DECODER, PREGATE, ROUTES = "decoder.onnx", "pregate.onnx", "routes.safetensors"
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

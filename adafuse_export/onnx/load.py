@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdafuseError
-from . import plugin_ops
-from .export import DECODER, PREGATE, ROUTES
+from . import DECODER, PREGATE, ROUTES, plugin_ops
 
 
 @dataclass

@@ -15,8 +15,9 @@ __all__ = ["Runner", "StepResult", "open_runner"]
 def open_runner(model: Path | str, **options) -> Runner:
     model = Path(model)
     if model.suffix == ".engine":
-        raise AdafuseError(f"{model}: TensorRT runner not available yet (it needs the 'tensorrt' Python package and the "
-                           f"adafuse plugin library); validate the ONNX export instead")
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(model)
     from .onnxruntime import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(model, **options)

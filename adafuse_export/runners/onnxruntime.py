@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdafuseError, missing_dependency
-from ..onnx.load import load_header, metadata, resolve, uses_plugin
 from .base import Runner, StepResult
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -37,6 +36,8 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, model: Path | str, providers: list[str] | None = None, threads: int | None = None):
         ort = import_onnxruntime()
+        from ..onnx.load import load_header, metadata, resolve, uses_plugin
+
         self.files = resolve(Path(model))
         header = load_header(self.files.decoder)
         if uses_plugin(header):
@@ -54,6 +55,7 @@ class OnnxRuntimeRunner(Runner):
         self.provider = self.session.get_providers()[0]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._load_header = load_header
         for needed in ("input_ids", "position_ids", "past_key_values.0.key"):
             if needed not in self.inputs:
                 raise AdafuseError(f"{self.files.decoder}: decoder input '{needed}' not found (found {', '.join(self.inputs)})")
@@ -71,7 +73,7 @@ class OnnxRuntimeRunner(Runner):
         self.pregate = self.table = None
         if self.needs_routes:
             if self.files.pregate is not None:
-                load_header(self.files.pregate)
+                self._load_header(self.files.pregate)
                 self.pregate = self._session(ort, self.files.pregate, options)
             elif self.files.routes is not None:
                 from safetensors.numpy import load_file
