@@ -197,4 +197,7 @@ def main(argv=None) -> int:
 
 def entry_point() -> None:
     sys.exit(main())
-from . import cli_export  # noqa: E402,F401  (registers export-onnx and validate)
+
+
+# Commands defined in their own modules register themselves on `cli`.
+from . import cli_convert, cli_export  # noqa: E402,F401

@@ -79,11 +79,9 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
-    if Path(model).suffix == ".engine":
-        raise AdafuseError(f"{model}: TensorRT runner not available yet (it needs the 'tensorrt' Python package and the "
-                           f"adafuse plugin library); validate the ONNX export instead")
     _import_torch()
-    _import_onnx()
+    if Path(model).suffix != ".engine":  # engines are run by TensorRT (runners/tensorrt.py)
+        _import_onnx()
     from .converters import load_checkpoint
     from .validate import format_report, validate as run_validate
 

@@ -118,6 +118,9 @@ BROKEN = [
 COMMANDS = {
     "inspect": lambda ckpt, out: ["inspect", ckpt],
     "run": lambda ckpt, out: ["run", ckpt, "--prompt-ids", "1,2", "--save-logits", out / "logits.safetensors"],
+    "convert": lambda ckpt, out: ["convert", ckpt, out / "model.engine", "--max-seq", "16"],
+    "export-onnx": lambda ckpt, out: ["export-onnx", ckpt, out / "onnx"],
+    "validate": lambda ckpt, out: ["validate", ckpt, out / "missing.onnx"],
 }
 
 
@@ -142,6 +145,12 @@ def test_broken_checkpoint(cli, example_dirs, tmp_path, command, breaker):
     assert culprit in lines[0] and fragment in lines[0], lines[0]
     assert "Traceback" not in r.err
     assert snapshot(tmp_path) == before  # nothing written, nothing left behind
+
+
+def test_convert_output_in_missing_directory(cli, example_dirs, tmp_path):
+    r = cli("convert", example_dirs["pregate"], tmp_path / "no" / "such" / "m.engine")
+    assert r.code == 2 and "output directory" in r.err and "does not exist" in r.err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("target,fragment", [

@@ -1,0 +1,41 @@
+"""The `convert` command (registered on the main group)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli import base_option, ckpt_argument, cli, format_option
+
+
+@cli.command()
+@ckpt_argument
+@click.argument("engine", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="tensorrt: plugin flavour with fused kernels (needs --plugin-lib); tensorrt-rtx: portable graph, "
+                   "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
+@click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Longest context (prompt + generated).")
+@click.option("--plugin-lib", type=click.Path(path_type=Path), default=None,
+              help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse/extend a TensorRT timing cache file.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime check of the export against the reference.")
+@click.option("--force", is_flag=True, help="Overwrite existing ENGINE, its .json manifest and .onnx directory.")
+def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, timing_cache, no_validate, force):
+    """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine).
+
+    \b
+    Stages: read + validate the checkpoint; export ONNX (with the pre-gate and its routing
+    table); check the ONNX against the PyTorch reference with ONNX Runtime; build the engine.
+    Writes ENGINE, ENGINE's .json manifest (tensors, profiles, routing, SHA-256 hashes) and the
+    .onnx directory it was built from, all atomically. Without any TensorRT it still leaves the
+    validated ONNX and says what to install.
+    """
+    from .convert import convert as run_convert
+
+    run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                force=force, validate_onnx=not no_validate, plugin_library=plugin_lib, timing_cache=timing_cache,
+                log=click.echo)

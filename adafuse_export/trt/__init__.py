@@ -1,0 +1,1 @@
+"""TensorRT engine building (full TensorRT + plugin library, or TensorRT-RTX for portable graphs)."""

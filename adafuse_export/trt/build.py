@@ -1,0 +1,86 @@
+"""Build a serialized engine from an exported ONNX decoder.
+
+Two optimisation profiles: 0 = prefill (past length 0, 1..max_seq new tokens), 1 = decode (one
+new token, past 1..max_seq-1). A service selects the profile per step; the manifest lists them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import AdafuseError
+from .backends import Backend
+
+PREFILL, DECODE = 0, 1
+
+
+def profile_shapes(name: str, shape: tuple[int, ...], max_batch: int, max_seq: int) -> dict[str, list[list[int]]]:
+    """min/opt/max of one input for both profiles. Dynamic axes: batch (0), seq or past length (2 for KV)."""
+    def dims(batch: int, seq: int, past: int) -> list[int]:
+        out = []
+        for axis, d in enumerate(shape):
+            if d != -1:
+                out.append(d)
+            elif axis == 0:
+                out.append(batch)
+            elif name.startswith("past_key_values"):
+                out.append(past)
+            else:
+                out.append(seq)
+        return out
+    return {
+        "prefill": [dims(1, 1, 0), dims(max_batch, max(1, max_seq // 2), 0), dims(max_batch, max_seq, 0)],
+        "decode": [dims(1, 1, 1), dims(max_batch, 1, max(1, max_seq // 2)), dims(max_batch, 1, max_seq - 1)],
+    }
+
+
+def build_engine(backend: Backend, onnx_path: Path, *, max_batch: int, max_seq: int,
+                 plugin_library: Path | None = None, timing_cache: Path | None = None, log=print) -> tuple[bytes, dict]:
+    """(serialized engine, engine description for the manifest)."""
+    trt = backend.trt
+    if max_batch < 1 or max_seq < 2:
+        raise AdafuseError(f"--max-batch must be >= 1 and --max-seq >= 2, found {max_batch} and {max_seq}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if plugin_library is not None:
+        registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
+        if registry.load_library(str(plugin_library)) is None:
+            raise AdafuseError(f"{plugin_library}: TensorRT could not load the plugin library")
+    flags = 0
+    if backend.name == "tensorrt":
+        # Respect the ONNX graph's dtypes (weights exported in fp16/bf16) instead of TensorRT's choice.
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise AdafuseError(f"{onnx_path}: {backend.name} could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    profiles = {"prefill": {}, "decode": {}}
+    built = [builder.create_optimization_profile(), builder.create_optimization_profile()]
+    for t in inputs:
+        shapes = profile_shapes(t.name, tuple(t.shape), max_batch, max_seq)
+        for index, kind in ((PREFILL, "prefill"), (DECODE, "decode")):
+            built[index].set_shape(t.name, *shapes[kind])
+            profiles[kind][t.name] = shapes[kind]
+    for p in built:
+        config.add_optimization_profile(p)
+    cache = None
+    if timing_cache is not None and hasattr(config, "create_timing_cache"):
+        data = timing_cache.read_bytes() if timing_cache.exists() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    log(f"building {backend.name} {backend.version} engine ({len(inputs)} inputs, 2 profiles) ...")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (see the TensorRT log above)")
+    if cache is not None:
+        timing_cache.write_bytes(bytes(cache.serialize()))
+    io = {
+        "inputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)} for t in inputs],
+        "outputs": [{"name": network.get_output(i).name, "dtype": str(network.get_output(i).dtype).split(".")[-1].lower(),
+                     "shape": list(network.get_output(i).shape)} for i in range(network.num_outputs)],
+        "profiles": [{"index": PREFILL, "name": "prefill", "shapes": profiles["prefill"]},
+                     {"index": DECODE, "name": "decode", "shapes": profiles["decode"]}],
+    }
+    return bytes(serialized), io

@@ -1,0 +1,93 @@
+"""The engine sidecar manifest (`out.engine` -> `out.json`): everything a C++ service needs.
+
+It records the engine's tensors, shapes, dtypes and optimisation profiles, the routing
+contract, the plugin library name/version, and SHA-256 hashes of the engine, the ONNX files
+and the routing table, plus the source checkpoint's tensor-index hash. Loaders refuse an
+engine whose hash or plugin version does not match (verify_engine).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..errors import AdafuseError
+from ..onnx import plugin_ops
+from ..tensors import read_json
+
+MANIFEST_FORMAT = "adafuse-engine"
+MANIFEST_VERSION = 1
+PLUGIN_LIBRARY = "libadafuse_trt_plugins.so"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_path(engine: Path) -> Path:
+    return engine.with_suffix(".json")
+
+
+def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_dir_name: str, onnx_manifest: dict,
+                  backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint) -> dict:
+    files = {f"{onnx_dir_name}/{p.name}": sha256_file(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()}
+    uses_plugin = onnx_manifest.get("flavour") == "plugin" and onnx_manifest.get("custom_ops")
+    a = checkpoint.adapter
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adafuse_export_version": __version__,
+        "engine": {"file": engine_name, "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
+                   "backend": backend.name, "backend_version": backend.version, "flavour": onnx_manifest["flavour"],
+                   "dtype": dtype, "max_batch": max_batch, "max_seq": max_seq,
+                   "runs_on": ("compute capability 8.0, 8.6, 8.9, 12.x (TensorRT-RTX)" if backend.name == "tensorrt-rtx"
+                               else "the GPU architecture it was built on (TensorRT)")},
+        "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
+        "profiles": io["profiles"],
+        "routing": {"kind": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
+                    "expert_kind": a.expert_kind, "num_experts": a.num_experts, "top_k": a.top_k,
+                    "normalize_topk": a.normalize_topk, "pregate_input": a.pregate_input if a.routing == "pregate" else None,
+                    "routes_file": f"{onnx_dir_name}/routes.safetensors" if (onnx_dir / "routes.safetensors").exists() else None,
+                    "pregate_graph": f"{onnx_dir_name}/pregate.onnx" if (onnx_dir / "pregate.onnx").exists() else None},
+        "plugin": ({"library": PLUGIN_LIBRARY, "name": plugin_ops.OP_TYPE, "version": plugin_ops.PLUGIN_VERSION,
+                    "namespace": "", "fields": [n for n, _ in plugin_ops.FIELDS]} if uses_plugin else None),
+        "files": files,
+        "source": {"path": str(checkpoint.path), "format": checkpoint.format, "index_sha256": checkpoint.index_sha256()},
+    }
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def verify_engine(engine: Path, check_files: bool = True) -> dict:
+    """The engine's manifest, after checking the engine's (and its files') hashes and plugin version."""
+    engine = Path(engine)
+    mpath = manifest_path(engine)
+    manifest = read_json(mpath)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise AdafuseError(f"{mpath}: not an adafuse engine manifest (expected format '{MANIFEST_FORMAT}')")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise AdafuseError(f"{mpath}: manifest version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
+    if not engine.is_file():
+        raise AdafuseError(f"{engine}: engine file not found")
+    want = manifest.get("engine", {}).get("sha256")
+    got = sha256_file(engine)
+    if got != want:
+        raise AdafuseError(f"{engine}: SHA-256 {got[:16]}... does not match the manifest's {str(want)[:16]}... "
+                           "(engine modified or replaced; rebuild it with adafuse-export convert)")
+    plugin = manifest.get("plugin")
+    if plugin and plugin.get("version") != plugin_ops.PLUGIN_VERSION:
+        raise AdafuseError(f"{mpath}: engine needs plugin {plugin.get('name')} version {plugin.get('version')!r}, "
+                           f"this adafuse-export provides version {plugin_ops.PLUGIN_VERSION!r}")
+    if check_files:
+        for rel, digest in manifest.get("files", {}).items():
+            f = engine.parent / rel
+            if not f.is_file():
+                raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
+            if sha256_file(f) != digest:
+                raise AdafuseError(f"{f}: SHA-256 does not match {mpath.name} (file modified after conversion)")
+    return manifest

@@ -1,0 +1,118 @@
+"""`convert`: checkpoint -> ONNX -> TensorRT-RTX engine (built on the CPU) + manifest, atomically."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adafuse_export.errors import AdafuseError
+from adafuse_export.trt import backends
+from adafuse_export.trt.manifest import verify_engine
+
+trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is installed by .ci/run; its builder runs on the CPU")
+
+
+@pytest.mark.parametrize("kind", ["pregate", "pregate-ffn", "mola", "loramoe", "mixlora", "lora"])
+def test_convert_every_example(cli, example_dirs, tmp_path, kind):
+    engine = tmp_path / "out.engine"
+    r = cli("convert", example_dirs[kind], engine, "--dtype", "float32", "--max-batch", "2", "--max-seq", "64")
+    assert r.code == 0, r.err
+    assert "[4/4" in r.out and "wrote" in r.out
+    manifest = verify_engine(engine)
+    assert manifest["engine"]["backend"] == "tensorrt-rtx" and manifest["engine"]["flavour"] == "portable"
+    onnx_manifest = json.loads((tmp_path / "out.onnx" / "manifest.json").read_text())
+    names = [i["name"] for i in manifest["tensors"]["inputs"]]
+    assert names == [i["name"] for i in onnx_manifest["graphs"]["decoder"]["inputs"]]
+    assert [p["name"] for p in manifest["profiles"]] == ["prefill", "decode"]
+    decode = manifest["profiles"][1]["shapes"]
+    assert decode["input_ids"] == [[1, 1], [2, 1], [2, 1]]
+    assert decode["past_key_values.0.key"][2][2] == 63  # max past = max_seq - 1
+    assert manifest["routing"]["kind"] == ("none" if kind == "lora" else "pregate" if "pregate" in kind else "layerwise")
+    if kind == "pregate":
+        assert manifest["routing"]["routes_file"] == "out.onnx/routes.safetensors"
+    assert set(manifest["files"]) >= {"out.onnx/decoder.onnx", "out.onnx/manifest.json"}
+    # the engine deserializes only on a GPU; the manifest is all a service needs to drive it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.engine", "out.json", "out.onnx"]
+
+
+def test_refuses_to_overwrite_then_force(cli, example_dirs, tmp_path):
+    engine = tmp_path / "m.engine"
+    assert cli("convert", example_dirs["lora"], engine, "--max-seq", "32").code == 0
+    first = engine.read_bytes()
+    r = cli("convert", example_dirs["pregate"], engine, "--max-seq", "32")
+    assert r.code == 2 and "already exists" in r.err and "--force" in r.err
+    assert engine.read_bytes() == first
+    assert cli("convert", example_dirs["pregate"], engine, "--max-seq", "32", "--force").code == 0
+    assert verify_engine(engine)["routing"]["kind"] == "pregate"
+
+
+def test_tampered_engine_and_plugin_version_are_refused(cli, example_dirs, tmp_path):
+    engine = tmp_path / "t.engine"
+    assert cli("convert", example_dirs["lora"], engine, "--max-seq", "32").code == 0
+    data = bytearray(engine.read_bytes())
+    data[1000] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(AdafuseError, match="SHA-256 .* does not match the manifest"):
+        verify_engine(engine)
+    r = cli("validate", example_dirs["lora"], engine)
+    assert r.code != 0 and "SHA-256" in r.err
+    data[1000] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    import torch
+
+    if not torch.cuda.is_available():  # the intact engine gets as far as the runtime
+        r = cli("validate", example_dirs["lora"], engine)
+        assert r.code == 2 and "running a TensorRT engine needs an NVIDIA GPU, and none is visible here" in r.err
+    manifest = json.loads(engine.with_suffix(".json").read_text())
+    manifest["plugin"] = {"name": "AdafuseLoraLinear", "version": "99"}
+    engine.with_suffix(".json").write_text(json.dumps(manifest))
+    with pytest.raises(AdafuseError, match="needs plugin AdafuseLoraLinear version '99'"):
+        verify_engine(engine)
+
+
+def test_without_tensorrt_leaves_validated_onnx(cli, example_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "_try_import", lambda name: None)
+    engine = tmp_path / "x.engine"
+    r = cli("convert", example_dirs["pregate"], engine)
+    assert r.code == 2
+    assert "no TensorRT installed, so no engine was built; the validated ONNX export is in" in r.err
+    assert "tensorrt-rtx" in r.err
+    assert not engine.exists() and (tmp_path / "x.onnx" / "decoder.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def test_bad_output_name_and_backend(cli, example_dirs, tmp_path, monkeypatch):
+    r = cli("convert", example_dirs["pregate"], tmp_path / "out.trt")
+    assert r.code == 2 and "must end in .engine" in r.err
+    monkeypatch.setattr(backends, "_try_import", lambda name: None)
+    r = cli("convert", example_dirs["pregate"], tmp_path / "o.engine", "--backend", "tensorrt")
+    assert r.code == 2 and "no TensorRT found for --backend tensorrt" in r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigint_mid_conversion_keeps_previous_outputs(example_dirs, tmp_path):
+    engine = tmp_path / "s.engine"
+    cmd = [sys.executable, "-m", "adafuse_export", "convert", str(example_dirs["pregate"]), str(engine), "--max-seq", "32"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # interrupt once the engine build has started (stage 4 prints first)
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "[4/4" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    assert "[4/4" in line, "conversion ended before the engine build started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.engine", "s.json", "s.onnx"]  # no temporaries
+    verify_engine(engine)
