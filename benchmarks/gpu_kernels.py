@@ -1,0 +1,545 @@
+#!/usr/bin/env python3
+"""Build, check and time the AdaFuse fused adapter kernels on one GPU.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_kernels.py --out $OUT
+
+1. builds libadafuse_kernels.so for this GPU (nvcc, via adafuse_export.kernels.build);
+2. checks adafuse_lora_linear against a float64 reference on fresh random inputs
+   with NaN-poisoned outputs and workspaces, over a sweep of sizes/dtypes;
+3. checks adafuse_switch (pristine and in-place modes, the no-op path, update_old)
+   and measures the drift of 10,000 in-place bf16 switches vs pristine mode;
+4. times (CUDA graphs of a rotation over input sets larger than L2, CUDA
+   events, median of >= 20 replays) the fused linear vs torch dense W x vs torch
+   unmerged LoRA for Llama-2-7B-shaped layers, and the switch over the 224
+   sites of a 7B model vs a measured device-to-device copy.
+Writes <out>/gpu_kernels.json and <out>/gpu_kernels.log.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
+from adafuse_export.kernels.binding import AdafuseKernelError  # noqa: E402
+
+LOG = io.StringIO()
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.write(s + "\n")
+
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+DEV = "cuda"
+
+
+def rel_err(out, ref):
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300)).item()
+
+
+def rand_route(rows, top_k, E, gen, allow_invalid=False):
+    if top_k <= E:
+        ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(rows)])
+    else:
+        ids = torch.randint(0, E, (rows, top_k), generator=gen)
+    if allow_invalid and rows > 0:
+        ids[0, -1] = -1
+    g = torch.rand(rows, top_k, generator=gen) + 0.1
+    g = g / g.sum(1, keepdim=True)
+    return ids.to(torch.int32).to(DEV), g.float().to(DEV)
+
+
+def lora_ref(x, W, bias, A, B, ids, g, scale):
+    xd, Wd = x.double(), W.double()
+    y = xd @ Wd.T
+    if bias is not None:
+        y += bias.double()
+    Ad, Bd = A.double(), B.double()
+    ids_c, g_c = ids.long(), g.double()
+    for j in range(ids.shape[1]):
+        for e in torch.unique(ids_c[:, j]).tolist():
+            if e < 0 or e >= A.shape[0]:
+                continue
+            n = (ids_c[:, j] == e).nonzero().squeeze(1)
+            t = xd[n] @ Ad[e].T
+            y[n] += scale * g_c[n, j, None] * (t @ Bd[e].T)
+    return y
+
+
+# ---------------------------------------------------------------------------
+def check_lora(K, results):
+    gen = torch.Generator().manual_seed(1234)
+    gg = torch.Generator(device=DEV).manual_seed(4321)
+    shapes = [(1, 1), (7, 37), (37, 7), (4095, 4096), (4096, 4095), (4096, 4096), (11008, 4096)]
+    rows_list = [1, 3, 8, 12, 64, 512]
+    ranks = [1, 3, 16, 64, 128]
+    experts = [1, 8, 64]
+    cases = []
+    c = 0
+    for dname in ["fp32", "bf16", "fp16"]:
+        for (inf, outf) in shapes:
+            for rows in rows_list:
+                r = ranks[c % len(ranks)]
+                E = experts[(c // 2) % len(experts)]
+                k = 1 + (c % 4)
+                if inf * outf > 4096 * 4096 and rows == 512 and dname == "fp32":
+                    c += 1
+                    continue
+                cases.append(dict(dtype=dname, in_f=inf, out_f=outf, rows=rows, rank=r, E=E,
+                                  top_k=k, bias=(c % 3 != 0), misalign=(c % 7 == 3),
+                                  invalid=(c % 11 == 5)))
+                c += 1
+    # full coverage of the rank / experts / top_k lists on a mid-size odd shape
+    for dname in ["bf16", "fp32"]:
+        for r in ranks:
+            for E in experts:
+                for k in range(1, 5):
+                    cases.append(dict(dtype=dname, in_f=37 if k % 2 else 4095, out_f=129, rows=[1, 8, 64][k % 3],
+                                      rank=r, E=E, top_k=k, bias=True, misalign=False, invalid=False))
+    n_fail = 0
+    for cs in cases:
+        dt = DT[cs["dtype"]]
+        rows, inf, outf, r, E, k = cs["rows"], cs["in_f"], cs["out_f"], cs["rank"], cs["E"], cs["top_k"]
+        x = torch.randn(rows * inf + (1 if cs["misalign"] else 0), generator=gen)
+        x = x[1:] if cs["misalign"] else x
+        x = x.view(rows, inf).to(DEV, dt)
+        if cs["misalign"]:  # keep a misaligned view: copy into an offset buffer
+            buf = torch.empty(rows * inf + 1, dtype=dt, device=DEV)
+            buf[1:].copy_(x.reshape(-1))
+            x = buf[1:].view(rows, inf)
+        W = (torch.randn(outf, inf, generator=gg, device=DEV) / math.sqrt(inf)).to(dt)
+        A = (torch.randn(E, r, inf, generator=gg, device=DEV) / math.sqrt(inf)).to(dt)
+        B = (torch.randn(E, outf, r, generator=gg, device=DEV) / math.sqrt(r)).to(dt)
+        bias = torch.randn(outf, generator=gg, device=DEV).to(dt) if cs["bias"] else None
+        ids, g = rand_route(rows, k, E, gen, allow_invalid=cs["invalid"])
+        scale = 1.5
+        y = torch.full((rows, outf), float("nan"), dtype=dt, device=DEV)
+        ws_n = K.lora_linear_workspace_size(rows, inf, outf, E, r, k)
+        ws = torch.full((ws_n,), 255, dtype=torch.uint8, device=DEV)  # NaN-poisoned floats
+        try:
+            K.lora_linear(x, W, A, B, ids, g, scale, bias=bias, out=y, workspace=ws)
+            torch.cuda.synchronize()
+            err = rel_err(y, lora_ref(x, W, bias, A, B, ids, g, scale))
+        except Exception as exc:  # report, keep going
+            err = float("nan")
+            cs["error"] = repr(exc)
+        ok = (err == err) and err < TOL[cs["dtype"]]
+        cs.update(rel_err=err, ok=ok)
+        n_fail += 0 if ok else 1
+        if not ok:
+            log("  LORA FAIL", cs)
+        del x, W, A, B, y, ws
+    results["lora_correctness"] = cases
+    worst = {}
+    for cs in cases:
+        d = cs["dtype"]
+        e = cs["rel_err"] if cs["rel_err"] == cs["rel_err"] else float("inf")
+        worst[d] = max(worst.get(d, 0.0), e)
+    log(f"lora_linear correctness: {len(cases)} cases, {n_fail} failures; worst rel err {worst}")
+    return n_fail
+
+
+# ---------------------------------------------------------------------------
+def delta_ref(A, B, ids, gates, scale):
+    d = None
+    for e, gv in zip(ids.tolist(), gates.tolist()):
+        if e < 0 or e >= A.shape[0]:
+            continue
+        t = scale * gv * (B[e].double() @ A[e].double())
+        d = t if d is None else d + t
+    return d
+
+
+_GG = {}
+
+
+def make_sites(shapes, dt, E, r, gen, pristine):
+    if "g" not in _GG:
+        _GG["g"] = torch.Generator(device=DEV).manual_seed(777)
+    gen = _GG["g"]
+    sites = []
+    for (outf, inf) in shapes:
+        W0 = (torch.randn(outf, inf, generator=gen, device=DEV) * 0.02).to(dt)
+        A = (torch.randn(E, r, inf, generator=gen, device=DEV) / math.sqrt(r)).to(dt)
+        B = (torch.randn(E, outf, r, generator=gen, device=DEV) * 0.02).to(dt)
+        s = dict(W=W0.clone(), A=A, B=B, scale=0.7, W0=W0)
+        if pristine:
+            s["W_base"] = W0
+        sites.append(s)
+    return sites
+
+
+def check_switch(K, results):
+    gen = torch.Generator().manual_seed(99)
+    out = []
+    shapes = [(37, 7), (1, 1), (129, 257), (4096, 4095), (4096, 4096), (11008, 4096)]
+    n_fail = 0
+    for dname in ["fp32", "bf16", "fp16"]:
+        dt = DT[dname]
+        for (E, r, k) in [(8, 16, 2), (8, 3, 4), (64, 64, 1), (1, 128, 3)]:
+            for pristine in (True, False):
+                sites = make_sites(shapes, dt, E, r, gen, pristine)
+                sd = K.sites_to_device(sites)
+                maxo = max(s[0] for s in shapes); maxi = max(s[1] for s in shapes)
+                ids1, g1 = rand_route(1, k, E, gen)
+                ids2, g2 = rand_route(1, k, E, gen)
+                ids1, g1, ids2, g2 = ids1[0].contiguous(), g1[0].contiguous(), ids2[0].contiguous(), g2[0].contiguous()
+                # state: W = W0 + delta(route1) (rounded), old = route1
+                for s in sites:
+                    d1 = delta_ref(s["A"], s["B"], ids1, g1, s["scale"])
+                    s["W"].copy_((s["W0"].double() + d1).to(dt))
+                    if pristine:
+                        s["W"].fill_(float("nan"))  # pristine mode must overwrite everything
+                old_ids, old_g = ids1.clone(), g1.clone()
+                K.switch(dt, sd, len(sites), maxo, maxi, ids2, g2, old_ids, old_g, update_old=True)
+                torch.cuda.synchronize()
+                errs = []
+                for s in sites:
+                    ref = s["W0"].double() + delta_ref(s["A"], s["B"], ids2, g2, s["scale"])
+                    errs.append(rel_err(s["W"], ref))
+                upd_ok = torch.equal(old_ids, ids2) and torch.equal(old_g, g2)
+                # no-op: same route again -> nothing written (poison W, must stay bitwise)
+                snaps = []
+                for s in sites:
+                    s["W"].fill_(float("nan")) if pristine else None
+                    snaps.append(s["W"].clone())
+                K.switch(dt, sd, len(sites), maxo, maxi, ids2, g2, old_ids, old_g, update_old=True)
+                torch.cuda.synchronize()
+                noop_ok = all(torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
+                                          s["W"].view(torch.uint8) if a.dtype != torch.float32 else s["W"].view(torch.int32))
+                              for a, s in zip(snaps, sites))
+                worst = max(e if e == e else float("inf") for e in errs)
+                ok = worst < TOL[dname] and upd_ok and noop_ok
+                n_fail += 0 if ok else 1
+                rec = dict(dtype=dname, E=E, rank=r, top_k=k, mode="pristine" if pristine else "in_place",
+                           worst_rel_err=worst, update_old_ok=upd_ok, noop_writes_nothing=noop_ok, ok=ok)
+                out.append(rec)
+                if not ok:
+                    log("  SWITCH FAIL", rec, errs)
+                del sites, sd
+    results["switch_correctness"] = out
+    log(f"switch correctness: {len(out)} cases, {n_fail} failures; worst per dtype "
+        + str({d: max(o['worst_rel_err'] for o in out if o['dtype'] == d) for d in DT}))
+    return n_fail
+
+
+def drift_test(K, results, n_switch=10000):
+    gen = torch.Generator().manual_seed(7)
+    dt = torch.bfloat16
+    E, r, k = 8, 16, 2
+    shapes = [(4096, 4096)]
+    s_in = make_sites(shapes, dt, E, r, gen, pristine=False)
+    s_pr = [dict(W=torch.empty_like(s["W"]), W_base=s["W0"], A=s["A"], B=s["B"], scale=s["scale"]) for s in s_in]
+    sd_in, sd_pr = K.sites_to_device(s_in), K.sites_to_device(s_pr)
+    old_ids = torch.full((k,), -1, dtype=torch.int32, device=DEV)
+    old_g = torch.zeros(k, dtype=torch.float32, device=DEV)
+    routes = [rand_route(1, k, E, gen) for _ in range(64)]
+    routes = [(a[0].contiguous(), b[0].contiguous()) for a, b in routes]
+    t0 = time.time()
+    for i in range(n_switch):
+        ids, g = routes[i % 64] if i % 64 else routes[(i // 64) % 64]
+        ids, g = routes[(i * 37 + i // 64) % 64]
+        K.switch(dt, sd_in, 1, 4096, 4096, ids, g, old_ids, old_g, update_old=True)
+    torch.cuda.synchronize()
+    t_loop = time.time() - t0
+    # pristine mode for the final route
+    po_ids = torch.full((k,), -1, dtype=torch.int32, device=DEV)
+    po_g = torch.zeros(k, dtype=torch.float32, device=DEV)
+    K.switch(dt, sd_pr, 1, 4096, 4096, old_ids, old_g, po_ids, po_g, update_old=True)
+    torch.cuda.synchronize()
+    s = s_in[0]
+    ref = s["W0"].double() + delta_ref(s["A"], s["B"], old_ids, old_g, s["scale"])
+    W_in, W_pr = s["W"].double(), s_pr[0]["W"].double()
+    rec = dict(n_switches=n_switch, shape=[4096, 4096], E=E, rank=r, top_k=k,
+               inplace_vs_exact_rel=rel_err(s["W"], ref), pristine_vs_exact_rel=rel_err(s_pr[0]["W"], ref),
+               inplace_vs_pristine_rel=(torch.linalg.vector_norm(W_in - W_pr) / torch.linalg.vector_norm(W_pr)).item(),
+               inplace_vs_pristine_maxabs=(W_in - W_pr).abs().max().item(),
+               W_rms=W_pr.pow(2).mean().sqrt().item(),
+               delta_rms=(ref - s["W0"].double()).pow(2).mean().sqrt().item(),
+               host_loop_s=t_loop)
+    results["drift_bf16"] = rec
+    log("drift after %d in-place bf16 switches: in-place vs exact %.3e, pristine vs exact %.3e, "
+        "in-place vs pristine %.3e (max abs %.3e; W rms %.3e, delta rms %.3e)" % (
+            n_switch, rec["inplace_vs_exact_rel"], rec["pristine_vs_exact_rel"],
+            rec["inplace_vs_pristine_rel"], rec["inplace_vs_pristine_maxabs"], rec["W_rms"], rec["delta_rms"]))
+
+
+# ---------------------------------------------------------------------------
+def time_graph(fn, reps=30, warm=3):
+    """Capture fn() in a CUDA graph; return median ms per replay over reps replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warm):
+        g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2], ts
+
+
+def time_eager(fn, reps=20, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2], ts
+
+
+def copy_bandwidth():
+    n = 2 * 1024 ** 3
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    b = torch.empty_like(a)
+    ms, _ = time_eager(lambda: b.copy_(a), reps=20)
+    del a, b
+    return 2 * n / (ms * 1e-3)
+
+
+def bench_lora(K, results, copy_bw):
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    dt = torch.bfloat16
+    L2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows_out = []
+    for (outf, inf) in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        for r in (16, 64):
+            for rows in (1, 8, 512):
+                if rows == 512 and r == 64:
+                    continue
+                E, k, scale = 8, 2, 2.0
+                per = (outf * inf + E * r * (inf + outf)) * 2
+                nsets = max(2, math.ceil(4 * L2 / per))
+                sets = []
+                for _ in range(nsets):
+                    x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
+                    W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
+                    A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
+                    B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
+                    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
+                    g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
+                    y = torch.empty(rows, outf, device=DEV, dtype=dt)
+                    ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
+                    sets.append((x, W, A, B, ids, g, y, ws))
+
+                def fused():
+                    for (x, W, A, B, ids, g, y, ws) in sets:
+                        K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+
+                def dense_only():
+                    for (x, W, *_rest) in sets:
+                        torch.nn.functional.linear(x, W)
+
+                def unmerged():
+                    for (x, W, A, B, ids, g, y, ws) in sets:
+                        base = torch.nn.functional.linear(x, W)
+                        il = ids.long()
+                        t = torch.einsum("nkri,ni->nkr", A[il], x)  # [rows, k, r]
+                        t = t * (scale * g).to(dt)[..., None]
+                        base = base + torch.einsum("nkor,nkr->no", B[il], t)
+                        y.copy_(base)
+
+                # correctness of this exact config once
+                x, W, A, B, ids, g, y, ws = sets[0]
+                K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+                torch.cuda.synchronize()
+                err = rel_err(y, lora_ref(x, W, None, A, B, ids, g, scale))
+                t_f, _ = time_graph(fused)
+                t_d, _ = time_graph(dense_only)
+                t_u, _ = time_graph(unmerged)
+                t_f2, _ = time_graph(fused)  # repeat: spread
+                os.environ["ADAFUSE_DISABLE_PDL"] = "1"
+                try:
+                    t_np, _ = time_graph(fused)
+                finally:
+                    del os.environ["ADAFUSE_DISABLE_PDL"]
+                bytes_min = (outf * inf + rows * (inf + outf) + k * rows * r * (inf + outf)) * 2
+                if rows > 1:  # experts read: at most min(E, rows*k) distinct
+                    bytes_min = (outf * inf + rows * (inf + outf) + min(E, rows * k) * r * (inf + outf)) * 2
+                flops = 2 * rows * outf * inf + 2 * rows * k * r * (inf + outf)
+                rec = dict(out=outf, inp=inf, rank=r, rows=rows, E=E, top_k=k, nsets=nsets,
+                           fused_us=1e3 * t_f / nsets, fused_repeat_us=1e3 * t_f2 / nsets, fused_nopdl_us=1e3 * t_np / nsets,
+                           dense_us=1e3 * t_d / nsets, unmerged_us=1e3 * t_u / nsets,
+                           bytes_floor_us=1e6 * bytes_min / copy_bw, flop_floor_us=1e6 * flops / 790e12,
+                           rel_err=err)
+                rec["fused_over_dense"] = rec["fused_us"] / rec["dense_us"]
+                rec["fused_bw_TBps"] = bytes_min / (rec["fused_us"] * 1e-6) / 1e12
+                rows_out.append(rec)
+                log("  lora %5dx%-5d r%-3d rows %-3d fused %8.2f us (rep %8.2f, no PDL %8.2f) dense %8.2f unmerged %8.2f floor %7.2f  f/d %.3f  %.2f TB/s err %.1e" % (
+                    outf, inf, r, rows, rec["fused_us"], rec["fused_repeat_us"], rec["fused_nopdl_us"], rec["dense_us"], rec["unmerged_us"],
+                    rec["bytes_floor_us"], rec["fused_over_dense"], rec["fused_bw_TBps"], err))
+                del sets
+                torch.cuda.empty_cache()
+    results["lora_timing"] = rows_out
+
+
+def bench_switch(K, results, copy_bw):
+    dt = torch.bfloat16
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    E, r, k = 8, 16, 2
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
+    sites_in, sites_pr = [], []
+    total_bytes = 0
+    for layer in range(32):
+        for (outf, inf) in shapes:
+            W = (torch.randn(outf, inf, device=DEV, generator=gen) * 0.02).to(dt)
+            Wb = W.clone()
+            A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 4).to(dt)
+            B = (torch.randn(E, outf, r, device=DEV, generator=gen) * 0.01).to(dt)
+            sites_in.append(dict(W=W, A=A, B=B, scale=2.0))
+            sites_pr.append(dict(W=W, W_base=Wb, A=A, B=B, scale=2.0))
+            total_bytes += outf * inf * 2
+    sd_in, sd_pr = K.sites_to_device(sites_in), K.sites_to_device(sites_pr)
+    n = len(sites_in)
+    routes = []
+    for _ in range(2):
+        ids = torch.randperm(E, device=DEV, generator=gen)[:k].int().contiguous()
+        g = torch.softmax(torch.randn(k, device=DEV, generator=gen), 0).float().contiguous()
+        routes.append((ids, g))
+    old_ids = torch.full((k,), -1, dtype=torch.int32, device=DEV)
+    old_g = torch.zeros(k, dtype=torch.float32, device=DEV)
+    state = {"i": 0}
+
+    def sw_inplace():
+        ids, g = routes[state["i"] % 2]
+        state["i"] += 1
+        K.switch(dt, sd_in, n, 11008, 11008, ids, g, old_ids, old_g, update_old=True)
+
+    def sw_pristine():
+        ids, g = routes[state["i"] % 2]
+        state["i"] += 1
+        K.switch(dt, sd_pr, n, 11008, 11008, ids, g, old_ids, old_g, update_old=True)
+
+    def sw_noop():
+        ids, g = routes[0]
+        K.switch(dt, sd_in, n, 11008, 11008, old_ids, old_g, old_ids, old_g, update_old=False)
+
+    t_in, ts_in = time_eager(sw_inplace, reps=20)
+    t_pr, ts_pr = time_eager(sw_pristine, reps=20)
+    t_in2, _ = time_eager(sw_inplace, reps=20)
+    t_noop, _ = time_eager(sw_noop, reps=20)
+    # copy of the same bytes for reference (one flat buffer)
+    flat = torch.empty(total_bytes // 2, dtype=dt, device=DEV)
+    flat2 = torch.empty_like(flat)
+    t_copy, _ = time_eager(lambda: flat2.copy_(flat), reps=20)
+    del flat, flat2
+    moved = 2 * total_bytes
+    rec = dict(sites=n, weight_bytes=total_bytes, E=E, rank=r, top_k=k,
+               inplace_ms=t_in, inplace_repeat_ms=t_in2, pristine_ms=t_pr, noop_ms=t_noop,
+               same_bytes_copy_ms=t_copy,
+               inplace_TBps=moved / (t_in * 1e-3) / 1e12, pristine_TBps=moved / (t_pr * 1e-3) / 1e12,
+               copy_TBps_same_bytes=moved / (t_copy * 1e-3) / 1e12, copy_TBps_2GB=copy_bw / 1e12,
+               floor_ms=1e3 * moved / copy_bw,
+               flops=2.0 * sum(o * i for o, i in shapes) * 32 * (2 * k * r))
+    rec["inplace_frac_of_copy"] = rec["inplace_TBps"] / rec["copy_TBps_2GB"]
+    rec["pristine_frac_of_copy"] = rec["pristine_TBps"] / rec["copy_TBps_2GB"]
+    results["switch_timing"] = rec
+    log("switch 224 sites bf16 E8 r16 top2: in-place %.3f ms (%.2f TB/s, %.0f%% of copy; repeat %.3f ms), "
+        "pristine %.3f ms (%.2f TB/s, %.0f%%), no-op %.4f ms, same-bytes copy %.3f ms (%.2f TB/s)" % (
+            t_in, rec["inplace_TBps"], 100 * rec["inplace_frac_of_copy"], t_in2, t_pr, rec["pristine_TBps"],
+            100 * rec["pristine_frac_of_copy"], t_noop, t_copy, rec["copy_TBps_same_bytes"]))
+    del sites_in, sites_pr
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: lora,switch,drift,tlora,tswitch")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    maj, mnr = torch.cuda.get_device_capability()
+    arch = args.arch or f"{maj}{mnr}"
+    t0 = time.time()
+    lib = build_library([arch], verbose=True)
+    results["build_s"] = time.time() - t0
+    log(f"built {lib} for sm_{arch} in {results['build_s']:.1f} s on {results['device']}")
+    K = load_kernels(lib)
+    fails = 0
+
+    def section(name, fn, *a):
+        nonlocal fails
+        if name in skip:
+            return
+        t = time.time()
+        try:
+            r = fn(*a)
+            if isinstance(r, int):
+                fails += r
+        except Exception:
+            fails += 1
+            log(f"SECTION {name} CRASHED:\n{traceback.format_exc()}")
+            results[f"{name}_crash"] = traceback.format_exc()
+        log(f"[{name}: {time.time() - t:.1f} s]")
+        (out / "gpu_kernels.json").write_text(json.dumps(results, indent=1, default=str))
+
+    bw = copy_bandwidth()
+    results["copy_TBps"] = bw / 1e12
+    log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
+    section("lora", check_lora, K, results)
+    section("switch", check_switch, K, results)
+    section("drift", drift_test, K, results)
+    section("tlora", bench_lora, K, results, bw)
+    section("tswitch", bench_switch, K, results, bw)
+    results["failures"] = fails
+
+    log("\n==== summary ====")
+    log(f"device {results['device']}, copy {bw / 1e12:.2f} TB/s, correctness failures: {fails}")
+    if "lora_timing" in results:
+        log("%-11s %4s %4s | %9s %9s %9s %9s | %6s %6s" % ("W out x in", "r", "rows", "fused us", "dense us",
+                                                          "unmrg us", "floor us", "f/d", "TB/s"))
+        for r in results["lora_timing"]:
+            log("%5dx%-5d %4d %4d | %9.2f %9.2f %9.2f %9.2f | %6.3f %6.2f" % (
+                r["out"], r["inp"], r["rank"], r["rows"], r["fused_us"], r["dense_us"], r["unmerged_us"],
+                max(r["bytes_floor_us"], r["flop_floor_us"]), r["fused_over_dense"], r["fused_bw_TBps"]))
+    if "switch_timing" in results:
+        s = results["switch_timing"]
+        log("switch 224 sites: in-place %.3f ms, pristine %.3f ms, no-op %.4f ms, floor %.3f ms; "
+            "%.0f%% / %.0f%% of copy bandwidth" % (s["inplace_ms"], s["pristine_ms"], s["noop_ms"], s["floor_ms"],
+                                                  100 * s["inplace_frac_of_copy"], 100 * s["pristine_frac_of_copy"]))
+    if "drift_bf16" in results:
+        d = results["drift_bf16"]
+        log("drift (10k in-place bf16 switches) in-place vs pristine rel %.3e" % d["inplace_vs_pristine_rel"])
+    (out / "gpu_kernels.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "gpu_kernels.log").write_text(LOG.getvalue())
+    return 0 if fails == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+// switch.cu - the fused switch (the paper's SGMM): one launch updates every
+// adapted weight of every layer,
+//   pristine (W_base != NULL): W = W_base + sum_j c_j B[new_j] A[new_j]
+//   in place (W_base == NULL):  W += sum_j c_j B[new_j] A[new_j] - sum_j c'_j B[old_j] A[old_j]
+// with c_j = scale * gate_j, accumulated in fp32 and rounded once.
+//
+// Work decomposition: a persistent grid walks the concatenation of all sites'
+// 64 x 128 tiles of W (a segmented gather-GEMM). Each block builds, once, the
+// prefix sum of tiles per site in shared memory and maps a tile to its site by
+// binary search. Per tile: the W (or W_base) tile is loaded into registers
+// first (16-byte loads), then the low-rank delta is computed from the routed
+// experts' B rows and A columns (K = terms x rank, staged 64 k-rows at a time
+// in shared memory) with mma.sync m16n8k16 (fp16/bf16 operands, fp32
+// accumulators, one fp32 partial per term so the coefficient is applied in
+// fp32), staged through shared memory and added to the W registers, and the
+// tile is written back with 16-byte stores. fp32 weights use a SIMT path.
+// A site whose dims are non-positive or above max_* is skipped.
+// The no-op check (route unchanged) is done by every block on the device.
+#include "common.cuh"
+
+#include <type_traits>
+
+namespace adafuse {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int BM = 64;   // rows (out) per tile
+constexpr int BN = 128;  // cols (in) per tile
+constexpr int kMaxTopK = 8;
+constexpr int kMaxTerms = 2 * kMaxTopK;
+
+// mma path staging
+constexpr int KS16 = 64;            // k rows per stage
+constexpr int LDB16 = KS16 + 8;     // sB row stride (elements)
+constexpr int LDA16 = BN + 8;       // sA row stride (elements)
+constexpr int LDD = BN + 4;         // sD row stride (floats)
+// fp32 path staging
+constexpr int KS32 = 32;
+constexpr int LDB32 = KS32 + 1;
+
+__host__ __device__ constexpr size_t align_up_c(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+template <typename T>
+constexpr size_t tile_smem_bytes() {
+  if (std::is_same<T, float>::value) {
+    return align_up_c(sizeof(float) * BM * LDB32, 16) + sizeof(float) * KS32 * BN;
+  } else {
+    const size_t ops = align_up_c(sizeof(T) * BM * LDB16, 16) + sizeof(T) * KS16 * LDA16;
+    const size_t d = sizeof(float) * BM * LDD;
+    return ops > d ? ops : d;
+  }
+}
+
+__device__ __forceinline__ int site_tiles(const adafuse_switch_site& s, int max_out, int max_in) {
+  if (!s.W || !s.A || !s.B || s.out_features < 1 || s.in_features < 1 || s.rank < 1 ||
+      s.num_experts < 1 || s.out_features > max_out || s.in_features > max_in)
+    return 0;
+  return ((s.out_features + BM - 1) / BM) * ((s.in_features + BN - 1) / BN);
+}
+
+// Raw (bit-exact) vector load / store of V consecutive elements, `valid` of
+// them in range; vectorised when `vec` (16-byte aligned, full vector).
+template <typename T>
+__device__ __forceinline__ uint4 load_raw(const T* p, bool vec, int valid) {
+  constexpr int V = TypeOps<T>::kVec;
+  if (vec && valid == V) return *reinterpret_cast<const uint4*>(p);
+  uint32_t w[4] = {0, 0, 0, 0};
+  if (sizeof(T) == 4) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) if (k < valid) w[k] = q[k];
+  } else {
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (k < valid) w[k >> 1] |= static_cast<uint32_t>(q[k]) << ((k & 1) * 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <typename T>
+__device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int valid) {
+  constexpr int V = TypeOps<T>::kVec;
+  if (vec && valid == V) { *reinterpret_cast<uint4*>(p) = v; return; }
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if (sizeof(T) == 4) {
+    uint32_t* q = reinterpret_cast<uint32_t*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) if (k < valid) q[k] = w[k];
+  } else {
+    uint16_t* q = reinterpret_cast<uint16_t*>(p);
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (k < valid) q[k] = static_cast<uint16_t>(w[k >> 1] >> ((k & 1) * 16));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
+              int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
+              const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  constexpr int V = TypeOps<T>::kVec;
+  constexpr int NV = (BM * BN) / (kThreads * V);  // vectors of W per thread
+  constexpr int VPR = BN / V;                      // vectors per tile row
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* s_prefix = reinterpret_cast<int*>(smem);  // [num_sites + 1]
+  unsigned char* tile_smem = smem + align_up_c(sizeof(int) * (num_sites + 1), 16);
+  __shared__ int s_term_e[kMaxTerms];
+  __shared__ float s_term_g[kMaxTerms];
+  __shared__ int s_nterms;
+  __shared__ int s_nall;
+  __shared__ int s_warp[kThreads / 32];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // ---- no-op check and term list (route is the same for every site) -------
+  bool same = true;
+  for (int j = 0; j < top_k; ++j) {
+    const int a = new_ids[j], b = old_ids[j];
+    if (a < 0 && b < 0) continue;
+    if (a != b || __float_as_uint(new_gates[j]) != __float_as_uint(old_gates[j])) same = false;
+  }
+  if (same) return;  // uniform across the grid: nothing is written
+  if (tid == 0) {
+    int n = 0;
+    for (int j = 0; j < top_k; ++j) {
+      if (new_ids[j] >= 0) { s_term_e[n] = new_ids[j]; s_term_g[n] = new_gates[j]; ++n; }
+    }
+    s_nterms = n;  // pristine sites use only the first n_new terms
+    for (int j = 0; j < top_k; ++j) {
+      if (old_ids[j] >= 0) { s_term_e[n] = old_ids[j]; s_term_g[n] = -old_gates[j]; ++n; }
+    }
+    s_nall = n;  // total terms (in place)
+  }
+
+  // ---- prefix sum of tiles over sites ---------------------------------------
+  if (tid == 0) s_prefix[0] = 0;
+  int carry = 0;
+  for (int base = 0; base < num_sites; base += kThreads) {
+    const int s = base + tid;
+    int v = (s < num_sites) ? site_tiles(sites[s], max_out, max_in) : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += u;
+    }
+    if (lane == 31) s_warp[warp] = v;
+    __syncthreads();
+    int before = 0;
+    for (int w = 0; w < warp; ++w) before += s_warp[w];
+    int chunk_total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) chunk_total += s_warp[w];
+    if (s < num_sites) s_prefix[s + 1] = carry + before + v;
+    carry += chunk_total;
+    __syncthreads();
+  }
+  __syncthreads();
+  const int total_tiles = s_prefix[num_sites];
+  const int n_new = s_nterms;
+  const int n_all = s_nall;
+
+  for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    // locate the site: last s with prefix[s] <= tile
+    int lo = 0, hi = num_sites - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s_prefix[mid] <= tile) lo = mid; else hi = mid - 1;
+    }
+    const adafuse_switch_site& S = sites[lo];
+    const int out = S.out_features, in = S.in_features, rank = S.rank, E = S.num_experts;
+    const float scale = S.scale;
+    T* W = static_cast<T*>(S.W);
+    const T* src = S.W_base ? static_cast<const T*>(S.W_base) : W;
+    const T* Ag = static_cast<const T*>(S.A);
+    const T* Bg = static_cast<const T*>(S.B);
+    const int nterms = S.W_base ? n_new : n_all;
+    const int local = tile - s_prefix[lo];
+    const int tiles_i = (in + BN - 1) / BN;
+    const int o0 = (local / tiles_i) * BM, i0 = (local % tiles_i) * BN;
+    const bool vec_w = (in % V == 0) && aligned16(W) && aligned16(src);
+    const bool vec_a = (in % V == 0) && aligned16(Ag);
+    const bool vec_b = (rank % 8 == 0) && aligned16(Bg);
+
+    // 1. W tile into registers (issued before the delta work to overlap)
+    uint4 wreg[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int v = tid + kThreads * k;
+      const int row = o0 + v / VPR, col = i0 + (v % VPR) * V;
+      const int valid = (row < out) ? max(0, min(V, in - col)) : 0;
+      wreg[k] = valid > 0 ? load_raw<T>(src + static_cast<size_t>(row) * in + col, vec_w, valid)
+                          : make_uint4(0, 0, 0, 0);
+    }
+
+    if constexpr (kF32) {
+      // ---- SIMT fp32: thread owns rows warp + 8m, cols lane*4..+3 ----------
+      float* sB = reinterpret_cast<float*>(tile_smem);                       // [BM][LDB32]
+      float* sA = reinterpret_cast<float*>(tile_smem + align_up_c(sizeof(float) * BM * LDB32, 16));  // [KS32][BN]
+      float acc[NV][4];
+#pragma unroll
+      for (int m = 0; m < NV; ++m)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[m][c] = 0.f;
+      const int total_k = nterms * rank;
+      for (int k0 = 0; k0 < total_k; k0 += KS32) {
+        {  // sB: c * B[e][o0 + o][r]
+          const int kk = tid & (KS32 - 1);
+          const int kg = k0 + kk;
+          const int term = kg / rank, r = kg - term * rank;
+          const bool kv = kg < total_k && s_term_e[term] < E;
+          const int e = kv ? s_term_e[term] : 0;
+          const float c = kv ? scale * s_term_g[term] : 0.f;
+          // all loads first, then the shared-memory stores: interleaving them
+          // serialises the L2 round trips (the compiler cannot prove no alias)
+          constexpr int NB = (BM * KS32) / kThreads;
+          float bv[NB];
+#pragma unroll
+          for (int m = 0; m < NB; ++m) {
+            const int o = (tid / KS32) + (kThreads / KS32) * m;
+            bv[m] = (kv && o0 + o < out) ? __ldg(&Bg[(static_cast<size_t>(e) * out + o0 + o) * rank + r]) : 0.f;
+          }
+          constexpr int NA = (KS32 * BN) / (kThreads * 4);
+          uint4 av[NA];
+#pragma unroll
+          for (int m = 0; m < NA; ++m) {  // A[e][r][i0 + i]
+            const int v = tid + kThreads * m;
+            const int kk2 = v / (BN / 4), col = (v % (BN / 4)) * 4;
+            const int kg2 = k0 + kk2;
+            const int term2 = kg2 / rank, r2 = kg2 - term2 * rank;
+            const bool kv2 = kg2 < total_k && s_term_e[term2] < E;
+            const int valid = kv2 ? max(0, min(4, in - (i0 + col))) : 0;
+            av[m] = make_uint4(0, 0, 0, 0);
+            if (valid > 0)
+              av[m] = load_raw<T>(Ag + (static_cast<size_t>(s_term_e[term2]) * rank + r2) * in + i0 + col, vec_a, valid);
+          }
+#pragma unroll
+          for (int m = 0; m < NB; ++m) sB[((tid / KS32) + (kThreads / KS32) * m) * LDB32 + kk] = c * bv[m];
+#pragma unroll
+          for (int m = 0; m < NA; ++m) {
+            const int v = tid + kThreads * m;
+            *reinterpret_cast<uint4*>(sA + (v / (BN / 4)) * BN + (v % (BN / 4)) * 4) = av[m];
+          }
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < KS32; ++kk) {
+          const float4 a = *reinterpret_cast<const float4*>(sA + kk * BN + lane * 4);
+#pragma unroll
+          for (int m = 0; m < NV; ++m) {
+            const float b = sB[(warp + 8 * m) * LDB32 + kk];
+            acc[m][0] = fmaf(b, a.x, acc[m][0]);
+            acc[m][1] = fmaf(b, a.y, acc[m][1]);
+            acc[m][2] = fmaf(b, a.z, acc[m][2]);
+            acc[m][3] = fmaf(b, a.w, acc[m][3]);
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int v = tid + kThreads * k;  // row = warp + 8k, col = lane*4
+        const int row = o0 + v / VPR, col = i0 + (v % VPR) * V;
+        const int valid = (row < out) ? max(0, min(V, in - col)) : 0;
+        if (valid > 0) {
+          float f[4];
+          unpack16<float>(wreg[k], f);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) f[c] += acc[k][c];
+          store_raw<T>(W + static_cast<size_t>(row) * in + col, pack16<float>(f), vec_w, valid);
+        }
+      }
+    } else {
+      // ---- tensor cores for fp16 / bf16 ----------------------------------------
+      T* sB = reinterpret_cast<T*>(tile_smem);                                       // [BM][LDB16]
+      T* sA = reinterpret_cast<T*>(tile_smem + align_up_c(sizeof(T) * BM * LDB16, 16));  // [KS16][LDA16]
+      float* sD = reinterpret_cast<float*>(tile_smem);                               // [BM][LDD]
+      const int wm = warp >> 2, wn = warp & 3;
+      const int rpad = (rank + 15) & ~15;
+      const int total_k = nterms * rpad;
+      float acc[2][4][4], tmp[2][4][4];
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) { acc[a][b][c] = 0.f; tmp[a][b][c] = 0.f; }
+      int cur_term = 0;
+      for (int k0 = 0; k0 < total_k; k0 += KS16) {
+        {  // sB: B[e][o0 + o][r]  (k fixed per thread)
+          const int kk = tid & (KS16 - 1);
+          const int kg = k0 + kk;
+          const int term = kg / rpad, r = kg - term * rpad;
+          const bool kv = kg < total_k && r < rank && s_term_e[term] < E;
+          const int e = kv ? s_term_e[term] : 0;
+          const uint16_t* Bq = reinterpret_cast<const uint16_t*>(Bg);
+          uint16_t* sBq = reinterpret_cast<uint16_t*>(sB);
+          if (vec_b) {  // cp.async: 64 rows x 8 vectors of 8 k
+#pragma unroll
+            for (int m = 0; m < (BM * KS16) / (kThreads * 8); ++m) {
+              const int v = tid + kThreads * m;
+              const int o = v / (KS16 / 8), kv8 = (v % (KS16 / 8)) * 8;
+              const int kg2 = k0 + kv8;
+              const int term2 = kg2 / rpad, r2 = kg2 - term2 * rpad;
+              const bool ok = kg2 < total_k && r2 < rank && s_term_e[term2] < E && o0 + o < out;
+              const T* srcp = ok ? Bg + (static_cast<size_t>(s_term_e[term2]) * out + o0 + o) * rank + r2 : Bg;
+              cp_async16(sB + o * LDB16 + kv8, srcp, ok);
+            }
+          } else {
+#pragma unroll 4
+            for (int m = 0; m < (BM * KS16) / kThreads; ++m) {
+              const int o = (tid / KS16) + (kThreads / KS16) * m;
+              sBq[o * LDB16 + kk] = (kv && o0 + o < out)
+                  ? Bq[(static_cast<size_t>(e) * out + o0 + o) * rank + r] : static_cast<uint16_t>(0);
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < (KS16 * BN) / (kThreads * 8); ++m) {  // sA: A[e][r][i0 + i]
+          const int v = tid + kThreads * m;
+          const int kk2 = v / (BN / 8), col = (v % (BN / 8)) * 8;
+          const int kg2 = k0 + kk2;
+          const int term2 = kg2 / rpad, r2 = kg2 - term2 * rpad;
+          const bool kv2 = kg2 < total_k && r2 < rank && s_term_e[term2] < E;
+          const int valid = kv2 ? max(0, min(8, in - (i0 + col))) : 0;
+          if (vec_a) {
+            const T* srcp = valid == 8 ? Ag + (static_cast<size_t>(s_term_e[term2]) * rank + r2) * in + i0 + col : Ag;
+            cp_async16(sA + kk2 * LDA16 + col, srcp, valid == 8);
+          } else {
+            uint4 a = make_uint4(0, 0, 0, 0);
+            if (valid > 0)
+              a = load_raw<T>(Ag + (static_cast<size_t>(s_term_e[term2]) * rank + r2) * in + i0 + col, false, valid);
+            *reinterpret_cast<uint4*>(sA + kk2 * LDA16 + col) = a;
+          }
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < KS16 / 16; ++ks) {
+          const int kg = k0 + ks * 16;
+          if (kg >= total_k) break;
+          const int term = kg / rpad;  // uniform
+          if (term != cur_term) {
+            const float c = scale * s_term_g[cur_term];
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+#pragma unroll
+              for (int b = 0; b < 4; ++b)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) { acc[a][b][q] = fmaf(c, tmp[a][b][q], acc[a][b][q]); tmp[a][b][q] = 0.f; }
+            cur_term = term;
+          }
+          uint32_t af[2][4], bf[4][2];
+          const int mi = lane >> 3;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const int row = wm * 32 + mt * 16 + (mi & 1) * 8 + (lane & 7);
+            const int col = ks * 16 + (mi >> 1) * 8;
+            ldmatrix_x4(af[mt], sB + row * LDB16 + col);
+          }
+#pragma unroll
+          for (int p = 0; p < 2; ++p) {
+            const int krow = ks * 16 + (mi & 1) * 8 + (lane & 7);
+            const int col = wn * 32 + p * 16 + (mi >> 1) * 8;
+            uint32_t r4[4];
+            ldmatrix_x4_trans(r4, sA + krow * LDA16 + col);
+            bf[2 * p][0] = r4[0]; bf[2 * p][1] = r4[1];
+            bf[2 * p + 1][0] = r4[2]; bf[2 * p + 1][1] = r4[3];
+          }
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) Mma<T>::run(tmp[mt][nt], af[mt], bf[nt]);
+        }
+        __syncthreads();
+      }
+      if (total_k > 0) {
+        const float c = scale * s_term_g[cur_term];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[a][b][q] = fmaf(c, tmp[a][b][q], acc[a][b][q]);
+      }
+      // stage the delta tile through shared memory (sD aliases sA/sB: the
+      // loop above ended with a barrier)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = wm * 32 + mt * 16 + (lane >> 2) + h * 8;
+            const int col = wn * 32 + nt * 8 + (lane & 3) * 2;
+            *reinterpret_cast<float2*>(sD + row * LDD + col) =
+                make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int v = tid + kThreads * k;
+        const int lr = v / VPR, lc = (v % VPR) * V;
+        const int row = o0 + lr, col = i0 + lc;
+        const int valid = (row < out) ? max(0, min(V, in - col)) : 0;
+        if (valid > 0) {
+          float f[8];
+          unpack16<T>(wreg[k], f);
+          const float4 d0 = *reinterpret_cast<const float4*>(sD + lr * LDD + lc);
+          const float4 d1 = *reinterpret_cast<const float4*>(sD + lr * LDD + lc + 4);
+          f[0] += d0.x; f[1] += d0.y; f[2] += d0.z; f[3] += d0.w;
+          f[4] += d1.x; f[5] += d1.y; f[6] += d1.z; f[7] += d1.w;
+          store_raw<T>(W + static_cast<size_t>(row) * in + col, pack16<T>(f), vec_w, valid);
+        }
+      }
+      __syncthreads();  // sD is overwritten by the next tile's operands
+    }
+  }
+}
+
+__global__ void update_old_kernel(const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
+                                  float* old_gates, int top_k) {
+  const int j = threadIdx.x;
+  if (j < top_k) {
+    old_ids[j] = new_ids[j];
+    old_gates[j] = new_gates[j];
+  }
+}
+
+template <typename T>
+int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
+                  const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
+                  float* old_gates, int top_k, cudaStream_t stream) {
+  DeviceInfo di;
+  int st = device_info(&di);
+  if (st != ADAFUSE_OK) return st;
+  const size_t smem = align_up(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 16) + tile_smem_bytes<T>();
+  const size_t static_smem = 1024;  // term table and scan scratch, generous
+  if (smem + static_smem > static_cast<size_t>(di.max_smem_optin)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  auto kern = switch_kernel<T>;
+  if (smem > 48 * 1024)
+    AF_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem));
+  if (per_sm < 1) return ADAFUSE_ERR_CUDA;
+  const int grid = per_sm * di.sm_count;
+  kern<<<grid, kThreads, smem, stream>>>(sites, num_sites, max_out, max_in, new_ids, new_gates,
+                                         old_ids, old_gates, top_k);
+  AF_LAUNCH_CHECK();
+  return ADAFUSE_OK;
+}
+
+}  // namespace
+}  // namespace adafuse
+
+extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
+                              int max_out_features, int max_in_features, const int32_t* new_ids,
+                              const float* new_gates, int32_t* old_ids, float* old_gates, int top_k,
+                              int update_old, cudaStream_t stream) {
+  using namespace adafuse;
+  if (!valid_dtype(dtype)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (num_sites < 0 || num_sites > (1 << 20) || top_k < 1 || top_k > kMaxTopK)
+    return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (max_out_features < 1 || max_in_features < 1) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (!new_ids || !new_gates || !old_ids || !old_gates) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (num_sites > 0 && !sites) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (num_sites > 0) {
+    int st = ADAFUSE_ERR_INVALID_ARGUMENT;
+    switch (dtype) {
+      case ADAFUSE_FLOAT32:
+        st = launch_switch<float>(sites, num_sites, max_out_features, max_in_features, new_ids,
+                                  new_gates, old_ids, old_gates, top_k, stream);
+        break;
+      case ADAFUSE_FLOAT16:
+        st = launch_switch<__half>(sites, num_sites, max_out_features, max_in_features, new_ids,
+                                   new_gates, old_ids, old_gates, top_k, stream);
+        break;
+      case ADAFUSE_BFLOAT16:
+        st = launch_switch<__nv_bfloat16>(sites, num_sites, max_out_features, max_in_features,
+                                          new_ids, new_gates, old_ids, old_gates, top_k, stream);
+        break;
+    }
+    if (st != ADAFUSE_OK) return st;
+  }
+  if (update_old) {
+    update_old_kernel<<<1, 32, 0, stream>>>(new_ids, new_gates, old_ids, old_gates, top_k);
+    AF_LAUNCH_CHECK();
+  }
+  return ADAFUSE_OK;
+}

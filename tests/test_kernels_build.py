@@ -1,0 +1,198 @@
+"""Build the AdaFuse CUDA kernel library with nvcc (sm_80 + sm_90) and check it
+without a GPU: exported symbols, host-side argument validation of the C ABI,
+and the Python binding's checks. Runs on the CPU-only CI machine."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from adafuse_export.kernels import build as kbuild
+from adafuse_export.kernels import binding as kbind
+
+EXPECTED_SYMBOLS = {
+    "adafuse_status_string",
+    "adafuse_abi_version",
+    "adafuse_lora_linear_workspace_size",
+    "adafuse_lora_linear",
+    "adafuse_switch",
+}
+
+NVCC = kbuild.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit "
+                                                      "or set CUDA_HOME); the kernel build needs it")
+
+
+@pytest.fixture(scope="module")
+def lib_path(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adafuse_kernels")
+    return kbuild.build_library(["80", "90"], cache_dir=out, force=True)
+
+
+@pytest.fixture(scope="module")
+def kernels(lib_path):
+    return kbind.Kernels(lib_path)
+
+
+@needs_nvcc
+def test_library_built_for_sm80_and_sm90(lib_path):
+    assert lib_path.is_file() and lib_path.stat().st_size > 0
+    cuobjdump = Path(NVCC).with_name("cuobjdump")
+    if cuobjdump.is_file():
+        listing = subprocess.run([str(cuobjdump), "--list-elf", str(lib_path)],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "sm_80" in listing and "sm_90" in listing, listing
+
+
+@needs_nvcc
+def test_exports_only_the_c_abi(lib_path):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not installed")
+    out = subprocess.run([nm, "-D", "--defined-only", str(lib_path)], capture_output=True,
+                         text=True, check=True).stdout
+    syms = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    exported = {s for s in syms if not s.startswith("_")}  # ignore _init/_fini style names
+    assert EXPECTED_SYMBOLS <= syms, sorted(syms)
+    # the static CUDA runtime must stay hidden (no cuda* symbols leak)
+    assert not any(s.startswith("cuda") or s.startswith("__cuda") for s in syms), sorted(syms)
+    assert exported <= EXPECTED_SYMBOLS, sorted(exported - EXPECTED_SYMBOLS)
+
+
+@needs_nvcc
+def test_abi_version_and_status_strings(kernels):
+    assert kernels.lib.adafuse_abi_version() == kbind.ABI_VERSION
+    assert kernels.status_string(0) == "ok"
+    assert "invalid argument" in kernels.status_string(1)
+    assert "workspace" in kernels.status_string(2)
+    assert "CUDA" in kernels.status_string(3)
+    assert "unknown" in kernels.status_string(42)
+
+
+@needs_nvcc
+def test_workspace_size(kernels):
+    ws = kernels.lora_linear_workspace_size
+    # few rows: fp32 t[rows, top_k, rank], rounded up to 256 bytes
+    assert ws(1, 4096, 4096, 8, 16, 2) == 256
+    assert ws(16, 4096, 4096, 8, 128, 4) == 16 * 4 * 128 * 4
+    # many rows: t + fp32 y buffer + grouping tables
+    big = ws(512, 4096, 11008, 8, 16, 2)
+    assert big >= 512 * 2 * 16 * 4 + 512 * 11008 * 4 + 512 * 2 * 4
+    for bad in [(1, 0, 1, 1, 1, 1), (1, 1, 0, 1, 1, 1), (1, 1, 1, 0, 1, 1), (1, 1, 1, 1, 0, 1),
+                (1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 9), (-1, 1, 1, 1, 1, 1), (1, 1, 1, 257, 1, 1)]:
+        assert kernels.lib.adafuse_lora_linear_workspace_size(*bad) == 0, bad
+        with pytest.raises(kbind.AdafuseKernelError, match="invalid sizes"):
+            ws(*bad)
+
+
+def _lora_call(k, dtype=2, rows=1, inf=8, outf=8, x=1, W=1, A=1, B=1, E=1, rank=1, ids=1,
+               gates=1, top_k=1, y=1, ws=None, ws_bytes=0):
+    p = lambda v: None if v is None else ctypes.c_void_p(0x1000 * v) if v else None  # noqa: E731
+    return k.lib.adafuse_lora_linear(dtype, rows, inf, outf, p(x), p(W), None, p(A), p(B), E, rank,
+                                     p(ids), p(gates), top_k, 1.0, p(y),
+                                     p(ws) if ws else None, ws_bytes, None)
+
+
+@needs_nvcc
+def test_lora_linear_rejects_bad_arguments_without_touching_the_gpu(kernels):
+    INV, WS = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_ERR_WORKSPACE
+    assert _lora_call(kernels, dtype=7) == INV
+    assert _lora_call(kernels, dtype=-1) == INV
+    assert _lora_call(kernels, inf=0) == INV
+    assert _lora_call(kernels, outf=-3) == INV
+    assert _lora_call(kernels, E=0) == INV
+    assert _lora_call(kernels, rank=0) == INV
+    assert _lora_call(kernels, top_k=0) == INV
+    assert _lora_call(kernels, top_k=9) == INV
+    assert _lora_call(kernels, x=0) == INV  # NULL x
+    assert _lora_call(kernels, W=0) == INV
+    assert _lora_call(kernels, ids=0) == INV
+    assert _lora_call(kernels, y=0) == INV
+    assert _lora_call(kernels, ws=None) == WS  # workspace missing
+    assert _lora_call(kernels, ws=1, ws_bytes=8) == WS  # too small (needs 256)
+    # rows == 0 is a valid no-op (nothing is enqueued)
+    assert _lora_call(kernels, rows=0, x=0, W=0, ids=0, y=0) == kbind.ADAFUSE_OK
+
+
+@needs_nvcc
+def test_switch_rejects_bad_arguments_without_touching_the_gpu(kernels):
+    INV = kbind.ADAFUSE_ERR_INVALID_ARGUMENT
+    p = ctypes.c_void_p(0x1000)
+    sw = kernels.lib.adafuse_switch
+    assert sw(9, p, 1, 8, 8, p, p, p, p, 2, 0, None) == INV      # dtype
+    assert sw(2, p, -1, 8, 8, p, p, p, p, 2, 0, None) == INV     # num_sites
+    assert sw(2, None, 3, 8, 8, p, p, p, p, 2, 0, None) == INV   # sites NULL
+    assert sw(2, p, 1, 0, 8, p, p, p, p, 2, 0, None) == INV      # max_out
+    assert sw(2, p, 1, 8, 0, p, p, p, p, 2, 0, None) == INV      # max_in
+    assert sw(2, p, 1, 8, 8, p, p, p, p, 0, 0, None) == INV      # top_k
+    assert sw(2, p, 1, 8, 8, p, p, p, p, 9, 0, None) == INV
+    assert sw(2, p, 1, 8, 8, None, p, p, p, 2, 0, None) == INV   # route arrays
+    assert sw(2, p, 1, 8, 8, p, p, p, None, 2, 0, None) == INV
+    # no sites and no update: nothing to do
+    assert sw(2, None, 0, 8, 8, p, p, p, p, 2, 0, None) == kbind.ADAFUSE_OK
+
+
+def test_switch_site_layout_matches_the_header(tmp_path):
+    # adafuse_switch_site: 4 pointers, 4 int32, float, int32 -> 56 bytes on 64-bit
+    assert kbind.SWITCH_SITE_DTYPE_SIZE == 56
+    assert kbind.SwitchSite.out_features.offset == 32
+    assert kbind.SwitchSite.scale.offset == 48
+    cc = shutil.which("cc") or shutil.which("gcc")
+    cuda_inc = Path(NVCC).parent.parent / "include" if NVCC else None
+    if cc is None or cuda_inc is None or not (cuda_inc / "cuda_runtime_api.h").is_file():
+        pytest.skip("no C compiler or CUDA headers to cross-check the struct layout")
+    src = tmp_path / "layout.c"
+    src.write_text(
+        '#include <stdio.h>\n#include <stddef.h>\n#include "adafuse_kernels.h"\n'
+        'int main(void){printf("%zu %zu %zu %zu\\n", sizeof(adafuse_switch_site),'
+        ' offsetof(adafuse_switch_site, out_features), offsetof(adafuse_switch_site, scale),'
+        ' offsetof(adafuse_switch_site, reserved)); return 0;}\n')
+    exe = tmp_path / "layout"
+    subprocess.run([cc, f"-I{kbuild.kernel_root() / 'include'}", f"-I{cuda_inc}", str(src), "-o",
+                    str(exe)], check=True)
+    size, off_out, off_scale, off_res = map(int, subprocess.run([str(exe)], capture_output=True,
+                                                                text=True, check=True).stdout.split())
+    assert (size, off_out, off_scale, off_res) == (
+        ctypes.sizeof(kbind.SwitchSite), kbind.SwitchSite.out_features.offset,
+        kbind.SwitchSite.scale.offset, kbind.SwitchSite.reserved.offset)
+
+
+def test_dtype_mapping():
+    assert kbind.dtype_code("float32") == kbind.DTYPE_FLOAT32
+    assert kbind.dtype_code("bf16") == kbind.DTYPE_BFLOAT16
+    assert kbind.dtype_code("float16") == kbind.DTYPE_FLOAT16
+    with pytest.raises(kbind.AdafuseKernelError, match="unsupported dtype"):
+        kbind.dtype_code("int8")
+
+
+@needs_nvcc
+def test_binding_checks_tensors_before_any_cuda_call(kernels):
+    torch = pytest.importorskip("torch")
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    W = torch.zeros(4, 8, dtype=torch.bfloat16)
+    A = torch.zeros(3, 2, 8, dtype=torch.bfloat16)
+    B = torch.zeros(3, 4, 2, dtype=torch.bfloat16)
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    g = torch.zeros(2, 2, dtype=torch.float32)
+    with pytest.raises(kbind.AdafuseKernelError, match="x must be a CUDA tensor"):
+        kernels.lora_linear(x, W, A, B, ids, g, 1.0)
+    with pytest.raises(kbind.AdafuseKernelError, match="x must be a torch.Tensor"):
+        kernels.lora_linear([[1.0]], W, A, B, ids, g, 1.0)
+    with pytest.raises(kbind.AdafuseKernelError, match="unsupported dtype"):
+        kbind.dtype_code(torch.int8)
+    with pytest.raises(kbind.AdafuseKernelError, match="must be a CUDA tensor"):
+        kernels.pack_sites([dict(W=W, A=A, B=B, scale=1.0)])
+
+
+def test_build_reports_missing_nvcc(monkeypatch, tmp_path):
+    with pytest.raises(kbuild.KernelBuildError, match="nvcc not found"):
+        monkeypatch.setattr(kbuild, "find_nvcc", lambda: None)
+        kbuild.build_library(["90"], cache_dir=tmp_path)
+
+
+def test_bad_arch_is_rejected(tmp_path):
+    with pytest.raises(kbuild.KernelBuildError, match="bad CUDA arch"):
+        kbuild.build_library(["ninety"], cache_dir=tmp_path, nvcc="/bin/true")
