@@ -77,6 +77,11 @@ class Checkpoint:
             shapes["pregate.weight"] = ((a.num_experts, m.hidden_size), "[num_experts, hidden_size]")
         return shapes
 
+    def require_routing_table(self) -> None:
+        if not self.adapter.routing_table_exact:
+            raise AdafuseError(f"{self.path}: a routing table needs a pre-gate reading RMSNorm_0(embed(token)) "
+                               f"(routing '{self.adapter.routing}', pregate_input '{self.adapter.pregate_input}')")
+
     def router_names(self) -> list[str]:
         names = [n for n in self.expected_adapter_shapes() if n.endswith("router.weight") or n.startswith("pregate.")]
         if "pregate.bias" in self.adapters:

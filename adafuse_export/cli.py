@@ -158,6 +158,31 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
         click.echo(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
 
 
+@cli.command("export-routes")
+@ckpt_argument
+@click.argument("out", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def export_routes(ckpt, out, fmt, base, force):
+    """Write the pre-gate's exact routing table to OUT (.safetensors): expert_ids [vocab, k] int32, gates [vocab, k] float32.
+
+    Only for pre-gated checkpoints whose pre-gate reads RMSNorm_0(embed(token)): there the
+    route depends on the token id alone, and a table lookup replaces the pre-gate network.
+    """
+    _import_torch()
+    from .converters import load_checkpoint
+    from .onnx.export import _write_routes
+    from .tensors import atomic_write
+
+    c = load_checkpoint(ckpt, fmt, base)
+    c.require_routing_table()
+    if out.exists() and not force:
+        raise AdafuseError(f"{out}: already exists; pass --force to overwrite")
+    atomic_write(out, lambda tmp: _write_routes(c, tmp, "float32"))
+    click.echo(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")
+
+
 @cli.command("make-example")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--kind", type=click.Choice(["pregate", "pregate-ffn", "mola", "loramoe", "mixlora", "lora"]),

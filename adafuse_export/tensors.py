@@ -369,3 +369,37 @@ def save_safetensors(tensors: Mapping[str, object], path: Path, metadata: Mappin
 
 def save_json(obj: object, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, tuple[int, ...], Callable[[], object]]],
+                                metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor: entries are (name, dtype code, shape, producer).
+
+    Only one tensor is in memory at a time, so a multi-GB shard needs megabytes of RAM. Atomic.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, dtype, shape, produce in entries:
+                t = produce()
+                if dtype_code(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"producer of '{name}' gave {dtype_code(t.dtype)} {list(t.shape)}, declared {dtype} {list(shape)}")
+                f.write(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b"")
+
+    atomic_write(path, write)
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

@@ -123,9 +123,7 @@ class ReferenceModel:
 
     def routing_table(self, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact pre-gate as a table: expert ids [vocab, k] int32 and gates [vocab, k] float32."""
-        if not self.pregated or not self.aspec.routing_table_exact:
-            raise AdafuseError(f"{self.ckpt.path}: a routing table needs a pre-gate reading RMSNorm_0(embed(token)) "
-                               f"(routing '{self.aspec.routing}', pregate_input '{self.aspec.pregate_input}')")
+        self.ckpt.require_routing_table()
         return routing_table(self.w["model.embed_tokens.weight"], self.w["model.layers.0.input_layernorm.weight"],
                              self.spec.rms_norm_eps, self.a["pregate.weight"], self.a.get("pregate.bias"),
                              self.aspec.top_k, self.aspec.normalize_topk, chunk)
