@@ -90,7 +90,13 @@ class OnnxRuntimeRunner(Runner):
 
     def _session(self, ort, path: Path, options):
         try:
-            return ort.InferenceSession(str(path), options, providers=self.providers)
+            try:
+                return ort.InferenceSession(str(path), options, providers=self.providers)
+            except Exception:
+                if self.providers == ["CPUExecutionProvider"]:
+                    raise
+                self.providers = ["CPUExecutionProvider"]  # e.g. onnxruntime-gpu without a usable GPU
+                return ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as e:  # ONNX Runtime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AdafuseError(f"{path}: ONNX Runtime cannot load this model: {first}") from None
