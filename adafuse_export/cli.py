@@ -136,8 +136,12 @@ def _bytes(n: int) -> str:
               help="Write the prompt's logits [1, S, vocab] (float32) to this .safetensors file.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--no-adapters", is_flag=True, help="Run the base model alone.")
-def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adapters):
-    """Greedy-decode with the PyTorch reference model; print the generated ids."""
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the GPU decoder (fused kernels, CUDA graphs; pre-gated checkpoints with a routing table).")
+@click.option("--strategy", type=click.Choice(["auto", "fused", "switch", "unmerged"]), default="auto", show_default=True,
+              help="GPU adapter strategy; auto times fused and switch at load and keeps the faster.")
+def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adapters, device, strategy):
+    """Greedy-decode with the PyTorch reference model (or the GPU decoder); print the generated ids."""
     torch = _import_torch()
     from .converters import load_checkpoint
     from .reference import ReferenceModel
@@ -148,14 +152,42 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
     bad = [i for i in ids if not 0 <= i < c.model.vocab_size]
     if bad:
         raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {c.model.vocab_size})")
-    model = ReferenceModel(c, dtype=getattr(torch, dtype), adapters=not no_adapters)
     prompt = torch.tensor([ids])
-    generated, steps = model.generate(prompt, max_new_tokens)
+    if device == "cuda":
+        generated, prompt_logits = _run_cuda(c, prompt, max_new_tokens, getattr(torch, dtype), strategy, no_adapters)
+    else:
+        model = ReferenceModel(c, dtype=getattr(torch, dtype), adapters=not no_adapters)
+        generated, steps = model.generate(prompt, max_new_tokens)
+        prompt_logits = steps[0].logits
+        if steps[0].expert_ids is not None:
+            click.echo(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
     if save_logits is not None:
-        save_safetensors({"logits": steps[0].logits.contiguous()}, save_logits, {"prompt_ids": ",".join(map(str, ids))})
+        save_safetensors({"logits": prompt_logits.contiguous()}, save_logits, {"prompt_ids": ",".join(map(str, ids))})
     click.echo(" ".join(map(str, generated[0].tolist())))
-    if steps[0].expert_ids is not None:
-        click.echo(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
+
+
+def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters):
+    import torch
+
+    from .kernels.binding import load_kernels
+    from .runners.torch_cuda import GpuDecoder, KernelOps, choose_strategy
+
+    if not torch.cuda.is_available():
+        raise AdafuseError("--device cuda: no CUDA GPU is visible to PyTorch")
+    ops = KernelOps(load_kernels())
+    max_seq = prompt.shape[1] + max_new_tokens + 1
+
+    def make(s):
+        return GpuDecoder.from_checkpoint(c, device="cuda", dtype=dtype, strategy=s, max_seq=max(max_seq, 16), ops=ops)
+    if no_adapters:
+        strategy = "dense"
+    elif strategy == "auto":
+        strategy, timings = choose_strategy(make)
+        click.echo("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items())
+                   + f" -> {strategy}", err=True)
+    dec = make(strategy)
+    logits = dec.prefill(prompt.cuda()).cpu()
+    return dec.generate(prompt.cuda(), max_new_tokens).cpu(), logits
 
 
 @cli.command("export-routes")

@@ -30,6 +30,7 @@ from adafuse_export.spec import AdapterSpec, ModelSpec  # noqa: E402
 LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096}
+DEVICE = "cuda"
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,14 +49,14 @@ def check_tiny(ops) -> dict:
         tokens, steps = ref.generate(prompt, 16)
         for dtype in (torch.float32, torch.bfloat16):
             for strategy in ("fused", "switch", "unmerged"):
-                dec = GpuDecoder.from_checkpoint(ckpt, device="cuda", dtype=dtype, strategy=strategy, max_seq=64, ops=ops)
-                logits = dec.prefill(prompt.cuda())
+                dec = GpuDecoder.from_checkpoint(ckpt, device=DEVICE, dtype=dtype, strategy=strategy, max_seq=64, ops=ops)
+                logits = dec.prefill(prompt.to(DEVICE))
                 errs = [float(torch.linalg.norm(logits.cpu() - steps[0].logits) / torch.linalg.norm(steps[0].logits))]
                 for i, step in enumerate(steps[1:]):
                     # follow the reference's tokens so errors don't compound; graph replay for decode
-                    lg = dec.decode(tokens[:, i:i + 1].cuda())
+                    lg = dec.decode(tokens[:, i:i + 1].to(DEVICE))
                     errs.append(float(torch.linalg.norm(lg.cpu() - step.logits) / torch.linalg.norm(step.logits)))
-                gen = dec.generate(prompt.cuda(), 16).cpu()
+                gen = dec.generate(prompt.to(DEVICE), 16).cpu()
                 agree = float((gen == tokens).float().mean())
                 key = f"{strategy}/{str(dtype).split('.')[-1]}"
                 tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -70,6 +71,13 @@ def check_tiny(ops) -> dict:
 def time_steps(fn, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":  # --smoke on the CPU: wall clock
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(steps):
@@ -83,11 +91,12 @@ def time_steps(fn, steps: int, warmup: int = 3) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    n = 2 * 1024**3 if DEVICE == "cuda" else 64 * 1024**2
+    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     ms = time_steps(lambda: y.copy_(x), 20)
     del x, y
-    return 2 * 2 * 1024**3 / (ms * 1e-3)  # bytes read + written per second
+    return 2 * n / (ms * 1e-3)  # bytes read + written per second
 
 
 class ConventionalDecoder(GpuDecoder):
@@ -109,13 +118,13 @@ class ConventionalDecoder(GpuDecoder):
         return y
 
 
-def random_7b(rank: int, experts: int, top_k: int, dtype=torch.bfloat16):
-    spec = ModelSpec.from_hf_config(LLAMA2_7B, "llama-2-7b shape")
+def random_7b(rank: int, experts: int, top_k: int, dtype=torch.bfloat16, config=None):
+    spec = ModelSpec.from_hf_config(config or LLAMA2_7B, "llama-2-7b shape")
     adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=tuple(ALL))
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
 
     def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, device="cuda", generator=g, dtype=torch.float32) * std).to(dtype)
+        return (torch.randn(*shape, device=DEVICE, generator=g, dtype=torch.float32) * std).to(dtype)
 
     w = {}
     for name, shape in spec.hf_weight_shapes().items():
@@ -145,22 +154,22 @@ def tokens_with_changing_routes(routes, n: int) -> list[int]:
 
 
 def time_decoder(dec: GpuDecoder, batch: int, ctx: int, steps: int, feed: list[int], use_graph: bool) -> float:
-    prompt = torch.randint(0, dec.m.vocab_size, (batch, ctx), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    prompt = torch.randint(0, dec.m.vocab_size, (batch, ctx), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
     dec.prefill(prompt)
     it = itertools.cycle(feed)
 
     def step():
         tok = next(it)
-        dec.decode(torch.full((batch, 1), tok, device="cuda", dtype=torch.int64), use_graph=use_graph)
+        dec.decode(torch.full((batch, 1), tok, device=DEVICE, dtype=torch.int64), use_graph=use_graph)
     return time_steps(step, steps)
 
 
-def bench_7b(ops, ranks, batches, ctx, steps, results):
+def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     for rank in ranks:
-        spec, adapter, w, routes, routers = random_7b(rank, 8, 2)
+        spec, adapter, w, routes, routers = random_7b(rank, 8, 2, config=config)
         changing = tokens_with_changing_routes(routes, steps + 8)
         same = [changing[0]]
         for batch in batches:
@@ -188,12 +197,13 @@ def bench_7b(ops, ranks, batches, ctx, steps, results):
                 log(f"r={rank:<3} b={batch} {name:<42} {ms:8.2f} ms/step  (floor {floor_ms:.2f})")
                 del dec
                 gc.collect()
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
         # the switch kernel alone: all 224 sites, route changing each call, pristine mode
         wl = {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()}
         dec = GpuDecoder(spec, adapter, wl, routes, strategy="switch", max_batch=1, max_seq=8, ops=ops)
         sites = [s for s in dec.sites.values() if s.A is not None]
-        pairs = [(routes[0][t].cuda(), routes[1][t].cuda()) for t in changing[:16]]
+        pairs = [(routes[0][t].to(DEVICE), routes[1][t].to(DEVICE)) for t in changing[:16]]
         it = itertools.cycle(pairs)
 
         def one():
@@ -207,7 +217,8 @@ def bench_7b(ops, ranks, batches, ctx, steps, results):
         log(f"r={rank} switch kernel: {ms:.2f} ms, {moved / ms / 1e6:.0f} GB/s = {moved / (ms * 1e-3) / bw:.0%} of copy")
         del dec, wl, w, routers
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- transformers baselines
@@ -291,18 +302,31 @@ def main():
     ap.add_argument("--quick", action="store_true", help="rank 16 and batch 1 only")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of every code path on a tiny shape (no kernels)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from adafuse_export.kernels.binding import load_kernels
+    global DEVICE
+    config = None
+    if args.smoke:
+        DEVICE = "cpu"
+        config = dict(LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+        args.ctx, args.steps = 16, 4
+        from adafuse_export.runners.torch_cuda import TorchOps
+        ops = TorchOps()
+        name = "cpu (smoke)"
+    else:
+        from adafuse_export.kernels.binding import load_kernels
 
-    t = time.time()
-    ops = KernelOps(load_kernels(archs=["90"]))
-    log(f"kernel library built/loaded in {time.time() - t:.1f} s on {torch.cuda.get_device_name()}")
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ctx": args.ctx,
+        t = time.time()
+        ops = KernelOps(load_kernels(archs=["90"]))
+        name = torch.cuda.get_device_name()
+        log(f"kernel library built/loaded in {time.time() - t:.1f} s on {name}")
+    results = {"device": name, "torch": torch.__version__, "ctx": args.ctx,
                "steps": args.steps, "decode": [], "switch_kernel": []}
     results["tiny_correctness"] = check_tiny(ops)
     ranks, batches = ([16], [1]) if args.quick else ([16, 64], [1, 8])
-    bench_7b(ops, ranks, batches, args.ctx, args.steps, results)
+    bench_7b(ops, ranks, batches, args.ctx, args.steps, results, config)
     if args.hf:
         try:
             bench_hf(args.ctx, 16, results)

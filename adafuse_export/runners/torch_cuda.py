@@ -25,6 +25,9 @@ from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
 from ..spec import AdapterSpec, ModelSpec, module_group
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
+# Above this many rows (prefill) the fused kernel's grouped path is slower than cuBLAS + unmerged LoRA
+# (benchmarks/results/KERNEL_NOTES.md: 16-32x dense at 512 rows, against about 17x for unmerged torch ops).
+FUSED_MAX_ROWS = 16
 
 
 @dataclass
@@ -111,7 +114,8 @@ class GpuDecoder:
                                    weights[f"{name}.lora_B"] if routed else None,
                                    adapter.site_scale(name) if routed else 0.0)
                 if routed and strategy == "switch":
-                    site.W_base = site.W.clone()
+                    # merge into a private copy: the given W may share memory with the checkpoint (CPU mmap)
+                    site.W_base, site.W = site.W, site.W.clone()
                 self.sites[(layer, mod)] = site
         kv_shape = (max_batch, model.num_kv_heads, max_seq, model.head_dim)
         self.k_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
@@ -138,7 +142,7 @@ class GpuDecoder:
         if site.A is None or self.strategy in ("dense", "switch"):
             y = x @ site.W.T
             return y + site.bias if site.bias is not None else y
-        if self.strategy == "unmerged":
+        if self.strategy == "unmerged" or x.shape[0] > FUSED_MAX_ROWS:
             return TorchOps.lora_linear(x, site, ids, gates)
         return self.ops.lora_linear(x, site, ids, gates)
 
@@ -248,6 +252,30 @@ class GpuDecoder:
             if i + 1 < max_new_tokens:
                 logits = self.decode(nxt, use_graph)
         return torch.cat(tokens, 1) if tokens else torch.empty(prompt_ids.shape[0], 0, dtype=torch.int64)
+
+
+def choose_strategy(make, candidates=("fused", "switch"), tokens: list[int] | None = None, steps: int = 8) -> tuple[str, dict]:
+    """`auto`: build a decoder per candidate with make(strategy), time CUDA-graph decode steps on
+    tokens whose routes change every step, keep the fastest. Returns (strategy, ms per step)."""
+    import statistics
+
+    timings = {}
+    for strategy in candidates:
+        dec = make(strategy)
+        dec.prefill(torch.tensor([[1, 2, 3, 4]], device=dec.device))
+        feed = tokens or list(range(5, 5 + steps + 2))
+        times = []
+        for i, tok in enumerate(feed):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dec.decode(torch.tensor([[tok]], device=dec.device))
+            end.record()
+            end.synchronize()
+            if i >= 2:  # the first steps capture the graph
+                times.append(start.elapsed_time(end))
+        timings[strategy] = statistics.median(times)
+        del dec
+    return min(timings, key=timings.get), timings
 
 
 def weight_bytes(decoder: GpuDecoder) -> int:
