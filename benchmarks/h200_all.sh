@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything that needs the H200, in one call (writes logs and JSON under $OUT):
+#   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, the decode benchmark.
+# Usage there: bash benchmarks/h200_all.sh [--hf] [--quick]   (carry .whl and plugins/harness/.trt_headers)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+status=0
+if [[ " $* " != *" --no-harness "* ]]; then
+  bash plugins/harness/run_gpu.sh > "$OUT/plugin_harness.log" 2>&1; rc=$?; tail -5 "$OUT/plugin_harness.log"
+  echo "plugin harness exit $rc"; [[ $rc == 0 ]] || status=1
+fi
+ex=$(mktemp -d)/ex
+python3 -m adafuse_export make-example "$ex" >/dev/null
+cpu=$(python3 -m adafuse_export run "$ex" --prompt-ids 3,1,4,1,5 --max-new-tokens 12 2>/dev/null)
+for s in fused switch auto; do
+  gpu=$(python3 -m adafuse_export run "$ex" --prompt-ids 3,1,4,1,5 --max-new-tokens 12 --device cuda --strategy $s 2>>"$OUT/run_cuda.log")
+  echo "run --device cuda --strategy $s: $gpu | cpu reference: $cpu | $([[ "$gpu" == "$cpu" ]] && echo SAME || echo DIFFERENT)" | tee -a "$OUT/run_cuda.log"
+  [[ "$gpu" == "$cpu" ]] || status=1
+done
+args=(); for a in "$@"; do [[ $a == --no-harness ]] || args+=("$a"); done
+python3 benchmarks/h200_decode.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/h200_decode.log"; rc=${PIPESTATUS[0]}
+[[ $rc == 0 ]] || status=1
+exit $status
