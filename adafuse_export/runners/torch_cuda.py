@@ -73,8 +73,11 @@ class KernelOps:
         return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
 
     def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
-        key = tuple(s.W.data_ptr() for s in sites)
-        if key not in self._tables:  # the device site table is built once per decoder
+        # The device site table is built once per set of buffers; every pointer is in the key, since
+        # freed buffers' addresses are reused by later allocations.
+        key = tuple((s.W.data_ptr(), s.W_base.data_ptr() if s.W_base is not None else 0, s.A.data_ptr(),
+                     s.B.data_ptr(), s.scale) for s in sites)
+        if key not in self._tables:
             table = self.k.sites_to_device([{"W": s.W, "W_base": s.W_base, "A": s.A, "B": s.B, "scale": s.scale}
                                             for s in sites])
             self._tables[key] = (table, max(s.W.shape[0] for s in sites), max(s.W.shape[1] for s in sites))
