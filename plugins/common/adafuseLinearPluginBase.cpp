@@ -1,0 +1,163 @@
+#include "adafuseLinearPluginBase.h"
+
+namespace adafuse
+{
+namespace plugin
+{
+
+LinearPluginBase::LinearPluginBase(PluginIdentity const& identity, LinearConfig const& config)
+    : mIdentity(identity)
+    , mConfig(config)
+{
+}
+
+nvinfer1::IPluginCapability* LinearPluginBase::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
+{
+    return guarded<nvinfer1::IPluginCapability*>(name(), "getCapabilityInterface", nullptr,
+        [&]() -> nvinfer1::IPluginCapability* {
+            switch (type)
+            {
+            case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+            case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+            case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+            }
+            throw PluginError(str(name(), ": unknown capability type ", static_cast<int32_t>(type)));
+        });
+}
+
+char const* LinearPluginBase::getPluginName() const noexcept
+{
+    return mIdentity.name;
+}
+
+char const* LinearPluginBase::getPluginVersion() const noexcept
+{
+    return mIdentity.version;
+}
+
+char const* LinearPluginBase::getPluginNamespace() const noexcept
+{
+    return mIdentity.pluginNamespace;
+}
+
+int32_t LinearPluginBase::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    return guarded<int32_t>(name(), "configurePlugin", -1, [&]() {
+        mConfig.checkTensors(in, nbInputs, out, nbOutputs);
+        return 0;
+    });
+}
+
+int32_t LinearPluginBase::getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+    nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    return guarded<int32_t>(name(), "getOutputDataTypes", -1, [&]() {
+        mConfig.outputDataTypes(outputTypes, nbOutputs, inputTypes, nbInputs);
+        return 0;
+    });
+}
+
+int32_t LinearPluginBase::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
+    nvinfer1::DimsExprs const* /*shapeInputs*/, int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs,
+    int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept
+{
+    return guarded<int32_t>(name(), "getOutputShapes", -1, [&]() {
+        check(nbShapeInputs == 0, name(), "expected no shape inputs, found ", nbShapeInputs);
+        mConfig.outputShapes(inputs, nbInputs, outputs, nbOutputs, exprBuilder);
+        return 0;
+    });
+}
+
+bool LinearPluginBase::supportsFormatCombination(
+    int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    return guarded<bool>(name(), "supportsFormatCombination", false,
+        [&]() { return mConfig.supportsFormatCombination(pos, inOut, nbInputs, nbOutputs); });
+}
+
+int32_t LinearPluginBase::getNbOutputs() const noexcept
+{
+    return kNB_OUTPUTS;
+}
+
+int32_t LinearPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    return guarded<int32_t>(name(), "onShapeChange", -1, [&]() {
+        mConfig.checkTensors(in, nbInputs, out, nbOutputs);
+        shapeChanged(in, nbInputs);
+        return 0;
+    });
+}
+
+nvinfer1::IPluginV3* LinearPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+{
+    return clone();
+}
+
+nvinfer1::PluginFieldCollection const* LinearPluginBase::getFieldsToSerialize() noexcept
+{
+    return guarded<nvinfer1::PluginFieldCollection const*>(
+        name(), "getFieldsToSerialize", nullptr, [&]() { return mConfig.fieldsToSerialize(); });
+}
+
+void const* LinearPluginBase::biasInput(void const* const* inputs) const noexcept
+{
+    return mConfig.fields().hasBias ? inputs[kINPUT_BIAS] : nullptr;
+}
+
+void LinearPluginBase::enqueueLoraLinear(nvinfer1::PluginTensorDesc const* inputDesc, int32_t rows,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) const
+{
+    LinearFields const& f = mConfig.fields();
+    // The engine's workspace was sized for the profile's largest row count; the
+    // kernels need (and are told about) the size for the current row count.
+    size_t const wsBytes
+        = adafuse_lora_linear_workspace_size(rows, f.inFeatures, f.outFeatures, f.numExperts, f.rank, f.topK);
+    check(wsBytes == 0 || workspace != nullptr, name(), "workspace of ", wsBytes, " bytes needed but none given");
+    int const status = adafuse_lora_linear(toKernelDtype(inputDesc[kINPUT_X].type, name()), rows, f.inFeatures,
+        f.outFeatures, inputs[kINPUT_X], inputs[kINPUT_W], biasInput(inputs), inputs[kINPUT_A], inputs[kINPUT_B],
+        f.numExperts, f.rank, static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]),
+        static_cast<float const*>(inputs[kINPUT_GATES]), f.topK, f.scale, outputs[kOUTPUT_Y], workspace, wsBytes,
+        stream);
+    check(status == ADAFUSE_OK, name(), "adafuse_lora_linear failed: ", adafuse_status_string(status), " (rows=", rows,
+        ")");
+}
+
+// ---- creator -----------------------------------------------------------------
+
+LinearPluginCreator::LinearPluginCreator(PluginIdentity const& identity)
+    : mIdentity(identity)
+{
+}
+
+char const* LinearPluginCreator::getPluginName() const noexcept
+{
+    return mIdentity.name;
+}
+
+char const* LinearPluginCreator::getPluginVersion() const noexcept
+{
+    return mIdentity.version;
+}
+
+char const* LinearPluginCreator::getPluginNamespace() const noexcept
+{
+    return mIdentity.pluginNamespace;
+}
+
+nvinfer1::PluginFieldCollection const* LinearPluginCreator::getFieldNames() noexcept
+{
+    return LinearConfig::fieldNames();
+}
+
+nvinfer1::IPluginV3* LinearPluginCreator::createPlugin(
+    char const* /*name*/, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
+{
+    return guarded<nvinfer1::IPluginV3*>(mIdentity.name, "createPlugin", nullptr,
+        [&]() -> nvinfer1::IPluginV3* { return create(LinearConfig::fromFieldCollection(mIdentity.name, fc)); });
+}
+
+} // namespace plugin
+} // namespace adafuse
