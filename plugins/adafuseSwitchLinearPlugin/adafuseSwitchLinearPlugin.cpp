@@ -10,6 +10,8 @@ namespace plugin
 namespace
 {
 constexpr char const* kName = kSWITCH_LINEAR_PLUGIN_NAME;
+constexpr PluginIdentity kIdentity{
+    kSWITCH_LINEAR_PLUGIN_NAME, kSWITCH_LINEAR_PLUGIN_VERSION, kSWITCH_LINEAR_PLUGIN_NAMESPACE};
 
 void cudaCheck(cudaError_t e, char const* what)
 {
@@ -25,7 +27,7 @@ bool sameSite(adafuse_switch_site const& a, adafuse_switch_site const& b)
 } // namespace
 
 AdafuseSwitchLinearPlugin::AdafuseSwitchLinearPlugin(LinearConfig const& config)
-    : mConfig(config)
+    : LinearPluginBase(kIdentity, config)
 {
 }
 
@@ -70,82 +72,10 @@ void AdafuseSwitchLinearPlugin::ensureDeviceState(nvinfer1::DataType type)
     // The route reset and the site record are written on the enqueue stream (see enqueue).
 }
 
-nvinfer1::IPluginCapability* AdafuseSwitchLinearPlugin::getCapabilityInterface(
-    nvinfer1::PluginCapabilityType type) noexcept
-{
-    return guarded<nvinfer1::IPluginCapability*>(kName, "getCapabilityInterface", nullptr,
-        [&]() -> nvinfer1::IPluginCapability* {
-            switch (type)
-            {
-            case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-            case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-            case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-            }
-            throw PluginError(str(kName, ": unknown capability type ", static_cast<int32_t>(type)));
-        });
-}
-
 nvinfer1::IPluginV3* AdafuseSwitchLinearPlugin::clone() noexcept
 {
     // Fields only: the clone allocates its own merged weight and route state.
-    return guarded<nvinfer1::IPluginV3*>(
-        kName, "clone", nullptr, [&]() -> nvinfer1::IPluginV3* { return new AdafuseSwitchLinearPlugin(mConfig); });
-}
-
-char const* AdafuseSwitchLinearPlugin::getPluginName() const noexcept
-{
-    return kSWITCH_LINEAR_PLUGIN_NAME;
-}
-
-char const* AdafuseSwitchLinearPlugin::getPluginVersion() const noexcept
-{
-    return kSWITCH_LINEAR_PLUGIN_VERSION;
-}
-
-char const* AdafuseSwitchLinearPlugin::getPluginNamespace() const noexcept
-{
-    return kSWITCH_LINEAR_PLUGIN_NAMESPACE;
-}
-
-int32_t AdafuseSwitchLinearPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-    nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
-{
-    return guarded<int32_t>(kName, "configurePlugin", -1, [&]() {
-        mConfig.checkTensors(in, nbInputs, out, nbOutputs);
-        return 0;
-    });
-}
-
-int32_t AdafuseSwitchLinearPlugin::getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-    nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept
-{
-    return guarded<int32_t>(kName, "getOutputDataTypes", -1, [&]() {
-        mConfig.outputDataTypes(outputTypes, nbOutputs, inputTypes, nbInputs);
-        return 0;
-    });
-}
-
-int32_t AdafuseSwitchLinearPlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
-    nvinfer1::DimsExprs const* /*shapeInputs*/, int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs,
-    int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept
-{
-    return guarded<int32_t>(kName, "getOutputShapes", -1, [&]() {
-        check(nbShapeInputs == 0, kName, "expected no shape inputs, found ", nbShapeInputs);
-        mConfig.outputShapes(inputs, nbInputs, outputs, nbOutputs, exprBuilder);
-        return 0;
-    });
-}
-
-bool AdafuseSwitchLinearPlugin::supportsFormatCombination(
-    int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
-{
-    return guarded<bool>(kName, "supportsFormatCombination", false,
-        [&]() { return mConfig.supportsFormatCombination(pos, inOut, nbInputs, nbOutputs); });
-}
-
-int32_t AdafuseSwitchLinearPlugin::getNbOutputs() const noexcept
-{
-    return kNB_OUTPUTS;
+    return cloneAs<AdafuseSwitchLinearPlugin>();
 }
 
 size_t AdafuseSwitchLinearPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -163,18 +93,13 @@ size_t AdafuseSwitchLinearPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensor
     });
 }
 
-int32_t AdafuseSwitchLinearPlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
-    nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+void AdafuseSwitchLinearPlugin::shapeChanged(nvinfer1::PluginTensorDesc const* in, int32_t /*nbInputs*/)
 {
-    return guarded<int32_t>(kName, "onShapeChange", -1, [&]() {
-        mConfig.checkTensors(in, nbInputs, out, nbOutputs);
-        // Allocate here (outside enqueue, so that a captured CUDA graph holds no allocation).
-        if (mConfig.rows(in[kINPUT_X].dims) == 1)
-        {
-            ensureDeviceState(in[kINPUT_X].type);
-        }
-        return 0;
-    });
+    // Allocate here (outside enqueue, so that a captured CUDA graph holds no allocation).
+    if (mConfig.rows(in[kINPUT_X].dims) == 1)
+    {
+        ensureDeviceState(in[kINPUT_X].type);
+    }
 }
 
 int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
@@ -187,7 +112,7 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         nvinfer1::DataType const type = inputDesc[kINPUT_X].type;
         adafuse_dtype const dtype = toKernelDtype(type, kName);
         int32_t const rows = mConfig.rows(inputDesc[kINPUT_X].dims);
-        void const* bias = f.hasBias ? inputs[kINPUT_BIAS] : nullptr;
+        void const* bias = biasInput(inputs);
         if (rows == 0)
         {
             return 0;
@@ -195,17 +120,7 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         if (rows > 1)
         {
             // Prefill: rows may carry different routes, so no merge; the merged state is untouched.
-            size_t const wsBytes = adafuse_lora_linear_workspace_size(
-                rows, f.inFeatures, f.outFeatures, f.numExperts, f.rank, f.topK);
-            check(wsBytes == 0 || workspace != nullptr, kName, "workspace of ", wsBytes,
-                " bytes needed but none given");
-            int const status = adafuse_lora_linear(dtype, rows, f.inFeatures, f.outFeatures, inputs[kINPUT_X],
-                inputs[kINPUT_W], bias, inputs[kINPUT_A], inputs[kINPUT_B], f.numExperts, f.rank,
-                static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]),
-                static_cast<float const*>(inputs[kINPUT_GATES]), f.topK, f.scale, outputs[kOUTPUT_Y], workspace,
-                wsBytes, stream);
-            check(status == ADAFUSE_OK, kName, "adafuse_lora_linear failed: ", adafuse_status_string(status),
-                " (rows=", rows, ")");
+            enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, stream);
             return 0;
         }
 
@@ -246,47 +161,16 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
     });
 }
 
-nvinfer1::IPluginV3* AdafuseSwitchLinearPlugin::attachToContext(
-    nvinfer1::IPluginResourceContext* /*context*/) noexcept
-{
-    // Each execution context gets its own merged weight and route state.
-    return clone();
-}
-
-nvinfer1::PluginFieldCollection const* AdafuseSwitchLinearPlugin::getFieldsToSerialize() noexcept
-{
-    return guarded<nvinfer1::PluginFieldCollection const*>(
-        kName, "getFieldsToSerialize", nullptr, [&]() { return mConfig.fieldsToSerialize(); });
-}
-
 // ---- creator -----------------------------------------------------------------
 
-char const* AdafuseSwitchLinearPluginCreator::getPluginName() const noexcept
+AdafuseSwitchLinearPluginCreator::AdafuseSwitchLinearPluginCreator()
+    : LinearPluginCreator(kIdentity)
 {
-    return kSWITCH_LINEAR_PLUGIN_NAME;
 }
 
-char const* AdafuseSwitchLinearPluginCreator::getPluginVersion() const noexcept
+nvinfer1::IPluginV3* AdafuseSwitchLinearPluginCreator::create(LinearConfig const& config) const
 {
-    return kSWITCH_LINEAR_PLUGIN_VERSION;
-}
-
-char const* AdafuseSwitchLinearPluginCreator::getPluginNamespace() const noexcept
-{
-    return kSWITCH_LINEAR_PLUGIN_NAMESPACE;
-}
-
-nvinfer1::PluginFieldCollection const* AdafuseSwitchLinearPluginCreator::getFieldNames() noexcept
-{
-    return LinearConfig::fieldNames();
-}
-
-nvinfer1::IPluginV3* AdafuseSwitchLinearPluginCreator::createPlugin(
-    char const* /*name*/, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
-{
-    return guarded<nvinfer1::IPluginV3*>(kName, "createPlugin", nullptr, [&]() -> nvinfer1::IPluginV3* {
-        return new AdafuseSwitchLinearPlugin(LinearConfig::fromFieldCollection(kName, fc));
-    });
+    return new AdafuseSwitchLinearPlugin(config);
 }
 
 } // namespace plugin
