@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..spec import module_group
 from . import plugin_ops
-from .graph import ELEM, Graph, torch_dtype
+from .graph import ELEM, Deferred, Graph, torch_dtype
 
 FLAVOURS = ("portable", "plugin")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -65,11 +65,27 @@ class _Builder:
         self._weights: dict[str, str] = {}
 
     # ---- weights ---------------------------------------------------------------------
+    # Each weight is a Deferred: shape from the checkpoint header, bytes read only when the exporter
+    # materialises it (inline or streamed to external data), one tensor at a time.
+    def _read(self, src, name: str):
+        """One checkpoint tensor. A SafetensorsSource keeps each shard memory-mapped once opened, and
+        the pages read stay resident (and count in RSS) while the map lives, so reading a 7B
+        checkpoint through it would grow RSS to the checkpoint size; its handles are dropped after
+        every read (re-opening costs a header parse)."""
+        t = src.get(name)
+        handles = getattr(src, "_handles", None)
+        if isinstance(handles, dict):
+            handles.clear()
+        return t
+
     def _rounded(self, src, name: str):
         """The tensor as the reference holds it (cast to the model dtype), in float32."""
         import torch
 
-        return src.get(name).to(self.tdtype).to(torch.float32)
+        return self._read(src, name).to(self.tdtype).to(torch.float32)
+
+    def _deferred(self, src, name: str, produce, elem=None) -> Deferred:
+        return Deferred(self.elem if elem is None else elem, tuple(src.info(name).shape), produce)
 
     def weight(self, name: str, merge_site=None) -> str:
         """A base weight initializer in the model dtype; static LoRA merged in float32 when given."""
@@ -78,23 +94,31 @@ class _Builder:
         if name == "lm_head.weight" and self.spec.tie_word_embeddings:
             self._weights[name] = self.weight("model.embed_tokens.weight")
             return self._weights[name]
-        w = self._rounded(self.ckpt.base, name)
-        if merge_site is not None:
-            A = self._rounded(self.ckpt.adapters, f"{merge_site.name}.lora_A")[0]
-            B = self._rounded(self.ckpt.adapters, f"{merge_site.name}.lora_B")[0]
-            w = w + self.aspec.site_scale(merge_site.name) * (B @ A)
-        self._weights[name] = self.g.init(name, w.to(self.tdtype))
+        base = self.ckpt.base
+        if merge_site is None:
+            # == _rounded(...).to(tdtype): float32 holds every float16/bfloat16 value exactly
+            produce = lambda: self._read(base, name).to(self.tdtype)  # noqa: E731
+        else:
+            def produce(site=merge_site):
+                w = self._rounded(base, name)
+                A = self._rounded(self.ckpt.adapters, f"{site.name}.lora_A")[0]
+                B = self._rounded(self.ckpt.adapters, f"{site.name}.lora_B")[0]
+                w = w + self.aspec.site_scale(site.name) * (B @ A)  # out of place: w may be the source tensor
+                return w.to(self.tdtype)
+        self._weights[name] = self.g.init(name, self._deferred(base, name, produce))
         return self._weights[name]
 
     def adapter_weight(self, name: str) -> str:
         if name not in self._weights:
-            self._weights[name] = self.g.init(name, self._rounded(self.ckpt.adapters, name).to(self.tdtype))
+            src = self.ckpt.adapters
+            self._weights[name] = self.g.init(name, self._deferred(src, name, lambda: self._read(src, name).to(self.tdtype)))
         return self._weights[name]
 
     def router_weight(self, name: str) -> str:
         """Routers run in float32 on dtype-rounded weights, as in the reference."""
         if name not in self._weights:
-            self._weights[name] = self.g.init(name, self._rounded(self.ckpt.adapters, name))
+            src = self.ckpt.adapters
+            self._weights[name] = self.g.init(name, self._deferred(src, name, lambda: self._rounded(src, name), F32))
         return self._weights[name]
 
     # ---- building blocks ---------------------------------------------------------------
@@ -277,9 +301,11 @@ class DecoderBuilder(_Builder):
     def silu(self, x: str) -> str:
         return self.g.op("Mul", [x, self.g.op("Sigmoid", [x])], hint="silu")
 
-    def _finish(self, graph: str):
-        imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
-        return self.g.model(imports, metadata(self.ckpt, graph, self.flavour, self.dtype))
+    def _finish(self, graph: str) -> Graph:
+        """The built graph with its weights still unread (Graph.model() materialises them)."""
+        self.g.opset_imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
+        self.g.metadata = metadata(self.ckpt, graph, self.flavour, self.dtype)
+        return self.g
 
     def _uses_plugin(self) -> bool:
         return any(n.domain == plugin_ops.DOMAIN for n in self.g.nodes)
@@ -299,9 +325,10 @@ class PregateBuilder(DecoderBuilder):
         return self._finish("pregate")
 
 
-def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32"):
+def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32") -> Graph:
+    """The decoder graph, weights deferred: `.model()` gives an inline ModelProto, export.write_model streams."""
     return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder").build()
 
 
-def build_pregate(ckpt: Checkpoint, dtype: str = "float32"):
+def build_pregate(ckpt: Checkpoint, dtype: str = "float32") -> Graph:
     return PregateBuilder(ckpt, "portable", dtype, "adafuse_pregate").build()

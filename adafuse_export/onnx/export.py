@@ -13,7 +13,7 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
-from .graph import ELEM_NAMES, OPSET
+from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
 
 # Protobuf cannot hold more than 2 GiB; above this many initializer bytes, weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -23,16 +23,25 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_model(model: onnx.ModelProto, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> str | None:
-    """Save; initializers go to `<name>.data` when they total more than `threshold` bytes. Returns that file name."""
+def write_model(graph: Graph, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[onnx.ModelProto, str | None]:
+    """Write a built graph; its weights go to `<name>.data` when all initializers total more than
+    `threshold` bytes (decided from the checkpoint's tensor shapes before any weight is read).
+
+    External: each weight is read, converted, appended (4096-aligned) and released in turn, so peak
+    memory is about the largest tensor; the .onnx file holds the graph and the inline constants.
+    Returns (the ModelProto as written, without weight bytes when external; the data file name or None).
+    """
     path = Path(path)
-    if initializer_bytes(model) > threshold:
+    if graph.initializer_bytes() > threshold:
         location = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024, convert_attribute=False)  # small constants stay inline
-        return location
-    onnx.save_model(model, str(path))
-    return None
+        with ExternalData(path.parent / location) as sink:
+            model = graph.model(external=sink)
+            sink.close()
+    else:
+        location, model = None, graph.model()
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return model, location
 
 
 def io_spec(model: onnx.ModelProto) -> dict:
@@ -49,7 +58,10 @@ def io_spec(model: onnx.ModelProto) -> dict:
 
 def _check(path: Path, flavour: str) -> None:
     try:
-        # custom-domain ops have no schema: full (shape-inferring) check for the portable flavour only
+        # custom-domain ops have no schema: full (shape-inferring) check for the portable flavour only.
+        # By path, the checker parses the graph and checks external-data references (file present,
+        # inside the model's folder) without loading weight bytes; shape inference needs only
+        # initializer dims, plus the values of the inline shape constants.
         onnx.checker.check_model(str(path), full_check=flavour == "portable")
     except onnx.checker.ValidationError as e:  # a builder bug, not a user error
         raise RuntimeError(f"{path}: exported graph fails onnx.checker: {e}") from e
@@ -99,17 +111,16 @@ def _umask() -> int:
 def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int) -> dict:
     a, m = ckpt.adapter, ckpt.model
     graphs = {}
-    decoder = build_decoder(ckpt, flavour, dtype)
-    ext = save_model(decoder, tmp / DECODER, threshold)
+    decoder, ext = write_model(build_decoder(ckpt, flavour, dtype), tmp / DECODER, threshold)
     _check(tmp / DECODER, flavour)
     graphs["decoder"] = {"file": DECODER, "external_data": ext, **io_spec(decoder)}
     del decoder
     routes = None
     if has_pregate_graph(ckpt):
-        pregate = build_pregate(ckpt, dtype)
-        ext = save_model(pregate, tmp / PREGATE, threshold)
+        pregate, ext = write_model(build_pregate(ckpt, dtype), tmp / PREGATE, threshold)
         _check(tmp / PREGATE, "portable")
         graphs["pregate"] = {"file": PREGATE, "external_data": ext, **io_spec(pregate)}
+        del pregate
         routes = _write_routes(ckpt, tmp / ROUTES, dtype)
     manifest = {
         "format": "adafuse-onnx", "version": 1, "flavour": flavour, "dtype": dtype, "opset": OPSET,

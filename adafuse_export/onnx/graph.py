@@ -1,5 +1,18 @@
-"""A small helper over onnx.helper for building graphs node by node with numpy/torch initializers."""
+"""A small helper over onnx.helper for building graphs node by node with numpy/torch initializers.
+
+Weights can be *deferred*: the builder records name, dtype, shape and a producer (which reads the
+checkpoint tensor when called), so a whole graph is built before any weight byte is read. The
+exporter then knows the exact initializer bytes up front and either materialises them inline
+(small models, one .onnx file) or streams them one at a time into `<graph>.onnx.data`
+(ExternalData): peak memory is then about one tensor, not the model.
+"""
 from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -7,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+ELEM_SIZES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}
 ELEM_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
               TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
 
@@ -17,21 +31,98 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def tensor_proto(name: str, t) -> TensorProto:
-    """A TensorProto from a torch tensor or numpy array (bfloat16 through raw bytes)."""
+def tensor_proto(name: str, t, proto: TensorProto | None = None) -> TensorProto:
+    """A TensorProto from a torch tensor or numpy array (raw bytes), filled into `proto` when given
+    (e.g. graph.initializer.add(), which saves a copy of the bytes)."""
     import torch
 
+    proto = TensorProto() if proto is None else proto
     if isinstance(t, torch.Tensor):
         t = t.detach().contiguous().cpu()
-        if t.dtype == torch.bfloat16:
-            proto = TensorProto()
+        if t.dtype in (torch.bfloat16, torch.float16, torch.float32):
             proto.name = name
-            proto.data_type = TensorProto.BFLOAT16
+            proto.data_type = _elem_of(t)
             proto.dims.extend(t.shape)
-            proto.raw_data = t.view(torch.int16).numpy().tobytes()
+            proto.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian, as ONNX wants
             return proto
         t = t.numpy()
-    return numpy_helper.from_array(np.ascontiguousarray(t), name)
+    proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(t), name))
+    return proto
+
+
+def _elem_of(t) -> int:
+    import torch
+
+    return {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+            torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}[t.dtype]
+
+
+@dataclass
+class Deferred:
+    """A weight not read yet: `produce()` returns a torch tensor of exactly this dtype and shape."""
+    elem: int
+    shape: tuple[int, ...]
+    produce: Callable[[], object]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ELEM_SIZES[self.elem]
+
+    def tensor(self, name: str):
+        t = self.produce()
+        if _elem_of(t) != self.elem or tuple(t.shape) != tuple(self.shape):
+            raise RuntimeError(f"initializer '{name}': producer gave {t.dtype} {list(t.shape)}, "
+                               f"declared {ELEM_NAMES.get(self.elem, self.elem)} {list(self.shape)}")
+        return t
+
+
+class ExternalData:
+    """Appends tensors to one external-data file, each at an offset aligned to `align` bytes (so
+    ONNX Runtime can memory-map them), and returns TensorProtos that reference them
+    (data_location EXTERNAL with location/offset/length; no raw_data is kept)."""
+
+    ALIGN = 4096
+
+    def __init__(self, path: Path, align: int = ALIGN):
+        self.path, self.location, self.align = Path(path), Path(path).name, align
+        self.offset = 0
+        self._f = open(self.path, "wb")
+
+    def add(self, name: str, t) -> TensorProto:
+        import torch
+
+        t = t.detach().contiguous().cpu()
+        pad = -self.offset % self.align
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.dtype != torch.bool else t.reshape(-1).numpy()
+        length = t.numel() * t.element_size()
+        if length:
+            self._f.write(memoryview(data))  # straight from the tensor's memory, no bytes copy
+        proto = TensorProto()
+        proto.name = name
+        proto.data_type = _elem_of(t)
+        proto.dims.extend(t.shape)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(length))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += length
+        return proto
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._f.closed:
+            self._f.close()
 
 
 class Graph:
@@ -39,7 +130,10 @@ class Graph:
         self.name, self.dtype = name, dtype
         self.elem = ELEM[dtype]
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
+        # inline constants as TensorProtos; weights as (name, Deferred or tensor) until model()
+        self.initializers: list = []
+        self.opset_imports: dict[str, int] = {}
+        self.metadata: dict[str, str] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
@@ -83,8 +177,20 @@ class Graph:
 
     # ---- initializers and constants -------------------------------------------------
     def init(self, name: str, t) -> str:
-        self.initializers.append(tensor_proto(name, t))
+        """A weight initializer: a torch tensor / numpy array, or a Deferred read later."""
+        self.initializers.append((name, t))
         return name
+
+    def initializer_bytes(self) -> int:
+        """Bytes of every initializer (weights and constants), known without reading any weight."""
+        total = 0
+        for entry in self.initializers:
+            if isinstance(entry, TensorProto):
+                total += len(entry.raw_data)
+            else:
+                t = entry[1]
+                total += t.nbytes if isinstance(t, Deferred) else (t.numel() * t.element_size() if hasattr(t, "numel") else t.nbytes)
+        return total
 
     def const(self, values, dtype=np.int64) -> str:
         arr = np.asarray(values, dtype=dtype)
@@ -110,14 +216,30 @@ class Graph:
     def cast(self, x: str, to_elem: int, from_elem: int) -> str:
         return x if to_elem == from_elem else self.op("Cast", [x], to=to_elem)
 
-    def model(self, opset_imports: dict[str, int] | None = None, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+    def model(self, external: ExternalData | None = None) -> onnx.ModelProto:
+        """The ModelProto. Weights are read here, one at a time: inline (raw_data) without `external`,
+        else appended to its file as they are produced and released at once; constants stay inline."""
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, [])
+        for entry in self.initializers:
+            if isinstance(entry, TensorProto):
+                graph.initializer.append(entry)
+                continue
+            name, t = entry
+            if isinstance(t, Deferred):
+                t = t.tensor(name)
+            if external is not None:
+                import torch
+
+                graph.initializer.append(external.add(name, t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t))))
+            else:
+                tensor_proto(name, t, graph.initializer.add())
+            del t
         imports = [helper.make_opsetid("", OPSET)]
-        for domain, version in (opset_imports or {}).items():
+        for domain, version in self.opset_imports.items():
             imports.append(helper.make_opsetid(domain, version))
         model = helper.make_model(graph, opset_imports=imports, producer_name="adafuse-export")
         model.ir_version = 8  # opset 17 era; readable by ONNX Runtime >= 1.13 and TensorRT 8.6+
-        for k, v in (metadata or {}).items():
+        for k, v in self.metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = k, str(v)
         return model
