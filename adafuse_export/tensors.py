@@ -85,6 +85,9 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
+    def release(self) -> None:
+        """Drop open file maps: pages read through a live map stay resident (and count in RSS)."""
+
     def total_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
 
@@ -183,6 +186,9 @@ class SafetensorsSource(TensorSource):
             return self._infos[name]
         except KeyError:
             raise AdafuseError(f"tensor '{name}' not found") from None
+
+    def release(self) -> None:
+        self._handles.clear()
 
     def get(self, name: str):
         from safetensors import safe_open

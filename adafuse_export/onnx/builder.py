@@ -70,12 +70,10 @@ class _Builder:
     def _read(self, src, name: str):
         """One checkpoint tensor. A SafetensorsSource keeps each shard memory-mapped once opened, and
         the pages read stay resident (and count in RSS) while the map lives, so reading a 7B
-        checkpoint through it would grow RSS to the checkpoint size; its handles are dropped after
+        checkpoint through it would grow RSS to the checkpoint size; the maps are released after
         every read (re-opening costs a header parse)."""
         t = src.get(name)
-        handles = getattr(src, "_handles", None)
-        if isinstance(handles, dict):
-            handles.clear()
+        src.release()
         return t
 
     def _rounded(self, src, name: str):
