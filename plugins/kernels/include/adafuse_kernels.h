@@ -18,6 +18,16 @@ extern "C" {
 
 #define ADAFUSE_KERNELS_ABI_VERSION 1
 
+// Limits checked by the functions below (a call beyond them returns
+// ADAFUSE_ERR_INVALID_ARGUMENT). Additive constants; the ABI is unchanged.
+#define ADAFUSE_MAX_TOP_K 8                 // top_k of adafuse_lora_linear and adafuse_switch
+#define ADAFUSE_LORA_MAX_EXPERTS 256        // num_experts of adafuse_lora_linear
+#define ADAFUSE_LORA_MAX_RANK 4096          // rank of adafuse_lora_linear
+#define ADAFUSE_SWITCH_MAX_SITES (1 << 20)  // num_sites of adafuse_switch (also bounded by shared
+                                            // memory: 4 bytes per site + the tile buffers)
+// adafuse_switch has no limit on rank or num_experts; a site with a non-positive size or
+// out/in above max_out_features/max_in_features is skipped (left untouched).
+
 typedef enum {
   ADAFUSE_FLOAT32 = 0,
   ADAFUSE_FLOAT16 = 1,

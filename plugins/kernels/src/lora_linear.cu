@@ -27,9 +27,9 @@ namespace {
 constexpr int kGemvMaxRows = 16;
 constexpr int kThreads = 256;
 constexpr int kSlotTile = 32;     // slots per grouped tile
-constexpr int kMaxExperts = 256;  // grouped path bucket limit
-constexpr int kMaxRank = 4096;
-constexpr int kMaxTopK = 8;
+constexpr int kMaxExperts = ADAFUSE_LORA_MAX_EXPERTS;  // grouped path bucket limit
+constexpr int kMaxRank = ADAFUSE_LORA_MAX_RANK;
+constexpr int kMaxTopK = ADAFUSE_MAX_TOP_K;
 
 // ---------------------------------------------------------------------------
 // Few-rows path
