@@ -187,14 +187,15 @@ def make_sites(shapes, dt, E, r, gen, pristine):
     return sites
 
 
-def check_switch(K, results):
+def check_switch(K, results, tag=""):
     gen = torch.Generator().manual_seed(99)
     out = []
     shapes = [(37, 7), (1, 1), (129, 257), (4096, 4095), (4096, 4096), (11008, 4096)]
     n_fail = 0
     for dname in ["fp32", "bf16", "fp16"]:
         dt = DT[dname]
-        for (E, r, k) in [(8, 16, 2), (8, 3, 4), (64, 64, 1), (1, 128, 3)]:
+        # K = terms x rank16 spans both v3 configurations (2 and 1 block/SM) and the v2 fallback
+        for (E, r, k) in [(8, 16, 2), (8, 3, 4), (64, 64, 1), (1, 128, 3), (8, 64, 2), (4, 1, 2), (16, 32, 4)]:
             for pristine in (True, False):
                 sites = make_sites(shapes, dt, E, r, gen, pristine)
                 sd = K.sites_to_device(sites)
@@ -235,8 +236,8 @@ def check_switch(K, results):
                 if not ok:
                     log("  SWITCH FAIL", rec, errs)
                 del sites, sd
-    results["switch_correctness"] = out
-    log(f"switch correctness: {len(out)} cases, {n_fail} failures; worst per dtype "
+    results["switch_correctness" + tag] = out
+    log(f"switch{tag} correctness: {len(out)} cases, {n_fail} failures; worst per dtype "
         + str({d: max(o['worst_rel_err'] for o in out if o['dtype'] == d) for d in DT}))
     return n_fail
 
@@ -405,10 +406,10 @@ def bench_lora(K, results, copy_bw):
     results["lora_timing"] = rows_out
 
 
-def bench_switch(K, results, copy_bw):
+def bench_switch(K, results, copy_bw, r=16, tag=""):
     dt = torch.bfloat16
     gen = torch.Generator(device=DEV).manual_seed(11)
-    E, r, k = 8, 16, 2
+    E, k = 8, 2
     shapes = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]
     sites_in, sites_pr = [], []
     total_bytes = 0
@@ -465,8 +466,8 @@ def bench_switch(K, results, copy_bw):
                flops=2.0 * sum(o * i for o, i in shapes) * 32 * (2 * k * r))
     rec["inplace_frac_of_copy"] = rec["inplace_TBps"] / rec["copy_TBps_2GB"]
     rec["pristine_frac_of_copy"] = rec["pristine_TBps"] / rec["copy_TBps_2GB"]
-    results["switch_timing"] = rec
-    log("switch 224 sites bf16 E8 r16 top2: in-place %.3f ms (%.2f TB/s, %.0f%% of copy; repeat %.3f ms), "
+    results[("switch_timing" if r == 16 else f"switch_timing_r{r}") + tag] = rec
+    log(f"switch{tag} 224 sites bf16 E8 r{r} top2: in-place %.3f ms (%.2f TB/s, %.0f%% of copy; repeat %.3f ms), "
         "pristine %.3f ms (%.2f TB/s, %.0f%%), no-op %.4f ms, same-bytes copy %.3f ms (%.2f TB/s)" % (
             t_in, rec["inplace_TBps"], 100 * rec["inplace_frac_of_copy"], t_in2, t_pr, rec["pristine_TBps"],
             100 * rec["pristine_frac_of_copy"], t_noop, t_copy, rec["copy_TBps_same_bytes"]))
@@ -479,6 +480,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--arch", default=None)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: lora,switch,drift,tlora,tswitch")
+    ap.add_argument("--switch-impls", default="", help="comma list of ADAFUSE_SWITCH_IMPL values to A/B "
+                    "(v2, v3a): correctness and timing of the switch again under each")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -516,7 +519,15 @@ def main():
     section("switch", check_switch, K, results)
     section("drift", drift_test, K, results)
     section("tlora", bench_lora, K, results, bw)
-    section("tswitch", bench_switch, K, results, bw)
+    section("tswitch", bench_switch, K, results, bw, 16)
+    section("tswitch", bench_switch, K, results, bw, 64)
+    # same-run A/B of the switch implementations (ADAFUSE_SWITCH_IMPL, read at every call)
+    for impl in [m for m in args.switch_impls.split(",") if m]:
+        os.environ["ADAFUSE_SWITCH_IMPL"] = impl
+        section("switch_ab", check_switch, K, results, "_" + impl)
+        section("switch_ab", bench_switch, K, results, bw, 16, "_" + impl)
+        section("switch_ab", bench_switch, K, results, bw, 64, "_" + impl)
+        os.environ.pop("ADAFUSE_SWITCH_IMPL")
     results["failures"] = fails
 
     log("\n==== summary ====")
@@ -528,9 +539,11 @@ def main():
             log("%5dx%-5d %4d %4d | %9.2f %9.2f %9.2f %9.2f | %6.3f %6.2f" % (
                 r["out"], r["inp"], r["rank"], r["rows"], r["fused_us"], r["dense_us"], r["unmerged_us"],
                 max(r["bytes_floor_us"], r["flop_floor_us"]), r["fused_over_dense"], r["fused_bw_TBps"]))
-    if "switch_timing" in results:
-        s = results["switch_timing"]
-        log("switch 224 sites: in-place %.3f ms, pristine %.3f ms, no-op %.4f ms, floor %.3f ms; "
+    for key in [k for k in results if k.startswith("switch_timing")]:
+        if key not in results:
+            continue
+        s = results[key]
+        log(f"{key} r{s['rank']}: in-place %.3f ms, pristine %.3f ms, no-op %.4f ms, floor %.3f ms; "
             "%.0f%% / %.0f%% of copy bandwidth" % (s["inplace_ms"], s["pristine_ms"], s["noop_ms"], s["floor_ms"],
                                                   100 * s["inplace_frac_of_copy"], 100 * s["pristine_frac_of_copy"]))
     if "drift_bf16" in results:

@@ -26,7 +26,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int BM = 64;   // rows (out) per tile
 constexpr int BN = 128;  // cols (in) per tile
-constexpr int kMaxTopK = 8;
+constexpr int kMaxTopK = ADAFUSE_MAX_TOP_K;
 constexpr int kMaxTerms = 2 * kMaxTopK;
 
 // mma path staging
@@ -94,11 +94,345 @@ __device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int va
   }
 }
 
+
+// ---- v3: pipelined, operand-resident switch (fp16 / bf16) ----------------
+// Each block takes a contiguous range of the tile sequence, ordered per site
+// column strip first (o fastest), so consecutive tiles of a block share the
+// A columns [K x BN]: A is loaded once per strip into shared memory and stays
+// resident. W (or W_base) tiles and the B rows [BM x K] stream through an
+// S-stage cp.async ring (S-1 tiles in flight while one is computed; no W in
+// registers). The delta is added to the W tile in shared memory in the
+// accumulator layout, then written with 16-byte coalesced stores.
+// K = terms * rank16 must fit: the launch tries 2 blocks/SM, then 1 block/SM,
+// then falls back to the v2 kernel (chunked K), all decided on the device.
+constexpr int kMaxStages = 6;
+constexpr int LDW = BN + 8;  // sA and sW row stride (elements)
+
+__host__ __device__ inline int v3_prefix_bytes(int num_sites) {
+  return static_cast<int>(align_up_c(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 128));
+}
+// Stages that fit in smem_bytes for a K of kmax (0: this configuration cannot run it).
+__host__ __device__ inline int v3_stages(int kmax, int num_sites, int smem_bytes) {
+  const long long pre = v3_prefix_bytes(num_sites);
+  const long long a = 2ll * kmax * LDW;
+  const long long st = 2ll * BM * LDW + 2ll * BM * (kmax + 8);
+  if (smem_bytes <= 0 || pre + a >= smem_bytes) return 0;
+  const long long S = (smem_bytes - pre - a) / st;
+  return static_cast<int>(S < kMaxStages ? S : kMaxStages);
+}
+
+__device__ __forceinline__ int site_k(const adafuse_switch_site& s, int n_new, int n_all) {
+  return (s.W_base ? n_new : n_all) * ((s.rank + 15) & ~15);
+}
+
+__device__ __forceinline__ void cp_async_wait_dyn(int n) {
+  switch (n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    default: cp_async_wait<4>(); break;  // kMaxStages - 2
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Site of global tile `tile` and its origin (strip-major inside the site).
+__device__ __forceinline__ int locate_tile(const int* s_prefix, const adafuse_switch_site* sites,
+                                           int num_sites, int tile, int& o0, int& i0) {
+  int lo = 0, hi = num_sites - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (s_prefix[mid] <= tile) lo = mid; else hi = mid - 1;
+  }
+  const int tiles_o = (sites[lo].out_features + BM - 1) / BM;
+  const int local = tile - s_prefix[lo];
+  const int strip = local / tiles_o;
+  o0 = (local - strip * tiles_o) * BM;
+  i0 = strip * BN;
+  return lo;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
+                 int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
+                 const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k,
+                 int smem_bytes, int smem_prev) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int* s_prefix = reinterpret_cast<int*>(smem);  // [num_sites + 1]
+  __shared__ int s_term_e[kMaxTerms];
+  __shared__ float s_term_g[kMaxTerms];
+  __shared__ int s_nterms, s_nall, s_kmax;
+  __shared__ int s_warp[kThreads / 32];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  bool same = true;
+  for (int j = 0; j < top_k; ++j) {
+    const int a = new_ids[j], b = old_ids[j];
+    if (a < 0 && b < 0) continue;
+    if (a != b || __float_as_uint(new_gates[j]) != __float_as_uint(old_gates[j])) same = false;
+  }
+  if (same) return;  // uniform across the grid: nothing is written
+  if (tid == 0) {
+    int n = 0;
+    for (int j = 0; j < top_k; ++j)
+      if (new_ids[j] >= 0) { s_term_e[n] = new_ids[j]; s_term_g[n] = new_gates[j]; ++n; }
+    s_nterms = n;
+    for (int j = 0; j < top_k; ++j)
+      if (old_ids[j] >= 0) { s_term_e[n] = old_ids[j]; s_term_g[n] = -old_gates[j]; ++n; }
+    s_nall = n;
+    s_kmax = 0;
+    s_prefix[0] = 0;
+  }
+  __syncthreads();
+  const int n_new = s_nterms, n_all = s_nall;
+  int carry = 0, kmax = 0;
+  for (int base = 0; base < num_sites; base += kThreads) {
+    const int s = base + tid;
+    int v = 0;
+    if (s < num_sites) {
+      v = site_tiles(sites[s], max_out, max_in);
+      if (v > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
+    }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, v, o);
+      if (lane >= o) v += u;
+    }
+    if (lane == 31) s_warp[warp] = v;
+    __syncthreads();
+    int before = 0, chunk_total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      if (w < warp) before += s_warp[w];
+      chunk_total += s_warp[w];
+    }
+    if (s < num_sites) s_prefix[s + 1] = carry + before + v;
+    carry += chunk_total;
+    __syncthreads();
+  }
+  if (kmax > 0) atomicMax(&s_kmax, kmax);
+  __syncthreads();
+  kmax = s_kmax;
+  const int S = v3_stages(kmax, num_sites, smem_bytes);
+  if (S < 2) return;                                                      // too large: later config
+  if (smem_prev > 0 && v3_stages(kmax, num_sites, smem_prev) >= 2) return;  // earlier config ran
+  const int total_tiles = s_prefix[num_sites];
+  const int t_begin = static_cast<int>(static_cast<long long>(total_tiles) * blockIdx.x / gridDim.x);
+  const int t_end = static_cast<int>(static_cast<long long>(total_tiles) * (blockIdx.x + 1) / gridDim.x);
+  if (t_begin >= t_end) return;
+
+  const int LDB = kmax + 8;
+  T* sA = reinterpret_cast<T*>(smem + v3_prefix_bytes(num_sites));  // [kmax][LDW]
+  unsigned char* stage0 = reinterpret_cast<unsigned char*>(sA + static_cast<size_t>(kmax) * LDW);
+  const int stage_elems = BM * LDW + BM * LDB;
+  auto stage_w = [&](int st) { return reinterpret_cast<T*>(stage0) + static_cast<size_t>(st) * stage_elems; };
+
+  // producer: W tile and B rows of tile t into stage st (always commits a group)
+  auto issue = [&](int t, int st) {
+    if (t < t_end) {
+      int o0, i0;
+      const int si = locate_tile(s_prefix, sites, num_sites, t, o0, i0);
+      const adafuse_switch_site& Sd = sites[si];
+      const int out = Sd.out_features, in = Sd.in_features, rank = Sd.rank, E = Sd.num_experts;
+      const T* src = static_cast<const T*>(Sd.W_base ? Sd.W_base : Sd.W);
+      const T* Bg = static_cast<const T*>(Sd.B);
+      const int rpad = (rank + 15) & ~15;
+      const int K = (Sd.W_base ? n_new : n_all) * rpad;
+      T* sW = stage_w(st);
+      T* sB = sW + BM * LDW;
+      const bool vec_w = (in % 8 == 0) && aligned16(src);
+#pragma unroll
+      for (int m = 0; m < (BM * BN) / (kThreads * 8); ++m) {
+        const int v = tid + kThreads * m;
+        const int r = v >> 4, cc = (v & 15) << 3;
+        const int row = o0 + r, col = i0 + cc;
+        if (vec_w) {
+          const bool ok = row < out && col < in;
+          cp_async16(sW + r * LDW + cc, ok ? src + static_cast<size_t>(row) * in + col : src, ok);
+        } else {
+          const int valid = row < out ? max(0, min(8, in - col)) : 0;
+          uint4 x = make_uint4(0, 0, 0, 0);
+          if (valid > 0) x = load_raw<T>(src + static_cast<size_t>(row) * in + col, false, valid);
+          *reinterpret_cast<uint4*>(sW + r * LDW + cc) = x;
+        }
+      }
+      if (K > 0) {
+        const bool vec_b = (rank % 8 == 0) && aligned16(Bg);
+        const int kv = K >> 3;  // 8-element vectors per B row
+        const int rv = rpad >> 3;
+        for (int v = tid; v < BM * kv; v += kThreads) {
+          const int o = v / kv, k8 = v - o * kv;
+          const int term = k8 / rv;
+          const int r = (k8 - term * rv) << 3;
+          const int e = s_term_e[term];
+          const bool ok = o0 + o < out && e < E && r < rank;
+          T* dst = sB + o * LDB + (k8 << 3);
+          const T* p = ok ? Bg + (static_cast<size_t>(e) * out + o0 + o) * rank + r : Bg;
+          if (vec_b) {
+            cp_async16(dst, p, ok);
+          } else {
+            uint4 x = make_uint4(0, 0, 0, 0);
+            if (ok) x = load_raw<T>(p, false, min(8, rank - r));
+            *reinterpret_cast<uint4*>(dst) = x;
+          }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  for (int p = 0; p < S - 1; ++p) issue(t_begin + p, p);
+
+  int res_site = -1, res_i0 = -1;
+  const int wm = warp >> 2, wn = warp & 3, mi = lane >> 3;
+  int st = 0;
+  for (int t = t_begin; t < t_end; ++t) {
+    cp_async_wait_dyn(S - 2);
+    __syncthreads();  // tile t landed for every thread; stage of t-1 and sA are free
+    int o0, i0;
+    const int si = locate_tile(s_prefix, sites, num_sites, t, o0, i0);
+    const adafuse_switch_site& Sd = sites[si];
+    const int out = Sd.out_features, in = Sd.in_features, rank = Sd.rank, E = Sd.num_experts;
+    const float scale = Sd.scale;
+    const int rpad = (rank + 15) & ~15;
+    const int K = (Sd.W_base ? n_new : n_all) * rpad;
+    if (si != res_site || i0 != res_i0) {  // new column strip: reload the resident A
+      const T* Ag = static_cast<const T*>(Sd.A);
+      const bool vec_a = (in % 8 == 0) && aligned16(Ag);
+      for (int v = tid; v < K * (BN / 8); v += kThreads) {
+        const int k = v >> 4, cc = (v & 15) << 3;
+        const int term = k / rpad, r = k - term * rpad;
+        const int e = s_term_e[term];
+        const int col = i0 + cc;
+        const bool ok = r < rank && e < E && col < in;
+        const T* p = ok ? Ag + (static_cast<size_t>(e) * rank + r) * in + col : Ag;
+        if (vec_a) {
+          cp_async16(sA + k * LDW + cc, p, ok);
+        } else {
+          uint4 x = make_uint4(0, 0, 0, 0);
+          if (ok) x = load_raw<T>(p, false, min(8, in - col));
+          *reinterpret_cast<uint4*>(sA + k * LDW + cc) = x;
+        }
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      res_site = si;
+      res_i0 = i0;
+    }
+    issue(t + S - 1, st == 0 ? S - 1 : st - 1);  // into the stage freed by tile t-1
+
+    T* sW = stage_w(st);
+    const T* sB = sW + BM * LDW;
+    float acc[2][4][4], tmp[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) { acc[a][b][c] = 0.f; tmp[a][b][c] = 0.f; }
+    const int nks = K >> 4, ks_per_term = rpad >> 4;
+    int cur_term = 0, in_term = 0;
+    for (int ks = 0; ks < nks; ++ks) {
+      if (in_term == ks_per_term) {  // term boundary (uniform): apply the coefficient in fp32
+        const float c = scale * s_term_g[cur_term];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) { acc[a][b][q] = fmaf(c, tmp[a][b][q], acc[a][b][q]); tmp[a][b][q] = 0.f; }
+        ++cur_term;
+        in_term = 0;
+      }
+      ++in_term;
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int row = wm * 32 + mt * 16 + (mi & 1) * 8 + (lane & 7);
+        ldmatrix_x4(af[mt], sB + row * LDB + ks * 16 + (mi >> 1) * 8);
+      }
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int krow = ks * 16 + (mi & 1) * 8 + (lane & 7);
+        uint32_t r4[4];
+        ldmatrix_x4_trans(r4, sA + krow * LDW + wn * 32 + p * 16 + (mi >> 1) * 8);
+        bf[2 * p][0] = r4[0]; bf[2 * p][1] = r4[1];
+        bf[2 * p + 1][0] = r4[2]; bf[2 * p + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) Mma<T>::run(tmp[mt][nt], af[mt], bf[nt]);
+    }
+    if (nks > 0) {
+      const float c = scale * s_term_g[cur_term];
+#pragma unroll
+      for (int a = 0; a < 2; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[a][b][q] = fmaf(c, tmp[a][b][q], acc[a][b][q]);
+    }
+    // W tile (in shared memory) += delta, in the accumulator layout (conflict-free: LDW/2 = 4 mod 32)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int lr = wm * 32 + mt * 16 + (lane >> 2) + h * 8;
+          const int lc = wn * 32 + nt * 8 + (lane & 3) * 2;
+          uint32_t* q = reinterpret_cast<uint32_t*>(sW + lr * LDW + lc);
+          const float2 f = unpack2<T>(*q);
+          *q = pack2<T>(f.x + acc[mt][nt][2 * h], f.y + acc[mt][nt][2 * h + 1]);
+        }
+    __syncthreads();
+    T* W = static_cast<T*>(Sd.W);
+    const bool vec_st = (in % 8 == 0) && aligned16(W);
+#pragma unroll
+    for (int m = 0; m < (BM * BN) / (kThreads * 8); ++m) {
+      const int v = tid + kThreads * m;
+      const int r = v >> 4, cc = (v & 15) << 3;
+      const int row = o0 + r, col = i0 + cc;
+      if (row < out && col < in)
+        store_raw<T>(W + static_cast<size_t>(row) * in + col,
+                     *reinterpret_cast<const uint4*>(sW + r * LDW + cc), vec_st, min(8, in - col));
+    }
+    st = (st + 1 == S) ? 0 : st + 1;
+  }
+  cp_async_wait<0>();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
 switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
               int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
-              const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k) {
+              const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k,
+              int v3_smem) {
   constexpr bool kF32 = std::is_same<T, float>::value;
   constexpr int V = TypeOps<T>::kVec;
   constexpr int NV = (BM * BN) / (kThreads * V);  // vectors of W per thread
@@ -111,6 +445,7 @@ switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int 
   __shared__ float s_term_g[kMaxTerms];
   __shared__ int s_nterms;
   __shared__ int s_nall;
+  __shared__ int s_kmax;
   __shared__ int s_warp[kThreads / 32];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -133,6 +468,7 @@ switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int 
       if (old_ids[j] >= 0) { s_term_e[n] = old_ids[j]; s_term_g[n] = -old_gates[j]; ++n; }
     }
     s_nall = n;  // total terms (in place)
+    s_kmax = 0;
   }
 
   // ---- prefix sum of tiles over sites ---------------------------------------
@@ -160,6 +496,14 @@ switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int 
   const int total_tiles = s_prefix[num_sites];
   const int n_new = s_nterms;
   const int n_all = s_nall;
+  if (v3_smem > 0) {  // fp16/bf16: run only where the v3 kernel (its largest config) could not
+    int kmax = 0;
+    for (int s = tid; s < num_sites; s += kThreads)
+      if (site_tiles(sites[s], max_out, max_in) > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
+    if (kmax > 0) atomicMax(&s_kmax, kmax);
+    __syncthreads();
+    if (v3_stages(s_kmax, num_sites, v3_smem) >= 2) return;
+  }
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
     // locate the site: last s with prefix[s] <= tile
@@ -446,8 +790,49 @@ int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, 
   AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem));
   if (per_sm < 1) return ADAFUSE_ERR_CUDA;
   const int grid = per_sm * di.sm_count;
+  int v3_smem = 0;
+  if constexpr (!std::is_same<T, float>::value) {
+    // v3 in two shared-memory configurations: 2 blocks/SM (half the SM's shared
+    // memory each), then 1 block/SM (all of it); the kernels decide on the device
+    // (from the largest K = terms x rank16) which one runs, and v2 runs only where
+    // neither fits.
+    auto k3 = switch_v3_kernel<T>;
+    cudaFuncAttributes fa;
+    AF_CUDA_TRY(cudaFuncGetAttributes(&fa, k3));
+    int per_sm_smem = 0, reserved = 0;
+    AF_CUDA_TRY(cudaDeviceGetAttribute(&per_sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 0));
+    AF_CUDA_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, 0));
+    const int stat = static_cast<int>(fa.sharedSizeBytes);
+    const int smem_a = (per_sm_smem / 2 - reserved - stat) & ~127;
+    const int smem_b = (min(di.max_smem_optin, per_sm_smem - reserved) - stat) & ~127;
+    AF_CUDA_TRY(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
+    int pa = 0, pb = 0;
+    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pa, k3, kThreads, smem_a));
+    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pb, k3, kThreads, smem_b));
+    // ADAFUSE_SWITCH_IMPL (benchmarking / A-B only): "v2" = the v2 kernel alone,
+    // "v3a" = v3 at 2 blocks/SM then v2; unset or anything else = v3a, v3b, v2.
+    int mode = 0;
+    if (const char* impl = getenv("ADAFUSE_SWITCH_IMPL")) {
+      if (strcmp(impl, "v2") == 0) mode = 2;
+      else if (strcmp(impl, "v3a") == 0) mode = 1;
+    }
+    int prev = 0;
+    if (mode < 2 && pa >= 1 && smem_a > 0) {
+      k3<<<pa * di.sm_count, kThreads, smem_a, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                          new_gates, old_ids, old_gates, top_k, smem_a, 0);
+      AF_LAUNCH_CHECK();
+      prev = smem_a;
+    }
+    if (mode == 0 && pb >= 1 && smem_b > smem_a) {
+      k3<<<pb * di.sm_count, kThreads, smem_b, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                          new_gates, old_ids, old_gates, top_k, smem_b, prev);
+      AF_LAUNCH_CHECK();
+      prev = smem_b;
+    }
+    v3_smem = prev;
+  }
   kern<<<grid, kThreads, smem, stream>>>(sites, num_sites, max_out, max_in, new_ids, new_gates,
-                                         old_ids, old_gates, top_k);
+                                         old_ids, old_gates, top_k, v3_smem);
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
 }
@@ -461,7 +846,7 @@ extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* si
                               int update_old, cudaStream_t stream) {
   using namespace adafuse;
   if (!valid_dtype(dtype)) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  if (num_sites < 0 || num_sites > (1 << 20) || top_k < 1 || top_k > kMaxTopK)
+  if (num_sites < 0 || num_sites > ADAFUSE_SWITCH_MAX_SITES || top_k < 1 || top_k > kMaxTopK)
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (max_out_features < 1 || max_in_features < 1) return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (!new_ids || !new_gates || !old_ids || !old_gates) return ADAFUSE_ERR_INVALID_ARGUMENT;
