@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import AdafuseError
+from .tensors import _umask
 
 
 def output_paths(engine: Path) -> dict[str, Path]:
@@ -57,11 +58,10 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
         f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
     try:
         chosen = select_backend(backend)
-        missing = None
-    except AdafuseError as e:
+    except AdafuseError:
         if backend != "auto":
             raise
-        chosen, missing = None, e
+        chosen = None  # auto with no TensorRT: still export and validate the ONNX, then say what to install
     flavour = chosen.flavour if chosen else "portable"
     if chosen and chosen.name == "tensorrt":
         plugin_library = plugin_library or (Path(os.environ["ADAFUSE_PLUGIN_LIB"]) if os.environ.get("ADAFUSE_PLUGIN_LIB") else None)
@@ -117,8 +117,7 @@ def _validate(ckpt, onnx_dir: Path):
 
 def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:
     """Rename staged outputs into place; the manifest goes last."""
-    umask = os.umask(0o22)
-    os.umask(umask)
+    umask = _umask()
     onnx_dir = staging / "onnx"
     os.chmod(onnx_dir, 0o777 & ~umask)
     trash = staging / "replaced"

@@ -323,6 +323,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -330,6 +331,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -347,12 +354,13 @@ def atomic_directory(path: Path, force: bool = False):
         raise AdafuseError(f"{path}: directory is not empty; pass --force to overwrite")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
-        raise AdafuseError(f"{path}: output directory {parent} {state}")
+        raise AdafuseError(f"{path}: parent directory {parent} {state}")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
         raise AdafuseError(f"{path}: cannot write in {parent}: {e.strerror or e}") from None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))

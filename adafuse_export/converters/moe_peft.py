@@ -8,7 +8,6 @@ docs/formats/moe-peft.md).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from ..checkpoint import Checkpoint

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from ..checkpoint import Checkpoint
-from ..errors import AdafuseError
+from ..tensors import atomic_directory
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
@@ -70,42 +67,8 @@ def _check(path: Path, flavour: str) -> None:
 def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
                 force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
     """Build and write every file into a temporary directory next to out_dir, then rename it into place."""
-    out_dir = Path(out_dir)
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    if not parent.is_dir():
-        raise AdafuseError(f"{out_dir}: parent directory {parent} does not exist")
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise AdafuseError(f"{out_dir}: exists and is not a directory")
-        if any(out_dir.iterdir()) and not force:
-            raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise AdafuseError(f"{out_dir}: cannot write in {parent}: {e.strerror or e}") from None
-    try:
-        mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the result is an ordinary directory
-        manifest = _write_all(ckpt, tmp, flavour, dtype, external_data_threshold)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~mask)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
+    with atomic_directory(Path(out_dir), force) as tmp:
+        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold)
 
 
 def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int) -> dict:

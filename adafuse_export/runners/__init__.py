@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AdafuseError
 from .base import Runner, StepResult
 
 __all__ = ["Runner", "StepResult", "open_runner"]
