@@ -78,30 +78,6 @@ def _silu_mul(g, u):
     return torch.nn.functional.silu(g) * u
 
 
-class Glue:
-    """The elementwise work between the matmuls (norms, residuals, RoPE, SwiGLU).
-
-    Eager PyTorch launches ~40 small kernels per layer for it, which at batch 1 costs more than
-    the attention itself; on CUDA torch.compile fuses each function into one or two kernels that
-    the decode CUDA graph then captures. If compilation fails we fall back to eager for good.
-    """
-
-    FUNCTIONS = {"norm": _norm, "add_norm": _add_norm, "rope": _rope, "silu_mul": _silu_mul}
-
-    def __init__(self, compile: bool):
-        self.eager = dict(self.FUNCTIONS)
-        self.fast = {n: torch.compile(f, fullgraph=True) for n, f in self.FUNCTIONS.items()} if compile else None
-        self.error: str | None = None
-
-    def __call__(self, name: str, *args):
-        if self.fast is not None:
-            try:
-                return self.fast[name](*args)
-            except Exception as e:  # inductor/triton unavailable: correctness first
-                self.error, self.fast = f"{type(e).__name__}: {e}", None
-        return self.eager[name](*args)
-
-
 class KernelOps:
     """The same two operations through the CUDA kernel library (adafuse_export.kernels)."""
 
@@ -130,7 +106,7 @@ class KernelOps:
 class GpuDecoder:
     def __init__(self, model: ModelSpec, adapter: AdapterSpec | None, weights: dict[str, torch.Tensor],
                  routes: tuple[torch.Tensor, torch.Tensor] | None, *, strategy: str = "fused",
-                 max_batch: int = 1, max_seq: int = 1024, ops=None, compile_glue: bool | None = None):
+                 max_batch: int = 1, max_seq: int = 1024, ops=None):
         if strategy not in STRATEGIES:
             raise AdafuseError(f"--strategy '{strategy}' is unknown (expected one of {', '.join(STRATEGIES)})")
         if strategy != "dense" and (adapter is None or routes is None):
@@ -143,7 +119,6 @@ class GpuDecoder:
         any_w = next(iter(weights.values()))
         self.device, self.dtype = any_w.device, any_w.dtype
         self.w = weights
-        self.glue = Glue(self.device.type == "cuda" if compile_glue is None else compile_glue)
         if model.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
@@ -210,18 +185,18 @@ class GpuDecoder:
         mask = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(~allowed, float("-inf"))[:, None]
         h = self.w["model.embed_tokens.weight"][input_ids].reshape(batch * seq, m.hidden_size)
         gqa = m.num_heads != m.num_kv_heads
-        eps, glue = m.rms_norm_eps, self.glue
+        eps = m.rms_norm_eps
         delta = None  # the previous layer's MLP output, added to h together with the next norm
         for layer in range(m.num_layers):
             p = f"model.layers.{layer}"
             if delta is None:
-                x = glue("norm", h, self.w[f"{p}.input_layernorm.weight"], eps)
+                x = _norm(h, self.w[f"{p}.input_layernorm.weight"], eps)
             else:
-                h, x = glue("add_norm", h, delta, self.w[f"{p}.input_layernorm.weight"], eps)
+                h, x = _add_norm(h, delta, self.w[f"{p}.input_layernorm.weight"], eps)
             q = self._linear(x, layer, "q_proj", ids, gates).view(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
             k = self._linear(x, layer, "k_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
             v = self._linear(x, layer, "v_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
-            q, k = glue("rope", q, k, cos, sin)
+            q, k = _rope(q, k, cos, sin)
             # write this step's keys/values at their positions (device-side index: graph-safe)
             index = positions[0]
             self.k_cache[layer][:batch].index_copy_(2, index, k)
@@ -229,11 +204,11 @@ class GpuDecoder:
             attn = torch.nn.functional.scaled_dot_product_attention(
                 q, self.k_cache[layer][:batch], self.v_cache[layer][:batch], attn_mask=mask, enable_gqa=gqa)
             attn = attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
-            h, x = glue("add_norm", h, self._linear(attn, layer, "o_proj", ids, gates),
+            h, x = _add_norm(h, self._linear(attn, layer, "o_proj", ids, gates),
                         self.w[f"{p}.post_attention_layernorm.weight"], eps)
-            act = glue("silu_mul", self._linear(x, layer, "gate_proj", ids, gates), self._linear(x, layer, "up_proj", ids, gates))
+            act = _silu_mul(self._linear(x, layer, "gate_proj", ids, gates), self._linear(x, layer, "up_proj", ids, gates))
             delta = self._linear(act, layer, "down_proj", ids, gates)
-        _, x = glue("add_norm", h, delta, self.w["model.norm.weight"], eps)
+        _, x = _add_norm(h, delta, self.w["model.norm.weight"], eps)
         return (x @ self.w["lm_head.weight"].T).float().reshape(batch, seq, m.vocab_size)
 
     # ---- public --------------------------------------------------------------
