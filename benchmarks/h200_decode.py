@@ -104,7 +104,7 @@ class ConventionalDecoder(GpuDecoder):
     (MoLA/PEFT-style eager code; every expert is evaluated under a routing mask, no host syncs)."""
 
     def __init__(self, *a, routers: dict, **kw):
-        super().__init__(*a, **kw)
+        super().__init__(*a, fuse_projections=False, **kw)  # as users' code runs it: one matmul per projection
         self.routers = routers
 
     def _linear(self, x, layer, mod, ids, gates):
@@ -182,6 +182,10 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
                 ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing),
             ]
             if batch == 1:
+                variants += [
+                    ("dense base, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, None, w, None, strategy="dense", fuse_projections=False, **common), True, changing),
+                    ("adafuse fused, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", fuse_projections=False, **common), True, changing),
+                ]
                 sw = lambda: GpuDecoder(spec, adapter, {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()},
                                         routes, strategy="switch", **common)
                 variants += [("adafuse switch, route changes (graph)", sw, True, changing),

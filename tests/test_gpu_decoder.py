@@ -31,16 +31,41 @@ def test_decoder_matches_reference_every_step(example_dirs, strategy):
 
 def test_switch_merges_route_and_restores_on_prefill(example_dirs):
     ckpt = load_checkpoint(example_dirs["pregate"])
+    ref = ReferenceModel(ckpt)
     dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="switch", max_seq=32)
     dec.prefill(torch.tensor([[1, 2, 3]]))
     dec.decode(torch.tensor([[4]]))
-    site = dec.sites[(1, "v_proj")]
+    site = dec.sites[(1, "qkv")]  # q, k, v fused: rows [q | k | v]
     ids, gates = dec.route_ids[4].long(), dec.route_gates[4]
-    expected = site.W_base + site.scale * sum(gates[j] * site.B[ids[j]] @ site.A[ids[j]] for j in range(2))
-    assert torch.allclose(site.W, expected, atol=1e-6)
+    A, B = ref.a["layers.1.v_proj.lora_A"], ref.a["layers.1.v_proj.lora_B"]
+    s = ckpt.adapter.site_scale("layers.1.v_proj")
+    v_rows = slice(site.splits[0] + site.splits[1], None)
+    expected = ref.w["model.layers.1.self_attn.v_proj.weight"] + s * sum(gates[j] * B[ids[j]] @ A[ids[j]] for j in range(2))
+    assert torch.allclose(site.W[v_rows], expected, atol=1e-6)
     assert dec.old_ids.tolist() == ids.tolist()
     dec.prefill(torch.tensor([[1, 2, 3]]))
     assert torch.equal(site.W, site.W_base)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "switch"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_projection_groups_with_bias_and_partial_targets(tmp_path, strategy, fuse):
+    """q/k/v and gate/up fused into one site each: qwen2 biases, and only some members adapted."""
+    import json
+
+    from adafuse_export.examples import make_example
+
+    make_example(tmp_path, "pregate", family="qwen2", seed=9)
+    cfg = json.loads((tmp_path / "adafuse_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "v_proj", "up_proj"]
+    (tmp_path / "adafuse_config.json").write_text(json.dumps(cfg))
+    ckpt = load_checkpoint(tmp_path)
+    prompt = torch.tensor([[7, 8, 9, 10]])
+    tokens, steps = ReferenceModel(ckpt).generate(prompt, 6)
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy=strategy, max_seq=16,
+                                     fuse_projections=fuse)
+    assert (dec.prefill(prompt) - steps[0].logits).abs().max().item() < 1e-4
+    assert torch.equal(dec.generate(prompt, 6), tokens)
 
 
 def test_batched_decode_with_different_routes(example_dirs):

@@ -25,6 +25,11 @@ from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
 from ..spec import AdapterSpec, ModelSpec, module_group
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+# Projections reading the same input share one GEMV (and one LoRA shrink) when fused.
+FUSED_GROUPS = {"qkv": QKV, "o_proj": ("o_proj",), "gate_up": GATE_UP, "down_proj": ("down_proj",)}
+GROUP_NAME = {members: name for name, members in FUSED_GROUPS.items()}
+UNFUSED_GROUPS = {m: (m,) for m in QKV + ("o_proj",) + GATE_UP + ("down_proj",)}
 # Above this many rows (prefill) the fused kernel's grouped path is slower than cuBLAS + unmerged LoRA
 # (benchmarks/results/KERNEL_NOTES.md: 16-32x dense at 512 rows, against about 17x for unmerged torch ops).
 FUSED_MAX_ROWS = 16
@@ -39,6 +44,7 @@ class SiteWeights:
     B: torch.Tensor | None  # [E, out, r]
     scale: float
     W_base: torch.Tensor | None = None  # pristine copy for drift-free switching
+    splits: list[int] | None = None  # output sizes of the grouped projections
 
 
 class TorchOps:
@@ -106,7 +112,7 @@ class KernelOps:
 class GpuDecoder:
     def __init__(self, model: ModelSpec, adapter: AdapterSpec | None, weights: dict[str, torch.Tensor],
                  routes: tuple[torch.Tensor, torch.Tensor] | None, *, strategy: str = "fused",
-                 max_batch: int = 1, max_seq: int = 1024, ops=None):
+                 max_batch: int = 1, max_seq: int = 1024, ops=None, fuse_projections: bool = True):
         if strategy not in STRATEGIES:
             raise AdafuseError(f"--strategy '{strategy}' is unknown (expected one of {', '.join(STRATEGIES)})")
         if strategy != "dense" and (adapter is None or routes is None):
@@ -123,20 +129,11 @@ class GpuDecoder:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
                                             routes[1].to(self.device, torch.float32).contiguous()) if routes else (None, None)
+        self.groups = FUSED_GROUPS if fuse_projections else UNFUSED_GROUPS
         self.sites: dict[tuple[int, str], SiteWeights] = {}
         for layer in range(model.num_layers):
-            for mod in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                p = f"model.layers.{layer}.{module_group(mod)}.{mod}"
-                name = f"layers.{layer}.{mod}"
-                routed = strategy != "dense" and mod in adapter.target_modules
-                site = SiteWeights(name, weights[f"{p}.weight"], weights.get(f"{p}.bias"),
-                                   weights[f"{name}.lora_A"] if routed else None,
-                                   weights[f"{name}.lora_B"] if routed else None,
-                                   adapter.site_scale(name) if routed else 0.0)
-                if routed and strategy == "switch":
-                    # merge into a private copy: the given W may share memory with the checkpoint (CPU mmap)
-                    site.W_base, site.W = site.W, site.W.clone()
-                self.sites[(layer, mod)] = site
+            for group, members in self.groups.items():
+                self.sites[(layer, group)] = self._group_site(layer, group, members)
         kv_shape = (max_batch, model.num_kv_heads, max_seq, model.head_dim)
         self.k_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
         self.v_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
@@ -145,6 +142,53 @@ class GpuDecoder:
         self.old_gates = torch.zeros((k,), device=self.device, dtype=torch.float32)
         self.length = 0
         self._graph = None
+
+    def _group_site(self, layer: int, group: str, members: tuple[str, ...]) -> SiteWeights:
+        """Projections that read the same input as one site: W, bias and A stacked along the output
+        (rank) axis, B block-diagonal with each member's scale folded in (scale 1). One GEMV and one
+        LoRA shrink then serve q/k/v (or gate/up); the off-diagonal zeros of B add k*r*(out) bytes."""
+        w, a = self.w, self.a
+        weights, biases, As, Bs = [], [], [], []
+        for mod in members:
+            p = f"model.layers.{layer}.{module_group(mod)}.{mod}"
+            weights.append(w[f"{p}.weight"])
+            out = weights[-1].shape[0]
+            biases.append(w.get(f"{p}.bias"))
+            routed = self.strategy != "dense" and mod in a.target_modules
+            name = f"layers.{layer}.{mod}"
+            As.append(w[f"{name}.lora_A"] if routed else None)
+            Bs.append((w[f"{name}.lora_B"].float() * a.site_scale(name)).to(self.dtype) if routed else out)
+        W = weights[0] if len(members) == 1 else torch.cat(weights)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else W.new_zeros(wt.shape[0]) for b, wt in zip(biases, weights)])
+        A = B = None
+        ranks = [x.shape[1] for x in As if x is not None]
+        if ranks:
+            A = torch.cat([x for x in As if x is not None], dim=1)
+            experts = A.shape[0]
+            B = W.new_zeros(experts, W.shape[0], sum(ranks))
+            row = col = 0
+            for x, b in zip(As, Bs):
+                rows = b if isinstance(b, int) else b.shape[1]
+                if x is not None:
+                    B[:, row:row + rows, col:col + x.shape[1]] = b
+                    col += x.shape[1]
+                row += rows
+        site = SiteWeights(f"layers.{layer}.{group}", W, bias, A, B, 1.0)
+        if A is not None and self.strategy == "switch":
+            # merge into a private copy: the given W may share memory with the checkpoint (CPU mmap)
+            site.W_base, site.W = site.W, site.W.clone()
+        site.splits = [wt.shape[0] for wt in weights]
+        return site
+
+    def _project(self, x, layer: int, members: tuple[str, ...], ids, gates) -> list:
+        """Outputs of the projections `members` (which read the same x), fused where grouped."""
+        if self.groups is UNFUSED_GROUPS:
+            return [self._linear(x, layer, mod, ids, gates) for mod in members]
+        group = GROUP_NAME[members]
+        y = self._linear(x, layer, group, ids, gates)
+        return list(torch.split(y, self.sites[(layer, group)].splits, dim=-1)) if len(members) > 1 else [y]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cuda", dtype=torch.bfloat16, **kw) -> "GpuDecoder":
@@ -157,8 +201,8 @@ class GpuDecoder:
         return cls(ckpt.model, ckpt.adapter, weights, routes, **kw)
 
     # ---- one step ------------------------------------------------------------
-    def _linear(self, x, layer, mod, ids, gates):
-        site = self.sites[(layer, mod)]
+    def _linear(self, x, layer, group, ids, gates):
+        site = self.sites[(layer, group)]
         if site.A is None or self.strategy in ("dense", "switch"):
             y = x @ site.W.T
             return y + site.bias if site.bias is not None else y
@@ -193,9 +237,10 @@ class GpuDecoder:
                 x = _norm(h, self.w[f"{p}.input_layernorm.weight"], eps)
             else:
                 h, x = _add_norm(h, delta, self.w[f"{p}.input_layernorm.weight"], eps)
-            q = self._linear(x, layer, "q_proj", ids, gates).view(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
-            k = self._linear(x, layer, "k_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
-            v = self._linear(x, layer, "v_proj", ids, gates).view(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+            q, k, v = self._project(x, layer, QKV, ids, gates)
+            q = q.reshape(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
+            k = k.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+            v = v.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
             q, k = _rope(q, k, cos, sin)
             # write this step's keys/values at their positions (device-side index: graph-safe)
             index = positions[0]
@@ -204,10 +249,10 @@ class GpuDecoder:
             attn = torch.nn.functional.scaled_dot_product_attention(
                 q, self.k_cache[layer][:batch], self.v_cache[layer][:batch], attn_mask=mask, enable_gqa=gqa)
             attn = attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
-            h, x = _add_norm(h, self._linear(attn, layer, "o_proj", ids, gates),
+            h, x = _add_norm(h, self._project(attn, layer, ("o_proj",), ids, gates)[0],
                         self.w[f"{p}.post_attention_layernorm.weight"], eps)
-            act = _silu_mul(self._linear(x, layer, "gate_proj", ids, gates), self._linear(x, layer, "up_proj", ids, gates))
-            delta = self._linear(act, layer, "down_proj", ids, gates)
+            act = _silu_mul(*self._project(x, layer, GATE_UP, ids, gates))
+            delta = self._project(act, layer, ("down_proj",), ids, gates)[0]
         _, x = _add_norm(h, delta, self.w["model.norm.weight"], eps)
         return (x @ self.w["lm_head.weight"].T).float().reshape(batch, seq, m.vocab_size)
 
