@@ -206,7 +206,7 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
         # the switch kernel alone: all 224 sites, route changing each call, pristine mode
         wl = {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()}
         dec = GpuDecoder(spec, adapter, wl, routes, strategy="switch", max_batch=1, max_seq=8, ops=ops)
-        sites = [s for s in dec.sites.values() if s.A is not None]
+        sites = dec.switch_sites
         pairs = [(routes[0][t].to(DEVICE), routes[1][t].to(DEVICE)) for t in changing[:16]]
         it = itertools.cycle(pairs)
 

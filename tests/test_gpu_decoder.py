@@ -87,3 +87,20 @@ def test_decoder_errors(example_dirs):
     with pytest.raises(AdafuseError, match="routing table needs a pre-gate"):
         GpuDecoder.from_checkpoint(load_checkpoint(example_dirs["mola"]), device="cpu", dtype=torch.float32)
 
+
+
+def test_prefill_mixture_path_equals_per_row_gather():
+    """Above FUSED_MAX_ROWS rows the PyTorch path runs every expert densely and masks by gate."""
+    from adafuse_export.reference import lora_delta
+    from adafuse_export.runners.torch_cuda import FUSED_MAX_ROWS, SiteWeights, TorchOps
+
+    g = torch.Generator().manual_seed(0)
+    E, r, n_in, n_out, k = 5, 3, 7, 11, 2
+    site = SiteWeights("s", torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g),
+                       torch.randn(E, r, n_in, generator=g), torch.randn(E, n_out, r, generator=g), 0.7)
+    for rows in (FUSED_MAX_ROWS + 1, 64):
+        x = torch.randn(rows, n_in, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(rows)])
+        gates = torch.rand(rows, k, generator=g)
+        expected = x @ site.W.T + site.bias + lora_delta(x, site.A, site.B, ids, gates, site.scale)
+        assert (TorchOps.lora_linear(x, site, ids, gates) - expected).abs().max().item() < 1e-4

@@ -45,6 +45,7 @@ class SiteWeights:
     scale: float
     W_base: torch.Tensor | None = None  # pristine copy for drift-free switching
     splits: list[int] | None = None  # output sizes of the grouped projections
+    parts: list | None = None  # per-member row views for the switch (no block-diagonal zeros to merge)
 
 
 class TorchOps:
@@ -55,7 +56,15 @@ class TorchOps:
         y = x @ site.W.T
         if site.bias is not None:
             y = y + site.bias
-        return y + lora_delta(x, site.A, site.B, ids, gates, site.scale).to(y.dtype)
+        if x.shape[0] <= FUSED_MAX_ROWS:
+            return y + lora_delta(x, site.A, site.B, ids, gates, site.scale).to(y.dtype)
+        # Many rows (prefill): gathering B per row would need rows*k*out*r elements; instead run
+        # every expert's A densely, keep each row's k gated slices, and apply all B's in one matmul.
+        E, r, _ = site.A.shape
+        t = (x @ site.A.reshape(E * r, -1).T).view(-1, E, r).float()
+        weights = torch.zeros(x.shape[0], E, device=x.device).scatter_add_(1, ids.long(), gates.float())
+        z = (t * weights[..., None]).to(x.dtype).reshape(-1, E * r)
+        return y + (z @ site.B.transpose(1, 2).reshape(E * r, -1)) * site.scale
 
     def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
         """W = W_base + s sum_j g_j B_j A_j for the (single) new route; mirrors the kernel's pristine mode."""
@@ -134,6 +143,7 @@ class GpuDecoder:
         for layer in range(model.num_layers):
             for group, members in self.groups.items():
                 self.sites[(layer, group)] = self._group_site(layer, group, members)
+        self.switch_sites = [p for s in self.sites.values() if s.parts for p in s.parts]
         kv_shape = (max_batch, model.num_kv_heads, max_seq, model.head_dim)
         self.k_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
         self.v_cache = [torch.zeros(kv_shape, device=self.device, dtype=self.dtype) for _ in range(model.num_layers)]
@@ -176,10 +186,16 @@ class GpuDecoder:
                     col += x.shape[1]
                 row += rows
         site = SiteWeights(f"layers.{layer}.{group}", W, bias, A, B, 1.0)
+        site.splits = [wt.shape[0] for wt in weights]
         if A is not None and self.strategy == "switch":
             # merge into a private copy: the given W may share memory with the checkpoint (CPU mmap)
             site.W_base, site.W = site.W, site.W.clone()
-        site.splits = [wt.shape[0] for wt in weights]
+            site.parts, row = [], 0
+            for mod, x, b, rows in zip(members, As, Bs, site.splits):
+                if x is not None:
+                    site.parts.append(SiteWeights(f"layers.{layer}.{mod}", site.W[row:row + rows], None, x, b, 1.0,
+                                                  site.W_base[row:row + rows]))
+                row += rows
         return site
 
     def _project(self, x, layer: int, members: tuple[str, ...], ids, gates) -> list:
@@ -219,7 +235,7 @@ class GpuDecoder:
             ids = self.route_ids[input_ids.reshape(-1)]
             gates = self.route_gates[input_ids.reshape(-1)]
             if self.strategy == "switch":
-                self.ops.switch([s for s in self.sites.values() if s.A is not None], ids, gates, self.old_ids, self.old_gates)
+                self.ops.switch(self.switch_sites, ids, gates, self.old_ids, self.old_gates)
         cos, sin = rope_cos_sin(positions, m.head_dim, m.rope_theta, self.dtype)
         cos, sin = cos[:, None], sin[:, None]
         kpos = torch.arange(self.max_seq, device=self.device)
