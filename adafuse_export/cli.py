@@ -74,8 +74,7 @@ def inspect(ckpt, fmt, base, as_json):
     """Describe CKPT without loading its tensors: format, model, experts, routing, sizes."""
     from .converters import load_checkpoint
 
-    c = load_checkpoint(ckpt, fmt, base, validate=False)
-    c.validate(check_values=True)
+    c = load_checkpoint(ckpt, fmt, base)
     m, a = c.model, c.adapter
     info = {
         "path": str(c.path), "format": c.format, "family": m.family,
@@ -154,7 +153,8 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
         raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {c.model.vocab_size})")
     prompt = torch.tensor([ids])
     if device == "cuda":
-        generated, prompt_logits = _run_cuda(c, prompt, max_new_tokens, getattr(torch, dtype), strategy, no_adapters)
+        generated, prompt_logits = _run_cuda(c, prompt, max_new_tokens, getattr(torch, dtype), strategy, no_adapters,
+                                             want_logits=save_logits is not None)
     else:
         model = ReferenceModel(c, dtype=getattr(torch, dtype), adapters=not no_adapters)
         generated, steps = model.generate(prompt, max_new_tokens)
@@ -166,7 +166,7 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
     click.echo(" ".join(map(str, generated[0].tolist())))
 
 
-def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters):
+def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters, want_logits):
     import torch
 
     from .kernels.binding import load_kernels
@@ -186,7 +186,7 @@ def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters):
         click.echo("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items())
                    + f" -> {strategy}", err=True)
     dec = make(strategy)
-    logits = dec.prefill(prompt.cuda()).cpu()
+    logits = dec.prefill(prompt.cuda()).cpu() if want_logits else None  # generate() runs its own prefill
     return dec.generate(prompt.cuda(), max_new_tokens).cpu(), logits
 
 

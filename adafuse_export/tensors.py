@@ -401,6 +401,8 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, tuple[
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
 
     def write(tmp: Path) -> None:
+        import torch
+
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
@@ -408,12 +410,6 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, str, tuple[
                 t = produce()
                 if dtype_code(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
                     raise ValueError(f"producer of '{name}' gave {dtype_code(t.dtype)} {list(t.shape)}, declared {dtype} {list(shape)}")
-                f.write(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b"")
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
     atomic_write(path, write)
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
