@@ -21,10 +21,15 @@ from .cli import base_option, ckpt_argument, cli, format_option
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Longest context (prompt + generated).")
 @click.option("--plugin-lib", type=click.Path(path_type=Path), default=None,
               help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB).")
+@click.option("--strategy", type=click.Choice(["fused", "switch"]), default=None,
+              help="Plugin for the adapter sites of a --backend tensorrt engine: fused (AdafuseLoraLinear, the "
+                   "default: 1.04x dense per decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
+                   "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse/extend a TensorRT timing cache file.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime check of the export against the reference.")
 @click.option("--force", is_flag=True, help="Overwrite existing ENGINE, its .json manifest and .onnx directory.")
-def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, timing_cache, no_validate, force):
+def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, no_validate,
+            force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine).
 
     \b
@@ -38,4 +43,4 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
 
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                 force=force, validate_onnx=not no_validate, plugin_library=plugin_lib, timing_cache=timing_cache,
-                log=click.echo)
+                strategy=strategy, log=click.echo)

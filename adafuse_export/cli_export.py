@@ -34,12 +34,15 @@ def _import_onnx():
 @click.option("--flavour", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="portable: adapters in standard ONNX ops (ONNX Runtime, TensorRT-RTX); "
                    "plugin: one adafuse::AdafuseLoraLinear node per routed site (TensorRT + plugin library).")
+@click.option("--strategy", type=click.Choice(["fused", "switch"]), default=None,
+              help="Plugin flavour only: the op of every adapter site, AdafuseLoraLinear (fused, the default) or "
+                   "AdafuseSwitchLinear (switch); same fields and inputs. See docs/engine-path.md.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Weight and activation dtype (routers, norms and softmax stay float32).")
 @click.option("--external-data-threshold", type=click.IntRange(0), default=None, metavar="BYTES",
               help="Write weights to <graph>.onnx.data when they exceed this many bytes [default: 2e9].")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT_DIR.")
-def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, dtype, external_data_threshold, force):
+def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_data_threshold, force):
     """Write ONNX graphs for CKPT into OUT_DIR: decoder.onnx, pregate.onnx, routes.safetensors, manifest.json.
 
     The directory appears complete or not at all (built in a temporary directory next to it, then renamed).
@@ -53,7 +56,7 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, dtype, external_data_thre
         raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
     c = load_checkpoint(ckpt, fmt, base)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold)
+    manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold, strategy)
     for graph, info in manifest["graphs"].items():
         extra = f" + {info['external_data']}" if info["external_data"] else ""
         click.echo(f"{graph:<8} {out_dir / info['file']}{extra}: "

@@ -29,7 +29,7 @@ def output_paths(engine: Path) -> dict[str, Path]:
 def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
             dtype: str = "float32", max_batch: int = 1, max_seq: int = 2048, force: bool = False,
             validate_onnx: bool = True, plugin_library: Path | None = None, timing_cache: Path | None = None,
-            log=print) -> dict:
+            strategy: str | None = None, log=print) -> dict:
     from .converters import load_checkpoint
     from .onnx.export import export_onnx
     from .trt.backends import INSTALL, select_backend
@@ -75,7 +75,7 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     try:
         stage(2, f"exporting {flavour} ONNX ({dtype})")
         onnx_dir = staging / "onnx"
-        onnx_manifest = export_onnx(ckpt, onnx_dir, flavour, dtype)
+        onnx_manifest = export_onnx(ckpt, onnx_dir, flavour, dtype, strategy=strategy)
         if validate_onnx and flavour == "portable":
             stage(3, "validating the ONNX export against the PyTorch reference (ONNX Runtime)")
             report = _validate(ckpt, onnx_dir)
@@ -90,7 +90,7 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
             raise AdafuseError(f"no TensorRT installed, so no engine was built; the validated ONNX export is in {outs['onnx']}. "
                                f"To build engines install {INSTALL['tensorrt-rtx']} or {INSTALL['tensorrt']}")
         stage(4, f"building the engine with {chosen.name} {chosen.version} (max batch {max_batch}, max seq {max_seq})")
-        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", max_batch=max_batch, max_seq=max_seq,
+        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                                 plugin_library=plugin_library, timing_cache=timing_cache, log=lambda s: log(f"         {s}"))
         (staging / "engine").write_bytes(blob)
         manifest = make_manifest(engine_file=staging / "engine", engine_name=engine.name, onnx_dir=onnx_dir,

@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import AdafuseError
+from .runners.base import ModelInfo
 
 # (atol, rtol) per model dtype
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 5e-2)}
@@ -59,29 +60,29 @@ class _Stat:
                 "worst_step": self.worst_step, "error": self.shape_error, "passed": passed}
 
 
-def check_compatible(ckpt: Checkpoint, runner) -> list[str]:
+def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
     """Raise AdafuseError when the model's inputs/outputs or recorded config do not fit the checkpoint.
 
     Returns notes (e.g. a different checkpoint hash with the same structure)."""
     m, a = ckpt.model, ckpt.adapter
-    where = f"{runner.files.decoder}: model does not match checkpoint {ckpt.path}"
+    where = f"{info.model}: model does not match checkpoint {ckpt.path}"
 
     def bad(what, model_value, ckpt_value):
         raise AdafuseError(f"{where}: {what} is {model_value} in the model, {ckpt_value} in the checkpoint")
 
-    if runner.num_layers != m.num_layers:
-        bad("the number of layers (past_key_values inputs)", runner.num_layers, m.num_layers)
-    if runner.vocab_size != m.vocab_size:
-        bad("the vocabulary size (logits)", runner.vocab_size, m.vocab_size)
-    if runner.kv_heads != m.num_kv_heads:
-        bad("the number of KV heads", runner.kv_heads, m.num_kv_heads)
-    if runner.head_dim != m.head_dim:
-        bad("head_dim", runner.head_dim, m.head_dim)
-    wants_routes = a.routing == "pregate" and a.pregate_input == "attn_norm_0"
-    if runner.needs_routes != wants_routes:
-        bad("'expert_ids'/'gates' decoder inputs", "present" if runner.needs_routes else "absent",
+    if info.num_layers != m.num_layers:
+        bad("the number of layers (past_key_values inputs)", info.num_layers, m.num_layers)
+    if info.vocab_size != m.vocab_size:
+        bad("the vocabulary size (logits)", info.vocab_size, m.vocab_size)
+    if info.kv_heads != m.num_kv_heads:
+        bad("the number of KV heads", info.kv_heads, m.num_kv_heads)
+    if info.head_dim != m.head_dim:
+        bad("head_dim", info.head_dim, m.head_dim)
+    wants_routes = a.routing_table_exact
+    if info.needs_routes != wants_routes:
+        bad("'expert_ids'/'gates' decoder inputs", "present" if info.needs_routes else "absent",
             f"{'needed' if wants_routes else 'not needed'} (routing '{a.routing}')")
-    meta = runner.meta
+    meta = info.meta
     expected = {
         "adafuse.routing": a.routing, "adafuse.router_kind": a.router_kind if a.routing == "layerwise" else "-",
         "adafuse.expert_kind": a.expert_kind, "adafuse.num_experts": str(a.num_experts), "adafuse.top_k": str(a.top_k),
@@ -111,8 +112,8 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
         if bad:
             raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {ckpt.model.vocab_size}) of {ckpt.path}")
     runner = runner or open_runner(model)
-    notes = check_compatible(ckpt, runner)
-    dtype = runner.meta.get("adafuse.dtype", "float32")
+    notes = check_compatible(ckpt, runner.info)
+    dtype = runner.info.dtype
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
@@ -145,8 +146,8 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
             ref, got = reference.decode(tok), runner.decode(tok)
     outputs = [s.report() for s in stats.values()]
     return {
-        "checkpoint": str(ckpt.path), "model": str(runner.files.decoder), "runner": runner.name,
-        "runner_description": runner.description, "reference": reference.description, "dtype": dtype,
+        "checkpoint": str(ckpt.path), "model": str(runner.info.model), "runner": runner.name,
+        "runner_description": runner.info.description, "reference": reference.info.description, "dtype": dtype,
         "prompts": prompts, "decode_steps": steps, "atol": atol, "rtol": rtol, "outputs": outputs,
         "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0},
         "notes": notes, "passed": all(o["passed"] for o in outputs),

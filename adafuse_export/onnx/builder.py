@@ -51,9 +51,14 @@ def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str
 
 
 class _Builder:
-    def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str):
+    def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str, strategy: str | None = None):
         if flavour not in FLAVOURS:
             raise AdafuseError(f"--flavour '{flavour}' is unknown (expected one of {', '.join(FLAVOURS)})")
+        if strategy is not None and flavour != "plugin":
+            raise AdafuseError(f"--strategy {strategy}: only the plugin flavour has plugin nodes to choose "
+                               f"(export-onnx --flavour plugin, convert --backend tensorrt); found flavour '{flavour}'")
+        self.strategy = strategy or plugin_ops.DEFAULT_STRATEGY
+        plugin_ops.op_type(self.strategy)  # an unknown strategy fails before any weight is read
         if dtype not in DTYPES:
             raise AdafuseError(f"--dtype '{dtype}' is unknown (expected one of {', '.join(DTYPES)})")
         self.ckpt, self.spec, self.aspec = ckpt, ckpt.model, ckpt.adapter
@@ -177,12 +182,26 @@ class _Builder:
             e, r, inp = self.ckpt.adapters.info(f"{site.name}.lora_A").shape
             out = self.spec.linear_shape(module)[0]
             top_k = 1 if ffn_slot is not None else (e if self.aspec.routing == "layerwise" and self.aspec.router_kind == "dense" else self.aspec.top_k)
+            plugin_ops.check_limits(f"{self.ckpt.path}: adapter site {site.name}", num_experts=e, rank=r)
             if gates is None:
                 gates = g.op("Expand", [g.const([[1.0]], np.float32), g.op("Shape", [ids])], hint="ones")
-            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), f"/{site.name}/AdafuseLoraLinear",
+            rest = None
+            if top_k > plugin_ops.MAX_TOP_K:
+                # The kernels mix at most MAX_TOP_K experts per row (e.g. LoRAMoE's dense router over more):
+                # the node takes the first MAX_TOP_K, standard ops add the others. A sum, so exact.
+                def cols(t: str, lo: int, hi: int) -> str:
+                    return g.op("Slice", [t, g.const([lo]), g.const([hi]), g.const([1])])
+
+                rest = self.lora_delta(x, A, B, cols(ids, plugin_ops.MAX_TOP_K, top_k),
+                                       cols(gates, plugin_ops.MAX_TOP_K, top_k), scale)
+                ids, gates = cols(ids, 0, plugin_ops.MAX_TOP_K), cols(gates, 0, plugin_ops.MAX_TOP_K)
+                top_k = plugin_ops.MAX_TOP_K
+            op = plugin_ops.op_type(self.strategy)
+            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), f"/{site.name}/{op}",
                                         in_features=inp, out_features=out, num_experts=e, rank=r, top_k=top_k,
-                                        scale=scale, has_bias=bool(bias))
-            return g.add_node(node)
+                                        scale=scale, has_bias=bool(bias), strategy=self.strategy)
+            y = g.add_node(node)
+            return y if rest is None else g.op("Add", [y, rest])
         base = g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
         return g.op("Add", [base, self.lora_delta(x, A, B, ids, gates, scale)])
 
@@ -303,6 +322,8 @@ class DecoderBuilder(_Builder):
         """The built graph with its weights still unread (Graph.model() materialises them)."""
         self.g.opset_imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
         self.g.metadata = metadata(self.ckpt, graph, self.flavour, self.dtype)
+        if self._uses_plugin():
+            self.g.metadata["adafuse.strategy"] = self.strategy
         return self.g
 
     def _uses_plugin(self) -> bool:
@@ -323,9 +344,10 @@ class PregateBuilder(DecoderBuilder):
         return self._finish("pregate")
 
 
-def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32") -> Graph:
-    """The decoder graph, weights deferred: `.model()` gives an inline ModelProto, export.write_model streams."""
-    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder").build()
+def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32", strategy: str | None = None) -> Graph:
+    """The decoder graph, weights deferred: `.model()` gives an inline ModelProto, export.write_model streams.
+    strategy (plugin flavour only): which plugin op the adapter sites use (plugin_ops.STRATEGIES)."""
+    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder", strategy).build()
 
 
 def build_pregate(ckpt: Checkpoint, dtype: str = "float32") -> Graph:

@@ -65,16 +65,20 @@ def _check(path: Path, flavour: str) -> None:
 
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
-                force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
-    """Build and write every file into a temporary directory next to out_dir, then rename it into place."""
+                force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                strategy: str | None = None) -> dict:
+    """Build and write every file into a temporary directory next to out_dir, then rename it into place.
+    strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused)."""
     with atomic_directory(Path(out_dir), force) as tmp:
-        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold)
+        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy)
 
 
-def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int) -> dict:
+def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None) -> dict:
     a, m = ckpt.adapter, ckpt.model
     graphs = {}
-    decoder, ext = write_model(build_decoder(ckpt, flavour, dtype), tmp / DECODER, threshold)
+    decoder_graph = build_decoder(ckpt, flavour, dtype, strategy)
+    strategy = decoder_graph.metadata.get("adafuse.strategy")  # None: no plugin node in the graph
+    decoder, ext = write_model(decoder_graph, tmp / DECODER, threshold)
     _check(tmp / DECODER, flavour)
     graphs["decoder"] = {"file": DECODER, "external_data": ext, **io_spec(decoder)}
     del decoder
@@ -98,9 +102,10 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
                                          "decoder (outputs expert_ids, gates)" if pregate_in_decoder(ckpt) else None),
                     "static_modules_merged": list(a.static_modules), "routed_modules": list(a.target_modules)},
         "graphs": graphs, "routes": routes,
-        "custom_ops": ({"domain": plugin_ops.DOMAIN, "version": plugin_ops.DOMAIN_VERSION, "op_type": plugin_ops.OP_TYPE,
-                        "plugin_version": plugin_ops.PLUGIN_VERSION, "fields": [n for n, _ in plugin_ops.FIELDS],
-                        "inputs": list(plugin_ops.INPUTS)} if flavour == "plugin" and a.target_modules else None),
+        "custom_ops": ({"domain": plugin_ops.DOMAIN, "version": plugin_ops.DOMAIN_VERSION, "strategy": strategy,
+                        "op_type": plugin_ops.op_type(strategy), "plugin_version": plugin_ops.PLUGIN_VERSION,
+                        "fields": [n for n, _ in plugin_ops.FIELDS], "inputs": list(plugin_ops.INPUTS)}
+                       if strategy is not None else None),
         "kv_cache": "past_key_values.{l}.key/value hold positions 0..past_seq-1; present = concat(past, new) on axis 2",
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -123,6 +128,7 @@ def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
     bias = get(ckpt.adapters, "pregate.bias") if "pregate.bias" in ckpt.adapters else None
     ids, gates = routing_table(get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, "model.layers.0.input_layernorm.weight"),
                                ckpt.model.rms_norm_eps, get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
+    plugin_ops.check_expert_ids(ids.numpy(), a.num_experts, f"{ckpt.path}: routing table 'expert_ids'")
     save_file({"expert_ids": ids.contiguous(), "gates": gates.float().contiguous()}, str(path),
               metadata={"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype})
     return {"file": ROUTES, "expert_ids": [list(ids.shape), "int32"], "gates": [list(gates.shape), "float32"]}

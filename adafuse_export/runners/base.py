@@ -5,14 +5,25 @@ A runner holds one sequence batch's state (its KV cache):
   decode(ids [B, 1])       appends one token per sequence, positions continue the cache
   routes(ids [B, S])       the pre-gate alone: (expert ids [B, S, k] int32, gates [B, S, k] float32),
                            or None where routing is per layer (routers live inside the decoder)
+  info                     a ModelInfo: what the model is (layers, vocabulary, KV layout, routing
+                           inputs, dtype, metadata); validate reads nothing else about a runner
 Arrays are numpy; logits are float32, present keys/values are in the model's dtype.
+
+Every runner sets `self.info` in its constructor; building a runner that did not, or whose
+description is incomplete or ill-typed, fails there (RunnerMeta), not later inside validate.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ..errors import AdafuseError
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -23,9 +34,56 @@ class StepResult:
     gates: np.ndarray | None = None  # [B, S, k] float32
 
 
-class Runner(ABC):
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a runner runs, as validate compares it with a checkpoint. Values come from the model's own
+    files (graph inputs, engine manifest, checkpoint), so a bad value is the model file's fault:
+    an AdafuseError naming `model`."""
+
+    model: Path  # the file that runs: decoder .onnx, .engine, or the checkpoint directory
+    num_layers: int  # past_key_values.{l}.key/value pairs
+    vocab_size: int | None  # last dimension of logits; None when the model leaves it dynamic
+    kv_heads: int
+    head_dim: int
+    needs_routes: bool  # the decoder takes expert_ids/gates inputs (fed from the pre-gate)
+    dtype: str  # one of DTYPES: weights, activations and the KV cache
+    meta: dict[str, str]  # "adafuse.*" metadata recorded at export ({} when the model has none)
+    description: str  # backend details for reports (provider, device, dtype, flavour)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> AdafuseError:
+            return AdafuseError(f"{self.model}: {name} is {getattr(self, name)!r} in this model, expected {expected}")
+
+        for name in ("num_layers", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, "a positive integer (a fixed dimension)")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise bad("vocab_size", "a positive integer or unknown")
+        if not isinstance(self.needs_routes, bool):
+            raise bad("needs_routes", "True or False")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"one of {', '.join(DTYPES)}")
+        if not isinstance(self.meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.meta.items()):
+            raise bad("meta", "a dict of strings")
+        if not isinstance(self.model, Path):
+            raise TypeError(f"ModelInfo.model must be a Path, found {type(self.model).__name__}")
+
+
+class RunnerMeta(ABCMeta):
+    """Checks, as a runner is built, that its constructor described the model (set `self.info`)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        runner = super().__call__(*args, **kwargs)
+        if not isinstance(runner.__dict__.get("info"), ModelInfo):
+            raise TypeError(f"{cls.__name__}.__init__ must set self.info to a ModelInfo "
+                            f"(fields: {', '.join(f.name for f in fields(ModelInfo))})")
+        return runner
+
+
+class Runner(metaclass=RunnerMeta):
     name: str = "runner"
-    description: str = ""  # backend details for reports (provider, dtype, flavour)
+    info: ModelInfo
 
     @abstractmethod
     def prefill(self, input_ids: np.ndarray) -> StepResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdafuseError, missing_dependency
-from .base import Runner, StepResult
+from .base import ModelInfo, Runner, StepResult
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -83,8 +83,11 @@ class OnnxRuntimeRunner(Runner):
             else:
                 raise AdafuseError(f"{self.files.decoder}: the decoder takes expert_ids/gates but neither pregate.onnx "
                                    f"nor routes.safetensors is next to it")
-        self.description = (f"ONNX Runtime {ort.__version__}, {self.provider}, {self.meta.get('adafuse.dtype', '?')}, "
-                            f"{self.meta.get('adafuse.flavour', '?')} flavour")
+        dtype = self.meta.get("adafuse.dtype", "float16" if self.kv_dtype == np.float16 else "float32")
+        self.info = ModelInfo(model=self.files.decoder, num_layers=self.num_layers, vocab_size=self.vocab_size,
+                              kv_heads=self.kv_heads, head_dim=self.head_dim, needs_routes=self.needs_routes, dtype=dtype,
+                              meta=self.meta, description=f"ONNX Runtime {ort.__version__}, {self.provider}, {dtype}, "
+                                                          f"{self.meta.get('adafuse.flavour', '?')} flavour")
         self.past: dict[str, np.ndarray] | None = None
         self._past_len = 0
 

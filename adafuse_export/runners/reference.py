@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Runner, StepResult
+from .base import ModelInfo, Runner, StepResult
 
 
 class ReferenceRunner(Runner):
@@ -16,7 +16,10 @@ class ReferenceRunner(Runner):
 
         self.torch = torch
         self.model = ReferenceModel(ckpt, dtype=getattr(torch, dtype), device=device)
-        self.description = f"PyTorch reference, {dtype}, {device}"
+        m = ckpt.model
+        self.info = ModelInfo(model=ckpt.path, num_layers=m.num_layers, vocab_size=m.vocab_size, kv_heads=m.num_kv_heads,
+                              head_dim=m.head_dim, needs_routes=ckpt.adapter.routing_table_exact, dtype=dtype, meta={},
+                              description=f"PyTorch reference, {dtype}, {device}")
         self.cache = None
 
     def _result(self, out) -> StepResult:

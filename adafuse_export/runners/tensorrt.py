@@ -4,123 +4,232 @@ Checks the manifest first (engine hash, plugin version), then needs a runtime an
 engine was built for: full TensorRT (+ $ADAFUSE_PLUGIN_LIB for plugin engines) or
 TensorRT-RTX (compute capability 8.0, 8.6, 8.9, 12.x). Device buffers are torch CUDA tensors.
 Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build).
+
+Everything about the engine's tensors (names, dtypes, KV layout, the shapes of outputs) is read
+from the deserialized engine itself, not assumed: a pre-gate-in-decoder engine outputs int32
+expert_ids and float32 gates beside float32 logits and KV caches in the model dtype.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import AdafuseError
-from ..onnx.load import resolve
+from ..onnx.plugin_ops import check_expert_ids
 from ..trt.build import DECODE, PREFILL
-from ..trt.manifest import verify_engine
-from .base import Runner, StepResult
+from ..trt.manifest import manifest_meta, verify_engine
+from .base import ModelInfo, Runner, StepResult
 
 RTX_CAPABILITIES = {(8, 0), (8, 6), (8, 9)}
+# TensorRT DataType member -> torch dtype name (the dtypes an adafuse engine's tensors can have)
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def torch_dtype(trt: Any, data_type: Any):
+    """The torch dtype of a TensorRT DataType; an AdafuseError for one no adafuse engine uses (FP8, FP4, ...)."""
+    import torch
+
+    for member, name in TORCH_DTYPES.items():
+        if data_type == getattr(trt.DataType, member):
+            return getattr(torch, name)
+    raise AdafuseError(f"engine tensor dtype {data_type} has no torch equivalent here "
+                       f"(expected one of {', '.join(TORCH_DTYPES)})")
+
+
+@dataclass
+class Placement:
+    """Where the runner's buffers live and which stream runs the engine. On a GPU: the current CUDA
+    device, a stream of the runner's own and torch's current stream (where inputs are made)."""
+
+    device: Any  # torch.device
+    stream: Any  # torch.cuda.Stream: .cuda_stream, .wait_stream(other), .synchronize()
+    current_stream: Callable[[], Any]
+
+
+def open_cuda(engine: Path, backend_name: str) -> Placement:
+    """The GPU an engine needs, or an AdafuseError saying why there is none here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise AdafuseError(f"{engine}: running a TensorRT engine needs an NVIDIA GPU, and none is visible here "
+                           f"(validate the ONNX export in {engine.with_suffix('.onnx')} instead)")
+    cc = torch.cuda.get_device_capability()
+    if backend_name == "tensorrt-rtx" and cc not in RTX_CAPABILITIES and cc[0] != 12:
+        raise AdafuseError(f"{engine}: TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9 and 12.x; "
+                           f"this GPU is {cc[0]}.{cc[1]} (build with --backend tensorrt for it)")
+    device = torch.device("cuda", torch.cuda.current_device())
+    return Placement(device, torch.cuda.Stream(device), torch.cuda.current_stream)
+
+
+def load_plugin_library(trt: Any, engine: Path, plugin: dict) -> None:
+    """Register the plugin library an engine names ($ADAFUSE_PLUGIN_LIB) before deserializing it."""
+    lib = os.environ.get("ADAFUSE_PLUGIN_LIB")
+    if not lib or not Path(lib).is_file():
+        raise AdafuseError(f"{engine}: this engine uses the {plugin['library']} plugin library "
+                           f"({plugin['name']}); set ADAFUSE_PLUGIN_LIB to its path")
+    if trt.get_plugin_registry().load_library(lib) is None:
+        raise AdafuseError(f"ADAFUSE_PLUGIN_LIB={lib}: TensorRT could not load this plugin library "
+                           "(not a TensorRT plugin library, built for another TensorRT, or already loaded; "
+                           "see the TensorRT log above)")
+
+
+class EngineSession:
+    """One execution context of a deserialized engine: sets the profile, input shapes and addresses,
+    allocates every output from the engine's own dtype and the context's resolved shape, and runs
+    on `placement.stream` after the inputs' stream. Each TensorRT call's result is checked."""
+
+    def __init__(self, trt: Any, engine: Any, placement: Placement, where: Path):
+        self.trt, self.engine, self.placement, self.where = trt, engine, placement, where
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: torch_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.shapes = {n: tuple(engine.get_tensor_shape(n)) for n in names}  # -1 marks a dynamic axis
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise AdafuseError(f"{where}: TensorRT could not create an execution context (out of GPU memory?)")
+
+    def _check(self, ok: bool, call: str) -> None:
+        if not ok:
+            raise AdafuseError(f"{self.where}: TensorRT refused {call} (see the TensorRT log above)")
+
+    def run(self, feed: dict[str, Any], profile: int) -> dict[str, Any]:
+        import torch
+
+        ctx, stream = self.context, self.placement.stream
+        missing = [n for n in self.inputs if n not in feed]
+        if missing:
+            raise AdafuseError(f"{self.where}: engine input '{missing[0]}' is not fed (fed: {', '.join(feed)})")
+        self._check(ctx.set_optimization_profile_async(profile, stream.cuda_stream),
+                    f"optimization profile {profile}")
+        for name in self.inputs:
+            t = feed[name]
+            if t.dtype != self.dtypes[name]:
+                raise AdafuseError(f"{self.where}: engine input '{name}' is {self.dtypes[name]}, "
+                                   f"the runner made {t.dtype}")
+            self._check(ctx.set_input_shape(name, tuple(t.shape)),
+                        f"input '{name}' of shape {list(t.shape)} (outside profile {profile}'s range?)")
+            self._check(ctx.set_tensor_address(name, t.data_ptr()), f"the address of input '{name}'")
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise AdafuseError(f"{self.where}: output '{name}' has unresolved shape {list(shape)} "
+                                   "after all input shapes were set")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.placement.device)
+            self._check(ctx.set_tensor_address(name, outputs[name].data_ptr()), f"the address of output '{name}'")
+        stream.wait_stream(self.placement.current_stream())  # the inputs were written on torch's stream
+        self._check(ctx.execute_async_v3(stream.cuda_stream), "execute_async_v3")
+        stream.synchronize()
+        return outputs
+
+
+def engine_model_info(engine: Path, manifest: dict, session: EngineSession, description: str) -> ModelInfo:
+    """The runner contract from the engine's own tensors and the manifest's routing metadata."""
+    past = [n for n in session.inputs if n.startswith("past_key_values.") and n.endswith(".key")]
+    if "past_key_values.0.key" not in session.shapes or "logits" not in session.outputs:
+        raise AdafuseError(f"{engine}: not an adafuse decoder engine (inputs {', '.join(session.inputs)}; "
+                           f"outputs {', '.join(session.outputs)})")
+    k0, logits = session.shapes["past_key_values.0.key"], session.shapes["logits"]
+    return ModelInfo(model=engine, num_layers=len(past), vocab_size=logits[-1] if logits[-1] > 0 else None,
+                     kv_heads=k0[1], head_dim=k0[3], needs_routes="expert_ids" in session.inputs,
+                     dtype=manifest["engine"]["dtype"], meta=manifest_meta(manifest), description=description)
 
 
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, engine: Path | str):
+        import torch
+
         from ..trt.backends import select_backend
 
         engine = Path(engine)
         self.manifest = manifest = verify_engine(engine)
-        info = manifest["engine"]
-        backend = select_backend(info["backend"])
-        import torch
-
-        if not torch.cuda.is_available():
-            raise AdafuseError(f"{engine}: running a TensorRT engine needs an NVIDIA GPU, and none is visible here "
-                               f"(validate the ONNX export in {engine.with_suffix('.onnx')} instead)")
-        cc = torch.cuda.get_device_capability()
-        if backend.name == "tensorrt-rtx" and cc not in RTX_CAPABILITIES and cc[0] != 12:
-            raise AdafuseError(f"{engine}: TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9 and 12.x; "
-                               f"this GPU is {cc[0]}.{cc[1]} (build with --backend tensorrt for it)")
+        built = manifest["engine"]
+        backend = select_backend(built["backend"])
+        self.placement = placement = open_cuda(engine, backend.name)
         trt = backend.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         if manifest.get("plugin"):
-            lib = os.environ.get("ADAFUSE_PLUGIN_LIB")
-            if not lib or not Path(lib).is_file():
-                raise AdafuseError(f"{engine}: this engine uses the {manifest['plugin']['library']} plugin library; "
-                                   "set ADAFUSE_PLUGIN_LIB to its path")
-            trt.get_plugin_registry().load_library(lib)
-        runtime = trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine(engine.read_bytes())
-        if self.engine is None:
+            load_plugin_library(trt, engine, manifest["plugin"])
+        self.runtime = trt.Runtime(self.logger)  # must outlive the engine
+        cuda_engine = self.runtime.deserialize_cuda_engine(engine.read_bytes())
+        if cuda_engine is None:
             raise AdafuseError(f"{engine}: {backend.name} {backend.version} could not deserialize the engine "
-                               f"(built with {info['backend']} {info['backend_version']})")
-        self.context = self.engine.create_execution_context()
-        self.torch, self.trt = torch, trt
-        self.stream = torch.cuda.Stream()
-        self.files = resolve(engine.with_suffix(".onnx"))
-        self.meta = {"adafuse.dtype": info["dtype"]}
-        self.description = f"{backend.name} {backend.version} on {torch.cuda.get_device_name()}, {info['dtype']}"
-        inputs = {t["name"]: t for t in manifest["tensors"]["inputs"]}
-        self.input_names, self.output_names = list(inputs), [t["name"] for t in manifest["tensors"]["outputs"]]
-        k0 = inputs["past_key_values.0.key"]
-        self.kv_heads, self.head_dim = k0["shape"][1], k0["shape"][3]
-        self.num_layers = sum(1 for n in inputs if n.endswith(".key"))
-        self.kv_dtype = {"float": torch.float32, "half": torch.float16, "bf16": torch.bfloat16}[k0["dtype"]]
+                               f"(built with {built['backend']} {built['backend_version']})")
+        self.session = EngineSession(trt, cuda_engine, placement, engine)
+        device_name = torch.cuda.get_device_name(placement.device) if placement.device.type == "cuda" else "cpu"
+        self.info = engine_model_info(engine, manifest, self.session,
+                                      f"{backend.name} {backend.version} on {device_name}, {built['dtype']}")
+        self.torch = torch
         self.table = None
-        routes = manifest["routing"].get("routes_file")
-        if "expert_ids" in inputs:
-            if not routes:
-                raise AdafuseError(f"{engine}: the engine takes expert ids but its manifest names no routing table")
-            from safetensors.torch import load_file
-
-            t = load_file(str(engine.parent / routes))
-            self.table = (t["expert_ids"].cuda(), t["gates"].float().cuda())
-        self.past: dict[str, object] = {}
+        if self.info.needs_routes:
+            self.table = self._load_routes(engine, manifest)
+        self.past: dict[str, Any] = {}
         self.length = 0
+
+    def _load_routes(self, engine: Path, manifest: dict):
+        routes = manifest["routing"].get("routes_file")
+        if not routes:
+            raise AdafuseError(f"{engine}: the engine takes expert ids but its manifest names no routing table")
+        from safetensors.torch import load_file
+
+        path = engine.parent / routes
+        t = load_file(str(path))
+        # the ids this runner gathers and feeds to the adapter plugins: in range, or the kernels read out of bounds
+        check_expert_ids(t["expert_ids"].numpy(), manifest["routing"]["num_experts"], f"{path}: 'expert_ids'")
+        device = self.placement.device
+        return t["expert_ids"].to(device), t["gates"].float().to(device)
 
     @property
     def past_length(self) -> int:
         return self.length
 
+    def _ids(self, input_ids: np.ndarray):
+        ids = self.torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.placement.device)
+        vocab = self.info.vocab_size
+        if ids.ndim != 2:
+            raise AdafuseError(f"input ids must be [batch, seq], found shape {list(ids.shape)}")
+        if vocab is not None and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise AdafuseError(f"a token id is out of the vocabulary [0, {vocab}) of {self.info.model}")
+        return ids
+
     def routes(self, input_ids):
         if self.table is None:
             return None
-        ids = self.torch.as_tensor(input_ids).cuda()
+        ids = self._ids(input_ids)
         return self.table[0][ids].cpu().numpy(), self.table[1][ids].cpu().numpy()
 
     def _run(self, input_ids: np.ndarray, profile: int) -> StepResult:
-        torch = self.torch
-        ids = torch.as_tensor(input_ids, dtype=torch.int64).cuda()
+        torch, session = self.torch, self.session
+        ids = self._ids(input_ids)
         b, s = ids.shape
+        device = self.placement.device
         feed = {"input_ids": ids,
-                "position_ids": (torch.arange(s, device="cuda") + self.length).expand(b, s).contiguous()}
+                "position_ids": (torch.arange(s, device=device) + self.length).expand(b, s).contiguous()}
         if self.table is not None:
             feed["expert_ids"] = self.table[0][ids].contiguous()
             feed["gates"] = self.table[1][ids].contiguous()
-        for layer in range(self.num_layers):
-            for kind in ("key", "value"):
-                name = f"past_key_values.{layer}.{kind}"
-                feed[name] = self.past.get(f"present.{layer}.{kind}",
-                                           torch.zeros(b, self.kv_heads, 0, self.head_dim, device="cuda", dtype=self.kv_dtype))
-        ctx = self.context
-        ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
-        for name in self.input_names:
-            ctx.set_input_shape(name, tuple(feed[name].shape))
-            ctx.set_tensor_address(name, feed[name].data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            shape = tuple(ctx.get_tensor_shape(name))
-            dtype = torch.float32 if name == "logits" else self.kv_dtype
-            outputs[name] = torch.empty(shape, device="cuda", dtype=dtype)
-            ctx.set_tensor_address(name, outputs[name].data_ptr())
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise AdafuseError("TensorRT execution failed (see the TensorRT log above)")
-        self.stream.synchronize()
+        for name in session.inputs:
+            if name.startswith("past_key_values."):
+                present = "present." + name[len("past_key_values."):]
+                _, kv, _, d = session.shapes[name]
+                feed[name] = self.past.get(present, torch.zeros(b, kv, 0, d, device=device, dtype=session.dtypes[name]))
+        outputs = session.run(feed, profile)
         self.past = {n: t for n, t in outputs.items() if n.startswith("present.")}
         self.length += s
         result = StepResult(outputs["logits"].float().cpu().numpy(),
                             {n: t.float().cpu().numpy() for n, t in self.past.items()})
-        if self.table is not None:
-            result.expert_ids, result.gates = feed["expert_ids"].cpu().numpy(), feed["gates"].cpu().numpy()
+        routed = outputs if "expert_ids" in outputs else feed if self.table is not None else None
+        if routed is not None:
+            result.expert_ids = routed["expert_ids"].to(torch.int32).cpu().numpy()
+            result.gates = routed["gates"].float().cpu().numpy()
         return result
 
     def prefill(self, input_ids):
@@ -128,4 +237,6 @@ class TensorRTRunner(Runner):
         return self._run(input_ids, PREFILL)
 
     def decode(self, input_ids):
+        if not self.past:
+            raise AdafuseError("decode() called before prefill()")
         return self._run(input_ids, DECODE)

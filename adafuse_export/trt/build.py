@@ -6,6 +6,7 @@ new token, past 1..max_seq-1). A service selects the profile per step; the manif
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 from ..errors import AdafuseError
 from .backends import Backend
@@ -33,10 +34,39 @@ def profile_shapes(name: str, shape: tuple[int, ...], max_batch: int, max_seq: i
     }
 
 
-def build_engine(backend: Backend, onnx_path: Path, *, max_batch: int, max_seq: int,
-                 plugin_library: Path | None = None, timing_cache: Path | None = None, log=print) -> tuple[bytes, dict]:
+def builder_config(backend: Backend, builder: Any, dtype: str) -> Any:
+    """The builder config; a float32 engine computes in float32 (TensorRT's default TF32 matmuls
+    differ from float32 by about 1e-3, beyond validate's float32 tolerance)."""
+    config = builder.create_builder_config()
+    if dtype == "float32":
+        config.clear_flag(backend.trt.BuilderFlag.TF32)
+    return config
+
+
+def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: Callable[[str], None]) -> Any:
+    """The timing cache read from `path` and attached to `config` (None without one). A cache that
+    TensorRT refuses (another TensorRT version or GPU) is an error, never silently replaced."""
+    if path is None:
+        return None
+    if backend.name == "tensorrt-rtx":
+        log(f"--timing-cache {path}: not used (TensorRT-RTX has no timing cache); the file is left unchanged")
+        return None
+    try:
+        data = path.read_bytes() if path.exists() else b""
+    except OSError as e:
+        raise AdafuseError(f"--timing-cache {path}: cannot read: {e.strerror or e}") from None
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise AdafuseError(f"--timing-cache {path}: {backend.name} {backend.version} refused this timing cache "
+                           "(written by another TensorRT version or GPU); delete it or name a new file")
+    return cache
+
+
+def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
+                 plugin_library: Path | None = None, timing_cache: Path | None = None,
+                 log: Callable[[str], None] = print) -> tuple[bytes, dict]:
     """(serialized engine, engine description for the manifest)."""
-    trt = backend.trt
+    trt: Any = backend.trt
     if max_batch < 1 or max_seq < 2:
         raise AdafuseError(f"--max-batch must be >= 1 and --max-seq >= 2, found {max_batch} and {max_seq}")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -54,9 +84,9 @@ def build_engine(backend: Backend, onnx_path: Path, *, max_batch: int, max_seq: 
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise AdafuseError(f"{onnx_path}: {backend.name} could not parse the ONNX graph: {errors}")
-    config = builder.create_builder_config()
+    config = builder_config(backend, builder, dtype)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    profiles = {"prefill": {}, "decode": {}}
+    profiles: dict[str, dict[str, dict[str, list[list[int]]]]] = {"prefill": {}, "decode": {}}
     built = [builder.create_optimization_profile(), builder.create_optimization_profile()]
     for t in inputs:
         shapes = profile_shapes(t.name, tuple(t.shape), max_batch, max_seq)
@@ -65,16 +95,12 @@ def build_engine(backend: Backend, onnx_path: Path, *, max_batch: int, max_seq: 
             profiles[kind][t.name] = shapes[kind]
     for p in built:
         config.add_optimization_profile(p)
-    cache = None
-    if timing_cache is not None and hasattr(config, "create_timing_cache"):
-        data = timing_cache.read_bytes() if timing_cache.exists() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = attach_timing_cache(backend, config, timing_cache, log)
     log(f"building {backend.name} {backend.version} engine ({len(inputs)} inputs, 2 profiles) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (see the TensorRT log above)")
-    if cache is not None:
+    if cache is not None and timing_cache is not None:
         timing_cache.write_bytes(bytes(cache.serialize()))
     io = {
         "inputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)} for t in inputs],

@@ -36,7 +36,7 @@ def manifest_path(engine: Path) -> Path:
 def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_dir_name: str, onnx_manifest: dict,
                   backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint) -> dict:
     files = {f"{onnx_dir_name}/{p.name}": sha256_file(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()}
-    uses_plugin = onnx_manifest.get("flavour") == "plugin" and onnx_manifest.get("custom_ops")
+    custom_ops = onnx_manifest.get("custom_ops") if onnx_manifest.get("flavour") == "plugin" else None
     a = checkpoint.adapter
     return {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adafuse_export_version": __version__,
@@ -52,11 +52,27 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
                     "normalize_topk": a.normalize_topk, "pregate_input": a.pregate_input if a.routing == "pregate" else None,
                     "routes_file": f"{onnx_dir_name}/routes.safetensors" if (onnx_dir / "routes.safetensors").exists() else None,
                     "pregate_graph": f"{onnx_dir_name}/pregate.onnx" if (onnx_dir / "pregate.onnx").exists() else None},
-        "plugin": ({"library": PLUGIN_LIBRARY, "name": plugin_ops.OP_TYPE, "version": plugin_ops.PLUGIN_VERSION,
-                    "namespace": "", "fields": [n for n, _ in plugin_ops.FIELDS]} if uses_plugin else None),
+        "plugin": ({"library": PLUGIN_LIBRARY, "name": custom_ops["op_type"], "strategy": custom_ops["strategy"],
+                    "version": plugin_ops.PLUGIN_VERSION, "namespace": "", "fields": [n for n, _ in plugin_ops.FIELDS]}
+                   if custom_ops else None),
         "files": files,
         "source": {"path": str(checkpoint.path), "format": checkpoint.format, "index_sha256": checkpoint.index_sha256()},
     }
+
+
+def manifest_meta(manifest: dict) -> dict[str, str]:
+    """The manifest's routing contract as the "adafuse.*" metadata an ONNX export carries (what
+    validate.check_compatible compares with a checkpoint)."""
+    r = manifest["routing"]
+    meta = {"adafuse.format": f"{MANIFEST_FORMAT}/{MANIFEST_VERSION}", "adafuse.dtype": manifest["engine"]["dtype"],
+            "adafuse.flavour": manifest["engine"]["flavour"], "adafuse.routing": r["kind"],
+            "adafuse.router_kind": r["router_kind"] or "-", "adafuse.expert_kind": r["expert_kind"],
+            "adafuse.num_experts": str(r["num_experts"]), "adafuse.top_k": str(r["top_k"]),
+            "adafuse.pregate_input": r["pregate_input"] or "-",
+            "adafuse.checkpoint_sha256": manifest["source"]["index_sha256"]}
+    if manifest.get("plugin"):
+        meta["adafuse.strategy"] = manifest["plugin"]["strategy"]
+    return meta
 
 
 def write_manifest(manifest: dict, path: Path) -> None:
@@ -80,6 +96,9 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         raise AdafuseError(f"{engine}: SHA-256 {got[:16]}... does not match the manifest's {str(want)[:16]}... "
                            "(engine modified or replaced; rebuild it with adafuse-export convert)")
     plugin = manifest.get("plugin")
+    if plugin and plugin.get("name") not in plugin_ops.OP_TYPES:
+        raise AdafuseError(f"{mpath}: engine needs plugin {plugin.get('name')!r}, this adafuse-export provides "
+                           f"{' and '.join(plugin_ops.OP_TYPES)}")
     if plugin and plugin.get("version") != plugin_ops.PLUGIN_VERSION:
         raise AdafuseError(f"{mpath}: engine needs plugin {plugin.get('name')} version {plugin.get('version')!r}, "
                            f"this adafuse-export provides version {plugin_ops.PLUGIN_VERSION!r}")
