@@ -27,8 +27,8 @@ class _Stat:
         self.name, self.atol, self.rtol = name, atol, rtol
         self.max_abs = self.max_rel = 0.0
         self.mismatched = self.elements = 0
-        self.worst_step = None
-        self.shape_error = None
+        self.worst_step: str | None = None
+        self.shape_error: str | None = None
 
     def add(self, got, want, step: str):
         if got is None or want is None:

@@ -303,7 +303,7 @@ class DecoderBuilder(_Builder):
         g, a = self.g, self.aspec
         if a.expert_kind == "ffn":
             ids, gates = self.route(x, self.router_weight(f"layers.{layer}.mlp.router.weight"), None, a.top_k, a.normalize_topk)
-            out = None
+            out: str | None = None
             for j in range(a.top_k):
                 e = g.op("Slice", [ids, g.const([j]), g.const([j + 1]), g.const([1])])  # [N, 1]
                 hj = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", ffn_slot=e)),
@@ -311,6 +311,7 @@ class DecoderBuilder(_Builder):
                 gj = g.cast(g.op("Slice", [gates, g.const([j]), g.const([j + 1]), g.const([1])]), self.elem, F32)
                 term = g.op("Mul", [gj, self.linear(hj, layer, "down_proj", ffn_slot=e)])
                 out = term if out is None else g.op("Add", [out, term])
+            assert out is not None  # top_k >= 1
             return out
         hh = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", route)), self.linear(x, layer, "up_proj", route)])
         return self.linear(hh, layer, "down_proj", route)

@@ -1,9 +1,14 @@
 """The PyTorch reference behind the runner interface (the ground truth for validate and benchmarks)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .base import ModelInfo, Runner, StepResult
+
+if TYPE_CHECKING:  # torch is imported when a reference runner is built, not with this module
+    from ..reference.model import KVCache
 
 
 class ReferenceRunner(Runner):
@@ -20,7 +25,8 @@ class ReferenceRunner(Runner):
         self.info = ModelInfo(model=ckpt.path, num_layers=m.num_layers, vocab_size=m.vocab_size, kv_heads=m.num_kv_heads,
                               head_dim=m.head_dim, needs_routes=ckpt.adapter.routing_table_exact, dtype=dtype, meta={},
                               description=f"PyTorch reference, {dtype}, {device}")
-        self.cache = None
+        self.cache: KVCache | None = None
+        self._table: tuple[np.ndarray, np.ndarray] | None = None
 
     def _result(self, out) -> StepResult:
         present = {}
@@ -53,12 +59,11 @@ class ReferenceRunner(Runner):
             return None
         if not self.model.aspec.routing_table_exact:
             return None  # the pre-gate needs layer 0's attention: it is part of the forward pass
-        if getattr(self, "_table", None) is None:
+        if self._table is None:
             ids, gates = self.model.routing_table()
             self._table = (ids.numpy(), gates.float().numpy())
-        ids, gates = self._table
         x = np.asarray(input_ids)
-        return ids[x], gates[x]
+        return self._table[0][x], self._table[1][x]
 
     @property
     def past_length(self) -> int:

@@ -53,6 +53,7 @@ class TorchOps:
 
     @staticmethod
     def lora_linear(x, site: SiteWeights, ids, gates):
+        assert site.A is not None and site.B is not None, f"{site.name} has no adapter"
         y = x @ site.W.T
         if site.bias is not None:
             y = y + site.bias
@@ -70,6 +71,7 @@ class TorchOps:
         """W = W_base + s sum_j g_j B_j A_j for the (single) new route; mirrors the kernel's pristine mode."""
         ids, gates = new_ids.reshape(-1).long(), new_gates.reshape(-1).float()
         for s in sites:
+            assert s.A is not None and s.B is not None and s.W_base is not None, f"{s.name} is not a switch site"
             delta = torch.einsum("kor,kri->oi", s.B[ids].float() * gates[:, None, None], s.A[ids].float())
             s.W.copy_((s.W_base.float() + s.scale * delta).to(s.W.dtype))
         old_ids.copy_(new_ids.reshape(old_ids.shape))
@@ -107,8 +109,8 @@ class KernelOps:
     def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
         # The device site table is built once per set of buffers; every pointer is in the key, since
         # freed buffers' addresses are reused by later allocations.
-        key = tuple((s.W.data_ptr(), s.W_base.data_ptr() if s.W_base is not None else 0, s.A.data_ptr(),
-                     s.B.data_ptr(), s.scale) for s in sites)
+        key = tuple((s.W.data_ptr(), s.W_base.data_ptr() if s.W_base is not None else 0, _ptr(s.A), _ptr(s.B), s.scale)
+                    for s in sites)
         if key not in self._tables:
             table = self.k.sites_to_device([{"W": s.W, "W_base": s.W_base, "A": s.A, "B": s.B, "scale": s.scale}
                                             for s in sites])
@@ -116,6 +118,11 @@ class KernelOps:
         table, max_out, max_in = self._tables[key]
         self.k.switch(sites[0].W.dtype, table, len(sites), max_out, max_in, new_ids.reshape(-1),
                       new_gates.reshape(-1), old_ids, old_gates)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    assert t is not None, "switch sites have adapters"
+    return t.data_ptr()
 
 
 class GpuDecoder:
@@ -136,6 +143,8 @@ class GpuDecoder:
         self.w = weights
         if model.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.route_ids: torch.Tensor | None
+        self.route_gates: torch.Tensor | None
         self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
                                             routes[1].to(self.device, torch.float32).contiguous()) if routes else (None, None)
         self.groups = FUSED_GROUPS if fuse_projections else UNFUSED_GROUPS
@@ -151,23 +160,29 @@ class GpuDecoder:
         self.old_ids = torch.full((k,), -1, device=self.device, dtype=torch.int32)
         self.old_gates = torch.zeros((k,), device=self.device, dtype=torch.float32)
         self.length = 0
-        self._graph = None
+        self._graph: torch.cuda.CUDAGraph | None = None
 
     def _group_site(self, layer: int, group: str, members: tuple[str, ...]) -> SiteWeights:
         """Projections that read the same input as one site: W, bias and A stacked along the output
         (rank) axis, B block-diagonal with each member's scale folded in (scale 1). One GEMV and one
         LoRA shrink then serve q/k/v (or gate/up); the off-diagonal zeros of B add k*r*(out) bytes."""
         w, a = self.w, self.a
-        weights, biases, As, Bs = [], [], [], []
+        weights: list[torch.Tensor] = []
+        biases: list[torch.Tensor | None] = []
+        As: list[torch.Tensor | None] = []
+        Bs: list[torch.Tensor | int] = []  # a routed member's scaled B, else its output size
         for mod in members:
             p = f"model.layers.{layer}.{module_group(mod)}.{mod}"
             weights.append(w[f"{p}.weight"])
             out = weights[-1].shape[0]
             biases.append(w.get(f"{p}.bias"))
-            routed = self.strategy != "dense" and mod in a.target_modules
             name = f"layers.{layer}.{mod}"
-            As.append(w[f"{name}.lora_A"] if routed else None)
-            Bs.append((w[f"{name}.lora_B"].float() * a.site_scale(name)).to(self.dtype) if routed else out)
+            if a is not None and self.strategy != "dense" and mod in a.target_modules:
+                As.append(w[f"{name}.lora_A"])
+                Bs.append((w[f"{name}.lora_B"].float() * a.site_scale(name)).to(self.dtype))
+            else:
+                As.append(None)
+                Bs.append(out)
         W = weights[0] if len(members) == 1 else torch.cat(weights)
         bias = None
         if any(b is not None for b in biases):
@@ -193,6 +208,7 @@ class GpuDecoder:
             site.parts, row = [], 0
             for mod, x, b, rows in zip(members, As, Bs, site.splits):
                 if x is not None:
+                    assert isinstance(b, torch.Tensor)
                     site.parts.append(SiteWeights(f"layers.{layer}.{mod}", site.W[row:row + rows], None, x, b, 1.0,
                                                   site.W_base[row:row + rows]))
                 row += rows
@@ -204,7 +220,9 @@ class GpuDecoder:
             return [self._linear(x, layer, mod, ids, gates) for mod in members]
         group = GROUP_NAME[members]
         y = self._linear(x, layer, group, ids, gates)
-        return list(torch.split(y, self.sites[(layer, group)].splits, dim=-1)) if len(members) > 1 else [y]
+        splits = self.sites[(layer, group)].splits
+        assert splits is not None
+        return list(torch.split(y, splits, dim=-1)) if len(members) > 1 else [y]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cuda", dtype=torch.bfloat16, **kw) -> "GpuDecoder":
@@ -231,7 +249,7 @@ class GpuDecoder:
         m = self.m
         batch, seq = input_ids.shape
         ids = gates = None
-        if self.route_ids is not None and self.strategy != "dense":
+        if self.route_ids is not None and self.route_gates is not None and self.strategy != "dense":
             ids = self.route_ids[input_ids.reshape(-1)]
             gates = self.route_gates[input_ids.reshape(-1)]
             if self.strategy == "switch":
@@ -359,7 +377,7 @@ def choose_strategy(make, candidates=("fused", "switch"), tokens: list[int] | No
                 times.append(start.elapsed_time(end))
         timings[strategy] = statistics.median(times)
         del dec
-    return min(timings, key=timings.get), timings
+    return min(timings, key=timings.__getitem__), timings
 
 
 def weight_bytes(decoder: GpuDecoder) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import AdafuseError
 
@@ -25,7 +26,7 @@ INSTALL = {
 @dataclass
 class Backend:
     name: str
-    trt: object  # the imported module
+    trt: Any  # the imported module (no type stubs)
     version: str
 
     @property

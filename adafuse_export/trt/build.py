@@ -66,7 +66,7 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
                  plugin_library: Path | None = None, timing_cache: Path | None = None,
                  log: Callable[[str], None] = print) -> tuple[bytes, dict]:
     """(serialized engine, engine description for the manifest)."""
-    trt: Any = backend.trt
+    trt = backend.trt
     if max_batch < 1 or max_seq < 2:
         raise AdafuseError(f"--max-batch must be >= 1 and --max-seq >= 2, found {max_batch} and {max_seq}")
     logger = trt.Logger(trt.Logger.WARNING)
@@ -86,7 +86,7 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
         raise AdafuseError(f"{onnx_path}: {backend.name} could not parse the ONNX graph: {errors}")
     config = builder_config(backend, builder, dtype)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    profiles: dict[str, dict[str, dict[str, list[list[int]]]]] = {"prefill": {}, "decode": {}}
+    profiles: dict[str, dict[str, list[list[int]]]] = {"prefill": {}, "decode": {}}
     built = [builder.create_optimization_profile(), builder.create_optimization_profile()]
     for t in inputs:
         shapes = profile_shapes(t.name, tuple(t.shape), max_batch, max_seq)
