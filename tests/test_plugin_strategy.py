@@ -109,6 +109,28 @@ def test_expert_id_contract():
         plugin_ops.check_expert_ids(np.array([[0, -1], [4, 1]]), 4, "table")
 
 
+def test_routing_table_producers_check_ids(cli, example_dirs, tmp_path, monkeypatch):
+    import torch
+
+    from adafuse_export.reference import model as reference_model
+    from adafuse_export.runners.torch_cuda import GpuDecoder
+
+    real = reference_model.routing_table
+
+    def off_by_one(*args, **kwargs):
+        ids, gates = real(*args, **kwargs)
+        return ids + 1, gates  # expert 3 of 4 becomes 4
+
+    monkeypatch.setattr(reference_model, "routing_table", off_by_one)
+    r = cli("export-routes", example_dirs["pregate"], tmp_path / "r.safetensors")
+    assert r.code == 2 and r.err.startswith(f"error: {example_dirs['pregate']}: routing table 'expert_ids': expert id 4 "
+                                            "is out of range [0, 4)")
+    assert list(tmp_path.iterdir()) == []
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    with pytest.raises(AdafuseError, match=r"routing table 'expert_ids': expert id 4 is out of range \[0, 4\)"):
+        GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32)
+
+
 def _custom_op(name: str):
     """An op of the plugin contract for onnx.reference, in float64 (the formula of plugin_ops)."""
     from onnx.reference.op_run import OpRun

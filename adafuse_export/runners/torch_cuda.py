@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
+from ..onnx.plugin_ops import check_expert_ids
 from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
 from ..spec import AdapterSpec, ModelSpec, module_group
 
@@ -143,6 +144,8 @@ class GpuDecoder:
         self.w = weights
         if model.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        if routes is not None and adapter is not None:  # the kernels read A[id], B[id] unchecked
+            check_expert_ids(routes[0].cpu().numpy(), adapter.num_experts, "routing table 'expert_ids'")
         self.route_ids: torch.Tensor | None
         self.route_gates: torch.Tensor | None
         self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
