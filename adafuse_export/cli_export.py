@@ -33,7 +33,8 @@ def _import_onnx():
 @base_option
 @click.option("--flavour", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="portable: adapters in standard ONNX ops (ONNX Runtime, TensorRT-RTX); "
-                   "plugin: one adafuse::AdafuseLoraLinear node per routed site (TensorRT + plugin library).")
+                   "plugin: one adafuse::AdafuseLoraLinear (or, with --strategy switch, AdafuseSwitchLinear) node per "
+                   "routed site (TensorRT + plugin library).")
 @click.option("--strategy", type=click.Choice(["fused", "switch"]), default=None,
               help="Plugin flavour only: the op of every adapter site, AdafuseLoraLinear (fused, the default) or "
                    "AdafuseSwitchLinear (switch); same fields and inputs. See docs/engine-path.md.")

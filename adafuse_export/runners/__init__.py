@@ -1,4 +1,4 @@
-"""Runners: one interface (prefill, decode step, routes) over the PyTorch reference, ONNX Runtime, later TensorRT.
+"""Runners: one interface (prefill, decode step, routes, ModelInfo) over the PyTorch reference, ONNX Runtime, TensorRT.
 
 Backends are imported lazily: `open_runner(path)` picks one by the model file.
 """
