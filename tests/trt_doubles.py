@@ -115,6 +115,8 @@ class RecordingTrtContext:
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
         self.calls.append(("set_tensor_address", name))
+        if memory == 0:
+            return False  # TensorRT needs allocated memory even for an empty binding
         self.addresses[name] = memory
         return self._result("set_tensor_address")
 

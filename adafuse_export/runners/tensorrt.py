@@ -93,6 +93,18 @@ class EngineSession:
         self.context = engine.create_execution_context()
         if self.context is None:
             raise AdafuseError(f"{where}: TensorRT could not create an execution context (out of GPU memory?)")
+        self._placeholder: Any = None  # the address of empty tensors (the prefill's zero-length past)
+
+    def _address(self, t: Any) -> int:
+        """An empty tensor has no memory (data_ptr 0), but TensorRT wants an allocated address even for
+        an empty binding (developer guide, "Empty Tensors")."""
+        if t.numel():
+            return t.data_ptr()
+        if self._placeholder is None:
+            import torch
+
+            self._placeholder = torch.empty(256, dtype=torch.uint8, device=self.placement.device)
+        return self._placeholder.data_ptr()
 
     def _check(self, ok: bool, call: str) -> None:
         if not ok:
@@ -114,7 +126,7 @@ class EngineSession:
                                    f"the runner made {t.dtype}")
             self._check(ctx.set_input_shape(name, tuple(t.shape)),
                         f"input '{name}' of shape {list(t.shape)} (outside profile {profile}'s range?)")
-            self._check(ctx.set_tensor_address(name, t.data_ptr()), f"the address of input '{name}'")
+            self._check(ctx.set_tensor_address(name, self._address(t)), f"the address of input '{name}'")
         outputs = {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
@@ -122,7 +134,7 @@ class EngineSession:
                 raise AdafuseError(f"{self.where}: output '{name}' has unresolved shape {list(shape)} "
                                    "after all input shapes were set")
             outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.placement.device)
-            self._check(ctx.set_tensor_address(name, outputs[name].data_ptr()), f"the address of output '{name}'")
+            self._check(ctx.set_tensor_address(name, self._address(outputs[name])), f"the address of output '{name}'")
         stream.wait_stream(self.placement.current_stream())  # the inputs were written on torch's stream
         self._check(ctx.execute_async_v3(stream.cuda_stream), "execute_async_v3")
         stream.synchronize()
