@@ -197,7 +197,8 @@ class _Builder:
                 ids, gates = cols(ids, 0, plugin_ops.MAX_TOP_K), cols(gates, 0, plugin_ops.MAX_TOP_K)
                 top_k = plugin_ops.MAX_TOP_K
             op = plugin_ops.op_type(self.strategy)
-            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), f"/{site.name}/{op}",
+            name = f"/{site.name}/{op}"  # MixLoRA has one node per slot: names must stay unique
+            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), name if ffn_slot is None else g.fresh(name),
                                         in_features=inp, out_features=out, num_experts=e, rank=r, top_k=top_k,
                                         scale=scale, has_bias=bool(bias), strategy=self.strategy)
             y = g.add_node(node)

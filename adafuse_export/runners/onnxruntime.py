@@ -1,8 +1,11 @@
-"""ONNX Runtime runner over an `export-onnx` output (portable flavour).
+"""ONNX Runtime runner over an `export-onnx` output (portable or plugin flavour).
 
 CUDA execution provider when onnxruntime-gpu sees a GPU, else CPU. Pre-gated models
 with a separate pre-gate run pregate.onnx (or, without it, gather from routes.safetensors)
 and feed its expert ids and gates to the decoder; layer-routed models route in-graph.
+Plugin-flavour decoders run their adafuse nodes as Python custom ops (plugin_ops_ort.py) on
+a session copy of the graph prepared in memory; `plugin_ops` picks their implementation
+(cpu: numpy; cuda: the plugins' kernels; auto: cuda when torch sees a GPU).
 """
 from __future__ import annotations
 
@@ -34,16 +37,18 @@ def default_providers(ort) -> list[str]:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, model: Path | str, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, model: Path | str, providers: list[str] | None = None, threads: int | None = None,
+                 plugin_ops: str = "auto"):
         ort = import_onnxruntime()
         from ..onnx.load import load_header, metadata, resolve, uses_plugin
 
         self.files = resolve(Path(model))
         header = load_header(self.files.decoder)
+        self.plugin = None
         if uses_plugin(header):
-            raise AdafuseError(f"{self.files.decoder}: plugin-flavour ONNX (AdafuseLoraLinear nodes, domain 'adafuse') "
-                               f"runs only in TensorRT with the adafuse plugin library, not in ONNX Runtime; "
-                               f"export with --flavour portable to validate in ONNX Runtime")
+            from .plugin_ops_ort import PluginGraph
+
+            self.plugin = PluginGraph(header, self.files.decoder, plugin_ops)
         self.meta = metadata(header)
         self.header = header
         options = ort.SessionOptions()
@@ -87,19 +92,22 @@ class OnnxRuntimeRunner(Runner):
         self.info = ModelInfo(model=self.files.decoder, num_layers=self.num_layers, vocab_size=self.vocab_size,
                               kv_heads=self.kv_heads, head_dim=self.head_dim, needs_routes=self.needs_routes, dtype=dtype,
                               meta=self.meta, description=f"ONNX Runtime {ort.__version__}, {self.provider}, {dtype}, "
-                                                          f"{self.meta.get('adafuse.flavour', '?')} flavour")
+                                                          f"{self.meta.get('adafuse.flavour', '?')} flavour"
+                                                          + (f"; plugin ops: {self.plugin.description}" if self.plugin else ""))
         self.past: dict[str, np.ndarray] | None = None
         self._past_len = 0
 
     def _session(self, ort, path: Path, options):
+        # a plugin-flavour decoder runs as its prepared in-memory copy (the file is untouched)
+        source = self.plugin.session_source(options) if self.plugin and path == self.files.decoder else str(path)
         try:
             try:
-                return ort.InferenceSession(str(path), options, providers=self.providers)
+                return ort.InferenceSession(source, options, providers=self.providers)
             except Exception:
                 if self.providers == ["CPUExecutionProvider"]:
                     raise
                 self.providers = ["CPUExecutionProvider"]  # e.g. onnxruntime-gpu without a usable GPU
-                return ort.InferenceSession(str(path), options, providers=self.providers)
+                return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as e:  # ONNX Runtime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AdafuseError(f"{path}: ONNX Runtime cannot load this model: {first}") from None
@@ -134,7 +142,8 @@ class OnnxRuntimeRunner(Runner):
         if self.needs_routes:
             expert_ids, gates = self.routes(ids)
             feeds["expert_ids"], feeds["gates"] = expert_ids, gates
-        outs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        run = self.plugin.run if self.plugin else lambda session, names, f: session.run(names, f)
+        outs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
         present = {n: outs[n] for n in self.output_names if n.startswith("present.")}
         self.past = {f"past_key_values.{n[len('present.'):]}": v for n, v in present.items()}
         self._past_len += seq

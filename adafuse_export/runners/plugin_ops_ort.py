@@ -1,0 +1,217 @@
+"""ONNX Runtime sessions for plugin-flavour graphs: the adafuse custom ops as Python ops.
+
+ONNX Runtime's C/C++ headers ship with no package here, so the ops are Python functions
+registered through onnxruntime-extensions (`onnx_op`), whose "domain::op_type" names put them
+straight in the graph's own domain `adafuse`. Measured on onnxruntime-extensions 0.15.2:
+  - an exception raised inside a Python op, or a float16/bfloat16 tensor handed to one, aborts the
+    whole process (std::terminate), so the ops never raise and only ever see float32;
+  - FLOAT attributes reach the op as text with 6 significant digits, and the op is not told which
+    node it runs for;
+  - one kernel per (op_type, input types) and a fixed input count (no optional inputs).
+Hence `PluginGraph` prepares a session copy of the graph, in memory (the file is untouched):
+every adafuse node keeps its op_type, domain, inputs, output and attributes and gains
+  - an `adafuse_site` attribute: the key of the node's fields as read here from the node exactly as
+    TensorRT's ONNX parser passes them (plugin_op_impl.parser_fields), its name and dtype;
+  - Cast-to-float32 on x, W, A, B, bias and a Cast back to the node's dtype on y (exact: float16 and
+    bfloat16 widen to float32 exactly, and the op rounds its result to the node's dtype first);
+  - an empty float32 tensor as input 6 when it has no bias.
+An op that fails records its message (naming the node) and returns NaN; `PluginGraph.run` raises it.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import AdafuseError, missing_dependency
+from ..onnx import plugin_ops
+from .plugin_op_impl import DESCRIPTIONS, IMPLEMENTATIONS, LinearFields, check_inputs, parser_fields
+
+SITE_ATTR = "adafuse_site"
+NO_BIAS = "adafuse_ort.no_bias"
+CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class _Site:
+    name: str
+    op_type: str
+    fields: LinearFields
+    dtype: str
+    compute: Callable[..., np.ndarray]
+    errors: list[str] = field(default_factory=list)  # shared by every site of one PluginGraph
+
+
+_SITES: dict[int, _Site] = {}
+_site_ids = itertools.count(1)
+_registered = False
+
+
+def _op(x, W, A, B, ids, gates, bias, **attrs) -> np.ndarray:
+    """The body of every registered op (must not raise: see the module docstring)."""
+    site = _SITES.get(int(attrs[SITE_ATTR]))
+    f = site.fields if site else None
+    out = f.out_features if f else W.shape[0] if W.ndim == 2 else 1
+    try:
+        if site is None or f is None:
+            raise ValueError(f"no adafuse site {attrs[SITE_ATTR]} (graph not prepared by PluginGraph)")
+        # ONNX Runtime's own reading of the attributes must be this node's
+        seen = {k: int(attrs[k]) for k, kind in plugin_ops.FIELDS if kind == "int"}
+        if seen != {k: getattr(f, k) for k in seen} or abs(float(attrs["scale"]) - f.scale) > 5e-6 * abs(f.scale):
+            raise ValueError(f"ONNX Runtime passed fields {dict(attrs)}, the node has {f}")
+        check_inputs(f, x, W, A, B, ids, gates, bias)
+        return site.compute(f, x, W, A, B, ids, gates, bias, site.dtype)
+    except Exception as e:  # noqa: BLE001 - reported by PluginGraph.run
+        if site is not None:
+            site.errors.append(f"{site.op_type} node '{site.name}': {e}")
+        return np.full(x.shape[:-1] + (out,) if x.ndim else (out,), np.nan, np.float32)
+
+
+def _register() -> str:
+    """Register the ops once per process; returns the extension library to load into sessions."""
+    global _registered
+    try:
+        import onnxruntime_extensions as ortx
+    except ImportError:
+        raise missing_dependency("onnxruntime-extensions", "onnx") from None
+    if not _registered:
+        P = ortx.PyCustomOpDef
+        attrs = {SITE_ATTR: P.dt_int64}
+        attrs.update({k: P.dt_int64 if kind == "int" else P.dt_float for k, kind in plugin_ops.FIELDS})
+        f32 = P.dt_float
+        for op_type in plugin_ops.OP_TYPES:
+            ortx.onnx_op(op_type=f"{plugin_ops.DOMAIN}::{op_type}", inputs=[f32, f32, f32, f32, P.dt_int32, f32, f32],
+                         outputs=[f32], attrs=attrs)(_op)
+        _registered = True
+    return ortx.get_library_path()
+
+
+def _forget(site_ids: tuple[int, ...]) -> None:
+    for i in site_ids:
+        _SITES.pop(i, None)
+
+
+def resolve_choice(choice: str) -> str:
+    """--plugin-ops auto|cpu|cuda -> cpu or cuda (auto: cuda when torch sees a GPU)."""
+    if choice not in CHOICES:
+        raise AdafuseError(f"--plugin-ops '{choice}' is unknown (expected one of {', '.join(CHOICES)})")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if choice == "auto":
+        return "cuda" if gpu else "cpu"
+    if choice == "cuda":
+        if not gpu:
+            raise AdafuseError("--plugin-ops cuda: torch sees no CUDA GPU here; use --plugin-ops cpu")
+        from ..kernels import AdafuseKernelError, KernelBuildError, load_kernels
+
+        try:
+            load_kernels()
+        except (KernelBuildError, AdafuseKernelError) as e:
+            raise AdafuseError(f"--plugin-ops cuda: the adafuse kernels are not available: {e}") from None
+    return choice
+
+
+def _elem_types(model) -> dict[str, int]:
+    g = model.graph
+    types = {t.name: t.data_type for t in g.initializer}
+    types.update({v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info)
+                  if v.type.HasField("tensor_type")})
+    return types
+
+
+class PluginGraph:
+    """A plugin-flavour ModelProto prepared for an ONNX Runtime session (see the module docstring)."""
+
+    def __init__(self, model, path: Path, choice: str = "auto"):
+        from onnx import TensorProto, helper
+
+        self.path = Path(path)
+        self.library = _register()
+        self.implementation = resolve_choice(choice)
+        compute = IMPLEMENTATIONS[self.implementation]
+        names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+        self.errors: list[str] = []
+        types = _elem_types(model)
+        prepared = type(model)()
+        prepared.CopyFrom(model)
+        del prepared.graph.node[:]
+        sites: dict[int, _Site] = {}
+        for node in model.graph.node:
+            if node.domain != plugin_ops.DOMAIN:
+                prepared.graph.node.append(node)
+                continue
+            where = f"{self.path}: {node.op_type} node '{node.name}'"
+            if node.op_type not in plugin_ops.OP_TYPES:
+                raise AdafuseError(f"{self.path}: node '{node.name}' is {node.domain}::{node.op_type}, which no adafuse "
+                                   f"plugin implements (known: {', '.join(plugin_ops.OP_TYPES)})")
+            try:
+                fields = parser_fields(node)
+            except AdafuseError as e:
+                raise AdafuseError(f"{self.path}: {e}") from None
+            dtype = names.get(types.get(node.input[plugin_ops.W], -1))
+            if dtype is None:
+                raise AdafuseError(f"{where}: input 1 (W) '{node.input[plugin_ops.W]}' expected float32, float16 or "
+                                   f"bfloat16, found {TensorProto.DataType.Name(types.get(node.input[plugin_ops.W], 0))}")
+            for pos in (plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 3 if fields.has_bias else 2]:
+                found = types.get(node.input[pos])
+                if found is not None and names.get(found) != dtype:
+                    raise AdafuseError(f"{where}: input {pos} ({plugin_ops.INPUTS[pos]}) expected the dtype of W ({dtype}), "
+                                       f"found {TensorProto.DataType.Name(found)}")
+            site_id = next(_site_ids)
+            sites[site_id] = _Site(node.name, node.op_type, fields, dtype, compute, self.errors)
+            inputs = list(node.input)
+            for pos in (plugin_ops.X, plugin_ops.W, plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 5 if fields.has_bias else 4]:
+                cast = f"adafuse_ort/{site_id}/{plugin_ops.INPUTS[pos]}"
+                prepared.graph.node.append(helper.make_node("Cast", [inputs[pos]], [cast], name=cast, to=TensorProto.FLOAT))
+                inputs[pos] = cast
+            if not fields.has_bias:
+                inputs.append(NO_BIAS)
+            y32 = f"adafuse_ort/{site_id}/y"
+            op = helper.make_node(node.op_type, inputs, [y32], name=node.name, domain=node.domain)
+            op.attribute.extend(node.attribute)
+            op.attribute.append(helper.make_attribute(SITE_ATTR, site_id))
+            prepared.graph.node.append(op)
+            prepared.graph.node.append(helper.make_node("Cast", [y32], list(node.output), name=f"{y32}/cast",
+                                                        to={v: k for k, v in names.items()}[dtype]))
+        if not sites:
+            raise AdafuseError(f"{self.path}: no {plugin_ops.DOMAIN} plugin nodes in this graph")
+        prepared.graph.initializer.append(helper.make_tensor(NO_BIAS, TensorProto.FLOAT, [0], []))
+        self.nodes = len(sites)
+        self.op_types = sorted({s.op_type for s in sites.values()})
+        self.dtypes = sorted({s.dtype for s in sites.values()})
+        self.model = prepared
+        _SITES.update(sites)
+        weakref.finalize(self, _forget, tuple(sites))
+
+    @property
+    def description(self) -> str:
+        import onnxruntime_extensions
+
+        return (f"{self.nodes} {plugin_ops.DOMAIN}::{'/'.join(self.op_types)} nodes as onnxruntime-extensions "
+                f"{onnxruntime_extensions.__version__} Python ops, {DESCRIPTIONS[self.implementation]}")
+
+    def session_source(self, options) -> bytes:
+        """The prepared model for InferenceSession; registers the ops and points `options` at the
+        graph's external data folder."""
+        options.register_custom_ops_library(self.library)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        return self.model.SerializeToString()
+
+    def run(self, session, output_names: list[str], feeds: dict) -> list:
+        """session.run, raising the first op failure (naming its node) as an AdafuseError."""
+        self.errors.clear()
+        try:
+            outs = session.run(output_names, feeds)
+        except Exception:
+            if not self.errors:
+                raise
+            outs = []
+        if self.errors:
+            raise AdafuseError(f"{self.path}: {self.errors[0]}"
+                               + (f" (and {len(self.errors) - 1} more node failure(s))" if len(self.errors) > 1 else ""))
+        return outs
