@@ -78,7 +78,10 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
 @click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
 @click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default per dtype: 1e-3, 2e-2, 5e-2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
+@click.option("--plugin-ops", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Plugin-flavour ONNX only: run the adafuse nodes with numpy (cpu) or the plugins' CUDA kernels "
+                   "(cuda); auto picks cuda when torch sees a GPU.")
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops):
     """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
@@ -91,7 +94,10 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json):
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
-    report = run_validate(c, model, prompts, steps, atol, rtol)
+    from .runners import open_runner
+
+    runner = open_runner(model, plugin_ops=plugin_ops) if Path(model).suffix != ".engine" else None
+    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]

@@ -76,15 +76,15 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
         stage(2, f"exporting {flavour} ONNX ({dtype})")
         onnx_dir = staging / "onnx"
         onnx_manifest = export_onnx(ckpt, onnx_dir, flavour, dtype, strategy=strategy)
-        if validate_onnx and flavour == "portable":
-            stage(3, "validating the ONNX export against the PyTorch reference (ONNX Runtime)")
+        if validate_onnx:  # the plugin flavour too: its adafuse nodes run as ONNX Runtime custom ops
+            stage(3, f"validating the {flavour} ONNX export against the PyTorch reference (ONNX Runtime)")
             report = _validate(ckpt, onnx_dir)
             if report is not None and not report["passed"]:
                 failed = [o["name"] for o in report["outputs"] if not o["passed"]]
                 raise AdafuseError(f"{engine}: the ONNX export does not match the reference ({', '.join(failed)}); "
                                    "run adafuse-export validate for the full report")
         else:
-            stage(3, "skipping ONNX Runtime validation" + (" (plugin ops run only in TensorRT)" if flavour == "plugin" else ""))
+            stage(3, "skipping ONNX Runtime validation")
         if chosen is None:
             _place(staging, outs, with_engine=False)
             raise AdafuseError(f"no TensorRT installed, so no engine was built; the validated ONNX export is in {outs['onnx']}. "

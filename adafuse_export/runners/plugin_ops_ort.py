@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from onnx import TensorProto, helper
 
 from ..errors import AdafuseError, missing_dependency
 from ..onnx import plugin_ops
@@ -34,6 +35,7 @@ from .plugin_op_impl import DESCRIPTIONS, IMPLEMENTATIONS, LinearFields, check_i
 SITE_ATTR = "adafuse_site"
 NO_BIAS = "adafuse_ort.no_bias"
 CHOICES = ("auto", "cpu", "cuda")
+_ELEM: dict[str, int] = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
 @dataclass
@@ -52,23 +54,20 @@ _registered = False
 
 
 def _op(x, W, A, B, ids, gates, bias, **attrs) -> np.ndarray:
-    """The body of every registered op (must not raise: see the module docstring)."""
-    site = _SITES.get(int(attrs[SITE_ATTR]))
-    f = site.fields if site else None
-    out = f.out_features if f else W.shape[0] if W.ndim == 2 else 1
+    """The body of every registered op. It must not raise (see the module docstring): a failure is
+    recorded for PluginGraph.run and the output is NaN."""
+    site = _SITES[int(attrs[SITE_ATTR])]  # ids come from PluginGraph only, which outlives its session
+    f = site.fields
     try:
-        if site is None or f is None:
-            raise ValueError(f"no adafuse site {attrs[SITE_ATTR]} (graph not prepared by PluginGraph)")
-        # ONNX Runtime's own reading of the attributes must be this node's
+        # ONNX Runtime's own reading of the attributes (scale as 6-digit text) must be this node's
         seen = {k: int(attrs[k]) for k, kind in plugin_ops.FIELDS if kind == "int"}
         if seen != {k: getattr(f, k) for k in seen} or abs(float(attrs["scale"]) - f.scale) > 5e-6 * abs(f.scale):
             raise ValueError(f"ONNX Runtime passed fields {dict(attrs)}, the node has {f}")
         check_inputs(f, x, W, A, B, ids, gates, bias)
         return site.compute(f, x, W, A, B, ids, gates, bias, site.dtype)
-    except Exception as e:  # noqa: BLE001 - reported by PluginGraph.run
-        if site is not None:
-            site.errors.append(f"{site.op_type} node '{site.name}': {e}")
-        return np.full(x.shape[:-1] + (out,) if x.ndim else (out,), np.nan, np.float32)
+    except Exception as e:  # noqa: BLE001 - raised by PluginGraph.run after the session returns
+        site.errors.append(f"{site.op_type} node '{site.name}': {e}")
+        return np.full(x.shape[:-1] + (f.out_features,) if x.ndim else (f.out_features,), np.nan, np.float32)
 
 
 def _register() -> str:
@@ -96,24 +95,25 @@ def _forget(site_ids: tuple[int, ...]) -> None:
 
 
 def resolve_choice(choice: str) -> str:
-    """--plugin-ops auto|cpu|cuda -> cpu or cuda (auto: cuda when torch sees a GPU)."""
+    """--plugin-ops auto|cpu|cuda -> cpu or cuda (auto: cuda when torch sees a GPU); cuda loads the
+    kernels (building them with nvcc once) so a missing toolchain is reported here."""
     if choice not in CHOICES:
         raise AdafuseError(f"--plugin-ops '{choice}' is unknown (expected one of {', '.join(CHOICES)})")
     import torch
 
     gpu = torch.cuda.is_available()
-    if choice == "auto":
-        return "cuda" if gpu else "cpu"
-    if choice == "cuda":
-        if not gpu:
-            raise AdafuseError("--plugin-ops cuda: torch sees no CUDA GPU here; use --plugin-ops cpu")
-        from ..kernels import AdafuseKernelError, KernelBuildError, load_kernels
+    if choice == "cpu" or (choice == "auto" and not gpu):
+        return "cpu"
+    if not gpu:
+        raise AdafuseError("--plugin-ops cuda: torch sees no CUDA GPU here; use --plugin-ops cpu")
+    from ..kernels import AdafuseKernelError, KernelBuildError, load_kernels
 
-        try:
-            load_kernels()
-        except (KernelBuildError, AdafuseKernelError) as e:
-            raise AdafuseError(f"--plugin-ops cuda: the adafuse kernels are not available: {e}") from None
-    return choice
+    try:
+        load_kernels()
+    except (KernelBuildError, AdafuseKernelError) as e:
+        raise AdafuseError(f"--plugin-ops {choice}: the adafuse CUDA kernels are not available ({e}); "
+                           f"use --plugin-ops cpu") from None
+    return "cuda"
 
 
 def _elem_types(model) -> dict[str, int]:
@@ -124,28 +124,39 @@ def _elem_types(model) -> dict[str, int]:
     return types
 
 
+def _session_nodes(node, site_id: int, fields: LinearFields, dtype: str) -> list:
+    """The node as the session runs it: float32 Casts in, the op tagged with its site, a Cast back out."""
+    inputs, nodes = list(node.input), []
+    for pos in (plugin_ops.X, plugin_ops.W, plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 5 if fields.has_bias else 4]:
+        cast = f"adafuse_ort/{site_id}/{plugin_ops.INPUTS[pos]}"
+        nodes.append(helper.make_node("Cast", [inputs[pos]], [cast], name=cast, to=_ELEM["float32"]))
+        inputs[pos] = cast
+    if not fields.has_bias:
+        inputs.append(NO_BIAS)
+    y32 = f"adafuse_ort/{site_id}/y"
+    op = helper.make_node(node.op_type, inputs, [y32], name=node.name, domain=node.domain)
+    op.attribute.extend(node.attribute)
+    op.attribute.append(helper.make_attribute(SITE_ATTR, site_id))
+    return nodes + [op, helper.make_node("Cast", [y32], list(node.output), name=f"{y32}/cast", to=_ELEM[dtype])]
+
+
 class PluginGraph:
     """A plugin-flavour ModelProto prepared for an ONNX Runtime session (see the module docstring)."""
 
     def __init__(self, model, path: Path, choice: str = "auto"):
-        from onnx import TensorProto, helper
-
         self.path = Path(path)
         self.library = _register()
         self.implementation = resolve_choice(choice)
-        compute = IMPLEMENTATIONS[self.implementation]
-        names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
         self.errors: list[str] = []
         types = _elem_types(model)
-        prepared = type(model)()
-        prepared.CopyFrom(model)
-        del prepared.graph.node[:]
+        self.model = type(model)()
+        self.model.CopyFrom(model)
+        del self.model.graph.node[:]
         sites: dict[int, _Site] = {}
         for node in model.graph.node:
             if node.domain != plugin_ops.DOMAIN:
-                prepared.graph.node.append(node)
+                self.model.graph.node.append(node)
                 continue
-            where = f"{self.path}: {node.op_type} node '{node.name}'"
             if node.op_type not in plugin_ops.OP_TYPES:
                 raise AdafuseError(f"{self.path}: node '{node.name}' is {node.domain}::{node.op_type}, which no adafuse "
                                    f"plugin implements (known: {', '.join(plugin_ops.OP_TYPES)})")
@@ -153,46 +164,36 @@ class PluginGraph:
                 fields = parser_fields(node)
             except AdafuseError as e:
                 raise AdafuseError(f"{self.path}: {e}") from None
-            dtype = names.get(types.get(node.input[plugin_ops.W], -1))
-            if dtype is None:
-                raise AdafuseError(f"{where}: input 1 (W) '{node.input[plugin_ops.W]}' expected float32, float16 or "
-                                   f"bfloat16, found {TensorProto.DataType.Name(types.get(node.input[plugin_ops.W], 0))}")
-            for pos in (plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 3 if fields.has_bias else 2]:
-                found = types.get(node.input[pos])
-                if found is not None and names.get(found) != dtype:
-                    raise AdafuseError(f"{where}: input {pos} ({plugin_ops.INPUTS[pos]}) expected the dtype of W ({dtype}), "
-                                       f"found {TensorProto.DataType.Name(found)}")
             site_id = next(_site_ids)
-            sites[site_id] = _Site(node.name, node.op_type, fields, dtype, compute, self.errors)
-            inputs = list(node.input)
-            for pos in (plugin_ops.X, plugin_ops.W, plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 5 if fields.has_bias else 4]:
-                cast = f"adafuse_ort/{site_id}/{plugin_ops.INPUTS[pos]}"
-                prepared.graph.node.append(helper.make_node("Cast", [inputs[pos]], [cast], name=cast, to=TensorProto.FLOAT))
-                inputs[pos] = cast
-            if not fields.has_bias:
-                inputs.append(NO_BIAS)
-            y32 = f"adafuse_ort/{site_id}/y"
-            op = helper.make_node(node.op_type, inputs, [y32], name=node.name, domain=node.domain)
-            op.attribute.extend(node.attribute)
-            op.attribute.append(helper.make_attribute(SITE_ATTR, site_id))
-            prepared.graph.node.append(op)
-            prepared.graph.node.append(helper.make_node("Cast", [y32], list(node.output), name=f"{y32}/cast",
-                                                        to={v: k for k, v in names.items()}[dtype]))
-        if not sites:
-            raise AdafuseError(f"{self.path}: no {plugin_ops.DOMAIN} plugin nodes in this graph")
-        prepared.graph.initializer.append(helper.make_tensor(NO_BIAS, TensorProto.FLOAT, [0], []))
+            sites[site_id] = _Site(node.name, node.op_type, fields, self._dtype(node, fields, types),
+                                   IMPLEMENTATIONS[self.implementation], self.errors)
+            self.model.graph.node.extend(_session_nodes(node, site_id, fields, sites[site_id].dtype))
+        self.model.graph.initializer.append(helper.make_tensor(NO_BIAS, _ELEM["float32"], [0], []))
         self.nodes = len(sites)
         self.op_types = sorted({s.op_type for s in sites.values()})
-        self.dtypes = sorted({s.dtype for s in sites.values()})
-        self.model = prepared
         _SITES.update(sites)
         weakref.finalize(self, _forget, tuple(sites))
+
+    def _dtype(self, node, fields: LinearFields, types: dict[str, int]) -> str:
+        """The node's dtype: W's, which A, B and bias must share (the plugin's format rule)."""
+        names = {v: k for k, v in _ELEM.items()}
+        w = types.get(node.input[plugin_ops.W], TensorProto.UNDEFINED)
+        where = f"{self.path}: {node.op_type} node '{node.name}'"
+        if w not in names:
+            raise AdafuseError(f"{where}: input 1 (W) '{node.input[plugin_ops.W]}' expected float32, float16 or bfloat16, "
+                               f"found {TensorProto.DataType.Name(w)}")
+        for pos in (plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 3 if fields.has_bias else 2]:
+            found = types.get(node.input[pos], w)
+            if found != w:
+                raise AdafuseError(f"{where}: input {pos} ({plugin_ops.INPUTS[pos]}) expected the dtype of W "
+                                   f"({names[w]}), found {TensorProto.DataType.Name(found)}")
+        return names[w]
 
     @property
     def description(self) -> str:
         import onnxruntime_extensions
 
-        return (f"{self.nodes} {plugin_ops.DOMAIN}::{'/'.join(self.op_types)} nodes as onnxruntime-extensions "
+        return (f"{self.nodes} {plugin_ops.DOMAIN} nodes ({', '.join(self.op_types)}) as onnxruntime-extensions "
                 f"{onnxruntime_extensions.__version__} Python ops, {DESCRIPTIONS[self.implementation]}")
 
     def session_source(self, options) -> bytes:
