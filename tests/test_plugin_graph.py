@@ -341,3 +341,42 @@ def test_convert_tensorrt_stops_when_the_plugin_graph_is_wrong(example_dirs, tmp
     with pytest.raises(AdafuseError, match=r"the ONNX export does not match the reference \(logits"):
         convert(example_dirs["mola"], tmp_path / "m.engine", backend="tensorrt", plugin_library=library, log=lambda s: None)
     assert built == [] and sorted(p.name for p in tmp_path.iterdir()) == ["libadafuse_trt_plugins.so"]
+
+
+# ---- benchmarks/plugin_graph_gpu.py: its machinery, with the CPU implementation ----------------
+
+def _gpu_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plugin_graph_gpu.py"
+    spec = importlib.util.spec_from_file_location("plugin_graph_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_records_what_ran_and_why_not(tmp_path, monkeypatch):
+    import json
+
+    script = _gpu_script()
+    real = script.check_nodes
+
+    def check_nodes(export, impl, dtype, seed):  # one case breaks: the others must still run
+        if dtype == "float16":
+            raise RuntimeError("broken case")
+        return real(export, impl, dtype, seed)
+
+    monkeypatch.setattr(script, "check_nodes", check_nodes)
+    out = tmp_path / "r.json"
+    code = script.main([str(out), "--impl", "cpu", "--kinds", "mola", "--dtypes", "float32", "float16", "bfloat16",
+                        "--steps", "1"])
+    result = json.loads(out.read_text())
+    cases = {c["dtype"]: c for c in result["cases"]}
+    assert code == 1 and not result["all_passed"] and list(cases) == ["float32", "float16", "bfloat16"]
+    f32, f16, bf16 = cases["float32"], cases["float16"], cases["bfloat16"]
+    assert f32["graph"]["passed"] and f32["graph"]["greedy"]["fraction"] == 1.0 and f32["graph"]["plugin_nodes"] == 6
+    assert f32["nodes"]["passed"] and f32["nodes"]["nodes"] == 6 and f32["nodes"]["max_rel_err"]["cpu"] < 1e-4
+    assert f16["error"] == "RuntimeError: broken case"
+    assert not bf16["graph"]["ran"] and "NOT_IMPLEMENTED" in bf16["graph"]["reason"]  # no bf16 kernels in ORT CPU
+    assert bf16["nodes"]["passed"] and bf16["nodes"]["max_rel_err"]["cpu"] < bf16["nodes"]["tolerance"]

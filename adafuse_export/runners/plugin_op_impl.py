@@ -17,6 +17,7 @@ and return float32 holding values of the node's dtype.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,13 +110,19 @@ def lora_linear_cpu(f: LinearFields, x, W, A, B, ids, gates, bias, dtype: str) -
     return round_to(y.reshape(x.shape[:-1] + (f.out_features,)), dtype)
 
 
+@functools.cache
+def cuda_kernels():
+    """The kernel library, built with nvcc on first use (load_kernels re-hashes sources on every call)."""
+    from ..kernels import load_kernels
+
+    return load_kernels()
+
+
 def lora_linear_cuda(f: LinearFields, x, W, A, B, ids, gates, bias, dtype: str) -> np.ndarray:
     """Kernels.lora_linear (adafuse_lora_linear from plugins/kernels) on the current CUDA device."""
     import torch
 
-    from ..kernels import load_kernels
-
-    kernels = load_kernels()
+    kernels = cuda_kernels()
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
     def dev(a, to=tdtype):  # the float32 values are exact in `to`, so this cast is exact

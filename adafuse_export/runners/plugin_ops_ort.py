@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 
 from ..errors import AdafuseError, missing_dependency
 from ..onnx import plugin_ops
-from .plugin_op_impl import DESCRIPTIONS, IMPLEMENTATIONS, LinearFields, check_inputs, parser_fields
+from .plugin_op_impl import DESCRIPTIONS, IMPLEMENTATIONS, LinearFields, check_inputs, cuda_kernels, parser_fields
 
 SITE_ATTR = "adafuse_site"
 NO_BIAS = "adafuse_ort.no_bias"
@@ -106,10 +106,10 @@ def resolve_choice(choice: str) -> str:
         return "cpu"
     if not gpu:
         raise AdafuseError("--plugin-ops cuda: torch sees no CUDA GPU here; use --plugin-ops cpu")
-    from ..kernels import AdafuseKernelError, KernelBuildError, load_kernels
+    from ..kernels import AdafuseKernelError, KernelBuildError
 
     try:
-        load_kernels()
+        cuda_kernels()
     except (KernelBuildError, AdafuseKernelError) as e:
         raise AdafuseError(f"--plugin-ops {choice}: the adafuse CUDA kernels are not available ({e}); "
                            f"use --plugin-ops cpu") from None
