@@ -69,6 +69,16 @@ def test_plugin_graph_matches_reference(kind, dtype, example_dirs, plugin_export
     assert hashlib.sha256(decoder.read_bytes()).hexdigest() == before  # the file on disk is untouched
 
 
+@pytest.mark.parametrize("kind", ["pregate", "mixlora"])
+def test_switch_strategy_graph_matches_reference(kind, example_dirs, tmp_path):
+    ckpt = load_checkpoint(example_dirs[kind])
+    export_onnx(ckpt, tmp_path / "s", "plugin", "float32", strategy="switch")
+    assert {n.op_type for n in _adafuse_nodes(tmp_path / "s" / "decoder.onnx")} == {"AdafuseSwitchLinear"}
+    report = validate(ckpt, tmp_path / "s", PROMPTS, steps=4, runner=OnnxRuntimeRunner(tmp_path / "s", plugin_ops="cpu"))
+    assert report["passed"] and report["greedy_agreement"]["fraction"] == 1.0, report
+    assert "adafuse nodes (AdafuseSwitchLinear)" in report["runner_description"]
+
+
 def _near_ties(ckpt_dir, dtype: str, margin: float) -> int:
     """Steps of validate's trajectory (the reference's greedy tokens) whose top-2 logits differ by < margin."""
     from adafuse_export.runners.reference import ReferenceRunner
