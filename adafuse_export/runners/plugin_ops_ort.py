@@ -99,10 +99,12 @@ def resolve_choice(choice: str) -> str:
     kernels (building them with nvcc once) so a missing toolchain is reported here."""
     if choice not in CHOICES:
         raise AdafuseError(f"--plugin-ops '{choice}' is unknown (expected one of {', '.join(CHOICES)})")
+    if choice == "cpu":
+        return "cpu"
     import torch
 
     gpu = torch.cuda.is_available()
-    if choice == "cpu" or (choice == "auto" and not gpu):
+    if choice == "auto" and not gpu:
         return "cpu"
     if not gpu:
         raise AdafuseError("--plugin-ops cuda: torch sees no CUDA GPU here; use --plugin-ops cpu")
