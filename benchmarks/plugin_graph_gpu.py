@@ -97,7 +97,9 @@ def _one_node_model(model, node, inits: dict):
               helper.make_tensor_value_info("gates", TensorProto.FLOAT, None)]
     graph = helper.make_graph(nodes, "one_node", inputs, [helper.make_tensor_value_info("y_f32", TensorProto.FLOAT, None)],
                               initializer=[inits[w] for w in weights])
-    return helper.make_model(graph, opset_imports=list(model.opset_import)), weights
+    one = helper.make_model(graph, opset_imports=list(model.opset_import))
+    one.ir_version = model.ir_version  # the export's IR version (onnx's default may be newer than the runtime reads)
+    return one, weights
 
 
 def float64_torch(x, W, A, B, ids, gates, bias, scale):
