@@ -176,6 +176,18 @@ def test_good_manifest_reads_as_python_reads_it(runtime_lib, converted):
     assert verify_manifest(converted[1]) == verify_engine(converted[1])
 
 
+@pytest.mark.parametrize("kind", ["pregate-ffn", "mola"])
+def test_engine_open_reads_the_contract_of_every_routing_kind(runtime_lib, tmp_path, kind):
+    """Routes from a table (pregate, below), from a pre-gate inside the decoder (pregate-ffn), per layer (mola)."""
+    from adafuse_export.runners import open_runner
+
+    _cli("make-example", "--kind", kind, tmp_path / "ck")
+    _cli("convert", tmp_path / "ck", tmp_path / "out.engine")
+    # The decoder contract checks come first; this engine then stops at its TensorRT-RTX backend.
+    with pytest.raises(AdafuseError, match=f"^{tmp_path}/out.engine: built with tensorrt-rtx 1.7.1.116; this runtime runs full"):
+        open_runner(tmp_path / "out.engine", runtime="cpp")
+
+
 def test_engine_open_passes_every_check_before_tensorrt(runtime_lib, converted, tmp_path):
     from adafuse_export.runners import open_runner
 

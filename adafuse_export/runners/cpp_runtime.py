@@ -172,8 +172,10 @@ class CppRuntimeRunner(Runner):
         self.max_batch, self.max_seq = batch.value, seq.value
         self.vocab_size, self.num_layers, self.kv_heads, self.head_dim = vocab.value, layers.value, heads.value, dim.value
         inputs = {t["name"] for t in manifest["tensors"]["inputs"]}
+        outputs = {t["name"] for t in manifest["tensors"]["outputs"]}
         self.needs_routes = "expert_ids" in inputs
-        self.top_k = int(manifest["routing"]["top_k"]) if self.needs_routes else 0
+        # Routes are fed from the table (inputs) or chosen by a pre-gate inside the decoder (outputs).
+        self.top_k = int(manifest["routing"]["top_k"]) if "expert_ids" in inputs | outputs else 0
         self.meta = {"adafuse.dtype": info["dtype"]}
         self.description = f"adafuse C++ runtime {lib.adafuse_version().decode()} (TensorRT), {info['dtype']}"
         self._batch = 0
@@ -202,8 +204,8 @@ class CppRuntimeRunner(Runner):
             raise AdafuseError(f"input ids must be [batch, {'seq' if prefill else 1}], found shape {list(ids.shape)}")
         b, s = ids.shape
         logits = np.empty((b, s, self.vocab_size), np.float32)
-        experts = np.empty((b, s, self.top_k), np.int32) if self.needs_routes else None
-        gates = np.empty((b, s, self.top_k), np.float32) if self.needs_routes else None
+        experts = np.empty((b, s, self.top_k), np.int32) if self.top_k else None
+        gates = np.empty((b, s, self.top_k), np.float32) if self.top_k else None
         if prefill:
             status = self.lib.adafuse_prefill(self.handle, _ptr(ids), b, s, _ptr(logits), _ptr(experts), _ptr(gates))
         else:

@@ -49,13 +49,19 @@ EngineLayout engine_layout(const Manifest& m) {
                                      std::to_string(l.head_dim));
       }
     }
-  const TensorDesc* experts = m.input("expert_ids");
-  if (experts != nullptr) {
-    l.top_k = static_cast<int32_t>(need(experts, "expert_ids", "input", "int32", 3).shape[2]);
+  if (m.input("expert_ids") != nullptr) {
+    l.routes_in = true;
+    l.top_k = static_cast<int32_t>(need(m.input("expert_ids"), "expert_ids", "input", "int32", 3).shape[2]);
     need(m.input("gates"), "gates", "input", "float", 3);
     if (!m.routes_file)
       fail(ADAFUSE_ERR_FILE, m.engine_path.string() + ": the engine takes expert ids but its manifest names no routing table");
+  } else if (m.output("expert_ids") != nullptr) {
+    l.routes_out = true;
+    l.top_k = static_cast<int32_t>(need(m.output("expert_ids"), "expert_ids", "output", "int32", 3).shape[2]);
+    need(m.output("gates"), "gates", "output", "float", 3);
   }
+  if ((l.routes_in || l.routes_out) && l.top_k < 1)
+    fail(ADAFUSE_ERR_FILE, where + ": 'expert_ids' needs a fixed top-k axis, found " + std::to_string(l.top_k));
   return l;
 }
 

@@ -182,6 +182,10 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   positions_.ensure(b * s * sizeof(int64_t), "position ids");
   step_logits_.ensure(b * static_cast<size_t>(layout_.vocab) * sizeof(float), "decode logits");
   if (layout_.top_k > 0) {
+    route_ids_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
+    route_gates_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
+  }
+  if (layout_.routes_in) {
     RoutingTable table(*manifest.routes_file);
     if (table.top_k() != layout_.top_k || table.vocab() != layout_.vocab)
       fail(ADAFUSE_ERR_FILE, manifest.routes_file->string() + ": routing table [" + std::to_string(table.vocab()) + ", " +
@@ -192,8 +196,6 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
                "routing table upload");
     cuda_check(cudaMemcpy(table_gates_.ensure(n * 4, "routing table"), table.gates().data(), n * 4, cudaMemcpyHostToDevice),
                "routing table upload");
-    route_ids_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
-    route_gates_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
   }
   info_ = BackendInfo{layout_.max_batch, layout_.max_seq, layout_.vocab, layout_.top_k, layout_.layers,
                       layout_.kv_heads, layout_.head_dim,
@@ -233,7 +235,7 @@ void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32
   };
   set("input_ids", {batch, len}, ids_.get());
   set("position_ids", {batch, len}, positions_.get());
-  if (layout_.top_k > 0) {
+  if (layout_.routes_in) {
     cuda_check(gather_routes(static_cast<const int64_t*>(ids_.get()), static_cast<int64_t>(n), layout_.top_k,
                              static_cast<const int32_t*>(table_ids_.get()), static_cast<const float*>(table_gates_.get()),
                              static_cast<int32_t*>(route_ids_.get()), static_cast<float*>(route_gates_.get()), stream_),
@@ -247,6 +249,10 @@ void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32
       set("past_key_values." + suffix, {batch, layout_.kv_heads, past, layout_.head_dim}, kv(slot_, l, value));
       out("present." + suffix, kv(1 - slot_, l, value));
     }
+  if (layout_.routes_out) {  // the pre-gate runs inside the decoder: keep what it chose
+    out("expert_ids", route_ids_.get());
+    out("gates", route_gates_.get());
+  }
   out("logits", logits);
 }
 

@@ -130,6 +130,22 @@ TEST(EngineLayout, RefusesExpertIdsWithoutARoutingTable) {
                f.engine().string() + ": the engine takes expert ids but its manifest names no routing table");
 }
 
+TEST(EngineLayout, ReadsRoutesComputedInsideTheDecoder) {
+  // Pre-gates that read past layer 0's attention run inside the decoder and return their routes.
+  EngineFixture f;
+  auto& t = f.manifest["tensors"];
+  t["outputs"].push_back(t["inputs"][2]);
+  t["outputs"].push_back(t["inputs"][3]);
+  t["inputs"].erase(3);
+  t["inputs"].erase(2);
+  f.manifest["routing"]["routes_file"] = nullptr;
+  f.save();
+  const EngineLayout l = engine_layout(verify_engine(f.engine()));
+  EXPECT_FALSE(l.routes_in);
+  EXPECT_TRUE(l.routes_out);
+  EXPECT_EQ(l.top_k, 2);
+}
+
 TEST(EngineLayout, RefusesAnUnexpectedTensorContract) {
   EngineFixture f;
   f.manifest["tensors"]["outputs"].erase(4);  // logits
