@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdafuseError
-from ..onnx.load import resolve
-from .base import Runner, StepResult
+from ..trt.manifest import manifest_meta
+from .base import ModelInfo, Runner, StepResult
 
 LIBRARY_NAME = "libadafuse_runtime.so"
 
@@ -166,20 +166,19 @@ class CppRuntimeRunner(Runner):
         lib.adafuse_engine_limits(self.handle, ctypes.byref(batch), ctypes.byref(seq), ctypes.byref(vocab))
         layers, heads, dim = _i32(), _i32(), _i32()
         lib.adafuse_kv_shape(self.handle, ctypes.byref(layers), ctypes.byref(heads), ctypes.byref(dim))
-        info = manifest["engine"]
-        # The fields validate reads (mirroring TensorRTRunner's): model contract and description.
-        self.files = resolve(engine.with_suffix(".onnx"))
-        self.max_batch, self.max_seq = batch.value, seq.value
-        self.vocab_size, self.num_layers, self.kv_heads, self.head_dim = vocab.value, layers.value, heads.value, dim.value
         inputs = {t["name"] for t in manifest["tensors"]["inputs"]}
         outputs = {t["name"] for t in manifest["tensors"]["outputs"]}
-        self.needs_routes = "expert_ids" in inputs
         # Routes are fed from the table (inputs) or chosen by a pre-gate inside the decoder (outputs).
         self.top_k = int(manifest["routing"]["top_k"]) if "expert_ids" in inputs | outputs else 0
-        self.meta = {"adafuse.dtype": info["dtype"]}
-        self.description = f"adafuse C++ runtime {lib.adafuse_version().decode()} (TensorRT), {info['dtype']}"
+        self.max_batch, self.max_seq = batch.value, seq.value
+        dtype = manifest["engine"]["dtype"]
+        self.info = ModelInfo(model=engine, num_layers=layers.value, vocab_size=vocab.value, kv_heads=heads.value,
+                              head_dim=dim.value, needs_routes="expert_ids" in inputs, dtype=dtype,
+                              meta=manifest_meta(manifest),
+                              description=f"adafuse C++ runtime {lib.adafuse_version().decode()} (TensorRT), {dtype}")
         self._batch = 0
-        self.table = RoutingTable(engine.parent / manifest["routing"]["routes_file"], library) if self.needs_routes else None
+        self.table = (RoutingTable(engine.parent / manifest["routing"]["routes_file"], library)
+                      if self.info.needs_routes else None)
 
     @property
     def past_length(self) -> int:
@@ -191,9 +190,9 @@ class CppRuntimeRunner(Runner):
     def _present(self) -> dict[str, np.ndarray]:
         b, t = self._batch, self.past_length
         out = {}
-        for layer in range(self.num_layers):
+        for layer in range(self.info.num_layers):
             for value, kind in ((0, "key"), (1, "value")):
-                kv = np.empty((b, self.kv_heads, t, self.head_dim), np.float32)
+                kv = np.empty((b, self.info.kv_heads, t, self.info.head_dim), np.float32)
                 _check(self.lib, self.lib.adafuse_read_kv(self.handle, layer, value, _ptr(kv)))
                 out[f"present.{layer}.{kind}"] = kv
         return out
@@ -203,7 +202,7 @@ class CppRuntimeRunner(Runner):
         if ids.ndim != 2 or (not prefill and ids.shape[1] != 1):
             raise AdafuseError(f"input ids must be [batch, {'seq' if prefill else 1}], found shape {list(ids.shape)}")
         b, s = ids.shape
-        logits = np.empty((b, s, self.vocab_size), np.float32)
+        logits = np.empty((b, s, self.info.vocab_size or 0), np.float32)
         experts = np.empty((b, s, self.top_k), np.int32) if self.top_k else None
         gates = np.empty((b, s, self.top_k), np.float32) if self.top_k else None
         if prefill:
