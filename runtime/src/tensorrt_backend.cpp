@@ -111,6 +111,12 @@ class TensorRTBackend final : public Backend {
   void enqueue(int profile);
   void copy_routes_back(int32_t* expert_ids, float* gates, size_t n);
   void* kv(int slot, int32_t layer, bool value) const;
+  struct Graph {
+    int seen = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+  // Captures the decode step just run (same shapes and addresses) into graph.
+  void capture(Graph& graph);
 
   TensorRTLibrary trt_;  // first member: unloaded after every TensorRT object below
   Logger logger_;
@@ -127,10 +133,6 @@ class TensorRTBackend final : public Backend {
   size_t kv_bytes_per_tensor_ = 0;
   std::vector<int64_t> host_ids_, host_positions_;
   bool cuda_graphs_ = true;
-  struct Graph {
-    int seen = 0;
-    cudaGraphExec_t exec = nullptr;
-  };
   std::map<std::tuple<int32_t, int32_t, int>, Graph> graphs_;
 };
 
@@ -293,32 +295,36 @@ void TensorRTBackend::do_decode(const int64_t* ids, int32_t batch, float* logits
   bind(kDecode, ids, batch, 1, past, step_logits_.get());
   // A captured step replays only with the same shapes and addresses: key it by batch, past length
   // and cache slot. The first sight runs plainly, the second also captures, later ones replay.
-  Graph& graph = graphs_[{batch, past, slot_}];
-  if (graph.exec != nullptr) {
-    cuda_check(cudaGraphLaunch(graph.exec, stream_), "CUDA graph launch");
+  auto found = graphs_.find({batch, past, slot_});
+  if (found == graphs_.end() && cuda_graphs_ && graphs_.size() < kMaxGraphs)
+    found = graphs_.emplace(std::make_tuple(batch, past, slot_), Graph{}).first;
+  if (found != graphs_.end() && found->second.exec != nullptr) {
+    cuda_check(cudaGraphLaunch(found->second.exec, stream_), "CUDA graph launch");
   } else {
     enqueue(kDecode);
-    if (cuda_graphs_ && ++graph.seen >= 2 && graphs_.size() <= kMaxGraphs) {
-      cudaGraph_t captured = nullptr;
-      bool ok = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
-      ok = contexts_[kDecode]->enqueueV3(stream_) && ok;
-      ok = cudaStreamEndCapture(stream_, &captured) == cudaSuccess && ok && captured != nullptr;
-      ok = ok && cudaGraphInstantiate(&graph.exec, captured, 0) == cudaSuccess;
-      if (captured) cudaGraphDestroy(captured);
-      if (!ok) {  // the engine does not allow capture (e.g. a plugin without capture support): stay eager
-        graph.exec = nullptr;
-        cuda_graphs_ = false;
-        cudaGetLastError();
-        std::fprintf(stderr, "[adafuse] %s: decode steps cannot be captured in CUDA graphs; running them eagerly\n",
-                     engine_name_.c_str());
-      }
-    }
+    if (found != graphs_.end() && cuda_graphs_ && ++found->second.seen >= 2) capture(found->second);
   }
   cuda_check(cudaMemcpyAsync(logits, step_logits_.get(), static_cast<size_t>(batch) * static_cast<size_t>(layout_.vocab) * 4,
                              cudaMemcpyDeviceToHost, stream_), "logits download");
   copy_routes_back(expert_ids, gates, static_cast<size_t>(batch));
   cuda_check(cudaStreamSynchronize(stream_), "decode step");
   slot_ = 1 - slot_;
+}
+
+void TensorRTBackend::capture(Graph& graph) {
+  cudaGraph_t captured = nullptr;
+  bool ok = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  ok = contexts_[kDecode]->enqueueV3(stream_) && ok;
+  ok = cudaStreamEndCapture(stream_, &captured) == cudaSuccess && ok && captured != nullptr;
+  ok = ok && cudaGraphInstantiate(&graph.exec, captured, 0) == cudaSuccess;
+  if (captured) cudaGraphDestroy(captured);
+  if (!ok) {  // the engine does not allow capture (e.g. a plugin without capture support): stay eager
+    graph.exec = nullptr;
+    cuda_graphs_ = false;
+    cudaGetLastError();
+    std::fprintf(stderr, "[adafuse] %s: decode steps cannot be captured in CUDA graphs; running them eagerly\n",
+                 engine_name_.c_str());
+  }
 }
 
 void TensorRTBackend::do_read_kv(int32_t layer, bool value, float* out) const {
