@@ -10,6 +10,7 @@ The HTTP service runs over ReplayBackendForTests (runtime/tests), replaying logi
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -447,3 +448,57 @@ def test_generate_cli_reports_one_line(runtime_build, converted):
                            "TensorRT engines (convert with --backend tensorrt)\n")
     proc = subprocess.run([exe, "--engine", converted[1], "--prompt-ids", "1,x"], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (2, "adafuse-generate: --prompt-ids: expected comma-separated non-negative token ids, found '1,x'\n")
+
+
+# ---- the ctypes binding against the header (what only a TensorRT machine would otherwise exercise) ----
+
+_C_VALUES = {"int": "c_int", "int32_t": "c_int", "int64_t": "c_long", "uint64_t": "c_ulong", "size_t": "c_ulong",
+             "float": "c_float", "adafuse_status": "c_int"}
+
+
+def _ctypes_name(t) -> str:
+    return "None" if t is None else getattr(t, "__name__", str(t))
+
+
+def _header_declarations() -> tuple[dict[str, tuple[str, list[str]]], dict[str, list[str]]]:
+    """(functions: name -> (return type, argument types), structs: name -> field types) from runtime.h."""
+    import re
+
+    text = re.sub(r"/\*.*?\*/", "", (RUNTIME / "include/adafuse/runtime.h").read_text(), flags=re.S)
+    functions = {}
+    for ret, name, args in re.findall(r"ADAFUSE_API\s+([\w\s\*]+?)\s*\b(adafuse_\w+)\(([^)]*)\);", text):
+        types = [] if args.strip() == "void" else [re.sub(r"\s*\b\w+$", "", a.strip()) for a in args.split(",")]
+        functions[name] = (ret.strip(), types)
+    structs = {name: [re.sub(r"\s*\b\w+;$", "", f.strip()) for f in body.strip().split("\n") if f.strip()]
+               for body, name in re.findall(r"typedef struct \w+ \{([^}]*)\}\s*(\w+);", text)}
+    return functions, structs
+
+
+def _matches(c_type: str, py_type) -> bool:
+    c_type = c_type.replace("const ", "").strip()
+    if c_type.endswith("*"):  # pointers: void*, char*, or a pointer to the matching scalar/struct
+        return py_type in (ctypes.c_void_p, ctypes.c_char_p) or _ctypes_name(py_type).startswith("LP_")
+    if c_type == "void":
+        return py_type is None
+    if c_type in ("adafuse_sampling", "adafuse_open_options", "adafuse_generate_options"):
+        return False  # passed by value: not used through ctypes
+    return _ctypes_name(py_type) == _C_VALUES.get(c_type, c_type)
+
+
+def test_ctypes_signatures_match_the_header():
+    from adafuse_export.runners import cpp_runtime
+
+    functions, structs = _header_declarations()
+    assert len(functions) >= 25, sorted(functions)
+    for name, (restype, argtypes) in cpp_runtime._SIGNATURES.items():
+        assert name in functions, f"{name} is not in runtime.h"
+        c_ret, c_args = functions[name]
+        assert _matches(c_ret, restype), (name, c_ret, restype)
+        assert len(c_args) == len(argtypes), (name, c_args, argtypes)
+        for c_arg, py_arg in zip(c_args, argtypes):
+            assert _matches(c_arg, py_arg), (name, c_arg, py_arg)
+    for struct, cls in (("adafuse_sampling", cpp_runtime._Sampling), ("adafuse_open_options", cpp_runtime._OpenOptions)):
+        fields = structs[struct]
+        assert len(fields) == len(cls._fields_), (struct, fields)
+        for c_field, (_, py_field) in zip(fields, cls._fields_):
+            assert _matches(c_field, py_field), (struct, c_field, py_field)
