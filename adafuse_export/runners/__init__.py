@@ -1,6 +1,7 @@
 """Runners: one interface (prefill, decode step, routes, ModelInfo) over the PyTorch reference, ONNX Runtime, TensorRT.
 
-Backends are imported lazily: `open_runner(path)` picks one by the model file.
+Backends are imported lazily: `open_runner(path)` picks one by the model file;
+`open_runner(engine, runtime="cpp")` runs an engine through the C++ runtime (runtime/, C API).
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ __all__ = ["Runner", "StepResult", "open_runner"]
 
 def open_runner(model: Path | str, **options) -> Runner:
     model = Path(model)
+    if options.pop("runtime", None) == "cpp":
+        from .cpp_runtime import CppRuntimeRunner
+
+        return CppRuntimeRunner(model, **options)
     if model.suffix == ".engine":
         from .tensorrt import TensorRTRunner
 

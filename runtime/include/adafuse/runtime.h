@@ -1,0 +1,141 @@
+/* adafuse runtime: run engines made by `adafuse-export convert` from C, C++ or any language with a C FFI.
+ *
+ * The one public header. Every function returns an adafuse_status; on failure
+ * adafuse_last_error() holds a one-line message (per thread) naming the file, tensor or option,
+ * what was expected and what was found. Handles are opaque; free each with its *_free function.
+ *
+ * The engine contract is the manifest OUT.json beside OUT.engine (see adafuse_export/trt/manifest.py):
+ * tensors, optimisation profiles (0 prefill, 1 decode), routing, plugin, SHA-256 of every file.
+ * TensorRT (libnvinfer.so.10) is opened at run time; nothing here links against it.
+ */
+#ifndef ADAFUSE_RUNTIME_H
+#define ADAFUSE_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define ADAFUSE_API __attribute__((visibility("default")))
+#else
+#define ADAFUSE_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum adafuse_status {
+  ADAFUSE_OK = 0,
+  ADAFUSE_ERR_INVALID_ARGUMENT = 1, /* a bad option, id, shape or NULL pointer */
+  ADAFUSE_ERR_FILE = 2,             /* manifest, engine, routing table: missing, malformed, or hash mismatch */
+  ADAFUSE_ERR_TENSORRT = 3,         /* TensorRT absent, too old, or it refused the engine */
+  ADAFUSE_ERR_PLUGIN = 4,           /* plugin library missing, wrong, or of another version */
+  ADAFUSE_ERR_CUDA = 5,             /* no GPU, out of memory, a failed CUDA call */
+  ADAFUSE_ERR_INTERNAL = 6          /* a bug: please report it with the message */
+} adafuse_status;
+
+/* The message of the calling thread's last failure ("" when none). Valid until its next call. */
+ADAFUSE_API const char* adafuse_last_error(void);
+/* Version of this library, e.g. "0.1.0". */
+ADAFUSE_API const char* adafuse_version(void);
+/* Version of the AdafuseLoraLinear plugin this runtime accepts in a manifest ("1"). */
+ADAFUSE_API const char* adafuse_plugin_version(void);
+
+/* ---- manifest (no TensorRT needed) ---------------------------------------------------------- */
+typedef struct adafuse_manifest adafuse_manifest;
+/* Reads ENGINE's manifest (ENGINE with the suffix .json) and checks it like Python's verify_engine:
+ * format and version, engine present and its SHA-256, plugin version, and (check_files != 0) every
+ * listed file present with its SHA-256. */
+ADAFUSE_API adafuse_status adafuse_manifest_open(const char* engine_path, int check_files, adafuse_manifest** out);
+/* The manifest as JSON text (owned by the handle). */
+ADAFUSE_API const char* adafuse_manifest_json(const adafuse_manifest* manifest);
+ADAFUSE_API void adafuse_manifest_free(adafuse_manifest* manifest);
+
+/* ---- routing table (the pre-gate exported by `export-routes` / `convert`) ----------------- */
+typedef struct adafuse_routes adafuse_routes;
+/* A safetensors file with expert_ids int32 [vocab, k] and gates float32 [vocab, k]. */
+ADAFUSE_API adafuse_status adafuse_routes_open(const char* path, adafuse_routes** out);
+ADAFUSE_API void adafuse_routes_shape(const adafuse_routes* routes, int64_t* vocab, int32_t* top_k);
+/* Looks up n token ids: expert_ids and gates receive n * top_k values each. */
+ADAFUSE_API adafuse_status adafuse_routes_lookup(const adafuse_routes* routes, const int64_t* ids, size_t n,
+                                                 int32_t* expert_ids, float* gates);
+ADAFUSE_API void adafuse_routes_free(adafuse_routes* routes);
+
+/* ---- sampling ------------------------------------------------------------------------------ */
+typedef struct adafuse_sampling {
+  float temperature; /* 0: greedy (argmax); > 0: softmax(logits / temperature) */
+  int32_t top_k;     /* 0: off; else keep the k most likely tokens */
+  float top_p;       /* 1: off; else keep the smallest set of tokens whose probability reaches top_p */
+  uint64_t seed;     /* same seed, same logits: same tokens */
+} adafuse_sampling;
+/* Greedy defaults (temperature 0, top_k 0, top_p 1, seed 0). */
+ADAFUSE_API adafuse_sampling adafuse_sampling_default(void);
+
+typedef struct adafuse_sampler adafuse_sampler;
+ADAFUSE_API adafuse_status adafuse_sampler_create(const adafuse_sampling* options, adafuse_sampler** out);
+/* Draws one token from logits [vocab] (float32) and advances the sampler's random stream. */
+ADAFUSE_API adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logits, int64_t vocab,
+                                                int64_t* token);
+ADAFUSE_API void adafuse_sampler_free(adafuse_sampler* sampler);
+
+/* ---- engine -------------------------------------------------------------------------------- */
+typedef struct adafuse_engine adafuse_engine;
+typedef struct adafuse_open_options {
+  const char* engine_path;       /* OUT.engine written by `adafuse-export convert` (required) */
+  const char* tensorrt_library;  /* NULL: libnvinfer.so.10, then libnvinfer.so; or a path */
+  const char* plugin_library;    /* NULL: $ADAFUSE_PLUGIN_LIB; needed when the manifest names a plugin */
+  int32_t device;                /* CUDA device ordinal */
+  int32_t cuda_graphs;           /* nonzero: replay decode steps from CUDA graphs where the engine allows */
+} adafuse_open_options;
+ADAFUSE_API adafuse_open_options adafuse_open_options_default(void);
+
+/* Checks the manifest, loads TensorRT and the plugin library, deserializes the engine, creates one
+ * execution context per profile and allocates the KV cache (max_batch x max_seq, owned here). */
+ADAFUSE_API adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out);
+/* The engine's limits: sequences per batch, tokens per sequence (prompt + generated), vocabulary. */
+ADAFUSE_API void adafuse_engine_limits(const adafuse_engine* engine, int32_t* max_batch, int32_t* max_seq,
+                                       int64_t* vocab);
+ADAFUSE_API void adafuse_engine_free(adafuse_engine* engine);
+
+/* Called once per generated token. Return nonzero to stop that sequence early. */
+typedef int (*adafuse_token_callback)(void* user, int32_t sequence, int64_t token);
+
+typedef struct adafuse_generate_options {
+  adafuse_sampling sampling;  /* sequence i samples with seed sampling.seed + i */
+  int32_t max_new_tokens;
+  const int64_t* stop_ids;    /* generation of a sequence ends after it emits one of these */
+  size_t num_stop_ids;
+  adafuse_token_callback on_token; /* may be NULL */
+  void* user;
+} adafuse_generate_options;
+ADAFUSE_API adafuse_generate_options adafuse_generate_options_default(void);
+
+/* Generates for `batch` prompts of `prompt_len` tokens each (prompt_ids row-major [batch, prompt_len]):
+ * one prefill, then one decode step for all unfinished sequences at a time.
+ * out_tokens [batch, max_new_tokens] receives the tokens (-1 after a sequence ends) and
+ * out_lengths [batch] the number generated per sequence. */
+ADAFUSE_API adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_ids, int32_t batch,
+                                            int32_t prompt_len, const adafuse_generate_options* options,
+                                            int64_t* out_tokens, int32_t* out_lengths);
+
+/* Step-level access (what `adafuse-export validate` compares with the PyTorch reference).
+ * prefill: starts a new batch; logits [batch, len, vocab] (float32) for every prompt position.
+ * expert_ids/gates [batch, len, top_k] receive the routes fed to the engine (may be NULL).
+ * decode: ids [batch] continue the batch by one token; logits [batch, vocab]. */
+ADAFUSE_API adafuse_status adafuse_prefill(adafuse_engine* engine, const int64_t* ids, int32_t batch, int32_t len,
+                                           float* logits, int32_t* expert_ids, float* gates);
+ADAFUSE_API adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_t batch, float* logits,
+                                          int32_t* expert_ids, float* gates);
+/* Tokens held in the KV cache of the current batch. */
+ADAFUSE_API int32_t adafuse_past_length(const adafuse_engine* engine);
+/* The cache's layer count, KV heads and head size. */
+ADAFUSE_API void adafuse_kv_shape(const adafuse_engine* engine, int32_t* layers, int32_t* kv_heads, int32_t* head_dim);
+/* Copies the cached keys (value == 0) or values (value != 0) of one layer as float32
+ * [batch, kv_heads, past_length, head_dim]. */
+ADAFUSE_API adafuse_status adafuse_read_kv(const adafuse_engine* engine, int32_t layer, int32_t value, float* out);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* ADAFUSE_RUNTIME_H */

@@ -1,0 +1,31 @@
+// The HTTP front of the service (cpp-httplib + nlohmann-json):
+//   POST /v1/generate  {"prompt_ids": [..], "max_new_tokens": 16, "temperature": 0, "top_k": 0,
+//                       "top_p": 1, "seed": 0, "stop_ids": [], "stream": false}
+//                      -> {"tokens": [..], "finish_reason": "stop|length|cancelled"}
+//                      stream: application/x-ndjson, one {"token": t} line per token, then the result line
+//   GET /health        -> {"status": "ok", "backend": .., "max_batch": .., "max_seq": .., "vocab": ..}
+//   GET /metrics       -> Prometheus text
+// A bad request gets 400 with {"error": "<one line>"}; a full queue 503; an engine failure 500.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "backend.h"
+
+namespace adafuse {
+
+struct ServiceOptions {
+  std::string host = "127.0.0.1";
+  int port = 8000;  // 0: any free port (printed on start)
+  size_t queue_capacity = 64;
+  size_t max_body_bytes = 1 << 20;
+};
+
+// Reads one service option (--host, --port, --queue) into options; false when `flag` is not one.
+bool parse_service_option(const std::string& flag, const std::string& value, ServiceOptions& options);
+
+// Serves until SIGINT or SIGTERM; prints "listening on http://HOST:PORT" once bound. Returns an exit code.
+int serve(Backend& backend, const ServiceOptions& options);
+
+}  // namespace adafuse

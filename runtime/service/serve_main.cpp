@@ -1,0 +1,41 @@
+// adafuse-serve: the HTTP service over a TensorRT engine.
+//   adafuse-serve --engine out.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
+//                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]
+#include <cstdio>
+
+#include "error.h"
+#include "http_service.h"
+#include "manifest.h"
+#include "tensorrt_backend.h"
+
+int main(int argc, char** argv) {
+  adafuse::ServiceOptions service;
+  adafuse_open_options open = adafuse_open_options_default();
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "--no-cuda-graphs") {
+        open.cuda_graphs = 0;
+        continue;
+      }
+      if (arg == "-h" || arg == "--help") {
+        std::printf("usage: adafuse-serve --engine OUT.engine [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
+                    "       [--plugin-lib PATH] [--no-cuda-graphs]\n");
+        return 0;
+      }
+      if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
+      const char* value = argv[++i];
+      if (arg == "--engine") open.engine_path = value;
+      else if (arg == "--tensorrt-lib") open.tensorrt_library = value;
+      else if (arg == "--plugin-lib") open.plugin_library = value;
+      else if (!adafuse::parse_service_option(arg, value, service))
+        adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
+    }
+    if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
+    auto backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(open.engine_path), open);
+    return adafuse::serve(*backend, service);
+  } catch (const adafuse::Error& e) {
+    std::fprintf(stderr, "adafuse-serve: %s\n", e.what());
+    return e.status() == ADAFUSE_ERR_INVALID_ARGUMENT || e.status() == ADAFUSE_ERR_FILE ? 2 : 1;
+  }
+}

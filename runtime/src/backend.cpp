@@ -1,0 +1,55 @@
+#include "backend.h"
+
+#include "error.h"
+
+namespace adafuse {
+
+void Backend::check_ids(const int64_t* ids, size_t n) const {
+  if (ids == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "token ids: NULL pointer");
+  const int64_t vocab = info().vocab;
+  for (size_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= vocab)
+      fail(ADAFUSE_ERR_INVALID_ARGUMENT, "token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                                             " is out of the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+void Backend::prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
+                      int32_t* expert_ids, float* gates) {
+  const BackendInfo& in = info();
+  if (batch < 1 || batch > in.max_batch)
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch of " + std::to_string(batch) + " sequences: the engine's profile takes 1 to " +
+                                           std::to_string(in.max_batch));
+  if (len < 1 || len > in.max_seq)
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(len) + " tokens: the engine's profile takes 1 to " +
+                                           std::to_string(in.max_seq));
+  if (logits == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "logits: NULL pointer");
+  check_ids(ids, static_cast<size_t>(batch) * static_cast<size_t>(len));
+  past_ = batch_ = 0;  // a failed prefill leaves no batch behind
+  do_prefill(ids, batch, len, all_positions, logits, expert_ids, gates);
+  past_ = len;
+  batch_ = batch;
+}
+
+void Backend::decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) {
+  if (batch_ == 0) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "decode before prefill: no batch is running");
+  if (batch != batch_)
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "decode of " + std::to_string(batch) + " sequences, the running batch has " +
+                                           std::to_string(batch_));
+  if (past_ + 1 > info().max_seq)
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "the batch holds " + std::to_string(past_) + " tokens: the engine's profile ends at " +
+                                           std::to_string(info().max_seq));
+  if (logits == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "logits: NULL pointer");
+  check_ids(ids, static_cast<size_t>(batch));
+  do_decode(ids, batch, logits, expert_ids, gates);
+  ++past_;
+}
+
+void Backend::read_kv(int32_t layer, bool value, float* out) const {
+  if (layer < 0 || layer >= info().layers)
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "layer " + std::to_string(layer) + " is outside [0, " + std::to_string(info().layers) + ")");
+  if (out == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "out: NULL pointer");
+  if (batch_ == 0) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "read_kv before prefill: the cache is empty");
+  do_read_kv(layer, value, out);
+}
+
+}  // namespace adafuse

@@ -1,0 +1,209 @@
+// The C API: catches every exception at the boundary and turns it into a status and a message.
+#include <cstring>
+#include <string>
+
+#include "adafuse/runtime.h"
+#include "engine_handle.h"
+#include "error.h"
+#include "generation.h"
+#include "manifest.h"
+#include "routing.h"
+#include "sampling.h"
+#include "tensorrt_backend.h"
+
+#ifndef ADAFUSE_RUNTIME_VERSION
+#error "ADAFUSE_RUNTIME_VERSION must be defined by the build"
+#endif
+
+struct adafuse_manifest {
+  adafuse::Manifest manifest;
+  std::string text;
+};
+struct adafuse_routes {
+  adafuse::RoutingTable table;
+};
+struct adafuse_sampler {
+  adafuse::Sampler sampler;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+template <typename F>
+adafuse_status guarded(F&& body) {
+  try {
+    body();
+    last_error.clear();
+    return ADAFUSE_OK;
+  } catch (const adafuse::Error& e) {
+    last_error = e.what();
+    return e.status();
+  } catch (const std::bad_alloc&) {
+    last_error = "out of host memory";
+    return ADAFUSE_ERR_INTERNAL;
+  } catch (const std::exception& e) {
+    last_error = std::string("internal error: ") + e.what();
+    return ADAFUSE_ERR_INTERNAL;
+  }
+}
+
+void need(const void* pointer, const char* name) {
+  if (pointer == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string(name) + ": NULL pointer");
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* adafuse_last_error(void) { return last_error.c_str(); }
+const char* adafuse_version(void) { return ADAFUSE_RUNTIME_VERSION; }
+const char* adafuse_plugin_version(void) { return adafuse::kPluginVersion; }
+
+adafuse_status adafuse_manifest_open(const char* engine_path, int check_files, adafuse_manifest** out) {
+  return guarded([&] {
+    need(engine_path, "engine_path");
+    need(out, "out");
+    auto m = std::make_unique<adafuse_manifest>();
+    m->manifest = adafuse::verify_engine(engine_path, check_files != 0);
+    m->text = m->manifest.json.dump(2);
+    *out = m.release();
+  });
+}
+const char* adafuse_manifest_json(const adafuse_manifest* manifest) { return manifest ? manifest->text.c_str() : ""; }
+void adafuse_manifest_free(adafuse_manifest* manifest) { delete manifest; }
+
+adafuse_status adafuse_routes_open(const char* path, adafuse_routes** out) {
+  return guarded([&] {
+    need(path, "path");
+    need(out, "out");
+    *out = new adafuse_routes{adafuse::RoutingTable(path)};
+  });
+}
+void adafuse_routes_shape(const adafuse_routes* routes, int64_t* vocab, int32_t* top_k) {
+  if (vocab) *vocab = routes ? routes->table.vocab() : 0;
+  if (top_k) *top_k = routes ? routes->table.top_k() : 0;
+}
+adafuse_status adafuse_routes_lookup(const adafuse_routes* routes, const int64_t* ids, size_t n, int32_t* expert_ids,
+                                     float* gates) {
+  return guarded([&] {
+    need(routes, "routes");
+    need(ids, "ids");
+    need(expert_ids, "expert_ids");
+    need(gates, "gates");
+    routes->table.lookup(ids, n, expert_ids, gates);
+  });
+}
+void adafuse_routes_free(adafuse_routes* routes) { delete routes; }
+
+adafuse_sampling adafuse_sampling_default(void) { return adafuse_sampling{0.0f, 0, 1.0f, 0}; }
+
+adafuse_status adafuse_sampler_create(const adafuse_sampling* options, adafuse_sampler** out) {
+  return guarded([&] {
+    need(options, "options");
+    need(out, "out");
+    *out = new adafuse_sampler{adafuse::Sampler(*options)};
+  });
+}
+adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logits, int64_t vocab, int64_t* token) {
+  return guarded([&] {
+    need(sampler, "sampler");
+    need(logits, "logits");
+    need(token, "token");
+    *token = sampler->sampler.next(logits, vocab);
+  });
+}
+void adafuse_sampler_free(adafuse_sampler* sampler) { delete sampler; }
+
+adafuse_open_options adafuse_open_options_default(void) { return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1}; }
+
+adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out) {
+  return guarded([&] {
+    need(options, "options");
+    need(options->engine_path, "options.engine_path");
+    need(out, "out");
+    auto engine = std::make_unique<adafuse_engine>();
+    engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    *out = engine.release();
+  });
+}
+void adafuse_engine_limits(const adafuse_engine* engine, int32_t* max_batch, int32_t* max_seq, int64_t* vocab) {
+  const adafuse::BackendInfo none;
+  const adafuse::BackendInfo& info = engine ? engine->backend->info() : none;
+  if (max_batch) *max_batch = info.max_batch;
+  if (max_seq) *max_seq = info.max_seq;
+  if (vocab) *vocab = info.vocab;
+}
+void adafuse_engine_free(adafuse_engine* engine) { delete engine; }
+
+adafuse_generate_options adafuse_generate_options_default(void) {
+  return adafuse_generate_options{adafuse_sampling_default(), 16, nullptr, 0, nullptr, nullptr};
+}
+
+adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_ids, int32_t batch, int32_t prompt_len,
+                                const adafuse_generate_options* options, int64_t* out_tokens, int32_t* out_lengths) {
+  return guarded([&] {
+    need(engine, "engine");
+    need(prompt_ids, "prompt_ids");
+    need(options, "options");
+    need(out_tokens, "out_tokens");
+    need(out_lengths, "out_lengths");
+    if (batch < 1 || prompt_len < 1)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch and prompt_len must be >= 1, found " + std::to_string(batch) +
+                                                      " and " + std::to_string(prompt_len));
+    if (options->num_stop_ids > 0) need(options->stop_ids, "options.stop_ids");
+    std::vector<std::vector<int64_t>> prompts;
+    std::vector<adafuse::SequenceOptions> seq(static_cast<size_t>(batch));
+    for (int32_t i = 0; i < batch; ++i) {
+      const int64_t* row = prompt_ids + static_cast<size_t>(i) * static_cast<size_t>(prompt_len);
+      prompts.emplace_back(row, row + prompt_len);
+      seq[static_cast<size_t>(i)].sampling = options->sampling;
+      seq[static_cast<size_t>(i)].sampling.seed = options->sampling.seed + static_cast<uint64_t>(i);
+      seq[static_cast<size_t>(i)].max_new_tokens = options->max_new_tokens;
+      seq[static_cast<size_t>(i)].stop_ids.assign(options->stop_ids, options->stop_ids + options->num_stop_ids);
+    }
+    adafuse::Generation gen(*engine->backend, std::move(prompts), std::move(seq));
+    adafuse::TokenCallback callback;
+    if (options->on_token != nullptr)
+      callback = [&](int32_t s, int64_t t) { return options->on_token(options->user, s, t) == 0; };
+    while (gen.step(callback)) {
+    }
+    const size_t width = static_cast<size_t>(options->max_new_tokens);
+    for (size_t i = 0; i < gen.size(); ++i) {
+      const auto& tokens = gen.tokens(i);
+      for (size_t j = 0; j < width; ++j) out_tokens[i * width + j] = j < tokens.size() ? tokens[j] : -1;
+      out_lengths[i] = static_cast<int32_t>(tokens.size());
+    }
+  });
+}
+
+adafuse_status adafuse_prefill(adafuse_engine* engine, const int64_t* ids, int32_t batch, int32_t len, float* logits,
+                               int32_t* expert_ids, float* gates) {
+  return guarded([&] {
+    need(engine, "engine");
+    engine->backend->prefill(ids, batch, len, true, logits, expert_ids, gates);
+  });
+}
+adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_t batch, float* logits,
+                              int32_t* expert_ids, float* gates) {
+  return guarded([&] {
+    need(engine, "engine");
+    engine->backend->decode(ids, batch, logits, expert_ids, gates);
+  });
+}
+int32_t adafuse_past_length(const adafuse_engine* engine) { return engine ? engine->backend->past_length() : 0; }
+void adafuse_kv_shape(const adafuse_engine* engine, int32_t* layers, int32_t* kv_heads, int32_t* head_dim) {
+  const adafuse::BackendInfo none;
+  const adafuse::BackendInfo& info = engine ? engine->backend->info() : none;
+  if (layers) *layers = info.layers;
+  if (kv_heads) *kv_heads = info.kv_heads;
+  if (head_dim) *head_dim = info.head_dim;
+}
+adafuse_status adafuse_read_kv(const adafuse_engine* engine, int32_t layer, int32_t value, float* out) {
+  return guarded([&] {
+    need(engine, "engine");
+    engine->backend->read_kv(layer, value != 0, out);
+  });
+}
+
+}  // extern "C"

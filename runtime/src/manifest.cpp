@@ -1,0 +1,157 @@
+#include "manifest.h"
+
+#include "error.h"
+#include "files.h"
+
+namespace adafuse {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+std::string python_repr(const json& value) {
+  if (value.is_null()) return "None";
+  if (value.is_boolean()) return value.get<bool>() ? "True" : "False";
+  if (value.is_string()) return "'" + value.get<std::string>() + "'";
+  return value.dump();
+}
+
+// Python's str() of a JSON scalar (an f-string's {value}).
+static std::string python_str(const json& value) {
+  return value.is_string() ? value.get<std::string>() : python_repr(value);
+}
+
+const TensorDesc* Manifest::input(const std::string& name) const {
+  for (const auto& t : inputs)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+const TensorDesc* Manifest::output(const std::string& name) const {
+  for (const auto& t : outputs)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+namespace {
+
+// value or null when any key on the way is missing (Python's manifest.get(...).get(...)).
+const json& lookup(const json& root, std::initializer_list<const char*> keys) {
+  static const json null_value;
+  const json* cur = &root;
+  for (const char* key : keys) {
+    if (!cur->is_object() || !cur->contains(key)) return null_value;
+    cur = &(*cur)[key];
+  }
+  return *cur;
+}
+
+class FieldReader {
+ public:
+  explicit FieldReader(const fs::path& manifest) : where_(manifest.string()) {}
+
+  [[noreturn]] void bad(const std::string& field, const std::string& expected, const json& found) const {
+    fail(ADAFUSE_ERR_FILE, where_ + ": field '" + field + "' must be " + expected + ", found " + found.dump());
+  }
+  std::string text(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
+    const json& v = lookup(root, keys);
+    if (!v.is_string()) bad(field, "a string", v);
+    return v.get<std::string>();
+  }
+  int32_t positive(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
+    const json& v = lookup(root, keys);
+    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > INT32_MAX) bad(field, "a positive integer", v);
+    return static_cast<int32_t>(v.get<int64_t>());
+  }
+  std::vector<TensorDesc> tensors(const json& root, const char* kind) const {
+    const std::string field = std::string("tensors.") + kind;
+    const json& list = lookup(root, {"tensors", kind});
+    if (!list.is_array() || list.empty()) bad(field, "a non-empty list", list);
+    std::vector<TensorDesc> out;
+    for (const json& t : list) {
+      if (!t.is_object() || !t.contains("name") || !t["name"].is_string() || !t.contains("dtype") ||
+          !t["dtype"].is_string() || !t.contains("shape") || !t["shape"].is_array())
+        bad(field, "a list of {name, dtype, shape}", t);
+      TensorDesc d{t["name"].get<std::string>(), t["dtype"].get<std::string>(), {}};
+      for (const json& dim : t["shape"]) {
+        if (!dim.is_number_integer() || dim.get<int64_t>() < -1) bad(field + "." + d.name + ".shape", "integers >= -1", t["shape"]);
+        d.shape.push_back(dim.get<int64_t>());
+      }
+      out.push_back(std::move(d));
+    }
+    return out;
+  }
+
+ private:
+  std::string where_;
+};
+
+void parse_fields(Manifest& m) {
+  const json& j = m.json;
+  FieldReader r(m.manifest_path);
+  m.backend = r.text(j, {"engine", "backend"}, "engine.backend");
+  m.backend_version = r.text(j, {"engine", "backend_version"}, "engine.backend_version");
+  m.dtype = r.text(j, {"engine", "dtype"}, "engine.dtype");
+  m.max_batch = r.positive(j, {"engine", "max_batch"}, "engine.max_batch");
+  m.max_seq = r.positive(j, {"engine", "max_seq"}, "engine.max_seq");
+  m.inputs = r.tensors(j, "inputs");
+  m.outputs = r.tensors(j, "outputs");
+  if (!lookup(j, {"profiles"}).is_array() || lookup(j, {"profiles"}).size() != 2)
+    r.bad("profiles", "a list of two profiles (0 prefill, 1 decode)", lookup(j, {"profiles"}));
+  m.routing_kind = r.text(j, {"routing", "kind"}, "routing.kind");
+  const json& k = lookup(j, {"routing", "top_k"});
+  if (!k.is_null()) m.top_k = r.positive(j, {"routing", "top_k"}, "routing.top_k");
+  const json& routes = lookup(j, {"routing", "routes_file"});
+  if (!routes.is_null()) m.routes_file = m.engine_path.parent_path() / r.text(j, {"routing", "routes_file"}, "routing.routes_file");
+  const json& plugin = lookup(j, {"plugin"});
+  if (!plugin.is_null())
+    m.plugin = PluginDesc{r.text(j, {"plugin", "library"}, "plugin.library"), r.text(j, {"plugin", "name"}, "plugin.name"),
+                          r.text(j, {"plugin", "version"}, "plugin.version")};
+}
+
+}  // namespace
+
+Manifest verify_engine(const fs::path& engine, bool check_files) {
+  Manifest m;
+  m.engine_path = engine;
+  m.manifest_path = fs::path(engine).replace_extension(".json");
+  const std::string mpath = m.manifest_path.string();
+  m.json = read_json(m.manifest_path);
+  const json& j = m.json;
+  if (!j.is_object() || lookup(j, {"format"}) != kManifestFormat)
+    fail(ADAFUSE_ERR_FILE, mpath + ": not an adafuse engine manifest (expected format '" + kManifestFormat + "')");
+  if (lookup(j, {"version"}) != kManifestVersion)
+    fail(ADAFUSE_ERR_FILE, mpath + ": manifest version " + python_repr(lookup(j, {"version"})) +
+                               " is not supported (expected " + std::to_string(kManifestVersion) + ")");
+  std::error_code ec;
+  if (!fs::is_regular_file(engine, ec)) fail(ADAFUSE_ERR_FILE, engine.string() + ": engine file not found");
+  const json& want = lookup(j, {"engine", "sha256"});
+  const std::string got = sha256_file(engine);
+  if (want != got) {
+    const std::string want_text = want.is_string() ? want.get<std::string>() : python_repr(want);
+    fail(ADAFUSE_ERR_FILE, engine.string() + ": SHA-256 " + got.substr(0, 16) + "... does not match the manifest's " +
+                               want_text.substr(0, 16) +
+                               "... (engine modified or replaced; rebuild it with adafuse-export convert)");
+  }
+  const json& plugin = lookup(j, {"plugin"});
+  // Python: `if plugin and ...`: an empty object or null means no plugin.
+  if (!plugin.is_null() && !(plugin.is_object() && plugin.empty()) && lookup(plugin, {"version"}) != kPluginVersion)
+    fail(ADAFUSE_ERR_PLUGIN, mpath + ": engine needs plugin " + python_str(lookup(plugin, {"name"})) + " version " +
+                                 python_repr(lookup(plugin, {"version"})) + ", this adafuse-export provides version '" +
+                                 kPluginVersion + "'");
+  if (check_files) {
+    const json& files = lookup(j, {"files"});
+    if (files.is_object()) {
+      for (const auto& [rel, digest] : files.items()) {
+        const fs::path f = engine.parent_path() / rel;
+        if (!fs::is_regular_file(f, ec))
+          fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + m.manifest_path.filename().string() + " is missing");
+        if (digest != sha256_file(f))
+          fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + m.manifest_path.filename().string() +
+                                     " (file modified after conversion)");
+      }
+    }
+  }
+  parse_fields(m);
+  return m;
+}
+
+}  // namespace adafuse

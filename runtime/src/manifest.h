@@ -1,0 +1,52 @@
+// The engine manifest (OUT.json beside OUT.engine) that `adafuse-export convert` writes, checked as
+// adafuse_export/trt/manifest.py verify_engine checks it, with the same refusals and wording.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace adafuse {
+
+inline constexpr const char* kManifestFormat = "adafuse-engine";
+inline constexpr int kManifestVersion = 1;
+// Must equal adafuse_export/onnx/plugin_ops.py PLUGIN_VERSION (a pytest checks it).
+inline constexpr const char* kPluginVersion = "1";
+
+struct TensorDesc {
+  std::string name;
+  std::string dtype;           // manifest spelling: int64, int32, float, half, bf16
+  std::vector<int64_t> shape;  // -1 for a dynamic axis
+};
+
+struct PluginDesc {
+  std::string library, name, version;
+};
+
+struct Manifest {
+  std::filesystem::path engine_path, manifest_path;
+  nlohmann::json json;
+  std::string backend, backend_version, dtype;
+  int32_t max_batch = 0, max_seq = 0;
+  std::vector<TensorDesc> inputs, outputs;
+  std::string routing_kind;
+  int32_t top_k = 0;
+  std::optional<std::filesystem::path> routes_file;  // absolute (engine folder + relative name)
+  std::optional<PluginDesc> plugin;
+
+  const TensorDesc* input(const std::string& name) const;
+  const TensorDesc* output(const std::string& name) const;
+};
+
+// Reads and checks ENGINE's manifest; check_files also hashes every file it lists.
+Manifest verify_engine(const std::filesystem::path& engine, bool check_files = true);
+
+// Python's repr() of a JSON scalar, so messages read as the Python ones do ('1', 2, None).
+std::string python_repr(const nlohmann::json& value);
+
+}  // namespace adafuse

@@ -1,0 +1,40 @@
+#include "routing.h"
+
+#include <cstring>
+
+#include "error.h"
+#include "safetensors.h"
+
+namespace adafuse {
+
+RoutingTable::RoutingTable(const std::filesystem::path& path) {
+  SafetensorsFile file(path);
+  const SafeTensor& ids = file.get("expert_ids", "I32", 2);
+  const SafeTensor& gates = file.get("gates", "F32", 2);
+  if (ids.shape != gates.shape || ids.shape[1] < 1 || ids.shape[0] < 1)
+    fail(ADAFUSE_ERR_FILE, path.string() + ": expert_ids [" + std::to_string(ids.shape[0]) + ", " +
+                               std::to_string(ids.shape[1]) + "] and gates [" + std::to_string(gates.shape[0]) + ", " +
+                               std::to_string(gates.shape[1]) + "] must have one equal, non-empty [vocab, k] shape");
+  vocab_ = ids.shape[0];
+  top_k_ = static_cast<int32_t>(ids.shape[1]);
+  expert_ids_.resize(static_cast<size_t>(ids.numel()));
+  gates_.resize(static_cast<size_t>(gates.numel()));
+  std::memcpy(expert_ids_.data(), ids.data.data(), ids.data.size());
+  std::memcpy(gates_.data(), gates.data.data(), gates.data.size());
+  for (int32_t e : expert_ids_)
+    if (e < 0) fail(ADAFUSE_ERR_FILE, path.string() + ": expert_ids holds " + std::to_string(e) + ", expected ids >= 0");
+}
+
+void RoutingTable::lookup(const int64_t* ids, size_t n, int32_t* expert_ids, float* gates) const {
+  const size_t k = static_cast<size_t>(top_k_);
+  for (size_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab_)
+      fail(ADAFUSE_ERR_INVALID_ARGUMENT, "token id " + std::to_string(ids[i]) + " is out of the routing table's vocabulary [0, " +
+                                             std::to_string(vocab_) + ")");
+    const size_t row = static_cast<size_t>(ids[i]) * k;
+    std::memcpy(expert_ids + i * k, expert_ids_.data() + row, k * sizeof(int32_t));
+    std::memcpy(gates + i * k, gates_.data() + row, k * sizeof(float));
+  }
+}
+
+}  // namespace adafuse

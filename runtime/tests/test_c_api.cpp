@@ -1,0 +1,141 @@
+// The C API: status codes and messages at the boundary, generation with a streaming callback, and
+// opening an engine up to the first step this machine cannot take (TensorRT itself, a GPU).
+#include <cstdlib>
+
+#include "adafuse/runtime.h"
+#include "engine_fixture.h"
+#include "engine_handle.h"
+#include "replay_backend_for_tests.h"
+
+namespace adafuse::testing {
+namespace {
+
+adafuse_engine* replay_engine(const TempDir& dir) {
+  std::vector<float> logits(6 * 4);
+  for (size_t p = 0; p < 6; ++p) logits[p * 4 + (p + 1) % 4] = 1.0f;  // position p peaks at (p + 1) % 4
+  write_file(dir / "l.safetensors", safetensors_bytes({{"logits", "F32", {1, 6, 4}, bytes_of(logits)}}));
+  return new adafuse_engine{std::make_unique<ReplayBackendForTests>(dir / "l.safetensors", 2, 6)};
+}
+
+TEST(CApi, GeneratesAndStreams) {
+  TempDir dir;
+  adafuse_engine* engine = replay_engine(dir);
+  int32_t max_batch = 0, max_seq = 0;
+  int64_t vocab = 0;
+  adafuse_engine_limits(engine, &max_batch, &max_seq, &vocab);
+  EXPECT_EQ(max_batch, 2);
+  EXPECT_EQ(max_seq, 6);
+  EXPECT_EQ(vocab, 4);
+  const int64_t prompts[] = {0, 1, 2, 3};  // two prompts of two tokens
+  const int64_t stop[] = {0};
+  std::vector<std::pair<int32_t, int64_t>> streamed;
+  adafuse_generate_options o = adafuse_generate_options_default();
+  o.max_new_tokens = 4;
+  o.stop_ids = stop;
+  o.num_stop_ids = 1;
+  o.user = &streamed;
+  o.on_token = [](void* user, int32_t s, int64_t t) {
+    static_cast<std::vector<std::pair<int32_t, int64_t>>*>(user)->emplace_back(s, t);
+    return 0;
+  };
+  int64_t tokens[8];
+  int32_t lengths[2];
+  ASSERT_EQ(adafuse_generate(engine, prompts, 2, 2, &o, tokens, lengths), ADAFUSE_OK) << adafuse_last_error();
+  // positions 1, 2, 3 peak at 2, 3, 0 (a stop id): three tokens, then -1.
+  EXPECT_EQ(std::vector<int64_t>(tokens, tokens + 8), (std::vector<int64_t>{2, 3, 0, -1, 2, 3, 0, -1}));
+  EXPECT_EQ(lengths[0], 3);
+  EXPECT_EQ(lengths[1], 3);
+  EXPECT_EQ(streamed.size(), 6u);
+  EXPECT_STREQ(adafuse_last_error(), "");
+
+  o.max_new_tokens = 6;
+  EXPECT_EQ(adafuse_generate(engine, prompts, 2, 2, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "prompt of 2 tokens + max_new_tokens 6 exceed the engine's profile (max_seq 6)");
+  EXPECT_EQ(adafuse_generate(engine, nullptr, 2, 2, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "prompt_ids: NULL pointer");
+
+  std::vector<float> logits(2 * 2 * 4);
+  ASSERT_EQ(adafuse_prefill(engine, prompts, 2, 2, logits.data(), nullptr, nullptr), ADAFUSE_OK);
+  EXPECT_EQ(logits[1], 1.0f);      // sequence 0, position 0 peaks at token 1
+  EXPECT_EQ(logits[4 + 2], 1.0f);  // sequence 0, position 1 peaks at token 2
+  EXPECT_EQ(adafuse_past_length(engine), 2);
+  float kv[1];
+  EXPECT_EQ(adafuse_read_kv(engine, 0, 0, kv), ADAFUSE_ERR_INVALID_ARGUMENT);
+  adafuse_engine_free(engine);
+}
+
+TEST(CApi, SamplerAndRoutesReportErrors) {
+  adafuse_sampling s = adafuse_sampling_default();
+  s.top_p = 2.0f;
+  adafuse_sampler* sampler = nullptr;
+  EXPECT_EQ(adafuse_sampler_create(&s, &sampler), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "sampling top_p must be in (0, 1] (1: off), found 2.000000");
+  adafuse_routes* routes = nullptr;
+  EXPECT_EQ(adafuse_routes_open("/nonexistent/routes.safetensors", &routes), ADAFUSE_ERR_FILE);
+  EXPECT_STREQ(adafuse_last_error(), "/nonexistent/routes.safetensors: file not found");
+  EXPECT_STREQ(adafuse_plugin_version(), "1");
+}
+
+class OpenEngine : public ::testing::Test {
+ protected:
+  adafuse_status open(const char* trt, const char* plugin) {
+    adafuse_open_options o = adafuse_open_options_default();
+    engine_path_ = f.engine().string();
+    o.engine_path = engine_path_.c_str();
+    o.tensorrt_library = trt;
+    o.plugin_library = plugin;
+    adafuse_engine* engine = nullptr;
+    const adafuse_status status = adafuse_engine_open(&o, &engine);
+    EXPECT_EQ(engine, nullptr);
+    return status;
+  }
+  EngineFixture f;
+  std::string engine_path_;
+};
+
+TEST_F(OpenEngine, RefusesTheManifestFirst) {
+  fs::remove(f.file("out.onnx/routes.safetensors"));
+  EXPECT_EQ(open(NVINFER_101401, PLUGIN_STUB), ADAFUSE_ERR_FILE);
+  EXPECT_EQ(adafuse_last_error(), f.file("out.onnx/routes.safetensors").string() + ": file listed in out.json is missing");
+}
+
+TEST_F(OpenEngine, RefusesTensorRTRtxEngines) {
+  f.manifest["engine"]["backend"] = "tensorrt-rtx";
+  f.manifest["engine"]["backend_version"] = "1.7.1.116";
+  f.save();
+  EXPECT_EQ(open(NVINFER_101401, PLUGIN_STUB), ADAFUSE_ERR_TENSORRT);
+  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": built with tensorrt-rtx 1.7.1.116; this runtime runs full TensorRT "
+                                                        "engines (convert with --backend tensorrt)");
+}
+
+TEST_F(OpenEngine, NeedsThePluginLibrary) {
+  unsetenv("ADAFUSE_PLUGIN_LIB");
+  EXPECT_EQ(open(NVINFER_101401, nullptr), ADAFUSE_ERR_PLUGIN);
+  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": this engine uses the libadafuse_trt_plugins.so plugin library; set "
+                                                        "ADAFUSE_PLUGIN_LIB to its path (or pass plugin_library)");
+  EXPECT_EQ(open(NVINFER_101401, NOT_A_PLUGIN_STUB), ADAFUSE_ERR_PLUGIN);
+  setenv("ADAFUSE_PLUGIN_LIB", NOT_A_PLUGIN_STUB, 1);
+  EXPECT_EQ(open(NVINFER_101401, nullptr), ADAFUSE_ERR_PLUGIN);  // the environment variable is read
+  EXPECT_NE(std::string(adafuse_last_error()).find("not a TensorRT plugin library"), std::string::npos);
+  unsetenv("ADAFUSE_PLUGIN_LIB");
+}
+
+TEST_F(OpenEngine, RefusesAnOldTensorRT) {
+  EXPECT_EQ(open(NVINFER_8601, PLUGIN_STUB), ADAFUSE_ERR_TENSORRT);
+  EXPECT_EQ(adafuse_last_error(),
+            std::string(NVINFER_8601) + ": TensorRT 8.6.1 is too old; this runtime needs TensorRT 10.x (libnvinfer.so.10)");
+}
+
+TEST_F(OpenEngine, StopsAtTheGpuOrTheRuntime) {
+  // Past every check this machine can make: without a GPU, CUDA refuses; with one, the stand-in
+  // TensorRT library creates no runtime.
+  const adafuse_status status = open(NVINFER_101401, PLUGIN_STUB);
+  const std::string message = adafuse_last_error();
+  if (status == ADAFUSE_ERR_CUDA)
+    EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
+  else
+    EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+}
+
+}  // namespace
+}  // namespace adafuse::testing

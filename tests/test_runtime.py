@@ -1,0 +1,504 @@
+"""The C++ runtime (runtime/): build, ctest, install + find_package, the C API through ctypes against
+files the Python side writes, the HTTP service with a real HTTP client, adafuse-generate.
+
+Builds runtime/ once per session (cmake + nvcc + g++; Debian packages nlohmann-json3-dev,
+libcpp-httplib-dev, libgtest-dev; TensorRT headers from TENSORRT_ROOT / ADAFUSE_TRT_HEADERS_DIR or
+the kernel-lens wheel). Set ADAFUSE_RUNTIME_BUILD_DIR to reuse a build folder. Nothing here needs
+TensorRT or a GPU: engine execution is what only a TensorRT machine can show (runtime/README.md).
+The HTTP service runs over ReplayBackendForTests (runtime/tests), replaying logits recorded by
+`adafuse-export run --save-logits`, on 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adafuse_export.errors import AdafuseError
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME = REPO / "runtime"
+PROMPT = [1, 2, 3]
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text[-n:]
+
+
+def _run(cmd: list[str], limit: int, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=limit, **kw)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
+    return proc
+
+
+def _cli(*args, limit: int = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return _run([sys.executable, "-m", "adafuse_export", *args], limit, env=env).stdout
+
+
+@pytest.fixture(scope="session")
+def runtime_build(tmp_path_factory) -> Path:
+    cmake = shutil.which("cmake")
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    if cmake is None or nvcc is None:
+        pytest.fail(f"the runtime build needs cmake and nvcc (cmake={cmake}, nvcc={nvcc})")
+    build = Path(os.environ.get("ADAFUSE_RUNTIME_BUILD_DIR") or tmp_path_factory.mktemp("runtime_build"))
+    configure = [cmake, "-S", RUNTIME, "-B", build]
+    if not (build / "CMakeCache.txt").exists():
+        # One architecture keeps the CI build short; nothing here runs the kernel.
+        configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=90"]
+    if os.environ.get("ADAFUSE_TRT_HEADERS_DIR"):
+        configure.append(f"-DADAFUSE_TRT_HEADERS_DIR={os.environ['ADAFUSE_TRT_HEADERS_DIR']}")
+    _run(configure, 300)
+    _run([cmake, "--build", build, "-j", str(os.cpu_count() or 2)], 900)
+    return build
+
+
+@pytest.fixture(scope="session")
+def runtime_lib(runtime_build, monkeypatch_session) -> str:
+    lib = str(runtime_build / "libadafuse_runtime.so")
+    monkeypatch_session.setenv("ADAFUSE_RUNTIME_LIB", lib)
+    return lib
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, engine): the pregate example converted by `adafuse-export convert` (TensorRT-RTX)."""
+    root = tmp_path_factory.mktemp("runtime_engine")
+    _cli("make-example", root / "ck")
+    _cli("convert", root / "ck", root / "out.engine")
+    return root / "ck", root / "out.engine"
+
+
+def test_ctest_passes(runtime_build):
+    proc = subprocess.run(["ctest", "--output-on-failure", "-j", "2", "--timeout", "120"], cwd=runtime_build,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    assert "tests passed" in proc.stdout
+
+
+def test_installed_runtime_links_into_a_consumer_with_find_package(runtime_build, converted, tmp_path):
+    prefix = tmp_path / "prefix"
+    _run(["cmake", "--install", runtime_build, "--prefix", prefix], 120)
+    assert (prefix / "include/adafuse/runtime.h").is_file()
+    consumer = tmp_path / "consumer"
+    _run(["cmake", "-S", RUNTIME / "tests/consumer", "-B", consumer, f"-DCMAKE_PREFIX_PATH={prefix}"], 120)
+    _run(["cmake", "--build", consumer], 120)
+    _, engine = converted
+    out = _run([consumer / "consumer", engine], 60).stdout.splitlines()
+    assert out[0] == "version 0.1.0 plugin 1"
+    assert out[1] == "greedy 1"
+    assert out[2] == (f"open status 3: {engine}: built with tensorrt-rtx 1.7.1.116; this runtime runs full TensorRT "
+                      "engines (convert with --backend tensorrt)")
+    # Only the C API leaves the shared library.
+    nm = _run(["nm", "-D", "--defined-only", prefix / "lib/libadafuse_runtime.so"], 60).stdout
+    exported = {line.split()[-1] for line in nm.splitlines() if len(line.split()) == 3}
+    assert exported and all(name.startswith("adafuse_") for name in exported), sorted(exported)[:10]
+
+
+def test_plugin_version_matches_the_exporter(runtime_lib):
+    from adafuse_export.onnx import plugin_ops
+    from adafuse_export.runners.cpp_runtime import load_library
+
+    assert load_library().adafuse_plugin_version().decode() == plugin_ops.PLUGIN_VERSION
+
+
+def _break_engine(src_engine: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src_engine.parent, dst)
+    engine = dst / src_engine.name
+    manifest_file = engine.with_suffix(".json")
+    manifest = json.loads(manifest_file.read_text())
+    if how == "engine modified":
+        engine.write_bytes(engine.read_bytes()[:-1] + b"x")
+    elif how == "engine missing":
+        engine.unlink()
+    elif how == "listed file modified":
+        (dst / "out.onnx/decoder.onnx").write_bytes(b"edited")
+    elif how == "listed file missing":
+        (dst / "out.onnx/routes.safetensors").unlink()
+    elif how == "plugin version":
+        manifest["plugin"] = {"library": "libadafuse_trt_plugins.so", "name": "AdafuseLoraLinear", "version": "2"}
+    elif how == "manifest version":
+        manifest["version"] = 2
+    elif how == "format":
+        manifest["format"] = "something-else"
+    elif how == "manifest missing":
+        manifest_file.unlink()
+    if how in ("plugin version", "manifest version", "format"):
+        manifest_file.write_text(json.dumps(manifest))
+    return engine
+
+
+@pytest.mark.parametrize("how", ["engine modified", "engine missing", "listed file modified", "listed file missing",
+                                 "plugin version", "manifest version", "format", "manifest missing"])
+def test_manifest_refusals_match_python_word_for_word(runtime_lib, converted, tmp_path, how):
+    from adafuse_export.runners.cpp_runtime import verify_manifest
+    from adafuse_export.trt.manifest import verify_engine
+
+    engine = _break_engine(converted[1], tmp_path / "e", how)
+    with pytest.raises(AdafuseError) as python:
+        verify_engine(engine)
+    with pytest.raises(AdafuseError) as cpp:
+        verify_manifest(engine)
+    assert str(cpp.value) == str(python.value)
+
+
+def test_bad_manifest_json_is_refused_naming_the_file(runtime_lib, converted, tmp_path):
+    from adafuse_export.runners.cpp_runtime import verify_manifest
+
+    engine = _break_engine(converted[1], tmp_path / "e", "none")
+    engine.with_suffix(".json").write_text('{"format": "adafuse-engine",')
+    with pytest.raises(AdafuseError, match=f"^{engine.with_suffix('.json')}: invalid JSON at byte 29: "):
+        verify_manifest(engine)
+
+
+def test_good_manifest_reads_as_python_reads_it(runtime_lib, converted):
+    from adafuse_export.runners.cpp_runtime import verify_manifest
+    from adafuse_export.trt.manifest import verify_engine
+
+    assert verify_manifest(converted[1]) == verify_engine(converted[1])
+
+
+@pytest.mark.parametrize("kind", ["pregate-ffn", "mola"])
+def test_engine_open_reads_the_contract_of_every_routing_kind(runtime_lib, tmp_path, kind):
+    """Routes from a table (pregate, below), from a pre-gate inside the decoder (pregate-ffn), per layer (mola)."""
+    from adafuse_export.runners import open_runner
+
+    _cli("make-example", "--kind", kind, tmp_path / "ck")
+    _cli("convert", tmp_path / "ck", tmp_path / "out.engine")
+    # The decoder contract checks come first; this engine then stops at its TensorRT-RTX backend.
+    with pytest.raises(AdafuseError, match=f"^{tmp_path}/out.engine: built with tensorrt-rtx 1.7.1.116; this runtime runs full"):
+        open_runner(tmp_path / "out.engine", runtime="cpp")
+
+
+def test_engine_open_passes_every_check_before_tensorrt(runtime_lib, converted, tmp_path):
+    from adafuse_export.runners import open_runner
+
+    _, engine = converted
+    with pytest.raises(AdafuseError, match="built with tensorrt-rtx 1.7.1.116; this runtime runs full TensorRT engines"):
+        open_runner(engine, runtime="cpp")
+    # The same engine described as a full-TensorRT one gets as far as loading TensorRT, absent here.
+    e = _break_engine(engine, tmp_path / "e", "none")
+    manifest = json.loads(e.with_suffix(".json").read_text())
+    manifest["engine"]["backend"] = "tensorrt"
+    e.with_suffix(".json").write_text(json.dumps(manifest))
+    with pytest.raises(AdafuseError) as err:
+        open_runner(e, runtime="cpp", tensorrt_library=str(tmp_path / "libnvinfer.so.10"))
+    assert str(err.value).startswith(f"TensorRT not found: this runtime needs TensorRT 10.x (tried {tmp_path}/libnvinfer.so.10: ")
+
+
+def test_routing_lookup_equals_export_routes_and_the_reference_pregate(runtime_lib, converted, tmp_path):
+    from safetensors.numpy import load_file
+
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.runners.cpp_runtime import RoutingTable
+    from adafuse_export.runners.reference import ReferenceRunner
+
+    ckpt, _ = converted
+    routes = tmp_path / "routes.safetensors"
+    _cli("export-routes", ckpt, routes)
+    table = RoutingTable(routes)
+    file = load_file(str(routes))
+    assert (table.vocab, table.top_k) == file["expert_ids"].shape
+    ids = np.arange(table.vocab, dtype=np.int64)[None, :]
+    got_ids, got_gates = table.lookup(ids)
+    np.testing.assert_array_equal(got_ids[0], file["expert_ids"])
+    np.testing.assert_array_equal(got_gates[0], file["gates"])
+    # Independently: the pre-gate the reference model computes in its forward pass, token by token.
+    step = ReferenceRunner(load_checkpoint(ckpt)).prefill(ids)
+    np.testing.assert_array_equal(got_ids, step.expert_ids)
+    np.testing.assert_allclose(got_gates, step.gates, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AdafuseError, match=rf"^token id {table.vocab} is out of the routing table's vocabulary \[0, {table.vocab}\)$"):
+        table.lookup(np.array([table.vocab]))
+
+
+def _expected_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """float64 reference: softmax(l / t) over the top-k, then the smallest prefix reaching top_p, renormalised."""
+    order = np.argsort(-logits.astype(np.float64), kind="stable")
+    keep = order[:top_k] if top_k else order
+    w = np.exp((logits[keep].astype(np.float64) - logits[keep[0]]) / temperature)
+    p = w / w.sum()
+    n = int(np.searchsorted(np.cumsum(p), top_p - 1e-12) + 1) if top_p < 1 else len(keep)
+    out = np.zeros(len(logits))
+    out[keep[:n]] = w[:n] / w[:n].sum()
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.75), (0.9, 8, 0.9)])
+def test_sampling_through_the_c_api_follows_the_distribution(runtime_lib, temperature, top_k, top_p):
+    from adafuse_export.runners.cpp_runtime import Sampler
+
+    logits = np.random.default_rng(3).normal(size=12).astype(np.float32) * 1.5
+    want = _expected_distribution(logits, temperature, top_k, top_p)
+    n = 20000
+    s = Sampler(temperature, top_k, top_p, seed=11)
+    counts = np.bincount([s.next(logits) for _ in range(n)], minlength=12)
+    assert (counts[want == 0] == 0).all(), "a token outside top-k / top-p was drawn"
+    live = want > 0
+    chi2 = float((((counts[live] - n * want[live]) ** 2) / (n * want[live])).sum())
+    # 99.99th percentile of chi-square with 11 degrees of freedom: 37.3 (fewer dof: lower).
+    assert chi2 < 37.3, (chi2, counts, want)
+
+
+def test_sampling_seed_fixes_ids_and_greedy_is_argmax(runtime_lib):
+    from adafuse_export.runners.cpp_runtime import Sampler
+
+    logits = np.random.default_rng(5).normal(size=64).astype(np.float32)
+
+    def draw(seed):
+        s = Sampler(1.0, 20, 0.95, seed)
+        return [s.next(logits) for _ in range(50)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+    assert Sampler().next(logits) == int(np.argmax(logits))
+    with pytest.raises(AdafuseError, match=r"^sampling top_p must be in \(0, 1\] \(1: off\), found 1.500000$"):
+        Sampler(1.0, 0, 1.5)
+
+
+# ---- the HTTP service over recorded logits -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recording(converted, tmp_path_factory) -> tuple[Path, list[int]]:
+    """(logits file, greedy continuation of PROMPT): the reference's greedy run, re-run as one prompt
+    with --save-logits, so the recording holds the logits of every position of that run."""
+    ckpt, _ = converted
+    generated = [int(t) for t in _cli("run", ckpt, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8").split()]
+    path = tmp_path_factory.mktemp("recording") / "logits.safetensors"
+    _cli("run", ckpt, "--prompt-ids", ",".join(map(str, PROMPT + generated[:-1])), "--max-new-tokens", "1",
+         "--save-logits", path)
+    return path, generated
+
+
+@pytest.fixture
+def start_server(runtime_build, recording):
+    procs = []
+
+    def start(*options: str) -> str:
+        cmd = [runtime_build / "tests/adafuse_replay_server_for_tests", "--logits", recording[0], "--host", "127.0.0.1",
+               "--port", "0", *options]
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()  # "listening on http://127.0.0.1:PORT", or EOF if it died
+        assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        return line.split()[-1]
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _post(url: str, body, timeout: float = 30) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _get(url: str, path: str) -> str:
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return r.read().decode()
+
+
+def test_service_greedy_generation_equals_the_reference_run(start_server, recording):
+    url = start_server()
+    code, body = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 8})
+    assert code == 200, body
+    assert json.loads(body) == {"tokens": recording[1], "finish_reason": "length"}
+    stop = recording[1][3]
+    code, body = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 8, "stop_ids": [stop]})
+    assert json.loads(body) == {"tokens": recording[1][:recording[1].index(stop) + 1], "finish_reason": "stop"}
+    health = json.loads(_get(url, "/health"))
+    assert health["status"] == "ok" and health["vocab"] == 256 and health["max_seq"] == len(PROMPT) + 7
+
+
+def test_service_streams_one_line_per_token(start_server, recording):
+    url = start_server()
+    code, body = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 5, "stream": True})
+    assert code == 200
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert [line["token"] for line in lines[:-1]] == recording[1][:5]
+    assert lines[-1] == {"tokens": recording[1][:5], "finish_reason": "length"}
+
+
+def test_service_sampling_is_reproducible_per_seed(start_server):
+    url = start_server()
+    ask = {"prompt_ids": PROMPT, "max_new_tokens": 8, "temperature": 1.5, "top_k": 50, "top_p": 0.95}
+    a = [json.loads(_post(url, dict(ask, seed=s))[1])["tokens"] for s in (1, 1, 2)]
+    assert a[0] == a[1] and a[0] != a[2]
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b'{"prompt_ids": [1, 2', "malformed JSON at byte 21"),
+    (b"[1, 2]", "expected a JSON object, found array"),
+    ({"max_new_tokens": 2}, "'prompt_ids' is required (a list of token ids)"),
+    ({"prompt_ids": [1, 256]}, "prompt_ids[1] = 256 is out of the vocabulary [0, 256)"),
+    ({"prompt_ids": [1, -1]}, "prompt_ids[1] = -1 is out of the vocabulary [0, 256)"),
+    ({"prompt_ids": list(range(11))}, "prompt of 11 tokens is longer than the engine's profile (max_seq 10)"),
+    ({"prompt_ids": PROMPT, "max_new_tokens": 9}, "prompt of 3 tokens + max_new_tokens 9 exceed the engine's profile (max_seq 10)"),
+    ({"prompt_ids": PROMPT, "max_new_tokens": 0}, "'max_new_tokens' must be an integer in [1, 2147483647], found 0"),
+    ({"prompt_ids": PROMPT, "temperature": "hot"}, "'temperature' must be a number, found \"hot\""),
+    ({"prompt_ids": PROMPT, "top_p": 0}, "sampling top_p must be in (0, 1] (1: off), found 0.000000"),
+    ({"prompt_ids": PROMPT, "max_new_tokens": 2, "stop_ids": [300]}, "stop id 300 is out of the vocabulary [0, 256)"),
+    ({"prompt_ids": PROMPT, "stream": "yes"}, "'stream' must be true or false, found \"yes\""),
+    ({"prompt_ids": PROMPT, "max_tokens": 3}, "unknown field 'max_tokens'"),
+])
+def test_service_answers_bad_requests_with_400_and_one_line(start_server, body, reason):
+    url = start_server()
+    code, text = _post(url, body)
+    assert code == 400, text
+    assert text.count("\n") == 1 and json.loads(text) == {"error": reason}
+    assert json.loads(_get(url, "/health"))["status"] == "ok"  # and it keeps serving
+
+
+def _concurrently(url: str, bodies: list[dict], after_first=None) -> list[tuple[int, str]]:
+    """POSTs every body from its own thread; after_first() runs between the first and the rest."""
+    results: list = [None] * len(bodies)
+
+    def one(i):
+        results[i] = _post(url, bodies[i], timeout=60)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for i, t in enumerate(threads):
+        t.start()
+        if i == 0 and after_first is not None:
+            after_first()
+    for t in threads:
+        t.join(timeout=90)
+    return results
+
+
+def _wait_until_running(url: str) -> None:
+    for _ in range(200):  # up to 10 s
+        if "adafuse_active_sequences 1\n" in _get(url, "/metrics"):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the first request never started")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def test_service_decodes_queued_requests_together(start_server, recording):
+    # Each step takes 300 ms: requests 2-4 arrive while request 1 runs (900 ms), wait in the queue,
+    # and then run as one batch: one prefill and one decode step per token for all three.
+    url = start_server("--step-delay-ms", "300", "--max-batch", "4")
+    ask = {"prompt_ids": PROMPT, "max_new_tokens": 3}
+    results = _concurrently(url, [ask] * 4, after_first=lambda: _wait_until_running(url))
+    assert all(code == 200 and json.loads(body)["tokens"] == recording[1][:3] for code, body in results), results
+    metrics = _get(url, "/metrics")
+    assert _metric(metrics, 'adafuse_step_latency_seconds_count{phase="prefill"}') == 2
+    assert _metric(metrics, 'adafuse_step_latency_seconds_count{phase="decode"}') == 4
+    assert _metric(metrics, "adafuse_tokens_generated_total") == 12
+    assert _metric(metrics, 'adafuse_requests_total{code="200"}') == 4
+    assert _metric(metrics, "adafuse_queue_depth") == 0
+    assert 'adafuse_step_latency_seconds_bucket{phase="decode",le="+Inf"} 4' in metrics
+
+
+def test_service_bounds_its_queue(start_server, recording):
+    url = start_server("--step-delay-ms", "200", "--max-batch", "1", "--queue", "1")
+    results = _concurrently(url, [{"prompt_ids": PROMPT, "max_new_tokens": 2}] * 4,
+                            after_first=lambda: _wait_until_running(url))
+    codes = sorted(code for code, _ in results)
+    assert codes.count(503) >= 1 and codes.count(200) >= 2, results  # the running request and the queued one
+    for code, body in results:
+        if code == 503:
+            assert json.loads(body) == {"error": "the request queue is full; retry later"}
+        else:
+            assert json.loads(body)["tokens"] == recording[1][:2]
+    assert _metric(_get(url, "/metrics"), 'adafuse_requests_total{code="503"}') == codes.count(503)
+
+
+def test_generate_cli_reports_one_line(runtime_build, converted):
+    exe = runtime_build / "adafuse-generate"
+    proc = subprocess.run([exe, "--engine", converted[1], "--prompt-ids", "1,2,3"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"adafuse-generate: {converted[1]}: built with tensorrt-rtx 1.7.1.116; this runtime runs full "
+                           "TensorRT engines (convert with --backend tensorrt)\n")
+    proc = subprocess.run([exe, "--engine", converted[1], "--prompt-ids", "1,x"], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, "adafuse-generate: --prompt-ids: expected comma-separated non-negative token ids, found '1,x'\n")
+
+
+# ---- the ctypes binding against the header (what only a TensorRT machine would otherwise exercise) ----
+
+_C_VALUES = {"int": "c_int", "int32_t": "c_int", "int64_t": "c_long", "uint64_t": "c_ulong", "size_t": "c_ulong",
+             "float": "c_float", "adafuse_status": "c_int"}
+
+
+def _ctypes_name(t) -> str:
+    return "None" if t is None else getattr(t, "__name__", str(t))
+
+
+def _header_declarations() -> tuple[dict[str, tuple[str, list[str]]], dict[str, list[str]]]:
+    """(functions: name -> (return type, argument types), structs: name -> field types) from runtime.h."""
+    import re
+
+    text = re.sub(r"/\*.*?\*/", "", (RUNTIME / "include/adafuse/runtime.h").read_text(), flags=re.S)
+    functions = {}
+    for ret, name, args in re.findall(r"ADAFUSE_API\s+([\w\s\*]+?)\s*\b(adafuse_\w+)\(([^)]*)\);", text):
+        types = [] if args.strip() == "void" else [re.sub(r"\s*\b\w+$", "", a.strip()) for a in args.split(",")]
+        functions[name] = (ret.strip(), types)
+    structs = {name: [re.sub(r"\s*\b\w+;$", "", f.strip()) for f in body.strip().split("\n") if f.strip()]
+               for body, name in re.findall(r"typedef struct \w+ \{([^}]*)\}\s*(\w+);", text)}
+    return functions, structs
+
+
+def _matches(c_type: str, py_type) -> bool:
+    c_type = c_type.replace("const ", "").strip()
+    if c_type.endswith("*"):  # pointers: void*, char*, or a pointer to the matching scalar/struct
+        return py_type in (ctypes.c_void_p, ctypes.c_char_p) or _ctypes_name(py_type).startswith("LP_")
+    if c_type == "void":
+        return py_type is None
+    if c_type in ("adafuse_sampling", "adafuse_open_options", "adafuse_generate_options"):
+        return False  # passed by value: not used through ctypes
+    return _ctypes_name(py_type) == _C_VALUES.get(c_type, c_type)
+
+
+def test_ctypes_signatures_match_the_header():
+    from adafuse_export.runners import cpp_runtime
+
+    functions, structs = _header_declarations()
+    assert len(functions) >= 25, sorted(functions)
+    for name, (restype, argtypes) in cpp_runtime._SIGNATURES.items():
+        assert name in functions, f"{name} is not in runtime.h"
+        c_ret, c_args = functions[name]
+        assert _matches(c_ret, restype), (name, c_ret, restype)
+        assert len(c_args) == len(argtypes), (name, c_args, argtypes)
+        for c_arg, py_arg in zip(c_args, argtypes):
+            assert _matches(c_arg, py_arg), (name, c_arg, py_arg)
+    for struct, cls in (("adafuse_sampling", cpp_runtime._Sampling), ("adafuse_open_options", cpp_runtime._OpenOptions)):
+        fields = structs[struct]
+        assert len(fields) == len(cls._fields_), (struct, fields)
+        for c_field, (_, py_field) in zip(fields, cls._fields_):
+            assert _matches(c_field, py_field), (struct, c_field, py_field)
