@@ -81,7 +81,10 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
 @click.option("--plugin-ops", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Plugin-flavour ONNX only: run the adafuse nodes with numpy (cpu) or the plugins' CUDA kernels "
                    "(cuda); auto picks cuda when torch sees a GPU.")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops):
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX models: ONNX Runtime's execution provider (cuda needs onnxruntime-gpu; it runs with TF32 "
+                   "off so float32 graphs keep float32 accuracy); auto picks cuda when available.")
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device):
     """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
@@ -96,7 +99,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     c = load_checkpoint(ckpt, fmt, base)
     from .runners import open_runner
 
-    runner = open_runner(model, plugin_ops=plugin_ops) if Path(model).suffix != ".engine" else None
+    runner = open_runner(model, plugin_ops=plugin_ops, device=device) if Path(model).suffix != ".engine" else None
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:

@@ -63,7 +63,8 @@ def validate_kinds(work: Path) -> list[dict]:
                     export_onnx(ckpt, out, "portable", dtype)
                 if dtype == "bfloat16":
                     raise NotImplementedError("OnnxRuntimeRunner feeds numpy arrays; numpy has no bfloat16")
-                runner = OnnxRuntimeRunner(out, providers=cuda_providers(tf32))
+                runner = (OnnxRuntimeRunner(out, providers=cuda_providers(True)) if tf32
+                          else OnnxRuntimeRunner(out, device="cuda"))  # what `validate --device cuda` runs
                 rep = validate(ckpt, out, steps=8, runner=runner)
                 worst = max(rep["outputs"], key=lambda o: o["max_abs_diff"] / max(o["atol"], 1e-30))
                 row.update(ran=True, provider=runner.provider, passed=rep["passed"],

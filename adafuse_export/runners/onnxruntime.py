@@ -1,6 +1,9 @@
 """ONNX Runtime runner over an `export-onnx` output (portable or plugin flavour).
 
-CUDA execution provider when onnxruntime-gpu sees a GPU, else CPU. Pre-gated models
+`device` picks the execution provider: cpu, cuda (onnxruntime-gpu's CUDA provider, refused when
+absent) or auto (cuda when available, else cpu). The CUDA provider runs with use_tf32=0: its
+default TF32 matmuls put float32 graphs about 1e-3 off the reference (measured on the H200,
+benchmarks/results/ort_gpu.json), ten times the float32 tolerance. Pre-gated models
 with a separate pre-gate run pregate.onnx (or, without it, gather from routes.safetensors)
 and feed its expert ids and gates to the decoder; layer-routed models route in-graph.
 Plugin-flavour decoders run their adafuse nodes as Python custom ops (plugin_ops_ort.py) on
@@ -27,18 +30,29 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def default_providers(ort) -> list[str]:
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+Provider = str | tuple[str, dict[str, str]]
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDER: Provider = ("CUDAExecutionProvider", {"use_tf32": "0"})
+
+
+def providers_for(ort, device: str = "auto") -> list[Provider]:
+    """The ONNX Runtime providers for --device (cpu, cuda or auto)."""
+    if device not in DEVICES:
+        raise AdafuseError(f"--device '{device}' is unknown (expected one of {', '.join(DEVICES)})")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not has_cuda:
+        raise AdafuseError(f"--device cuda: ONNX Runtime {ort.__version__} here has no CUDAExecutionProvider "
+                           "(install onnxruntime-gpu: pip install 'adafuse-export[gpu]')")
+    if device == "cpu" or not has_cuda:
+        return ["CPUExecutionProvider"]
+    return [CUDA_PROVIDER, "CPUExecutionProvider"]
 
 
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, model: Path | str, providers: list[str] | None = None, threads: int | None = None,
-                 plugin_ops: str = "auto"):
+    def __init__(self, model: Path | str, providers: list[Provider] | None = None, threads: int | None = None,
+                 plugin_ops: str = "auto", device: str = "auto"):
         ort = import_onnxruntime()
         from ..onnx.load import load_header, metadata, resolve, uses_plugin
 
@@ -55,7 +69,8 @@ class OnnxRuntimeRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.providers = providers or default_providers(ort)
+        self.providers = providers or providers_for(ort, device)
+        self.device = device
         self.session = self._session(ort, self.files.decoder, options)
         self.provider = self.session.get_providers()[0]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -104,7 +119,7 @@ class OnnxRuntimeRunner(Runner):
             try:
                 return ort.InferenceSession(source, options, providers=self.providers)
             except Exception:
-                if self.providers == ["CPUExecutionProvider"]:
+                if self.providers == ["CPUExecutionProvider"] or self.device == "cuda":
                     raise
                 self.providers = ["CPUExecutionProvider"]  # e.g. onnxruntime-gpu without a usable GPU
                 return ort.InferenceSession(source, options, providers=self.providers)
