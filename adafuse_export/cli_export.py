@@ -84,7 +84,10 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="ONNX models: ONNX Runtime's execution provider (cuda needs onnxruntime-gpu; it runs with TF32 "
                    "off so float32 graphs keep float32 accuracy); auto picks cuda when available.")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device):
+@click.option("--runtime", type=click.Choice(["python", "cpp"]), default="python", show_default=True,
+              help="Engines only: run through TensorRT's Python API (python) or the C++ runtime's C API (cpp: "
+                   "libadafuse_runtime.so from runtime/, found through $ADAFUSE_RUNTIME_LIB).")
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime):
     """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
@@ -99,7 +102,12 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     c = load_checkpoint(ckpt, fmt, base)
     from .runners import open_runner
 
-    runner = open_runner(model, plugin_ops=plugin_ops, device=device) if Path(model).suffix != ".engine" else None
+    if Path(model).suffix == ".engine":
+        runner = open_runner(model, runtime="cpp") if runtime == "cpp" else None
+    else:
+        if runtime == "cpp":
+            raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
+        runner = open_runner(model, plugin_ops=plugin_ops, device=device)
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:

@@ -502,3 +502,17 @@ def test_ctypes_signatures_match_the_header():
         assert len(fields) == len(cls._fields_), (struct, fields)
         for c_field, (_, py_field) in zip(fields, cls._fields_):
             assert _matches(c_field, py_field), (struct, c_field, py_field)
+
+
+def test_validate_runtime_cpp_reaches_the_cpp_runtime(runtime_lib, converted):
+    """`validate --runtime cpp` drives the engine through the C API: here it gets as far as the
+    runtime's own refusal of a TensorRT-RTX engine, one line, exit 2; an ONNX export is refused."""
+    ckpt, engine = converted
+    env = dict(os.environ, PYTHONPATH=str(REPO), ADAFUSE_RUNTIME_LIB=runtime_lib)
+    proc = subprocess.run([sys.executable, "-m", "adafuse_export", "validate", str(ckpt), str(engine), "--runtime", "cpp"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "built with tensorrt-rtx 1.7.1.116; this runtime runs full" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "adafuse_export", "validate", str(ckpt), str(engine.with_suffix(".onnx")),
+                           "--runtime", "cpp"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "--runtime cpp" in proc.stderr and "runs .engine files" in proc.stderr, proc.stderr
