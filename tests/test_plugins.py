@@ -47,7 +47,10 @@ def plugin_build(tmp_path_factory) -> Path:
         pytest.skip(f"plugin build needs nvcc and cmake (nvcc={nvcc}, cmake={cmake})")
     build = os.environ.get("ADAFUSE_PLUGIN_BUILD_DIR")
     build_dir = Path(build) if build else tmp_path_factory.mktemp("plugins_build")
-    configure = [cmake, "-S", str(PLUGINS), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+    # ADAFUSE_WERROR=ON (the default, stated so that a reused build folder cannot relax it):
+    # any compiler warning in plugins/ fails this build, hence CI.
+    configure = [cmake, "-S", str(PLUGINS), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DADAFUSE_WERROR=ON"]
     if not (build_dir / "CMakeCache.txt").exists():
         # Only on a fresh folder: changing the compiler of a configured folder wipes its cache.
         configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
@@ -61,6 +64,60 @@ def plugin_build(tmp_path_factory) -> Path:
             pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
     assert (build_dir / LIB_NAME).is_file()
     return build_dir
+
+
+WARNING_SOURCES = {
+    # one deliberate warning per kind of code the project compiles
+    "host.cpp": "int f(int a) { int unused = a; return a; }\n",
+    "cuda_host.cu": "int g(int a) { int unused = a; return a; }\n",
+    "cuda_device.cu": "__global__ void k(int* p) { int unused = 3; p[0] = 1; }\n",
+}
+
+
+def _warnings_project(tmp_path: Path) -> Path:
+    src = tmp_path / "warn_src"
+    src.mkdir()
+    lines = ["cmake_minimum_required(VERSION 3.24)", "project(warn LANGUAGES CXX CUDA)",
+             f'include("{PLUGINS / "cmake" / "AdafuseWarnings.cmake"}")']
+    for name, text in WARNING_SOURCES.items():
+        (src / name).write_text(text)
+        target = name.replace(".", "_")
+        lines += [f"add_library({target} OBJECT {name})",
+                  f"target_compile_options({target} PRIVATE ${{ADAFUSE_WARNINGS}})"]
+    (src / "CMakeLists.txt").write_text("\n".join(lines) + "\n")
+    return src
+
+
+def test_warning_flags_turn_every_kind_of_warning_into_an_error(tmp_path):
+    """plugins/cmake/AdafuseWarnings.cmake (used by every plugins/ target) fails the build on a
+    warning in C++, in CUDA host code and in CUDA device code; ADAFUSE_WERROR=OFF relaxes it."""
+    nvcc, cmake = _nvcc(), shutil.which("cmake")
+    if nvcc is None or cmake is None:
+        pytest.skip(f"needs nvcc and cmake (nvcc={nvcc}, cmake={cmake})")
+    src = _warnings_project(tmp_path)
+    for werror, build in (("ON", tmp_path / "b_on"), ("OFF", tmp_path / "b_off")):
+        subprocess.run([cmake, "-S", str(src), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                        "-DCMAKE_CUDA_ARCHITECTURES=90", f"-DADAFUSE_WERROR={werror}"],
+                       check=True, capture_output=True, text=True, timeout=300)
+        for name in WARNING_SOURCES:
+            proc = subprocess.run([cmake, "--build", str(build), "--target", name.replace(".", "_")],
+                                  capture_output=True, text=True, timeout=300)
+            output = proc.stdout + proc.stderr
+            assert "unused" in output, f"{name}: no warning reported\n{_tail(output)}"
+            if werror == "ON":
+                assert proc.returncode != 0, f"{name}: the warning did not fail the build\n{_tail(output)}"
+            else:
+                assert proc.returncode == 0, f"{name}: failed with ADAFUSE_WERROR=OFF\n{_tail(output)}"
+
+
+def test_plugin_build_uses_warnings_as_errors(plugin_build):
+    cache = (plugin_build / "CMakeCache.txt").read_text()
+    assert "ADAFUSE_WERROR:BOOL=ON" in cache
+    flags = (plugin_build / "build.ninja").read_text() if (plugin_build / "build.ninja").exists() else ""
+    if not flags:  # Makefile generator: the per-target flags.make files
+        flags = "".join(p.read_text() for p in plugin_build.rglob("flags.make"))
+    assert "-Wall -Wextra -Werror" in flags
+    assert "-Xcompiler=-Werror" in flags and "-Werror all-warnings" in flags
 
 
 def test_library_exports_only_the_tensorrt_entry_points(plugin_build):
