@@ -85,7 +85,7 @@ size_t AdafuseSwitchLinearPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensor
     return guarded<size_t>(kName, "getWorkspaceSize", 0, [&]() -> size_t {
         check(inputs != nullptr && nbInputs == mConfig.nbInputs(), kName, "expected ", mConfig.nbInputs(),
             " inputs, found ", nbInputs);
-        if (mConfig.rows(inputs[kINPUT_X].max) <= 1)
+        if (LinearConfig::maxRows(inputs[kINPUT_X].max) <= 1)
         {
             return 0;
         }

@@ -1,5 +1,6 @@
 #include "adafuseLinearConfig.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -50,6 +51,20 @@ void checkRank(char const* plugin, char const* tensor, Dims const& d, int32_t ex
         dimsToString(d), ")");
 }
 
+// A known dimension beyond a kernel limit: named before the comparison with the fields, so
+// that the message says which limit (not only that the tensor disagrees with the fields).
+void checkLimit(char const* plugin, char const* tensor, Dims const& d, int32_t axis, char const* meaning,
+    int64_t limit, char const* limitName)
+{
+    if (axis < 0 || axis >= d.nbDims)
+    {
+        return;
+    }
+    int64_t const found = d.d[axis];
+    check(found < 0 || found <= limit, plugin, tensor, " dimension ", axis, " (", meaning, ") = ", found,
+        " exceeds the kernel limit ", limit, " (", limitName, " in adafuse_kernels.h)");
+}
+
 void checkViews(LinearConfig const& cfg, std::vector<TensorView> const& in, std::vector<TensorView> const& out)
 {
     char const* p = cfg.pluginName();
@@ -58,6 +73,11 @@ void checkViews(LinearConfig const& cfg, std::vector<TensorView> const& in, std:
         " inputs (has_bias=", f.hasBias, "), found ", in.size());
     check(static_cast<int32_t>(out.size()) == kNB_OUTPUTS, p, "expected ", kNB_OUTPUTS, " output, found ",
         out.size());
+    checkLimit(p, "input 2 (A)", in[kINPUT_A].dims, 0, "num_experts", ADAFUSE_LORA_MAX_EXPERTS,
+        "ADAFUSE_LORA_MAX_EXPERTS");
+    checkLimit(p, "input 2 (A)", in[kINPUT_A].dims, 1, "rank", ADAFUSE_LORA_MAX_RANK, "ADAFUSE_LORA_MAX_RANK");
+    Dims const& ids = in[kINPUT_EXPERT_IDS].dims;
+    checkLimit(p, "input 4 (expert_ids)", ids, ids.nbDims - 1, "top_k", ADAFUSE_MAX_TOP_K, "ADAFUSE_MAX_TOP_K");
     for (size_t i = 0; i < in.size(); ++i)
     {
         check(in[i].format == nvinfer1::TensorFormat::kLINEAR, p, "input ", i, " (", inputName(int32_t(i)),
@@ -158,9 +178,25 @@ void LinearConfig::validate() const
         "], found ", f.topK);
     check(std::isfinite(f.scale), p, "field 'scale' expected a finite float, found ", f.scale);
     check(f.hasBias == 0 || f.hasBias == 1, p, "field 'has_bias' expected 0 or 1, found ", f.hasBias);
+    // The kernel limits (adafuse_kernels.h); AdafuseSwitchLinear runs adafuse_lora_linear for
+    // prefill rows, so both plugins have them. Checked here, when the plugin is created from
+    // its fields (ONNX attributes or a serialized engine), and again in configurePlugin.
+    checkKernelLimits();
     int64_t const wElems = int64_t(f.outFeatures) * f.inFeatures;
     check(wElems <= std::numeric_limits<int32_t>::max(), p, "out_features*in_features = ", wElems,
         " exceeds the int32 element count the kernels index with");
+}
+
+void LinearConfig::checkKernelLimits() const
+{
+    char const* p = mPlugin;
+    LinearFields const& f = mFields;
+    check(f.topK <= ADAFUSE_MAX_TOP_K, p, "field 'top_k' = ", f.topK, " exceeds the kernel limit ",
+        ADAFUSE_MAX_TOP_K, " (ADAFUSE_MAX_TOP_K in adafuse_kernels.h)");
+    check(f.numExperts <= ADAFUSE_LORA_MAX_EXPERTS, p, "field 'num_experts' = ", f.numExperts,
+        " exceeds the kernel limit ", ADAFUSE_LORA_MAX_EXPERTS, " (ADAFUSE_LORA_MAX_EXPERTS in adafuse_kernels.h)");
+    check(f.rank <= ADAFUSE_LORA_MAX_RANK, p, "field 'rank' = ", f.rank, " exceeds the kernel limit ",
+        ADAFUSE_LORA_MAX_RANK, " (ADAFUSE_LORA_MAX_RANK in adafuse_kernels.h)");
 }
 
 LinearConfig LinearConfig::fromFieldCollection(char const* pluginName, nvinfer1::PluginFieldCollection const* fc)
@@ -317,19 +353,12 @@ void LinearConfig::checkTensors(nvinfer1::DynamicPluginTensorDesc const* in, int
     nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const
 {
     check(in != nullptr && out != nullptr, mPlugin, "null tensor description array");
+    checkKernelLimits();
     std::vector<TensorView> vi, vo;
     for (int32_t i = 0; i < nbInputs; ++i)
         vi.push_back({in[i].desc.type, in[i].desc.dims, in[i].desc.format});
     for (int32_t i = 0; i < nbOutputs; ++i)
         vo.push_back({out[i].desc.type, out[i].desc.dims, out[i].desc.format});
-    checkViews(*this, vi, vo);
-    // The profile bounds must agree with the fields too.
-    vi.clear();
-    vo.clear();
-    for (int32_t i = 0; i < nbInputs; ++i)
-        vi.push_back({in[i].desc.type, in[i].max, in[i].desc.format});
-    for (int32_t i = 0; i < nbOutputs; ++i)
-        vo.push_back({out[i].desc.type, out[i].max, out[i].desc.format});
     checkViews(*this, vi, vo);
 }
 
@@ -346,13 +375,25 @@ int32_t LinearConfig::rows(nvinfer1::Dims const& x) const
     return static_cast<int32_t>(n);
 }
 
+int64_t LinearConfig::maxRows(nvinfer1::Dims const& x)
+{
+    int64_t constexpr kCap = std::numeric_limits<int64_t>::max() / 2;
+    int64_t n = 1;
+    for (int32_t a = 0; a + 1 < x.nbDims; ++a)
+    {
+        int64_t const d = std::max<int64_t>(x.d[a], 0);
+        n = (d != 0 && n > kCap / d) ? kCap : n * d;
+    }
+    return n;
+}
+
 size_t LinearConfig::loraWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs) const
 {
     check(inputs != nullptr && nbInputs == this->nbInputs(), mPlugin, "expected ", this->nbInputs(),
         " inputs, found ", nbInputs);
-    int32_t const maxRows = rows(inputs[kINPUT_X].max);
+    int32_t const chunk = static_cast<int32_t>(std::min<int64_t>(maxRows(inputs[kINPUT_X].max), kLORA_CHUNK_ROWS));
     return adafuse_lora_linear_workspace_size(
-        maxRows, mFields.inFeatures, mFields.outFeatures, mFields.numExperts, mFields.rank, mFields.topK);
+        chunk, mFields.inFeatures, mFields.outFeatures, mFields.numExperts, mFields.rank, mFields.topK);
 }
 
 } // namespace plugin

@@ -33,6 +33,12 @@ constexpr char const* kFIELD_SCALE = "scale";
 constexpr char const* kFIELD_HAS_BIAS = "has_bias";
 constexpr int32_t kNB_FIELDS = 7;
 
+//! Rows per adafuse_lora_linear call: larger inputs (long prefills) are processed in chunks
+//! of this many rows, and the workspace is sized for one chunk. 2048 rows keep the tensor
+//! cores busy while the fp32 LoRA accumulator (rows x out_features x 4 bytes) stays small.
+constexpr int32_t kLORA_CHUNK_ROWS = 2048;
+static_assert(kLORA_CHUNK_ROWS <= ADAFUSE_LORA_MAX_ROWS, "a chunk must fit one adafuse_lora_linear call");
+
 struct LinearFields
 {
     int32_t inFeatures{0};
@@ -72,15 +78,23 @@ public:
         int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) const;
     bool supportsFormatCombination(
         int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) const;
-    //! Checks counts, types and every known dimension (-1 = dynamic is skipped).
+    //! configurePlugin: counts, types and the static dimensions (-1 = dynamic is skipped).
+    //! The profile's min/max are bounds that TensorRT derives per tensor (a Reshape may give
+    //! expert_ids a looser bound than x), so they are not compared with each other.
     void checkTensors(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) const;
+    //! onShapeChange: counts, types and every dimension (all known there).
     void checkTensors(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs) const;
     //! Product of the leading dimensions of x (throws on -1 or overflow of int32).
     int32_t rows(nvinfer1::Dims const& xDims) const;
-    //! Workspace for adafuse_lora_linear at the largest number of rows of the profile.
+    //! Upper bound of the rows of x from the profile's max dims (saturates at INT64_MAX/2).
+    static int64_t maxRows(nvinfer1::Dims const& xMaxDims);
+    //! Workspace for adafuse_lora_linear over one chunk: min(profile max rows, kLORA_CHUNK_ROWS).
     size_t loraWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs) const;
+
+    //! top_k, num_experts and rank within adafuse_kernels.h's limits (throws naming value and limit).
+    void checkKernelLimits() const;
 
 private:
     void validate() const;

@@ -1,5 +1,7 @@
 #include "adafuseLinearPluginBase.h"
 
+#include <algorithm>
+
 namespace adafuse
 {
 namespace plugin
@@ -111,18 +113,28 @@ void LinearPluginBase::enqueueLoraLinear(nvinfer1::PluginTensorDesc const* input
     void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) const
 {
     LinearFields const& f = mConfig.fields();
-    // The engine's workspace was sized for the profile's largest row count; the
-    // kernels need (and are told about) the size for the current row count.
-    size_t const wsBytes
-        = adafuse_lora_linear_workspace_size(rows, f.inFeatures, f.outFeatures, f.numExperts, f.rank, f.topK);
-    check(wsBytes == 0 || workspace != nullptr, name(), "workspace of ", wsBytes, " bytes needed but none given");
-    int const status = adafuse_lora_linear(toKernelDtype(inputDesc[kINPUT_X].type, name()), rows, f.inFeatures,
-        f.outFeatures, inputs[kINPUT_X], inputs[kINPUT_W], biasInput(inputs), inputs[kINPUT_A], inputs[kINPUT_B],
-        f.numExperts, f.rank, static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]),
-        static_cast<float const*>(inputs[kINPUT_GATES]), f.topK, f.scale, outputs[kOUTPUT_Y], workspace, wsBytes,
-        stream);
-    check(status == ADAFUSE_OK, name(), "adafuse_lora_linear failed: ", adafuse_status_string(status), " (rows=", rows,
-        ")");
+    nvinfer1::DataType const type = inputDesc[kINPUT_X].type;
+    adafuse_dtype const dtype = toKernelDtype(type, name());
+    size_t const es = dataTypeSize(type, name());
+    // Rows are independent: a long prefill runs in chunks of kLORA_CHUNK_ROWS rows, each within
+    // the kernel's row limit and the workspace getWorkspaceSize gave for one chunk. The kernels
+    // are told the workspace size of the current chunk, never more than the engine provides.
+    for (int32_t r0 = 0; r0 < rows; r0 += kLORA_CHUNK_ROWS)
+    {
+        int32_t const n = std::min(kLORA_CHUNK_ROWS, rows - r0);
+        size_t const wsBytes
+            = adafuse_lora_linear_workspace_size(n, f.inFeatures, f.outFeatures, f.numExperts, f.rank, f.topK);
+        check(wsBytes == 0 || workspace != nullptr, name(), "workspace of ", wsBytes, " bytes needed but none given");
+        size_t const r = static_cast<size_t>(r0);
+        int const status = adafuse_lora_linear(dtype, n, f.inFeatures, f.outFeatures,
+            static_cast<char const*>(inputs[kINPUT_X]) + r * f.inFeatures * es, inputs[kINPUT_W], biasInput(inputs),
+            inputs[kINPUT_A], inputs[kINPUT_B], f.numExperts, f.rank,
+            static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]) + r * f.topK,
+            static_cast<float const*>(inputs[kINPUT_GATES]) + r * f.topK, f.topK, f.scale,
+            static_cast<char*>(outputs[kOUTPUT_Y]) + r * f.outFeatures * es, workspace, wsBytes, stream);
+        check(status == ADAFUSE_OK, name(), "adafuse_lora_linear failed: ", adafuse_status_string(status),
+            " (rows ", r0, "..", r0 + n, " of ", rows, ")");
+    }
 }
 
 // ---- creator -----------------------------------------------------------------

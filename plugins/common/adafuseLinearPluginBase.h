@@ -81,8 +81,8 @@ protected:
     char const* name() const noexcept { return mIdentity.name; }
     //! The bias input, or nullptr when has_bias = 0.
     void const* biasInput(void const* const* inputs) const noexcept;
-    //! The unmerged routed path: adafuse_lora_linear over `rows` (> 0) rows of the
-    //! inputs, with the workspace for that row count. Throws on failure.
+    //! The unmerged routed path: adafuse_lora_linear over `rows` (> 0) rows of the inputs,
+    //! in chunks of at most kLORA_CHUNK_ROWS rows (the workspace holds one chunk). Throws on failure.
     void enqueueLoraLinear(nvinfer1::PluginTensorDesc const* inputDesc, int32_t rows, void const* const* inputs,
         void* const* outputs, void* workspace, cudaStream_t stream) const;
 

@@ -579,6 +579,13 @@ void checkBadFields(std::string const& name)
             [](Fields& f) { f.list[0] = PluginField("in_features", &big, PluginFieldType::kINT64, 1); },
             {"in_features", "int32"}},
         {"rank given twice", [](Fields& f) { f.list.push_back(f.list[3]); }, {"rank", "more than once"}},
+        // The kernel limits of adafuse_kernels.h, named with the value found and the limit.
+        {"top_k=9 > ADAFUSE_MAX_TOP_K", [](Fields& f) { f.ints[2] = 16; f.ints[4] = 9; },
+            {"field 'top_k' = 9", "kernel limit 8", "ADAFUSE_MAX_TOP_K"}},
+        {"num_experts=257 > ADAFUSE_LORA_MAX_EXPERTS", [](Fields& f) { f.ints[2] = 257; },
+            {"field 'num_experts' = 257", "kernel limit 256", "ADAFUSE_LORA_MAX_EXPERTS"}},
+        {"rank=4097 > ADAFUSE_LORA_MAX_RANK", [](Fields& f) { f.ints[3] = 4097; },
+            {"field 'rank' = 4097", "kernel limit 4096", "ADAFUSE_LORA_MAX_RANK"}},
     };
     for (auto const& cs : cases)
     {
@@ -784,6 +791,37 @@ void checkConfigureAndWorkspace(std::string const& name, IPluginV3OneBuild* b, C
     expect(ws == want, cat(name, " getWorkspaceSize(max rows 128) = adafuse_lora_linear_workspace_size = ", want,
                            " (got ", ws, ")"));
 
+    // Bounds are bounds (TensorRT derives them per tensor): a Reshape between the pre-gate and the
+    // plugin can give expert_ids / gates a looser max than x; configurePlugin must accept that.
+    {
+        std::vector<DynamicPluginTensorDesc> loose = in;
+        for (int32_t i : {4, 5})
+        {
+            loose[static_cast<size_t>(i)].max.d[0] = 16;  // x's max is [4, 32, in]
+            loose[static_cast<size_t>(i)].max.d[1] = 64;
+            loose[static_cast<size_t>(i)].min.d[0] = 0;
+        }
+        gLogger.clear();
+        rc = b->configurePlugin(loose.data(), c.nbInputs(), &out, 1);
+        expect(rc == 0, cat(name, " configurePlugin accepts expert_ids/gates bounds looser than x's (rc ", rc, ") ",
+                            rc == 0 ? "" : gLogger.lastError()));
+    }
+    // A long-prefill profile: the workspace holds one chunk of kLORA_CHUNK_ROWS = 2048 rows.
+    {
+        Shapes big = shapesFor(c, {2, 3000});
+        std::vector<DynamicPluginTensorDesc> inBig;
+        for (size_t i = 0; i < types.size(); ++i)
+            inBig.push_back(dynDesc(dyn.in[i], mn.in[i], big.in[i], types[i]));
+        DynamicPluginTensorDesc outBig = dynDesc(dyn.out, mn.out, big.out, DataType::kHALF);
+        gLogger.clear();
+        rc = b->configurePlugin(inBig.data(), c.nbInputs(), &outBig, 1);
+        size_t const wsBig = b->getWorkspaceSize(inBig.data(), c.nbInputs(), &outBig, 1);
+        size_t const wantBig = adafuse_lora_linear_workspace_size(2048, c.in, c.out, c.experts, c.rank, c.topK);
+        expect(rc == 0 && wsBig == wantBig,
+            cat(name, " profile of 6000 rows: configurePlugin ok and getWorkspaceSize = one 2048-row chunk = ", wantBig,
+                " (got ", wsBig, ", rc ", rc, ")"));
+    }
+
     // Decode-only profile (max rows 1).
     Shapes one = shapesFor(c, {1, 1});
     std::vector<DynamicPluginTensorDesc> in1;
@@ -814,8 +852,14 @@ void checkConfigureAndWorkspace(std::string const& name, IPluginV3OneBuild* b, C
         {"A float32 with x float16", [&](auto& v) { v[2].desc.type = DataType::kFLOAT; }, {"input 2 (A)", "dtype of x"}},
         {"expert_ids rank 2", [&](auto& v) { v[4].desc.dims.nbDims = 2; v[4].max.nbDims = 2; },
             {"input 4 (expert_ids)", "dimensions"}},
-        {"profile max x rows differ from gates",
-            [&](auto& v) { v[5].max.d[0] = 3; }, {"input 5 (gates)", "leading dimension"}},
+        {"static leading dim of gates differs from x",
+            [&](auto& v) { v[0].desc.dims.d[0] = 2; v[5].desc.dims.d[0] = 3; }, {"input 5 (gates)", "leading dimension"}},
+        {"A with 300 experts (kernel limit 256)",
+            [&](auto& v) { v[2].desc.dims.d[0] = 300; v[2].max.d[0] = 300; v[2].min.d[0] = 300; },
+            {"input 2 (A) dimension 0 (num_experts) = 300", "kernel limit 256", "ADAFUSE_LORA_MAX_EXPERTS"}},
+        {"expert_ids last dim 9 (kernel limit 8)",
+            [&](auto& v) { v[4].desc.dims.d[2] = 9; v[4].max.d[2] = 9; v[4].min.d[2] = 9; },
+            {"input 4 (expert_ids) dimension 2 (top_k) = 9", "kernel limit 8", "ADAFUSE_MAX_TOP_K"}},
     };
     for (auto const& bad : bads)
     {

@@ -25,6 +25,10 @@ extern "C" {
 #define ADAFUSE_LORA_MAX_RANK 4096          // rank of adafuse_lora_linear
 #define ADAFUSE_SWITCH_MAX_SITES (1 << 20)  // num_sites of adafuse_switch (also bounded by shared
                                             // memory: 4 bytes per site + the tile buffers)
+// Rows of one adafuse_lora_linear call: every (top_k, num_experts) within the limits above
+// accepts up to this many (the grouped path needs ceil(rows*top_k/32) + num_experts <= 65535
+// grid rows). Larger inputs are processed in row chunks by the caller (rows are independent).
+#define ADAFUSE_LORA_MAX_ROWS (1 << 17)
 // adafuse_switch has no limit on rank or num_experts; a site with a non-positive size or
 // out/in above max_out_features/max_in_features is skipped (left untouched).
 

@@ -30,6 +30,11 @@ constexpr int kSlotTile = 32;     // slots per grouped tile
 constexpr int kMaxExperts = ADAFUSE_LORA_MAX_EXPERTS;  // grouped path bucket limit
 constexpr int kMaxRank = ADAFUSE_LORA_MAX_RANK;
 constexpr int kMaxTopK = ADAFUSE_MAX_TOP_K;
+// ADAFUSE_LORA_MAX_ROWS must fit the grouped path's grid at the largest top_k and expert count.
+static_assert((static_cast<long long>(ADAFUSE_LORA_MAX_ROWS) * kMaxTopK + kSlotTile - 1) / kSlotTile + kMaxExperts
+                  <= 65535,
+              "ADAFUSE_LORA_MAX_ROWS exceeds the grouped kernels' grid limit");
+static_assert((ADAFUSE_LORA_MAX_ROWS + 63) / 64 <= 65535, "ADAFUSE_LORA_MAX_ROWS exceeds the dense GEMM's grid");
 
 // ---------------------------------------------------------------------------
 // Few-rows path
