@@ -39,6 +39,7 @@ int32_t AdafuseLoraLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* input
         {
             return 0;
         }
+        checkExpertIds(rows, inputs, stream);
         enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, stream);
         return 0;
     });

@@ -102,9 +102,18 @@ __global__ void denseLinearKernel(int rows, int inFeatures, int outFeatures, T c
     }
 }
 
-__global__ void writeSiteKernel(adafuse_switch_site* dst, adafuse_switch_site value)
+__global__ void updateSiteKernel(adafuse_switch_site* dst, adafuse_switch_site value, int32_t* oldIds, int32_t topK)
 {
-    *dst = value;
+    adafuse_switch_site const cur = *dst;
+    bool const same = cur.W == value.W && cur.W_base == value.W_base && cur.A == value.A && cur.B == value.B
+        && cur.out_features == value.out_features && cur.in_features == value.in_features && cur.rank == value.rank
+        && cur.num_experts == value.num_experts && __float_as_int(cur.scale) == __float_as_int(value.scale);
+    if (!same)
+    {
+        *dst = value;
+        for (int32_t j = 0; j < topK; ++j)
+            oldIds[j] = -1;
+    }
 }
 
 template <typename T>
@@ -137,9 +146,10 @@ cudaError_t launchDenseLinear(adafuse_dtype dtype, int rows, int inFeatures, int
     return cudaErrorInvalidValue;
 }
 
-cudaError_t launchWriteSite(adafuse_switch_site* dst, adafuse_switch_site value, cudaStream_t stream)
+cudaError_t launchUpdateSite(
+    adafuse_switch_site* dst, adafuse_switch_site value, int32_t* oldIds, int32_t topK, cudaStream_t stream)
 {
-    writeSiteKernel<<<1, 1, 0, stream>>>(dst, value);
+    updateSiteKernel<<<1, 1, 0, stream>>>(dst, value, oldIds, topK);
     return cudaGetLastError();
 }
 

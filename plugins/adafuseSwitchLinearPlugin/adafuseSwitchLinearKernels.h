@@ -16,9 +16,11 @@ namespace plugin
 cudaError_t launchDenseLinear(adafuse_dtype dtype, int rows, int inFeatures, int outFeatures, void const* x,
     void const* W, void const* bias, void* y, cudaStream_t stream);
 
-//! Writes one site record into device memory from a kernel argument (graph-capturable,
-//! no host buffer has to outlive the call).
-cudaError_t launchWriteSite(adafuse_switch_site* dst, adafuse_switch_site value, cudaStream_t stream);
+//! On the device: when *dst differs from `value` (new weight addresses), writes it and marks
+//! the merged route stale (oldIds[0..topK) = -1). Graph-capturable; the value travels as a
+//! kernel argument, so no host buffer has to outlive the call.
+cudaError_t launchUpdateSite(
+    adafuse_switch_site* dst, adafuse_switch_site value, int32_t* oldIds, int32_t topK, cudaStream_t stream);
 
 } // namespace plugin
 } // namespace adafuse

@@ -24,6 +24,29 @@ bool sameSite(adafuse_switch_site const& a, adafuse_switch_site const& b)
         && a.in_features == b.in_features && a.rank == b.rank && a.num_experts == b.num_experts
         && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0;
 }
+
+//! Makes `device` current for its scope (allocations go to the current device).
+class DeviceGuard
+{
+public:
+    explicit DeviceGuard(int device)
+    {
+        cudaCheck(cudaGetDevice(&mPrevious), "cudaGetDevice");
+        if (device != mPrevious)
+            cudaCheck(cudaSetDevice(device), "cudaSetDevice");
+    }
+    ~DeviceGuard()
+    {
+        int current = -1;
+        if (cudaGetDevice(&current) == cudaSuccess && current != mPrevious)
+            cudaSetDevice(mPrevious);
+    }
+    DeviceGuard(DeviceGuard const&) = delete;
+    DeviceGuard& operator=(DeviceGuard const&) = delete;
+
+private:
+    int mPrevious{0};
+};
 } // namespace
 
 AdafuseSwitchLinearPlugin::AdafuseSwitchLinearPlugin(LinearConfig const& config)
@@ -39,37 +62,62 @@ AdafuseSwitchLinearPlugin::~AdafuseSwitchLinearPlugin()
 void AdafuseSwitchLinearPlugin::releaseDeviceState() noexcept
 {
     // Errors while freeing are ignored: nothing useful can be done in a destructor.
-    if (mMerged != nullptr)
-        cudaFree(mMerged);
-    if (mSiteDev != nullptr)
-        cudaFree(mSiteDev);
-    if (mOldIds != nullptr)
-        cudaFree(mOldIds);
-    if (mOldGates != nullptr)
-        cudaFree(mOldGates);
+    for (void* p : {static_cast<void*>(mMerged), static_cast<void*>(mSiteDev), static_cast<void*>(mOldIds),
+             static_cast<void*>(mOldGates)})
+    {
+        if (p != nullptr)
+            cudaFree(p);
+    }
     mMerged = nullptr;
     mSiteDev = nullptr;
     mOldIds = nullptr;
     mOldGates = nullptr;
-    mRouteResetEnqueued = false;
-    mSiteValid = false;
+    mDevice = -1;
+    mSiteKnown = false;
 }
 
-void AdafuseSwitchLinearPlugin::ensureDeviceState(nvinfer1::DataType type)
+void AdafuseSwitchLinearPlugin::attached()
+{
+    LinearPluginBase::attached();
+    allocateRouteState();
+}
+
+void AdafuseSwitchLinearPlugin::allocateRouteState()
+{
+    if (mSiteDev != nullptr)
+        return;
+    int32_t const k = mConfig.fields().topK;
+    cudaCheck(cudaGetDevice(&mDevice), "cudaGetDevice");
+    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mSiteDev), sizeof(adafuse_switch_site)), "cudaMalloc(site)");
+    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mOldIds), sizeof(int32_t) * k), "cudaMalloc(route ids)");
+    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mOldGates), sizeof(float) * k), "cudaMalloc(route gates)");
+    // A zeroed site matches no real weights; old_ids = -1 means "nothing merged".
+    cudaCheck(cudaMemset(mSiteDev, 0, sizeof(adafuse_switch_site)), "cudaMemset(site)");
+    cudaCheck(cudaMemset(mOldIds, 0xFF, sizeof(int32_t) * k), "cudaMemset(route ids)");
+    cudaCheck(cudaMemset(mOldGates, 0, sizeof(float) * k), "cudaMemset(route gates)");
+    cudaCheck(cudaStreamSynchronize(cudaStreamLegacy), "initialising the route state");
+}
+
+void AdafuseSwitchLinearPlugin::ensureMerged(nvinfer1::DataType type, int device, bool capturing, cudaStream_t stream)
 {
     if (mMerged != nullptr && mMergedType == type)
-    {
         return;
-    }
-    releaseDeviceState();
     LinearFields const& f = mConfig.fields();
     size_t const bytes = static_cast<size_t>(f.outFeatures) * f.inFeatures * dataTypeSize(type, kName);
+    check(!capturing, kName, "enqueue with one row is being captured into a CUDA graph, but the merged weight (",
+        bytes, " bytes of ", dataTypeName(type), " on device ", device,
+        ") is not allocated yet and cannot be inside a capture: run one enqueue (enqueueV3) with this shape outside "
+        "capture first, as TensorRT asks after every shape change before capturing a graph");
+    if (mMerged != nullptr)
+    {
+        cudaCheck(cudaFree(mMerged), "cudaFree(merged W)");
+        mMerged = nullptr;
+    }
+    DeviceGuard onStreamDevice(device);
     cudaCheck(cudaMalloc(&mMerged, bytes), "cudaMalloc(merged W)");
-    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mSiteDev), sizeof(adafuse_switch_site)), "cudaMalloc(site)");
-    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mOldIds), sizeof(int32_t) * f.topK), "cudaMalloc(route ids)");
-    cudaCheck(cudaMalloc(reinterpret_cast<void**>(&mOldGates), sizeof(float) * f.topK), "cudaMalloc(route gates)");
     mMergedType = type;
-    // The route reset and the site record are written on the enqueue stream (see enqueue).
+    // Nothing is merged into the new buffer: the next switch must write all of it.
+    cudaCheck(cudaMemsetAsync(mOldIds, 0xFF, sizeof(int32_t) * f.topK, stream), "resetting the route");
 }
 
 nvinfer1::IPluginV3* AdafuseSwitchLinearPlugin::clone() noexcept
@@ -93,15 +141,6 @@ size_t AdafuseSwitchLinearPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensor
     });
 }
 
-void AdafuseSwitchLinearPlugin::shapeChanged(nvinfer1::PluginTensorDesc const* in, int32_t /*nbInputs*/)
-{
-    // Allocate here (outside enqueue, so that a captured CUDA graph holds no allocation).
-    if (mConfig.rows(in[kINPUT_X].dims) == 1)
-    {
-        ensureDeviceState(in[kINPUT_X].type);
-    }
-}
-
 int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
     nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs, void* const* outputs, void* workspace,
     cudaStream_t stream) noexcept
@@ -117,6 +156,7 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         {
             return 0;
         }
+        checkExpertIds(rows, inputs, stream);
         if (rows > 1)
         {
             // Prefill: rows may carry different routes, so no merge; the merged state is untouched.
@@ -124,7 +164,20 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
             return 0;
         }
 
-        ensureDeviceState(type); // normally done by onShapeChange already
+        int const device = streamDevice(stream, kName);
+        bool const capturing = streamIsCapturing(stream, kName);
+        if (mSiteDev == nullptr)
+        {
+            // A build-time instance (TensorRT's timing runs): no attachToContext came first.
+            check(!capturing, kName, "enqueue is being captured into a CUDA graph before the plugin was attached to "
+                                     "an execution context (no route state; none can be allocated inside a capture)");
+            DeviceGuard onStreamDevice(device);
+            allocateRouteState();
+        }
+        check(device == mDevice, kName, "enqueue on a stream of device ", device, ", but this instance's state is on "
+            "device ", mDevice, " (one execution context runs on one device)");
+        ensureMerged(type, device, capturing, stream);
+
         adafuse_switch_site site{};
         site.W = mMerged;
         site.W_base = inputs[kINPUT_W]; // read only: W_merged is re-derived from it
@@ -136,20 +189,15 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         site.num_experts = f.numExperts;
         site.scale = f.scale;
         site.reserved = 0;
-        if (!mSiteValid || !sameSite(site, mSiteHost))
+        // A captured graph always carries the site update (compared on the device), so it is
+        // right whatever ran between capture and replay; outside capture it is skipped while
+        // the site is unchanged.
+        if (capturing || !mSiteKnown || !sameSite(site, mSiteHost))
         {
-            cudaCheck(launchWriteSite(mSiteDev, site, stream), "writing the switch site");
-            mSiteHost = site;
-            mSiteValid = true;
-            mRouteResetEnqueued = false; // new weights: whatever was merged is stale
+            cudaCheck(launchUpdateSite(mSiteDev, site, mOldIds, f.topK, stream), "updating the switch site");
         }
-        if (!mRouteResetEnqueued)
-        {
-            // old_ids = -1: "nothing merged", so the next switch always writes W_merged.
-            cudaCheck(cudaMemsetAsync(mOldIds, 0xFF, sizeof(int32_t) * f.topK, stream), "resetting the route");
-            cudaCheck(cudaMemsetAsync(mOldGates, 0, sizeof(float) * f.topK, stream), "resetting the route");
-            mRouteResetEnqueued = true;
-        }
+        mSiteKnown = !capturing;
+        mSiteHost = site;
         int const status = adafuse_switch(dtype, mSiteDev, 1, f.outFeatures, f.inFeatures,
             static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]), static_cast<float const*>(inputs[kINPUT_GATES]),
             mOldIds, mOldGates, f.topK, /*update_old=*/1, stream);

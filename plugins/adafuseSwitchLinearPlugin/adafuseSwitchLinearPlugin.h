@@ -11,6 +11,19 @@
 // nothing is written when it is unchanged), then a plain GEMV y = W_merged x (+ bias).
 // enqueue with more rows (prefill; rows may have different routes): the unmerged
 // routed path adafuse_lora_linear on the input W; W_merged is left as it was.
+//
+// Device state and CUDA-graph capture (TensorRT may call onShapeChange lazily inside
+// enqueueV3, under stream capture, where cudaMalloc would invalidate the capture):
+//   - attachToContext allocates the route state and the site record on the context's device;
+//   - W_merged needs the dtype, which only a tensor description carries: the first one-row
+//     enqueue outside capture allocates it (TensorRT's CUDA-graph guide asks for one
+//     enqueueV3 outside capture after a shape change anyway); one under capture without it
+//     fails with a message saying so, leaving the capture intact (no CUDA call was made);
+//   - enqueue works on the stream's device (cudaStreamGetDevice) and refuses a stream of
+//     another device than its state;
+//   - the site record is rewritten on the device when the weight addresses change (a kernel
+//     compares it, and resets the merged route when it differs), so a captured graph stays
+//     correct whatever ran between its capture and its replay.
 // Fields, tensor rules and the creator's parsing are shared with AdafuseLoraLinear
 // (../common/adafuseLinearPluginBase.h). See README.md.
 #ifndef ADAFUSE_SWITCH_LINEAR_PLUGIN_H
@@ -40,22 +53,24 @@ public:
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
 
 protected:
-    //! One-row shapes allocate the device state here (outside enqueue).
-    void shapeChanged(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs) override;
+    void attached() override;
 
 private:
-    void ensureDeviceState(nvinfer1::DataType type);
+    //! Route state and site record on the current device (outside capture).
+    void allocateRouteState();
+    //! W_merged for `type` on `device`, allocated outside capture only (throws under capture).
+    void ensureMerged(nvinfer1::DataType type, int device, bool capturing, cudaStream_t stream);
     void releaseDeviceState() noexcept;
 
     // Device state, owned by this instance only (never shared by clones).
-    void* mMerged{nullptr};                    // [out, in] of mMergedType
-    nvinfer1::DataType mMergedType{nvinfer1::DataType::kFLOAT};
-    adafuse_switch_site* mSiteDev{nullptr};    // one site record
+    int mDevice{-1};                           // device of the state below, -1 = none yet
+    adafuse_switch_site* mSiteDev{nullptr};    // one site record (zeroed = "no weights yet")
     int32_t* mOldIds{nullptr};                 // [top_k], -1 = nothing merged
     float* mOldGates{nullptr};                 // [top_k]
-    // Host-side bookkeeping of what was enqueued into the device state.
-    bool mRouteResetEnqueued{false};
-    bool mSiteValid{false};
+    void* mMerged{nullptr};                    // [out, in] of mMergedType
+    nvinfer1::DataType mMergedType{nvinfer1::DataType::kFLOAT};
+    // The site last written outside capture (skips the rewrite kernel while it is unchanged).
+    bool mSiteKnown{false};
     adafuse_switch_site mSiteHost{};
 };
 

@@ -86,16 +86,50 @@ int32_t LinearPluginBase::getNbOutputs() const noexcept
 int32_t LinearPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
+    // Checks only: TensorRT may call this lazily inside enqueueV3, under stream capture,
+    // where nothing may be allocated (device state comes from attachToContext).
     return guarded<int32_t>(name(), "onShapeChange", -1, [&]() {
         mConfig.checkTensors(in, nbInputs, out, nbOutputs);
-        shapeChanged(in, nbInputs);
         return 0;
     });
 }
 
 nvinfer1::IPluginV3* LinearPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
 {
-    return clone();
+    return guarded<nvinfer1::IPluginV3*>(name(), "attachToContext", nullptr, [&]() -> nvinfer1::IPluginV3* {
+        nvinfer1::IPluginV3* const copy = clone();
+        check(copy != nullptr, name(), "clone failed");
+        auto* plugin = static_cast<LinearPluginBase*>(copy); // clone() always makes this class's type
+        try
+        {
+            plugin->attached();
+        }
+        catch (...)
+        {
+            delete copy;
+            throw;
+        }
+        return copy;
+    });
+}
+
+void LinearPluginBase::attached()
+{
+    mAttached = true;
+    if (ExpertIdCheck::enabled())
+    {
+        mIdCheck.allocate(name());
+    }
+}
+
+void LinearPluginBase::checkExpertIds(int32_t rows, void const* const* inputs, cudaStream_t stream)
+{
+    if (mAttached && ExpertIdCheck::enabled())
+    {
+        LinearFields const& f = mConfig.fields();
+        mIdCheck.run(name(), static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]), rows, f.topK, f.numExperts,
+            stream);
+    }
 }
 
 nvinfer1::PluginFieldCollection const* LinearPluginBase::getFieldsToSerialize() noexcept

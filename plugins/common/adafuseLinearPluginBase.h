@@ -11,6 +11,7 @@
 #ifndef ADAFUSE_LINEAR_PLUGIN_BASE_H
 #define ADAFUSE_LINEAR_PLUGIN_BASE_H
 
+#include "adafuseExpertIdCheck.h"
 #include "adafuseLinearConfig.h"
 
 namespace adafuse
@@ -60,15 +61,21 @@ public:
     //! Checks the tensors against the fields, then calls shapeChanged().
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs) noexcept override;
-    //! A clone per execution context (a plugin's per-instance state is never shared).
+    //! A clone per execution context (a plugin's per-instance state is never shared), whose
+    //! device state is allocated here, before its first enqueue (see attached()).
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 protected:
     LinearPluginBase(PluginIdentity const& identity, LinearConfig const& config);
 
-    //! Called by onShapeChange after the tensors passed the checks (inside its error guard).
-    virtual void shapeChanged(nvinfer1::PluginTensorDesc const* /*in*/, int32_t /*nbInputs*/) {}
+    //! Called on the clone that attachToContext returns (inside its error guard, outside any
+    //! enqueue, so outside stream capture): allocates per-context device state. Overrides
+    //! call the base first.
+    virtual void attached();
+    //! The debug-mode expert_ids check (adafuseExpertIdCheck.h) of runtime instances; a no-op
+    //! unless enabled, and for build-time instances (whose timing inputs are uninitialised).
+    void checkExpertIds(int32_t rows, void const* const* inputs, cudaStream_t stream);
 
     //! clone() of a plugin constructible from its LinearConfig: new Plugin(config), fields only.
     template <typename Plugin>
@@ -88,6 +95,10 @@ protected:
 
     PluginIdentity const mIdentity;
     LinearConfig mConfig;
+
+private:
+    bool mAttached{false};
+    ExpertIdCheck mIdCheck;
 };
 
 class LinearPluginCreator : public nvinfer1::IPluginCreatorV3One

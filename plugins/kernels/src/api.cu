@@ -6,7 +6,6 @@
 namespace adafuse {
 
 namespace {
-constexpr int kMaxDevices = 64;
 struct CachedInfo {
   std::atomic<int> ready{0};
   DeviceInfo info;
@@ -14,25 +13,34 @@ struct CachedInfo {
 CachedInfo g_info[kMaxDevices];
 }  // namespace
 
-int device_info(DeviceInfo* out) {
+namespace {
+int query(int dev, DeviceInfo* d) {
+  AF_CUDA_TRY(cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, dev));
+  AF_CUDA_TRY(cudaDeviceGetAttribute(&d->cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  AF_CUDA_TRY(cudaDeviceGetAttribute(&d->max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  AF_CUDA_TRY(cudaDeviceGetAttribute(&d->smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  AF_CUDA_TRY(cudaDeviceGetAttribute(&d->reserved_smem_per_block, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  d->device = dev;
+  return ADAFUSE_OK;
+}
+}  // namespace
+
+int stream_device(cudaStream_t stream, int* dev) {
+  // The device the work goes to is the stream's (CUDA >= 12.8), not whichever is current.
+  AF_CUDA_TRY(cudaStreamGetDevice(stream, dev));
+  return ADAFUSE_OK;
+}
+
+int device_info(cudaStream_t stream, DeviceInfo* out) {
   int dev = 0;
-  AF_CUDA_TRY(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= kMaxDevices) {
-    DeviceInfo d;
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev));
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.max_smem_optin,
-                                       cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    *out = d;
-    return ADAFUSE_OK;
-  }
+  int st = stream_device(stream, &dev);
+  if (st != ADAFUSE_OK) return st;
+  if (dev < 0 || dev >= kMaxDevices) return query(dev, out);
   CachedInfo& c = g_info[dev];
   if (!c.ready.load(std::memory_order_acquire)) {
     DeviceInfo d;
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, dev));
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&d.max_smem_optin,
-                                       cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    st = query(dev, &d);
+    if (st != ADAFUSE_OK) return st;
     c.info = d;  // benign race: every writer stores the same values
     c.ready.store(1, std::memory_order_release);
   }

@@ -44,14 +44,19 @@ inline bool valid_dtype(int dt) {
   return dt == ADAFUSE_FLOAT32 || dt == ADAFUSE_FLOAT16 || dt == ADAFUSE_BFLOAT16;
 }
 
-// Per-device properties, looked up once per device (thread-safe enough: the
-// values are idempotent and int-sized).
+// Properties of the stream's device, looked up once per device (thread-safe
+// enough: the values are idempotent and int-sized).
+constexpr int kMaxDevices = 64;
 struct DeviceInfo {
+  int device;
   int sm_count;
   int cc_major;
   int max_smem_optin;
+  int smem_per_sm;
+  int reserved_smem_per_block;
 };
-int device_info(DeviceInfo* out);  // returns adafuse_status
+int stream_device(cudaStream_t stream, int* dev);           // returns adafuse_status
+int device_info(cudaStream_t stream, DeviceInfo* out);      // returns adafuse_status
 
 // ---- device-side helpers ----------------------------------------------------
 

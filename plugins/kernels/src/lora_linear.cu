@@ -774,7 +774,7 @@ int run_lora_linear(int rows, int in, int out, const T* x, const T* W, const T* 
   const long long slots = static_cast<long long>(rows) * top_k;
   if (rows <= kGemvMaxRows) {
     DeviceInfo di;
-    int st = device_info(&di);
+    int st = device_info(stream, &di);
     if (st != ADAFUSE_OK) return st;
     const bool pdl = pdl_enabled() && di.cc_major >= 9;
     const bool vec_a = (in % V == 0) && aligned16(x) && aligned16(A);

@@ -18,6 +18,8 @@
 // The no-op check (route unchanged) is done by every block on the device.
 #include "common.cuh"
 
+#include <mutex>
+
 #include <type_traits>
 
 namespace adafuse {
@@ -773,24 +775,31 @@ __global__ void update_old_kernel(const int32_t* new_ids, const float* new_gates
   }
 }
 
+// What launch_switch needs from the CUDA runtime (function attributes, occupancy),
+// computed once per (device, dtype, num_sites) and cached: an enqueue must not query
+// them each call. The dynamic shared memory opt-ins are set in the same step.
+struct SwitchPlan {
+  int num_sites = -1;  // -1: not computed yet
+  size_t smem = 0;     // v2 kernel: dynamic shared memory
+  int grid = 0;        // v2 kernel: blocks (occupancy x SMs)
+  int smem_a = 0, blocks_a = 0;  // v3 at 2 blocks/SM (16-bit dtypes only)
+  int smem_b = 0, blocks_b = 0;  // v3 at 1 block/SM
+};
+
 template <typename T>
-int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
-                  const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
-                  float* old_gates, int top_k, cudaStream_t stream) {
-  DeviceInfo di;
-  int st = device_info(&di);
-  if (st != ADAFUSE_OK) return st;
-  const size_t smem = align_up(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 16) + tile_smem_bytes<T>();
+int make_switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* plan) {
+  SwitchPlan p;
+  p.num_sites = num_sites;
+  p.smem = align_up(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 16) + tile_smem_bytes<T>();
   const size_t static_smem = 1024;  // term table and scan scratch, generous
-  if (smem + static_smem > static_cast<size_t>(di.max_smem_optin)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (p.smem + static_smem > static_cast<size_t>(di.max_smem_optin)) return ADAFUSE_ERR_INVALID_ARGUMENT;
   auto kern = switch_kernel<T>;
-  if (smem > 48 * 1024)
-    AF_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (p.smem > 48 * 1024)
+    AF_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)));
   int per_sm = 0;
-  AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, smem));
+  AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, p.smem));
   if (per_sm < 1) return ADAFUSE_ERR_CUDA;
-  const int grid = per_sm * di.sm_count;
-  int v3_smem = 0;
+  p.grid = per_sm * di.sm_count;
   if constexpr (!std::is_same<T, float>::value) {
     // v3 in two shared-memory configurations: 2 blocks/SM (half the SM's shared
     // memory each), then 1 block/SM (all of it); the kernels decide on the device
@@ -799,40 +808,82 @@ int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, 
     auto k3 = switch_v3_kernel<T>;
     cudaFuncAttributes fa;
     AF_CUDA_TRY(cudaFuncGetAttributes(&fa, k3));
-    int per_sm_smem = 0, reserved = 0;
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&per_sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 0));
-    AF_CUDA_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, 0));
     const int stat = static_cast<int>(fa.sharedSizeBytes);
-    const int smem_a = (per_sm_smem / 2 - reserved - stat) & ~127;
-    const int smem_b = (min(di.max_smem_optin, per_sm_smem - reserved) - stat) & ~127;
-    AF_CUDA_TRY(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
+    p.smem_a = (di.smem_per_sm / 2 - di.reserved_smem_per_block - stat) & ~127;
+    p.smem_b = (min(di.max_smem_optin, di.smem_per_sm - di.reserved_smem_per_block) - stat) & ~127;
+    AF_CUDA_TRY(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
     int pa = 0, pb = 0;
-    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pa, k3, kThreads, smem_a));
-    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pb, k3, kThreads, smem_b));
-    // ADAFUSE_SWITCH_IMPL (benchmarking / A-B only): "v2" = the v2 kernel alone,
-    // "v3a" = v3 at 2 blocks/SM then v2; unset or anything else = v3a, v3b, v2.
-    int mode = 0;
-    if (const char* impl = getenv("ADAFUSE_SWITCH_IMPL")) {
-      if (strcmp(impl, "v2") == 0) mode = 2;
-      else if (strcmp(impl, "v3a") == 0) mode = 1;
+    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pa, k3, kThreads, p.smem_a));
+    AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pb, k3, kThreads, p.smem_b));
+    p.blocks_a = pa * di.sm_count;
+    p.blocks_b = pb * di.sm_count;
+  }
+  *plan = p;
+  return ADAFUSE_OK;
+}
+
+// One cached plan per (device, dtype); recomputed when num_sites changes (a caller
+// normally keeps one site table, so in practice once).
+template <typename T>
+int switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* out) {
+  static std::mutex mu;
+  static SwitchPlan plans[kMaxDevices];
+  if (di.device < 0 || di.device >= kMaxDevices) return make_switch_plan<T>(di, num_sites, out);
+  std::lock_guard<std::mutex> lock(mu);
+  SwitchPlan& p = plans[di.device];
+  if (p.num_sites != num_sites) {
+    const int st = make_switch_plan<T>(di, num_sites, &p);
+    if (st != ADAFUSE_OK) {
+      p.num_sites = -1;
+      return st;
     }
+  }
+  *out = p;
+  return ADAFUSE_OK;
+}
+
+// ADAFUSE_SWITCH_IMPL (benchmarking / A-B only; read each call so that one process can
+// compare): "v2" = the v2 kernel alone, "v3a" = v3 at 2 blocks/SM then v2; unset or
+// anything else = v3a, v3b, v2.
+int switch_impl_mode() {
+  const char* impl = getenv("ADAFUSE_SWITCH_IMPL");
+  if (impl && strcmp(impl, "v2") == 0) return 2;
+  if (impl && strcmp(impl, "v3a") == 0) return 1;
+  return 0;
+}
+
+template <typename T>
+int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
+                  const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
+                  float* old_gates, int top_k, cudaStream_t stream) {
+  DeviceInfo di;
+  int st = device_info(stream, &di);
+  if (st != ADAFUSE_OK) return st;
+  SwitchPlan plan;
+  st = switch_plan<T>(di, num_sites, &plan);
+  if (st != ADAFUSE_OK) return st;
+  int v3_smem = 0;
+  if constexpr (!std::is_same<T, float>::value) {
+    auto k3 = switch_v3_kernel<T>;
+    const int mode = switch_impl_mode();
+    const int smem_a = plan.smem_a, smem_b = plan.smem_b;
     int prev = 0;
-    if (mode < 2 && pa >= 1 && smem_a > 0) {
-      k3<<<pa * di.sm_count, kThreads, smem_a, stream>>>(sites, num_sites, max_out, max_in, new_ids,
-                                                          new_gates, old_ids, old_gates, top_k, smem_a, 0);
+    if (mode < 2 && plan.blocks_a >= 1 && smem_a > 0) {
+      k3<<<plan.blocks_a, kThreads, smem_a, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                       new_gates, old_ids, old_gates, top_k, smem_a, 0);
       AF_LAUNCH_CHECK();
       prev = smem_a;
     }
-    if (mode == 0 && pb >= 1 && smem_b > smem_a) {
-      k3<<<pb * di.sm_count, kThreads, smem_b, stream>>>(sites, num_sites, max_out, max_in, new_ids,
-                                                          new_gates, old_ids, old_gates, top_k, smem_b, prev);
+    if (mode == 0 && plan.blocks_b >= 1 && smem_b > smem_a) {
+      k3<<<plan.blocks_b, kThreads, smem_b, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                       new_gates, old_ids, old_gates, top_k, smem_b, prev);
       AF_LAUNCH_CHECK();
       prev = smem_b;
     }
     v3_smem = prev;
   }
-  kern<<<grid, kThreads, smem, stream>>>(sites, num_sites, max_out, max_in, new_ids, new_gates,
-                                         old_ids, old_gates, top_k, v3_smem);
+  switch_kernel<T><<<plan.grid, kThreads, plan.smem, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                              new_gates, old_ids, old_gates, top_k, v3_smem);
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
 }
