@@ -9,14 +9,25 @@
 //     symbols, operations), supportsFormatCombination, configurePlugin,
 //     getWorkspaceSize, and rejection of bad field values / shapes / dtypes with
 //     a logged message naming the plugin and the field or tensor.
-//   --gpu: additionally attachToContext + onShapeChange + enqueue on device
-//     buffers with random inputs, compared with a float64 reference
-//     y = W x + b + scale * sum_k g_k B_k A_k x computed here from the same
-//     (dtype-rounded) values; AdafuseSwitchLinear also runs a route sequence
-//     (change, repeat, prefill in between) and must leave its W input untouched.
+//   --gpu: additionally replays TensorRT's documented IPluginV3 lifecycle with the real
+//     kernels, for both plugins, float32 / float16 / bfloat16 and three configurations
+//     (replayLifecycle; README.md lists the steps and the TensorRT documentation of each):
+//     build phase (createPlugin(kBUILD), clone per layer, supportsFormatCombination
+//     position by position, configurePlugin once per optimization profile with bounds,
+//     getWorkspaceSize, onShapeChange + timing enqueues on uninitialised activations),
+//     serialisation (getFieldsToSerialize) and deserialisation (createPlugin(kRUNTIME)),
+//     attachToContext for two execution contexts run concurrently on two streams, and a
+//     third context whose first enqueues (with the lazy onShapeChange) run under stream
+//     capture. Outputs are NaN-poisoned before every enqueue and compared with a float64
+//     reference y = W x + b + scale * sum_k g_k B_k A_k x computed here from the same
+//     (dtype-rounded) values; every CUDA call's status is checked; W, A, B must stay unchanged.
+//     Also: an out-of-range expert id contributes nothing (the release contract).
+//   --gpu --check-expert-ids: sets ADAFUSE_CHECK_EXPERT_IDS=1 before loading the library and
+//     checks that an attached plugin's enqueue refuses an out-of-range expert id, naming it,
+//     also when it went through a captured graph.
 // Exit status: 0 when every check passed, 1 otherwise, 2 on usage/load errors.
 //
-// Usage: adafuse_plugin_harness [--gpu] [--lib PATH] [--verbose]
+// Usage: adafuse_plugin_harness [--gpu [--check-expert-ids]] [--lib PATH] [--verbose]
 
 #include "NvInferRuntime.h"
 #include "adafuse_kernels.h"
@@ -28,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -497,6 +509,8 @@ char const* typeName(DataType t)
 // CPU checks
 // ============================================================================
 std::vector<std::string> const kPluginNames = {"AdafuseLoraLinear", "AdafuseSwitchLinear"};
+constexpr int32_t kINPUT_EXPERT_IDS_POS = 4; // tensor positions of the plugin contract
+constexpr int32_t kINPUT_GATES_POS = 5;
 
 std::vector<Cfg> cpuConfigs()
 {
@@ -1185,6 +1199,8 @@ std::vector<double> reference(Problem const& p, std::vector<float> const& x, Rou
         {
             int32_t e = r.ids[size_t(n) * c.topK + j];
             double g = r.gates[size_t(n) * c.topK + j];
+            if (e < 0 || e >= c.experts)
+                continue; // the release-build contract: an out-of-range expert contributes nothing
             for (int q = 0; q < c.rank; ++q)
             {
                 double acc = 0;
@@ -1213,166 +1229,722 @@ double tolerance(DataType t)
     return t == DataType::kFLOAT ? 2e-3 : (t == DataType::kHALF ? 1e-2 : 4e-2);
 }
 
-//! One enqueue of `plugin` (already attached) on `rows` rows; returns max rel error (or -1 on failure).
-double runOnce(IPluginV3* plugin, Problem const& p, DeviceBuffer const& Wdev, DeviceBuffer const& Adev,
-    DeviceBuffer const& Bdev, DeviceBuffer const& biasDev, DeviceBuffer& workspace, int rows, Route const& route,
-    std::mt19937& rng, cudaStream_t stream, std::string const& label)
-{
-    Cfg const& c = p.c;
-    std::uniform_real_distribution<float> u(-1.F, 1.F);
-    std::vector<float> x(size_t(rows) * c.in);
-    for (auto& e : x)
-        e = u(rng);
-    std::vector<uint8_t> xd = toDevice(x, p.t);
-    std::vector<uint8_t> idsBytes(route.ids.size() * 4), gatesBytes(route.gates.size() * 4);
-    std::memcpy(idsBytes.data(), route.ids.data(), idsBytes.size());
-    std::memcpy(gatesBytes.data(), route.gates.data(), gatesBytes.size());
-    DeviceBuffer xDev(xd), idsDev(idsBytes), gatesDev(gatesBytes);
-    size_t const es = p.t == DataType::kFLOAT ? 4 : 2;
-    DeviceBuffer yDev(size_t(rows) * c.out * es);
+// ============================================================================
+// GPU: TensorRT's IPluginV3 lifecycle, replayed
+// ============================================================================
+// The order and the arguments follow the TensorRT Developer Guide, "Extending TensorRT with
+// Custom Layers" -> "Plugin API Description" -> "IPluginV3 API Description"
+// (https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/plugins-api-migration.html),
+// and the API reference of IPluginV3OneBuild / IPluginV3OneRuntime; each step names its source.
+// Every step runs the real kernels; every CUDA call's status is checked (cudaOk); outputs are
+// NaN-poisoned before each enqueue and compared with a float64 reference afterwards.
 
-    Shapes s = shapesFor(c, {rows});
-    std::vector<DataType> types = typesFor(c, p.t);
+struct HostRun
+{
+    std::vector<float> x; // dtype-rounded
+    Route route;
+    int rows{0};
+};
+
+//! One plugin layer of the replayed network: its weights on the device and its I/O buffers.
+struct Layer
+{
+    Problem p;
+    std::unique_ptr<DeviceBuffer> W, A, B, bias;
+};
+
+Layer makeLayer(Cfg const& c, DataType t, std::mt19937& rng)
+{
+    Layer l{makeProblem(c, t, rng), nullptr, nullptr, nullptr, nullptr};
+    l.W = std::make_unique<DeviceBuffer>(l.p.Wd);
+    l.A = std::make_unique<DeviceBuffer>(l.p.Ad);
+    l.B = std::make_unique<DeviceBuffer>(l.p.Bd);
+    l.bias = std::make_unique<DeviceBuffer>(l.p.biasd);
+    return l;
+}
+
+//! Activation buffers of one execution context for one layer, sized for `maxRows`.
+struct Activations
+{
+    Activations(Cfg const& c, DataType t, int maxRows)
+        : es(t == DataType::kFLOAT ? 4 : 2)
+        , x(size_t(maxRows) * c.in * es)
+        , ids(size_t(maxRows) * c.topK * 4)
+        , gates(size_t(maxRows) * c.topK * 4)
+        , y(size_t(maxRows) * c.out * es)
+    {
+    }
+    size_t es;
+    DeviceBuffer x, ids, gates, y;
+};
+
+std::vector<PluginTensorDesc> runtimeDescs(Cfg const& c, DataType t, std::vector<int64_t> const& lead, PluginTensorDesc& out)
+{
+    Shapes s = shapesFor(c, lead);
+    std::vector<DataType> types = typesFor(c, t);
     std::vector<PluginTensorDesc> in;
     for (size_t i = 0; i < types.size(); ++i)
         in.push_back(desc(s.in[i], types[i]));
-    PluginTensorDesc out = desc(s.out, p.t);
-    IPluginV3OneRuntime* r = runtime(plugin);
-    gLogger.clear();
-    if (r->onShapeChange(in.data(), c.nbInputs(), &out, 1) != 0)
-    {
-        expect(false, cat(label, " onShapeChange: ", gLogger.lastError()));
-        return -1;
-    }
-    std::vector<void const*> inPtrs = {xDev.ptr, Wdev.ptr, Adev.ptr, Bdev.ptr, idsDev.ptr, gatesDev.ptr};
-    if (c.hasBias)
-        inPtrs.push_back(biasDev.ptr);
-    void* outPtrs[1] = {yDev.ptr};
-    if (r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream) != 0)
-    {
-        expect(false, cat(label, " enqueue: ", gLogger.lastError()));
-        return -1;
-    }
-    if (!cudaOk(cudaStreamSynchronize(stream), "cudaStreamSynchronize after enqueue"))
-        return -1;
-    std::vector<double> y = fromDevice(yDev.read(), p.t);
-    std::vector<double> ref = reference(p, x, route, rows);
+    out = desc(s.out, t);
+    return in;
+}
+
+int64_t product(std::vector<int64_t> const& lead)
+{
+    int64_t n = 1;
+    for (int64_t d : lead)
+        n *= d;
+    return n;
+}
+
+//! Random x and a route for `rows` rows, uploaded on `stream` (host copies kept in `run`),
+//! and y poisoned with NaN (0xFF bytes are NaN in float32, float16 and bfloat16).
+bool stage(Layer const& l, Activations& a, HostRun& run, int rows, Route const& route, std::mt19937& rng,
+    cudaStream_t stream, std::vector<std::vector<uint8_t>>& keepAlive)
+{
+    Cfg const& c = l.p.c;
+    std::uniform_real_distribution<float> u(-1.F, 1.F);
+    run.rows = rows;
+    run.route = route;
+    run.x.assign(size_t(rows) * c.in, 0.F);
+    for (auto& e : run.x)
+        e = u(rng);
+    keepAlive.push_back(toDevice(run.x, l.p.t));
+    std::vector<uint8_t> const& xd = keepAlive.back();
+    bool ok = cudaOk(cudaMemcpyAsync(a.x.ptr, xd.data(), xd.size(), cudaMemcpyHostToDevice, stream), "upload x");
+    ok = ok
+        && cudaOk(cudaMemcpyAsync(a.ids.ptr, route.ids.data(), route.ids.size() * 4, cudaMemcpyHostToDevice, stream),
+            "upload expert_ids");
+    ok = ok
+        && cudaOk(cudaMemcpyAsync(a.gates.ptr, route.gates.data(), route.gates.size() * 4, cudaMemcpyHostToDevice,
+                      stream),
+            "upload gates");
+    return ok && cudaOk(cudaMemsetAsync(a.y.ptr, 0xFF, size_t(rows) * c.out * a.es, stream), "NaN-poison y");
+}
+
+//! max|y - ref| / max|ref| over the first run.rows rows of y (infinity if any y is not finite).
+double relError(Layer const& l, Activations const& a, HostRun const& run)
+{
+    std::vector<uint8_t> bytes = a.y.read();
+    bytes.resize(size_t(run.rows) * l.p.c.out * a.es);
+    std::vector<double> y = fromDevice(bytes, l.p.t);
+    std::vector<double> ref = reference(l.p, run.x, run.route, run.rows);
     double maxRef = 1e-12, maxErr = 0;
     for (size_t i = 0; i < y.size(); ++i)
     {
         maxRef = std::max(maxRef, std::fabs(ref[i]));
-        maxErr = std::max(maxErr, std::fabs(y[i] - ref[i]));
-        if (!std::isfinite(y[i]))
-            maxErr = std::numeric_limits<double>::infinity();
+        maxErr = std::isfinite(y[i]) ? std::max(maxErr, std::fabs(y[i] - ref[i]))
+                                     : std::numeric_limits<double>::infinity();
     }
     return maxErr / maxRef;
 }
 
-//! Captures one single-row enqueue in a CUDA graph, then replays it with new x /
-//! routes written into the captured buffers (as a decode loop with CUDA graphs does).
-void graphCheck(std::string const& name, Cfg const& c, DataType t, std::mt19937& rng, cudaStream_t stream)
+int32_t enqueueLayer(IPluginV3* plugin, Layer const& l, Activations& a, std::vector<PluginTensorDesc> const& in,
+    PluginTensorDesc const& out, DeviceBuffer& workspace, cudaStream_t stream)
 {
-    std::string const label = cat(name, " ", typeName(t), " [", c.str(), "] CUDA graph replay");
-    Problem p = makeProblem(c, t, rng);
-    DeviceBuffer Wdev(p.Wd), Adev(p.Ad), Bdev(p.Bd), biasDev(p.biasd);
-    Fields f(c);
-    PluginPtr built = create(name, f.fc(), TensorRTPhase::kRUNTIME);
-    if (!built)
-    {
-        expect(false, cat(label, ": createPlugin: ", gLogger.lastError()));
-        return;
-    }
-    HarnessResourceContext ctx;
-    PluginPtr plugin(runtime(built.get())->attachToContext(&ctx));
-    IPluginV3OneRuntime* r = runtime(plugin.get());
-    size_t const es = t == DataType::kFLOAT ? 4 : 2;
-    DeviceBuffer xDev(size_t(c.in) * es), idsDev(size_t(c.topK) * 4), gatesDev(size_t(c.topK) * 4),
-        yDev(size_t(c.out) * es);
-    Shapes s = shapesFor(c, {1});
-    std::vector<DataType> types = typesFor(c, t);
-    std::vector<PluginTensorDesc> in;
-    std::vector<DynamicPluginTensorDesc> din;
-    for (size_t i = 0; i < types.size(); ++i)
-    {
-        in.push_back(desc(s.in[i], types[i]));
-        din.push_back(dynDesc(s.in[i], s.in[i], s.in[i], types[i]));
-    }
-    PluginTensorDesc out = desc(s.out, t);
-    DynamicPluginTensorDesc dout = dynDesc(s.out, s.out, s.out, t);
-    DeviceBuffer workspace(build(built.get())->getWorkspaceSize(din.data(), c.nbInputs(), &dout, 1));
-    std::vector<void const*> inPtrs = {xDev.ptr, Wdev.ptr, Adev.ptr, Bdev.ptr, idsDev.ptr, gatesDev.ptr};
-    if (c.hasBias)
-        inPtrs.push_back(biasDev.ptr);
-    void* outPtrs[1] = {yDev.ptr};
-
-    std::uniform_real_distribution<float> u(-1.F, 1.F);
-    auto upload = [&](Route const& route, std::vector<float>& x) {
-        x.assign(size_t(c.in), 0.F);
-        for (auto& e : x)
-            e = u(rng);
-        std::vector<uint8_t> xd = toDevice(x, t);
-        cudaOk(cudaMemcpy(xDev.ptr, xd.data(), xd.size(), cudaMemcpyHostToDevice), "upload x");
-        cudaOk(cudaMemcpy(idsDev.ptr, route.ids.data(), route.ids.size() * 4, cudaMemcpyHostToDevice), "upload ids");
-        cudaOk(cudaMemcpy(gatesDev.ptr, route.gates.data(), route.gates.size() * 4, cudaMemcpyHostToDevice),
-            "upload gates");
-    };
-    auto check = [&](std::vector<float> const& x, Route const& route, std::string const& what) {
-        std::vector<double> y = fromDevice(yDev.read(), t);
-        std::vector<double> ref = reference(p, x, route, 1);
-        double maxRef = 1e-12, maxErr = 0;
-        for (size_t i = 0; i < y.size(); ++i)
-        {
-            maxRef = std::max(maxRef, std::fabs(ref[i]));
-            maxErr = std::isfinite(y[i]) ? std::max(maxErr, std::fabs(y[i] - ref[i]))
-                                         : std::numeric_limits<double>::infinity();
-        }
-        double const err = maxErr / maxRef;
-        expect(err <= tolerance(t), cat(label, " ", what, " max rel err ", err, " (tol ", tolerance(t), ")"));
-    };
-
-    // Warm-up outside the capture (allocations, site record, route reset), as TensorRT users do.
-    Route r0 = makeRoute(c, 1, rng);
-    std::vector<float> x;
-    upload(r0, x);
-    if (r->onShapeChange(in.data(), c.nbInputs(), &out, 1) != 0
-        || r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream) != 0)
-    {
-        expect(false, cat(label, ": warm-up: ", gLogger.lastError()));
-        return;
-    }
-    cudaOk(cudaStreamSynchronize(stream), "warm-up sync");
-    check(x, r0, "warm-up");
-
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    if (!cudaOk(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture"))
-        return;
-    int32_t const rc = r->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream);
-    bool const captured = cudaOk(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-    expect(rc == 0 && captured, cat(label, ": enqueue is capturable ", rc == 0 ? "" : gLogger.lastError()));
-    if (rc != 0 || !captured || !cudaOk(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate"))
-    {
-        if (graph)
-            cudaGraphDestroy(graph);
-        return;
-    }
-    Route r1 = makeRoute(c, 1, rng);
-    Route r2 = makeRoute(c, 1, rng);
-    std::vector<std::pair<std::string, Route>> seq = {
-        {"replay r1", r1}, {"replay r1 again", r1}, {"replay r2", r2}, {"replay r0", r0}};
-    for (auto const& st : seq)
-    {
-        upload(st.second, x);
-        cudaOk(cudaGraphLaunch(exec, stream), "cudaGraphLaunch");
-        cudaOk(cudaStreamSynchronize(stream), "graph sync");
-        check(x, st.second, st.first);
-    }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    expect(Wdev.read() == p.Wd, cat(label, " left W unchanged"));
+    std::vector<void const*> inPtrs = {a.x.ptr, l.W->ptr, l.A->ptr, l.B->ptr, a.ids.ptr, a.gates.ptr};
+    if (l.p.c.hasBias)
+        inPtrs.push_back(l.bias->ptr);
+    void* outPtrs[1] = {a.y.ptr};
+    return runtime(plugin)->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream);
 }
 
-void gpuChecks()
+//! Worst relative error per "plugin dtype" and the error recorder of one replay.
+struct Scoreboard
+{
+    std::map<std::string, double> worst;
+    void record(std::string const& key, std::string const& label, double err, DataType t)
+    {
+        worst[key] = std::max(worst.count(key) ? worst[key] : 0.0, err);
+        expect(err <= tolerance(t), cat(label, " max rel err ", err, " (tol ", tolerance(t), ")"));
+    }
+};
+
+//! A copy of a field collection as an engine file holds it (names and bytes), read back
+//! by the runtime phase.
+struct SerializedFields
+{
+    std::vector<std::string> names;
+    std::vector<std::vector<uint8_t>> data;
+    std::vector<PluginFieldType> types;
+    std::vector<int32_t> lengths;
+    std::vector<PluginField> fields;
+    PluginFieldCollection fc{};
+
+    static size_t elementSize(PluginFieldType t)
+    {
+        switch (t)
+        {
+        case PluginFieldType::kINT64:
+        case PluginFieldType::kFLOAT64: return 8;
+        case PluginFieldType::kINT16:
+        case PluginFieldType::kFLOAT16:
+        case PluginFieldType::kBF16: return 2;
+        case PluginFieldType::kINT8:
+        case PluginFieldType::kCHAR: return 1;
+        default: return 4;
+        }
+    }
+    bool copy(PluginFieldCollection const* src)
+    {
+        if (src == nullptr)
+            return false;
+        for (int32_t i = 0; i < src->nbFields; ++i)
+        {
+            PluginField const& f = src->fields[i];
+            if (f.name == nullptr || f.data == nullptr || f.length < 0)
+                return false;
+            names.emplace_back(f.name);
+            auto const* b = static_cast<uint8_t const*>(f.data);
+            data.emplace_back(b, b + elementSize(f.type) * static_cast<size_t>(f.length));
+            types.push_back(f.type);
+            lengths.push_back(f.length);
+        }
+        for (size_t i = 0; i < names.size(); ++i)
+            fields.emplace_back(names[i].c_str(), data[i].data(), types[i], lengths[i]);
+        fc.nbFields = static_cast<int32_t>(fields.size());
+        fc.fields = fields.data();
+        return true;
+    }
+};
+
+constexpr int kLayers = 2;
+
+struct ReplayCase
+{
+    Cfg c;
+    std::vector<int64_t> bigPrefill; // leading dims of the long-prefill step (> 2048 rows: chunked)
+};
+
+//! The whole lifecycle for one plugin, dtype and configuration.
+void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, std::mt19937& rng, Scoreboard& board)
+{
+    Cfg const& c = rc.c;
+    std::string const key = cat(name, " ", typeName(t));
+    std::string const tag = cat(key, " [", c.str(), "]");
+    std::printf("[lifecycle %s]\n", tag.c_str());
+    int64_t const bigRows = product(rc.bigPrefill);
+    int const maxRows = static_cast<int>(std::max<int64_t>(bigRows, 8));
+    std::vector<Layer> layers;
+    for (int i = 0; i < kLayers; ++i)
+        layers.push_back(makeLayer(c, t, rng));
+
+    // ---- Build phase --------------------------------------------------------------------
+    // createPlugin(kBUILD): what the ONNX parser does with the node's attributes.
+    Fields f(c);
+    gLogger.clear();
+    PluginPtr proto = create(name, f.fc(), TensorRTPhase::kBUILD);
+    expect(proto != nullptr, cat(tag, " build: createPlugin(kBUILD) ", proto ? "" : gLogger.lastError()));
+    if (!proto)
+        return;
+    // IPluginV3::clone: the builder keeps its own copy of the plugin for every layer that
+    // uses it ("IPluginV3 API Description": clone may be called at any time of the build).
+    std::vector<PluginPtr> built;
+    for (int i = 0; i < kLayers; ++i)
+    {
+        built.emplace_back(proto->clone());
+        expect(built.back() != nullptr && built.back().get() != proto.get(), cat(tag, " build: clone for layer ", i));
+        if (!built.back())
+            return;
+    }
+    // getNbOutputs, getOutputDataTypes, getOutputShapes: how the builder connects the layer.
+    for (int i = 0; i < kLayers; ++i)
+    {
+        IPluginV3OneBuild* b = build(built[static_cast<size_t>(i)].get());
+        std::vector<DataType> ti = typesFor(c, t);
+        DataType to[1] = {DataType::kINT8};
+        expect(b->getNbOutputs() == 1 && b->getOutputDataTypes(to, 1, ti.data(), c.nbInputs()) == 0 && to[0] == t,
+            cat(tag, " build: layer ", i, " getNbOutputs = 1, getOutputDataTypes = ", typeName(t)));
+    }
+    // supportsFormatCombination, position by position (IPluginV3OneBuild::supportsFormatCombination:
+    // inOut[0..pos-1] are already decided, later positions are not meaningful yet). The harness
+    // offers every candidate at `pos` with garbage at later positions, as the builder's search
+    // may, and keeps the candidate the network wants; the plugin must accept exactly that one
+    // (x: any of the float types).
+    {
+        std::vector<DataType> want = typesFor(c, t);
+        want.push_back(t);
+        Shapes s = shapesFor(c, {-1, -1});
+        std::vector<DynamicPluginTensorDesc> io;
+        for (int32_t i = 0; i < c.nbInputs(); ++i)
+            io.push_back(dynDesc(s.in[static_cast<size_t>(i)], s.in[static_cast<size_t>(i)], s.in[static_cast<size_t>(i)],
+                DataType::kINT8));
+        io.push_back(dynDesc(s.out, s.out, s.out, DataType::kINT8));
+        std::string bad;
+        IPluginV3OneBuild* b = build(built[0].get());
+        for (int32_t pos = 0; pos <= c.nbInputs(); ++pos)
+        {
+            for (int32_t later = pos + 1; later <= c.nbInputs(); ++later)
+            {
+                io[static_cast<size_t>(later)].desc.type = DataType::kINT8; // undecided
+                io[static_cast<size_t>(later)].desc.format = TensorFormat::kCHW32;
+            }
+            for (DataType cand : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32, DataType::kINT8})
+            {
+                for (TensorFormat fmt : {TensorFormat::kCHW32, TensorFormat::kLINEAR})
+                {
+                    io[static_cast<size_t>(pos)].desc.type = cand;
+                    io[static_cast<size_t>(pos)].desc.format = fmt;
+                    bool const got = b->supportsFormatCombination(pos, io.data(), c.nbInputs(), 1);
+                    bool const wanted = fmt == TensorFormat::kLINEAR
+                        && (pos == 0 ? (cand == DataType::kFLOAT || cand == DataType::kHALF || cand == DataType::kBF16)
+                                     : cand == want[static_cast<size_t>(pos)]);
+                    if (got != wanted && bad.empty())
+                        bad = cat("pos ", pos, " ", typeName(cand), fmt == TensorFormat::kLINEAR ? " linear" : " chw32",
+                            " answered ", got);
+                }
+            }
+            io[static_cast<size_t>(pos)].desc.type = want[static_cast<size_t>(pos)];
+            io[static_cast<size_t>(pos)].desc.format = TensorFormat::kLINEAR;
+        }
+        expect(bad.empty(), cat(tag, " build: supportsFormatCombination position by position ", bad));
+    }
+    // configurePlugin once per optimization profile, with desc.dims -1 where dynamic and min/max
+    // as bounds (IPluginV3OneBuild::configurePlugin; DynamicPluginTensorDesc). Profile 0 is
+    // decode (batch up to 4, one token), profile 1 prefill up to the long-prefill shape. The
+    // expert_ids / gates bounds are looser than x's, as a Reshape in front of them gives.
+    struct Profile
+    {
+        std::vector<int64_t> mn, opt, mx;
+    };
+    std::vector<Profile> profiles = {{{1, 1}, {1, 1}, {4, 1}}, {{1, 1}, rc.bigPrefill, rc.bigPrefill}};
+    size_t workspaceBytes = 0;
+    std::vector<DataType> types = typesFor(c, t);
+    for (size_t pi = 0; pi < profiles.size(); ++pi)
+    {
+        Profile const& pr = profiles[pi];
+        Shapes dyn = shapesFor(c, {-1, -1}), mn = shapesFor(c, pr.mn), mx = shapesFor(c, pr.mx),
+               loose = shapesFor(c, {pr.mx[0] * 2, pr.mx[1] * 2});
+        std::vector<DynamicPluginTensorDesc> in;
+        for (size_t i = 0; i < types.size(); ++i)
+        {
+            bool const route = i == size_t(kINPUT_EXPERT_IDS_POS) || i == size_t(kINPUT_GATES_POS);
+            in.push_back(dynDesc(dyn.in[i], mn.in[i], route ? loose.in[i] : mx.in[i], types[i]));
+        }
+        DynamicPluginTensorDesc out = dynDesc(dyn.out, mn.out, mx.out, t);
+        for (int i = 0; i < kLayers; ++i)
+        {
+            IPluginV3OneBuild* b = build(built[static_cast<size_t>(i)].get());
+            gLogger.clear();
+            int32_t const r = b->configurePlugin(in.data(), c.nbInputs(), &out, 1);
+            expect(r == 0, cat(tag, " build: layer ", i, " configurePlugin(profile ", pi, ", bounds) ",
+                               r == 0 ? "" : gLogger.lastError()));
+            // getWorkspaceSize per profile; the engine's workspace covers the largest.
+            workspaceBytes = std::max(workspaceBytes, b->getWorkspaceSize(in.data(), c.nbInputs(), &out, 1));
+        }
+    }
+    size_t const chunkWs = adafuse_lora_linear_workspace_size(
+        static_cast<int>(std::min<int64_t>(bigRows, 2048)), c.in, c.out, c.experts, c.rank, c.topK);
+    expect(workspaceBytes == chunkWs,
+        cat(tag, " build: workspace = one chunk of min(", bigRows, ", 2048) rows = ", chunkWs, " (got ", workspaceBytes, ")"));
+    DeviceBuffer workspace(workspaceBytes);
+
+    // Timing: onShapeChange with the profile's opt shape, then enqueues on uninitialised
+    // activations (IPluginV3OneRuntime::onShapeChange "both during creation of an engine by
+    // IBuilder and execution of an engine by IExecutionContext"). The builder has the weights;
+    // x / expert_ids / gates hold whatever the memory held: random bytes here, so NaN/Inf
+    // activations and expert ids far out of range. Nothing may fault or write the weights.
+    {
+        cudaStream_t ts = nullptr;
+        if (!cudaOk(cudaStreamCreateWithFlags(&ts, cudaStreamNonBlocking), "timing stream"))
+            return;
+        for (Profile const& pr : profiles)
+        {
+            int64_t const rows = product(pr.opt);
+            Activations a(c, t, static_cast<int>(rows));
+            std::vector<uint8_t> junk(std::max({a.x.bytes, a.ids.bytes, a.gates.bytes}));
+            for (auto& byte : junk)
+                byte = static_cast<uint8_t>(rng());
+            for (DeviceBuffer* d : {&a.x, &a.ids, &a.gates})
+                cudaOk(cudaMemcpy(d->ptr, junk.data(), d->bytes, cudaMemcpyHostToDevice), "garbage activations");
+            PluginTensorDesc out{};
+            std::vector<PluginTensorDesc> in = runtimeDescs(c, t, pr.opt, out);
+            for (int i = 0; i < kLayers; ++i)
+            {
+                IPluginV3* pl = built[static_cast<size_t>(i)].get();
+                gLogger.clear();
+                int32_t r = runtime(pl)->onShapeChange(in.data(), c.nbInputs(), &out, 1);
+                for (int rep = 0; rep < 3 && r == 0; ++rep)
+                    r = enqueueLayer(pl, layers[static_cast<size_t>(i)], a, in, out, workspace, ts);
+                bool const synced = cudaOk(cudaStreamSynchronize(ts), "timing enqueues");
+                expect(r == 0 && synced, cat(tag, " build: layer ", i, " timing enqueues on garbage, rows ", rows, " ",
+                                             r == 0 ? "" : gLogger.lastError()));
+            }
+        }
+        cudaOk(cudaStreamDestroy(ts), "cudaStreamDestroy");
+    }
+
+    // Serialisation: the engine stores getFieldsToSerialize of every layer; the build-time
+    // objects are then destroyed.
+    std::vector<std::unique_ptr<SerializedFields>> engine;
+    for (int i = 0; i < kLayers; ++i)
+    {
+        engine.push_back(std::make_unique<SerializedFields>());
+        bool const ok = engine.back()->copy(runtime(built[static_cast<size_t>(i)].get())->getFieldsToSerialize());
+        expect(ok, cat(tag, " build: getFieldsToSerialize of layer ", i, " copied"));
+        if (!ok)
+            return;
+    }
+    built.clear();
+    proto.reset();
+
+    // ---- Runtime phase --------------------------------------------------------------------
+    // Deserialisation: createPlugin(kRUNTIME) from the stored fields, one object per layer
+    // (owned by the engine).
+    std::vector<PluginPtr> engineLayers;
+    for (int i = 0; i < kLayers; ++i)
+    {
+        gLogger.clear();
+        engineLayers.emplace_back(create(name, &engine[static_cast<size_t>(i)]->fc, TensorRTPhase::kRUNTIME));
+        Cfg back{};
+        std::string why;
+        bool const ok = engineLayers.back() != nullptr
+            && readFields(runtime(engineLayers.back().get())->getFieldsToSerialize(), back, why) && sameCfg(back, c);
+        expect(ok, cat(tag, " runtime: createPlugin(kRUNTIME) of layer ", i, " from the engine's fields ", why,
+                           ok ? "" : gLogger.lastError()));
+        if (!ok)
+            return;
+    }
+    // attachToContext per execution context (IPluginV3OneRuntime::attachToContext: "clone the
+    // plugin, attach the cloned plugin object to a execution context"): two contexts here.
+    HarnessResourceContext resources;
+    auto attach = [&](std::vector<PluginPtr>& ctx, char const* ctxName) {
+        for (int i = 0; i < kLayers; ++i)
+        {
+            gLogger.clear();
+            ctx.emplace_back(runtime(engineLayers[static_cast<size_t>(i)].get())->attachToContext(&resources));
+            expect(ctx.back() != nullptr, cat(tag, " runtime: attachToContext(", ctxName, ") layer ", i, " ",
+                                              ctx.back() ? "" : gLogger.lastError()));
+        }
+        return ctx.size() == size_t(kLayers) && ctx[0] && ctx[1];
+    };
+    std::vector<PluginPtr> ctxA, ctxB;
+    if (!attach(ctxA, "context A") || !attach(ctxB, "context B"))
+        return;
+
+    // Two contexts of one engine, concurrently on two streams: each step is enqueued on both
+    // before either is synchronised. onShapeChange is called when the shape differs from the
+    // previous step's, as enqueueV3 does lazily.
+    cudaStream_t sA = nullptr, sB = nullptr;
+    if (!cudaOk(cudaStreamCreateWithFlags(&sA, cudaStreamNonBlocking), "stream A")
+        || !cudaOk(cudaStreamCreateWithFlags(&sB, cudaStreamNonBlocking), "stream B"))
+        return;
+    struct Ctx
+    {
+        std::vector<PluginPtr>* plugins;
+        cudaStream_t stream;
+        std::vector<std::unique_ptr<Activations>> act;
+        std::vector<int64_t> lastLead;
+        char const* name;
+        std::unique_ptr<DeviceBuffer> workspace; // each execution context has its own
+    };
+    std::vector<Ctx> ctxs(2);
+    ctxs[0].plugins = &ctxA;
+    ctxs[0].stream = sA;
+    ctxs[0].name = "A";
+    ctxs[1].plugins = &ctxB;
+    ctxs[1].stream = sB;
+    ctxs[1].name = "B";
+    for (Ctx& cx : ctxs)
+    {
+        cx.workspace = std::make_unique<DeviceBuffer>(workspaceBytes);
+        for (int i = 0; i < kLayers; ++i)
+            cx.act.push_back(std::make_unique<Activations>(c, t, maxRows));
+    }
+    Route r1 = makeRoute(c, 1, rng), r2 = makeRoute(c, 1, rng);
+    Route r1g = r1; // same experts, other gates
+    if (c.topK > 1)
+        std::swap(r1g.gates[0], r1g.gates[1]);
+    else
+        r1g.gates[0] *= 0.5F;
+    std::vector<std::vector<int64_t>> steps = {{1, 1}, {1, 1}, {1, 1}, {1, 5}, {1, 1}, {1, 1}, {4, 1}, rc.bigPrefill,
+        {1, 1}};
+    std::vector<Route const*> decodeRoutes = {&r1, &r1, &r2, nullptr, &r2, &r1g, nullptr, nullptr, &r1};
+    for (size_t st = 0; st < steps.size(); ++st)
+    {
+        std::vector<int64_t> const& lead = steps[st];
+        int const rows = static_cast<int>(product(lead));
+        std::vector<std::vector<uint8_t>> keep;
+        std::vector<std::vector<HostRun>> runs(2, std::vector<HostRun>(kLayers));
+        bool ok = true;
+        for (size_t k = 0; k < ctxs.size(); ++k)
+        {
+            Ctx& cx = ctxs[k];
+            PluginTensorDesc out{};
+            std::vector<PluginTensorDesc> in = runtimeDescs(c, t, lead, out);
+            bool const shapeChanged = cx.lastLead != lead;
+            for (int i = 0; i < kLayers && ok; ++i)
+            {
+                // Context B runs its own routes (same shapes): the contexts must not share state.
+                Route route = decodeRoutes[st] != nullptr && k == 0 ? *decodeRoutes[st] : makeRoute(c, rows, rng);
+                ok = stage(layers[static_cast<size_t>(i)], *cx.act[static_cast<size_t>(i)],
+                    runs[k][static_cast<size_t>(i)], rows, route, rng, cx.stream, keep);
+                IPluginV3* pl = (*cx.plugins)[static_cast<size_t>(i)].get();
+                gLogger.clear();
+                int32_t r = shapeChanged ? runtime(pl)->onShapeChange(in.data(), c.nbInputs(), &out, 1) : 0;
+                if (r == 0)
+                    r = enqueueLayer(pl, layers[static_cast<size_t>(i)], *cx.act[static_cast<size_t>(i)], in, out,
+                        *cx.workspace, cx.stream);
+                expect(r == 0, cat(tag, " runtime: context ", cx.name, " step ", st, " layer ", i, " rows ", rows,
+                                   " enqueue ", r == 0 ? "" : gLogger.lastError()));
+                ok = ok && r == 0;
+            }
+            cx.lastLead = lead;
+        }
+        ok = cudaOk(cudaStreamSynchronize(sA), "sync stream A") && cudaOk(cudaStreamSynchronize(sB), "sync stream B")
+            && ok;
+        if (!ok)
+            break;
+        for (size_t k = 0; k < ctxs.size(); ++k)
+            for (int i = 0; i < kLayers; ++i)
+                board.record(key,
+                    cat(tag, " runtime: context ", ctxs[k].name, " step ", st, " layer ", i, " rows ", rows),
+                    relError(layers[static_cast<size_t>(i)], *ctxs[k].act[static_cast<size_t>(i)],
+                        runs[k][static_cast<size_t>(i)]),
+                    t);
+    }
+    cudaOk(cudaStreamDestroy(sA), "cudaStreamDestroy");
+    cudaOk(cudaStreamDestroy(sB), "cudaStreamDestroy");
+
+    // A third context whose first enqueues happen under stream capture, with the lazy
+    // onShapeChange inside the capture, as enqueueV3 does when the shape changed. Global
+    // capture mode: any unsafe CUDA call (cudaMalloc, a synchronisation) would invalidate it.
+    std::vector<PluginPtr> ctxC;
+    if (!attach(ctxC, "context C"))
+        return;
+    cudaStream_t sC = nullptr;
+    if (!cudaOk(cudaStreamCreateWithFlags(&sC, cudaStreamNonBlocking), "stream C"))
+        return;
+    std::vector<std::unique_ptr<Activations>> actC;
+    DeviceBuffer workspaceC(workspaceBytes);
+    for (int i = 0; i < kLayers; ++i)
+        actC.push_back(std::make_unique<Activations>(c, t, maxRows));
+    // Captures both layers at `lead`; returns the enqueue status and the instantiated graph.
+    auto capture = [&](std::vector<int64_t> const& lead, bool changed, cudaGraphExec_t& exec) -> int32_t {
+        PluginTensorDesc out{};
+        std::vector<PluginTensorDesc> in = runtimeDescs(c, t, lead, out);
+        exec = nullptr;
+        cudaGraph_t graph = nullptr;
+        if (!cudaOk(cudaStreamBeginCapture(sC, cudaStreamCaptureModeGlobal), "cudaStreamBeginCapture"))
+            return -2;
+        int32_t r = 0;
+        gLogger.clear();
+        for (int i = 0; i < kLayers && r == 0; ++i)
+        {
+            IPluginV3* pl = ctxC[static_cast<size_t>(i)].get();
+            r = changed ? runtime(pl)->onShapeChange(in.data(), c.nbInputs(), &out, 1) : 0;
+            if (r == 0)
+                r = enqueueLayer(pl, layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], in, out, workspaceC, sC);
+        }
+        // The capture must end cleanly whether or not the enqueue refused: a refusal makes no
+        // CUDA call, so it cannot have invalidated the capture.
+        bool const ended = cudaOk(cudaStreamEndCapture(sC, &graph), "cudaStreamEndCapture");
+        if (ended && r == 0)
+            cudaOk(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+        if (graph != nullptr)
+            cudaOk(cudaGraphDestroy(graph), "cudaGraphDestroy");
+        return ended ? r : -2;
+    };
+    // Replays `exec` with fresh x / routes written into the captured buffers, checking numerics.
+    auto replay = [&](cudaGraphExec_t exec, int rows, std::vector<Route> const& routes, std::string const& what) {
+        for (size_t q = 0; q < routes.size(); ++q)
+        {
+            std::vector<std::vector<uint8_t>> keep;
+            std::vector<HostRun> runs(kLayers);
+            bool ok = true;
+            for (int i = 0; i < kLayers && ok; ++i)
+                ok = stage(layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], runs[static_cast<size_t>(i)],
+                    rows, routes[q], rng, sC, keep);
+            ok = ok && cudaOk(cudaGraphLaunch(exec, sC), "cudaGraphLaunch") && cudaOk(cudaStreamSynchronize(sC), "replay sync");
+            expect(ok, cat(tag, " ", what, " replay ", q, " ran"));
+            if (!ok)
+                return;
+            for (int i = 0; i < kLayers; ++i)
+                board.record(key, cat(tag, " ", what, " replay ", q, " layer ", i),
+                    relError(layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], runs[static_cast<size_t>(i)]),
+                    t);
+        }
+    };
+    {
+        // (a) first enqueue of the context: a 5-row prefill, captured.
+        cudaGraphExec_t exec = nullptr;
+        int32_t const r = capture({1, 5}, true, exec);
+        expect(r == 0 && exec != nullptr, cat(tag, " capture: first enqueue (5 rows, lazy onShapeChange) captured ",
+                                              r == 0 ? "" : gLogger.lastError()));
+        if (exec != nullptr)
+        {
+            replay(exec, 5, {makeRoute(c, 5, rng), makeRoute(c, 5, rng)}, "capture (5 rows)");
+            cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
+        }
+    }
+    Route d0 = makeRoute(c, 1, rng), d1 = makeRoute(c, 1, rng);
+    {
+        // (b) the first one-row enqueue, captured with its lazy onShapeChange. AdafuseLoraLinear
+        // needs nothing more; AdafuseSwitchLinear's merged weight cannot be allocated inside a
+        // capture, so it must refuse with a message that says what to do, and leave the capture
+        // valid.
+        cudaGraphExec_t exec = nullptr;
+        int32_t const r = capture({1, 1}, true, exec);
+        if (name == "AdafuseSwitchLinear")
+        {
+            expect(r == -1 && exec == nullptr
+                    && gLogger.hasError({name, "captured into a CUDA graph", "merged weight", "outside capture"}),
+                cat(tag, " capture: first one-row enqueue refused clearly, capture still valid (rc ", r, ") ",
+                    gLogger.lastError()));
+        }
+        else
+        {
+            expect(r == 0 && exec != nullptr, cat(tag, " capture: first one-row enqueue (lazy onShapeChange) captured ",
+                                                  r == 0 ? "" : gLogger.lastError()));
+            if (exec != nullptr)
+            {
+                replay(exec, 1, {d0, d0, d1}, "capture (1 row, first)");
+                cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
+            }
+        }
+    }
+    {
+        // (c) one enqueue outside capture at this shape (what TensorRT asks after a shape change
+        // before capturing), then (d) the capture of the decode step, replayed over route changes.
+        PluginTensorDesc out{};
+        std::vector<PluginTensorDesc> in = runtimeDescs(c, t, {1, 1}, out);
+        std::vector<std::vector<uint8_t>> keep;
+        std::vector<HostRun> runs(kLayers);
+        bool ok = true;
+        for (int i = 0; i < kLayers && ok; ++i)
+        {
+            ok = stage(layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], runs[static_cast<size_t>(i)], 1, d1,
+                rng, sC, keep);
+            // onShapeChange again: the refused enqueueV3 above may not have reached every layer.
+            gLogger.clear();
+            IPluginV3* pl = ctxC[static_cast<size_t>(i)].get();
+            int32_t r = runtime(pl)->onShapeChange(in.data(), c.nbInputs(), &out, 1);
+            if (r == 0)
+                r = enqueueLayer(pl, layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], in, out, workspaceC, sC);
+            expect(r == 0, cat(tag, " capture: one-row enqueue outside capture, layer ", i, " ",
+                               r == 0 ? "" : gLogger.lastError()));
+            ok = ok && r == 0;
+        }
+        if (ok && cudaOk(cudaStreamSynchronize(sC), "sync C"))
+            for (int i = 0; i < kLayers; ++i)
+                board.record(key, cat(tag, " capture: uncaptured one-row step layer ", i),
+                    relError(layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], runs[static_cast<size_t>(i)]),
+                    t);
+        cudaGraphExec_t exec = nullptr;
+        int32_t const r = capture({1, 1}, false, exec);
+        expect(r == 0 && exec != nullptr, cat(tag, " capture: one-row decode step captured ",
+                                              r == 0 ? "" : gLogger.lastError()));
+        if (exec != nullptr)
+        {
+            replay(exec, 1, {d0, d0, d1, r1, d0}, "capture (1 row)");
+            cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
+        }
+    }
+    cudaOk(cudaStreamDestroy(sC), "cudaStreamDestroy");
+
+    // The weights are inputs: read-only for every plugin object above.
+    for (int i = 0; i < kLayers; ++i)
+        expect(layers[static_cast<size_t>(i)].W->read() == layers[static_cast<size_t>(i)].p.Wd
+                && layers[static_cast<size_t>(i)].A->read() == layers[static_cast<size_t>(i)].p.Ad
+                && layers[static_cast<size_t>(i)].B->read() == layers[static_cast<size_t>(i)].p.Bd,
+            cat(tag, " layer ", i, " W, A, B unchanged after the whole lifecycle"));
+}
+
+//! Out-of-range expert ids: in a release build they contribute nothing (the reference drops
+//! them too); with ADAFUSE_CHECK_EXPERT_IDS=1 (--check-expert-ids) an attached plugin's
+//! enqueue fails naming the row, the slot and the value, also when the bad id went through a
+//! captured graph.
+void expertIdContract(std::string const& name, bool debugChecks, std::mt19937& rng)
+{
+    Cfg const c{256, 192, 4, 8, 2, 2.0F, 1};
+    DataType const t = DataType::kHALF;
+    std::string const tag = cat(name, " out-of-range expert id (", debugChecks ? "debug check on" : "release", ")");
+    std::printf("[%s]\n", tag.c_str());
+    Layer l = makeLayer(c, t, rng);
+    Fields f(c);
+    PluginPtr engineLayer = create(name, f.fc(), TensorRTPhase::kRUNTIME);
+    HarnessResourceContext resources;
+    PluginPtr pl(engineLayer ? runtime(engineLayer.get())->attachToContext(&resources) : nullptr);
+    expect(pl != nullptr, cat(tag, ": attached ", pl ? "" : gLogger.lastError()));
+    if (!pl)
+        return;
+    cudaStream_t s = nullptr;
+    if (!cudaOk(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream"))
+        return;
+    Activations a(c, t, 4);
+    DeviceBuffer workspace(adafuse_lora_linear_workspace_size(4, c.in, c.out, c.experts, c.rank, c.topK));
+    for (int rows : {4, 1})
+    {
+        Route bad = makeRoute(c, rows, rng);
+        int const flat = (rows - 1) * c.topK + 1; // last row, slot 1
+        bad.ids[static_cast<size_t>(flat)] = c.experts + 3;
+        std::vector<std::vector<uint8_t>> keep;
+        HostRun run;
+        PluginTensorDesc out{};
+        std::vector<PluginTensorDesc> in = runtimeDescs(c, t, {rows}, out);
+        bool ok = stage(l, a, run, rows, bad, rng, s, keep);
+        gLogger.clear();
+        int32_t r = runtime(pl.get())->onShapeChange(in.data(), c.nbInputs(), &out, 1);
+        if (r == 0)
+            r = enqueueLayer(pl.get(), l, a, in, out, workspace, s);
+        ok = cudaOk(cudaStreamSynchronize(s), "sync") && ok;
+        if (debugChecks)
+        {
+            expect(ok && r != 0
+                    && gLogger.hasError({name, "expert_ids", cat("holds ", c.experts + 3),
+                        cat("row ", rows - 1, ", slot 1"), "num_experts=4"}),
+                cat(tag, " rows ", rows, ": enqueue refused naming row, slot and value; last error: ", gLogger.lastError()));
+        }
+        else
+        {
+            expect(ok && r == 0, cat(tag, " rows ", rows, ": enqueue ran ", r == 0 ? "" : gLogger.lastError()));
+            if (ok && r == 0)
+            {
+                double const err = relError(l, a, run);
+                expect(err <= tolerance(t), cat(tag, " rows ", rows, ": the bad slot contributed nothing (max rel err ",
+                                                err, " against the reference without it)"));
+            }
+        }
+    }
+    if (debugChecks)
+    {
+        // Under capture the check only records; the next enqueue outside capture reports it.
+        PluginTensorDesc out{};
+        std::vector<PluginTensorDesc> in = runtimeDescs(c, t, {4}, out);
+        Route good = makeRoute(c, 4, rng);
+        std::vector<std::vector<uint8_t>> keep;
+        HostRun run;
+        bool ok = stage(l, a, run, 4, good, rng, s, keep) && cudaOk(cudaStreamSynchronize(s), "sync");
+        int32_t r = runtime(pl.get())->onShapeChange(in.data(), c.nbInputs(), &out, 1);
+        r = r == 0 ? enqueueLayer(pl.get(), l, a, in, out, workspace, s) : r; // shape settles outside capture
+        ok = ok && r == 0 && cudaOk(cudaStreamSynchronize(s), "sync");
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        ok = ok && cudaOk(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "begin capture");
+        int32_t const rc = ok ? enqueueLayer(pl.get(), l, a, in, out, workspace, s) : -1;
+        ok = ok && cudaOk(cudaStreamEndCapture(s, &graph), "end capture") && rc == 0
+            && cudaOk(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+        Route bad = good;
+        bad.ids[5] = -7; // row 2, slot 1
+        ok = ok
+            && cudaOk(cudaMemcpyAsync(a.ids.ptr, bad.ids.data(), bad.ids.size() * 4, cudaMemcpyHostToDevice, s), "ids")
+            && cudaOk(cudaGraphLaunch(exec, s), "launch") && cudaOk(cudaStreamSynchronize(s), "sync");
+        expect(ok, cat(tag, ": a captured graph with the check replays ", rc == 0 ? "" : gLogger.lastError()));
+        ok = ok && cudaOk(cudaMemcpyAsync(a.ids.ptr, good.ids.data(), good.ids.size() * 4, cudaMemcpyHostToDevice, s), "ids");
+        gLogger.clear();
+        r = ok ? enqueueLayer(pl.get(), l, a, in, out, workspace, s) : 0;
+        expect(ok && r != 0 && gLogger.hasError({name, "holds -7", "row 2, slot 1", "CUDA graph replay"}),
+            cat(tag, ": the next enqueue outside capture reports what the graph replay saw; last error: ",
+                gLogger.lastError()));
+        if (exec != nullptr)
+            cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
+        if (graph != nullptr)
+            cudaOk(cudaGraphDestroy(graph), "cudaGraphDestroy");
+    }
+    cudaOk(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
+void gpuChecks(bool debugChecks)
 {
     int count = 0;
     if (!cudaOk(cudaGetDeviceCount(&count), "cudaGetDeviceCount") || count == 0)
@@ -1381,85 +1953,38 @@ void gpuChecks()
         return;
     }
     cudaDeviceProp prop{};
-    cudaGetDeviceProperties(&prop, 0);
-    std::printf("[gpu] device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
-    cudaStream_t stream;
-    if (!cudaOk(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"))
-        return;
+    cudaOk(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+    int runtimeVersion = 0, driverVersion = 0;
+    cudaOk(cudaRuntimeGetVersion(&runtimeVersion), "cudaRuntimeGetVersion");
+    cudaOk(cudaDriverGetVersion(&driverVersion), "cudaDriverGetVersion");
+    std::printf("[gpu] device 0: %s (sm_%d%d), CUDA runtime %d, driver %d\n", prop.name, prop.major, prop.minor,
+        runtimeVersion, driverVersion);
     std::mt19937 rng(1234);
-    std::vector<Cfg> cfgs = {{256, 192, 4, 8, 2, 2.0F, 1}, {100, 70, 3, 4, 1, 0.5F, 0}, {1024, 512, 8, 16, 2, 2.0F, 1}};
-    std::map<std::string, double> worst; // "plugin dtype" -> max rel error
-    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    if (debugChecks)
     {
         for (auto const& name : kPluginNames)
-        {
-            std::string const key = cat(name, " ", typeName(t));
-            worst[key] = 0;
-            for (Cfg const& c : cfgs)
-            {
-                Problem p = makeProblem(c, t, rng);
-                DeviceBuffer Wdev(p.Wd), Adev(p.Ad), Bdev(p.Bd), biasDev(p.biasd);
-                Fields f(c);
-                PluginPtr built = create(name, f.fc(), TensorRTPhase::kRUNTIME);
-                if (!built)
-                {
-                    expect(false, cat(key, " createPlugin: ", gLogger.lastError()));
-                    continue;
-                }
-                HarnessResourceContext ctx;
-                PluginPtr plugin(runtime(built.get())->attachToContext(&ctx));
-                // Workspace as TensorRT would size it: getWorkspaceSize at the profile's max rows.
-                int const maxRows = 64;
-                Shapes mx = shapesFor(c, {maxRows});
-                std::vector<DataType> types = typesFor(c, t);
-                std::vector<DynamicPluginTensorDesc> din;
-                for (size_t i = 0; i < types.size(); ++i)
-                    din.push_back(dynDesc(mx.in[i], mx.in[i], mx.in[i], types[i]));
-                DynamicPluginTensorDesc dout = dynDesc(mx.out, mx.out, mx.out, t);
-                DeviceBuffer workspace(build(built.get())->getWorkspaceSize(din.data(), c.nbInputs(), &dout, 1));
-
-                std::vector<std::pair<int, Route>> steps;
-                Route r1 = makeRoute(c, 1, rng);
-                Route r2 = makeRoute(c, 1, rng);
-                Route r1g = r1; // same experts, other weights
-                if (c.topK > 1)
-                    std::swap(r1g.gates[0], r1g.gates[1]);
-                else
-                    r1g.gates[0] *= 0.5F;
-                steps = {{1, r1}, {1, r1}, {1, r2}, {5, makeRoute(c, 5, rng)}, {1, r2}, {1, r1g}, {1, r1},
-                    {maxRows, makeRoute(c, maxRows, rng)}, {1, r1}};
-                int stepNo = 0;
-                for (auto const& st : steps)
-                {
-                    std::string label = cat(key, " [", c.str(), "] step ", stepNo++, " rows=", st.first);
-                    double err = runOnce(plugin.get(), p, Wdev, Adev, Bdev, biasDev, workspace, st.first, st.second,
-                        rng, stream, label);
-                    if (err < 0)
-                    {
-                        worst[key] = std::numeric_limits<double>::infinity();
-                        continue;
-                    }
-                    worst[key] = std::max(worst[key], err);
-                    expect(err <= tolerance(t), cat(label, " max rel err ", err, " (tol ", tolerance(t), ")"));
-                }
-                // The plugin must treat its weight inputs as read-only.
-                expect(Wdev.read() == p.Wd && Adev.read() == p.Ad && Bdev.read() == p.Bd,
-                    cat(key, " [", c.str(), "] left W, A, B inputs unchanged"));
-            }
-        }
+            expertIdContract(name, true, rng);
+        return;
     }
+    // Configurations: aligned sizes with bias and a 3000-row prefill (two 2048-row chunks);
+    // odd, unaligned sizes without bias and a 2200-row prefill; wider experts and rank.
+    std::vector<ReplayCase> cases = {{{256, 192, 4, 8, 2, 2.0F, 1}, {2, 1500}},
+        {{100, 70, 3, 4, 1, 0.5F, 0}, {2, 1100}}, {{1024, 512, 8, 16, 2, 2.0F, 1}, {2, 40}}};
+    Scoreboard board;
     for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
         for (auto const& name : kPluginNames)
-            graphCheck(name, cfgs[0], t, rng, stream);
-    std::printf("[gpu] max rel error (max|y-ref|/max|ref|, float64 reference):\n");
-    for (auto const& kv : worst)
+            for (ReplayCase const& rc : cases)
+                replayLifecycle(name, rc, t, rng, board);
+    for (auto const& name : kPluginNames)
+        expertIdContract(name, false, rng);
+    std::printf("[gpu] max rel error (max|y-ref|/max|ref|, float64 reference), every lifecycle step:\n");
+    for (auto const& kv : board.worst)
     {
         std::string dtype = kv.first.substr(kv.first.find(' ') + 1);
         DataType t = dtype == "float32" ? DataType::kFLOAT : (dtype == "float16" ? DataType::kHALF : DataType::kBF16);
         std::printf("  %-32s %.3e  (tol %.0e)  %s\n", kv.first.c_str(), kv.second, tolerance(t),
             kv.second <= tolerance(t) ? "PASS" : "FAIL");
     }
-    cudaStreamDestroy(stream);
 }
 
 } // namespace
@@ -1467,21 +1992,34 @@ void gpuChecks()
 int main(int argc, char** argv)
 {
     bool gpu = false;
+    bool debugChecks = false;
     std::string lib = ADAFUSE_PLUGIN_LIBRARY_PATH;
     for (int i = 1; i < argc; ++i)
     {
         std::string a = argv[i];
         if (a == "--gpu")
             gpu = true;
+        else if (a == "--check-expert-ids")
+            debugChecks = true;
         else if (a == "--verbose" || a == "-v")
             gVerbose = true;
         else if (a == "--lib" && i + 1 < argc)
             lib = argv[++i];
         else
         {
-            std::fprintf(stderr, "usage: %s [--gpu] [--lib PATH] [--verbose]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--gpu [--check-expert-ids]] [--lib PATH] [--verbose]\n", argv[0]);
             return 2;
         }
+    }
+    if (debugChecks && !gpu)
+    {
+        std::fprintf(stderr, "usage: --check-expert-ids needs --gpu\n");
+        return 2;
+    }
+    if (debugChecks)
+    {
+        // Read once by the library (ExpertIdCheck::enabled), so set before it is loaded.
+        setenv("ADAFUSE_CHECK_EXPERT_IDS", "1", 1);
     }
     std::printf("adafuse plugin harness: %s (mode: %s)\n", lib.c_str(), gpu ? "cpu + gpu" : "cpu only");
     void* handle = dlopen(lib.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -1500,7 +2038,7 @@ int main(int argc, char** argv)
                 checkPlugin(name, c);
         }
         if (gpu)
-            gpuChecks();
+            gpuChecks(debugChecks);
     }
     std::printf("harness summary: %d checks ok, %d failed\n", gPassed, gFailed);
     // The library stays loaded: creators are static objects inside it.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build the plugin project and run the contract harness with --gpu.
+# Build the plugin project and run the contract harness with --gpu (the IPluginV3 lifecycle
+# replay), then with --gpu --check-expert-ids (the debug-mode expert_ids check).
 #
 # On the GPU machine (no network there):
-#   bash plugins/harness/run_gpu.sh            # builds into $BUILD_DIR, runs `adafuse_plugin_harness --gpu`
+#   bash plugins/harness/run_gpu.sh            # builds into $BUILD_DIR (cmake, or nvcc/g++ without it), runs both
 # TensorRT headers, first found wins:
 #   TENSORRT_ROOT=/path/to/TensorRT            # an SDK with include/NvInfer.h
 #   ADAFUSE_TRT_HEADERS_DIR=/path/with/NvInfer.h
@@ -10,7 +11,7 @@
 #       bash plugins/harness/run_gpu.sh --prepare
 #     (git-ignored: carry the path "plugins/harness/.trt_headers" to the GPU machine)
 #   otherwise CMake tries to download the kernel-lens wheel (fails without network).
-# Extra arguments go to the harness (e.g. --verbose). Exit status: the harness's.
+# Extra arguments go to the harness (e.g. --verbose). Exit status: 0 when both runs passed.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 plugins="$(dirname "$here")"
@@ -37,6 +38,44 @@ elif [[ -f "$kl_include/NvInfer.h" ]]; then
   args+=("-DADAFUSE_TRT_HEADERS_DIR=$kl_include")
 fi
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null || true
-cmake -S "$plugins" -B "$build" "${args[@]}"
-cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
-exec "$build/adafuse_plugin_harness" --gpu --lib "$build/libadafuse_trt_plugins.so" "$@"
+nvcc --version | tail -n 2
+if command -v cmake >/dev/null; then
+  cmake -S "$plugins" -B "$build" "${args[@]}"
+  cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
+else
+  # No cmake: the same sources and flags (plugins/cmake/AdafuseWarnings.cmake) by hand.
+  echo "cmake not found: building with nvcc / g++ directly into $build"
+  inc=""
+  for a in "${args[@]}"; do
+    case "$a" in -DTENSORRT_ROOT=*) inc="${a#-DTENSORRT_ROOT=}/include" ;; -DADAFUSE_TRT_HEADERS_DIR=*) inc="${a#-DADAFUSE_TRT_HEADERS_DIR=}" ;; esac
+  done
+  test -n "$inc" && test -f "$inc/NvInfer.h" || { echo "TensorRT headers not found (see the top of this script)"; exit 2; }
+  mkdir -p "$build/obj"
+  arch="${CUDA_ARCHS:-90}"
+  nv=(nvcc -std=c++17 -O3 -arch="sm_$arch" -Xcompiler=-fPIC,-Wall,-Wextra,-Werror -Werror all-warnings
+      -I"$plugins/kernels/include" -I"$plugins/common" -I"$plugins/adafuseLoraLinearPlugin"
+      -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc")
+  cxx=(g++ -std=c++17 -O3 -fPIC -Wall -Wextra -Werror -I"$plugins/kernels/include" -I"$plugins/common"
+       -I"$plugins/adafuseLoraLinearPlugin" -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc"
+       -isystem /usr/local/cuda/include)
+  pids=()
+  for f in "$plugins"/kernels/src/*.cu "$plugins"/common/*.cu "$plugins"/adafuseSwitchLinearPlugin/*.cu; do
+    "${nv[@]}" -c "$f" -o "$build/obj/$(basename "$f").o" & pids+=($!)
+  done
+  for f in "$plugins"/common/*.cpp "$plugins"/adafuseLoraLinearPlugin/*.cpp "$plugins"/adafuseSwitchLinearPlugin/*.cpp; do
+    "${cxx[@]}" -fvisibility=hidden -c "$f" -o "$build/obj/$(basename "$f").o" & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  kobjs=("$build"/obj/{api,lora_linear,switch}.cu.o)
+  nvcc -shared -arch="sm_$arch" -cudart static -o "$build/libadafuse_trt_plugins.so" "$build"/obj/*.o \
+    -Xlinker --exclude-libs,ALL
+  "${cxx[@]}" -DADAFUSE_PLUGIN_LIBRARY_PATH="\"$build/libadafuse_trt_plugins.so\"" \
+    "$plugins/harness/plugin_harness.cpp" "${kobjs[@]}" -o "$build/adafuse_plugin_harness" \
+    -L/usr/local/cuda/lib64 -lcudart_static -ldl -lpthread -lrt
+fi
+# The lifecycle replay, then the debug-mode expert_ids check (a second process: the library
+# reads ADAFUSE_CHECK_EXPERT_IDS once).
+rc=0
+"$build/adafuse_plugin_harness" --gpu --lib "$build/libadafuse_trt_plugins.so" "$@" || rc=$?
+"$build/adafuse_plugin_harness" --gpu --check-expert-ids --lib "$build/libadafuse_trt_plugins.so" "$@" || rc=$?
+exit "$rc"
