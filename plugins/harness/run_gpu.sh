@@ -52,7 +52,7 @@ else
   test -n "$inc" && test -f "$inc/NvInfer.h" || { echo "TensorRT headers not found (see the top of this script)"; exit 2; }
   mkdir -p "$build/obj"
   arch="${CUDA_ARCHS:-90}"
-  nv=(nvcc -std=c++17 -O3 -arch="sm_$arch" -Xcompiler=-fPIC,-Wall,-Wextra,-Werror -Werror all-warnings
+  nv=(nvcc -std=c++17 -O3 -arch="sm_$arch" -Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -Werror all-warnings
       -I"$plugins/kernels/include" -I"$plugins/common" -I"$plugins/adafuseLoraLinearPlugin"
       -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc")
   cxx=(g++ -std=c++17 -O3 -fPIC -Wall -Wextra -Werror -I"$plugins/kernels/include" -I"$plugins/common"
