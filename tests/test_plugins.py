@@ -221,6 +221,10 @@ RTX_SCRIPT = textwrap.dedent(
             "scale=nan": collection(scale=float("nan")),
             "rank missing": collection(drop=("rank",)),
             "in_features float": collection(kinds={"in_features": "f32"}),
+            # the kernel limits of plugins/kernels/include/adafuse_kernels.h
+            "top_k=9 of 16": collection(num_experts=16, top_k=9),
+            "num_experts=257": collection(num_experts=257),
+            "rank=4097": collection(rank=4097),
         }
         res["bad"] = {}
         for what, fc in bad.items():
@@ -277,5 +281,8 @@ def test_rtx_registry_rejects_bad_fields(rtx_result, name):
         f"{name}: field 'scale' expected a finite float, found nan",
         f"{name}: required field 'rank' is missing",
         f"{name}: field 'in_features' must be an integer (kINT32), found type kFLOAT32",
+        f"{name}: field 'top_k' = 9 exceeds the kernel limit 8 (ADAFUSE_MAX_TOP_K in adafuse_kernels.h)",
+        f"{name}: field 'num_experts' = 257 exceeds the kernel limit 256 (ADAFUSE_LORA_MAX_EXPERTS in adafuse_kernels.h)",
+        f"{name}: field 'rank' = 4097 exceeds the kernel limit 4096 (ADAFUSE_LORA_MAX_RANK in adafuse_kernels.h)",
     ):
         assert expected in stderr, f"missing log line: {expected}\n{_tail(stderr)}"

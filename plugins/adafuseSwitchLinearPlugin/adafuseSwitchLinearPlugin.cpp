@@ -15,7 +15,11 @@ constexpr PluginIdentity kIdentity{
 
 void cudaCheck(cudaError_t e, char const* what)
 {
-    check(e == cudaSuccess, kName, what, " failed: ", cudaGetErrorString(e));
+    if (e != cudaSuccess)
+    {
+        (void) cudaGetLastError(); // consumed: reported here, not again by a later launch check
+        throw PluginError(str(kName, ": ", what, " failed: ", cudaGetErrorString(e)));
+    }
 }
 
 bool sameSite(adafuse_switch_site const& a, adafuse_switch_site const& b)
@@ -164,8 +168,8 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
             return 0;
         }
 
-        int const device = streamDevice(stream, kName);
         bool const capturing = streamIsCapturing(stream, kName);
+        int const device = streamDevice(stream, capturing, kName);
         if (mSiteDev == nullptr)
         {
             // A build-time instance (TensorRT's timing runs): no attachToContext came first.

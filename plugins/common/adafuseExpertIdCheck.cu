@@ -27,7 +27,11 @@ __global__ void checkExpertIdsKernel(int32_t const* ids, int64_t n, int32_t numE
 
 void cudaCheck(cudaError_t e, char const* plugin, char const* what)
 {
-    check(e == cudaSuccess, plugin, what, " failed: ", cudaGetErrorString(e));
+    if (e != cudaSuccess)
+    {
+        (void) cudaGetLastError(); // consumed: reported here, not again by a later launch check
+        throw PluginError(str(plugin, ": ", what, " failed: ", cudaGetErrorString(e)));
+    }
 }
 } // namespace
 
@@ -38,10 +42,15 @@ bool streamIsCapturing(cudaStream_t stream, char const* plugin)
     return s != cudaStreamCaptureStatusNone;
 }
 
-int streamDevice(cudaStream_t stream, char const* plugin)
+int streamDevice(cudaStream_t stream, bool capturing, char const* plugin)
 {
+    // cudaStreamGetDevice is refused on a capturing stream (and invalidates the capture), so
+    // under capture: the current device, which a captured launch has to target anyway.
     int dev = -1;
-    cudaCheck(cudaStreamGetDevice(stream, &dev), plugin, "cudaStreamGetDevice");
+    if (capturing)
+        cudaCheck(cudaGetDevice(&dev), plugin, "cudaGetDevice");
+    else
+        cudaCheck(cudaStreamGetDevice(stream, &dev), plugin, "cudaStreamGetDevice");
     return dev;
 }
 

@@ -48,8 +48,9 @@ private:
 
 //! True when `stream` is being captured into a CUDA graph (throws PluginError on a CUDA error).
 bool streamIsCapturing(cudaStream_t stream, char const* plugin);
-//! The device `stream` belongs to (cudaStreamGetDevice; throws PluginError on a CUDA error).
-int streamDevice(cudaStream_t stream, char const* plugin);
+//! The device `stream` belongs to: cudaStreamGetDevice, or the current device while the
+//! stream is capturing (CUDA refuses the query then). Throws PluginError on a CUDA error.
+int streamDevice(cudaStream_t stream, bool capturing, char const* plugin);
 
 } // namespace plugin
 } // namespace adafuse

@@ -1082,6 +1082,7 @@ bool cudaOk(cudaError_t e, char const* what)
     {
         std::printf("  FAIL  CUDA %s: %s\n", what, cudaGetErrorString(e));
         ++gFailed;
+        (void) cudaGetLastError(); // consumed, so that one failure does not fail the next check too
         return false;
     }
     return true;

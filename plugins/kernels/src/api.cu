@@ -26,8 +26,17 @@ int query(int dev, DeviceInfo* d) {
 }  // namespace
 
 int stream_device(cudaStream_t stream, int* dev) {
-  // The device the work goes to is the stream's (CUDA >= 12.8), not whichever is current.
-  AF_CUDA_TRY(cudaStreamGetDevice(stream, dev));
+  // The device the work goes to is the stream's (cudaStreamGetDevice, CUDA >= 12.8), not
+  // whichever is current. CUDA refuses cudaStreamGetDevice on a capturing stream (and the
+  // refusal invalidates the capture; seen on the H200), so under capture it is the current
+  // device, which a captured launch has to target anyway.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  AF_CUDA_TRY(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
+    AF_CUDA_TRY(cudaStreamGetDevice(stream, dev));
+  } else {
+    AF_CUDA_TRY(cudaGetDevice(dev));
+  }
   return ADAFUSE_OK;
 }
 

@@ -14,10 +14,15 @@ namespace adafuse {
 
 // ---- host-side helpers ------------------------------------------------------
 
+// A failed call also sets the thread's last error: consume it here (it is reported as
+// ADAFUSE_ERR_CUDA), so that a later launch check does not report it a second time.
 #define AF_CUDA_TRY(expr)                                  \
   do {                                                     \
     cudaError_t af_err_ = (expr);                          \
-    if (af_err_ != cudaSuccess) return ADAFUSE_ERR_CUDA;   \
+    if (af_err_ != cudaSuccess) {                          \
+      (void)cudaGetLastError();                            \
+      return ADAFUSE_ERR_CUDA;                             \
+    }                                                      \
   } while (0)
 
 // After a launch: report a launch failure (bad config, no kernel image, ...).
