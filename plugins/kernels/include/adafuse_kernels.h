@@ -5,6 +5,10 @@
 // stated otherwise; every matrix is row-major and contiguous. All functions
 // only enqueue work on `stream` (no host synchronisation), so they can be
 // captured in CUDA graphs. They return 0 on success or an adafuse_status code.
+// Device properties are those of the stream's device (cudaStreamGetDevice; the current
+// device while the stream is being captured, where CUDA refuses that query), looked up
+// once per device; adafuse_switch caches its occupancy and function-attribute queries
+// per device and dtype (the first call on a device makes them: make it outside capture).
 #ifndef ADAFUSE_KERNELS_H
 #define ADAFUSE_KERNELS_H
 
