@@ -1766,28 +1766,31 @@ void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, 
                     t);
         }
     };
-    {
-        // (a) first enqueue of the context: a 5-row prefill, captured.
+    // Captures at `lead` (with onShapeChange when `changed`), then replays over `routes`.
+    auto captureAndReplay = [&](std::vector<int64_t> const& lead, bool changed, std::vector<Route> const& routes,
+                                std::string const& what) {
         cudaGraphExec_t exec = nullptr;
-        int32_t const r = capture({1, 5}, true, exec);
-        expect(r == 0 && exec != nullptr, cat(tag, " capture: first enqueue (5 rows, lazy onShapeChange) captured ",
-                                              r == 0 ? "" : gLogger.lastError()));
+        int32_t const r = capture(lead, changed, exec);
+        expect(r == 0 && exec != nullptr, cat(tag, " ", what, " captured ", r == 0 ? "" : gLogger.lastError()));
         if (exec != nullptr)
         {
-            replay(exec, 5, {makeRoute(c, 5, rng), makeRoute(c, 5, rng)}, "capture (5 rows)");
+            replay(exec, static_cast<int>(product(lead)), routes, what);
             cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
         }
-    }
+    };
+    // (a) first enqueue of the context: a 5-row prefill, captured.
+    captureAndReplay({1, 5}, true, {makeRoute(c, 5, rng), makeRoute(c, 5, rng)},
+        "capture: first enqueue (5 rows, lazy onShapeChange)");
     Route d0 = makeRoute(c, 1, rng), d1 = makeRoute(c, 1, rng);
     {
         // (b) the first one-row enqueue, captured with its lazy onShapeChange. AdafuseLoraLinear
         // needs nothing more; AdafuseSwitchLinear's merged weight cannot be allocated inside a
         // capture, so it must refuse with a message that says what to do, and leave the capture
         // valid.
-        cudaGraphExec_t exec = nullptr;
-        int32_t const r = capture({1, 1}, true, exec);
         if (name == "AdafuseSwitchLinear")
         {
+            cudaGraphExec_t exec = nullptr;
+            int32_t const r = capture({1, 1}, true, exec);
             expect(r == -1 && exec == nullptr
                     && gLogger.hasError({name, "captured into a CUDA graph", "merged weight", "outside capture"}),
                 cat(tag, " capture: first one-row enqueue refused clearly, capture still valid (rc ", r, ") ",
@@ -1795,13 +1798,7 @@ void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, 
         }
         else
         {
-            expect(r == 0 && exec != nullptr, cat(tag, " capture: first one-row enqueue (lazy onShapeChange) captured ",
-                                                  r == 0 ? "" : gLogger.lastError()));
-            if (exec != nullptr)
-            {
-                replay(exec, 1, {d0, d0, d1}, "capture (1 row, first)");
-                cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
-            }
+            captureAndReplay({1, 1}, true, {d0, d0, d1}, "capture: first one-row enqueue (lazy onShapeChange)");
         }
     }
     {
@@ -1831,15 +1828,7 @@ void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, 
                 board.record(key, cat(tag, " capture: uncaptured one-row step layer ", i),
                     relError(layers[static_cast<size_t>(i)], *actC[static_cast<size_t>(i)], runs[static_cast<size_t>(i)]),
                     t);
-        cudaGraphExec_t exec = nullptr;
-        int32_t const r = capture({1, 1}, false, exec);
-        expect(r == 0 && exec != nullptr, cat(tag, " capture: one-row decode step captured ",
-                                              r == 0 ? "" : gLogger.lastError()));
-        if (exec != nullptr)
-        {
-            replay(exec, 1, {d0, d0, d1, r1, d0}, "capture (1 row)");
-            cudaOk(cudaGraphExecDestroy(exec), "cudaGraphExecDestroy");
-        }
+        captureAndReplay({1, 1}, false, {d0, d0, d1, r1, d0}, "capture: one-row decode step");
     }
     cudaOk(cudaStreamDestroy(sC), "cudaStreamDestroy");
 
