@@ -18,7 +18,9 @@ from .cli import base_option, ckpt_argument, cli, format_option
                    "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
-@click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=2048, show_default=True, help="Longest context (prompt + generated).")
+@click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
+              help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "
+                   "more than max_position_embeddings is refused.")
 @click.option("--plugin-lib", type=click.Path(path_type=Path), default=None,
               help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB).")
 @click.option("--strategy", type=click.Choice(["fused", "switch"]), default=None,
@@ -26,10 +28,15 @@ from .cli import base_option, ckpt_argument, cli, format_option
                    "default: 1.04x dense per decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
                    "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse/extend a TensorRT timing cache file.")
-@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime check of the export against the reference.")
+@click.option("--validate", "validate_mode", type=click.Choice(["full", "layerwise", "off"]), default="layerwise",
+              show_default=True,
+              help="Check the export against the PyTorch reference in ONNX Runtime: layerwise (the reference reads one "
+                   "layer's weights at a time: bounded memory, same comparison), full (the reference holds every "
+                   "weight) or off. A mode that will not fit in memory is refused before stage 1.")
+@click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
 @click.option("--force", is_flag=True, help="Overwrite existing ENGINE, its .json manifest and .onnx directory.")
-def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, no_validate,
-            force):
+def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, validate_mode,
+            no_validate, force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine).
 
     \b
@@ -37,10 +44,13 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
     table); check the ONNX against the PyTorch reference with ONNX Runtime; build the engine.
     Writes ENGINE, ENGINE's .json manifest (tensors, profiles, routing, SHA-256 hashes) and the
     .onnx directory it was built from, all atomically. Without any TensorRT it still leaves the
-    validated ONNX and says what to install.
+    validated ONNX and says what to install. Memory and disk for each stage are estimated from
+    the checkpoint's headers first: a stage that will not fit is refused before it starts (an
+    engine build that will not fit: the validated ONNX is kept). Leftovers of a killed run on the
+    same output are removed.
     """
     from .convert import convert as run_convert
 
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                force=force, validate_onnx=not no_validate, plugin_library=plugin_lib, timing_cache=timing_cache,
+                force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,
                 strategy=strategy, log=click.echo)

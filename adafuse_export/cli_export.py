@@ -57,7 +57,7 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
         raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
     c = load_checkpoint(ckpt, fmt, base)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold, strategy)
+    manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
     for graph, info in manifest["graphs"].items():
         extra = f" + {info['external_data']}" if info["external_data"] else ""
         click.echo(f"{graph:<8} {out_dir / info['file']}{extra}: "

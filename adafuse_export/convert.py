@@ -8,36 +8,106 @@ Outputs for `convert ckpt/ out.engine`:
 
 Everything is staged in a temporary directory beside out.engine and renamed into place at the
 end (out.json last, so its presence means a complete conversion); a failure or Ctrl-C leaves
-previous outputs untouched and no temporary files.
+previous outputs untouched and no temporary files. A run killed outright (SIGKILL, the OOM
+killer) leaves its staging directory; the next run on the same output removes it (staging.py).
+
+Before stage 1 the memory and disk each stage needs are estimated from the checkpoint's headers
+(resources.py) and compared with what the machine has: a stage that would not fit is refused
+with the option that would, and an engine build that would not fit is announced up front: the
+run then stops after validation and keeps the validated ONNX.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .errors import AdafuseError
 from .tensors import _umask
+
+VALIDATE_MODES = ("full", "layerwise", "off")
+DEFAULT_MAX_SEQ = 2048
 
 
 def output_paths(engine: Path) -> dict[str, Path]:
     return {"engine": engine, "manifest": engine.with_suffix(".json"), "onnx": engine.with_suffix(".onnx")}
 
 
-def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
-            dtype: str = "float32", max_batch: int = 1, max_seq: int = 2048, force: bool = False,
-            validate_onnx: bool = True, plugin_library: Path | None = None, timing_cache: Path | None = None,
-            strategy: str | None = None, log=print) -> dict:
-    from .converters import load_checkpoint
-    from .onnx.export import export_onnx
-    from .trt.backends import INSTALL, select_backend
-    from .trt.build import build_engine
-    from .trt.manifest import make_manifest, write_manifest
+@dataclass
+class Plan:
+    """What one conversion will do, settled before any weight is read."""
 
+    ckpt: Any  # Checkpoint
+    engine: Path
+    outs: dict[str, Path]
+    backend: Any  # trt.backends.Backend, or None: no TensorRT installed
+    flavour: str
+    dtype: str
+    max_batch: int
+    max_seq: int
+    validate: str  # VALIDATE_MODES
+    validate_dtype: str | None  # the dtype of the graph validated in place of `dtype` (bfloat16 -> float32), or None
+    build_refused: str | None  # why the engine build will not run here (memory), or None
+    strategy: str | None
+    plugin_library: Path | None
+    timing_cache: Path | None
+
+
+class Stages:
+    """Numbered stage headers with elapsed time; detail lines indented under them."""
+
+    def __init__(self, log: Callable[[str], Any]):
+        self.log, self.t0 = log, time.time()
+
+    def __call__(self, n: int, text: str) -> None:
+        self.log(f"[{n}/4 {time.time() - self.t0:6.1f}s] {text}")
+
+    def detail(self, text: str) -> None:
+        self.log(f"         {text}")
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
+            dtype: str = "float32", max_batch: int = 1, max_seq: int | None = None, force: bool = False,
+            validate: str = "layerwise", plugin_library: Path | None = None, timing_cache: Path | None = None,
+            strategy: str | None = None, log=print) -> dict:
+    """validate: full (the reference holds every weight), layerwise (one layer at a time), off.
+    max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ."""
+    from .staging import make_staging, remove_stale_stagings
+
+    if validate not in VALIDATE_MODES:
+        raise AdafuseError(f"--validate {validate}: expected one of {', '.join(VALIDATE_MODES)}")
     engine = Path(engine)
     outs = output_paths(engine)
+    _check_outputs(engine, outs, force)
+    stages = Stages(log)
+    remove_stale_stagings(engine, log=stages.detail)
+    stages(1, f"reading {ckpt_path}")
+    plan = plan_conversion(ckpt_path, engine, outs, fmt=fmt, base=base, backend=backend, dtype=dtype,
+                           max_batch=max_batch, max_seq=max_seq, validate=validate, plugin_library=plugin_library,
+                           timing_cache=timing_cache, strategy=strategy, stages=stages)
+    try:
+        staging = make_staging(engine)
+    except OSError as e:
+        raise AdafuseError(f"{engine}: cannot write in {engine.parent}: {e.strerror or e}") from None
+    try:
+        onnx_manifest = export_stage(plan, staging, stages)
+        validate_stage(plan, staging, stages)
+        if plan.backend is None or plan.build_refused:
+            _place(staging, outs, with_engine=False)
+            raise AdafuseError(_no_engine_message(plan))
+        return build_stage(plan, staging, onnx_manifest, stages)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_outputs(engine: Path, outs: dict[str, Path], force: bool) -> None:
     parent = engine.parent if str(engine.parent) else Path(".")
     if engine.suffix != ".engine":
         raise AdafuseError(f"{engine}: the output name must end in .engine (found '{engine.suffix or 'no suffix'}')")
@@ -47,15 +117,21 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     existing = [str(p) for p in outs.values() if p.exists() or p.is_symlink()]
     if existing and not force:
         raise AdafuseError(f"{existing[0]}: already exists ({len(existing)} output(s) in the way); pass --force to overwrite")
-    t0 = time.time()
 
-    def stage(n: int, text: str):
-        log(f"[{n}/4 {time.time() - t0:6.1f}s] {text}")
 
-    stage(1, f"reading {ckpt_path}")
+def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt, base, backend: str, dtype: str,
+                    max_batch: int, max_seq: int | None, validate: str, plugin_library: Path | None,
+                    timing_cache: Path | None, strategy: str | None, stages: Stages) -> Plan:
+    """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
+    from . import resources
+    from .converters import load_checkpoint
+    from .trt.backends import select_backend
+
     ckpt = load_checkpoint(ckpt_path, fmt, base)
-    log(f"         {ckpt.format}: {ckpt.model.family}, {ckpt.model.num_layers} layers, routing {ckpt.adapter.routing}, "
-        f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
+    m = ckpt.model
+    stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
+                  f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
+    max_seq = _settle_max_seq(ckpt, max_seq)
     try:
         chosen = select_backend(backend)
     except AdafuseError:
@@ -68,51 +144,137 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
         if plugin_library is None or not plugin_library.is_file():
             raise AdafuseError(f"--plugin-lib {plugin_library or '(not given)'}: full TensorRT needs the adafuse plugin library "
                                "(build it with cmake -S plugins -B build/plugins && cmake --build build/plugins)")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{engine.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise AdafuseError(f"{engine}: cannot write in {parent}: {e.strerror or e}") from None
-    try:
-        stage(2, f"exporting {flavour} ONNX ({dtype})")
-        onnx_dir = staging / "onnx"
-        onnx_manifest = export_onnx(ckpt, onnx_dir, flavour, dtype, strategy=strategy)
-        if validate_onnx:  # the plugin flavour too: its adafuse nodes run as ONNX Runtime custom ops
-            stage(3, f"validating the {flavour} ONNX export against the PyTorch reference (ONNX Runtime)")
-            report = _validate(ckpt, onnx_dir)
-            if report is not None and not report["passed"]:
-                failed = [o["name"] for o in report["outputs"] if not o["passed"]]
-                raise AdafuseError(f"{engine}: the ONNX export does not match the reference ({', '.join(failed)}); "
-                                   "run adafuse-export validate for the full report")
-        else:
-            stage(3, "skipping ONNX Runtime validation")
-        if chosen is None:
-            _place(staging, outs, with_engine=False)
-            raise AdafuseError(f"no TensorRT installed, so no engine was built; the validated ONNX export is in {outs['onnx']}. "
-                               f"To build engines install {INSTALL['tensorrt-rtx']} or {INSTALL['tensorrt']}")
-        stage(4, f"building the engine with {chosen.name} {chosen.version} (max batch {max_batch}, max seq {max_seq})")
-        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                                plugin_library=plugin_library, timing_cache=timing_cache, log=lambda s: log(f"         {s}"))
-        (staging / "engine").write_bytes(blob)
-        manifest = make_manifest(engine_file=staging / "engine", engine_name=engine.name, onnx_dir=onnx_dir,
-                                 onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,
-                                 dtype=dtype, max_batch=max_batch, max_seq=max_seq, checkpoint=ckpt)
-        write_manifest(manifest, staging / "manifest.json")
-        _place(staging, outs, with_engine=True)
-        log(f"wrote {engine} ({len(blob) / 2**20:.1f} MiB), {outs['manifest'].name}, {outs['onnx'].name}/ "
-            f"in {time.time() - t0:.1f}s")
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    validate_dtype = None
+    if validate != "off" and dtype == "bfloat16" and not onnxruntime_runs_bfloat16():
+        validate_dtype = "float32"
+        stages.detail("this ONNX Runtime has no bfloat16 CPU kernels: stage 3 validates the float32 graph exported from "
+                      "the same checkpoint (the same graph in another dtype); bfloat16 itself is validated only on a GPU "
+                      "(adafuse-export validate CKPT OUT.onnx with onnxruntime-gpu). --validate off skips this")
+    needs = resources.estimate(ckpt, dtype, validate, validate_dtype, build=chosen is not None)
+    suggestions = {"validate": ("--validate layerwise would need about "
+                                f"{resources.estimate(ckpt, dtype, 'layerwise', validate_dtype, False)[-1].memory / 2**30:.1f} GiB"
+                                if validate == "full" else "") + "; --validate off skips the check"}
+    parent = engine.parent if str(engine.parent) else Path(".")
+    refused = resources.check(needs, parent, suggestions, log=stages.detail)
+    build_refused = refused[0] if refused else None
+    if build_refused:
+        stages.detail(f"the engine build will not fit here ({build_refused}): convert stops after validation and "
+                      f"keeps the validated ONNX")
+    return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
+                strategy, plugin_library, timing_cache)
 
 
-def _validate(ckpt, onnx_dir: Path):
+def _settle_max_seq(ckpt, max_seq: int | None) -> int:
+    """The model's positions are trained up to max_position_embeddings: a longer context is refused."""
+    limit = ckpt.model.max_position_embeddings
+    if max_seq is None:
+        return min(DEFAULT_MAX_SEQ, limit)
+    if max_seq > limit:
+        raise AdafuseError(f"--max-seq {max_seq}: {ckpt.path} has max_position_embeddings {limit} (config.json); "
+                           f"positions beyond it are untrained, so the engine would accept contexts the model cannot "
+                           f"handle; pass --max-seq {limit} or less")
+    return max_seq
+
+
+def onnxruntime_runs_bfloat16() -> bool:
+    """Whether this ONNX Runtime's CPU provider executes a bfloat16 elementwise op (the RMSNorm's Mul)."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return False
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "probe", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # NOT_IMPLEMENTED: no kernel
+        return False
+    return True
+
+
+def export_stage(plan: Plan, staging: Path, stages: Stages) -> dict:
+    """Stage 2: the ONNX export (with progress on large weights)."""
+    from .onnx.export import export_onnx
+
+    stages(2, f"exporting {plan.flavour} ONNX ({plan.dtype})")
+    return export_onnx(plan.ckpt, staging / "onnx", plan.flavour, plan.dtype, strategy=plan.strategy, progress=True)
+
+
+def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
+    """Stage 3: the export against the PyTorch reference in ONNX Runtime; prints the summary, refuses on failure."""
+    if plan.validate == "off":
+        stages(3, "skipping ONNX Runtime validation")
+        return None
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
+        stages(3, "skipping ONNX Runtime validation: onnxruntime is not installed (pip install 'adafuse-export[onnx]')")
         return None
-    from .validate import validate
+    from .onnx.export import export_onnx
+    from .validate import summary
+    from .validate import validate as run_validation
 
-    return validate(ckpt, onnx_dir / "decoder.onnx", steps=4)
+    onnx_dir = staging / "onnx"
+    target = plan.validate_dtype or plan.dtype
+    # the plugin flavour too: its adafuse nodes run as ONNX Runtime custom ops
+    stages(3, f"validating the {plan.flavour} ONNX export against the PyTorch reference (ONNX Runtime, {plan.validate} reference"
+              + (f", float32 twin of the {plan.dtype} graph" if plan.validate_dtype else "") + ")")
+    if plan.validate_dtype:
+        onnx_dir = staging / f"onnx-{target}"
+        export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True)
+    try:
+        report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=4, mode=plan.validate)
+    except AdafuseError as e:  # name the output the user will have, not the staging directory
+        raise AdafuseError(str(e).replace(str(onnx_dir), str(plan.outs["onnx"])) + "; nothing was written. "
+                           "--validate off builds without this check") from None
+    finally:
+        if plan.validate_dtype:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+    for line in summary(report):
+        stages.detail(line)
+    if not report["passed"]:
+        failed = [o["name"] for o in report["outputs"] if not o["passed"]]
+        raise AdafuseError(f"{plan.engine}: the ONNX export does not match the reference ({', '.join(failed)}); "
+                           "nothing was written. Run adafuse-export export-onnx and validate for the full report, "
+                           "or pass --validate off to build anyway")
+    return report
+
+
+def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) -> dict:
+    """Stage 4: the engine and its manifest, then every output renamed into place."""
+    from .trt.build import build_engine
+    from .trt.manifest import make_manifest, write_manifest
+
+    chosen, outs, onnx_dir = plan.backend, plan.outs, staging / "onnx"
+    stages(4, f"building the engine with {chosen.name} {chosen.version} (max batch {plan.max_batch}, max seq {plan.max_seq})")
+    blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,
+                            max_seq=plan.max_seq, plugin_library=plan.plugin_library, timing_cache=plan.timing_cache,
+                            log=stages.detail)
+    (staging / "engine").write_bytes(blob)
+    manifest = make_manifest(engine_file=staging / "engine", engine_name=plan.engine.name, onnx_dir=onnx_dir,
+                             onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,
+                             dtype=plan.dtype, max_batch=plan.max_batch, max_seq=plan.max_seq, checkpoint=plan.ckpt)
+    write_manifest(manifest, staging / "manifest.json")
+    _place(staging, outs, with_engine=True)
+    stages.log(f"wrote {plan.engine} ({len(blob) / 2**20:.1f} MiB), {outs['manifest'].name}, {outs['onnx'].name}/ "
+               f"in {stages.elapsed:.1f}s")
+    return manifest
+
+
+def _no_engine_message(plan: Plan) -> str:
+    from .trt.backends import INSTALL
+
+    what = "validated " if plan.validate != "off" else ""
+    if plan.build_refused:
+        return (f"the engine was not built: {plan.build_refused}; the {what}ONNX export is in {plan.outs['onnx']}. "
+                f"Build the engine on a machine with more memory (the same command)")
+    return (f"no TensorRT installed, so no engine was built; the {what}ONNX export is in {plan.outs['onnx']}. "
+            f"To build engines install {INSTALL['tensorrt-rtx']} or {INSTALL['tensorrt']}")
 
 
 def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:

@@ -101,8 +101,17 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
     return notes
 
 
+METHODS = {
+    "full": "the reference holds every weight in memory",
+    "layerwise": "the reference reads one layer's weights at a time (streamed from the checkpoint on every step)",
+}
+
+
 def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
-             atol: float | None = None, rtol: float | None = None, runner=None) -> dict:
+             atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
+             reference_dtype: str | None = None) -> dict:
+    """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
+    reference_dtype: run the reference in this dtype instead of the model's (default: the model's)."""
     from .runners import open_runner
     from .runners.reference import ReferenceRunner
 
@@ -117,7 +126,9 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    reference = ReferenceRunner(ckpt, dtype=dtype)
+    if mode not in METHODS:
+        raise ValueError(f"validation mode {mode!r}, expected one of {', '.join(METHODS)}")
+    reference = ReferenceRunner(ckpt, dtype=reference_dtype or dtype, stream=mode == "layerwise")
     stats: dict[str, _Stat] = {}
 
     def stat(name, exact=False):
@@ -148,10 +159,35 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     return {
         "checkpoint": str(ckpt.path), "model": str(runner.info.model), "runner": runner.name,
         "runner_description": runner.info.description, "reference": reference.info.description, "dtype": dtype,
+        "method": {"mode": mode, "description": METHODS[mode]},
         "prompts": prompts, "decode_steps": steps, "atol": atol, "rtol": rtol, "outputs": outputs,
         "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0},
         "notes": notes, "passed": all(o["passed"] for o in outputs),
     }
+
+
+def summary(report: dict) -> list[str]:
+    """A few lines for `convert`: verdict, worst output against its tolerance, greedy and routing agreement."""
+    outs = report["outputs"]
+    lines = [f"{'PASSED' if report['passed'] else 'FAILED'} ({report['method']['mode'] if 'method' in report else 'full'} "
+             f"validation, {report['runner_description']})"]
+    for o in outs:
+        tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} + rtol {o['rtol']:.0e}"
+        if o["name"] in ("logits", "expert_ids", "gates") or not o["passed"]:
+            lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, max rel diff {o['max_rel_diff']:.3e}, "
+                         f"tolerance {tol}, {o['mismatched']}/{o['elements']} mismatched"
+                         + ("" if o["passed"] else " FAIL" + (f" ({o['error']})" if o["error"] else "")))
+    kv = [o for o in outs if o["name"].startswith("present.")]
+    if kv:
+        worst = max(kv, key=lambda o: o["max_abs_diff"])
+        lines.append(f"KV cache: {len(kv)} tensors, {sum(o['passed'] for o in kv)} pass; largest diff "
+                     f"{worst['max_abs_diff']:.3e} ({worst['name']})")
+    g = report["greedy_agreement"]
+    lines.append(f"greedy agreement {g['matched']}/{g['total']}")
+    routes = next((o for o in outs if o["name"] == "expert_ids"), None)
+    if routes is not None:
+        lines.append(f"routing agreement {routes['elements'] - routes['mismatched']}/{routes['elements']} expert ids")
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -159,7 +195,10 @@ def format_report(report: dict) -> str:
              f"  against {report['checkpoint']} ({report['reference']})",
              f"  runner  {report['runner_description']}",
              f"  {len(report['prompts'])} prompt(s) of {', '.join(str(len(p)) for p in report['prompts'])} tokens, "
-             f"prefill + {report['decode_steps']} greedy decode steps (runner fed the reference's tokens)", ""]
+             f"prefill + {report['decode_steps']} greedy decode steps (runner fed the reference's tokens)"]
+    if "method" in report:
+        lines.append(f"  method  {report['method']['mode']}: {report['method']['description']}")
+    lines.append("")
     header = f"{'output':<28} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<22} {'mismatched':>14}  result"
     lines += [header, "-" * len(header)]
     for o in report["outputs"]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnx
 
 from ..checkpoint import Checkpoint
+from ..progress import Progress
 from ..tensors import atomic_directory
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
@@ -20,20 +21,41 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def write_model(graph: Graph, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> tuple[onnx.ModelProto, str | None]:
+class _CountedExternalData(ExternalData):
+    """ExternalData that reports each tensor written to a Progress."""
+
+    def __init__(self, path: Path, progress: Progress | None):
+        super().__init__(path)
+        self.progress = progress
+
+    def add(self, name: str, t) -> onnx.TensorProto:
+        proto = super().add(name, t)
+        if self.progress is not None:
+            self.progress.update(t.numel() * t.element_size())
+        return proto
+
+
+def write_model(graph: Graph, path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD,
+                progress: bool = False) -> tuple[onnx.ModelProto, str | None]:
     """Write a built graph; its weights go to `<name>.data` when all initializers total more than
     `threshold` bytes (decided from the checkpoint's tensor shapes before any weight is read).
 
     External: each weight is read, converted, appended (4096-aligned) and released in turn, so peak
     memory is about the largest tensor; the .onnx file holds the graph and the inline constants.
     Returns (the ModelProto as written, without weight bytes when external; the data file name or None).
+    progress: report tensors and bytes written to external data (stdout; a rewritten line on a TTY).
     """
     path = Path(path)
-    if graph.initializer_bytes() > threshold:
+    total = graph.initializer_bytes()
+    if total > threshold:
         location = path.name + ".data"
-        with ExternalData(path.parent / location) as sink:
+        weights = sum(1 for e in graph.initializers if not isinstance(e, onnx.TensorProto))
+        meter = Progress(f"writing {location}", weights, total) if progress else None
+        with _CountedExternalData(path.parent / location, meter) as sink:
             model = graph.model(external=sink)
             sink.close()
+        if meter is not None:
+            meter.done()
     else:
         location, model = None, graph.model()
     with open(path, "wb") as f:
@@ -66,25 +88,27 @@ def _check(path: Path, flavour: str) -> None:
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
                 force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                strategy: str | None = None) -> dict:
+                strategy: str | None = None, progress: bool = False) -> dict:
     """Build and write every file into a temporary directory next to out_dir, then rename it into place.
-    strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused)."""
+    strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused).
+    progress: print tensors and bytes written while external weight data is written."""
     with atomic_directory(Path(out_dir), force) as tmp:
-        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy)
+        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress)
 
 
-def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None) -> dict:
+def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None,
+               progress: bool) -> dict:
     a, m = ckpt.adapter, ckpt.model
     graphs = {}
     decoder_graph = build_decoder(ckpt, flavour, dtype, strategy)
     strategy = decoder_graph.metadata.get("adafuse.strategy")  # None: no plugin node in the graph
-    decoder, ext = write_model(decoder_graph, tmp / DECODER, threshold)
+    decoder, ext = write_model(decoder_graph, tmp / DECODER, threshold, progress)
     _check(tmp / DECODER, flavour)
     graphs["decoder"] = {"file": DECODER, "external_data": ext, **io_spec(decoder)}
     del decoder
     routes = None
     if has_pregate_graph(ckpt):
-        pregate, ext = write_model(build_pregate(ckpt, dtype), tmp / PREGATE, threshold)
+        pregate, ext = write_model(build_pregate(ckpt, dtype), tmp / PREGATE, threshold, progress)
         _check(tmp / PREGATE, "portable")
         graphs["pregate"] = {"file": PREGATE, "external_data": ext, **io_spec(pregate)}
         del pregate

@@ -14,6 +14,7 @@ Adapter modes (AdapterSpec.routing / expert_kind):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -93,19 +94,76 @@ class StepOutput:
     gates: torch.Tensor | None  # [B, S, k] float32
 
 
+_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+class LayerWeights:
+    """Weights by name, read from the checkpoint one layer at a time (the streaming reference).
+
+    Names outside any layer (embeddings, final norm, lm_head, pre-gate) stay resident. A layer's
+    tensors are read on first use and dropped, with the source's file maps, as soon as a tensor of
+    another layer is asked for: a forward pass walks the layers in order, so it holds one layer's
+    weights at a time and reads each once per pass.
+    """
+
+    def __init__(self, source, names, load):
+        self.source, self.load = source, load
+        self.names = set(names)
+        self.resident: dict[str, torch.Tensor] = {}
+        self.layer: int | None = None
+        self.current: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            if _LAYER.match(n) is None:
+                self.resident[n] = load(source, n)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names or name in self.resident
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.resident[name] = value
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.resident:
+            return self.resident[name]
+        if name not in self.names:
+            raise KeyError(name)
+        layer = int(_LAYER.match(name).group(1))  # type: ignore[union-attr]
+        if layer != self.layer:
+            self.current = {}
+            self.source.release()
+            self.layer = layer
+        if name not in self.current:
+            self.current[name] = self.load(self.source, name)
+        return self.current[name]
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+
 class ReferenceModel:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 adapters: bool = True):
+                 adapters: bool = True, stream: bool = False):
+        """stream: read each layer's weights (and adapters) while that layer runs and drop them after
+        (LayerWeights): memory of one layer instead of the model, at the cost of reading the weights
+        again on every forward pass. Same arithmetic, so the same results."""
         self.ckpt, self.spec, self.aspec = ckpt, ckpt.model, ckpt.adapter
         self.dtype, self.device, self.use_adapters = dtype, torch.device(device), adapters
 
         def load(src, name):
             return src.get(name).to(device=self.device, dtype=dtype)
 
-        self.w = {n: load(ckpt.base, n) for n in self.spec.hf_weight_shapes()}
+        base_names = list(self.spec.hf_weight_shapes())
+        adapter_names = ckpt.adapters.names() if adapters else []
+        self.w: dict[str, torch.Tensor] | LayerWeights
+        self.a: dict[str, torch.Tensor] | LayerWeights
+        if stream:
+            self.w = LayerWeights(ckpt.base, base_names, load)
+            self.a = LayerWeights(ckpt.adapters, adapter_names, load)
+        else:
+            self.w = {n: load(ckpt.base, n) for n in base_names}
+            self.a = {n: load(ckpt.adapters, n) for n in adapter_names}
         if self.spec.tie_word_embeddings:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        self.a = {n: load(ckpt.adapters, n) for n in ckpt.adapters.names()} if adapters else {}
         self.sites: dict[tuple[int, str], Site] = {(s.layer, s.module): s for s in ckpt.sites()} if adapters else {}
         self.scales = {s.name: self.aspec.site_scale(s.name) for s in self.sites.values()}
 

@@ -14,17 +14,20 @@ if TYPE_CHECKING:  # torch is imported when a reference runner is built, not wit
 class ReferenceRunner(Runner):
     name = "reference"
 
-    def __init__(self, ckpt, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, ckpt, dtype: str = "float32", device: str = "cpu", stream: bool = False):
+        """stream: hold one layer's weights at a time (ReferenceModel(stream=True)), for models that do
+        not fit in memory twice; same results, the weights are read again on every step."""
         import torch
 
         from ..reference import ReferenceModel
 
         self.torch = torch
-        self.model = ReferenceModel(ckpt, dtype=getattr(torch, dtype), device=device)
+        self.model = ReferenceModel(ckpt, dtype=getattr(torch, dtype), device=device, stream=stream)
         m = ckpt.model
         self.info = ModelInfo(model=ckpt.path, num_layers=m.num_layers, vocab_size=m.vocab_size, kv_heads=m.num_kv_heads,
                               head_dim=m.head_dim, needs_routes=ckpt.adapter.routing_table_exact, dtype=dtype, meta={},
-                              description=f"PyTorch reference, {dtype}, {device}")
+                              description=f"PyTorch reference, {dtype}, {device}"
+                                          + (", weights streamed layer by layer" if stream else ""))
         self.cache: KVCache | None = None
         self._table: tuple[np.ndarray, np.ndarray] | None = None
 

@@ -1,0 +1,206 @@
+"""What each `convert` stage needs (peak memory, disk), estimated from the checkpoint's headers before
+any weight is read, and what this machine has (its memory cgroup's limit if any, else MemAvailable;
+free disk where the outputs go).
+
+The figures are models fitted to measurements on the Llama-2-7B-shaped synthetic checkpoint
+(benchmarks/streaming_rss.py, docs/large-models.md); each Need says what it counts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .errors import AdafuseError
+
+GiB = 2**30
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Python, torch, onnx and onnxruntime imported, before any weight (measured: about 0.5 GiB).
+RUNTIME_OVERHEAD = 600 * 2**20
+# TensorRT-RTX 1.7's builder, peak resident memory per byte of the ONNX weights it is given.
+# A lower bound from issue 14: the 7B float16 build (12.6 GiB of weights) was killed at 24.2 GB
+# resident while still building, so the builder needs at least 1.8x; see docs/large-models.md.
+BUILD_BYTES_PER_WEIGHT_BYTE = 1.8
+
+
+@dataclass(frozen=True)
+class Need:
+    stage: str  # "read", "export", "validate", "build"
+    memory: int  # peak resident bytes of the process during the stage
+    disk: int  # bytes the stage adds beside the output
+    what: str  # how the figure is made up, for messages
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Element counts from the headers: all weights, the largest tensor, the largest layer, and
+    what lies outside the layers (embeddings, lm_head, final norm, pre-gate)."""
+
+    elements: int
+    largest_tensor: int
+    largest_layer: int
+    outside_layers: int
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> "Sizes":
+        per_layer: dict[int, int] = {}
+        outside = largest = total = 0
+        for source in (ckpt.base, ckpt.adapters):
+            for name in source.names():
+                n = source.info(name).numel
+                total += n
+                largest = max(largest, n)
+                layer = _layer_of(name)
+                if layer is None:
+                    outside += n
+                else:
+                    per_layer[layer] = per_layer.get(layer, 0) + n
+        return cls(total, largest, max(per_layer.values(), default=0), outside)
+
+    def bytes(self, dtype: str) -> int:
+        return self.elements * ITEMSIZE[dtype]
+
+
+def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str | None, build: bool) -> list[Need]:
+    """Peak memory and disk of each stage. validate: full | layerwise | off; reference_dtype: the dtype the
+    reference and the validated graph run in (float32 when a bfloat16 export is checked through its
+    float32 twin), None for the model's."""
+    s = Sizes.of(ckpt)
+    weights = s.bytes(dtype)
+    f32_largest = s.largest_tensor * 4
+    needs = [Need("read", RUNTIME_OVERHEAD, 0, "headers only"),
+             Need("export", RUNTIME_OVERHEAD + 2 * f32_largest, weights,
+                  f"one tensor at a time (largest {f32_largest / GiB:.2f} GiB in float32)")]
+    if validate != "off":
+        vdtype = reference_dtype or dtype
+        graph = s.bytes(vdtype)
+        ort = graph  # ONNX Runtime holds the graph's weights
+        if validate == "full":
+            ref, how = graph, "the reference's weights"
+        else:
+            ref = (s.outside_layers + 2 * s.largest_layer) * ITEMSIZE[vdtype]
+            how = "the reference's embeddings and head plus one layer"
+        disk = graph if vdtype != dtype else 0  # the float32 twin is written too
+        needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,
+                          f"ONNX Runtime {ort / GiB:.1f} GiB ({vdtype} graph) + {how} {ref / GiB:.1f} GiB"))
+    if build:
+        needs.append(Need("build", RUNTIME_OVERHEAD + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights), weights,
+                          f"TensorRT-RTX builder: {BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of weights "
+                          f"(measured)"))
+    return needs
+
+
+# ---- what the machine has --------------------------------------------------------------------------
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """(limit minus what the cgroup holds that cannot be reclaimed, description) of the tightest memory
+    cgroup this process is in (v1 or v2, walking up to the root), or None without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        root = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
+        here = root / rel.lstrip("/")
+        while True:
+            limit = _read_int(here / ("memory.max" if v2 else "memory.limit_in_bytes"))
+            if limit is not None and limit < 1 << 60:
+                stat = _stat(here / "memory.stat")
+                if v2:
+                    used = stat.get("anon", _read_int(here / "memory.current") or 0)
+                else:  # v1's usage counts page cache, which the kernel reclaims before it kills
+                    used = stat.get("total_rss", stat.get("rss", _read_int(here / "memory.usage_in_bytes") or 0))
+                room = limit - used
+                if best is None or room < best[0]:
+                    best = (room, f"memory cgroup {here} (limit {limit / GiB:.1f} GiB, {used / GiB:.1f} GiB in use)")
+            if here == root or here.parent == here:
+                break
+            here = here.parent
+    return best
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_available() -> tuple[int, str]:
+    """(bytes this process may still use, where the figure comes from)."""
+    options = []
+    avail = _mem_available()
+    if avail is not None:
+        options.append((avail, f"MemAvailable {avail / GiB:.1f} GiB"))
+    room = _cgroup_room()
+    if room is not None:
+        options.append(room)
+    if not options:
+        return (1 << 62, "unknown (no /proc/meminfo)")
+    return min(options)
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+# ---- the check ---------------------------------------------------------------------------------------
+def check(needs: list[Need], out_dir: Path, suggestions: dict[str, str], log=print) -> list[str]:
+    """Compare each stage's needs with the machine. Memory: raise AdafuseError for the first stage that
+    does not fit, naming `suggestions[stage]` (the option that would fit), except the build stage,
+    which is returned as refused (the caller stops before it and keeps the validated ONNX). Disk: the
+    stages' disk needs add up (staging holds everything until the end)."""
+    mem, source = memory_available()
+    free = disk_free(out_dir)
+    log(f"resources: {mem / GiB:.1f} GiB of memory available ({source}), {free / GiB:.1f} GiB free disk in {out_dir}")
+    refused: list[str] = []
+    counted = 0
+    for need in needs:
+        log(f"  {need.stage:<9} needs about {need.memory / GiB:5.1f} GiB memory, {need.disk / GiB:5.1f} GiB disk "
+            f"({need.what})")
+        if need.memory > mem:
+            text = (f"stage '{need.stage}' needs about {need.memory / GiB:.1f} GiB of memory ({need.what}), "
+                    f"but {mem / GiB:.1f} GiB is available ({source})")
+            if need.stage == "build":
+                refused.append(text)
+                continue
+            hint = suggestions.get(need.stage)
+            raise AdafuseError(f"{text}; {hint}" if hint else text)
+        counted += need.disk
+    disk = counted
+    if disk > free:
+        raise AdafuseError(f"{out_dir}: convert needs about {disk / GiB:.1f} GiB of free disk for its outputs and "
+                           f"temporaries, found {free / GiB:.1f} GiB free")
+    return refused
+

@@ -1,0 +1,79 @@
+"""Staging directories that outlive a killed run, and their removal by the next run.
+
+`convert` builds its outputs in `.OUT.engine.XXXXXXXX.tmp/` beside the output and renames them
+into place at the end. A SIGKILL (the kernel's OOM killer, `kill -9`) cannot be caught, so that
+directory stays. Every staging directory therefore carries an owner marker (host, pid and the
+process's start time); the next run on the same output removes a leftover only when it is a
+directory of that name pattern, its marker names this host, and its owner process is gone (or the
+pid now belongs to a later process). Anything else is left alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+MARKER = ".adafuse-owner.json"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name; field 22 overall
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+def make_staging(output: Path) -> Path:
+    """A new private staging directory beside `output`, with this process's owner marker inside."""
+    parent = output.parent if str(output.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    marker = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": _start_time(os.getpid()),
+              "output": output.name}
+    (staging / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    return staging
+
+
+def stale_stagings(output: Path) -> tuple[list[Path], list[Path]]:
+    """(leftovers of dead runs on `output` that are safe to remove, same-pattern entries left alone)."""
+    parent = output.parent if str(output.parent) else Path(".")
+    stale, foreign = [], []
+    host = socket.gethostname()
+    for entry in sorted(parent.glob(f".{output.name}.*.tmp")):
+        marker = entry / MARKER
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8")) if entry.is_dir() and not entry.is_symlink() else None
+        except (OSError, ValueError):
+            owner = None
+        if (not isinstance(owner, dict) or owner.get("output") != output.name or owner.get("host") != host
+                or not isinstance(owner.get("pid"), int)):
+            foreign.append(entry)
+        elif not _alive(owner["pid"], owner.get("start_time")):
+            stale.append(entry)
+    return stale, foreign
+
+
+def remove_stale_stagings(output: Path, log=print) -> list[Path]:
+    """Remove what `stale_stagings` finds safe to remove, saying so; returns the removed paths."""
+    stale, foreign = stale_stagings(output)
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
+        log(f"removed {entry}: staging left by an earlier run on {output.name} that was killed (its process is gone)")
+    for entry in foreign:
+        log(f"note: left {entry} alone: it has no adafuse owner marker for this host, or its owner is still running")
+    return stale
