@@ -23,8 +23,8 @@ class Progress:
         self.start = self.last = clock()
         self._open_line = False
 
-    def line(self) -> str:
-        elapsed = self.clock() - self.start
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
         text = f"{self.indent}{self.what}: {self.items}/{self.total_items} tensors, {_size(self.bytes)} of {_size(self.total_bytes)}"
         if self.total_bytes and self.bytes:
             eta = elapsed * (self.total_bytes - self.bytes) / self.bytes
@@ -39,10 +39,10 @@ class Progress:
             return
         self.last = now
         if self.tty:
-            self.stream.write("\r" + self.line() + "\033[K")
+            self.stream.write("\r" + self.line(now) + "\033[K")
             self._open_line = True
         else:
-            self.stream.write(self.line() + "\n")
+            self.stream.write(self.line(now) + "\n")
         self.stream.flush()
 
     def done(self) -> None:

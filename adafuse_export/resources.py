@@ -27,7 +27,7 @@ BUILD_BYTES_PER_WEIGHT_BYTE = 1.8
 
 @dataclass(frozen=True)
 class Need:
-    stage: str  # "read", "export", "validate", "build"
+    stage: str  # "export", "validate", "build" (reading the headers, done by now, needs little)
     memory: int  # peak resident bytes of the process during the stage
     disk: int  # bytes the stage adds beside the output
     what: str  # how the figure is made up, for messages
@@ -78,17 +78,20 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
     s = Sizes.of(ckpt)
     weights = s.bytes(dtype)
     f32_largest = s.largest_tensor * 4
-    needs = [Need("read", RUNTIME_OVERHEAD, 0, "headers only"),
-             Need("export", RUNTIME_OVERHEAD + 2 * f32_largest, weights,
+    needs = [Need("export", RUNTIME_OVERHEAD + 2 * f32_largest, weights,
                   f"one tensor at a time (largest {f32_largest / GiB:.2f} GiB in float32)")]
     if validate != "off":
         vdtype = reference_dtype or dtype
         graph = s.bytes(vdtype)
-        ort = graph  # ONNX Runtime holds the graph's weights
         if validate == "full":
+            # ONNX Runtime's optimised CPU session: the weights, plus float32 copies of float16 ones (constant-folded
+            # Casts) or packed copies of float32 ones (prepacking)
+            ort = graph + s.bytes("float32")
             ref, how = graph, "the reference's weights"
         else:
-            ref = (s.outside_layers + 2 * s.largest_layer) * ITEMSIZE[vdtype]
+            ort = graph  # pages of the memory-mapped data file, nothing copied
+            # one layer held, plus one tensor in flight (read, then converted to the reference's dtype)
+            ref = (s.outside_layers + s.largest_layer) * ITEMSIZE[vdtype] + f32_largest
             how = "the reference's embeddings and head plus one layer"
         disk = graph if vdtype != dtype else 0  # the float32 twin is written too
         needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,

@@ -103,7 +103,8 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
 
 METHODS = {
     "full": "the reference holds every weight in memory",
-    "layerwise": "the reference reads one layer's weights at a time (streamed from the checkpoint on every step)",
+    "layerwise": "the reference reads one layer's weights at a time (streamed from the checkpoint on every step); "
+                 "ONNX Runtime reads its weights from the memory-mapped data file (no optimised copies)",
 }
 
 
@@ -120,7 +121,9 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
         bad = [t for t in p if not 0 <= t < ckpt.model.vocab_size]
         if bad:
             raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {ckpt.model.vocab_size}) of {ckpt.path}")
-    runner = runner or open_runner(model)
+    if runner is None:  # layerwise: ONNX Runtime too keeps its weights in the mapped file, not in copies
+        runner = open_runner(model, low_memory=True) if mode == "layerwise" and Path(model).suffix != ".engine" \
+            else open_runner(model)
     notes = check_compatible(ckpt, runner.info)
     dtype = runner.info.dtype
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
