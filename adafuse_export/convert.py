@@ -158,8 +158,8 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
     refused = resources.check(needs, parent, suggestions, log=stages.detail)
     build_refused = refused[0] if refused else None
     if build_refused:
-        stages.detail(f"the engine build will not fit here ({build_refused}): convert stops after validation and "
-                      f"keeps the validated ONNX")
+        stages.detail(f"the engine build will not fit here ({build_refused}): convert stops after "
+                      + ("validation and keeps the validated ONNX" if validate != "off" else "the export and keeps the ONNX"))
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
                 strategy, plugin_library, timing_cache)
 

@@ -15,6 +15,7 @@ Adapter modes (AdapterSpec.routing / expert_kind):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,7 @@ class StepOutput:
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
-class LayerWeights:
+class LayerWeights(Mapping[str, torch.Tensor]):
     """Weights by name, read from the checkpoint one layer at a time (the streaming reference).
 
     Names outside any layer (embeddings, final norm, lm_head, pre-gate) stay resident. A layer's
@@ -116,7 +117,7 @@ class LayerWeights:
             if _LAYER.match(n) is None:
                 self.resident[n] = load(source, n)
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self.names or name in self.resident
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
@@ -136,8 +137,11 @@ class LayerWeights:
             self.current[name] = self.load(self.source, name)
         return self.current[name]
 
-    def get(self, name: str, default=None):
-        return self[name] if name in self else default
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names | self.resident.keys())
+
+    def __len__(self) -> int:
+        return len(self.names | self.resident.keys())
 
 
 class ReferenceModel:
