@@ -228,7 +228,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
         onnx_dir = staging / f"onnx-{target}"
         export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True)
     try:
-        report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=4, mode=plan.validate)
+        report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=4, mode=plan.validate, log=stages.detail)
     except AdafuseError as e:  # name the output the user will have, not the staging directory
         raise AdafuseError(str(e).replace(str(onnx_dir), str(plan.outs["onnx"])) + "; nothing was written. "
                            "--validate off builds without this check") from None

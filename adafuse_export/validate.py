@@ -9,7 +9,9 @@ expert ids must match exactly.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -110,9 +112,9 @@ METHODS = {
 
 def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
              atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
-             reference_dtype: str | None = None) -> dict:
+             log: Callable[[str], object] | None = None) -> dict:
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
-    reference_dtype: run the reference in this dtype instead of the model's (default: the model's)."""
+    log: told after each compared step (a 7B step takes minutes on a CPU)."""
     from .runners import open_runner
     from .runners.reference import ReferenceRunner
 
@@ -131,7 +133,7 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     rtol = d_rtol if rtol is None else rtol
     if mode not in METHODS:
         raise ValueError(f"validation mode {mode!r}, expected one of {', '.join(METHODS)}")
-    reference = ReferenceRunner(ckpt, dtype=reference_dtype or dtype, stream=mode == "layerwise")
+    reference = ReferenceRunner(ckpt, dtype=dtype, stream=mode == "layerwise")
     stats: dict[str, _Stat] = {}
 
     def stat(name, exact=False):
@@ -140,6 +142,7 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
         return stats[name]
 
     agree = total = 0
+    started = time.monotonic()
     for pi, prompt in enumerate(prompts):
         ids = np.asarray([prompt], dtype=np.int64)
         ref, got = reference.prefill(ids), runner.prefill(ids)
@@ -154,6 +157,8 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
             nxt = ref.logits[:, -1].argmax(-1)
             agree += int((got.logits[:, -1].argmax(-1) == nxt).sum())
             total += nxt.size
+            if log is not None:
+                log(f"{label} compared ({step + 1}/{steps + 1}, {time.monotonic() - started:.0f} s)")
             if step == steps:
                 break
             tok = nxt[:, None].astype(np.int64)

@@ -74,6 +74,7 @@ def test_convert_prints_the_validation_summary(cli, example_dirs, tmp_path):
     block = "\n".join(lines[i:j])
     assert "PASSED (full validation" in block and "logits: max abs diff" in block and "tolerance atol 2e-02" in block
     assert "greedy agreement 5/5" in block and "routing agreement 24/24 expert ids" in block
+    assert "prompt 0 prefill compared (1/5, " in block and "prompt 0 decode 4 compared (5/5, " in block
 
 
 # ---- leftovers of a killed run -----------------------------------------------------------------------
