@@ -50,7 +50,8 @@ def make_staging(output: Path) -> Path:
 
 
 def stale_stagings(output: Path) -> tuple[list[Path], list[Path]]:
-    """(leftovers of dead runs on `output` that are safe to remove, same-pattern entries left alone)."""
+    """(leftovers of dead runs on `output` that are safe to remove, same-pattern entries that are not
+    ours to judge: no marker, or another host's). Stagings of runs still alive are in neither."""
     parent = output.parent if str(output.parent) else Path(".")
     stale, foreign = [], []
     host = socket.gethostname()
@@ -75,5 +76,5 @@ def remove_stale_stagings(output: Path, log=print) -> list[Path]:
         shutil.rmtree(entry, ignore_errors=True)
         log(f"removed {entry}: staging left by an earlier run on {output.name} that was killed (its process is gone)")
     for entry in foreign:
-        log(f"note: left {entry} alone: it has no adafuse owner marker for this host, or its owner is still running")
+        log(f"note: left {entry} alone: it carries no adafuse owner marker of this host")
     return stale
