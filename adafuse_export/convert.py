@@ -216,7 +216,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
         stages(3, "skipping ONNX Runtime validation: onnxruntime is not installed (pip install 'adafuse-export[onnx]')")
         return None
     from .onnx.export import export_onnx
-    from .validate import summary
+    from .validate import failed_outputs, summary
     from .validate import validate as run_validation
 
     onnx_dir = staging / "onnx"
@@ -238,8 +238,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
     for line in summary(report):
         stages.detail(line)
     if not report["passed"]:
-        failed = [o["name"] for o in report["outputs"] if not o["passed"]]
-        raise AdafuseError(f"{plan.engine}: the ONNX export does not match the reference ({', '.join(failed)}); "
+        raise AdafuseError(f"{plan.engine}: the ONNX export does not match the reference ({failed_outputs(report)}); "
                            "nothing was written. Run adafuse-export export-onnx and validate for the full report, "
                            "or pass --validate off to build anyway")
     return report

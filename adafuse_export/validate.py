@@ -175,27 +175,38 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
 
 
 def summary(report: dict) -> list[str]:
-    """A few lines for `convert`: verdict, worst output against its tolerance, greedy and routing agreement."""
+    """A few lines for `convert`: verdict, logits/routes against their tolerance, the KV cache in one line,
+    greedy and routing agreement (the full table: adafuse-export validate)."""
     outs = report["outputs"]
     lines = [f"{'PASSED' if report['passed'] else 'FAILED'} ({report['method']['mode'] if 'method' in report else 'full'} "
              f"validation, {report['runner_description']})"]
     for o in outs:
-        tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} + rtol {o['rtol']:.0e}"
-        if o["name"] in ("logits", "expert_ids", "gates") or not o["passed"]:
+        if o["name"] in ("logits", "expert_ids", "gates"):
+            tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} + rtol {o['rtol']:.0e}"
             lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, max rel diff {o['max_rel_diff']:.3e}, "
                          f"tolerance {tol}, {o['mismatched']}/{o['elements']} mismatched"
                          + ("" if o["passed"] else " FAIL" + (f" ({o['error']})" if o["error"] else "")))
     kv = [o for o in outs if o["name"].startswith("present.")]
     if kv:
         worst = max(kv, key=lambda o: o["max_abs_diff"])
-        lines.append(f"KV cache: {len(kv)} tensors, {sum(o['passed'] for o in kv)} pass; largest diff "
-                     f"{worst['max_abs_diff']:.3e} ({worst['name']})")
+        failed = [o["name"] for o in kv if not o["passed"]]
+        lines.append(f"KV cache: {len(kv)} tensors, {len(kv) - len(failed)} pass; largest diff {worst['max_abs_diff']:.3e} "
+                     f"({worst['name']})" + (f"; failing: {_names(failed)}" if failed else ""))
     g = report["greedy_agreement"]
     lines.append(f"greedy agreement {g['matched']}/{g['total']}")
     routes = next((o for o in outs if o["name"] == "expert_ids"), None)
     if routes is not None:
         lines.append(f"routing agreement {routes['elements'] - routes['mismatched']}/{routes['elements']} expert ids")
     return lines
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def failed_outputs(report: dict) -> str:
+    """The failing outputs in one short phrase."""
+    return _names([o["name"] for o in report["outputs"] if not o["passed"]])
 
 
 def format_report(report: dict) -> str:

@@ -295,3 +295,19 @@ def test_export_onnx_reports_progress_when_weights_go_external(cli, example_dirs
     lines = [line for line in r.out.splitlines() if "writing decoder.onnx.data: " in line]
     done, total = lines[-1].split(": ")[1].split(" ")[0].split("/")  # the last line reports every tensor written
     assert done == total and int(total) > 0
+
+
+def test_summary_stays_short_when_many_outputs_fail(example_dirs, tmp_path):
+    from adafuse_export.validate import failed_outputs, summary
+
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    export_onnx(ckpt, tmp_path / "onnx", "portable", "float16")
+    report = validate(ckpt, tmp_path / "onnx" / "decoder.onnx", steps=1, atol=0.0, rtol=0.0)  # float16 never exact
+    failing = [o["name"] for o in report["outputs"] if not o["passed"]]
+    assert not report["passed"] and len(failing) > 3
+    lines = summary(report)
+    assert lines[0].startswith("FAILED (full validation") and len(lines) <= 7
+    kv_failing = [n for n in failing if n.startswith("present.")]
+    kv = next(line for line in lines if line.startswith("KV cache: "))
+    assert f"failing: {', '.join(kv_failing[:3])}" in kv and (len(kv_failing) <= 3 or f"and {len(kv_failing) - 3} more" in kv)
+    assert failed_outputs(report) == ", ".join(failing[:3]) + f" and {len(failing) - 3} more"
