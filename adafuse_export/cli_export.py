@@ -87,7 +87,11 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
 @click.option("--runtime", type=click.Choice(["python", "cpp"]), default="python", show_default=True,
               help="Engines only: run through TensorRT's Python API (python) or the C++ runtime's C API (cpp: "
                    "libadafuse_runtime.so from runtime/, found through $ADAFUSE_RUNTIME_LIB).")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime):
+@click.option("--reference", "mode", type=click.Choice(["full", "layerwise"]), default="full", show_default=True,
+              help="full: the reference holds every weight; layerwise: it reads one layer's weights at a time and "
+                   "ONNX Runtime keeps its weights in the memory-mapped data file (models that do not fit twice "
+                   "in memory; same comparison). docs/large-models.md")
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode):
     """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
@@ -107,8 +111,9 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     else:
         if runtime == "cpp":
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
-        runner = open_runner(model, plugin_ops=plugin_ops, device=device)
-    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner)
+        low_memory = {"low_memory": True} if mode == "layerwise" else {}
+        runner = open_runner(model, plugin_ops=plugin_ops, device=device, **low_memory)
+    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]

@@ -6,7 +6,8 @@
 Each sample line (elapsed, VmHWM, VmRSS, RssAnon, RssFile in GiB) is flushed as it is taken,
 so a build killed by the OOM killer or a memory cgroup still leaves its last figures. This is
 how resources.BUILD_BYTES_PER_WEIGHT_BYTE was measured (docs/large-models.md).
---strip-plan adds BuilderFlag.STRIP_PLAN + REFIT_IDENTICAL (a weight-stripped plan).
+--strip-plan adds BuilderFlag.STRIP_PLAN (a weight-stripped plan), --refit-identical adds
+REFIT_IDENTICAL (the builder may optimise with the weights it was given).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--max-seq", type=int, default=2048)
     ap.add_argument("--strip-plan", action="store_true")
+    ap.add_argument("--refit-identical", action="store_true")
     a = ap.parse_args()
     t0 = time.time()
 
@@ -53,7 +55,8 @@ def main() -> None:
         def stripped(backend, builder, dtype):
             config = plain(backend, builder, dtype)
             config.set_flag(backend.trt.BuilderFlag.STRIP_PLAN)
-            config.set_flag(backend.trt.BuilderFlag.REFIT_IDENTICAL)
+            if a.refit_identical:
+                config.set_flag(backend.trt.BuilderFlag.REFIT_IDENTICAL)
             return config
 
         build.builder_config = stripped

@@ -311,3 +311,15 @@ def test_summary_stays_short_when_many_outputs_fail(example_dirs, tmp_path):
     kv = next(line for line in lines if line.startswith("KV cache: "))
     assert f"failing: {', '.join(kv_failing[:3])}" in kv and (len(kv_failing) <= 3 or f"and {len(kv_failing) - 3} more" in kv)
     assert failed_outputs(report) == ", ".join(failing[:3]) + f" and {len(failing) - 3} more"
+
+
+def test_validate_command_reference_layerwise(cli, example_dirs, tmp_path):
+    export_onnx(load_checkpoint(example_dirs["mola"]), tmp_path / "o", "portable", "float32")
+    full = cli("validate", example_dirs["mola"], tmp_path / "o", "--steps", "2", "--json")
+    layer = cli("validate", example_dirs["mola"], tmp_path / "o", "--steps", "2", "--json", "--reference", "layerwise")
+    assert full.code == 0 and layer.code == 0, layer.err
+    f, w = json.loads(full.out), json.loads(layer.out)
+    assert (f["method"]["mode"], w["method"]["mode"]) == ("full", "layerwise")
+    assert "weights memory-mapped" in w["runner_description"] and "weights memory-mapped" not in f["runner_description"]
+    for a, b in zip(f["outputs"], w["outputs"]):
+        assert a["name"] == b["name"] and a["passed"] == b["passed"] and abs(a["max_abs_diff"] - b["max_abs_diff"]) <= a["atol"]
