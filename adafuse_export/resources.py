@@ -19,9 +19,10 @@ GiB = 2**30
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Python, torch, onnx and onnxruntime imported, before any weight (measured: about 0.5 GiB).
 RUNTIME_OVERHEAD = 600 * 2**20
-# TensorRT-RTX 1.7's builder, peak resident memory per byte of the ONNX weights it is given.
-# A lower bound from issue 14: the 7B float16 build (12.6 GiB of weights) was killed at 24.2 GB
-# resident while still building, so the builder needs at least 1.8x; see docs/large-models.md.
+# TensorRT-RTX 1.7's builder, peak resident memory per byte of the ONNX weights it is given: a measured
+# lower bound. The 7B float16 build (13.1 GiB of weights) was killed by the OOM killer at 24.2 GB
+# resident (issue 14) and, in a 20 GiB cgroup, at 17.6 GiB anonymous + 2.1 GiB file pages, both while
+# still building (benchmarks/build_rss.py; docs/large-models.md).
 BUILD_BYTES_PER_WEIGHT_BYTE = 1.8
 
 
@@ -98,8 +99,8 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
                           f"ONNX Runtime {ort / GiB:.1f} GiB ({vdtype} graph) + {how} {ref / GiB:.1f} GiB"))
     if build:
         needs.append(Need("build", RUNTIME_OVERHEAD + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights), weights,
-                          f"TensorRT-RTX builder: {BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of weights "
-                          f"(measured)"))
+                          f"TensorRT-RTX builder: at least {BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of "
+                          f"weights, measured"))
     return needs
 
 
