@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import AdafuseError
-from .tensors import _umask
+from .outputs import _umask, claim_engine_outputs
 
 
 def output_paths(engine: Path) -> dict[str, Path]:
@@ -44,9 +44,6 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
         raise AdafuseError(f"{engine}: output directory {parent} {state}")
-    existing = [str(p) for p in outs.values() if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise AdafuseError(f"{existing[0]}: already exists ({len(existing)} output(s) in the way); pass --force to overwrite")
     t0 = time.time()
 
     def stage(n: int, text: str):
@@ -54,6 +51,7 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
 
     stage(1, f"reading {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path, fmt, base)
+    claim_engine_outputs(outs, ckpt.inputs, force, timing_cache)
     log(f"         {ckpt.format}: {ckpt.model.family}, {ckpt.model.num_layers} layers, routing {ckpt.adapter.routing}, "
         f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
     try:
