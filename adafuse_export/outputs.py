@@ -61,7 +61,7 @@ def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool, ours:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
-        raise AdafuseError(f"{option} {path}: output directory {parent} {state}")
+        raise AdafuseError(f"{option} {path}: {'parent' if directory else 'output'} directory {parent} {state}")
     if not (path.exists() or path.is_symlink()):
         return path
     if path.is_dir() != directory or path.is_symlink():
