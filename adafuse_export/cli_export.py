@@ -122,13 +122,13 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
     _import_torch()
-    if _model_kind(model) != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
-        _import_onnx()
     from .converters import load_checkpoint
     from .validate import format_report, validate as run_validate
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
+    if _model_kind(model) != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
+        _import_onnx()
     for p in prompts or ():
         if len(p) + steps > c.model.max_position_embeddings:
             raise AdafuseError(f"--prompt-ids ({len(p)} tokens) + --steps {steps} exceed the model's context of "

@@ -121,6 +121,7 @@ COMMANDS = {
     "convert": lambda ckpt, out: ["convert", ckpt, out / "model.engine", "--max-seq", "16"],
     "export-onnx": lambda ckpt, out: ["export-onnx", ckpt, out / "onnx"],
     "validate": lambda ckpt, out: ["validate", ckpt, out / "missing.onnx"],
+    "export-routes": lambda ckpt, out: ["export-routes", ckpt, out / "routes.safetensors"],
 }
 
 
