@@ -55,7 +55,10 @@ def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: C
     if backend.name == "tensorrt-rtx":
         log(f"--timing-cache {path}: not used (TensorRT-RTX has no timing cache); the file is left unchanged")
         return None
-    data = read_bytes(path, "TensorRT timing cache", MAX_TIMING_CACHE_BYTES) if path.exists() else b""
+    try:
+        data = read_bytes(path, "TensorRT timing cache", MAX_TIMING_CACHE_BYTES) if path.exists() else b""
+    except AdafuseError as e:
+        raise AdafuseError(f"--timing-cache {e}") from None
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise AdafuseError(f"--timing-cache {path}: {backend.name} {backend.version} refused this timing cache "
