@@ -7,6 +7,7 @@ one line and exit 2; bugs keep their traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -261,8 +262,23 @@ def main(argv=None) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM raised where the process is, so that atomic writes remove their temporaries
+    (Python's default action for SIGTERM ends the process with no cleanup at all)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main()
+    except Terminated:
+        click.echo("error: terminated", err=True)
+        code = 128 + signal.SIGTERM
+    sys.exit(code)
 
 
 # Commands defined in their own modules register themselves on `cli`.

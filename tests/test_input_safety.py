@@ -503,3 +503,26 @@ def test_json_reader_bounds(tmp_path):
         read_json(p)
     with pytest.raises(AdafuseError, match="character device"):
         read_json(Path("/dev/zero"))
+
+
+def test_sigterm_leaves_no_temporary(world):
+    """A kill while writing (SIGTERM, as a supervisor sends it) leaves no temporary and no half output."""
+    ready = world / "ready"
+    script = (f"import sys, time, pathlib\n"
+              f"import adafuse_export.onnx.export as e\n"
+              f"def stall(*a):\n    pathlib.Path({str(ready)!r}).touch()\n    time.sleep(120)\n"
+              f"e._check = stall\n"
+              f"from adafuse_export.cli import entry_point\n"
+              f"sys.argv = ['adafuse-export', 'export-onnx', {str(world / 'ckpt')!r}, {str(world / 'out' / 'onnx')!r}]\n"
+              f"entry_point()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    t0 = time.time()
+    while not ready.exists():
+        assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    assert any((world / "out").iterdir())  # the temporary export folder exists while it writes
+    proc.terminate()
+    err = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 143 and err.strip() == "error: terminated", err
+    assert list((world / "out").iterdir()) == []
