@@ -136,13 +136,14 @@ def _bytes(n: int) -> str:
               help="Greedy tokens to generate; prompt + generated must fit max_position_embeddings.")
 @click.option("--save-logits", type=click.Path(path_type=Path), default=None,
               help="Write the prompt's logits [1, S, vocab] (float32) to this .safetensors file.")
+@click.option("--force", is_flag=True, help="Replace an existing --save-logits file (one that adafuse-export wrote).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--no-adapters", is_flag=True, help="Run the base model alone.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the GPU decoder (fused kernels, CUDA graphs; pre-gated checkpoints with a routing table).")
 @click.option("--strategy", type=click.Choice(["auto", "fused", "switch", "unmerged"]), default="auto", show_default=True,
               help="GPU adapter strategy; auto times fused and switch at load and keeps the faster.")
-def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adapters, device, strategy):
+def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, no_adapters, device, strategy):
     """Greedy-decode with the PyTorch reference model (or the GPU decoder); print the generated ids."""
     torch = _import_torch()
     from .converters import load_checkpoint
@@ -152,7 +153,7 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
     ids = parse_ids(prompt_ids)
     c = load_checkpoint(ckpt, fmt, base)
     if save_logits is not None:
-        claim(save_logits, option="--save-logits", inputs=c.inputs, force=False, ours=is_marked_safetensors)
+        claim(save_logits, option="--save-logits", inputs=c.inputs, force=force, ours=is_marked_safetensors)
     bad = [i for i in ids if not 0 <= i < c.model.vocab_size]
     if bad:
         raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {c.model.vocab_size})")

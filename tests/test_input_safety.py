@@ -79,6 +79,8 @@ def clobber_cases(w: Path) -> list[tuple[str, list, tuple]]:
         ("run-save-logits-onto-checkpoint", ["run", c, "--prompt-ids", "1", "--save-logits", c], ("is the input",)),
         ("run-save-logits-onto-user-file", ["run", c, "--prompt-ids", "1", "--save-logits", w / "user.txt"],
          ("user.txt", "already exists")),
+        ("run-save-logits-force-over-user-file", ["run", c, "--prompt-ids", "1", "--save-logits", w / "user.txt", "--force"],
+         ("not written by adafuse-export",)),
         ("export-onnx-onto-checkpoint", ["export-onnx", c, c, "--force"], ("OUT_DIR", "is the input")),
         ("export-onnx-inside-checkpoint", ["export-onnx", c, c / "onnx"], ("sits inside the input",)),
         ("export-onnx-containing-checkpoint", ["export-onnx", c, w, "--force"], ("contains the input",)),
@@ -120,6 +122,7 @@ def test_force_replaces_what_the_tool_wrote(cli, world):
     assert cli("make-example", out / "ex", "--force", "--kind", "lora").code == 0
     assert cli("run", c, "--prompt-ids", "1", "--save-logits", out / "l.safetensors").code == 0
     one_line(cli("run", c, "--prompt-ids", "1", "--save-logits", out / "l.safetensors"), "already exists")
+    assert cli("run", c, "--prompt-ids", "1", "--save-logits", out / "l.safetensors", "--force").code == 0
 
 
 def test_outputs_have_umask_permissions(cli, world):
