@@ -7,6 +7,7 @@ one line and exit 2; bugs keep their traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import click
 
 from . import __version__
 from .errors import AdafuseError, missing_dependency
+from .outputs import claim, is_marked_safetensors
 
 EXIT_USAGE = 2
 
@@ -130,16 +132,18 @@ def _bytes(n: int) -> str:
 @format_option
 @base_option
 @click.option("--prompt-ids", required=True, help="Prompt token ids, comma-separated (e.g. 1,2,3).")
-@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(0, 100000), help="Greedy tokens to generate.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(0, 100000),
+              help="Greedy tokens to generate; prompt + generated must fit max_position_embeddings.")
 @click.option("--save-logits", type=click.Path(path_type=Path), default=None,
               help="Write the prompt's logits [1, S, vocab] (float32) to this .safetensors file.")
+@click.option("--force", is_flag=True, help="Replace an existing --save-logits file (one that adafuse-export wrote).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--no-adapters", is_flag=True, help="Run the base model alone.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the GPU decoder (fused kernels, CUDA graphs; pre-gated checkpoints with a routing table).")
 @click.option("--strategy", type=click.Choice(["auto", "fused", "switch", "unmerged"]), default="auto", show_default=True,
               help="GPU adapter strategy; auto times fused and switch at load and keeps the faster.")
-def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adapters, device, strategy):
+def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, no_adapters, device, strategy):
     """Greedy-decode with the PyTorch reference model (or the GPU decoder); print the generated ids."""
     torch = _import_torch()
     from .converters import load_checkpoint
@@ -148,9 +152,15 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
 
     ids = parse_ids(prompt_ids)
     c = load_checkpoint(ckpt, fmt, base)
+    if save_logits is not None:
+        claim(save_logits, option="--save-logits", inputs=c.inputs, force=force, ours=is_marked_safetensors)
     bad = [i for i in ids if not 0 <= i < c.model.vocab_size]
     if bad:
         raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {c.model.vocab_size})")
+    limit = c.model.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        raise AdafuseError(f"--prompt-ids ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
+                           f"context of {limit} positions (max_position_embeddings in {c.path})")
     prompt = torch.tensor([ids])
     if device == "cuda":
         generated, prompt_logits = _run_cuda(c, prompt, max_new_tokens, getattr(torch, dtype), strategy, no_adapters,
@@ -162,7 +172,8 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, dtype, no_adap
         if steps[0].expert_ids is not None:
             click.echo(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
     if save_logits is not None:
-        save_safetensors({"logits": prompt_logits.contiguous()}, save_logits, {"prompt_ids": ",".join(map(str, ids))})
+        save_safetensors({"logits": prompt_logits.contiguous()}, save_logits, {"prompt_ids": ",".join(map(str, ids))},
+                         output="logits")
     click.echo(" ".join(map(str, generated[0].tolist())))
 
 
@@ -205,13 +216,11 @@ def export_routes(ckpt, out, fmt, base, force):
     _import_torch()
     from .converters import load_checkpoint
     from .onnx.export import _write_routes
-    from .tensors import atomic_write
 
     c = load_checkpoint(ckpt, fmt, base)
     c.require_routing_table()
-    if out.exists() and not force:
-        raise AdafuseError(f"{out}: already exists; pass --force to overwrite")
-    atomic_write(out, lambda tmp: _write_routes(c, tmp, "float32"))
+    claim(out, option="OUT", inputs=c.inputs, force=force, ours=is_marked_safetensors)
+    _write_routes(c, out, "float32")
     click.echo(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")
 
 
@@ -225,10 +234,12 @@ def make_example_cmd(out_dir, kind, family, force):
     """Write a tiny random canonical checkpoint (the built-in example) to OUT_DIR."""
     _import_torch()
     from .examples import make_example
-    from .tensors import atomic_directory
+    from .outputs import EXAMPLE_MARKER, atomic_directory, is_example
 
+    claim(out_dir, option="OUT_DIR", inputs=(), force=force, ours=is_example, directory=True)
     with atomic_directory(out_dir, force) as tmp:
         make_example(tmp, kind, family)
+        (tmp / EXAMPLE_MARKER).write_text(f"written by adafuse-export make-example --kind {kind} --family {family}\n")
     click.echo(f"wrote {kind} example ({family}) to {out_dir}")
 
 
@@ -252,8 +263,23 @@ def main(argv=None) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM raised where the process is, so that atomic writes remove their temporaries
+    (Python's default action for SIGTERM ends the process with no cleanup at all)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main()
+    except Terminated:
+        click.echo("error: terminated", err=True)
+        code = 128 + signal.SIGTERM
+    sys.exit(code)
 
 
 # Commands defined in their own modules register themselves on `cli`.

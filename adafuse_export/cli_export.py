@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
 from .cli import _import_torch, base_option, ckpt_argument, cli, format_option, parse_ids
 from .errors import AdafuseError, missing_dependency
+from .outputs import claim, is_onnx_export
 
 
 class ValidationFailed(click.ClickException):
@@ -53,9 +55,8 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
     from .converters import load_checkpoint
     from .onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx
 
-    if out_dir.exists() and out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise AdafuseError(f"{out_dir}: directory is not empty; pass --force to overwrite")
     c = load_checkpoint(ckpt, fmt, base)
+    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=is_onnx_export, directory=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     manifest = export_onnx(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
     for graph, info in manifest["graphs"].items():
@@ -67,6 +68,30 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
     click.echo(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
 
 
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise AdafuseError(f"--{param.name}: expected a finite non-negative number, found {value}")
+    return value
+
+
+def _model_kind(model: Path) -> str:
+    """What validate accepts (the one truth that --help, the README and docs/onnx-graphs.md state)."""
+    model = Path(model)
+    if model.is_dir():
+        return "onnx-dir"
+    if model.suffix == ".engine":
+        if not model.is_file():
+            raise AdafuseError(f"{model}: engine file not found")
+        return "engine"
+    if not model.exists():
+        raise AdafuseError(f"{model}: model file or directory not found")
+    if model.suffix == ".onnx":
+        return "onnx-file"
+    hint = " (for an engine, name the .engine file, not its .json manifest)" if model.suffix == ".json" else ""
+    raise AdafuseError(f"{model}: expected an ONNX export directory, a decoder .onnx file or a .engine file, "
+                       f"found a file named '*{model.suffix}'{hint}")
+
+
 @cli.command()
 @ckpt_argument
 @click.argument("model", type=click.Path(path_type=Path))
@@ -75,8 +100,10 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
 @click.option("--prompt-ids", "prompt_ids", multiple=True,
               help="Prompt token ids, comma-separated; repeat for several prompts [default: 1,2,...,8].")
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(0, 10000), help="Greedy decode steps after the prefill.")
-@click.option("--atol", type=click.FloatRange(0), default=None, help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
-@click.option("--rtol", type=click.FloatRange(0), default=None, help="Relative tolerance (default per dtype: 1e-3, 2e-2, 5e-2).")
+@click.option("--atol", type=click.FloatRange(0), default=None, callback=_finite,
+              help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
+@click.option("--rtol", type=click.FloatRange(0), default=None, callback=_finite,
+              help="Relative tolerance (default per dtype: 1e-3, 2e-2, 5e-2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plugin-ops", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Plugin-flavour ONNX only: run the adafuse nodes with numpy (cpu) or the plugins' CUDA kernels "
@@ -92,18 +119,24 @@ def export_onnx_cmd(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external
                    "ONNX Runtime keeps its weights in the memory-mapped data file (models that do not fit twice "
                    "in memory; same comparison). docs/large-models.md")
 def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode):
-    """Compare MODEL (an ONNX export: directory or decoder .onnx) with the PyTorch reference of CKPT.
+    """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
+    (or `convert`'s ENGINE.onnx/), its decoder .onnx file, or a `convert` ENGINE.engine file (its ENGINE.json
+    manifest beside it; needs TensorRT and a GPU).
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
     _import_torch()
-    if Path(model).suffix != ".engine":  # engines are run by TensorRT (runners/tensorrt.py)
-        _import_onnx()
     from .converters import load_checkpoint
     from .validate import format_report, validate as run_validate
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
+    if _model_kind(model) != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
+        _import_onnx()
+    for p in prompts or ():
+        if len(p) + steps > c.model.max_position_embeddings:
+            raise AdafuseError(f"--prompt-ids ({len(p)} tokens) + --steps {steps} exceed the model's context of "
+                               f"{c.model.max_position_embeddings} positions (max_position_embeddings in {c.path})")
     from .runners import open_runner
 
     if Path(model).suffix == ".engine":

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AdafuseError
-from .tensors import _umask
+from .outputs import _umask, claim_engine_outputs
 
 VALIDATE_MODES = ("full", "layerwise", "off")
 DEFAULT_MAX_SEQ = 2048
@@ -85,13 +85,13 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
         raise AdafuseError(f"--validate {validate}: expected one of {', '.join(VALIDATE_MODES)}")
     engine = Path(engine)
     outs = output_paths(engine)
-    _check_outputs(engine, outs, force)
+    _check_outputs(engine)
     stages = Stages(log)
     remove_stale_stagings(engine, log=stages.detail)
     stages(1, f"reading {ckpt_path}")
     plan = plan_conversion(ckpt_path, engine, outs, fmt=fmt, base=base, backend=backend, dtype=dtype,
                            max_batch=max_batch, max_seq=max_seq, validate=validate, plugin_library=plugin_library,
-                           timing_cache=timing_cache, strategy=strategy, stages=stages)
+                           timing_cache=timing_cache, strategy=strategy, force=force, stages=stages)
     try:
         staging = make_staging(engine)
     except OSError as e:
@@ -107,27 +107,26 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_outputs(engine: Path, outs: dict[str, Path], force: bool) -> None:
+def _check_outputs(engine: Path) -> None:
+    """The output's name and folder; what is in the way is claimed once the checkpoint's inputs are known."""
     parent = engine.parent if str(engine.parent) else Path(".")
     if engine.suffix != ".engine":
         raise AdafuseError(f"{engine}: the output name must end in .engine (found '{engine.suffix or 'no suffix'}')")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
         raise AdafuseError(f"{engine}: output directory {parent} {state}")
-    existing = [str(p) for p in outs.values() if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise AdafuseError(f"{existing[0]}: already exists ({len(existing)} output(s) in the way); pass --force to overwrite")
 
 
 def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt, base, backend: str, dtype: str,
                     max_batch: int, max_seq: int | None, validate: str, plugin_library: Path | None,
-                    timing_cache: Path | None, strategy: str | None, stages: Stages) -> Plan:
+                    timing_cache: Path | None, strategy: str | None, force: bool, stages: Stages) -> Plan:
     """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
     from . import resources
     from .converters import load_checkpoint
     from .trt.backends import select_backend
 
     ckpt = load_checkpoint(ckpt_path, fmt, base)
+    claim_engine_outputs(outs, ckpt.inputs, force, timing_cache)  # nothing is written before this
     m = ckpt.model
     stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
                   f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")

@@ -36,14 +36,23 @@ def _get(cfg: dict, key: str, kind, where: str, default=_MISSING):
     if not ok:
         names = " or ".join(k.__name__ for k in kinds)
         raise AdafuseError(f"{where}: key '{key}' must be {names}, found {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise AdafuseError(f"{where}: key '{key}' must be a finite number, found {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _finite(value):
+        raise AdafuseError(f"{where}: key '{key}' must be a finite number of at most 2^63, found {str(value)[:20]}")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    return abs(value) <= 1 << 63 if isinstance(value, int) else math.isfinite(value)
+
+
+MAX_SIZE = (1 << 31) - 1  # every size, count and position is an int32 in the graphs and engines
 
 
 def _positive(value: int, key: str, where: str) -> int:
     if value <= 0:
         raise AdafuseError(f"{where}: key '{key}' must be positive, found {value}")
+    if isinstance(value, int) and value > MAX_SIZE:
+        raise AdafuseError(f"{where}: key '{key}' must be at most {MAX_SIZE}, found {str(value)[:20]}")
     return value
 
 
@@ -82,7 +91,9 @@ class ModelSpec:
         if heads % kv_heads:
             raise AdafuseError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = _get(cfg, "head_dim", int, where, None)
-        if head_dim is None:
+        if head_dim is not None:
+            _positive(head_dim, "head_dim", where)
+        else:
             if hidden % heads:
                 raise AdafuseError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
             head_dim = hidden // heads
@@ -108,6 +119,8 @@ class ModelSpec:
         window = None
         if family == "mistral" or (family == "qwen2" and _get(cfg, "use_sliding_window", bool, where, False)):
             window = _get(cfg, "sliding_window", int, where, None)
+            if window is not None:
+                _positive(window, "sliding_window", where)
         return cls(
             family=family,
             vocab_size=_positive(_get(cfg, "vocab_size", int, where), "vocab_size", where),
@@ -122,7 +135,8 @@ class ModelSpec:
             tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, where, False),
             bias_modules=bias,
             sliding_window=window,
-            max_position_embeddings=_get(cfg, "max_position_embeddings", int, where, 4096),
+            max_position_embeddings=_positive(_get(cfg, "max_position_embeddings", int, where, 4096),
+                                              "max_position_embeddings", where),
         )
 
     def linear_shape(self, module: str) -> tuple[int, int]:
@@ -204,7 +218,7 @@ class AdapterSpec:
         def pattern(key, kind):
             value = _get(cfg, key, dict, where, {})
             for k, v in value.items():
-                if not isinstance(v, kind) or isinstance(v, bool) or not math.isfinite(v):
+                if not isinstance(v, kind) or isinstance(v, bool) or not _finite(v):
                     raise AdafuseError(f"{where}: {key}['{k}'] must be a number, found {v!r}")
             return dict(value)
 
@@ -238,6 +252,12 @@ class AdapterSpec:
         def bad(msg):
             raise AdafuseError(f"{where}: {msg}")
 
+        for key in ("num_experts", "top_k", "r"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value > MAX_SIZE:
+                bad(f"{key} must be an integer of at most {MAX_SIZE}, found {str(value)[:20]}")
+        if not isinstance(self.use_rslora, bool):
+            bad(f"use_rslora must be true or false, found {self.use_rslora!r}")
         if self.num_experts <= 0:
             bad(f"num_experts must be positive, found {self.num_experts}")
         if self.top_k <= 0:
@@ -247,8 +267,11 @@ class AdapterSpec:
         if not self.lora_alpha > 0:
             bad(f"lora_alpha must be positive, found {self.lora_alpha}")
         for key, value in self.rank_pattern.items():
-            if value <= 0:
-                bad(f"rank_pattern['{key}'] must be positive, found {value}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+                bad(f"rank_pattern['{key}'] must be a positive integer, found {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                bad(f"alpha_pattern['{key}'] must be a positive number, found {value!r}")
         smallest = min(self.num_experts_per_layer or (self.num_experts,))
         if self.top_k > smallest and not (self.routing == "layerwise" and self.router_kind == "dense"):
             bad(f"top_k {self.top_k} is larger than num_experts {smallest}")

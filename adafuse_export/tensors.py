@@ -8,19 +8,21 @@ a one-line AdafuseError naming the file and tensor.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from .errors import AdafuseError
+from .inputs import confine, open_regular, parse_json, read_json
+from .outputs import MARKER_KEY, atomic_write
+# Re-exported: other modules import these helpers from here.
+from .inputs import check_directory, check_readable_file  # noqa: F401,E402
+from .outputs import _umask, atomic_directory  # noqa: F401,E402
 
 # safetensors dtype code -> bytes per element
 DTYPE_SIZES = {
@@ -30,6 +32,8 @@ DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
+MAX_RANK = 8
+MAX_SHARDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -107,50 +111,66 @@ def _reject_duplicates(path: Path):
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
     """Parse and validate a safetensors header: (tensors, metadata, data start offset)."""
     path = Path(path)
-    check_readable_file(path, "safetensors file")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise AdafuseError(f"{path}: truncated safetensors file: {size} bytes, expected at least 8")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise AdafuseError(f"{path}: corrupt safetensors file: header length {n} is larger than the {size - 8} bytes after it")
-            if n > MAX_HEADER_BYTES:
-                raise AdafuseError(f"{path}: corrupt safetensors file: header length {n} exceeds {MAX_HEADER_BYTES}")
+            if n > size - 8 or n > MAX_HEADER_BYTES:  # the length is not echoed: it is 8 bytes of the file
+                raise AdafuseError(f"{path}: not a safetensors file: its header length field exceeds the "
+                                   f"{min(size - 8, MAX_HEADER_BYTES)} bytes it may have")
             raw = f.read(n)
-    except OSError as e:
-        raise AdafuseError(f"{path}: cannot read: {e.strerror or e}") from None
+        except OSError as e:
+            raise AdafuseError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdafuseError(f"{path}: corrupt safetensors header: not valid UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdafuseError(f"{path}: corrupt safetensors header: not valid UTF-8 JSON") from None
+    except (RecursionError, ValueError):
+        raise AdafuseError(f"{path}: corrupt safetensors header: nested too deep or a number too long") from None
     if not isinstance(header, dict):
         raise AdafuseError(f"{path}: corrupt safetensors header: expected a JSON object, found {type(header).__name__}")
     data_size = size - 8 - n
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdafuseError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
+    spans = []
     for name, entry in header.items():
         where = f"{path}: tensor '{name}'"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise AdafuseError(f"{where}: header entry must have dtype, shape and data_offsets, found {entry!r}")
+            raise AdafuseError(f"{where}: header entry must have dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise AdafuseError(f"{where}: dtype '{dtype}' is not supported (expected one of {', '.join(DTYPE_SIZES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise AdafuseError(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise AdafuseError(f"{where}: dtype {_short(dtype)} is not supported (expected one of {', '.join(DTYPE_SIZES)})")
+        if (not isinstance(shape, list) or len(shape) > MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= data_size for d in shape)):
+            raise AdafuseError(f"{where}: shape must be a list of at most {MAX_RANK} non-negative integers "
+                               f"no larger than the file, found {_short(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise AdafuseError(f"{where}: data_offsets must be two integers, found {offsets!r}")
+            raise AdafuseError(f"{where}: data_offsets must be two integers, found {_short(offsets)}")
         begin, end = offsets
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if not 0 <= begin <= end <= data_size:
-            raise AdafuseError(f"{where}: data_offsets {offsets} lie outside the {data_size} data bytes (file truncated?)")
+            raise AdafuseError(f"{where}: data_offsets {_short(offsets)} lie outside the {data_size} data bytes (file truncated?)")
         if end - begin != expected:
             raise AdafuseError(f"{where}: data_offsets span {end - begin} bytes, expected {expected} for {dtype} {shape}")
         tensors[name] = TensorInfo(name, tuple(shape), dtype, str(path))
+        if end > begin:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise AdafuseError(f"{path}: tensors '{a}' and '{b}' overlap (data_offsets share bytes {begin_b}..{end_a})")
     return tensors, metadata, 8 + n
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class SafetensorsSource(TensorSource):
@@ -197,9 +217,25 @@ class SafetensorsSource(TensorSource):
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
         try:
-            return self._handles[file].get_tensor(name)
+            tensor = self._handles[file].get_tensor(name)
         except Exception as e:  # the header was valid, so this is I/O trouble
             raise AdafuseError(f"{file}: cannot read tensor '{name}': {e}") from None
+        check_finite(tensor, name, file)
+        return tensor
+
+
+def check_finite(tensor, name: str, origin: object, chunk: int = 1 << 22) -> None:
+    """Refuse NaN/Inf weights as they are read (in chunks: a bool mask of a few MB, not of the tensor)."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk]
+        if not torch.isfinite(part).all():
+            bad = int((~torch.isfinite(flat)).sum())
+            raise AdafuseError(f"{origin}: tensor '{name}' has {bad} NaN/Inf values, expected finite weights")
 
 
 class LazySource(TensorSource):
@@ -228,12 +264,26 @@ class LazySource(TensorSource):
         return tensor
 
 
-def in_memory_source(tensors: Mapping[str, object], origin: str) -> LazySource:
-    """Wrap already-loaded torch tensors (e.g. from a pickled .bin)."""
+def in_memory_source(tensors: object, origin: str) -> LazySource:
+    """Wrap already-loaded torch tensors (e.g. from a pickled .bin): a dict of plain, finite, dense CPU tensors."""
+    import torch
+
+    if not isinstance(tensors, dict):
+        raise AdafuseError(f"{origin}: expected a dict of tensors, found {type(tensors).__name__}")
     entries = {}
     for name, t in tensors.items():
-        info = TensorInfo(name, tuple(t.shape), dtype_code(t.dtype), origin)
-        entries[name] = (info, (lambda t=t: t))
+        if not isinstance(name, str):
+            raise AdafuseError(f"{origin}: tensor names must be strings, found {type(name).__name__} {_short(name)}")
+        if not isinstance(t, torch.Tensor):
+            raise AdafuseError(f"{origin}: '{name}' is a {type(t).__name__}, expected a tensor")
+        if t.layout != torch.strided or t.is_meta or t.device.type != "cpu":
+            raise AdafuseError(f"{origin}: tensor '{name}' is {t.layout} on device {t.device}, expected a dense CPU tensor with data")
+        try:
+            code = dtype_code(t.dtype)
+        except AdafuseError:
+            raise AdafuseError(f"{origin}: tensor '{name}' has dtype {t.dtype}, which is not supported") from None
+        check_finite(t, name, origin)
+        entries[name] = (TensorInfo(name, tuple(t.shape), code, origin), (lambda t=t: t))
     return LazySource(entries)
 
 
@@ -242,19 +292,22 @@ def load_sharded_dir(directory: Path, stem: str) -> SafetensorsSource:
     directory = Path(directory)
     single = directory / f"{stem}.safetensors"
     index = directory / f"{stem}.safetensors.index.json"
-    if index.exists():
-        data = read_json(index)
+    if index.exists() or index.is_symlink():
+        data = read_json(confine(directory, index.name, directory))
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise AdafuseError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
         shards = sorted(set(weight_map.values()))
+        if len(shards) > MAX_SHARDS:
+            raise AdafuseError(f"{index}: names {len(shards)} shard files, more than {MAX_SHARDS}")
         _check_shard_numbering(index, shards)
-        for shard in shards:
-            if not (directory / shard).is_file():
+        files = [confine(directory, shard, index) for shard in shards]
+        for shard, file in zip(shards, files):
+            if not file.exists() and not file.is_symlink():
                 raise AdafuseError(f"{index}: shard '{shard}' named in the index is missing from {directory}")
-        return SafetensorsSource([directory / s for s in shards], expected_map=weight_map)
-    if single.exists():
-        return SafetensorsSource([single])
+        return SafetensorsSource(files, expected_map=weight_map)
+    if single.exists() or single.is_symlink():
+        return SafetensorsSource([confine(directory, single.name, directory)])
     raise AdafuseError(f"{directory}: no {single.name} or {index.name} found")
 
 
@@ -268,120 +321,21 @@ def _check_shard_numbering(index: Path, shards: list[str]) -> None:
         return
     totals = {int(m.group(2)) for m in numbered}
     present = sorted(int(m.group(1)) for m in numbered)
-    if len(totals) != 1 or present != list(range(1, totals.pop() + 1)):
+    # compare the count first: a name '-of-999999999999' must not build a range that long
+    if len(totals) != 1 or next(iter(totals)) != len(present) or present != list(range(1, len(present) + 1)):
         raise AdafuseError(f"{index}: shard index is not contiguous: it names shards {', '.join(shards)}, "
                            f"expected -00001-of-N .. -N-of-N with none missing")
 
 
-def check_readable_file(path: Path, what: str = "file") -> None:
-    """Not found, a symlink loop, or a directory: each gets its own one-line message."""
-    if path.is_symlink() and not path.exists():
-        raise AdafuseError(f"{path}: broken or looping symbolic link, expected a {what}")
-    if not path.exists():
-        raise AdafuseError(f"{path}: file not found")
-    if path.is_dir():
-        raise AdafuseError(f"{path}: expected a {what}, found a directory")
+def save_safetensors(tensors: Mapping[str, object], path: Path, metadata: Mapping[str, str] | None = None,
+                     output: str | None = None) -> None:
+    """Atomic; `output` marks the file as written by this tool (outputs.MARKER_KEY) so --force may replace it."""
+    marked = {**(metadata or {}), **({MARKER_KEY: output} if output else {})}
+    write_safetensors_streaming(path, [(n, dtype_code(t.dtype), tuple(t.shape), (lambda t=t: t))
+                                       for n, t in tensors.items()], marked)
 
 
-def check_directory(path: Path, what: str) -> None:
-    if path.is_symlink() and not path.exists():
-        raise AdafuseError(f"{path}: broken or looping symbolic link, expected a {what}")
-    if not path.exists():
-        raise AdafuseError(f"{path}: {what} not found")
-    if not path.is_dir():
-        raise AdafuseError(f"{path}: expected a {what}, found a file")
-
-
-def read_json(path: Path) -> object:
-    path = Path(path)
-    check_readable_file(path, "JSON file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AdafuseError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    except OSError as e:
-        raise AdafuseError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise AdafuseError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the destination directory, then rename.
-
-    A failure or interruption leaves any previous file untouched and no temporary behind.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise AdafuseError(f"{path}: output directory {directory} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise AdafuseError(f"{path}: cannot write in {directory}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Path, force: bool = False):
-    """Build a directory under a temporary sibling name, then rename it into place.
-
-    An existing non-empty `path` is replaced only with `force` (and only once the new one is
-    complete); a failure or Ctrl-C leaves the previous directory intact and no temporary behind.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists() and not path.is_dir():
-        raise AdafuseError(f"{path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise AdafuseError(f"{path}: directory is not empty; pass --force to overwrite")
-    if not parent.is_dir():
-        state = "is not a directory" if parent.exists() else "does not exist"
-        raise AdafuseError(f"{path}: parent directory {parent} {state}")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise AdafuseError(f"{path}: cannot write in {parent}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_safetensors(tensors: Mapping[str, object], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=dict(metadata or {})))
-
-
-def save_json(obj: object, path: Path) -> None:
+def save_json(obj: object, path: Path) -> None:  # atomic
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 

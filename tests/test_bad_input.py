@@ -118,7 +118,7 @@ def test_non_finite_router(cli, example_copy, value):
     def poison(t):
         t["layers.1.v_proj.router.weight"][2, 3] = value
     rewrite_adapters(p, poison)
-    expect_error(cli, p, "router tensor 'layers.1.v_proj.router.weight' has 1 NaN/Inf values")
+    expect_error(cli, p, "tensor 'layers.1.v_proj.router.weight' has 1 NaN/Inf values")
 
 
 def test_unknown_format(cli, tmp_path):

@@ -29,7 +29,7 @@ def truncated_header(ckpt: Path):
 
 def header_longer_than_file(ckpt: Path):
     _header_file(ckpt / ADAPTERS, b'{"a": 1}', length=10_000)
-    return ADAPTERS, "header length 10000 is larger than the 8 bytes after it"
+    return ADAPTERS, "header length field exceeds the 8 bytes"
 
 
 def duplicate_names(ckpt: Path):
@@ -121,6 +121,7 @@ COMMANDS = {
     "convert": lambda ckpt, out: ["convert", ckpt, out / "model.engine", "--max-seq", "16"],
     "export-onnx": lambda ckpt, out: ["export-onnx", ckpt, out / "onnx"],
     "validate": lambda ckpt, out: ["validate", ckpt, out / "missing.onnx"],
+    "export-routes": lambda ckpt, out: ["export-routes", ckpt, out / "routes.safetensors"],
 }
 
 

@@ -45,5 +45,5 @@ def test_a_refused_timing_cache_is_an_error(tmp_path):
     calls.clear()
     assert attach_timing_cache(full, RecordingTimingCacheConfig(calls, accepts=True), tmp_path / "new.bin", print) is not None
     assert calls == [("create_timing_cache", b""), ("set_timing_cache", False)]
-    with pytest.raises(AdafuseError, match=f"--timing-cache {re.escape(str(tmp_path))}: cannot read"):
+    with pytest.raises(AdafuseError, match=f"--timing-cache {re.escape(str(tmp_path))}: expected a TensorRT timing cache, found a directory"):
         attach_timing_cache(full, RecordingTimingCacheConfig(calls, accepts=True), tmp_path, print)

@@ -56,6 +56,11 @@ def detect_format(path: Path) -> str:
 def load_checkpoint(path: Path | str, format: str | None = None, base: Path | str | None = None,
                     validate: bool = True) -> Checkpoint:
     path = Path(path)
+    for option, p in (("CKPT", path), ("--base", base)):
+        try:
+            str(p).encode("utf-8")
+        except UnicodeError:
+            raise AdafuseError(f"{option} {ascii(str(p))}: the path is not valid UTF-8") from None
     name = format or detect_format(path)
     if name not in converters():
         raise AdafuseError(f"--format '{name}' is unknown (registered formats: {', '.join(converters())})")

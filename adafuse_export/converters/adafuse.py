@@ -5,15 +5,23 @@ from pathlib import Path
 
 from ..checkpoint import ADAPTER_CONFIG, ADAPTERS, BASE_STEM, CONFIG, Checkpoint
 from ..spec import AdapterSpec, ModelSpec
-from ..tensors import SafetensorsSource, load_sharded_dir, read_json
+from ..errors import AdafuseError
+from ..inputs import confine, read_json
+from ..tensors import SafetensorsSource, load_sharded_dir
 from . import Converter, register
 
 
 def load_hf_base(directory: Path) -> tuple[dict, ModelSpec, SafetensorsSource]:
     """A Hugging Face model directory: config.json + model.safetensors (or shards)."""
-    cfg = read_json(directory / CONFIG)
+    cfg = read_json(confine(directory, CONFIG, directory))
     spec = ModelSpec.from_hf_config(cfg, directory / CONFIG)
-    return cfg, spec, load_sharded_dir(directory, BASE_STEM)
+    weights = load_sharded_dir(directory, BASE_STEM)
+    # Config numbers are checked against what the files hold before anything is sized by them.
+    last = f"model.layers.{spec.num_layers - 1}.input_layernorm.weight"
+    if last not in weights:
+        raise AdafuseError(f"{directory / CONFIG}: num_hidden_layers is {spec.num_layers}, but the weights in {directory} "
+                           f"hold no '{last}'")
+    return cfg, spec, weights
 
 
 @register
@@ -26,6 +34,7 @@ class AdafuseConverter(Converter):
 
     def load(self, path: Path, base: Path | None = None) -> Checkpoint:
         cfg, model, base_src = load_hf_base(base or path)
-        adapter = AdapterSpec.from_json(read_json(path / ADAPTER_CONFIG), path / ADAPTER_CONFIG, model.num_layers)
+        adapter = AdapterSpec.from_json(read_json(confine(path, ADAPTER_CONFIG, path)), path / ADAPTER_CONFIG, model.num_layers)
         return Checkpoint(path=path, format=self.name, hf_config=cfg, model=model, adapter=adapter,
-                          base=base_src, adapters=SafetensorsSource([path / ADAPTERS]))
+                          base=base_src, adapters=SafetensorsSource([confine(path, ADAPTERS, path)]),
+                          inputs=(path,) + ((base,) if base else ()))

@@ -23,10 +23,18 @@ UNSUPPORTED = {"mixlora-dynamic": "top-p routing", "mixlora-switch": "switch rou
 PEFT_TYPES = {"MIXLORA": "mixlora", "LORAMOE": "loramoe", "MOLA": "mola"}
 
 
-def _number(cfg: dict, key: str, where: Path, default=None, positive=True):
+def _number(cfg: dict, key: str, where: Path, default=None, integer=False):
     value = cfg.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or (positive and value <= 0):
-        raise AdafuseError(f"{where}: '{key}' must be a positive number, found {value!r}")
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not 0 < value < 1 << 31:
+        raise AdafuseError(f"{where}: '{key}' must be a positive {'integer' if integer else 'number'}, found {value!r}")
+    return value
+
+
+def _flag(cfg: dict, key: str, where: Path, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise AdafuseError(f"{where}: '{key}' must be true or false, found {value!r}")
     return value
 
 
@@ -67,9 +75,9 @@ class MoePeftConverter(Converter):
             raise AdafuseError(f"{where}: routing_strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         if cfg.get("use_dora"):
             raise AdafuseError(f"{where}: 'use_dora: true' is not supported (MoE-PEFT does not save DoRA magnitudes)")
-        r, alpha = int(_number(cfg, "r", where)), float(_number(cfg, "lora_alpha", where))
-        num_experts = int(_number(cfg, "num_experts", where))
-        rslora = bool(cfg.get("use_rslora", False))
+        r, alpha = _number(cfg, "r", where, integer=True), float(_number(cfg, "lora_alpha", where))
+        num_experts = _number(cfg, "num_experts", where, integer=True)
+        rslora = _flag(cfg, "use_rslora", where, False)
         targets = cfg.get("target_modules")
         if isinstance(targets, dict):
             targets = [k for k, v in targets.items() if v]
@@ -78,7 +86,8 @@ class MoePeftConverter(Converter):
         for t in targets:
             if t not in MODULES:
                 raise AdafuseError(f"{where}: target module '{t}' is not supported (expected some of {', '.join(MODULES)})")
-        hf_cfg, model, base_src = load_hf_base(resolve_base(path, cfg.get("base_model_name_or_path"), base))
+        base_dir = resolve_base(path, cfg.get("base_model_name_or_path"), base)
+        hf_cfg, model, base_src = load_hf_base(base_dir)
         act = cfg.get("act_fn") or hf_cfg.get("hidden_act", "silu")
         if strategy == "mixlora" and act != "silu":
             raise AdafuseError(f"{where}: act_fn '{act}' is not supported (expected 'silu')")
@@ -89,14 +98,14 @@ class MoePeftConverter(Converter):
             routed = [m for m in MLP_MODULES if m in targets]
             expert_lora = cfg.get("expert_lora")
             if isinstance(expert_lora, dict):
-                exp_r = int(_number(expert_lora, "r", where))
+                exp_r = _number(expert_lora, "r", where, integer=True)
                 exp_alpha = float(_number(expert_lora, "lora_alpha", where))
-                exp_rslora = bool(expert_lora.get("use_rslora", rslora))
-            top_k = int(_number(cfg, "top_k", where, 2))
+                exp_rslora = _flag(expert_lora, "use_rslora", where, rslora)
+            top_k = _number(cfg, "top_k", where, 2, integer=True)
         elif strategy == "loramoe":
             routed, top_k = [m for m in MLP_MODULES if m in targets], num_experts
         else:
-            routed, top_k = [m for m in MODULES if m in targets], int(_number(cfg, "top_k", where, 2))
+            routed, top_k = [m for m in MODULES if m in targets], _number(cfg, "top_k", where, 2, integer=True)
         static = [m for m in ATTN_MODULES if m in targets and m not in routed]
 
         P = strategy
@@ -111,7 +120,11 @@ class MoePeftConverter(Converter):
             used.add(name)
             return name
 
-        def record(site: str, site_r: int, scale: float):
+        def record(site: str, site_r: int, scale: float, config_r: int):
+            # MoE-PEFT scales by the config's r: a tensor of another rank is a broken save, not a pattern.
+            if site_r != config_r:
+                raise AdafuseError(f"{entries[f'{site}.lora_A'][0].origin}: the LoRA tensors of {site} have rank {site_r}, "
+                                   f"but {where.name} says r {config_r}")
             # Canonical scale is alpha / (sqrt(r) if use_rslora else r) with the experts' settings;
             # other sites keep their exact scale through per-site rank/alpha patterns.
             if site_r != exp_r:
@@ -126,14 +139,14 @@ class MoePeftConverter(Converter):
                 for w in "AB":
                     entries[f"{site}.lora_{w}"] = stacked(weights, take(f"{pre}.lora_{w}.weight"), f"{site}.lora_{w}")
                 site_r = entries[f"{site}.lora_A"][0].shape[1]
-                record(site, site_r, alpha / (math.sqrt(site_r) if rslora else site_r))
+                record(site, site_r, alpha / (math.sqrt(site_r) if rslora else site_r), r)
             for m in routed:
                 pre, site = f"{P}.layers.{layer}.{module_group(m)}.{m}", f"layers.{layer}.{m}"
                 for w in "AB":
                     names = [take(f"{pre}.experts.{e}.lora_{w}.weight") for e in range(num_experts)]
                     entries[f"{site}.lora_{w}"] = _stack(weights, names, f"{site}.lora_{w}")
                 site_r = entries[f"{site}.lora_A"][0].shape[1]
-                record(site, site_r, exp_alpha / (math.sqrt(site_r) if exp_rslora else site_r))
+                record(site, site_r, exp_alpha / (math.sqrt(site_r) if exp_rslora else site_r), exp_r)
                 if strategy != "mixlora":
                     name = take(f"{pre}.moe_gate.weight")
                     info = weights.info(name)
@@ -157,6 +170,6 @@ class MoePeftConverter(Converter):
             rank_pattern=ranks, alpha_pattern=alphas)
         adapter.check(str(where))
         ckpt = Checkpoint(path=path, format=self.name, hf_config=hf_cfg, model=model, adapter=adapter,
-                          base=base_src, adapters=LazySource(entries))
+                          base=base_src, adapters=LazySource(entries), inputs=(path, base_dir))
         ckpt.notes.append(f"MoE-PEFT routing_strategy '{strategy}'")
         return ckpt

@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import regex
+
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..spec import MODULES, AdapterSpec
-from ..tensors import LazySource, SafetensorsSource, TensorInfo, TensorSource, in_memory_source, read_json
+from ..inputs import check_readable_file, confine, read_json
+from ..tensors import LazySource, SafetensorsSource, TensorInfo, TensorSource, in_memory_source
 from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
 
@@ -22,29 +25,46 @@ LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp
 
 def read_adapter_dir(path: Path) -> tuple[dict, TensorSource]:
     """adapter_config.json and the adapter weights (safetensors preferred, else pickled .bin)."""
-    cfg = read_json(path / ADAPTER_CONFIG)
+    cfg = read_json(confine(path, ADAPTER_CONFIG, path))
     if not isinstance(cfg, dict):
         raise AdafuseError(f"{path / ADAPTER_CONFIG}: expected a JSON object, found {type(cfg).__name__}")
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.exists():
-        return cfg, SafetensorsSource([st])
-    if binf.exists():
-        import torch
-
-        try:
-            tensors = torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AdafuseError(f"{binf}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise AdafuseError(f"{binf}: expected a dict of tensors")
-        return cfg, in_memory_source(tensors, str(binf))
+    if st.exists() or st.is_symlink():
+        return cfg, SafetensorsSource([confine(path, st.name, path)])
+    if binf.exists() or binf.is_symlink():
+        return cfg, in_memory_source(_load_pickled(confine(path, binf.name, path)), str(binf))
     raise AdafuseError(f"{path}: no adapter_model.safetensors or adapter_model.bin found")
 
 
-def peft_pattern_value(pattern: dict, module_name: str, default):
-    """PEFT's rule: the first key k such that the module name matches `(.*\\.)?k$`."""
+def _load_pickled(binf: Path) -> object:
+    """torch.load with weights_only (no code runs); torch's own advice to turn that off is never passed on."""
+    import torch
+
+    check_readable_file(binf, "PyTorch weights file")
+    try:
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = f": {first}" if first and "weights_only" not in str(e) else ""
+        raise AdafuseError(f"{binf}: cannot read PyTorch weights as plain tensors ({type(e).__name__}{detail}); "
+                           "only dicts of tensors are read, nothing that would run code") from None
+
+
+REGEX_TIMEOUT_S = 0.5  # a PEFT pattern is matched against a ~40-character module name: microseconds when sane
+
+
+def peft_pattern_value(pattern: dict, module_name: str, default, where: object = "rank_pattern"):
+    """PEFT's rule: the first key k such that the module name matches `(.*\\.)?k$` (PEFT uses `re`; the `regex`
+    package matches the same syntax and stops a pathological, backtracking key after REGEX_TIMEOUT_S)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", module_name, timeout=REGEX_TIMEOUT_S)
+        except regex.error as e:
+            raise AdafuseError(f"{where}: key {key!r} is not a valid regular expression ({e})") from None
+        except TimeoutError:
+            raise AdafuseError(f"{where}: key {key!r} took more than {REGEX_TIMEOUT_S} s to match '{module_name}' "
+                               "(a catastrophically backtracking regular expression)") from None
+        if found:
             return value
     return default
 
@@ -85,7 +105,8 @@ class PeftLoraConverter(Converter):
         for key, value in (("r", r), ("lora_alpha", alpha)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise AdafuseError(f"{where}: '{key}' must be a positive number, found {value!r}")
-        hf_cfg, model, base_src = load_hf_base(resolve_base(path, cfg.get("base_model_name_or_path"), base))
+        base_dir = resolve_base(path, cfg.get("base_model_name_or_path"), base)
+        hf_cfg, model, base_src = load_hf_base(base_dir)
 
         found: dict[tuple[int, str], dict[str, str]] = {}
         for name in weights.names():
@@ -101,8 +122,19 @@ class PeftLoraConverter(Converter):
         if not modules:
             raise AdafuseError(f"{weights.info(weights.names()[0]).origin if weights.names() else path}: no LoRA tensors found")
         entries, ranks, alphas = {}, {}, {}
-        use_rslora = bool(cfg.get("use_rslora", False))
+        use_rslora = cfg.get("use_rslora", False)
+        if not isinstance(use_rslora, bool):
+            raise AdafuseError(f"{where}: 'use_rslora' must be true or false, found {use_rslora!r}")
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise AdafuseError(f"{where}: 'r' must be an integer, found {r!r}")
         rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        for key, pattern, kinds in (("rank_pattern", rank_pattern, (int,)), ("alpha_pattern", alpha_pattern, (int, float))):
+            if not isinstance(pattern, dict):
+                raise AdafuseError(f"{where}: '{key}' must be an object of module pattern -> number, found {pattern!r}")
+            for k, v in pattern.items():
+                if not isinstance(v, kinds) or isinstance(v, bool) or not 0 < v < 1 << 31:
+                    raise AdafuseError(f"{where}: {key}[{k!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'}"
+                                       f", found {v!r}")
         for layer in range(model.num_layers):
             for module in modules:
                 pair = found.get((layer, module), {})
@@ -113,8 +145,8 @@ class PeftLoraConverter(Converter):
                         raise AdafuseError(f"{path}: missing tensor 'base_model.model.{peft_name}.lora_{which}.weight' "
                                            f"(every layer must adapt {module})")
                     entries[f"{site}.lora_{which}"] = stacked(weights, pair[which], f"{site}.lora_{which}")
-                site_r = int(peft_pattern_value(rank_pattern, peft_name, r))
-                site_alpha = float(peft_pattern_value(alpha_pattern, peft_name, alpha))
+                site_r = int(peft_pattern_value(rank_pattern, peft_name, r, f"{where}: rank_pattern"))
+                site_alpha = float(peft_pattern_value(alpha_pattern, peft_name, alpha, f"{where}: alpha_pattern"))
                 if site_r != r:
                     ranks[site] = site_r
                 if site_alpha != float(alpha):
@@ -124,4 +156,4 @@ class PeftLoraConverter(Converter):
                               rank_pattern=ranks, alpha_pattern=alphas)
         adapter.check(str(where))
         return Checkpoint(path=path, format=self.name, hf_config=hf_cfg, model=model, adapter=adapter,
-                          base=base_src, adapters=LazySource(entries))
+                          base=base_src, adapters=LazySource(entries), inputs=(path, base_dir))

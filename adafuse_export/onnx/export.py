@@ -8,7 +8,7 @@ import onnx
 
 from ..checkpoint import Checkpoint
 from ..progress import Progress
-from ..tensors import atomic_directory
+from ..tensors import atomic_directory, save_safetensors
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
@@ -139,8 +139,6 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
 def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
     """The exact pre-gate as a table (reference.routing_table, what ReferenceModel.routing_table returns),
     computed from the four tensors it needs rather than a whole reference model."""
-    from safetensors.torch import save_file
-
     from ..reference.model import routing_table
     from .graph import torch_dtype
 
@@ -153,6 +151,6 @@ def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
     ids, gates = routing_table(get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, "model.layers.0.input_layernorm.weight"),
                                ckpt.model.rms_norm_eps, get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
     plugin_ops.check_expert_ids(ids.numpy(), a.num_experts, f"{ckpt.path}: routing table 'expert_ids'")
-    save_file({"expert_ids": ids.contiguous(), "gates": gates.float().contiguous()}, str(path),
-              metadata={"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype})
+    save_safetensors({"expert_ids": ids, "gates": gates.float()}, path,  # atomic, umask permissions, marked as ours
+                     {"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype}, output="routes")
     return {"file": ROUTES, "expert_ids": [list(ids.shape), "int32"], "gates": [list(gates.shape), "float32"]}

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AdafuseError
+from ..inputs import read_bytes
+from ..outputs import write_bytes
 from .backends import Backend
+
+MAX_TIMING_CACHE_BYTES = 1 << 30
 
 PREFILL, DECODE = 0, 1
 
@@ -52,9 +56,9 @@ def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: C
         log(f"--timing-cache {path}: not used (TensorRT-RTX has no timing cache); the file is left unchanged")
         return None
     try:
-        data = path.read_bytes() if path.exists() else b""
-    except OSError as e:
-        raise AdafuseError(f"--timing-cache {path}: cannot read: {e.strerror or e}") from None
+        data = read_bytes(path, "TensorRT timing cache", MAX_TIMING_CACHE_BYTES) if path.exists() else b""
+    except AdafuseError as e:
+        raise AdafuseError(f"--timing-cache {e}") from None
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise AdafuseError(f"--timing-cache {path}: {backend.name} {backend.version} refused this timing cache "
@@ -101,7 +105,7 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
     if serialized is None:
         raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (see the TensorRT log above)")
     if cache is not None and timing_cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))
+        write_bytes(timing_cache, bytes(cache.serialize()))  # atomic: a failed write keeps the old cache
     io = {
         "inputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)} for t in inputs],
         "outputs": [{"name": network.get_output(i).name, "dtype": str(network.get_output(i).dtype).split(".")[-1].lower(),

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import AdafuseError
 from ..onnx import plugin_ops
-from ..tensors import read_json
+from ..inputs import confine, open_regular, read_json
 
 MANIFEST_FORMAT = "adafuse-engine"
 MANIFEST_VERSION = 1
@@ -23,7 +23,7 @@ PLUGIN_LIBRARY = "libadafuse_trt_plugins.so"
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO named in a manifest must not block
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -90,6 +90,9 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         raise AdafuseError(f"{mpath}: manifest version {manifest.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
     if not engine.is_file():
         raise AdafuseError(f"{engine}: engine file not found")
+    for key in ("engine", "plugin"):
+        if manifest.get(key) is not None and not isinstance(manifest.get(key), dict):
+            raise AdafuseError(f"{mpath}: '{key}' must be an object, found {type(manifest[key]).__name__}")
     want = manifest.get("engine", {}).get("sha256")
     got = sha256_file(engine)
     if got != want:
@@ -103,8 +106,11 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         raise AdafuseError(f"{mpath}: engine needs plugin {plugin.get('name')} version {plugin.get('version')!r}, "
                            f"this adafuse-export provides version {plugin_ops.PLUGIN_VERSION!r}")
     if check_files:
-        for rel, digest in manifest.get("files", {}).items():
-            f = engine.parent / rel
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise AdafuseError(f"{mpath}: 'files' must map file names to SHA-256 strings")
+        for rel, digest in files.items():
+            f = confine(engine.parent, rel, mpath)  # a manifest may name only files beside the engine
             if not f.is_file():
                 raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
             if sha256_file(f) != digest:
