@@ -154,13 +154,17 @@ def tokens_with_changing_routes(routes, n: int) -> list[int]:
 
 
 def time_decoder(dec: GpuDecoder, batch: int, ctx: int, steps: int, feed: list[int], use_graph: bool) -> float:
+    """Median ms per decode step. Row r of step k takes feed[(k * batch + r) % len(feed)]: every row
+    has its own token and route (consecutive entries of `feed` differ in route), as a real batch has."""
     prompt = torch.randint(0, dec.m.vocab_size, (batch, ctx), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
     dec.prefill(prompt)
-    it = itertools.cycle(feed)
+    n = max(1, len(feed) // batch) if len(feed) > 1 else 1
+    batches = [torch.tensor([feed[(k * batch + r) % len(feed)] for r in range(batch)], dtype=torch.int64).view(batch, 1).to(DEVICE)
+               for k in range(n)]
+    it = itertools.cycle(batches)
 
     def step():
-        tok = next(it)
-        dec.decode(torch.full((batch, 1), tok, device=DEVICE, dtype=torch.int64), use_graph=use_graph)
+        dec.decode(next(it), use_graph=use_graph)
     return time_steps(step, steps)
 
 
@@ -170,7 +174,7 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     for rank in ranks:
         spec, adapter, w, routes, routers = random_7b(rank, 8, 2, config=config)
-        changing = tokens_with_changing_routes(routes, steps + 8)
+        changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches))
         same = [changing[0]]
         for batch in batches:
             common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
