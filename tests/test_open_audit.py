@@ -41,7 +41,9 @@ COMMANDS = {
 
 def system_roots() -> list[Path]:
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages(),
-             *sysconfig.get_paths().values(), str(REPO / "adafuse_export"), "/usr", "/lib", "/lib64", "/etc", "/proc",
+             *sysconfig.get_paths().values(), str(REPO / "adafuse_export"),
+             str(REPO / "adafuse_export.egg-info"),  # the package's own metadata under `pip install -e .`
+             "/usr", "/lib", "/lib64", "/etc", "/proc",
              "/sys", "/dev/null", "/dev/shm"}
     return [Path(os.path.realpath(r)) for r in roots]
 
