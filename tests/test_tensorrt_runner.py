@@ -150,7 +150,9 @@ def test_false_returns_are_errors(method, message, engines, monkeypatch):
 
 def test_shape_outside_the_profile_and_no_context(engines, monkeypatch):
     runner = open_runner(monkeypatch, engines["mola"], [])
-    with pytest.raises(AdafuseError, match=r"input 'input_ids' of shape \[1, 65\] \(outside profile 0's range\?\)"):
+    with pytest.raises(AdafuseError, match=r"input 'input_ids' of shape \[3, 2\] \(outside profile 0's range\?\)"):
+        runner.prefill(np.ones((3, 2), np.int64))  # built with --max-batch 2
+    with pytest.raises(AdafuseError, match=r"0 cached \+ 65 new tokens exceed the engine's max seq 64"):
         runner.prefill(np.arange(65)[None])  # built with --max-seq 64
     with pytest.raises(AdafuseError, match="could not create an execution context"):
         open_runner(monkeypatch, engines["mola"], [], fail="create_execution_context")
@@ -219,3 +221,11 @@ def test_a_runner_must_describe_its_model(tmp_path):
         ModelInfo(**dict(good, dtype="half"))
     with pytest.raises(TypeError):
         ModelInfo(**{k: v for k, v in good.items() if k != "needs_routes"})
+
+
+def test_decode_past_the_engines_max_seq_is_refused(engines, monkeypatch):
+    runner = open_runner(monkeypatch, engines["mola"], [])
+    runner.prefill(np.arange(63)[None])
+    runner.decode(np.array([[1]]))  # position 63: the last one the profiles allow
+    with pytest.raises(AdafuseError, match=r"64 cached \+ 1 new tokens exceed the engine's max seq 64 \(its profiles"):
+        runner.decode(np.array([[1]]))

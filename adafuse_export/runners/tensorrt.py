@@ -183,6 +183,7 @@ class TensorRTRunner(Runner):
         self.table = None
         if self.info.needs_routes:
             self.table = self._load_routes(engine, manifest)
+        self.max_seq = int(built["max_seq"])  # the profiles' bound on past + new tokens
         self.past: dict[str, Any] = {}
         self.length = 0
 
@@ -222,6 +223,9 @@ class TensorRTRunner(Runner):
         torch, session = self.torch, self.session
         ids = self._ids(input_ids)
         b, s = ids.shape
+        if self.length + s > self.max_seq:
+            raise AdafuseError(f"{self.info.model}: {self.length} cached + {s} new tokens exceed the engine's max seq "
+                               f"{self.max_seq} (its profiles; rebuild with convert --max-seq)")
         device = self.placement.device
         feed = {"input_ids": ids,
                 "position_ids": (torch.arange(s, device=device) + self.length).expand(b, s).contiguous()}
