@@ -131,7 +131,8 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
-    if _model_kind(model) != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
+    kind = _model_kind(model)
+    if kind != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
         _import_onnx()
     for p in prompts or ():
         if len(p) + steps > c.model.max_position_embeddings:
@@ -139,7 +140,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
                                f"{c.model.max_position_embeddings} positions (max_position_embeddings in {c.path})")
     from .runners import open_runner
 
-    if Path(model).suffix == ".engine":
+    if kind == "engine":
         runner = open_runner(model, runtime="cpp") if runtime == "cpp" else None
     else:
         if runtime == "cpp":

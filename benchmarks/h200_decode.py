@@ -158,7 +158,7 @@ def time_decoder(dec: GpuDecoder, batch: int, ctx: int, steps: int, feed: list[i
     has its own token and route (consecutive entries of `feed` differ in route), as a real batch has."""
     prompt = torch.randint(0, dec.m.vocab_size, (batch, ctx), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
     dec.prefill(prompt)
-    n = max(1, len(feed) // batch) if len(feed) > 1 else 1
+    n = max(1, len(feed) // batch)
     batches = [torch.tensor([feed[(k * batch + r) % len(feed)] for r in range(batch)], dtype=torch.int64).view(batch, 1).to(DEVICE)
                for k in range(n)]
     it = itertools.cycle(batches)

@@ -40,7 +40,10 @@ def log(*a):
 
 
 def cuda_providers(tf32: bool):
-    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]
+    """`validate --device cuda`'s providers (TF32 off), or the CUDA provider's own TF32 default for comparison."""
+    from adafuse_export.runners.onnxruntime import CUDA_PROVIDER
+
+    return [("CUDAExecutionProvider", {"use_tf32": "1"}) if tf32 else CUDA_PROVIDER, "CPUExecutionProvider"]
 
 
 def validate_kinds(work: Path) -> list[dict]:
