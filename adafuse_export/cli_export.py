@@ -127,7 +127,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     """
     _import_torch()
     from .converters import load_checkpoint
-    from .validate import format_report, validate as run_validate
+    from .validate import format_report, open_model_runner, validate as run_validate
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
@@ -145,8 +145,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     else:
         if runtime == "cpp":
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
-        low_memory = {"low_memory": True} if mode == "layerwise" else {}
-        runner = open_runner(model, plugin_ops=plugin_ops, device=device, **low_memory)
+        runner = open_model_runner(model, mode, plugin_ops=plugin_ops, device=device)
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:

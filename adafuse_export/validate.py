@@ -110,12 +110,21 @@ METHODS = {
 }
 
 
+def open_model_runner(model: Path, mode: str = "full", **options):
+    """The runner for MODEL under validation `mode`; layerwise: an ONNX Runtime session too keeps its
+    weights in the memory-mapped data file instead of optimised copies."""
+    from .runners import open_runner
+
+    if mode == "layerwise" and Path(model).suffix != ".engine":
+        options["low_memory"] = True
+    return open_runner(model, **options)
+
+
 def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
              atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
              log: Callable[[str], object] | None = None) -> dict:
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
     log: told after each compared step (a 7B step takes minutes on a CPU)."""
-    from .runners import open_runner
     from .runners.reference import ReferenceRunner
 
     prompts = prompts or [[t % ckpt.model.vocab_size for t in DEFAULT_PROMPT]]
@@ -123,9 +132,8 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
         bad = [t for t in p if not 0 <= t < ckpt.model.vocab_size]
         if bad:
             raise AdafuseError(f"--prompt-ids: token id {bad[0]} is out of the vocabulary [0, {ckpt.model.vocab_size}) of {ckpt.path}")
-    if runner is None:  # layerwise: ONNX Runtime too keeps its weights in the mapped file, not in copies
-        runner = open_runner(model, low_memory=True) if mode == "layerwise" and Path(model).suffix != ".engine" \
-            else open_runner(model)
+    if runner is None:
+        runner = open_model_runner(model, mode)
     notes = check_compatible(ckpt, runner.info)
     dtype = runner.info.dtype
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES["float32"])
