@@ -48,6 +48,9 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
     inputs: tuple[Path, ...] = ()  # every directory it was read from (checkpoint, base): no output may touch them
 
+    def __post_init__(self):
+        self.adapter.check_modules(self.model, f"{self.path} ({self.format} adapter)")
+
     def sites(self) -> list[Site]:
         out = []
         for layer in range(self.model.num_layers):

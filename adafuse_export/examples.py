@@ -19,16 +19,23 @@ TINY_CONFIG = {
     "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
 }
 
+ALL_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+MLP_ROLES = ("gate", "up", "down")
+# name: adapter config (merged over defaults); target_roles / static_roles name roles
+# (families.base.ROLES), adapted through whichever projections of the family compute them
 KINDS = {
-    "lora": dict(routing="none", target_modules=[], static_modules=["q_proj", "v_proj"]),
-    # name: adapter config (merged over defaults)
-    "pregate": dict(routing="pregate", target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "pregate-ffn": dict(routing="pregate", target_modules=["gate_proj", "up_proj", "down_proj"], pregate_input="mlp_norm_0"),
-    "mola": dict(routing="layerwise", router_kind="topk", target_modules=["q_proj", "v_proj", "down_proj"]),
-    "loramoe": dict(routing="layerwise", router_kind="dense", normalize_topk=False, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    "mixlora": dict(routing="layerwise", expert_kind="ffn", target_modules=["gate_proj", "up_proj", "down_proj"],
-                    static_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "lora": dict(routing="none", target_roles=(), static_roles=("q", "v")),
+    "pregate": dict(routing="pregate", target_roles=ALL_ROLES),
+    "pregate-ffn": dict(routing="pregate", target_roles=MLP_ROLES, pregate_input="mlp_norm_0"),
+    "mola": dict(routing="layerwise", router_kind="topk", target_roles=("q", "v", "down")),
+    "loramoe": dict(routing="layerwise", router_kind="dense", normalize_topk=False, target_roles=MLP_ROLES),
+    "mixlora": dict(routing="layerwise", expert_kind="ffn", target_roles=MLP_ROLES, static_roles=("q", "k", "v", "o")),
 }
+
+
+def modules_for(model: ModelSpec, roles) -> list[str]:
+    """The family's projections that compute any of these roles (Phi-3's qkv_proj for q)."""
+    return [p.name for p in model.arch.projections if set(p.roles) & set(roles)]
 
 
 def make_example(out_dir: Path | str, kind: str = "pregate", family: str = "llama", seed: int = 0,
@@ -42,8 +49,6 @@ def make_example(out_dir: Path | str, kind: str = "pregate", family: str = "llam
         return torch.randn(*shape, generator=gen) * std
 
     cfg = dict(TINY_CONFIG, model_type=family, **(config or {}))
-    if family == "qwen2":
-        cfg.pop("attention_bias", None)
     model = ModelSpec.from_hf_config(cfg, "example config")
     base = {}
     for name, shape in model.hf_weight_shapes().items():
@@ -55,6 +60,8 @@ def make_example(out_dir: Path | str, kind: str = "pregate", family: str = "llam
             base[name] = randn(*shape, std=0.5 if "embed" in name else 0.08)
     adapter_cfg = dict(format_version=1, num_experts=num_experts if kind != "lora" else 1,
                        top_k=top_k if kind != "lora" else 1, r=r, lora_alpha=2.0 * r, **KINDS[kind])
+    adapter_cfg["target_modules"] = modules_for(model, adapter_cfg.pop("target_roles"))
+    adapter_cfg["static_modules"] = modules_for(model, adapter_cfg.pop("static_roles", ()))
     if adapter_cfg.get("router_kind") == "dense":
         adapter_cfg["top_k"] = num_experts
     adapter = AdapterSpec.from_json(adapter_cfg, f"example '{kind}'", model.num_layers)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import AdafuseError
 
-FAMILIES = ("llama", "mistral", "qwen2")
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-MODULES = ATTN_MODULES + MLP_MODULES
+if TYPE_CHECKING:
+    from .families import Family
+
 ROUTINGS = ("pregate", "layerwise", "none")
 ROUTER_KINDS = ("topk", "dense")
 EXPERT_KINDS = ("linear", "ffn")
@@ -22,9 +22,10 @@ PREGATE_INPUTS = ("attn_norm_0", "mlp_norm_0")
 FORMAT_VERSION = 1
 
 _MISSING = object()
+Number = TypeVar("Number", int, float)
 
 
-def _get(cfg: dict, key: str, kind, where: str, default=_MISSING):
+def config_value(cfg: dict, key: str, kind, where: str, default=_MISSING):
     """cfg[key] checked against kind (a type or tuple); bools are not ints."""
     if key not in cfg or cfg[key] is None:
         if default is _MISSING:
@@ -48,7 +49,7 @@ def _finite(value: int | float) -> bool:
 MAX_SIZE = (1 << 31) - 1  # every size, count and position is an int32 in the graphs and engines
 
 
-def _positive(value: int, key: str, where: str) -> int:
+def positive(value: Number, key: str, where: str) -> Number:
     if value <= 0:
         raise AdafuseError(f"{where}: key '{key}' must be positive, found {value}")
     if isinstance(value, int) and value > MAX_SIZE:
@@ -56,13 +57,10 @@ def _positive(value: int, key: str, where: str) -> int:
     return value
 
 
-def module_group(module: str) -> str:
-    return "self_attn" if module in ATTN_MODULES else "mlp"
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str
+    """A backbone's numbers, parsed by its family (families/): `arch` is the family's description."""
+    arch: Family
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -73,80 +71,56 @@ class ModelSpec:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
-    bias_modules: tuple[str, ...]  # linear modules that carry a bias
+    bias_modules: tuple[str, ...]  # projections that carry a bias
+    hidden_act: str = "silu"  # silu or gelu_tanh (families.base.ACTIVATIONS)
+    rotary_dim: int = 0  # leading dims of each head that RoPE rotates (0: all)
+    query_scale: float = 0.0  # factor on q.k (0: head_dim ** -0.5)
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()  # the layers that attend within sliding_window
+    sliding_rope_theta: float | None = None  # RoPE base of the sliding layers when it differs from rope_theta
+    attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    embed_scale: float = 1.0  # factor on the token embeddings
     max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        if not self.rotary_dim:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if not self.query_scale:
+            object.__setattr__(self, "query_scale", self.head_dim ** -0.5)
 
     @classmethod
     def from_hf_config(cls, cfg: object, where: str | Path) -> "ModelSpec":
+        """Parsed by the family its model_type names (families.get)."""
+        from . import families
+
         where = str(where)
         if not isinstance(cfg, dict):
             raise AdafuseError(f"{where}: expected a JSON object, found {type(cfg).__name__}")
-        family = _get(cfg, "model_type", str, where)
-        if family not in FAMILIES:
-            raise AdafuseError(f"{where}: model_type '{family}' is not supported (expected one of {', '.join(FAMILIES)})")
-        hidden = _positive(_get(cfg, "hidden_size", int, where), "hidden_size", where)
-        heads = _positive(_get(cfg, "num_attention_heads", int, where), "num_attention_heads", where)
-        kv_heads = _positive(_get(cfg, "num_key_value_heads", int, where, heads), "num_key_value_heads", where)
-        if heads % kv_heads:
-            raise AdafuseError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        head_dim = _get(cfg, "head_dim", int, where, None)
-        if head_dim is not None:
-            _positive(head_dim, "head_dim", where)
-        else:
-            if hidden % heads:
-                raise AdafuseError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-            head_dim = hidden // heads
-        if head_dim % 2:
-            raise AdafuseError(f"{where}: head_dim must be even for rotary embeddings, found {head_dim}")
-        act = _get(cfg, "hidden_act", str, where, "silu")
-        if act != "silu":
-            raise AdafuseError(f"{where}: hidden_act '{act}' is not supported (expected 'silu')")
-        rope = _get(cfg, "rope_parameters", dict, where, None) or {}
-        scaling = _get(cfg, "rope_scaling", dict, where, None) or {}
-        rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
-            raise AdafuseError(f"{where}: rope type '{rope_type}' is not supported (expected 'default', no rope scaling)")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
-            raise AdafuseError(f"{where}: rope_theta must be a positive number, found {theta!r}")
-        if family == "qwen2":
-            bias = ("q_proj", "k_proj", "v_proj")
-        else:
-            bias = ATTN_MODULES if _get(cfg, "attention_bias", bool, where, False) else ()
-        if _get(cfg, "mlp_bias", bool, where, False):
-            bias = bias + MLP_MODULES
-        window = None
-        if family == "mistral" or (family == "qwen2" and _get(cfg, "use_sliding_window", bool, where, False)):
-            window = _get(cfg, "sliding_window", int, where, None)
-            if window is not None:
-                _positive(window, "sliding_window", where)
-        return cls(
-            family=family,
-            vocab_size=_positive(_get(cfg, "vocab_size", int, where), "vocab_size", where),
-            hidden_size=hidden,
-            intermediate_size=_positive(_get(cfg, "intermediate_size", int, where), "intermediate_size", where),
-            num_layers=_positive(_get(cfg, "num_hidden_layers", int, where), "num_hidden_layers", where),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rope_theta=float(theta),
-            rms_norm_eps=_positive(float(_get(cfg, "rms_norm_eps", (int, float), where, 1e-6)), "rms_norm_eps", where),
-            tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, where, False),
-            bias_modules=bias,
-            sliding_window=window,
-            max_position_embeddings=_positive(_get(cfg, "max_position_embeddings", int, where, 4096),
-                                              "max_position_embeddings", where),
-        )
+        return families.get(config_value(cfg, "model_type", str, where), where).parse(cfg, where)
 
-    def linear_shape(self, module: str) -> tuple[int, int]:
-        """(out_features, in_features) of a projection."""
+    @property
+    def family(self) -> str:
+        return self.arch.name
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer (None: full causal attention)."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        return self.sliding_rope_theta if self.sliding_rope_theta is not None and layer in self.sliding_layers \
+            else self.rope_theta
+
+    def role_shape(self, role: str) -> tuple[int, int]:
+        """(out_features, in_features) of one role (q, k, v, o, gate, up, down)."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-        }[module]
+        return {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (i, h), "up": (i, h), "down": (h, i)}[role]
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(out_features, in_features) of a projection (its roles' outputs stacked)."""
+        roles = self.arch.projection(module).roles
+        return sum(self.role_shape(r)[0] for r in roles), self.role_shape(roles[0])[1]
 
     def hf_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every base tensor the Hugging Face layout must hold, with its shape."""
@@ -155,14 +129,17 @@ class ModelSpec:
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
         for layer in range(self.num_layers):
-            p = f"model.layers.{layer}"
-            shapes[f"{p}.input_layernorm.weight"] = (self.hidden_size,)
-            shapes[f"{p}.post_attention_layernorm.weight"] = (self.hidden_size,)
-            for m in MODULES:
+            for norm in self.arch.norms.names():
+                shapes[self.arch.norm_weight(layer, norm)] = (self.hidden_size,)
+            if self.arch.qk_norm:
+                for role in ("q", "k"):
+                    shapes[self.arch.qk_norm_weight(layer, role)] = (self.head_dim,)
+            for m in self.arch.module_names:
                 out, inp = self.linear_shape(m)
-                shapes[f"{p}.{module_group(m)}.{m}.weight"] = (out, inp)
+                p = self.arch.weight_prefix(layer, m)
+                shapes[f"{p}.weight"] = (out, inp)
                 if m in self.bias_modules:
-                    shapes[f"{p}.{module_group(m)}.{m}.bias"] = (out,)
+                    shapes[f"{p}.bias"] = (out,)
         return shapes
 
 
@@ -199,45 +176,45 @@ class AdapterSpec:
         where = str(where)
         if not isinstance(cfg, dict):
             raise AdafuseError(f"{where}: expected a JSON object, found {type(cfg).__name__}")
-        version = _get(cfg, "format_version", int, where)
+        version = config_value(cfg, "format_version", int, where)
         if version != FORMAT_VERSION:
             raise AdafuseError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
 
         def str_list(key, default):
-            value = _get(cfg, key, list, where, default)
+            value = config_value(cfg, key, list, where, default)
             if not all(isinstance(v, str) for v in value):
                 raise AdafuseError(f"{where}: key '{key}' must be a list of strings, found {value!r}")
             return tuple(value)
 
         def choice(key, options, default=_MISSING):
-            value = _get(cfg, key, str, where, default)
+            value = config_value(cfg, key, str, where, default)
             if value not in options:
                 raise AdafuseError(f"{where}: key '{key}' must be one of {', '.join(options)}, found '{value}'")
             return value
 
         def pattern(key, kind):
-            value = _get(cfg, key, dict, where, {})
+            value = config_value(cfg, key, dict, where, {})
             for k, v in value.items():
                 if not isinstance(v, kind) or isinstance(v, bool) or not _finite(v):
                     raise AdafuseError(f"{where}: {key}['{k}'] must be a number, found {v!r}")
             return dict(value)
 
-        per_layer = _get(cfg, "num_experts_per_layer", list, where, None)
+        per_layer = config_value(cfg, "num_experts_per_layer", list, where, None)
         if per_layer is not None:
             if len(per_layer) != num_layers or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in per_layer):
                 raise AdafuseError(f"{where}: num_experts_per_layer must list {num_layers} positive integers, found {per_layer!r}")
             per_layer = tuple(per_layer)
         spec = cls(
-            num_experts=_get(cfg, "num_experts", int, where),
-            top_k=_get(cfg, "top_k", int, where),
-            r=_get(cfg, "r", int, where),
-            lora_alpha=float(_get(cfg, "lora_alpha", (int, float), where)),
+            num_experts=config_value(cfg, "num_experts", int, where),
+            top_k=config_value(cfg, "top_k", int, where),
+            r=config_value(cfg, "r", int, where),
+            lora_alpha=float(config_value(cfg, "lora_alpha", (int, float), where)),
             target_modules=str_list("target_modules", _MISSING),
             routing=choice("routing", ROUTINGS),
             router_kind=choice("router_kind", ROUTER_KINDS, "topk"),
-            normalize_topk=_get(cfg, "normalize_topk", bool, where, True),
+            normalize_topk=config_value(cfg, "normalize_topk", bool, where, True),
             expert_kind=choice("expert_kind", EXPERT_KINDS, "linear"),
-            use_rslora=_get(cfg, "use_rslora", bool, where, False),
+            use_rslora=config_value(cfg, "use_rslora", bool, where, False),
             static_modules=str_list("static_modules", []),
             pregate_input=choice("pregate_input", PREGATE_INPUTS, "attn_norm_0"),
             num_experts_per_layer=per_layer,
@@ -275,9 +252,6 @@ class AdapterSpec:
         smallest = min(self.num_experts_per_layer or (self.num_experts,))
         if self.top_k > smallest and not (self.routing == "layerwise" and self.router_kind == "dense"):
             bad(f"top_k {self.top_k} is larger than num_experts {smallest}")
-        for m in self.target_modules + self.static_modules:
-            if m not in MODULES:
-                bad(f"unknown module '{m}' (expected one of {', '.join(MODULES)})")
         if set(self.target_modules) & set(self.static_modules):
             bad(f"modules {sorted(set(self.target_modules) & set(self.static_modules))} are both routed and static")
         if not self.target_modules and not self.static_modules:
@@ -287,13 +261,15 @@ class AdapterSpec:
         if self.expert_kind == "ffn":
             if self.routing != "layerwise":
                 bad(f"expert_kind 'ffn' (MixLoRA) needs routing 'layerwise', found '{self.routing}'")
-            if not set(self.target_modules) <= set(MLP_MODULES):
-                bad(f"expert_kind 'ffn' routes FFN modules only, found target_modules {list(self.target_modules)}")
         if self.routing == "pregate":
             if self.num_experts_per_layer and len(set(self.num_experts_per_layer)) > 1:
                 bad("a pre-gate routes every layer alike, so num_experts_per_layer must be uniform")
-            if self.pregate_input == "mlp_norm_0" and set(self.target_modules + self.static_modules) & set(ATTN_MODULES):
-                bad("pregate_input 'mlp_norm_0' comes after layer 0's attention, so attention modules cannot be adapted")
+
+    def check_modules(self, model: ModelSpec, where: str) -> None:
+        """The rules that need the family: adapted modules are its projections, in the blocks allowed."""
+        attention_ok = not (self.routing == "pregate" and self.pregate_input == "mlp_norm_0")
+        model.arch.check_adapter_modules(self.target_modules, attention_ok, self.expert_kind == "ffn", where)
+        model.arch.check_adapter_modules(self.static_modules, attention_ok, False, where)
 
     def experts_in_layer(self, layer: int) -> int:
         return self.num_experts_per_layer[layer] if self.num_experts_per_layer else self.num_experts

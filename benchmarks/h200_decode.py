@@ -135,8 +135,8 @@ def random_7b(rank: int, experts: int, top_k: int, dtype=torch.bfloat16, config=
             w[f"layers.{layer}.{m}.lora_A"] = rnd(experts, rank, inp, std=0.02)
             w[f"layers.{layer}.{m}.lora_B"] = rnd(experts, out, rank, std=0.02)
     pregate = rnd(experts, spec.hidden_size, std=1.0).float()
-    routes = routing_table(w["model.embed_tokens.weight"].float(), w["model.layers.0.input_layernorm.weight"].float(),
-                           spec.rms_norm_eps, pregate, None, top_k, True)
+    routes = routing_table(spec, w["model.embed_tokens.weight"].float(), w["model.layers.0.input_layernorm.weight"].float(),
+                           pregate, None, top_k, True)
     routers = {f"layers.{l}.{m}": rnd(experts, spec.linear_shape(m)[1], std=1.0)
                for l in range(spec.num_layers) for m in ALL}
     return spec, adapter, w, routes, routers

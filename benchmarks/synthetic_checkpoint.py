@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adafuse_export.checkpoint import Checkpoint  # noqa: E402
-from adafuse_export.spec import MODULES, AdapterSpec, ModelSpec  # noqa: E402
+from adafuse_export.spec import AdapterSpec, ModelSpec  # noqa: E402
 from adafuse_export.tensors import in_memory_source, write_safetensors_streaming  # noqa: E402
 
 SHAPES = {
@@ -35,7 +35,7 @@ def write_synthetic(out: Path, shape: str = "llama2-7b", experts: int = 8, rank:
     out.mkdir(parents=True, exist_ok=True)
     cfg = SHAPES[shape]
     spec = ModelSpec.from_hf_config(cfg, shape)
-    adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=MODULES)
+    adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=spec.arch.module_names)
     gen = torch.Generator().manual_seed(seed)
 
     def producer(shape_, std, offset=0.0):

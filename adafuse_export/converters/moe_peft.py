@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..spec import ATTN_MODULES, MLP_MODULES, MODULES, AdapterSpec, module_group
+from ..spec import AdapterSpec
 from ..tensors import LazySource, TensorInfo, TensorSource, read_json
 from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
@@ -83,11 +83,13 @@ class MoePeftConverter(Converter):
             targets = [k for k, v in targets.items() if v]
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise AdafuseError(f"{where}: 'target_modules' must be a non-empty list of module names, found {targets!r}")
-        for t in targets:
-            if t not in MODULES:
-                raise AdafuseError(f"{where}: target module '{t}' is not supported (expected some of {', '.join(MODULES)})")
         base_dir = resolve_base(path, cfg.get("base_model_name_or_path"), base)
         hf_cfg, model, base_src = load_hf_base(base_dir)
+        modules = model.arch.module_names
+        for t in targets:
+            if t not in modules:
+                raise AdafuseError(f"{where}: target module '{t}' is not supported (expected some of {', '.join(modules)})")
+        mlp = [m for m in modules if model.arch.projection(m).group == "mlp"]
         act = cfg.get("act_fn") or hf_cfg.get("hidden_act", "silu")
         if strategy == "mixlora" and act != "silu":
             raise AdafuseError(f"{where}: act_fn '{act}' is not supported (expected 'silu')")
@@ -95,7 +97,7 @@ class MoePeftConverter(Converter):
         # Which targets are routed, and the experts' rank/scale.
         exp_r, exp_alpha, exp_rslora = r, alpha, rslora
         if strategy == "mixlora":
-            routed = [m for m in MLP_MODULES if m in targets]
+            routed = [m for m in mlp if m in targets]
             expert_lora = cfg.get("expert_lora")
             if isinstance(expert_lora, dict):
                 exp_r = _number(expert_lora, "r", where, integer=True)
@@ -103,10 +105,10 @@ class MoePeftConverter(Converter):
                 exp_rslora = _flag(expert_lora, "use_rslora", where, rslora)
             top_k = _number(cfg, "top_k", where, 2, integer=True)
         elif strategy == "loramoe":
-            routed, top_k = [m for m in MLP_MODULES if m in targets], num_experts
+            routed, top_k = [m for m in mlp if m in targets], num_experts
         else:
-            routed, top_k = [m for m in MODULES if m in targets], _number(cfg, "top_k", where, 2, integer=True)
-        static = [m for m in ATTN_MODULES if m in targets and m not in routed]
+            routed, top_k = [m for m in modules if m in targets], _number(cfg, "top_k", where, 2, integer=True)
+        static = [m for m in modules if m not in mlp and m in targets and m not in routed]
 
         P = strategy
         entries: dict[str, tuple[TensorInfo, object]] = {}
@@ -141,7 +143,7 @@ class MoePeftConverter(Converter):
                 site_r = entries[f"{site}.lora_A"][0].shape[1]
                 record(site, site_r, alpha / (math.sqrt(site_r) if rslora else site_r), r)
             for m in routed:
-                pre, site = f"{P}.layers.{layer}.{module_group(m)}.{m}", f"layers.{layer}.{m}"
+                pre, site = f"{P}.{model.arch.module_path(layer, m)}", f"layers.{layer}.{m}"
                 for w in "AB":
                     names = [take(f"{pre}.experts.{e}.lora_{w}.weight") for e in range(num_experts)]
                     entries[f"{site}.lora_{w}"] = _stack(weights, names, f"{site}.lora_{w}")

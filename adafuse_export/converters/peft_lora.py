@@ -13,7 +13,7 @@ import regex
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..spec import MODULES, AdapterSpec
+from ..spec import AdapterSpec
 from ..inputs import check_readable_file, confine, read_json
 from ..tensors import LazySource, SafetensorsSource, TensorInfo, TensorSource, in_memory_source
 from . import Converter, register, resolve_base
@@ -115,10 +115,11 @@ class PeftLoraConverter(Converter):
                 raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' is not a LoRA weight of a decoder projection "
                                    "(expected base_model.model.model.layers.L.<self_attn|mlp>.<proj>.lora_<A|B>.weight)")
             layer, _, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-            if module not in MODULES:
-                raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' adapts unsupported module '{module}'")
+            if module not in model.arch.module_names:
+                raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' adapts module '{module}', which a "
+                                   f"{model.family} model does not have (expected one of {', '.join(model.arch.module_names)})")
             found.setdefault((layer, module), {})[which] = name
-        modules = sorted({mod for _, mod in found}, key=MODULES.index)
+        modules = sorted({mod for _, mod in found}, key=model.arch.module_names.index)
         if not modules:
             raise AdafuseError(f"{weights.info(weights.names()[0]).origin if weights.names() else path}: no LoRA tensors found")
         entries, ranks, alphas = {}, {}, {}
@@ -139,7 +140,7 @@ class PeftLoraConverter(Converter):
             for module in modules:
                 pair = found.get((layer, module), {})
                 site = f"layers.{layer}.{module}"
-                peft_name = f"model.layers.{layer}.{'self_attn' if module in MODULES[:4] else 'mlp'}.{module}"
+                peft_name = model.arch.weight_prefix(layer, module)
                 for which in "AB":
                     if which not in pair:
                         raise AdafuseError(f"{path}: missing tensor 'base_model.model.{peft_name}.lora_{which}.weight' "

@@ -16,7 +16,6 @@ from onnx import TensorProto
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..spec import module_group
 from . import plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
 
@@ -160,7 +159,7 @@ class _Builder:
         route: (ids, gates) [N, k] for routed linear sites; ffn_slot: ids [N, 1] of a MixLoRA expert.
         """
         g = self.g
-        p = f"model.layers.{layer}.{module_group(module)}.{module}"
+        p = self.spec.arch.weight_prefix(layer, module)
         site = self.sites.get((layer, module))
         static = site is not None and site.static
         W = self.weight(f"{p}.weight", merge_site=site if static else None)

@@ -148,8 +148,10 @@ def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
         return src.get(name).to(td)
 
     bias = get(ckpt.adapters, "pregate.bias") if "pregate.bias" in ckpt.adapters else None
-    ids, gates = routing_table(get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, "model.layers.0.input_layernorm.weight"),
-                               ckpt.model.rms_norm_eps, get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
+    m = ckpt.model
+    norm0 = m.arch.norm_weight(0, m.arch.norms.attn_in)
+    ids, gates = routing_table(m, get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, norm0),
+                               get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
     plugin_ops.check_expert_ids(ids.numpy(), a.num_experts, f"{ckpt.path}: routing table 'expert_ids'")
     save_safetensors({"expert_ids": ids, "gates": gates.float()}, path,  # atomic, umask permissions, marked as ours
                      {"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype}, output="routes")

@@ -1,8 +1,9 @@
-"""Llama-family decoder (llama, mistral, qwen2) with mixture-of-LoRA-experts adapters.
+"""The decoder of every registered family (families/) with mixture-of-LoRA-experts adapters.
 
 Written from the math, not from Hugging Face code, so that it can also serve as the
-specification for the ONNX graphs and kernels. Matches transformers' float32 logits
-with adapters off (tests/test_reference.py).
+specification for the ONNX graphs and kernels. It reads the family's description (norms,
+projections, activation, RoPE, attention extras) and never its name. Matches transformers'
+float32 logits with adapters off (tests/test_reference.py, tests/test_families.py).
 
 Adapter modes (AdapterSpec.routing / expert_kind):
   pregate            one router at the first adapted input; the same (experts, gates)
@@ -22,14 +23,28 @@ import torch
 
 from ..checkpoint import Checkpoint, Site
 from ..errors import AdafuseError
-from ..spec import module_group
+from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..spec import ModelSpec
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, one_plus: bool = False) -> torch.Tensor:
+    """w * x^ in x's dtype (Llama), or with one_plus (1 + w) * x^ in float32 (Gemma), x^ = x / rms(x)."""
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if one_plus:
+        return (h * (1.0 + weight.to(torch.float32))).to(dtype)
     return weight * h.to(dtype)
+
+
+def spec_norm(spec: ModelSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm."""
+    return rms_norm(x, weight, spec.rms_norm_eps, spec.arch.norm == "rms_one_plus")
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The MLP activation (families.base.ACTIVATIONS) applied to the gate."""
+    return torch.nn.functional.gelu(x, approximate="tanh") if name == "gelu_tanh" else torch.nn.functional.silu(x)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,12 +52,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, S, head_dim] for integer positions [B, S]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, rotary_dim] for integer positions [B, S]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head (all of them unless the rotary is partial)."""
+    n = cos.shape[-1]
+    if n == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :n], x[..., n:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def embed_tokens(spec: ModelSpec, embed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Embedding rows times the family's scale (rounded to the model dtype, as transformers does)."""
+    h = embed[ids]
+    return h if spec.embed_scale == 1.0 else h * torch.tensor(spec.embed_scale, dtype=h.dtype)
 
 
 def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -66,12 +100,13 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ids: torch.Ten
     return torch.einsum("nkor,nkr->no", B[ids], t) * scale
 
 
-def routing_table(embed: torch.Tensor, norm0: torch.Tensor, eps: float, pregate_w: torch.Tensor,
+def routing_table(spec: ModelSpec, embed: torch.Tensor, norm0: torch.Tensor, pregate_w: torch.Tensor,
                   pregate_b: torch.Tensor | None, top_k: int, normalize: bool, chunk: int = 8192):
     """The pre-gate of RMSNorm_0(embed(token)) for every token: ids [vocab, k] int32, gates [vocab, k] float32."""
     ids, gates = [], []
     for start in range(0, embed.shape[0], chunk):
-        i, g = route_topk(rms_norm(embed[start:start + chunk], norm0, eps), pregate_w, pregate_b, top_k, normalize)
+        rows = embed_tokens(spec, embed, torch.arange(start, min(start + chunk, embed.shape[0])))
+        i, g = route_topk(spec_norm(spec, rows, norm0), pregate_w, pregate_b, top_k, normalize)
         ids.append(i.to(torch.int32))
         gates.append(g)
     return torch.cat(ids), torch.cat(gates)
@@ -167,7 +202,7 @@ class ReferenceModel:
             self.w = {n: load(ckpt.base, n) for n in base_names}
             self.a = {n: load(ckpt.adapters, n) for n in adapter_names}
         if self.spec.tie_word_embeddings:
-            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+            self.w[LM_HEAD] = self.w[EMBED]
         self.sites: dict[tuple[int, str], Site] = {(s.layer, s.module): s for s in ckpt.sites()} if adapters else {}
         self.scales = {s.name: self.aspec.site_scale(s.name) for s in self.sites.values()}
 
@@ -186,8 +221,8 @@ class ReferenceModel:
     def routing_table(self, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact pre-gate as a table: expert ids [vocab, k] int32 and gates [vocab, k] float32."""
         self.ckpt.require_routing_table()
-        return routing_table(self.w["model.embed_tokens.weight"], self.w["model.layers.0.input_layernorm.weight"],
-                             self.spec.rms_norm_eps, self.a["pregate.weight"], self.a.get("pregate.bias"),
+        norm0 = self.w[self.spec.arch.norm_weight(0, self.spec.arch.norms.attn_in)]
+        return routing_table(self.spec, self.w[EMBED], norm0, self.a["pregate.weight"], self.a.get("pregate.bias"),
                              self.aspec.top_k, self.aspec.normalize_topk, chunk)
 
     # ---- layers ----------------------------------------------------------------
@@ -197,7 +232,7 @@ class ReferenceModel:
         route: pre-gate (ids, gates) [N, k] for routed sites; ffn_expert: ids [N, 1] of the
         MixLoRA expert being evaluated.
         """
-        p = f"model.layers.{layer}.{module_group(module)}.{module}"
+        p = self.spec.arch.weight_prefix(layer, module)
         y = x @ self.w[f"{p}.weight"].T
         if f"{p}.bias" in self.w:
             y = y + self.w[f"{p}.bias"]
@@ -218,44 +253,61 @@ class ReferenceModel:
         ids, gates = route
         return y + lora_delta(x, A, B, ids, gates, scale)
 
-    def _attention(self, x, layer, route, cos, sin, cache: KVCache, past: int, batch: int, seq: int):
-        s = self.spec
-        q = self._adapted(x, layer, "q_proj", route).view(batch, seq, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self._adapted(x, layer, "k_proj", route).view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self._adapted(x, layer, "v_proj", route).view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        cos_, sin_ = cos[:, None], sin[:, None]
-        q = q * cos_ + rotate_half(q) * sin_
-        k = k * cos_ + rotate_half(k) * sin_
+    def _project(self, x, layer: int, stage: str, route, ffn_expert=None) -> list[torch.Tensor]:
+        """The outputs of a stage's roles (families.STAGES), each projection adapted before it is split."""
+        out: dict[str, torch.Tensor] = {}
+        for proj in self.spec.arch.stage_projections(stage):
+            y = self._adapted(x, layer, proj.name, route, ffn_expert)
+            out.update(zip(proj.roles, torch.split(y, [self.spec.role_shape(r)[0] for r in proj.roles], dim=-1)))
+        return [out[r] for r in STAGES[stage]]
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return spec_norm(self.spec, x, self.w[name])
+
+    def _attention(self, x, layer, route, rope, cache: KVCache, past: int, batch: int, seq: int):
+        s, arch = self.spec, self.spec.arch
+        q, k, v = self._project(x, layer, "qkv", route)
+        q = q.view(batch, seq, s.num_heads, s.head_dim)
+        k = k.view(batch, seq, s.num_kv_heads, s.head_dim)
+        if arch.qk_norm:
+            q = self._norm(q, arch.qk_norm_weight(layer, "q"))
+            k = self._norm(k, arch.qk_norm_weight(layer, "k"))
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        cos, sin = rope[s.layer_rope_theta(layer)]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past:
             k = torch.cat([cache.keys[layer], k], dim=2)
             v = torch.cat([cache.values[layer], v], dim=2)
         cache.keys[layer], cache.values[layer] = k, v
         rep = s.num_heads // s.num_kv_heads
         k_, v_ = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = (q @ k_.transpose(-1, -2)) * s.head_dim ** -0.5
+        scores = softcap((q @ k_.transpose(-1, -2)) * s.query_scale, s.attn_softcap)
         qpos = torch.arange(past, past + seq, device=x.device)[:, None]
         kpos = torch.arange(past + seq, device=x.device)[None, :]
         allowed = kpos <= qpos
-        if s.sliding_window is not None:
-            allowed = allowed & (kpos > qpos - s.sliding_window)
+        window = s.window(layer)
+        if window is not None:
+            allowed = allowed & (kpos > qpos - window)
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores.to(torch.float32), dim=-1).to(q.dtype)
         out = (probs @ v_).transpose(1, 2).reshape(batch * seq, s.num_heads * s.head_dim)
-        return self._adapted(out, layer, "o_proj", route)
+        return self._project(out, layer, "o", route)[0]
 
     def _mlp(self, x, layer, route):
+        act = self.spec.hidden_act
         if self.use_adapters and self.aspec.expert_kind == "ffn":
             ids, gates = route_topk(x, self.a[f"layers.{layer}.mlp.router.weight"], None, self.aspec.top_k,
                                     self.aspec.normalize_topk)
             out = 0
             for j in range(ids.shape[1]):
                 e = ids[:, j:j + 1]
-                h = torch.nn.functional.silu(self._adapted(x, layer, "gate_proj", None, e)) \
-                    * self._adapted(x, layer, "up_proj", None, e)
-                out = out + gates[:, j:j + 1].to(x.dtype) * self._adapted(h, layer, "down_proj", None, e)
+                gate, up = self._project(x, layer, "gate_up", None, e)
+                down = self._project(activation(act, gate) * up, layer, "down", None, e)[0]
+                out = out + gates[:, j:j + 1].to(x.dtype) * down
             return out
-        h = torch.nn.functional.silu(self._adapted(x, layer, "gate_proj", route)) * self._adapted(x, layer, "up_proj", route)
-        return self._adapted(h, layer, "down_proj", route)
+        gate, up = self._project(x, layer, "gate_up", route)
+        return self._project(activation(act, gate) * up, layer, "down", route)[0]
 
     # ---- forward ---------------------------------------------------------------
     @torch.no_grad()
@@ -263,7 +315,7 @@ class ReferenceModel:
                 routes: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         """input_ids [B, S] (positions continue the cache). routes: optional (ids, gates)
         [B, S, k] that replace the pre-gate's (runners feed routes they computed)."""
-        s = self.spec
+        s, arch = self.spec, self.spec.arch
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() != 2:
             raise AdafuseError(f"input ids must be [batch, seq], found shape {list(input_ids.shape)}")
@@ -274,24 +326,26 @@ class ReferenceModel:
         cache = cache or KVCache([None] * s.num_layers, [None] * s.num_layers)
         past = cache.length if cache.keys[0] is not None else 0
         positions = torch.arange(past, past + seq, device=self.device).expand(batch, seq)
-        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, self.dtype)
-        h = self.w["model.embed_tokens.weight"][input_ids].reshape(batch * seq, s.hidden_size)
+        rope = {theta: tuple(t[:, None] for t in rope_cos_sin(positions, s.rotary_dim, theta, self.dtype))
+                for theta in {s.layer_rope_theta(layer) for layer in range(s.num_layers)}}  # [B, 1, S, rotary_dim]
+        h = embed_tokens(s, self.w[EMBED], input_ids).reshape(batch * seq, s.hidden_size)
         route = None
         if routes is not None:
             route = (routes[0].reshape(batch * seq, -1).long(), routes[1].reshape(batch * seq, -1).float())
-        eps = s.rms_norm_eps
+        norms = arch.norms
         for layer in range(s.num_layers):
-            p = f"model.layers.{layer}"
-            x = rms_norm(h, self.w[f"{p}.input_layernorm.weight"], eps)
+            x = self._norm(h, arch.norm_weight(layer, norms.attn_in))
             if layer == 0 and self.pregated and route is None and self.aspec.pregate_input == "attn_norm_0":
                 route = self.pregate(x)
-            h = h + self._attention(x, layer, route, cos, sin, cache, past, batch, seq)
-            x = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], eps)
+            a = self._attention(x, layer, route, rope, cache, past, batch, seq)
+            h = h + (a if norms.attn_out is None else self._norm(a, arch.norm_weight(layer, norms.attn_out)))
+            x = self._norm(h, arch.norm_weight(layer, norms.mlp_in))
             if layer == 0 and self.pregated and route is None and self.aspec.pregate_input == "mlp_norm_0":
                 route = self.pregate(x)
-            h = h + self._mlp(x, layer, route)
-        h = rms_norm(h, self.w["model.norm.weight"], eps)
-        logits = (h @ self.w["lm_head.weight"].T).float().reshape(batch, seq, s.vocab_size)
+            m = self._mlp(x, layer, route)
+            h = h + (m if norms.mlp_out is None else self._norm(m, arch.norm_weight(layer, norms.mlp_out)))
+        h = self._norm(h, FINAL_NORM)
+        logits = softcap((h @ self.w[LM_HEAD].T).float(), s.final_softcap).reshape(batch, seq, s.vocab_size)
         ids = gates = None
         if self.pregated:
             ids, gates = route[0].reshape(batch, seq, -1), route[1].reshape(batch, seq, -1)

@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
 from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
-from ..spec import AdapterSpec, ModelSpec, module_group
+from ..spec import AdapterSpec, ModelSpec
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
@@ -175,7 +175,7 @@ class GpuDecoder:
         As: list[torch.Tensor | None] = []
         Bs: list[torch.Tensor | int] = []  # a routed member's scaled B, else its output size
         for mod in members:
-            p = f"model.layers.{layer}.{module_group(mod)}.{mod}"
+            p = self.m.arch.weight_prefix(layer, mod)
             weights.append(w[f"{p}.weight"])
             out = weights[-1].shape[0]
             biases.append(w.get(f"{p}.bias"))
