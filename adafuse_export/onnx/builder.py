@@ -11,11 +11,14 @@ Hidden states are kept flat, [N = batch*seq, hidden], so every projection is one
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
+from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
 from . import plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
 
@@ -93,8 +96,8 @@ class _Builder:
         """A base weight initializer in the model dtype; static LoRA merged in float32 when given."""
         if name in self._weights:
             return self._weights[name]
-        if name == "lm_head.weight" and self.spec.tie_word_embeddings:
-            self._weights[name] = self.weight("model.embed_tokens.weight")
+        if name == LM_HEAD and self.spec.tie_word_embeddings:
+            self._weights[name] = self.weight(EMBED)
             return self._weights[name]
         base = self.ckpt.base
         if merge_site is None:
@@ -125,12 +128,24 @@ class _Builder:
 
     # ---- building blocks ---------------------------------------------------------------
     def rms_norm(self, x: str, weight_name: str) -> str:
+        """The family's RMSNorm over the last axis: w * x^ in the model dtype, or (1 + w) * x^ in float32."""
         g = self.g
         h = g.cast(x, F32, self.elem)
         ms = g.op("ReduceMean", [g.op("Mul", [h, h])], axes=[-1], keepdims=1)
         inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(self.spec.rms_norm_eps, np.float32)])])])
+        if self.spec.arch.norm == "rms_one_plus":
+            normed = g.op("Mul", [g.op("Mul", [h, inv]), self.one_plus_weight(weight_name)], hint="rms_norm")
+            return g.cast(normed, self.elem, F32)
         h = g.cast(g.op("Mul", [h, inv]), self.elem, F32)
         return g.op("Mul", [self.weight(weight_name), h], hint="rms_norm")
+
+    def one_plus_weight(self, name: str) -> str:
+        """1 + w in float32, w rounded to the model dtype first (as the reference holds it)."""
+        key = f"{name}.one_plus"
+        if key not in self._weights:
+            src = self.ckpt.base
+            self._weights[key] = self.g.init(key, self._deferred(src, name, lambda: self._rounded(src, name) + 1.0, F32))
+        return self._weights[key]
 
     def route(self, x: str, weight: str, bias: str | None, k: int, normalize: bool) -> tuple[str, str]:
         """Softmax router in float32 -> (ids [N, k] int32, gates [N, k] float32)."""
@@ -205,9 +220,35 @@ class _Builder:
         base = g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
         return g.op("Add", [base, self.lora_delta(x, A, B, ids, gates, scale)])
 
+    def project(self, x: str, layer: int, stage: str, route=None, ffn_slot: str | None = None) -> list[str]:
+        """The outputs of a stage's roles (families.STAGES): each projection with its adapter, then split."""
+        g, out = self.g, {}
+        for proj in self.spec.arch.stage_projections(stage):
+            y = self.linear(x, layer, proj.name, route, ffn_slot)
+            if len(proj.roles) == 1:
+                out[proj.roles[0]] = y
+            else:
+                sizes = [self.spec.role_shape(r)[0] for r in proj.roles]
+                out.update(zip(proj.roles, g.op("Split", [y, g.const(sizes)], n_out=len(sizes), axis=-1)))
+        return [out[r] for r in STAGES[stage]]
+
+    def rope_tables(self, positions: str, theta: float, name: str) -> tuple[str, str]:
+        """cos, sin [B, 1, S, rotary_dim] in the model dtype for position ids [B, S]."""
+        import torch
+
+        g, n = self.g, self.spec.rotary_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, n, 2, dtype=torch.int64).float() / n))
+        freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=F32), g.const([-1])]), g.init(name, inv_freq)])
+        emb = g.op("Concat", [freqs, freqs], axis=-1)
+        cos = g.op("Unsqueeze", [g.cast(g.op("Cos", [emb]), self.elem, F32), g.const([1])], hint="rope_cos")
+        sin = g.op("Unsqueeze", [g.cast(g.op("Sin", [emb]), self.elem, F32), g.const([1])], hint="rope_sin")
+        return cos, sin
+
     def embed_flat(self, input_ids: str) -> str:
         g = self.g
-        h = g.op("Gather", [self.weight("model.embed_tokens.weight"), input_ids], axis=0)
+        h = g.op("Gather", [self.weight(EMBED), input_ids], axis=0)
+        if self.spec.embed_scale != 1.0:
+            h = g.op("Mul", [h, g.const_of(self.spec.embed_scale, self.dtype)], hint="embed_scale")
         return g.op("Reshape", [h, g.const([-1, self.spec.hidden_size])], hint="embed")
 
     def pregate_route(self, x: str) -> tuple[str, str]:
@@ -237,41 +278,49 @@ class DecoderBuilder(_Builder):
             past.append((g.input(f"past_key_values.{layer}.key", self.elem, ["batch", kv, "past_seq", d]),
                          g.input(f"past_key_values.{layer}.value", self.elem, ["batch", kv, "past_seq", d])))
 
-        # rotary tables [B, 1, S, d] and the causal mask [B, 1, 1, S, T] from position ids
-        import torch
-        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-        freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [pos_in], to=F32), g.const([-1])]), g.init("rope.inv_freq", inv_freq)])
-        emb = g.op("Concat", [freqs, freqs], axis=-1)
-        cos = g.op("Unsqueeze", [g.cast(g.op("Cos", [emb]), self.elem, F32), g.const([1])], hint="rope_cos")
-        sin = g.op("Unsqueeze", [g.cast(g.op("Sin", [emb]), self.elem, F32), g.const([1])], hint="rope_sin")
+        # rotary tables [B, 1, S, rotary_dim] per RoPE base, causal masks [B, 1, 1, S, T] per window
+        rope = {theta: self.rope_tables(pos_in, theta, name)
+                for theta, name in ((s.rope_theta, "rope.inv_freq"), (s.sliding_rope_theta, "rope.inv_freq.sliding"))
+                if theta is not None}
         total = g.op("Add", [g.op("Shape", [past[0][0]], start=2, end=3), g.op("Shape", [ids_in], start=1, end=2)])
         kpos = g.op("Range", [g.const(0), g.op("Squeeze", [total, g.const([0])]), g.const(1)])  # [T]
         qpos = g.op("Unsqueeze", [pos_in, g.const([2])])  # [B, S, 1]
-        allowed = g.op("LessOrEqual", [kpos, qpos])
+        causal = g.op("LessOrEqual", [kpos, qpos])
+        masks: dict[int | None, str] = {None: g.op("Unsqueeze", [causal, g.const([1, 2])], hint="causal_mask")}
         if s.sliding_window is not None:
             window = g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(s.sliding_window)])])
-            allowed = g.op("And", [allowed, window])
-        mask = g.op("Unsqueeze", [allowed, g.const([1, 2])], hint="causal_mask")
+            masks[s.sliding_window] = g.op("Unsqueeze", [g.op("And", [causal, window]), g.const([1, 2])], hint="sliding_mask")
         neg_inf = g.const(-np.inf, np.float32)
         q_shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([H, d])], axis=0)
         kv_shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([kv, d])], axis=0)
+        arch, norms = s.arch, s.arch.norms
 
         h = self.embed_flat(ids_in)
         for layer in range(s.num_layers):
             p = f"model.layers.{layer}"
-            x = self.rms_norm(h, f"{p}.input_layernorm.weight")
+            x = self.rms_norm(h, arch.norm_weight(layer, norms.attn_in))
             # attention
-            def heads(t, shape):
-                return g.op("Transpose", [g.op("Reshape", [t, shape])], perm=[0, 2, 1, 3])  # [B, heads, S, d]
+            def heads(t, shape, norm=None):
+                t = g.op("Reshape", [t, shape])  # [B, S, heads, d]
+                if norm is not None:  # per-head q/k norm (Qwen3, Gemma 3)
+                    t = self.rms_norm(t, arch.qk_norm_weight(layer, norm))
+                return g.op("Transpose", [t], perm=[0, 2, 1, 3])  # [B, heads, S, d]
 
-            def rope(t):
-                x1, x2 = g.op("Split", [t], n_out=2, axis=3)
-                rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
-                return g.op("Add", [g.op("Mul", [t, cos]), g.op("Mul", [rot, sin])])
+            cos, sin = rope[s.layer_rope_theta(layer)]
 
-            q = rope(heads(self.linear(x, layer, "q_proj", route), q_shape))
-            kk = rope(heads(self.linear(x, layer, "k_proj", route), kv_shape))
-            v = heads(self.linear(x, layer, "v_proj", route), kv_shape)
+            def apply_rope(t):
+                rot, keep = t, None
+                if s.rotary_dim != d:  # partial rotary (Phi-3): the first rotary_dim dims of each head
+                    rot, keep = g.op("Split", [t, g.const([s.rotary_dim, d - s.rotary_dim])], n_out=2, axis=3)
+                x1, x2 = g.op("Split", [rot], n_out=2, axis=3)
+                rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+                out = g.op("Add", [g.op("Mul", [rot, cos]), g.op("Mul", [rotated, sin])])
+                return out if keep is None else g.op("Concat", [out, keep], axis=3)
+
+            q_flat, k_flat, v_flat = self.project(x, layer, "qkv", route)
+            q = apply_rope(heads(q_flat, q_shape, "q" if arch.qk_norm else None))
+            kk = apply_rope(heads(k_flat, kv_shape, "k" if arch.qk_norm else None))
+            v = heads(v_flat, kv_shape)
             pk = g.op("Concat", [past[layer][0], kk], axis=2, out=f"present_{layer}_key")
             pv = g.op("Concat", [past[layer][1], v], axis=2, out=f"present_{layer}_value")
             g.output(f"present.{layer}.key", pk, self.elem, ["batch", kv, "total_seq", d])
@@ -279,22 +328,30 @@ class DecoderBuilder(_Builder):
             q5 = g.op("Reshape", [q, g.const([0, kv, H // kv, -1, d])])  # [B, KV, rep, S, d]
             k5 = g.op("Transpose", [g.op("Unsqueeze", [pk, g.const([2])])], perm=[0, 1, 2, 4, 3])  # [B, KV, 1, d, T]
             v5 = g.op("Unsqueeze", [pv, g.const([2])])  # [B, KV, 1, T, d]
-            scores = g.op("Mul", [g.op("MatMul", [q5, k5]), g.const_of(d ** -0.5, self.dtype)])
-            scores = g.op("Where", [mask, g.cast(scores, F32, self.elem), neg_inf])
+            scores = self.softcap(g.op("Mul", [g.op("MatMul", [q5, k5]), g.const_of(s.query_scale, self.dtype)]),
+                                  s.attn_softcap, self.dtype)
+            scores = g.op("Where", [masks[s.window(layer)], g.cast(scores, F32, self.elem), neg_inf])
             probs = g.cast(g.op("Softmax", [scores], axis=-1), self.elem, F32)
             o = g.op("Reshape", [g.op("MatMul", [probs, v5]), g.const([0, H, -1, d])])  # [B, H, S, d]
             o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.const([-1, H * d])])
-            h = g.op("Add", [h, self.linear(o, layer, "o_proj", route)], hint=f"{p}.attn_residual")
+            o = self.project(o, layer, "o", route)[0]
+            if norms.attn_out is not None:
+                o = self.rms_norm(o, arch.norm_weight(layer, norms.attn_out))
+            h = g.op("Add", [h, o], hint=f"{p}.attn_residual")
             # MLP
-            x = self.rms_norm(h, f"{p}.post_attention_layernorm.weight")
+            x = self.rms_norm(h, arch.norm_weight(layer, norms.mlp_in))
             if layer == 0 and pregate_in_decoder(self.ckpt):
                 route = self.pregate_route(x)
                 e_out, g_out = self.unflatten_route(*route, ids_in)
                 g.output("expert_ids", e_out, I32, ["batch", "seq", k])
                 g.output("gates", g_out, F32, ["batch", "seq", k])
-            h = g.op("Add", [h, self.mlp(x, layer, route)], hint=f"{p}.mlp_residual")
-        h = self.rms_norm(h, "model.norm.weight")
-        logits = g.cast(g.op("Gemm", [h, self.weight("lm_head.weight")], transB=1, hint="lm_head"), F32, self.elem)
+            m = self.mlp(x, layer, route)
+            if norms.mlp_out is not None:
+                m = self.rms_norm(m, arch.norm_weight(layer, norms.mlp_out))
+            h = g.op("Add", [h, m], hint=f"{p}.mlp_residual")
+        h = self.rms_norm(h, FINAL_NORM)
+        logits = g.cast(g.op("Gemm", [h, self.weight(LM_HEAD)], transB=1, hint="lm_head"), F32, self.elem)
+        logits = self.softcap(logits, s.final_softcap, "float32")
         shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([s.vocab_size])], axis=0)
         g.output("logits", g.op("Reshape", [logits, shape]), F32, ["batch", "seq", s.vocab_size])
         return self._finish("decoder")
@@ -306,18 +363,32 @@ class DecoderBuilder(_Builder):
             out: str | None = None
             for j in range(a.top_k):
                 e = g.op("Slice", [ids, g.const([j]), g.const([j + 1]), g.const([1])])  # [N, 1]
-                hj = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", ffn_slot=e)),
-                                  self.linear(x, layer, "up_proj", ffn_slot=e)])
+                gate, up = self.project(x, layer, "gate_up", ffn_slot=e)
+                down = self.project(g.op("Mul", [self.activation(gate), up]), layer, "down", ffn_slot=e)[0]
                 gj = g.cast(g.op("Slice", [gates, g.const([j]), g.const([j + 1]), g.const([1])]), self.elem, F32)
-                term = g.op("Mul", [gj, self.linear(hj, layer, "down_proj", ffn_slot=e)])
+                term = g.op("Mul", [gj, down])
                 out = term if out is None else g.op("Add", [out, term])
             assert out is not None  # top_k >= 1
             return out
-        hh = g.op("Mul", [self.silu(self.linear(x, layer, "gate_proj", route)), self.linear(x, layer, "up_proj", route)])
-        return self.linear(hh, layer, "down_proj", route)
+        gate, up = self.project(x, layer, "gate_up", route)
+        return self.project(g.op("Mul", [self.activation(gate), up]), layer, "down", route)[0]
 
-    def silu(self, x: str) -> str:
-        return self.g.op("Mul", [x, self.g.op("Sigmoid", [x])], hint="silu")
+    def activation(self, x: str) -> str:
+        """The family's MLP activation: silu, or gelu with the tanh approximation (Gelu is opset 20)."""
+        g = self.g
+        if self.spec.hidden_act == "silu":
+            return g.op("Mul", [x, g.op("Sigmoid", [x])], hint="silu")
+        c = lambda v: g.const_of(v, self.dtype)  # noqa: E731
+        cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+        inner = g.op("Mul", [c(math.sqrt(2 / math.pi)), g.op("Add", [x, g.op("Mul", [c(0.044715), cube])])])
+        return g.op("Mul", [g.op("Mul", [c(0.5), x]), g.op("Add", [c(1.0), g.op("Tanh", [inner])])], hint="gelu_tanh")
+
+    def softcap(self, x: str, cap: float | None, dtype: str) -> str:
+        """cap * tanh(x / cap) in x's dtype (attention scores, final logits); None: x."""
+        if cap is None:
+            return x
+        g = self.g
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, g.const_of(cap, dtype)])]), g.const_of(cap, dtype)], hint="softcap")
 
     def _finish(self, graph: str) -> Graph:
         """The built graph with its weights still unread (Graph.model() materialises them)."""
@@ -338,7 +409,8 @@ class PregateBuilder(DecoderBuilder):
             raise AdafuseError(f"{self.ckpt.path}: a separate pre-gate graph needs routing 'pregate' with pregate_input "
                                f"'attn_norm_0', found routing '{a.routing}', pregate_input '{a.pregate_input}'")
         ids_in = g.input("input_ids", I64, ["batch", "seq"])
-        x = self.rms_norm(self.embed_flat(ids_in), "model.layers.0.input_layernorm.weight")
+        arch = self.spec.arch
+        x = self.rms_norm(self.embed_flat(ids_in), arch.norm_weight(0, arch.norms.attn_in))
         e_out, g_out = self.unflatten_route(*self.pregate_route(x), ids_in)
         g.output("expert_ids", e_out, I32, ["batch", "seq", a.top_k])
         g.output("gates", g_out, F32, ["batch", "seq", a.top_k])

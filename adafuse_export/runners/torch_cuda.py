@@ -22,15 +22,11 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
-from ..reference.model import lora_delta, rms_norm, rope_cos_sin, rotate_half
+from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, rope_cos_sin, softcap
 from ..spec import AdapterSpec, ModelSpec
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
-# Projections reading the same input share one GEMV (and one LoRA shrink) when fused.
-FUSED_GROUPS = {"qkv": QKV, "o_proj": ("o_proj",), "gate_up": GATE_UP, "down_proj": ("down_proj",)}
-GROUP_NAME = {members: name for name, members in FUSED_GROUPS.items()}
-UNFUSED_GROUPS = {m: (m,) for m in QKV + ("o_proj",) + GATE_UP + ("down_proj",)}
 # Above this many rows (prefill) the fused kernel's grouped path is slower than cuBLAS + unmerged LoRA
 # (benchmarks/results/KERNEL_NOTES.md: 16-32x dense at 512 rows, against about 17x for unmerged torch ops).
 FUSED_MAX_ROWS = 16
@@ -45,7 +41,8 @@ class SiteWeights:
     B: torch.Tensor | None  # [E, out, r]
     scale: float
     W_base: torch.Tensor | None = None  # pristine copy for drift-free switching
-    splits: list[int] | None = None  # output sizes of the grouped projections
+    splits: list[int] | None = None  # output sizes of the roles it computes, in row order
+    roles: tuple[str, ...] = ()  # those roles (families.STAGES)
     parts: list | None = None  # per-member row views for the switch (no block-diagonal zeros to merge)
 
 
@@ -79,21 +76,39 @@ class TorchOps:
         old_gates.copy_(new_gates.reshape(old_gates.shape))
 
 
-def _norm(h, w, eps: float):
-    return rms_norm(h, w, eps)
+def _norm(h, w, eps: float, one_plus: bool = False):
+    return rms_norm(h, w, eps, one_plus)
 
 
-def _add_norm(h, delta, w, eps: float):
+def _add_norm(h, delta, w, eps: float, one_plus: bool = False):
     h = h + delta
-    return h, rms_norm(h, w, eps)
+    return h, rms_norm(h, w, eps, one_plus)
 
 
 def _rope(q, k, cos, sin):
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 def _silu_mul(g, u):
     return torch.nn.functional.silu(g) * u
+
+
+def _gelu_tanh_mul(g, u):
+    return torch.nn.functional.gelu(g, approximate="tanh") * u
+
+
+ACT_MUL = {"silu": _silu_mul, "gelu_tanh": _gelu_tanh_mul}  # ModelSpec.hidden_act -> act(gate) * up
+
+
+def _attention(q, k, v, mask, scale: float, cap: float | None, gqa: bool):
+    """softmax(cap(q k^T * scale) + mask) v; scaled_dot_product_attention has no soft-capping, so a capped
+    family (Gemma 2) runs the same steps in plain ops."""
+    if cap is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = softcap((q @ k.transpose(-1, -2)) * scale, cap) + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class KernelOps:
@@ -143,17 +158,25 @@ class GpuDecoder:
         self.device, self.dtype = any_w.device, any_w.dtype
         self.w = weights
         if model.tie_word_embeddings:
-            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+            self.w[LM_HEAD] = self.w[EMBED]
         if routes is not None and adapter is not None:  # the kernels read A[id], B[id] unchecked
             check_expert_ids(routes[0].cpu().numpy(), adapter.num_experts, "routing table 'expert_ids'")
         self.route_ids: torch.Tensor | None
         self.route_gates: torch.Tensor | None
         self.route_ids, self.route_gates = (routes[0].to(self.device, torch.int32).contiguous(),
                                             routes[1].to(self.device, torch.float32).contiguous()) if routes else (None, None)
-        self.groups = FUSED_GROUPS if fuse_projections else UNFUSED_GROUPS
+        # Projections reading the same input (a stage) share one GEMV and one LoRA shrink when fused;
+        # a family's own fused projections (Phi-3's qkv_proj) are one group either way.
+        self.stage_groups: dict[str, list[str]] = {}
+        groups: dict[str, tuple[str, ...]] = {}
+        for stage in STAGES:
+            members = tuple(p.name for p in model.arch.stage_projections(stage))
+            parts = {stage: members} if fuse_projections else {name: (name,) for name in members}
+            groups.update(parts)
+            self.stage_groups[stage] = list(parts)
         self.sites: dict[tuple[int, str], SiteWeights] = {}
         for layer in range(model.num_layers):
-            for group, members in self.groups.items():
+            for group, members in groups.items():
                 self.sites[(layer, group)] = self._group_site(layer, group, members)
         self.switch_sites = [p for s in self.sites.values() if s.parts for p in s.parts]
         kv_shape = (max_batch, model.num_kv_heads, max_seq, model.head_dim)
@@ -204,12 +227,13 @@ class GpuDecoder:
                     col += x.shape[1]
                 row += rows
         site = SiteWeights(f"layers.{layer}.{group}", W, bias, A, B, 1.0)
-        site.splits = [wt.shape[0] for wt in weights]
+        site.roles = tuple(r for mod in members for r in self.m.arch.projection(mod).roles)
+        site.splits = [self.m.role_shape(r)[0] for r in site.roles]
         if A is not None and self.strategy == "switch":
             # merge into a private copy: the given W may share memory with the checkpoint (CPU mmap)
             site.W_base, site.W = site.W, site.W.clone()
             site.parts, row = [], 0
-            for mod, x, b, rows in zip(members, As, Bs, site.splits):
+            for mod, x, b, rows in zip(members, As, Bs, [wt.shape[0] for wt in weights]):
                 if x is not None:
                     assert isinstance(b, torch.Tensor)
                     site.parts.append(SiteWeights(f"layers.{layer}.{mod}", site.W[row:row + rows], None, x, b, 1.0,
@@ -217,15 +241,15 @@ class GpuDecoder:
                 row += rows
         return site
 
-    def _project(self, x, layer: int, members: tuple[str, ...], ids, gates) -> list:
-        """Outputs of the projections `members` (which read the same x), fused where grouped."""
-        if self.groups is UNFUSED_GROUPS:
-            return [self._linear(x, layer, mod, ids, gates) for mod in members]
-        group = GROUP_NAME[members]
-        y = self._linear(x, layer, group, ids, gates)
-        splits = self.sites[(layer, group)].splits
-        assert splits is not None
-        return list(torch.split(y, splits, dim=-1)) if len(members) > 1 else [y]
+    def _project(self, x, layer: int, stage: str, ids, gates) -> list:
+        """Outputs of a stage's roles (families.STAGES: they read the same x), one GEMV per group."""
+        out: dict[str, torch.Tensor] = {}
+        for group in self.stage_groups[stage]:
+            site = self.sites[(layer, group)]
+            y = self._linear(x, layer, group, ids, gates)
+            assert site.splits is not None
+            out.update(zip(site.roles, torch.split(y, site.splits, dim=-1) if len(site.roles) > 1 else [y]))
+        return [out[r] for r in STAGES[stage]]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cuda", dtype=torch.bfloat16, **kw) -> "GpuDecoder":
@@ -234,7 +258,7 @@ class GpuDecoder:
         ref = ReferenceModel(ckpt, dtype=torch.float32)
         routes = ref.routing_table()
         weights = {n: t.to(device=device, dtype=dtype).contiguous() for n, t in {**ref.w, **ref.a}.items()
-                   if n != "lm_head.weight" or not ckpt.model.tie_word_embeddings}
+                   if n != LM_HEAD or not ckpt.model.tie_word_embeddings}
         return cls(ckpt.model, ckpt.adapter, weights, routes, **kw)
 
     # ---- one step ------------------------------------------------------------
@@ -257,41 +281,53 @@ class GpuDecoder:
             gates = self.route_gates[input_ids.reshape(-1)]
             if self.strategy == "switch":
                 self.ops.switch(self.switch_sites, ids, gates, self.old_ids, self.old_gates)
-        cos, sin = rope_cos_sin(positions, m.head_dim, m.rope_theta, self.dtype)
-        cos, sin = cos[:, None], sin[:, None]
+        rope = {theta: tuple(t[:, None] for t in rope_cos_sin(positions, m.rotary_dim, theta, self.dtype))
+                for theta in {m.layer_rope_theta(layer) for layer in range(m.num_layers)}}
         kpos = torch.arange(self.max_seq, device=self.device)
-        allowed = kpos[None, None, :] <= positions[:, :, None]  # [B, S, max_seq]
-        if m.sliding_window is not None:
-            allowed = allowed & (kpos[None, None, :] > positions[:, :, None] - m.sliding_window)
-        mask = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(~allowed, float("-inf"))[:, None]
-        h = self.w["model.embed_tokens.weight"][input_ids].reshape(batch * seq, m.hidden_size)
+        masks = {}
+        for window in {m.window(layer) for layer in range(m.num_layers)}:
+            allowed = kpos[None, None, :] <= positions[:, :, None]  # [B, S, max_seq]
+            if window is not None:
+                allowed = allowed & (kpos[None, None, :] > positions[:, :, None] - window)
+            masks[window] = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(
+                ~allowed, float("-inf"))[:, None]
+        h = embed_tokens(m, self.w[EMBED], input_ids).reshape(batch * seq, m.hidden_size)
         gqa = m.num_heads != m.num_kv_heads
-        eps = m.rms_norm_eps
+        eps, one_plus, arch = m.rms_norm_eps, m.arch.norm == "rms_one_plus", m.arch
+        norms = arch.norms
+
+        def post_norm(t, layer, name):  # Gemma's norm of a block's output before the residual add
+            return t if name is None else _norm(t, self.w[arch.norm_weight(layer, name)], eps, one_plus)
+
         delta = None  # the previous layer's MLP output, added to h together with the next norm
         for layer in range(m.num_layers):
-            p = f"model.layers.{layer}"
+            attn_in = self.w[arch.norm_weight(layer, norms.attn_in)]
             if delta is None:
-                x = _norm(h, self.w[f"{p}.input_layernorm.weight"], eps)
+                x = _norm(h, attn_in, eps, one_plus)
             else:
-                h, x = _add_norm(h, delta, self.w[f"{p}.input_layernorm.weight"], eps)
-            q, k, v = self._project(x, layer, QKV, ids, gates)
-            q = q.reshape(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
-            k = k.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+                h, x = _add_norm(h, delta, attn_in, eps, one_plus)
+            q, k, v = self._project(x, layer, "qkv", ids, gates)
+            q = q.reshape(batch, seq, m.num_heads, m.head_dim)
+            k = k.reshape(batch, seq, m.num_kv_heads, m.head_dim)
+            if arch.qk_norm:
+                q = _norm(q, self.w[arch.qk_norm_weight(layer, "q")], eps, one_plus)
+                k = _norm(k, self.w[arch.qk_norm_weight(layer, "k")], eps, one_plus)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
-            q, k = _rope(q, k, cos, sin)
+            q, k = _rope(q, k, *rope[m.layer_rope_theta(layer)])
             # write this step's keys/values at their positions (device-side index: graph-safe)
             index = positions[0]
             self.k_cache[layer][:batch].index_copy_(2, index, k)
             self.v_cache[layer][:batch].index_copy_(2, index, v)
-            attn = torch.nn.functional.scaled_dot_product_attention(
-                q, self.k_cache[layer][:batch], self.v_cache[layer][:batch], attn_mask=mask, enable_gqa=gqa)
+            attn = _attention(q, self.k_cache[layer][:batch], self.v_cache[layer][:batch], masks[m.window(layer)],
+                              m.query_scale, m.attn_softcap, gqa)
             attn = attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
-            h, x = _add_norm(h, self._project(attn, layer, ("o_proj",), ids, gates)[0],
-                        self.w[f"{p}.post_attention_layernorm.weight"], eps)
-            act = _silu_mul(*self._project(x, layer, GATE_UP, ids, gates))
-            delta = self._project(act, layer, ("down_proj",), ids, gates)[0]
-        _, x = _add_norm(h, delta, self.w["model.norm.weight"], eps)
-        return (x @ self.w["lm_head.weight"].T).float().reshape(batch, seq, m.vocab_size)
+            o = post_norm(self._project(attn, layer, "o", ids, gates)[0], layer, norms.attn_out)
+            h, x = _add_norm(h, o, self.w[arch.norm_weight(layer, norms.mlp_in)], eps, one_plus)
+            act = ACT_MUL[m.hidden_act](*self._project(x, layer, "gate_up", ids, gates))
+            delta = post_norm(self._project(act, layer, "down", ids, gates)[0], layer, norms.mlp_out)
+        _, x = _add_norm(h, delta, self.w[FINAL_NORM], eps, one_plus)
+        return softcap((x @ self.w[LM_HEAD].T).float(), m.final_softcap).reshape(batch, seq, m.vocab_size)
 
     # ---- public --------------------------------------------------------------
     @torch.no_grad()
@@ -385,5 +421,5 @@ def choose_strategy(make, candidates=("fused", "switch"), tokens: list[int] | No
 
 def weight_bytes(decoder: GpuDecoder) -> int:
     """Bytes one decode step must read at least: every projection and the LM head once."""
-    mats = [s.W for s in decoder.sites.values()] + [decoder.w["lm_head.weight"]]
+    mats = [s.W for s in decoder.sites.values()] + [decoder.w[LM_HEAD]]
     return sum(t.numel() * t.element_size() for t in mats)
