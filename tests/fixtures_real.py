@@ -71,7 +71,7 @@ def write_hf_base(
     initializer_range: float = 0.1,
     **overrides,
 ) -> Path:
-    """Write a tiny random ``family`` (llama / mistral / qwen2) causal LM with
+    """Write a tiny random ``family`` (llama / mistral / qwen2 / qwen3 / phi3) causal LM with
     ``save_pretrained`` (float32, safetensors) into ``dir``; return the path.
 
     ``initializer_range`` is larger than HF's 0.02 so that adapters and routes
@@ -83,6 +83,8 @@ def write_hf_base(
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "phi3": transformers.Phi3Config,
     }
     if family not in configs:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(configs)}")
