@@ -72,9 +72,9 @@ class ModelSpec:
     rms_norm_eps: float
     tie_word_embeddings: bool
     bias_modules: tuple[str, ...]  # projections that carry a bias
-    hidden_act: str = "silu"  # silu or gelu_tanh (families.base.ACTIVATIONS)
-    rotary_dim: int = 0  # leading dims of each head that RoPE rotates (0: all)
-    query_scale: float = 0.0  # factor on q.k (0: head_dim ** -0.5)
+    hidden_act: str  # silu or gelu_tanh (families.base.ACTIVATIONS)
+    rotary_dim: int  # leading dims of each head that RoPE rotates (head_dim unless partial)
+    query_scale: float  # factor on q.k (head_dim ** -0.5 unless the family says otherwise)
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()  # the layers that attend within sliding_window
     sliding_rope_theta: float | None = None  # RoPE base of the sliding layers when it differs from rope_theta
@@ -82,12 +82,6 @@ class ModelSpec:
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     embed_scale: float = 1.0  # factor on the token embeddings
     max_position_embeddings: int = 4096
-
-    def __post_init__(self):
-        if not self.rotary_dim:
-            object.__setattr__(self, "rotary_dim", self.head_dim)
-        if not self.query_scale:
-            object.__setattr__(self, "query_scale", self.head_dim ** -0.5)
 
     @classmethod
     def from_hf_config(cls, cfg: object, where: str | Path) -> "ModelSpec":

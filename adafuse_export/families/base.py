@@ -42,8 +42,8 @@ class Projection:
     roles: tuple[str, ...]  # the roles whose outputs it stacks, in row order
 
     def __post_init__(self):
-        stage = {r: s for s, members in STAGES.items() for r in members}
-        if not self.roles or len({stage.get(r) for r in self.roles}) != 1 or None in {stage.get(r) for r in self.roles}:
+        # one input per projection: its roles must all belong to one stage
+        if not any(self.roles and set(self.roles) <= set(members) for members in STAGES.values()):
             raise ValueError(f"projection {self.name}: roles {self.roles} must be roles of one stage ({STAGES})")
         if self.group not in ("self_attn", "mlp"):
             raise ValueError(f"projection {self.name}: group must be self_attn or mlp, found {self.group}")

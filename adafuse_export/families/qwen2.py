@@ -24,8 +24,9 @@ class Qwen2(Family):
     name = "qwen2"
 
     def bias_modules(self, cfg: dict, where: str) -> tuple[str, ...]:
-        return ("q_proj", "k_proj", "v_proj") + tuple(m for m in super().bias_modules(cfg, where)
-                                                      if m not in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        # transformers' Qwen2 biases q/k/v whatever attention_bias says; mlp_bias is read as for Llama
+        mlp = tuple(m for m in super().bias_modules(cfg, where) if self.projection(m).group == "mlp")
+        return ("q_proj", "k_proj", "v_proj") + mlp
 
     def sliding_window(self, cfg: dict, where: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
         return qwen_windows(cfg, where, num_layers)
