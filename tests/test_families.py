@@ -252,3 +252,29 @@ def test_adapter_on_a_module_the_family_lacks(examples, tmp_path):
     with pytest.raises(AdafuseError, match="unknown module 'q_proj' for model_type 'phi3' \\(expected one of "
                                            "qkv_proj, o_proj, gate_up_proj, down_proj\\)"):
         load_checkpoint(dst)
+
+
+def test_register_refuses_an_incomplete_description():
+    """A family must compute every role exactly once, with a norm and activation the backends implement."""
+    from adafuse_export.families import Family, Projection, register
+
+    class NoDown(Family):
+        name = "no_down"
+        projections = tuple(p for p in Family.projections if p.name != "down_proj")
+
+    class TwoQ(Family):
+        name = "two_q"
+        projections = Family.projections + (Projection("q2_proj", "self_attn", ("q",)),)
+
+    class LayerNormed(Family):
+        name = "layer_normed"
+        norm = "layer_norm"
+
+    for cls in (NoDown, TwoQ, LayerNormed):
+        with pytest.raises(ValueError, match=cls.name):
+            register(cls)
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Again", (Family,), {"name": "llama"}))
+    with pytest.raises(ValueError, match="must be roles of one stage"):
+        Projection("qo_proj", "self_attn", ("q", "o"))
+    assert not set(families.names()) & {"no_down", "two_q", "layer_normed"}

@@ -75,9 +75,8 @@ class LayerNorms:
 
 
 class Family:
-    """The Llama architecture; other families override what differs.
-
-    Structure (class attributes, the same for every checkpoint of the family):"""
+    """The Llama architecture; other families override what differs: the class attributes (structure,
+    the same for every checkpoint of the family) and the config hooks (what config.json sets)."""
     name: ClassVar[str] = ""  # the config's model_type
     projections: ClassVar[tuple[Projection, ...]] = separate()
     norms: ClassVar[LayerNorms] = LayerNorms()
