@@ -14,11 +14,6 @@ class AdafuseError(Exception):
         super().__init__(" ".join(str(message).split()))  # always one line
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise AdafuseError(message)
-
-
 def missing_dependency(package: str, extra: str | None = None) -> AdafuseError:
     hint = f"pip install 'adafuse-export[{extra}]'" if extra else f"pip install {package}"
     return AdafuseError(f"this command needs the Python package '{package}', which is not installed; install it with: {hint}")

@@ -52,16 +52,6 @@ class TensorInfo:
         return self.numel * DTYPE_SIZES[self.dtype]
 
 
-def torch_dtype(code: str):
-    import torch
-
-    return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
-    }[code]
-
-
 def dtype_code(dtype) -> str:
     import torch
 

@@ -6,7 +6,6 @@ A converter answers `detect(path)` (does this directory look like my format?) an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
@@ -89,5 +88,3 @@ def resolve_base(adapter_dir: Path, declared: object, base: Path | None) -> Path
         raise AdafuseError(f"{adapter_dir}: base_model_name_or_path '{declared}' is not a local directory; pass --base DIR")
     raise AdafuseError(f"{adapter_dir}: adapter names no base model; pass --base DIR")
 
-
-Loader = Callable[[Path, Path | None], Checkpoint]

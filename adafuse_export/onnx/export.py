@@ -17,10 +17,6 @@ from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
-
-
 class _CountedExternalData(ExternalData):
     """ExternalData that reports each tensor written to a Progress."""
 

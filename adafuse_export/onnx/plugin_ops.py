@@ -53,7 +53,6 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("has_bias", "int"),
 )
 INPUTS: tuple[str, ...] = ("x", "W", "A", "B", "expert_ids", "gates", "bias")
-OUTPUTS: tuple[str, ...] = ("y",)
 # named input positions (as the plugin's kX_INDEX constants)
 X, W, A, B, EXPERT_IDS, GATES, BIAS = range(7)
 # adafuse_kernels.h: ADAFUSE_MAX_TOP_K, ADAFUSE_LORA_MAX_EXPERTS, ADAFUSE_LORA_MAX_RANK

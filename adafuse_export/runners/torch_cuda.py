@@ -117,7 +117,6 @@ class KernelOps:
     def __init__(self, kernels):
         self.k = kernels
         self._tables: dict[tuple, tuple] = {}
-        self._workspace = None
 
     def lora_linear(self, x, site: SiteWeights, ids, gates):
         return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
