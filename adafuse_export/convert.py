@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AdafuseError
-from .outputs import _umask, claim_engine_outputs
+from .outputs import claim_engine_outputs, move_into_place
 
 VALIDATE_MODES = ("full", "layerwise", "off")
 DEFAULT_MAX_SEQ = 2048
@@ -276,18 +276,8 @@ def _no_engine_message(plan: Plan) -> str:
 
 
 def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:
-    """Rename staged outputs into place; the manifest goes last."""
-    umask = _umask()
-    onnx_dir = staging / "onnx"
-    os.chmod(onnx_dir, 0o777 & ~umask)
-    trash = staging / "replaced"
-    trash.mkdir()
-    moves = [(onnx_dir, outs["onnx"])]
-    if with_engine:
-        moves += [(staging / "engine", outs["engine"]), (staging / "manifest.json", outs["manifest"])]
-    for src, dst in moves:
-        if src.is_file():
-            os.chmod(src, 0o666 & ~umask)
-        if dst.exists() or dst.is_symlink():
-            os.replace(dst, trash / dst.name)
-        os.replace(src, dst)
+    """Rename the staged outputs into place, the manifest last; what they replace goes into the
+    staging directory's `replaced/`, removed with it."""
+    staged = {"onnx": staging / "onnx", "engine": staging / "engine", "manifest": staging / "manifest.json"}
+    names = ("onnx", "engine", "manifest") if with_engine else ("onnx",)
+    move_into_place([(staged[n], outs[n]) for n in names], staging / "replaced")

@@ -182,6 +182,17 @@ def write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def move_into_place(moves: Iterable[tuple[Path, Path]], trash: Path) -> None:
+    """Rename each staged `src` onto its `dst`, in order (so the last one's presence can mark a set of
+    outputs complete). What was at a `dst` is first renamed into `trash` (made when first needed, on
+    the same file system; the caller removes it), so a destination is never half-replaced."""
+    for src, dst in moves:
+        if dst.exists() or dst.is_symlink():
+            trash.mkdir(exist_ok=True)
+            os.replace(dst, trash / dst.name)
+        os.replace(src, dst)
+
+
 def _remove(tmp: Path) -> None:
     try:
         os.unlink(tmp)
@@ -212,13 +223,9 @@ def atomic_directory(path: Path, force: bool = False):
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        trash = tmp.with_name(tmp.name + ".old")
+        move_into_place([(tmp, path)], trash)
+        shutil.rmtree(trash, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno not in WRITE_ERRORS:
