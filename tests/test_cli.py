@@ -59,3 +59,43 @@ def test_console_script_help_and_error_without_traceback(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {tmp_path / 'nope'}: checkpoint directory not found"
     assert "Traceback" not in bad.stderr
+
+
+def test_help_of_every_command_imports_no_heavy_package():
+    """--help works without torch, onnx, onnxruntime or TensorRT installed: none is imported for it."""
+    code = ("import sys\n"
+            "from adafuse_export.cli import cli, main\n"
+            "for args in [['--help']] + [[name, '--help'] for name in cli.commands]:\n"
+            "    assert main(args) == 0, args\n"
+            "heavy = ('torch', 'onnx', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'transformers')\n"
+            "print('IMPORTED', [m for m in heavy if m in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "IMPORTED []"
+
+
+def test_command_modules_do_not_import_the_group():
+    """No import circle: the group (cli/__init__.py) imports the command modules, never the reverse."""
+    import ast
+    from pathlib import Path
+
+    import adafuse_export.cli as package
+
+    folder = Path(package.__file__).parent
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module not in (None, "__init__"), f"{path.name} imports the cli package"
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module != "cli", f"{path.name} imports the cli package"
+
+
+def test_family_and_kind_choices_come_from_their_registries(cli):
+    from adafuse_export.cli import cli as group
+    from adafuse_export.spec import FAMILIES
+
+    params = {p.name: p for p in group.commands["make-example"].params}
+    assert list(params["family"].type.choices) == list(FAMILIES)
+    assert list(params["kind"].type.choices) == list(KINDS)

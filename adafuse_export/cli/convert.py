@@ -1,32 +1,30 @@
-"""The `convert` command (registered on the main group)."""
+"""`convert`: checkpoint -> ONNX -> validated -> TensorRT engine (adafuse_export.convert does the work)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from .cli import base_option, ckpt_argument, cli, format_option
+from .options import backend_option, base_option, ckpt_argument, dtype_option, force_option, format_option, plugin_strategy_option
 
 
-@cli.command()
+@click.command()
 @ckpt_argument
 @click.argument("engine", type=click.Path(path_type=Path))
 @format_option
 @base_option
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
-              help="tensorrt: plugin flavour with fused kernels (needs --plugin-lib); tensorrt-rtx: portable graph, "
-                   "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
+@backend_option("tensorrt: plugin flavour with fused kernels (needs --plugin-lib); tensorrt-rtx: portable graph, "
+                "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed.")
+@dtype_option("float16")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
               help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "
                    "more than max_position_embeddings is refused.")
 @click.option("--plugin-lib", type=click.Path(path_type=Path), default=None,
               help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB).")
-@click.option("--strategy", type=click.Choice(["fused", "switch"]), default=None,
-              help="Plugin for the adapter sites of a --backend tensorrt engine: fused (AdafuseLoraLinear, the "
-                   "default: 1.04x dense per decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
-                   "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")
+@plugin_strategy_option("Plugin for the adapter sites of a --backend tensorrt engine: fused (AdafuseLoraLinear, the "
+                        "default: 1.04x dense per decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
+                        "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse/extend a TensorRT timing cache file.")
 @click.option("--validate", "validate_mode", type=click.Choice(["full", "layerwise", "off"]), default="layerwise",
               show_default=True,
@@ -34,7 +32,7 @@ from .cli import base_option, ckpt_argument, cli, format_option
                    "layer's weights at a time: bounded memory, same comparison), full (the reference holds every "
                    "weight) or off. A mode that will not fit in memory is refused before stage 1.")
 @click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
-@click.option("--force", is_flag=True, help="Overwrite existing ENGINE, its .json manifest and .onnx directory.")
+@force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
 def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, validate_mode,
             no_validate, force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine).
@@ -49,7 +47,7 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
     engine build that will not fit: the validated ONNX is kept). Leftovers of a killed run on the
     same output are removed.
     """
-    from .convert import convert as run_convert
+    from ..convert import convert as run_convert
 
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                 force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,

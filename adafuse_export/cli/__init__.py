@@ -1,0 +1,77 @@
+"""The `adafuse-export` command line: one group, one module per command group.
+
+Commands are plain click commands in their own modules (checkpoints, run, export, validate,
+convert, example) and are added to the group here, so no module imports this one back. Options
+that several commands share are defined once in `options.py`. Heavy packages (torch, onnx,
+tensorrt) are imported inside the commands that need them, so `--help` works everywhere. A user
+mistake raises AdafuseError: we print its one line and exit 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import AdafuseError
+from . import checkpoints, convert, example, export, run, validate
+
+EXIT_USAGE = 2
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adafuse-export")
+def cli():
+    """Export mixture-of-LoRA-experts LLMs (AdaFuse pre-gating + fused adapter kernels).
+
+    \b
+    Typical session:
+      adafuse-export make-example ex/            # a tiny pre-gated checkpoint
+      adafuse-export inspect ex/                 # what is in it
+      adafuse-export run ex/ --prompt-ids 1,2,3  # PyTorch reference, greedy decode
+    """
+
+
+for command in (checkpoints.formats, checkpoints.inspect, run.run, export.export_routes, example.make_example,
+                convert.convert, export.export_onnx, validate.validate):
+    cli.add_command(command)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="adafuse-export", standalone_mode=False)
+    except AdafuseError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM raised where the process is, so that atomic writes remove their temporaries
+    (Python's default action for SIGTERM ends the process with no cleanup at all)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def entry_point() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = main()
+    except Terminated:
+        click.echo("error: terminated", err=True)
+        code = 128 + signal.SIGTERM
+    sys.exit(code)

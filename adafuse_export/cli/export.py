@@ -1,0 +1,71 @@
+"""`export-onnx` and `export-routes`: the ONNX graphs, and the pre-gate as a routing table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..outputs import claim, is_marked_safetensors, is_onnx_export
+from .options import (base_option, ckpt_argument, dtype_option, force_option, format_option, import_onnx, import_torch,
+                      plugin_strategy_option)
+
+
+@click.command("export-onnx")
+@ckpt_argument
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@click.option("--flavour", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
+              help="portable: adapters in standard ONNX ops (ONNX Runtime, TensorRT-RTX); "
+                   "plugin: one adafuse::AdafuseLoraLinear (or, with --strategy switch, AdafuseSwitchLinear) node per "
+                   "routed site (TensorRT + plugin library).")
+@plugin_strategy_option("Plugin flavour only: the op of every adapter site, AdafuseLoraLinear (fused, the default) or "
+                        "AdafuseSwitchLinear (switch); same fields and inputs. See docs/engine-path.md.")
+@dtype_option("float32", "Weight and activation dtype (routers, norms and softmax stay float32).")
+@click.option("--external-data-threshold", type=click.IntRange(0), default=None, metavar="BYTES",
+              help="Write weights to <graph>.onnx.data when they exceed this many bytes [default: 2e9].")
+@force_option("Replace a non-empty OUT_DIR.")
+def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_data_threshold, force):
+    """Write ONNX graphs for CKPT into OUT_DIR: decoder.onnx, pregate.onnx, routes.safetensors, manifest.json.
+
+    The directory appears complete or not at all (built in a temporary directory next to it, then renamed).
+    """
+    import_torch()
+    import_onnx()
+    from ..converters import load_checkpoint
+    from ..onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx as write_export
+
+    c = load_checkpoint(ckpt, fmt, base)
+    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=is_onnx_export, directory=True)
+    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+    manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
+    for graph, info in manifest["graphs"].items():
+        extra = f" + {info['external_data']}" if info["external_data"] else ""
+        click.echo(f"{graph:<8} {out_dir / info['file']}{extra}: "
+                   f"{len(info['inputs'])} inputs, {len(info['outputs'])} outputs")
+    if manifest["routes"]:
+        click.echo(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
+    click.echo(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
+
+
+@click.command("export-routes")
+@ckpt_argument
+@click.argument("out", type=click.Path(path_type=Path))
+@format_option
+@base_option
+@force_option("Overwrite OUT.")
+def export_routes(ckpt, out, fmt, base, force):
+    """Write the pre-gate's exact routing table to OUT (.safetensors): expert_ids [vocab, k] int32, gates [vocab, k] float32.
+
+    Only for pre-gated checkpoints whose pre-gate reads RMSNorm_0(embed(token)): there the
+    route depends on the token id alone, and a table lookup replaces the pre-gate network.
+    """
+    import_torch()
+    from ..converters import load_checkpoint
+    from ..onnx.export import _write_routes
+
+    c = load_checkpoint(ckpt, fmt, base)
+    c.require_routing_table()
+    claim(out, option="OUT", inputs=c.inputs, force=force, ours=is_marked_safetensors)
+    _write_routes(c, out, "float32")
+    click.echo(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")
