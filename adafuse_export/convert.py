@@ -138,11 +138,12 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
             raise
         chosen = None  # auto with no TensorRT: still export and validate the ONNX, then say what to install
     flavour = chosen.flavour if chosen else "portable"
-    if chosen and chosen.name == "tensorrt":
+    if chosen and chosen.kind.plugin_library:
         plugin_library = plugin_library or (Path(os.environ["ADAFUSE_PLUGIN_LIB"]) if os.environ.get("ADAFUSE_PLUGIN_LIB") else None)
         if plugin_library is None or not plugin_library.is_file():
-            raise AdafuseError(f"--plugin-lib {plugin_library or '(not given)'}: full TensorRT needs the adafuse plugin library "
-                               "(build it with cmake -S plugins -B build/plugins && cmake --build build/plugins)")
+            raise AdafuseError(f"--plugin-lib {plugin_library or '(not given)'}: {chosen.kind.title} needs the adafuse plugin "
+                               f"library {chosen.kind.plugin_library} (build it with cmake -S plugins -B build/plugins "
+                               "&& cmake --build build/plugins)")
     validate_dtype = None
     if validate != "off" and dtype == "bfloat16" and not onnxruntime_runs_bfloat16():
         validate_dtype = "float32"
@@ -265,14 +266,14 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
 
 
 def _no_engine_message(plan: Plan) -> str:
-    from .trt.backends import INSTALL
+    from .trt.backends import install_hint
 
     what = "validated " if plan.validate != "off" else ""
     if plan.build_refused:
         return (f"the engine was not built: {plan.build_refused}; the {what}ONNX export is in {plan.outs['onnx']}. "
                 f"Build the engine on a machine with more memory (the same command)")
     return (f"no TensorRT installed, so no engine was built; the {what}ONNX export is in {plan.outs['onnx']}. "
-            f"To build engines install {INSTALL['tensorrt-rtx']} or {INSTALL['tensorrt']}")
+            f"To build engines install {install_hint()}")
 
 
 def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:

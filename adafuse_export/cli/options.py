@@ -41,9 +41,9 @@ def device_option(choices: tuple[str, ...], default: str, help: str):
 
 
 def backend_option(help: str):
-    from ..trt.backends import BACKENDS
+    from ..trt.backends import names
 
-    return click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True, help=help)
+    return click.option("--backend", type=click.Choice(["auto", *names()]), default="auto", show_default=True, help=help)
 
 
 def family_choices() -> list[str]:

@@ -20,11 +20,11 @@ import numpy as np
 
 from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
+from ..trt.backends import BackendKind, builders_for
 from ..trt.build import DECODE, PREFILL
 from ..trt.manifest import manifest_meta, verify_engine
 from .base import ModelInfo, Runner, StepResult
 
-RTX_CAPABILITIES = {(8, 0), (8, 6), (8, 9)}
 # TensorRT DataType member -> torch dtype name (the dtypes an adafuse engine's tensors can have)
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                 "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -51,7 +51,7 @@ class Placement:
     current_stream: Callable[[], Any]
 
 
-def open_cuda(engine: Path, backend_name: str) -> Placement:
+def open_cuda(engine: Path, backend: BackendKind) -> Placement:
     """The GPU an engine needs, or an AdafuseError saying why there is none here."""
     import torch
 
@@ -59,9 +59,9 @@ def open_cuda(engine: Path, backend_name: str) -> Placement:
         raise AdafuseError(f"{engine}: running a TensorRT engine needs an NVIDIA GPU, and none is visible here "
                            f"(validate the ONNX export in {engine.with_suffix('.onnx')} instead)")
     cc = torch.cuda.get_device_capability()
-    if backend_name == "tensorrt-rtx" and cc not in RTX_CAPABILITIES and cc[0] != 12:
-        raise AdafuseError(f"{engine}: TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9 and 12.x; "
-                           f"this GPU is {cc[0]}.{cc[1]} (build with --backend tensorrt for it)")
+    if not backend.runs_on_capability(*cc):
+        raise AdafuseError(f"{engine}: {backend.title} engines run on {backend.gpus}; this GPU is {cc[0]}.{cc[1]} "
+                           f"(build with --backend {' or '.join(builders_for(*cc))} for it)")
     device = torch.device("cuda", torch.cuda.current_device())
     return Placement(device, torch.cuda.Stream(device), torch.cuda.current_stream)
 
@@ -165,7 +165,7 @@ class TensorRTRunner(Runner):
         self.manifest = manifest = verify_engine(engine)
         built = manifest["engine"]
         backend = select_backend(built["backend"])
-        self.placement = placement = open_cuda(engine, backend.name)
+        self.placement = placement = open_cuda(engine, backend.kind)
         trt = backend.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         if manifest.get("plugin"):

@@ -52,8 +52,8 @@ def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: C
     TensorRT refuses (another TensorRT version or GPU) is an error, never silently replaced."""
     if path is None:
         return None
-    if backend.name == "tensorrt-rtx":
-        log(f"--timing-cache {path}: not used (TensorRT-RTX has no timing cache); the file is left unchanged")
+    if not backend.kind.timing_cache:
+        log(f"--timing-cache {path}: not used ({backend.kind.title} has no timing cache); the file is left unchanged")
         return None
     try:
         data = read_bytes(path, "TensorRT timing cache", MAX_TIMING_CACHE_BYTES) if path.exists() else b""
@@ -80,8 +80,7 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
         if registry.load_library(str(plugin_library)) is None:
             raise AdafuseError(f"{plugin_library}: TensorRT could not load the plugin library")
     flags = 0
-    if backend.name == "tensorrt":
-        # Respect the ONNX graph's dtypes (weights exported in fp16/bf16) instead of TensorRT's choice.
+    if backend.kind.strongly_typed:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

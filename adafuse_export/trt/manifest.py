@@ -18,7 +18,6 @@ from ..inputs import confine, open_regular, read_json
 
 MANIFEST_FORMAT = "adafuse-engine"
 MANIFEST_VERSION = 1
-PLUGIN_LIBRARY = "libadafuse_trt_plugins.so"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -43,8 +42,7 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
         "engine": {"file": engine_name, "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
                    "backend": backend.name, "backend_version": backend.version, "flavour": onnx_manifest["flavour"],
                    "dtype": dtype, "max_batch": max_batch, "max_seq": max_seq,
-                   "runs_on": ("compute capability 8.0, 8.6, 8.9, 12.x (TensorRT-RTX)" if backend.name == "tensorrt-rtx"
-                               else "the GPU architecture it was built on (TensorRT)")},
+                   "runs_on": backend.kind.runs_on},
         "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
         "profiles": io["profiles"],
         "routing": {"kind": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
@@ -52,7 +50,7 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
                     "normalize_topk": a.normalize_topk, "pregate_input": a.pregate_input if a.routing == "pregate" else None,
                     "routes_file": f"{onnx_dir_name}/routes.safetensors" if (onnx_dir / "routes.safetensors").exists() else None,
                     "pregate_graph": f"{onnx_dir_name}/pregate.onnx" if (onnx_dir / "pregate.onnx").exists() else None},
-        "plugin": ({"library": PLUGIN_LIBRARY, "name": custom_ops["op_type"], "strategy": custom_ops["strategy"],
+        "plugin": ({"library": backend.kind.plugin_library, "name": custom_ops["op_type"], "strategy": custom_ops["strategy"],
                     "version": plugin_ops.PLUGIN_VERSION, "namespace": "", "fields": [n for n, _ in plugin_ops.FIELDS]}
                    if custom_ops else None),
         "files": files,

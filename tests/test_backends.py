@@ -1,0 +1,64 @@
+"""trt/backends.py: the one registry of TensorRT backends, checked against what each backend really is."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from adafuse_export.errors import AdafuseError
+from adafuse_export.onnx.builder import FLAVOURS
+from adafuse_export.trt import backends
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_backend_builds_a_known_flavour_and_plugin_backends_name_the_library_cmake_builds():
+    cmake = (ROOT / "plugins" / "CMakeLists.txt").read_text()
+    library = "lib" + re.search(r"add_library\((\w+) SHARED", cmake).group(1) + ".so"
+    for kind in backends.KINDS.values():
+        assert kind.flavour in FLAVOURS
+        assert kind.plugin_library == (library if kind.flavour == "plugin" else None)
+
+
+def test_backend_choices_of_the_cli_are_the_registry():
+    from adafuse_export.cli import cli
+
+    backend = next(p for p in cli.commands["convert"].params if p.name == "backend")
+    assert list(backend.type.choices) == ["auto", "tensorrt", "tensorrt-rtx"] == ["auto", *backends.names()]
+
+
+def test_rtx_is_loaded_lazily_from_its_module():
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is installed by .ci/run")
+    chosen = backends.select_backend("tensorrt-rtx")
+    assert chosen.trt is trt and chosen.version == trt.__version__ and chosen.flavour == "portable"
+
+
+def test_unknown_and_missing_backends_are_one_line_errors(monkeypatch):
+    with pytest.raises(AdafuseError, match=r"^--backend 'tensorrt-llm' is unknown \(expected auto, tensorrt, tensorrt-rtx\)$"):
+        backends.select_backend("tensorrt-llm")
+    monkeypatch.setattr(backends, "_try_import", lambda name: None)
+    with pytest.raises(AdafuseError, match=r"no TensorRT found for --backend auto; install tensorrt: full TensorRT 10 .* "
+                                           r"or tensorrt-rtx: pip install 'adafuse-export\[rtx\]'"):
+        backends.select_backend("auto")
+
+
+@pytest.mark.parametrize("cc, rtx", [((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), False), ((10, 0), False),
+                                     ((12, 0), True), ((12, 1), True), ((7, 5), False)])
+def test_where_engines_run(cc, rtx):
+    # TensorRT-RTX 1.7 release notes: Ampere (8.0, 8.6), Ada (8.9) and Blackwell consumer (12.x) GPUs
+    assert backends.KINDS["tensorrt-rtx"].runs_on_capability(*cc) == rtx
+    assert backends.KINDS["tensorrt"].runs_on_capability(*cc)
+    assert backends.builders_for(*cc) == (("tensorrt", "tensorrt-rtx") if rtx else ("tensorrt",))
+
+
+def test_engine_runner_refuses_an_rtx_engine_on_a_gpu_it_cannot_run(monkeypatch, tmp_path):
+    torch = pytest.importorskip("torch")
+    from adafuse_export.runners.tensorrt import open_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(AdafuseError) as e:
+        open_cuda(tmp_path / "m.engine", backends.KINDS["tensorrt-rtx"])
+    assert str(e.value) == (f"{tmp_path / 'm.engine'}: TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9, 12.x; "
+                            "this GPU is 9.0 (build with --backend tensorrt for it)")
