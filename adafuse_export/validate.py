@@ -18,6 +18,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import AdafuseError
 from .runners.base import ModelInfo
+from .summary import adapter_summary, routing_metadata
 
 # (atol, rtol) per model dtype
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 5e-2)}
@@ -85,12 +86,7 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
         bad("'expert_ids'/'gates' decoder inputs", "present" if info.needs_routes else "absent",
             f"{'needed' if wants_routes else 'not needed'} (routing '{a.routing}')")
     meta = info.meta
-    expected = {
-        "adafuse.routing": a.routing, "adafuse.router_kind": a.router_kind if a.routing == "layerwise" else "-",
-        "adafuse.expert_kind": a.expert_kind, "adafuse.num_experts": str(a.num_experts), "adafuse.top_k": str(a.top_k),
-        "adafuse.pregate_input": a.pregate_input if a.routing == "pregate" else "-",
-        "adafuse.hidden_size": str(m.hidden_size),
-    }
+    expected = {**routing_metadata(adapter_summary(a)), "adafuse.hidden_size": str(m.hidden_size)}
     notes = []
     if "adafuse.format" not in meta:
         notes.append("the model carries no adafuse metadata; only its inputs and outputs were checked against the checkpoint")

@@ -25,6 +25,7 @@ def formats():
 def inspect(ckpt, fmt, base, as_json):
     """Describe CKPT without loading its tensors: format, model, experts, routing, sizes."""
     from ..converters import load_checkpoint
+    from ..summary import adapter_summary
 
     c = load_checkpoint(ckpt, fmt, base)
     m, a = c.model, c.adapter
@@ -34,13 +35,7 @@ def inspect(ckpt, fmt, base, as_json):
                   "num_layers": m.num_layers, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
                   "head_dim": m.head_dim, "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_word_embeddings,
                   "bias_modules": list(m.bias_modules), "sliding_window": m.sliding_window},
-        "adapter": {"routing": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
-                    "expert_kind": a.expert_kind, "num_experts": a.num_experts,
-                    "num_experts_per_layer": list(a.num_experts_per_layer) if a.num_experts_per_layer else None,
-                    "top_k": a.top_k, "normalize_topk": a.normalize_topk, "r": a.r, "lora_alpha": a.lora_alpha,
-                    "use_rslora": a.use_rslora, "target_modules": list(a.target_modules),
-                    "static_modules": list(a.static_modules), "pregate_input": a.pregate_input if a.routing == "pregate" else None,
-                    "routing_table": a.routing_table_exact, "rank_pattern": a.rank_pattern, "alpha_pattern": a.alpha_pattern},
+        "adapter": adapter_summary(a),
         **c.parameter_counts(),
         "notes": c.notes,
     }

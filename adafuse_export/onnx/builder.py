@@ -19,6 +19,7 @@ from onnx import TensorProto
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..summary import adapter_summary, routing_metadata
 from . import plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
 
@@ -38,16 +39,13 @@ def has_pregate_graph(ckpt: Checkpoint) -> bool:
 
 
 def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str, str]:
-    m, a = ckpt.model, ckpt.adapter
+    m = ckpt.model
     return {
         "adafuse.format": "adafuse-onnx/1", "adafuse.graph": graph, "adafuse.flavour": flavour,
         "adafuse.dtype": dtype, "adafuse.checkpoint_sha256": ckpt.index_sha256(),
         "adafuse.family": m.family, "adafuse.vocab_size": str(m.vocab_size), "adafuse.hidden_size": str(m.hidden_size),
         "adafuse.num_layers": str(m.num_layers), "adafuse.num_kv_heads": str(m.num_kv_heads),
-        "adafuse.head_dim": str(m.head_dim), "adafuse.routing": a.routing,
-        "adafuse.router_kind": a.router_kind if a.routing == "layerwise" else "-",
-        "adafuse.expert_kind": a.expert_kind, "adafuse.num_experts": str(a.num_experts),
-        "adafuse.top_k": str(a.top_k), "adafuse.pregate_input": a.pregate_input if a.routing == "pregate" else "-",
+        "adafuse.head_dim": str(m.head_dim), **routing_metadata(adapter_summary(ckpt.adapter)),
         "adafuse.sliding_window": str(m.sliding_window),
     }
 

@@ -8,6 +8,7 @@ import onnx
 
 from ..checkpoint import Checkpoint
 from ..progress import Progress
+from ..summary import adapter_summary, routing_contract
 from ..tensors import atomic_directory, save_safetensors
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
@@ -94,7 +95,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtyp
 
 def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None,
                progress: bool) -> dict:
-    a, m = ckpt.adapter, ckpt.model
+    m, adapter = ckpt.model, adapter_summary(ckpt.adapter)
     graphs = {}
     decoder_graph = build_decoder(ckpt, flavour, dtype, strategy)
     strategy = decoder_graph.metadata.get("adafuse.strategy")  # None: no plugin node in the graph
@@ -115,12 +116,10 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
         "model": {"family": m.family, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                   "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                   "sliding_window": m.sliding_window},
-        "adapter": {"routing": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
-                    "expert_kind": a.expert_kind, "num_experts": a.num_experts, "top_k": a.top_k,
-                    "pregate_input": a.pregate_input if a.routing == "pregate" else None,
+        "adapter": {**routing_contract(adapter),
                     "pregate_location": ("pregate.onnx" if has_pregate_graph(ckpt) else
                                          "decoder (outputs expert_ids, gates)" if pregate_in_decoder(ckpt) else None),
-                    "static_modules_merged": list(a.static_modules), "routed_modules": list(a.target_modules)},
+                    "static_modules_merged": adapter["static_modules"], "routed_modules": adapter["target_modules"]},
         "graphs": graphs, "routes": routes,
         "custom_ops": ({"domain": plugin_ops.DOMAIN, "version": plugin_ops.DOMAIN_VERSION, "strategy": strategy,
                         "op_type": plugin_ops.op_type(strategy), "plugin_version": plugin_ops.PLUGIN_VERSION,

@@ -15,9 +15,12 @@ from .. import __version__
 from ..errors import AdafuseError
 from ..onnx import plugin_ops
 from ..inputs import confine, open_regular, read_json
+from ..summary import adapter_summary, routing_metadata
 
 MANIFEST_FORMAT = "adafuse-engine"
 MANIFEST_VERSION = 1
+# the routing section: "kind" (the summary's "routing") and these fields of summary.adapter_summary
+ROUTING_FIELDS = ("router_kind", "expert_kind", "num_experts", "top_k", "normalize_topk", "pregate_input")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -36,7 +39,7 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
                   backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint) -> dict:
     files = {f"{onnx_dir_name}/{p.name}": sha256_file(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()}
     custom_ops = onnx_manifest.get("custom_ops") if onnx_manifest.get("flavour") == "plugin" else None
-    a = checkpoint.adapter
+    adapter = adapter_summary(checkpoint.adapter)
     return {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adafuse_export_version": __version__,
         "engine": {"file": engine_name, "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
@@ -45,9 +48,8 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
                    "runs_on": backend.kind.runs_on},
         "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
         "profiles": io["profiles"],
-        "routing": {"kind": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
-                    "expert_kind": a.expert_kind, "num_experts": a.num_experts, "top_k": a.top_k,
-                    "normalize_topk": a.normalize_topk, "pregate_input": a.pregate_input if a.routing == "pregate" else None,
+        # runtime/src/manifest.cpp reads routing.kind, top_k and routes_file
+        "routing": {"kind": adapter["routing"], **{k: adapter[k] for k in ROUTING_FIELDS},
                     "routes_file": f"{onnx_dir_name}/routes.safetensors" if (onnx_dir / "routes.safetensors").exists() else None,
                     "pregate_graph": f"{onnx_dir_name}/pregate.onnx" if (onnx_dir / "pregate.onnx").exists() else None},
         "plugin": ({"library": backend.kind.plugin_library, "name": custom_ops["op_type"], "strategy": custom_ops["strategy"],
@@ -63,10 +65,7 @@ def manifest_meta(manifest: dict) -> dict[str, str]:
     validate.check_compatible compares with a checkpoint)."""
     r = manifest["routing"]
     meta = {"adafuse.format": f"{MANIFEST_FORMAT}/{MANIFEST_VERSION}", "adafuse.dtype": manifest["engine"]["dtype"],
-            "adafuse.flavour": manifest["engine"]["flavour"], "adafuse.routing": r["kind"],
-            "adafuse.router_kind": r["router_kind"] or "-", "adafuse.expert_kind": r["expert_kind"],
-            "adafuse.num_experts": str(r["num_experts"]), "adafuse.top_k": str(r["top_k"]),
-            "adafuse.pregate_input": r["pregate_input"] or "-",
+            "adafuse.flavour": manifest["engine"]["flavour"], **routing_metadata({**r, "routing": r["kind"]}),
             "adafuse.checkpoint_sha256": manifest["source"]["index_sha256"]}
     if manifest.get("plugin"):
         meta["adafuse.strategy"] = manifest["plugin"]["strategy"]
