@@ -5,12 +5,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.examples import KINDS
-from adafuse_export.reference import ReferenceModel
 
 
 def test_formats_lists_registered_converters(cli):
@@ -33,15 +33,43 @@ def test_inspect_every_example(cli, example_dirs):
         assert table.code == 0 and "routing" in table.out and "parameters" in table.out
 
 
-def test_run_prints_greedy_ids_and_saves_logits(cli, example_dirs, tmp_path):
+def test_run_without_adapters_prints_what_transformers_generates(cli, example_dirs, tmp_path):
+    """The base model is a Hugging Face directory: transformers' own forward and greedy generate are the oracle."""
+    import transformers
+
+    out = tmp_path / "logits.safetensors"
+    r = cli("run", example_dirs["pregate"], "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4", "--no-adapters",
+            "--save-logits", out)
+    assert r.code == 0, r.err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(example_dirs["pregate"], dtype=torch.float32).eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        generated = hf.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 4:]
+        logits = hf(prompt).logits
+    assert r.out.split() == [str(t) for t in generated.tolist()]
+    saved = load_file(out)["logits"]
+    assert saved.shape == (1, 4, 256) and (saved - logits).abs().max().item() < 1e-4
+
+
+def test_run_with_adapters_prints_what_onnxruntime_generates(cli, example_dirs, tmp_path):
+    """With adapters, the oracle is the exported portable graph executed by ONNX Runtime (another
+    implementation of the same model, run by another library), greedy-decoded here."""
+    from adafuse_export.onnx.export import export_onnx
+    from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
+
     out = tmp_path / "logits.safetensors"
     r = cli("run", example_dirs["pregate"], "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4", "--save-logits", out)
     assert r.code == 0, r.err
-    model = ReferenceModel(load_checkpoint(example_dirs["pregate"]))
-    gen, steps = model.generate(torch.tensor([[5, 6, 7, 8]]), 4)
-    assert r.out.split() == [str(t) for t in gen[0].tolist()]
-    saved = load_file(out)["logits"]
-    assert saved.shape == (1, 4, 256) and torch.equal(saved, steps[0].logits)
+    export_onnx(load_checkpoint(example_dirs["pregate"]), tmp_path / "onnx", "portable", "float32")
+    runner = OnnxRuntimeRunner(tmp_path / "onnx")
+    step = runner.prefill(np.array([[5, 6, 7, 8]], dtype=np.int64))
+    prompt_logits, generated = step.logits, []
+    for _ in range(4):
+        generated.append(int(step.logits[0, -1].argmax()))
+        step = runner.decode(np.array([[generated[-1]]], dtype=np.int64))
+    assert r.out.split() == [str(t) for t in generated]
+    saved = load_file(out)["logits"].numpy()
+    assert saved.shape == (1, 4, 256) and np.abs(saved - prompt_logits).max() < 1e-4
 
 
 def test_make_example_refuses_to_overwrite(cli, tmp_path):
