@@ -1,7 +1,9 @@
 """The GPU decoder's logic (static KV cache, routing table, switch bookkeeping) on the CPU.
 
-On the CPU every strategy runs PyTorch ops; benchmarks/h200_decode.py runs the same checks
-with the CUDA kernels and CUDA graphs on the H200.
+On the CPU every strategy runs PyTorch ops (TorchOps); benchmarks/h200_decode.py runs the same
+checks with the CUDA kernels and CUDA graphs on the H200. TorchOps is checked against a float64
+formula written here, and the decoder runs that formula in place of the reference's lora_delta, so
+the decoder and the reference it is compared with share no adapter code.
 """
 from __future__ import annotations
 
@@ -10,8 +12,70 @@ import torch
 
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.errors import AdafuseError
-from adafuse_export.reference import ReferenceModel
-from adafuse_export.runners.torch_cuda import GpuDecoder
+from adafuse_export.reference import ReferenceModel, lora_delta
+from adafuse_export.runners import torch_cuda
+from adafuse_export.runners.torch_cuda import FUSED_MAX_ROWS, GpuDecoder, SiteWeights, TorchOps
+
+
+def lora_delta_float64(x, A, B, ids, gates, scale):
+    """scale * sum_j gates[n, j] * B[e] (A[e] x[n]) with e = ids[n, j], row by row in float64."""
+    out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[n, j])
+            out[n] += float(gates[n, j]) * (B[e].double() @ (A[e].double() @ x[n].double()))
+    return scale * out
+
+
+@pytest.fixture(autouse=True)
+def independent_adapter_math(monkeypatch):
+    """The decoder's TorchOps computes its few-row adapter term with the float64 formula above."""
+    monkeypatch.setattr(torch_cuda, "lora_delta", lambda x, *args: lora_delta_float64(x, *args).to(x.dtype))
+
+
+def random_site(g, E=5, r=3, n_in=7, n_out=11):
+    return SiteWeights("s", torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g),
+                       torch.randn(E, r, n_in, generator=g), torch.randn(E, n_out, r, generator=g), 0.7)
+
+
+def random_route(g, rows, E=5, k=2):
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(rows)])
+    return ids, torch.rand(rows, k, generator=g)
+
+
+def test_reference_lora_delta_is_the_float64_formula():
+    g = torch.Generator().manual_seed(1)
+    site = random_site(g)
+    x = torch.randn(9, 7, generator=g)
+    ids, gates = random_route(g, 9)
+    got = lora_delta(x, site.A, site.B, ids, gates, site.scale)
+    assert (got.double() - lora_delta_float64(x, site.A, site.B, ids, gates, site.scale)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1, 64])
+def test_torch_ops_lora_linear_is_the_float64_formula(rows, monkeypatch):
+    """Both paths: the per-row gather (few rows) and the dense mixture (prefill)."""
+    monkeypatch.setattr(torch_cuda, "lora_delta", lora_delta)  # the real one, not the fixture's stand-in
+    g = torch.Generator().manual_seed(rows)
+    site = random_site(g)
+    x = torch.randn(rows, 7, generator=g)
+    ids, gates = random_route(g, rows)
+    expected = x.double() @ site.W.double().T + site.bias.double() + lora_delta_float64(x, site.A, site.B, ids, gates,
+                                                                                        site.scale)
+    assert (TorchOps.lora_linear(x, site, ids, gates).double() - expected).abs().max().item() < 1e-4
+
+
+def test_torch_ops_switch_merges_the_float64_formula():
+    g = torch.Generator().manual_seed(3)
+    site = random_site(g)
+    site.W_base = site.W.clone()
+    ids, gates = random_route(g, 1)
+    old_ids, old_gates = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2)
+    TorchOps().switch([site], ids, gates, old_ids, old_gates)
+    merged = site.W_base.double() + site.scale * sum(float(gates[0, j]) * site.B[ids[0, j]].double() @ site.A[ids[0, j]].double()
+                                                     for j in range(2))
+    assert (site.W.double() - merged).abs().max().item() < 1e-5
+    assert torch.equal(old_ids, ids) and torch.equal(old_gates, gates)
 
 
 @pytest.mark.parametrize("strategy", ["unmerged", "fused", "switch"])
@@ -86,21 +150,3 @@ def test_decoder_errors(example_dirs):
         dec.prefill(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(AdafuseError, match="routing table needs a pre-gate"):
         GpuDecoder.from_checkpoint(load_checkpoint(example_dirs["mola"]), device="cpu", dtype=torch.float32)
-
-
-
-def test_prefill_mixture_path_equals_per_row_gather():
-    """Above FUSED_MAX_ROWS rows the PyTorch path runs every expert densely and masks by gate."""
-    from adafuse_export.reference import lora_delta
-    from adafuse_export.runners.torch_cuda import FUSED_MAX_ROWS, SiteWeights, TorchOps
-
-    g = torch.Generator().manual_seed(0)
-    E, r, n_in, n_out, k = 5, 3, 7, 11, 2
-    site = SiteWeights("s", torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g),
-                       torch.randn(E, r, n_in, generator=g), torch.randn(E, n_out, r, generator=g), 0.7)
-    for rows in (FUSED_MAX_ROWS + 1, 64):
-        x = torch.randn(rows, n_in, generator=g)
-        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(rows)])
-        gates = torch.rand(rows, k, generator=g)
-        expected = x @ site.W.T + site.bias + lora_delta(x, site.A, site.B, ids, gates, site.scale)
-        assert (TorchOps.lora_linear(x, site, ids, gates) - expected).abs().max().item() < 1e-4
