@@ -6,6 +6,8 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.errors import AdafuseError
@@ -147,20 +149,25 @@ def test_float16_runs_in_onnxruntime(kind, example_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("flavour", ["portable", "plugin"])
-def test_bfloat16_builds_and_passes_checker(flavour, example_dirs, tmp_path):
+def test_bfloat16_export_holds_the_checkpoints_weights_and_passes_checker(flavour, example_dirs, tmp_path):
+    """Every checkpoint tensor in the graph is that tensor (read here with safetensors) rounded to
+    bfloat16, bit for bit. Whether ONNX Runtime runs bfloat16 graphs is another question, answered by
+    the CPU probe (test_convert_large.py) and, with kernels, on a GPU."""
     ckpt = load_checkpoint(example_dirs["pregate"])
     export_onnx(ckpt, tmp_path / "b", flavour, "bfloat16")
     model = onnx.load(str(tmp_path / "b" / "decoder.onnx"))
     onnx.checker.check_model(model, full_check=flavour == "portable")
-    w = next(t for t in model.graph.initializer if t.name == "model.layers.0.self_attn.q_proj.weight")
-    assert w.data_type == onnx.TensorProto.BFLOAT16
-    if flavour == "portable":
-        try:
-            report = validate(ckpt, tmp_path / "b", [PROMPTS[1]], steps=2)
-        except AdafuseError as e:  # ONNX Runtime's CPU provider has no bfloat16 kernels for these ops
-            assert "ONNX Runtime cannot load this model" in str(e) or "cannot be fed from numpy" in str(e)
-        else:
-            assert report["passed"]
+    source = {**load_file(example_dirs["pregate"] / "model.safetensors"),
+              **load_file(example_dirs["pregate"] / "adafuse_adapters.safetensors")}
+    compared = 0
+    for init in model.graph.initializer:
+        if init.name in source:
+            assert init.data_type == onnx.TensorProto.BFLOAT16, init.name
+            want = source[init.name].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            got = np.frombuffer(init.raw_data, dtype=np.uint16).reshape(tuple(init.dims))
+            assert np.array_equal(got, want), init.name
+            compared += 1
+    assert compared >= 9 * ckpt.model.num_layers  # every base weight and adapter of every layer
 
 
 def test_external_data_above_threshold(example_dirs, tmp_path):
