@@ -47,11 +47,10 @@ def backend_option(help: str):
 
 
 def family_choices() -> list[str]:
-    # THE one place the CLI's model-family choices come from. Today spec.FAMILIES; once
-    # adafuse_export/families/ lands, its registry (families.names()) is wired in here.
-    from ..spec import FAMILIES
+    """The one place the CLI's model-family choices come from: the family registry (adafuse_export/families/)."""
+    from ..families import names
 
-    return list(FAMILIES)
+    return list(names())
 
 
 def parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
