@@ -13,8 +13,9 @@ def formats():
     """List the checkpoint formats that can be read."""
     from ..converters import converters
 
+    width = max(map(len, converters()))
     for name, conv in converters().items():
-        click.echo(f"{name:<12} {conv.description}")
+        click.echo(f"{name:<{width}}  {conv.description}")
 
 
 @click.command()
