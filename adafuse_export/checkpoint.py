@@ -7,6 +7,7 @@ engines) reads only this. Canonical adapter tensor names:
   pregate.weight [E, hidden] (+ pregate.bias [E])            routing 'pregate'
   layers.{l}.{module}.router.weight [E_l, in]                 routing 'layerwise', expert_kind 'linear'
   layers.{l}.mlp.router.weight [E_l, hidden]                  routing 'layerwise', expert_kind 'ffn'
+  xlora.classifier.{j}.weight / .bias                         routing 'xlora' (the classifier's Linear layers)
 """
 from __future__ import annotations
 
@@ -79,7 +80,20 @@ class Checkpoint:
                 shapes[f"layers.{layer}.mlp.router.weight"] = ((a.experts_in_layer(layer), m.hidden_size), "[experts, hidden_size]")
         if a.routing == "pregate":
             shapes["pregate.weight"] = ((a.num_experts, m.hidden_size), "[num_experts, hidden_size]")
+        if a.xlora is not None:
+            x, sites = a.xlora, len(self.sites())
+            outs = [x.classifier_size] * (x.classifier_depth - 1) + [a.num_experts * (sites if x.layerwise_scalings else 1)]
+            for j, (inp, out) in enumerate(zip([m.hidden_size] + outs[:-1], outs)):
+                shapes[f"xlora.classifier.{j}.weight"] = ((out, inp), "[out, in] of an X-LoRA classifier layer")
+                shapes[f"xlora.classifier.{j}.bias"] = ((out,), "[out] of an X-LoRA classifier layer")
         return shapes
+
+    def require_exportable(self) -> None:
+        """Graph export covers one forward pass per step; X-LoRA needs two (docs/formats/xlora.md)."""
+        if self.adapter.routing == "xlora":
+            raise AdafuseError(f"{self.path}: X-LoRA ({self.format}) cannot be exported: its scaling pass is a second full "
+                               "forward of the model (with its own KV cache) before every step, which the ONNX graphs and "
+                               "engines do not have; run it with the PyTorch reference (adafuse-export run)")
 
     def require_routing_table(self) -> None:
         if not self.adapter.routing_table_exact:
@@ -87,7 +101,8 @@ class Checkpoint:
                                f"(routing '{self.adapter.routing}', pregate_input '{self.adapter.pregate_input}')")
 
     def router_names(self) -> list[str]:
-        names = [n for n in self.expected_adapter_shapes() if n.endswith("router.weight") or n.startswith("pregate.")]
+        names = [n for n in self.expected_adapter_shapes()
+                 if n.endswith("router.weight") or n.startswith(("pregate.", "xlora.classifier."))]
         if "pregate.bias" in self.adapters:
             names.append("pregate.bias")
         return names

@@ -126,6 +126,7 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
     from .trt.backends import select_backend
 
     ckpt = load_checkpoint(ckpt_path, fmt, base)
+    ckpt.require_exportable()
     claim_engine_outputs(outs, ckpt.inputs, force, timing_cache)  # nothing is written before this
     m = ckpt.model
     stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "

@@ -15,7 +15,7 @@ from .errors import AdafuseError
 if TYPE_CHECKING:
     from .families import Family
 
-ROUTINGS = ("pregate", "layerwise", "none")
+ROUTINGS = ("pregate", "layerwise", "none", "xlora")
 ROUTER_KINDS = ("topk", "dense")
 EXPERT_KINDS = ("linear", "ffn")
 PREGATE_INPUTS = ("attn_norm_0", "mlp_norm_0")
@@ -148,6 +148,56 @@ def _pattern_value(pattern: dict, site: str, default):
 
 
 @dataclass(frozen=True)
+class XLoraSpec:
+    """PEFT X-LoRA's mixing (docs/formats/xlora.md): a scaling pass with constant scalings, then a classifier
+    over its last hidden state gives per-token (per-site) expert scalings for the real pass."""
+    classifier_depth: int  # Linear layers of the classifier, ReLU between them
+    classifier_size: int  # width of its hidden layers (depth > 1)
+    layerwise_scalings: bool  # one set of E scalings per adapted site, else one set for every site
+    enable_softmax: bool  # softmax (with temperature) over the experts of the classifier output
+    softmax_temperature: float
+    enable_softmax_topk: bool  # softmax over the top_k_lora kept scalings
+    top_k_lora: int | None  # keep the k largest scalings per site, zero the rest
+    scaling_pass_value: float  # the constant scaling of every expert in the scaling pass
+    global_scaling_weight: float  # multiplies every expert's output
+    module_order: tuple[str, ...]  # PEFT's numbering of a layer's sites: transformers' module order
+
+    @classmethod
+    def from_json(cls, cfg: object, where: str) -> "XLoraSpec":
+        if not isinstance(cfg, dict):
+            raise AdafuseError(f"{where}: key 'xlora' must be an object, found {type(cfg).__name__}")
+        spec = cls(
+            classifier_depth=_get(cfg, "classifier_depth", int, where),
+            classifier_size=_get(cfg, "classifier_size", int, where),
+            layerwise_scalings=_get(cfg, "layerwise_scalings", bool, where),
+            enable_softmax=_get(cfg, "enable_softmax", bool, where),
+            softmax_temperature=float(_get(cfg, "softmax_temperature", (int, float), where)),
+            enable_softmax_topk=_get(cfg, "enable_softmax_topk", bool, where),
+            top_k_lora=_get(cfg, "top_k_lora", int, where, None),
+            scaling_pass_value=float(_get(cfg, "scaling_pass_value", (int, float), where)),
+            global_scaling_weight=float(_get(cfg, "global_scaling_weight", (int, float), where)),
+            module_order=tuple(_get(cfg, "module_order", list, where)),
+        )
+        spec.check(where)
+        return spec
+
+    def check(self, where: str) -> None:
+        if not 0 < self.classifier_depth <= 64:
+            raise AdafuseError(f"{where}: X-LoRA classifier depth must be 1..64, found {self.classifier_depth}")
+        _positive(self.classifier_size, "classifier_size", where)
+        if not self.softmax_temperature > 0 or not math.isfinite(self.softmax_temperature):
+            raise AdafuseError(f"{where}: X-LoRA softmax_temperature must be a positive number, found {self.softmax_temperature}")
+        if self.top_k_lora is not None and self.top_k_lora < 1:
+            raise AdafuseError(f"{where}: X-LoRA top_k_lora must be at least 1, found {self.top_k_lora}")
+        for key in ("scaling_pass_value", "global_scaling_weight"):
+            if not math.isfinite(getattr(self, key)):
+                raise AdafuseError(f"{where}: X-LoRA {key} must be finite, found {getattr(self, key)}")
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "module_order": list(self.module_order)}
+
+
+@dataclass(frozen=True)
 class AdapterSpec:
     num_experts: int
     top_k: int
@@ -164,6 +214,7 @@ class AdapterSpec:
     num_experts_per_layer: tuple[int, ...] | None = None  # MoLA-style allocation; None: num_experts everywhere
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    xlora: XLoraSpec | None = None  # routing 'xlora' only
 
     @classmethod
     def from_json(cls, cfg: object, where: str | Path, num_layers: int) -> "AdapterSpec":
@@ -214,6 +265,7 @@ class AdapterSpec:
             num_experts_per_layer=per_layer,
             rank_pattern=pattern("rank_pattern", int),
             alpha_pattern=pattern("alpha_pattern", (int, float)),
+            xlora=XLoraSpec.from_json(cfg["xlora"], where) if cfg.get("xlora") is not None else None,
         )
         spec.check(where)
         return spec
@@ -255,6 +307,12 @@ class AdapterSpec:
         if self.expert_kind == "ffn":
             if self.routing != "layerwise":
                 bad(f"expert_kind 'ffn' (MixLoRA) needs routing 'layerwise', found '{self.routing}'")
+        if (self.routing == "xlora") != (self.xlora is not None):
+            bad(f"routing '{self.routing}' {'needs' if self.routing == 'xlora' else 'takes no'} X-LoRA settings ('xlora')")
+        if self.routing == "xlora" and (self.expert_kind != "linear" or self.static_modules or self.num_experts_per_layer):
+            bad("routing 'xlora' mixes linear experts at every routed site (no static modules, one expert count)")
+        if self.xlora is not None and sorted(self.xlora.module_order) != sorted(self.target_modules):
+            bad(f"X-LoRA module_order {list(self.xlora.module_order)} must list target_modules {list(self.target_modules)} once each")
         if self.routing == "pregate":
             if self.num_experts_per_layer and len(set(self.num_experts_per_layer)) > 1:
                 bad("a pre-gate routes every layer alike, so num_experts_per_layer must be uniform")
@@ -293,4 +351,6 @@ class AdapterSpec:
         }
         if self.num_experts_per_layer:
             out["num_experts_per_layer"] = list(self.num_experts_per_layer)
+        if self.xlora is not None:
+            out["xlora"] = self.xlora.to_json()
         return out

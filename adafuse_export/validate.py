@@ -123,6 +123,7 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     log: told after each compared step (a 7B step takes minutes on a CPU)."""
     from .runners.reference import ReferenceRunner
 
+    ckpt.require_exportable()  # nothing exported can stand for it
     prompts = prompts or [[t % ckpt.model.vocab_size for t in DEFAULT_PROMPT]]
     for p in prompts:
         bad = [t for t in p if not 0 <= t < ckpt.model.vocab_size]

@@ -596,3 +596,40 @@ def available(module: str) -> bool:
         return True
     except Exception:
         return False
+
+
+# ------------------------------------------------------------------ PEFT X-LoRA
+def write_peft_xlora(dir, base_dir, input_ids, lora_specs: Sequence[dict], seed: int = 0, classifier_scale: float = 1.0,
+                     **xlora_config):
+    """Write LoRA adapters (``write_peft_lora`` kwargs in ``lora_specs``) under ``dir``, build an X-LoRA model over
+    them with real ``peft`` (``XLoraConfig`` + ``get_peft_model``; the classifier drawn from N(0, classifier_scale)),
+    run PEFT's forward on ``input_ids`` and save it with ``save_pretrained`` into ``dir/xlora``.
+
+    Returns (checkpoint dir, PEFT's float32 logits [B, T, vocab], PEFT's greedy ``generate`` of 4 new tokens from
+    the first prompt). The logits come from the model before saving: PEFT 0.21's own reload of an X-LoRA
+    checkpoint loses the classifier's first layer (docs/formats/xlora.md)."""
+    import peft
+    import torch
+
+    root = Path(dir)
+    adapters = {str(i): str(write_peft_lora(root / f"lora{i}", base_dir, seed=seed + 10 * i, **kw))
+                for i, kw in enumerate(lora_specs)}
+    model = _load_hf(base_dir)
+    model.config.use_cache = False  # X-LoRA refuses a KV cache
+    hidden = json.loads((Path(base_dir) / "config.json").read_text())["hidden_size"]
+    cfg = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=adapters, **xlora_config)
+    xmodel = peft.get_peft_model(model, cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in xmodel.named_parameters():
+            if "internal_xlora_classifier" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * classifier_scale)
+        ids = _ids_tensor(input_ids)
+        logits = xmodel(input_ids=ids).logits.float()
+        generated = xmodel.generate(input_ids=ids[:1], max_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
+    out = root / "xlora"
+    xmodel.save_pretrained(str(out))
+    data = json.loads((out / "adapter_config.json").read_text())
+    data["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(data, indent=2))
+    return out, logits, generated

@@ -35,7 +35,7 @@ def register(cls: type[Converter]) -> type[Converter]:
 
 def _ensure_loaded() -> None:
     # Importing the modules registers them; order is detection order.
-    from . import adafuse, peft_lora, moe_peft, lora_nums  # noqa: F401
+    from . import adafuse, peft_lora, moe_peft, lora_nums, xlora  # noqa: F401
 
 
 def converters() -> dict[str, Converter]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..inputs import read_json
-from ..spec import MODULES, AdapterSpec, module_group
+from ..spec import AdapterSpec
 from ..tensors import LazySource, TensorInfo, TensorSource
 from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
@@ -83,6 +83,9 @@ class _LoraNumsConverter(Converter):
                     LORAMOE: "the LoRAMoE layout (lora_A{i} per expert)"}[found]
             raise AdafuseError(f"{origin}: a {self.name} adapter needs "
                                f"{'one shared lora_A' if self.layout == HYDRA else 'lora_A0..lora_A{E-1}'} per linear, found {what}")
+        base_dir = resolve_base(path, cfg.get("base_model_name_or_path"), base)
+        hf_cfg, model, base_src = load_hf_base(base_dir)
+        arch = model.arch
         sites: dict[tuple[int, str], set[str]] = {}
         for name in names:
             m = KEY.match(name)
@@ -90,17 +93,16 @@ class _LoraNumsConverter(Converter):
                 raise AdafuseError(f"{origin}: tensor '{name}' is not a {self.name} weight (expected base_model.model.model."
                                    "layers.L.<self_attn|mlp>.<proj>.<lora_route|lora_A|lora_A{i}|lora_B{i}>.weight)")
             module = m.group(3)
-            if module not in MODULES or module_group(module) != m.group(2):
-                raise AdafuseError(f"{origin}: tensor '{name}' adapts unsupported module '{m.group(2)}.{module}' "
-                                   f"(expected one of {', '.join(f'{module_group(x)}.{x}' for x in MODULES)})")
+            if module not in arch.module_names or arch.projection(module).group != m.group(2):
+                raise AdafuseError(f"{origin}: tensor '{name}' adapts module '{m.group(2)}.{module}', which a {model.family} "
+                                   f"model does not have (expected one of "
+                                   f"{', '.join(f'{arch.projection(x).group}.{x}' for x in arch.module_names)})")
             sites.setdefault((int(m.group(1)), module), set()).add(name)
-        modules = sorted({mod for _, mod in sites}, key=MODULES.index)
-        base_dir = resolve_base(path, cfg.get("base_model_name_or_path"), base)
-        hf_cfg, model, base_src = load_hf_base(base_dir)
+        modules = sorted({mod for _, mod in sites}, key=arch.module_names.index)
         entries: dict[str, tuple[TensorInfo, object]] = {}
         for layer in range(model.num_layers):
             for module in modules:
-                prefix = f"base_model.model.model.layers.{layer}.{module_group(module)}.{module}"
+                prefix = f"base_model.model.{arch.weight_prefix(layer, module)}"
                 a_names = [f"{prefix}.lora_A.weight"] * experts if self.layout == HYDRA \
                     else [f"{prefix}.lora_A{i}.weight" for i in range(experts)]
                 b_names = [f"{prefix}.lora_B{i}.weight" for i in range(experts)]

@@ -89,6 +89,7 @@ def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtyp
     """Build and write every file into a temporary directory next to out_dir, then rename it into place.
     strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused).
     progress: print tensors and bytes written while external weight data is written."""
+    ckpt.require_exportable()
     with atomic_directory(Path(out_dir), force) as tmp:
         return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress)
 

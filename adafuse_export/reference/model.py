@@ -12,6 +12,7 @@ Adapter modes (AdapterSpec.routing / expert_kind):
   layerwise/ffn      MixLoRA: a router per FFN; expert e is the FFN with LoRA e on
                      gate/up/down; out = sum_k w_k FFN_e(x)
   static modules     one always-on LoRA (plain PEFT LoRA, MixLoRA attention)
+  xlora              PEFT X-LoRA: two passes per step, reference/xlora.py
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ class StepOutput:
     cache: KVCache
     expert_ids: torch.Tensor | None  # [B, S, k] int64 (pre-gated checkpoints)
     gates: torch.Tensor | None  # [B, S, k] float32
+    hidden: torch.Tensor | None = None  # [B, S, hidden] after the final norm
 
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
@@ -205,6 +207,10 @@ class ReferenceModel:
             self.w[LM_HEAD] = self.w[EMBED]
         self.sites: dict[tuple[int, str], Site] = {(s.layer, s.module): s for s in ckpt.sites()} if adapters else {}
         self.scales = {s.name: self.aspec.site_scale(s.name) for s in self.sites.values()}
+        self.xlora = None
+        if adapters and self.aspec.routing == "xlora":
+            from .xlora import XLoraMixer
+            self.xlora = XLoraMixer(ckpt, self.a)
 
     # ---- routing -------------------------------------------------------------
     @property
@@ -243,6 +249,8 @@ class ReferenceModel:
         if site.static:
             ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
             return y + lora_delta(x, A, B, ids, torch.ones(ids.shape, device=x.device), scale)
+        if self.xlora is not None:
+            route = self.xlora.route(layer, module)
         if self.aspec.expert_kind == "ffn":
             ones = torch.ones(ffn_expert.shape, device=x.device)
             return y + lora_delta(x, A, B, ffn_expert, ones, scale)
@@ -315,6 +323,13 @@ class ReferenceModel:
                 routes: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         """input_ids [B, S] (positions continue the cache). routes: optional (ids, gates)
         [B, S, k] that replace the pre-gate's (runners feed routes they computed)."""
+        if self.xlora is not None:
+            return self.xlora.forward(self._pass, torch.as_tensor(input_ids, device=self.device), cache,
+                                      self.spec.num_layers)
+        return self._pass(input_ids, cache, routes)
+
+    def _pass(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+              routes: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         s, arch = self.spec, self.spec.arch
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() != 2:
@@ -349,7 +364,7 @@ class ReferenceModel:
         ids = gates = None
         if self.pregated:
             ids, gates = route[0].reshape(batch, seq, -1), route[1].reshape(batch, seq, -1)
-        return StepOutput(logits, cache, ids, gates)
+        return StepOutput(logits, cache, ids, gates, h.reshape(batch, seq, s.hidden_size))
 
     __call__ = forward
 
