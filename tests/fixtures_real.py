@@ -159,20 +159,31 @@ def write_peft_lora(
     )
     torch.manual_seed(seed)
     model = peft.get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * init_scale)
+    _redraw(model, "lora_B", seed + 1, init_scale)
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    # save_pretrained records the base's own name_or_path: point it at base_dir.
-    cfg_path = out / "adapter_config.json"
+    _point_at_base(out, base_dir)
+    return out
+
+
+def _redraw(model, part: str, seed: int, scale: float) -> None:
+    """Parameters whose name contains `part` drawn again from N(0, scale) (seeded)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if part in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def _point_at_base(adapter_dir: Path, base_dir) -> None:
+    """save_pretrained records the base's own name_or_path: point it at base_dir."""
+    cfg_path = adapter_dir / "adapter_config.json"
     data = json.loads(cfg_path.read_text())
     data["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(data, indent=2))
-    return out
 
 
 def peft_forward_logits(adapter_dir, base_dir, input_ids) -> "torch.Tensor":
@@ -619,17 +630,12 @@ def write_peft_xlora(dir, base_dir, input_ids, lora_specs: Sequence[dict], seed:
     hidden = json.loads((Path(base_dir) / "config.json").read_text())["hidden_size"]
     cfg = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=hidden, adapters=adapters, **xlora_config)
     xmodel = peft.get_peft_model(model, cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 7)
+    _redraw(xmodel, "internal_xlora_classifier", seed + 7, classifier_scale)
     with torch.no_grad():
-        for name, p in xmodel.named_parameters():
-            if "internal_xlora_classifier" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * classifier_scale)
         ids = _ids_tensor(input_ids)
         logits = xmodel(input_ids=ids).logits.float()
         generated = xmodel.generate(input_ids=ids[:1], max_new_tokens=4, do_sample=False)[:, ids.shape[1]:]
     out = root / "xlora"
     xmodel.save_pretrained(str(out))
-    data = json.loads((out / "adapter_config.json").read_text())
-    data["base_model_name_or_path"] = str(base_dir)
-    (out / "adapter_config.json").write_text(json.dumps(data, indent=2))
+    _point_at_base(out, base_dir)
     return out, logits, generated

@@ -66,6 +66,13 @@ def _check_config(cfg: dict, where: Path) -> tuple[int, float, int]:
 class _LoraNumsConverter(Converter):
     layout = ""
 
+    def detect(self, path: Path) -> bool:
+        if not _is_fork_config(path):
+            return False
+        found = _layout(read_adapter_dir(path)[1].names())
+        # HydraLoRA also claims a mixed or empty one, so that it gets load()'s precise error, not "unknown layout".
+        return found == self.layout or (found is None and self.layout == HYDRA)
+
     def load(self, path: Path, base: Path | None = None) -> Checkpoint:
         cfg, weights = read_adapter_dir(path)
         where = path / ADAPTER_CONFIG
@@ -157,16 +164,9 @@ class HydraLoraConverter(_LoraNumsConverter):
     layout = HYDRA
     description = "HydraLoRA (authors' peft fork: lora_nums, one shared lora_A, lora_B{i}, lora_route per linear)"
 
-    def detect(self, path: Path) -> bool:
-        # Claims every lora_nums adapter that is not purely LoRAMoE's layout, so a mixed one gets this error.
-        return _is_fork_config(path) and _layout(read_adapter_dir(path)[1].names()) != LORAMOE
-
 
 @register
 class LoraMoeOriginalConverter(_LoraNumsConverter):
     name = LORAMOE
     layout = LORAMOE
     description = "LoRAMoE (authors' peft fork: lora_nums, lora_A{i}/lora_B{i}, lora_route per linear)"
-
-    def detect(self, path: Path) -> bool:
-        return _is_fork_config(path) and _layout(read_adapter_dir(path)[1].names()) == LORAMOE
