@@ -167,16 +167,16 @@ class XLoraSpec:
         if not isinstance(cfg, dict):
             raise AdafuseError(f"{where}: key 'xlora' must be an object, found {type(cfg).__name__}")
         spec = cls(
-            classifier_depth=_get(cfg, "classifier_depth", int, where),
-            classifier_size=_get(cfg, "classifier_size", int, where),
-            layerwise_scalings=_get(cfg, "layerwise_scalings", bool, where),
-            enable_softmax=_get(cfg, "enable_softmax", bool, where),
-            softmax_temperature=float(_get(cfg, "softmax_temperature", (int, float), where)),
-            enable_softmax_topk=_get(cfg, "enable_softmax_topk", bool, where),
-            top_k_lora=_get(cfg, "top_k_lora", int, where, None),
-            scaling_pass_value=float(_get(cfg, "scaling_pass_value", (int, float), where)),
-            global_scaling_weight=float(_get(cfg, "global_scaling_weight", (int, float), where)),
-            module_order=tuple(_get(cfg, "module_order", list, where)),
+            classifier_depth=config_value(cfg, "classifier_depth", int, where),
+            classifier_size=config_value(cfg, "classifier_size", int, where),
+            layerwise_scalings=config_value(cfg, "layerwise_scalings", bool, where),
+            enable_softmax=config_value(cfg, "enable_softmax", bool, where),
+            softmax_temperature=float(config_value(cfg, "softmax_temperature", (int, float), where)),
+            enable_softmax_topk=config_value(cfg, "enable_softmax_topk", bool, where),
+            top_k_lora=config_value(cfg, "top_k_lora", int, where, None),
+            scaling_pass_value=float(config_value(cfg, "scaling_pass_value", (int, float), where)),
+            global_scaling_weight=float(config_value(cfg, "global_scaling_weight", (int, float), where)),
+            module_order=tuple(config_value(cfg, "module_order", list, where)),
         )
         spec.check(where)
         return spec
@@ -184,7 +184,7 @@ class XLoraSpec:
     def check(self, where: str) -> None:
         if not 0 < self.classifier_depth <= 64:
             raise AdafuseError(f"{where}: X-LoRA classifier depth must be 1..64, found {self.classifier_depth}")
-        _positive(self.classifier_size, "classifier_size", where)
+        positive(self.classifier_size, "classifier_size", where)
         if not self.softmax_temperature > 0 or not math.isfinite(self.softmax_temperature):
             raise AdafuseError(f"{where}: X-LoRA softmax_temperature must be a positive number, found {self.softmax_temperature}")
         if self.top_k_lora is not None and self.top_k_lora < 1:

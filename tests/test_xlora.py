@@ -118,3 +118,14 @@ def test_bad_xlora_checkpoints(tmp_path, base, cli):
     assert r.code == 2 and "hidden_size 32 does not match the base model's 64" in r.err
     r = inspect_with(xlora_depth=2, xlora_size=16)
     assert r.code == 2 and "missing X-LoRA classifier tensor 'base_model.internal_xlora_classifier.layers.3.weight'" in r.err
+
+
+def test_phi3_site_numbering_follows_transformers_module_order(tmp_path):
+    """Phi-3 registers o_proj before qkv_proj: PEFT's layer-wise scalings are numbered that way."""
+    base = fr.write_hf_base(tmp_path / "phi3", "phi3", pad_token_id=0)
+    loras = [{"target_modules": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")},
+             {"target_modules": ("o_proj", "qkv_proj"), "r": 2}]
+    d, expected, _ = fr.write_peft_xlora(tmp_path, base, IDS, loras, xlora_depth=1, layerwise_scalings=True)
+    ckpt = load_checkpoint(d)
+    assert ckpt.adapter.xlora is not None and ckpt.adapter.xlora.module_order[:2] == ("o_proj", "qkv_proj")
+    assert (ReferenceModel(ckpt)(IDS).logits - expected).abs().max().item() < 1e-4
