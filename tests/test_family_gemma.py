@@ -53,11 +53,11 @@ def write_pregate_adapters(out: Path, base: Path, seed: int = 0) -> Path:
     """A canonical pre-gated checkpoint (4 experts, top-2, every projection) over `base` (read with --base)."""
     from adafuse_export.checkpoint import ADAPTER_CONFIG, ADAPTERS, Checkpoint
     from adafuse_export.converters.adafuse import load_hf_base
-    from adafuse_export.spec import MODULES, AdapterSpec
+    from adafuse_export.spec import AdapterSpec
     from adafuse_export.tensors import in_memory_source, save_safetensors
 
     cfg, model, weights = load_hf_base(base)
-    adapter = AdapterSpec(num_experts=4, top_k=2, r=4, lora_alpha=8.0, target_modules=MODULES)
+    adapter = AdapterSpec(num_experts=4, top_k=2, r=4, lora_alpha=8.0, target_modules=model.arch.module_names)
     ckpt = Checkpoint(out, "adafuse", cfg, model, adapter, weights, in_memory_source({}, "test"))
     gen = torch.Generator().manual_seed(seed)
     tensors = {name: torch.randn(shape, generator=gen) * (1.0 if name.startswith("pregate") else 0.1)
