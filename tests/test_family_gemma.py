@@ -181,3 +181,64 @@ def test_gpu_decoder_on_cpu_matches_reference(pregated, family, strategy):
     for i, step in enumerate(steps[1:]):
         assert (dec.decode(tokens[:, i:i + 1]) - step.logits).abs().max().item() < ATOL, i
     assert torch.equal(dec.generate(prompt, 2 * WINDOW), tokens)
+
+
+HUB_LIKE = {  # configs as the Hub holds them: keys left to the config class's defaults, older key names
+    "gemma2": {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
+               "head_dim": 32, "intermediate_size": 96, "num_hidden_layers": 5, "vocab_size": 128},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 1,
+                    "head_dim": 32, "intermediate_size": 96, "num_hidden_layers": 7, "vocab_size": 128,
+                    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window_pattern": 3,
+                    "sliding_window": 512, "rope_scaling": None, "query_pre_attn_scalar": 32,
+                    "attn_logit_softcapping": 50.0},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_defaults_and_older_keys_read_as_transformers_reads_them(family):
+    """Absent keys take the config class's defaults; Gemma 3's older rope_theta / rope_local_base_freq /
+    sliding_window_pattern keys; Gemma 3 ignores attn_logit_softcapping as its attention does."""
+    from adafuse_export.spec import ModelSpec
+
+    cfg = HUB_LIKE[family]
+    spec = ModelSpec.from_hf_config(dict(cfg), "config.json")
+    hf = transformers.AutoConfig.for_model(**cfg)
+    assert spec.sliding_layers == tuple(i for i, t in enumerate(hf.layer_types) if t == SLIDING)
+    assert 0 < len(spec.sliding_layers) < spec.num_layers and spec.sliding_window == hf.sliding_window
+    assert spec.query_scale == hf.query_pre_attn_scalar ** -0.5 and spec.embed_scale == hf.hidden_size ** 0.5
+    assert spec.final_softcap == hf.final_logit_softcapping and spec.tie_word_embeddings == hf.tie_word_embeddings
+    assert spec.hidden_act == "gelu_tanh" and hf.hidden_activation == "gelu_pytorch_tanh"
+    if family == "gemma2":
+        assert spec.attn_softcap == hf.attn_logit_softcapping == 50.0 and spec.final_softcap == 30.0
+        uncapped = {**cfg, "attn_logit_softcapping": None, "final_logit_softcapping": None}  # null: no capping
+        hf = transformers.AutoConfig.for_model(**uncapped)
+        spec = ModelSpec.from_hf_config(uncapped, "config.json")
+        assert spec.attn_softcap is hf.attn_logit_softcapping is None and spec.final_softcap is hf.final_logit_softcapping is None
+        assert spec.rope_theta == hf.rope_parameters["rope_theta"] and spec.sliding_rope_theta is None
+    else:
+        assert spec.attn_softcap is None
+        assert spec.rope_theta == hf.rope_parameters[FULL]["rope_theta"] == 1e6
+        assert spec.sliding_rope_theta == hf.rope_parameters[SLIDING]["rope_theta"] == 1e4
+        assert [spec.layer_rope_theta(i) for i in range(3)] == [1e4, 1e4, 1e6]
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("gemma2", {"use_bidirectional_attention": True}, "use_bidirectional_attention true is not supported"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported for model_type 'gemma2'"),
+    ("gemma2", {"layer_types": [SLIDING, FULL]}, "layer_types must list 5 of"),
+    ("gemma2", {"sliding_window": None}, "names sliding_attention layers but sliding_window is not set"),
+    ("gemma2", {"attn_logit_softcapping": -1.0}, "key 'attn_logit_softcapping' must be positive"),
+    ("gemma2", {"query_pre_attn_scalar": "256"}, "key 'query_pre_attn_scalar' must be int or float"),
+    ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope_scaling ('linear') is not supported"),
+    ("gemma3_text", {"rope_parameters": {FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}},
+     "rope_parameters['full_attention'] rope type 'linear' is not supported"),
+    ("gemma3_text", {"rope_local_base_freq": 0}, "rope_parameters['sliding_attention'] rope_theta must be a positive"),
+    ("gemma3_text", {"sliding_window_pattern": 0}, "key 'sliding_window_pattern' must be positive"),
+])
+def test_bad_configs_are_one_line_errors(family, change, message):
+    from adafuse_export.errors import AdafuseError
+    from adafuse_export.spec import ModelSpec
+
+    with pytest.raises(AdafuseError, match=r"^config\.json: ") as err:
+        ModelSpec.from_hf_config({**HUB_LIKE[family], **change}, "config.json")
+    assert message in str(err.value) and "\n" not in str(err.value)
