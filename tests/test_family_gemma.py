@@ -14,11 +14,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from adafuse_export.checkpoint import ADAPTER_CONFIG, ADAPTERS, Checkpoint
 from adafuse_export.converters import load_checkpoint
+from adafuse_export.converters.adafuse import load_hf_base
+from adafuse_export.errors import AdafuseError
+from adafuse_export.onnx import plugin_ops
+from adafuse_export.onnx.export import export_onnx
 from adafuse_export.reference import ReferenceModel
+from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
+from adafuse_export.runners.torch_cuda import GpuDecoder
+from adafuse_export.spec import AdapterSpec, ModelSpec
+from adafuse_export.tensors import in_memory_source, save_safetensors
+from adafuse_export.validate import validate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_real as fr  # noqa: E402
@@ -36,6 +47,7 @@ GEMMA = {
                                          SLIDING: {"rope_type": "default", "rope_theta": 20.0}}),
 }
 FAMILIES = list(GEMMA)
+# token 0 is the pad row, which transformers initialises to zero: its pre-gate is uniform (all ties)
 PROMPTS = torch.tensor([[1, 5, 9, 33, 100, 7, 64, 2, 17, 90], [3, 3, 17, 120, 45, 8, 99, 11, 0, 127]])
 DECODE = torch.tensor([[4, 77, 12, 5, 31, 126], [60, 2, 2, 9, 110, 8]])  # more cached steps than the window
 ATOL = 1e-4
@@ -51,11 +63,6 @@ def bases(tmp_path_factory):
 
 def write_pregate_adapters(out: Path, base: Path, seed: int = 0) -> Path:
     """A canonical pre-gated checkpoint (4 experts, top-2, every projection) over `base` (read with --base)."""
-    from adafuse_export.checkpoint import ADAPTER_CONFIG, ADAPTERS, Checkpoint
-    from adafuse_export.converters.adafuse import load_hf_base
-    from adafuse_export.spec import AdapterSpec
-    from adafuse_export.tensors import in_memory_source, save_safetensors
-
     cfg, model, weights = load_hf_base(base)
     adapter = AdapterSpec(num_experts=4, top_k=2, r=4, lora_alpha=8.0, target_modules=model.arch.module_names)
     ckpt = Checkpoint(out, "adafuse", cfg, model, adapter, weights, in_memory_source({}, "test"))
@@ -130,10 +137,6 @@ def test_reference_matches_transformers_prefill_and_cached_decode(bases, tmp_pat
 def test_peft_lora_matches_peft_through_reference_and_onnx(bases, tmp_path, family):
     """PEFT LoRA on every projection: PEFT's own forward == our reference == the portable ONNX graph in
     ONNX Runtime; then validate() runs cached decode steps of the graph against the reference."""
-    from adafuse_export.onnx.export import export_onnx
-    from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
-    from adafuse_export.validate import validate
-
     base = bases[(family, False)]
     adapter_dir = fr.write_peft_lora(tmp_path / "lora", base)
     ckpt = load_checkpoint(adapter_dir)
@@ -148,14 +151,15 @@ def test_peft_lora_matches_peft_through_reference_and_onnx(bases, tmp_path, fami
     assert report["passed"] and report["greedy_agreement"]["fraction"] == 1.0, report
 
 
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pregated_onnx_matches_reference(pregated, tmp_path, family):
-    """Pre-gate graph (embedding scale and the 1+w norm before the router) and decoder, cached steps."""
-    from adafuse_export.onnx.export import export_onnx
-    from adafuse_export.validate import validate
-
+def test_pregated_onnx_matches_reference(pregated, tmp_path, family, flavour):
+    """Pre-gate graph (embedding scale and the 1+w norm before the router) and decoder, cached steps;
+    the plugin flavour's adapter nodes run as ONNX Runtime custom ops."""
     ckpt = pregated[family]
-    export_onnx(ckpt, tmp_path / "onnx", "portable", "float32")
+    export_onnx(ckpt, tmp_path / "onnx", flavour, "float32")
+    nodes = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"), load_external_data=False).graph.node
+    assert sum(n.domain == plugin_ops.DOMAIN for n in nodes) == (7 * 3 if flavour == "plugin" else 0)
     report = validate(ckpt, tmp_path / "onnx", PROMPTS.tolist(), steps=2 * WINDOW)
     by_name = {o["name"]: o for o in report["outputs"]}
     assert by_name["logits"]["max_abs_diff"] <= ATOL and by_name["expert_ids"]["max_abs_diff"] == 0, by_name
@@ -167,8 +171,6 @@ def test_pregated_onnx_matches_reference(pregated, tmp_path, family):
 def test_gpu_decoder_on_cpu_matches_reference(pregated, family, strategy):
     """The GPU decoder's code (static cache, routing table, TorchOps) on the CPU, step by step, against
     the reference, past the sliding window."""
-    from adafuse_export.runners.torch_cuda import GpuDecoder
-
     ckpt = pregated[family]
     ref = ReferenceModel(ckpt)
     prompt = PROMPTS[:1]
@@ -198,8 +200,6 @@ HUB_LIKE = {  # configs as the Hub holds them: keys left to the config class's d
 def test_config_defaults_and_older_keys_read_as_transformers_reads_them(family):
     """Absent keys take the config class's defaults; Gemma 3's older rope_theta / rope_local_base_freq /
     sliding_window_pattern keys; Gemma 3 ignores attn_logit_softcapping as its attention does."""
-    from adafuse_export.spec import ModelSpec
-
     cfg = HUB_LIKE[family]
     spec = ModelSpec.from_hf_config(dict(cfg), "config.json")
     hf = transformers.AutoConfig.for_model(**cfg)
@@ -236,8 +236,6 @@ def test_config_defaults_and_older_keys_read_as_transformers_reads_them(family):
     ("gemma3_text", {"sliding_window_pattern": 0}, "key 'sliding_window_pattern' must be positive"),
 ])
 def test_bad_configs_are_one_line_errors(family, change, message):
-    from adafuse_export.errors import AdafuseError
-    from adafuse_export.spec import ModelSpec
 
     with pytest.raises(AdafuseError, match=r"^config\.json: ") as err:
         ModelSpec.from_hf_config({**HUB_LIKE[family], **change}, "config.json")
