@@ -22,6 +22,7 @@ from adafuse_export.checkpoint import ADAPTER_CONFIG, ADAPTERS, Checkpoint
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.converters.adafuse import load_hf_base
 from adafuse_export.errors import AdafuseError
+from adafuse_export.examples import KINDS, make_example
 from adafuse_export.onnx import plugin_ops
 from adafuse_export.onnx.export import export_onnx
 from adafuse_export.reference import ReferenceModel
@@ -240,3 +241,28 @@ def test_bad_configs_are_one_line_errors(family, change, message):
     with pytest.raises(AdafuseError, match=r"^config\.json: ") as err:
         ModelSpec.from_hf_config({**HUB_LIKE[family], **change}, "config.json")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+EXAMPLE_CONFIG = {  # make_example configs (over examples.TINY_CONFIG) with every Gemma feature switched on
+    "gemma2": dict(head_dim=24, num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=20,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=1.5),
+    "gemma3_text": dict(head_dim=24, num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=20,
+                        final_logit_softcapping=1.5, layer_types=[SLIDING, FULL, SLIDING], rope_local_base_freq=20.0),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_example_kind_through_onnx(tmp_path, family, kind):
+    """Every adapter kind on Gemma (pregate-ffn's router reads pre_feedforward_layernorm's output, Gemma's
+    MLP input) through the portable graph against the reference, prompts and cached steps past the window.
+    (The plugin flavour differs only in the adapter nodes: test_pregated_onnx_matches_reference runs it.)"""
+    ckpt = make_example(tmp_path / "ckpt", kind, family=family, seed=12, config=EXAMPLE_CONFIG[family])
+    spec = ckpt.model
+    assert spec.attn_softcap == (2.0 if family == "gemma2" else None) and spec.sliding_layers == (0, 2)
+    assert spec.sliding_rope_theta == (None if family == "gemma2" else 20.0)
+    export_onnx(ckpt, tmp_path / "onnx", "portable", "float32")
+    report = validate(ckpt, tmp_path / "onnx", [[5, 9, 2, 200, 31, 64, 1], [7, 7, 1, 0]], steps=WINDOW)
+    by_name = {o["name"]: o for o in report["outputs"]}
+    assert report["passed"] and by_name["logits"]["max_abs_diff"] <= ATOL, by_name["logits"]
+    assert report["greedy_agreement"]["matched"] == report["greedy_agreement"]["total"]
