@@ -221,7 +221,9 @@ def _moe_peft_model(base_dir):
 
     Replaces ``LLMModel.from_pretrained``, which reads ``config.rope_theta`` /
     ``config.rope_scaling`` (gone in transformers 5: now ``rope_parameters``);
-    the two attributes are set on this config instance only."""
+    the two attributes are set on this config instance only. A config's sliding
+    window is honoured (MoE-PEFT's Gemma 2 then equals transformers' eager forward;
+    without the flag it attends to the whole prefix)."""
     moe_peft = _import_moe_peft()
     from moe_peft.models import from_pretrained as mp_from_pretrained
 
@@ -234,7 +236,8 @@ def _moe_peft_model(base_dir):
     if "rope_scaling" not in cfg.__dict__:
         rtype = rope.get("rope_type", "default")
         cfg.rope_scaling = None if rtype == "default" else dict(rope)
-    model = mp_from_pretrained(hf, attn_impl="eager", use_sliding_window=False, device="cpu")
+    window = getattr(cfg, "sliding_window", None) is not None  # MoE-PEFT's Llama refuses the flag
+    model = mp_from_pretrained(hf, attn_impl="eager", use_sliding_window=window, device="cpu")
     return moe_peft.LLMModel(model)
 
 

@@ -152,6 +152,18 @@ def test_peft_lora_matches_peft_through_reference_and_onnx(bases, tmp_path, fami
     assert report["passed"] and report["greedy_agreement"]["fraction"] == 1.0, report
 
 
+@pytest.mark.skipif(not fr.available("moe_peft"), reason="moe_peft not installed")
+@pytest.mark.parametrize("kind", fr.MOE_PEFT_KINDS)
+def test_moe_peft_adapters_on_gemma2_match_the_library(bases, tmp_path, kind):
+    """MixLoRA / LoRAMoE / MoLA written by MoE-PEFT on a Gemma 2 base and run by MoE-PEFT's own Gemma 2
+    (soft-caps, window, post-norms: it equals transformers on the base) == our reference."""
+    base = bases[("gemma2", True)]
+    adapter_dir = fr.write_moe_peft(tmp_path / kind, base, kind)
+    expected = fr.moe_peft_forward_logits(adapter_dir, base, PROMPTS)
+    assert (expected - fr.hf_forward_logits(base, PROMPTS)).abs().max().item() > 100 * ATOL  # the adapter matters
+    assert (ReferenceModel(load_checkpoint(adapter_dir))(PROMPTS).logits - expected).abs().max().item() < ATOL
+
+
 @pytest.mark.parametrize("flavour", ["portable", "plugin"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pregated_onnx_matches_reference(pregated, tmp_path, family, flavour):
