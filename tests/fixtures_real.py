@@ -71,8 +71,8 @@ def write_hf_base(
     initializer_range: float = 0.1,
     **overrides,
 ) -> Path:
-    """Write a tiny random ``family`` (llama / mistral / qwen2 / qwen3 / phi3) causal LM with
-    ``save_pretrained`` (float32, safetensors) into ``dir``; return the path.
+    """Write a tiny random ``family`` (llama / mistral / qwen2 / qwen3 / phi3 / gemma2 / gemma3_text) causal
+    LM with ``save_pretrained`` (float32, safetensors) into ``dir``; return the path.
 
     ``initializer_range`` is larger than HF's 0.02 so that adapters and routes
     change the logits visibly. ``overrides`` go into the config."""
@@ -85,6 +85,8 @@ def write_hf_base(
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
         "phi3": transformers.Phi3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }
     if family not in configs:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(configs)}")
@@ -94,7 +96,7 @@ def write_hf_base(
     cfg = configs[family](**dims)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # RMSNorm weights start at 1: perturb them so a wrong norm is caught.
+    # RMSNorm weights start at 1 (Gemma's at 0: it scales by 1 + w): perturb them so a wrong norm is caught.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -106,11 +108,14 @@ def write_hf_base(
     return out
 
 
-def _load_hf(base_dir):
+def _load_hf(base_dir, **config):
+    """The base model in float32; ``config`` overrides keys of its config.json."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    # eager: the attention written out in PyTorch ops, the only one that applies Gemma 2's logit soft-capping
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32,
+                                                              attn_implementation="eager", **config)
     return model.eval()
 
 
@@ -227,7 +232,9 @@ def _moe_peft_model(base_dir):
 
     Replaces ``LLMModel.from_pretrained``, which reads ``config.rope_theta`` /
     ``config.rope_scaling`` (gone in transformers 5: now ``rope_parameters``);
-    the two attributes are set on this config instance only."""
+    the two attributes are set on this config instance only. A config's sliding
+    window is honoured (MoE-PEFT's Gemma 2 then equals transformers' eager forward;
+    without the flag it attends to the whole prefix)."""
     moe_peft = _import_moe_peft()
     from moe_peft.models import from_pretrained as mp_from_pretrained
 
@@ -240,7 +247,8 @@ def _moe_peft_model(base_dir):
     if "rope_scaling" not in cfg.__dict__:
         rtype = rope.get("rope_type", "default")
         cfg.rope_scaling = None if rtype == "default" else dict(rope)
-    model = mp_from_pretrained(hf, attn_impl="eager", use_sliding_window=False, device="cpu")
+    window = getattr(cfg, "sliding_window", None) is not None  # MoE-PEFT's Llama refuses the flag
+    model = mp_from_pretrained(hf, attn_impl="eager", use_sliding_window=window, device="cpu")
     return moe_peft.LLMModel(model)
 
 

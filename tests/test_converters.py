@@ -118,6 +118,18 @@ def test_moe_peft_unsupported_strategies(tmp_path, bases, cli, strategy, fragmen
     assert r.code == 2 and fragment in r.err
 
 
+def test_mixlora_expert_activation_must_be_the_base_models(tmp_path, bases, cli):
+    """MixLoRA experts are copies of the base FFN: an act_fn other than the base's own is refused."""
+    d = fr.write_moe_peft_synthetic(tmp_path / "x", bases["llama"], "mixlora")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    for act, ok in (("silu", True), ("gelu_pytorch_tanh", False), ("relu", False)):
+        cfg["act_fn"] = act
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        r = cli("inspect", d)
+        assert r.code == (0 if ok else 2), r.err
+        assert ok or f"act_fn '{act}' is not supported (expected the base model's 'silu')" in r.err
+
+
 def test_moe_peft_missing_expert_tensor(tmp_path, bases, cli):
     d = fr.write_moe_peft_synthetic(tmp_path / "x", bases["llama"], "mola")
     w = torch.load(d / "adapter_model.bin", weights_only=True)

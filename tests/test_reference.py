@@ -99,3 +99,16 @@ def test_bfloat16_reference_tracks_float32(example_dirs):
     ref32 = ReferenceModel(ckpt)(ids).logits
     ref16 = ReferenceModel(ckpt, dtype=torch.bfloat16)(ids).logits
     assert torch.linalg.norm(ref16 - ref32) / torch.linalg.norm(ref32) < 5e-2
+
+
+def test_router_ties_go_to_the_lower_expert_id():
+    """ONNX TopK's rule for equal values; a zero input (e.g. a zero pad embedding) routes uniformly."""
+    from adafuse_export.reference import route_topk
+
+    weight = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(3, 8)
+    x[1] = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    ids, gates = route_topk(x, weight, None, 3, normalize=True)
+    assert ids[0].tolist() == [0, 1, 2] and ids[2].tolist() == [0, 1, 2]
+    assert torch.allclose(gates[0], torch.full((3,), 1 / 3))
+    assert ids[1].tolist() == torch.topk(x[1] @ weight.T, 3).indices.tolist()  # no ties: the plain top-k

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
+from ..families.base import ACTIVATIONS
 from ..spec import AdapterSpec
 from ..tensors import LazySource, TensorInfo, TensorSource, read_json
 from . import Converter, register, resolve_base
@@ -90,9 +91,11 @@ class MoePeftConverter(Converter):
             if t not in modules:
                 raise AdafuseError(f"{where}: target module '{t}' is not supported (expected some of {', '.join(modules)})")
         mlp = [m for m in modules if model.arch.projection(m).group == "mlp"]
-        act = cfg.get("act_fn") or hf_cfg.get("hidden_act", "silu")
-        if strategy == "mixlora" and act != "silu":
-            raise AdafuseError(f"{where}: act_fn '{act}' is not supported (expected 'silu')")
+        # MixLoRA experts are copies of the base FFN: their activation must be the base model's own
+        act = cfg.get("act_fn")
+        if strategy == "mixlora" and act is not None and ACTIVATIONS.get(act) != model.hidden_act:
+            base_act = next(name for name, kind in ACTIVATIONS.items() if kind == model.hidden_act)
+            raise AdafuseError(f"{where}: act_fn '{act}' is not supported (expected the base model's '{base_act}')")
 
         # Which targets are routed, and the experts' rank/scale.
         exp_r, exp_alpha, exp_rslora = r, alpha, rslora

@@ -82,12 +82,17 @@ def embed_tokens(spec: ModelSpec, embed: torch.Tensor, ids: torch.Tensor) -> tor
 
 def route_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax router in float32: (expert ids [N, k] int64, gates [N, k] float32)."""
+    """Softmax router in float32: (expert ids [N, k] int64, gates [N, k] float32).
+
+    Equal probabilities go to the lower expert id first, as ONNX TopK specifies (torch.topk leaves the
+    order of ties open): a token whose embedding row is zero, like the pad row transformers writes,
+    routes uniformly, and its experts must not depend on the backend."""
     logits = x.to(torch.float32) @ weight.to(torch.float32).T
     if bias is not None:
         logits = logits + bias.to(torch.float32)
     probs = torch.softmax(logits, dim=-1)
-    gates, ids = torch.topk(probs, top_k, dim=-1)
+    gates, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    gates, ids = gates[..., :top_k], ids[..., :top_k]
     if normalize:
         gates = gates / gates.sum(-1, keepdim=True)
     return ids, gates
