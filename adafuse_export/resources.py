@@ -88,15 +88,19 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
             # ONNX Runtime's optimised CPU session: the weights, plus float32 copies of float16 ones (constant-folded
             # Casts) or packed copies of float32 ones (prepacking)
             ort = graph + s.bytes("float32")
-            ref, how = graph, "the reference's weights"
+            ref, how, held = graph, "the reference's weights", f"{vdtype} graph"
         else:
-            ort = graph  # pages of the memory-mapped data file, nothing copied
+            # one segment at a time (a layer, or the embeddings/head outside them): its pages of the mapped data
+            # file, plus float32 copies of its weights while it runs when the graph is half precision (ONNX
+            # Runtime's CPU provider casts float16 MatMul operands)
+            segment = max(s.largest_layer, s.outside_layers)
+            ort = segment * (ITEMSIZE[vdtype] + (4 if vdtype != "float32" else 0))
             # one layer held, plus one tensor in flight (read, then converted to the reference's dtype)
             ref = (s.outside_layers + s.largest_layer) * ITEMSIZE[vdtype] + f32_largest
-            how = "the reference's embeddings and head plus one layer"
+            how, held = "the reference's embeddings and head plus one layer", f"one layer of the {vdtype} graph"
         disk = graph if vdtype != dtype else 0  # the float32 twin is written too
         needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,
-                          f"ONNX Runtime {ort / GiB:.1f} GiB ({vdtype} graph) + {how} {ref / GiB:.1f} GiB"))
+                          f"ONNX Runtime {ort / GiB:.1f} GiB ({held}) + {how} {ref / GiB:.1f} GiB"))
     if build:
         needs.append(Need("build", RUNTIME_OVERHEAD + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights), weights,
                           f"TensorRT-RTX builder: at least {BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of "

@@ -56,15 +56,16 @@ def split_layers(model, num_layers: int) -> list[Segment]:
     for i, node in enumerate(g.node):
         if any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
             raise AdafuseError(f"node '{node.name}' ({node.op_type}) has a subgraph: the decoder cannot be cut into layers")
-        segs = []
+        segs: list[int] = []
         for t in node.input:
             if not t:
                 continue
             if t not in seg_of:
                 raise AdafuseError(f"node '{node.name}' reads '{t}' before any node produces it: the graph is not in "
                                    f"topological order")
-            if seg_of[t] is not None:
-                segs.append(seg_of[t])
+            owner = seg_of[t]
+            if owner is not None:
+                segs.append(owner)
         s = max(segs) if segs else None
         if s is not None and s > head:
             raise AdafuseError(f"node '{node.name}' belongs to segment {s}, beyond the {num_layers} layers")
@@ -91,9 +92,9 @@ def split_layers(model, num_layers: int) -> list[Segment]:
 
     graph_outputs = {o.name for o in g.output}
     read_later: set[str] = set(graph_outputs)
-    for seg in reversed(segments):
-        seg.outputs = [t for n in seg.nodes for t in n.output if t in read_later and seg_of[t] is not None
-                       and segments[seg_of[t]] is seg]
+    for index in reversed(range(len(segments))):
+        seg = segments[index]  # copies of free nodes are not its own: each reader computes them
+        seg.outputs = [t for n in seg.nodes for t in n.output if t in read_later and seg_of[t] == index]
         read_later |= set(seg.inputs)
     missing = graph_outputs - {t for seg in segments for t in seg.outputs}
     if missing:
