@@ -21,6 +21,7 @@ with the dtypes of the values fed to them (known once the first step has run the
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import AdafuseError
@@ -103,7 +104,7 @@ def split_layers(model, num_layers: int) -> list[Segment]:
     return segments
 
 
-def segment_model(model, seg: Segment, input_types: dict[str, int]):
+def segment_model(model, seg: Segment, input_types: Mapping[str, int]):
     """A runnable ModelProto for `seg`: its nodes, its initializers (external references kept), inputs
     declared with `input_types` (ONNX element types of the values fed), outputs typed by ONNX Runtime."""
     from onnx import helper
