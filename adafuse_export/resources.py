@@ -19,11 +19,13 @@ GiB = 2**30
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Python, torch, onnx and onnxruntime imported, before any weight (measured: about 0.5 GiB).
 RUNTIME_OVERHEAD = 600 * 2**20
-# TensorRT-RTX 1.7's builder, peak resident memory per byte of the ONNX weights it is given: a measured
-# lower bound. The 7B float16 build (13.1 GiB of weights) was killed by the OOM killer at 24.2 GB
-# resident (issue 14) and, in a 20 GiB cgroup, at 17.6 GiB anonymous + 2.1 GiB file pages, both while
-# still building (benchmarks/build_rss.py; docs/large-models.md).
-BUILD_BYTES_PER_WEIGHT_BYTE = 1.8
+# TensorRT-RTX 1.7's builder, peak resident memory of the whole process (Python and TensorRT included) as a
+# line in the ONNX weight bytes it is given: BUILD_FIXED_BYTES + BUILD_BYTES_PER_WEIGHT_BYTE * weights,
+# fitted to complete float16 builds (max seq 2048) of Llama-2-7B-width models with 1, 2 and 4 layers
+# (benchmarks/build_rss.py; docs/large-models.md). The 7B build itself (13.1 GiB of weights) was killed by a
+# 20 GiB cgroup at 17.6 GiB anonymous + 2.1 GiB file pages, still building; the fit says it needs about 57 GiB.
+BUILD_BYTES_PER_WEIGHT_BYTE = 4.38
+BUILD_FIXED_BYTES = int(-0.45 * 2**30)  # negative: embeddings and lm_head cost less per byte than layers
 
 
 @dataclass(frozen=True)
@@ -88,19 +90,24 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
             # ONNX Runtime's optimised CPU session: the weights, plus float32 copies of float16 ones (constant-folded
             # Casts) or packed copies of float32 ones (prepacking)
             ort = graph + s.bytes("float32")
-            ref, how = graph, "the reference's weights"
+            ref, how, held = graph, "the reference's weights", f"{vdtype} graph"
         else:
-            ort = graph  # pages of the memory-mapped data file, nothing copied
+            # one segment at a time (a layer, or the embeddings/head outside them): its pages of the mapped data
+            # file, plus float32 copies of its weights while it runs when the graph is half precision (ONNX
+            # Runtime's CPU provider casts float16 MatMul operands)
+            segment = max(s.largest_layer, s.outside_layers)
+            ort = segment * (ITEMSIZE[vdtype] + (4 if vdtype != "float32" else 0))
             # one layer held, plus one tensor in flight (read, then converted to the reference's dtype)
             ref = (s.outside_layers + s.largest_layer) * ITEMSIZE[vdtype] + f32_largest
-            how = "the reference's embeddings and head plus one layer"
+            how, held = "the reference's embeddings and head plus one layer", f"one layer of the {vdtype} graph"
         disk = graph if vdtype != dtype else 0  # the float32 twin is written too
         needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,
-                          f"ONNX Runtime {ort / GiB:.1f} GiB ({vdtype} graph) + {how} {ref / GiB:.1f} GiB"))
+                          f"ONNX Runtime {ort / GiB:.1f} GiB ({held}) + {how} {ref / GiB:.1f} GiB"))
     if build:
-        needs.append(Need("build", RUNTIME_OVERHEAD + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights), weights,
-                          f"TensorRT-RTX builder: at least {BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of "
-                          f"weights, measured"))
+        needs.append(Need("build", max(RUNTIME_OVERHEAD, BUILD_FIXED_BYTES + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights)),
+                          weights, f"TensorRT-RTX builder: {BUILD_FIXED_BYTES / GiB:+.1f} GiB + "
+                                   f"{BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of weights, fitted to "
+                                   f"measured builds"))
     return needs
 
 

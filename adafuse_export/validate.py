@@ -102,17 +102,18 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
 METHODS = {
     "full": "the reference holds every weight in memory",
     "layerwise": "the reference reads one layer's weights at a time (streamed from the checkpoint on every step); "
-                 "ONNX Runtime reads its weights from the memory-mapped data file (no optimised copies)",
+                 "ONNX Runtime runs per-layer subgraphs cut from the exported graph, one at a time, hidden states "
+                 "carried between them, weights read from the memory-mapped data file (no optimised copies)",
 }
 
 
 def open_model_runner(model: Path, mode: str = "full", **options):
-    """The runner for MODEL under validation `mode`; layerwise: an ONNX Runtime session too keeps its
-    weights in the memory-mapped data file instead of optimised copies."""
+    """The runner for MODEL under validation `mode`; layerwise: ONNX Runtime too runs one layer at a time,
+    its weights in the memory-mapped data file instead of optimised copies."""
     from .runners import open_runner
 
     if mode == "layerwise" and Path(model).suffix != ".engine":
-        options["low_memory"] = True
+        options["layerwise"] = True
     return open_runner(model, **options)
 
 

@@ -5,7 +5,7 @@
 
 Each sample line (elapsed, VmHWM, VmRSS, RssAnon, RssFile in GiB) is flushed as it is taken,
 so a build killed by the OOM killer or a memory cgroup still leaves its last figures. This is
-how resources.BUILD_BYTES_PER_WEIGHT_BYTE was measured (docs/large-models.md).
+how resources.BUILD_BYTES_PER_WEIGHT_BYTE and BUILD_FIXED_BYTES were fitted (docs/large-models.md).
 --strip-plan adds BuilderFlag.STRIP_PLAN (a weight-stripped plan), --refit-identical adds
 REFIT_IDENTICAL (the builder may optimise with the weights it was given).
 """

@@ -1,6 +1,7 @@
 """Write a synthetic canonical checkpoint of a real model's shape (random weights), streaming.
 
   python3 benchmarks/synthetic_checkpoint.py OUT_DIR --shape llama2-7b --experts 8 --rank 16
+  python3 benchmarks/synthetic_checkpoint.py OUT_DIR --shape llama2-7b --layers 2   # 7B width, 2 layers
 
 Llama-2-7B shape in bf16 is about 13.5 GB of base weights in 4 GB shards plus the adapters;
 only one tensor is held in memory at a time. Used by benchmarks/streaming_rss.py.
@@ -31,9 +32,10 @@ SHAPES = {
 
 
 def write_synthetic(out: Path, shape: str = "llama2-7b", experts: int = 8, rank: int = 16, top_k: int = 2,
-                    shard_bytes: int = 4 << 30, seed: int = 0, log=print) -> None:
+                    shard_bytes: int = 4 << 30, seed: int = 0, layers: int | None = None, log=print) -> None:
+    """layers: fewer (or more) decoder layers than the shape has, same widths (build-memory scaling)."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SHAPES[shape]
+    cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     spec = ModelSpec.from_hf_config(cfg, shape)
     adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=spec.arch.module_names)
     gen = torch.Generator().manual_seed(seed)
@@ -75,8 +77,9 @@ def main():
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers [the shape's]")
     a = ap.parse_args()
-    write_synthetic(a.out, a.shape, a.experts, a.rank, shard_bytes=int(a.shard_gb * (1 << 30)))
+    write_synthetic(a.out, a.shape, a.experts, a.rank, shard_bytes=int(a.shard_gb * (1 << 30)), layers=a.layers)
 
 
 if __name__ == "__main__":

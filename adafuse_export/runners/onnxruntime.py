@@ -13,6 +13,7 @@ a session copy of the graph prepared in memory; `plugin_ops` picks their impleme
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,13 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, model: Path | str, providers: list[Provider] | None = None, threads: int | None = None,
-                 plugin_ops: str = "auto", device: str = "auto", low_memory: bool = False):
-        """low_memory: keep the weights in the memory-mapped external data file: no graph optimisations
-        (on the CPU, constant folding turns a float16 weight's Cast into a float32 copy of it) and no
-        prepacking (a packed copy of every MatMul weight). Measured on a 7B float16 graph: the default
-        session passed 20 GiB; this one held 13.3 GiB, all of it pages of the data file."""
+                 plugin_ops: str = "auto", device: str = "auto", layerwise: bool = False):
+        """layerwise: run the decoder one layer at a time (LayerSessions: per-layer subgraphs, each session
+        made, run and dropped in turn), its weights left in the memory-mapped external data file: no
+        graph optimisations (on the CPU, constant folding turns a float16 weight's Cast into a float32
+        copy of it) and no prepacking (a packed copy of every MatMul weight). Measured on a 7B float16
+        graph: the default whole-graph session passed 20 GiB; a whole-graph session without
+        optimisations held 13.3 GiB, all of it pages of the data file (docs/large-models.md)."""
         ort = import_onnxruntime()
         from ..onnx.load import load_header, metadata, resolve, uses_plugin
 
@@ -73,12 +76,19 @@ class OnnxRuntimeRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        if low_memory:
+        if layerwise:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # no arena: an output array keeps its allocator's memory alive, and an arena is the session's
+            # largest buffers (float32 copies of a layer's float16 weights): carrying one layer's outputs
+            # to the next held 0.29 GiB per 7B layer (measured)
+            options.enable_cpu_mem_arena = False
         self.providers = providers or providers_for(ort, device)
         self.device = device
-        self.session = self._session(ort, self.files.decoder, options)
+        if layerwise:
+            self.session: Any = LayerSessions(self, ort, header, options)
+        else:
+            self.session = self._session(ort, self.files.decoder, options)
         self.provider = self.session.get_providers()[0]
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -116,13 +126,16 @@ class OnnxRuntimeRunner(Runner):
                               meta=self.meta, description=f"ONNX Runtime {ort.__version__}, {self.provider}, {dtype}, "
                                                           f"{self.meta.get('adafuse.flavour', '?')} flavour"
                                                           + (f"; plugin ops: {self.plugin.description}" if self.plugin else "")
-                                                          + (", weights memory-mapped" if low_memory else ""))
+                                                          + (", one layer at a time (per-layer subgraphs, weights "
+                                                             "memory-mapped)" if layerwise else ""))
         self.past: dict[str, np.ndarray] | None = None
         self._past_len = 0
 
-    def _session(self, ort, path: Path, options):
-        # a plugin-flavour decoder runs as its prepared in-memory copy (the file is untouched)
-        source = self.plugin.session_source(options) if self.plugin and path == self.files.decoder else str(path)
+    def _session(self, ort, path: Path, options, source: str | bytes | None = None, what: str = "this model"):
+        """A session over `path` (or over `source`, model bytes made from it)."""
+        if source is None:
+            # a plugin-flavour decoder runs as its prepared in-memory copy (the file is untouched)
+            source = self.plugin.session_source(options) if self.plugin and path == self.files.decoder else str(path)
         try:
             try:
                 return ort.InferenceSession(source, options, providers=self.providers)
@@ -133,7 +146,7 @@ class OnnxRuntimeRunner(Runner):
                 return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as e:  # ONNX Runtime raises its own exception types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AdafuseError(f"{path}: ONNX Runtime cannot load this model: {first}") from None
+            raise AdafuseError(f"{path}: ONNX Runtime cannot load {what}: {first}") from None
 
     # ---- interface -------------------------------------------------------------------
     def _check_ids(self, input_ids) -> np.ndarray:
@@ -190,3 +203,71 @@ class OnnxRuntimeRunner(Runner):
     @property
     def past_length(self) -> int:
         return self._past_len
+
+
+class _Arg:
+    """What the runner reads of an ONNX Runtime NodeArg (name, type string, shape), from a ValueInfoProto."""
+
+    def __init__(self, value):
+        from onnx import TensorProto
+
+        t = value.type.tensor_type
+        self.name = value.name
+        self.type = f"tensor({_ORT_TYPES.get(t.elem_type, TensorProto.DataType.Name(t.elem_type).lower())})"
+        self.shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+
+
+_ORT_TYPES = {1: "float", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 16: "bfloat16"}
+
+
+class LayerSessions:
+    """The decoder as an InferenceSession look-alike (run, get_inputs, get_outputs, get_providers) that runs
+    it segment by segment (onnx/segments.py: prologue, one per layer, head): each step makes one
+    segment's session, runs it, drops it, then the next, carrying the values between them. At most
+    one layer's weights are mapped at a time, so resident pages stay about one layer's, not the model's.
+    The segment models (graph only, weights referenced in the data file) are made on first use and kept."""
+
+    def __init__(self, runner: OnnxRuntimeRunner, ort, header, options):
+        from ..onnx.segments import split_layers
+
+        self.runner, self.ort, self.options = runner, ort, options
+        self.model = runner.plugin.model if runner.plugin else header  # the plugin flavour's prepared copy
+        if runner.plugin:
+            runner.plugin.configure(options)
+        else:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(runner.files.decoder.parent))
+        layers = sum(1 for v in header.graph.input if v.name.startswith("past_key_values.")) // 2
+        try:
+            self.segments = split_layers(self.model, layers)
+        except AdafuseError as e:
+            raise AdafuseError(f"{runner.files.decoder}: {e}") from None
+        self._bytes: dict[int, bytes] = {}
+        self._inputs = [_Arg(v) for v in header.graph.input]
+        self._outputs = [_Arg(v) for v in header.graph.output]
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._outputs
+
+    def get_providers(self) -> list[str]:
+        return [p if isinstance(p, str) else p[0] for p in self.runner.providers]
+
+    def run(self, output_names: list[str], feeds: dict) -> list:
+        from onnx.helper import np_dtype_to_tensor_dtype
+
+        from ..onnx.segments import segment_model
+
+        values = dict(feeds)
+        for i, seg in enumerate(self.segments):
+            if i not in self._bytes:
+                types = {t: np_dtype_to_tensor_dtype(np.asarray(values[t]).dtype) for t in seg.inputs}
+                self._bytes[i] = segment_model(self.model, seg, types).SerializeToString()
+            session = self.runner._session(self.ort, self.runner.files.decoder, self.options, self._bytes[i],
+                                           f"its {seg.name} subgraph")
+            outs = session.run(seg.outputs, {t: values[t] for t in seg.inputs})
+            del session  # unmaps this segment's weights before the next is mapped
+            values.update(zip(seg.outputs, outs))
+        return [values[n] for n in output_names]

@@ -198,11 +198,15 @@ class PluginGraph:
         return (f"{self.nodes} {plugin_ops.DOMAIN} nodes ({', '.join(self.op_types)}) as onnxruntime-extensions "
                 f"{onnxruntime_extensions.__version__} Python ops, {DESCRIPTIONS[self.implementation]}")
 
-    def session_source(self, options) -> bytes:
-        """The prepared model for InferenceSession; registers the ops and points `options` at the
-        graph's external data folder."""
+    def configure(self, options) -> None:
+        """Register the ops with `options` and point them at the graph's external data folder (sessions
+        are made from the prepared model's bytes, which have no folder of their own)."""
         options.register_custom_ops_library(self.library)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+
+    def session_source(self, options) -> bytes:
+        """The prepared model for InferenceSession, with `options` configured."""
+        self.configure(options)
         return self.model.SerializeToString()
 
     def run(self, session, output_names: list[str], feeds: dict) -> list:
