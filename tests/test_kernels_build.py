@@ -19,6 +19,11 @@ EXPECTED_SYMBOLS = {
     "adafuse_lora_linear_workspace_size",
     "adafuse_lora_linear",
     "adafuse_switch",
+    "adafuse_add_rms_norm",
+    "adafuse_rope_kv_write",
+    "adafuse_silu_mul",
+    "adafuse_decode_attention_workspace_size",
+    "adafuse_decode_attention",
 }
 
 NVCC = kbuild.find_nvcc()
