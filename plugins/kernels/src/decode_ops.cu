@@ -149,15 +149,20 @@ __global__ void silu_mul_kernel(int rows, int inter, const T* __restrict__ g, co
 
 // ---- decode attention (split-K) -------------------------------------------------
 // Block (b, kv head, split) takes keys [split*C, split*C + C) ∩ allowed for the G query heads
-// of that KV head. L = D/V lanes hold one key's 16-byte vectors, so a warp covers 32/L keys
-// per load. Writes unnormalised partial outputs acc[D], the chunk max m and sum l per head.
+// of that KV head, C = kAttnU * kAttnThreads / L. L = D/V lanes hold one key's 16-byte vectors.
+// Every thread issues all its K and V loads (kAttnU of each) before the first use, so a block
+// waits for memory about once instead of once per key batch. Writes the unnormalised partial
+// output acc[D], the chunk max m and sum l per query head.
+constexpr int kAttnU = 8;
+
 template <typename T, int L>
 __global__ void __launch_bounds__(kAttnThreads)
-attn_partial_kernel(int H, int KV, int max_seq, int C, int nsplit, const T* __restrict__ q,
+attn_partial_kernel(int H, int KV, int max_seq, int nsplit, const T* __restrict__ q,
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                     const int64_t* __restrict__ positions, int window, float scale,
                     float* __restrict__ part) {
-  constexpr int V = TypeOps<T>::kVec, D = L * V, KG = kAttnThreads / L;  // KG key groups
+  constexpr int V = TypeOps<T>::kVec, D = L * V, KG = kAttnThreads / L;  // KG keys per pass
+  constexpr int C = kAttnU * KG;
   extern __shared__ float smem[];
   const int G = H / KV;
   float* qs = smem;                        // [G][D]
@@ -181,29 +186,39 @@ attn_partial_kernel(int H, int KV, int max_seq, int C, int nsplit, const T* __re
     }
     return;
   }
+  // thread (kg, li): keys kg + KG * u, dims [li*V, li*V + V); warp-contiguous keys per pass
+  const int kg = tid / L, li = tid % L;
+  const T* kbase = k_cache + ((static_cast<size_t>(b) * KV + kh) * max_seq + lo) * D + li * V;
+  const T* vbase = v_cache + ((static_cast<size_t>(b) * KV + kh) * max_seq + lo) * D + li * V;
+  uint4 kr[kAttnU], vr[kAttnU];
+#pragma unroll
+  for (int u = 0; u < kAttnU; ++u) {
+    const int j = kg + KG * u;
+    if (j < cnt) {
+      kr[u] = ld_cg16(kbase + static_cast<size_t>(j) * D);
+      vr[u] = ld_cg16(vbase + static_cast<size_t>(j) * D);
+    }
+  }
   for (int x = tid; x < G * D; x += kAttnThreads) qs[x] = ldf(q + row0 * D + x) * scale;
   __syncthreads();
-  const size_t cache0 = (static_cast<size_t>(b) * KV + kh) * max_seq;
-  const int sub = lane / L, li = lane % L;  // key slot within the warp, lane within the key
-  constexpr int KPW = 32 / L;
-  for (int j0 = warp * KPW; j0 < cnt; j0 += (kAttnThreads / 32) * KPW) {
-    const int j = j0 + sub;
+#pragma unroll
+  for (int u = 0; u < kAttnU; ++u) {
+    const int j = kg + KG * u;  // uniform across the L lanes of one key (L divides 32)
     float kf[V];
-    const bool valid = j < cnt;
-    if (valid) unpack16<T>(ld_cg16(k_cache + (cache0 + lo + j) * D + li * V), kf);
+    if (j < cnt) unpack16<T>(kr[u], kf);
     for (int g = 0; g < G; ++g) {
       float s = 0.f;
-      if (valid) {
+      if (j < cnt) {
 #pragma unroll
         for (int i = 0; i < V; ++i) s = fmaf(qs[g * D + li * V + i], kf[i], s);
       }
 #pragma unroll
       for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (valid && li == 0) ps[g * C + j] = s;
+      if (j < cnt && li == 0) ps[g * C + j] = s;
     }
   }
   __syncthreads();
-  // per head: max and exp over the chunk (warp g handles heads g, g+4, ...)
+  // per head: max and exp over the chunk (warp w handles heads w, w+4, ...)
   for (int g = warp; g < G; g += kAttnThreads / 32) {
     float m = -INFINITY;
     for (int j = lane; j < cnt; j += 32) m = fmaxf(m, ps[g * C + j]);
@@ -223,22 +238,25 @@ attn_partial_kernel(int H, int KV, int max_seq, int C, int nsplit, const T* __re
     }
   }
   __syncthreads();
-  // P V: thread (key group kg, lane li) accumulates dims [li*V, li*V+V) over keys kg, kg+KG, ...
-  const int kg = tid / L;
+  // P V over this thread's keys (V already in registers), then a reduction over the KG key slots
   float acc[kAttnMaxGroup][V];
 #pragma unroll
   for (int g = 0; g < kAttnMaxGroup; ++g)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[g][i] = 0.f;
-  for (int j = kg; j < cnt; j += KG) {
-    float vf[V];
-    unpack16<T>(ld_cg16(v_cache + (cache0 + lo + j) * D + li * V), vf);
 #pragma unroll
-    for (int g = 0; g < kAttnMaxGroup; ++g) {
-      if (g < G) {
-        const float p = ps[g * C + j];
+  for (int u = 0; u < kAttnU; ++u) {
+    const int j = kg + KG * u;
+    if (j < cnt) {
+      float vf[V];
+      unpack16<T>(vr[u], vf);
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+      for (int g = 0; g < kAttnMaxGroup; ++g) {
+        if (g < G) {
+          const float p = ps[g * C + j];
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[g][i] = fmaf(p, vf[i], acc[g][i]);
+        }
       }
     }
   }
@@ -299,14 +317,18 @@ int launch_norm(int rows, int hidden, void* h, const void* delta, const void* w,
   return ADAFUSE_OK;
 }
 
-int attn_chunk(int max_seq) { return max_seq <= 1024 ? 64 : max_seq <= 4096 ? 128 : 256; }
-int attn_nsplit(int max_seq) { return (max_seq + attn_chunk(max_seq) - 1) / attn_chunk(max_seq); }
+// Keys per split: kAttnU * kAttnThreads / L with L = D * element size / 16.
+int attn_chunk(int head_dim, int esize) { return kAttnU * kAttnThreads * 16 / (head_dim * esize); }
+int attn_nsplit(int max_seq, int head_dim, int esize) {
+  const int c = attn_chunk(head_dim, esize);
+  return (max_seq + c - 1) / c;
+}
 
 template <typename T, int L>
 int launch_attn_partial(int batch, int H, int KV, int max_seq, const void* q, const void* kc, const void* vc,
                         const int64_t* positions, int window, float scale, float* part, cudaStream_t stream) {
-  constexpr int D = L * TypeOps<T>::kVec;
-  const int G = H / KV, C = attn_chunk(max_seq), nsplit = attn_nsplit(max_seq);
+  constexpr int D = L * TypeOps<T>::kVec, C = kAttnU * kAttnThreads / L;
+  const int G = H / KV, nsplit = attn_nsplit(max_seq, D, static_cast<int>(sizeof(T)));
   const size_t smem = sizeof(float) * (static_cast<size_t>(G) * D + static_cast<size_t>(G) * C +
                                        static_cast<size_t>(kAttnThreads / L) * G * D);
   auto kernel = attn_partial_kernel<T, L>;
@@ -314,7 +336,7 @@ int launch_attn_partial(int batch, int H, int KV, int max_seq, const void* q, co
                                                          static_cast<int>(smem)));
   const long long blocks = static_cast<long long>(batch) * KV * nsplit;
   kernel<<<static_cast<unsigned>(blocks), kAttnThreads, smem, stream>>>(
-      H, KV, max_seq, C, nsplit, static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc),
+      H, KV, max_seq, nsplit, static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc),
       positions, window, scale, part);
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
@@ -335,7 +357,7 @@ int run_attention(int batch, int H, int KV, int D, int max_seq, const void* q, c
     default: break;
   }
   if (st != ADAFUSE_OK) return st;
-  attn_combine_kernel<T><<<batch * H, D < 128 ? D : 128, 0, stream>>>(D, attn_nsplit(max_seq), part,
+  attn_combine_kernel<T><<<batch * H, D < 128 ? D : 128, 0, stream>>>(D, attn_nsplit(max_seq, D, static_cast<int>(sizeof(T))), part,
                                                                         static_cast<T*>(out));
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
@@ -422,7 +444,8 @@ int adafuse_silu_mul(adafuse_dtype dtype, int rows, int inter, const void* gate,
 
 size_t adafuse_decode_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq) {
   if (batch <= 0 || num_heads <= 0 || head_dim <= 0 || max_seq <= 0) return 0;
-  return sizeof(float) * static_cast<size_t>(batch) * num_heads * attn_nsplit(max_seq) * (head_dim + 2);
+  // sized for the smallest chunk (float32), so one size serves every dtype
+  return sizeof(float) * static_cast<size_t>(batch) * num_heads * attn_nsplit(max_seq, head_dim, 4) * (head_dim + 2);
 }
 
 int adafuse_decode_attention(adafuse_dtype dtype, int batch, int num_heads, int num_kv_heads, int head_dim,
@@ -431,7 +454,7 @@ int adafuse_decode_attention(adafuse_dtype dtype, int batch, int num_heads, int 
                              size_t workspace_bytes, cudaStream_t stream) {
   if (!attention_shape_ok(dtype, num_heads, num_kv_heads, head_dim) || batch < 0 || max_seq <= 0 || !q ||
       !k_cache || !v_cache || !positions || !out || !(scale > 0.f) ||
-      static_cast<long long>(batch) * num_kv_heads * attn_nsplit(max_seq) > 0x7fffffffLL)
+      static_cast<long long>(batch) * num_kv_heads * attn_nsplit(max_seq, head_dim, 4) > 0x7fffffffLL)
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (batch == 0) return ADAFUSE_OK;
   if (!aligned16(q) || !aligned16(k_cache) || !aligned16(v_cache)) return ADAFUSE_ERR_INVALID_ARGUMENT;

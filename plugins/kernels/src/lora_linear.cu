@@ -101,7 +101,7 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
                  const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                  const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
                  T* __restrict__ y) {
-  constexpr int U = 4 / NO;  // 16-byte W loads in flight per lane = NO * U = 4
+  constexpr int U = (R == 1 ? 8 : 4) / NO;  // 16-byte W loads in flight per lane: 8 at one row, else 4
   const int lane = threadIdx.x & 31;
   const long long wg = (static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
   const long long o0 = wg * NO;
@@ -217,10 +217,9 @@ __global__ void __launch_bounds__(kThreads)
 gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
                 const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                 const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
-                T* __restrict__ y) {
+                T* __restrict__ y, bool vec_b) {
   constexpr int U = 4;
   __shared__ float red[kThreads / 32][16][8 * NT + 1];
-  __shared__ float lora[16][8 * NT + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c4 = lane & 3;
   const int o0 = blockIdx.x * 16;
@@ -279,35 +278,44 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
     red[warp][g + 8][8 * h + 2 * c4 + 1] = acc[h][3];
   }
 
-  // LoRA term: warp w handles outputs 2w, 2w+1; lanes split r.
-  pdl_wait();
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const int ol = 2 * warp + q, o = o0 + ol;
-    for (int n = 0; n < 8 * NT; ++n) {
-      float p = 0.f;
-      if (o < out && n < rows) {
-        for (int j = 0; j < top_k; ++j) {
-          const int slot = n * top_k + j;
-          const int e = ids[slot];
-          if (e < 0 || e >= E) continue;
-          const T* b = B + (static_cast<size_t>(e) * out + o) * rank;
-          const float* ts = t + static_cast<size_t>(slot) * rank;
-          for (int r = lane; r < rank; r += 32) p = fmaf(ldf(b + r), ts[r], p);
-        }
-      }
-      p = warp_sum(p);
-      if (lane == 0) lora[ol][n] = p;
-    }
-  }
+  // Epilogue: thread (output ol, row n) sums the warps' partials and adds its own LoRA term,
+  // sum_j B[e][o,:] . t[slot,:] with every load of a term issued together (16-byte B loads
+  // when rank allows), so the block waits for memory a few times instead of once per (o, n, j).
   __syncthreads();
+  pdl_wait();  // t comes from the shrink kernel
   if (tid < 16 * 8 * NT) {
     const int ol = tid / (8 * NT), n = tid % (8 * NT);
     const int o = o0 + ol;
     if (o < out && n < rows) {
-      float v = lora[ol][n];
+      float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kThreads / 32; ++w) v += red[w][ol][n];
+      for (int j = 0; j < top_k; ++j) {
+        const int slot = n * top_k + j;
+        const int e = ids[slot];
+        if (e < 0 || e >= E) continue;
+        const T* b = B + (static_cast<size_t>(e) * out + o) * rank;
+        const float* ts = t + static_cast<size_t>(slot) * rank;
+        if (vec_b) {
+          constexpr int V = TypeOps<T>::kVec;
+#pragma unroll 4
+          for (int r = 0; r < rank; r += V) {
+            float bf[V];
+            unpack16<T>(__ldg(reinterpret_cast<const uint4*>(b + r)), bf);
+#pragma unroll
+            for (int i = 0; i < V; i += 4) {
+              const float4 tv = *reinterpret_cast<const float4*>(ts + r + i);
+              v = fmaf(bf[i], tv.x, v);
+              v = fmaf(bf[i + 1], tv.y, v);
+              v = fmaf(bf[i + 2], tv.z, v);
+              v = fmaf(bf[i + 3], tv.w, v);
+            }
+          }
+        } else {
+#pragma unroll 4
+          for (int r = 0; r < rank; ++r) v = fmaf(ldf(b + r), ts[r], v);
+        }
+      }
       if (bias) v += ldf(bias + o);
       y[static_cast<size_t>(n) * out + o] = TypeOps<T>::from_f(v);
     }
@@ -750,8 +758,10 @@ int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W,
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
+  // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
+  const bool vec_b = rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
   AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_mma_kernel<T, NT>, rows, in, out, x, W, bias, B, E,
-                                 rank, ids, top_k, t, y));
+                                 rank, ids, top_k, t, y, vec_b));
   return ADAFUSE_OK;
 }
 
