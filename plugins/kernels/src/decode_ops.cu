@@ -274,24 +274,51 @@ attn_partial_kernel(int H, int KV, int max_seq, int nsplit, const T* __restrict_
   }
 }
 
-// One block per (b, query head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+// One block per (b, query head): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. The
+// block's threads split the splits for M and the weights, then (dim, split group) pairs for the
+// weighted sum, so no thread walks all splits serially (long contexts have hundreds).
+constexpr int kCombineThreads = 256;
+
 template <typename T>
-__global__ void attn_combine_kernel(int D, int nsplit, const float* __restrict__ part, T* __restrict__ out) {
+__global__ void __launch_bounds__(kCombineThreads)
+attn_combine_kernel(int D, int nsplit, const float* __restrict__ part, T* __restrict__ out) {
+  extern __shared__ float wsm[];  // [nsplit] weights e^(m_s - M), then [groups][D] partial sums
+  __shared__ float red[kCombineThreads / 32];
   const size_t row = blockIdx.x;
   const float* pr = part + row * nsplit * (D + 2);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   float M = -INFINITY;
-  for (int s = 0; s < nsplit; ++s) M = fmaxf(M, pr[s * (D + 2) + D]);
+  for (int s = tid; s < nsplit; s += kCombineThreads) M = fmaxf(M, pr[s * (D + 2) + D]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  if (lane == 0) red[warp] = M;
+  __syncthreads();
+  M = red[0];
+  for (int w = 1; w < kCombineThreads / 32; ++w) M = fmaxf(M, red[w]);
+  __syncthreads();
   float den = 0.f;
-  for (int s = 0; s < nsplit; ++s) {
+  for (int s = tid; s < nsplit; s += kCombineThreads) {
     const float m = pr[s * (D + 2) + D];
-    if (m != -INFINITY) den += expf(m - M) * pr[s * (D + 2) + D + 1];
+    const float wgt = m == -INFINITY ? 0.f : expf(m - M);
+    wsm[s] = wgt;
+    den = fmaf(wgt, pr[s * (D + 2) + D + 1], den);
   }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float num = 0.f;
-    for (int s = 0; s < nsplit; ++s) {
-      const float m = pr[s * (D + 2) + D];
-      if (m != -INFINITY) num = fmaf(expf(m - M), pr[s * (D + 2) + d], num);
+  den = block_sum(den, red);  // its barriers also publish wsm
+  const int groups = kCombineThreads / D > 0 ? kCombineThreads / D : 1;
+  float* acc = wsm + nsplit;  // [groups][D]
+  const int sg = tid / D;
+  if (sg < groups) {
+    for (int d = tid % D; d < D; d += kCombineThreads) {
+      float num = 0.f;
+#pragma unroll 4
+      for (int s = sg; s < nsplit; s += groups) num = fmaf(wsm[s], pr[s * (D + 2) + d], num);
+      acc[sg * D + d] = num;
     }
+  }
+  __syncthreads();
+  for (int d = tid; d < D; d += kCombineThreads) {
+    float num = 0.f;
+    for (int g = 0; g < groups; ++g) num += acc[g * D + d];
     out[row * D + d] = rnd<T>(num / den);
   }
 }
@@ -357,8 +384,13 @@ int run_attention(int batch, int H, int KV, int D, int max_seq, const void* q, c
     default: break;
   }
   if (st != ADAFUSE_OK) return st;
-  attn_combine_kernel<T><<<batch * H, D < 128 ? D : 128, 0, stream>>>(D, attn_nsplit(max_seq, D, static_cast<int>(sizeof(T))), part,
-                                                                        static_cast<T*>(out));
+  const int nsplit = attn_nsplit(max_seq, D, static_cast<int>(sizeof(T)));
+  const int groups = kCombineThreads / D > 0 ? kCombineThreads / D : 1;
+  const size_t smem = sizeof(float) * (static_cast<size_t>(nsplit) + static_cast<size_t>(groups) * D);
+  if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(attn_combine_kernel<T>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         static_cast<int>(smem)));
+  attn_combine_kernel<T><<<batch * H, kCombineThreads, smem, stream>>>(D, nsplit, part, static_cast<T*>(out));
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
 }
