@@ -3,6 +3,7 @@
 #   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, the decode-step
 #   kernels' correctness sweep and timings, the per-kernel profile of a decode step (before/after
 #   the step kernels), the decode benchmark.
+#   the routed fused linear's sweep and per-shape timings (gpu_kernels.py without the switch parts),
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [h200_decode.py args...]
 #   (carry .whl and plugins/harness/.trt_headers)
 set -uo pipefail
@@ -26,6 +27,8 @@ for s in fused switch auto; do
   echo "run --device cuda --strategy $s: $gpu | cpu reference: $cpu | $([[ "$gpu" == "$cpu" ]] && echo SAME || echo DIFFERENT)" | tee -a "$OUT/run_cuda.log"
   [[ "$gpu" == "$cpu" ]] || status=1
 done
+python3 benchmarks/gpu_kernels.py --skip switch,drift,tswitch --out "$OUT/kernels" > "$OUT/gpu_kernels_lora.log" 2>&1; rc=$?
+grep -E "correctness|f/d|x[0-9]+ +[0-9]+ +[0-9]+ \|" "$OUT/gpu_kernels_lora.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "cases|correctness|kernel .* us" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 if [[ " $* " != *" --no-profile "* ]]; then

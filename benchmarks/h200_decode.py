@@ -190,7 +190,7 @@ def bench_curve(ops, batches, ctxs, base_ctx, steps, results, config=None):
     each context of `ctxs` (the attention share)."""
     bw = results.get("copy_bandwidth_GBps", 0) * 1e9 or copy_bandwidth()
     spec, adapter, w, routes, _ = random_7b(16, 8, 2, config=config)
-    changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches))
+    changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches + [1]))
     for batch, ctx in [(b, base_ctx) for b in batches] + [(1, c) for c in ctxs]:
         common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
         run_variants([("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
@@ -414,9 +414,12 @@ def main():
     results["tiny_correctness"] = check_tiny(ops)
     ints = lambda text: [int(v) for v in text.split(",") if v]
     ranks, batches = ([16], [1]) if args.quick else (ints(args.ranks), ints(args.batches))
+    save = lambda: (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
     bench_7b(ops, ranks, batches, args.ctx, args.steps, results, config, torch_ops=torch_ops, full=not args.core)
+    save()  # each stage saved as it finishes: a later stage that runs out of time keeps the earlier rows
     if not args.quick and (ints(args.curve) or ints(args.ctxs)):
         bench_curve(ops, ints(args.curve), ints(args.ctxs), args.ctx, args.steps, results, config)
+        save()
     if args.hf_compile:
         try:
             bench_hf_compiled(args.ctx, 16, results)
