@@ -278,18 +278,21 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
     red[warp][g + 8][8 * h + 2 * c4 + 1] = acc[h][3];
   }
 
-  // Epilogue: thread (output ol, row n) sums the warps' partials and adds its own LoRA term,
-  // sum_j B[e][o,:] . t[slot,:] with every load of a term issued together (16-byte B loads
-  // when rank allows), so the block waits for memory a few times instead of once per (o, n, j).
+  // Epilogue: a group of 4 lanes per (output ol, row n) pair adds the warps' partials and the
+  // pair's LoRA term sum_j B[e][o,:] . t[slot,:]; the lanes split the rank with 16-byte B loads
+  // (when rank allows) issued together, then 2 shuffles. One lane per pair walked the whole rank
+  // serially (slow at large ranks); a warp per pair serialised a reduction per pair (slow at small).
   __syncthreads();
   pdl_wait();  // t comes from the shrink kernel
-  if (tid < 16 * 8 * NT) {
-    const int ol = tid / (8 * NT), n = tid % (8 * NT);
-    const int o = o0 + ol;
-    if (o < out && n < rows) {
-      float v = 0.f;
+  const int q = tid & 3, gid = tid >> 2;
 #pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) v += red[w][ol][n];
+  for (int i = 0; i < 2 * NT; ++i) {  // 64 groups x 2NT = 16 outputs x 8NT rows
+    const int p = gid + (kThreads / 4) * i;
+    const int ol = p / (8 * NT), n = p % (8 * NT);
+    const int o = o0 + ol;
+    const bool live = o < out && n < rows;
+    float v = 0.f;
+    if (live) {
       for (int j = 0; j < top_k; ++j) {
         const int slot = n * top_k + j;
         const int e = ids[slot];
@@ -298,24 +301,30 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
         const float* ts = t + static_cast<size_t>(slot) * rank;
         if (vec_b) {
           constexpr int V = TypeOps<T>::kVec;
-#pragma unroll 4
-          for (int r = 0; r < rank; r += V) {
+#pragma unroll 2
+          for (int r = q * V; r < rank; r += 4 * V) {
             float bf[V];
             unpack16<T>(__ldg(reinterpret_cast<const uint4*>(b + r)), bf);
 #pragma unroll
-            for (int i = 0; i < V; i += 4) {
-              const float4 tv = *reinterpret_cast<const float4*>(ts + r + i);
-              v = fmaf(bf[i], tv.x, v);
-              v = fmaf(bf[i + 1], tv.y, v);
-              v = fmaf(bf[i + 2], tv.z, v);
-              v = fmaf(bf[i + 3], tv.w, v);
+            for (int k = 0; k < V; k += 4) {
+              const float4 tv = *reinterpret_cast<const float4*>(ts + r + k);
+              v = fmaf(bf[k], tv.x, v);
+              v = fmaf(bf[k + 1], tv.y, v);
+              v = fmaf(bf[k + 2], tv.z, v);
+              v = fmaf(bf[k + 3], tv.w, v);
             }
           }
         } else {
 #pragma unroll 4
-          for (int r = 0; r < rank; ++r) v = fmaf(ldf(b + r), ts[r], v);
+          for (int r = q; r < rank; r += 4) v = fmaf(ldf(b + r), ts[r], v);
         }
       }
+    }
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    if (live && q == 0) {
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) v += red[w][ol][n];
       if (bias) v += ldf(bias + o);
       y[static_cast<size_t>(n) * out + o] = TypeOps<T>::from_f(v);
     }
