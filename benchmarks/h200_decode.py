@@ -265,23 +265,33 @@ def bench_switch_kernel(ops, spec, adapter, w, routes, changing, rank, bw, resul
 
 
 # ---------------------------------------------------------------- transformers baselines
-def bench_hf(ctx: int, new_tokens: int, results):
+def hf_random_llama():
+    """A random-weight Llama-2-7B in transformers, bf16, on the GPU."""
     import transformers
 
     cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def hf_generate_seconds(model, prompt, n: int) -> float:
+    """Wall seconds of one greedy `generate` of exactly n new tokens."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench_hf(ctx: int, new_tokens: int, results):
+    model = hf_random_llama()
     prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
 
     def per_token(m):
         def gen(n):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t
+            return hf_generate_seconds(m, prompt, n)
         gen(2)
         one = statistics.median(gen(1) for _ in range(3))
         many = statistics.median(gen(new_tokens) for _ in range(3))
@@ -324,21 +334,13 @@ def bench_hf_compiled(ctx: int, new_tokens: int, results):
     graphs; the prefill stays eager)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = hf_random_llama()
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
     prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
 
     def gen(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return hf_generate_seconds(model, prompt, n)
     t0 = time.perf_counter()
     gen(new_tokens)  # compiles (prefill and decode shapes)
     gen(new_tokens)
