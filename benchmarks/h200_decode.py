@@ -425,18 +425,14 @@ def main():
     if not args.quick and (ints(args.curve) or ints(args.ctxs)):
         bench_curve(ops, ints(args.curve), ints(args.ctxs), args.ctx, args.steps, results, config)
         save()
-    if args.hf_compile:
-        try:
-            bench_hf_compiled(args.ctx, 16, results)
-        except Exception as e:
-            results["hf_compile_error"] = f"{type(e).__name__}: {e}"
-            log(f"transformers static cache + compile failed: {type(e).__name__}: {e}")
-    if args.hf:
-        try:
-            bench_hf(args.ctx, 16, results)
-        except Exception as e:
-            results["hf_errors"] = f"{type(e).__name__}: {e}"
-            log(f"transformers baselines failed: {type(e).__name__}: {e}")
+    for wanted, bench, key, what in ((args.hf_compile, bench_hf_compiled, "hf_compile_error", "transformers static cache + compile"),
+                                     (args.hf, bench_hf, "hf_errors", "transformers baselines")):
+        if wanted:
+            try:
+                bench(args.ctx, 16, results)
+            except Exception as e:  # report, don't hide
+                results[key] = f"{type(e).__name__}: {e}"
+                log(f"{what} failed: {type(e).__name__}: {e}")
     plot(results, args.out / "h200_decode.png")
     # summary table
     log("\n| rank | batch | ctx | variant | ms/step | tokens/s | x dense | x floor |")
