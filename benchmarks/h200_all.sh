@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs the H200, in one call (writes logs and JSON under $OUT):
-#   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, the decode benchmark.
-# Usage there: bash benchmarks/h200_all.sh [--hf] [--quick]   (carry .whl and plugins/harness/.trt_headers)
+#   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, the decode-step
+#   kernels' correctness sweep and timings, the per-kernel profile of a decode step (before/after
+#   the step kernels), the decode benchmark.
+#   the routed fused linear's sweep and per-shape timings (gpu_kernels.py without the switch parts),
+# Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [h200_decode.py args...]
+#   (carry .whl and plugins/harness/.trt_headers)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -23,7 +27,15 @@ for s in fused switch auto; do
   echo "run --device cuda --strategy $s: $gpu | cpu reference: $cpu | $([[ "$gpu" == "$cpu" ]] && echo SAME || echo DIFFERENT)" | tee -a "$OUT/run_cuda.log"
   [[ "$gpu" == "$cpu" ]] || status=1
 done
-args=(); for a in "$@"; do [[ $a == --no-harness ]] || args+=("$a"); done
+python3 benchmarks/gpu_kernels.py --skip switch,drift,tswitch --out "$OUT/kernels" > "$OUT/gpu_kernels_lora.log" 2>&1; rc=$?
+grep -E "correctness|f/d|x[0-9]+ +[0-9]+ +[0-9]+ \|" "$OUT/gpu_kernels_lora.log"; [[ $rc == 0 ]] || status=1
+python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
+grep -E "cases|correctness|kernel .* us" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
+if [[ " $* " != *" --no-profile "* ]]; then
+  python3 benchmarks/profile_decode_step.py --out "$OUT" > "$OUT/profile_decode_step.log" 2>&1 || status=1
+  grep "==" "$OUT/profile_decode_step.log"
+fi
+args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-profile ]] || args+=("$a"); done
 python3 benchmarks/h200_decode.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/h200_decode.log"; rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || status=1
 exit $status

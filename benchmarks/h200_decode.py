@@ -168,7 +168,40 @@ def time_decoder(dec: GpuDecoder, batch: int, ctx: int, steps: int, feed: list[i
     return time_steps(step, steps)
 
 
-def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
+def run_variants(variants, rank, batch, ctx, steps, bw, results):
+    floor_ms = None
+    for name, make, graph, feed in variants:
+        dec = make()
+        if floor_ms is None:
+            floor_ms = weight_bytes(dec) / bw * 1e3
+        ms = time_decoder(dec, batch, ctx, steps, feed, graph)
+        row = {"rank": rank, "batch": batch, "ctx": ctx, "variant": name, "ms_per_step": ms,
+               "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor_ms}
+        results["decode"].append(row)
+        log(f"r={rank:<3} b={batch:<2} ctx={ctx:<5} {name:<42} {ms:8.2f} ms/step {batch / ms * 1e3:8.0f} tok/s  (floor {floor_ms:.2f})")
+        del dec
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_curve(ops, batches, ctxs, base_ctx, steps, results, config=None):
+    """Dense and fused at r16: the tokens/s curve over `batches` at context base_ctx, and batch 1 at
+    each context of `ctxs` (the attention share)."""
+    bw = results.get("copy_bandwidth_GBps", 0) * 1e9 or copy_bandwidth()
+    spec, adapter, w, routes, _ = random_7b(16, 8, 2, config=config)
+    changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches + [1]))
+    for batch, ctx in [(b, base_ctx) for b in batches] + [(1, c) for c in ctxs]:
+        common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
+        run_variants([("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
+                      ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing)],
+                     16, batch, ctx, steps, bw, results)
+
+
+def bench_7b(ops, ranks, batches, ctx, steps, results, config=None, torch_ops=None, full=True):
+    """Every variant at every (rank, batch), context ctx. `full` adds the conventional, unmerged and
+    switch rows (slow; batch <= 8); `torch_ops` (KernelOps without the step kernels) adds the
+    dense and fused rows with the work between the projections in PyTorch ops, for A/B."""
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
@@ -180,12 +213,21 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
             common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
             variants = [
                 ("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
-                ("conventional (eager)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), False, changing),
-                ("conventional (graph)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), True, changing),
-                ("adafuse unmerged torch (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="unmerged", **common), True, changing),
                 ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing),
             ]
-            if batch == 1:
+            if torch_ops is not None and batch in (1, 8):
+                tcommon = dict(common, ops=torch_ops)
+                variants += [
+                    ("dense base, torch step ops", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **tcommon), True, changing),
+                    ("adafuse fused, torch step ops", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **tcommon), True, changing),
+                ]
+            if full and batch <= 8:
+                variants += [
+                    ("conventional (eager)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), False, changing),
+                    ("conventional (graph)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), True, changing),
+                    ("adafuse unmerged torch (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="unmerged", **common), True, changing),
+                ]
+            if full and batch == 1:
                 variants += [
                     ("dense base, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, None, w, None, strategy="dense", fuse_projections=False, **common), True, changing),
                     ("adafuse fused, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", fuse_projections=False, **common), True, changing),
@@ -194,59 +236,62 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None):
                                         routes, strategy="switch", **common)
                 variants += [("adafuse switch, route changes (graph)", sw, True, changing),
                              ("adafuse switch, route unchanged (graph)", sw, True, same)]
-            floor_ms = None
-            for name, make, graph, feed in variants:
-                dec = make()
-                if floor_ms is None:
-                    floor_ms = weight_bytes(dec) / bw * 1e3
-                ms = time_decoder(dec, batch, ctx, steps, feed, graph)
-                row = {"rank": rank, "batch": batch, "variant": name, "ms_per_step": ms, "weight_read_floor_ms": floor_ms}
-                results["decode"].append(row)
-                log(f"r={rank:<3} b={batch} {name:<42} {ms:8.2f} ms/step  (floor {floor_ms:.2f})")
-                del dec
-                gc.collect()
-                if DEVICE == "cuda":
-                    torch.cuda.empty_cache()
-        # the switch kernel alone: all 224 sites, route changing each call, pristine mode
-        wl = {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()}
-        dec = GpuDecoder(spec, adapter, wl, routes, strategy="switch", max_batch=1, max_seq=8, ops=ops)
-        sites = dec.switch_sites
-        pairs = [(routes[0][t].to(DEVICE), routes[1][t].to(DEVICE)) for t in changing[:16]]
-        it = itertools.cycle(pairs)
-
-        def one():
-            i, g = next(it)
-            ops.switch(sites, i, g, dec.old_ids, dec.old_gates)
-        ms = time_steps(one, 20)
-        moved = sum(2 * s.W.numel() * s.W.element_size() + s.A.shape[1] * 2 * (s.W.shape[0] + s.W.shape[1]) * s.W.element_size()
-                    for s in sites)
-        results["switch_kernel"].append({"rank": rank, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6,
-                                         "fraction_of_copy": moved / (ms * 1e-3) / bw})
-        log(f"r={rank} switch kernel: {ms:.2f} ms, {moved / ms / 1e6:.0f} GB/s = {moved / (ms * 1e-3) / bw:.0%} of copy")
-        del dec, wl, w, routers
+            run_variants(variants, rank, batch, ctx, steps, bw, results)
+        if full:
+            bench_switch_kernel(ops, spec, adapter, w, routes, changing, rank, bw, results)
+        del w, routers
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
 
+def bench_switch_kernel(ops, spec, adapter, w, routes, changing, rank, bw, results):
+    """The switch kernel alone: all 224 sites, route changing each call, pristine mode."""
+    wl = {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()}
+    dec = GpuDecoder(spec, adapter, wl, routes, strategy="switch", max_batch=1, max_seq=8, ops=ops)
+    sites = dec.switch_sites
+    pairs = [(routes[0][t].to(DEVICE), routes[1][t].to(DEVICE)) for t in changing[:16]]
+    it = itertools.cycle(pairs)
+
+    def one():
+        i, g = next(it)
+        ops.switch(sites, i, g, dec.old_ids, dec.old_gates)
+    ms = time_steps(one, 20)
+    moved = sum(2 * s.W.numel() * s.W.element_size() + s.A.shape[1] * 2 * (s.W.shape[0] + s.W.shape[1]) * s.W.element_size()
+                for s in sites)
+    results["switch_kernel"].append({"rank": rank, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6,
+                                     "fraction_of_copy": moved / (ms * 1e-3) / bw})
+    log(f"r={rank} switch kernel: {ms:.2f} ms, {moved / ms / 1e6:.0f} GB/s = {moved / (ms * 1e-3) / bw:.0%} of copy")
+
+
 # ---------------------------------------------------------------- transformers baselines
-def bench_hf(ctx: int, new_tokens: int, results):
+def hf_random_llama():
+    """A random-weight Llama-2-7B in transformers, bf16, on the GPU."""
     import transformers
 
     cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def hf_generate_seconds(model, prompt, n: int) -> float:
+    """Wall seconds of one greedy `generate` of exactly n new tokens."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench_hf(ctx: int, new_tokens: int, results):
+    model = hf_random_llama()
     prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
 
     def per_token(m):
         def gen(n):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t
+            return hf_generate_seconds(m, prompt, n)
         gen(2)
         one = statistics.median(gen(1) for _ in range(3))
         many = statistics.median(gen(new_tokens) for _ in range(3))
@@ -283,6 +328,37 @@ def bench_hf(ctx: int, new_tokens: int, results):
     torch.cuda.empty_cache()
 
 
+def bench_hf_compiled(ctx: int, new_tokens: int, results):
+    """transformers' own fast path for the dense model: `generate` with a static KV cache, which
+    makes it torch.compile the decoding forward itself (CompileConfig, mode reduce-overhead: CUDA
+    graphs; the prefill stays eager)."""
+    import transformers
+
+    model = hf_random_llama()
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+    prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
+
+    def gen(n):
+        return hf_generate_seconds(model, prompt, n)
+    t0 = time.perf_counter()
+    gen(new_tokens)  # compiles (prefill and decode shapes)
+    gen(new_tokens)
+    compile_s = time.perf_counter() - t0
+    if not hasattr(model, "_compiled_call"):  # transformers' auto-compile did not engage: not this row
+        raise RuntimeError("generate did not compile the forward (no _compiled_call)")
+    one = statistics.median(gen(1) for _ in range(3))
+    many = statistics.median(gen(new_tokens) for _ in range(3))
+    ms = (many - one) / (new_tokens - 1) * 1e3
+    results.setdefault("hf", []).append({"variant": "transformers dense, static cache + torch.compile (reduce-overhead)",
+                                         "ms_per_token": ms, "ctx": ctx, "warmup_and_compile_s": compile_s,
+                                         "transformers": transformers.__version__})
+    log(f"HF dense static cache + torch.compile: {ms:.2f} ms/token (warm-up incl. compile {compile_s:.0f} s)")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def plot(results, path):
     try:
         import matplotlib
@@ -290,7 +366,7 @@ def plot(results, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [r for r in results["decode"] if r["batch"] == 1 and r["rank"] == 16]
+    rows = [r for r in results["decode"] if r["batch"] == 1 and r["rank"] == 16 and r["ctx"] == results["ctx"]]
     labels = [r["variant"] for r in rows] + [r["variant"] for r in results.get("hf", [])]
     values = [r["ms_per_step"] for r in rows] + [r["ms_per_token"] for r in results.get("hf", [])]
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -308,6 +384,12 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--hf", action="store_true", help="also time transformers + PEFT / mixlora")
     ap.add_argument("--quick", action="store_true", help="rank 16 and batch 1 only")
+    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--batches", default="1,8,32,64", help="batches of the per-rank table")
+    ap.add_argument("--curve", default="2,4,16", help="extra batches of the r16 tokens/s curve (dense and fused)")
+    ap.add_argument("--ctxs", default="2048,8192", help="extra contexts at batch 1 (dense and fused, r16)")
+    ap.add_argument("--core", action="store_true", help="dense and fused rows only (no conventional/unmerged/switch)")
+    ap.add_argument("--hf-compile", action="store_true", help="also time transformers with static cache + torch.compile")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of every code path on a tiny shape (no kernels)")
@@ -322,38 +404,50 @@ def main():
         args.ctx, args.steps = 16, 4
         from adafuse_export.runners.torch_cuda import TorchOps
         ops = TorchOps()
+        torch_ops = None
         name = "cpu (smoke)"
     else:
         from adafuse_export.kernels.binding import load_kernels
 
         t = time.time()
-        ops = KernelOps(load_kernels(archs=["90"]))
+        lib = load_kernels(archs=["90"])
+        ops, torch_ops = KernelOps(lib), KernelOps(lib, step_kernels=False)
         name = torch.cuda.get_device_name()
         log(f"kernel library built/loaded in {time.time() - t:.1f} s on {name}")
     results = {"device": name, "torch": torch.__version__, "ctx": args.ctx,
                "steps": args.steps, "decode": [], "switch_kernel": []}
     results["tiny_correctness"] = check_tiny(ops)
-    ranks, batches = ([16], [1]) if args.quick else ([16, 64], [1, 8])
-    bench_7b(ops, ranks, batches, args.ctx, args.steps, results, config)
-    if args.hf:
-        try:
-            bench_hf(args.ctx, 16, results)
-        except Exception as e:
-            results["hf_errors"] = f"{type(e).__name__}: {e}"
-            log(f"transformers baselines failed: {type(e).__name__}: {e}")
-    (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    ranks, batches = ([16], [1]) if args.quick else (ints(args.ranks), ints(args.batches))
+    save = lambda: (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
+    bench_7b(ops, ranks, batches, args.ctx, args.steps, results, config, torch_ops=torch_ops, full=not args.core)
+    save()  # each stage saved as it finishes: a later stage that runs out of time keeps the earlier rows
+    if not args.quick and (ints(args.curve) or ints(args.ctxs)):
+        bench_curve(ops, ints(args.curve), ints(args.ctxs), args.ctx, args.steps, results, config)
+        save()
+    for wanted, bench, key, what in ((args.hf_compile, bench_hf_compiled, "hf_compile_error", "transformers static cache + compile"),
+                                     (args.hf, bench_hf, "hf_errors", "transformers baselines")):
+        if wanted:
+            try:
+                bench(args.ctx, 16, results)
+            except Exception as e:  # report, don't hide
+                results[key] = f"{type(e).__name__}: {e}"
+                log(f"{what} failed: {type(e).__name__}: {e}")
     plot(results, args.out / "h200_decode.png")
     # summary table
-    log("\n| rank | batch | variant | ms/step | x dense | floor ms |")
-    log("| --- | --- | --- | --- | --- | --- |")
+    log("\n| rank | batch | ctx | variant | ms/step | tokens/s | x dense | x floor |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["decode"]:
-        dense = next(d["ms_per_step"] for d in results["decode"]
-                     if d["rank"] == r["rank"] and d["batch"] == r["batch"] and d["variant"] == "dense base")
-        log(f"| {r['rank']} | {r['batch']} | {r['variant']} | {r['ms_per_step']:.2f} | {r['ms_per_step'] / dense:.2f} | {r['weight_read_floor_ms']:.2f} |")
+        dense = next(d["ms_per_step"] for d in results["decode"] if d["variant"] == "dense base"
+                     and all(d[k] == r[k] for k in ("rank", "batch", "ctx")))
+        r["x_dense"] = r["ms_per_step"] / dense
+        log(f"| {r['rank']} | {r['batch']} | {r['ctx']} | {r['variant']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['x_dense']:.2f} | {r['ms_per_step'] / r['weight_read_floor_ms']:.2f} |")
     for r in results.get("hf", []):
         log(f"| 16 | 1 | {r['variant']} | {r['ms_per_token']:.1f} | | |")
     for r in results["switch_kernel"]:
         log(f"switch kernel r={r['rank']}: {r['ms']:.2f} ms, {r['GBps']:.0f} GB/s, {r['fraction_of_copy']:.0%} of copy")
+    (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
     ok = all(v["pass"] for v in results["tiny_correctness"].values())
     log("tiny-fixture correctness: " + ("PASS" if ok else "FAIL"))
     sys.exit(0 if ok else 1)

@@ -3,12 +3,16 @@
   PYTHONPATH=. python3 benchmarks/profile_decode_step.py --out $OUT
 
 Runs a few eager decode steps under torch.profiler (kernel durations do not depend on launch
-overhead) and prints each kernel family's share, next to the graph-replayed step time.
+overhead) and prints each kernel family's share, next to the graph-replayed step time; once with
+the work between the projections in PyTorch ops ("torch step ops", the decoder before the
+decode-step kernels) and once with the kernel library's add_rms_norm / rope_kv_write /
+decode_attention / silu_mul ("step kernels").
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,20 +51,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     a = ap.parse_args()
-    ops = KernelOps(load_kernels(archs=["90"]))
+    lib = load_kernels(archs=["90"])
     spec, adapter, w, routes, _ = random_7b(16, 8, 2)
     feed = tokens_with_changing_routes(routes, 40)
     out = {}
-    for strategy in ("dense", "fused"):
+    for strategy, step_kernels in itertools.product(("dense", "fused"), (False, True)):
+        ops = KernelOps(lib, step_kernels=step_kernels)
         make = lambda: GpuDecoder(spec, adapter if strategy != "dense" else None, w, routes if strategy != "dense" else None,
                                   strategy=strategy, max_seq=640, ops=ops)
         graph_ms = time_decoder(make(), 1, 512, 20, feed, True)
         prof = profile(make(), feed)
         prof["graph_ms_per_step"] = graph_ms
-        out[strategy] = prof
-        print(f"\n== {strategy}: graph replay {graph_ms:.2f} ms/step; GPU kernel time {prof['gpu_us_per_step'] / 1e3:.2f} ms/step "
+        key = f"{strategy}, {'step kernels' if step_kernels else 'torch step ops'}"
+        out[key] = prof
+        print(f"\n== {key}: graph replay {graph_ms:.2f} ms/step; GPU kernel time {prof['gpu_us_per_step'] / 1e3:.2f} ms/step "
               f"in {prof['kernels_per_step']:.0f} kernels")
-        for name, us, n in prof["top"]:
+        for name, us, n in prof["top"][:12]:
             print(f"{us / 1e3:8.3f} ms  x{n:5.0f}  {name}")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "profile_decode_step.json").write_text(json.dumps(out, indent=2))

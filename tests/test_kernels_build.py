@@ -19,6 +19,11 @@ EXPECTED_SYMBOLS = {
     "adafuse_lora_linear_workspace_size",
     "adafuse_lora_linear",
     "adafuse_switch",
+    "adafuse_add_rms_norm",
+    "adafuse_rope_kv_write",
+    "adafuse_silu_mul",
+    "adafuse_decode_attention_workspace_size",
+    "adafuse_decode_attention",
 }
 
 NVCC = kbuild.find_nvcc()
@@ -118,6 +123,58 @@ def test_lora_linear_rejects_bad_arguments_without_touching_the_gpu(kernels):
 
 
 @needs_nvcc
+def test_decode_step_ops_reject_bad_arguments_without_touching_the_gpu(kernels):
+    INV, OK = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_OK
+    p = ctypes.c_void_p(0x1000)
+    norm = kernels.lib.adafuse_add_rms_norm
+    assert norm(7, 1, 8, p, None, p, 1e-5, p, None) == INV        # dtype
+    assert norm(2, -1, 8, p, None, p, 1e-5, p, None) == INV       # rows
+    assert norm(2, 1, 0, p, None, p, 1e-5, p, None) == INV        # hidden
+    assert norm(2, 1, 8, None, None, p, 1e-5, p, None) == INV     # h NULL
+    assert norm(2, 1, 8, p, None, p, -1.0, p, None) == INV        # eps
+    assert norm(2, 1, 8, p, None, p, float("nan"), p, None) == INV
+    assert norm(2, 0, 8, p, None, p, 1e-5, p, None) == OK         # no rows: nothing enqueued
+    rope = kernels.lib.adafuse_rope_kv_write
+    args = [2, 1, 1, 4, 2, 8, p, 32, p, 16, p, 16, p, p, p, p, p, p, 16, None]
+    for i, bad in ((0, 5), (3, 0), (4, -2), (5, 7), (7, 31), (9, 15), (11, 15), (18, 0), (6, None), (17, None)):
+        a = list(args)
+        a[i] = bad
+        assert rope(*a) == INV, (i, bad)
+    a = list(args)
+    a[1] = 0  # batch 0: nothing enqueued
+    assert rope(*a) == OK
+    silu = kernels.lib.adafuse_silu_mul
+    assert silu(2, 1, 8, p, p, 7, p, None) == INV                 # ld < inter
+    assert silu(2, 1, 0, p, p, 8, p, None) == INV
+    assert silu(2, 1, 8, None, p, 16, p, None) == INV
+    assert silu(2, 0, 8, p, p, 16, p, None) == OK
+    ws = kernels.lib.adafuse_decode_attention_workspace_size
+    assert ws(0, 32, 128, 512) == 0 and ws(1, 32, 0, 512) == 0 and ws(1, 32, 128, 0) == 0
+    assert ws(2, 32, 128, 512) == 4 * 2 * 32 * (512 // 32) * 130  # float32 chunks of 32 keys at D=128
+    attn = kernels.lib.adafuse_decode_attention
+    assert attn(2, 1, 32, 32, 128, 512, p, p, p, p, 0, 0.0, p, None, 0, None) == INV      # scale
+    assert attn(2, 1, 32, 32, 128, 512, None, p, p, p, 0, 0.1, p, None, 0, None) == INV   # q NULL
+    assert attn(2, 1, 32, 32, 128, 512, ctypes.c_void_p(0x1008), p, p, p, 0, 0.1, p, None, 0, None) == INV  # q misaligned
+    assert attn(2, 0, 32, 32, 128, 512, p, p, p, p, 0, 0.1, p, None, 0, None) == OK       # no rows
+
+
+@needs_nvcc
+def test_decode_attention_shape_rule_matches_the_library(kernels):
+    """The binding's decode_attention_supported (which the decoder asks before choosing the kernel
+    over SDPA) must accept exactly the shapes the C function accepts: an accepted shape gets as far
+    as the workspace check (status 2), a refused one is an invalid argument (status 1)."""
+    p = ctypes.c_void_p(0x1000)
+    for dtype, code in (("float32", 0), ("float16", 1), ("bfloat16", 2)):
+        for H, KV in ((32, 32), (32, 8), (28, 4), (8, 1), (9, 1), (36, 4), (6, 4), (4, 0)):
+            for D in (2, 4, 8, 16, 24, 32, 64, 96, 128, 256, 512):
+                status = kernels.lib.adafuse_decode_attention(code, 1, H, KV, D, 64, p, p, p, p, 0, 0.1, p, None, 0,
+                                                              None)
+                expect = kbind.decode_attention_supported(dtype, H, KV, D)
+                assert status == (kbind.ADAFUSE_ERR_WORKSPACE if expect else kbind.ADAFUSE_ERR_INVALID_ARGUMENT), \
+                    (dtype, H, KV, D, status)
+
+
+@needs_nvcc
 def test_switch_rejects_bad_arguments_without_touching_the_gpu(kernels):
     INV = kbind.ADAFUSE_ERR_INVALID_ARGUMENT
     p = ctypes.c_void_p(0x1000)
@@ -185,6 +242,21 @@ def test_binding_checks_tensors_before_any_cuda_call(kernels):
         kbind.dtype_code(torch.int8)
     with pytest.raises(kbind.AdafuseKernelError, match="must be a CUDA tensor"):
         kernels.pack_sites([dict(W=W, A=A, B=B, scale=1.0)])
+    h = torch.zeros(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(kbind.AdafuseKernelError, match="h must be a CUDA tensor"):
+        kernels.add_rms_norm(h, None, torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    gu = torch.zeros(2, 16, dtype=torch.bfloat16)
+    with pytest.raises(kbind.AdafuseKernelError, match="gate must be a CUDA"):
+        kernels.silu_mul(gu[:, :8], gu[:, 8:])
+    cache = torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16)
+    with pytest.raises(kbind.AdafuseKernelError, match="q must be a CUDA"):
+        kernels.rope_kv_write(torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.bfloat16),
+                              torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 4, dtype=torch.bfloat16),
+                              torch.zeros(1, 4, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.int64), cache, cache,
+                              seq=1, num_heads=4, num_kv_heads=2)
+    with pytest.raises(kbind.AdafuseKernelError, match="q must be a CUDA tensor"):
+        kernels.decode_attention(torch.zeros(1, 16, dtype=torch.bfloat16), cache, cache,
+                                 torch.zeros(1, dtype=torch.int64), num_heads=4, scale=0.5)
 
 
 def test_build_reports_missing_nvcc(monkeypatch, tmp_path):

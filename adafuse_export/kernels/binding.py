@@ -24,6 +24,21 @@ DTYPE_BFLOAT16 = 2
 _DTYPE_NAMES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
 
 
+ATTN_MAX_GROUP = 8  # ADAFUSE_ATTN_MAX_GROUP
+
+
+def decode_attention_supported(dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether adafuse_decode_attention takes these shapes (the header's conditions)."""
+    try:
+        size = 4 if dtype_code(dtype) == DTYPE_FLOAT32 else 2
+    except AdafuseKernelError:
+        return False
+    if num_kv_heads <= 0 or num_heads % num_kv_heads or num_heads // num_kv_heads > ATTN_MAX_GROUP:
+        return False
+    vectors, rest = divmod(head_dim * size, 16)
+    return rest == 0 and 0 < vectors <= 32 and vectors & (vectors - 1) == 0
+
+
 class AdafuseKernelError(RuntimeError):
     """A kernel call was refused (bad argument) or failed (CUDA error)."""
 
@@ -116,6 +131,17 @@ class Kernels:
                                           vp, ctypes.c_size_t, vp]
         L.adafuse_switch.restype = ctypes.c_int
         L.adafuse_switch.argtypes = [i, vp, i, i, i, vp, vp, vp, vp, i, i, vp]
+        ll, sz = ctypes.c_longlong, ctypes.c_size_t
+        L.adafuse_add_rms_norm.restype = ctypes.c_int
+        L.adafuse_add_rms_norm.argtypes = [i, i, i, vp, vp, vp, f, vp, vp]
+        L.adafuse_rope_kv_write.restype = ctypes.c_int
+        L.adafuse_rope_kv_write.argtypes = [i, i, i, i, i, i, vp, ll, vp, ll, vp, ll, vp, vp, vp, vp, vp, vp, i, vp]
+        L.adafuse_silu_mul.restype = ctypes.c_int
+        L.adafuse_silu_mul.argtypes = [i, i, i, vp, vp, ll, vp, vp]
+        L.adafuse_decode_attention_workspace_size.restype = sz
+        L.adafuse_decode_attention_workspace_size.argtypes = [i, i, i, i]
+        L.adafuse_decode_attention.restype = ctypes.c_int
+        L.adafuse_decode_attention.argtypes = [i, i, i, i, i, i, vp, vp, vp, vp, i, f, vp, vp, sz, vp]
         v = L.adafuse_abi_version()
         if v != ABI_VERSION:
             raise AdafuseKernelError(f"{self.path} has ABI version {v}, binding expects {ABI_VERSION}")
@@ -260,6 +286,112 @@ class Kernels:
                                      old_ids.data_ptr(), old_gates.data_ptr(), int(top_k),
                                      1 if update_old else 0, self._stream_handle(stream))
         self._raise_if(st, "adafuse_switch")
+
+
+    # ---- decode-step operations -------------------------------------------
+    def add_rms_norm(self, h, delta, weight, eps: float, *, out=None, stream=None):
+        """h [rows, hidden] (+= delta in place when delta is given) -> weight * rmsnorm(h)."""
+        _check_tensor("h", h)
+        if h.dim() != 2:
+            raise AdafuseKernelError(f"h must be 2-D [rows, hidden], got shape {tuple(h.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        if delta is not None:
+            _check_tensor("delta", delta, dtype=h.dtype, device=h.device, shape=tuple(h.shape))
+        _check_tensor("weight", weight, dtype=h.dtype, device=h.device, shape=(h.shape[1],))
+        out = self._out(out, h.shape, h)
+        st = self.lib.adafuse_add_rms_norm(dtype_code(h.dtype), h.shape[0], h.shape[1], h.data_ptr(),
+                                           delta.data_ptr() if delta is not None else None, weight.data_ptr(),
+                                           float(eps), out.data_ptr(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_add_rms_norm")
+        return out
+
+    def rope_kv_write(self, q, k, v, cos, sin, positions, k_cache, v_cache, *, seq: int, num_heads: int,
+                      num_kv_heads: int, out=None, stream=None):
+        """q [tokens, heads*D], k/v [tokens, kv_heads*D] (rows may be strided views of one fused
+        projection output), cos/sin [tokens, D], positions [tokens] int64, caches [b, kv_heads,
+        max_seq, D] -> roped q [tokens, heads*D]; writes rope(k) and v into the caches."""
+        torch = _torch()
+        D = k_cache.shape[-1]
+        tokens = q.shape[0]
+        for nm, t, width in (("q", q, num_heads * D), ("k", k, num_kv_heads * D), ("v", v, num_kv_heads * D)):
+            if t.dim() != 2 or t.shape != (tokens, width) or t.stride(1) != 1 or t.dtype != q.dtype or not t.is_cuda:
+                raise AdafuseKernelError(f"{nm} must be a CUDA [{tokens}, {width}] {q.dtype} tensor with unit "
+                                         f"column stride, got {tuple(t.shape)} strides {t.stride()}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+        if seq <= 0 or tokens % seq:
+            raise AdafuseKernelError(f"{tokens} tokens are not a whole number of rows of seq {seq}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        for nm, t in (("cos", cos), ("sin", sin)):
+            _check_tensor(nm, t, dtype=q.dtype, device=q.device, shape=(tokens, D))
+        _check_tensor("positions", positions, dtype=torch.int64, device=q.device, shape=(tokens,))
+        for nm, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(nm, t, dtype=q.dtype, device=q.device)
+            if t.dim() != 4 or t.shape[0] < tokens // seq or t.shape[1] != num_kv_heads:
+                raise AdafuseKernelError(f"{nm} must be [>= {tokens // seq}, {num_kv_heads}, max_seq, {D}], got "
+                                         f"{tuple(t.shape)}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        if v_cache.shape != k_cache.shape:
+            raise AdafuseKernelError(f"v_cache {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        out = self._out(out, (tokens, num_heads * D), q)
+        st = self.lib.adafuse_rope_kv_write(
+            dtype_code(q.dtype), tokens // seq, seq, num_heads, num_kv_heads, D, q.data_ptr(), q.stride(0),
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(),
+            positions.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
+            self._stream_handle(stream))
+        self._raise_if(st, "adafuse_rope_kv_write")
+        return out
+
+    def silu_mul(self, gate, up, *, out=None, stream=None):
+        """silu(gate) * up for [rows, inter] views sharing one row stride (a fused gate/up output)."""
+        for nm, t in (("gate", gate), ("up", up)):
+            if t.dim() != 2 or t.shape != gate.shape or t.stride() != gate.stride() or t.stride(1) != 1 \
+                    or t.dtype != gate.dtype or not t.is_cuda:
+                raise AdafuseKernelError(f"{nm} must be a CUDA {tuple(gate.shape)} tensor with strides "
+                                         f"{gate.stride()} and unit column stride, got {tuple(t.shape)} "
+                                         f"{t.stride()}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        out = self._out(out, gate.shape, gate)
+        st = self.lib.adafuse_silu_mul(dtype_code(gate.dtype), gate.shape[0], gate.shape[1], gate.data_ptr(),
+                                       up.data_ptr(), gate.stride(0), out.data_ptr(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_silu_mul")
+        return out
+
+    def decode_attention_workspace_size(self, batch: int, num_heads: int, head_dim: int, max_seq: int) -> int:
+        return int(self.lib.adafuse_decode_attention_workspace_size(batch, num_heads, head_dim, max_seq))
+
+    def decode_attention(self, q, k_cache, v_cache, positions, *, num_heads: int, window: int = 0,
+                         scale: float, out=None, workspace=None, stream=None):
+        """q [batch, heads*D] (one token per row at positions[b]) over caches [>= batch, kv_heads,
+        max_seq, D] -> [batch, heads*D]."""
+        torch = _torch()
+        _check_tensor("q", q)
+        _, kv_heads, max_seq, D = k_cache.shape
+        batch = q.shape[0]
+        if q.dim() != 2 or q.shape[1] != num_heads * D:
+            raise AdafuseKernelError(f"q must be [batch, {num_heads * D}], got {tuple(q.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        for nm, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(nm, t, dtype=q.dtype, device=q.device)
+            if t.shape[0] < batch or t.shape != k_cache.shape:
+                raise AdafuseKernelError(f"{nm} must be [>= {batch}, kv_heads, max_seq, {D}], got {tuple(t.shape)}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+        _check_tensor("positions", positions, dtype=torch.int64, device=q.device, shape=(batch,))
+        out = self._out(out, q.shape, q)
+        need = self.decode_attention_workspace_size(batch, num_heads, D, max_seq)
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.uint8, device=q.device)
+        st = self.lib.adafuse_decode_attention(
+            dtype_code(q.dtype), batch, num_heads, kv_heads, D, max_seq, q.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), positions.data_ptr(), int(window), float(scale), out.data_ptr(),
+            workspace.data_ptr(), workspace.numel() * workspace.element_size(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_decode_attention")
+        return out
+
+    @staticmethod
+    def _out(out, shape, like):
+        if out is None:
+            return _torch().empty(tuple(shape), dtype=like.dtype, device=like.device)
+        _check_tensor("out", out, dtype=like.dtype, device=like.device, shape=tuple(shape))
+        return out
 
 
 _LOADED: Dict[str, Kernels] = {}

@@ -23,6 +23,7 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..kernels.binding import decode_attention_supported
 from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, rope_cos_sin, softcap
 from ..spec import AdapterSpec, ModelSpec
 
@@ -44,6 +45,7 @@ class SiteWeights:
     splits: list[int] | None = None  # output sizes of the roles it computes, in row order
     roles: tuple[str, ...] = ()  # those roles (families.STAGES)
     parts: list | None = None  # per-member row views for the switch (no block-diagonal zeros to merge)
+    B_flat: torch.Tensor | None = None  # [E*r, out]: B laid out for the many-rows matmul, made on first use
 
 
 class TorchOps:
@@ -63,7 +65,9 @@ class TorchOps:
         t = (x @ site.A.reshape(E * r, -1).T).view(-1, E, r).float()
         weights = torch.zeros(x.shape[0], E, device=x.device).scatter_add_(1, ids.long(), gates.float())
         z = (t * weights[..., None]).to(x.dtype).reshape(-1, E * r)
-        return y + (z @ site.B.transpose(1, 2).reshape(E * r, -1)) * site.scale
+        if site.B_flat is None:  # a copy (B^T's expert and rank axes do not merge): made once, not per call
+            site.B_flat = site.B.transpose(1, 2).reshape(E * r, -1)
+        return y + (z @ site.B_flat) * site.scale
 
     def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
         """W = W_base + s sum_j g_j B_j A_j for the (single) new route; mirrors the kernel's pristine mode."""
@@ -74,6 +78,43 @@ class TorchOps:
             s.W.copy_((s.W_base.float() + s.scale * delta).to(s.W.dtype))
         old_ids.copy_(new_ids.reshape(old_ids.shape))
         old_gates.copy_(new_gates.reshape(old_gates.shape))
+
+    # ---- the work between the projections ----------------------------------------
+    @staticmethod
+    def add_norm(h, delta, w, eps: float, one_plus: bool = False):
+        """(h + delta, RMSNorm(h + delta) * w); delta None: (h, RMSNorm(h) * w)."""
+        if delta is None:
+            return h, _norm(h, w, eps, one_plus)
+        return _add_norm(h, delta, w, eps, one_plus)
+
+    @staticmethod
+    def act_mul(act: str, g, u):
+        return ACT_MUL[act](g, u)
+
+    @staticmethod
+    def attention(q, k, v, cos, sin, positions, k_cache, v_cache, mask, m: ModelSpec, window: int | None):
+        """Self-attention of one layer for q [B*S, H*D], k, v [B*S, KV*D] (projection outputs, q/k
+        normed where the family says): RoPE, this step's keys/values written into the caches at
+        `positions` [B, S], attention over the caches under `mask` (the layer's `window`) -> [B*S, H*D].
+        cos, sin [B, 1, S, rotary_dim]."""
+        batch, seq = positions.shape
+        q = q.reshape(batch, seq, m.num_heads, m.head_dim).transpose(1, 2)
+        k = k.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+        v = v.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
+        q, k = _rope(q, k, cos, sin)
+        # write this step's keys/values at their positions (device-side index: graph-safe)
+        index = positions[0]
+        k_cache[:batch].index_copy_(2, index, k)
+        v_cache[:batch].index_copy_(2, index, v)
+        return TorchOps._attend_cache(q, k_cache, v_cache, mask, m)
+
+    @staticmethod
+    def _attend_cache(q, k_cache, v_cache, mask, m: ModelSpec):
+        """q [B, H, S, D] (roped) over the caches -> [B*S, H*D]."""
+        batch, _, seq, _ = q.shape
+        attn = _attention(q, k_cache[:batch], v_cache[:batch], mask, m.query_scale, m.attn_softcap,
+                          m.num_heads != m.num_kv_heads)
+        return attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
 
 
 def _norm(h, w, eps: float, one_plus: bool = False):
@@ -112,11 +153,39 @@ def _attention(q, k, v, mask, scale: float, cap: float | None, gqa: bool):
 
 
 class KernelOps:
-    """The same two operations through the CUDA kernel library (adafuse_export.kernels)."""
+    """The same operations through the CUDA kernel library (adafuse_export.kernels), where a
+    kernel computes the family's function (RMSNorm without the 1+w offset, SiLU, full-width RoPE,
+    no attention soft-capping), else the PyTorch definitions. With step_kernels=False the work
+    between the projections stays in PyTorch ops (for A/B timing)."""
 
-    def __init__(self, kernels):
+    def __init__(self, kernels, step_kernels: bool = True):
         self.k = kernels
+        self.step_kernels = step_kernels
         self._tables: dict[tuple, tuple] = {}
+
+    def add_norm(self, h, delta, w, eps: float, one_plus: bool = False):
+        if not self.step_kernels or one_plus:
+            return TorchOps.add_norm(h, delta, w, eps, one_plus)
+        return h, self.k.add_rms_norm(h, delta, w, eps)  # h += delta in place
+
+    def act_mul(self, act: str, g, u):
+        if not self.step_kernels or act != "silu" or g.stride() != u.stride() or g.stride(1) != 1:
+            return TorchOps.act_mul(act, g, u)
+        return self.k.silu_mul(g, u)
+
+    def attention(self, q, k, v, cos, sin, positions, k_cache, v_cache, mask, m: ModelSpec, window: int | None):
+        if (not self.step_kernels or m.rotary_dim != m.head_dim or m.attn_softcap is not None
+                or any(t.stride(1) != 1 for t in (q, k, v))):
+            return TorchOps.attention(q, k, v, cos, sin, positions, k_cache, v_cache, mask, m, window)
+        batch, seq = positions.shape
+        tokens, D = q.shape[0], m.head_dim
+        pos = positions.reshape(-1)
+        q = self.k.rope_kv_write(q, k, v, cos.reshape(tokens, D), sin.reshape(tokens, D), pos, k_cache, v_cache,
+                                 seq=seq, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads)
+        if seq == 1 and decode_attention_supported(q.dtype, m.num_heads, m.num_kv_heads, D):
+            return self.k.decode_attention(q, k_cache, v_cache, pos, num_heads=m.num_heads, window=window or 0,
+                                           scale=m.query_scale)
+        return TorchOps._attend_cache(q.view(batch, seq, m.num_heads, D).transpose(1, 2), k_cache, v_cache, mask, m)
 
     def lora_linear(self, x, site: SiteWeights, ids, gates):
         return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
@@ -291,8 +360,7 @@ class GpuDecoder:
             masks[window] = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(
                 ~allowed, float("-inf"))[:, None]
         h = embed_tokens(m, self.w[EMBED], input_ids).reshape(batch * seq, m.hidden_size)
-        gqa = m.num_heads != m.num_kv_heads
-        eps, one_plus, arch = m.rms_norm_eps, m.arch.norm == "rms_one_plus", m.arch
+        eps, one_plus, arch, ops = m.rms_norm_eps, m.arch.norm == "rms_one_plus", m.arch, self.ops
         norms = arch.norms
 
         def post_norm(t, layer, name):  # Gemma's norm of a block's output before the residual add
@@ -300,32 +368,22 @@ class GpuDecoder:
 
         delta = None  # the previous layer's MLP output, added to h together with the next norm
         for layer in range(m.num_layers):
-            attn_in = self.w[arch.norm_weight(layer, norms.attn_in)]
-            if delta is None:
-                x = _norm(h, attn_in, eps, one_plus)
-            else:
-                h, x = _add_norm(h, delta, attn_in, eps, one_plus)
+            h, x = ops.add_norm(h, delta, self.w[arch.norm_weight(layer, norms.attn_in)], eps, one_plus)
             q, k, v = self._project(x, layer, "qkv", ids, gates)
-            q = q.reshape(batch, seq, m.num_heads, m.head_dim)
-            k = k.reshape(batch, seq, m.num_kv_heads, m.head_dim)
-            if arch.qk_norm:
-                q = _norm(q, self.w[arch.qk_norm_weight(layer, "q")], eps, one_plus)
-                k = _norm(k, self.w[arch.qk_norm_weight(layer, "k")], eps, one_plus)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = v.reshape(batch, seq, m.num_kv_heads, m.head_dim).transpose(1, 2)
-            q, k = _rope(q, k, *rope[m.layer_rope_theta(layer)])
-            # write this step's keys/values at their positions (device-side index: graph-safe)
-            index = positions[0]
-            self.k_cache[layer][:batch].index_copy_(2, index, k)
-            self.v_cache[layer][:batch].index_copy_(2, index, v)
-            attn = _attention(q, self.k_cache[layer][:batch], self.v_cache[layer][:batch], masks[m.window(layer)],
-                              m.query_scale, m.attn_softcap, gqa)
-            attn = attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
+            if arch.qk_norm:  # per head, before RoPE
+                q = _norm(q.reshape(batch * seq, m.num_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "q")],
+                          eps, one_plus).reshape(batch * seq, -1)
+                k = _norm(k.reshape(batch * seq, m.num_kv_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "k")],
+                          eps, one_plus).reshape(batch * seq, -1)
+            window = m.window(layer)
+            cos, sin = rope[m.layer_rope_theta(layer)]
+            attn = ops.attention(q, k, v, cos, sin, positions, self.k_cache[layer], self.v_cache[layer], masks[window],
+                                 m, window)
             o = post_norm(self._project(attn, layer, "o", ids, gates)[0], layer, norms.attn_out)
-            h, x = _add_norm(h, o, self.w[arch.norm_weight(layer, norms.mlp_in)], eps, one_plus)
-            act = ACT_MUL[m.hidden_act](*self._project(x, layer, "gate_up", ids, gates))
+            h, x = ops.add_norm(h, o, self.w[arch.norm_weight(layer, norms.mlp_in)], eps, one_plus)
+            act = ops.act_mul(m.hidden_act, *self._project(x, layer, "gate_up", ids, gates))
             delta = post_norm(self._project(act, layer, "down", ids, gates)[0], layer, norms.mlp_out)
-        _, x = _add_norm(h, delta, self.w[FINAL_NORM], eps, one_plus)
+        _, x = ops.add_norm(h, delta, self.w[FINAL_NORM], eps, one_plus)
         return softcap((x @ self.w[LM_HEAD].T).float(), m.final_softcap).reshape(batch, seq, m.vocab_size)
 
     # ---- public --------------------------------------------------------------

@@ -98,6 +98,45 @@ int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int nu
                    int32_t* old_ids, float* old_gates, int top_k, int update_old,
                    cudaStream_t stream);
 
+// ---- Decode-step operations between the projections ---------------------------
+// Each replaces a chain of small framework kernels with one launch (two for attention).
+// Intermediates are rounded to the storage dtype where separate framework ops would round.
+
+// h [rows, hidden] (updated in place when delta != NULL), delta [rows, hidden] or NULL,
+// weight [hidden], out [rows, hidden]:
+//   if delta: h = dtype(h + delta);  out = dtype(weight * dtype(h * rsqrt(mean(h^2) + eps)))
+int adafuse_add_rms_norm(adafuse_dtype dtype, int rows, int hidden, void* h, const void* delta,
+                         const void* weight, float eps, void* out, cudaStream_t stream);
+
+// Rotary embedding of q and k plus the KV-cache write, for tokens n = b * seq + s:
+// q [tokens, heads*D] (row stride ldq elements), k and v [tokens, kv_heads*D] (ldk, ldv),
+// cos, sin [tokens, D] (dtype), positions [tokens] int64 in [0, max_seq) (others: nothing
+// written), q_out [tokens, heads*D] contiguous, caches [batch', kv_heads, max_seq, D]:
+//   q_out = q*cos + rotate_half(q)*sin;  k_cache[b, :, positions[n]] = rope(k);  v_cache[...] = v.
+int adafuse_rope_kv_write(adafuse_dtype dtype, int batch, int seq, int num_heads, int num_kv_heads,
+                          int head_dim, const void* q, long long ldq, const void* k, long long ldk,
+                          const void* v, long long ldv, const void* cos, const void* sin,
+                          const int64_t* positions, void* q_out, void* k_cache, void* v_cache,
+                          int max_seq, cudaStream_t stream);
+
+// out [rows, inter] = dtype(dtype(silu(gate)) * up); gate and up [rows, inter] with row stride ld.
+int adafuse_silu_mul(adafuse_dtype dtype, int rows, int inter, const void* gate, const void* up,
+                     long long ld, void* out, cudaStream_t stream);
+
+// One query token per row b at position positions[b] (int64, device): causal attention over
+// keys j in (positions[b] - window, positions[b]] (window <= 0: no lower bound) of the caches
+// [batch', kv_heads, max_seq, D]; query head h reads KV head h / (heads / kv_heads).
+// q [batch, heads*D], out [batch, heads*D]; scores are q.k * scale in float32. Split-K over
+// key chunks (flash-decoding) plus a combine; workspace: adafuse_decode_attention_workspace_size.
+// Needs heads % kv_heads == 0, heads / kv_heads <= ADAFUSE_ATTN_MAX_GROUP, D * element size a
+// power-of-two multiple of 16 bytes up to 512 bytes, 16-byte aligned q and caches.
+#define ADAFUSE_ATTN_MAX_GROUP 8
+size_t adafuse_decode_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq);
+int adafuse_decode_attention(adafuse_dtype dtype, int batch, int num_heads, int num_kv_heads,
+                             int head_dim, int max_seq, const void* q, const void* k_cache,
+                             const void* v_cache, const int64_t* positions, int window, float scale,
+                             void* out, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -101,7 +101,7 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
                  const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                  const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
                  T* __restrict__ y) {
-  constexpr int U = 4 / NO;  // 16-byte W loads in flight per lane = NO * U = 4
+  constexpr int U = 4 / NO;  // 16-byte W loads in flight per lane = NO * U = 4 (8 measured slower at one row)
   const int lane = threadIdx.x & 31;
   const long long wg = (static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
   const long long o0 = wg * NO;
@@ -217,10 +217,9 @@ __global__ void __launch_bounds__(kThreads)
 gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
                 const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                 const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
-                T* __restrict__ y) {
+                T* __restrict__ y, bool vec_b) {
   constexpr int U = 4;
   __shared__ float red[kThreads / 32][16][8 * NT + 1];
-  __shared__ float lora[16][8 * NT + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c4 = lane & 3;
   const int o0 = blockIdx.x * 16;
@@ -279,33 +278,51 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
     red[warp][g + 8][8 * h + 2 * c4 + 1] = acc[h][3];
   }
 
-  // LoRA term: warp w handles outputs 2w, 2w+1; lanes split r.
-  pdl_wait();
+  // Epilogue: a group of 4 lanes per (output ol, row n) pair adds the warps' partials and the
+  // pair's LoRA term sum_j B[e][o,:] . t[slot,:]; the lanes split the rank with 16-byte B loads
+  // (when rank allows) issued together, then 2 shuffles. One lane per pair walked the whole rank
+  // serially (slow at large ranks); a warp per pair serialised a reduction per pair (slow at small).
+  __syncthreads();
+  pdl_wait();  // t comes from the shrink kernel
+  const int q = tid & 3, gid = tid >> 2;
 #pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const int ol = 2 * warp + q, o = o0 + ol;
-    for (int n = 0; n < 8 * NT; ++n) {
-      float p = 0.f;
-      if (o < out && n < rows) {
-        for (int j = 0; j < top_k; ++j) {
-          const int slot = n * top_k + j;
-          const int e = ids[slot];
-          if (e < 0 || e >= E) continue;
-          const T* b = B + (static_cast<size_t>(e) * out + o) * rank;
-          const float* ts = t + static_cast<size_t>(slot) * rank;
-          for (int r = lane; r < rank; r += 32) p = fmaf(ldf(b + r), ts[r], p);
+  for (int i = 0; i < 2 * NT; ++i) {  // 64 groups x 2NT = 16 outputs x 8NT rows
+    const int p = gid + (kThreads / 4) * i;
+    const int ol = p / (8 * NT), n = p % (8 * NT);
+    const int o = o0 + ol;
+    const bool live = o < out && n < rows;
+    float v = 0.f;
+    if (live) {
+      for (int j = 0; j < top_k; ++j) {
+        const int slot = n * top_k + j;
+        const int e = ids[slot];
+        if (e < 0 || e >= E) continue;
+        const T* b = B + (static_cast<size_t>(e) * out + o) * rank;
+        const float* ts = t + static_cast<size_t>(slot) * rank;
+        if (vec_b) {
+          constexpr int V = TypeOps<T>::kVec;
+#pragma unroll 2
+          for (int r = q * V; r < rank; r += 4 * V) {
+            float bf[V];
+            unpack16<T>(__ldg(reinterpret_cast<const uint4*>(b + r)), bf);
+#pragma unroll
+            for (int k = 0; k < V; k += 4) {
+              const float4 tv = *reinterpret_cast<const float4*>(ts + r + k);
+              v = fmaf(bf[k], tv.x, v);
+              v = fmaf(bf[k + 1], tv.y, v);
+              v = fmaf(bf[k + 2], tv.z, v);
+              v = fmaf(bf[k + 3], tv.w, v);
+            }
+          }
+        } else {
+#pragma unroll 4
+          for (int r = q; r < rank; r += 4) v = fmaf(ldf(b + r), ts[r], v);
         }
       }
-      p = warp_sum(p);
-      if (lane == 0) lora[ol][n] = p;
     }
-  }
-  __syncthreads();
-  if (tid < 16 * 8 * NT) {
-    const int ol = tid / (8 * NT), n = tid % (8 * NT);
-    const int o = o0 + ol;
-    if (o < out && n < rows) {
-      float v = lora[ol][n];
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    if (live && q == 0) {
 #pragma unroll
       for (int w = 0; w < kThreads / 32; ++w) v += red[w][ol][n];
       if (bias) v += ldf(bias + o);
@@ -750,8 +767,10 @@ int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W,
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
+  // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
+  const bool vec_b = rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
   AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_mma_kernel<T, NT>, rows, in, out, x, W, bias, B, E,
-                                 rank, ids, top_k, t, y));
+                                 rank, ids, top_k, t, y, vec_b));
   return ADAFUSE_OK;
 }
 
