@@ -7,6 +7,7 @@ and validate compares with a checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from .spec import AdapterSpec
@@ -15,7 +16,7 @@ ROUTING_KEYS = ("routing", "router_kind", "expert_kind", "num_experts", "top_k",
 
 
 def adapter_summary(a: AdapterSpec) -> dict[str, Any]:
-    return {
+    summary = {
         "routing": a.routing, "router_kind": a.router_kind if a.routing == "layerwise" else None,
         "expert_kind": a.expert_kind, "num_experts": a.num_experts,
         "num_experts_per_layer": list(a.num_experts_per_layer) if a.num_experts_per_layer else None,
@@ -24,6 +25,9 @@ def adapter_summary(a: AdapterSpec) -> dict[str, Any]:
         "pregate_input": a.pregate_input if a.routing == "pregate" else None,
         "routing_table": a.routing_table_exact, "rank_pattern": a.rank_pattern, "alpha_pattern": a.alpha_pattern,
     }
+    if a.xlora is not None:  # only X-LoRA checkpoints carry the key (nothing exports them: no manifest has it)
+        summary["xlora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(a.xlora).items()}
+    return summary
 
 
 def routing_contract(summary: dict[str, Any]) -> dict[str, Any]:

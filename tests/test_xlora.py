@@ -129,3 +129,19 @@ def test_phi3_site_numbering_follows_transformers_module_order(tmp_path):
     ckpt = load_checkpoint(d)
     assert ckpt.adapter.xlora is not None and ckpt.adapter.xlora.module_order[:2] == ("o_proj", "qkv_proj")
     assert (ReferenceModel(ckpt)(IDS).logits - expected).abs().max().item() < 1e-4
+
+
+def test_inspect_reports_the_xlora_settings_peft_saved(tmp_path, base, cli):
+    """inspect --json lists the mixing settings; compared with PEFT's own adapter_config.json."""
+    d, _, _ = fr.write_peft_xlora(tmp_path, base, IDS, LORAS, xlora_depth=2, xlora_size=16, layerwise_scalings=True,
+                                  top_k_lora=1, enable_softmax_topk=True, softmax_temperature=0.5)
+    r = cli("inspect", d, "--json")
+    assert r.code == 0, r.err
+    got = json.loads(r.out)["adapter"]["xlora"]
+    peft_cfg = json.loads((d / "adapter_config.json").read_text())
+    for ours, theirs in (("classifier_depth", "xlora_depth"), ("classifier_size", "xlora_size"),
+                         ("layerwise_scalings", "layerwise_scalings"), ("enable_softmax", "enable_softmax"),
+                         ("softmax_temperature", "softmax_temperature"), ("enable_softmax_topk", "enable_softmax_topk"),
+                         ("top_k_lora", "top_k_lora"), ("scaling_pass_value", "scaling_pass_value"),
+                         ("global_scaling_weight", "global_scaling_weight")):
+        assert got[ours] == peft_cfg[theirs], (ours, got[ours], peft_cfg[theirs])
