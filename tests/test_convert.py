@@ -99,7 +99,11 @@ def test_sigint_mid_conversion_keeps_previous_outputs(example_dirs, tmp_path):
     cmd = [sys.executable, "-m", "adafuse_export", "convert", str(example_dirs["pregate"]), str(engine), "--max-seq", "32"]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background by a non-interactive shell (`.ci/run ... &`) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: give the child the default disposition, as a
+    # user's terminal does.
+    proc = subprocess.Popen(cmd + ["--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # interrupt once the engine build has started (stage 4 prints first)
     deadline = time.time() + 120
     line = ""
@@ -110,7 +114,7 @@ def test_sigint_mid_conversion_keeps_previous_outputs(example_dirs, tmp_path):
     assert "[4/4" in line, "conversion ended before the engine build started"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "interrupted" in err
+    assert proc.returncode != 0 and "interrupted" in err, (proc.returncode, err[-500:])
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.engine", "s.json", "s.onnx"]  # no temporaries
