@@ -32,11 +32,13 @@ TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5
 DEFAULT_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 HALF_DTYPES = ("float16", "bfloat16")
 HALF_BOUND_MULTIPLE = 2.0  # docs/large-models.md "Float16 error": the 7B graph is 0.41-0.72x the reference's error
-HALF_TOLERANCE_MODES = {
-    "measured": "judged against the float32 reference; each output's atol is max(atol, 2 x the {dtype} reference's "
-                "own max abs distance from float32 at that step); expert ids exact and gates against the {dtype} "
-                "reference (routing is decided from {dtype} weights)",
-    "fixed": "judged against the {dtype} reference with the fixed tolerance",
+HALF_TOLERANCE_MODES = {  # mode -> (description, the few words convert's summary prints)
+    "measured": ("judged against the float32 reference; each output's atol is max(atol, 2 x the {dtype} reference's "
+                 "own max abs distance from float32 at that step); expert ids exact and gates against the {dtype} "
+                 "reference (routing is decided from {dtype} weights)",
+                 "{dtype} judged against float32, atol max(fixed, 2 x the {dtype} reference's distance)"),
+    "fixed": ("judged against the {dtype} reference with the fixed tolerance",
+              "{dtype} against the {dtype} reference, fixed tolerance"),
 }
 
 
@@ -178,7 +180,8 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     tolerance = None
     if dtype in HALF_DTYPES:
         tolerance = {"half": half_tolerance, "multiple": HALF_BOUND_MULTIPLE if measured else None,
-                     "description": HALF_TOLERANCE_MODES[half_tolerance].format(dtype=dtype)}
+                     "description": HALF_TOLERANCE_MODES[half_tolerance][0].format(dtype=dtype),
+                     "summary": HALF_TOLERANCE_MODES[half_tolerance][1].format(dtype=dtype)}
         if log is not None:
             log(f"{dtype} model {tolerance['description']}" + (
                 f"; two references run ({'both streamed: about twice the time of one' if stream else 'both in memory'})"
@@ -232,10 +235,9 @@ def summary(report: dict) -> list[str]:
     """A few lines for `convert`: verdict, logits/routes against their tolerance, the KV cache in one line,
     greedy and routing agreement (the full table: adafuse-export validate)."""
     outs = report["outputs"]
+    half = f"; {report['tolerance']['summary']}" if report.get("tolerance") else ""
     lines = [f"{'PASSED' if report['passed'] else 'FAILED'} ({report['method']['mode'] if 'method' in report else 'full'} "
-             f"validation, {report['runner_description']})"]
-    if report.get("tolerance"):
-        lines.append(f"{report['dtype']}: {report['tolerance']['description']}")
+             f"validation, {report['runner_description']}{half})"]
     for o in outs:
         if o["name"] in ("logits", "expert_ids", "gates"):
             lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, max rel diff {o['max_rel_diff']:.3e}, "

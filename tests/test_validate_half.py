@@ -148,7 +148,8 @@ def test_float16_bound_measured_passes_what_fixed_fails(cases, mode):
     assert measured["passed"], format_report(measured)
     check_bound(measured, dist, atol)
     assert by_name(measured)["logits"]["bound"] == "measured"
-    assert "measured atol" in "\n".join(summary(measured))
+    lines = summary(measured)
+    assert "float16 judged against float32" in lines[0] and "measured atol" in "\n".join(lines)
     fixed = validate(ckpt, graphs["big"], steps=STEPS, mode=mode, half_tolerance="fixed")
     assert not fixed["passed"] and not by_name(fixed)["logits"]["passed"]
     assert "float16" in fixed["reference"] and by_name(fixed)["logits"]["half_reference_max_abs"] is None
