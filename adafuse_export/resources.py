@@ -77,7 +77,8 @@ class Sizes:
 def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str | None, build: bool) -> list[Need]:
     """Peak memory and disk of each stage. validate: full | layerwise | off; reference_dtype: the dtype the
     reference and the validated graph run in (float32 when a bfloat16 export is checked through its
-    float32 twin), None for the model's."""
+    float32 twin), None for the model's. A half-precision graph is judged against the float32 reference as
+    well (validate's measured bound): both references are counted."""
     s = Sizes.of(ckpt)
     weights = s.bytes(dtype)
     f32_largest = s.largest_tensor * 4
@@ -91,6 +92,8 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
             # Casts) or packed copies of float32 ones (prepacking)
             ort = graph + s.bytes("float32")
             ref, how, held = graph, "the reference's weights", f"{vdtype} graph"
+            if vdtype != "float32":
+                ref, how = ref + s.bytes("float32"), f"the {vdtype} and float32 references' weights"
         else:
             # one segment at a time (a layer, or the embeddings/head outside them): its pages of the mapped data
             # file, plus float32 copies of its weights while it runs when the graph is half precision (ONNX
@@ -100,6 +103,9 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
             # one layer held, plus one tensor in flight (read, then converted to the reference's dtype)
             ref = (s.outside_layers + s.largest_layer) * ITEMSIZE[vdtype] + f32_largest
             how, held = "the reference's embeddings and head plus one layer", f"one layer of the {vdtype} graph"
+            if vdtype != "float32":  # the float32 reference streams beside it, one layer held too
+                ref += (s.outside_layers + s.largest_layer) * 4
+                how = f"the {vdtype} and float32 references' embeddings and heads plus one layer each"
         disk = graph if vdtype != dtype else 0  # the float32 twin is written too
         needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,
                           f"ONNX Runtime {ort / GiB:.1f} GiB ({held}) + {how} {ref / GiB:.1f} GiB"))

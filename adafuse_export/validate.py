@@ -6,6 +6,13 @@ reference's?) is reported besides. Per output (logits, each present key/value, e
 gates): max abs diff, max rel diff, tolerance, pass/fail, like Optimum's export check and
 Polygraphy's comparator. Element passes when |runner - ref| <= atol + rtol * |ref|;
 expert ids must match exactly.
+
+Half precision (HALF_TOLERANCE_MODES): a float16/bfloat16 model is judged against the float32
+reference, the truth, and each output's atol at each step is max(atol, 2 x the same-dtype
+reference's own max abs distance from float32 there): two half computations are each about that far
+from float32 in different directions, so a fixed atol between them measures the reference's rounding,
+not the model's. Routing (expert ids, gates) is decided in float32 from dtype-rounded weights: it
+stays compared with the same-dtype reference, ids exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +30,16 @@ from .summary import adapter_summary, routing_metadata
 # (atol, rtol) per model dtype
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 5e-2)}
 DEFAULT_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+HALF_DTYPES = ("float16", "bfloat16")
+HALF_BOUND_MULTIPLE = 2.0  # docs/large-models.md "Float16 error": the 7B graph is 0.41-0.72x the reference's error
+HALF_TOLERANCE_MODES = {  # mode -> (description, the few words convert's summary prints)
+    "measured": ("judged against the float32 reference; each output's atol is max(atol, 2 x the {dtype} reference's "
+                 "own max abs distance from float32 at that step); expert ids exact and gates against the {dtype} "
+                 "reference (routing is decided from {dtype} weights)",
+                 "{dtype} judged against float32, atol max(fixed, 2 x the {dtype} reference's distance)"),
+    "fixed": ("judged against the {dtype} reference with the fixed tolerance",
+              "{dtype} against the {dtype} reference, fixed tolerance"),
+}
 
 
 class _Stat:
@@ -32,8 +49,12 @@ class _Stat:
         self.mismatched = self.elements = 0
         self.worst_step: str | None = None
         self.shape_error: str | None = None
+        self.half_max_abs: float | None = None  # the same-dtype reference's distance from `want` (measured bound)
+        self.atol_applied = atol
 
-    def add(self, got, want, step: str):
+    def add(self, got, want, step: str, half=None):
+        """half: the same-dtype reference's output when `want` is the float32 reference: atol widens to
+        HALF_BOUND_MULTIPLE times its distance from `want` when that is larger."""
         if got is None or want is None:
             if (got is None) != (want is None):
                 self.shape_error = f"{'runner' if got is None else 'reference'} has no '{self.name}' at {step}"
@@ -43,8 +64,14 @@ class _Stat:
             self.shape_error = f"shape {list(got.shape)} from the runner, {list(want.shape)} from the reference at {step}"
             return
         g, w = got.astype(np.float64), want.astype(np.float64)
+        atol = self.atol
+        if half is not None and np.shape(half) == w.shape and w.size:
+            measured = float(np.max(np.abs(np.asarray(half, np.float64) - w)))
+            self.half_max_abs = max(self.half_max_abs or 0.0, measured)
+            atol = max(atol, HALF_BOUND_MULTIPLE * measured)  # a NaN distance leaves the fixed atol
+            self.atol_applied = max(self.atol_applied, atol)
         diff = np.abs(g - w)
-        ok = diff <= self.atol + self.rtol * np.abs(w)
+        ok = diff <= atol + self.rtol * np.abs(w)
         rel = diff / np.maximum(np.abs(w), 1e-6)
         m_abs = float(np.max(diff)) if diff.size else 0.0
         if not np.isfinite(g).all():
@@ -58,8 +85,11 @@ class _Stat:
 
     def report(self) -> dict:
         passed = self.shape_error is None and self.mismatched == 0 and self.max_abs == self.max_abs
+        bound = ("exact" if self.atol == 0 and self.rtol == 0 else
+                 "measured" if self.atol_applied > self.atol else "fixed")
         return {"name": self.name, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel, "atol": self.atol,
-                "rtol": self.rtol, "mismatched": self.mismatched, "elements": self.elements,
+                "rtol": self.rtol, "bound": bound, "atol_applied": self.atol_applied,
+                "half_reference_max_abs": self.half_max_abs, "mismatched": self.mismatched, "elements": self.elements,
                 "worst_step": self.worst_step, "error": self.shape_error, "passed": passed}
 
 
@@ -119,9 +149,10 @@ def open_model_runner(model: Path, mode: str = "full", **options):
 
 def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
              atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
-             log: Callable[[str], object] | None = None) -> dict:
+             log: Callable[[str], object] | None = None, half_tolerance: str = "measured") -> dict:
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
-    log: told after each compared step (a 7B step takes minutes on a CPU)."""
+    half_tolerance: how a float16/bfloat16 model is judged (HALF_TOLERANCE_MODES).
+    log: told how it validates, then after each compared step (a 7B step takes minutes on a CPU)."""
     from .runners.reference import ReferenceRunner
 
     ckpt.require_exportable()  # nothing exported can stand for it
@@ -139,7 +170,22 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     rtol = d_rtol if rtol is None else rtol
     if mode not in METHODS:
         raise ValueError(f"validation mode {mode!r}, expected one of {', '.join(METHODS)}")
-    reference = ReferenceRunner(ckpt, dtype=dtype, stream=mode == "layerwise")
+    if half_tolerance not in HALF_TOLERANCE_MODES:
+        raise ValueError(f"half tolerance {half_tolerance!r}, expected one of {', '.join(HALF_TOLERANCE_MODES)}")
+    stream = mode == "layerwise"
+    measured = dtype in HALF_DTYPES and half_tolerance == "measured"
+    # the truth: float32 when the bound is measured; the same-dtype reference then decides routing and the bound
+    reference = ReferenceRunner(ckpt, dtype="float32" if measured else dtype, stream=stream)
+    same = ReferenceRunner(ckpt, dtype=dtype, stream=stream) if measured else None
+    tolerance = None
+    if dtype in HALF_DTYPES:
+        tolerance = {"half": half_tolerance, "multiple": HALF_BOUND_MULTIPLE if measured else None,
+                     "description": HALF_TOLERANCE_MODES[half_tolerance][0].format(dtype=dtype),
+                     "summary": HALF_TOLERANCE_MODES[half_tolerance][1].format(dtype=dtype)}
+        if log is not None:
+            log(f"{dtype} model {tolerance['description']}" + (
+                f"; two references run ({'both streamed: about twice the time of one' if stream else 'both in memory'})"
+                if measured else ""))
     stats: dict[str, _Stat] = {}
 
     def stat(name, exact=False):
@@ -152,14 +198,17 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     for pi, prompt in enumerate(prompts):
         ids = np.asarray([prompt], dtype=np.int64)
         ref, got = reference.prefill(ids), runner.prefill(ids)
+        half = same.prefill(ids) if same is not None else None
         for step in range(steps + 1):
             label = f"prompt {pi} " + ("prefill" if step == 0 else f"decode {step}")
-            stat("logits").add(got.logits, ref.logits, label)
+            stat("logits").add(got.logits, ref.logits, label, None if half is None else half.logits)
             for name in ref.present:
-                stat(name).add(got.present.get(name), ref.present[name], label)
-            if ref.expert_ids is not None or got.expert_ids is not None:
-                stat("expert_ids", exact=True).add(got.expert_ids, ref.expert_ids, label)
-                stat("gates").add(got.gates, ref.gates, label)
+                stat(name).add(got.present.get(name), ref.present[name], label,
+                               None if half is None else half.present.get(name))
+            routes = ref if half is None else half
+            if routes.expert_ids is not None or got.expert_ids is not None:
+                stat("expert_ids", exact=True).add(got.expert_ids, routes.expert_ids, label)
+                stat("gates").add(got.gates, routes.gates, label)
             nxt = ref.logits[:, -1].argmax(-1)
             agree += int((got.logits[:, -1].argmax(-1) == nxt).sum())
             total += nxt.size
@@ -169,10 +218,12 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
                 break
             tok = nxt[:, None].astype(np.int64)
             ref, got = reference.decode(tok), runner.decode(tok)
+            half = same.decode(tok) if same is not None else None
     outputs = [s.report() for s in stats.values()]
     return {
         "checkpoint": str(ckpt.path), "model": str(runner.info.model), "runner": runner.name,
         "runner_description": runner.info.description, "reference": reference.info.description, "dtype": dtype,
+        "routing_reference": (same or reference).info.description, "tolerance": tolerance,
         "method": {"mode": mode, "description": METHODS[mode]},
         "prompts": prompts, "decode_steps": steps, "atol": atol, "rtol": rtol, "outputs": outputs,
         "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0},
@@ -184,26 +235,42 @@ def summary(report: dict) -> list[str]:
     """A few lines for `convert`: verdict, logits/routes against their tolerance, the KV cache in one line,
     greedy and routing agreement (the full table: adafuse-export validate)."""
     outs = report["outputs"]
+    half = f"; {report['tolerance']['summary']}" if report.get("tolerance") else ""
     lines = [f"{'PASSED' if report['passed'] else 'FAILED'} ({report['method']['mode'] if 'method' in report else 'full'} "
-             f"validation, {report['runner_description']})"]
+             f"validation, {report['runner_description']}{half})"]
     for o in outs:
         if o["name"] in ("logits", "expert_ids", "gates"):
-            tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} + rtol {o['rtol']:.0e}"
             lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, max rel diff {o['max_rel_diff']:.3e}, "
-                         f"tolerance {tol}, {o['mismatched']}/{o['elements']} mismatched"
+                         f"tolerance {tolerance_text(o)}{_half_distance(o)}, {o['mismatched']}/{o['elements']} mismatched"
                          + ("" if o["passed"] else " FAIL" + (f" ({o['error']})" if o["error"] else "")))
     kv = [o for o in outs if o["name"].startswith("present.")]
     if kv:
         worst = max(kv, key=lambda o: o["max_abs_diff"])
         failed = [o["name"] for o in kv if not o["passed"]]
+        widened = sum(o.get("bound") == "measured" for o in kv)
         lines.append(f"KV cache: {len(kv)} tensors, {len(kv) - len(failed)} pass; largest diff {worst['max_abs_diff']:.3e} "
-                     f"({worst['name']})" + (f"; failing: {_names(failed)}" if failed else ""))
+                     f"({worst['name']})" + (f"; {widened} under a measured bound" if widened else "")
+                     + (f"; failing: {_names(failed)}" if failed else ""))
     g = report["greedy_agreement"]
     lines.append(f"greedy agreement {g['matched']}/{g['total']}")
     routes = next((o for o in outs if o["name"] == "expert_ids"), None)
     if routes is not None:
         lines.append(f"routing agreement {routes['elements'] - routes['mismatched']}/{routes['elements']} expert ids")
     return lines
+
+
+def tolerance_text(o: dict) -> str:
+    """The bound an output was judged by: exact, the fixed atol, or the atol measured from the half reference."""
+    if o["atol"] == 0 and o["rtol"] == 0:
+        return "exact"
+    if o.get("bound") == "measured":
+        return f"measured atol {o['atol_applied']:.1e} rtol {o['rtol']:.0e}"
+    return ("fixed " if o.get("half_reference_max_abs") is not None else "") + f"atol {o['atol']:.0e} rtol {o['rtol']:.0e}"
+
+
+def _half_distance(o: dict) -> str:
+    h = o.get("half_reference_max_abs")
+    return "" if h is None else f" (half reference {h:.1e} from float32)"
 
 
 def _names(names: list[str], shown: int = 3) -> str:
@@ -223,14 +290,19 @@ def format_report(report: dict) -> str:
              f"prefill + {report['decode_steps']} greedy decode steps (runner fed the reference's tokens)"]
     if "method" in report:
         lines.append(f"  method  {report['method']['mode']}: {report['method']['description']}")
+    if report.get("tolerance"):
+        lines.append(f"  bound   {report['tolerance']['description']} ({report['routing_reference']})")
+    half = any(o.get("half_reference_max_abs") is not None for o in report["outputs"])
     lines.append("")
-    header = f"{'output':<28} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<22} {'mismatched':>14}  result"
+    header = (f"{'output':<28} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<33}"
+              + (f" {'half ref':>9}" if half else "") + f" {'mismatched':>14}  result")
     lines += [header, "-" * len(header)]
     for o in report["outputs"]:
-        tol = "exact" if o["atol"] == 0 and o["rtol"] == 0 else f"atol {o['atol']:.0e} rtol {o['rtol']:.0e}"
         result = "PASS" if o["passed"] else "FAIL" + (f" ({o['error']})" if o["error"] else f" (worst at {o['worst_step']})")
-        lines.append(f"{o['name']:<28} {o['max_abs_diff']:>12.3e} {o['max_rel_diff']:>12.3e}  {tol:<22} "
-                     f"{str(o['mismatched']) + '/' + str(o['elements']):>14}  {result}")
+        h = o.get("half_reference_max_abs")
+        lines.append(f"{o['name']:<28} {o['max_abs_diff']:>12.3e} {o['max_rel_diff']:>12.3e}  {tolerance_text(o):<33}"
+                     + (f" {'' if h is None else format(h, '.3e'):>9}" if half else "")
+                     + f" {str(o['mismatched']) + '/' + str(o['elements']):>14}  {result}")
     g = report["greedy_agreement"]
     lines += ["", f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)"]
     lines += [f"note: {n}" for n in report["notes"]]

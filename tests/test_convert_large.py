@@ -302,7 +302,8 @@ def test_summary_stays_short_when_many_outputs_fail(example_dirs, tmp_path):
 
     ckpt = load_checkpoint(example_dirs["pregate"])
     export_onnx(ckpt, tmp_path / "onnx", "portable", "float16")
-    report = validate(ckpt, tmp_path / "onnx" / "decoder.onnx", steps=1, atol=0.0, rtol=0.0)  # float16 never exact
+    # float16 is never exact against the float16 reference (the measured bound would widen atol 0)
+    report = validate(ckpt, tmp_path / "onnx" / "decoder.onnx", steps=1, atol=0.0, rtol=0.0, half_tolerance="fixed")
     failing = [o["name"] for o in report["outputs"] if not o["passed"]]
     assert not report["passed"] and len(failing) > 3
     lines = summary(report)

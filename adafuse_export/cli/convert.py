@@ -30,7 +30,10 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
               show_default=True,
               help="Check the export against the PyTorch reference in ONNX Runtime: layerwise (the reference reads one "
                    "layer's weights at a time: bounded memory, same comparison), full (the reference holds every "
-                   "weight) or off. A mode that will not fit in memory is refused before stage 1.")
+                   "weight) or off. A mode that will not fit in memory is refused before stage 1. A float16 export "
+                   "is judged against the float32 reference, each output's atol max(the fixed one, 2 x the float16 "
+                   "reference's own distance from float32), expert ids exact against the float16 reference (two "
+                   "references: twice the time); `validate --half-tolerance fixed` gives the fixed-tolerance check.")
 @click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
 @force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
 def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, validate_mode,

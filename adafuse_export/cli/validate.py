@@ -70,7 +70,13 @@ def _model_kind(model: Path) -> str:
               help="full: the reference holds every weight; layerwise: it reads one layer's weights at a time and "
                    "ONNX Runtime keeps its weights in the memory-mapped data file (models that do not fit twice "
                    "in memory; same comparison). docs/large-models.md")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode):
+@click.option("--half-tolerance", type=click.Choice(["measured", "fixed"]), default="measured", show_default=True,
+              help="float16/bfloat16 models: measured judges them against the float32 reference, each output's atol "
+                   "max(--atol, 2 x the same-dtype reference's own distance from float32), expert ids exact against "
+                   "the same-dtype reference (runs a second reference: twice the time with --reference layerwise); "
+                   "fixed compares with the same-dtype reference under --atol/--rtol only (the behaviour before).")
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
+             half_tolerance):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
     (or `convert`'s ENGINE.onnx/), its decoder .onnx file, or a `convert` ENGINE.engine file (its ENGINE.json
     manifest beside it; needs TensorRT and a GPU).
@@ -98,7 +104,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
         if runtime == "cpp":
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
         runner = open_model_runner(model, mode, plugin_ops=plugin_ops, device=device)
-    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode)
+    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]
