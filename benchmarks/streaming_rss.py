@@ -84,7 +84,7 @@ def measure_stages(cmd: list[str], interval: float = 0.5) -> dict:
         cur["seconds"] = nxt["start"] - cur["start"]
     return {"command": " ".join(cmd), "exit": os.waitstatus_to_exitcode(status), "seconds": end,
             "peak_rss_bytes": usage.ru_maxrss * 1024, "stages": stages[1:] if len(stages) > 1 else stages,
-            "tail": lines[-3:]}
+            "tail": lines[-12:]}
 
 
 def main():
@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--convert-dtype", default="float16", help="convert --dtype [float16: what runs in ONNX Runtime here]")
     ap.add_argument("--only-convert", action="store_true", help="measure convert only; keep the other rows of --out's JSON")
     a = ap.parse_args()
+    limit = _memory_limit()  # read before the runs: a late import error would lose them
     size = sum(p.stat().st_size for p in a.ckpt.iterdir() if p.suffix == ".safetensors")
     exe = [sys.executable, "-m", "adafuse_export"]
     work = Path(tempfile.mkdtemp(prefix="rss-", dir=a.work))
@@ -153,7 +154,7 @@ def main():
                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
     (a.out / "streaming_rss.json").write_text(json.dumps({"checkpoint": str(a.ckpt), "checkpoint_bytes": size,
                                                           "dtype": a.dtype, "git_commit": commit, "machine": machine,
-                                                          "memory_limit": _memory_limit(),
+                                                          "memory_limit": limit,
                                                           "rows": rows, "convert_dtype": a.convert_dtype,
                                                           "convert": convert_rows}, indent=2) + "\n")
     print("\n| command | seconds | peak RSS GiB | % of checkpoint |\n| --- | --- | --- | --- |")
