@@ -14,7 +14,10 @@ written once = 25.9 GB) get W' = W (or W_base) + sum_j c_j B_j A_j with K = term
   baddbmm   cuBLAS in place per shape class, W3.baddbmm_(Bg3, A3) (3 launches, one CUDA graph);
   triton    a plain Triton tile kernel (load W, tl.dot, add, store; one CTA per tile, no
             persistent loop), per shape class (3 launches, one CUDA graph);
-  copy      W_base -> W, the same bytes, per shape class (3 copies).
+The reference is the device-to-device copy rate of a 2 GiB eager copy (read + write): the floor is
+25.9 GB at that rate (6.12 ms at 4.23 TB/s). The same bytes copied per shape class are recorded too,
+eager and as a CUDA graph; the graph-captured copy ran at 2.72 TB/s (2026-11-29: torch's contiguous
+copy_ is a cudaMemcpyAsync, a memcpy node when captured), so it is not the reference.
 cuBLAS and Triton are checked against a float64 reference first. With --ncu, Nsight Compute
 profiles one r16 and one r64 pristine launch of the library's kernel (4 layers, 28 sites).
 Writes <out>/switch_bound.json and <out>/switch_bound.log (and ncu_*.txt / ncu_*.ncu-rep).
@@ -204,19 +207,12 @@ def bench(args: argparse.Namespace) -> int:
     import torch
 
     import gpu_kernels as gk
-    from adafuse_export.kernels import build_library, load_kernels
+    from adafuse_export.kernels import load_kernels
 
     res: Dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     out = Path(args.out)
-    maj, mnr = torch.cuda.get_device_capability()
-    arch = f"{maj}{mnr}"
-    t0 = time.time()
-    with ThreadPoolExecutor(2) as ex:  # nvcc runs outside the GIL
-        f_prod = ex.submit(build_library, [arch])
-        f_diag = ex.submit(build_library, [arch], extra_flags=[DIAG_FLAG])
-        lib_prod, lib_diag = f_prod.result(), f_diag.result()
-    log(f"built {lib_prod} and the diagnostic {lib_diag} in {time.time() - t0:.1f} s")
-    Kp, Kd = load_kernels(lib_prod), load_kernels(lib_diag)
+    libs = build_libs()
+    Kp, Kd = load_kernels(libs["prod"]), load_kernels(libs["diag"])
     res["copy_TBps_2GB"] = gk.copy_bandwidth() / 1e12
     log(f"device-to-device copy (2 GiB): {res['copy_TBps_2GB']:.2f} TB/s")
 
@@ -229,10 +225,11 @@ def bench(args: argparse.Namespace) -> int:
         for w, wb in zip(wts.W3, wts.Wb3):
             w.copy_(wb)
 
-    t_copy, _ = gk.time_graph(copy_all, reps=args.reps)
-    res["same_bytes_copy_ms"] = t_copy
-    log(f"same-bytes copy (3 class copies, {2 * nbytes / 1e9:.1f} GB moved): {t_copy:.3f} ms "
-        f"({2 * nbytes / t_copy / 1e9:.2f} TB/s)")
+    res["same_bytes_copy_ms"], _ = gk.time_graph(copy_all, reps=args.reps)
+    res["same_bytes_copy_eager_ms"], _ = gk.time_eager(copy_all, reps=args.reps)
+    for key, how in (("same_bytes_copy_ms", "CUDA graph"), ("same_bytes_copy_eager_ms", "eager")):
+        log(f"same-bytes copy (3 class copies, {how}, {2 * nbytes / 1e9:.1f} GB moved): {res[key]:.3f} ms "
+            f"({2 * nbytes / res[key] / 1e9:.2f} TB/s)")
 
     rows: Dict[str, Dict[str, Any]] = {}
     for name, rank, pristine in CASES:
@@ -310,12 +307,6 @@ def bench(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
         _write(out, res)
 
-    for r in rows.values():
-        for key in ("switch", "nomma", "nodelta", "addmm", "baddbmm", "triton"):
-            if f"{key}_ms" in r:
-                r[f"{key}_pct_of_copy"] = 100.0 * t_copy / r[f"{key}_ms"]
-        r["flop_floor_ms_790TF"] = r["flops"] / 790e12 * 1e3
-        r["tensor_TFps_switch"] = r["flops"] / (r["switch_ms"] * 1e-3) / 1e12
     res["failures"] = fails
     del wts
     torch.cuda.empty_cache()
@@ -323,7 +314,7 @@ def bench(args: argparse.Namespace) -> int:
     summary(res)
     _write(out, res)
     if args.ncu:
-        res["ncu"] = run_ncu(out, lib_prod)
+        res["ncu"] = run_ncu(out, libs, ["r16", "r64"])
         _write(out, res)
     return 0 if fails == 0 else 1
 
@@ -334,17 +325,31 @@ def _write(out: Path, res: Dict[str, Any]) -> None:
     (out / "switch_bound.log").write_text(LOG.getvalue())
 
 
+COLS = ["switch", "nomma", "nodelta", "addmm", "baddbmm", "triton"]
+
+
+def derive(res: Dict[str, Any]) -> None:
+    """Floor and % of copy from the measured times: W read + written at the 2 GiB copy rate."""
+    floor = 2 * res["weight_bytes"] / (res["copy_TBps_2GB"] * 1e12) * 1e3
+    res["floor_ms"] = floor
+    for r in res["rows"].values():
+        for c in COLS:
+            if f"{c}_ms" in r:
+                r[f"{c}_pct_of_copy"] = 100.0 * floor / r[f"{c}_ms"]
+        r["flop_floor_ms_790TF"] = r["flops"] / 790e12 * 1e3
+        r["tensor_TFps_switch"] = r["flops"] / (r["switch_ms"] * 1e-3) / 1e12
+
+
 def summary(res: Dict[str, Any]) -> None:
-    t_copy = res["same_bytes_copy_ms"]
-    log("\n==== switch bound (224 sites, bf16, E8 top-2; ms, and % of the same-bytes copy "
-        f"{t_copy:.3f} ms) ====")
-    cols = ["switch", "nomma", "nodelta", "addmm", "baddbmm", "triton"]
-    log("%-13s %4s | " % ("case", "K") + " | ".join("%-15s" % c for c in cols))
+    derive(res)
+    log("\n==== switch bound (224 sites, bf16, E8 top-2): ms (%% of copy: floor %.3f ms = %.1f GB at the "
+        "2 GiB copy's %.2f TB/s) ====" % (res["floor_ms"], 2 * res["weight_bytes"] / 1e9, res["copy_TBps_2GB"]))
+    log("%-13s %4s | " % ("case", "K") + " | ".join("%-15s" % c for c in COLS))
     for name, r in res["rows"].items():
         cells = []
-        for c in cols:
+        for c in COLS:
             ms = r.get(f"{c}_ms")
-            cells.append("%-15s" % ("-" if ms is None else "%7.3f (%3.0f%%)" % (ms, 100 * t_copy / ms)))
+            cells.append("%-15s" % ("-" if ms is None else "%7.3f (%3.0f%%)" % (ms, r[f"{c}_pct_of_copy"])))
         log("%-13s %4d | " % (name, r["K"]) + " | ".join(cells))
     log(f"correctness failures (cuBLAS / Triton vs float64): {res.get('failures')}")
 
@@ -365,19 +370,28 @@ def find_ncu() -> str:
     return ""
 
 
-def run_ncu(out: Path, lib: Path) -> Dict[str, Any]:
+# name -> (kernel name regex, rank or K, what runs): the library kernel at r16 / r64 pristine, the
+# diagnostic build's stream-only kernel at the r16 pristine configuration, the Triton tile kernel at
+# K=32 on the 4096x4096 class. Each profiles one launch over the sites of 4 layers.
+NCU_TARGETS = {"r16": ("switch_v3_kernel", 16, "lib"), "r64": ("switch_v3_kernel", 64, "lib"),
+               "r16nodelta": ("switch_v3_kernel", 16, "diag"), "triton32": ("switch_tile", 32, "triton")}
+
+
+def run_ncu(out: Path, libs: Dict[str, str], targets: List[str]) -> Dict[str, Any]:
     ncu = find_ncu()
     rec: Dict[str, Any] = {"ncu": ncu}
     log(f"ncu: {ncu or 'not found'}")
     if not ncu:
         return rec
-    for rank in (16, 64):
-        rep = out / f"ncu_r{rank}"
-        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", "regex:switch_v3_kernel",
+    for name in targets:
+        regex, _, _ = NCU_TARGETS[name]
+        rep = out / f"ncu_{name}"
+        cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off", "-k", f"regex:{regex}",
                "-c", "1", "-f", "-o", str(rep)]
         for s in NCU_SECTIONS:
             cmd += ["--section", s]
-        cmd += [sys.executable, str(Path(__file__).resolve()), "--ncu-target", str(rank), "--lib", str(lib)]
+        cmd += [sys.executable, str(Path(__file__).resolve()), "--ncu-target", name,
+                "--lib", libs["prod"], "--diag-lib", libs["diag"]]
         t = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
@@ -392,22 +406,39 @@ def run_ncu(out: Path, lib: Path) -> Dict[str, Any]:
                     q = subprocess.run([ncu, "-i", f"{rep}.ncu-rep", "--page", "details"],
                                        capture_output=True, text=True)
                 txt += q.stdout + q.stderr + "\n"
-        (out / f"ncu_r{rank}.txt").write_text(" ".join(cmd) + "\n" + err + "\n" + txt)
-        rec[f"r{rank}"] = dict(rc=rc, seconds=time.time() - t, report=f"ncu_r{rank}.ncu-rep")
-        log(f"ncu r{rank} pristine: rc {rc}, {time.time() - t:.0f} s, {len(txt)} chars of report")
+        (out / f"ncu_{name}.txt").write_text(" ".join(cmd) + "\n" + err + "\n" + txt)
+        rec[name] = dict(rc=rc, seconds=time.time() - t, report=f"ncu_{name}.ncu-rep")
+        log(f"ncu {name}: rc {rc}, {time.time() - t:.0f} s, {len(txt)} chars of report")
     return rec
 
 
-def ncu_target(rank: int, lib: str) -> int:
-    """The profiled program: 4 layers, pristine, one warm switch, then one inside the
+def ncu_target(name: str, lib: str, diag_lib: str) -> int:
+    """The profiled program: 4 layers, pristine, one warm launch, then one inside the
     profiler range (ncu --profile-from-start off)."""
     import torch
 
     from adafuse_export.kernels import load_kernels
 
-    K = load_kernels(lib)
+    _, rank, what = NCU_TARGETS[name]
     gen = torch.Generator(device="cuda").manual_seed(5)
     wts = Weights(torch, 4, gen)
+    if what == "triton":
+        run = make_triton_kernel()
+        W3 = wts.W3[0]
+        n, o, i = W3.shape
+        Bg = (torch.randn(n, o, rank, device="cuda", generator=gen) * 0.01).to(torch.bfloat16)
+        A = (torch.randn(n, rank, i, device="cuda", generator=gen) / 4).to(torch.bfloat16)
+        for step in range(2):
+            torch.cuda.synchronize()
+            if step == 1:
+                torch.cuda.profiler.start()
+            run(W3, Bg, A, TRITON_CFGS[0])
+            torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        return 0
+    if what == "diag":
+        os.environ["ADAFUSE_SWITCH_DIAG"] = "nodelta"
+    K = load_kernels(diag_lib if what == "diag" else lib)
     sites = lib_sites(torch, wts, rank, True, gen)
     sd = K.sites_to_device(sites)
     old_ids = torch.full((TOP_K,), -1, dtype=torch.int32, device="cuda")
@@ -424,17 +455,54 @@ def ncu_target(rank: int, lib: str) -> int:
     return 0
 
 
+def build_libs() -> Dict[str, str]:
+    """The library and its diagnostic build (-DADAFUSE_SWITCH_DIAG), for this GPU, in parallel."""
+    import torch
+
+    from adafuse_export.kernels import build_library
+
+    maj, mnr = torch.cuda.get_device_capability()
+    arch = f"{maj}{mnr}"
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as ex:  # nvcc runs outside the GIL
+        f_prod = ex.submit(build_library, [arch])
+        f_diag = ex.submit(build_library, [arch], extra_flags=[DIAG_FLAG])
+        libs = {"prod": str(f_prod.result()), "diag": str(f_diag.result())}
+    log(f"built {libs['prod']} and the diagnostic {libs['diag']} in {time.time() - t0:.1f} s")
+    return libs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=10, help="timed repetitions per row (median)")
     ap.add_argument("--ncu", action="store_true", help="also profile one r16 and one r64 launch with ncu")
-    ap.add_argument("--ncu-target", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--ncu-only", default="", metavar="NAMES",
+                    help="only profile these with ncu (comma list of %s), no timings" % ",".join(NCU_TARGETS))
+    ap.add_argument("--resummarize", default="", metavar="JSON",
+                    help="recompute the derived fields of a recorded switch_bound.json and print its table")
+    ap.add_argument("--ncu-target", default="", help=argparse.SUPPRESS)
     ap.add_argument("--lib", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--diag-lib", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ncu_target:
-        return ncu_target(args.ncu_target, args.lib)
+        return ncu_target(args.ncu_target, args.lib, args.diag_lib)
+    if args.resummarize:
+        path = Path(args.resummarize)
+        res = json.loads(path.read_text())
+        summary(res)
+        path.write_text(json.dumps(res, indent=1, default=str))
+        return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.ncu_only:
+        names = [n for n in args.ncu_only.split(",") if n]
+        bad = [n for n in names if n not in NCU_TARGETS]
+        if bad:
+            ap.error(f"--ncu-only: unknown {bad}; known: {sorted(NCU_TARGETS)}")
+        res = {"ncu": run_ncu(Path(args.out), build_libs(), names)}
+        (Path(args.out) / "switch_bound_ncu.json").write_text(json.dumps(res, indent=1))
+        (Path(args.out) / "switch_bound_ncu.log").write_text(LOG.getvalue())
+        return 0
     return bench(args)
 
 
