@@ -15,12 +15,14 @@ written once = 25.9 GB) get W' = W (or W_base) + sum_j c_j B_j A_j with K = term
   triton    a plain Triton tile kernel (load W, tl.dot, add, store; one CTA per tile, no
             persistent loop), per shape class (3 launches, one CUDA graph);
 The reference is the device-to-device copy rate of a 2 GiB eager copy (read + write): the floor is
-25.9 GB at that rate (6.12 ms at 4.23 TB/s). The same bytes copied per shape class are recorded too,
+25.9 GB at that rate (6.13 ms at 4.23 TB/s). The same bytes copied per shape class are recorded too,
 eager and as a CUDA graph; the graph-captured copy ran at 2.72 TB/s (2026-11-29: torch's contiguous
 copy_ is a cudaMemcpyAsync, a memcpy node when captured), so it is not the reference.
 cuBLAS and Triton are checked against a float64 reference first. With --ncu, Nsight Compute
-profiles one r16 and one r64 pristine launch of the library's kernel (4 layers, 28 sites).
-Writes <out>/switch_bound.json and <out>/switch_bound.log (and ncu_*.txt / ncu_*.ncu-rep).
+profiles one r16 and one r64 pristine launch of the library's kernel (4 layers, 28 sites);
+--ncu-only NAMES profiles only (also the stream-only diagnostic kernel and the Triton kernel).
+Writes <out>/switch_bound.json and <out>/switch_bound.log (and ncu_*.txt / ncu_*.ncu-rep);
+--resummarize JSON recomputes a recorded run's derived fields here, without a GPU.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ import argparse
 import glob
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
