@@ -217,6 +217,22 @@ def test_switch_site_layout_matches_the_header(tmp_path):
         kbind.SwitchSite.scale.offset, kbind.SwitchSite.reserved.offset)
 
 
+@needs_nvcc
+@pytest.mark.parametrize("diag", [False, True])
+def test_switch_diagnostic_kernels_only_in_the_diagnostic_build(tmp_path, diag):
+    # -DADAFUSE_SWITCH_DIAG (benchmarks/switch_bound.py) adds v3 instantiations that skip the product
+    # (kDiag 1) or the whole delta (kDiag 2) and write wrong weights by design: they must compile
+    # warning-free there and be absent from the library proper.
+    src = kbuild.kernel_root() / "src" / "switch.cu"
+    ptx = tmp_path / "switch.ptx"
+    flags = ["-DADAFUSE_SWITCH_DIAG"] if diag else []
+    subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", *flags,
+                    f"-I{kbuild.kernel_root() / 'include'}", "-ptx", str(src), "-o", str(ptx)], check=True)
+    entries = [ln for ln in ptx.read_text().splitlines() if ".entry" in ln and "switch_v3_kernel" in ln]
+    kinds = {k for k in ("Li0EE", "Li1EE", "Li2EE") if any(k in ln for ln in entries)}
+    assert kinds == ({"Li0EE", "Li1EE", "Li2EE"} if diag else {"Li0EE"}), entries
+
+
 def test_dtype_mapping():
     assert kbind.dtype_code("float32") == kbind.DTYPE_FLOAT32
     assert kbind.dtype_code("bf16") == kbind.DTYPE_BFLOAT16

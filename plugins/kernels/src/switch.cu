@@ -176,7 +176,11 @@ __device__ __forceinline__ int locate_tile(const int* s_prefix, const adafuse_sw
   return lo;
 }
 
-template <typename T>
+// kDiag (diagnostic builds only, -DADAFUSE_SWITCH_DIAG; benchmarks/switch_bound.py): 1 skips
+// the tensor-core product (A and B still staged, a zero delta added), 2 skips A, B, the product
+// and the add (W tiles only stream through the same ring). Both write wrong weights by design;
+// the library proper instantiates kDiag = 0 alone.
+template <typename T, int kDiag = 0>
 __global__ void __launch_bounds__(kThreads, 2)
 switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
                  int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
@@ -281,7 +285,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
           *reinterpret_cast<uint4*>(sW + r * LDW + cc) = x;
         }
       }
-      if (K > 0) {
+      if (kDiag != 2 && K > 0) {
         const bool vec_b = (rank % 8 == 0) && aligned16(Bg);
         const int kv = K >> 3;  // 8-element vectors per B row
         const int rv = rpad >> 3;
@@ -321,7 +325,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
     const float scale = Sd.scale;
     const int rpad = (rank + 15) & ~15;
     const int K = (Sd.W_base ? n_new : n_all) * rpad;
-    if (si != res_site || i0 != res_i0) {  // new column strip: reload the resident A
+    if (kDiag != 2 && (si != res_site || i0 != res_i0)) {  // new column strip: reload the resident A
       const T* Ag = static_cast<const T*>(Sd.A);
       const bool vec_a = (in % 8 == 0) && aligned16(Ag);
       for (int v = tid; v < K * (BN / 8); v += kThreads) {
@@ -356,7 +360,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
       for (int b = 0; b < 4; ++b)
 #pragma unroll
         for (int c = 0; c < 4; ++c) { acc[a][b][c] = 0.f; tmp[a][b][c] = 0.f; }
-    const int nks = K >> 4, ks_per_term = rpad >> 4;
+    const int nks = kDiag ? 0 : K >> 4, ks_per_term = rpad >> 4;
     int cur_term = 0, in_term = 0;
     for (int ks = 0; ks < nks; ++ks) {
       if (in_term == ks_per_term) {  // term boundary (uniform): apply the coefficient in fp32
@@ -401,7 +405,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
     }
     // W tile (in shared memory) += delta, in the accumulator layout (conflict-free: LDW/2 = 4 mod 32)
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < (kDiag == 2 ? 0 : 2); ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -812,6 +816,10 @@ int make_switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* plan) {
     p.smem_a = (di.smem_per_sm / 2 - di.reserved_smem_per_block - stat) & ~127;
     p.smem_b = (min(di.max_smem_optin, di.smem_per_sm - di.reserved_smem_per_block) - stat) & ~127;
     AF_CUDA_TRY(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
+#ifdef ADAFUSE_SWITCH_DIAG
+    AF_CUDA_TRY(cudaFuncSetAttribute(switch_v3_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
+    AF_CUDA_TRY(cudaFuncSetAttribute(switch_v3_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
+#endif
     int pa = 0, pb = 0;
     AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pa, k3, kThreads, p.smem_a));
     AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pb, k3, kThreads, p.smem_b));
@@ -852,6 +860,16 @@ int switch_impl_mode() {
   return 0;
 }
 
+#ifdef ADAFUSE_SWITCH_DIAG
+// Diagnostic builds: ADAFUSE_SWITCH_DIAG=nomma | nodelta picks switch_v3_kernel's kDiag 1 | 2.
+int switch_diag_mode() {
+  const char* d = getenv("ADAFUSE_SWITCH_DIAG");
+  if (d && strcmp(d, "nomma") == 0) return 1;
+  if (d && strcmp(d, "nodelta") == 0) return 2;
+  return 0;
+}
+#endif
+
 template <typename T>
 int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
                   const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
@@ -865,6 +883,11 @@ int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, 
   int v3_smem = 0;
   if constexpr (!std::is_same<T, float>::value) {
     auto k3 = switch_v3_kernel<T>;
+#ifdef ADAFUSE_SWITCH_DIAG
+    const int diag = switch_diag_mode();
+    if (diag == 1) k3 = switch_v3_kernel<T, 1>;
+    if (diag == 2) k3 = switch_v3_kernel<T, 2>;
+#endif
     const int mode = switch_impl_mode();
     const int smem_a = plan.smem_a, smem_b = plan.smem_b;
     int prev = 0;
