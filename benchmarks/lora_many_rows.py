@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Where the time of adafuse_lora_linear's many-rows path goes, on one GPU (issue 12).
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/lora_many_rows.py --out $OUT [--baseline-src DIR]
+
+For the Llama-2-7B projection shapes (4096x4096, 11008x4096, 4096x11008; bf16, 8 experts,
+rank 16, top-2) at 17, 64, 512 and 2048 rows:
+1. per-kernel device time (torch.profiler / CUPTI) of this checkout's library and, with
+   --baseline-src (a plugins/kernels directory of another checkout), of that library too;
+2. CUDA-graph replay time (median over replays of a rotation over input sets > 4x L2) of the
+   fused call under each GEMM tile (ADAFUSE_GEMM_TILE) and the default pick, next to torch's
+   dense x W^T (cuBLAS) on the same inputs; one float64-referenced check per configuration.
+Writes <out>/lora_many_rows.json and <out>/lora_many_rows.log.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
+from gpu_kernels import lora_ref, rel_err, time_graph  # noqa: E402
+
+LOG = io.StringIO()
+DEV = "cuda"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
+TILES = ["128x128", "64x128", "64x64"]
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.write(s + "\n")
+
+
+def make_sets(K, rows, outf, inf, E, r, k, gen):
+    dt = torch.bfloat16
+    L2 = torch.cuda.get_device_properties(0).L2_cache_size
+    per = (outf * inf + E * r * (inf + outf) + rows * (inf + outf)) * 2
+    sets = []
+    for _ in range(max(2, math.ceil(4 * L2 / per))):
+        x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
+        W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
+        A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
+        B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
+        ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
+        g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
+        y = torch.empty(rows, outf, device=DEV, dtype=dt)
+        ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
+        sets.append((x, W, A, B, ids, g, y, ws))
+    return sets
+
+
+def kernel_breakdown(fn, n=5):
+    """Per-kernel device microseconds per call of fn (CUPTI through torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if not t:
+            continue
+        name = re.sub(r"^(void )?(adafuse::)?(\(anonymous namespace\)::)?", "", ev.key)
+        name = re.sub(r"_GLOBAL__N__\w+::", "", name)[:90]
+        out[name] = out.get(name, 0.0) + t / n
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def bench(K, label, results, rows_list, tiles, gen, breakdown_rows=(512,)):
+    E, r, k, scale = 8, 16, 2, 2.0
+    recs = []
+    for (outf, inf) in SHAPES:
+        for rows in rows_list:
+            sets = make_sets(K, rows, outf, inf, E, r, k, gen)
+
+            def fused():
+                for (x, W, A, B, ids, g, y, ws) in sets:
+                    K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+
+            def dense():
+                for (x, W, *_rest) in sets:
+                    torch.nn.functional.linear(x, W)
+
+            rec = dict(lib=label, out=outf, inp=inf, rows=rows, E=E, rank=r, top_k=k, nsets=len(sets))
+            t_d, _ = time_graph(dense)
+            rec["dense_us"] = 1e3 * t_d / len(sets)
+            x, W, A, B, ids, g, y, ws = sets[0]
+            ref = lora_ref(x, W, None, A, B, ids, g, scale)
+            for tile in tiles:
+                if tile:
+                    os.environ["ADAFUSE_GEMM_TILE"] = tile
+                try:
+                    y.fill_(float("nan"))
+                    K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+                    torch.cuda.synchronize()
+                    err = rel_err(y, ref)
+                    t_f, _ = time_graph(fused)
+                    t_f2, _ = time_graph(fused)
+                    key = tile or "default"
+                    rec[f"fused_us_{key}"] = 1e3 * t_f / len(sets)
+                    rec[f"fused_repeat_us_{key}"] = 1e3 * t_f2 / len(sets)
+                    rec[f"rel_err_{key}"] = err
+                    if rows in breakdown_rows and tile in ("", None):
+                        rec["kernels_us"] = kernel_breakdown(
+                            lambda: K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws))
+                finally:
+                    os.environ.pop("ADAFUSE_GEMM_TILE", None)
+            flops = 2 * rows * outf * inf
+            rec["dense_TFLOPs"] = flops / (rec["dense_us"] * 1e-6) / 1e12
+            line = "  %-8s %5dx%-5d rows %-5d dense %8.2f us" % (label, outf, inf, rows, rec["dense_us"])
+            for tile in tiles:
+                key = tile or "default"
+                line += "  %s %8.2f (%.2fx, err %.1e)" % (key, rec[f"fused_us_{key}"],
+                                                          rec[f"fused_us_{key}"] / rec["dense_us"], rec[f"rel_err_{key}"])
+            log(line)
+            if "kernels_us" in rec:
+                log("      per kernel (us/call): " + ", ".join("%s %.1f" % (n[:60], t) for n, t in rec["kernels_us"].items()))
+            recs.append(rec)
+            del sets, ref, x, W, A, B, ids, g, y, ws
+            torch.cuda.empty_cache()
+    results[label] = recs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--baseline-src", default=None, help="plugins/kernels of a baseline checkout")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    maj, mnr = torch.cuda.get_device_capability()
+    arch = f"{maj}{mnr}"
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    rows_list = [17, 64, 512, 2048]
+    if args.baseline_src:
+        os.environ["ADAFUSE_KERNELS_SRC"] = args.baseline_src
+        base = load_kernels(build_library([arch]))
+        os.environ.pop("ADAFUSE_KERNELS_SRC")
+        log(f"baseline library from {args.baseline_src}")
+        bench(base, "baseline", results, [512], [""], gen)
+    K = load_kernels(build_library([arch]))
+    bench(K, "new", results, rows_list, [""] + TILES, gen, breakdown_rows=(17, 64, 512, 2048))
+    (out / "lora_many_rows.json").write_text(json.dumps(results, indent=1))
+    log("\n==== many-rows lora_linear, bf16 E8 r16 top-2: fused / cuBLAS dense ====")
+    for rec in results["new"]:
+        b = [x for x in results.get("baseline", []) if (x["out"], x["inp"], x["rows"]) == (rec["out"], rec["inp"], rec["rows"])]
+        log("%5dx%-5d rows %-5d dense %7.2f us  default %7.2f us (%.2fx)  tiles %s%s" % (
+            rec["out"], rec["inp"], rec["rows"], rec["dense_us"], rec["fused_us_default"],
+            rec["fused_us_default"] / rec["dense_us"],
+            " ".join("%s %.2fx" % (t, rec[f"fused_us_{t}"] / rec["dense_us"]) for t in TILES),
+            ("  baseline %.2f us (%.1fx)" % (b[0]["fused_us_default"], b[0]["fused_us_default"] / b[0]["dense_us"])) if b else ""))
+    (out / "lora_many_rows.log").write_text(LOG.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
