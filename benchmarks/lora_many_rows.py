@@ -35,7 +35,7 @@ from gpu_kernels import lora_ref, rel_err, time_graph  # noqa: E402
 LOG = io.StringIO()
 DEV = "cuda"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
-TILES = ["128x128", "64x128", "64x64"]
+TILES = ["wgmma", "wgmma:desc1", "128x128", "64x128", "64x64"]
 
 
 def log(*a):
@@ -106,7 +106,9 @@ def bench(K, label, results, rows_list, tiles, gen, breakdown_rows=(512,)):
             ref = lora_ref(x, W, None, A, B, ids, g, scale)
             for tile in tiles:
                 if tile:
-                    os.environ["ADAFUSE_GEMM_TILE"] = tile
+                    os.environ["ADAFUSE_GEMM_TILE"] = tile.split(":")[0]
+                    if tile.endswith(":desc1"):
+                        os.environ["ADAFUSE_WGMMA_DESC"] = "1"
                 try:
                     y.fill_(float("nan"))
                     K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
@@ -123,6 +125,7 @@ def bench(K, label, results, rows_list, tiles, gen, breakdown_rows=(512,)):
                             lambda: K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws))
                 finally:
                     os.environ.pop("ADAFUSE_GEMM_TILE", None)
+                    os.environ.pop("ADAFUSE_WGMMA_DESC", None)
             flops = 2 * rows * outf * inf
             rec["dense_TFLOPs"] = flops / (rec["dense_us"] * 1e-6) / 1e12
             line = "  %-8s %5dx%-5d rows %-5d dense %8.2f us" % (label, outf, inf, rows, rec["dense_us"])
@@ -146,18 +149,16 @@ def main():
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    maj, mnr = torch.cuda.get_device_capability()
-    arch = f"{maj}{mnr}"
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     gen = torch.Generator(device=DEV).manual_seed(5)
     rows_list = [17, 64, 512, 2048]
     if args.baseline_src:
         os.environ["ADAFUSE_KERNELS_SRC"] = args.baseline_src
-        base = load_kernels(build_library([arch]))
+        base = load_kernels(build_library())
         os.environ.pop("ADAFUSE_KERNELS_SRC")
         log(f"baseline library from {args.baseline_src}")
         bench(base, "baseline", results, [512], [""], gen)
-    K = load_kernels(build_library([arch]))
+    K = load_kernels(build_library())
     bench(K, "new", results, rows_list, [""] + TILES, gen, breakdown_rows=(17, 64, 512, 2048))
     (out / "lora_many_rows.json").write_text(json.dumps(results, indent=1))
     log("\n==== many-rows lora_linear, bf16 E8 r16 top-2: fused / cuBLAS dense ====")

@@ -354,8 +354,9 @@ struct GemmArgs {
   int K2, rank, ldz;
   const T* bias;  // final mode: [N] or null
   T* Y;           // final mode: [M, N]
-  float* P;       // partial mode: [splits, M, N]; split s = blockIdx.z covers K1 range [s*kspl, (s+1)*kspl)
-  int kspl;
+  float* P;       // partial mode: [splits, M, N] fp32
+  int tps;        // partial mode: split s = blockIdx.z covers K tiles [s*tps, (s+1)*tps) (kGemmBK
+                  // wide) of the K1 tiles followed by the K2 tiles; fp32: K1 only
   bool vec1, vec2;  // 16-byte loads for segment 1 / 2
   bool pairs;       // final mode: 4-byte stores of two outputs
 };
@@ -427,16 +428,19 @@ gemm_tc_kernel(const GemmArgs<T> a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rw = (warp / WN) * (BM / WM), cw = (warp % WN) * (BN / WN);
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int kbeg = PARTIAL ? static_cast<int>(blockIdx.z) * a.kspl : 0;
-  const int kend = PARTIAL ? min(a.K1, kbeg + a.kspl) : a.K1;
-  const int nk1 = (kend - kbeg + BK - 1) / BK;
-  const int nk = nk1 + (PARTIAL ? 0 : (a.K2 + BK - 1) / BK);
+  const int nk1 = (a.K1 + BK - 1) / BK;
+  const int nkt = nk1 + (a.K2 + BK - 1) / BK;
+  const int t0 = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps : 0;
+  const int nk = (PARTIAL ? min(nkt, t0 + a.tps) : nkt) - t0;
   const T zero = TypeOps<T>::from_f(0.f);
+  if (PARTIAL) pdl_launch_dependents();  // the next launch (zscale, split-K reduce) waits for this one
 
   auto load = [&](int kt, int buf) {
-    const bool seg1 = kt < nk1;
-    const int k0 = seg1 ? kbeg + kt * BK : (kt - nk1) * BK;
-    const int klim = seg1 ? kend : a.K2;
+    const int t = t0 + kt;
+    const bool seg1 = t < nk1;
+    if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
+    const int k0 = seg1 ? t * BK : (t - nk1) * BK;
+    const int klim = seg1 ? a.K1 : a.K2;
     if (seg1 ? a.vec1 : a.vec2) {  // whole 8-element vectors: K1 (K2) and the split bounds are multiples of 8
 #pragma unroll
       for (int i = 0; i < BM * BK / 8 / NTH; ++i) {
@@ -516,6 +520,98 @@ gemm_tc_kernel(const GemmArgs<T> a) {
                                acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
 }
 
+// sm_90a, fp16/bf16: 128 x 128 tile, two warpgroups, each a 64 x 128 half of the tile with
+// wgmma m64n128k16 reading both operands from shared memory. Tiles are stored as 8 x 8
+// core matrices (128 contiguous bytes; no swizzle): element (r, k) of a stage at
+// ((r / 8) * (BK / 8) + k / 8) * 64 + (r % 8) * 8 + k % 8. A 4-deep cp.async ring runs
+// 2 tiles ahead, so the buffer refilled at step kt (tile kt-2's) is no longer read by the
+// one wgmma group left in flight (tile kt-1's).
+constexpr int kWgBM = 128, kWgBN = 128, kWgStages = 4;
+constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * (kWgBM + kWgBN) * kGemmBK * 2;
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+gemm_wgmma_kernel(const GemmArgs<T> a, int desc_variant) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = kWgBM, BN = kWgBN, BK = kGemmBK, S = kWgStages, KG = BK / 8;
+  extern __shared__ uint4 gemm_smem[];
+  T* sx = reinterpret_cast<T*>(gemm_smem);
+  T* sw = sx + S * BM * BK;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int nk1 = (a.K1 + BK - 1) / BK;
+  const int nk = nk1 + (a.K2 + BK - 1) / BK;
+
+  // 16-byte vector idx of a tile: 8 consecutive threads fill one core matrix (conflict-free)
+  auto load = [&](int kt, int buf) {
+    const bool seg1 = kt < nk1;
+    if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
+    const int k0 = seg1 ? kt * BK : (kt - nk1) * BK;
+    const int klim = seg1 ? a.K1 : a.K2;
+#pragma unroll
+    for (int i = 0; i < BM * KG / 256; ++i) {
+      const int idx = tid + 256 * i, r8 = idx & 7, kg = (idx >> 3) % KG, g = idx / (8 * KG);
+      const int row = g * 8 + r8, k = k0 + kg * 8;
+      const bool ok = m0 + row < a.M && k < klim;
+      cp_async16(sx + buf * BM * BK + (g * KG + kg) * 64 + r8 * 8, ok ? seg_x(a, seg1, m0 + row, k) : a.W, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < BN * KG / 256; ++i) {
+      const int idx = tid + 256 * i, r8 = idx & 7, kg = (idx >> 3) % KG, g = idx / (8 * KG);
+      const int row = g * 8 + r8, k = k0 + kg * 8;
+      const bool ok = n0 + row < a.N && k < klim;
+      cp_async16(sw + buf * BN * BK + (g * KG + kg) * 64 + r8 * 8, ok ? seg_w(a, seg1, n0 + row, k) : a.W, ok);
+    }
+  };
+  // core-matrix strides: 128 bytes along K, KG * 128 along M / N
+  const uint32_t kstride = 128, rstride = KG * 128;
+  const uint32_t lbo = desc_variant ? rstride : kstride, sbo = desc_variant ? kstride : rstride;
+
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+#pragma unroll
+  for (int s = 0; s < S - 2; ++s) {
+    if (s < nk) load(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<S - 3>();
+    fence_proxy_async();
+    __syncthreads();
+    if (kt + S - 2 < nk) load(kt + S - 2, (kt + S - 2) % S);
+    cp_async_commit();
+    const int buf = kt % S;
+    const T* xa = sx + buf * BM * BK + wg * 8 * KG * 64;  // this warpgroup's 64 rows
+    const T* wb = sw + buf * BN * BK;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks)
+      Wgmma<T>::run(d, wgmma_desc(xa + ks * 2 * 64, lbo, sbo), wgmma_desc(wb + ks * 2 * 64, lbo, sbo));
+    wgmma_commit();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
+  const int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      gemm_store<T, false>(a, row + 8 * h, n0 + j * 8 + (lane & 3) * 2, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+#else
+  (void)a;
+  (void)desc_variant;
+  __trap();  // launched only from sm_90a builds on sm_90 devices
+#endif
+}
+
 // fp32: the same two-segment GEMM on a SIMT 64 x 64 tile (no fp32 tensor-core path).
 constexpr int kF32Tile = 64;
 template <bool PARTIAL>
@@ -526,8 +622,8 @@ gemm_f32_kernel(const GemmArgs<float> a) {
   __shared__ float sw[BK][BN + 4];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int kbeg = PARTIAL ? static_cast<int>(blockIdx.z) * a.kspl : 0;
-  const int kend = PARTIAL ? min(a.K1, kbeg + a.kspl) : a.K1;
+  const int kbeg = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps * kGemmBK : 0;
+  const int kend = PARTIAL ? min(a.K1, kbeg + a.tps * kGemmBK) : a.K1;
   const int nk1 = (kend - kbeg + BK - 1) / BK;
   const int nk = nk1 + (PARTIAL ? 0 : (a.K2 + BK - 1) / BK);
   float acc[4][4] = {};
@@ -568,6 +664,8 @@ __global__ void __launch_bounds__(kThreads)
 zscale_kernel(int rows, int kz, int ldz, int rank, int splits, const float* __restrict__ P,
               const int32_t* __restrict__ ids, const float* __restrict__ gates, int top_k,
               float scale, T* __restrict__ z) {
+  pdl_launch_dependents();  // the final GEMM streams x W^T meanwhile and waits before reading z
+  pdl_wait();               // P comes from the shrink
   const long long total = static_cast<long long>(rows) * kz;
   for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * kThreads) {
@@ -584,52 +682,83 @@ zscale_kernel(int rows, int kz, int ldz, int rank, int splits, const float* __re
     z[static_cast<size_t>(n) * ldz + c] = TypeOps<T>::from_f(scale * cf * s);
   }
 }
+
+// y = T(sum_s P[s] + bias): the split-K final GEMM's partials [splits, rows, out].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+splitk_reduce_kernel(int rows, int out, int splits, const float* __restrict__ P, const T* __restrict__ bias,
+                     T* __restrict__ y) {
+  pdl_wait();  // P comes from the split GEMM
+  const long long total = static_cast<long long>(rows) * out;
+  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * kThreads) {
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += P[static_cast<size_t>(sp) * total + i];
+    if (bias) v += ldf(bias + i % out);
+    y[i] = TypeOps<T>::from_f(v);
+  }
+}
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
 
 // Many-rows sizes, a function of the arguments only (the workspace size needs no device).
 struct ManyRowsPlan {
-  int kz;      // E * rank: LoRA columns of z
-  int ldz;     // z row pitch (elements), a multiple of 8: 16-byte aligned rows
-  int splits;  // K splits of the shrink
-  int kspl;    // K elements per split, a multiple of kGemmBK
+  int kz;       // E * rank: LoRA columns of z
+  int ldz;      // z row pitch (elements), a multiple of 8: 16-byte aligned rows
+  int splits;   // K splits of the shrink
+  int tps;      // K tiles (kGemmBK wide) per shrink split
+  int ysplits;  // K splits of the final GEMM (1: not split)
+  int ytps;     // K tiles per final split
 };
 
-ManyRowsPlan many_rows_plan(int rows, int in, int E, int rank) {
+// Splits of K = nk tiles for `tiles` output tiles: about 256 blocks, each split >= 8 tiles.
+void split_k(long long tiles, int nk, int* splits, int* tps) {
+  const long long want = (256 + tiles - 1) / tiles;
+  const int s = static_cast<int>(std::max(1ll, std::min<long long>(want, nk / 8)));
+  *tps = (nk + s - 1) / s;
+  *splits = (nk + *tps - 1) / *tps;
+}
+
+ManyRowsPlan many_rows_plan(int rows, int in, int out, int E, int rank) {
   ManyRowsPlan p;
   p.kz = E * rank;
   p.ldz = (p.kz + 7) / 8 * 8;
   // The shrink has only ceil(rows/64) x ceil(kz/64) output tiles (16 at 512 rows, E8 r16) over a
   // long K: split K until about 256 blocks run, each split at least 8 K slices.
   const long long tiles = static_cast<long long>((rows + kF32Tile - 1) / kF32Tile) * ((p.kz + kF32Tile - 1) / kF32Tile);
-  const int nkt = (in + kGemmBK - 1) / kGemmBK;
-  const long long want = (256 + tiles - 1) / tiles;
-  const int splits = static_cast<int>(std::max(1ll, std::min<long long>(want, nkt / 8)));
-  const int per = (nkt + splits - 1) / splits;
-  p.kspl = per * kGemmBK;
-  p.splits = (nkt + per - 1) / per;
+  const int nk1 = (in + kGemmBK - 1) / kGemmBK;
+  split_k(tiles, nk1, &p.splits, &p.tps);
+  // Final GEMM at <= 64 rows: one row of 64 x 64 tiles, too few blocks to stream W at full
+  // bandwidth: split its K (x W^T tiles, then z B_cat^T tiles) the same way (fp16/bf16).
+  p.ysplits = 1;
+  p.ytps = 0;
+  if (rows <= 64) split_k((out + 63) / 64, nk1 + (p.kz + kGemmBK - 1) / kGemmBK, &p.ysplits, &p.ytps);
   return p;
 }
 
 // Workspace: few rows: t [rows, top_k, rank] fp32. Many rows: z [rows, ldz] (x's dtype, sized
-// for fp32), then the shrink's partials P [splits, rows, E*rank] fp32. Each part 256-byte aligned.
+// for fp32), the shrink's partials P [splits, rows, E*rank] fp32, then, when the final GEMM is
+// split, its partials Py [ysplits, rows, out] fp32 (apart from P: x W^T splits run while
+// zscale still reads P). Each part 256-byte aligned.
 struct Layout {
-  size_t t_off, z_off, p_off, total;
+  size_t t_off, z_off, p_off, py_off, total;
 };
 
-Layout make_layout(int rows, int in, int E, int rank, int top_k) {
+Layout make_layout(int rows, int in, int out, int E, int rank, int top_k) {
   Layout L{};
   if (rows <= kGemvMaxRows) {
     L.total = align_up(static_cast<size_t>(rows) * top_k * rank * sizeof(float), 256);
-    L.z_off = L.p_off = L.total;
+    L.z_off = L.p_off = L.py_off = L.total;
     return L;
   }
-  const ManyRowsPlan p = many_rows_plan(rows, in, E, rank);
+  const ManyRowsPlan p = many_rows_plan(rows, in, out, E, rank);
   L.t_off = L.z_off = 0;
   size_t off = align_up(static_cast<size_t>(rows) * p.ldz * sizeof(float), 256);
   L.p_off = off;
   off += align_up(static_cast<size_t>(p.splits) * rows * p.kz * sizeof(float), 256);
+  L.py_off = off;
+  if (p.ysplits > 1) off += align_up(static_cast<size_t>(p.ysplits) * rows * out * sizeof(float), 256);
   L.total = off;
   return L;
 }
@@ -758,8 +887,27 @@ int opt_in_smem(K kern, size_t smem, const DeviceInfo& di, std::atomic<int>* don
   return ADAFUSE_OK;
 }
 
+// Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
+// prologue while the previous launch finishes and waits in griddepcontrol.wait).
+template <typename... KArgs, typename... Args>
+int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
+              Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
+  return ADAFUSE_OK;
+}
+
 template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
-int launch_gemm_tc(const DeviceInfo& di, const GemmArgs<T>& a, int splits, cudaStream_t stream) {
+int launch_gemm_tc(const DeviceInfo& di, const GemmArgs<T>& a, int splits, bool pdl, cudaStream_t stream) {
   static std::atomic<int> opted[kMaxDevices];
   constexpr size_t smem = gemm_smem_bytes<BM, BN>();
   auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL>;
@@ -768,9 +916,21 @@ int launch_gemm_tc(const DeviceInfo& di, const GemmArgs<T>& a, int splits, cudaS
   const long long gy = (static_cast<long long>(a.M) + BM - 1) / BM;
   if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
   const dim3 grid(static_cast<unsigned>((a.N + BN - 1) / BN), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
-  kern<<<grid, WM * WN * 32, smem, stream>>>(a);
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  return launch_ex(kern, grid, WM * WN * 32, smem, pdl, stream, a);
+}
+
+template <typename T>
+int launch_gemm_wgmma(const DeviceInfo& di, const GemmArgs<T>& a, bool pdl, cudaStream_t stream) {
+  static std::atomic<int> opted[kMaxDevices];
+  auto kern = gemm_wgmma_kernel<T>;
+  const int st = opt_in_smem(kern, kWgSmem, di, opted);
+  if (st != ADAFUSE_OK) return st;
+  const long long gy = (static_cast<long long>(a.M) + kWgBM - 1) / kWgBM;
+  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  const char* v = getenv("ADAFUSE_WGMMA_DESC");
+  const int variant = (v && v[0] == '1') ? 1 : 0;
+  const dim3 grid(static_cast<unsigned>((a.N + kWgBN - 1) / kWgBN), static_cast<unsigned>(gy));
+  return launch_ex(kern, grid, 256, kWgSmem, pdl, stream, a, variant);
 }
 
 template <bool PARTIAL>
@@ -784,19 +944,27 @@ int launch_gemm_f32(const GemmArgs<float>& a, int splits, cudaStream_t stream) {
   return ADAFUSE_OK;
 }
 
-// Tile of the final GEMM: the largest of 128x128, 64x128, 64x64 that still gives every SM a
-// block; ADAFUSE_GEMM_TILE=128x128|64x128|64x64 forces one (read per call, for benchmarks).
-enum class Tile { k128x128, k64x128, k64x64 };
-Tile pick_tile(int rows, int out, int sm_count) {
+// Kernel of the final GEMM. With sm_90a code (ADAFUSE_SM90A) on an sm_90 device and 16-byte
+// loadable operands: the wgmma kernel above 64 rows. Otherwise mma.sync with the largest of
+// 128x128, 64x128, 64x64 tiles that still gives every SM a block.
+// ADAFUSE_GEMM_TILE=wgmma|128x128|64x128|64x64 forces one (read per call, for benchmarks).
+enum class Tile { kWgmma, k128x128, k64x128, k64x64 };
+Tile pick_tile(int rows, int out, const DeviceInfo& di, bool wgmma_ok) {
+#if !defined(ADAFUSE_SM90A)
+  wgmma_ok = false;
+#endif
+  wgmma_ok = wgmma_ok && di.cc_major == 9;
   const char* s = getenv("ADAFUSE_GEMM_TILE");
+  if (s && !strcmp(s, "wgmma") && wgmma_ok) return Tile::kWgmma;
   if (s && !strcmp(s, "128x128")) return Tile::k128x128;
   if (s && !strcmp(s, "64x128")) return Tile::k64x128;
   if (s && !strcmp(s, "64x64")) return Tile::k64x64;
+  if (wgmma_ok && rows > 64) return Tile::kWgmma;
   auto blocks = [&](int bm, int bn) {
     return static_cast<long long>((rows + bm - 1) / bm) * ((out + bn - 1) / bn);
   };
-  if (blocks(128, 128) >= sm_count) return Tile::k128x128;
-  if (blocks(64, 128) >= sm_count) return Tile::k64x128;
+  if (blocks(128, 128) >= di.sm_count) return Tile::k128x128;
+  if (blocks(64, 128) >= di.sm_count) return Tile::k64x128;
   return Tile::k64x64;
 }
 
@@ -808,12 +976,12 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
   constexpr int V = TypeOps<T>::kVec;
-  const ManyRowsPlan p = many_rows_plan(rows, in, E, rank);
+  const ManyRowsPlan p = many_rows_plan(rows, in, out, E, rank);
   T* z = reinterpret_cast<T*>(ws + L.z_off);
   float* P = reinterpret_cast<float*>(ws + L.p_off);
 
   GemmArgs<T> s{};  // shrink: P = x A_cat^T
-  s.M = rows; s.N = p.kz; s.X = x; s.W = A; s.K1 = in; s.P = P; s.kspl = p.kspl;
+  s.M = rows; s.N = p.kz; s.X = x; s.W = A; s.K1 = in; s.P = P; s.tps = p.tps;
   s.vec1 = in % V == 0 && aligned16(x) && aligned16(A);
   GemmArgs<T> g{};  // y = [x | z] [W | B_cat]^T + bias
   g.M = rows; g.N = out; g.X = x; g.W = W; g.K1 = in;
@@ -822,26 +990,37 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   g.vec2 = rank % V == 0 && aligned16(B);  // z rows are 16-byte aligned (ldz % 8 == 0)
   g.pairs = out % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 3u) == 0;
 
+  const bool pdl = pdl_enabled() && di.cc_major >= 9;
   if constexpr (std::is_same<T, float>::value) {
     st = launch_gemm_f32<true>(s, p.splits, stream);
   } else {
-    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, stream);
+    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, false, stream);
   }
   if (st != ADAFUSE_OK) return st;
   const long long total = static_cast<long long>(rows) * p.kz;
   const long long zb = std::min<long long>((total + kThreads - 1) / kThreads, 65535);
-  zscale_kernel<T><<<static_cast<unsigned>(zb), kThreads, 0, stream>>>(rows, p.kz, p.ldz, rank, p.splits, P,
-                                                                       ids, gates, top_k, scale, z);
-  AF_LAUNCH_CHECK();
+  st = launch_ex(zscale_kernel<T>, dim3(static_cast<unsigned>(zb)), kThreads, 0, pdl, stream, rows, p.kz, p.ldz,
+                 rank, p.splits, static_cast<const float*>(P), ids, gates, top_k, scale, z);
+  if (st != ADAFUSE_OK) return st;
   if constexpr (std::is_same<T, float>::value) {
     return launch_gemm_f32<false>(g, 1, stream);
   } else {
-    switch (pick_tile(rows, out, di.sm_count)) {
-      case Tile::k128x128: return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, stream);
-      case Tile::k64x128: return launch_gemm_tc<T, 64, 128, 2, 4, false>(di, g, 1, stream);
+    if (p.ysplits > 1 && !getenv("ADAFUSE_GEMM_TILE")) {  // split K, then y = sum + bias
+      g.P = reinterpret_cast<float*>(ws + L.py_off);
+      g.tps = p.ytps;
+      st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, g, p.ysplits, pdl, stream);
+      if (st != ADAFUSE_OK) return st;
+      const long long yb = std::min<long long>((static_cast<long long>(rows) * out + kThreads - 1) / kThreads, 65535);
+      return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, pdl, stream, rows, out,
+                       p.ysplits, static_cast<const float*>(g.P), bias, y);
+    }
+    switch (pick_tile(rows, out, di, g.vec1 && g.vec2)) {
+      case Tile::kWgmma: return launch_gemm_wgmma<T>(di, g, pdl, stream);
+      case Tile::k128x128: return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, pdl, stream);
+      case Tile::k64x128: return launch_gemm_tc<T, 64, 128, 2, 4, false>(di, g, 1, pdl, stream);
       case Tile::k64x64: break;
     }
-    return launch_gemm_tc<T, 64, 64, 2, 2, false>(di, g, 1, stream);
+    return launch_gemm_tc<T, 64, 64, 2, 2, false>(di, g, 1, pdl, stream);
   }
 }
 
@@ -864,7 +1043,7 @@ size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_fea
                                           int num_experts, int rank, int top_k) {
   using namespace adafuse;
   if (!args_ok(rows, in_features, out_features, num_experts, rank, top_k)) return 0;
-  return make_layout(rows, in_features, num_experts, rank, top_k).total;
+  return make_layout(rows, in_features, out_features, num_experts, rank, top_k).total;
 }
 
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,
@@ -878,7 +1057,7 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return ADAFUSE_OK;
   if (!x || !W || !A || !B || !expert_ids || !gates || !y) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const Layout L = make_layout(rows, in_features, num_experts, rank, top_k);
+  const Layout L = make_layout(rows, in_features, out_features, num_experts, rank, top_k);
   if (L.total > 0 && (!workspace || workspace_bytes < L.total)) return ADAFUSE_ERR_WORKSPACE;
   if (reinterpret_cast<uintptr_t>(workspace) & 15u) return ADAFUSE_ERR_WORKSPACE;  // 16-byte aligned
   switch (dtype) {
