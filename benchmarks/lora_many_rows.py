@@ -35,7 +35,7 @@ from gpu_kernels import lora_ref, rel_err, time_graph  # noqa: E402
 LOG = io.StringIO()
 DEV = "cuda"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
-TILES = ["wgmma", "wgmma:desc1", "128x128", "64x128", "64x64"]
+TILES = ["wgmma", "128x128", "64x128", "64x64"]
 
 
 def log(*a):
@@ -106,9 +106,7 @@ def bench(K, label, results, rows_list, tiles, gen, breakdown_rows=(512,)):
             ref = lora_ref(x, W, None, A, B, ids, g, scale)
             for tile in tiles:
                 if tile:
-                    os.environ["ADAFUSE_GEMM_TILE"] = tile.split(":")[0]
-                    if tile.endswith(":desc1"):
-                        os.environ["ADAFUSE_WGMMA_DESC"] = "1"
+                    os.environ["ADAFUSE_GEMM_TILE"] = tile
                 try:
                     y.fill_(float("nan"))
                     K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
@@ -125,7 +123,6 @@ def bench(K, label, results, rows_list, tiles, gen, breakdown_rows=(512,)):
                             lambda: K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws))
                 finally:
                     os.environ.pop("ADAFUSE_GEMM_TILE", None)
-                    os.environ.pop("ADAFUSE_WGMMA_DESC", None)
             flops = 2 * rows * outf * inf
             rec["dense_TFLOPs"] = flops / (rec["dense_us"] * 1e-6) / 1e12
             line = "  %-8s %5dx%-5d rows %-5d dense %8.2f us" % (label, outf, inf, rows, rec["dense_us"])

@@ -92,13 +92,13 @@ def test_workspace_size(kernels):
     assert ws(1, 4096, 4096, 8, 16, 2) == 256
     assert ws(16, 4096, 4096, 8, 128, 4) == 16 * 4 * 128 * 4
     # many rows (adafuse_kernels.h): z [rows, round_up(E*rank, 8)] at 4 bytes, then fp32 shrink
-    # partials [splits, rows, E*rank]; 512 rows, E*rank 128, in 4096: 16 splits of 256
-    assert ws(512, 4096, 11008, 8, 16, 2) == 512 * 128 * 4 + 16 * 512 * 128 * 4
+    # partials [splits, rows, E*rank]; 512 rows, E*rank 128, in 4096: 8 splits of 512
+    assert ws(512, 4096, 11008, 8, 16, 2) == 512 * 128 * 4 + 8 * 512 * 128 * 4
     assert ws(512, 4096, 4096, 8, 16, 2) == ws(512, 4096, 11008, 8, 16, 2)  # not out_features
     # E*rank 9 padded to 16 columns; in 37 is one split; parts rounded up to 256 bytes
     assert ws(17, 37, 129, 3, 3, 2) == 1280 + 768
-    # 17-64 rows: the final GEMM's K (128 + 4 slices) in 4 splits for 64 tiles of 4096 outputs
-    assert ws(64, 4096, 4096, 8, 16, 2) == 64 * 128 * 4 + 16 * 64 * 128 * 4 + 4 * 64 * 4096 * 4
+    # 17-64 rows: the final GEMM's K (64 + 2 slices of 64) in 4 splits for 64 tiles of 4096 outputs
+    assert ws(64, 4096, 4096, 8, 16, 2) == 64 * 128 * 4 + 8 * 64 * 128 * 4 + 4 * 64 * 4096 * 4
     for bad in [(1, 0, 1, 1, 1, 1), (1, 1, 0, 1, 1, 1), (1, 1, 1, 0, 1, 1), (1, 1, 1, 1, 0, 1),
                 (1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 9), (-1, 1, 1, 1, 1, 1), (1, 1, 1, 257, 1, 1)]:
         assert kernels.lib.adafuse_lora_linear_workspace_size(*bad) == 0, bad

@@ -66,7 +66,7 @@ int adafuse_abi_version(void);
 // bytes: rows <= 16: fp32 [rows, top_k, rank]; rows > 16: z [rows, round_up(E*rank, 8)] sized
 // at 4 bytes per element, then fp32 shrink partials [splits, rows, E*rank]; at 17-64 rows also
 // fp32 partials [ysplits, rows, out] of the K-split final GEMM when ysplits > 1. splits and
-// ysplits follow from the sizes only (about 256 blocks, >= 8 K slices of 32 per split); the
+// ysplits follow from the sizes only (about 256 blocks, >= 8 K slices of 64 per split); the
 // size does not depend on dtype.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);

@@ -359,6 +359,7 @@ struct GemmArgs {
                   // wide) of the K1 tiles followed by the K2 tiles; fp32: K1 only
   bool vec1, vec2;  // 16-byte loads for segment 1 / 2
   bool pairs;       // final mode: 4-byte stores of two outputs
+  bool m_fast;      // M tiles on grid x (see tile_m)
 };
 
 template <typename T>
@@ -404,30 +405,60 @@ __device__ __forceinline__ void gemm_store(const GemmArgs<T>& a, int m, int o, f
   if (two) yp[1] = TypeOps<T>::from_f(v1);
 }
 
-constexpr int kGemmBK = 32;
-constexpr int kGemmStages = 4;
-constexpr int kGemmLD = kGemmBK + 8;  // row pitch 80 bytes: the 8 rows of an ldmatrix hit distinct banks
+constexpr int kGemmBK = 64;      // K slice per pipeline stage (128 bytes of each operand row)
+constexpr int kGemmStages = 4;   // mma.sync kernels
+constexpr int kGemmLD = kGemmBK + 8;  // row pitch 144 bytes: 8 rows of an ldmatrix hit distinct banks
 
 template <int BM, int BN>
 constexpr size_t gemm_smem_bytes() {
   return static_cast<size_t>(kGemmStages) * (BM + BN) * kGemmLD * 2;
 }
 
+// Block tile coordinates: M tiles on grid x when a.m_fast (blocks that share a W tile run
+// together, so W streams from DRAM about once), else on grid y.
+__device__ __forceinline__ int tile_m(bool m_fast) { return m_fast ? blockIdx.x : blockIdx.y; }
+__device__ __forceinline__ int tile_n(bool m_fast) { return m_fast ? blockIdx.y : blockIdx.x; }
+
+// 16-byte cp.async loads of one operand tile, R rows x kGemmBK, of the K slice at k0 of
+// segment 1 or 2 (X side: x / z rows; W side: W rows / B_cat rows). Thread idx loads the vector
+// (row, kv) with 8 consecutive threads on 8 consecutive rows. dst(row, kv) is its smem address.
+template <typename T, int R, int NTH, bool XSIDE, typename Dst>
+__device__ __forceinline__ void load_tile(const GemmArgs<T>& a, int r0, bool seg1, int k0, Dst dst) {
+  constexpr int KG = kGemmBK / 8;
+  static_assert((R * KG) % NTH == 0 && R % 8 == 0, "tile loads");
+  const int rlim = XSIDE ? a.M : a.N, klim = seg1 ? a.K1 : a.K2;  // K1 (K2) % 8 == 0 on this path
+#pragma unroll
+  for (int i = 0; i < R * KG / NTH; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + NTH * i;
+    const int row = (idx / (8 * KG)) * 8 + (idx & 7), kv = ((idx >> 3) % KG) * 8;
+    const int r = r0 + row, k = k0 + kv;
+    const bool ok = r < rlim && k < klim;
+    const T* src = a.W;
+    if (ok) {
+      if (seg1)
+        src = (XSIDE ? a.X : a.W) + static_cast<size_t>(r) * a.K1 + k;
+      else
+        src = XSIDE ? a.Z + static_cast<size_t>(r) * a.ldz + k
+                    : a.B + (static_cast<size_t>(k / a.rank) * a.N + r) * a.rank + k % a.rank;
+    }
+    cp_async16(dst(row, kv), src, ok);
+  }
+}
+
 // fp16/bf16: BM x BN tile per block, WM x WN warps, mma.sync m16n8k16 with fp32 accumulation,
-// kGemmStages-deep cp.async pipeline over BK = 32 slices of K.
+// kGemmStages-deep cp.async pipeline over kGemmBK slices of K.
 template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
 __global__ void __launch_bounds__(WM * WN * 32)
 gemm_tc_kernel(const GemmArgs<T> a) {
   constexpr int BK = kGemmBK, LD = kGemmLD, S = kGemmStages, NTH = WM * WN * 32;
   constexpr int MT = BM / WM / 16, NT = BN / WN / 8;
   static_assert(MT >= 1 && NT >= 2 && NT % 2 == 0, "warp tile");
-  static_assert((BM * BK / 8) % NTH == 0 && (BN * BK / 8) % NTH == 0, "tile loads");
   extern __shared__ uint4 gemm_smem[];
   auto sx = reinterpret_cast<T(*)[BM][LD]>(gemm_smem);
   auto sw = reinterpret_cast<T(*)[BN][LD]>(reinterpret_cast<T*>(gemm_smem) + S * BM * LD);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rw = (warp / WN) * (BM / WM), cw = (warp % WN) * (BN / WN);
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
   const int nk1 = (a.K1 + BK - 1) / BK;
   const int nkt = nk1 + (a.K2 + BK - 1) / BK;
   const int t0 = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps : 0;
@@ -440,21 +471,11 @@ gemm_tc_kernel(const GemmArgs<T> a) {
     const bool seg1 = t < nk1;
     if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
     const int k0 = seg1 ? t * BK : (t - nk1) * BK;
-    const int klim = seg1 ? a.K1 : a.K2;
-    if (seg1 ? a.vec1 : a.vec2) {  // whole 8-element vectors: K1 (K2) and the split bounds are multiples of 8
-#pragma unroll
-      for (int i = 0; i < BM * BK / 8 / NTH; ++i) {
-        const int idx = tid + NTH * i, row = idx >> 2, kv = (idx & 3) * 8;
-        const bool ok = m0 + row < a.M && k0 + kv < klim;
-        cp_async16(&sx[buf][row][kv], ok ? seg_x(a, seg1, m0 + row, k0 + kv) : a.W, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < BN * BK / 8 / NTH; ++i) {
-        const int idx = tid + NTH * i, row = idx >> 2, kv = (idx & 3) * 8;
-        const bool ok = n0 + row < a.N && k0 + kv < klim;
-        cp_async16(&sw[buf][row][kv], ok ? seg_w(a, seg1, n0 + row, k0 + kv) : a.W, ok);
-      }
+    if (seg1 ? a.vec1 : a.vec2) {
+      load_tile<T, BM, NTH, true>(a, m0, seg1, k0, [&](int r, int kv) { return &sx[buf][r][kv]; });
+      load_tile<T, BN, NTH, false>(a, n0, seg1, k0, [&](int r, int kv) { return &sw[buf][r][kv]; });
     } else {
+      const int klim = seg1 ? a.K1 : a.K2;
       for (int idx = tid; idx < BM * BK; idx += NTH) {
         const int row = idx / BK, kk = idx % BK;
         const bool ok = m0 + row < a.M && k0 + kk < klim;
@@ -523,49 +544,39 @@ gemm_tc_kernel(const GemmArgs<T> a) {
 // sm_90a, fp16/bf16: 128 x 128 tile, two warpgroups, each a 64 x 128 half of the tile with
 // wgmma m64n128k16 reading both operands from shared memory. Tiles are stored as 8 x 8
 // core matrices (128 contiguous bytes; no swizzle): element (r, k) of a stage at
-// ((r / 8) * (BK / 8) + k / 8) * 64 + (r % 8) * 8 + k % 8. A 4-deep cp.async ring runs
-// 2 tiles ahead, so the buffer refilled at step kt (tile kt-2's) is no longer read by the
-// one wgmma group left in flight (tile kt-1's).
-constexpr int kWgBM = 128, kWgBN = 128, kWgStages = 4;
+// ((r / 8) * (BK / 8) + k / 8) * 64 + (r % 8) * 8 + k % 8. A 6-deep cp.async ring runs
+// 4 slices ahead (128 KB in flight per SM: the loads' latency, not the tensor cores, bounded
+// the shallower versions), so the buffer refilled at step kt (slice kt-2's) is no longer read
+// by the one wgmma group left in flight (slice kt-1's).
+constexpr int kWgBM = 128, kWgBN = 128, kWgStages = 6;
 constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * (kWgBM + kWgBN) * kGemmBK * 2;
 
 template <typename T>
 __global__ void __launch_bounds__(256)
-gemm_wgmma_kernel(const GemmArgs<T> a, int desc_variant) {
+gemm_wgmma_kernel(const GemmArgs<T> a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = kWgBM, BN = kWgBN, BK = kGemmBK, S = kWgStages, KG = BK / 8;
   extern __shared__ uint4 gemm_smem[];
   T* sx = reinterpret_cast<T*>(gemm_smem);
   T* sw = sx + S * BM * BK;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
   const int nk1 = (a.K1 + BK - 1) / BK;
   const int nk = nk1 + (a.K2 + BK - 1) / BK;
 
-  // 16-byte vector idx of a tile: 8 consecutive threads fill one core matrix (conflict-free)
+  auto core = [](T* base, int r, int kv) { return base + ((r >> 3) * KG + (kv >> 3)) * 64 + (r & 7) * 8; };
   auto load = [&](int kt, int buf) {
     const bool seg1 = kt < nk1;
     if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
     const int k0 = seg1 ? kt * BK : (kt - nk1) * BK;
-    const int klim = seg1 ? a.K1 : a.K2;
-#pragma unroll
-    for (int i = 0; i < BM * KG / 256; ++i) {
-      const int idx = tid + 256 * i, r8 = idx & 7, kg = (idx >> 3) % KG, g = idx / (8 * KG);
-      const int row = g * 8 + r8, k = k0 + kg * 8;
-      const bool ok = m0 + row < a.M && k < klim;
-      cp_async16(sx + buf * BM * BK + (g * KG + kg) * 64 + r8 * 8, ok ? seg_x(a, seg1, m0 + row, k) : a.W, ok);
-    }
-#pragma unroll
-    for (int i = 0; i < BN * KG / 256; ++i) {
-      const int idx = tid + 256 * i, r8 = idx & 7, kg = (idx >> 3) % KG, g = idx / (8 * KG);
-      const int row = g * 8 + r8, k = k0 + kg * 8;
-      const bool ok = n0 + row < a.N && k < klim;
-      cp_async16(sw + buf * BN * BK + (g * KG + kg) * 64 + r8 * 8, ok ? seg_w(a, seg1, n0 + row, k) : a.W, ok);
-    }
+    T* bx = sx + buf * BM * BK;
+    T* bw = sw + buf * BN * BK;
+    load_tile<T, BM, 256, true>(a, m0, seg1, k0, [&](int r, int kv) { return core(bx, r, kv); });
+    load_tile<T, BN, 256, false>(a, n0, seg1, k0, [&](int r, int kv) { return core(bw, r, kv); });
   };
-  // core-matrix strides: 128 bytes along K, KG * 128 along M / N
-  const uint32_t kstride = 128, rstride = KG * 128;
-  const uint32_t lbo = desc_variant ? rstride : kstride, sbo = desc_variant ? kstride : rstride;
+  // descriptor strides (PTX "Matrix Descriptor", K-major, no swizzle): leading = between the
+  // two core matrices of a k16 step along K (128 bytes), stride = between 8-row groups
+  constexpr uint32_t kLead = 128, kStride = KG * 128;
 
   float d[64];
 #pragma unroll
@@ -589,7 +600,7 @@ gemm_wgmma_kernel(const GemmArgs<T> a, int desc_variant) {
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks)
-      Wgmma<T>::run(d, wgmma_desc(xa + ks * 2 * 64, lbo, sbo), wgmma_desc(wb + ks * 2 * 64, lbo, sbo));
+      Wgmma<T>::run(d, wgmma_desc(xa + ks * 2 * 64, kLead, kStride), wgmma_desc(wb + ks * 2 * 64, kLead, kStride));
     wgmma_commit();
 #pragma unroll
     for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
@@ -607,7 +618,6 @@ gemm_wgmma_kernel(const GemmArgs<T> a, int desc_variant) {
       gemm_store<T, false>(a, row + 8 * h, n0 + j * 8 + (lane & 3) * 2, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
 #else
   (void)a;
-  (void)desc_variant;
   __trap();  // launched only from sm_90a builds on sm_90 devices
 #endif
 }
@@ -621,7 +631,7 @@ gemm_f32_kernel(const GemmArgs<float> a) {
   __shared__ float sx[BK][BM + 4];
   __shared__ float sw[BK][BN + 4];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
   const int kbeg = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps * kGemmBK : 0;
   const int kend = PARTIAL ? min(a.K1, kbeg + a.tps * kGemmBK) : a.K1;
   const int nk1 = (kend - kbeg + BK - 1) / BK;
@@ -887,6 +897,17 @@ int opt_in_smem(K kern, size_t smem, const DeviceInfo& di, std::atomic<int>* don
   return ADAFUSE_OK;
 }
 
+// Grid of BM x BN tiles (x splits on z): M tiles on x while the N tiles fit grid y.
+template <typename T>
+int tile_grid(int BM, int BN, int splits, GemmArgs<T>* a, dim3* grid) {
+  const long long mt = (static_cast<long long>(a->M) + BM - 1) / BM, nt = (static_cast<long long>(a->N) + BN - 1) / BN;
+  a->m_fast = nt <= 65535;
+  if (!a->m_fast && mt > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  *grid = a->m_fast ? dim3(static_cast<unsigned>(mt), static_cast<unsigned>(nt), static_cast<unsigned>(splits))
+                    : dim3(static_cast<unsigned>(nt), static_cast<unsigned>(mt), static_cast<unsigned>(splits));
+  return ADAFUSE_OK;
+}
+
 // Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
 // prologue while the previous launch finishes and waits in griddepcontrol.wait).
 template <typename... KArgs, typename... Args>
@@ -907,38 +928,35 @@ int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool 
 }
 
 template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
-int launch_gemm_tc(const DeviceInfo& di, const GemmArgs<T>& a, int splits, bool pdl, cudaStream_t stream) {
+int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, bool pdl, cudaStream_t stream) {
   static std::atomic<int> opted[kMaxDevices];
   constexpr size_t smem = gemm_smem_bytes<BM, BN>();
   auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL>;
-  const int st = opt_in_smem(kern, smem, di, opted);
+  int st = opt_in_smem(kern, smem, di, opted);
   if (st != ADAFUSE_OK) return st;
-  const long long gy = (static_cast<long long>(a.M) + BM - 1) / BM;
-  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const dim3 grid(static_cast<unsigned>((a.N + BN - 1) / BN), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
+  dim3 grid;
+  st = tile_grid(BM, BN, splits, &a, &grid);
+  if (st != ADAFUSE_OK) return st;
   return launch_ex(kern, grid, WM * WN * 32, smem, pdl, stream, a);
 }
 
 template <typename T>
-int launch_gemm_wgmma(const DeviceInfo& di, const GemmArgs<T>& a, bool pdl, cudaStream_t stream) {
+int launch_gemm_wgmma(const DeviceInfo& di, GemmArgs<T> a, bool pdl, cudaStream_t stream) {
   static std::atomic<int> opted[kMaxDevices];
   auto kern = gemm_wgmma_kernel<T>;
-  const int st = opt_in_smem(kern, kWgSmem, di, opted);
+  int st = opt_in_smem(kern, kWgSmem, di, opted);
   if (st != ADAFUSE_OK) return st;
-  const long long gy = (static_cast<long long>(a.M) + kWgBM - 1) / kWgBM;
-  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const char* v = getenv("ADAFUSE_WGMMA_DESC");
-  const int variant = (v && v[0] == '1') ? 1 : 0;
-  const dim3 grid(static_cast<unsigned>((a.N + kWgBN - 1) / kWgBN), static_cast<unsigned>(gy));
-  return launch_ex(kern, grid, 256, kWgSmem, pdl, stream, a, variant);
+  dim3 grid;
+  st = tile_grid(kWgBM, kWgBN, 1, &a, &grid);
+  if (st != ADAFUSE_OK) return st;
+  return launch_ex(kern, grid, 256, kWgSmem, pdl, stream, a);
 }
 
 template <bool PARTIAL>
-int launch_gemm_f32(const GemmArgs<float>& a, int splits, cudaStream_t stream) {
-  const long long gy = (static_cast<long long>(a.M) + kF32Tile - 1) / kF32Tile;
-  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const dim3 grid(static_cast<unsigned>((a.N + kF32Tile - 1) / kF32Tile), static_cast<unsigned>(gy),
-                  static_cast<unsigned>(splits));
+int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
+  dim3 grid;
+  const int st = tile_grid(kF32Tile, kF32Tile, splits, &a, &grid);
+  if (st != ADAFUSE_OK) return st;
   gemm_f32_kernel<PARTIAL><<<grid, kThreads, 0, stream>>>(a);
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
