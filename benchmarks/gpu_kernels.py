@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
-from adafuse_export.kernels.build import default_archs  # noqa: E402
 from adafuse_export.kernels.binding import AdafuseKernelError  # noqa: E402
 
 LOG = io.StringIO()
@@ -538,10 +537,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    maj, mnr = torch.cuda.get_device_capability()
+    arch = args.arch or f"{maj}{mnr}"
     t0 = time.time()
-    archs = [args.arch] if args.arch else default_archs()  # this GPU; compute capability 9.0: 90a
-    lib = build_library(archs, verbose=True)
-    arch = ",".join(archs)
+    lib = build_library([arch], verbose=True)
     results["build_s"] = time.time() - t0
     log(f"built {lib} for sm_{arch} in {results['build_s']:.1f} s on {results['device']}")
     K = load_kernels(lib)

@@ -56,10 +56,7 @@ def find_nvcc() -> Optional[str]:
 
 
 def default_archs() -> List[str]:
-    """$ADAFUSE_CUDA_ARCHS ("80;90a"), else the current GPU's arch via torch, else 80 and 90a.
-
-    Compute capability 9.0 builds as 90a: sm_90 code that may use the Hopper-only wgmma
-    instructions (the many-rows GEMM of adafuse_lora_linear)."""
+    """$ADAFUSE_CUDA_ARCHS ("80;90"), else the current GPU's arch via torch, else 80 and 90."""
     env = os.environ.get("ADAFUSE_CUDA_ARCHS")
     if env:
         return _norm_archs(env.replace(",", ";").split(";"))
@@ -68,10 +65,10 @@ def default_archs() -> List[str]:
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            return ["90a" if (major, minor) == (9, 0) else f"{major}{minor}"]
+            return [f"{major}{minor}"]
     except Exception:  # torch missing or no driver: fall through
         pass
-    return ["80", "90a"]
+    return ["80", "90"]
 
 
 def _norm_archs(archs: Iterable[str]) -> List[str]:
@@ -92,12 +89,8 @@ def _gencode(archs: Sequence[str]) -> List[str]:
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    # PTX of the newest arch, so newer GPUs can JIT it (arch-specific "90a" PTX would not
-    # run elsewhere: its portable base instead)
-    ptx = archs[-1].rstrip("a")
-    flags += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
-    if "90a" in archs:  # the host side may launch the wgmma kernels (sm_90 devices only)
-        flags += ["-DADAFUSE_SM90A=1"]
+    # PTX of the newest arch, so newer GPUs can JIT it
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
     return flags
 
 

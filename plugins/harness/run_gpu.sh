@@ -29,7 +29,7 @@ fi
 
 export PATH="/usr/local/cuda/bin:$PATH"
 build="${BUILD_DIR:-/tmp/adafuse_plugins_gpu_build}"
-args=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90a}")
+args=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}")
 if [[ -n "${TENSORRT_ROOT:-}" ]]; then
   args+=("-DTENSORRT_ROOT=$TENSORRT_ROOT")
 elif [[ -n "${ADAFUSE_TRT_HEADERS_DIR:-}" ]]; then
@@ -51,11 +51,8 @@ else
   done
   test -n "$inc" && test -f "$inc/NvInfer.h" || { echo "TensorRT headers not found (see the top of this script)"; exit 2; }
   mkdir -p "$build/obj"
-  arch="${CUDA_ARCHS:-90a}"
-  gencode="-gencode=arch=compute_$arch,code=sm_$arch"
-  sm90a=()
-  [[ "$arch" == 90a ]] && sm90a=(-DADAFUSE_SM90A=1)  # as plugins/kernels/CMakeLists.txt
-  nv=(nvcc -std=c++17 -O3 "$gencode" "${sm90a[@]}" -Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -Werror all-warnings
+  arch="${CUDA_ARCHS:-90}"
+  nv=(nvcc -std=c++17 -O3 -arch="sm_$arch" -Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -Werror all-warnings
       -I"$plugins/kernels/include" -I"$plugins/common" -I"$plugins/adafuseLoraLinearPlugin"
       -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc")
   cxx=(g++ -std=c++17 -O3 -fPIC -Wall -Wextra -Werror -I"$plugins/kernels/include" -I"$plugins/common"
@@ -70,7 +67,7 @@ else
   done
   for p in "${pids[@]}"; do wait "$p"; done
   kobjs=("$build"/obj/{api,lora_linear,switch}.cu.o)
-  nvcc -shared "$gencode" -cudart static -o "$build/libadafuse_trt_plugins.so" "$build"/obj/*.o \
+  nvcc -shared -arch="sm_$arch" -cudart static -o "$build/libadafuse_trt_plugins.so" "$build"/obj/*.o \
     -Xlinker --exclude-libs,ALL
   "${cxx[@]}" -DADAFUSE_PLUGIN_LIBRARY_PATH="\"$build/libadafuse_trt_plugins.so\"" \
     "$plugins/harness/plugin_harness.cpp" "${kobjs[@]}" -o "$build/adafuse_plugin_harness" \

@@ -64,10 +64,11 @@ int adafuse_abi_version(void);
 // E*rank / in).
 // Workspace (adafuse_lora_linear_workspace_size, 16-byte aligned), each part rounded up to 256
 // bytes: rows <= 16: fp32 [rows, top_k, rank]; rows > 16: z [rows, round_up(E*rank, 8)] sized
-// at 4 bytes per element, then fp32 shrink partials [splits, rows, E*rank]; at 17-64 rows also
-// fp32 partials [ysplits, rows, out] of the K-split final GEMM when ysplits > 1. splits and
-// ysplits follow from the sizes only (about 256 blocks, >= 8 K slices of 64 per split); the
-// size does not depend on dtype.
+// at 4 bytes per element, fp32 shrink partials [splits, rows, E*rank], then, when the final
+// GEMM of <= 64 rows is split over K (ysplits > 1), its fp32 partials [ysplits, min(rows, 64),
+// out]; never less than the rows <= 16 formula. splits and ysplits follow from in_features,
+// out_features and E*rank only, so the size never decreases as rows grow (size once for the
+// largest row count); it does not depend on dtype.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,

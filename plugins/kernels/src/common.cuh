@@ -226,46 +226,4 @@ template <> struct Mma<__half> {
   }
 };
 
-// ---- Hopper warpgroup MMA (sm_90a only: compiled where __CUDA_ARCH_FEAT_SM90_ALL is set) -----
-
-// Shared-memory matrix descriptor, no swizzle: 8x16-byte core matrices; lbo / sbo are the
-// byte strides between core matrices along the two dimensions (PTX ISA "Matrix Descriptor").
-__device__ __forceinline__ uint64_t wgmma_desc(const void* smem_ptr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((smem_u32(smem_ptr) & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) | (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);
-}
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma's async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
-__device__ __forceinline__ void wgmma_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
-
-#define AF_WG_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
-#define AF_WG_D16(i) AF_WG_D4(i), AF_WG_D4(i + 4), AF_WG_D4(i + 8), AF_WG_D4(i + 12)
-#define AF_WGMMA_M64N128K16(TY)                                                                    \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                        \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                         \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                               \
-               : AF_WG_D16(0), AF_WG_D16(16), AF_WG_D16(32), AF_WG_D16(48)                           \
-               : "l"(da), "l"(db), "r"(1))
-
-// d[64] += A (64 x 16, descriptor da) * B^T (128 x 16, descriptor db), fp32 accumulators in
-// the m64nNk16 register layout (per warp like mma.sync's m16n8 C fragments, 16 n8 tiles).
-template <typename T> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db) { AF_WGMMA_M64N128K16("bf16"); }
-};
-template <> struct Wgmma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db) { AF_WGMMA_M64N128K16("f16"); }
-};
-#undef AF_WGMMA_M64N128K16
-#undef AF_WG_D16
-#undef AF_WG_D4
-#endif
-
 }  // namespace adafuse

@@ -13,7 +13,8 @@
 // tensor-core GEMM, y = [x | z] [W | B_cat]^T + bias (see "Many-rows path" below):
 //   1. shrink: x A_cat^T for all experts (A as [E*rank, in]), split over K, fp32 partials;
 //   2. zscale: z = scale * gate * (sum of partials), zero for the experts a row does not use;
-//   3. gemm: mma.sync tensor cores (fp16/bf16; a SIMT tile for fp32), 4-stage cp.async.
+//   3. gemm: mma.sync tensor cores (fp16/bf16; a SIMT tile for fp32), 4-stage cp.async,
+//      split over K (plus a reduce) at <= 64 rows.
 // Expert ids outside [0, num_experts) contribute nothing (no device trap).
 #include "common.cuh"
 
@@ -340,7 +341,14 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
 // 2*rows*in*out (6% at E8 r16 on 4096x4096), in exchange for dense tensor-core tiles.
 //   1. gemm, partial mode: P[s] = x A_cat^T over the s-th split of K = in (fp32);
 //   2. zscale: z = T(c * sum_s P[s]);
-//   3. gemm, final mode, over K = in + E*rank.
+//   3. gemm, final mode, over K = in + E*rank: 128 x 128 tiles; at <= 64 rows (one row of
+//      tiles, too few blocks to stream W at full bandwidth) split over K in partial mode
+//      instead, then y = T(sum of partials + bias).
+// zscale and the final GEMM are programmatic dependent launches (sm_90): the final GEMM streams
+// x W^T while the shrink runs and waits (griddepcontrol.wait) only before its first z slice.
+// Measured on an H200 (benchmarks/results/KERNEL_NOTES.md, v5): 3.8-4.3x cuBLAS's dense x W^T
+// at 512-2048 rows, 1.8-2.9x at 17-64 rows. The common bound of every tile and pipeline depth
+// tried (and of a wgmma version) is the cp.async operand stream, not the MMAs.
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -406,7 +414,7 @@ __device__ __forceinline__ void gemm_store(const GemmArgs<T>& a, int m, int o, f
 }
 
 constexpr int kGemmBK = 64;      // K slice per pipeline stage (128 bytes of each operand row)
-constexpr int kGemmStages = 4;   // mma.sync kernels
+constexpr int kGemmStages = 4;
 constexpr int kGemmLD = kGemmBK + 8;  // row pitch 144 bytes: 8 rows of an ldmatrix hit distinct banks
 
 template <int BM, int BN>
@@ -541,87 +549,6 @@ gemm_tc_kernel(const GemmArgs<T> a) {
                                acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
 }
 
-// sm_90a, fp16/bf16: 128 x 128 tile, two warpgroups, each a 64 x 128 half of the tile with
-// wgmma m64n128k16 reading both operands from shared memory. Tiles are stored as 8 x 8
-// core matrices (128 contiguous bytes; no swizzle): element (r, k) of a stage at
-// ((r / 8) * (BK / 8) + k / 8) * 64 + (r % 8) * 8 + k % 8. A 6-deep cp.async ring runs
-// 4 slices ahead (128 KB in flight per SM: the loads' latency, not the tensor cores, bounded
-// the shallower versions), so the buffer refilled at step kt (slice kt-2's) is no longer read
-// by the one wgmma group left in flight (slice kt-1's).
-constexpr int kWgBM = 128, kWgBN = 128, kWgStages = 6;
-constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * (kWgBM + kWgBN) * kGemmBK * 2;
-
-template <typename T>
-__global__ void __launch_bounds__(256)
-gemm_wgmma_kernel(const GemmArgs<T> a) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = kWgBM, BN = kWgBN, BK = kGemmBK, S = kWgStages, KG = BK / 8;
-  extern __shared__ uint4 gemm_smem[];
-  T* sx = reinterpret_cast<T*>(gemm_smem);
-  T* sw = sx + S * BM * BK;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
-  const int nk1 = (a.K1 + BK - 1) / BK;
-  const int nk = nk1 + (a.K2 + BK - 1) / BK;
-
-  auto core = [](T* base, int r, int kv) { return base + ((r >> 3) * KG + (kv >> 3)) * 64 + (r & 7) * 8; };
-  auto load = [&](int kt, int buf) {
-    const bool seg1 = kt < nk1;
-    if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
-    const int k0 = seg1 ? kt * BK : (kt - nk1) * BK;
-    T* bx = sx + buf * BM * BK;
-    T* bw = sw + buf * BN * BK;
-    load_tile<T, BM, 256, true>(a, m0, seg1, k0, [&](int r, int kv) { return core(bx, r, kv); });
-    load_tile<T, BN, 256, false>(a, n0, seg1, k0, [&](int r, int kv) { return core(bw, r, kv); });
-  };
-  // descriptor strides (PTX "Matrix Descriptor", K-major, no swizzle): leading = between the
-  // two core matrices of a k16 step along K (128 bytes), stride = between 8-row groups
-  constexpr uint32_t kLead = 128, kStride = KG * 128;
-
-  float d[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) d[i] = 0.f;
-#pragma unroll
-  for (int s = 0; s < S - 2; ++s) {
-    if (s < nk) load(s, s);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < nk; ++kt) {
-    cp_async_wait<S - 3>();
-    fence_proxy_async();
-    __syncthreads();
-    if (kt + S - 2 < nk) load(kt + S - 2, (kt + S - 2) % S);
-    cp_async_commit();
-    const int buf = kt % S;
-    const T* xa = sx + buf * BM * BK + wg * 8 * KG * 64;  // this warpgroup's 64 rows
-    const T* wb = sw + buf * BN * BK;
-#pragma unroll
-    for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks)
-      Wgmma<T>::run(d, wgmma_desc(xa + ks * 2 * 64, kLead, kStride), wgmma_desc(wb + ks * 2 * 64, kLead, kStride));
-    wgmma_commit();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
-    wgmma_wait<1>();
-  }
-  wgmma_wait<0>();
-  cp_async_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 64; ++i) wgmma_fence_operand(d[i]);
-  const int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      gemm_store<T, false>(a, row + 8 * h, n0 + j * 8 + (lane & 3) * 2, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-#else
-  (void)a;
-  __trap();  // launched only from sm_90a builds on sm_90 devices
-#endif
-}
-
 // fp32: the same two-segment GEMM on a SIMT 64 x 64 tile (no fp32 tensor-core path).
 constexpr int kF32Tile = 64;
 template <bool PARTIAL>
@@ -713,63 +640,66 @@ splitk_reduce_kernel(int rows, int out, int splits, const float* __restrict__ P,
 // ---------------------------------------------------------------------------
 
 // Many-rows sizes, a function of the arguments only (the workspace size needs no device).
+// None of these depends on rows, so the workspace size grows with rows (a caller may size it
+// once for its largest row count, as the TensorRT plugin does).
+constexpr int kSplitRows = 64;  // at most this many rows: the final GEMM is split over K
 struct ManyRowsPlan {
   int kz;       // E * rank: LoRA columns of z
   int ldz;      // z row pitch (elements), a multiple of 8: 16-byte aligned rows
   int splits;   // K splits of the shrink
   int tps;      // K tiles (kGemmBK wide) per shrink split
-  int ysplits;  // K splits of the final GEMM (1: not split)
+  int ysplits;  // K splits of the final GEMM at <= kSplitRows rows (1: not split)
   int ytps;     // K tiles per final split
 };
 
-// Splits of K = nk tiles for `tiles` output tiles: about 256 blocks, each split >= 8 tiles.
-void split_k(long long tiles, int nk, int* splits, int* tps) {
-  const long long want = (256 + tiles - 1) / tiles;
-  const int s = static_cast<int>(std::max(1ll, std::min<long long>(want, nk / 8)));
+// nk K tiles in at most max_splits splits of >= 8 tiles each.
+void split_k(int nk, long long max_splits, int* splits, int* tps) {
+  const int s = static_cast<int>(std::max(1ll, std::min<long long>(max_splits, nk / 8)));
   *tps = (nk + s - 1) / s;
   *splits = (nk + *tps - 1) / *tps;
 }
 
-ManyRowsPlan many_rows_plan(int rows, int in, int out, int E, int rank) {
+ManyRowsPlan many_rows_plan(int in, int out, int E, int rank) {
   ManyRowsPlan p;
   p.kz = E * rank;
   p.ldz = (p.kz + 7) / 8 * 8;
-  // The shrink has only ceil(rows/64) x ceil(kz/64) output tiles (16 at 512 rows, E8 r16) over a
-  // long K: split K until about 256 blocks run, each split at least 8 K slices.
-  const long long tiles = static_cast<long long>((rows + kF32Tile - 1) / kF32Tile) * ((p.kz + kF32Tile - 1) / kF32Tile);
   const int nk1 = (in + kGemmBK - 1) / kGemmBK;
-  split_k(tiles, nk1, &p.splits, &p.tps);
-  // Final GEMM at <= 64 rows: one row of 64 x 64 tiles, too few blocks to stream W at full
-  // bandwidth: split its K (x W^T tiles, then z B_cat^T tiles) the same way (fp16/bf16).
-  p.ysplits = 1;
-  p.ytps = 0;
-  if (rows <= 64) split_k((out + 63) / 64, nk1 + (p.kz + kGemmBK - 1) / kGemmBK, &p.ysplits, &p.ytps);
+  // The shrink has few output tiles (ceil(rows/64) x ceil(E*rank/64): 16 at 512 rows, E8 r16)
+  // over a long K: 8 splits.
+  split_k(nk1, 8, &p.splits, &p.tps);
+  // The final GEMM at <= 64 rows has one row of ceil(out/64) tiles, too few blocks to stream W
+  // at full bandwidth: split its K (x W^T slices, then z B_cat^T slices) to about 256 blocks.
+  const long long tiles = (out + 63) / 64;
+  split_k(nk1 + (p.kz + kGemmBK - 1) / kGemmBK, (256 + tiles - 1) / tiles, &p.ysplits, &p.ytps);
   return p;
 }
 
 // Workspace: few rows: t [rows, top_k, rank] fp32. Many rows: z [rows, ldz] (x's dtype, sized
-// for fp32), the shrink's partials P [splits, rows, E*rank] fp32, then, when the final GEMM is
-// split, its partials Py [ysplits, rows, out] fp32 (apart from P: x W^T splits run while
-// zscale still reads P). Each part 256-byte aligned.
+// for fp32), the shrink's partials P [splits, rows, E*rank] fp32, then the split final GEMM's
+// partials Py [ysplits, min(rows, 64), out] fp32 when ysplits > 1 (kept at 64 rows above that,
+// unused, so the size never shrinks as rows grow; apart from P: x W^T splits run while zscale
+// still reads P); never less than the few-rows size. Each part 256-byte aligned.
 struct Layout {
   size_t t_off, z_off, p_off, py_off, total;
 };
 
 Layout make_layout(int rows, int in, int out, int E, int rank, int top_k) {
   Layout L{};
+  const size_t t_bytes = align_up(static_cast<size_t>(rows) * top_k * rank * sizeof(float), 256);
   if (rows <= kGemvMaxRows) {
-    L.total = align_up(static_cast<size_t>(rows) * top_k * rank * sizeof(float), 256);
+    L.total = t_bytes;
     L.z_off = L.p_off = L.py_off = L.total;
     return L;
   }
-  const ManyRowsPlan p = many_rows_plan(rows, in, out, E, rank);
+  const ManyRowsPlan p = many_rows_plan(in, out, E, rank);
   L.t_off = L.z_off = 0;
   size_t off = align_up(static_cast<size_t>(rows) * p.ldz * sizeof(float), 256);
   L.p_off = off;
   off += align_up(static_cast<size_t>(p.splits) * rows * p.kz * sizeof(float), 256);
   L.py_off = off;
-  if (p.ysplits > 1) off += align_up(static_cast<size_t>(p.ysplits) * rows * out * sizeof(float), 256);
-  L.total = off;
+  if (p.ysplits > 1)
+    off += align_up(static_cast<size_t>(p.ysplits) * std::min(rows, kSplitRows) * out * sizeof(float), 256);
+  L.total = std::max(off, t_bytes);
   return L;
 }
 
@@ -940,18 +870,6 @@ int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, bool pdl, cu
   return launch_ex(kern, grid, WM * WN * 32, smem, pdl, stream, a);
 }
 
-template <typename T>
-int launch_gemm_wgmma(const DeviceInfo& di, GemmArgs<T> a, bool pdl, cudaStream_t stream) {
-  static std::atomic<int> opted[kMaxDevices];
-  auto kern = gemm_wgmma_kernel<T>;
-  int st = opt_in_smem(kern, kWgSmem, di, opted);
-  if (st != ADAFUSE_OK) return st;
-  dim3 grid;
-  st = tile_grid(kWgBM, kWgBN, 1, &a, &grid);
-  if (st != ADAFUSE_OK) return st;
-  return launch_ex(kern, grid, 256, kWgSmem, pdl, stream, a);
-}
-
 template <bool PARTIAL>
 int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
   dim3 grid;
@@ -962,30 +880,6 @@ int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
   return ADAFUSE_OK;
 }
 
-// Kernel of the final GEMM. With sm_90a code (ADAFUSE_SM90A) on an sm_90 device and 16-byte
-// loadable operands: the wgmma kernel above 64 rows. Otherwise mma.sync with the largest of
-// 128x128, 64x128, 64x64 tiles that still gives every SM a block.
-// ADAFUSE_GEMM_TILE=wgmma|128x128|64x128|64x64 forces one (read per call, for benchmarks).
-enum class Tile { kWgmma, k128x128, k64x128, k64x64 };
-Tile pick_tile(int rows, int out, const DeviceInfo& di, bool wgmma_ok) {
-#if !defined(ADAFUSE_SM90A)
-  wgmma_ok = false;
-#endif
-  wgmma_ok = wgmma_ok && di.cc_major == 9;
-  const char* s = getenv("ADAFUSE_GEMM_TILE");
-  if (s && !strcmp(s, "wgmma") && wgmma_ok) return Tile::kWgmma;
-  if (s && !strcmp(s, "128x128")) return Tile::k128x128;
-  if (s && !strcmp(s, "64x128")) return Tile::k64x128;
-  if (s && !strcmp(s, "64x64")) return Tile::k64x64;
-  if (wgmma_ok && rows > 64) return Tile::kWgmma;
-  auto blocks = [&](int bm, int bn) {
-    return static_cast<long long>((rows + bm - 1) / bm) * ((out + bn - 1) / bn);
-  };
-  if (blocks(128, 128) >= di.sm_count) return Tile::k128x128;
-  if (blocks(64, 128) >= di.sm_count) return Tile::k64x128;
-  return Tile::k64x64;
-}
-
 template <typename T>
 int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
                   const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
@@ -994,7 +888,7 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
   constexpr int V = TypeOps<T>::kVec;
-  const ManyRowsPlan p = many_rows_plan(rows, in, out, E, rank);
+  const ManyRowsPlan p = many_rows_plan(in, out, E, rank);
   T* z = reinterpret_cast<T*>(ws + L.z_off);
   float* P = reinterpret_cast<float*>(ws + L.p_off);
 
@@ -1023,7 +917,7 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   if constexpr (std::is_same<T, float>::value) {
     return launch_gemm_f32<false>(g, 1, stream);
   } else {
-    if (p.ysplits > 1 && !getenv("ADAFUSE_GEMM_TILE")) {  // split K, then y = sum + bias
+    if (rows <= kSplitRows && p.ysplits > 1) {  // split K, then y = sum + bias
       g.P = reinterpret_cast<float*>(ws + L.py_off);
       g.tps = p.ytps;
       st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, g, p.ysplits, pdl, stream);
@@ -1032,12 +926,9 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
       return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, pdl, stream, rows, out,
                        p.ysplits, static_cast<const float*>(g.P), bias, y);
     }
-    switch (pick_tile(rows, out, di, g.vec1 && g.vec2)) {
-      case Tile::kWgmma: return launch_gemm_wgmma<T>(di, g, pdl, stream);
-      case Tile::k128x128: return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, pdl, stream);
-      case Tile::k64x128: return launch_gemm_tc<T, 64, 128, 2, 4, false>(di, g, 1, pdl, stream);
-      case Tile::k64x64: break;
-    }
+    if (gemm_smem_bytes<128, 128>() <= static_cast<size_t>(di.max_smem_optin))
+      return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, pdl, stream);
+    // 144 KB of stages do not fit a block (sm_86, sm_89, sm_120 allow 99 KB)
     return launch_gemm_tc<T, 64, 64, 2, 2, false>(di, g, 1, pdl, stream);
   }
 }
