@@ -380,10 +380,39 @@ def copy_bandwidth():
     return 2 * n / (ms * 1e-3)
 
 
+def lora_bench_sets(K, rows, outf, inf, E, r, k, gen, dt=torch.bfloat16):
+    """Input sets (x, W, A, B, ids, gates, y, workspace) for timing, together more than 4x L2."""
+    L2 = torch.cuda.get_device_properties(0).L2_cache_size
+    per = (outf * inf + E * r * (inf + outf)) * 2
+    sets = []
+    for _ in range(max(2, math.ceil(4 * L2 / per))):
+        x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
+        W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
+        A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
+        B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
+        ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
+        g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
+        y = torch.empty(rows, outf, device=DEV, dtype=dt)
+        ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
+        sets.append((x, W, A, B, ids, g, y, ws))
+    return sets
+
+
+def lora_bench_fns(K, sets, scale):
+    """fused(): adafuse_lora_linear over every set; dense(): torch's x W^T (cuBLAS) over every set."""
+    def fused():
+        for (x, W, A, B, ids, g, y, ws) in sets:
+            K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+
+    def dense():
+        for (x, W, *_rest) in sets:
+            torch.nn.functional.linear(x, W)
+    return fused, dense
+
+
 def bench_lora(K, results, copy_bw):
     gen = torch.Generator(device=DEV).manual_seed(5)
     dt = torch.bfloat16
-    L2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows_out = []
     for (outf, inf) in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         for r in (16, 64):
@@ -391,27 +420,9 @@ def bench_lora(K, results, copy_bw):
                 if r == 64 and rows not in (1, 8, 512):
                     continue
                 E, k, scale = 8, 2, 2.0
-                per = (outf * inf + E * r * (inf + outf)) * 2
-                nsets = max(2, math.ceil(4 * L2 / per))
-                sets = []
-                for _ in range(nsets):
-                    x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
-                    W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
-                    A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
-                    B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
-                    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
-                    g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
-                    y = torch.empty(rows, outf, device=DEV, dtype=dt)
-                    ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
-                    sets.append((x, W, A, B, ids, g, y, ws))
-
-                def fused():
-                    for (x, W, A, B, ids, g, y, ws) in sets:
-                        K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
-
-                def dense_only():
-                    for (x, W, *_rest) in sets:
-                        torch.nn.functional.linear(x, W)
+                sets = lora_bench_sets(K, rows, outf, inf, E, r, k, gen)
+                nsets = len(sets)
+                fused, dense_only = lora_bench_fns(K, sets, scale)
 
                 def unmerged():
                     for (x, W, A, B, ids, g, y, ws) in sets:
@@ -451,7 +462,7 @@ def bench_lora(K, results, copy_bw):
                 log("  lora %5dx%-5d r%-3d rows %-3d fused %8.2f us (rep %8.2f, no PDL %8.2f) dense %8.2f unmerged %8.2f floor %7.2f  f/d %.3f  %.2f TB/s err %.1e" % (
                     outf, inf, r, rows, rec["fused_us"], rec["fused_repeat_us"], rec["fused_nopdl_us"], rec["dense_us"], rec["unmerged_us"],
                     rec["bytes_floor_us"], rec["fused_over_dense"], rec["fused_bw_TBps"], err))
-                del sets
+                del sets, fused, dense_only, unmerged
                 torch.cuda.empty_cache()
     results["lora_timing"] = rows_out
 

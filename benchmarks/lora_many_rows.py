@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
-from gpu_kernels import lora_ref, rel_err, time_graph  # noqa: E402
+from gpu_kernels import lora_bench_fns, lora_bench_sets, lora_ref, rel_err, time_graph  # noqa: E402
 
 LOG = io.StringIO()
 DEV = "cuda"
@@ -41,24 +40,6 @@ def log(*a):
     s = " ".join(str(x) for x in a)
     print(s, flush=True)
     LOG.write(s + "\n")
-
-
-def make_sets(K, rows, outf, inf, E, r, k, gen):
-    dt = torch.bfloat16
-    L2 = torch.cuda.get_device_properties(0).L2_cache_size
-    per = (outf * inf + E * r * (inf + outf) + rows * (inf + outf)) * 2
-    sets = []
-    for _ in range(max(2, math.ceil(4 * L2 / per))):
-        x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
-        W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
-        A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
-        B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
-        ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
-        g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
-        y = torch.empty(rows, outf, device=DEV, dtype=dt)
-        ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
-        sets.append((x, W, A, B, ids, g, y, ws))
-    return sets
 
 
 def kernel_breakdown(fn, n=5):
@@ -88,15 +69,8 @@ def bench(K, label, results, rows_list, gen):
     recs = []
     for (outf, inf) in SHAPES:
         for rows in rows_list:
-            sets = make_sets(K, rows, outf, inf, E, r, k, gen)
-
-            def fused():
-                for (x, W, A, B, ids, g, y, ws) in sets:
-                    K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
-
-            def dense():
-                for (x, W, *_rest) in sets:
-                    torch.nn.functional.linear(x, W)
+            sets = lora_bench_sets(K, rows, outf, inf, E, r, k, gen)
+            fused, dense = lora_bench_fns(K, sets, scale)
 
             rec = dict(lib=label, out=outf, inp=inf, rows=rows, E=E, rank=r, top_k=k, nsets=len(sets))
             x, W, A, B, ids, g, y, ws = sets[0]
@@ -115,7 +89,7 @@ def bench(K, label, results, rows_list, gen):
             log("      per kernel (us/call; a programmatic dependent launch counts from its early start): "
                 + ", ".join("%s %.1f" % (n[:60], t) for n, t in rec["kernels_us"].items()))
             recs.append(rec)
-            del sets, x, W, A, B, ids, g, y, ws
+            del sets, fused, dense, x, W, A, B, ids, g, y, ws
             torch.cuda.empty_cache()
     results[label] = recs
 

@@ -717,6 +717,25 @@ bool pdl_enabled() {
   return !(s && s[0] && s[0] != '0');
 }
 
+// Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
+// prologue while the previous launch finishes and waits in griddepcontrol.wait).
+template <typename... KArgs, typename... Args>
+int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
+              Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
+  return ADAFUSE_OK;
+}
+
 template <typename T, int R, int NO, bool VEC>
 int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                 const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t, T* y,
@@ -724,39 +743,18 @@ int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, con
   const long long warps = (static_cast<long long>(out) + NO - 1) / NO;
   const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_lora_kernel<T, R, NO, VEC>, rows, in, out, x, W, bias,
-                                 B, E, rank, ids, top_k, t, y));
-  return ADAFUSE_OK;
+  return launch_ex(gemv_lora_kernel<T, R, NO, VEC>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream,
+                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y);
 }
 
 template <typename T, int NT>
 int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                     const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t,
                     T* y, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((out + 15) / 16));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
   const bool vec_b = rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_mma_kernel<T, NT>, rows, in, out, x, W, bias, B, E,
-                                 rank, ids, top_k, t, y, vec_b));
-  return ADAFUSE_OK;
+  return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>((out + 15) / 16)), kThreads, 0, pdl, stream,
+                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, vec_b);
 }
 
 template <typename T, bool VEC>
@@ -835,25 +833,6 @@ int tile_grid(int BM, int BN, int splits, GemmArgs<T>* a, dim3* grid) {
   if (!a->m_fast && mt > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
   *grid = a->m_fast ? dim3(static_cast<unsigned>(mt), static_cast<unsigned>(nt), static_cast<unsigned>(splits))
                     : dim3(static_cast<unsigned>(nt), static_cast<unsigned>(mt), static_cast<unsigned>(splits));
-  return ADAFUSE_OK;
-}
-
-// Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
-// prologue while the previous launch finishes and waits in griddepcontrol.wait).
-template <typename... KArgs, typename... Args>
-int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
-              Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
   return ADAFUSE_OK;
 }
 
