@@ -89,7 +89,7 @@ def check_lora(K, results):
     gen = torch.Generator().manual_seed(1234)
     gg = torch.Generator(device=DEV).manual_seed(4321)
     shapes = [(1, 1), (7, 37), (37, 7), (4095, 4096), (4096, 4095), (4096, 4096), (11008, 4096)]
-    rows_list = [1, 3, 8, 12, 64, 512]
+    rows_list = [1, 3, 8, 12, 16, 17, 64, 512]
     ranks = [1, 3, 16, 64, 128]
     experts = [1, 8, 64]
     cases = []
@@ -114,6 +114,14 @@ def check_lora(K, results):
                 for k in range(1, 5):
                     cases.append(dict(dtype=dname, in_f=37 if k % 2 else 4095, out_f=129, rows=[1, 8, 64][k % 3],
                                       rank=r, E=E, top_k=k, bias=True, misalign=False, invalid=False))
+    # many rows at a prefill chunk's size, and the E / rank limits (E*rank up to 1M extra K columns)
+    for dname in ["bf16", "fp16", "fp32"]:
+        cases.append(dict(dtype=dname, in_f=4096, out_f=4095, rows=2048, rank=16, E=8, top_k=2,
+                          bias=True, misalign=False, invalid=True))
+    for dname in ["bf16", "fp32"]:
+        for (E, r, rows) in [(256, 8, 17), (256, 4096, 17), (2, 4096, 64), (256, 1, 64)]:
+            cases.append(dict(dtype=dname, in_f=37, out_f=129, rows=rows, rank=r, E=E, top_k=8,
+                              bias=True, misalign=False, invalid=False))
     n_fail = 0
     for cs in cases:
         dt = DT[cs["dtype"]]
@@ -154,6 +162,48 @@ def check_lora(K, results):
         e = cs["rel_err"] if cs["rel_err"] == cs["rel_err"] else float("inf")
         worst[d] = max(worst.get(d, 0.0), e)
     log(f"lora_linear correctness: {len(cases)} cases, {n_fail} failures; worst rel err {worst}")
+    return n_fail
+
+
+def check_lora_graph(K, results):
+    """The many-rows and few-rows paths captured in a CUDA graph: replays see new inputs
+    (copied into the captured buffers) and rewrite every output (NaN-poisoned before each)."""
+    gen = torch.Generator().manual_seed(4242)
+    out, n_fail = [], 0
+    for dname in ["bf16", "fp16", "fp32"]:
+        dt = DT[dname]
+        for (rows, inf, outf, E, r, k) in [(17, 4095, 257, 8, 16, 2), (512, 4096, 1024, 8, 16, 2),
+                                           (64, 256, 129, 64, 3, 4), (8, 4096, 512, 8, 16, 2)]:
+            mk = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(DEV, dt)  # noqa: E731
+            x, W = mk(rows, inf), mk(outf, inf, s=inf ** -0.5)
+            A, B, bias = mk(E, r, inf, s=inf ** -0.5), mk(E, outf, r, s=r ** -0.5), mk(outf)
+            ids, g = rand_route(rows, k, E, gen)
+            y = torch.empty(rows, outf, dtype=dt, device=DEV)
+            ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
+            fn = lambda: K.lora_linear(x, W, A, B, ids, g, 0.75, bias=bias, out=y, workspace=ws)  # noqa: E731
+            fn()  # first call outside capture (per-device setup)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            errs = []
+            for _ in range(2):
+                x.copy_(mk(rows, inf))
+                ids2, g2 = rand_route(rows, k, E, gen)
+                ids.copy_(ids2); g.copy_(g2)
+                y.fill_(float("nan")); ws.fill_(255)
+                graph.replay()
+                torch.cuda.synchronize()
+                errs.append(rel_err(y, lora_ref(x, W, bias, A, B, ids, g, 0.75)))
+            worst = max(e if e == e else float("inf") for e in errs)
+            ok = worst < TOL[dname]
+            n_fail += 0 if ok else 1
+            rec = dict(dtype=dname, rows=rows, in_f=inf, out_f=outf, E=E, rank=r, top_k=k, rel_err=worst, ok=ok)
+            out.append(rec)
+            if not ok:
+                log("  LORA GRAPH FAIL", rec)
+    results["lora_graph_replay"] = out
+    log(f"lora_linear graph replay: {len(out)} cases, {n_fail} failures; worst rel err "
+        + str({d: max(o["rel_err"] for o in out if o["dtype"] == d) for d in DT}))
     return n_fail
 
 
@@ -330,38 +380,49 @@ def copy_bandwidth():
     return 2 * n / (ms * 1e-3)
 
 
+def lora_bench_sets(K, rows, outf, inf, E, r, k, gen, dt=torch.bfloat16):
+    """Input sets (x, W, A, B, ids, gates, y, workspace) for timing, together more than 4x L2."""
+    L2 = torch.cuda.get_device_properties(0).L2_cache_size
+    per = (outf * inf + E * r * (inf + outf)) * 2
+    sets = []
+    for _ in range(max(2, math.ceil(4 * L2 / per))):
+        x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
+        W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
+        A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
+        B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
+        ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
+        g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
+        y = torch.empty(rows, outf, device=DEV, dtype=dt)
+        ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
+        sets.append((x, W, A, B, ids, g, y, ws))
+    return sets
+
+
+def lora_bench_fns(K, sets, scale):
+    """fused(): adafuse_lora_linear over every set; dense(): torch's x W^T (cuBLAS) over every set."""
+    def fused():
+        for (x, W, A, B, ids, g, y, ws) in sets:
+            K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+
+    def dense():
+        for (x, W, *_rest) in sets:
+            torch.nn.functional.linear(x, W)
+    return fused, dense
+
+
 def bench_lora(K, results, copy_bw):
     gen = torch.Generator(device=DEV).manual_seed(5)
     dt = torch.bfloat16
-    L2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows_out = []
     for (outf, inf) in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         for r in (16, 64):
-            for rows in (1, 8, 512):
-                if rows == 512 and r == 64:
+            for rows in (1, 8, 17, 64, 512, 2048):
+                if r == 64 and rows not in (1, 8, 512):
                     continue
                 E, k, scale = 8, 2, 2.0
-                per = (outf * inf + E * r * (inf + outf)) * 2
-                nsets = max(2, math.ceil(4 * L2 / per))
-                sets = []
-                for _ in range(nsets):
-                    x = torch.randn(rows, inf, device=DEV, generator=gen).to(dt)
-                    W = (torch.randn(outf, inf, device=DEV, generator=gen) / 64).to(dt)
-                    A = (torch.randn(E, r, inf, device=DEV, generator=gen) / 64).to(dt)
-                    B = (torch.randn(E, outf, r, device=DEV, generator=gen) / 8).to(dt)
-                    ids = torch.stack([torch.randperm(E, device=DEV, generator=gen)[:k] for _ in range(rows)]).int()
-                    g = torch.softmax(torch.randn(rows, k, device=DEV, generator=gen), 1).float()
-                    y = torch.empty(rows, outf, device=DEV, dtype=dt)
-                    ws = torch.empty(K.lora_linear_workspace_size(rows, inf, outf, E, r, k), dtype=torch.uint8, device=DEV)
-                    sets.append((x, W, A, B, ids, g, y, ws))
-
-                def fused():
-                    for (x, W, A, B, ids, g, y, ws) in sets:
-                        K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
-
-                def dense_only():
-                    for (x, W, *_rest) in sets:
-                        torch.nn.functional.linear(x, W)
+                sets = lora_bench_sets(K, rows, outf, inf, E, r, k, gen)
+                nsets = len(sets)
+                fused, dense_only = lora_bench_fns(K, sets, scale)
 
                 def unmerged():
                     for (x, W, A, B, ids, g, y, ws) in sets:
@@ -401,7 +462,7 @@ def bench_lora(K, results, copy_bw):
                 log("  lora %5dx%-5d r%-3d rows %-3d fused %8.2f us (rep %8.2f, no PDL %8.2f) dense %8.2f unmerged %8.2f floor %7.2f  f/d %.3f  %.2f TB/s err %.1e" % (
                     outf, inf, r, rows, rec["fused_us"], rec["fused_repeat_us"], rec["fused_nopdl_us"], rec["dense_us"], rec["unmerged_us"],
                     rec["bytes_floor_us"], rec["fused_over_dense"], rec["fused_bw_TBps"], err))
-                del sets
+                del sets, fused, dense_only, unmerged
                 torch.cuda.empty_cache()
     results["lora_timing"] = rows_out
 
@@ -516,6 +577,7 @@ def main():
     results["copy_TBps"] = bw / 1e12
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
     section("lora", check_lora, K, results)
+    section("lora", check_lora_graph, K, results)
     section("switch", check_switch, K, results)
     section("drift", drift_test, K, results)
     section("tlora", bench_lora, K, results, bw)

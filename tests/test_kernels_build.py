@@ -83,9 +83,21 @@ def test_workspace_size(kernels):
     # few rows: fp32 t[rows, top_k, rank], rounded up to 256 bytes
     assert ws(1, 4096, 4096, 8, 16, 2) == 256
     assert ws(16, 4096, 4096, 8, 128, 4) == 16 * 4 * 128 * 4
-    # many rows: t + fp32 y buffer + grouping tables
-    big = ws(512, 4096, 11008, 8, 16, 2)
-    assert big >= 512 * 2 * 16 * 4 + 512 * 11008 * 4 + 512 * 2 * 4
+    # many rows (adafuse_kernels.h): z [rows, round_up(E*rank, 8)] at 4 bytes, fp32 shrink
+    # partials [8 splits of in 4096, rows, E*rank], split final GEMM partials [2 splits for 11008
+    # outputs, 64 rows, out] (kept above 64 rows)
+    assert ws(512, 4096, 11008, 8, 16, 2) == 512 * 128 * 4 + 8 * 512 * 128 * 4 + 2 * 64 * 11008 * 4
+    # 4096 outputs: 4 final splits
+    assert ws(64, 4096, 4096, 8, 16, 2) == 64 * 128 * 4 + 8 * 64 * 128 * 4 + 4 * 64 * 4096 * 4
+    # E*rank 9 padded to 16 columns; in 37: no splits; parts rounded up to 256 bytes
+    assert ws(17, 37, 129, 3, 3, 2) == 1280 + 768
+    # never below the few-rows formula (top_k > E: 17 x 8 x 4096 x 4 beats z + partials)
+    assert ws(17, 8, 1, 1, 4096, 8) == 17 * 8 * 4096 * 4
+    # callers size the workspace once for their largest row count: it never shrinks with rows
+    for cfg in [(4096, 4096, 8, 16, 2), (4096, 11008, 8, 64, 2), (37, 129, 3, 3, 2), (8, 1, 1, 4096, 8),
+                (11008, 4096, 256, 8, 8)]:
+        sizes = [ws(r, *cfg) for r in list(range(1, 300)) + [511, 512, 513, 2047, 2048, 4096]]
+        assert sizes == sorted(sizes), cfg
     for bad in [(1, 0, 1, 1, 1, 1), (1, 1, 0, 1, 1, 1), (1, 1, 1, 0, 1, 1), (1, 1, 1, 1, 0, 1),
                 (1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 9), (-1, 1, 1, 1, 1, 1), (1, 1, 1, 257, 1, 1)]:
         assert kernels.lib.adafuse_lora_linear_workspace_size(*bad) == 0, bad

@@ -30,8 +30,8 @@ extern "C" {
 #define ADAFUSE_SWITCH_MAX_SITES (1 << 20)  // num_sites of adafuse_switch (also bounded by shared
                                             // memory: 4 bytes per site + the tile buffers)
 // Rows of one adafuse_lora_linear call: every (top_k, num_experts) within the limits above
-// accepts up to this many (the grouped path needs ceil(rows*top_k/32) + num_experts <= 65535
-// grid rows). Larger inputs are processed in row chunks by the caller (rows are independent).
+// accepts up to this many (the many-rows GEMMs need ceil(rows/64) <= 65535 grid rows).
+// Larger inputs are processed in row chunks by the caller (rows are independent).
 #define ADAFUSE_LORA_MAX_ROWS (1 << 17)
 // adafuse_switch has no limit on rank or num_experts; a site with a non-positive size or
 // out/in above max_out_features/max_in_features is skipped (left untouched).
@@ -58,7 +58,17 @@ int adafuse_abi_version(void);
 // x [rows, in], W [out, in], bias [out] or NULL, A [E, rank, in],
 // B [E, out, rank], expert_ids [rows, top_k] int32 (each in [0, E)),
 // gates [rows, top_k] float32, y [rows, out]. x, W, bias, A, B, y share dtype.
-// Few rows: one GEMV-class pass over W; many rows: tokens grouped by expert.
+// Few rows (<= 16): one GEMV-class pass over W. Many rows: one tensor-core GEMM over
+// [x | z] and [W | B_cat] (K = in + E*rank), z = the gated, scaled shrink x A[e]^T of every
+// expert, zero where a row does not use the expert (the experts' share of the work grows with
+// E*rank / in).
+// Workspace (adafuse_lora_linear_workspace_size, 16-byte aligned), each part rounded up to 256
+// bytes: rows <= 16: fp32 [rows, top_k, rank]; rows > 16: z [rows, round_up(E*rank, 8)] sized
+// at 4 bytes per element, fp32 shrink partials [splits, rows, E*rank], then, when the final
+// GEMM of <= 64 rows is split over K (ysplits > 1), its fp32 partials [ysplits, min(rows, 64),
+// out]; never less than the rows <= 16 formula. splits and ysplits follow from in_features,
+// out_features and E*rank only, so the size never decreases as rows grow (size once for the
+// largest row count); it does not depend on dtype.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,

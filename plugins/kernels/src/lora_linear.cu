@@ -9,16 +9,17 @@
 //      single warp reduction. On sm_90 it is launched as a programmatic
 //      dependent of the shrink, so the W stream starts while the shrink runs
 //      and only the LoRA epilogue waits for t (griddepcontrol.wait).
-// Many rows, the prefill case:
-//   1. group: slots (n,j) bucketed by expert (counting sort, one block).
-//   2. shrink_grouped: per (expert, 32 slots) tile, t = scale * g * A[e] x.
-//   3. expand_grouped: per (expert, 32 slots, 64 outputs) tile,
-//      ylora[n,o] += B[e][o,:] . t[slot,:] (fp32 atomics in the workspace).
-//   4. gemm: y = x W^T + ylora + bias (mma.sync tensor cores for fp16/bf16,
-//      cp.async double buffering; a SIMT tile for fp32).
+// Many rows, the prefill case: the LoRA term becomes extra K columns of one
+// tensor-core GEMM, y = [x | z] [W | B_cat]^T + bias (see "Many-rows path" below):
+//   1. shrink: x A_cat^T for all experts (A as [E*rank, in]), split over K, fp32 partials;
+//   2. zscale: z = scale * gate * (sum of partials), zero for the experts a row does not use;
+//   3. gemm: mma.sync tensor cores (fp16/bf16; a SIMT tile for fp32), 4-stage cp.async,
+//      split over K (plus a reduce) at <= 64 rows.
 // Expert ids outside [0, num_experts) contribute nothing (no device trap).
 #include "common.cuh"
 
+#include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 namespace adafuse {
@@ -26,15 +27,14 @@ namespace {
 
 constexpr int kGemvMaxRows = 16;
 constexpr int kThreads = 256;
-constexpr int kSlotTile = 32;     // slots per grouped tile
-constexpr int kMaxExperts = ADAFUSE_LORA_MAX_EXPERTS;  // grouped path bucket limit
+constexpr int kMaxExperts = ADAFUSE_LORA_MAX_EXPERTS;
 constexpr int kMaxRank = ADAFUSE_LORA_MAX_RANK;
 constexpr int kMaxTopK = ADAFUSE_MAX_TOP_K;
-// ADAFUSE_LORA_MAX_ROWS must fit the grouped path's grid at the largest top_k and expert count.
-static_assert((static_cast<long long>(ADAFUSE_LORA_MAX_ROWS) * kMaxTopK + kSlotTile - 1) / kSlotTile + kMaxExperts
-                  <= 65535,
-              "ADAFUSE_LORA_MAX_ROWS exceeds the grouped kernels' grid limit");
-static_assert((ADAFUSE_LORA_MAX_ROWS + 63) / 64 <= 65535, "ADAFUSE_LORA_MAX_ROWS exceeds the dense GEMM's grid");
+// ADAFUSE_LORA_MAX_ROWS must fit the many-rows GEMMs' grid rows (64-row tiles at the smallest).
+static_assert((ADAFUSE_LORA_MAX_ROWS + 63) / 64 <= 65535, "ADAFUSE_LORA_MAX_ROWS exceeds the GEMM grid");
+// E * rank (the shrink's columns, z's width) fits an int.
+static_assert(static_cast<long long>(ADAFUSE_LORA_MAX_EXPERTS) * ADAFUSE_LORA_MAX_RANK < (1ll << 30),
+              "E * rank overflows");
 
 // ---------------------------------------------------------------------------
 // Few-rows path
@@ -332,389 +332,374 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
 }
 
 // ---------------------------------------------------------------------------
-// Many-rows path
+// Many-rows path: the LoRA term as extra K columns of one tensor-core GEMM.
+//   c[n,e]          = scale * sum_{j: ids[n,j] = e} gates[n,j]  (0 for experts row n does not use)
+//   z[n, e*rank+q]  = c[n,e] * (A[e] x[n])[q]                  (A_cat = A as [E*rank, in])
+//   y               = [x | z] [W | B_cat]^T + bias,             B_cat[o, e*rank+q] = B[e, o, q]
+// y is accumulated in fp32 and rounded once; no atomics. The shrink computes every expert for
+// every row (the unused columns get c = 0): 2*rows*E*rank*(in+out) flops over the dense
+// 2*rows*in*out (6% at E8 r16 on 4096x4096), in exchange for dense tensor-core tiles.
+//   1. gemm, partial mode: P[s] = x A_cat^T over the s-th split of K = in (fp32);
+//   2. zscale: z = T(c * sum_s P[s]);
+//   3. gemm, final mode, over K = in + E*rank: 128 x 128 tiles; at <= 64 rows (one row of
+//      tiles, too few blocks to stream W at full bandwidth) split over K in partial mode
+//      instead, then y = T(sum of partials + bias).
+// zscale and the final GEMM are programmatic dependent launches (sm_90): the final GEMM streams
+// x W^T while the shrink runs and waits (griddepcontrol.wait) only before its first z slice.
+// Measured on an H200 (benchmarks/results/KERNEL_NOTES.md, v5): 3.8-4.3x cuBLAS's dense x W^T
+// at 512-2048 rows, 1.8-2.9x at 17-64 rows. The common bound of every tile and pipeline depth
+// tried (and of a wgmma version) is the cp.async operand stream, not the MMAs.
 // ---------------------------------------------------------------------------
 
-struct GroupWs {
-  int* counts;    // [E]
-  int* offsets;   // [E+1]
-  int* tile_off;  // [E+1]
-  int* list;      // [slots]
+template <typename T>
+struct GemmArgs {
+  int M, N;       // rows, output columns
+  const T* X;     // segment 1: X [M, K1]
+  const T* W;     //            W [N, K1]
+  int K1;
+  const T* Z;     // segment 2: Z [M, ldz] (first K2 columns)
+  const T* B;     //            B [K2 / rank, N, rank]
+  int K2, rank, ldz;
+  const T* bias;  // final mode: [N] or null
+  T* Y;           // final mode: [M, N]
+  float* P;       // partial mode: [splits, M, N] fp32
+  int tps;        // partial mode: split s = blockIdx.z covers K tiles [s*tps, (s+1)*tps) (kGemmBK
+                  // wide) of the K1 tiles followed by the K2 tiles; fp32: K1 only
+  bool vec1, vec2;  // 16-byte loads for segment 1 / 2
+  bool pairs;       // final mode: 4-byte stores of two outputs
+  bool m_fast;      // M tiles on grid x (see tile_m)
 };
 
-__global__ void __launch_bounds__(1024)
-group_kernel(int slots, int E, const int32_t* __restrict__ ids, GroupWs g) {
-  __shared__ int s_cnt[kMaxExperts];
-  __shared__ int s_cur[kMaxExperts];
-  __shared__ int s_off[kMaxExperts + 1];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) { s_cnt[e] = 0; s_cur[e] = 0; }
-  __syncthreads();
-  for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-    const int e = ids[s];
-    if (e >= 0 && e < E) atomicAdd(&s_cnt[e], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int off = 0, toff = 0;
-    for (int e = 0; e < E; ++e) {
-      s_off[e] = off;
-      g.offsets[e] = off;
-      g.tile_off[e] = toff;
-      g.counts[e] = s_cnt[e];
-      off += s_cnt[e];
-      toff += (s_cnt[e] + kSlotTile - 1) / kSlotTile;
-    }
-    s_off[E] = off;
-    g.offsets[E] = off;
-    g.tile_off[E] = toff;
-  }
-  __syncthreads();
-  for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-    const int e = ids[s];
-    if (e >= 0 && e < E) {
-      const int pos = atomicAdd(&s_cur[e], 1);
-      g.list[s_off[e] + pos] = s;
-    }
-  }
-}
-
-// Map block tile b to (expert, first list index, count); false if past the end.
-__device__ __forceinline__ bool tile_lookup(int b, int E, const GroupWs& g, int* e_out,
-                                            int* begin, int* cnt) {
-  if (b >= g.tile_off[E]) return false;
-  int lo = 0, hi = E - 1;  // last e with tile_off[e] <= b
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (g.tile_off[mid] <= b) lo = mid; else hi = mid - 1;
-  }
-  // skip experts with zero tiles that share the same tile_off
-  while (lo + 1 <= E - 1 && g.tile_off[lo + 1] <= b) ++lo;
-  const int e = lo;
-  *e_out = e;
-  *begin = g.offsets[e] + (b - g.tile_off[e]) * kSlotTile;
-  *cnt = min(kSlotTile, g.offsets[e + 1] - *begin);
-  return *cnt > 0;
-}
-
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-shrink_grouped_kernel(int in, int E, int rank, int top_k, const T* __restrict__ x,
-                      const T* __restrict__ A, const float* __restrict__ gates, float scale,
-                      GroupWs g, float* __restrict__ t) {
-  constexpr int KC = 64, RC = 128;
-  __shared__ float xs[kSlotTile][KC + 1];
-  __shared__ float as[RC][KC + 1];
-  __shared__ int s_slot[kSlotTile];
-  __shared__ int s_info[3];
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    int e = -1, begin = 0, cnt = 0;
-    if (!tile_lookup(blockIdx.x, E, g, &e, &begin, &cnt)) e = -1;
-    s_info[0] = e; s_info[1] = begin; s_info[2] = cnt;
-  }
-  __syncthreads();
-  const int e = s_info[0];
-  if (e < 0) return;
-  if (tid < kSlotTile) s_slot[tid] = (tid < s_info[2]) ? g.list[s_info[1] + tid] : -1;
-  __syncthreads();
-
-  const int sl = tid & 31, rg = tid >> 5;
-  for (int r0 = 0; r0 < rank; r0 += RC) {
-    const int rc = min(RC, rank - r0);
-    float acc[RC / 8];
-#pragma unroll
-    for (int q = 0; q < RC / 8; ++q) acc[q] = 0.f;
-    for (int k0 = 0; k0 < in; k0 += KC) {
-      // loads into registers first, then shared-memory stores (interleaving
-      // them serialises the global round trips)
-      constexpr int NX = (kSlotTile * KC) / kThreads, NA = (RC * KC) / kThreads;
-      float xv[NX], av[NA];
-      const int kk = tid % KC;  // fixed per thread (kThreads % KC == 0)
-      const bool kin = k0 + kk < in;
-#pragma unroll
-      for (int m = 0; m < NX; ++m) {
-        const int slot = s_slot[tid / KC + (kThreads / KC) * m];
-        xv[m] = (slot >= 0 && kin) ? ldf(x + static_cast<size_t>(slot / top_k) * in + k0 + kk) : 0.f;
-      }
-#pragma unroll
-      for (int m = 0; m < NA; ++m) {
-        const int r = tid / KC + (kThreads / KC) * m;
-        av[m] = (r < rc && kin) ? ldf(A + (static_cast<size_t>(e) * rank + r0 + r) * in + k0 + kk) : 0.f;
-      }
-#pragma unroll
-      for (int m = 0; m < NX; ++m) xs[tid / KC + (kThreads / KC) * m][kk] = xv[m];
-#pragma unroll
-      for (int m = 0; m < NA; ++m) as[tid / KC + (kThreads / KC) * m][kk] = av[m];
-      __syncthreads();
-#pragma unroll 4
-      for (int k2 = 0; k2 < KC; ++k2) {
-        const float xk = xs[sl][k2];
-#pragma unroll
-        for (int q = 0; q < RC / 8; ++q) {
-          const int r = rg + 8 * q;
-          if (r < rc) acc[q] = fmaf(as[r][k2], xk, acc[q]);
-        }
-      }
-      __syncthreads();
-    }
-    const int slot = s_slot[sl];
-    if (slot >= 0) {
-      const float c = scale * gates[slot];
-#pragma unroll
-      for (int q = 0; q < RC / 8; ++q) {
-        const int r = rg + 8 * q;
-        if (r < rc) t[static_cast<size_t>(slot) * rank + r0 + r] = c * acc[q];
-      }
-    }
-  }
+__device__ __forceinline__ const T* seg_x(const GemmArgs<T>& a, bool seg1, int m, int k) {
+  return seg1 ? a.X + static_cast<size_t>(m) * a.K1 + k : a.Z + static_cast<size_t>(m) * a.ldz + k;
 }
-
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-expand_grouped_kernel(int out, int E, int rank, int top_k, const T* __restrict__ B,
-                      const float* __restrict__ t, GroupWs g, float* __restrict__ ylora) {
-  constexpr int OT = 64, RC = 32;
-  __shared__ float ts[kSlotTile][RC + 1];
-  __shared__ float bs[OT][RC + 1];
-  __shared__ int s_slot[kSlotTile];
-  __shared__ int s_info[3];
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    int e = -1, begin = 0, cnt = 0;
-    if (!tile_lookup(blockIdx.y, E, g, &e, &begin, &cnt)) e = -1;
-    s_info[0] = e; s_info[1] = begin; s_info[2] = cnt;
+__device__ __forceinline__ const T* seg_w(const GemmArgs<T>& a, bool seg1, int o, int k) {
+  return seg1 ? a.W + static_cast<size_t>(o) * a.K1 + k
+              : a.B + (static_cast<size_t>(k / a.rank) * a.N + o) * a.rank + k % a.rank;
+}
+
+__device__ __forceinline__ void store_pair(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+// One output element pair (o, o+1) of row m: partial sums to P, or bias + rounding to Y.
+template <typename T, bool PARTIAL>
+__device__ __forceinline__ void gemm_store(const GemmArgs<T>& a, int m, int o, float v0, float v1) {
+  if (m >= a.M || o >= a.N) return;
+  const bool two = o + 1 < a.N;
+  if (PARTIAL) {
+    float* p = a.P + (static_cast<size_t>(blockIdx.z) * a.M + m) * a.N + o;
+    p[0] = v0;
+    if (two) p[1] = v1;
+    return;
   }
-  __syncthreads();
-  const int e = s_info[0];
-  if (e < 0) return;
-  if (tid < kSlotTile) s_slot[tid] = (tid < s_info[2]) ? g.list[s_info[1] + tid] : -1;
-  __syncthreads();
-  const int o0 = blockIdx.x * OT;
-  const int ol = tid % OT, sg = tid / OT;  // 4 slot groups
-  float acc[kSlotTile / 4];
-#pragma unroll
-  for (int q = 0; q < kSlotTile / 4; ++q) acc[q] = 0.f;
-  for (int r0 = 0; r0 < rank; r0 += RC) {
-    constexpr int NT_ = (kSlotTile * RC) / kThreads, NB = (OT * RC) / kThreads;
-    float tv[NT_], bv[NB];
-    const int rr = tid % RC;
-    const bool rin = r0 + rr < rank;
-#pragma unroll
-    for (int m = 0; m < NT_; ++m) {
-      const int slot = s_slot[tid / RC + (kThreads / RC) * m];
-      tv[m] = (slot >= 0 && rin) ? t[static_cast<size_t>(slot) * rank + r0 + rr] : 0.f;
-    }
-#pragma unroll
-    for (int m = 0; m < NB; ++m) {
-      const int o = o0 + tid / RC + (kThreads / RC) * m;
-      bv[m] = (o < out && rin) ? ldf(B + (static_cast<size_t>(e) * out + o) * rank + r0 + rr) : 0.f;
-    }
-#pragma unroll
-    for (int m = 0; m < NT_; ++m) ts[tid / RC + (kThreads / RC) * m][rr] = tv[m];
-#pragma unroll
-    for (int m = 0; m < NB; ++m) bs[tid / RC + (kThreads / RC) * m][rr] = bv[m];
-    __syncthreads();
-#pragma unroll 8
-    for (int r2 = 0; r2 < RC; ++r2) {
-      const float bk = bs[ol][r2];
-#pragma unroll
-      for (int q = 0; q < kSlotTile / 4; ++q) acc[q] = fmaf(ts[sg + 4 * q][r2], bk, acc[q]);
-    }
-    __syncthreads();
+  if (a.bias) {
+    v0 += ldf(a.bias + o);
+    if (two) v1 += ldf(a.bias + o + 1);
   }
-  const int o = o0 + ol;
-  if (o < out) {
-#pragma unroll
-    for (int q = 0; q < kSlotTile / 4; ++q) {
-      const int slot = s_slot[sg + 4 * q];
-      if (slot >= 0) atomicAdd(&ylora[static_cast<size_t>(slot / top_k) * out + o], acc[q]);
+  T* yp = a.Y + static_cast<size_t>(m) * a.N + o;
+  if constexpr (!std::is_same<T, float>::value) {
+    if (two && a.pairs) {
+      store_pair(yp, v0, v1);
+      return;
     }
+  }
+  yp[0] = TypeOps<T>::from_f(v0);
+  if (two) yp[1] = TypeOps<T>::from_f(v1);
+}
+
+constexpr int kGemmBK = 64;      // K slice per pipeline stage (128 bytes of each operand row)
+constexpr int kGemmStages = 4;
+constexpr int kGemmLD = kGemmBK + 8;  // row pitch 144 bytes: 8 rows of an ldmatrix hit distinct banks
+
+template <int BM, int BN>
+constexpr size_t gemm_smem_bytes() {
+  return static_cast<size_t>(kGemmStages) * (BM + BN) * kGemmLD * 2;
+}
+
+// Block tile coordinates: M tiles on grid x when a.m_fast (blocks that share a W tile run
+// together, so W streams from DRAM about once), else on grid y.
+__device__ __forceinline__ int tile_m(bool m_fast) { return m_fast ? blockIdx.x : blockIdx.y; }
+__device__ __forceinline__ int tile_n(bool m_fast) { return m_fast ? blockIdx.y : blockIdx.x; }
+
+// 16-byte cp.async loads of one operand tile, R rows x kGemmBK, of the K slice at k0 of
+// segment 1 or 2 (X side: x / z rows; W side: W rows / B_cat rows). Thread idx loads the vector
+// (row, kv) with 8 consecutive threads on 8 consecutive rows. dst(row, kv) is its smem address.
+template <typename T, int R, int NTH, bool XSIDE, typename Dst>
+__device__ __forceinline__ void load_tile(const GemmArgs<T>& a, int r0, bool seg1, int k0, Dst dst) {
+  constexpr int KG = kGemmBK / 8;
+  static_assert((R * KG) % NTH == 0 && R % 8 == 0, "tile loads");
+  const int rlim = XSIDE ? a.M : a.N, klim = seg1 ? a.K1 : a.K2;  // K1 (K2) % 8 == 0 on this path
+#pragma unroll
+  for (int i = 0; i < R * KG / NTH; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + NTH * i;
+    const int row = (idx / (8 * KG)) * 8 + (idx & 7), kv = ((idx >> 3) % KG) * 8;
+    const int r = r0 + row, k = k0 + kv;
+    const bool ok = r < rlim && k < klim;
+    const T* src = a.W;
+    if (ok) {
+      if (seg1)
+        src = (XSIDE ? a.X : a.W) + static_cast<size_t>(r) * a.K1 + k;
+      else
+        src = XSIDE ? a.Z + static_cast<size_t>(r) * a.ldz + k
+                    : a.B + (static_cast<size_t>(k / a.rank) * a.N + r) * a.rank + k % a.rank;
+    }
+    cp_async16(dst(row, kv), src, ok);
   }
 }
 
-// ---- dense part: y = x W^T + ylora + bias -----------------------------------
-
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads)
-gemm_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
-                const T* __restrict__ bias, const float* __restrict__ ylora, T* __restrict__ y) {
-  constexpr int BM = 64, BN = 128, BK = 32, LD = BK + 8;
-  __shared__ __align__(16) T sx[2][BM][LD];
-  __shared__ __align__(16) T sw[2][BN][LD];
+// fp16/bf16: BM x BN tile per block, WM x WN warps, mma.sync m16n8k16 with fp32 accumulation,
+// kGemmStages-deep cp.async pipeline over kGemmBK slices of K.
+template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
+__global__ void __launch_bounds__(WM * WN * 32)
+gemm_tc_kernel(const GemmArgs<T> a) {
+  constexpr int BK = kGemmBK, LD = kGemmLD, S = kGemmStages, NTH = WM * WN * 32;
+  constexpr int MT = BM / WM / 16, NT = BN / WN / 8;
+  static_assert(MT >= 1 && NT >= 2 && NT % 2 == 0, "warp tile");
+  extern __shared__ uint4 gemm_smem[];
+  auto sx = reinterpret_cast<T(*)[BM][LD]>(gemm_smem);
+  auto sw = reinterpret_cast<T(*)[BN][LD]>(reinterpret_cast<T*>(gemm_smem) + S * BM * LD);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 2, wn = warp & 3;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int nk = (in + BK - 1) / BK;
+  const int rw = (warp / WN) * (BM / WM), cw = (warp % WN) * (BN / WN);
+  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
+  const int nk1 = (a.K1 + BK - 1) / BK;
+  const int nkt = nk1 + (a.K2 + BK - 1) / BK;
+  const int t0 = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps : 0;
+  const int nk = (PARTIAL ? min(nkt, t0 + a.tps) : nkt) - t0;
+  const T zero = TypeOps<T>::from_f(0.f);
+  if (PARTIAL) pdl_launch_dependents();  // the next launch (zscale, split-K reduce) waits for this one
 
   auto load = [&](int kt, int buf) {
-    const int k0 = kt * BK;
-    if (VEC) {
-      {  // x: 64 x 32 = 256 vectors
-        const int row = tid >> 2, kv = (tid & 3) * 8;
-        const bool ok = (m0 + row < rows) && (k0 + kv < in);
-        const T* src = ok ? x + static_cast<size_t>(m0 + row) * in + k0 + kv : x;
-        cp_async16(&sx[buf][row][kv], src, ok);
-      }
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {  // W: 128 x 32 = 512 vectors
-        const int idx = tid + kThreads * m;
-        const int row = idx >> 2, kv = (idx & 3) * 8;
-        const bool ok = (n0 + row < out) && (k0 + kv < in);
-        const T* src = ok ? W + static_cast<size_t>(n0 + row) * in + k0 + kv : W;
-        cp_async16(&sw[buf][row][kv], src, ok);
-      }
+    const int t = t0 + kt;
+    const bool seg1 = t < nk1;
+    if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
+    const int k0 = seg1 ? t * BK : (t - nk1) * BK;
+    if (seg1 ? a.vec1 : a.vec2) {
+      load_tile<T, BM, NTH, true>(a, m0, seg1, k0, [&](int r, int kv) { return &sx[buf][r][kv]; });
+      load_tile<T, BN, NTH, false>(a, n0, seg1, k0, [&](int r, int kv) { return &sw[buf][r][kv]; });
     } else {
-      for (int idx = tid; idx < BM * BK; idx += kThreads) {
+      const int klim = seg1 ? a.K1 : a.K2;
+      for (int idx = tid; idx < BM * BK; idx += NTH) {
         const int row = idx / BK, kk = idx % BK;
-        const bool ok = (m0 + row < rows) && (k0 + kk < in);
-        sx[buf][row][kk] = ok ? x[static_cast<size_t>(m0 + row) * in + k0 + kk] : TypeOps<T>::from_f(0.f);
+        const bool ok = m0 + row < a.M && k0 + kk < klim;
+        sx[buf][row][kk] = ok ? *seg_x(a, seg1, m0 + row, k0 + kk) : zero;
       }
-      for (int idx = tid; idx < BN * BK; idx += kThreads) {
+      for (int idx = tid; idx < BN * BK; idx += NTH) {
         const int row = idx / BK, kk = idx % BK;
-        const bool ok = (n0 + row < out) && (k0 + kk < in);
-        sw[buf][row][kk] = ok ? W[static_cast<size_t>(n0 + row) * in + k0 + kk] : TypeOps<T>::from_f(0.f);
+        const bool ok = n0 + row < a.N && k0 + kk < klim;
+        sw[buf][row][kk] = ok ? *seg_w(a, seg1, n0 + row, k0 + kk) : zero;
       }
     }
   };
 
-  float acc[2][4][4];
+  float acc[MT][NT][4];
 #pragma unroll
-  for (int a = 0; a < 2; ++a)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int b = 0; b < 4; ++b)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-  load(0, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nk) load(s, s);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < nk; ++kt) {
-    const int buf = kt & 1;
-    if (kt + 1 < nk) {
-      load(kt + 1, buf ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    // tile kt has landed (S-2 newer groups may still fly); every warp is done with tile kt-1,
+    // whose buffer the load below refills
+    cp_async_wait<S - 2>();
     __syncthreads();
+    if (kt + S - 1 < nk) load(kt + S - 1, (kt + S - 1) % S);
+    cp_async_commit();
+    const int buf = kt % S;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-      uint32_t af[2][4], bf[4][2];
+      const int mi = lane >> 3;
+      uint32_t af[MT][4], bf[NT][2];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int mi = lane >> 3;
-        const int row = wm * 32 + mt * 16 + (mi & 1) * 8 + (lane & 7);
-        const int col = ks * 16 + (mi >> 1) * 8;
-        ldmatrix_x4(af[mt], &sx[buf][row][col]);
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(af[mt], &sx[buf][rw + mt * 16 + (mi & 1) * 8 + (lane & 7)][ks * 16 + (mi >> 1) * 8]);
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        const int mi = lane >> 3;
-        const int row = wn * 32 + p * 16 + (mi >> 1) * 8 + (lane & 7);
-        const int col = ks * 16 + (mi & 1) * 8;
+      for (int p = 0; p < NT / 2; ++p) {
         uint32_t r[4];
-        ldmatrix_x4(r, &sw[buf][row][col]);
+        ldmatrix_x4(r, &sw[buf][cw + p * 16 + (mi >> 1) * 8 + (lane & 7)][ks * 16 + (mi & 1) * 8]);
         bf[2 * p][0] = r[0]; bf[2 * p][1] = r[1];
         bf[2 * p + 1][0] = r[2]; bf[2 * p + 1][1] = r[3];
       }
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], af[mt], bf[nt]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = m0 + wm * 32 + mt * 16 + (lane >> 2) + h * 8;
-        if (m >= rows) continue;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int o = n0 + wn * 32 + nt * 8 + (lane & 3) * 2 + c;
-          if (o >= out) continue;
-          float v = acc[mt][nt][h * 2 + c] + ylora[static_cast<size_t>(m) * out + o];
-          if (bias) v += ldf(bias + o);
-          y[static_cast<size_t>(m) * out + o] = TypeOps<T>::from_f(v);
-        }
-      }
+        for (int nt = 0; nt < NT; ++nt) Mma<T>::run(acc[mt][nt], af[mt], bf[nt]);
     }
   }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        gemm_store<T, PARTIAL>(a, m0 + rw + mt * 16 + (lane >> 2) + h * 8, n0 + cw + nt * 8 + (lane & 3) * 2,
+                               acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
 }
 
+// fp32: the same two-segment GEMM on a SIMT 64 x 64 tile (no fp32 tensor-core path).
+constexpr int kF32Tile = 64;
+template <bool PARTIAL>
 __global__ void __launch_bounds__(kThreads)
-gemm_f32_kernel(int rows, int in, int out, const float* __restrict__ x, const float* __restrict__ W,
-                const float* __restrict__ bias, const float* __restrict__ ylora, float* __restrict__ y) {
-  constexpr int BM = 64, BN = 64, BK = 16;
+gemm_f32_kernel(const GemmArgs<float> a) {
+  constexpr int BM = kF32Tile, BN = kF32Tile, BK = 16;
   __shared__ float sx[BK][BM + 4];
   __shared__ float sw[BK][BN + 4];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
+  const int kbeg = PARTIAL ? static_cast<int>(blockIdx.z) * a.tps * kGemmBK : 0;
+  const int kend = PARTIAL ? min(a.K1, kbeg + a.tps * kGemmBK) : a.K1;
+  const int nk1 = (kend - kbeg + BK - 1) / BK;
+  const int nk = nk1 + (PARTIAL ? 0 : (a.K2 + BK - 1) / BK);
   float acc[4][4] = {};
-  for (int k0 = 0; k0 < in; k0 += BK) {
+  for (int kt = 0; kt < nk; ++kt) {
+    const bool seg1 = kt < nk1;
+    const int k0 = seg1 ? kbeg + kt * BK : (kt - nk1) * BK;
+    const int klim = seg1 ? kend : a.K2;
 #pragma unroll
-    for (int m = 0; m < (BM * BK) / kThreads; ++m) {
-      const int idx = tid + kThreads * m;
-      const int row = idx / BK, kk = idx % BK;
-      sx[kk][row] = (m0 + row < rows && k0 + kk < in) ? x[static_cast<size_t>(m0 + row) * in + k0 + kk] : 0.f;
-      sw[kk][row] = (n0 + row < out && k0 + kk < in) ? W[static_cast<size_t>(n0 + row) * in + k0 + kk] : 0.f;
+    for (int i = 0; i < (BM * BK) / kThreads; ++i) {
+      const int idx = tid + kThreads * i, row = idx / BK, kk = idx % BK;
+      const bool kin = k0 + kk < klim;
+      sx[kk][row] = (kin && m0 + row < a.M) ? *seg_x(a, seg1, m0 + row, k0 + kk) : 0.f;
+      sw[kk][row] = (kin && n0 + row < a.N) ? *seg_w(a, seg1, n0 + row, k0 + kk) : 0.f;
     }
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
-      float a[4], b[4];
+      float xa[4], wb[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) { a[i] = sx[kk][ty * 4 + i]; b[i] = sw[kk][tx * 4 + i]; }
+      for (int i = 0; i < 4; ++i) { xa[i] = sx[kk][ty * 4 + i]; wb[i] = sw[kk][tx * 4 + i]; }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(xa[i], wb[j], acc[i][j]);
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = m0 + ty * 4 + i;
-    if (m >= rows) continue;
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int o = n0 + tx * 4 + j;
-      if (o >= out) continue;
-      float v = acc[i][j] + ylora[static_cast<size_t>(m) * out + o];
-      if (bias) v += bias[o];
-      y[static_cast<size_t>(m) * out + o] = v;
+    for (int j = 0; j < 4; j += 2)
+      gemm_store<float, PARTIAL>(a, m0 + ty * 4 + i, n0 + tx * 4 + j, acc[i][j], acc[i][j + 1]);
+}
+
+// z[n, c] = T(c[n, c / rank] * sum_s P[s, n, c]) for c < kz (see the top of this section).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+zscale_kernel(int rows, int kz, int ldz, int rank, int splits, const float* __restrict__ P,
+              const int32_t* __restrict__ ids, const float* __restrict__ gates, int top_k,
+              float scale, T* __restrict__ z) {
+  pdl_launch_dependents();  // the final GEMM streams x W^T meanwhile and waits before reading z
+  pdl_wait();               // P comes from the shrink
+  const long long total = static_cast<long long>(rows) * kz;
+  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * kThreads) {
+    const int n = static_cast<int>(i / kz), c = static_cast<int>(i % kz);
+    const int e = c / rank;
+    float cf = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const size_t slot = static_cast<size_t>(n) * top_k + j;
+      if (ids[slot] == e) cf += gates[slot];
     }
+    float s = 0.f;
+    if (cf != 0.f)
+      for (int sp = 0; sp < splits; ++sp) s += P[static_cast<size_t>(sp) * total + i];
+    z[static_cast<size_t>(n) * ldz + c] = TypeOps<T>::from_f(scale * cf * s);
   }
 }
 
+// y = T(sum_s P[s] + bias): the split-K final GEMM's partials [splits, rows, out].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+splitk_reduce_kernel(int rows, int out, int splits, const float* __restrict__ P, const T* __restrict__ bias,
+                     T* __restrict__ y) {
+  pdl_wait();  // P comes from the split GEMM
+  const long long total = static_cast<long long>(rows) * out;
+  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * kThreads) {
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += P[static_cast<size_t>(sp) * total + i];
+    if (bias) v += ldf(bias + i % out);
+    y[i] = TypeOps<T>::from_f(v);
+  }
+}
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
 
-struct Layout {
-  size_t t_off, ylora_off, group_off, list_off, total;
+// Many-rows sizes, a function of the arguments only (the workspace size needs no device).
+// None of these depends on rows, so the workspace size grows with rows (a caller may size it
+// once for its largest row count, as the TensorRT plugin does).
+constexpr int kSplitRows = 64;  // at most this many rows: the final GEMM is split over K
+struct ManyRowsPlan {
+  int kz;       // E * rank: LoRA columns of z
+  int ldz;      // z row pitch (elements), a multiple of 8: 16-byte aligned rows
+  int splits;   // K splits of the shrink
+  int tps;      // K tiles (kGemmBK wide) per shrink split
+  int ysplits;  // K splits of the final GEMM at <= kSplitRows rows (1: not split)
+  int ytps;     // K tiles per final split
 };
 
-Layout make_layout(int rows, int out, int E, int rank, int top_k) {
+// nk K tiles in at most max_splits splits of >= 8 tiles each.
+void split_k(int nk, long long max_splits, int* splits, int* tps) {
+  const int s = static_cast<int>(std::max(1ll, std::min<long long>(max_splits, nk / 8)));
+  *tps = (nk + s - 1) / s;
+  *splits = (nk + *tps - 1) / *tps;
+}
+
+ManyRowsPlan many_rows_plan(int in, int out, int E, int rank) {
+  ManyRowsPlan p;
+  p.kz = E * rank;
+  p.ldz = (p.kz + 7) / 8 * 8;
+  const int nk1 = (in + kGemmBK - 1) / kGemmBK;
+  // The shrink has few output tiles (ceil(rows/64) x ceil(E*rank/64): 16 at 512 rows, E8 r16)
+  // over a long K: 8 splits.
+  split_k(nk1, 8, &p.splits, &p.tps);
+  // The final GEMM at <= 64 rows has one row of ceil(out/64) tiles, too few blocks to stream W
+  // at full bandwidth: split its K (x W^T slices, then z B_cat^T slices) to about 256 blocks.
+  const long long tiles = (out + 63) / 64;
+  split_k(nk1 + (p.kz + kGemmBK - 1) / kGemmBK, (256 + tiles - 1) / tiles, &p.ysplits, &p.ytps);
+  return p;
+}
+
+// Workspace: few rows: t [rows, top_k, rank] fp32. Many rows: z [rows, ldz] (x's dtype, sized
+// for fp32), the shrink's partials P [splits, rows, E*rank] fp32, then the split final GEMM's
+// partials Py [ysplits, min(rows, 64), out] fp32 when ysplits > 1 (kept at 64 rows above that,
+// unused, so the size never shrinks as rows grow; apart from P: x W^T splits run while zscale
+// still reads P); never less than the few-rows size. Each part 256-byte aligned.
+struct Layout {
+  size_t t_off, z_off, p_off, py_off, total;
+};
+
+Layout make_layout(int rows, int in, int out, int E, int rank, int top_k) {
   Layout L{};
-  const size_t slots = static_cast<size_t>(rows) * top_k;
-  L.t_off = 0;
-  size_t off = align_up(slots * rank * sizeof(float), 256);
+  const size_t t_bytes = align_up(static_cast<size_t>(rows) * top_k * rank * sizeof(float), 256);
   if (rows <= kGemvMaxRows) {
-    L.ylora_off = L.group_off = L.list_off = off;
-    L.total = off;
+    L.total = t_bytes;
+    L.z_off = L.p_off = L.py_off = L.total;
     return L;
   }
-  L.ylora_off = off;
-  off += align_up(static_cast<size_t>(rows) * out * sizeof(float), 256);
-  L.group_off = off;
-  off += align_up(static_cast<size_t>(3 * (E + 1)) * sizeof(int), 256);
-  L.list_off = off;
-  off += align_up(slots * sizeof(int), 256);
-  L.total = off;
+  const ManyRowsPlan p = many_rows_plan(in, out, E, rank);
+  L.t_off = L.z_off = 0;
+  size_t off = align_up(static_cast<size_t>(rows) * p.ldz * sizeof(float), 256);
+  L.p_off = off;
+  off += align_up(static_cast<size_t>(p.splits) * rows * p.kz * sizeof(float), 256);
+  L.py_off = off;
+  if (p.ysplits > 1)
+    off += align_up(static_cast<size_t>(p.ysplits) * std::min(rows, kSplitRows) * out * sizeof(float), 256);
+  L.total = std::max(off, t_bytes);
   return L;
 }
 
@@ -732,6 +717,25 @@ bool pdl_enabled() {
   return !(s && s[0] && s[0] != '0');
 }
 
+// Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
+// prologue while the previous launch finishes and waits in griddepcontrol.wait).
+template <typename... KArgs, typename... Args>
+int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
+              Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
+  return ADAFUSE_OK;
+}
+
 template <typename T, int R, int NO, bool VEC>
 int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                 const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t, T* y,
@@ -739,39 +743,18 @@ int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, con
   const long long warps = (static_cast<long long>(out) + NO - 1) / NO;
   const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_lora_kernel<T, R, NO, VEC>, rows, in, out, x, W, bias,
-                                 B, E, rank, ids, top_k, t, y));
-  return ADAFUSE_OK;
+  return launch_ex(gemv_lora_kernel<T, R, NO, VEC>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream,
+                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y);
 }
 
 template <typename T, int NT>
 int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                     const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t,
                     T* y, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((out + 15) / 16));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
   const bool vec_b = rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, gemv_mma_kernel<T, NT>, rows, in, out, x, W, bias, B, E,
-                                 rank, ids, top_k, t, y, vec_b));
-  return ADAFUSE_OK;
+  return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>((out + 15) / 16)), kThreads, 0, pdl, stream,
+                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, vec_b);
 }
 
 template <typename T, bool VEC>
@@ -784,119 +767,159 @@ int run_gemv_rows(bool pdl, int rows, int in, int out, const T* x, const T* W, c
   return launch_gemv<T, 8, 2, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
 }
 
+
 template <typename T>
-int run_lora_linear(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
+int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
                     const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
                     float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
   constexpr int V = TypeOps<T>::kVec;
   float* t = reinterpret_cast<float*>(ws + L.t_off);
   const long long slots = static_cast<long long>(rows) * top_k;
-  if (rows <= kGemvMaxRows) {
-    DeviceInfo di;
-    int st = device_info(stream, &di);
-    if (st != ADAFUSE_OK) return st;
-    const bool pdl = pdl_enabled() && di.cc_major >= 9;
-    const bool vec_a = (in % V == 0) && aligned16(x) && aligned16(A);
-    const long long warps = slots * rank;
-    const long long blocks = (warps * 32 + kThreads - 1) / kThreads;
-    if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-    if (vec_a)
-      shrink_gemv_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
-    else
-      shrink_gemv_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
-    AF_LAUNCH_CHECK();
-    const bool vec_w = (in % V == 0) && aligned16(x) && aligned16(W);
-    if constexpr (!std::is_same<T, float>::value) {
-      if (rows >= 2 && vec_w) {  // tensor-core skinny GEMM
-        if (rows <= 8)
-          return launch_gemv_mma<T, 1>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
-        return launch_gemv_mma<T, 2>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
-      }
+  DeviceInfo di;
+  int st = device_info(stream, &di);
+  if (st != ADAFUSE_OK) return st;
+  const bool pdl = pdl_enabled() && di.cc_major >= 9;
+  const bool vec_a = (in % V == 0) && aligned16(x) && aligned16(A);
+  const long long warps = slots * rank;
+  const long long blocks = (warps * 32 + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (vec_a)
+    shrink_gemv_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
+  else
+    shrink_gemv_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
+  AF_LAUNCH_CHECK();
+  const bool vec_w = (in % V == 0) && aligned16(x) && aligned16(W);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (rows >= 2 && vec_w) {  // tensor-core skinny GEMM
+      if (rows <= 8)
+        return launch_gemv_mma<T, 1>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
+      return launch_gemv_mma<T, 2>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
     }
-    // SIMT GEMV, in passes of at most 8 rows (each pass reads W again)
-    for (int r0 = 0; r0 < rows; r0 += 8) {
-      const int rr = min(8, rows - r0);
-      const T* xs = x + static_cast<size_t>(r0) * in;
-      const int32_t* is = ids + static_cast<size_t>(r0) * top_k;
-      const float* tsl = t + static_cast<size_t>(r0) * top_k * rank;
-      T* ys = y + static_cast<size_t>(r0) * out;
-      const int st2 = vec_w
-          ? run_gemv_rows<T, true>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream)
-          : run_gemv_rows<T, false>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream);
-      if (st2 != ADAFUSE_OK) return st2;
-    }
-    return ADAFUSE_OK;
   }
+  // SIMT GEMV, in passes of at most 8 rows (each pass reads W again)
+  for (int r0 = 0; r0 < rows; r0 += 8) {
+    const int rr = min(8, rows - r0);
+    const T* xs = x + static_cast<size_t>(r0) * in;
+    const int32_t* is = ids + static_cast<size_t>(r0) * top_k;
+    const float* tsl = t + static_cast<size_t>(r0) * top_k * rank;
+    T* ys = y + static_cast<size_t>(r0) * out;
+    const int st2 = vec_w
+        ? run_gemv_rows<T, true>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream)
+        : run_gemv_rows<T, false>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream);
+    if (st2 != ADAFUSE_OK) return st2;
+  }
+  return ADAFUSE_OK;
+}
 
-  // many rows
-  float* ylora = reinterpret_cast<float*>(ws + L.ylora_off);
-  GroupWs g;
-  int* gi = reinterpret_cast<int*>(ws + L.group_off);
-  g.counts = gi;
-  g.offsets = gi + (E + 1);
-  g.tile_off = gi + 2 * (E + 1);
-  g.list = reinterpret_cast<int*>(ws + L.list_off);
-  AF_CUDA_TRY(cudaMemsetAsync(ylora, 0, static_cast<size_t>(rows) * out * sizeof(float), stream));
-  group_kernel<<<1, 1024, 0, stream>>>(static_cast<int>(slots), E, ids, g);
+// The opt-in to more than 48 KB of dynamic shared memory, once per (kernel, device).
+template <typename K>
+int opt_in_smem(K kern, size_t smem, const DeviceInfo& di, std::atomic<int>* done) {
+  if (smem <= 48 * 1024) return ADAFUSE_OK;
+  if (smem > static_cast<size_t>(di.max_smem_optin)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  const bool cached = di.device >= 0 && di.device < kMaxDevices;
+  if (cached && done[di.device].load(std::memory_order_acquire)) return ADAFUSE_OK;
+  AF_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (cached) done[di.device].store(1, std::memory_order_release);
+  return ADAFUSE_OK;
+}
+
+// Grid of BM x BN tiles (x splits on z): M tiles on x while the N tiles fit grid y.
+template <typename T>
+int tile_grid(int BM, int BN, int splits, GemmArgs<T>* a, dim3* grid) {
+  const long long mt = (static_cast<long long>(a->M) + BM - 1) / BM, nt = (static_cast<long long>(a->N) + BN - 1) / BN;
+  a->m_fast = nt <= 65535;
+  if (!a->m_fast && mt > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  *grid = a->m_fast ? dim3(static_cast<unsigned>(mt), static_cast<unsigned>(nt), static_cast<unsigned>(splits))
+                    : dim3(static_cast<unsigned>(nt), static_cast<unsigned>(mt), static_cast<unsigned>(splits));
+  return ADAFUSE_OK;
+}
+
+template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
+int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, bool pdl, cudaStream_t stream) {
+  static std::atomic<int> opted[kMaxDevices];
+  constexpr size_t smem = gemm_smem_bytes<BM, BN>();
+  auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL>;
+  int st = opt_in_smem(kern, smem, di, opted);
+  if (st != ADAFUSE_OK) return st;
+  dim3 grid;
+  st = tile_grid(BM, BN, splits, &a, &grid);
+  if (st != ADAFUSE_OK) return st;
+  return launch_ex(kern, grid, WM * WN * 32, smem, pdl, stream, a);
+}
+
+template <bool PARTIAL>
+int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
+  dim3 grid;
+  const int st = tile_grid(kF32Tile, kF32Tile, splits, &a, &grid);
+  if (st != ADAFUSE_OK) return st;
+  gemm_f32_kernel<PARTIAL><<<grid, kThreads, 0, stream>>>(a);
   AF_LAUNCH_CHECK();
-  const long long max_tiles = (slots + kSlotTile - 1) / kSlotTile + E;
-  if (max_tiles > 65535ll * 1024) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  shrink_grouped_kernel<T><<<static_cast<unsigned>(max_tiles), kThreads, 0, stream>>>(
-      in, E, rank, top_k, x, A, gates, scale, g, t);
-  AF_LAUNCH_CHECK();
-  {
-    const unsigned gx = static_cast<unsigned>((out + 63) / 64);
-    if (max_tiles > 65535) {
-      // grid.y limit: split into chunks is not needed for realistic sizes
-      return ADAFUSE_ERR_INVALID_ARGUMENT;
-    }
-    expand_grouped_kernel<T><<<dim3(gx, static_cast<unsigned>(max_tiles)), kThreads, 0, stream>>>(
-        out, E, rank, top_k, B, t, g, ylora);
-    AF_LAUNCH_CHECK();
-  }
   return ADAFUSE_OK;
 }
 
 template <typename T>
-int run_dense(int rows, int in, int out, const T* x, const T* W, const T* bias, const float* ylora,
-              T* y, cudaStream_t stream) {
-  const unsigned gx = static_cast<unsigned>((out + 127) / 128);
-  const unsigned gy = static_cast<unsigned>((rows + 63) / 64);
-  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const bool vec = (in % 8 == 0) && aligned16(x) && aligned16(W);
-  if (vec)
-    gemm_mma_kernel<T, true><<<dim3(gx, gy), kThreads, 0, stream>>>(rows, in, out, x, W, bias, ylora, y);
-  else
-    gemm_mma_kernel<T, false><<<dim3(gx, gy), kThreads, 0, stream>>>(rows, in, out, x, W, bias, ylora, y);
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
-}
+int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
+                  const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
+                  float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
+  DeviceInfo di;
+  int st = device_info(stream, &di);
+  if (st != ADAFUSE_OK) return st;
+  constexpr int V = TypeOps<T>::kVec;
+  const ManyRowsPlan p = many_rows_plan(in, out, E, rank);
+  T* z = reinterpret_cast<T*>(ws + L.z_off);
+  float* P = reinterpret_cast<float*>(ws + L.p_off);
 
-template <>
-int run_dense<float>(int rows, int in, int out, const float* x, const float* W, const float* bias,
-                     const float* ylora, float* y, cudaStream_t stream) {
-  const unsigned gx = static_cast<unsigned>((out + 63) / 64);
-  const unsigned gy = static_cast<unsigned>((rows + 63) / 64);
-  if (gy > 65535) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  gemm_f32_kernel<<<dim3(gx, gy), kThreads, 0, stream>>>(rows, in, out, x, W, bias, ylora, y);
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  GemmArgs<T> s{};  // shrink: P = x A_cat^T
+  s.M = rows; s.N = p.kz; s.X = x; s.W = A; s.K1 = in; s.P = P; s.tps = p.tps;
+  s.vec1 = in % V == 0 && aligned16(x) && aligned16(A);
+  GemmArgs<T> g{};  // y = [x | z] [W | B_cat]^T + bias
+  g.M = rows; g.N = out; g.X = x; g.W = W; g.K1 = in;
+  g.Z = z; g.B = B; g.K2 = p.kz; g.rank = rank; g.ldz = p.ldz; g.bias = bias; g.Y = y;
+  g.vec1 = in % V == 0 && aligned16(x) && aligned16(W);
+  g.vec2 = rank % V == 0 && aligned16(B);  // z rows are 16-byte aligned (ldz % 8 == 0)
+  g.pairs = out % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 3u) == 0;
+
+  const bool pdl = pdl_enabled() && di.cc_major >= 9;
+  if constexpr (std::is_same<T, float>::value) {
+    st = launch_gemm_f32<true>(s, p.splits, stream);
+  } else {
+    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, false, stream);
+  }
+  if (st != ADAFUSE_OK) return st;
+  const long long total = static_cast<long long>(rows) * p.kz;
+  const long long zb = std::min<long long>((total + kThreads - 1) / kThreads, 65535);
+  st = launch_ex(zscale_kernel<T>, dim3(static_cast<unsigned>(zb)), kThreads, 0, pdl, stream, rows, p.kz, p.ldz,
+                 rank, p.splits, static_cast<const float*>(P), ids, gates, top_k, scale, z);
+  if (st != ADAFUSE_OK) return st;
+  if constexpr (std::is_same<T, float>::value) {
+    return launch_gemm_f32<false>(g, 1, stream);
+  } else {
+    if (rows <= kSplitRows && p.ysplits > 1) {  // split K, then y = sum + bias
+      g.P = reinterpret_cast<float*>(ws + L.py_off);
+      g.tps = p.ytps;
+      st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, g, p.ysplits, pdl, stream);
+      if (st != ADAFUSE_OK) return st;
+      const long long yb = std::min<long long>((static_cast<long long>(rows) * out + kThreads - 1) / kThreads, 65535);
+      return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, pdl, stream, rows, out,
+                       p.ysplits, static_cast<const float*>(g.P), bias, y);
+    }
+    if (gemm_smem_bytes<128, 128>() <= static_cast<size_t>(di.max_smem_optin))
+      return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, pdl, stream);
+    // 144 KB of stages do not fit a block (sm_86, sm_89, sm_120 allow 99 KB)
+    return launch_gemm_tc<T, 64, 64, 2, 2, false>(di, g, 1, pdl, stream);
+  }
 }
 
 template <typename T>
 int dispatch(int rows, int in, int out, const void* x, const void* W, const void* bias,
              const void* A, const void* B, int E, int rank, const int32_t* ids, const float* gates,
              int top_k, float scale, void* y, void* ws, const Layout& L, cudaStream_t stream) {
-  int st = run_lora_linear<T>(rows, in, out, static_cast<const T*>(x), static_cast<const T*>(W),
-                              static_cast<const T*>(bias), static_cast<const T*>(A),
-                              static_cast<const T*>(B), E, rank, ids, gates, top_k, scale,
-                              static_cast<T*>(y), static_cast<char*>(ws), L, stream);
-  if (st != ADAFUSE_OK || rows <= kGemvMaxRows) return st;
-  const float* ylora = reinterpret_cast<const float*>(static_cast<char*>(ws) + L.ylora_off);
-  return run_dense<T>(rows, in, out, static_cast<const T*>(x), static_cast<const T*>(W),
-                      static_cast<const T*>(bias), ylora, static_cast<T*>(y), stream);
+  auto run = rows <= kGemvMaxRows ? run_few_rows<T> : run_many_rows<T>;
+  return run(rows, in, out, static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
+             static_cast<const T*>(A), static_cast<const T*>(B), E, rank, ids, gates, top_k, scale,
+             static_cast<T*>(y), static_cast<char*>(ws), L, stream);
 }
 
 }  // namespace
@@ -908,7 +931,7 @@ size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_fea
                                           int num_experts, int rank, int top_k) {
   using namespace adafuse;
   if (!args_ok(rows, in_features, out_features, num_experts, rank, top_k)) return 0;
-  return make_layout(rows, out_features, num_experts, rank, top_k).total;
+  return make_layout(rows, in_features, out_features, num_experts, rank, top_k).total;
 }
 
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,
@@ -922,7 +945,7 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return ADAFUSE_OK;
   if (!x || !W || !A || !B || !expert_ids || !gates || !y) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const Layout L = make_layout(rows, out_features, num_experts, rank, top_k);
+  const Layout L = make_layout(rows, in_features, out_features, num_experts, rank, top_k);
   if (L.total > 0 && (!workspace || workspace_bytes < L.total)) return ADAFUSE_ERR_WORKSPACE;
   if (reinterpret_cast<uintptr_t>(workspace) & 15u) return ADAFUSE_ERR_WORKSPACE;  // 16-byte aligned
   switch (dtype) {
