@@ -90,6 +90,10 @@ def check_lora(K, results):
     gg = torch.Generator(device=DEV).manual_seed(4321)
     shapes = [(1, 1), (7, 37), (37, 7), (4095, 4096), (4096, 4095), (4096, 4096), (11008, 4096)]
     rows_list = [1, 3, 8, 12, 16, 17, 64, 512]
+    # the 7B decoder's stacked sites (qkv, gate_up, down: in, out) at decode row counts
+    site_cases = [dict(dtype="bf16", in_f=i, out_f=o, rows=n, rank=r, E=8, top_k=2, bias=False, misalign=False,
+                       invalid=False) for (i, o) in [(4096, 12288), (4096, 22016), (11008, 4096)]
+                  for n in (1, 8) for r in (48, 192)]
     ranks = [1, 3, 16, 64, 128]
     experts = [1, 8, 64]
     cases = []
@@ -122,6 +126,11 @@ def check_lora(K, results):
         for (E, r, rows) in [(256, 8, 17), (256, 4096, 17), (2, 4096, 64), (256, 1, 64)]:
             cases.append(dict(dtype=dname, in_f=37, out_f=129, rows=rows, rank=r, E=E, top_k=8,
                               bias=True, misalign=False, invalid=False))
+    cases += site_cases
+    for i, cs in enumerate(cases):  # every 5th few-rows case without adapter (A = B = None: y = x W^T + bias)
+        cs["adapter"] = i % 5 != 2 or cs["rows"] > 16
+    # the one-row kernel's shapes (ADAFUSE_GEMV1), each on every one-row case
+    cases += [dict(cs, gemv1=v) for cs in list(cases) if cs["rows"] == 1 for v in GEMV1_VARIANTS[1:]]
     n_fail = 0
     for cs in cases:
         dt = DT[cs["dtype"]]
@@ -142,13 +151,19 @@ def check_lora(K, results):
         y = torch.full((rows, outf), float("nan"), dtype=dt, device=DEV)
         ws_n = K.lora_linear_workspace_size(rows, inf, outf, E, r, k)
         ws = torch.full((ws_n,), 255, dtype=torch.uint8, device=DEV)  # NaN-poisoned floats
+        os.environ["ADAFUSE_GEMV1"] = cs.get("gemv1", GEMV1_VARIANTS[0])
         try:
-            K.lora_linear(x, W, A, B, ids, g, scale, bias=bias, out=y, workspace=ws)
+            if cs["adapter"]:
+                K.lora_linear(x, W, A, B, ids, g, scale, bias=bias, out=y, workspace=ws)
+            else:
+                K.linear(x, W, bias=bias, out=y, workspace=ws)
             torch.cuda.synchronize()
-            err = rel_err(y, lora_ref(x, W, bias, A, B, ids, g, scale))
+            err = rel_err(y, lora_ref(x, W, bias, A, B, ids, g, scale if cs["adapter"] else 0.0))
         except Exception as exc:  # report, keep going
             err = float("nan")
             cs["error"] = repr(exc)
+        finally:
+            os.environ.pop("ADAFUSE_GEMV1")
         ok = (err == err) and err < TOL[cs["dtype"]]
         cs.update(rel_err=err, ok=ok)
         n_fail += 0 if ok else 1
@@ -204,6 +219,74 @@ def check_lora_graph(K, results):
     results["lora_graph_replay"] = out
     log(f"lora_linear graph replay: {len(out)} cases, {n_fail} failures; worst rel err "
         + str({d: max(o["rel_err"] for o in out if o["dtype"] == d) for d in DT}))
+    return n_fail
+
+
+GEMV1_VARIANTS = ("", "u4n1", "u8n1", "u4n2", "u4k2", "simt")  # ADAFUSE_GEMV1; "": default
+
+
+def check_lora_chain(K, results):
+    """Programmatic dependent launches: y1 = f(x), y2 = f(y1), y3 = f(y2) back to back (each
+    shrink waits for the GEMV before it), eager and as a CUDA graph replayed on new inputs,
+    with and without PDL; against float64 references of the chain."""
+    gen = torch.Generator(device=DEV).manual_seed(77)
+    cpu_gen = torch.Generator().manual_seed(78)
+    n_fail, recs = 0, []
+    for dname in ("bf16", "fp32"):
+        dt = DT[dname]
+        for (d, rows, r, adapter) in [(4096, 1, 16, True), (4096, 8, 64, True), (129, 1, 3, True), (4096, 1, 16, False),
+                                      (136, 3, 16, True)]:
+            Ws = [(torch.randn(d, d, generator=gen, device=DEV) / math.sqrt(d)).to(dt) for _ in range(3)]
+            As = [(torch.randn(8, r, d, generator=gen, device=DEV) / math.sqrt(d)).to(dt) for _ in range(3)]
+            Bs = [(torch.randn(8, d, r, generator=gen, device=DEV) / math.sqrt(r)).to(dt) for _ in range(3)]
+            x = torch.empty(rows, d, device=DEV, dtype=dt)
+            ids = torch.empty(rows, 2, device=DEV, dtype=torch.int32)
+            g = torch.empty(rows, 2, device=DEV, dtype=torch.float32)
+
+            def chain():
+                h = x
+                for W, A, B in zip(Ws, As, Bs):
+                    h = K.lora_linear(h, W, A, B, ids, g, 0.5) if adapter else K.linear(h, W)
+                return h
+
+            def ref():
+                h = x
+                for W, A, B in zip(Ws, As, Bs):
+                    h = lora_ref(h, W, None, A, B, ids, g, 0.5 if adapter else 0.0).to(dt)
+                return h
+
+            def fresh():
+                x.copy_(torch.randn(rows, d, generator=gen, device=DEV).to(dt))
+                i2, g2 = rand_route(rows, 2, 8, cpu_gen)
+                ids.copy_(i2)
+                g.copy_(g2)
+
+            for pdl in ("1", "0"):
+                os.environ["ADAFUSE_DISABLE_PDL"] = "0" if pdl == "1" else "1"
+                errs = []
+                try:
+                    fresh()
+                    errs.append(rel_err(chain(), ref().double()))
+                    graph, out = capture_graph(chain)
+                    for _ in range(3):
+                        fresh()
+                        out.fill_(float("nan"))
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        errs.append(rel_err(out, ref().double()))
+                except Exception as exc:  # report, keep going
+                    errs.append(float("nan"))
+                    log("  CHAIN ERROR", repr(exc))
+                finally:
+                    os.environ.pop("ADAFUSE_DISABLE_PDL")
+                worst = max(e if e == e else float("inf") for e in errs)
+                ok = worst < 3 * TOL[dname]
+                n_fail += 0 if ok else 1
+                recs.append(dict(dtype=dname, d=d, rows=rows, rank=r, adapter=adapter, pdl=pdl == "1", rel_err=worst, ok=ok))
+                if not ok:
+                    log("  CHAIN FAIL", recs[-1])
+    results["lora_chain_correctness"] = recs
+    log(f"lora_linear chain (PDL, graph replay) correctness: {len(recs)} cases, {n_fail} failures")
     return n_fail
 
 
@@ -334,8 +417,8 @@ def drift_test(K, results, n_switch=10000):
 
 
 # ---------------------------------------------------------------------------
-def time_graph(fn, reps=30, warm=3):
-    """Capture fn() in a CUDA graph; return median ms per replay over reps replays."""
+def capture_graph(fn):
+    """fn() run twice on a side stream (allocator, handles), then captured: (graph, fn's result)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -345,7 +428,13 @@ def time_graph(fn, reps=30, warm=3):
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        out = fn()
+    return g, out
+
+
+def time_graph(fn, reps=30, warm=3):
+    """Capture fn() in a CUDA graph; return median ms per replay over reps replays."""
+    g, _ = capture_graph(fn)
     for _ in range(warm):
         g.replay()
     torch.cuda.synchronize()
@@ -578,6 +667,7 @@ def main():
     log(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
     section("lora", check_lora, K, results)
     section("lora", check_lora_graph, K, results)
+    section("lora", check_lora_chain, K, results)
     section("switch", check_switch, K, results)
     section("drift", drift_test, K, results)
     section("tlora", bench_lora, K, results, bw)

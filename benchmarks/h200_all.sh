@@ -4,6 +4,7 @@
 #   kernels' correctness sweep and timings, the per-kernel profile of a decode step (before/after
 #   the step kernels), the decode benchmark.
 #   the routed fused linear's sweep and per-shape timings (gpu_kernels.py without the switch parts),
+#   the few-rows GEMV against cuBLAS at the 7B decoder's site shapes (gemv_sites.py),
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [h200_decode.py args...]
 #   (carry .whl and plugins/harness/.trt_headers)
 set -uo pipefail
@@ -29,6 +30,8 @@ for s in fused switch auto; do
 done
 python3 benchmarks/gpu_kernels.py --skip switch,drift,tswitch --out "$OUT/kernels" > "$OUT/gpu_kernels_lora.log" 2>&1; rc=$?
 grep -E "correctness|f/d|x[0-9]+ +[0-9]+ +[0-9]+ \|" "$OUT/gpu_kernels_lora.log"; [[ $rc == 0 ]] || status=1
+python3 benchmarks/gemv_sites.py --out "$OUT" > "$OUT/gemv_sites.log" 2>&1; rc=$?
+grep -E "rows|chain" "$OUT/gemv_sites.log" | grep -v "^ "; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "cases|correctness|kernel .* us" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 if [[ " $* " != *" --no-profile "* ]]; then

@@ -215,6 +215,10 @@ def bench_7b(ops, ranks, batches, ctx, steps, results, config=None, torch_ops=No
                 ("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
                 ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing),
             ]
+            if torch_ops is not None:  # the dense model through the library's GEMV instead of cuBLAS
+                gcommon = dict(common, ops=KernelOps(ops.k, dense_gemv=True))
+                variants.insert(1, ("dense base, kernel GEMV", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **gcommon),
+                                    True, changing))
             if torch_ops is not None and batch in (1, 8):
                 tcommon = dict(common, ops=torch_ops)
                 variants += [

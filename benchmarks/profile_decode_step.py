@@ -55,14 +55,16 @@ def main():
     spec, adapter, w, routes, _ = random_7b(16, 8, 2)
     feed = tokens_with_changing_routes(routes, 40)
     out = {}
-    for strategy, step_kernels in itertools.product(("dense", "fused"), (False, True)):
-        ops = KernelOps(lib, step_kernels=step_kernels)
+    configs = [(st, sk, False) for st, sk in itertools.product(("dense", "fused"), (False, True))]
+    configs.insert(2, ("dense", True, True))  # the dense model through the library's GEMV instead of cuBLAS
+    for strategy, step_kernels, dense_gemv in configs:
+        ops = KernelOps(lib, step_kernels=step_kernels, dense_gemv=dense_gemv)
         make = lambda: GpuDecoder(spec, adapter if strategy != "dense" else None, w, routes if strategy != "dense" else None,
                                   strategy=strategy, max_seq=640, ops=ops)
         graph_ms = time_decoder(make(), 1, 512, 20, feed, True)
         prof = profile(make(), feed)
         prof["graph_ms_per_step"] = graph_ms
-        key = f"{strategy}, {'step kernels' if step_kernels else 'torch step ops'}"
+        key = f"{strategy}, {'step kernels' if step_kernels else 'torch step ops'}" + (", kernel GEMV" if dense_gemv else "")
         out[key] = prof
         print(f"\n== {key}: graph replay {graph_ms:.2f} ms/step; GPU kernel time {prof['gpu_us_per_step'] / 1e3:.2f} ms/step "
               f"in {prof['kernels_per_step']:.0f} kernels")

@@ -80,9 +80,9 @@ def test_abi_version_and_status_strings(kernels):
 @needs_nvcc
 def test_workspace_size(kernels):
     ws = kernels.lora_linear_workspace_size
-    # few rows: fp32 t[rows, top_k, rank], rounded up to 256 bytes
-    assert ws(1, 4096, 4096, 8, 16, 2) == 256
-    assert ws(16, 4096, 4096, 8, 128, 4) == 16 * 4 * 128 * 4
+    # few rows: fp32 t[rows, top_k, rank], rounded up to 256 bytes, then the shrink's 16-byte flag
+    assert ws(1, 4096, 4096, 8, 16, 2) == 256 + 16
+    assert ws(16, 4096, 4096, 8, 128, 4) == 16 * 4 * 128 * 4 + 16
     # many rows (adafuse_kernels.h): z [rows, round_up(E*rank, 8)] at 4 bytes, fp32 shrink
     # partials [8 splits of in 4096, rows, E*rank], split final GEMM partials [2 splits for 11008
     # outputs, 64 rows, out] (kept above 64 rows)
@@ -92,7 +92,7 @@ def test_workspace_size(kernels):
     # E*rank 9 padded to 16 columns; in 37: no splits; parts rounded up to 256 bytes
     assert ws(17, 37, 129, 3, 3, 2) == 1280 + 768
     # never below the few-rows formula (top_k > E: 17 x 8 x 4096 x 4 beats z + partials)
-    assert ws(17, 8, 1, 1, 4096, 8) == 17 * 8 * 4096 * 4
+    assert ws(17, 8, 1, 1, 4096, 8) == 17 * 8 * 4096 * 4 + 16
     # callers size the workspace once for their largest row count: it never shrinks with rows
     for cfg in [(4096, 4096, 8, 16, 2), (4096, 11008, 8, 64, 2), (37, 129, 3, 3, 2), (8, 1, 1, 4096, 8),
                 (11008, 4096, 256, 8, 8)]:
@@ -127,9 +127,13 @@ def test_lora_linear_rejects_bad_arguments_without_touching_the_gpu(kernels):
     assert _lora_call(kernels, x=0) == INV  # NULL x
     assert _lora_call(kernels, W=0) == INV
     assert _lora_call(kernels, ids=0) == INV
+    assert _lora_call(kernels, A=0) == INV  # an adapter needs both A and B
+    assert _lora_call(kernels, B=0) == INV
+    assert _lora_call(kernels, A=0, B=0, ids=0, gates=0, ws=None) == WS  # no adapter: checked as far
+    assert _lora_call(kernels, rows=17, A=0, B=0, ids=0, gates=0) == INV  # no adapter: few rows only
     assert _lora_call(kernels, y=0) == INV
     assert _lora_call(kernels, ws=None) == WS  # workspace missing
-    assert _lora_call(kernels, ws=1, ws_bytes=8) == WS  # too small (needs 256)
+    assert _lora_call(kernels, ws=1, ws_bytes=8) == WS  # too small (needs 272)
     # rows == 0 is a valid no-op (nothing is enqueued)
     assert _lora_call(kernels, rows=0, x=0, W=0, ids=0, y=0) == kbind.ADAFUSE_OK
 
@@ -266,6 +270,8 @@ def test_binding_checks_tensors_before_any_cuda_call(kernels):
         kernels.lora_linear(x, W, A, B, ids, g, 1.0)
     with pytest.raises(kbind.AdafuseKernelError, match="x must be a torch.Tensor"):
         kernels.lora_linear([[1.0]], W, A, B, ids, g, 1.0)
+    with pytest.raises(kbind.AdafuseKernelError, match="x must be a CUDA tensor"):
+        kernels.linear(x, W)
     with pytest.raises(kbind.AdafuseKernelError, match="unsupported dtype"):
         kbind.dtype_code(torch.int8)
     with pytest.raises(kbind.AdafuseKernelError, match="must be a CUDA tensor"):

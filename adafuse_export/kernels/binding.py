@@ -181,6 +181,14 @@ class Kernels:
         x [rows, in], W [out, in], A [E, rank, in], B [E, out, rank], expert_ids
         [rows, top_k] int32, gates [rows, top_k] float32; returns y [rows, out].
         """
+        return self._linear(x, W, (A, B, expert_ids, gates, scale), bias, out, workspace, stream)
+
+    def linear(self, x, W, *, bias=None, out=None, workspace=None, stream=None):
+        """y = x W^T (+ bias) through the few-rows kernels with no adapter (the dense baseline);
+        at most 16 rows (the many-rows GEMM needs an adapter)."""
+        return self._linear(x, W, None, bias, out, workspace, stream)
+
+    def _linear(self, x, W, adapter, bias, out, workspace, stream):
         torch = _torch()
         _check_tensor("x", x)
         if x.dim() != 2:
@@ -193,19 +201,25 @@ class Kernels:
             raise AdafuseKernelError(f"W must be [out, {in_f}], got {tuple(W.shape)}",
                                      ADAFUSE_ERR_INVALID_ARGUMENT)
         out_f = W.shape[0]
-        _check_tensor("A", A, dtype=x.dtype, device=x.device)
-        if A.dim() != 3 or A.shape[2] != in_f:
-            raise AdafuseKernelError(f"A must be [E, rank, {in_f}], got {tuple(A.shape)}",
-                                     ADAFUSE_ERR_INVALID_ARGUMENT)
-        E, rank = A.shape[0], A.shape[1]
-        _check_tensor("B", B, dtype=x.dtype, device=x.device, shape=(E, out_f, rank))
-        if expert_ids.dim() != 2 or expert_ids.shape[0] != rows:
-            raise AdafuseKernelError(
-                f"expert_ids must be [{rows}, top_k], got {tuple(expert_ids.shape)}",
-                ADAFUSE_ERR_INVALID_ARGUMENT)
-        top_k = expert_ids.shape[1]
-        _check_tensor("expert_ids", expert_ids, dtype=torch.int32, device=x.device)
-        _check_tensor("gates", gates, dtype=torch.float32, device=x.device, shape=(rows, top_k))
+        E = rank = top_k = 1  # no adapter: sizes that only size the workspace
+        ptrs = [None, None, None, None]
+        scale = 0.0
+        if adapter is not None:
+            A, B, expert_ids, gates, scale = adapter
+            _check_tensor("A", A, dtype=x.dtype, device=x.device)
+            if A.dim() != 3 or A.shape[2] != in_f:
+                raise AdafuseKernelError(f"A must be [E, rank, {in_f}], got {tuple(A.shape)}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+            E, rank = A.shape[0], A.shape[1]
+            _check_tensor("B", B, dtype=x.dtype, device=x.device, shape=(E, out_f, rank))
+            if expert_ids.dim() != 2 or expert_ids.shape[0] != rows:
+                raise AdafuseKernelError(
+                    f"expert_ids must be [{rows}, top_k], got {tuple(expert_ids.shape)}",
+                    ADAFUSE_ERR_INVALID_ARGUMENT)
+            top_k = expert_ids.shape[1]
+            _check_tensor("expert_ids", expert_ids, dtype=torch.int32, device=x.device)
+            _check_tensor("gates", gates, dtype=torch.float32, device=x.device, shape=(rows, top_k))
+            ptrs = [A.data_ptr(), B.data_ptr(), expert_ids.data_ptr(), gates.data_ptr()]
         if bias is not None:
             _check_tensor("bias", bias, dtype=x.dtype, device=x.device, shape=(out_f,))
         if out is None:
@@ -223,8 +237,8 @@ class Kernels:
                     f"needs {need}", ADAFUSE_ERR_WORKSPACE)
         st = self.lib.adafuse_lora_linear(
             dt, rows, in_f, out_f, x.data_ptr(), W.data_ptr(),
-            bias.data_ptr() if bias is not None else None, A.data_ptr(), B.data_ptr(), E, rank,
-            expert_ids.data_ptr(), gates.data_ptr(), top_k, float(scale), out.data_ptr(),
+            bias.data_ptr() if bias is not None else None, ptrs[0], ptrs[1], E, rank,
+            ptrs[2], ptrs[3], top_k, float(scale), out.data_ptr(),
             workspace.data_ptr(), workspace.numel() * workspace.element_size(),
             self._stream_handle(stream))
         self._raise_if(st, "adafuse_lora_linear")

@@ -52,11 +52,15 @@ class TorchOps:
     """The adapter math in PyTorch ops: the fallback and the definition the kernels must meet."""
 
     @staticmethod
+    def linear(x, site: SiteWeights):
+        """x W^T (+ bias): the projection without its adapter."""
+        y = x @ site.W.T
+        return y + site.bias if site.bias is not None else y
+
+    @staticmethod
     def lora_linear(x, site: SiteWeights, ids, gates):
         assert site.A is not None and site.B is not None, f"{site.name} has no adapter"
-        y = x @ site.W.T
-        if site.bias is not None:
-            y = y + site.bias
+        y = TorchOps.linear(x, site)
         if x.shape[0] <= FUSED_MAX_ROWS:
             return y + lora_delta(x, site.A, site.B, ids, gates, site.scale).to(y.dtype)
         # Many rows (prefill): gathering B per row would need rows*k*out*r elements; instead run
@@ -158,9 +162,10 @@ class KernelOps:
     no attention soft-capping), else the PyTorch definitions. With step_kernels=False the work
     between the projections stays in PyTorch ops (for A/B timing)."""
 
-    def __init__(self, kernels, step_kernels: bool = True):
+    def __init__(self, kernels, step_kernels: bool = True, dense_gemv: bool = False):
         self.k = kernels
         self.step_kernels = step_kernels
+        self.dense_gemv = dense_gemv  # projections without adapter: the library's GEMV instead of cuBLAS
         self._tables: dict[tuple, tuple] = {}
 
     def add_norm(self, h, delta, w, eps: float, one_plus: bool = False):
@@ -186,6 +191,13 @@ class KernelOps:
             return self.k.decode_attention(q, k_cache, v_cache, pos, num_heads=m.num_heads, window=window or 0,
                                            scale=m.query_scale)
         return TorchOps._attend_cache(q.view(batch, seq, m.num_heads, D).transpose(1, 2), k_cache, v_cache, mask, m)
+
+    def linear(self, x, site: SiteWeights):
+        # one row only: at 2-16 rows the library's tensor-core GEMV is slower than cuBLAS
+        # (benchmarks/results/gemv_sites.json)
+        if not self.dense_gemv or x.shape[0] != 1:
+            return TorchOps.linear(x, site)
+        return self.k.linear(x.contiguous(), site.W, bias=site.bias)
 
     def lora_linear(self, x, site: SiteWeights, ids, gates):
         return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
@@ -333,8 +345,7 @@ class GpuDecoder:
     def _linear(self, x, layer, group, ids, gates):
         site = self.sites[(layer, group)]
         if site.A is None or self.strategy in ("dense", "switch"):
-            y = x @ site.W.T
-            return y + site.bias if site.bias is not None else y
+            return self.ops.linear(x, site)
         if self.strategy == "unmerged" or x.shape[0] > FUSED_MAX_ROWS:
             return TorchOps.lora_linear(x, site, ids, gates)
         return self.ops.lora_linear(x, site, ids, gates)

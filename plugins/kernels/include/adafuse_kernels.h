@@ -63,12 +63,19 @@ int adafuse_abi_version(void);
 // expert, zero where a row does not use the expert (the experts' share of the work grows with
 // E*rank / in).
 // Workspace (adafuse_lora_linear_workspace_size, 16-byte aligned), each part rounded up to 256
-// bytes: rows <= 16: fp32 [rows, top_k, rank]; rows > 16: z [rows, round_up(E*rank, 8)] sized
-// at 4 bytes per element, fp32 shrink partials [splits, rows, E*rank], then, when the final
+// bytes: rows <= 16: fp32 [rows, top_k, rank], then a 16-byte flag; rows > 16: z [rows,
+// round_up(E*rank, 8)] sized at 4 bytes per element, fp32 shrink partials [splits, rows, E*rank],
+// then, when the final
 // GEMM of <= 64 rows is split over K (ysplits > 1), its fp32 partials [ysplits, min(rows, 64),
 // out]; never less than the rows <= 16 formula. splits and ysplits follow from in_features,
 // out_features and E*rank only, so the size never decreases as rows grow (size once for the
 // largest row count); it does not depend on dtype.
+// A and B both NULL: no adapter, y = W x (+ bias) through the few-rows kernels (rows <= 16
+// only; expert_ids, gates and scale are then ignored, the sizes must still be valid and size
+// the workspace). Few rows on sm_90: the kernels are programmatic dependents of the stream's
+// previous kernel (PDL; ADAFUSE_DISABLE_PDL=1 turns it off): they launch while it finishes but
+// read and write nothing before it has completed; the workspace carries a flag between the two
+// kernels of one call, so one workspace serves one call in flight at a time (as before).
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,

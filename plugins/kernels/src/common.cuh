@@ -180,6 +180,50 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// gpu-scope release store / acquire load of a flag (the shrink tells the GEMV that x is ready).
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// ADAFUSE_DISABLE_PDL=1 turns programmatic dependent launch off (read per call, so a
+// benchmark can compare both).
+inline bool pdl_enabled() {
+  const char* s = getenv("ADAFUSE_DISABLE_PDL");
+  return !(s && s[0] && s[0] != '0');
+}
+
+// PDL for launches on this stream: enabled and the device is sm_90+.
+inline bool stream_pdl(cudaStream_t stream) {
+  DeviceInfo di;
+  return pdl_enabled() && device_info(stream, &di) == ADAFUSE_OK && di.cc_major >= 9;
+}
+
+// Launch with programmatic dependent launch allowed when pdl (sm_90+). A kernel launched so
+// runs while the previous launch finishes: it must wait (pdl_wait) before it reads anything an
+// earlier kernel writes and write nothing before that; what it does before (its own
+// pdl_launch_dependents, setup) overlaps the previous kernel's tail.
+template <typename... KArgs, typename... Args>
+int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
+              Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
+  return ADAFUSE_OK;
+}
+
 // ---- tensor-core helpers (sm_80+) -------------------------------------------
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

@@ -45,6 +45,8 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(kNormThreads)
 add_rms_norm_kernel(int hidden, T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
                     float eps, T* __restrict__ out) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
   __shared__ float red[kNormThreads / 32];
   const size_t row = blockIdx.x;
   T* hr = h + row * hidden;
@@ -103,6 +105,8 @@ __global__ void rope_kv_kernel(int tokens, int seq, int H, int KV, int D, const 
                                const T* __restrict__ cos, const T* __restrict__ sin,
                                const int64_t* __restrict__ positions, T* __restrict__ q_out,
                                T* __restrict__ k_cache, T* __restrict__ v_cache, int max_seq) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
   const int half = D / 2;
   const long long per_token = static_cast<long long>(H + KV) * half;
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -140,6 +144,8 @@ __global__ void rope_kv_kernel(int tokens, int seq, int H, int KV, int D, const 
 template <typename T>
 __global__ void silu_mul_kernel(int rows, int inter, const T* __restrict__ g, const T* __restrict__ u, long long ld,
                                 T* __restrict__ out) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<long long>(rows) * inter) return;
   const long long n = idx / inter, i = idx % inter;
@@ -161,6 +167,8 @@ attn_partial_kernel(int H, int KV, int max_seq, int nsplit, const T* __restrict_
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                     const int64_t* __restrict__ positions, int window, float scale,
                     float* __restrict__ part) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
   constexpr int V = TypeOps<T>::kVec, D = L * V, KG = kAttnThreads / L;  // KG keys per pass
   constexpr int C = kAttnU * KG;
   extern __shared__ float smem[];
@@ -282,6 +290,8 @@ constexpr int kCombineThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
 attn_combine_kernel(int D, int nsplit, const float* __restrict__ part, T* __restrict__ out) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
   extern __shared__ float wsm[];  // [nsplit] weights e^(m_s - M), then [groups][D] partial sums
   __shared__ float red[kCombineThreads / 32];
   const size_t row = blockIdx.x;
@@ -337,11 +347,11 @@ int launch_norm(int rows, int hidden, void* h, const void* delta, const void* w,
   auto* wt = static_cast<const T*>(w);
   auto* ot = static_cast<T*>(out);
   if (vec)
-    add_rms_norm_kernel<T, true><<<rows, kNormThreads, 0, stream>>>(hidden, ht, dt, wt, eps, ot);
+    return launch_ex(add_rms_norm_kernel<T, true>, dim3(rows), kNormThreads, 0, stream_pdl(stream), stream, hidden,
+                     ht, dt, wt, eps, ot);
   else
-    add_rms_norm_kernel<T, false><<<rows, kNormThreads, 0, stream>>>(hidden, ht, dt, wt, eps, ot);
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+    return launch_ex(add_rms_norm_kernel<T, false>, dim3(rows), kNormThreads, 0, stream_pdl(stream), stream, hidden,
+                     ht, dt, wt, eps, ot);
 }
 
 // Keys per split: kAttnU * kAttnThreads / L with L = D * element size / 16.
@@ -362,11 +372,9 @@ int launch_attn_partial(int batch, int H, int KV, int max_seq, const void* q, co
   if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          static_cast<int>(smem)));
   const long long blocks = static_cast<long long>(batch) * KV * nsplit;
-  kernel<<<static_cast<unsigned>(blocks), kAttnThreads, smem, stream>>>(
-      H, KV, max_seq, nsplit, static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc),
-      positions, window, scale, part);
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks)), kAttnThreads, smem, stream_pdl(stream), stream, H, KV,
+                   max_seq, nsplit, static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc),
+                   positions, window, scale, part);
 }
 
 template <typename T>
@@ -390,9 +398,8 @@ int run_attention(int batch, int H, int KV, int D, int max_seq, const void* q, c
   if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(attn_combine_kernel<T>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          static_cast<int>(smem)));
-  attn_combine_kernel<T><<<batch * H, kCombineThreads, smem, stream>>>(D, nsplit, part, static_cast<T*>(out));
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  return launch_ex(attn_combine_kernel<T>, dim3(batch * H), kCombineThreads, smem, stream_pdl(stream), stream, D,
+                   nsplit, static_cast<const float*>(part), static_cast<T*>(out));
 }
 
 bool attention_shape_ok(adafuse_dtype dtype, int H, int KV, int D) {
@@ -437,19 +444,20 @@ int adafuse_rope_kv_write(adafuse_dtype dtype, int batch, int seq, int num_heads
   const int threads = 256;
   const long long blocks = (total + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  const bool pdl = stream_pdl(stream);
+  int st = ADAFUSE_ERR_INVALID_ARGUMENT;
 #define AF_ROPE(T)                                                                                                  \
-  rope_kv_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(                                         \
-      batch * seq, seq, num_heads, num_kv_heads, head_dim, static_cast<const T*>(q), ldq, static_cast<const T*>(k), \
-      ldk, static_cast<const T*>(v), ldv, static_cast<const T*>(cos), static_cast<const T*>(sin), positions,        \
-      static_cast<T*>(q_out), static_cast<T*>(k_cache), static_cast<T*>(v_cache), max_seq)
+  st = launch_ex(rope_kv_kernel<T>, dim3(static_cast<unsigned>(blocks)), threads, 0, pdl, stream, batch * seq, seq, \
+                 num_heads, num_kv_heads, head_dim, static_cast<const T*>(q), ldq, static_cast<const T*>(k), ldk,     \
+                 static_cast<const T*>(v), ldv, static_cast<const T*>(cos), static_cast<const T*>(sin), positions,    \
+                 static_cast<T*>(q_out), static_cast<T*>(k_cache), static_cast<T*>(v_cache), max_seq)
   switch (dtype) {
     case ADAFUSE_FLOAT32: AF_ROPE(float); break;
     case ADAFUSE_FLOAT16: AF_ROPE(__half); break;
     case ADAFUSE_BFLOAT16: AF_ROPE(__nv_bfloat16); break;
   }
 #undef AF_ROPE
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  return st;
 }
 
 int adafuse_silu_mul(adafuse_dtype dtype, int rows, int inter, const void* gate, const void* up, long long ld,
@@ -461,17 +469,18 @@ int adafuse_silu_mul(adafuse_dtype dtype, int rows, int inter, const void* gate,
   const int threads = 256;
   const long long blocks = (total + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  const bool pdl = stream_pdl(stream);
+  int st = ADAFUSE_ERR_INVALID_ARGUMENT;
 #define AF_SILU(T)                                                                                       \
-  silu_mul_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(                             \
-      rows, inter, static_cast<const T*>(gate), static_cast<const T*>(up), ld, static_cast<T*>(out))
+  st = launch_ex(silu_mul_kernel<T>, dim3(static_cast<unsigned>(blocks)), threads, 0, pdl, stream, rows, inter, \
+                 static_cast<const T*>(gate), static_cast<const T*>(up), ld, static_cast<T*>(out))
   switch (dtype) {
     case ADAFUSE_FLOAT32: AF_SILU(float); break;
     case ADAFUSE_FLOAT16: AF_SILU(__half); break;
     case ADAFUSE_BFLOAT16: AF_SILU(__nv_bfloat16); break;
   }
 #undef AF_SILU
-  AF_LAUNCH_CHECK();
-  return ADAFUSE_OK;
+  return st;
 }
 
 size_t adafuse_decode_attention_workspace_size(int batch, int num_heads, int head_dim, int max_seq) {

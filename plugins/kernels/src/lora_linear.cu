@@ -1,14 +1,15 @@
 // lora_linear.cu - routed fused linear:
 //   y[n] = W x[n] (+ bias) + scale * sum_j gates[n,j] * B[e] (A[e] x[n]).
 //
-// Few rows (rows <= kGemvMaxRows), the decode case:
-//   1. shrink_gemv: t[n,j,:] = scale * g[n,j] * A[e] x[n] into the fp32
-//      workspace (one warp per output element; a few hundred kB of A).
-//   2. gemv_lora: one warp per output row streams W with 16-byte loads,
-//      accumulates W x in fp32 and adds sum_j B[e][o,:] . t[n,j,:] before a
-//      single warp reduction. On sm_90 it is launched as a programmatic
-//      dependent of the shrink, so the W stream starts while the shrink runs
-//      and only the LoRA epilogue waits for t (griddepcontrol.wait).
+// Few rows (rows <= kGemvMaxRows), the decode case, two kernels, both programmatic dependents
+// (PDL, sm_90) of the kernel before them:
+//   1. shrink_dot: t[n,j,r] = scale * g[n,j] * A[e][r,:] . x[n] into the fp32 workspace, one
+//      block per (n, j, r): about one memory round trip. Once the previous kernel has
+//      completed it raises a flag (x_ready) in the workspace.
+//   2. the GEMV, launched while the shrink runs: from x_ready on it streams W x (one row:
+//      gemv1, several 16-byte loads in flight per lane, x staged in shared memory; 2-16 rows:
+//      gemv_mma on tensor cores; else the SIMT gemv_lora), then waits for the shrink
+//      (griddepcontrol.wait) and adds sum_j B[e][o,:] . t[n,j,:] before writing y.
 // Many rows, the prefill case: the LoRA term becomes extra K columns of one
 // tensor-core GEMM, y = [x | z] [W | B_cat]^T + bias (see "Many-rows path" below):
 //   1. shrink: x A_cat^T for all experts (A as [E*rank, in]), split over K, fp32 partials;
@@ -16,6 +17,7 @@
 //   3. gemm: mma.sync tensor cores (fp16/bf16; a SIMT tile for fp32), 4-stage cp.async,
 //      split over K (plus a reduce) at <= 64 rows.
 // Expert ids outside [0, num_experts) contribute nothing (no device trap).
+// A == B == nullptr: no adapter, y = W x (+ bias) through the few-rows kernels (the dense baseline).
 #include "common.cuh"
 
 #include <algorithm>
@@ -40,58 +42,240 @@ static_assert(static_cast<long long>(ADAFUSE_LORA_MAX_EXPERTS) * ADAFUSE_LORA_MA
 // Few-rows path
 // ---------------------------------------------------------------------------
 
+// t[slot, r] = scale * g[slot] * A[e] x[n]: one block per (slot, r), its threads split `in`
+// (one round of 16-byte loads for in <= 8192 bf16), so the shrink costs about one memory
+// round trip. A programmatic dependent: x, ids and gates come from earlier kernels.
+// x_ready (the GEMV's start signal): block 0 sets it to 0 before letting the GEMV launch and
+// to 1 once the previous kernel has completed (after griddepcontrol.wait), so the GEMV can
+// stream W x while the shrink still runs and wait for t only before its LoRA epilogue.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-shrink_gemv_kernel(int rows, int in, int E, int rank, int top_k, const T* __restrict__ x,
-                   const T* __restrict__ A, const int32_t* __restrict__ ids,
-                   const float* __restrict__ gates, float scale, float* __restrict__ t) {
-  pdl_launch_dependents();
-  const int lane = threadIdx.x & 31;
-  const long long w = (static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
-  const long long total = static_cast<long long>(rows) * top_k * rank;
-  if (w >= total) return;
-  const int r = static_cast<int>(w % rank);
-  const int slot = static_cast<int>(w / rank);
+shrink_dot_kernel(int in, int E, int rank, int top_k, const T* __restrict__ x,
+                  const T* __restrict__ A, const int32_t* __restrict__ ids,
+                  const float* __restrict__ gates, float scale, float* __restrict__ t,
+                  unsigned* __restrict__ x_ready) {
+  __shared__ float red[kThreads / 32];
+  const bool signal = blockIdx.x == 0 && threadIdx.x == 0;
+  if (signal) {
+    *x_ready = 0u;
+    __threadfence();
+  }
+  pdl_launch_dependents();  // the GEMV may launch now
+  const int slot = static_cast<int>(blockIdx.x / static_cast<unsigned>(rank));
+  const int r = static_cast<int>(blockIdx.x % static_cast<unsigned>(rank));
   const int n = slot / top_k;
+  pdl_wait();
+  if (signal) st_release(x_ready, 1u);  // the previous kernel is complete: x is final
   const int e = ids[slot];
   if (e < 0 || e >= E) {
-    if (lane == 0) t[w] = 0.f;
+    if (threadIdx.x == 0) t[blockIdx.x] = 0.f;
     return;
   }
   const T* a = A + (static_cast<size_t>(e) * rank + r) * in;
   const T* xr = x + static_cast<size_t>(n) * in;
   float acc = 0.f;
   if (VEC) {
-    constexpr int V = TypeOps<T>::kVec;
+    constexpr int V = TypeOps<T>::kVec, U = 4;
     const int nv = in / V;
-    for (int v0 = lane; v0 < nv; v0 += 32 * 4) {
-      uint4 av[4], xv[4];
+    for (int v0 = threadIdx.x; v0 < nv; v0 += kThreads * U) {
+      uint4 av[U], xv[U];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int v = v0 + 32 * u;
-        if (v < nv) {
-          av[u] = __ldg(reinterpret_cast<const uint4*>(a) + v);
-          xv[u] = __ldg(reinterpret_cast<const uint4*>(xr) + v);
-        }
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + kThreads * u;
+        const bool ok = v < nv;
+        av[u] = ok ? __ldg(reinterpret_cast<const uint4*>(a) + v) : make_uint4(0, 0, 0, 0);
+        xv[u] = ok ? __ldg(reinterpret_cast<const uint4*>(xr) + v) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int v = v0 + 32 * u;
-        if (v < nv) {
-          float af[V], xf[V];
-          unpack16<T>(av[u], af);
-          unpack16<T>(xv[u], xf);
+      for (int u = 0; u < U; ++u) {
+        float af[V], xf[V];
+        unpack16<T>(av[u], af);
+        unpack16<T>(xv[u], xf);
 #pragma unroll
-          for (int q = 0; q < V; ++q) acc = fmaf(af[q], xf[q], acc);
-        }
+        for (int q = 0; q < V; ++q) acc = fmaf(af[q], xf[q], acc);
       }
     }
   } else {
 #pragma unroll 4
-    for (int i = lane; i < in; i += 32) acc = fmaf(ldf(a + i), ldf(xr + i), acc);
+    for (int i = threadIdx.x; i < in; i += kThreads) acc = fmaf(ldf(a + i), ldf(xr + i), acc);
   }
   acc = warp_sum(acc);
-  if (lane == 0) t[w] = scale * gates[slot] * acc;
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w];
+    t[blockIdx.x] = scale * gates[slot] * s;
+  }
+}
+
+// Before reading x: with x_ready (a LoRA call) thread 0 waits for the shrink's signal (the
+// shrink's blocks are all running once this grid has launched, so this cannot hang), then the
+// block reads x through L2 only (ld.cg: no L1 line older than the signal); without (no adapter)
+// griddepcontrol.wait on the previous kernel.
+__device__ __forceinline__ void wait_x_ready(const unsigned* x_ready) {
+  if (x_ready) {
+    if (threadIdx.x == 0)
+      while (ld_acquire(x_ready) != 1u) __nanosleep(64);
+    __syncthreads();
+  } else {
+    pdl_wait();
+  }
+}
+
+// One row (batch-1 decode), 16-byte W rows. KS warps share an output row (each a contiguous
+// K slice, partials added through shared memory), each warp NO consecutive rows, U 16-byte W
+// loads per row in flight per lane; x is staged once per block in shared memory. The LoRA
+// term sum_j B[e][o,:] . t[j,:] is added after the W stream (t after griddepcontrol.wait); its
+// B values, up to LR = 4 per lane and row, are loaded before the stream.
+template <typename T, int U, int NO, int KS>
+__global__ void __launch_bounds__(kThreads)
+gemv1_kernel(int in, int out, const T* __restrict__ x, const T* __restrict__ W,
+             const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
+             const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
+             T* __restrict__ y, const unsigned* __restrict__ x_ready) {
+  constexpr int V = TypeOps<T>::kVec, LR = 4, kWarps = kThreads / 32;
+  extern __shared__ uint4 xs[];  // [in / V]
+  __shared__ float part[kWarps][NO];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nv = in / V;
+  wait_x_ready(x_ready);
+  for (int i = threadIdx.x; i < nv; i += kThreads) xs[i] = ld_cg16(reinterpret_cast<const uint4*>(x) + i);
+  __syncthreads();
+
+  const int ks = warp % KS;  // this warp's K slice
+  const long long o0 = (static_cast<long long>(blockIdx.x) * (kWarps / KS) + warp / KS) * NO;
+  const int per = (nv + KS - 1) / KS;
+  const int vb = ks * per, ve = min(nv, vb + per);
+  // LoRA operands that the shrink does not produce (ids, B rows) are loaded into registers now,
+  // so their latency hides under the W stream; t after griddepcontrol.wait. Pair i = (j, r) over
+  // the row's KS warps and lanes; with more than 32 * KS * LR pairs, all after the stream.
+  const int pairs = t ? top_k * rank : 0;
+  const bool pre = pairs <= 32 * KS * LR;
+  float bp[NO][LR];
+#pragma unroll
+  for (int m = 0; m < LR; ++m) {
+    const int i = ks * 32 + lane + 32 * KS * m;
+#pragma unroll
+    for (int q = 0; q < NO; ++q) bp[q][m] = 0.f;
+    if (pre && i < pairs) {
+      const int j = i / rank, r = i - j * rank;
+      const int e = __ldcg(ids + j);  // L2: written by an earlier kernel (see wait_x_ready)
+      if (e >= 0 && e < E) {
+#pragma unroll
+        for (int q = 0; q < NO; ++q)
+          if (o0 + q < out) bp[q][m] = ldf(B + (static_cast<size_t>(e) * out + (o0 + q)) * rank + r);
+      }
+    }
+  }
+
+  float acc[NO];
+  const uint4* Wv[NO];
+#pragma unroll
+  for (int q = 0; q < NO; ++q) {
+    acc[q] = 0.f;
+    const long long o = (o0 + q < out) ? o0 + q : (out - 1);  // clamp: duplicate row, discarded
+    Wv[q] = reinterpret_cast<const uint4*>(W + static_cast<size_t>(o) * in);
+  }
+  // Full rounds with unconditional loads (a bounds check per load becomes a branch per load,
+  // and ptxas then sinks the loads to their uses: one in flight), then single-load rounds.
+  int v0 = vb + lane;
+  for (; v0 + 32 * (U - 1) < ve; v0 += 32 * U) {
+    uint4 wv[NO][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < NO; ++q) wv[q][u] = ld_stream16(Wv[q] + v0 + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float xf[V];
+      unpack16<T>(xs[v0 + 32 * u], xf);
+#pragma unroll
+      for (int q = 0; q < NO; ++q) {
+        float wf[V];
+        unpack16<T>(wv[q][u], wf);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
+      }
+    }
+  }
+  for (; v0 < ve; v0 += 32) {
+    float xf[V];
+    unpack16<T>(xs[v0], xf);
+#pragma unroll
+    for (int q = 0; q < NO; ++q) {
+      float wf[V];
+      unpack16<T>(ld_stream16(Wv[q] + v0), wf);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
+    }
+  }
+  pdl_launch_dependents();  // only the epilogue is left: let the next kernel launch
+#pragma unroll
+  for (int q = 0; q < NO; ++q) acc[q] = warp_sum(acc[q]);
+
+  // LoRA term, split over the row's KS warps: pair i = (j, r) over lanes and warps
+  if (t) {
+    if (x_ready) pdl_wait();  // t comes from the shrink
+    float lo[NO];
+#pragma unroll
+    for (int q = 0; q < NO; ++q) lo[q] = 0.f;
+    if (pre) {
+#pragma unroll
+      for (int m = 0; m < LR; ++m) {
+        const int i = ks * 32 + lane + 32 * KS * m;
+        const float tv = i < pairs ? t[i] : 0.f;
+#pragma unroll
+        for (int q = 0; q < NO; ++q) lo[q] = fmaf(bp[q][m], tv, lo[q]);
+      }
+    }
+    for (int i0 = ks * 32 + lane; !pre && i0 < pairs; i0 += 32 * KS * LR) {
+      float tl[LR], bl[NO][LR];
+#pragma unroll
+      for (int m = 0; m < LR; ++m) {  // loads first, all in flight
+        const int i = i0 + 32 * KS * m;
+        tl[m] = 0.f;
+#pragma unroll
+        for (int q = 0; q < NO; ++q) bl[q][m] = 0.f;
+        if (i < pairs) {
+          const int j = i / rank, r = i - j * rank;
+          const int e = ids[j];
+          if (e >= 0 && e < E) {
+            tl[m] = t[i];
+#pragma unroll
+            for (int q = 0; q < NO; ++q)
+              if (o0 + q < out) bl[q][m] = ldf(B + (static_cast<size_t>(e) * out + (o0 + q)) * rank + r);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < LR; ++m)
+#pragma unroll
+        for (int q = 0; q < NO; ++q) lo[q] = fmaf(bl[q][m], tl[m], lo[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < NO; ++q) acc[q] += warp_sum(lo[q]);
+  }
+  if (KS > 1) {
+    if (lane == 0)
+#pragma unroll
+      for (int q = 0; q < NO; ++q) part[warp][q] = acc[q];
+    __syncthreads();
+    if (ks != 0) return;
+#pragma unroll
+    for (int q = 0; q < NO; ++q)
+#pragma unroll
+      for (int s2 = 1; s2 < KS; ++s2) acc[q] += part[warp + s2][q];
+  }
+#pragma unroll
+  for (int q = 0; q < NO; ++q) {
+    if (lane == q && o0 + q < out) {
+      float v = acc[q];
+      if (bias) v += ldf(bias + o0 + q);
+      y[o0 + q] = TypeOps<T>::from_f(v);
+    }
+  }
 }
 
 // One warp per NO consecutive output rows; R = max rows handled (rows <= R).
@@ -105,6 +289,7 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
   const int lane = threadIdx.x & 31;
   const long long wg = (static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
   const long long o0 = wg * NO;
+  pdl_wait();  // x may come from the kernel before the shrink (a programmatic dependent too)
   if (o0 >= out) return;
 
   float acc[NO][R];
@@ -172,11 +357,10 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
     }
   }
 
-  // LoRA epilogue: needs t from the shrink kernel.
-  pdl_wait();
+  // LoRA epilogue (t from the shrink kernel, complete after the wait above)
 #pragma unroll
   for (int n = 0; n < R; ++n) {
-    if (n < rows) {
+    if (n < rows && t) {
       for (int j = 0; j < top_k; ++j) {
         const int slot = n * top_k + j;
         const int e = ids[slot];
@@ -217,12 +401,15 @@ __global__ void __launch_bounds__(kThreads)
 gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
                 const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                 const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
-                T* __restrict__ y, bool vec_b) {
+                T* __restrict__ y, bool vec_b, bool x_done) {
   constexpr int U = 4;
   __shared__ float red[kThreads / 32][16][8 * NT + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c4 = lane & 3;
   const int o0 = blockIdx.x * 16;
+  // x_done: the shrink before this kernel was launched after x was complete (the W x stream
+  // overlaps the shrink; this kernel waits for t before its epilogue); else wait now.
+  if (!x_done) pdl_wait();
   const int nchunks = in / 32 + ((in % 32) ? 1 : 0);
   const uint4 z = make_uint4(0, 0, 0, 0);
   const int oa = min(o0 + g, out - 1), ob = min(o0 + g + 8, out - 1);
@@ -282,8 +469,9 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
   // pair's LoRA term sum_j B[e][o,:] . t[slot,:]; the lanes split the rank with 16-byte B loads
   // (when rank allows) issued together, then 2 shuffles. One lane per pair walked the whole rank
   // serially (slow at large ranks); a warp per pair serialised a reduction per pair (slow at small).
+  pdl_launch_dependents();
   __syncthreads();
-  pdl_wait();  // t comes from the shrink kernel
+  if (x_done) pdl_wait();  // t comes from the shrink
   const int q = tid & 3, gid = tid >> 2;
 #pragma unroll
   for (int i = 0; i < 2 * NT; ++i) {  // 64 groups x 2NT = 16 outputs x 8NT rows
@@ -292,7 +480,7 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
     const int o = o0 + ol;
     const bool live = o < out && n < rows;
     float v = 0.f;
-    if (live) {
+    if (live && t) {
       for (int j = 0; j < top_k; ++j) {
         const int slot = n * top_k + j;
         const int e = ids[slot];
@@ -674,20 +862,21 @@ ManyRowsPlan many_rows_plan(int in, int out, int E, int rank) {
   return p;
 }
 
-// Workspace: few rows: t [rows, top_k, rank] fp32. Many rows: z [rows, ldz] (x's dtype, sized
+// Workspace: few rows: t [rows, top_k, rank] fp32, then a 16-byte flag. Many rows: z [rows, ldz] (x's dtype, sized
 // for fp32), the shrink's partials P [splits, rows, E*rank] fp32, then the split final GEMM's
 // partials Py [ysplits, min(rows, 64), out] fp32 when ysplits > 1 (kept at 64 rows above that,
 // unused, so the size never shrinks as rows grow; apart from P: x W^T splits run while zscale
 // still reads P); never less than the few-rows size. Each part 256-byte aligned.
 struct Layout {
-  size_t t_off, z_off, p_off, py_off, total;
+  size_t t_off, flag_off, z_off, p_off, py_off, total;
 };
 
 Layout make_layout(int rows, int in, int out, int E, int rank, int top_k) {
   Layout L{};
   const size_t t_bytes = align_up(static_cast<size_t>(rows) * top_k * rank * sizeof(float), 256);
-  if (rows <= kGemvMaxRows) {
-    L.total = t_bytes;
+  if (rows <= kGemvMaxRows) {  // t, then the shrink's 16-byte x_ready flag
+    L.flag_off = t_bytes;
+    L.total = t_bytes + 16;
     L.z_off = L.p_off = L.py_off = L.total;
     return L;
   }
@@ -699,7 +888,7 @@ Layout make_layout(int rows, int in, int out, int E, int rank, int top_k) {
   L.py_off = off;
   if (p.ysplits > 1)
     off += align_up(static_cast<size_t>(p.ysplits) * std::min(rows, kSplitRows) * out * sizeof(float), 256);
-  L.total = std::max(off, t_bytes);
+  L.total = std::max(off, t_bytes + 16);
   return L;
 }
 
@@ -710,30 +899,52 @@ bool args_ok(int rows, int in, int out, int E, int rank, int top_k) {
          static_cast<long long>(rows) * top_k * rank < (1ll << 40);
 }
 
-// ADAFUSE_DISABLE_PDL=1 turns programmatic dependent launch off (read per
-// call, so a benchmark can compare both).
-bool pdl_enabled() {
-  const char* s = getenv("ADAFUSE_DISABLE_PDL");
-  return !(s && s[0] && s[0] != '0');
+// The one-row kernel's shape: 16-byte loads in flight per lane (U), rows per warp (NO), warps
+// per row (KS). Default by measurement on the H200 (gemv_sites.json, 7B sites): K2 for
+// out >= 8192, else N1. ADAFUSE_GEMV1 = u4n1, u8n1, u4n2, u4k2 or simt (the v4 warp-per-row
+// kernel) forces one, for same-run A/B only.
+enum class Gemv1 { kDefault, kU4N1, kU8N1, kU4N2, kU4K2, kSimt };
+Gemv1 gemv1_choice() {
+  const char* s = getenv("ADAFUSE_GEMV1");
+  if (!s) return Gemv1::kDefault;
+  static const struct { const char* name; Gemv1 v; } names[] = {
+      {"u4n1", Gemv1::kU4N1}, {"u8n1", Gemv1::kU8N1}, {"u4n2", Gemv1::kU4N2}, {"u4k2", Gemv1::kU4K2},
+      {"simt", Gemv1::kSimt}};
+  for (const auto& n : names)
+    if (!strcmp(s, n.name)) return n.v;
+  return Gemv1::kDefault;
 }
 
-// Launch with programmatic dependent launch allowed when pdl (the kernel then runs its
-// prologue while the previous launch finishes and waits in griddepcontrol.wait).
-template <typename... KArgs, typename... Args>
-int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
-              Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
-  return ADAFUSE_OK;
+// x staged in shared memory: up to the default 48 KB without opting in
+constexpr int kGemv1MaxXBytes = 48 * 1024;
+// LoRA pairs (top_k * rank) up to which the default one-row path is gemv1: measured faster than
+// the SIMT kernel at the 7B's r16 sites (32-96 pairs), slower at its r64 sites (128-384 pairs,
+// gemv_sites.json of 2026-11-29: e.g. qkv 52.9 vs 37.0 us).
+constexpr long long kGemv1MaxPairs = 96;
+
+template <typename T, int U, int NO, int KS>
+int launch_gemv1(bool pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+                 int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
+                 cudaStream_t stream) {
+  constexpr long long kRowsPerBlock = (kThreads / 32 / KS) * NO;
+  const long long blocks = (out + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  return launch_ex(gemv1_kernel<T, U, NO, KS>, dim3(static_cast<unsigned>(blocks)), kThreads,
+                   static_cast<size_t>(in) * sizeof(T), pdl, stream, in, out, x, W, bias, B, E, rank, ids, top_k, t,
+                   y, x_ready);
+}
+
+template <typename T>
+int run_gemv1(bool pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E, int rank,
+              const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready, cudaStream_t s) {
+  Gemv1 c = gemv1_choice();
+  if (c == Gemv1::kDefault) c = out >= 8192 ? Gemv1::kU4K2 : Gemv1::kU4N1;
+  switch (c) {
+    case Gemv1::kU8N1: return launch_gemv1<T, 8, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case Gemv1::kU4N2: return launch_gemv1<T, 4, 2, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case Gemv1::kU4K2: return launch_gemv1<T, 4, 1, 2>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    default: return launch_gemv1<T, 4, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+  }
 }
 
 template <typename T, int R, int NO, bool VEC>
@@ -748,13 +959,13 @@ int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, con
 }
 
 template <typename T, int NT>
-int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
-                    const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t,
-                    T* y, cudaStream_t stream) {
+int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+                    int rank, const int32_t* ids, int top_k, const float* t, T* y, cudaStream_t stream) {
+  const long long blocks = (out + 15) / 16;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
-  const bool vec_b = rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
-  return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>((out + 15) / 16)), kThreads, 0, pdl, stream,
-                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, vec_b);
+  const bool vec_b = t && rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
+  return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream, rows, in,
+                   out, x, W, bias, B, E, rank, ids, top_k, t, y, vec_b, t != nullptr);
 }
 
 template <typename T, bool VEC>
@@ -770,27 +981,39 @@ int run_gemv_rows(bool pdl, int rows, int in, int out, const T* x, const T* W, c
 
 template <typename T>
 int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
-                    const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
-                    float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
+                 const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
+                 float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
   constexpr int V = TypeOps<T>::kVec;
-  float* t = reinterpret_cast<float*>(ws + L.t_off);
+  float* t = A ? reinterpret_cast<float*>(ws + L.t_off) : nullptr;  // A == nullptr: no adapter
   const long long slots = static_cast<long long>(rows) * top_k;
+  // One row: both kernels are programmatic dependents (sm_90); the shrink waits for the
+  // previous kernel and then raises x_ready, the GEMV streams W x from that signal on and
+  // waits for the shrink (t) only before its LoRA epilogue. 2-16 rows: the shrink is launched
+  // after the previous kernel completes and the GEMV streams W x while it runs, reading x
+  // through L1 (through L2, as the x_ready protocol must, it measured slower). No adapter:
+  // the GEMV waits for the previous kernel itself.
   DeviceInfo di;
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
   const bool pdl = pdl_enabled() && di.cc_major >= 9;
   const bool vec_a = (in % V == 0) && aligned16(x) && aligned16(A);
-  const long long warps = slots * rank;
-  const long long blocks = (warps * 32 + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  if (vec_a)
-    shrink_gemv_kernel<T, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
-  else
-    shrink_gemv_kernel<T, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        rows, in, E, rank, top_k, x, A, ids, gates, scale, t);
-  AF_LAUNCH_CHECK();
   const bool vec_w = (in % V == 0) && aligned16(x) && aligned16(W);
+  const Gemv1 choice = gemv1_choice();
+  const bool one_row = rows == 1 && vec_w && in * static_cast<long long>(sizeof(T)) <= kGemv1MaxXBytes &&
+                       choice != Gemv1::kSimt &&
+                       (choice != Gemv1::kDefault || !t || static_cast<long long>(top_k) * rank <= kGemv1MaxPairs);
+  unsigned* x_ready = t ? reinterpret_cast<unsigned*>(ws + L.flag_off) : nullptr;
+  const long long blocks = slots * rank;  // <= kGemvMaxRows * kMaxTopK * kMaxRank
+  if (t) {
+    const bool spdl = pdl && one_row;
+    const dim3 grid(static_cast<unsigned>(blocks));
+    st = vec_a ? launch_ex(shrink_dot_kernel<T, true>, grid, kThreads, 0, spdl, stream, in, E, rank, top_k, x, A, ids,
+                           gates, scale, t, x_ready)
+               : launch_ex(shrink_dot_kernel<T, false>, grid, kThreads, 0, spdl, stream, in, E, rank, top_k, x, A, ids,
+                           gates, scale, t, x_ready);
+    if (st != ADAFUSE_OK) return st;
+  }
+  if (one_row) return run_gemv1<T>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, stream);
   if constexpr (!std::is_same<T, float>::value) {
     if (rows >= 2 && vec_w) {  // tensor-core skinny GEMM
       if (rows <= 8)
@@ -802,12 +1025,12 @@ int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bia
   for (int r0 = 0; r0 < rows; r0 += 8) {
     const int rr = min(8, rows - r0);
     const T* xs = x + static_cast<size_t>(r0) * in;
-    const int32_t* is = ids + static_cast<size_t>(r0) * top_k;
-    const float* tsl = t + static_cast<size_t>(r0) * top_k * rank;
+    const int32_t* is = ids ? ids + static_cast<size_t>(r0) * top_k : nullptr;
+    const float* tsl = t ? t + static_cast<size_t>(r0) * top_k * rank : nullptr;
     T* ys = y + static_cast<size_t>(r0) * out;
     const int st2 = vec_w
-        ? run_gemv_rows<T, true>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream)
-        : run_gemv_rows<T, false>(pdl && r0 == 0, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream);
+        ? run_gemv_rows<T, true>(pdl, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream)
+        : run_gemv_rows<T, false>(pdl, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream);
     if (st2 != ADAFUSE_OK) return st2;
   }
   return ADAFUSE_OK;
@@ -944,7 +1167,8 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
   if (!args_ok(rows, in_features, out_features, num_experts, rank, top_k))
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return ADAFUSE_OK;
-  if (!x || !W || !A || !B || !expert_ids || !gates || !y) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (!x || !W || !y || !A != !B || (A && (!expert_ids || !gates))) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  if (!A && rows > kGemvMaxRows) return ADAFUSE_ERR_INVALID_ARGUMENT;  // no adapter: few rows only
   const Layout L = make_layout(rows, in_features, out_features, num_experts, rank, top_k);
   if (L.total > 0 && (!workspace || workspace_bytes < L.total)) return ADAFUSE_ERR_WORKSPACE;
   if (reinterpret_cast<uintptr_t>(workspace) & 15u) return ADAFUSE_ERR_WORKSPACE;  // 16-byte aligned
