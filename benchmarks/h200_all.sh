@@ -5,7 +5,9 @@
 #   the step kernels), the decode benchmark.
 #   the routed fused linear's sweep and per-shape timings (gpu_kernels.py without the switch parts),
 #   the few-rows GEMV against cuBLAS at the 7B decoder's site shapes (gemv_sites.py),
-# Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [h200_decode.py args...]
+# Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
+#   --no-checks skips everything before the profile (harness, run --device cuda, kernel sweeps and
+#   per-kernel timings); --no-decode stops before the profile: the two halves fit one call each.
 #   (carry .whl and plugins/harness/.trt_headers)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -16,7 +18,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 status=0
-if [[ " $* " != *" --no-harness "* ]]; then
+has() { [[ " $ARGS " == *" $1 "* ]]; }
+ARGS="$*"
+if ! has --no-checks; then
+if ! has --no-harness; then
   bash plugins/harness/run_gpu.sh > "$OUT/plugin_harness.log" 2>&1; rc=$?; tail -5 "$OUT/plugin_harness.log"
   echo "plugin harness exit $rc"; [[ $rc == 0 ]] || status=1
 fi
@@ -30,15 +35,19 @@ for s in fused switch auto; do
 done
 python3 benchmarks/gpu_kernels.py --skip switch,drift,tswitch --out "$OUT/kernels" > "$OUT/gpu_kernels_lora.log" 2>&1; rc=$?
 grep -E "correctness|f/d|x[0-9]+ +[0-9]+ +[0-9]+ \|" "$OUT/gpu_kernels_lora.log"; [[ $rc == 0 ]] || status=1
+python3 benchmarks/lora_many_rows.py --out "$OUT" > "$OUT/lora_many_rows.log" 2>&1; rc=$?
+tail -16 "$OUT/lora_many_rows.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gemv_sites.py --out "$OUT" > "$OUT/gemv_sites.log" 2>&1; rc=$?
 grep -E "rows|chain" "$OUT/gemv_sites.log" | grep -v "^ "; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "cases|correctness|kernel .* us" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
-if [[ " $* " != *" --no-profile "* ]]; then
+fi
+has --no-decode && exit $status
+if ! has --no-profile; then
   python3 benchmarks/profile_decode_step.py --out "$OUT" > "$OUT/profile_decode_step.log" 2>&1 || status=1
   grep "==" "$OUT/profile_decode_step.log"
 fi
-args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-profile ]] || args+=("$a"); done
+args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-profile || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
 python3 benchmarks/h200_decode.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/h200_decode.log"; rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || status=1
 exit $status
