@@ -110,6 +110,62 @@ shrink_dot_kernel(int in, int E, int rank, int top_k, const T* __restrict__ x,
   }
 }
 
+// The same t with one warp per (slot, r): 8 dots per block. Faster than the block-per-dot shrink
+// at 2-16 rows (shrink_choice below); launched after the previous kernel completes (no x_ready).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+shrink_warp_kernel(int rows, int in, int E, int rank, int top_k, const T* __restrict__ x,
+                   const T* __restrict__ A, const int32_t* __restrict__ ids,
+                   const float* __restrict__ gates, float scale, float* __restrict__ t) {
+  pdl_launch_dependents();
+  const int lane = threadIdx.x & 31;
+  const long long w = (static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x) >> 5;
+  const long long total = static_cast<long long>(rows) * top_k * rank;
+  if (w >= total) return;
+  const int r = static_cast<int>(w % rank);
+  const int slot = static_cast<int>(w / rank);
+  const int n = slot / top_k;
+  const int e = ids[slot];
+  if (e < 0 || e >= E) {
+    if (lane == 0) t[w] = 0.f;
+    return;
+  }
+  const T* a = A + (static_cast<size_t>(e) * rank + r) * in;
+  const T* xr = x + static_cast<size_t>(n) * in;
+  float acc = 0.f;
+  if (VEC) {
+    constexpr int V = TypeOps<T>::kVec;
+    const int nv = in / V;
+    for (int v0 = lane; v0 < nv; v0 += 32 * 4) {
+      uint4 av[4], xv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int v = v0 + 32 * u;
+        if (v < nv) {
+          av[u] = __ldg(reinterpret_cast<const uint4*>(a) + v);
+          xv[u] = __ldg(reinterpret_cast<const uint4*>(xr) + v);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int v = v0 + 32 * u;
+        if (v < nv) {
+          float af[V], xf[V];
+          unpack16<T>(av[u], af);
+          unpack16<T>(xv[u], xf);
+#pragma unroll
+          for (int q = 0; q < V; ++q) acc = fmaf(af[q], xf[q], acc);
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int i = lane; i < in; i += 32) acc = fmaf(ldf(a + i), ldf(xr + i), acc);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) t[w] = scale * gates[slot] * acc;
+}
+
 // Before reading x: with x_ready (a LoRA call) thread 0 waits for the shrink's signal (the
 // shrink's blocks are all running once this grid has launched, so this cannot hang), then the
 // block reads x through L2 only (ld.cg: no L1 line older than the signal); without (no adapter)
@@ -915,6 +971,19 @@ Gemv1 gemv1_choice() {
   return Gemv1::kDefault;
 }
 
+// The shrink's shape outside the one-row gemv1 path (which needs shrink_dot's x_ready signal):
+// ADAFUSE_SHRINK=dot|warp forces one, for same-run A/B.
+enum class Shrink { kAuto, kDot, kWarp };
+Shrink shrink_choice() {
+  const char* s = getenv("ADAFUSE_SHRINK");
+  if (s && !strcmp(s, "dot")) return Shrink::kDot;
+  if (s && !strcmp(s, "warp")) return Shrink::kWarp;
+  return Shrink::kAuto;
+}
+// Default: block per dot at one row (the r64 sites' SIMT path: 5.24 ms per 7B step against 5.51
+// with warps), warp per dot at 2-16 rows (batch 8: r16 6.44 against 6.71 ms, r64 7.80 against
+// 8.46), same-run A/B on the H200, 2026-11-29 (benchmarks/results/shrink_ab.log).
+
 // x staged in shared memory: up to the default 48 KB without opting in
 constexpr int kGemv1MaxXBytes = 48 * 1024;
 // LoRA pairs (top_k * rank) up to which the default one-row path is gemv1: measured faster than
@@ -1004,7 +1073,16 @@ int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bia
                        (choice != Gemv1::kDefault || !t || static_cast<long long>(top_k) * rank <= kGemv1MaxPairs);
   unsigned* x_ready = t ? reinterpret_cast<unsigned*>(ws + L.flag_off) : nullptr;
   const long long blocks = slots * rank;  // <= kGemvMaxRows * kMaxTopK * kMaxRank
-  if (t) {
+  const Shrink sc = shrink_choice();
+  const bool warp_shrink = !one_row && (sc == Shrink::kWarp || (sc == Shrink::kAuto && rows >= 2));
+  if (t && warp_shrink) {
+    const dim3 grid(static_cast<unsigned>((blocks * 32 + kThreads - 1) / kThreads));
+    st = vec_a ? launch_ex(shrink_warp_kernel<T, true>, grid, kThreads, 0, false, stream, rows, in, E, rank, top_k, x,
+                           A, ids, gates, scale, t)
+               : launch_ex(shrink_warp_kernel<T, false>, grid, kThreads, 0, false, stream, rows, in, E, rank, top_k, x,
+                           A, ids, gates, scale, t);
+    if (st != ADAFUSE_OK) return st;
+  } else if (t) {
     const bool spdl = pdl && one_row;
     const dim3 grid(static_cast<unsigned>(blocks));
     st = vec_a ? launch_ex(shrink_dot_kernel<T, true>, grid, kThreads, 0, spdl, stream, in, E, rank, top_k, x, A, ids,
