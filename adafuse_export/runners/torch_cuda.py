@@ -28,8 +28,8 @@ from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, ro
 from ..spec import AdapterSpec, ModelSpec
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
-# Above this many rows (prefill) the fused kernel's grouped path is slower than cuBLAS + unmerged LoRA
-# (benchmarks/results/KERNEL_NOTES.md: 16-32x dense at 512 rows, against about 17x for unmerged torch ops).
+# Above this many rows (prefill) the decoder runs cuBLAS plus the LoRA term in PyTorch ops: the kernel
+# library's many-rows GEMM takes 1.8-4.5x cuBLAS's dense time alone (benchmarks/results/lora_many_rows.json).
 FUSED_MAX_ROWS = 16
 
 

@@ -74,8 +74,9 @@ int adafuse_abi_version(void);
 // only; expert_ids, gates and scale are then ignored, the sizes must still be valid and size
 // the workspace). Few rows on sm_90: the kernels are programmatic dependents of the stream's
 // previous kernel (PDL; ADAFUSE_DISABLE_PDL=1 turns it off): they launch while it finishes but
-// read and write nothing before it has completed; the workspace carries a flag between the two
-// kernels of one call, so one workspace serves one call in flight at a time (as before).
+// read nothing it may write, and write nothing but the call's own workspace, before it has
+// completed; the workspace carries a flag between the two kernels of one call, so one workspace
+// serves one call in flight at a time (as before).
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,
