@@ -26,6 +26,9 @@ EXPECTED_SYMBOLS = {
     "adafuse_decode_attention",
 }
 
+# ADAFUSE_LORA_MAX_ROWS of plugins/kernels/include/adafuse_kernels.h (a documented, checked limit)
+LORA_MAX_ROWS = 1 << 17
+
 NVCC = kbuild.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit "
                                                       "or set CUDA_HOME); the kernel build needs it")
@@ -98,8 +101,12 @@ def test_workspace_size(kernels):
                 (11008, 4096, 256, 8, 8)]:
         sizes = [ws(r, *cfg) for r in list(range(1, 300)) + [511, 512, 513, 2047, 2048, 4096]]
         assert sizes == sorted(sizes), cfg
+    # every limit at once (rows 2^17, E*rank 2^20, top_k 8): byte counts past 2^32 stay exact
+    assert ws(LORA_MAX_ROWS, 4096, 4096, 256, 4096, 8) == (LORA_MAX_ROWS * 2**20 * 4 * (1 + 8)
+                                                          + 4 * 64 * 4096 * 4)
     for bad in [(1, 0, 1, 1, 1, 1), (1, 1, 0, 1, 1, 1), (1, 1, 1, 0, 1, 1), (1, 1, 1, 1, 0, 1),
-                (1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 9), (-1, 1, 1, 1, 1, 1), (1, 1, 1, 257, 1, 1)]:
+                (1, 1, 1, 1, 1, 0), (1, 1, 1, 1, 1, 9), (-1, 1, 1, 1, 1, 1), (1, 1, 1, 257, 1, 1),
+                (1, 1, 1, 1, 4097, 1), (LORA_MAX_ROWS + 1, 1, 1, 1, 1, 1)]:
         assert kernels.lib.adafuse_lora_linear_workspace_size(*bad) == 0, bad
         with pytest.raises(kbind.AdafuseKernelError, match="invalid sizes"):
             ws(*bad)
@@ -134,6 +141,8 @@ def test_lora_linear_rejects_bad_arguments_without_touching_the_gpu(kernels):
     assert _lora_call(kernels, y=0) == INV
     assert _lora_call(kernels, ws=None) == WS  # workspace missing
     assert _lora_call(kernels, ws=1, ws_bytes=8) == WS  # too small (needs 272)
+    assert _lora_call(kernels, rows=LORA_MAX_ROWS) == WS  # the row limit is accepted (then no workspace)
+    assert _lora_call(kernels, rows=LORA_MAX_ROWS + 1) == INV  # one row past the header's limit
     # rows == 0 is a valid no-op (nothing is enqueued)
     assert _lora_call(kernels, rows=0, x=0, W=0, ids=0, y=0) == kbind.ADAFUSE_OK
 

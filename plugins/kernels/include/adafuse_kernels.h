@@ -69,7 +69,8 @@ int adafuse_abi_version(void);
 // GEMM of <= 64 rows is split over K (ysplits > 1), its fp32 partials [ysplits, min(rows, 64),
 // out]; never less than the rows <= 16 formula. splits and ysplits follow from in_features,
 // out_features and E*rank only, so the size never decreases as rows grow (size once for the
-// largest row count); it does not depend on dtype.
+// largest row count); it does not depend on dtype. Sizes outside the limits above (rows beyond
+// ADAFUSE_LORA_MAX_ROWS included) give 0.
 // A and B both NULL: no adapter, y = W x (+ bias) through the few-rows kernels (rows <= 16
 // only; expert_ids, gates and scale are then ignored, the sizes must still be valid and size
 // the workspace). Few rows on sm_90: the kernels are programmatic dependents of the stream's
