@@ -150,3 +150,25 @@ def test_decoder_errors(example_dirs):
         dec.prefill(torch.tensor([[1, 2, 3, 4, 5]]))
     with pytest.raises(AdafuseError, match="routing table needs a pre-gate"):
         GpuDecoder.from_checkpoint(load_checkpoint(example_dirs["mola"]), device="cpu", dtype=torch.float32)
+
+
+def test_kernel_ops_keeps_one_workspace_per_site_and_rows():
+    """The one-row shrink writes its flag before the previous kernel completes (PDL), so a site's
+    workspace must never be a block just freed by another call: KernelOps keeps one per (site, rows)."""
+    from adafuse_export.runners.torch_cuda import KernelOps, SiteWeights
+
+    class Sizes:  # the library's workspace-size query, stood in by a formula: only the caching is under test
+        def lora_linear_workspace_size(self, rows, in_f, out_f, E, rank, top_k):
+            return rows * top_k * rank * 4 + 16
+
+    def site(out_f, rank):
+        return SiteWeights("s", torch.zeros(out_f, 8), None, torch.zeros(4, rank, 8), torch.zeros(4, out_f, rank), 1.0)
+
+    ops = KernelOps(Sizes())
+    qkv, o = site(24, 6), site(8, 2)
+    w1 = ops._workspace(qkv, 1, 2)
+    assert ops._workspace(qkv, 1, 2) is w1 and w1.numel() == 1 * 2 * 6 * 4 + 16
+    w8 = ops._workspace(qkv, 8, 2)
+    wo = ops._workspace(o, 1, 2)
+    assert w8 is not w1 and wo is not w1 and w8.numel() == 8 * 2 * 6 * 4 + 16
+    assert len({w1.data_ptr(), w8.data_ptr(), wo.data_ptr()}) == 3  # all alive at once: no reuse

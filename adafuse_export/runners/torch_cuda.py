@@ -167,6 +167,7 @@ class KernelOps:
         self.step_kernels = step_kernels
         self.dense_gemv = dense_gemv  # projections without adapter: the library's GEMV instead of cuBLAS
         self._tables: dict[tuple, tuple] = {}
+        self._workspaces: dict[tuple, torch.Tensor] = {}
 
     def add_norm(self, h, delta, w, eps: float, one_plus: bool = False):
         if not self.step_kernels or one_plus:
@@ -200,7 +201,22 @@ class KernelOps:
         return self.k.linear(x.contiguous(), site.W, bias=site.bias)
 
     def lora_linear(self, x, site: SiteWeights, ids, gates):
-        return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias)
+        return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias,
+                                  workspace=self._workspace(site, x.shape[0], ids.shape[-1]))
+
+    def _workspace(self, site: SiteWeights, rows: int, top_k: int):
+        """One workspace per (site, rows), kept for the decoder's life. Under programmatic dependent
+        launch the one-row shrink writes its flag before the previous kernel has completed, so its
+        workspace must not be memory that a kernel still in flight may use: a workspace allocated
+        per call could be a block the caching allocator just took back from another site's call."""
+        key = (site.W.data_ptr(), rows, top_k)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            assert site.A is not None
+            E, rank, in_f = site.A.shape
+            need = self.k.lora_linear_workspace_size(rows, in_f, site.W.shape[0], E, rank, top_k)
+            ws = self._workspaces[key] = torch.empty(need, dtype=torch.uint8, device=site.W.device)
+        return ws
 
     def switch(self, sites: list[SiteWeights], new_ids, new_gates, old_ids, old_gates):
         # The device site table is built once per set of buffers; every pointer is in the key, since

@@ -77,7 +77,10 @@ int adafuse_abi_version(void);
 // previous kernel (PDL; ADAFUSE_DISABLE_PDL=1 turns it off): they launch while it finishes but
 // read nothing it may write, and write nothing but the call's own workspace, before it has
 // completed; the workspace carries a flag between the two kernels of one call, so one workspace
-// serves one call in flight at a time (as before).
+// serves one call in flight at a time (as before). Because the one-row shrink writes that flag
+// before the previous kernel has completed, the workspace must not be memory that kernels
+// launched earlier on the stream may still access (e.g. a block a stream-ordered allocator just
+// took back): keep a workspace per call site, as the GPU decoder does.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,

@@ -913,7 +913,7 @@ ManyRowsPlan many_rows_plan(int in, int out, int E, int rank) {
   split_k(nk1, 8, &p.splits, &p.tps);
   // The final GEMM at <= 64 rows has one row of ceil(out/64) tiles, too few blocks to stream W
   // at full bandwidth: split its K (x W^T slices, then z B_cat^T slices) to about 256 blocks.
-  const long long tiles = (out + 63) / 64;
+  const long long tiles = (static_cast<long long>(out) + 63) / 64;
   split_k(nk1 + (p.kz + kGemmBK - 1) / kGemmBK, (256 + tiles - 1) / tiles, &p.ysplits, &p.ytps);
   return p;
 }
@@ -984,8 +984,9 @@ Shrink shrink_choice() {
 // with warps), warp per dot at 2-16 rows (batch 8: r16 6.44 against 6.71 ms, r64 7.80 against
 // 8.46), same-run A/B on the H200, 2026-11-29 (benchmarks/results/shrink_ab.log).
 
-// x staged in shared memory: up to the default 48 KB without opting in
-constexpr int kGemv1MaxXBytes = 48 * 1024;
+// x staged in dynamic shared memory: static plus dynamic must fit the default 48 KB without
+// opting in, and the split-K variant has a small static array (32 bytes): 1 KB is kept for it.
+constexpr int kGemv1MaxXBytes = 47 * 1024;
 // LoRA pairs (top_k * rank) up to which the default one-row path is gemv1: measured faster than
 // the SIMT kernel at the 7B's r16 sites (32-96 pairs), slower at its r64 sites (128-384 pairs,
 // gemv_sites.json of 2026-11-29: e.g. qkv 52.9 vs 37.0 us).
@@ -1030,7 +1031,7 @@ int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, con
 template <typename T, int NT>
 int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
                     int rank, const int32_t* ids, int top_k, const float* t, T* y, cudaStream_t stream) {
-  const long long blocks = (out + 15) / 16;
+  const long long blocks = (static_cast<long long>(out) + 15) / 16;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
   const bool vec_b = t && rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
   return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream, rows, in,
