@@ -2,10 +2,10 @@
 are known, and the recorded run's verdicts against its rows recomputed here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+import benchmark_scripts
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,10 +14,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @pytest.fixture(scope="module")
 def dt():
-    spec = importlib.util.spec_from_file_location("decode_targets", ROOT / "benchmarks" / "decode_targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("decode_targets")
 
 
 def _row(variant, rank, batch, ms, ctx=512, floor=4.0):

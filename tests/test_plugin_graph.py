@@ -356,14 +356,9 @@ def test_convert_tensorrt_stops_when_the_plugin_graph_is_wrong(example_dirs, tmp
 # ---- benchmarks/plugin_graph_gpu.py: its machinery, with the CPU implementation ----------------
 
 def _gpu_script():
-    import importlib.util
-    from pathlib import Path
+    import benchmark_scripts
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plugin_graph_gpu.py"
-    spec = importlib.util.spec_from_file_location("plugin_graph_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("plugin_graph_gpu")
 
 
 def test_gpu_script_records_what_ran_and_why_not(tmp_path, monkeypatch):

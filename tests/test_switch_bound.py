@@ -2,12 +2,12 @@
 recorded run's table (benchmarks/results/switch_bound.json) against the figures KERNEL_NOTES quotes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import benchmark_scripts
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,10 +16,7 @@ RECORDED = ROOT / "benchmarks" / "results" / "switch_bound.json"
 
 @pytest.fixture(scope="module")
 def sb():
-    spec = importlib.util.spec_from_file_location("switch_bound", ROOT / "benchmarks" / "switch_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("switch_bound")
 
 
 def test_job_sizes_are_the_7b_adapted_linears(sb):
