@@ -62,17 +62,66 @@ def test_files_manifest_and_checker(kind, portable_exports):
         assert t["expert_ids"].shape == (256, 2) and t["expert_ids"].dtype == np.int32 and t["gates"].dtype == np.float32
 
 
+def _pregate_float64(ckpt):
+    """The pre-gate of RMSNorm_0(embed(token)) for every token in float64 (numpy, written from the math),
+    and a bound on how far a float32 evaluation of it may be from that. Per row, the router logits'
+    rounding error is taken as 4 sqrt(hidden + 8) eps32 sum_i |x_i| |w_i| (the statistical model of
+    float32 summation, four standard deviations; the worst case, hidden instead of its root, is 8x
+    larger here and never approached), softmax moves a probability by at most half the largest logit
+    change, and renormalising the top k at most doubles that. The bound follows from float32 and from
+    this model's magnitudes, not from one library's summation order (onnxruntime 1.31 and 1.32 differ
+    by 1.85e-6 in these gates)."""
+
+    def f64(src, name):
+        return src.get(name).double().numpy()
+
+    spec, a = ckpt.model, ckpt.adapter
+    assert spec.arch.norm == "rms" and spec.embed_scale == 1.0, "the formula below is Llama's"
+    emb = f64(ckpt.base, "model.embed_tokens.weight")
+    norm0 = f64(ckpt.base, spec.arch.norm_weight(0, spec.arch.norms.attn_in))
+    w = f64(ckpt.adapters, "pregate.weight")
+    x = emb / np.sqrt((emb ** 2).mean(-1, keepdims=True) + spec.rms_norm_eps) * norm0
+    logits = x @ w.T
+    cond = np.abs(x) @ np.abs(w).T  # [vocab, E]
+    if "pregate.bias" in ckpt.adapters:
+        b = f64(ckpt.adapters, "pregate.bias")
+        logits, cond = logits + b, cond + np.abs(b)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ids = order[:, :a.top_k]
+    gates = np.take_along_axis(p, ids, -1)
+    margin = np.take_along_axis(p, order[:, a.top_k - 1:a.top_k], -1)[:, 0] - (
+        np.take_along_axis(p, order[:, a.top_k:a.top_k + 1], -1)[:, 0] if p.shape[1] > a.top_k else 0.0)
+    if a.normalize_topk:
+        gates = gates / gates.sum(-1, keepdims=True)
+    eps = np.finfo(np.float32).eps
+    dz = 4 * np.sqrt(spec.hidden_size + 8) * eps * cond.max(-1)
+    bound = 2 * (0.5 * dz) + 8 * eps * (1 + p.shape[1])  # per row
+    return ids, gates, bound, margin
+
+
 def test_routes_match_pregate_graph(example_dirs, portable_exports):
+    """The routing table (torch) and the pre-gate graph (ONNX Runtime) both meet the float64 pre-gate within
+    the float32 bound; expert ids agree wherever the float64 margin at the k-th expert exceeds that bound."""
     from safetensors.numpy import load_file
 
     from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
 
+    ids64, gates64, bound, margin = _pregate_float64(load_checkpoint(example_dirs["pregate"]))
+    assert (bound < 1e-3).all() and (bound > 0).all(), bound  # a bound that can fail: gates are O(0.1-1)
     runner = OnnxRuntimeRunner(portable_exports["pregate"])
     table = load_file(str(portable_exports["pregate"] / "routes.safetensors"))
-    ids = np.arange(256, dtype=np.int64)[None]
-    e, g = runner.routes(ids)
-    assert (e[0] == table["expert_ids"]).all()
-    np.testing.assert_allclose(g[0], table["gates"], atol=1e-6)
+    e, g = runner.routes(np.arange(256, dtype=np.int64)[None])
+    clear = margin > 2 * bound  # rows whose k-th expert float32 rounding cannot change
+    assert clear.mean() > 0.5, "too many near-ties for the test to mean anything"
+    for what, got_ids, got_gates in (("routing table", table["expert_ids"], table["gates"]),
+                                     ("pre-gate graph", e[0], g[0])):
+        same = (got_ids == ids64).all(-1)
+        assert same[clear].all(), what
+        err = np.abs(got_gates[same].astype(np.float64) - gates64[same]).max(-1)
+        assert (err <= bound[same]).all(), (what, err.max(), bound[same][err.argmax()])
+    assert (e[0][clear] == table["expert_ids"][clear]).all()
 
 
 def _site_expectations(ckpt):
