@@ -73,7 +73,7 @@ class OnnxRuntimeRunner(Runner):
         self.meta = metadata(header)
         self.header = header
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as one-line errors, not as its log
         if threads:
             options.intra_op_num_threads = threads
         if layerwise:
