@@ -14,6 +14,7 @@ from .errors import AdafuseError
 
 if TYPE_CHECKING:
     from .families import Family
+    from .families.rope import Rope
 
 ROUTINGS = ("pregate", "layerwise", "none", "xlora")
 ROUTER_KINDS = ("topk", "dense")
@@ -68,7 +69,7 @@ class ModelSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float
+    rope: Rope  # the rotary embedding of full-attention layers (families/rope.py)
     rms_norm_eps: float
     tie_word_embeddings: bool
     bias_modules: tuple[str, ...]  # projections that carry a bias
@@ -77,7 +78,7 @@ class ModelSpec:
     query_scale: float  # factor on q.k (head_dim ** -0.5 unless the family says otherwise)
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()  # the layers that attend within sliding_window
-    sliding_rope_theta: float | None = None  # RoPE base of the sliding layers when it differs from rope_theta
+    sliding_rope: Rope | None = None  # the rotary embedding of sliding layers when it differs (Gemma 3)
     attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     embed_scale: float = 1.0  # factor on the token embeddings
@@ -101,9 +102,8 @@ class ModelSpec:
         """The attention window of a layer (None: full causal attention)."""
         return self.sliding_window if layer in self.sliding_layers else None
 
-    def layer_rope_theta(self, layer: int) -> float:
-        return self.sliding_rope_theta if self.sliding_rope_theta is not None and layer in self.sliding_layers \
-            else self.rope_theta
+    def layer_rope(self, layer: int) -> Rope:
+        return self.sliding_rope if self.sliding_rope is not None and layer in self.sliding_layers else self.rope
 
     def role_shape(self, role: str) -> tuple[int, int]:
         """(out_features, in_features) of one role (q, k, v, o, gate, up, down)."""

@@ -225,7 +225,7 @@ def test_gpu_decoder_runs_transformers_bases(bases, family):
     ({"model_type": "llama", "partial_rotary_factor": 0.5},
      "partial_rotary_factor 0.5 is not supported for model_type 'llama' \\(expected 1.0\\)"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
-     "rope type 'longrope' is not supported \\(expected 'default', no rope scaling\\)"),
+     "rope_parameters 'short_factor' must be a list of 8 numbers \\(rotary dimensions / 2\\), found None"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.35},
      "the rotary dimensions \\(head_dim 16 x partial_rotary_factor 0.35\\) must be even and positive, found 5"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention"]},

@@ -227,12 +227,12 @@ def test_config_defaults_and_older_keys_read_as_transformers_reads_them(family):
         hf = transformers.AutoConfig.for_model(**uncapped)
         spec = ModelSpec.from_hf_config(uncapped, "config.json")
         assert spec.attn_softcap is hf.attn_logit_softcapping is None and spec.final_softcap is hf.final_logit_softcapping is None
-        assert spec.rope_theta == hf.rope_parameters["rope_theta"] and spec.sliding_rope_theta is None
+        assert spec.rope.theta == hf.rope_parameters["rope_theta"] and spec.sliding_rope is None
     else:
         assert spec.attn_softcap is None
-        assert spec.rope_theta == hf.rope_parameters[FULL]["rope_theta"] == 1e6
-        assert spec.sliding_rope_theta == hf.rope_parameters[SLIDING]["rope_theta"] == 1e4
-        assert [spec.layer_rope_theta(i) for i in range(3)] == [1e4, 1e4, 1e6]
+        assert spec.rope.theta == hf.rope_parameters[FULL]["rope_theta"] == 1e6
+        assert spec.sliding_rope.theta == hf.rope_parameters[SLIDING]["rope_theta"] == 1e4
+        assert [spec.layer_rope(i).theta for i in range(3)] == [1e4, 1e4, 1e6]
 
 
 @pytest.mark.parametrize("family,change,message", [
@@ -242,10 +242,11 @@ def test_config_defaults_and_older_keys_read_as_transformers_reads_them(family):
     ("gemma2", {"sliding_window": None}, "names sliding_attention layers but sliding_window is not set"),
     ("gemma2", {"attn_logit_softcapping": -1.0}, "key 'attn_logit_softcapping' must be positive"),
     ("gemma2", {"query_pre_attn_scalar": "256"}, "key 'query_pre_attn_scalar' must be int or float"),
-    ("gemma3_text", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope_scaling ('linear') is not supported"),
-    ("gemma3_text", {"rope_parameters": {FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}},
-     "rope_parameters['full_attention'] rope type 'linear' is not supported"),
-    ("gemma3_text", {"rope_local_base_freq": 0}, "rope_parameters['sliding_attention'] rope_theta must be a positive"),
+    ("gemma3_text", {"rope_scaling": {"rope_type": "proportional", "factor": 8.0}},
+     "rope_scaling rope type 'proportional' is not supported"),
+    ("gemma3_text", {"rope_parameters": {FULL: {"rope_type": "linear", "rope_theta": 1e6}}},
+     "rope_parameters['full_attention'] needs 'factor' for rope type 'linear'"),
+    ("gemma3_text", {"rope_local_base_freq": 0}, "key 'rope_local_base_freq' must be a positive number"),
     ("gemma3_text", {"sliding_window_pattern": 0}, "key 'sliding_window_pattern' must be positive"),
 ])
 def test_bad_configs_are_one_line_errors(family, change, message):
@@ -272,7 +273,7 @@ def test_every_example_kind_through_onnx(tmp_path, family, kind):
     ckpt = make_example(tmp_path / "ckpt", kind, family=family, seed=12, config=EXAMPLE_CONFIG[family])
     spec = ckpt.model
     assert spec.attn_softcap == (2.0 if family == "gemma2" else None) and spec.sliding_layers == (0, 2)
-    assert spec.sliding_rope_theta == (None if family == "gemma2" else 20.0)
+    assert (spec.sliding_rope and spec.sliding_rope.theta) == (None if family == "gemma2" else 20.0)
     export_onnx(ckpt, tmp_path / "onnx", "portable", "float32")
     report = validate(ckpt, tmp_path / "onnx", [[5, 9, 2, 200, 31, 64, 1], [7, 7, 1, 0]], steps=WINDOW)
     by_name = {o["name"]: o for o in report["outputs"]}

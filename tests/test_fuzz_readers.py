@@ -94,7 +94,7 @@ def test_non_finite_numbers_rejected():
 
     base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2}
-    with pytest.raises(AdafuseError, match="rope_theta must be a positive number, found nan"):
+    with pytest.raises(AdafuseError, match="key 'rope_theta' must be a finite number"):
         ModelSpec.from_hf_config({**base, "rope_theta": math.nan}, "config.json")
     with pytest.raises(AdafuseError, match="key 'rms_norm_eps' must be a finite number"):
         ModelSpec.from_hf_config({**base, "rms_norm_eps": math.inf}, "config.json")

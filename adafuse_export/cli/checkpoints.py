@@ -34,7 +34,8 @@ def inspect(ckpt, fmt, base, as_json):
         "path": str(c.path), "format": c.format, "family": m.family,
         "model": {"vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
                   "num_layers": m.num_layers, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
-                  "head_dim": m.head_dim, "rope_theta": m.rope_theta, "tie_word_embeddings": m.tie_word_embeddings,
+                  "head_dim": m.head_dim, "rope": m.rope.to_json(),
+                  "sliding_rope": m.sliding_rope.to_json() if m.sliding_rope else None, "tie_word_embeddings": m.tie_word_embeddings,
                   "bias_modules": list(m.bias_modules), "sliding_window": m.sliding_window},
         "adapter": adapter_summary(a),
         **c.parameter_counts(),
@@ -47,7 +48,9 @@ def inspect(ckpt, fmt, base, as_json):
         ("checkpoint", info["path"]), ("format", c.format),
         ("model", f"{m.family}: {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.intermediate_size}, "
                   f"heads {m.num_heads}/{m.num_kv_heads} (head_dim {m.head_dim}), vocab {m.vocab_size}"),
-        ("rope / norm", f"theta {m.rope_theta:g}, rms eps {m.rms_norm_eps:g}, tied embeddings {m.tie_word_embeddings}"),
+        ("rope", m.rope.describe() + (f"; sliding layers {m.sliding_rope.describe()}" if m.sliding_rope else "")
+         + (f", first {m.rotary_dim} of {m.head_dim} dims" if m.rotary_dim != m.head_dim else "")),
+        ("norm / head", f"rms eps {m.rms_norm_eps:g}, tied embeddings {m.tie_word_embeddings}"),
         ("routing", a.routing + (f" ({a.router_kind})" if a.routing == "layerwise" else "")
          + (f", input {a.pregate_input}, routing table {'exact' if a.routing_table_exact else 'not exact'}" if a.routing == "pregate" else "")),
         ("experts", f"{a.num_experts} x {a.expert_kind}" + (f" per layer {list(a.num_experts_per_layer)}" if a.num_experts_per_layer else "")

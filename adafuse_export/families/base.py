@@ -17,12 +17,12 @@ Vocabulary:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import AdafuseError
 from ..spec import ModelSpec, config_value, positive
+from .rope import Rope, RopeContext, parse_rope
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -85,6 +85,10 @@ class Family:
     partial_rotary: ClassVar[bool] = False  # honours rope partial_rotary_factor (RoPE on the first dims of a head)
     act_key: ClassVar[str] = "hidden_act"  # the config key naming the MLP activation
     activations: ClassVar[tuple[str, ...]] = ("silu",)  # the config values accepted for it
+    default_head_dim: ClassVar[int | None] = None  # head_dim when the config names none (None: hidden / heads)
+    default_theta: ClassVar[float] = 10000.0  # RoPE base when the config names none
+    rope_aliases: ClassVar[dict[str, str]] = {}  # older rope_type names the family's config class renames
+    rope_types: ClassVar[tuple[str, ...] | None] = None  # the rope types its config class accepts (None: all)
 
     # ---- config hooks: what a checkpoint's config.json sets ------------------------------------
     def bias_modules(self, cfg: dict, where: str) -> tuple[str, ...]:
@@ -111,10 +115,37 @@ class Family:
         """The factor on the embeddings (Gemma: sqrt(hidden_size))."""
         return 1.0
 
-    def rope_thetas(self, cfg: dict, where: str) -> tuple[float, float | None]:
-        """(RoPE base, the base of sliding-window layers when it differs, else None). Refuses rope scaling."""
-        rope = config_value(cfg, "rope_parameters", dict, where, None) or {}
-        return _theta(rope, cfg, where), None
+    def rope_parameters(self, cfg: dict, where: str) -> tuple[dict, str]:
+        """(the RoPE parameter dict, where it was found), as transformers 5 takes them: a published
+        `rope_scaling` replaces `rope_parameters` whole (its base then comes from top-level rope_theta)."""
+        scaling = config_value(cfg, "rope_scaling", dict, where, None)
+        if scaling:
+            return dict(scaling), "rope_scaling"
+        return dict(config_value(cfg, "rope_parameters", dict, where, None) or {}), "rope_parameters"
+
+    def ropes(self, cfg: dict, where: str, rotary_dim: int, max_positions: int) -> tuple[Rope, Rope | None]:
+        """(the RoPE of full-attention layers, that of sliding layers when it differs, else None)."""
+        params, key = self.rope_parameters(cfg, where)
+        nested = [k for k in params if k in ("full_attention", "sliding_attention")]
+        if nested:
+            raise AdafuseError(f"{where}: {key} keyed by layer type ({', '.join(nested)}) is not supported for "
+                               f"model_type '{self.name}' (expected one parameter object for every layer)")
+        original = None
+        if "original_max_position_embeddings" in cfg:  # transformers: a top-level value wins over the parameters'
+            original = config_value(cfg, "original_max_position_embeddings", int, where)
+        return self.rope(params, RopeContext(where, key, rotary_dim, max_positions, original),
+                         config_value(cfg, "rope_theta", (int, float), where, self.default_theta)), None
+
+    def rope(self, params: dict, ctx: RopeContext, default_theta: float) -> Rope:
+        """One parameter dict through the family's aliases and accepted types, then rope.parse_rope."""
+        kind = params.get("rope_type", params.get("type", "default"))
+        if isinstance(kind, str) and kind in self.rope_aliases:
+            params = {**params, "rope_type": self.rope_aliases[kind]}
+            kind = params["rope_type"]
+        if self.rope_types is not None and kind not in self.rope_types:
+            raise ctx.fail(f"rope type {kind!r} is not supported for model_type '{self.name}' (expected one of "
+                           f"{', '.join(self.rope_types)})")
+        return parse_rope(params, ctx, default_theta)
 
     def tie_default(self) -> bool:
         return False
@@ -126,15 +157,18 @@ class Family:
         kv_heads = positive(config_value(cfg, "num_key_value_heads", int, where, heads), "num_key_value_heads", where)
         if heads % kv_heads:
             raise AdafuseError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        head_dim = config_value(cfg, "head_dim", int, where, None)
+        head_dim = config_value(cfg, "head_dim", int, where, self.default_head_dim)
         if head_dim is not None:
             positive(head_dim, "head_dim", where)
         else:
             if hidden % heads:
                 raise AdafuseError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
             head_dim = hidden // heads
-        rope = config_value(cfg, "rope_parameters", dict, where, None) or {}
-        factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        rope_params, key = self.rope_parameters(cfg, where)
+        full = rope_params.get("full_attention", rope_params)
+        if not isinstance(full, dict):
+            raise AdafuseError(f"{where}: {key}['full_attention'] must be an object, found {str(full)[:40]!r}")
+        factor = full.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
             raise AdafuseError(f"{where}: partial_rotary_factor must be a number in (0, 1], found {factor!r}")
         if factor != 1 and not self.partial_rotary:
@@ -148,7 +182,9 @@ class Family:
         if act not in self.activations:
             raise AdafuseError(f"{where}: {self.act_key} '{act}' is not supported for model_type '{self.name}' "
                                f"(expected {' or '.join(repr(a) for a in self.activations)})")
-        theta, sliding_theta = self.rope_thetas(cfg, where)
+        max_positions = positive(config_value(cfg, "max_position_embeddings", int, where, 4096),
+                                 "max_position_embeddings", where)
+        rope, sliding_rope = self.ropes(cfg, where, rotary_dim, max_positions)
         num_layers = positive(config_value(cfg, "num_hidden_layers", int, where), "num_hidden_layers", where)
         window, sliding_layers = self.sliding_window(cfg, where, num_layers)
         attn_cap, final_cap = self.softcaps(cfg, where)
@@ -161,7 +197,7 @@ class Family:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rope_theta=theta,
+            rope=rope,
             rms_norm_eps=positive(float(config_value(cfg, "rms_norm_eps", (int, float), where, 1e-6)), "rms_norm_eps", where),
             tie_word_embeddings=config_value(cfg, "tie_word_embeddings", bool, where, self.tie_default()),
             bias_modules=self.bias_modules(cfg, where),
@@ -170,12 +206,11 @@ class Family:
             query_scale=self.query_scale(cfg, where, head_dim),
             sliding_window=window,
             sliding_layers=sliding_layers,
-            sliding_rope_theta=sliding_theta,
+            sliding_rope=sliding_rope,
             attn_softcap=attn_cap,
             final_softcap=final_cap,
             embed_scale=self.embed_scale(cfg, where, hidden),
-            max_position_embeddings=positive(config_value(cfg, "max_position_embeddings", int, where, 4096),
-                                             "max_position_embeddings", where),
+            max_position_embeddings=max_positions,
         )
 
     # ---- structure queries ---------------------------------------------------------------------
@@ -221,17 +256,6 @@ class Family:
                                f"modules cannot be adapted (found {attn})")
         if ffn_experts and attn:
             raise AdafuseError(f"{where}: expert_kind 'ffn' routes FFN modules only, found target_modules {list(modules)}")
-
-
-def _theta(rope: dict, cfg: dict, where: str) -> float:
-    scaling = config_value(cfg, "rope_scaling", dict, where, None) or {}
-    rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise AdafuseError(f"{where}: rope type '{rope_type}' is not supported (expected 'default', no rope scaling)")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
-        raise AdafuseError(f"{where}: rope_theta must be a positive number, found {theta!r}")
-    return float(theta)
 
 
 def window_size(cfg: dict, where: str) -> int | None:

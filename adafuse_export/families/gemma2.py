@@ -39,6 +39,7 @@ class GemmaBase(Family):
     act_key = "hidden_activation"
     activations = ("gelu_pytorch_tanh",)
     default_window = 4096  # Gemma2Config / Gemma3TextConfig default sliding_window
+    default_head_dim = 256  # theirs too
 
     def parse(self, cfg: dict, where: str) -> ModelSpec:
         if config_value(cfg, "use_bidirectional_attention", bool, where, False):

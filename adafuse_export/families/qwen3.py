@@ -10,6 +10,7 @@ from .qwen2 import qwen_windows
 class Qwen3(Family):
     name = "qwen3"
     qk_norm = True
+    default_head_dim = 128  # Qwen3Config's, whatever hidden_size / num_attention_heads is
 
     def sliding_window(self, cfg: dict, where: str, num_layers: int) -> tuple[int | None, tuple[int, ...]]:
         return qwen_windows(cfg, where, num_layers)

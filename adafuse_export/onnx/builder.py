@@ -230,16 +230,25 @@ class _Builder:
                 out.update(zip(proj.roles, g.op("Split", [y, g.const(sizes)], n_out=len(sizes), axis=-1)))
         return [out[r] for r in STAGES[stage]]
 
-    def rope_tables(self, positions: str, theta: float, name: str) -> tuple[str, str]:
-        """cos, sin [B, 1, S, rotary_dim] in the model dtype for position ids [B, S]."""
-        import torch
-
-        g, n = self.g, self.spec.rotary_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, n, 2, dtype=torch.int64).float() / n))
-        freqs = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=F32), g.const([-1])]), g.init(name, inv_freq)])
+    def rope_tables(self, positions: str, rope, name: str) -> tuple[str, str]:
+        """cos, sin [B, 1, S, rotary_dim] in the model dtype for position ids [B, S]: Rope.cos_sin in ONNX ops
+        (families/rope.py: the frequencies, LongRoPE's long set for rows past switch_at, the attention factor)."""
+        g = self.g
+        inv = g.init(name, rope.inv_freq())  # [rotary_dim / 2]
+        pos = g.op("Cast", [positions], to=F32)  # positions < 2^24: exact
+        if rope.switch_at is not None:
+            last = g.op("ReduceMax", [pos], axes=[-1], keepdims=1)  # [B, 1]: each row's largest position
+            long = g.op("Greater", [g.op("Add", [last, g.const(1.0, np.float32)]), g.const(float(rope.switch_at), np.float32)])
+            inv = g.op("Where", [g.op("Unsqueeze", [long, g.const([-1])]), g.init(f"{name}.long", rope.long_inv_freq()),
+                                 inv])  # [B, 1, rotary_dim / 2]
+        freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1])]), inv])
         emb = g.op("Concat", [freqs, freqs], axis=-1)
-        cos = g.op("Unsqueeze", [g.cast(g.op("Cos", [emb]), self.elem, F32), g.const([1])], hint="rope_cos")
-        sin = g.op("Unsqueeze", [g.cast(g.op("Sin", [emb]), self.elem, F32), g.const([1])], hint="rope_sin")
+        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
+        if rope.attention_factor != 1.0:
+            factor = g.const(rope.attention_factor, np.float32)
+            cos, sin = g.op("Mul", [cos, factor]), g.op("Mul", [sin, factor])
+        cos = g.op("Unsqueeze", [g.cast(cos, self.elem, F32), g.const([1])], hint="rope_cos")
+        sin = g.op("Unsqueeze", [g.cast(sin, self.elem, F32), g.const([1])], hint="rope_sin")
         return cos, sin
 
     def embed_flat(self, input_ids: str) -> str:
@@ -277,9 +286,8 @@ class DecoderBuilder(_Builder):
                          g.input(f"past_key_values.{layer}.value", self.elem, ["batch", kv, "past_seq", d])))
 
         # rotary tables [B, 1, S, rotary_dim] per RoPE base, causal masks [B, 1, 1, S, T] per window
-        rope = {theta: self.rope_tables(pos_in, theta, name)
-                for theta, name in ((s.rope_theta, "rope.inv_freq"), (s.sliding_rope_theta, "rope.inv_freq.sliding"))
-                if theta is not None}
+        rope = {r: self.rope_tables(pos_in, r, name)
+                for r, name in ((s.rope, "rope.inv_freq"), (s.sliding_rope, "rope.inv_freq.sliding")) if r is not None}
         total = g.op("Add", [g.op("Shape", [past[0][0]], start=2, end=3), g.op("Shape", [ids_in], start=1, end=2)])
         kpos = g.op("Range", [g.const(0), g.op("Squeeze", [total, g.const([0])]), g.const(1)])  # [T]
         qpos = g.op("Unsqueeze", [pos_in, g.const([2])])  # [B, S, 1]
@@ -304,7 +312,7 @@ class DecoderBuilder(_Builder):
                     t = self.rms_norm(t, arch.qk_norm_weight(layer, norm))
                 return g.op("Transpose", [t], perm=[0, 2, 1, 3])  # [B, heads, S, d]
 
-            cos, sin = rope[s.layer_rope_theta(layer)]
+            cos, sin = rope[s.layer_rope(layer)]
 
             def apply_rope(t):
                 rot, keep = t, None

@@ -53,14 +53,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, S, rotary_dim] for integer positions [B, S]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=positions.device).float() / rotary_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head (all of them unless the rotary is partial)."""
     n = cos.shape[-1]
@@ -287,7 +279,7 @@ class ReferenceModel:
             k = self._norm(k, arch.qk_norm_weight(layer, "k"))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, seq, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = rope[s.layer_rope_theta(layer)]
+        cos, sin = rope[s.layer_rope(layer)]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past:
             k = torch.cat([cache.keys[layer], k], dim=2)
@@ -346,8 +338,8 @@ class ReferenceModel:
         cache = cache or KVCache([None] * s.num_layers, [None] * s.num_layers)
         past = cache.length if cache.keys[0] is not None else 0
         positions = torch.arange(past, past + seq, device=self.device).expand(batch, seq)
-        rope = {theta: tuple(t[:, None] for t in rope_cos_sin(positions, s.rotary_dim, theta, self.dtype))
-                for theta in {s.layer_rope_theta(layer) for layer in range(s.num_layers)}}  # [B, 1, S, rotary_dim]
+        rope = {r: tuple(t[:, None] for t in r.cos_sin(positions, self.dtype))
+                for r in {s.layer_rope(layer) for layer in range(s.num_layers)}}  # [B, 1, S, rotary_dim]
         h = embed_tokens(s, self.w[EMBED], input_ids).reshape(batch * seq, s.hidden_size)
         route = None
         if routes is not None:

@@ -24,7 +24,7 @@ from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
 from ..kernels.binding import decode_attention_supported
-from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, rope_cos_sin, softcap
+from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, softcap
 from ..spec import AdapterSpec, ModelSpec
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
@@ -376,8 +376,8 @@ class GpuDecoder:
             gates = self.route_gates[input_ids.reshape(-1)]
             if self.strategy == "switch":
                 self.ops.switch(self.switch_sites, ids, gates, self.old_ids, self.old_gates)
-        rope = {theta: tuple(t[:, None] for t in rope_cos_sin(positions, m.rotary_dim, theta, self.dtype))
-                for theta in {m.layer_rope_theta(layer) for layer in range(m.num_layers)}}
+        rope = {r: tuple(t[:, None] for t in r.cos_sin(positions, self.dtype))
+                for r in {m.layer_rope(layer) for layer in range(m.num_layers)}}
         kpos = torch.arange(self.max_seq, device=self.device)
         masks = {}
         for window in {m.window(layer) for layer in range(m.num_layers)}:
@@ -403,7 +403,7 @@ class GpuDecoder:
                 k = _norm(k.reshape(batch * seq, m.num_kv_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "k")],
                           eps, one_plus).reshape(batch * seq, -1)
             window = m.window(layer)
-            cos, sin = rope[m.layer_rope_theta(layer)]
+            cos, sin = rope[m.layer_rope(layer)]
             attn = ops.attention(q, k, v, cos, sin, positions, self.k_cache[layer], self.v_cache[layer], masks[window],
                                  m, window)
             o = post_norm(self._project(attn, layer, "o", ids, gates)[0], layer, norms.attn_out)
