@@ -1,7 +1,10 @@
-"""Every registered family on the GPU decoder against the CPU reference (H200 check).
+"""Every registered family, and every scaled RoPE, on the GPU decoder against the CPU reference (H200 check).
 
 For each family a pre-gated example is built with the features that set the family apart turned
-up (short sliding windows, soft-caps, query scale, a local RoPE base, partial RoPE), then:
+up (short sliding windows, soft-caps, query scale, a local RoPE base, partial RoPE), and one more per
+scaled RoPE the bases people fine-tune use (Llama 3.1's llama3, Qwen2.5's YaRN, Phi-3.5's LongRoPE with
+its switch to the long factors inside the decoded steps, Gemma 3's linear on the full layers with tied
+embeddings, linear, dynamic), then:
   - the CPU reference (float32) decodes greedily, with and without adapters;
   - the GPU decoder (float32, kernel library) decodes the same prompt with every strategy
     (dense without adapters; unmerged, fused, switch with them);
@@ -42,12 +45,27 @@ FEATURES: dict[str, dict] = {
                         final_logit_softcapping=1.5, rope_local_base_freq=20.0,
                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
 }
+# name -> (family, config overrides): scaled RoPE, original context lengths short enough to matter here
+SCALED: dict[str, tuple[str, dict]] = {
+    "llama3.1-llama3": ("llama", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "qwen2.5-yarn": ("qwen2", dict(rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                 "original_max_position_embeddings": 16})),
+    "phi3.5-longrope": ("phi3", dict(original_max_position_embeddings=16, rope_scaling={
+        "type": "longrope", "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.8],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 7.0, 12.0, 20.0, 32.0]})),  # switches at position 16: mid-decode
+    "gemma3-linear-tied": ("gemma3_text", dict(FEATURES["gemma3_text"], tie_word_embeddings=True, rope_theta=1e6,
+                                               rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "mistral-linear": ("mistral", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "qwen3-dynamic": ("qwen3", dict(head_dim=24, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+}
 
 
-def check(family: str, root: Path, ops, device: str) -> dict:
-    ckpt = make_example(root / family, "pregate", family=family, config=FEATURES.get(family))
+def check(name: str, family: str, config: dict | None, root: Path, ops, device: str) -> dict:
+    ckpt = make_example(root / name, "pregate", family=family, config=config)
     prompt = torch.tensor([PROMPT])
-    row: dict = {"family": family, "config": FEATURES.get(family, {})}
+    row: dict = {"family": family, "name": name, "config": config or {}, "rope": ckpt.model.rope.describe()}
     for adapters in (False, True):
         ref = ReferenceModel(ckpt, dtype=torch.float32, adapters=adapters)
         want, steps = ref.generate(prompt, NEW_TOKENS)
@@ -62,7 +80,7 @@ def check(family: str, root: Path, ops, device: str) -> dict:
                 "same_tokens": bool(torch.equal(got, want)),
                 "prefill_logits_max_abs_diff": float((logits - want_logits).abs().max()),
             }
-            print(f"{family:12s} {strategy:9s} same tokens: {row[strategy]['same_tokens']}  "
+            print(f"{name:18s} {strategy:9s} same tokens: {row[strategy]['same_tokens']}  "
                   f"prefill max |diff| {row[strategy]['prefill_logits_max_abs_diff']:.2e}", flush=True)
     return row
 
@@ -77,14 +95,15 @@ def main() -> int:
     ops = KernelOps(load_kernels()) if args.device == "cuda" else TorchOps()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family in families.names():
-            rows.append(check(family, Path(tmp), ops, args.device))
+        cases = [(f, f, FEATURES.get(f)) for f in families.names()] + [(n, f, c) for n, (f, c) in SCALED.items()]
+        for name, family, config in cases:
+            rows.append(check(name, family, config, Path(tmp), ops, args.device))
     ok = all(r[s]["same_tokens"] for r in rows for s in ("dense", "unmerged", "fused", "switch"))
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "dtype": "float32",
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "all_same_tokens": ok, "families": rows}
     (args.out / "gpu_families.json").write_text(json.dumps(report, indent=1) + "\n")
-    print("all families: GPU tokens equal the CPU reference's" if ok else "SOME FAMILY DIFFERS")
+    print("all families and scaled RoPEs: GPU tokens equal the CPU reference's" if ok else "SOME FAMILY DIFFERS")
     return 0 if ok else 1
 
 

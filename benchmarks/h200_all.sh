@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the H200, in one call (writes logs and JSON under $OUT):
-#   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, the decode-step
+#   plugin contract harness --gpu, `run --device cuda` vs the CPU reference, every family and scaled
+#   RoPE on the GPU decoder against the CPU reference (gpu_families.py), the decode-step
 #   kernels' correctness sweep and timings, the per-kernel profile of a decode step (before/after
 #   the step kernels), the decode benchmark.
 #   the routed fused linear's sweep and per-shape timings (gpu_kernels.py without the switch parts),
@@ -33,6 +34,8 @@ for s in fused switch auto; do
   echo "run --device cuda --strategy $s: $gpu | cpu reference: $cpu | $([[ "$gpu" == "$cpu" ]] && echo SAME || echo DIFFERENT)" | tee -a "$OUT/run_cuda.log"
   [[ "$gpu" == "$cpu" ]] || status=1
 done
+python3 benchmarks/gpu_families.py --out "$OUT" > "$OUT/gpu_families.log" 2>&1; rc=$?
+tail -1 "$OUT/gpu_families.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_kernels.py --skip switch,drift,tswitch --out "$OUT/kernels" > "$OUT/gpu_kernels_lora.log" 2>&1; rc=$?
 grep -E "correctness|f/d|x[0-9]+ +[0-9]+ +[0-9]+ \|" "$OUT/gpu_kernels_lora.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/lora_many_rows.py --out "$OUT" > "$OUT/lora_many_rows.log" 2>&1; rc=$?
