@@ -39,7 +39,9 @@ def modules_for(model: ModelSpec, roles) -> list[str]:
 
 
 def make_example(out_dir: Path | str, kind: str = "pregate", family: str = "llama", seed: int = 0,
-                 num_experts: int = 4, top_k: int = 2, r: int = 8, config: dict | None = None) -> Checkpoint:
+                 num_experts: int = 4, top_k: int = 2, r: int = 8, config: dict | None = None,
+                 tied: bool = False) -> Checkpoint:
+    """tied: the head reads the embedding matrix (tie_word_embeddings, as Gemma, small Qwen and Llama 3.2 ship)."""
     import torch
 
     out_dir = Path(out_dir)
@@ -48,7 +50,7 @@ def make_example(out_dir: Path | str, kind: str = "pregate", family: str = "llam
     def randn(*shape, std=0.02):
         return torch.randn(*shape, generator=gen) * std
 
-    cfg = dict(TINY_CONFIG, model_type=family, **(config or {}))
+    cfg = {**TINY_CONFIG, "model_type": family, "tie_word_embeddings": tied, **(config or {})}
     model = ModelSpec.from_hf_config(cfg, "example config")
     base = {}
     for name, shape in model.hf_weight_shapes().items():

@@ -119,3 +119,34 @@ def test_sigint_mid_conversion_keeps_previous_outputs(example_dirs, tmp_path):
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.engine", "s.json", "s.onnx"]  # no temporaries
     verify_engine(engine)
+
+
+TIED = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 24},
+        "gemma2": {"head_dim": 24, "sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.5},
+        "gemma3_text": {"head_dim": 24, "num_hidden_layers": 3, "sliding_window": 4,
+                        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                        "rope_scaling": {"rope_type": "linear", "factor": 8.0}}}
+
+
+@pytest.mark.parametrize("family", list(TIED))
+def test_tied_heads_convert_with_defaults_and_validate_both_ways(tmp_path, cli, family):
+    """Every family that ships tied embeddings (Gemma 2/3, small Qwen2/3, Llama 3.2) converts with the default
+    settings (layerwise validation), and its export validates against the full reference too. The layerwise
+    run cuts the graph into per-layer subgraphs: a tied head reads the embeddings, not lm_head.weight."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is installed by the README's test command")
+    from adafuse_export.examples import make_example
+
+    ckpt = make_example(tmp_path / "ckpt", "pregate", family=family, seed=4, config=TIED[family], tied=True)
+    assert ckpt.model.tie_word_embeddings and "lm_head.weight" not in ckpt.base
+    r = cli("convert", tmp_path / "ckpt", tmp_path / "m.engine")
+    assert r.code == 0 and "PASSED (layerwise validation" in r.out, r.out + r.err
+    r = cli("validate", tmp_path / "ckpt", tmp_path / "m.onnx", "--reference", "full")
+    assert r.code == 0 and "PASSED" in r.out, r.out + r.err
+
+
+def test_make_example_tied_flag(cli, tmp_path):
+    r = cli("make-example", tmp_path / "t", "--family", "gemma2", "--tied")
+    assert r.code == 0 and "tied head" in r.out
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert cli("make-example", tmp_path / "u", "--family", "gemma2").code == 0
+    assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False
