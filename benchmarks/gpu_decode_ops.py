@@ -27,11 +27,17 @@ import torch  # noqa: E402
 
 from adafuse_export.kernels import load_kernels  # noqa: E402
 from adafuse_export.kernels.binding import AdafuseKernelError, decode_attention_supported  # noqa: E402
-from adafuse_export.reference.model import rms_norm, rotate_half  # noqa: E402
+from adafuse_export.reference.model import rms_norm  # noqa: E402
 from gpu_kernels import DT, TOL, rel_err  # noqa: E402
 
 DEV = "cuda"
 
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last axis: the rotation the RoPE kernel must reproduce."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 def log(*a):
     print(*a, flush=True)

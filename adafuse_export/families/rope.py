@@ -1,9 +1,8 @@
 """Rotary position embeddings, once: every RoPE variant a family's config can name, parsed into a `Rope`
 whose tables every backend applies the same way.
 
-A `Rope` reduces each variant to the form the backends interpret (the PyTorch reference and the GPU
-decoder through `cos_sin`, the ONNX builder through `inv_freq` / `long_inv_freq` / `switch_at` /
-`attention_factor`, the native runtime from the same numbers):
+A `Rope` reduces each variant to one form, which features.rope_cos_sin turns into tables for every backend
+(the PyTorch reference and the GPU decoder, the ONNX graphs; a native runtime reads the same numbers):
 
     cos, sin = cos(p * inv_freq) * attention_factor, sin(p * inv_freq) * attention_factor
 
@@ -56,16 +55,10 @@ class Rope:
         return None if self.switch_at is None else _frequencies(self, True)
 
     def cos_sin(self, positions, dtype):
-        """cos, sin [B, S, rotary_dim] in `dtype` for integer positions [B, S] (torch)."""
-        import torch
+        """cos, sin [B, S, rotary_dim] in `dtype` for integer positions [B, S] (torch): features.rope_cos_sin."""
+        from .features import TORCH, rope_cos_sin
 
-        inv = _on_device(self, False, positions.device)
-        if self.switch_at is not None:
-            long = (positions.amax(-1, keepdim=True) + 1 > self.switch_at)[..., None]  # [B, 1, 1]
-            inv = torch.where(long, _on_device(self, True, positions.device), inv)
-        freqs = positions[..., None].float() * inv
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+        return rope_cos_sin(TORCH, self, positions, dtype)
 
     def describe(self) -> str:
         extra = "".join(f", {k} {_short(v)}" for k, v in self.params)
@@ -146,12 +139,6 @@ def _frequencies(rope: Rope, long: bool):
         raise AdafuseError(f"rope type '{rope.kind}' with {rope.describe()}: its frequencies are not finite positive "
                            "float32 numbers")
     return out
-
-
-@cache
-def _on_device(rope: Rope, long: bool, device):
-    """The frequencies on `device`, copied once: a CUDA graph capturing a decode step must find them there."""
-    return _frequencies(rope, long).to(device)
 
 
 def _powers(theta: float, dim: int):

@@ -11,17 +11,17 @@ Hidden states are kept flat, [N = batch*seq, hidden], so every projection is one
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from onnx import TensorProto
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
 from . import plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
+from .graph_xp import GraphNamespace
 
 FLAVOURS = ("portable", "plugin")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -65,6 +65,7 @@ class _Builder:
         self.flavour, self.dtype = flavour, dtype
         self.tdtype = torch_dtype(dtype)
         self.g = Graph(name, dtype)
+        self.xp = GraphNamespace(self.g)  # features.py's definitions, emitted as nodes of this graph
         self.elem = ELEM[dtype]
         self.sites = {(s.layer, s.module): s for s in ckpt.sites()}
         self._weights: dict[str, str] = {}
@@ -126,24 +127,10 @@ class _Builder:
 
     # ---- building blocks ---------------------------------------------------------------
     def rms_norm(self, x: str, weight_name: str) -> str:
-        """The family's RMSNorm over the last axis: w * x^ in the model dtype, or (1 + w) * x^ in float32."""
-        g = self.g
-        h = g.cast(x, F32, self.elem)
-        ms = g.op("ReduceMean", [g.op("Mul", [h, h])], axes=[-1], keepdims=1)
-        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(self.spec.rms_norm_eps, np.float32)])])])
-        if self.spec.arch.norm == "rms_one_plus":
-            normed = g.op("Mul", [g.op("Mul", [h, inv]), self.one_plus_weight(weight_name)], hint="rms_norm")
-            return g.cast(normed, self.elem, F32)
-        h = g.cast(g.op("Mul", [h, inv]), self.elem, F32)
-        return g.op("Mul", [self.weight(weight_name), h], hint="rms_norm")
-
-    def one_plus_weight(self, name: str) -> str:
-        """1 + w in float32, w rounded to the model dtype first (as the reference holds it)."""
-        key = f"{name}.one_plus"
-        if key not in self._weights:
-            src = self.ckpt.base
-            self._weights[key] = self.g.init(key, self._deferred(src, name, lambda: self._rounded(src, name) + 1.0, F32))
-        return self._weights[key]
+        """The family's RMSNorm over the last axis (features.rms_norm)."""
+        xp = self.xp
+        return features.rms_norm(xp, xp.value(x, self.elem), xp.value(self.weight(weight_name), self.elem),
+                                 self.spec.rms_norm_eps, self.spec.arch.norm).name
 
     def route(self, x: str, weight: str, bias: str | None, k: int, normalize: bool) -> tuple[str, str]:
         """Softmax router in float32 -> (ids [N, k] int32, gates [N, k] float32)."""
@@ -231,25 +218,11 @@ class _Builder:
         return [out[r] for r in STAGES[stage]]
 
     def rope_tables(self, positions: str, rope, name: str) -> tuple[str, str]:
-        """cos, sin [B, 1, S, rotary_dim] in the model dtype for position ids [B, S]: Rope.cos_sin in ONNX ops
-        (families/rope.py: the frequencies, LongRoPE's long set for rows past switch_at, the attention factor)."""
+        """cos, sin [B, 1, S, rotary_dim] in the model dtype for position ids [B, S] (features.rope_cos_sin)."""
         g = self.g
-        inv = g.init(name, rope.inv_freq())  # [rotary_dim / 2]
-        pos = g.op("Cast", [positions], to=F32)  # positions < 2^24: exact
-        if rope.switch_at is not None:
-            last = g.op("ReduceMax", [pos], axes=[-1], keepdims=1)  # [B, 1]: each row's largest position
-            long = g.op("Greater", [g.op("Add", [last, g.const(1.0, np.float32)]), g.const(float(rope.switch_at), np.float32)])
-            inv = g.op("Where", [g.op("Unsqueeze", [long, g.const([-1])]), g.init(f"{name}.long", rope.long_inv_freq()),
-                                 inv])  # [B, 1, rotary_dim / 2]
-        freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1])]), inv])
-        emb = g.op("Concat", [freqs, freqs], axis=-1)
-        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
-        if rope.attention_factor != 1.0:
-            factor = g.const(rope.attention_factor, np.float32)
-            cos, sin = g.op("Mul", [cos, factor]), g.op("Mul", [sin, factor])
-        cos = g.op("Unsqueeze", [g.cast(cos, self.elem, F32), g.const([1])], hint="rope_cos")
-        sin = g.op("Unsqueeze", [g.cast(sin, self.elem, F32), g.const([1])], hint="rope_sin")
-        return cos, sin
+        cos, sin = features.rope_cos_sin(self.xp, rope, self.xp.value(positions, I64), self.elem, name)
+        return (g.op("Unsqueeze", [cos.name, g.const([1])], hint="rope_cos"),
+                g.op("Unsqueeze", [sin.name, g.const([1])], hint="rope_sin"))
 
     def embed_flat(self, input_ids: str) -> str:
         g = self.g
@@ -315,13 +288,9 @@ class DecoderBuilder(_Builder):
             cos, sin = rope[s.layer_rope(layer)]
 
             def apply_rope(t):
-                rot, keep = t, None
-                if s.rotary_dim != d:  # partial rotary (Phi-3): the first rotary_dim dims of each head
-                    rot, keep = g.op("Split", [t, g.const([s.rotary_dim, d - s.rotary_dim])], n_out=2, axis=3)
-                x1, x2 = g.op("Split", [rot], n_out=2, axis=3)
-                rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
-                out = g.op("Add", [g.op("Mul", [rot, cos]), g.op("Mul", [rotated, sin])])
-                return out if keep is None else g.op("Concat", [out, keep], axis=3)
+                xp = self.xp
+                return features.apply_rope(xp, xp.value(t, self.elem), xp.value(cos, self.elem),
+                                           xp.value(sin, self.elem), s.rotary_dim, d).name
 
             q_flat, k_flat, v_flat = self.project(x, layer, "qkv", route)
             q = apply_rope(heads(q_flat, q_shape, "q" if arch.qk_norm else None))
@@ -380,21 +349,12 @@ class DecoderBuilder(_Builder):
         return self.project(g.op("Mul", [self.activation(gate), up]), layer, "down", route)[0]
 
     def activation(self, x: str) -> str:
-        """The family's MLP activation: silu, or gelu with the tanh approximation (Gelu is opset 20)."""
-        g = self.g
-        if self.spec.hidden_act == "silu":
-            return g.op("Mul", [x, g.op("Sigmoid", [x])], hint="silu")
-        c = lambda v: g.const_of(v, self.dtype)  # noqa: E731
-        cube = g.op("Mul", [g.op("Mul", [x, x]), x])
-        inner = g.op("Mul", [c(math.sqrt(2 / math.pi)), g.op("Add", [x, g.op("Mul", [c(0.044715), cube])])])
-        return g.op("Mul", [g.op("Mul", [c(0.5), x]), g.op("Add", [c(1.0), g.op("Tanh", [inner])])], hint="gelu_tanh")
+        """The family's MLP activation (features.activation)."""
+        return features.activation(self.xp, self.spec.hidden_act, self.xp.value(x, self.elem)).name
 
     def softcap(self, x: str, cap: float | None, dtype: str) -> str:
-        """cap * tanh(x / cap) in x's dtype (attention scores, final logits); None: x."""
-        if cap is None:
-            return x
-        g = self.g
-        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, g.const_of(cap, dtype)])]), g.const_of(cap, dtype)], hint="softcap")
+        """cap * tanh(x / cap) in x's dtype (attention scores, final logits); None: x (features.softcap)."""
+        return features.softcap(self.xp, self.xp.value(x, ELEM[dtype]), cap).name
 
     def _finish(self, graph: str) -> Graph:
         """The built graph with its weights still unread (Graph.model() materialises them)."""

@@ -24,46 +24,34 @@ import torch
 
 from ..checkpoint import Checkpoint, Site
 from ..errors import AdafuseError
-from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
+from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
+from ..families.features import TORCH
 from ..spec import ModelSpec
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, one_plus: bool = False) -> torch.Tensor:
-    """w * x^ in x's dtype (Llama), or with one_plus (1 + w) * x^ in float32 (Gemma), x^ = x / rms(x)."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if one_plus:
-        return (h * (1.0 + weight.to(torch.float32))).to(dtype)
-    return weight * h.to(dtype)
+# The features' definitions (families/features.py) over torch tensors, under the names the backends use.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "rms") -> torch.Tensor:
+    """The RMSNorm of a norm kind (families.base.NORMS): features.rms_norm."""
+    return features.rms_norm(TORCH, x, weight, eps, kind)
 
 
 def spec_norm(spec: ModelSpec, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The family's RMSNorm."""
-    return rms_norm(x, weight, spec.rms_norm_eps, spec.arch.norm == "rms_one_plus")
+    return rms_norm(x, weight, spec.rms_norm_eps, spec.arch.norm)
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The MLP activation (families.base.ACTIVATIONS) applied to the gate."""
-    return torch.nn.functional.gelu(x, approximate="tanh") if name == "gelu_tanh" else torch.nn.functional.silu(x)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """The MLP activation (families.base.ACTIVATIONS) applied to the gate: features.activation."""
+    return features.activation(TORCH, name, x)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head (all of them unless the rotary is partial)."""
-    n = cos.shape[-1]
-    if n == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, keep = x[..., :n], x[..., n:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+    return features.apply_rope(TORCH, x, cos, sin, cos.shape[-1], x.shape[-1])
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-    return x if cap is None else torch.tanh(x / cap) * cap
+    return features.softcap(TORCH, x, cap)
 
 
 def embed_tokens(spec: ModelSpec, embed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

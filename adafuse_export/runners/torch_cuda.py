@@ -24,7 +24,7 @@ from ..errors import AdafuseError
 from ..onnx.plugin_ops import check_expert_ids
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES
 from ..kernels.binding import decode_attention_supported
-from ..reference.model import apply_rope, embed_tokens, lora_delta, rms_norm, softcap
+from ..reference.model import activation, apply_rope, embed_tokens, lora_delta, rms_norm, softcap
 from ..spec import AdapterSpec, ModelSpec
 
 STRATEGIES = ("dense", "unmerged", "fused", "switch")
@@ -85,15 +85,16 @@ class TorchOps:
 
     # ---- the work between the projections ----------------------------------------
     @staticmethod
-    def add_norm(h, delta, w, eps: float, one_plus: bool = False):
-        """(h + delta, RMSNorm(h + delta) * w); delta None: (h, RMSNorm(h) * w)."""
+    def add_norm(h, delta, w, eps: float, kind: str = "rms"):
+        """(h + delta, the norm of kind `kind` of h + delta); delta None: (h, norm(h))."""
         if delta is None:
-            return h, _norm(h, w, eps, one_plus)
-        return _add_norm(h, delta, w, eps, one_plus)
+            return h, rms_norm(h, w, eps, kind)
+        h = h + delta
+        return h, rms_norm(h, w, eps, kind)
 
     @staticmethod
     def act_mul(act: str, g, u):
-        return ACT_MUL[act](g, u)
+        return activation(act, g) * u
 
     @staticmethod
     def attention(q, k, v, cos, sin, positions, k_cache, v_cache, mask, m: ModelSpec, window: int | None):
@@ -121,28 +122,8 @@ class TorchOps:
         return attn.transpose(1, 2).reshape(batch * seq, m.num_heads * m.head_dim)
 
 
-def _norm(h, w, eps: float, one_plus: bool = False):
-    return rms_norm(h, w, eps, one_plus)
-
-
-def _add_norm(h, delta, w, eps: float, one_plus: bool = False):
-    h = h + delta
-    return h, rms_norm(h, w, eps, one_plus)
-
-
 def _rope(q, k, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-
-def _silu_mul(g, u):
-    return torch.nn.functional.silu(g) * u
-
-
-def _gelu_tanh_mul(g, u):
-    return torch.nn.functional.gelu(g, approximate="tanh") * u
-
-
-ACT_MUL = {"silu": _silu_mul, "gelu_tanh": _gelu_tanh_mul}  # ModelSpec.hidden_act -> act(gate) * up
 
 
 def _attention(q, k, v, mask, scale: float, cap: float | None, gqa: bool):
@@ -169,9 +150,9 @@ class KernelOps:
         self._tables: dict[tuple, tuple] = {}
         self._workspaces: dict[tuple, torch.Tensor] = {}
 
-    def add_norm(self, h, delta, w, eps: float, one_plus: bool = False):
-        if not self.step_kernels or one_plus:
-            return TorchOps.add_norm(h, delta, w, eps, one_plus)
+    def add_norm(self, h, delta, w, eps: float, kind: str = "rms"):
+        if not self.step_kernels or kind != "rms":  # the kernel computes Llama's norm only
+            return TorchOps.add_norm(h, delta, w, eps, kind)
         return h, self.k.add_rms_norm(h, delta, w, eps)  # h += delta in place
 
     def act_mul(self, act: str, g, u):
@@ -387,30 +368,30 @@ class GpuDecoder:
             masks[window] = torch.zeros(allowed.shape, device=self.device, dtype=self.dtype).masked_fill(
                 ~allowed, float("-inf"))[:, None]
         h = embed_tokens(m, self.w[EMBED], input_ids).reshape(batch * seq, m.hidden_size)
-        eps, one_plus, arch, ops = m.rms_norm_eps, m.arch.norm == "rms_one_plus", m.arch, self.ops
+        eps, norm, arch, ops = m.rms_norm_eps, m.arch.norm, m.arch, self.ops
         norms = arch.norms
 
         def post_norm(t, layer, name):  # Gemma's norm of a block's output before the residual add
-            return t if name is None else _norm(t, self.w[arch.norm_weight(layer, name)], eps, one_plus)
+            return t if name is None else rms_norm(t, self.w[arch.norm_weight(layer, name)], eps, norm)
 
         delta = None  # the previous layer's MLP output, added to h together with the next norm
         for layer in range(m.num_layers):
-            h, x = ops.add_norm(h, delta, self.w[arch.norm_weight(layer, norms.attn_in)], eps, one_plus)
+            h, x = ops.add_norm(h, delta, self.w[arch.norm_weight(layer, norms.attn_in)], eps, norm)
             q, k, v = self._project(x, layer, "qkv", ids, gates)
             if arch.qk_norm:  # per head, before RoPE
-                q = _norm(q.reshape(batch * seq, m.num_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "q")],
-                          eps, one_plus).reshape(batch * seq, -1)
-                k = _norm(k.reshape(batch * seq, m.num_kv_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "k")],
-                          eps, one_plus).reshape(batch * seq, -1)
+                q = rms_norm(q.reshape(batch * seq, m.num_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "q")],
+                             eps, norm).reshape(batch * seq, -1)
+                k = rms_norm(k.reshape(batch * seq, m.num_kv_heads, m.head_dim), self.w[arch.qk_norm_weight(layer, "k")],
+                             eps, norm).reshape(batch * seq, -1)
             window = m.window(layer)
             cos, sin = rope[m.layer_rope(layer)]
             attn = ops.attention(q, k, v, cos, sin, positions, self.k_cache[layer], self.v_cache[layer], masks[window],
                                  m, window)
             o = post_norm(self._project(attn, layer, "o", ids, gates)[0], layer, norms.attn_out)
-            h, x = ops.add_norm(h, o, self.w[arch.norm_weight(layer, norms.mlp_in)], eps, one_plus)
+            h, x = ops.add_norm(h, o, self.w[arch.norm_weight(layer, norms.mlp_in)], eps, norm)
             act = ops.act_mul(m.hidden_act, *self._project(x, layer, "gate_up", ids, gates))
             delta = post_norm(self._project(act, layer, "down", ids, gates)[0], layer, norms.mlp_out)
-        _, x = ops.add_norm(h, delta, self.w[FINAL_NORM], eps, one_plus)
+        _, x = ops.add_norm(h, delta, self.w[FINAL_NORM], eps, norm)
         return softcap((x @ self.w[LM_HEAD].T).float(), m.final_softcap).reshape(batch, seq, m.vocab_size)
 
     # ---- public --------------------------------------------------------------
