@@ -214,3 +214,33 @@ def test_convert_with_defaults_then_validate(tmp_path, bases, name, spelling, cl
     assert r.code == 0 and "PASSED" in r.out, r.out + r.err
     r = cli("validate", lora, tmp_path / "m.onnx", "--prompt-ids", ",".join(map(str, LONG_PROMPT[0].tolist())))
     assert r.code == 0 and "PASSED" in r.out, r.out + r.err
+
+
+EXAMPLES = {  # make_example configs: a scaled RoPE per family, LongRoPE switching inside the validated steps
+    "llama": {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "qwen2": {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    "phi3": {"original_max_position_embeddings": 6, "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.8],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 7.0, 12.0, 20.0, 32.0]}},
+}
+
+
+@pytest.mark.parametrize("flavour", ["portable", "plugin"])
+@pytest.mark.parametrize("family", list(EXAMPLES))
+def test_pregated_examples_through_both_flavours(tmp_path, family, flavour):
+    """Pre-gated experts on every projection with scaled RoPE: both ONNX flavours (the plugin flavour's
+    adafuse nodes as ONNX Runtime custom ops) against the reference, prompts and cached steps."""
+    from adafuse_export.examples import make_example
+    from adafuse_export.onnx.export import export_onnx
+    from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
+    from adafuse_export.validate import validate
+
+    ckpt = make_example(tmp_path / "ckpt", "pregate", family=family, seed=9, config=EXAMPLES[family])
+    assert ckpt.model.rope.kind != "default"
+    export_onnx(ckpt, tmp_path / "onnx", flavour, "float32")
+    runner = OnnxRuntimeRunner(tmp_path / "onnx", plugin_ops="cpu") if flavour == "plugin" else None
+    report = validate(ckpt, tmp_path / "onnx", [[5, 9, 2, 200, 31], [7, 7, 1, 0, 3]], steps=6, runner=runner)
+    by_name = {o["name"]: o for o in report["outputs"]}
+    assert report["passed"] and by_name["logits"]["max_abs_diff"] <= ATOL, by_name["logits"]
+    assert report["greedy_agreement"]["matched"] == report["greedy_agreement"]["total"]
