@@ -96,9 +96,18 @@ class Checkpoint:
                                "engines do not have; run it with the PyTorch reference (adafuse-export run)")
 
     def require_routing_table(self) -> None:
-        if not self.adapter.routing_table_exact:
-            raise AdafuseError(f"{self.path}: a routing table needs a pre-gate reading RMSNorm_0(embed(token)) "
-                               f"(routing '{self.adapter.routing}', pregate_input '{self.adapter.pregate_input}')")
+        """A routing table [vocab, k] is the pre-gate only where the route depends on the token id alone."""
+        a = self.adapter
+        if a.routing_table_exact:
+            return
+        if a.routing == "pregate":
+            why = (f"its pre-gate reads '{a.pregate_input}' (after layer 0's attention, which depends on the whole "
+                   "context), so the route is not a function of the token id and no table can replace it")
+        elif a.routing == "layerwise":
+            why = "it has no pre-gate: a router in every layer decides there (routing 'layerwise'), so there is no table"
+        else:
+            why = f"it has no pre-gate and no router (routing '{a.routing}'): every token takes the same adapter"
+        raise AdafuseError(f"{self.path}: no routing table: {why}")
 
     def router_names(self) -> list[str]:
         names = [n for n in self.expected_adapter_shapes()

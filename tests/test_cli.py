@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -89,6 +90,18 @@ def test_console_script_help_and_error_without_traceback(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_bare_command_teaches(cli):
+    """Bare `adafuse-export` prints the help (exit 0); the summaries are whole sentences, never cut mid-word;
+    the typical session shows the main job."""
+    from adafuse_export.cli import cli as group
+
+    r = cli()
+    assert r.code == 0 and "Typical session" in r.out and "convert ex/ ex.engine" in r.out
+    for name, command in group.commands.items():
+        summary = command.get_short_help_str(limit=80)
+        assert not summary.endswith("...") and summary.endswith((".", ")")), (name, summary)
+
+
 def test_help_of_every_command_imports_no_heavy_package():
     """--help works without torch, onnx, onnxruntime or TensorRT installed: none is imported for it."""
     code = ("import sys\n"
@@ -127,3 +140,19 @@ def test_family_and_kind_choices_come_from_their_registries(cli):
     params = {p.name: p for p in group.commands["make-example"].params}
     assert list(params["family"].type.choices) == list(names()) and "phi3" in names()
     assert list(params["kind"].type.choices) == list(KINDS)
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("lora", "no routing table: it has no pre-gate and no router (routing 'none'): every token takes the same adapter"),
+    ("mola", "no routing table: it has no pre-gate: a router in every layer decides there (routing 'layerwise')"),
+    ("pregate-ffn", "no routing table: its pre-gate reads 'mlp_norm_0' (after layer 0's attention"),
+])
+def test_export_routes_says_why_at_once(cli, example_dirs, tmp_path, kind, why):
+    """Refused from the configs alone, before torch is imported or a tensor read; nothing written."""
+    r = cli("export-routes", example_dirs[kind], tmp_path / "r.safetensors")
+    assert r.code == 2 and why in r.err and not (tmp_path / "r.safetensors").exists(), r.err
+    code = ("import sys\nfrom adafuse_export.cli import main\n"
+            f"assert main(['export-routes', {str(example_dirs[kind])!r}, {str(tmp_path / 'x')!r}]) == 2\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

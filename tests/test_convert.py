@@ -150,3 +150,28 @@ def test_make_example_tied_flag(cli, tmp_path):
     assert json.loads((tmp_path / "t" / "config.json").read_text())["tie_word_embeddings"] is True
     assert cli("make-example", tmp_path / "u", "--family", "gemma2").code == 0
     assert json.loads((tmp_path / "u" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_missing_manifest_names_what_and_who(cli, example_dirs, tmp_path):
+    """`validate CKPT x.engine` without x.json: the message names the manifest and the command that writes it."""
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"not really an engine")
+    r = cli("validate", example_dirs["lora"], engine)
+    assert r.code == 2 and r.err.strip() == (f"error: {engine}: its manifest {tmp_path / 'x.json'} is missing "
+                                             "(adafuse-export convert writes it beside the engine; the engine cannot "
+                                             "be checked or run without it: convert again)"), r.err
+
+
+def test_tensorrt_messages_go_to_the_builder_log(example_dirs, tmp_path):
+    """TensorRT's parser warnings (nothing a user can act on) are kept in ENGINE.onnx/tensorrt_build.log,
+    which the output names, and are not printed."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is installed by the README's test command")
+    import subprocess
+    import sys
+
+    # a child process: TensorRT's own logger would print from C++, past any in-process capture
+    r = subprocess.run([sys.executable, "-m", "adafuse_export", "convert", str(example_dirs["lora"]),
+                        str(tmp_path / "m.engine"), "--validate", "off", "--max-seq", "32"], capture_output=True, text=True)
+    log = tmp_path / "m.onnx" / "tensorrt_build.log"
+    assert r.returncode == 0 and "builder log: " in r.stdout and str(log) in r.stdout, r.stdout + r.stderr
+    assert "Int64 binding" not in r.stdout + r.stderr and "Int64 binding" in log.read_text()

@@ -20,17 +20,24 @@ from . import checkpoints, convert, example, export, run, validate
 EXIT_USAGE = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="adafuse-export")
-def cli():
+@click.pass_context
+def cli(ctx):
     """Export mixture-of-LoRA-experts LLMs (AdaFuse pre-gating + fused adapter kernels).
 
     \b
-    Typical session:
+    Typical session (CKPT: a trained adapter directory, or try the built-in example):
       adafuse-export make-example ex/            # a tiny pre-gated checkpoint
       adafuse-export inspect ex/                 # what is in it
-      adafuse-export run ex/ --prompt-ids 1,2,3  # PyTorch reference, greedy decode
+      adafuse-export run ex/ --prompt-ids 1,2,3  # greedy decoding with the PyTorch reference
+      adafuse-export convert ex/ ex.engine       # ONNX, checked against the reference, then the engine
+      adafuse-export validate ex/ ex.onnx        # compare the export with the reference again
+
+    `adafuse-export COMMAND --help` explains each command and its defaults.
     """
+    if ctx.invoked_subcommand is None:  # bare `adafuse-export`: the help, not a usage error
+        click.echo(ctx.get_help())
 
 
 for command in (checkpoints.formats, checkpoints.inspect, run.run, export.export_routes, example.make_example,

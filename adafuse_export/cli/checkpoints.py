@@ -8,7 +8,7 @@ import click
 from .options import base_option, ckpt_argument, format_option
 
 
-@click.command()
+@click.command(short_help="List the checkpoint formats that can be read.")
 def formats():
     """List the checkpoint formats that can be read."""
     from ..converters import converters
@@ -18,7 +18,7 @@ def formats():
         click.echo(f"{name:<{width}}  {conv.description}")
 
 
-@click.command()
+@click.command(short_help="Describe a checkpoint: model, experts, routing, sizes.")
 @ckpt_argument
 @format_option
 @base_option

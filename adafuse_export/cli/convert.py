@@ -8,7 +8,7 @@ import click
 from .options import backend_option, base_option, ckpt_argument, dtype_option, force_option, format_option, plugin_strategy_option
 
 
-@click.command()
+@click.command(short_help="Checkpoint -> validated ONNX -> TensorRT engine (the main job).")
 @ckpt_argument
 @click.argument("engine", type=click.Path(path_type=Path))
 @format_option

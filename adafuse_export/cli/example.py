@@ -10,7 +10,7 @@ from ..outputs import claim
 from .options import family_choices, force_option, import_torch
 
 
-@click.command("make-example")
+@click.command("make-example", short_help="Write a tiny random checkpoint to try the tool on.")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--kind", type=click.Choice(list(KINDS)), default="pregate", show_default=True, help="Adapter kind of the example.")
 @click.option("--family", type=click.Choice(family_choices()), default="llama", show_default=True)

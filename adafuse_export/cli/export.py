@@ -10,7 +10,7 @@ from .options import (base_option, ckpt_argument, dtype_option, force_option, fo
                       plugin_strategy_option)
 
 
-@click.command("export-onnx")
+@click.command("export-onnx", short_help="Write the ONNX graphs only (portable or plugin flavour).")
 @ckpt_argument
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @format_option
@@ -48,7 +48,7 @@ def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_dat
     click.echo(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
 
 
-@click.command("export-routes")
+@click.command("export-routes", short_help="Write the pre-gate as a routing table [vocab, k].")
 @ckpt_argument
 @click.argument("out", type=click.Path(path_type=Path))
 @format_option
@@ -60,12 +60,14 @@ def export_routes(ckpt, out, fmt, base, force):
     Only for pre-gated checkpoints whose pre-gate reads RMSNorm_0(embed(token)): there the
     route depends on the token id alone, and a table lookup replaces the pre-gate network.
     """
-    import_torch()
     from ..converters import load_checkpoint
+
+    c = load_checkpoint(ckpt, fmt, base, validate=False)
+    c.require_routing_table()  # from the configs alone: at once, before any tensor is read
+    import_torch()
     from ..onnx.export import _write_routes
 
-    c = load_checkpoint(ckpt, fmt, base)
-    c.require_routing_table()
+    c.validate()
     claim(out, option="OUT", inputs=c.inputs, force=force, ours=is_marked_safetensors)
     _write_routes(c, out, "float32")
     click.echo(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")

@@ -10,7 +10,7 @@ from ..outputs import claim, is_marked_safetensors
 from .options import base_option, ckpt_argument, device_option, dtype_option, force_option, format_option, import_torch, parse_ids
 
 
-@click.command()
+@click.command(short_help="Greedy-decode a prompt (PyTorch reference, or the GPU decoder).")
 @ckpt_argument
 @format_option
 @base_option

@@ -44,7 +44,7 @@ def _model_kind(model: Path) -> str:
                        f"found a file named '*{model.suffix}'{hint}")
 
 
-@click.command()
+@click.command(short_help="Compare an export or engine with the PyTorch reference.")
 @ckpt_argument
 @click.argument("model", type=click.Path(path_type=Path))
 @format_option
@@ -74,7 +74,7 @@ def _model_kind(model: Path) -> str:
               help="float16/bfloat16 models: measured judges them against the float32 reference, each output's atol "
                    "max(--atol, 2 x the same-dtype reference's own distance from float32), expert ids exact against "
                    "the same-dtype reference (runs a second reference: twice the time with --reference layerwise); "
-                   "fixed compares with the same-dtype reference under --atol/--rtol only (the behaviour before).")
+                   "fixed compares with the same-dtype reference under --atol/--rtol only (one reference: faster, but blind to what the half dtype itself costs).")
 def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
              half_tolerance):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory

@@ -66,14 +66,53 @@ def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: C
     return cache
 
 
+def _collecting_logger(trt: Any) -> Any:
+    """A TensorRT logger that keeps every message (info and up) instead of printing it: the parser's and
+    builder's warnings are about TensorRT's choices (e.g. "Make sure input input_ids has Int64 binding"),
+    nothing a user can act on, so they go to a log file and only errors are shown."""
+    class Collector(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            self.messages.append((severity, msg))
+
+    return Collector()
+
+
+def _write_log(trt: Any, logger: Any, log_file: Path | None, shown_as: Path | None,
+               log: Callable[[str], None]) -> None:
+    errors = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)
+    for severity, msg in logger.messages:
+        if severity in errors:
+            log(f"{'' if msg.startswith('[') else '[TensorRT] '}{msg}")
+    if log_file is not None:
+        log_file.write_text("".join(f"[{str(sev).split('.')[-1]}] {msg}\n" for sev, msg in logger.messages))
+        warnings = sum(1 for sev, _ in logger.messages if sev == trt.ILogger.Severity.WARNING)
+        log(f"builder log: {len(logger.messages)} messages ({warnings} warnings) in {shown_as or log_file}")
+
+
 def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
                  plugin_library: Path | None = None, timing_cache: Path | None = None,
-                 log: Callable[[str], None] = print) -> tuple[bytes, dict]:
-    """(serialized engine, engine description for the manifest)."""
+                 log: Callable[[str], None] = print, log_file: Path | None = None,
+                 log_shown_as: Path | None = None) -> tuple[bytes, dict]:
+    """(serialized engine, engine description for the manifest). TensorRT's own messages go to `log_file`
+    (named `log_shown_as` to the user: its final place); its errors are shown through `log`."""
     trt = backend.trt
     if max_batch < 1 or max_seq < 2:
         raise AdafuseError(f"--max-batch must be >= 1 and --max-seq >= 2, found {max_batch} and {max_seq}")
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _collecting_logger(trt)
+    try:
+        return _build(backend, logger, onnx_path, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                      plugin_library=plugin_library, timing_cache=timing_cache, log=log)
+    finally:
+        _write_log(trt, logger, log_file, log_shown_as, log)
+
+
+def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
+           plugin_library: Path | None, timing_cache: Path | None, log: Callable[[str], None]) -> tuple[bytes, dict]:
+    trt = backend.trt
     builder = trt.Builder(logger)
     if plugin_library is not None:
         registry = builder.get_plugin_registry() if hasattr(builder, "get_plugin_registry") else trt.get_plugin_registry()
@@ -102,7 +141,8 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
     log(f"building {backend.name} {backend.version} engine ({len(inputs)} inputs, 2 profiles) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (see the TensorRT log above)")
+        raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (its errors are above, its whole "
+                           "log in the builder log)")
     if cache is not None and timing_cache is not None:
         write_bytes(timing_cache, bytes(cache.serialize()))  # atomic: a failed write keeps the old cache
     io = {

@@ -80,6 +80,9 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
     """The engine's manifest, after checking the engine's (and its files') hashes and plugin version."""
     engine = Path(engine)
     mpath = manifest_path(engine)
+    if not mpath.exists() and not mpath.is_symlink():
+        raise AdafuseError(f"{engine}: its manifest {mpath} is missing (adafuse-export convert writes it beside the "
+                           "engine; the engine cannot be checked or run without it: convert again)")
     manifest = read_json(mpath)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise AdafuseError(f"{mpath}: not an adafuse engine manifest (expected format '{MANIFEST_FORMAT}')")
