@@ -217,7 +217,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
         stages(3, "skipping ONNX Runtime validation: onnxruntime is not installed (pip install 'adafuse-export[onnx]')")
         return None
     from .onnx.export import export_onnx
-    from .validate import failed_outputs, summary
+    from .validate import DEFAULT_STEPS, failed_outputs, summary
     from .validate import validate as run_validation
 
     onnx_dir = staging / "onnx"
@@ -225,11 +225,14 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
     # the plugin flavour too: its adafuse nodes run as ONNX Runtime custom ops
     stages(3, f"validating the {plan.flavour} ONNX export against the PyTorch reference (ONNX Runtime, {plan.validate} reference"
               + (f", float32 twin of the {plan.dtype} graph" if plan.validate_dtype else "") + ")")
+    stages.detail(f"a quick check: the default prompt and {CONVERT_STEPS} decode steps, the {plan.validate} reference "
+                  f"(`validate` defaults to {DEFAULT_STEPS} steps and the full reference; pass --validate off to skip)")
     if plan.validate_dtype:
         onnx_dir = staging / f"onnx-{target}"
         export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True)
     try:
-        report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=4, mode=plan.validate, log=stages.detail)
+        report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=CONVERT_STEPS, mode=plan.validate,
+                                log=stages.detail)
     except AdafuseError as e:  # name the output the user will have, not the staging directory
         raise AdafuseError(str(e).replace(str(onnx_dir), str(plan.outs["onnx"])) + "; nothing was written. "
                            "--validate off builds without this check") from None
@@ -245,6 +248,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
     return report
 
 
+CONVERT_STEPS = 4  # decode steps of convert's check: each is minutes for a 7B on a CPU
 BUILD_LOG = "tensorrt_build.log"  # TensorRT's parser and builder messages, in ENGINE.onnx/
 
 

@@ -30,6 +30,7 @@ from .summary import adapter_summary, routing_metadata
 # (atol, rtol) per model dtype
 TOLERANCES = {"float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 5e-2)}
 DEFAULT_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+DEFAULT_STEPS = 8  # `validate --steps`
 HALF_DTYPES = ("float16", "bfloat16")
 HALF_BOUND_MULTIPLE = 2.0  # docs/large-models.md "Float16 error": the 7B graph is 0.41-0.72x the reference's error
 HALF_TOLERANCE_MODES = {  # mode -> (description, the few words convert's summary prints)
@@ -147,7 +148,7 @@ def open_model_runner(model: Path, mode: str = "full", **options):
     return open_runner(model, **options)
 
 
-def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = 8,
+def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = DEFAULT_STEPS,
              atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
              log: Callable[[str], object] | None = None, half_tolerance: str = "measured") -> dict:
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.

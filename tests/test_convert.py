@@ -175,3 +175,28 @@ def test_tensorrt_messages_go_to_the_builder_log(example_dirs, tmp_path):
     log = tmp_path / "m.onnx" / "tensorrt_build.log"
     assert r.returncode == 0 and "builder log: " in r.stdout and str(log) in r.stdout, r.stdout + r.stderr
     assert "Int64 binding" not in r.stdout + r.stderr and "Int64 binding" in log.read_text()
+
+
+def test_inspect_describes_every_artefact(cli, example_dirs, tmp_path):
+    """inspect reads what convert and export-onnx write: the engine (checked against its manifest), the ONNX
+    directory and its decoder file; a plain LoRA says it has no experts and which base it read."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is installed by the README's test command")
+    engine = tmp_path / "m.engine"
+    assert cli("convert", example_dirs["pregate"], engine, "--max-seq", "32", "--validate", "off").code == 0
+    r = cli("inspect", engine)
+    assert r.code == 0 and "(hashes verified)" in r.out and "tensorrt-rtx" in r.out and "pregate, 4 experts top-2" in r.out
+    info = json.loads(cli("inspect", engine, "--json").out)
+    assert info["kind"] == "engine" and info["engine"]["max_seq"] == 32
+    for path in (tmp_path / "m.onnx", tmp_path / "m.onnx" / "decoder.onnx"):
+        r = cli("inspect", path)
+        assert r.code == 0 and "float16, portable flavour, opset 17" in r.out and "decoder graph" in r.out, r.out + r.err
+    assert json.loads(cli("inspect", tmp_path / "m.onnx", "--json").out)["kind"] == "onnx-export"
+    r = cli("inspect", example_dirs["lora"])
+    assert "experts         none: one LoRA applied to every token (no router)" in r.out
+    manifest = tmp_path / "m.onnx" / "manifest.json"
+    broken = json.loads(manifest.read_text())
+    del broken["graphs"]
+    manifest.write_text(json.dumps(broken))
+    r = cli("inspect", tmp_path / "m.onnx")
+    assert r.code == 2 and r.err.strip() == (f"error: {tmp_path / 'm.onnx'}: its manifest lacks or mistypes 'graphs' "
+                                             "(not written by this adafuse-export?)"), r.err

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import AdafuseError
+from ..validate import DEFAULT_STEPS
 from .options import base_option, ckpt_argument, device_option, format_option, import_onnx, import_torch, parse_ids
 
 
@@ -51,7 +52,7 @@ def _model_kind(model: Path) -> str:
 @base_option
 @click.option("--prompt-ids", "prompt_ids", multiple=True,
               help="Prompt token ids, comma-separated; repeat for several prompts [default: 1,2,...,8].")
-@click.option("--steps", default=8, show_default=True, type=click.IntRange(0, 10000), help="Greedy decode steps after the prefill.")
+@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(0, 10000), help="Greedy decode steps after the prefill.")
 @click.option("--atol", type=click.FloatRange(0), default=None, callback=_finite,
               help="Absolute tolerance (default per dtype: 1e-4 float32, 2e-2 float16, 0.15 bfloat16).")
 @click.option("--rtol", type=click.FloatRange(0), default=None, callback=_finite,
