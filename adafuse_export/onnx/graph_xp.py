@@ -9,7 +9,7 @@ from onnx import TensorProto
 from .graph import Graph
 
 F32, BOOL = TensorProto.FLOAT, TensorProto.BOOL
-_DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+_DTYPE_NAMES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 
 
 class Value:
