@@ -254,14 +254,16 @@ BUILD_LOG = "tensorrt_build.log"  # TensorRT's parser and builder messages, in E
 
 def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) -> dict:
     """Stage 4: the engine and its manifest, then every output renamed into place."""
+    from .progress import heartbeat
     from .trt.build import build_engine
     from .trt.manifest import make_manifest, write_manifest
 
     chosen, outs, onnx_dir = plan.backend, plan.outs, staging / "onnx"
     stages(4, f"building the engine with {chosen.name} {chosen.version} (max batch {plan.max_batch}, max seq {plan.max_seq})")
-    blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,
-                            max_seq=plan.max_seq, plugin_library=plan.plugin_library, timing_cache=plan.timing_cache,
-                            log=stages.detail, log_file=onnx_dir / BUILD_LOG, log_shown_as=outs["onnx"] / BUILD_LOG)
+    with heartbeat(stages.detail, f"building the {chosen.name} engine"):
+        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,
+                                max_seq=plan.max_seq, plugin_library=plan.plugin_library, timing_cache=plan.timing_cache,
+                                log=stages.detail, log_file=onnx_dir / BUILD_LOG, log_shown_as=outs["onnx"] / BUILD_LOG)
     (staging / "engine").write_bytes(blob)
     manifest = make_manifest(engine_file=staging / "engine", engine_name=plan.engine.name, onnx_dir=onnx_dir,
                              onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,

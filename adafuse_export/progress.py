@@ -3,7 +3,10 @@ plain lines at most every `every` seconds otherwise (logs, pipes, CI)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 
@@ -50,3 +53,25 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._open_line = False
+
+
+@contextmanager
+def heartbeat(log: Callable[[str], object], what: str, every: float | None = None,
+              stream: TextIO | None = None) -> Iterator[None]:
+    """A line `what: N s` every `every` seconds while the body runs, for work that reports nothing itself
+    (TensorRT's engine build): every 10 s on a terminal, every 60 s in logs and pipes."""
+    tty = bool(getattr(stream if stream is not None else sys.stdout, "isatty", lambda: False)())
+    period = every if every is not None else (10.0 if tty else 60.0)
+    stop, start = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(period):
+            log(f"{what}: {time.monotonic() - start:.0f} s")
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

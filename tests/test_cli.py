@@ -156,3 +156,38 @@ def test_export_routes_says_why_at_once(cli, example_dirs, tmp_path, kind, why):
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_heartbeat_lines_while_silent_work_runs():
+    """A build that reports nothing prints `what: N s` lines meanwhile, and none after it ends."""
+    import time
+
+    from adafuse_export.progress import heartbeat
+
+    lines: list[str] = []
+    with heartbeat(lines.append, "building", every=0.05):
+        time.sleep(0.3)
+    count = len(lines)
+    time.sleep(0.15)
+    assert count >= 3 and len(lines) == count and lines[0].startswith("building: ") and lines[0].endswith(" s")
+
+
+def test_validate_shows_steps_on_a_terminal(example_dirs, tmp_path):
+    """Standalone validate tells each compared step on a terminal's stderr (a pseudo-terminal here), and
+    keeps a pipe's output to the report alone."""
+    import os
+    import pty
+
+    from adafuse_export.onnx.export import export_onnx
+
+    export_onnx(load_checkpoint(example_dirs["lora"]), tmp_path / "o", "portable", "float32")
+    args = [sys.executable, "-m", "adafuse_export", "validate", str(example_dirs["lora"]), str(tmp_path / "o"),
+            "--steps", "2"]
+    master, slave = pty.openpty()
+    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    err = os.read(master, 65536).decode()
+    os.close(master)
+    assert p.returncode == 0 and "compared" in err, err
+    piped = subprocess.run(args, capture_output=True, text=True)
+    assert piped.returncode == 0 and "compared" not in piped.stderr and "PASSED" in piped.stdout

@@ -105,7 +105,12 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
         if runtime == "cpp":
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
         runner = open_model_runner(model, mode, plugin_ops=plugin_ops, device=device)
-    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance)
+    import sys
+
+    # each compared step, as it completes, on a terminal's stderr (stdout keeps the report, --json clean)
+    progress = (lambda line: click.echo(f"  {line}", err=True)) if sys.stderr.isatty() else None
+    report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance,
+                          log=progress)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]
