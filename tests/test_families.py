@@ -66,12 +66,12 @@ def _hf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def _cached_logits(model: ReferenceModel) -> torch.Tensor:
-    """Prefill PROMPTS, then feed DECODE one token at a time through the KV cache: [B, S+D, vocab]."""
-    out = model(PROMPTS)
+def cached_logits(model: ReferenceModel, prompt: torch.Tensor = PROMPTS, decode: torch.Tensor = DECODE) -> torch.Tensor:
+    """Prefill `prompt`, then feed `decode` one token at a time through the KV cache: [B, S+D, vocab]."""
+    out = model(prompt)
     logits = [out.logits]
-    for t in range(DECODE.shape[1]):
-        out = model(DECODE[:, t:t + 1], out.cache)
+    for t in range(decode.shape[1]):
+        out = model(decode[:, t:t + 1], out.cache)
         logits.append(out.logits)
     return torch.cat(logits, 1)
 
@@ -89,7 +89,7 @@ def test_base_matches_transformers_prefill_and_cached_decode(bases, family):
     hf = _hf(bases[family])
     with torch.no_grad():
         expected = hf(torch.cat([PROMPTS, DECODE], 1)).logits
-    got = _cached_logits(ReferenceModel(ckpt, adapters=False))
+    got = cached_logits(ReferenceModel(ckpt, adapters=False))
     assert (got - expected).abs().max().item() < ATOL
 
 

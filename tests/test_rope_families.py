@@ -24,7 +24,7 @@ from adafuse_export.reference import ReferenceModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_real as fr  # noqa: E402
-from test_families import _base  # noqa: E402
+from test_families import _base, cached_logits  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,15 +100,6 @@ def hf_cached_logits(path: Path, prompt: torch.Tensor, decode: torch.Tensor, **c
     return torch.cat(logits, 1)
 
 
-def ours_cached_logits(model, prompt: torch.Tensor, decode: torch.Tensor) -> torch.Tensor:
-    out = model(prompt)
-    logits = [out.logits]
-    for t in range(decode.shape[1]):
-        out = model(decode[:, t:t + 1], out.cache)
-        logits.append(out.logits)
-    return torch.cat(logits, 1)
-
-
 @pytest.mark.parametrize("spelling", SPELLINGS)
 @pytest.mark.parametrize("name", list(BASES))
 def test_spec_reads_the_scaling(bases, name, spelling):
@@ -135,7 +126,7 @@ def test_cached_decoding_matches_transformers(bases, name, spelling, prompt):
     expected = hf_cached_logits(path, prompt, DECODE)
     ckpt = _base(path)
     ref = ReferenceModel(ckpt, adapters=False)
-    assert (ours_cached_logits(ref, prompt, DECODE) - expected).abs().max().item() < ATOL
+    assert (cached_logits(ref, prompt, DECODE) - expected).abs().max().item() < ATOL
     weights = {n: t.to(torch.float32) for n, t in ref.w.items()
                if n != "lm_head.weight" or not ckpt.model.tie_word_embeddings}
     dec = GpuDecoder(ckpt.model, None, weights, None, strategy="dense", max_batch=1, max_seq=32)
@@ -192,7 +183,7 @@ def test_peft_lora_through_run_and_onnx(tmp_path, bases, name, spelling, cli):
     export_onnx(ckpt, tmp_path / "onnx", "portable", "float32")
     runner = OnnxRuntimeRunner(tmp_path / "onnx")
     ref = ReferenceModel(ckpt)
-    want = ours_cached_logits(ref, PROMPT, DECODE).numpy()
+    want = cached_logits(ref, PROMPT, DECODE).numpy()
     step = runner.prefill(PROMPT.numpy())
     got = [step.logits]
     for t in range(DECODE.shape[1]):
