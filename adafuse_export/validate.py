@@ -65,10 +65,20 @@ class _Stat:
             return
         g, w = got.astype(np.float64), want.astype(np.float64)
         atol = self.atol
+        # a non-finite reference judges nothing (inf - inf is NaN, |x - inf| <= inf holds): a failure with its reason
+        if not np.isfinite(w).all():
+            self.shape_error = self.shape_error or f"the reference's '{self.name}' is not finite at {step}"
+            return
         if half is not None and np.shape(half) == w.shape and w.size:
-            measured = float(np.max(np.abs(np.asarray(half, np.float64) - w)))
+            h = np.asarray(half, np.float64)
+            if not np.isfinite(h).all():  # e.g. a float32-finite weight overflowing float16: no bound is measured
+                self.shape_error = self.shape_error or (
+                    f"the half-precision reference's '{self.name}' is not finite at {step} (it overflows that dtype), "
+                    "so no bound can be measured from it")
+                return
+            measured = float(np.max(np.abs(h - w)))
             self.half_max_abs = max(self.half_max_abs or 0.0, measured)
-            atol = max(atol, HALF_BOUND_MULTIPLE * measured)  # a NaN distance leaves the fixed atol
+            atol = max(atol, HALF_BOUND_MULTIPLE * measured)
             self.atol_applied = max(self.atol_applied, atol)
         diff = np.abs(g - w)
         ok = diff <= atol + self.rtol * np.abs(w)
@@ -124,6 +134,9 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
     for key, value in expected.items():
         if key in meta and meta[key] != value:
             bad(key.split(".", 1)[1], meta[key], value)
+    if meta.get("adafuse.dtype", info.dtype) != info.dtype:
+        notes.append(f"the model's metadata says adafuse.dtype={meta['adafuse.dtype']}, its tensors are {info.dtype}: "
+                     f"judged as {info.dtype}")
     if meta.get("adafuse.checkpoint_sha256") not in (None, ckpt.index_sha256()):
         notes.append("the model was exported from a checkpoint with a different tensor index hash (same structure)")
     return notes

@@ -120,7 +120,8 @@ class OnnxRuntimeRunner(Runner):
             else:
                 raise AdafuseError(f"{self.files.decoder}: the decoder takes expert_ids/gates but neither pregate.onnx "
                                    f"nor routes.safetensors is next to it")
-        dtype = self.meta.get("adafuse.dtype", "float16" if self.kv_dtype == np.float16 else "float32")
+        # the graph's own tensor type, never its metadata's claim: the dtype picks validate's tolerance
+        dtype = "float16" if self.kv_dtype == np.float16 else "float32"
         self.info = ModelInfo(model=self.files.decoder, num_layers=self.num_layers, vocab_size=self.vocab_size,
                               kv_heads=self.kv_heads, head_dim=self.head_dim, needs_routes=self.needs_routes, dtype=dtype,
                               meta=self.meta, description=f"ONNX Runtime {ort.__version__}, {self.provider}, {dtype}, "

@@ -150,7 +150,9 @@ def engine_model_info(engine: Path, manifest: dict, session: EngineSession, desc
     k0, logits = session.shapes["past_key_values.0.key"], session.shapes["logits"]
     return ModelInfo(model=engine, num_layers=len(past), vocab_size=logits[-1] if logits[-1] > 0 else None,
                      kv_heads=k0[1], head_dim=k0[3], needs_routes="expert_ids" in session.inputs,
-                     dtype=manifest["engine"]["dtype"], meta=manifest_meta(manifest), description=description)
+                     # the engine's own KV tensor type, never the manifest's claim: the dtype picks validate's tolerance
+                     dtype=str(session.dtypes["past_key_values.0.key"]).removeprefix("torch."),
+                     meta=manifest_meta(manifest), description=description)
 
 
 class TensorRTRunner(Runner):
