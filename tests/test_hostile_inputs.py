@@ -10,6 +10,7 @@ from a file or an argument is printed escaped.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -102,3 +103,106 @@ def test_dtype_metadata_claim_is_not_believed(cli, example_dirs, tmp_path, claim
     assert r.code == 1 and "FAILED" in r.out, r.out
     assert f"metadata says adafuse.dtype={claimed}, its tensors are float32: judged as float32" in r.out
     assert "atol 1e-04" in r.out
+
+
+# --- 4. tiny inputs, huge costs: sizes checked against what the files hold -----------------------
+
+FAMILIES = ["llama", "mistral", "phi3", "gemma2", "qwen2", "qwen3"]
+SIZE_COMMANDS = {"inspect": lambda c, o: ["inspect", c], "export-onnx": lambda c, o: ["export-onnx", c, o / "onnx"],
+                 "run": lambda c, o: ["run", c, "--prompt-ids", "1"]}
+
+
+@pytest.mark.parametrize("command", sorted(SIZE_COMMANDS))
+@pytest.mark.parametrize("layers", [2 ** 31 - 1, 10 ** 8, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_num_hidden_layers_bounded_by_weights(cli, tmp_path, family, layers, command):
+    from adafuse_export.examples import make_example
+
+    d = tmp_path / family
+    make_example(d, "pregate", family)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    (d / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "out").mkdir()
+    one_line(cli(*SIZE_COMMANDS[command](d, tmp_path / "out")), f"{d / 'config.json'}: num_hidden_layers is {layers}, "
+             f"more than the 2 layers the weights in {d} hold")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["hydralora", "loramoe"])
+@pytest.mark.parametrize("lora_nums", [2 ** 31 - 1, 10 ** 9, "held+1"])
+def test_lora_nums_bounded_by_tensors(cli, tmp_path, layout, lora_nums):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fixtures_forks
+    import fixtures_real
+
+    base = fixtures_real.write_hf_base(tmp_path / "base", "llama")
+    d = fixtures_forks.write_fork_adapter(tmp_path / "fork", base, layout)
+    import torch
+
+    held = len(torch.load(d / "adapter_model.bin", weights_only=True))
+    value = held + 1 if lora_nums == "held+1" else lora_nums
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["lora_nums"] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    one_line(cli("inspect", d), f"adapter_config.json: lora_nums is {value}, more than the {held} tensors "
+             f"{d / 'adapter_model.bin'} holds")
+
+
+def strided_payloads():
+    import torch
+
+    return {
+        "expand-2^40": torch.zeros(1).expand(2 ** 20, 2 ** 20),
+        "expand-3d": torch.zeros(2, 1, 1).expand(2, 2 ** 16, 2 ** 16),
+        "overlapping": torch.zeros(2048).as_strided((1024, 1024), (1, 1)),
+        "broadcast-row": torch.zeros(1, 64).expand(2 ** 24, 64),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(strided_payloads()))
+def test_pickled_tensor_larger_than_its_data(cli, example_dirs, tmp_path, kind):
+    """A 1 KB .bin holding a stride-0 [2^20, 2^20] tensor made the NaN scan walk 2^40 elements."""
+    import time
+
+    import torch
+
+    t = strided_payloads()[kind]
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "base_model_name_or_path": str(example_dirs["pregate"])}))
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    torch.save({name: t}, d / "adapter_model.bin")
+    t0 = time.time()
+    one_line(cli("inspect", d), f"{d / 'adapter_model.bin'}: the size of tensor '{name}' (shape {list(t.shape)}, "
+             f"torch.float32) in bytes is {t.numel() * 4}, more than the {t.untyped_storage().nbytes()} its stored data "
+             "holds (zero or overlapping strides)")
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("spellings", [2, 10, 10_000])
+def test_manifest_file_spellings_hashed_once(tmp_path, spellings):
+    """One file under 10,000 spellings took 71 s to verify: a second spelling is refused before any hashing."""
+    import time
+
+    from adafuse_export.errors import AdafuseError
+    from adafuse_export.trt.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, sha256_file, verify_engine
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine" * 1000)
+    # distinct spellings of one path: i's bits as './' or './/' prefixes
+    names = ["m.engine"] + ["".join(".//" if i >> b & 1 else "./" for b in range(i.bit_length())) + "m.engine"
+                            for i in range(1, spellings)]
+    files = {n: sha256_file(engine) for n in names}
+    (tmp_path / "m.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                                                 "engine": {"sha256": sha256_file(engine)}, "files": files}))
+    t0 = time.time()
+    with pytest.raises(AdafuseError, match=re.escape(f"'files' lists one file twice ('m.engine' and {names[1]!r})")):
+        verify_engine(engine)
+    assert time.time() - t0 < 20
+    (tmp_path / "m.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                                                 "engine": {"sha256": sha256_file(engine)},
+                                                 "files": {"m.engine": sha256_file(engine)}}))
+    assert verify_engine(engine)["files"] == {"m.engine": sha256_file(engine)}

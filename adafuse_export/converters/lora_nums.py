@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..inputs import read_json
+from ..inputs import check_held, read_json
 from ..spec import AdapterSpec
 from ..tensors import LazySource, TensorInfo, TensorSource
 from . import Converter, register, resolve_base
@@ -82,6 +82,8 @@ class _LoraNumsConverter(Converter):
         r, alpha, experts = _check_config(cfg, where)
         names = weights.names()
         origin = weights.info(names[0]).origin if names else str(path)
+        # every expert has its own lora_B{i} per linear: names per expert are built below, so bound lora_nums first
+        check_held(where, "lora_nums", experts, len(names), f"tensors {origin} holds")
         found = _layout(names)
         if found != self.layout:
             what = {None: "no LoRA tensors of either layout" if not any(".lora_A" in n for n in names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .. import __version__
@@ -106,10 +107,19 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         files = manifest.get("files", {})
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise AdafuseError(f"{mpath}: 'files' must map file names to SHA-256 strings")
-        for rel, digest in files.items():
+        listed: dict[str, str] = {}
+        for rel in files:
             f = confine(engine.parent, rel, mpath)  # a manifest may name only files beside the engine
             if not f.is_file():
                 raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
+            # each file is hashed once: one file under many spellings ('a', './a', './/a', a link) is refused before
+            # any hashing, so the work is bounded by the files that exist, not by the manifest's length
+            real = os.path.realpath(f)
+            if real in listed:
+                raise AdafuseError(f"{mpath}: 'files' lists one file twice ({listed[real]!r} and {rel!r})")
+            listed[real] = rel
+        for rel, digest in files.items():
+            f = confine(engine.parent, rel, mpath)
             if sha256_file(f) != digest:
                 raise AdafuseError(f"{f}: SHA-256 does not match {mpath.name} (file modified after conversion)")
     return manifest
