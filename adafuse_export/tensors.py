@@ -306,7 +306,7 @@ def load_sharded_dir(directory: Path, stem: str) -> SafetensorsSource:
     raise AdafuseError(f"{directory}: no {single.name} or {index.name} found")
 
 
-SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors\Z")
 
 
 def _check_shard_numbering(index: Path, shards: list[str]) -> None:

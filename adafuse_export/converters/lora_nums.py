@@ -25,7 +25,7 @@ from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
 from .peft_lora import ADAPTER_CONFIG, read_adapter_dir
 
-KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_route|lora_A|lora_B)(\d*)\.weight$")
+KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9]\d*)\.(self_attn|mlp)\.(\w+)\.(lora_route|lora_A|lora_B)(\d*)\.weight", re.ASCII)  # fullmatch
 HYDRA, LORAMOE = "hydralora", "loramoe-original"
 
 
@@ -40,7 +40,7 @@ def _is_fork_config(path: Path) -> bool:
 def _layout(names: list[str]) -> str | None:
     """HYDRA (one shared lora_A per linear), LORAMOE (lora_A{i} per expert), or None when mixed or neither."""
     shared = any(n.endswith(".lora_A.weight") for n in names)
-    indexed = any(re.search(r"\.lora_A\d+\.weight$", n) for n in names)
+    indexed = any(re.search(r"\.lora_A\d+\.weight\Z", n) for n in names)
     return HYDRA if shared and not indexed else LORAMOE if indexed and not shared else None
 
 
@@ -97,7 +97,7 @@ class _LoraNumsConverter(Converter):
         arch = model.arch
         sites: dict[tuple[int, str], set[str]] = {}
         for name in names:
-            m = KEY.match(name)
+            m = KEY.fullmatch(name)
             if not m or (m.group(4) == "lora_route" and m.group(5)):
                 raise AdafuseError(f"{origin}: tensor '{name}' is not a {self.name} weight (expected base_model.model.model."
                                    "layers.L.<self_attn|mlp>.<proj>.<lora_route|lora_A|lora_A{i}|lora_B{i}>.weight)")
