@@ -296,6 +296,11 @@ def failed_outputs(report: dict) -> str:
 
 
 def format_report(report: dict) -> str:
+    return "\n".join(report_lines(report))
+
+
+def report_lines(report: dict) -> list[str]:
+    """The report, one element per line (the CLI prints each escaped: a name holding a newline stays on its line)."""
     lines = [f"validate {report['model']}",
              f"  against {report['checkpoint']} ({report['reference']})",
              f"  runner  {report['runner_description']}",
@@ -320,4 +325,4 @@ def format_report(report: dict) -> str:
     lines += ["", f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)"]
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append("PASSED" if report["passed"] else "FAILED")
-    return "\n".join(lines)
+    return lines

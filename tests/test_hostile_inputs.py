@@ -206,3 +206,238 @@ def test_manifest_file_spellings_hashed_once(tmp_path, spellings):
                                                  "engine": {"sha256": sha256_file(engine)},
                                                  "files": {"m.engine": sha256_file(engine)}}))
     assert verify_engine(engine)["files"] == {"m.engine": sha256_file(engine)}
+
+
+# --- 5. silent wrong answers: scales in the compute dtype, exact names, refusing what is not implemented
+
+def peft_adapter(tmp: Path, base: Path, extra: dict | None = None, **cfg) -> Path:
+    """A PEFT LoRA adapter (q_proj, v_proj on every layer) on a make-example base; `extra` adds tensors."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    b = json.loads((base / "config.json").read_text())
+    h, layers = b["hidden_size"], b["num_hidden_layers"]
+    kv = b.get("num_key_value_heads", b["num_attention_heads"]) * (h // b["num_attention_heads"])
+    d = tmp / "peft"
+    d.mkdir()
+    tensors = {}
+    for layer in range(layers):
+        for m, out in (("q_proj", h), ("v_proj", kv)):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            tensors[f"{p}.lora_A.weight"] = torch.randn(4, h) * 0.01
+            tensors[f"{p}.lora_B.weight"] = torch.randn(out, 4) * 0.01
+    for name, shape in (extra or {}).items():
+        tensors[name] = torch.ones(shape)
+    save_torch(tensors, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": str(base), **cfg}))
+    return d
+
+
+SCALE_TEXT = "which overflows the float32 computation it scales (expected {}a magnitude from 2^-64 to 2^64)"
+# (config file edit, the field named in the error, zero allowed)
+GEMMA_SCALES = [("final_logit_softcapping", v) for v in (1e300, 1e-300, 2.0 ** 65, 1e39)] \
+    + [("attn_logit_softcapping", v) for v in (1e300, 1e-30)] + [("query_pre_attn_scalar", v) for v in (1e300, 1e-300)]
+
+
+@pytest.mark.parametrize("command", ["inspect", "run"])
+@pytest.mark.parametrize("key,value", GEMMA_SCALES)
+def test_gemma_scales_in_float32(cli, tmp_path, key, value, command):
+    from adafuse_export.examples import make_example
+
+    d = tmp_path / "gemma2"
+    make_example(d, "pregate", "gemma2")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    args = ["inspect", d] if command == "inspect" else ["run", d, "--prompt-ids", "1,2"]
+    one_line(cli(*args), f"{d / 'config.json'}: {key} is {value!r}, " + SCALE_TEXT.format(""))
+
+
+ADAFUSE_SCALES = [("lora_alpha", 1e300, "lora_alpha"), ("lora_alpha", 2.0 ** 70, "lora_alpha"),
+                  ("alpha_pattern", {"layers.0.q_proj": 1e300}, "alpha_pattern['layers.0.q_proj']"),
+                  ("alpha_pattern", {"layers.1.down_proj": 1e-300}, "alpha_pattern['layers.1.down_proj']")]
+
+
+@pytest.mark.parametrize("command", ["inspect", "export-onnx"])
+@pytest.mark.parametrize("key,value,named", ADAFUSE_SCALES)
+def test_adapter_scales_in_float32(cli, example_dirs, tmp_path, key, value, named, command):
+    d = tmp_path / "ckpt"
+    shutil.copytree(example_dirs["pregate"], d)
+    cfg = json.loads((d / "adafuse_config.json").read_text())
+    cfg[key] = value
+    (d / "adafuse_config.json").write_text(json.dumps(cfg))
+    shown = value if key == "lora_alpha" else next(iter(value.values()))
+    args = ["inspect", d] if command == "inspect" else ["export-onnx", d, tmp_path / "onnx"]
+    one_line(cli(*args), f"{d / 'adafuse_config.json'}: {named} is {shown!r}, " + SCALE_TEXT.format(""))
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("alpha", [1e300, 2.0 ** 65])
+def test_peft_lora_alpha_in_float32(cli, example_dirs, tmp_path, alpha):
+    d = peft_adapter(tmp_path, example_dirs["pregate"], lora_alpha=alpha)
+    one_line(cli("run", d, "--prompt-ids", "1,2"), f"{d / 'adapter_config.json'}: lora_alpha is {alpha!r}, "
+             + SCALE_TEXT.format(""))
+
+
+Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", " ", "\x00", "\n\n"])
+def test_tensor_names_match_exactly(cli, example_dirs, tmp_path, suffix):
+    """'...lora_B.weight\\n' was used in place of '...lora_B.weight' (a `$` matches before a trailing newline)."""
+    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={Q_B + suffix: (64, 4)})
+    one_line(cli("inspect", d), f"tensor {Q_B + suffix!r} is not a LoRA weight of a decoder projection")
+
+
+@pytest.mark.parametrize("spelling", ["layers.00.", "layers.\u0660.", "layers.+0.", "layers.0x0."])
+def test_layer_index_spelled_once(cli, example_dirs, tmp_path, spelling):
+    """int() reads '00', '+0' and Arabic-Indic digits as 0: such a name would stand for layer 0's tensor."""
+    name = Q_B.replace("layers.0.", spelling)
+    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={name: (64, 4)})
+    one_line(cli("inspect", d), f"tensor {name!r} is not a LoRA weight of a decoder projection")
+
+
+@pytest.mark.parametrize("layer", [2, 3, 10 ** 6])
+def test_adapter_layers_beyond_the_base(cli, example_dirs, tmp_path, layer):
+    a = Q_B.replace("layers.0.", f"layers.{layer}.")
+    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={a: (64, 4), a.replace("lora_B", "lora_A"): (4, 64)})
+    one_line(cli("inspect", d), f"tensor '{a.replace('lora_B', 'lora_A')}' is for layer {layer}, but the base model "
+             "has 2 layers")
+
+
+@pytest.mark.parametrize("key,value", [("layer_replication", [[0, 2], [1, 2]]), ("lora_bias", True),
+                                       ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.experts"])])
+def test_peft_options_not_implemented_are_refused(cli, example_dirs, tmp_path, key, value):
+    d = peft_adapter(tmp_path, example_dirs["pregate"], **{key: value})
+    one_line(cli("inspect", d), f"{d / 'adapter_config.json'}: '{key}: {json.dumps(value)}' is not supported "
+             "(expected it unset)")
+
+
+@pytest.fixture(scope="module")
+def xlora_dir(tmp_path_factory):
+    """A PEFT X-LoRA checkpoint of two adapters (written by peft itself) and its canonical form."""
+    pytest.importorskip("peft")
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fixtures_real as fr
+
+    from adafuse_export.checkpoint import write_canonical
+    from adafuse_export.converters import load_checkpoint
+
+    root = tmp_path_factory.mktemp("xlora")
+    base = fr.write_hf_base(root / "base", "llama")
+    d, _, _ = fr.write_peft_xlora(root / "x", base, torch.as_tensor(fr.SAMPLE_IDS), [{}, {"r": 8}], xlora_depth=1)
+    write_canonical(load_checkpoint(d), root / "canonical")
+    return d, root / "canonical"
+
+
+XLORA_PEFT = [("softmax_temperature", 1e-300, SCALE_TEXT.format("")), ("softmax_temperature", 2.0 ** 70, SCALE_TEXT.format("")),
+              ("global_scaling_weight", 1e300, SCALE_TEXT.format("0 or ")),
+              ("global_scaling_weight", -1e300, SCALE_TEXT.format("0 or ")),
+              ("scaling_pass_value", 1e300, SCALE_TEXT.format("0 or ")),
+              ("top_k_lora", 3, "X-LoRA top_k_lora 3 is larger than the 2 adapters (PEFT's own top-k fails on it)"),
+              ("top_k_lora", 2 ** 31, "X-LoRA top_k_lora 2147483648 is larger than the 2 adapters"),
+              ("xlora_dropout_p", float("nan"), "'xlora_dropout_p' must be a probability in [0, 1], found nan"),
+              ("xlora_dropout_p", 1.5, "'xlora_dropout_p' must be a probability in [0, 1], found 1.5"),
+              ("xlora_dropout_p", -0.1, "'xlora_dropout_p' must be a probability in [0, 1], found -0.1")]
+
+
+@pytest.mark.parametrize("command", ["inspect", "run"])
+@pytest.mark.parametrize("key,value,fragment", XLORA_PEFT, ids=[f"{k}={v}" for k, v, _ in XLORA_PEFT])
+def test_xlora_settings_peft_cannot_run(cli, xlora_dir, tmp_path, key, value, fragment, command):
+    d = tmp_path / "x"
+    shutil.copytree(xlora_dir[0], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[key] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    if "overflows" in fragment:
+        fragment = f"X-LoRA {key} is {float(value)!r}, " + fragment
+    args = ["inspect", d] if command == "inspect" else ["run", d, "--prompt-ids", "1,2"]
+    one_line(cli(*args), f"{d / 'adapter_config.json'}: ", fragment)
+
+
+# --- 8. log injection: every string from a file or an argument is printed escaped ----------------
+
+FORGED = "wrote x.engine (1.0 MiB) verified"
+HOSTILE = {"newline": f"a\n{FORGED}", "cr": f"a\r{FORGED}", "esc": "a\x1b[2J\x1b[31mred", "osc": "a\x1b]0;title\x07",
+           "line-separator": f"a\u2028{FORGED}", "bidi": "a\u202egnp.exe", "c1": "a\x9b31m", "del": "a\x7fb"}
+
+
+def assert_escaped(text: str, hostile: str) -> None:
+    """No control character but the tool's own line breaks, no forged line, and the hostile string visible escaped."""
+    import unicodedata
+
+    from adafuse_export.errors import shown
+
+    bad = [c for c in text if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    assert not bad, (bad, text)
+    assert FORGED not in text.splitlines() and "PASSED" not in [line.strip() for line in text.splitlines()[:-1]]
+    assert shown(hostile) in text, (shown(hostile), text)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_names_in_paths(cli, example_dirs, tmp_path, name):
+    hostile = HOSTILE[name]
+    ckpt = tmp_path / f"ckpt-{hostile}"
+    shutil.copytree(example_dirs["pregate"], ckpt)
+    r = cli("inspect", ckpt)
+    assert r.code == 0, r.err
+    assert_escaped(r.out, hostile)
+    r = cli("export-onnx", ckpt, tmp_path / f"onnx-{hostile}")
+    assert r.code == 0, r.err
+    assert_escaped(r.out, hostile)
+    r = cli("inspect", tmp_path / f"missing-{hostile}")  # an error line
+    one_line(r)
+    assert_escaped(r.err, hostile)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_values_in_files_and_arguments(cli, example_dirs, tmp_path, name):
+    hostile = HOSTILE[name]
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(example_dirs["pregate"], ckpt)
+    r = cli("run", ckpt, "--prompt-ids", f"1,{hostile}")
+    one_line(r, "--prompt-ids")
+    assert_escaped(r.err, hostile)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": hostile}))
+    r = cli("inspect", ckpt)
+    one_line(r, "model_type")
+    assert_escaped(r.err, hostile)
+    r = cli("export-onnx", ckpt, tmp_path / "o", "--dtype", hostile)  # a click usage error
+    assert r.code == 2 and "Traceback" not in r.err
+    assert_escaped(r.err, hostile)
+
+
+@pytest.mark.parametrize("name", ["newline", "cr", "esc", "line-separator"])
+def test_onnx_metadata_cannot_forge_the_report(cli, example_dirs, tmp_path, name):
+    """Metadata with '\\nPASSED' printed a fake PASSED line inside a failing report."""
+    import onnx
+
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.onnx.export import export_onnx
+
+    hostile = HOSTILE[name].replace(FORGED, "PASSED")
+    export_onnx(load_checkpoint(example_dirs["pregate"]), tmp_path / "onnx")
+    m = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"), load_external_data=False)
+    for p in m.metadata_props:
+        if p.key in ("adafuse.flavour", "adafuse.dtype"):
+            p.value = hostile
+    onnx.save(m, str(tmp_path / "onnx" / "decoder.onnx"))
+    ckpt = edited(example_dirs["pregate"], tmp_path / "ckpt",
+                  lambda t: t["lm_head.weight"].__setitem__(5, t["lm_head.weight"][5] + np.float32(0.5)))
+    r = cli("validate", ckpt, tmp_path / "onnx", "--steps", "1")
+    assert r.code == 1 and r.out.splitlines()[-1] == "FAILED", r.out
+    assert_escaped(r.out, hostile)
+
+
+def test_convert_cannot_forge_a_wrote_line(cli, example_dirs, tmp_path):
+    """A folder name holding a newline printed a forged 'wrote ... verified' line."""
+    hostile = HOSTILE["newline"]
+    ckpt = tmp_path / f"ckpt-{hostile}"
+    shutil.copytree(example_dirs["pregate"], ckpt)
+    r = cli("convert", ckpt, tmp_path / "m.engine", "--validate", "off")
+    assert_escaped(r.out + r.err, hostile)

@@ -14,7 +14,8 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import AdafuseError
+from ..errors import AdafuseError, shown
+from .options import emit
 from . import checkpoints, convert, example, export, run, validate
 
 EXIT_USAGE = 2
@@ -42,18 +43,19 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="adafuse-export", standalone_mode=False)
     except AdafuseError as e:
-        click.echo(f"error: {e}", err=True)
+        emit(f"error: {e}", err=True)
         return EXIT_USAGE
     except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
+        emit("error: interrupted", err=True)
         return 130
     except click.ClickException as e:
+        e.message = shown(e.message)  # click quotes the bad value as given: escaped like every printed input
         e.show()
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        emit("error: interrupted", err=True)
         return 130
     return 0
 
@@ -72,6 +74,6 @@ def entry_point() -> None:
     try:
         code = main()
     except Terminated:
-        click.echo("error: terminated", err=True)
+        emit("error: terminated", err=True)
         code = 128 + signal.SIGTERM
     sys.exit(code)

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import base_option, ckpt_argument, format_option
+from .options import base_option, ckpt_argument, format_option, emit
 
 
 @click.command()
@@ -15,7 +15,7 @@ def formats():
 
     width = max(map(len, converters()))
     for name, conv in converters().items():
-        click.echo(f"{name:<{width}}  {conv.description}")
+        emit(f"{name:<{width}}  {conv.description}")
 
 
 @click.command()
@@ -41,7 +41,7 @@ def inspect(ckpt, fmt, base, as_json):
         "notes": c.notes,
     }
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(info, indent=2))  # JSON escapes control characters itself
         return
     rows = [
         ("checkpoint", info["path"]), ("format", c.format),
@@ -62,7 +62,7 @@ def inspect(ckpt, fmt, base, as_json):
     for note in c.notes:
         rows.append(("note", note))
     for k, v in rows:
-        click.echo(f"{k:<15} {v}")
+        emit(f"{k:<15} {v}")
 
 
 def _bytes(n: int) -> str:

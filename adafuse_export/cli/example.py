@@ -7,7 +7,7 @@ import click
 
 from ..examples import KINDS
 from ..outputs import claim
-from .options import family_choices, force_option, import_torch
+from .options import family_choices, force_option, import_torch, emit
 
 
 @click.command("make-example")
@@ -25,4 +25,4 @@ def make_example(out_dir, kind, family, force):
     with atomic_directory(out_dir, force) as tmp:
         write_example(tmp, kind, family)
         (tmp / EXAMPLE_MARKER).write_text(f"written by adafuse-export make-example --kind {kind} --family {family}\n")
-    click.echo(f"wrote {kind} example ({family}) to {out_dir}")
+    emit(f"wrote {kind} example ({family}) to {out_dir}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import AdafuseError
-from .options import base_option, ckpt_argument, device_option, format_option, import_onnx, import_torch, parse_ids
+from .options import base_option, ckpt_argument, device_option, format_option, import_onnx, import_torch, parse_ids, emit
 
 
 class ValidationFailed(click.ClickException):
@@ -17,7 +17,7 @@ class ValidationFailed(click.ClickException):
     exit_code = 1
 
     def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
+        emit(f"error: {self.message}", err=True)
 
 
 def _finite(ctx, param, value):
@@ -85,7 +85,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     """
     import_torch()
     from ..converters import load_checkpoint
-    from ..validate import format_report, open_model_runner, validate as run_validate
+    from ..validate import report_lines, open_model_runner, validate as run_validate
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
@@ -105,7 +105,11 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
         runner = open_model_runner(model, mode, plugin_ops=plugin_ops, device=device)
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
+    else:
+        for line in report_lines(report):
+            emit(line)
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]
         raise ValidationFailed(f"validation failed: {len(failed)} output(s) out of tolerance ({', '.join(failed[:4])}"
