@@ -441,3 +441,200 @@ def test_convert_cannot_forge_a_wrote_line(cli, example_dirs, tmp_path):
     shutil.copytree(example_dirs["pregate"], ckpt)
     r = cli("convert", ckpt, tmp_path / "m.engine", "--validate", "off")
     assert_escaped(r.out + r.err, hostile)
+
+
+# --- 6. tracebacks: every failure of an input is one line ---------------------------------------
+
+def run_cli(*args, env=None, timeout=120):
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "adafuse_export", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+    return r
+
+
+def long_place(where: str, n: int):
+    """A path component of n characters placed where an input or output names a path."""
+    def make(ckpt: Path, tmp: Path) -> tuple[list, str]:
+        name = "n" * n
+        if where == "ckpt-argument":
+            return ["inspect", tmp / name], name
+        if where == "output-argument":
+            return ["export-onnx", ckpt, tmp / name / "onnx"], name
+        if where == "save-logits":
+            return ["run", ckpt, "--prompt-ids", "1", "--save-logits", tmp / f"{name}.safetensors"], name
+        if where == "engine-output":
+            return ["convert", ckpt, tmp / f"{name}.engine"], name
+        if where == "base_model_name_or_path":
+            d = peft_adapter(tmp, ckpt)
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp / name)}))
+            return ["inspect", d], name
+        if where == "shard-name":
+            weights = load_file(ckpt / "model.safetensors")
+            (ckpt / "model.safetensors").unlink()
+            (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name + ".safetensors"
+                                                                                          for k in weights}}))
+            return ["inspect", ckpt], name
+        raise AssertionError(where)
+    return make
+
+
+LONG = [(w, n) for w in ("ckpt-argument", "output-argument", "save-logits", "engine-output", "base_model_name_or_path",
+                         "shard-name") for n in (256, 300, 4000)]
+
+
+@pytest.mark.parametrize("where,n", LONG, ids=[f"{w}-{n}" for w, n in LONG])
+def test_name_too_long(cli, example_dirs, tmp_path, where, n):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(example_dirs["pregate"], ckpt)
+    args, name = long_place(where, n)(ckpt, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = one_line(cli(*args), name)
+    assert "too long" in line or "not found" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary left
+
+
+@pytest.mark.parametrize("element", [["sliding_attention"], {"kind": "full_attention"}, 1, None, True])
+@pytest.mark.parametrize("family", ["gemma2", "qwen2", "qwen3"])
+def test_layer_types_elements(cli, tmp_path, family, element):
+    from adafuse_export.examples import make_example
+
+    d = tmp_path / family
+    make_example(d, "pregate", family)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention", element]
+    if family != "gemma2":
+        cfg.update(sliding_window=16, use_sliding_window=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    one_line(cli("inspect", d), "layer_types must list 2 of 'full_attention' / 'sliding_attention'")
+
+
+def manifest_cases():
+    from adafuse_export.trt.manifest import FIELD_TYPES
+
+    return [(s, k, bad) for s, fields in FIELD_TYPES.items() for k in fields for bad in (["x"], {"a": 1}, 1.5)]
+
+
+@pytest.mark.parametrize("section,key,bad", manifest_cases())
+def test_engine_manifest_field_types(tmp_path, section, key, bad):
+    from adafuse_export.errors import AdafuseError
+    from adafuse_export.trt.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, sha256_file, verify_engine
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    manifest: dict = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "engine": {"sha256": sha256_file(engine)},
+                      "files": {}}
+    manifest.setdefault(section, {})[key] = bad
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdafuseError, match=re.escape(f"'{section}.{key}' must be ")):
+        verify_engine(engine)
+
+
+def test_engine_manifest_backend_list_through_validate(cli, example_dirs, tmp_path):
+    from adafuse_export.trt.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, sha256_file
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"engine")
+    (tmp_path / "m.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": {},
+                                                 "engine": {"sha256": sha256_file(engine), "backend": ["tensorrt"]}}))
+    one_line(cli("validate", example_dirs["pregate"], engine), "'engine.backend' must be str, found list [\"tensorrt\"]")
+
+
+@pytest.mark.parametrize("order", [[1, "q_proj"], ["q_proj", None], [["q_proj"], "k_proj"]])
+def test_xlora_module_order_types(cli, xlora_dir, tmp_path, order):
+    d = tmp_path / "c"
+    shutil.copytree(xlora_dir[1], d)
+    cfg = json.loads((d / "adafuse_config.json").read_text())
+    cfg["xlora"]["module_order"] = order
+    (d / "adafuse_config.json").write_text(json.dumps(cfg))
+    one_line(cli("inspect", d), f"X-LoRA module_order must be a list of module names, found {order!r}")
+
+
+@pytest.mark.parametrize("key,value", [("offset", "abc"), ("offset", "-1"), ("length", "1e3"), ("offset", ""),
+                                       ("length", "\u0661")])
+def test_external_data_numbers(cli, example_dirs, tmp_path, key, value):
+    import onnx
+
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.onnx.export import export_onnx
+
+    export_onnx(load_checkpoint(example_dirs["pregate"]), tmp_path / "onnx", external_data_threshold=0)
+    m = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    entry = next((e for e in t.external_data if e.key == key), None) or t.external_data.add()
+    entry.key, entry.value = key, value
+    onnx.save(m, str(tmp_path / "onnx" / "decoder.onnx"))
+    one_line(cli("validate", example_dirs["pregate"], tmp_path / "onnx"),
+             f"external data {key} of tensor '{t.name}' must be a byte count, found {value!r}")
+
+
+def routes_edits():
+    def drop(key):
+        return lambda t: t.pop(key), f"missing tensor '{key}'"
+
+    def set_id(v):
+        def edit(t):
+            t["expert_ids"][3, 0] = v
+        return edit, f"'expert_ids': expert id {v} is out of range [0, 4)"
+
+    def nan_gate(t):
+        t["gates"][2, 1] = np.nan
+
+    def short(t):
+        t["gates"] = t["gates"][:10]
+
+    return {"no-gates": drop("gates"), "no-ids": drop("expert_ids"), "id-4": set_id(4), "id-minus-1": set_id(-1),
+            "id-int32-max": set_id(2 ** 31 - 1), "nan-gate": (nan_gate, "'gates' holds NaN/Inf values"),
+            "short-gates": (short, "expected 'expert_ids' and 'gates' of shape [256, top_k], found [256, 2] and [10, 2]")}
+
+
+@pytest.mark.parametrize("case", sorted(routes_edits()))
+def test_routes_file(cli, example_dirs, tmp_path, case):
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.onnx.export import export_onnx
+
+    edit, fragment = routes_edits()[case]
+    export_onnx(load_checkpoint(example_dirs["pregate"]), tmp_path / "onnx")
+    (tmp_path / "onnx" / "pregate.onnx").unlink()  # the runner gathers from the table
+    t = load_file(tmp_path / "onnx" / "routes.safetensors")
+    edit(t)
+    save_file(t, tmp_path / "onnx" / "routes.safetensors")
+    one_line(cli("validate", example_dirs["pregate"], tmp_path / "onnx", "--steps", "1"),
+             f"{tmp_path / 'onnx' / 'routes.safetensors'}: ", fragment)
+
+
+@pytest.mark.parametrize("library", ["libm.so.6", "libz.so.1", "libc.so.6"])
+def test_runtime_lib_unrelated(example_dirs, tmp_path, library):
+    from adafuse_export.errors import AdafuseError
+    from adafuse_export.runners.cpp_runtime import load_library
+
+    import ctypes.util
+
+    if ctypes.util.find_library(library.split(".so")[0][3:]) is None:
+        pytest.skip(f"{library} is not installed here")
+    with pytest.raises(AdafuseError, match=re.escape(f"{library}: not the adafuse C++ runtime (it has no 'adafuse_")):
+        load_library(library)
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    (tmp_path / "m.json").write_text("{}")
+    r = run_cli("validate", example_dirs["pregate"], tmp_path / "m.engine", "--runtime", "cpp",
+                env={"ADAFUSE_RUNTIME_LIB": library})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: {library}: not the adafuse C++ runtime" in r.stderr, r.stderr
+
+
+def test_validate_stderr_is_one_line_when_the_model_overflows(example_dirs, tmp_path):
+    """numpy's RuntimeWarning (inf - inf) reached stderr beside the report."""
+    ckpt, model = overflow_example(example_dirs["pregate"], tmp_path, 3e4, "float16")
+    r = run_cli("validate", ckpt, model, "--steps", "1", timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == "error: validation failed: 1 output(s) out of tolerance (logits)", r.stderr
+
+
+@pytest.mark.parametrize("n", [256, 1000])
+def test_xlora_adapter_path_too_long(cli, xlora_dir, tmp_path, n):
+    d = tmp_path / "x"
+    shutil.copytree(xlora_dir[0], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["adapters"]["1"] = str(tmp_path / ("n" * n))
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    one_line(cli("inspect", d), "n" * n, "too long")

@@ -8,6 +8,7 @@ mistake raises AdafuseError: we print its one line and exit 2; bugs keep their t
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -19,6 +20,10 @@ from .options import emit
 from . import checkpoints, convert, example, export, run, validate
 
 EXIT_USAGE = 2
+# errors of a path itself (too long, a loop, not a directory, no permission, full or read-only disk): the user's input,
+# wherever in the code the path was first touched
+PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM,
+               errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENXIO, errno.EXDEV}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,6 +59,11 @@ def main(argv=None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except OSError as e:  # a path the user gave (or a file named) that the system refuses: one line, no traceback
+        if e.filename is None or e.errno not in PATH_ERRORS:
+            raise
+        emit(f"error: {e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else ""), err=True)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         emit("error: interrupted", err=True)
         return 130

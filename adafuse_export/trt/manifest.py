@@ -77,6 +77,30 @@ def write_manifest(manifest: dict, path: Path) -> None:
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+# The fields Python reads from a manifest, with their JSON types (a list where a string belongs was a traceback)
+FIELD_TYPES = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
+                          "dtype": str, "max_batch": int, "max_seq": int},
+               "routing": {"kind": str, "num_experts": int, "top_k": int, "routes_file": (str, type(None)),
+                           "pregate_graph": (str, type(None))},
+               "plugin": {"library": str, "name": str, "strategy": str, "version": str},
+               "source": {"path": str, "format": str, "index_sha256": str}}
+
+
+def _check_types(manifest: dict, mpath: Path) -> None:
+    for section, fields in FIELD_TYPES.items():
+        values = manifest.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise AdafuseError(f"{mpath}: '{section}' must be an object, found {type(values).__name__}")
+        for key, kind in fields.items():
+            value = values.get(key)
+            if key in values and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+                expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                raise AdafuseError(f"{mpath}: '{section}.{key}' must be {expected.replace('NoneType', 'null')}, "
+                                   f"found {type(value).__name__} {json.dumps(value)[:40]}")
+
+
 def verify_engine(engine: Path, check_files: bool = True) -> dict:
     """The engine's manifest, after checking the engine's (and its files') hashes and plugin version."""
     engine = Path(engine)
@@ -91,6 +115,7 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
     for key in ("engine", "plugin"):
         if manifest.get(key) is not None and not isinstance(manifest.get(key), dict):
             raise AdafuseError(f"{mpath}: '{key}' must be an object, found {type(manifest[key]).__name__}")
+    _check_types(manifest, mpath)
     want = manifest.get("engine", {}).get("sha256")
     got = sha256_file(engine)
     if got != want:
