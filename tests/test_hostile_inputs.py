@@ -638,3 +638,158 @@ def test_xlora_adapter_path_too_long(cli, xlora_dir, tmp_path, n):
     cfg["adapters"]["1"] = str(tmp_path / ("n" * n))
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     one_line(cli("inspect", d), "n" * n, "too long")
+
+
+# --- 7. outputs that hurt -------------------------------------------------------------------------
+
+CWD_CASES = [("export-onnx", "."), ("export-onnx", "./"), ("export-onnx", ".."), ("make-example", "."),
+             ("make-example", "..")]
+
+
+@pytest.mark.parametrize("command,out", CWD_CASES)
+def test_output_is_or_contains_the_current_directory(cli, example_dirs, tmp_path, monkeypatch, command, out):
+    """`export-onnx CKPT .` from inside the output folder gave a traceback and left '..xxxx.tmp.old' behind."""
+    here = tmp_path / "parent" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    args = ["export-onnx", example_dirs["pregate"], out] if command == "export-onnx" else ["make-example", out]
+    one_line(cli(*args, "--force"), f"OUT_DIR {Path(out)}: the output {'is' if Path(out) == Path('.') else 'contains'} "
+             "the current directory")
+    assert [p.name for p in (tmp_path / "parent").iterdir()] == ["here"] and not any(here.iterdir())
+
+
+def convert_outputs_of_ours(tmp: Path) -> Path:
+    """An earlier convert's outputs (the manifest names the engine), as --force may replace them."""
+    from adafuse_export.trt.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
+
+    (tmp / "m.engine").write_bytes(b"engine")
+    (tmp / "m.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                                            "engine": {"file": "m.engine"}}))
+    return tmp / "m.onnx"
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", ".hidden", "sub/", "decoder.onnx.bak"])
+@pytest.mark.parametrize("command", ["export-onnx", "make-example", "convert"])
+def test_force_keeps_the_users_files(cli, example_dirs, tmp_path, command, foreign):
+    """--force deleted a user's notes.txt inside an earlier export or example folder."""
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.onnx.export import export_onnx
+
+    if command == "make-example":
+        out = tmp_path / "ex"
+        assert cli("make-example", out).code == 0
+        args = ["make-example", out, "--force"]
+    else:
+        out = tmp_path / "onnx" if command == "export-onnx" else convert_outputs_of_ours(tmp_path)
+        export_onnx(load_checkpoint(example_dirs["pregate"]), out)
+        args = (["export-onnx", example_dirs["pregate"], out, "--force"] if command == "export-onnx"
+                else ["convert", example_dirs["pregate"], tmp_path / "m.engine", "--force"])
+    if foreign.endswith("/"):
+        (out / foreign).mkdir()
+    else:
+        (out / foreign).write_text("the user's own\n")
+    line = one_line(cli(*args), f"holds {foreign.rstrip('/')!r}, which adafuse-export did not write")
+    assert (out / foreign).exists(), line
+    (out / foreign).rmdir() if foreign.endswith("/") else (out / foreign).unlink()
+    if command != "convert":  # without the user's file, --force replaces what the tool wrote
+        assert cli(*args).code == 0
+
+
+def stall_script(command: str, world: Path, ready: Path) -> str:
+    """A CLI run that stops, once its temporary output exists, inside the export (export-onnx) or validation (convert)."""
+    target = ("import adafuse_export.onnx.export as m\nm._check = stall\n" if command == "export-onnx"
+              else "import adafuse_export.convert as m\nm.validate_stage = stall\n")
+    out = world / "out" / ("onnx" if command == "export-onnx" else "m.engine")
+    return (f"import sys, time, pathlib\n"
+            f"def stall(*a, **k):\n    pathlib.Path({str(ready)!r}).touch()\n    time.sleep(120)\n"
+            f"{target}"
+            f"from adafuse_export.cli import entry_point\n"
+            f"sys.argv = ['adafuse-export', {command!r}, {str(world / 'ckpt')!r}, {str(out)!r}]\n"
+            f"entry_point()\n")
+
+
+@pytest.mark.parametrize("signame,expected", [("SIGHUP", "hangup"), ("SIGTERM", "terminated")])
+@pytest.mark.parametrize("command", ["export-onnx", "convert"])
+def test_hangup_leaves_no_temporary(example_dirs, tmp_path, command, signame, expected):
+    import os
+    import signal
+    import time
+
+    shutil.copytree(example_dirs["pregate"], tmp_path / "ckpt")
+    (tmp_path / "out").mkdir()
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", stall_script(command, tmp_path, ready)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    t0 = time.time()
+    while not ready.exists():
+        assert proc.poll() is None and time.time() - t0 < 180, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    assert any((tmp_path / "out").iterdir())  # the temporary output exists while it works
+    proc.send_signal(getattr(signal, signame))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, signame) and err.strip().splitlines()[-1] == f"error: {expected}", err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def marker_fifo(marker: Path):
+    import os
+
+    os.mkfifo(marker)
+
+
+def marker_dev_zero(marker: Path):
+    marker.symlink_to("/dev/zero")
+
+
+def marker_huge(marker: Path):
+    with open(marker, "wb") as f:
+        f.truncate(1 << 33)  # 8 GiB, sparse
+
+
+def marker_directory(marker: Path):
+    marker.mkdir()
+
+
+def marker_link_to_real(marker: Path):
+    real = marker.parent.parent / "real-marker.json"
+    real.write_text(json.dumps({"host": "h", "pid": 1, "output": "m.engine"}))
+    marker.symlink_to(real)
+
+
+@pytest.mark.parametrize("plant", [marker_fifo, marker_dev_zero, marker_huge, marker_directory, marker_link_to_real],
+                         ids=lambda f: f.__name__)
+def test_staging_marker_is_read_like_an_input(tmp_path, plant):
+    """A FIFO or a /dev/zero symlink as a stale staging folder's owner marker hung convert or raised MemoryError."""
+    import os
+
+    from adafuse_export.staging import MARKER
+
+    staging = tmp_path / ".m.engine.abcd1234.tmp"
+    staging.mkdir()
+    plant(staging / MARKER)
+    code = ("from pathlib import Path\nfrom adafuse_export.staging import remove_stale_stagings\n"
+            f"print(remove_stale_stagings(Path({str(tmp_path / 'm.engine')!r})))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr
+    assert f"note: left {staging} alone: it carries no adafuse owner marker of this host" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == "[]" and staging.exists()
+
+
+def test_convert_file_size_limit_is_one_line(example_dirs, tmp_path):
+    """The engine write was outside the write-error handling: ulimit -f gave an OSError traceback."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the ONNX export fits, the engine does not
+
+    shutil.copytree(example_dirs["pregate"], tmp_path / "ckpt")
+    (tmp_path / "out").mkdir()
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "adafuse_export", "convert", tmp_path / "ckpt", tmp_path / "out" / "m.engine",
+                        "--validate", "off"], capture_output=True, text=True, timeout=600, preexec_fn=limit,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'out' / 'm.engine'}: cannot write: File too large"], r.stderr
+    assert list((tmp_path / "out").iterdir()) == []

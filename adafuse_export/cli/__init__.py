@@ -71,19 +71,31 @@ def main(argv=None) -> int:
 
 
 class Terminated(BaseException):
-    """SIGTERM raised where the process is, so that atomic writes remove their temporaries
-    (Python's default action for SIGTERM ends the process with no cleanup at all)."""
+    """SIGTERM or SIGHUP (a closed terminal, a lost ssh session) raised where the process is, so that atomic writes
+    and staging directories remove their temporaries (Python's default action for both ends the process with no
+    cleanup at all)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+ENDING_SIGNALS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hangup"}
 
 
 def entry_point() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in ENDING_SIGNALS:
+        signal.signal(signum, _terminate)
     try:
         code = main()
-    except Terminated:
-        emit("error: terminated", err=True)
-        code = 128 + signal.SIGTERM
+    except Terminated as e:
+        try:
+            emit(f"error: {ENDING_SIGNALS[signal.Signals(e.signum)]}", err=True)
+        except OSError:
+            pass  # the terminal that hung up may be gone
+        code = 128 + e.signum
     sys.exit(code)

@@ -19,9 +19,9 @@ def make_example(out_dir, kind, family, force):
     """Write a tiny random canonical checkpoint (the built-in example) to OUT_DIR."""
     import_torch()
     from ..examples import make_example as write_example
-    from ..outputs import EXAMPLE_MARKER, atomic_directory, is_example
+    from ..outputs import EXAMPLE_MARKER, atomic_directory, example_files
 
-    claim(out_dir, option="OUT_DIR", inputs=(), force=force, ours=is_example, directory=True)
+    claim(out_dir, option="OUT_DIR", inputs=(), force=force, ours=example_files, directory=True)
     with atomic_directory(out_dir, force) as tmp:
         write_example(tmp, kind, family)
         (tmp / EXAMPLE_MARKER).write_text(f"written by adafuse-export make-example --kind {kind} --family {family}\n")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..outputs import claim, is_marked_safetensors, is_onnx_export
+from ..outputs import claim, is_marked_safetensors, onnx_export_files
 from .options import (base_option, ckpt_argument, dtype_option, force_option, format_option, import_onnx, import_torch,
                       plugin_strategy_option, emit)
 
@@ -36,7 +36,7 @@ def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_dat
     from ..onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx as write_export
 
     c = load_checkpoint(ckpt, fmt, base)
-    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=is_onnx_export, directory=True)
+    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=onnx_export_files, directory=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
     for graph, info in manifest["graphs"].items():
