@@ -89,8 +89,8 @@ def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool,
     if not written:
         raise AdafuseError(f"{option} {path}: exists and was not written by adafuse-export; "
                            "refusing to replace it even with --force (move it away or choose another path)")
-    if directory:
-        foreign = sorted(set(os.listdir(path)) - set(written))  # type: ignore[arg-type]
+    if directory and isinstance(written, frozenset):
+        foreign = sorted(set(os.listdir(path)) - written)
         if foreign:
             raise AdafuseError(f"{option} {path}: holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
                                + ", which adafuse-export did not write; --force replaces only what it wrote, "
@@ -125,11 +125,11 @@ def onnx_export_files(path: Path) -> frozenset[str] | None:
     graphs = manifest.get("graphs")
     for graph in graphs.values() if isinstance(graphs, dict) else ():
         if isinstance(graph, dict):
-            names |= {graph.get("file"), graph.get("external_data")} - {None}
+            names |= {graph[k] for k in ("file", "external_data") if isinstance(graph.get(k), str)}
     routes = manifest.get("routes")
-    if isinstance(routes, dict) and routes.get("file"):
+    if isinstance(routes, dict) and isinstance(routes.get("file"), str):
         names.add(routes["file"])
-    return frozenset(n for n in names if isinstance(n, str))
+    return frozenset(names)
 
 
 def is_onnx_export(path: Path) -> bool:

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         emit("error: interrupted", err=True)
         return 130
     except click.ClickException as e:
-        e.message = shown(e.message)  # click quotes the bad value as given: escaped like every printed input
+        # click quotes the bad value as given: escaped like every printed input (message is Final in its stubs)
+        setattr(e, "message", shown(e.message))
         e.show()
         return e.exit_code
     except click.exceptions.Exit as e:

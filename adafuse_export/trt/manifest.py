@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import AdafuseError
@@ -78,7 +79,7 @@ def write_manifest(manifest: dict, path: Path) -> None:
 
 
 # The fields Python reads from a manifest, with their JSON types (a list where a string belongs was a traceback)
-FIELD_TYPES = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
+FIELD_TYPES: dict[str, dict[str, Any]] = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
                           "dtype": str, "max_batch": int, "max_seq": int},
                "routing": {"kind": str, "num_experts": int, "top_k": int, "routes_file": (str, type(None)),
                            "pregate_graph": (str, type(None))},
