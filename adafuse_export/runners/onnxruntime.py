@@ -174,11 +174,11 @@ class OnnxRuntimeRunner(Runner):
         feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(self._past_len, self._past_len + seq), (batch, seq)).astype(np.int64)}
         feeds.update(self.past)
         expert_ids = gates = None
-        if self.needs_routes:
-            expert_ids, gates = self.routes(ids)
-            feeds["expert_ids"], feeds["gates"] = expert_ids, gates
         run = self.plugin.run if self.plugin else lambda session, names, f: session.run(names, f)
         try:
+            if self.needs_routes:
+                expert_ids, gates = self.routes(ids)
+                feeds["expert_ids"], feeds["gates"] = expert_ids, gates
             outs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
         except Exception as e:  # ONNX Runtime's own types: a model that cannot run its inputs is the model's fault
             if isinstance(e, AdafuseError) or type(e).__module__.split(".")[0] != "onnxruntime":
