@@ -5,7 +5,8 @@ into place at the end. A SIGKILL (the kernel's OOM killer, `kill -9`) cannot be 
 directory stays. Every staging directory therefore carries an owner marker (host, pid and the
 process's start time); the next run on the same output removes a leftover only when it is a
 directory of that name pattern, its marker names this host, and its owner process is gone (or the
-pid now belongs to a later process). Anything else is left alone.
+pid now belongs to a later process). Anything else is left alone. The marker is read like any input
+(a regular file that is not a link, at most MARKER_LIMIT bytes): anyone can plant one.
 """
 from __future__ import annotations
 
