@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AdafuseError
-from .outputs import claim_engine_outputs, move_into_place
+from .outputs import claim_engine_outputs, move_into_place, write_errors
 
 VALIDATE_MODES = ("full", "layerwise", "off")
 DEFAULT_MAX_SEQ = 2048
@@ -97,12 +97,13 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     except OSError as e:
         raise AdafuseError(f"{engine}: cannot write in {engine.parent}: {e.strerror or e}") from None
     try:
-        onnx_manifest = export_stage(plan, staging, stages)
-        validate_stage(plan, staging, stages)
-        if plan.backend is None or plan.build_refused:
-            _place(staging, outs, with_engine=False)
-            raise AdafuseError(_no_engine_message(plan))
-        return build_stage(plan, staging, onnx_manifest, stages)
+        with write_errors(engine, staging):  # every staged write (the engine's too): a full disk is one line
+            onnx_manifest = export_stage(plan, staging, stages)
+            validate_stage(plan, staging, stages)
+            if plan.backend is None or plan.build_refused:
+                _place(staging, outs, with_engine=False)
+                raise AdafuseError(_no_engine_message(plan))
+            return build_stage(plan, staging, onnx_manifest, stages)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

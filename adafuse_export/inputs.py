@@ -11,6 +11,8 @@
   file again (a swap between the two calls is caught).
 - Bounded reads (`read_bytes`, `read_json`): a size limit checked against `fstat` before reading,
   JSON nesting depth and integer length limits, every failure one AdafuseError line.
+- Sizes held (`check_held`): a count a file states (layers, experts, elements) is checked against what
+  the files actually hold before anything proportional to it is allocated or iterated.
 """
 from __future__ import annotations
 
@@ -158,3 +160,10 @@ def check_inside(path: Path, directory: Path) -> None:
     if not any(real == r or real.is_relative_to(r) for r in roots):
         raise AdafuseError(f"{path}: symbolic link to {real}, outside {directory}; only links to files inside the "
                            "checkpoint (or its Hugging Face cache folder) are followed")
+
+
+def check_held(where: object, key: str, value: int, held: int, holding: str) -> None:
+    """Refuse a count a file states (`key` = `value`) when it exceeds `held`, what the files hold: a tiny input
+    must not size a huge allocation or loop. `holding` says what was counted ("tensors adapter_model.bin holds")."""
+    if value > held:
+        raise AdafuseError(f"{where}: {key} is {value}, more than the {held} {holding}")

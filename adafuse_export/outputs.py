@@ -6,12 +6,17 @@ manifest and .onnx folder, export-routes, run --save-logits, make-example, --tim
   the base model directory), compared after resolving symbolic links;
 - an existing output is replaced only with --force, and only when it is recognisably something
   this tool wrote (`ours`: an export manifest, an engine manifest, a safetensors header marked
-  `adafuse_export.output`, the make-example marker file): --force never deletes a user's own files;
+  `adafuse_export.output`, the make-example marker file); a directory only when every entry in it
+  is a file the tool's own record names (the export manifest's files, the example's files):
+  --force never deletes a user's own files, not even a notes.txt put inside an earlier output;
+- a directory output may not be or contain the current directory (replacing it would leave the
+  user's shell in a deleted folder);
 - a directory where a file is expected (or the reverse) and a missing parent are one-line errors.
 `atomic_write` / `atomic_directory` then write through a temporary sibling renamed into place:
 a full disk, a file-size limit (RLIMIT_FSIZE: Python ignores SIGXFSZ, so the write fails with
 EFBIG) or Ctrl-C leaves the previous output intact and no temporary behind, and errors name the
-output, never the temporary.
+output, never the temporary. Every write of a command happens inside `write_errors` (those two,
+and convert's staging directory), which turns a failed write into that one line.
 """
 from __future__ import annotations
 
@@ -43,10 +48,12 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
-def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool, ours: Callable[[Path], bool],
-          directory: bool = False, updated_in_place: bool = False) -> Path:
+def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool,
+          ours: Callable[[Path], "bool | frozenset[str] | None"], directory: bool = False,
+          updated_in_place: bool = False) -> Path:
     """Check that `path` may be written (see the module doc); `updated_in_place`: an existing file is read and
-    extended (a timing cache), so it needs no --force but must still be a regular file outside the inputs."""
+    extended (a timing cache), so it needs no --force but must still be a regular file outside the inputs.
+    `ours` of a directory returns the names the tool wrote in it (None: not the tool's)."""
     path = Path(path)
     try:
         os.fsencode(path)
@@ -58,6 +65,10 @@ def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool, ours:
         relation = _relation(real, _real(inp))
         if relation:
             raise AdafuseError(f"{option} {path}: the output {relation} the input {inp}; choose a path outside the inputs")
+    cwd = _real(Path("."))
+    if directory and (real == cwd or cwd.is_relative_to(real)):
+        raise AdafuseError(f"{option} {path}: the output {'is' if real == cwd else 'contains'} the current directory, "
+                           "which would be replaced under you; run from outside it or choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
@@ -74,9 +85,16 @@ def claim(path: Path, *, option: str, inputs: Iterable[Path], force: bool, ours:
     if not force:
         what = "directory is not empty" if directory else "already exists"
         raise AdafuseError(f"{path}: {what}; pass --force to overwrite")
-    if not ours(path):
+    written = ours(path)
+    if not written:
         raise AdafuseError(f"{option} {path}: exists and was not written by adafuse-export; "
                            "refusing to replace it even with --force (move it away or choose another path)")
+    if directory and isinstance(written, frozenset):
+        foreign = sorted(set(os.listdir(path)) - written)
+        if foreign:
+            raise AdafuseError(f"{option} {path}: holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                               + ", which adafuse-export did not write; --force replaces only what it wrote, "
+                               "so move that away first")
     return path
 
 
@@ -85,7 +103,7 @@ def claim_engine_outputs(outs: dict[str, Path], inputs: tuple[Path, ...], force:
     ours = is_engine_output(outs["manifest"], outs["engine"].name)
     claim(outs["engine"], option="ENGINE", inputs=inputs, force=force, ours=lambda _: ours)
     claim(outs["manifest"], option="ENGINE's manifest", inputs=inputs, force=force, ours=lambda _: ours)
-    claim(outs["onnx"], option="ENGINE's ONNX folder", inputs=inputs, force=force, ours=is_onnx_export, directory=True)
+    claim(outs["onnx"], option="ENGINE's ONNX folder", inputs=inputs, force=force, ours=onnx_export_files, directory=True)
     if timing_cache is not None:
         claim(timing_cache, option="--timing-cache", inputs=inputs + tuple(outs.values()), force=force,
               ours=lambda _: False, updated_in_place=True)
@@ -93,14 +111,38 @@ def claim_engine_outputs(outs: dict[str, Path], inputs: tuple[Path, ...], force:
 
 # Recognisers: did this tool write what is at `path`?
 
-def is_onnx_export(path: Path) -> bool:
+def onnx_export_files(path: Path) -> frozenset[str] | None:
+    """The files an export's manifest records (graphs, their external data, the routing table, itself), or None."""
     from .inputs import read_json
 
     try:
         manifest = read_json(path / "manifest.json")
     except AdafuseError:
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == "adafuse-onnx"
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != "adafuse-onnx":
+        return None
+    names = {"manifest.json"}
+    graphs = manifest.get("graphs")
+    for graph in graphs.values() if isinstance(graphs, dict) else ():
+        if isinstance(graph, dict):
+            names |= {graph[k] for k in ("file", "external_data") if isinstance(graph.get(k), str)}
+    routes = manifest.get("routes")
+    if isinstance(routes, dict) and isinstance(routes.get("file"), str):
+        names.add(routes["file"])
+    return frozenset(names)
+
+
+def is_onnx_export(path: Path) -> bool:
+    return onnx_export_files(path) is not None
+
+
+def example_files(path: Path) -> frozenset[str] | None:
+    """A make-example directory's files (the canonical checkpoint and the marker), or None without the marker."""
+    from .checkpoint import ADAPTER_CONFIG, ADAPTERS, BASE_STEM, CONFIG
+
+    if not is_example(path):
+        return None
+    return frozenset((EXAMPLE_MARKER, CONFIG, ADAPTER_CONFIG, ADAPTERS, f"{BASE_STEM}.safetensors"))
 
 
 def is_example(path: Path) -> bool:
@@ -140,10 +182,22 @@ def _umask() -> int:
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def _named(error: BaseException, tmp: Path, path: Path) -> str:
+def _named(error: BaseException, tmp: Path | None, path: Path) -> str:
     """The error's message with the temporary path replaced by the output's."""
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return text.replace(str(tmp), str(path))
+    return text if tmp is None else text.replace(str(tmp), str(path))
+
+
+@contextlib.contextmanager
+def write_errors(path: Path, tmp: Path | None = None):
+    """A failed write inside the block (full disk, file-size limit, permissions): one AdafuseError naming the
+    output `path`, never the temporary `tmp`; other OSErrors (reading an input while writing) pass on."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise AdafuseError(f"{path}: cannot write: {_named(e, tmp, path)}") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -209,6 +263,7 @@ def atomic_directory(path: Path, force: bool = False):
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    target = Path(os.path.abspath(path))  # "." or ".." has no name to put a sibling temporary beside
     if path.exists() and not path.is_dir():
         raise AdafuseError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
@@ -217,14 +272,14 @@ def atomic_directory(path: Path, force: bool = False):
         state = "is not a directory" if parent.exists() else "does not exist"
         raise AdafuseError(f"{path}: parent directory {parent} {state}")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as e:
         raise AdafuseError(f"{path}: cannot write in {parent}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
         yield tmp
         trash = tmp.with_name(tmp.name + ".old")
-        move_into_place([(tmp, path)], trash)
+        move_into_place([(tmp, target)], trash)
         shutil.rmtree(trash, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,6 +48,20 @@ def _finite(value: int | float) -> bool:
 
 
 MAX_SIZE = (1 << 31) - 1  # every size, count and position is an int32 in the graphs and engines
+# A scale a config states (lora_alpha, a soft-cap, a temperature, a mixing weight) multiplies or divides
+# activations. A working model's activations sit far inside float32's range (2^-126..2^128), so a scale of
+# magnitude beyond 2^64 either way overflows them (or, as a divisor, makes them infinite) in use.
+SCALE_RANGE = (2.0 ** -64, 2.0 ** 64)
+
+
+def float32_scale(value: float, key: str, where: str, zero_ok: bool = False) -> float:
+    """Class 5's one rule: `key` (a number already type-checked) must be finite and of a magnitude float32 computes
+    with (SCALE_RANGE; 0 where `zero_ok`), else a one-line error naming the field."""
+    low, high = SCALE_RANGE
+    if not (math.isfinite(value) and ((zero_ok and value == 0) or low <= abs(value) <= high)):
+        raise AdafuseError(f"{where}: {key} is {value!r}, which overflows the float32 computation it scales "
+                           f"(expected {'0 or ' if zero_ok else ''}a magnitude from 2^-64 to 2^64)")
+    return value
 
 
 def positive(value: Number, key: str, where: str) -> Number:
@@ -185,13 +199,15 @@ class XLoraSpec:
         if not 0 < self.classifier_depth <= 64:
             raise AdafuseError(f"{where}: X-LoRA classifier depth must be 1..64, found {self.classifier_depth}")
         positive(self.classifier_size, "classifier_size", where)
-        if not self.softmax_temperature > 0 or not math.isfinite(self.softmax_temperature):
+        if not self.softmax_temperature > 0:
             raise AdafuseError(f"{where}: X-LoRA softmax_temperature must be a positive number, found {self.softmax_temperature}")
+        float32_scale(self.softmax_temperature, "X-LoRA softmax_temperature", where)
         if self.top_k_lora is not None and self.top_k_lora < 1:
             raise AdafuseError(f"{where}: X-LoRA top_k_lora must be at least 1, found {self.top_k_lora}")
         for key in ("scaling_pass_value", "global_scaling_weight"):
-            if not math.isfinite(getattr(self, key)):
-                raise AdafuseError(f"{where}: X-LoRA {key} must be finite, found {getattr(self, key)}")
+            float32_scale(getattr(self, key), f"X-LoRA {key}", where, zero_ok=True)
+        if not all(isinstance(m, str) for m in self.module_order):
+            raise AdafuseError(f"{where}: X-LoRA module_order must be a list of module names, found {list(self.module_order)!r}")
 
     def to_json(self) -> dict:
         return {**self.__dict__, "module_order": list(self.module_order)}
@@ -289,12 +305,14 @@ class AdapterSpec:
             bad(f"r must be positive, found {self.r}")
         if not self.lora_alpha > 0:
             bad(f"lora_alpha must be positive, found {self.lora_alpha}")
+        float32_scale(self.lora_alpha, "lora_alpha", where)
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
                 bad(f"rank_pattern['{key}'] must be a positive integer, found {value!r}")
         for key, value in self.alpha_pattern.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 bad(f"alpha_pattern['{key}'] must be a positive number, found {value!r}")
+            float32_scale(value, f"alpha_pattern[{key!r}]", where)
         smallest = min(self.num_experts_per_layer or (self.num_experts,))
         if self.top_k > smallest and not (self.routing == "layerwise" and self.router_kind == "dense"):
             bad(f"top_k {self.top_k} is larger than num_experts {smallest}")
@@ -311,6 +329,9 @@ class AdapterSpec:
             bad(f"routing '{self.routing}' {'needs' if self.routing == 'xlora' else 'takes no'} X-LoRA settings ('xlora')")
         if self.routing == "xlora" and (self.expert_kind != "linear" or self.static_modules or self.num_experts_per_layer):
             bad("routing 'xlora' mixes linear experts at every routed site (no static modules, one expert count)")
+        if self.xlora is not None and self.xlora.top_k_lora is not None and self.xlora.top_k_lora > self.num_experts:
+            bad(f"X-LoRA top_k_lora {self.xlora.top_k_lora} is larger than the {self.num_experts} adapters "
+                "(PEFT's own top-k fails on it)")
         if self.xlora is not None and sorted(self.xlora.module_order) != sorted(self.target_modules):
             bad(f"X-LoRA module_order {list(self.xlora.module_order)} must list target_modules {list(self.target_modules)} once each")
         if self.routing == "pregate":

@@ -5,7 +5,8 @@ into place at the end. A SIGKILL (the kernel's OOM killer, `kill -9`) cannot be 
 directory stays. Every staging directory therefore carries an owner marker (host, pid and the
 process's start time); the next run on the same output removes a leftover only when it is a
 directory of that name pattern, its marker names this host, and its owner process is gone (or the
-pid now belongs to a later process). Anything else is left alone.
+pid now belongs to a later process). Anything else is left alone. The marker is read like any input
+(a regular file that is not a link, at most MARKER_LIMIT bytes): anyone can plant one.
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .errors import AdafuseError
+from .inputs import read_json
+
 MARKER = ".adafuse-owner.json"
+MARKER_LIMIT = 4096  # the marker we write is about 100 bytes
 
 
 def _start_time(pid: int) -> str | None:
@@ -56,17 +61,25 @@ def stale_stagings(output: Path) -> tuple[list[Path], list[Path]]:
     stale, foreign = [], []
     host = socket.gethostname()
     for entry in sorted(parent.glob(f".{output.name}.*.tmp")):
-        marker = entry / MARKER
-        try:
-            owner = json.loads(marker.read_text(encoding="utf-8")) if entry.is_dir() and not entry.is_symlink() else None
-        except (OSError, ValueError):
-            owner = None
+        owner = _read_marker(entry)
         if (not isinstance(owner, dict) or owner.get("output") != output.name or owner.get("host") != host
                 or not isinstance(owner.get("pid"), int)):
             foreign.append(entry)
         elif not _alive(owner["pid"], owner.get("start_time")):
             stale.append(entry)
     return stale, foreign
+
+
+def _read_marker(entry: Path) -> object:
+    """The owner marker of a staging directory, or None: read like any input (a regular file, not a link, bounded:
+    a FIFO would block and a link to /dev/zero would never end), since anyone can put one there."""
+    marker = entry / MARKER
+    if entry.is_symlink() or not entry.is_dir() or marker.is_symlink():
+        return None
+    try:
+        return read_json(marker, limit=MARKER_LIMIT)
+    except AdafuseError:
+        return None
 
 
 def remove_stale_stagings(output: Path, log=print) -> list[Path]:

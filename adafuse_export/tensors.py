@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from .errors import AdafuseError
-from .inputs import confine, open_regular, parse_json, read_json
+from .inputs import check_held, confine, open_regular, parse_json, read_json
 from .outputs import MARKER_KEY, atomic_write
 # Re-exported: other modules import these helpers from here.
 from .inputs import check_directory, check_readable_file  # noqa: F401,E402
@@ -272,6 +272,11 @@ def in_memory_source(tensors: object, origin: str) -> LazySource:
             code = dtype_code(t.dtype)
         except AdafuseError:
             raise AdafuseError(f"{origin}: tensor '{name}' has dtype {t.dtype}, which is not supported") from None
+        # zero or overlapping strides let a few bytes stand for 2^40 elements: the elements may not exceed the
+        # bytes the file holds for them, checked before the NaN scan (or anything else) walks them
+        check_held(origin, f"the size of tensor '{name}' (shape {list(t.shape)}, {t.dtype}) in bytes",
+                   t.numel() * t.element_size(), t.untyped_storage().nbytes(),
+                   "its stored data holds (zero or overlapping strides)")
         check_finite(t, name, origin)
         entries[name] = (TensorInfo(name, tuple(t.shape), code, origin), (lambda t=t: t))
     return LazySource(entries)
@@ -301,7 +306,7 @@ def load_sharded_dir(directory: Path, stem: str) -> SafetensorsSource:
     raise AdafuseError(f"{directory}: no {single.name} or {index.name} found")
 
 
-SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors$")
+SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.safetensors\Z")
 
 
 def _check_shard_numbering(index: Path, shards: list[str]) -> None:

@@ -66,10 +66,20 @@ class _Stat:
             return
         g, w = got.astype(np.float64), want.astype(np.float64)
         atol = self.atol
+        # a non-finite reference judges nothing (inf - inf is NaN, |x - inf| <= inf holds): a failure with its reason
+        if not np.isfinite(w).all():
+            self.shape_error = self.shape_error or f"the reference's '{self.name}' is not finite at {step}"
+            return
         if half is not None and np.shape(half) == w.shape and w.size:
-            measured = float(np.max(np.abs(np.asarray(half, np.float64) - w)))
+            h = np.asarray(half, np.float64)
+            if not np.isfinite(h).all():  # e.g. a float32-finite weight overflowing float16: no bound is measured
+                self.shape_error = self.shape_error or (
+                    f"the half-precision reference's '{self.name}' is not finite at {step} (it overflows that dtype), "
+                    "so no bound can be measured from it")
+                return
+            measured = float(np.max(np.abs(h - w)))
             self.half_max_abs = max(self.half_max_abs or 0.0, measured)
-            atol = max(atol, HALF_BOUND_MULTIPLE * measured)  # a NaN distance leaves the fixed atol
+            atol = max(atol, HALF_BOUND_MULTIPLE * measured)
             self.atol_applied = max(self.atol_applied, atol)
         diff = np.abs(g - w)
         ok = diff <= atol + self.rtol * np.abs(w)
@@ -125,6 +135,9 @@ def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
     for key, value in expected.items():
         if key in meta and meta[key] != value:
             bad(key.split(".", 1)[1], meta[key], value)
+    if meta.get("adafuse.dtype", info.dtype) != info.dtype:
+        notes.append(f"the model's metadata says adafuse.dtype={meta['adafuse.dtype']}, its tensors are {info.dtype}: "
+                     f"judged as {info.dtype}")
     if meta.get("adafuse.checkpoint_sha256") not in (None, ckpt.index_sha256()):
         notes.append("the model was exported from a checkpoint with a different tensor index hash (same structure)")
     return notes
@@ -154,6 +167,13 @@ def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = No
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
     half_tolerance: how a float16/bfloat16 model is judged (HALF_TOLERANCE_MODES).
     log: told how it validates, then after each compared step (a 7B step takes minutes on a CPU)."""
+    # a broken model's inf/NaN are judged in the report; numpy's RuntimeWarnings would only add stderr noise
+    with np.errstate(all="ignore"):
+        return _validate(ckpt, model, prompts, steps, atol, rtol, runner, mode, log, half_tolerance)
+
+
+def _validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None, steps: int, atol: float | None,
+              rtol: float | None, runner, mode: str, log: Callable[[str], object] | None, half_tolerance: str) -> dict:
     from .runners.reference import ReferenceRunner
 
     ckpt.require_exportable()  # nothing exported can stand for it
@@ -284,6 +304,11 @@ def failed_outputs(report: dict) -> str:
 
 
 def format_report(report: dict) -> str:
+    return "\n".join(report_lines(report))
+
+
+def report_lines(report: dict) -> list[str]:
+    """The report, one element per line (the CLI prints each escaped: a name holding a newline stays on its line)."""
     lines = [f"validate {report['model']}",
              f"  against {report['checkpoint']} ({report['reference']})",
              f"  runner  {report['runner_description']}",
@@ -308,4 +333,4 @@ def format_report(report: dict) -> str:
     lines += ["", f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)"]
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append("PASSED" if report["passed"] else "FAILED")
-    return "\n".join(lines)
+    return lines

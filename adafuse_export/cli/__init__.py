@@ -8,16 +8,22 @@ mistake raises AdafuseError: we print its one line and exit 2; bugs keep their t
 """
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
 import click
 
 from .. import __version__
-from ..errors import AdafuseError
+from ..errors import AdafuseError, shown
+from .options import emit
 from . import checkpoints, convert, example, export, run, validate
 
 EXIT_USAGE = 2
+# errors of a path itself (too long, a loop, not a directory, no permission, full or read-only disk): the user's input,
+# wherever in the code the path was first touched
+PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES, errno.EPERM,
+               errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENXIO, errno.EXDEV}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
@@ -49,36 +55,55 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="adafuse-export", standalone_mode=False)
     except AdafuseError as e:
-        click.echo(f"error: {e}", err=True)
+        emit(f"error: {e}", err=True)
         return EXIT_USAGE
     except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
+        emit("error: interrupted", err=True)
         return 130
     except click.ClickException as e:
+        # click quotes the bad value as given: escaped like every printed input (message is Final in its stubs)
+        setattr(e, "message", shown(e.message))
         e.show()
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
+    except OSError as e:  # a path the user gave (or a file named) that the system refuses: one line, no traceback
+        if e.filename is None or e.errno not in PATH_ERRORS:
+            raise
+        emit(f"error: {e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else ""), err=True)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        emit("error: interrupted", err=True)
         return 130
     return 0
 
 
 class Terminated(BaseException):
-    """SIGTERM raised where the process is, so that atomic writes remove their temporaries
-    (Python's default action for SIGTERM ends the process with no cleanup at all)."""
+    """SIGTERM or SIGHUP (a closed terminal, a lost ssh session) raised where the process is, so that atomic writes
+    and staging directories remove their temporaries (Python's default action for both ends the process with no
+    cleanup at all)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+ENDING_SIGNALS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hangup"}
 
 
 def entry_point() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in ENDING_SIGNALS:
+        signal.signal(signum, _terminate)
     try:
         code = main()
-    except Terminated:
-        click.echo("error: terminated", err=True)
-        code = 128 + signal.SIGTERM
+    except Terminated as e:
+        try:
+            emit(f"error: {ENDING_SIGNALS[signal.Signals(e.signum)]}", err=True)
+        except OSError:
+            pass  # the terminal that hung up may be gone
+        code = 128 + e.signum
     sys.exit(code)

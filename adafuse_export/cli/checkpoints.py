@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import base_option, format_option
+from .options import base_option, emit, format_option
 
 
 @click.command(short_help="List the checkpoint formats that can be read.")
@@ -16,7 +16,7 @@ def formats():
 
     width = max(map(len, converters()))
     for name, conv in converters().items():
-        click.echo(f"{name:<{width}}  {conv.description}")
+        emit(f"{name:<{width}}  {conv.description}")
 
 
 @click.command(short_help="Describe a checkpoint, an ONNX export or an engine.")
@@ -78,10 +78,10 @@ def inspect(ckpt, fmt, base, as_json):
 
 def _print(info: dict, rows: list[tuple[str, str]], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(info, indent=2))  # JSON escapes control characters itself
         return
     for k, v in rows:
-        click.echo(f"{k:<15} {v}")
+        emit(f"{k:<15} {v}")
 
 
 def _tensors(entries: list[dict]) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import backend_option, base_option, ckpt_argument, dtype_option, force_option, format_option, plugin_strategy_option
+from .options import backend_option, base_option, ckpt_argument, dtype_option, force_option, format_option, plugin_strategy_option, emit
 
 
 @click.command(short_help="Checkpoint -> validated ONNX -> TensorRT engine (the main job).")
@@ -54,4 +54,4 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
 
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                 force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,
-                strategy=strategy, log=click.echo)
+                strategy=strategy, log=emit)

@@ -7,7 +7,7 @@ import click
 
 from ..examples import KINDS
 from ..outputs import claim
-from .options import family_choices, force_option, import_torch
+from .options import family_choices, force_option, import_torch, emit
 
 
 @click.command("make-example", short_help="Write a tiny random checkpoint to try the tool on.")
@@ -21,11 +21,11 @@ def make_example(out_dir, kind, family, tied, force):
     """Write a tiny random canonical checkpoint (the built-in example) to OUT_DIR."""
     import_torch()
     from ..examples import make_example as write_example
-    from ..outputs import EXAMPLE_MARKER, atomic_directory, is_example
+    from ..outputs import EXAMPLE_MARKER, atomic_directory, example_files
 
-    claim(out_dir, option="OUT_DIR", inputs=(), force=force, ours=is_example, directory=True)
+    claim(out_dir, option="OUT_DIR", inputs=(), force=force, ours=example_files, directory=True)
     with atomic_directory(out_dir, force) as tmp:
         write_example(tmp, kind, family, tied=tied)
         flag = " --tied" if tied else ""
         (tmp / EXAMPLE_MARKER).write_text(f"written by adafuse-export make-example --kind {kind} --family {family}{flag}\n")
-    click.echo(f"wrote {kind} example ({family}{', tied head' if tied else ''}) to {out_dir}")
+    emit(f"wrote {kind} example ({family}{', tied head' if tied else ''}) to {out_dir}")

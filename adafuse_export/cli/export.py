@@ -5,9 +5,9 @@ from pathlib import Path
 
 import click
 
-from ..outputs import claim, is_marked_safetensors, is_onnx_export
+from ..outputs import claim, is_marked_safetensors, onnx_export_files
 from .options import (base_option, ckpt_argument, dtype_option, force_option, format_option, import_onnx, import_torch,
-                      plugin_strategy_option)
+                      plugin_strategy_option, emit)
 
 
 @click.command("export-onnx", short_help="Write the ONNX graphs only (portable or plugin flavour).")
@@ -36,16 +36,16 @@ def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_dat
     from ..onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx as write_export
 
     c = load_checkpoint(ckpt, fmt, base)
-    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=is_onnx_export, directory=True)
+    claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=onnx_export_files, directory=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
     for graph, info in manifest["graphs"].items():
         extra = f" + {info['external_data']}" if info["external_data"] else ""
-        click.echo(f"{graph:<8} {out_dir / info['file']}{extra}: "
+        emit(f"{graph:<8} {out_dir / info['file']}{extra}: "
                    f"{len(info['inputs'])} inputs, {len(info['outputs'])} outputs")
     if manifest["routes"]:
-        click.echo(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
-    click.echo(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
+        emit(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
+    emit(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
 
 
 @click.command("export-routes", short_help="Write the pre-gate as a routing table [vocab, k].")
@@ -70,4 +70,4 @@ def export_routes(ckpt, out, fmt, base, force):
     c.validate()
     claim(out, option="OUT", inputs=c.inputs, force=force, ours=is_marked_safetensors)
     _write_routes(c, out, "float32")
-    click.echo(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")
+    emit(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import AdafuseError, missing_dependency
+from ..errors import AdafuseError, missing_dependency, shown
 from ..onnx.plugin_ops import STRATEGIES as PLUGIN_STRATEGIES
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -20,6 +20,12 @@ format_option = click.option("--format", "fmt", metavar="NAME", default=None,
                              help="Source format (see `adafuse-export formats`); detected when omitted.")
 base_option = click.option("--base", type=click.Path(path_type=Path), default=None,
                            help="Base model directory for PEFT-style adapters (default: base_model_name_or_path).")
+
+
+def emit(text: object = "", err: bool = False) -> None:
+    """Print one line, escaped (errors.shown). The CLI prints every line through here (JSON aside, which escapes
+    itself), and never a line with its own line breaks: no string from an input forges a line or drives the terminal."""
+    click.echo(shown(text), err=err)
 
 
 def dtype_option(default: str, help: str | None = None):

@@ -7,7 +7,7 @@ import click
 
 from ..errors import AdafuseError
 from ..outputs import claim, is_marked_safetensors
-from .options import base_option, ckpt_argument, device_option, dtype_option, force_option, format_option, import_torch, parse_ids
+from .options import base_option, ckpt_argument, device_option, dtype_option, force_option, format_option, import_torch, parse_ids, emit
 
 
 @click.command(short_help="Greedy-decode a prompt (PyTorch reference, or the GPU decoder).")
@@ -53,11 +53,11 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, 
         generated, steps = model.generate(prompt, max_new_tokens)
         prompt_logits = steps[0].logits
         if steps[0].expert_ids is not None:
-            click.echo(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
+            emit(f"# prompt routes (expert ids per token): {steps[0].expert_ids[0].tolist()}", err=True)
     if save_logits is not None:
         save_safetensors({"logits": prompt_logits.contiguous()}, save_logits, {"prompt_ids": ",".join(map(str, ids))},
                          output="logits")
-    click.echo(" ".join(map(str, generated[0].tolist())))
+    emit(" ".join(map(str, generated[0].tolist())))
 
 
 def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters, want_logits):
@@ -77,7 +77,7 @@ def _run_cuda(c, prompt, max_new_tokens, dtype, strategy, no_adapters, want_logi
         strategy = "dense"
     elif strategy == "auto":
         strategy, timings = choose_strategy(make)
-        click.echo("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items())
+        emit("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items())
                    + f" -> {strategy}", err=True)
     dec = make(strategy)
     logits = dec.prefill(prompt.cuda()).cpu() if want_logits else None  # generate() runs its own prefill

@@ -9,7 +9,7 @@ import click
 
 from ..errors import AdafuseError
 from ..validate import DEFAULT_STEPS
-from .options import base_option, ckpt_argument, device_option, format_option, import_onnx, import_torch, parse_ids
+from .options import base_option, ckpt_argument, device_option, emit, format_option, import_onnx, import_torch, parse_ids
 
 
 class ValidationFailed(click.ClickException):
@@ -18,7 +18,7 @@ class ValidationFailed(click.ClickException):
     exit_code = 1
 
     def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
+        emit(f"error: {self.message}", err=True)
 
 
 def _finite(ctx, param, value):
@@ -86,7 +86,7 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     """
     import_torch()
     from ..converters import load_checkpoint
-    from ..validate import format_report, open_model_runner, validate as run_validate
+    from ..validate import report_lines, open_model_runner, validate as run_validate
 
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
@@ -108,10 +108,14 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     import sys
 
     # each compared step, as it completes, on a terminal's stderr (stdout keeps the report, --json clean)
-    progress = (lambda line: click.echo(f"  {line}", err=True)) if sys.stderr.isatty() else None
+    progress = (lambda line: emit(f"  {line}", err=True)) if sys.stderr.isatty() else None
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance,
                           log=progress)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
+    else:
+        for line in report_lines(report):
+            emit(line)
     if not report["passed"]:
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]
         raise ValidationFailed(f"validation failed: {len(failed)} output(s) out of tolerance ({', '.join(failed[:4])}"

@@ -1,22 +1,30 @@
 """`adafuse`: the canonical format itself (see docs/checkpoint-format.md)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..checkpoint import ADAPTER_CONFIG, ADAPTERS, BASE_STEM, CONFIG, Checkpoint
 from ..spec import AdapterSpec, ModelSpec
 from ..errors import AdafuseError
-from ..inputs import confine, read_json
+from ..inputs import check_held, confine, read_json
 from ..tensors import SafetensorsSource, load_sharded_dir
 from . import Converter, register
+
+LAYER_NORM = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\.input_layernorm\.weight")
 
 
 def load_hf_base(directory: Path) -> tuple[dict, ModelSpec, SafetensorsSource]:
     """A Hugging Face model directory: config.json + model.safetensors (or shards)."""
     cfg = read_json(confine(directory, CONFIG, directory))
-    spec = ModelSpec.from_hf_config(cfg, directory / CONFIG)
     weights = load_sharded_dir(directory, BASE_STEM)
-    # Config numbers are checked against what the files hold before anything is sized by them.
+    # Config numbers are checked against what the files hold before anything is sized by them (families
+    # build per-layer tuples while parsing).
+    layers = cfg.get("num_hidden_layers") if isinstance(cfg, dict) else None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        held = sum(1 for n in weights.names() if LAYER_NORM.fullmatch(n))
+        check_held(directory / CONFIG, "num_hidden_layers", layers, held, f"layers the weights in {directory} hold")
+    spec = ModelSpec.from_hf_config(cfg, directory / CONFIG)
     last = f"model.layers.{spec.num_layers - 1}.input_layernorm.weight"
     if last not in weights:
         raise AdafuseError(f"{directory / CONFIG}: num_hidden_layers is {spec.num_layers}, but the weights in {directory} "

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
-from ..inputs import read_json
+from ..inputs import check_held, read_json
 from ..spec import AdapterSpec
 from ..tensors import LazySource, TensorInfo, TensorSource
 from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
 from .peft_lora import ADAPTER_CONFIG, read_adapter_dir
 
-KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_route|lora_A|lora_B)(\d*)\.weight$")
+KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9]\d*)\.(self_attn|mlp)\.(\w+)\.(lora_route|lora_A|lora_B)(\d*)\.weight", re.ASCII)  # fullmatch
 HYDRA, LORAMOE = "hydralora", "loramoe-original"
 
 
@@ -40,7 +40,7 @@ def _is_fork_config(path: Path) -> bool:
 def _layout(names: list[str]) -> str | None:
     """HYDRA (one shared lora_A per linear), LORAMOE (lora_A{i} per expert), or None when mixed or neither."""
     shared = any(n.endswith(".lora_A.weight") for n in names)
-    indexed = any(re.search(r"\.lora_A\d+\.weight$", n) for n in names)
+    indexed = any(re.search(r"\.lora_A\d+\.weight\Z", n) for n in names)
     return HYDRA if shared and not indexed else LORAMOE if indexed and not shared else None
 
 
@@ -82,6 +82,8 @@ class _LoraNumsConverter(Converter):
         r, alpha, experts = _check_config(cfg, where)
         names = weights.names()
         origin = weights.info(names[0]).origin if names else str(path)
+        # every expert has its own lora_B{i} per linear: names per expert are built below, so bound lora_nums first
+        check_held(where, "lora_nums", experts, len(names), f"tensors {origin} holds")
         found = _layout(names)
         if found != self.layout:
             what = {None: "no LoRA tensors of either layout" if not any(".lora_A" in n for n in names)
@@ -95,7 +97,7 @@ class _LoraNumsConverter(Converter):
         arch = model.arch
         sites: dict[tuple[int, str], set[str]] = {}
         for name in names:
-            m = KEY.match(name)
+            m = KEY.fullmatch(name)
             if not m or (m.group(4) == "lora_route" and m.group(5)):
                 raise AdafuseError(f"{origin}: tensor '{name}' is not a {self.name} weight (expected base_model.model.model."
                                    "layers.L.<self_attn|mlp>.<proj>.<lora_route|lora_A|lora_A{i}|lora_B{i}>.weight)")

@@ -6,6 +6,7 @@ Honours use_rslora, rank_pattern, alpha_pattern and target_modules (list or rege
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -20,7 +21,11 @@ from . import Converter, register, resolve_base
 from .adafuse import load_hf_base
 
 ADAPTER_CONFIG = "adapter_config.json"
-LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# matched with fullmatch: a `$` also matches before a trailing newline ("...lora_B.weight\n")
+LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(0|[1-9]\d*)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight", re.ASCII)
+# PEFT LoraConfig options that change what the adapter computes and are not implemented here: refused when set
+UNSUPPORTED_OPTIONS = ("layer_replication", "lora_bias", "trainable_token_indices", "target_parameters",
+                       "alora_invocation_tokens", "use_qalora")
 
 
 def read_adapter_dir(path: Path) -> tuple[dict, TensorSource]:
@@ -99,6 +104,9 @@ class PeftLoraConverter(Converter):
             raise AdafuseError(f"{where}: 'bias: {cfg['bias']}' is not supported (expected 'none')")
         if cfg.get("modules_to_save"):
             raise AdafuseError(f"{where}: modules_to_save {cfg['modules_to_save']} is not supported (expected none)")
+        for key in UNSUPPORTED_OPTIONS:
+            if cfg.get(key):
+                raise AdafuseError(f"{where}: '{key}: {json.dumps(cfg[key])[:80]}' is not supported (expected it unset)")
         if cfg.get("layers_to_transform") is not None:
             raise AdafuseError(f"{where}: layers_to_transform is not supported (expected every layer adapted)")
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
@@ -110,7 +118,7 @@ class PeftLoraConverter(Converter):
 
         found: dict[tuple[int, str], dict[str, str]] = {}
         for name in weights.names():
-            m = LORA_KEY.match(name)
+            m = LORA_KEY.fullmatch(name)
             if not m:
                 raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' is not a LoRA weight of a decoder projection "
                                    "(expected base_model.model.model.layers.L.<self_attn|mlp>.<proj>.lora_<A|B>.weight)")
@@ -118,6 +126,9 @@ class PeftLoraConverter(Converter):
             if module not in model.arch.module_names:
                 raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' adapts module '{module}', which a "
                                    f"{model.family} model does not have (expected one of {', '.join(model.arch.module_names)})")
+            if layer >= model.num_layers:
+                raise AdafuseError(f"{weights.info(name).origin}: tensor '{name}' is for layer {layer}, but the base "
+                                   f"model has {model.num_layers} layers")
             found.setdefault((layer, module), {})[which] = name
         modules = sorted({mod for _, mod in found}, key=model.arch.module_names.index)
         if not modules:

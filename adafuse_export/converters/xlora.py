@@ -42,6 +42,8 @@ def _xlora_spec(cfg: dict, where: Path, module_order: tuple[str, ...]) -> tuple[
     """The mixing settings, and the classifier's dropout (it decides where its Linear layers sit)."""
     depth = _config_value(cfg, "xlora_depth", (int,), where, 1)
     dropout = float(_config_value(cfg, "xlora_dropout_p", (int, float), where, 0.2))
+    if not 0 <= dropout <= 1:  # NaN included: torch's Dropout refuses it, so PEFT cannot build the classifier
+        raise AdafuseError(f"{where}: 'xlora_dropout_p' must be a probability in [0, 1], found {dropout!r}")
     spec = XLoraSpec(
         classifier_depth=depth,
         classifier_size=_config_value(cfg, "xlora_size", (int,), where, 2048),

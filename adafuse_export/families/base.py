@@ -270,7 +270,8 @@ def windows_from_layer_types(cfg: dict, where: str, num_layers: int, window: int
     if types is None:
         layers = default
     else:
-        if len(types) != num_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        kinds = ("full_attention", "sliding_attention")
+        if len(types) != num_layers or not all(isinstance(t, str) and t in kinds for t in types):
             raise AdafuseError(f"{where}: layer_types must list {num_layers} of 'full_attention' / 'sliding_attention', "
                                f"found {types!r}")
         layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")

@@ -17,7 +17,7 @@ Defaults for absent keys are transformers' Gemma2Config defaults; an explicit nu
 from __future__ import annotations
 
 from ..errors import AdafuseError
-from ..spec import ModelSpec, config_value, positive
+from ..spec import ModelSpec, config_value, float32_scale, positive
 from .base import Family, LayerNorms, register, window_size, windows_from_layer_types
 
 GEMMA_NORMS = LayerNorms(attn_in="input_layernorm", attn_out="post_attention_layernorm",
@@ -29,7 +29,7 @@ def optional_cap(cfg: dict, key: str, where: str, default: float | None) -> floa
     if key in cfg and cfg[key] is None:
         return None
     value = config_value(cfg, key, (int, float), where, default)
-    return None if value is None else positive(float(value), key, where)
+    return None if value is None else float32_scale(positive(float(value), key, where), key, where)
 
 
 class GemmaBase(Family):
@@ -52,7 +52,7 @@ class GemmaBase(Family):
 
     def query_scale(self, cfg: dict, where: str, head_dim: int) -> float:
         scalar = config_value(cfg, "query_pre_attn_scalar", (int, float), where, 256)
-        return float(positive(scalar, "query_pre_attn_scalar", where)) ** -0.5
+        return float32_scale(float(positive(scalar, "query_pre_attn_scalar", where)), "query_pre_attn_scalar", where) ** -0.5
 
     def embed_scale(self, cfg: dict, where: str, hidden_size: int) -> float:
         return hidden_size ** 0.5

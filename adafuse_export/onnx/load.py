@@ -58,7 +58,13 @@ def load_header(path: Path):
             if not location.is_file():
                 raise AdafuseError(f"{path}: external data file '{info.get('location')}' (tensor '{t.name}') is missing from {path.parent}")
             sizes[location] = location.stat().st_size
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        numbers = {}
+        for key in ("offset", "length"):
+            text = info.get(key, "0")
+            if not (text.isascii() and text.isdigit()):  # ONNX writes decimal byte counts
+                raise AdafuseError(f"{path}: external data {key} of tensor '{t.name}' must be a byte count, found {text!r}")
+            numbers[key] = int(text)
+        end = numbers["offset"] + numbers["length"]
         if end > sizes[location]:
             raise AdafuseError(f"{path}: external data file '{info.get('location')}' is truncated: tensor '{t.name}' "
                                f"needs bytes up to {end}, found {sizes[location]}")

@@ -115,3 +115,31 @@ class Runner(metaclass=RunnerMeta):
 
     def close(self) -> None:
         pass
+
+
+def read_routes(path: Path, num_experts: int | None, vocab_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A routing table file (export-routes' output, an export's routes.safetensors, an engine's routes_file):
+    'expert_ids' (integers in [0, num_experts)) and 'gates' (finite floats), both [vocab, top_k], every check made
+    before a runner gathers from it or feeds an id to the adapter kernels."""
+    from safetensors.numpy import load_file
+
+    from ..onnx.plugin_ops import check_expert_ids
+    from ..tensors import read_safetensors_header
+
+    read_safetensors_header(path)  # a bounded, checked header first (regular file, offsets, dtypes)
+    tensors = load_file(str(path))
+    for key in ("expert_ids", "gates"):
+        if key not in tensors:
+            raise AdafuseError(f"{path}: missing tensor '{key}' (a routing table holds 'expert_ids' and 'gates', "
+                               f"both [vocab, top_k]; found {', '.join(map(repr, tensors)) or 'none'})")
+    ids, gates = tensors["expert_ids"], tensors["gates"]
+    if ids.dtype.kind not in "iu" or gates.dtype.kind != "f":
+        raise AdafuseError(f"{path}: expected integer 'expert_ids' and floating-point 'gates', found {ids.dtype} and {gates.dtype}")
+    if ids.ndim != 2 or ids.shape != gates.shape or (vocab_size is not None and ids.shape[0] != vocab_size):
+        raise AdafuseError(f"{path}: expected 'expert_ids' and 'gates' of shape [{vocab_size or 'vocab'}, top_k], found "
+                           f"{list(ids.shape)} and {list(gates.shape)}")
+    if num_experts is not None:
+        check_expert_ids(ids, num_experts, f"{path}: 'expert_ids'")
+    if not np.isfinite(gates).all():
+        raise AdafuseError(f"{path}: 'gates' holds NaN/Inf values, expected finite weights")
+    return ids, gates

@@ -75,6 +75,10 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         except OSError as e:
             raise AdafuseError(f"{name}: cannot load the C++ runtime ({e}); build runtime/ as runtime/README.md says "
                                "and set ADAFUSE_RUNTIME_LIB to its libadafuse_runtime.so") from None
+        missing = [fn for fn in _SIGNATURES if not hasattr(lib, fn)]
+        if missing:  # e.g. $ADAFUSE_RUNTIME_LIB naming an unrelated library
+            raise AdafuseError(f"{name}: not the adafuse C++ runtime (it has no '{missing[0]}' entry point); set "
+                               "ADAFUSE_RUNTIME_LIB to runtime/'s libadafuse_runtime.so")
         for fn, (restype, argtypes) in _SIGNATURES.items():
             getattr(lib, fn).restype = restype
             getattr(lib, fn).argtypes = argtypes

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AdafuseError, missing_dependency
-from .base import ModelInfo, Runner, StepResult
+from .base import ModelInfo, Runner, StepResult, read_routes
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -113,14 +113,13 @@ class OnnxRuntimeRunner(Runner):
                 self._load_header(self.files.pregate)
                 self.pregate = self._session(ort, self.files.pregate, options)
             elif self.files.routes is not None:
-                from safetensors.numpy import load_file
-
-                t = load_file(str(self.files.routes))
-                self.table = (t["expert_ids"], t["gates"])
+                experts = self.meta.get("adafuse.num_experts", "")
+                self.table = read_routes(self.files.routes, int(experts) if experts.isdigit() else None, self.vocab_size)
             else:
                 raise AdafuseError(f"{self.files.decoder}: the decoder takes expert_ids/gates but neither pregate.onnx "
                                    f"nor routes.safetensors is next to it")
-        dtype = self.meta.get("adafuse.dtype", "float16" if self.kv_dtype == np.float16 else "float32")
+        # the graph's own tensor type, never its metadata's claim: the dtype picks validate's tolerance
+        dtype = "float16" if self.kv_dtype == np.float16 else "float32"
         self.info = ModelInfo(model=self.files.decoder, num_layers=self.num_layers, vocab_size=self.vocab_size,
                               kv_heads=self.kv_heads, head_dim=self.head_dim, needs_routes=self.needs_routes, dtype=dtype,
                               meta=self.meta, description=f"ONNX Runtime {ort.__version__}, {self.provider}, {dtype}, "
@@ -175,11 +174,17 @@ class OnnxRuntimeRunner(Runner):
         feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(self._past_len, self._past_len + seq), (batch, seq)).astype(np.int64)}
         feeds.update(self.past)
         expert_ids = gates = None
-        if self.needs_routes:
-            expert_ids, gates = self.routes(ids)
-            feeds["expert_ids"], feeds["gates"] = expert_ids, gates
         run = self.plugin.run if self.plugin else lambda session, names, f: session.run(names, f)
-        outs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
+        try:
+            if self.needs_routes:
+                expert_ids, gates = self.routes(ids)
+                feeds["expert_ids"], feeds["gates"] = expert_ids, gates
+            outs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
+        except Exception as e:  # ONNX Runtime's own types: a model that cannot run its inputs is the model's fault
+            if isinstance(e, AdafuseError) or type(e).__module__.split(".")[0] != "onnxruntime":
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AdafuseError(f"{self.files.decoder}: ONNX Runtime cannot run this model: {first}") from None
         present = {n: outs[n] for n in self.output_names if n.startswith("present.")}
         self.past = {f"past_key_values.{n[len('present.'):]}": v for n, v in present.items()}
         self._past_len += seq

@@ -19,11 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import AdafuseError
-from ..onnx.plugin_ops import check_expert_ids
+from ..inputs import confine
 from ..trt.backends import BackendKind, builders_for
 from ..trt.build import DECODE, PREFILL
-from ..trt.manifest import manifest_meta, verify_engine
-from .base import ModelInfo, Runner, StepResult
+from ..trt.manifest import manifest_meta, manifest_path, verify_engine
+from .base import ModelInfo, Runner, StepResult, read_routes
 
 # TensorRT DataType member -> torch dtype name (the dtypes an adafuse engine's tensors can have)
 TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -150,7 +150,9 @@ def engine_model_info(engine: Path, manifest: dict, session: EngineSession, desc
     k0, logits = session.shapes["past_key_values.0.key"], session.shapes["logits"]
     return ModelInfo(model=engine, num_layers=len(past), vocab_size=logits[-1] if logits[-1] > 0 else None,
                      kv_heads=k0[1], head_dim=k0[3], needs_routes="expert_ids" in session.inputs,
-                     dtype=manifest["engine"]["dtype"], meta=manifest_meta(manifest), description=description)
+                     # the engine's own KV tensor type, never the manifest's claim: the dtype picks validate's tolerance
+                     dtype=str(session.dtypes["past_key_values.0.key"]).removeprefix("torch."),
+                     meta=manifest_meta(manifest), description=description)
 
 
 class TensorRTRunner(Runner):
@@ -191,14 +193,11 @@ class TensorRTRunner(Runner):
         routes = manifest["routing"].get("routes_file")
         if not routes:
             raise AdafuseError(f"{engine}: the engine takes expert ids but its manifest names no routing table")
-        from safetensors.torch import load_file
-
-        path = engine.parent / routes
-        t = load_file(str(path))
+        path = confine(engine.parent, routes, manifest_path(engine))
         # the ids this runner gathers and feeds to the adapter plugins: in range, or the kernels read out of bounds
-        check_expert_ids(t["expert_ids"].numpy(), manifest["routing"]["num_experts"], f"{path}: 'expert_ids'")
+        ids, gates = read_routes(path, manifest["routing"]["num_experts"], self.info.vocab_size)
         device = self.placement.device
-        return t["expert_ids"].to(device), t["gates"].float().to(device)
+        return self.torch.as_tensor(ids).to(device), self.torch.as_tensor(gates).float().to(device)
 
     @property
     def past_length(self) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import AdafuseError
@@ -76,6 +78,30 @@ def write_manifest(manifest: dict, path: Path) -> None:
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+# The fields Python reads from a manifest, with their JSON types (a list where a string belongs was a traceback)
+FIELD_TYPES: dict[str, dict[str, Any]] = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
+                          "dtype": str, "max_batch": int, "max_seq": int},
+               "routing": {"kind": str, "num_experts": int, "top_k": int, "routes_file": (str, type(None)),
+                           "pregate_graph": (str, type(None))},
+               "plugin": {"library": str, "name": str, "strategy": str, "version": str},
+               "source": {"path": str, "format": str, "index_sha256": str}}
+
+
+def _check_types(manifest: dict, mpath: Path) -> None:
+    for section, fields in FIELD_TYPES.items():
+        values = manifest.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise AdafuseError(f"{mpath}: '{section}' must be an object, found {type(values).__name__}")
+        for key, kind in fields.items():
+            value = values.get(key)
+            if key in values and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+                expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                raise AdafuseError(f"{mpath}: '{section}.{key}' must be {expected.replace('NoneType', 'null')}, "
+                                   f"found {type(value).__name__} {json.dumps(value)[:40]}")
+
+
 def verify_engine(engine: Path, check_files: bool = True) -> dict:
     """The engine's manifest, after checking the engine's (and its files') hashes and plugin version."""
     engine = Path(engine)
@@ -93,6 +119,7 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
     for key in ("engine", "plugin"):
         if manifest.get(key) is not None and not isinstance(manifest.get(key), dict):
             raise AdafuseError(f"{mpath}: '{key}' must be an object, found {type(manifest[key]).__name__}")
+    _check_types(manifest, mpath)
     want = manifest.get("engine", {}).get("sha256")
     got = sha256_file(engine)
     if got != want:
@@ -109,10 +136,19 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         files = manifest.get("files", {})
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise AdafuseError(f"{mpath}: 'files' must map file names to SHA-256 strings")
-        for rel, digest in files.items():
+        listed: dict[str, str] = {}
+        for rel in files:
             f = confine(engine.parent, rel, mpath)  # a manifest may name only files beside the engine
             if not f.is_file():
                 raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
+            # each file is hashed once: one file under many spellings ('a', './a', './/a', a link) is refused before
+            # any hashing, so the work is bounded by the files that exist, not by the manifest's length
+            real = os.path.realpath(f)
+            if real in listed:
+                raise AdafuseError(f"{mpath}: 'files' lists one file twice ({listed[real]!r} and {rel!r})")
+            listed[real] = rel
+        for rel, digest in files.items():
+            f = confine(engine.parent, rel, mpath)
             if sha256_file(f) != digest:
                 raise AdafuseError(f"{f}: SHA-256 does not match {mpath.name} (file modified after conversion)")
     return manifest
