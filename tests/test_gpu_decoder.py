@@ -148,7 +148,7 @@ def test_decoder_errors(example_dirs):
     dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy="fused", max_seq=4)
     with pytest.raises(AdafuseError, match="exceeds max batch 1 / max seq 4"):
         dec.prefill(torch.tensor([[1, 2, 3, 4, 5]]))
-    with pytest.raises(AdafuseError, match="routing table needs a pre-gate"):
+    with pytest.raises(AdafuseError, match="no routing table: it has no pre-gate: a router in every layer"):
         GpuDecoder.from_checkpoint(load_checkpoint(example_dirs["mola"]), device="cpu", dtype=torch.float32)
 
 

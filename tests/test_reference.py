@@ -72,7 +72,7 @@ def test_routing_table_refused_when_not_exact(example_dirs):
     from adafuse_export.errors import AdafuseError
 
     model = ReferenceModel(load_checkpoint(example_dirs["pregate-ffn"]))
-    with pytest.raises(AdafuseError, match="routing table needs a pre-gate reading"):
+    with pytest.raises(AdafuseError, match="no routing table: its pre-gate reads .mlp_norm_0."):
         model.routing_table()
 
 

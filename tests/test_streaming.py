@@ -63,4 +63,4 @@ def test_export_routes_is_the_pregate_formula(tmp_path, cli, example_dirs):
     r = cli("export-routes", example_dirs["pregate"], out)
     assert r.code == 2 and "already exists" in r.err
     r = cli("export-routes", example_dirs["mixlora"], tmp_path / "x.safetensors")
-    assert r.code == 2 and "routing table needs a pre-gate" in r.err and not (tmp_path / "x.safetensors").exists()
+    assert r.code == 2 and "no routing table: it has no pre-gate" in r.err and not (tmp_path / "x.safetensors").exists()
