@@ -172,3 +172,20 @@ def test_kernel_ops_keeps_one_workspace_per_site_and_rows():
     wo = ops._workspace(o, 1, 2)
     assert w8 is not w1 and wo is not w1 and w8.numel() == 8 * 2 * 6 * 4 + 16
     assert len({w1.data_ptr(), w8.data_ptr(), wo.data_ptr()}) == 3  # all alive at once: no reuse
+
+
+def test_workspace_follows_the_shapes_at_a_reused_address():
+    """A later decoder sharing the ops can hold a weight at a freed weight's address with other shapes (the H100
+    run of gpu_families.py: a 784-byte workspace kept for a site that needed 1296): the size follows the shapes."""
+    from adafuse_export.runners.torch_cuda import KernelOps, SiteWeights
+
+    class Sizes:
+        def lora_linear_workspace_size(self, rows, in_f, out_f, E, rank, top_k):
+            return rows * top_k * rank * 4 + out_f
+
+    W = torch.zeros(24, 8)
+    small = SiteWeights("s", W, None, torch.zeros(4, 2, 8), torch.zeros(4, 24, 2), 1.0)
+    large = SiteWeights("s", W, None, torch.zeros(4, 16, 8), torch.zeros(4, 24, 16), 1.0)  # same W address
+    ops = KernelOps(Sizes())
+    assert ops._workspace(small, 10, 2).numel() == 10 * 2 * 2 * 4 + 24
+    assert ops._workspace(large, 10, 2).numel() == 10 * 2 * 16 * 4 + 24

@@ -190,11 +190,13 @@ class KernelOps:
         launch the one-row shrink writes its flag before the previous kernel has completed, so its
         workspace must not be memory that a kernel still in flight may use: a workspace allocated
         per call could be a block the caching allocator just took back from another site's call."""
-        key = (site.W.data_ptr(), rows, top_k)
+        assert site.A is not None
+        E, rank, in_f = site.A.shape
+        # every size the workspace depends on is in the key: a later decoder sharing these ops can get a
+        # weight at a freed weight's address, with other shapes (seen: 784 bytes kept where 1296 were needed)
+        key = (site.W.data_ptr(), rows, top_k, in_f, site.W.shape[0], E, rank)
         ws = self._workspaces.get(key)
         if ws is None:
-            assert site.A is not None
-            E, rank, in_f = site.A.shape
             need = self.k.lora_linear_workspace_size(rows, in_f, site.W.shape[0], E, rank, top_k)
             ws = self._workspaces[key] = torch.empty(need, dtype=torch.uint8, device=site.W.device)
         return ws
