@@ -19,6 +19,17 @@ static std::string python_str(const json& value) {
   return value.is_string() ? value.get<std::string>() : python_repr(value);
 }
 
+// Python's type(value).__name__ of a parsed JSON value.
+static std::string python_type(const json& value) {
+  if (value.is_object()) return "dict";
+  if (value.is_array()) return "list";
+  if (value.is_string()) return "str";
+  if (value.is_boolean()) return "bool";
+  if (value.is_number_float()) return "float";
+  if (value.is_number()) return "int";
+  return "NoneType";
+}
+
 const TensorDesc* Manifest::input(const std::string& name) const {
   for (const auto& t : inputs)
     if (t.name == name) return &t;
@@ -100,7 +111,11 @@ void parse_fields(Manifest& m) {
   const json& k = lookup(j, {"routing", "top_k"});
   if (!k.is_null()) m.top_k = r.positive(j, {"routing", "top_k"}, "routing.top_k");
   const json& routes = lookup(j, {"routing", "routes_file"});
-  if (!routes.is_null()) m.routes_file = m.engine_path.parent_path() / r.text(j, {"routing", "routes_file"}, "routing.routes_file");
+  if (!routes.is_null())  // confined to the engine's folder, as the files the manifest lists are
+    m.routes_file = confine(m.engine_path.parent_path(), r.text(j, {"routing", "routes_file"}, "routing.routes_file"),
+                            m.manifest_path.string());
+  const json& experts = lookup(j, {"routing", "num_experts"});
+  if (!experts.is_null()) m.num_experts = r.positive(j, {"routing", "num_experts"}, "routing.num_experts");
   const json& plugin = lookup(j, {"plugin"});
   if (!plugin.is_null())
     m.plugin = PluginDesc{r.text(j, {"plugin", "library"}, "plugin.library"), r.text(j, {"plugin", "name"}, "plugin.name"),
@@ -114,7 +129,7 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
   m.engine_path = engine;
   m.manifest_path = fs::path(engine).replace_extension(".json");
   const std::string mpath = m.manifest_path.string();
-  m.json = read_json(m.manifest_path);
+  m.json = read_json(m.manifest_path);  // regular file, at most 64 MiB, nested at most 32 deep
   const json& j = m.json;
   if (!j.is_object() || lookup(j, {"format"}) != kManifestFormat)
     fail(ADAFUSE_ERR_FILE, mpath + ": not an adafuse engine manifest (expected format '" + kManifestFormat + "')");
@@ -123,31 +138,53 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
                                " is not supported (expected " + std::to_string(kManifestVersion) + ")");
   std::error_code ec;
   if (!fs::is_regular_file(engine, ec)) fail(ADAFUSE_ERR_FILE, engine.string() + ": engine file not found");
+  for (const char* key : {"engine", "plugin"}) {
+    const json& v = lookup(j, {key});
+    if (!v.is_null() && !v.is_object())
+      fail(ADAFUSE_ERR_FILE, mpath + ": '" + key + "' must be an object, found " + python_type(v));
+  }
   const json& want = lookup(j, {"engine", "sha256"});
   const std::string got = sha256_file(engine);
   if (want != got) {
-    const std::string want_text = want.is_string() ? want.get<std::string>() : python_repr(want);
+    const std::string want_text = python_str(want);
     fail(ADAFUSE_ERR_FILE, engine.string() + ": SHA-256 " + got.substr(0, 16) + "... does not match the manifest's " +
                                want_text.substr(0, 16) +
                                "... (engine modified or replaced; rebuild it with adafuse-export convert)");
   }
   const json& plugin = lookup(j, {"plugin"});
   // Python: `if plugin and ...`: an empty object or null means no plugin.
-  if (!plugin.is_null() && !(plugin.is_object() && plugin.empty()) && lookup(plugin, {"version"}) != kPluginVersion)
-    fail(ADAFUSE_ERR_PLUGIN, mpath + ": engine needs plugin " + python_str(lookup(plugin, {"name"})) + " version " +
-                                 python_repr(lookup(plugin, {"version"})) + ", this adafuse-export provides version '" +
-                                 kPluginVersion + "'");
+  const bool has_plugin = plugin.is_object() && !plugin.empty();
+  if (has_plugin) {
+    const json& name = lookup(plugin, {"name"});
+    bool known = false;
+    std::string provided;
+    for (const char* op : kPluginOpTypes) {
+      known = known || name == op;
+      provided += (provided.empty() ? "" : " and ") + std::string(op);
+    }
+    if (!known)
+      fail(ADAFUSE_ERR_PLUGIN, mpath + ": engine needs plugin " + python_repr(name) + ", this adafuse-export provides " + provided);
+    if (lookup(plugin, {"version"}) != kPluginVersion)
+      fail(ADAFUSE_ERR_PLUGIN, mpath + ": engine needs plugin " + python_str(name) + " version " +
+                                   python_repr(lookup(plugin, {"version"})) + ", this adafuse-export provides version '" +
+                                   kPluginVersion + "'");
+  }
   if (check_files) {
-    const json& files = lookup(j, {"files"});
-    if (files.is_object()) {
-      for (const auto& [rel, digest] : files.items()) {
-        const fs::path f = engine.parent_path() / rel;
-        if (!fs::is_regular_file(f, ec))
-          fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + m.manifest_path.filename().string() + " is missing");
-        if (digest != sha256_file(f))
-          fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + m.manifest_path.filename().string() +
-                                     " (file modified after conversion)");
-      }
+    const json* files = &lookup(j, {"files"});
+    static const json no_files = json::object();
+    if (!j.contains("files")) files = &no_files;  // Python: manifest.get("files", {})
+    bool ok = files->is_object();
+    if (ok)
+      for (const auto& item : files->items()) ok = ok && item.value().is_string();
+    if (!ok) fail(ADAFUSE_ERR_FILE, mpath + ": 'files' must map file names to SHA-256 strings");
+    for (const auto& [rel, digest] : files->items()) {
+      // A manifest may name only files beside the engine; FIFOs and devices are "missing" (never opened).
+      const fs::path f = confine(engine.parent_path(), rel, mpath);
+      if (!fs::is_regular_file(f, ec))
+        fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + m.manifest_path.filename().string() + " is missing");
+      if (digest != sha256_file(f))
+        fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + m.manifest_path.filename().string() +
+                                   " (file modified after conversion)");
     }
   }
   parse_fields(m);
