@@ -14,7 +14,7 @@ adafuse_engine* replay_engine(const TempDir& dir) {
   std::vector<float> logits(6 * 4);
   for (size_t p = 0; p < 6; ++p) logits[p * 4 + (p + 1) % 4] = 1.0f;  // position p peaks at (p + 1) % 4
   write_file(dir / "l.safetensors", safetensors_bytes({{"logits", "F32", {1, 6, 4}, bytes_of(logits)}}));
-  return new adafuse_engine{std::make_unique<ReplayBackendForTests>(dir / "l.safetensors", 2, 6)};
+  return adafuse::make_engine_handle(std::make_unique<ReplayBackendForTests>(dir / "l.safetensors", 2, 6));
 }
 
 TEST(CApi, GeneratesAndStreams) {
