@@ -152,6 +152,8 @@ nlohmann::json parse_json(const std::string& text, const std::string& where, int
     const size_t colon = what.find(": ");
     fail(ADAFUSE_ERR_FILE, where + ": invalid JSON at byte " + std::to_string(e.byte) + ": " +
                                (colon == std::string::npos ? what : what.substr(colon + 2)));
+  } catch (const nlohmann::json::exception& e) {  // out_of_range: a number beyond double's range
+    fail(ADAFUSE_ERR_FILE, where + ": invalid JSON: " + e.what());
   }
 }
 

@@ -124,6 +124,8 @@ TEST(HostileManifest, SizesAndNestingAreBounded) {
   EXPECT_NO_THROW(read_json(p));
   write_file(p, std::string(32, '[') + "1" + std::string(32, ']'));
   expect_error([&] { read_json(p); }, ADAFUSE_ERR_FILE, p.string() + ": JSON nested deeper than 32 levels");
+  write_file(p, R"({"a": 1e309})");  // beyond double: nlohmann's out_of_range, refused as bad JSON
+  expect_error_containing([&] { read_json(p); }, ADAFUSE_ERR_FILE, p.string() + ": invalid JSON: ");
   write_file(p, std::string(100, ' '));
   expect_error([&] { read_bytes(p, "JSON file", 10); }, ADAFUSE_ERR_FILE,
                p.string() + ": 100 bytes, more than the 10 a JSON file may have");
