@@ -6,7 +6,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -43,7 +45,11 @@ class DeadlineStream : public httplib::Stream {
   void begin_request(Clock::time_point deadline, size_t budget) {
     deadline_ = deadline;
     budget_ = budget;
+    cut_ = false;
   }
+  // True when a read of this request was refused (deadline passed or byte budget spent): whatever
+  // httplib answered, the connection cannot carry another request.
+  bool cut() const { return cut_; }
   bool has_buffered() const { return pos_ < len_; }
 
   bool is_readable() const override {
@@ -53,8 +59,11 @@ class DeadlineStream : public httplib::Stream {
 
   ssize_t read(char* ptr, size_t size) override {
     if (!has_buffered()) {
-      if (budget_ == 0) return -1;  // more bytes than a request may have
-      if (!wait_for(sock_, POLLIN, remaining_ms(deadline_, std::chrono::milliseconds(60000)))) return -1;
+      // More bytes than a request may have, or later than its deadline.
+      if (budget_ == 0 || !wait_for(sock_, POLLIN, remaining_ms(deadline_, std::chrono::milliseconds(60000)))) {
+        cut_ = true;
+        return -1;
+      }
       ssize_t n;
       do n = ::recv(sock_, buf_, std::min(sizeof(buf_), budget_), 0);
       while (n < 0 && errno == EINTR);
@@ -104,6 +113,7 @@ class DeadlineStream : public httplib::Stream {
   std::chrono::milliseconds write_timeout_;
   Clock::time_point deadline_{};
   size_t budget_ = 0;
+  bool cut_ = false;
   char buf_[4096];
   size_t pos_ = 0, len_ = 0;
 };
@@ -155,6 +165,11 @@ BoundedServer::BoundedServer(const ConnectionLimits& limits) : limits_(limits) {
   // What httplib announces in Keep-Alive headers; process_and_close_socket enforces it.
   set_keep_alive_max_count(limits.max_requests_per_connection);
   set_keep_alive_timeout(std::max<time_t>(1, static_cast<time_t>(limits.idle_timeout.count() / 1000)));
+  // A request httplib refused itself (413 body too long, 414 URI too long, 400 unreadable head) may
+  // leave its body unread on the socket: such a connection is closed after the answer.
+  set_logger([](const httplib::Request&, const httplib::Response& res) {
+    if (res.status == 400 || res.status == 413 || res.status == 414 || res.status == 431) close_after_response = true;
+  });
   set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     int status = 0;
     std::string why;
@@ -165,6 +180,20 @@ BoundedServer::BoundedServer(const ConnectionLimits& limits) : limits_(limits) {
     } else if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
       status = 415;
       why = "compressed request bodies (Content-Encoding) are not accepted";
+    }
+    if (status == 0 && req.has_header("Content-Length")) {
+      // httplib 0.11 reads an over-long body away before answering 413: answer before reading it.
+      const std::string text = req.get_header_value("Content-Length");
+      char* rest = nullptr;
+      errno = 0;
+      const unsigned long long n = std::strtoull(text.c_str(), &rest, 10);
+      if (text.empty() || *rest != '\0' || errno != 0 || !std::isdigit(static_cast<unsigned char>(text[0]))) {
+        status = 400;
+        why = "Content-Length must be a non-negative integer";
+      } else if (n > limits_.body_limit) {
+        status = 413;
+        why = "request body of " + text + " bytes, more than the " + std::to_string(limits_.body_limit) + " accepted";
+      }
     }
     if (status == 0) return httplib::Server::HandlerResponse::Unhandled;
     close_after_response = true;
@@ -177,6 +206,10 @@ BoundedServer::BoundedServer(const ConnectionLimits& limits) : limits_(limits) {
 }
 
 BoundedServer::~BoundedServer() = default;
+
+void BoundedServer::widen_backlog(int backlog) {
+  if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, backlog);  // Linux updates a listening socket's backlog
+}
 
 bool BoundedServer::process_and_close_socket(socket_t sock) {
   struct Slot {
@@ -196,7 +229,7 @@ bool BoundedServer::process_and_close_socket(socket_t sock) {
       stream.begin_request(Clock::now() + limits_.request_deadline, limits_.head_limit + limits_.body_limit);
       bool closed = false;
       const bool last = n + 1 == limits_.max_requests_per_connection;
-      if (!process_request(stream, last, closed, nullptr) || closed || close_after_response) break;
+      if (!process_request(stream, last, closed, nullptr) || closed || close_after_response || stream.cut()) break;
     }
   }
   ::shutdown(sock, SHUT_RDWR);

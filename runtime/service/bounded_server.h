@@ -4,9 +4,9 @@
 // - a connection waits at most idle_timeout for a request to begin, and a request's head and body
 //   must arrive within request_deadline of its first byte (slow headers: the deadline is total, not
 //   per read), at most head_limit + body_limit bytes;
-// - request bodies with Transfer-Encoding (chunked: 0.11 reads them without a limit) or
-//   Content-Encoding (inflated without a limit) are refused before they are read, and the
-//   connection is closed.
+// - request bodies with Transfer-Encoding (chunked: 0.11 reads them without a limit),
+//   Content-Encoding (inflated without a limit) or a Content-Length over body_limit (0.11 reads it
+//   away before answering) are refused before they are read (411, 415, 413), and the connection closed.
 // So /health gets its own thread however many connections are idle or slow (up to max_connections).
 // A full front-end redesign (an event loop, admission control) is issue 21's.
 #pragma once
@@ -36,6 +36,9 @@ class BoundedServer : public httplib::Server {
  public:
   explicit BoundedServer(const ConnectionLimits& limits);
   ~BoundedServer() override;
+  // After bind_to_port: httplib 0.11 listens with a backlog of 5, so a burst of connections waits
+  // for SYN retries (1 s each) before the accept loop sees it; this raises it to `backlog`.
+  void widen_backlog(int backlog);
   // Called with the status of each answer the server gives itself (503 at the cap, 411, 415).
   std::function<void(int)> on_refusal;
 

@@ -73,6 +73,7 @@ class Service {
       std::fprintf(stderr, "adafuse-serve: cannot listen on %s:%d\n", options.host.c_str(), options.port);
       return 1;
     }
+    server_.widen_backlog(static_cast<int>(std::min<size_t>(options.max_connections, 4096)));
     std::printf("listening on http://%s:%d\n", options.host.c_str(), port);
     std::fflush(stdout);
     running_server = &server_;
