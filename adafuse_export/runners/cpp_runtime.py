@@ -76,10 +76,9 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             raise AdafuseError(f"{name}: cannot load the C++ runtime ({e}); build runtime/ as runtime/README.md says "
                                "and set ADAFUSE_RUNTIME_LIB to its libadafuse_runtime.so") from None
         missing = [fn for fn in _SIGNATURES if not hasattr(lib, fn)]
-        if missing:  # another library under that name (ADAFUSE_RUNTIME_LIB pointing elsewhere)
-            raise AdafuseError(f"{name}: not the adafuse C++ runtime (it does not export {missing[0]}"
-                               f"{f' and {len(missing) - 1} more C API functions' if len(missing) > 1 else ''}); "
-                               "set ADAFUSE_RUNTIME_LIB to the libadafuse_runtime.so that runtime/ builds")
+        if missing:  # e.g. $ADAFUSE_RUNTIME_LIB naming an unrelated library
+            raise AdafuseError(f"{name}: not the adafuse C++ runtime (it has no '{missing[0]}' entry point); set "
+                               "ADAFUSE_RUNTIME_LIB to runtime/'s libadafuse_runtime.so")
         for fn, (restype, argtypes) in _SIGNATURES.items():
             getattr(lib, fn).restype = restype
             getattr(lib, fn).argtypes = argtypes

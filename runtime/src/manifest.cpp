@@ -1,5 +1,8 @@
 #include "manifest.h"
 
+#include <cstdio>
+#include <map>
+
 #include "error.h"
 #include "files.h"
 
@@ -28,6 +31,56 @@ static std::string python_type(const json& value) {
   if (value.is_number_float()) return "float";
   if (value.is_number()) return "int";
   return "NoneType";
+}
+
+// Python's json.dumps (default separators, ensure_ascii) of a parsed value, for messages.
+static std::string python_dumps(const json& v) {
+  if (v.is_object()) {
+    std::string out = "{";
+    for (auto it = v.begin(); it != v.end(); ++it)
+      out += (it == v.begin() ? "" : ", ") + python_dumps(json(it.key())) + ": " + python_dumps(it.value());
+    return out + "}";
+  }
+  if (v.is_array()) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + python_dumps(v[i]);
+    return out + "]";
+  }
+  if (v.is_string()) {
+    // ensure_ascii: everything outside printable ASCII as \uXXXX (UTF-16, surrogate pairs above U+FFFF)
+    const std::string& text = v.get_ref<const std::string&>();
+    std::string out = "\"";
+    char hex[16];
+    for (size_t i = 0; i < text.size();) {
+      const unsigned char c = static_cast<unsigned char>(text[i]);
+      uint32_t cp = c;
+      size_t n = 1;
+      if (c >= 0xf0) n = 4, cp = c & 0x07;
+      else if (c >= 0xe0) n = 3, cp = c & 0x0f;
+      else if (c >= 0xc0) n = 2, cp = c & 0x1f;
+      for (size_t k = 1; k < n && i + k < text.size(); ++k) cp = (cp << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3f);
+      i += n;
+      if (cp == '"') out += "\\\"";
+      else if (cp == '\\') out += "\\\\";
+      else if (cp == '\n') out += "\\n";
+      else if (cp == '\r') out += "\\r";
+      else if (cp == '\t') out += "\\t";
+      else if (cp == '\b') out += "\\b";
+      else if (cp == '\f') out += "\\f";
+      else if (cp >= 0x20 && cp < 0x7f) out += static_cast<char>(cp);
+      else if (cp > 0xffff) {
+        cp -= 0x10000;
+        std::snprintf(hex, sizeof(hex), "\\u%04x\\u%04x", 0xd800 + (cp >> 10), 0xdc00 + (cp & 0x3ff));
+        out += hex;
+      } else {
+        std::snprintf(hex, sizeof(hex), "\\u%04x", cp);
+        out += hex;
+      }
+    }
+    return out + "\"";
+  }
+  if (v.is_null()) return "null";
+  return v.dump();  // numbers and booleans are spelt alike
 }
 
 const TensorDesc* Manifest::input(const std::string& name) const {
@@ -122,6 +175,45 @@ void parse_fields(Manifest& m) {
                           r.text(j, {"plugin", "version"}, "plugin.version")};
 }
 
+// trt/manifest.py FIELD_TYPES / _check_types: the fields Python reads, with their JSON types.
+enum class Want { str, integer, str_or_null };
+struct FieldType {
+  const char* section;
+  const char* key;
+  Want want;
+};
+constexpr FieldType kFieldTypes[] = {
+    {"engine", "file", Want::str},           {"engine", "sha256", Want::str},
+    {"engine", "backend", Want::str},        {"engine", "backend_version", Want::str},
+    {"engine", "flavour", Want::str},        {"engine", "dtype", Want::str},
+    {"engine", "max_batch", Want::integer},  {"engine", "max_seq", Want::integer},
+    {"routing", "kind", Want::str},          {"routing", "num_experts", Want::integer},
+    {"routing", "top_k", Want::integer},     {"routing", "routes_file", Want::str_or_null},
+    {"routing", "pregate_graph", Want::str_or_null},
+    {"plugin", "library", Want::str},        {"plugin", "name", Want::str},
+    {"plugin", "strategy", Want::str},       {"plugin", "version", Want::str},
+    {"source", "path", Want::str},           {"source", "format", Want::str},
+    {"source", "index_sha256", Want::str}};
+
+void check_types(const json& j, const std::string& mpath) {
+  for (const char* section : {"engine", "routing", "plugin", "source"}) {
+    if (!j.contains(section) || j[section].is_null()) continue;
+    const json& values = j[section];
+    if (!values.is_object()) fail(ADAFUSE_ERR_FILE, mpath + ": '" + section + "' must be an object, found " + python_type(values));
+    for (const FieldType& f : kFieldTypes) {
+      if (std::string(f.section) != section || !values.contains(f.key)) continue;
+      const json& v = values[f.key];
+      const bool ok = f.want == Want::integer ? v.is_number_integer()
+                      : f.want == Want::str   ? v.is_string()
+                                              : (v.is_string() || v.is_null());
+      if (!ok)
+        fail(ADAFUSE_ERR_FILE, mpath + ": '" + section + "." + f.key + "' must be " +
+                                   (f.want == Want::integer ? "int" : f.want == Want::str ? "str" : "str or null") +
+                                   ", found " + python_type(v) + " " + python_dumps(v).substr(0, 40));
+    }
+  }
+}
+
 }  // namespace
 
 Manifest verify_engine(const fs::path& engine, bool check_files) {
@@ -143,6 +235,7 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
     if (!v.is_null() && !v.is_object())
       fail(ADAFUSE_ERR_FILE, mpath + ": '" + key + "' must be an object, found " + python_type(v));
   }
+  check_types(j, mpath);
   const json& want = lookup(j, {"engine", "sha256"});
   const std::string got = sha256_file(engine);
   if (want != got) {
@@ -177,11 +270,23 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
     if (ok)
       for (const auto& item : files->items()) ok = ok && item.value().is_string();
     if (!ok) fail(ADAFUSE_ERR_FILE, mpath + ": 'files' must map file names to SHA-256 strings");
-    for (const auto& [rel, digest] : files->items()) {
+    // Every name first: confined, present, and each file listed once (one file under many spellings
+    // would be hashed many times), before any hashing.
+    std::map<fs::path, std::string> listed;
+    for (const auto& item : files->items()) {
+      const std::string& rel = item.key();
       // A manifest may name only files beside the engine; FIFOs and devices are "missing" (never opened).
       const fs::path f = confine(engine.parent_path(), rel, mpath);
       if (!fs::is_regular_file(f, ec))
         fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + m.manifest_path.filename().string() + " is missing");
+      const fs::path real = fs::weakly_canonical(fs::absolute(f, ec), ec);
+      auto [at, fresh] = listed.emplace(real, rel);
+      if (!fresh)
+        fail(ADAFUSE_ERR_FILE, mpath + ": 'files' lists one file twice (" + python_repr(json(at->second)) + " and " +
+                                   python_repr(json(rel)) + ")");
+    }
+    for (const auto& [rel, digest] : files->items()) {
+      const fs::path f = confine(engine.parent_path(), rel, mpath);
       if (digest != sha256_file(f))
         fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + m.manifest_path.filename().string() +
                                    " (file modified after conversion)");

@@ -157,6 +157,32 @@ TEST(HostileManifest, FieldsOfTheWrongTypeAreRefusedAsPythonDoes) {
       EXPECT_EQ(got, gpath + message.substr(mpath.size())) << key << " " << value.dump();
     }
   }
+  // The field types Python checks before hashing (trt/manifest.py FIELD_TYPES), with its wording.
+  const std::vector<std::tuple<std::string, std::string, nlohmann::json, std::string>> typed = {
+      {"engine", "sha256", nlohmann::json::array({1, 2}), "'engine.sha256' must be str, found list [1, 2]"},
+      {"engine", "max_batch", true, "'engine.max_batch' must be int, found bool true"},
+      {"engine", "max_seq", 1.5, "'engine.max_seq' must be int, found float 1.5"},
+      {"routing", "routes_file", 5, "'routing.routes_file' must be str or null, found int 5"},
+      {"routing", "kind", {{"a", "\u00e9\n"}}, "'routing.kind' must be str, found dict {\"a\": \"\\u00e9\\n\"}"},
+      {"source", "path", std::string(100, 'x'), "'source.path' must be str, found str"},
+  };
+  for (const auto& [section, key, value, message] : typed) {
+    EngineFixture g;
+    g.manifest[section][key] = value;
+    g.save();
+    if (key == "path") {  // a string is a string: no refusal
+      EXPECT_NO_THROW(verify_engine(g.engine()));
+      continue;
+    }
+    expect_error([&] { verify_engine(g.engine()); }, ADAFUSE_ERR_FILE, g.manifest_path().string() + ": " + message);
+  }
+  {  // one file under two spellings is refused before anything is hashed
+    EngineFixture g;
+    g.manifest["files"]["./out.onnx//decoder.onnx"] = g.manifest["files"]["out.onnx/decoder.onnx"];
+    g.save();
+    expect_error([&] { verify_engine(g.engine()); }, ADAFUSE_ERR_FILE,
+                 g.manifest_path().string() + ": 'files' lists one file twice ('./out.onnx//decoder.onnx' and 'out.onnx/decoder.onnx')");
+  }
   // Numbers the backend multiplies into buffer sizes: every product checked in 64 bits.
   for (const auto& [name, shape] : std::vector<std::pair<std::string, nlohmann::json>>{
            {"logits", {-1, -1, int64_t(1) << 62}}, {"kv", {-1, int64_t(1) << 31, -1, 4}}, {"kv", {-1, 1 << 20, -1, 1 << 20}}}) {
