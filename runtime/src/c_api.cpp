@@ -175,6 +175,17 @@ adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_id
       adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch and prompt_len must be >= 1, found " + std::to_string(batch) +
                                                       " and " + std::to_string(prompt_len));
     if (options->num_stop_ids > 0) need(options->stop_ids, "options.stop_ids");
+    // Before copying batch x prompt_len ids out of the caller's buffer: the engine's own bounds.
+    const adafuse::BackendInfo& info = engine->backend->info();
+    if (batch > info.max_batch)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch of " + std::to_string(batch) +
+                                                      " sequences: the engine's profile takes 1 to " + std::to_string(info.max_batch));
+    if (prompt_len > info.max_seq)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(prompt_len) +
+                                                      " tokens is longer than the engine's profile (max_seq " +
+                                                      std::to_string(info.max_seq) + ")");
+    if (options->num_stop_ids > 1u << 20)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "num_stop_ids " + std::to_string(options->num_stop_ids) + " exceeds 1048576");
     std::vector<std::vector<int64_t>> prompts;
     std::vector<adafuse::SequenceOptions> seq(static_cast<size_t>(batch));
     for (int32_t i = 0; i < batch; ++i) {

@@ -64,6 +64,24 @@ TEST(CApi, GeneratesAndStreams) {
   adafuse_engine_free(engine);
 }
 
+TEST(CApi, GenerateChecksSizesBeforeReadingThePrompt) {
+  TempDir dir;
+  adafuse_engine* engine = replay_engine(dir);
+  const int64_t prompt[1] = {1};  // one id: a larger batch or length must be refused, never read
+  int64_t tokens[4];
+  int32_t lengths[1];
+  adafuse_generate_options o = adafuse_generate_options_default();
+  o.max_new_tokens = 1;
+  EXPECT_EQ(adafuse_generate(engine, prompt, INT32_MAX, 1, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "batch of 2147483647 sequences: the engine's profile takes 1 to 2");
+  EXPECT_EQ(adafuse_generate(engine, prompt, 1, INT32_MAX, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "prompt of 2147483647 tokens is longer than the engine's profile (max_seq 6)");
+  o.num_stop_ids = SIZE_MAX;
+  o.stop_ids = prompt;
+  EXPECT_EQ(adafuse_generate(engine, prompt, 1, 1, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  adafuse_engine_free(engine);
+}
+
 TEST(CApi, SamplerAndRoutesReportErrors) {
   adafuse_sampling s = adafuse_sampling_default();
   s.top_p = 2.0f;
