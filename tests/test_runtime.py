@@ -516,3 +516,333 @@ def test_validate_runtime_cpp_reaches_the_cpp_runtime(runtime_lib, converted):
     proc = subprocess.run([sys.executable, "-m", "adafuse_export", "validate", str(ckpt), str(engine.with_suffix(".onnx")),
                            "--runtime", "cpp"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "--runtime cpp" in proc.stderr and "runs .engine files" in proc.stderr, proc.stderr
+
+
+# ---- issue 24, classes 1 and 2: hostile files, garbage handles, hostile clients -------------------------
+
+def _bounded(fn, limit: float = 20.0):
+    """fn() on a daemon thread: (result or exception); a call that blocks past `limit` fails the test."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"blocked for {limit} s"
+    return box
+
+
+def _hostile_manifests(root: Path) -> list[tuple[str, object]]:
+    """(case name, edit): every edit turns a copy of the converted engine folder into a hostile one."""
+    def files(entry):
+        return lambda e, m: m.__setitem__("files", entry)
+
+    def link_listed(target):
+        def edit(e, m):
+            (e.parent / "listed").symlink_to(target)
+            m["files"] = {"listed": "0" * 64}
+        return edit
+
+    def fifo_listed(e, m):
+        os.mkfifo(e.parent / "pipe")
+        m["files"] = {"pipe": "0" * 64}
+
+    def manifest_is(kind):
+        def edit(e, m):
+            mf = e.with_suffix(".json")
+            mf.unlink()
+            if kind == "fifo":
+                os.mkfifo(mf)
+            elif kind == "dev-zero":
+                mf.symlink_to("/dev/zero")
+            elif kind == "directory":
+                mf.mkdir()
+            elif kind == "deep":
+                mf.write_text("[" * 33 + "]" * 33)
+            elif kind == "very deep":
+                mf.write_text("[" * 200_000)
+            return True  # the manifest is written here
+        return edit
+
+    def field(key, value):
+        return lambda e, m: m.__setitem__(key, value)
+
+    secret = root / "secret.txt"
+    secret.write_text("secret")
+    return [
+        ("files ../secret.txt", files({"../secret.txt": "0" * 64})),
+        ("files absolute", files({str(secret): "0" * 64})),
+        ("files /etc/passwd", files({"/etc/passwd": "0" * 64})),
+        ("files a/../../x", files({"out.onnx/../../secret.txt": "0" * 64})),
+        ("files ..", files({"..": "0" * 64})),
+        ("files empty name", files({"": "0" * 64})),
+        ("files not strings", files({"out.onnx/decoder.onnx": 5})),
+        ("files a list", files(["out.onnx/decoder.onnx"])),
+        ("files null", files(None)),
+        ("files link outside", link_listed(secret)),
+        ("files link to /dev/zero", link_listed("/dev/zero")),
+        ("files FIFO", fifo_listed),
+        ("files directory", lambda e, m: [(e.parent / "d").mkdir(), m.__setitem__("files", {"d": "0" * 64})] and None),
+        ("manifest FIFO", manifest_is("fifo")),
+        ("manifest /dev/zero", manifest_is("dev-zero")),
+        ("manifest directory", manifest_is("directory")),
+        ("manifest 33 deep", manifest_is("deep")),
+        ("manifest 200000 deep", manifest_is("very deep")),
+        ("engine not an object", field("engine", [1])),
+        ("plugin not an object", field("plugin", "AdafuseLoraLinear")),
+        ("plugin unknown op", field("plugin", {"name": "Evil", "version": "1"})),
+    ]
+
+
+def test_hostile_manifests_are_refused_as_python_refuses_them(runtime_lib, converted, tmp_path):
+    """Class 1: every generated hostile manifest is refused by the C API with Python's verify_engine
+    message, word for word, without blocking (FIFOs) or reading a device."""
+    from adafuse_export.runners.cpp_runtime import verify_manifest
+    from adafuse_export.trt.manifest import verify_engine
+
+    cases = _hostile_manifests(tmp_path)
+    for i, (name, edit) in enumerate(cases):
+        engine = _break_engine(converted[1], tmp_path / f"e{i}", "none")
+        manifest = json.loads(engine.with_suffix(".json").read_text())
+        if not edit(engine, manifest):
+            engine.with_suffix(".json").write_text(json.dumps(manifest))
+        python = _bounded(lambda: verify_engine(engine))
+        cpp = _bounded(lambda: verify_manifest(engine))
+        assert isinstance(python.get("error"), AdafuseError), (name, python)
+        assert isinstance(cpp.get("error"), AdafuseError), (name, cpp)
+        assert str(cpp["error"]) == str(python["error"]), name
+        assert "\n" not in str(cpp["error"]), name
+    assert len(cases) == 21
+
+
+def _routes_file(path: Path, header: dict | str, data: bytes = b"") -> Path:
+    import struct
+
+    text = header if isinstance(header, str) else json.dumps(header)
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data)
+    return path
+
+
+def _hostile_routes(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(file, a part of the expected one-line refusal)."""
+    def t(dtype, shape, offsets):
+        return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+    good_gates = t("F32", [2, 2], [16, 32])
+    cases = [
+        # the issue's file: 4 * 2^40 * 2^24 bytes wrap to 0 in 64 bits
+        ({"expert_ids": t("I32", [2**40, 2**24], [0, 0]), "gates": t("F32", [2**40, 2**24], [0, 0])}, b"", "shape must be"),
+        ({"expert_ids": t("I32", [2**20] * 4, [0, 0]), "gates": good_gates}, b"\0" * 32, "shape must be"),
+        ({"expert_ids": t("I32", [4096] * 6, [0, 0]), "gates": good_gates}, b"\0" * 4096, "has more bytes than 64 bits count"),
+        ({"expert_ids": t("I32", [2, 2], [0, 2**64 - 1]), "gates": good_gates}, b"\0" * 32, "lie outside"),
+        ({"expert_ids": t("I32", [2, 2], [-16, 0]), "gates": good_gates}, b"\0" * 32, "lie outside"),
+        ({"expert_ids": t("I32", [2, 2], [0, 16]), "gates": t("F32", [2, 2], [8, 24])}, b"\0" * 32, "overlap"),
+        ({"expert_ids": t("I32", [2, 2], [0, 16])}, b"\0" * 16, "tensor 'gates' not found"),
+        ({"gates": good_gates}, b"\0" * 32, "tensor 'expert_ids' not found"),
+        ({"expert_ids": t("I32", [2, 2], [0, 16]), "gates": t("F32", [2, 3], [16, 40])}, b"\0" * 40, "must have one equal"),
+        ({"expert_ids": t("I64", [2, 2], [0, 32]), "gates": t("F32", [2, 2], [32, 48])}, b"\0" * 48, "expected I32 of rank 2"),
+        ({"expert_ids": t("I32", [1] * 9, [0, 4]), "gates": good_gates}, b"\0" * 32, "at most 8"),
+        ("[" * 100_000, b"", "nested deeper than 32 levels"),
+        ('{"expert_ids": 1e309}', b"", "corrupt safetensors header"),
+    ]
+    out = []
+    for i, (header, data, part) in enumerate(cases):
+        out.append((_routes_file(tmp_path / f"r{i}.safetensors", header, data), part))
+    neg = np.array([[0, 1], [-3, 1]], np.int32).tobytes() + np.zeros(4, np.float32).tobytes()
+    out.append((_routes_file(tmp_path / "neg.safetensors", {"expert_ids": t("I32", [2, 2], [0, 16]), "gates": good_gates}, neg),
+                "expert_ids holds -3, expected ids >= 0"))
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    out.append((tmp_path / "fifo.safetensors", "expected a safetensors file, found a FIFO (named pipe)"))
+    out.append((Path("/dev/zero"), "expected a safetensors file, found a character device"))
+    (tmp_path / "huge-length.safetensors").write_bytes((2**63).to_bytes(8, "little") + b"{}")
+    out.append((tmp_path / "huge-length.safetensors", "header length 9223372036854775808 is larger than the 2 bytes after it"))
+    return out
+
+
+def test_hostile_routing_tables_are_refused_in_one_line(runtime_lib, tmp_path):
+    """Class 1 (and the tracebacks class): overflowing shapes, offsets, missing tensors, negative ids,
+    FIFOs and devices: one line naming the file, never a crash on the first lookup."""
+    from adafuse_export.runners.cpp_runtime import RoutingTable
+
+    cases = _hostile_routes(tmp_path)
+    for path, part in cases:
+        got = _bounded(lambda: RoutingTable(path))
+        err = got.get("error")
+        assert isinstance(err, AdafuseError), (path, part, got)
+        assert str(err).startswith(f"{path}: ") and part in str(err) and "\n" not in str(err), (path, str(err))
+    assert len(cases) == 17
+
+
+def test_garbage_handles_are_refused_by_the_c_api(runtime_lib):
+    """Class 2: pointers the library never handed out (or freed) give ADAFUSE_ERR_INVALID_ARGUMENT."""
+    from adafuse_export.runners.cpp_runtime import load_library
+
+    lib = load_library()
+    buf = ctypes.create_string_buffer(4096)
+    sampler = ctypes.c_void_p()
+    from adafuse_export.runners.cpp_runtime import _Sampling
+    assert lib.adafuse_sampler_create(ctypes.byref(_Sampling(0.0, 0, 1.0, 0)), ctypes.byref(sampler)) == 0
+    lib.adafuse_sampler_free(sampler)
+    garbage = [0xdeadbeef, 8, ctypes.addressof(buf), sampler.value, 2**64 - 16, 0x7fffffff0000]
+    ids = np.zeros(1, np.int64)
+    out = np.zeros(64, np.float32)
+    eids = np.zeros(64, np.int32)
+    token = ctypes.c_int64()
+    count = 0
+    for g in garbage:
+        h = ctypes.c_void_p(g)
+        for status in (lib.adafuse_routes_lookup(h, ids.ctypes.data, 1, eids.ctypes.data, out.ctypes.data),
+                       lib.adafuse_sampler_next(h, out.ctypes.data, 8, ctypes.byref(token)),
+                       lib.adafuse_prefill(h, ids.ctypes.data, 1, 1, out.ctypes.data, None, None),
+                       lib.adafuse_decode(h, ids.ctypes.data, 1, out.ctypes.data, None, None),
+                       lib.adafuse_read_kv(h, 0, 0, out.ctypes.data)):
+            assert status == 1, (hex(g), status)
+            assert "not a live handle" in lib.adafuse_last_error().decode()
+            count += 1
+        assert lib.adafuse_past_length(h) == 0
+        assert lib.adafuse_manifest_json(h) == b""
+        for free in (lib.adafuse_routes_free, lib.adafuse_sampler_free, lib.adafuse_engine_free, lib.adafuse_manifest_free):
+            free(h)  # ignored
+    assert count == 30
+
+
+def test_an_unrelated_runtime_library_is_one_line(runtime_build, tmp_path, monkeypatch):
+    from adafuse_export.runners import cpp_runtime
+
+    for lib in (runtime_build / "tests/libplugin_library_stub.so", "libm.so.6"):
+        monkeypatch.setenv("ADAFUSE_RUNTIME_LIB", str(lib))
+        with pytest.raises(AdafuseError, match=rf"^{lib}: not the adafuse C\+\+ runtime \(it has no 'adafuse_\w+' entry point\)"):
+            cpp_runtime.verify_manifest(tmp_path / "out.engine")
+    (tmp_path / "notalib.so").write_text("hello")
+    monkeypatch.setenv("ADAFUSE_RUNTIME_LIB", str(tmp_path / "notalib.so"))
+    with pytest.raises(AdafuseError, match="cannot load the C\\+\\+ runtime"):
+        cpp_runtime.verify_manifest(tmp_path / "out.engine")
+
+
+def test_cli_paths_do_not_hang_on_a_fifo_manifest(runtime_build, runtime_lib, converted, tmp_path):
+    """adafuse-generate, adafuse-serve and validate --runtime cpp on an engine whose manifest is a FIFO."""
+    engine = _break_engine(converted[1], tmp_path / "e", "none")
+    engine.with_suffix(".json").unlink()
+    os.mkfifo(engine.with_suffix(".json"))
+    want = f"{engine.with_suffix('.json')}: expected a JSON file, found a FIFO (named pipe)"
+    for exe, args in (("adafuse-generate", ["--prompt-ids", "1"]), ("adafuse-serve", ["--port", "0"])):
+        proc = subprocess.run([runtime_build / exe, "--engine", engine, *args], capture_output=True, text=True, timeout=30)
+        assert (proc.returncode, proc.stderr) == (2, f"{exe}: {want}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), ADAFUSE_RUNTIME_LIB=runtime_lib)
+    proc = subprocess.run([sys.executable, "-m", "adafuse_export", "validate", str(converted[0]), str(engine), "--runtime", "cpp"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and want in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def _raw(port: int, data: bytes, timeout: float = 10, until_eof: bool = True) -> bytes:
+    """The bytes answered to `data` on a fresh connection: all of them up to EOF, or the first ones."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+            if not until_eof:
+                break
+        return out
+
+
+def _deep_bodies() -> list[bytes]:
+    bodies = []
+    for depth in (17, 100, 10_000, 200_000):
+        objects = min(depth, 150_000)  # 6 bytes a level: 900 KB, under the 1 MiB body limit
+        bodies += [b"[" * depth + b"]" * depth, b"[" * depth, b'{"a":' * objects + b"1" + b"}" * objects,
+                   b'{"prompt_ids": ' + b"[" * depth + b"]" * depth + b"}"]
+    return bodies
+
+
+def test_service_refuses_deep_nesting_and_unbounded_bodies(start_server):
+    """Class 2: nested bodies (up to 200,000 deep, 400 KB, under the 1 MiB limit) are 400s; chunked
+    and compressed bodies are refused before they are read; the service keeps answering."""
+    url = start_server()
+    port = int(url.rsplit(":", 1)[1])
+    bodies = _deep_bodies()
+    for body in bodies:
+        code, text = _post(url, body)
+        assert code == 400 and json.loads(text) == {"error": "JSON nested deeper than 16 levels"}, (len(body), text)
+    head = b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    chunked = _raw(port, head + b"Transfer-Encoding: chunked\r\n\r\n" + b"100000\r\n" + b"[" * 4096)
+    assert chunked.startswith(b"HTTP/1.1 411 "), chunked[:200]
+    gz = _raw(port, head + b"Content-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd")
+    assert gz.startswith(b"HTTP/1.1 415 "), gz[:200]
+    big = _raw(port, head + b"Content-Length: 2000000\r\n\r\n")  # answered and closed before any body byte
+    assert big.startswith(b"HTTP/1.1 413 "), big[:200]
+    assert json.loads(_get(url, "/health"))["status"] == "ok"
+    assert len(bodies) == 16
+
+
+def test_service_health_is_answered_under_idle_and_slow_clients(start_server):
+    """Class 2: 300 idle connections and 16 clients sending a header line every 2 s leave /health
+    answered at once; a slow client is cut at the request deadline, an idle one at the idle timeout."""
+    import socket
+
+    url = start_server("--idle-timeout-ms", "30000", "--request-timeout-ms", "3000")
+    port = int(url.rsplit(":", 1)[1])
+    socks = []
+    try:
+        socks += [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+        socks += slow
+        for s in slow:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        delays = []
+        t0 = time.monotonic()
+        for _ in range(3):  # 4+ s: the slow clients pass the 3 s request deadline
+            for s in slow:
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            start = time.monotonic()
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                assert json.loads(r.read())["status"] == "ok"
+            delays.append(time.monotonic() - start)
+            time.sleep(2)
+        assert max(delays) < 2.0, delays
+        # Every slow client was cut by its request deadline (3 s) rather than served forever.
+        for s in slow:  # (httplib answers the cut request with 400, then the connection closes)
+            s.settimeout(max(0.1, 10 - (time.monotonic() - t0)))
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+        code, text = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 2})
+        assert code == 200, text
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_service_caps_its_connections(start_server):
+    import socket
+
+    url = start_server("--max-connections", "4", "--idle-timeout-ms", "20000")
+    port = int(url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        over = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert over.startswith(b"HTTP/1.1 503 ") and b"too many connections" in over, over
+    finally:
+        for s in held:
+            s.close()
+    for _ in range(50):  # the held connections' threads end when their sockets close
+        try:
+            if json.loads(_get(url, "/health"))["status"] == "ok":
+                break
+        except (urllib.error.HTTPError, urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    else:
+        raise AssertionError("/health never answered after the held connections closed")

@@ -7,7 +7,9 @@
 #include <cstdio>
 #include <set>
 
+#include "bounded_server.h"
 #include "error.h"
+#include "request.h"
 #include "scheduler.h"
 
 namespace adafuse {
@@ -17,68 +19,17 @@ using nlohmann::json;
 
 httplib::Server* running_server = nullptr;
 
+ConnectionLimits connection_limits(const ServiceOptions& o) {
+  ConnectionLimits l;
+  l.max_connections = o.max_connections;
+  l.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+  l.request_deadline = std::chrono::milliseconds(o.request_deadline_ms);
+  l.body_limit = o.max_body_bytes;
+  return l;
+}
+
 void on_signal(int) {
   if (running_server != nullptr) running_server->stop();
-}
-
-int64_t integer_field(const json& body, const char* name, int64_t fallback, int64_t low, int64_t high) {
-  if (!body.contains(name)) return fallback;
-  const json& v = body[name];
-  if (!v.is_number_integer() || v.get<int64_t>() < low || v.get<int64_t>() > high)
-    fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' must be an integer in [" + std::to_string(low) + ", " +
-                                           std::to_string(high) + "], found " + v.dump());
-  return v.get<int64_t>();
-}
-
-float number_field(const json& body, const char* name, float fallback) {
-  if (!body.contains(name)) return fallback;
-  if (!body[name].is_number()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' must be a number, found " + body[name].dump());
-  return body[name].get<float>();
-}
-
-std::vector<int64_t> ids_field(const json& body, const char* name, bool required) {
-  if (!body.contains(name)) {
-    if (required) fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' is required (a list of token ids)");
-    return {};
-  }
-  const json& v = body[name];
-  if (!v.is_array()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' must be a list of token ids, found " + v.dump());
-  std::vector<int64_t> ids;
-  for (const json& id : v) {
-    if (!id.is_number_integer())
-      fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' must hold integer token ids, found " + id.dump());
-    ids.push_back(id.get<int64_t>());
-  }
-  return ids;
-}
-
-// The request body as a checked GenerateRequest; stream tells whether to answer as ndjson.
-std::shared_ptr<GenerateRequest> parse_request(const std::string& text, bool& stream) {
-  json body;
-  try {
-    body = json::parse(text);
-  } catch (const json::parse_error& e) {
-    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "malformed JSON at byte " + std::to_string(e.byte));
-  }
-  if (!body.is_object()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("expected a JSON object, found ") + body.type_name());
-  static const std::set<std::string> known = {"prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                                              "stop_ids", "stream"};
-  for (const auto& [key, value] : body.items())
-    if (!known.count(key)) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown field '" + key + "'");
-  auto request = std::make_shared<GenerateRequest>();
-  request->prompt = ids_field(body, "prompt_ids", true);
-  request->options.max_new_tokens = static_cast<int32_t>(integer_field(body, "max_new_tokens", 16, 1, INT32_MAX));
-  request->options.sampling.temperature = number_field(body, "temperature", 0.0f);
-  request->options.sampling.top_k = static_cast<int32_t>(integer_field(body, "top_k", 0, 0, INT32_MAX));
-  request->options.sampling.top_p = number_field(body, "top_p", 1.0f);
-  request->options.sampling.seed = static_cast<uint64_t>(integer_field(body, "seed", 0, 0, INT64_MAX));
-  request->options.stop_ids = ids_field(body, "stop_ids", false);
-  stream = false;
-  if (body.contains("stream")) {
-    if (!body["stream"].is_boolean()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "'stream' must be true or false, found " + body["stream"].dump());
-    stream = body["stream"].get<bool>();
-  }
-  return request;
 }
 
 json result_json(const GenerateResult& r) { return json{{"tokens", r.tokens}, {"finish_reason", r.finish_reason}}; }
@@ -93,8 +44,9 @@ struct TokenChannel {
 
 class Service {
  public:
-  Service(Backend& backend, const ServiceOptions& options) : scheduler_(backend, options.queue_capacity, metrics_) {
-    server_.set_payload_max_length(options.max_body_bytes);
+  Service(Backend& backend, const ServiceOptions& options)
+      : scheduler_(backend, options.queue_capacity, metrics_), server_(connection_limits(options)) {
+    server_.on_refusal = [this](int status) { metrics_.request(status); };
     server_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
       const BackendInfo& info = scheduler_.info();
       res.set_content(json{{"status", "ok"}, {"backend", info.description}, {"max_batch", info.max_batch},
@@ -121,6 +73,7 @@ class Service {
       std::fprintf(stderr, "adafuse-serve: cannot listen on %s:%d\n", options.host.c_str(), options.port);
       return 1;
     }
+    server_.widen_backlog(static_cast<int>(std::min<size_t>(options.max_connections, 4096)));
     std::printf("listening on http://%s:%d\n", options.host.c_str(), port);
     std::fflush(stdout);
     running_server = &server_;
@@ -135,7 +88,7 @@ class Service {
   void reply_error(httplib::Response& res, int status, const std::string& message) {
     metrics_.request(status);
     res.status = status;
-    res.set_content(json{{"error", message}}.dump() + "\n", "application/json");
+    res.set_content(json{{"error", message}}.dump(-1, ' ', false, json::error_handler_t::replace) + "\n", "application/json");
   }
 
   void generate(const httplib::Request& req, httplib::Response& res) {
@@ -191,7 +144,7 @@ class Service {
 
   Metrics metrics_;
   Scheduler scheduler_;
-  httplib::Server server_;
+  BoundedServer server_;
 };
 
 }  // namespace
@@ -208,6 +161,9 @@ bool parse_service_option(const std::string& flag, const std::string& value, Ser
   if (flag == "--host") options.host = value;
   else if (flag == "--port") options.port = static_cast<int>(number(0, 65535));
   else if (flag == "--queue") options.queue_capacity = static_cast<size_t>(number(1, 1 << 20));
+  else if (flag == "--max-connections") options.max_connections = static_cast<size_t>(number(1, 1 << 16));
+  else if (flag == "--idle-timeout-ms") options.idle_timeout_ms = number(1, 3600000);
+  else if (flag == "--request-timeout-ms") options.request_deadline_ms = number(1, 3600000);
   else return false;
   return true;
 }

@@ -5,7 +5,8 @@
 //                      stream: application/x-ndjson, one {"token": t} line per token, then the result line
 //   GET /health        -> {"status": "ok", "backend": .., "max_batch": .., "max_seq": .., "vocab": ..}
 //   GET /metrics       -> Prometheus text
-// A bad request gets 400 with {"error": "<one line>"}; a full queue 503; an engine failure 500.
+// A bad request gets 400 with {"error": "<one line>"} (JSON nested deeper than 16 levels included);
+// a chunked or compressed body 411 / 415; a full queue or too many connections 503; an engine failure 500.
 #pragma once
 
 #include <cstdint>
@@ -20,9 +21,15 @@ struct ServiceOptions {
   int port = 8000;  // 0: any free port (printed on start)
   size_t queue_capacity = 64;
   size_t max_body_bytes = 1 << 20;
+  // Connection bounds (bounded_server.h): open connections, the wait for a request to begin, and
+  // the time a request's head and body may take to arrive.
+  size_t max_connections = 1024;
+  long idle_timeout_ms = 5000;
+  long request_deadline_ms = 10000;
 };
 
-// Reads one service option (--host, --port, --queue) into options; false when `flag` is not one.
+// Reads one service option (--host, --port, --queue, --max-connections, --idle-timeout-ms,
+// --request-timeout-ms) into options; false when `flag` is not one.
 bool parse_service_option(const std::string& flag, const std::string& value, ServiceOptions& options);
 
 // Serves until SIGINT or SIGTERM; prints "listening on http://HOST:PORT" once bound. Returns an exit code.

@@ -1,11 +1,13 @@
 // The C API: catches every exception at the boundary and turns it into a status and a message.
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "adafuse/runtime.h"
 #include "engine_handle.h"
 #include "error.h"
 #include "generation.h"
+#include "handles.h"
 #include "manifest.h"
 #include "routing.h"
 #include "sampling.h"
@@ -52,6 +54,24 @@ void need(const void* pointer, const char* name) {
   if (pointer == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string(name) + ": NULL pointer");
 }
 
+using adafuse::handles::Kind;
+// Every handle argument is checked against the registry (handles.h) before it is dereferenced.
+void need(const adafuse_routes* h, const char* name) { adafuse::handles::check(h, Kind::routes, name); }
+void need(const adafuse_sampler* h, const char* name) { adafuse::handles::check(h, Kind::sampler, name); }
+void need(const adafuse_engine* h, const char* name) { adafuse::handles::check(h, Kind::engine, name); }
+
+// Hands a new handle out: registered first, so that a failure leaves nothing behind.
+template <typename T>
+T* hand_out(std::unique_ptr<T> handle, Kind kind) {
+  adafuse::handles::add(handle.get(), kind);
+  return handle.release();
+}
+
+template <typename T>
+void free_handle(T* handle, Kind kind) {
+  if (adafuse::handles::remove(handle, kind)) delete handle;  // unknown or freed pointers are ignored
+}
+
 }  // namespace
 
 extern "C" {
@@ -67,22 +87,25 @@ adafuse_status adafuse_manifest_open(const char* engine_path, int check_files, a
     auto m = std::make_unique<adafuse_manifest>();
     m->manifest = adafuse::verify_engine(engine_path, check_files != 0);
     m->text = m->manifest.json.dump(2);
-    *out = m.release();
+    *out = hand_out(std::move(m), Kind::manifest);
   });
 }
-const char* adafuse_manifest_json(const adafuse_manifest* manifest) { return manifest ? manifest->text.c_str() : ""; }
-void adafuse_manifest_free(adafuse_manifest* manifest) { delete manifest; }
+const char* adafuse_manifest_json(const adafuse_manifest* manifest) {
+  return adafuse::handles::valid(manifest, Kind::manifest) ? manifest->text.c_str() : "";
+}
+void adafuse_manifest_free(adafuse_manifest* manifest) { free_handle(manifest, Kind::manifest); }
 
 adafuse_status adafuse_routes_open(const char* path, adafuse_routes** out) {
   return guarded([&] {
     need(path, "path");
     need(out, "out");
-    *out = new adafuse_routes{adafuse::RoutingTable(path)};
+    *out = hand_out(std::make_unique<adafuse_routes>(adafuse_routes{adafuse::RoutingTable(path)}), Kind::routes);
   });
 }
 void adafuse_routes_shape(const adafuse_routes* routes, int64_t* vocab, int32_t* top_k) {
-  if (vocab) *vocab = routes ? routes->table.vocab() : 0;
-  if (top_k) *top_k = routes ? routes->table.top_k() : 0;
+  const bool ok = adafuse::handles::valid(routes, Kind::routes);
+  if (vocab) *vocab = ok ? routes->table.vocab() : 0;
+  if (top_k) *top_k = ok ? routes->table.top_k() : 0;
 }
 adafuse_status adafuse_routes_lookup(const adafuse_routes* routes, const int64_t* ids, size_t n, int32_t* expert_ids,
                                      float* gates) {
@@ -94,7 +117,7 @@ adafuse_status adafuse_routes_lookup(const adafuse_routes* routes, const int64_t
     routes->table.lookup(ids, n, expert_ids, gates);
   });
 }
-void adafuse_routes_free(adafuse_routes* routes) { delete routes; }
+void adafuse_routes_free(adafuse_routes* routes) { free_handle(routes, Kind::routes); }
 
 adafuse_sampling adafuse_sampling_default(void) { return adafuse_sampling{0.0f, 0, 1.0f, 0}; }
 
@@ -102,7 +125,7 @@ adafuse_status adafuse_sampler_create(const adafuse_sampling* options, adafuse_s
   return guarded([&] {
     need(options, "options");
     need(out, "out");
-    *out = new adafuse_sampler{adafuse::Sampler(*options)};
+    *out = hand_out(std::make_unique<adafuse_sampler>(adafuse_sampler{adafuse::Sampler(*options)}), Kind::sampler);
   });
 }
 adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logits, int64_t vocab, int64_t* token) {
@@ -113,7 +136,7 @@ adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logit
     *token = sampler->sampler.next(logits, vocab);
   });
 }
-void adafuse_sampler_free(adafuse_sampler* sampler) { delete sampler; }
+void adafuse_sampler_free(adafuse_sampler* sampler) { free_handle(sampler, Kind::sampler); }
 
 adafuse_open_options adafuse_open_options_default(void) { return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1}; }
 
@@ -124,17 +147,17 @@ adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_
     need(out, "out");
     auto engine = std::make_unique<adafuse_engine>();
     engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
-    *out = engine.release();
+    *out = hand_out(std::move(engine), Kind::engine);
   });
 }
 void adafuse_engine_limits(const adafuse_engine* engine, int32_t* max_batch, int32_t* max_seq, int64_t* vocab) {
   const adafuse::BackendInfo none;
-  const adafuse::BackendInfo& info = engine ? engine->backend->info() : none;
+  const adafuse::BackendInfo& info = adafuse::handles::valid(engine, Kind::engine) ? engine->backend->info() : none;
   if (max_batch) *max_batch = info.max_batch;
   if (max_seq) *max_seq = info.max_seq;
   if (vocab) *vocab = info.vocab;
 }
-void adafuse_engine_free(adafuse_engine* engine) { delete engine; }
+void adafuse_engine_free(adafuse_engine* engine) { free_handle(engine, Kind::engine); }
 
 adafuse_generate_options adafuse_generate_options_default(void) {
   return adafuse_generate_options{adafuse_sampling_default(), 16, nullptr, 0, nullptr, nullptr};
@@ -152,6 +175,17 @@ adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_id
       adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch and prompt_len must be >= 1, found " + std::to_string(batch) +
                                                       " and " + std::to_string(prompt_len));
     if (options->num_stop_ids > 0) need(options->stop_ids, "options.stop_ids");
+    // Before copying batch x prompt_len ids out of the caller's buffer: the engine's own bounds.
+    const adafuse::BackendInfo& info = engine->backend->info();
+    if (batch > info.max_batch)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch of " + std::to_string(batch) +
+                                                      " sequences: the engine's profile takes 1 to " + std::to_string(info.max_batch));
+    if (prompt_len > info.max_seq)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(prompt_len) +
+                                                      " tokens is longer than the engine's profile (max_seq " +
+                                                      std::to_string(info.max_seq) + ")");
+    if (options->num_stop_ids > 1u << 20)
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "num_stop_ids " + std::to_string(options->num_stop_ids) + " exceeds 1048576");
     std::vector<std::vector<int64_t>> prompts;
     std::vector<adafuse::SequenceOptions> seq(static_cast<size_t>(batch));
     for (int32_t i = 0; i < batch; ++i) {
@@ -191,10 +225,12 @@ adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_
     engine->backend->decode(ids, batch, logits, expert_ids, gates);
   });
 }
-int32_t adafuse_past_length(const adafuse_engine* engine) { return engine ? engine->backend->past_length() : 0; }
+int32_t adafuse_past_length(const adafuse_engine* engine) {
+  return adafuse::handles::valid(engine, Kind::engine) ? engine->backend->past_length() : 0;
+}
 void adafuse_kv_shape(const adafuse_engine* engine, int32_t* layers, int32_t* kv_heads, int32_t* head_dim) {
   const adafuse::BackendInfo none;
-  const adafuse::BackendInfo& info = engine ? engine->backend->info() : none;
+  const adafuse::BackendInfo& info = adafuse::handles::valid(engine, Kind::engine) ? engine->backend->info() : none;
   if (layers) *layers = info.layers;
   if (kv_heads) *kv_heads = info.kv_heads;
   if (head_dim) *head_dim = info.head_dim;

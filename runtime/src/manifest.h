@@ -17,6 +17,8 @@ inline constexpr const char* kManifestFormat = "adafuse-engine";
 inline constexpr int kManifestVersion = 1;
 // Must equal adafuse_export/onnx/plugin_ops.py PLUGIN_VERSION (a pytest checks it).
 inline constexpr const char* kPluginVersion = "1";
+// Must equal adafuse_export/onnx/plugin_ops.py OP_TYPES.
+inline constexpr const char* kPluginOpTypes[] = {"AdafuseLoraLinear", "AdafuseSwitchLinear"};
 
 struct TensorDesc {
   std::string name;
@@ -36,6 +38,7 @@ struct Manifest {
   std::vector<TensorDesc> inputs, outputs;
   std::string routing_kind;
   int32_t top_k = 0;
+  int32_t num_experts = 0;  // routing.num_experts (0: not stated); routing-table ids must lie below it
   std::optional<std::filesystem::path> routes_file;  // absolute (engine folder + relative name)
   std::optional<PluginDesc> plugin;
 

@@ -10,7 +10,9 @@ namespace adafuse {
 
 class RoutingTable {
  public:
-  explicit RoutingTable(const std::filesystem::path& path);
+  // num_experts > 0: every expert id must lie in [0, num_experts) (the manifest's routing.num_experts);
+  // 0: ids are only checked to be >= 0 (a table read without its engine).
+  explicit RoutingTable(const std::filesystem::path& path, int64_t num_experts = 0);
   int64_t vocab() const { return vocab_; }
   int32_t top_k() const { return top_k_; }
   // Row-major [vocab, k] tables (the device copy is uploaded from these).

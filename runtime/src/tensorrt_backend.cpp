@@ -162,7 +162,8 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   if (!runtime_) fail(ADAFUSE_ERR_TENSORRT, trt_.library.path() + ": TensorRT " + trt_.version_text + " could not create a runtime");
   if (!plugin_path.empty() && runtime_->getPluginRegistry().loadLibrary(plugin_path.c_str()) == nullptr)
     fail(ADAFUSE_ERR_PLUGIN, plugin_path + ": TensorRT could not load the plugin library (see the TensorRT log above)");
-  const std::string blob = read_file(manifest.engine_path, "engine file");
+  // A regular file (hashed above), read to its fstat size; 1 TiB is far above any engine.
+  const std::string blob = read_bytes(manifest.engine_path, "engine file", 1ull << 40);
   engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
   if (!engine_)
     fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT " + trt_.version_text + " could not deserialize the engine (built with " +
@@ -188,7 +189,7 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
     route_gates_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
   }
   if (layout_.routes_in) {
-    RoutingTable table(*manifest.routes_file);
+    RoutingTable table(*manifest.routes_file, manifest.num_experts);
     if (table.top_k() != layout_.top_k || table.vocab() != layout_.vocab)
       fail(ADAFUSE_ERR_FILE, manifest.routes_file->string() + ": routing table [" + std::to_string(table.vocab()) + ", " +
                                  std::to_string(table.top_k()) + "], the engine takes top-k " + std::to_string(layout_.top_k) +

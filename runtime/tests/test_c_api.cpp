@@ -14,7 +14,7 @@ adafuse_engine* replay_engine(const TempDir& dir) {
   std::vector<float> logits(6 * 4);
   for (size_t p = 0; p < 6; ++p) logits[p * 4 + (p + 1) % 4] = 1.0f;  // position p peaks at (p + 1) % 4
   write_file(dir / "l.safetensors", safetensors_bytes({{"logits", "F32", {1, 6, 4}, bytes_of(logits)}}));
-  return new adafuse_engine{std::make_unique<ReplayBackendForTests>(dir / "l.safetensors", 2, 6)};
+  return adafuse::make_engine_handle(std::make_unique<ReplayBackendForTests>(dir / "l.safetensors", 2, 6));
 }
 
 TEST(CApi, GeneratesAndStreams) {
@@ -61,6 +61,24 @@ TEST(CApi, GeneratesAndStreams) {
   EXPECT_EQ(adafuse_past_length(engine), 2);
   float kv[1];
   EXPECT_EQ(adafuse_read_kv(engine, 0, 0, kv), ADAFUSE_ERR_INVALID_ARGUMENT);
+  adafuse_engine_free(engine);
+}
+
+TEST(CApi, GenerateChecksSizesBeforeReadingThePrompt) {
+  TempDir dir;
+  adafuse_engine* engine = replay_engine(dir);
+  const int64_t prompt[1] = {1};  // one id: a larger batch or length must be refused, never read
+  int64_t tokens[4];
+  int32_t lengths[1];
+  adafuse_generate_options o = adafuse_generate_options_default();
+  o.max_new_tokens = 1;
+  EXPECT_EQ(adafuse_generate(engine, prompt, INT32_MAX, 1, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "batch of 2147483647 sequences: the engine's profile takes 1 to 2");
+  EXPECT_EQ(adafuse_generate(engine, prompt, 1, INT32_MAX, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "prompt of 2147483647 tokens is longer than the engine's profile (max_seq 6)");
+  o.num_stop_ids = SIZE_MAX;
+  o.stop_ids = prompt;
+  EXPECT_EQ(adafuse_generate(engine, prompt, 1, 1, &o, tokens, lengths), ADAFUSE_ERR_INVALID_ARGUMENT);
   adafuse_engine_free(engine);
 }
 

@@ -110,10 +110,14 @@ TEST(Manifest, RefusesAModifiedListedFile) {
 
 TEST(Manifest, RefusesBadFields) {
   EngineFixture f;
-  f.manifest["engine"]["max_batch"] = "eight";
+  f.manifest["engine"]["max_batch"] = "eight";  // a type Python checks first, with its wording
   f.save();
   expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
-               f.manifest_path().string() + ": field 'engine.max_batch' must be a positive integer, found \"eight\"");
+               f.manifest_path().string() + ": 'engine.max_batch' must be int, found str \"eight\"");
+  f.manifest["engine"]["max_batch"] = 0;  // the right type, a wrong value: the runtime's own field check
+  f.save();
+  expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
+               f.manifest_path().string() + ": field 'engine.max_batch' must be a positive integer, found 0");
   EngineFixture g;
   g.manifest["tensors"].erase("outputs");
   g.save();

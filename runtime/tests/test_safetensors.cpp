@@ -35,7 +35,7 @@ TEST(Safetensors, RefusesEachDefect) {
   refuses(safetensors_with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", std::string(8, '\0')),
           where + ": tensor 'a': dtype \"Q4\" is not supported");
   refuses(safetensors_with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", std::string(8, '\0')),
-          where + ": tensor 'a': shape must be a list of non-negative integers, found [-2]");
+          where + ": tensor 'a': shape must be a list of at most 8 non-negative integers no larger than the file, found [-2]");
   refuses(safetensors_with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", std::string(8, '\0')),
           where + ": tensor 'a': data_offsets [0,16] lie outside the 8 data bytes (file truncated?)");
   refuses(safetensors_with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", std::string(8, '\0')),
