@@ -596,6 +596,9 @@ def _hostile_manifests(root: Path) -> list[tuple[str, object]]:
         ("engine not an object", field("engine", [1])),
         ("plugin not an object", field("plugin", "AdafuseLoraLinear")),
         ("plugin unknown op", field("plugin", {"name": "Evil", "version": "1"})),
+        ("engine.max_seq a string", lambda e, m: m["engine"].__setitem__("max_seq", "32")),
+        ("files one file twice", lambda e, m: m.__setitem__("files", {**m["files"], **{
+            k.replace("/", "/./", 1): v for k, v in m["files"].items()}})),
     ]
 
 
@@ -617,7 +620,7 @@ def test_hostile_manifests_are_refused_as_python_refuses_them(runtime_lib, conve
         assert isinstance(cpp.get("error"), AdafuseError), (name, cpp)
         assert str(cpp["error"]) == str(python["error"]), name
         assert "\n" not in str(cpp["error"]), name
-    assert len(cases) == 21
+    assert len(cases) == 23
 
 
 def _routes_file(path: Path, header: dict | str, data: bytes = b"") -> Path:

@@ -145,7 +145,8 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
             # any hashing, so the work is bounded by the files that exist, not by the manifest's length
             real = os.path.realpath(f)
             if real in listed:
-                raise AdafuseError(f"{mpath}: 'files' lists one file twice ({listed[real]!r} and {rel!r})")
+                first, second = sorted((listed[real], rel))  # the C++ reader meets names in sorted order
+                raise AdafuseError(f"{mpath}: 'files' lists one file twice ({first!r} and {second!r})")
             listed[real] = rel
         for rel, digest in files.items():
             f = confine(engine.parent, rel, mpath)
