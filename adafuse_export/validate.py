@@ -43,11 +43,15 @@ HALF_TOLERANCE_MODES = {  # mode -> (description, the few words convert's summar
 }
 
 
+REL_FLOOR = 0.01  # the relative error is taken where |reference| >= this share of the step's largest |reference|
+
+
 class _Stat:
     def __init__(self, name: str, atol: float, rtol: float):
         self.name, self.atol, self.rtol = name, atol, rtol
         self.max_abs = self.max_rel = 0.0
         self.mismatched = self.elements = 0
+        self.top1_matched = self.top1_total = 0  # logits: positions whose largest logit is the reference's
         self.worst_step: str | None = None
         self.shape_error: str | None = None
         self.half_max_abs: float | None = None  # the same-dtype reference's distance from `want` (measured bound)
@@ -83,7 +87,13 @@ class _Stat:
             self.atol_applied = max(self.atol_applied, atol)
         diff = np.abs(g - w)
         ok = diff <= atol + self.rtol * np.abs(w)
-        rel = diff / np.maximum(np.abs(w), 1e-6)
+        # relative error where the reference is not near zero (a logit of 1e-6 off by 2e-3 is no error of 2000x)
+        floor = max(atol, REL_FLOOR * float(np.max(np.abs(w)))) if w.size else 0.0
+        big = np.abs(w) >= floor
+        rel = diff[big] / np.abs(w[big]) if floor > 0 else diff / np.maximum(np.abs(w), 1e-6)
+        if self.name == "logits" and w.ndim >= 1 and w.shape[-1] > 1 and np.isfinite(g).all():
+            self.top1_matched += int((np.argmax(g, -1) == np.argmax(w, -1)).sum())
+            self.top1_total += int(np.prod(w.shape[:-1]))
         m_abs = float(np.max(diff)) if diff.size else 0.0
         if not np.isfinite(g).all():
             m_abs = float("nan")
@@ -101,7 +111,8 @@ class _Stat:
         return {"name": self.name, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel, "atol": self.atol,
                 "rtol": self.rtol, "bound": bound, "atol_applied": self.atol_applied,
                 "half_reference_max_abs": self.half_max_abs, "mismatched": self.mismatched, "elements": self.elements,
-                "worst_step": self.worst_step, "error": self.shape_error, "passed": passed}
+                "worst_step": self.worst_step, "error": self.shape_error, "passed": passed,
+                **({"top1": {"matched": self.top1_matched, "total": self.top1_total}} if self.top1_total else {})}
 
 
 def check_compatible(ckpt: Checkpoint, info: ModelInfo) -> list[str]:
@@ -261,8 +272,9 @@ def summary(report: dict) -> list[str]:
              f"validation, {report['runner_description']}{half})"]
     for o in outs:
         if o["name"] in ("logits", "expert_ids", "gates"):
-            lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, max rel diff {o['max_rel_diff']:.3e}, "
-                         f"tolerance {tolerance_text(o)}{_half_distance(o)}, {o['mismatched']}/{o['elements']} mismatched"
+            lines.append(f"{o['name']}: max abs diff {o['max_abs_diff']:.3e}, tolerance {tolerance_text(o)}"
+                         f"{_half_distance(o)}; {_out_of_tolerance(o)}; relative error {o['max_rel_diff']:.1e} "
+                         f"(where |reference| >= 1% of its largest)" + _top1(o)
                          + ("" if o["passed"] else " FAIL" + (f" ({o['error']})" if o["error"] else "")))
     kv = [o for o in outs if o["name"].startswith("present.")]
     if kv:
@@ -287,6 +299,16 @@ def tolerance_text(o: dict) -> str:
     if o.get("bound") == "measured":
         return f"measured atol {o['atol_applied']:.1e} rtol {o['rtol']:.0e}"
     return ("fixed " if o.get("half_reference_max_abs") is not None else "") + f"atol {o['atol']:.0e} rtol {o['rtol']:.0e}"
+
+
+def _out_of_tolerance(o: dict) -> str:
+    share = 100 * o["mismatched"] / o["elements"] if o["elements"] else 0.0
+    return f"{o['mismatched']}/{o['elements']} out of tolerance ({share:.2g}%)"
+
+
+def _top1(o: dict) -> str:
+    t = o.get("top1")
+    return "" if t is None else f"; top-1 agreement {t['matched']}/{t['total']} positions"
 
 
 def _half_distance(o: dict) -> str:
@@ -320,17 +342,22 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"  bound   {report['tolerance']['description']} ({report['routing_reference']})")
     half = any(o.get("half_reference_max_abs") is not None for o in report["outputs"])
     lines.append("")
-    header = (f"{'output':<28} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<33}"
-              + (f" {'half ref':>9}" if half else "") + f" {'mismatched':>14}  result")
+    header = (f"{'output':<28} {'max abs diff':>12} {'rel error*':>10}  {'tolerance':<33}"
+              + (f" {'half ref':>9}" if half else "") + f" {'out of tol':>14}  result")
     lines += [header, "-" * len(header)]
     for o in report["outputs"]:
         result = "PASS" if o["passed"] else "FAIL" + (f" ({o['error']})" if o["error"] else f" (worst at {o['worst_step']})")
         h = o.get("half_reference_max_abs")
-        lines.append(f"{o['name']:<28} {o['max_abs_diff']:>12.3e} {o['max_rel_diff']:>12.3e}  {tolerance_text(o):<33}"
+        lines.append(f"{o['name']:<28} {o['max_abs_diff']:>12.3e} {o['max_rel_diff']:>10.1e}  {tolerance_text(o):<33}"
                      + (f" {'' if h is None else format(h, '.3e'):>9}" if half else "")
                      + f" {str(o['mismatched']) + '/' + str(o['elements']):>14}  {result}")
     g = report["greedy_agreement"]
-    lines += ["", f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)"]
+    lines += ["", "* relative error where |reference| >= 1% of its largest |value| (near-zero references say nothing)"]
+    top1 = next((o["top1"] for o in report["outputs"] if o.get("top1")), None)
+    if top1:
+        lines.append(f"top-1 agreement: {top1['matched']}/{top1['total']} positions (the runner's largest logit is the "
+                     "reference's)")
+    lines.append(f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)")
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append("PASSED" if report["passed"] else "FAILED")
     return lines

@@ -82,3 +82,26 @@ def exported_meta_runner(example_dirs, tmp_path):
     ckpt = load_checkpoint(example_dirs["mola"])
     export_onnx(ckpt, tmp_path / "m.onnx", "portable", "float32")
     return ckpt, OnnxRuntimeRunner(tmp_path / "m.onnx").info
+
+
+def test_relative_error_ignores_near_zero_references_and_top1_counts_positions():
+    """A reference of 1e-7 missed by 1e-3 is no relative error of 10^4 (the reports showed 1.9e+03 beside
+    PASSED); positions count toward top-1 agreement when the runner's largest logit is the reference's."""
+    import numpy as np
+
+    from adafuse_export.validate import _Stat
+
+    want = np.array([[[1e-7, 2.0, -3.0, 0.5], [4.0, 1e-7, 0.0, -1.0]]], np.float32)  # [B, S, vocab]
+    got = want + np.array([[[1e-3, 2e-3, 0.0, 0.0], [-2e-3, 1e-3, 1e-3, 0.0]]], np.float32)
+    got[0, 1, 2] = 5.0  # the second position's top-1 now differs (and is far out of tolerance)
+    stat = _Stat("logits", 1e-2, 0.0)
+    stat.add(got, want, "prefill")
+    r = stat.report()
+    assert r["top1"] == {"matched": 1, "total": 2}
+    # |reference| >= 1% of 4.0: the worst is 2.0 off by 2e-3; the 5.0 written over a reference of 0.0 and the
+    # 1e-7 references are counted out of tolerance or ignored, not divided by
+    assert r["max_rel_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert r["mismatched"] == 1 and r["elements"] == 8
+    small = _Stat("logits", 1e-2, 0.0)
+    small.add(want + 1e-3, want, "prefill")
+    assert small.report()["max_rel_diff"] == pytest.approx(1e-3 / 0.5, rel=1e-3)  # not 1e-3 / 1e-7
