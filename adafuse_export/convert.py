@@ -250,11 +250,11 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
 
 
 CONVERT_STEPS = 4  # decode steps of convert's check: each is minutes for a 7B on a CPU
-BUILD_LOG = "tensorrt_build.log"  # TensorRT's parser and builder messages, in ENGINE.onnx/
 
 
 def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) -> dict:
     """Stage 4: the engine and its manifest, then every output renamed into place."""
+    from .outputs import BUILD_LOG
     from .progress import heartbeat
     from .trt.build import build_engine
     from .trt.manifest import make_manifest, write_manifest

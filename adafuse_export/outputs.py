@@ -103,7 +103,7 @@ def claim_engine_outputs(outs: dict[str, Path], inputs: tuple[Path, ...], force:
     ours = is_engine_output(outs["manifest"], outs["engine"].name)
     claim(outs["engine"], option="ENGINE", inputs=inputs, force=force, ours=lambda _: ours)
     claim(outs["manifest"], option="ENGINE's manifest", inputs=inputs, force=force, ours=lambda _: ours)
-    claim(outs["onnx"], option="ENGINE's ONNX folder", inputs=inputs, force=force, ours=onnx_export_files, directory=True)
+    claim(outs["onnx"], option="ENGINE's ONNX folder", inputs=inputs, force=force, ours=engine_onnx_files, directory=True)
     if timing_cache is not None:
         claim(timing_cache, option="--timing-cache", inputs=inputs + tuple(outs.values()), force=force,
               ours=lambda _: False, updated_in_place=True)
@@ -130,6 +130,15 @@ def onnx_export_files(path: Path) -> frozenset[str] | None:
     if isinstance(routes, dict) and isinstance(routes.get("file"), str):
         names.add(routes["file"])
     return frozenset(names)
+
+
+BUILD_LOG = "tensorrt_build.log"  # TensorRT's parser and builder messages, which convert keeps in ENGINE.onnx/
+
+
+def engine_onnx_files(path: Path) -> frozenset[str] | None:
+    """convert's ENGINE.onnx folder: the export's files and the builder log convert adds."""
+    files = onnx_export_files(path)
+    return None if files is None else files | {BUILD_LOG}
 
 
 def is_onnx_export(path: Path) -> bool:

@@ -221,6 +221,11 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
   m.engine_path = engine;
   m.manifest_path = fs::path(engine).replace_extension(".json");
   const std::string mpath = m.manifest_path.string();
+  std::error_code exists_ec;
+  if (!fs::exists(fs::symlink_status(m.manifest_path, exists_ec)))  // absent, not even a broken link
+    fail(ADAFUSE_ERR_FILE, engine.string() + ": its manifest " + mpath +
+                               " is missing (adafuse-export convert writes it beside the engine; the engine cannot be "
+                               "checked or run without it: convert again)");
   m.json = read_json(m.manifest_path);  // regular file, at most 64 MiB, nested at most 32 deep
   const json& j = m.json;
   if (!j.is_object() || lookup(j, {"format"}) != kManifestFormat)

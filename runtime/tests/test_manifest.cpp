@@ -39,7 +39,10 @@ TEST(Manifest, ReadsAGoodManifest) {
 TEST(Manifest, RefusesAMissingManifest) {
   TempDir dir;
   write_file(dir / "x.engine", "e");
-  expect_error([&] { verify_engine(dir / "x.engine"); }, ADAFUSE_ERR_FILE, (dir / "x.json").string() + ": file not found");
+  expect_error([&] { verify_engine(dir / "x.engine"); }, ADAFUSE_ERR_FILE,
+               (dir / "x.engine").string() + ": its manifest " + (dir / "x.json").string() +
+                   " is missing (adafuse-export convert writes it beside the engine; the engine cannot be checked or "
+                   "run without it: convert again)");
 }
 
 TEST(Manifest, RefusesBadJson) {
