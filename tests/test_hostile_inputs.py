@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from adafuse_export.validate import _Stat
+from test_input_safety import peft_dir  # noqa: E402  (tests/ is on the path: pytest's rootdir layout)
+from test_validate_half import edited  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,14 +36,6 @@ def one_line(r, *fragments) -> str:
     for f in fragments:
         assert str(f) in lines[0], (f, lines[0])
     return lines[0]
-
-
-def edited(src: Path, dst: Path, edit, file: str = "model.safetensors") -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / file)
-    edit(tensors)
-    save_file(tensors, dst / file)
-    return dst
 
 
 # --- 3. validate never passes a wrong model ------------------------------------------------------
@@ -210,31 +204,6 @@ def test_manifest_file_spellings_hashed_once(tmp_path, spellings):
 
 # --- 5. silent wrong answers: scales in the compute dtype, exact names, refusing what is not implemented
 
-def peft_adapter(tmp: Path, base: Path, extra: dict | None = None, **cfg) -> Path:
-    """A PEFT LoRA adapter (q_proj, v_proj on every layer) on a make-example base; `extra` adds tensors."""
-    import torch
-    from safetensors.torch import save_file as save_torch
-
-    b = json.loads((base / "config.json").read_text())
-    h, layers = b["hidden_size"], b["num_hidden_layers"]
-    kv = b.get("num_key_value_heads", b["num_attention_heads"]) * (h // b["num_attention_heads"])
-    d = tmp / "peft"
-    d.mkdir()
-    tensors = {}
-    for layer in range(layers):
-        for m, out in (("q_proj", h), ("v_proj", kv)):
-            p = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-            tensors[f"{p}.lora_A.weight"] = torch.randn(4, h) * 0.01
-            tensors[f"{p}.lora_B.weight"] = torch.randn(out, 4) * 0.01
-    for name, shape in (extra or {}).items():
-        tensors[name] = torch.ones(shape)
-    save_torch(tensors, d / "adapter_model.safetensors")
-    (d / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none", "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": str(base), **cfg}))
-    return d
-
-
 SCALE_TEXT = "which overflows the float32 computation it scales (expected {}a magnitude from 2^-64 to 2^64)"
 # (config file edit, the field named in the error, zero allowed)
 GEMMA_SCALES = [("final_logit_softcapping", v) for v in (1e300, 1e-300, 2.0 ** 65, 1e39)] \
@@ -276,7 +245,7 @@ def test_adapter_scales_in_float32(cli, example_dirs, tmp_path, key, value, name
 
 @pytest.mark.parametrize("alpha", [1e300, 2.0 ** 65])
 def test_peft_lora_alpha_in_float32(cli, example_dirs, tmp_path, alpha):
-    d = peft_adapter(tmp_path, example_dirs["pregate"], lora_alpha=alpha)
+    d = peft_dir(tmp_path, example_dirs["pregate"], lora_alpha=alpha)
     one_line(cli("run", d, "--prompt-ids", "1,2"), f"{d / 'adapter_config.json'}: lora_alpha is {alpha!r}, "
              + SCALE_TEXT.format(""))
 
@@ -287,7 +256,7 @@ Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 @pytest.mark.parametrize("suffix", ["\n", "\r\n", " ", "\x00", "\n\n"])
 def test_tensor_names_match_exactly(cli, example_dirs, tmp_path, suffix):
     """'...lora_B.weight\\n' was used in place of '...lora_B.weight' (a `$` matches before a trailing newline)."""
-    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={Q_B + suffix: (64, 4)})
+    d = peft_dir(tmp_path, example_dirs["pregate"], extra={Q_B + suffix: (64, 4)})
     one_line(cli("inspect", d), f"tensor {Q_B + suffix!r} is not a LoRA weight of a decoder projection")
 
 
@@ -295,14 +264,14 @@ def test_tensor_names_match_exactly(cli, example_dirs, tmp_path, suffix):
 def test_layer_index_spelled_once(cli, example_dirs, tmp_path, spelling):
     """int() reads '00', '+0' and Arabic-Indic digits as 0: such a name would stand for layer 0's tensor."""
     name = Q_B.replace("layers.0.", spelling)
-    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={name: (64, 4)})
+    d = peft_dir(tmp_path, example_dirs["pregate"], extra={name: (64, 4)})
     one_line(cli("inspect", d), f"tensor {name!r} is not a LoRA weight of a decoder projection")
 
 
 @pytest.mark.parametrize("layer", [2, 3, 10 ** 6])
 def test_adapter_layers_beyond_the_base(cli, example_dirs, tmp_path, layer):
     a = Q_B.replace("layers.0.", f"layers.{layer}.")
-    d = peft_adapter(tmp_path, example_dirs["pregate"], extra={a: (64, 4), a.replace("lora_B", "lora_A"): (4, 64)})
+    d = peft_dir(tmp_path, example_dirs["pregate"], extra={a: (64, 4), a.replace("lora_B", "lora_A"): (4, 64)})
     one_line(cli("inspect", d), f"tensor '{a.replace('lora_B', 'lora_A')}' is for layer {layer}, but the base model "
              "has 2 layers")
 
@@ -310,7 +279,7 @@ def test_adapter_layers_beyond_the_base(cli, example_dirs, tmp_path, layer):
 @pytest.mark.parametrize("key,value", [("layer_replication", [[0, 2], [1, 2]]), ("lora_bias", True),
                                        ("trainable_token_indices", [1, 2]), ("target_parameters", ["mlp.experts"])])
 def test_peft_options_not_implemented_are_refused(cli, example_dirs, tmp_path, key, value):
-    d = peft_adapter(tmp_path, example_dirs["pregate"], **{key: value})
+    d = peft_dir(tmp_path, example_dirs["pregate"], **{key: value})
     one_line(cli("inspect", d), f"{d / 'adapter_config.json'}: '{key}: {json.dumps(value)}' is not supported "
              "(expected it unset)")
 
@@ -466,7 +435,7 @@ def long_place(where: str, n: int):
         if where == "engine-output":
             return ["convert", ckpt, tmp / f"{name}.engine"], name
         if where == "base_model_name_or_path":
-            d = peft_adapter(tmp, ckpt)
+            d = peft_dir(tmp, ckpt)
             cfg = json.loads((d / "adapter_config.json").read_text())
             (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp / name)}))
             return ["inspect", d], name

@@ -258,8 +258,8 @@ def test_fifo_never_blocks(world, breaker, command):
     assert list((world / "out").iterdir()) == []
 
 
-def peft_dir(tmp_path: Path, example: Path, **cfg) -> Path:
-    """A PEFT LoRA adapter (q_proj, v_proj) on the example's base."""
+def peft_dir(tmp_path: Path, example: Path, extra: dict | None = None, **cfg) -> Path:
+    """A PEFT LoRA adapter (q_proj, v_proj) on the example's base; `extra` adds tensors (name -> shape) of ones."""
     base_cfg = json.loads((example / "config.json").read_text())
     h, layers = base_cfg["hidden_size"], base_cfg["num_hidden_layers"]
     kv = base_cfg.get("num_key_value_heads", base_cfg["num_attention_heads"]) * (h // base_cfg["num_attention_heads"])
@@ -271,6 +271,8 @@ def peft_dir(tmp_path: Path, example: Path, **cfg) -> Path:
             p = f"base_model.model.model.layers.{layer}.self_attn.{m}"
             tensors[f"{p}.lora_A.weight"] = torch.randn(4, h) * 0.01
             tensors[f"{p}.lora_B.weight"] = torch.randn(out, 4) * 0.01
+    for name, shape in (extra or {}).items():
+        tensors[name] = torch.ones(shape)
     save_file(tensors, d / "adapter_model.safetensors")
     (d / PEFT_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "bias": "none",
                                                 "target_modules": ["q_proj", "v_proj"],
