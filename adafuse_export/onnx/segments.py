@@ -5,9 +5,8 @@ Segments, in order: 0 the prologue (embeddings, rotary tables, route inputs), 1.
 layer, L+1 the head (final norm, lm_head). Every node goes to the latest segment among those of its
 inputs, where a segment is given by
   - a weight named for layer l (`model.layers.{l}.*`, adapter `layers.{l}.*`): segment l+1;
-  - `model.norm.weight`, `lm_head.weight` and initializers derived from them (Gemma's
-    `model.norm.weight.one_plus`): the head; a tied head reads the embeddings, so its final norm is
-    what puts it there;
+  - `model.norm.weight`, `lm_head.weight`: the head; a tied head reads the embeddings, so its final
+    norm is what puts it there;
   - a graph input `past_key_values.{l}.*`: segment l+1; every other graph input: segment 0.
 Other initializers (embeddings, constants, the pre-gate) and the nodes computing only from them
 belong to no segment: each segment that reads them takes its own copy (an initializer then still
@@ -33,10 +32,6 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 HEAD_WEIGHTS = ("model.norm.weight", "lm_head.weight")
 
 
-def _is_head_weight(name: str) -> bool:
-    return any(name == w or name.startswith(w + ".") for w in HEAD_WEIGHTS)
-
-
 @dataclass
 class Segment:
     name: str
@@ -57,7 +52,7 @@ def split_layers(model, num_layers: int) -> list[Segment]:
         seg_of[v.name] = int(m.group(1)) + 1 if m else 0
     for name in inits:
         m = _LAYER.search(name)
-        seg_of[name] = int(m.group(1)) + 1 if m else head if _is_head_weight(name) else None
+        seg_of[name] = int(m.group(1)) + 1 if m else head if name in HEAD_WEIGHTS else None
     producer: dict[str, int] = {}
     node_seg: list[int | None] = []
     for i, node in enumerate(g.node):
