@@ -18,13 +18,13 @@ run then stops after validation and keeps the validated ONNX.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import installation
 from .errors import AdafuseError
 from .outputs import claim_engine_outputs, move_into_place, write_errors
 
@@ -141,11 +141,11 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
         chosen = None  # auto with no TensorRT: still export and validate the ONNX, then say what to install
     flavour = chosen.flavour if chosen else "portable"
     if chosen and chosen.kind.plugin_library:
-        plugin_library = plugin_library or (Path(os.environ["ADAFUSE_PLUGIN_LIB"]) if os.environ.get("ADAFUSE_PLUGIN_LIB") else None)
+        plugin_library = plugin_library or installation.plugin_library()
         if plugin_library is None or not plugin_library.is_file():
             raise AdafuseError(f"--plugin-lib {plugin_library or '(not given)'}: {chosen.kind.title} needs the adafuse plugin "
-                               f"library {chosen.kind.plugin_library} (build it with cmake -S plugins -B build/plugins "
-                               "&& cmake --build build/plugins)")
+                               f"library {chosen.kind.plugin_library}, which this installation does not ship (`adafuse-export "
+                               "doctor` tells why); build it with `cmake --preset release && cmake --build --preset release`")
     validate_dtype = None
     if validate != "off" and dtype == "bfloat16" and not onnxruntime_runs_bfloat16():
         validate_dtype = "float32"

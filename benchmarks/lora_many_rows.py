@@ -6,7 +6,7 @@
 For the Llama-2-7B projection shapes (4096x4096, 11008x4096, 4096x11008; bf16, 8 experts,
 rank 16, top-2) at 17, 64, 512 and 2048 rows:
 1. per-kernel device time (torch.profiler / CUPTI) of this checkout's library and, with
-   --baseline-src (a plugins/kernels directory of another checkout), of that library too;
+   --baseline-src (the top folder of another checkout), of that library too;
 2. CUDA-graph replay time (median over replays of a rotation over input sets > 4x L2) of the
    fused call next to torch's dense x W^T (cuBLAS) on the same inputs (twice: the spread), with
    one float64-referenced check (NaN-poisoned output) per configuration.
@@ -97,7 +97,7 @@ def bench(K, label, results, rows_list, gen):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--baseline-src", default=None, help="plugins/kernels of a baseline checkout")
+    ap.add_argument("--baseline-src", default=None, help="the top folder of a baseline checkout")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,9 +105,9 @@ def main():
     gen = torch.Generator(device=DEV).manual_seed(5)
     rows_list = [17, 64, 512, 2048]
     if args.baseline_src:
-        os.environ["ADAFUSE_KERNELS_SRC"] = args.baseline_src
+        os.environ["ADAFUSE_SOURCE_DIR"] = args.baseline_src
         base = load_kernels(build_library())
-        os.environ.pop("ADAFUSE_KERNELS_SRC")
+        os.environ.pop("ADAFUSE_SOURCE_DIR")
         log(f"baseline library from {args.baseline_src}")
         bench(base, "baseline", results, [512], gen)
     K = load_kernels(build_library())

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from adafuse_export.cli import main
 from adafuse_export.examples import KINDS, make_example
 # a skip on CI fails the session unless expected (tests/ci_skips.py)
+from native_build import build_native
 from ci_skips import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401
 
 
@@ -46,3 +47,9 @@ def cli():
             code = main([str(a) for a in args])
             return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
     return invoke
+
+
+@pytest.fixture(scope="session")
+def native_build(tmp_path_factory) -> Path:
+    """The top-level CMake project built with the dev preset (tests/native_build.py)."""
+    return build_native(tmp_path_factory)

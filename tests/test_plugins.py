@@ -1,10 +1,6 @@
 """TensorRT plugin library (plugins/): build, exports, contract harness, TensorRT-RTX registry.
 
-Builds the plugins/ CMake project once per test session (nvcc + cmake needed;
-TensorRT headers come from TENSORRT_ROOT / ADAFUSE_TRT_HEADERS_DIR or the
-kernel-lens wheel that plugins/cmake/FindTensorRT.cmake downloads into the
-build folder). Set ADAFUSE_PLUGIN_BUILD_DIR to reuse a build folder across
-sessions. Nothing here needs a GPU: the harness runs its CPU-only contract
+Uses the project's native build (tests/native_build.py). Nothing here needs a GPU: the harness runs its CPU-only contract
 checks, and the TensorRT-RTX checks stop at the plugin registry (load_library,
 get_creator, create_plugin), which works on a machine without a GPU.
 """
@@ -22,18 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from native_build import nvcc as find_nvcc
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGINS = REPO / "plugins"
 LIB_NAME = "libadafuse_trt_plugins.so"
 HARNESS = "adafuse_plugin_harness"
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
 
 
 def _tail(text: str, n: int = 4000) -> str:
@@ -41,28 +31,10 @@ def _tail(text: str, n: int = 4000) -> str:
 
 
 @pytest.fixture(scope="session")
-def plugin_build(tmp_path_factory) -> Path:
-    nvcc, cmake = _nvcc(), shutil.which("cmake")
-    if nvcc is None or cmake is None:
-        pytest.skip(f"plugin build needs nvcc and cmake (nvcc={nvcc}, cmake={cmake})")
-    build = os.environ.get("ADAFUSE_PLUGIN_BUILD_DIR")
-    build_dir = Path(build) if build else tmp_path_factory.mktemp("plugins_build")
-    # ADAFUSE_WERROR=ON (the default, stated so that a reused build folder cannot relax it):
-    # any compiler warning in plugins/ fails this build, hence CI.
-    configure = [cmake, "-S", str(PLUGINS), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DADAFUSE_WERROR=ON"]
-    if not (build_dir / "CMakeCache.txt").exists():
-        # Only on a fresh folder: changing the compiler of a configured folder wipes its cache.
-        configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-    if os.environ.get("ADAFUSE_TRT_HEADERS_DIR"):
-        configure.append(f"-DADAFUSE_TRT_HEADERS_DIR={os.environ['ADAFUSE_TRT_HEADERS_DIR']}")
-    for cmd, limit in ((configure, 300),
-                       ([cmake, "--build", str(build_dir), "-j", str(os.cpu_count() or 2),
-                         "--target", "adafuse_trt_plugins", HARNESS], 900)):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
-    assert (build_dir / LIB_NAME).is_file()
+def plugin_build(native_build) -> Path:
+    """plugins/' part of the project's native build (tests/native_build.py)."""
+    build_dir = native_build / "plugins"
+    assert (build_dir / LIB_NAME).is_file() and (build_dir / HARNESS).is_file()
     return build_dir
 
 
@@ -78,7 +50,7 @@ def _warnings_project(tmp_path: Path) -> Path:
     src = tmp_path / "warn_src"
     src.mkdir()
     lines = ["cmake_minimum_required(VERSION 3.24)", "project(warn LANGUAGES CXX CUDA)",
-             f'include("{PLUGINS / "cmake" / "AdafuseWarnings.cmake"}")']
+             f'include("{REPO / "cmake" / "AdafuseWarnings.cmake"}")']
     for name, text in WARNING_SOURCES.items():
         (src / name).write_text(text)
         target = name.replace(".", "_")
@@ -89,9 +61,9 @@ def _warnings_project(tmp_path: Path) -> Path:
 
 
 def test_warning_flags_turn_every_kind_of_warning_into_an_error(tmp_path):
-    """plugins/cmake/AdafuseWarnings.cmake (used by every plugins/ target) fails the build on a
+    """cmake/AdafuseWarnings.cmake (used by every native target) fails the build on a
     warning in C++, in CUDA host code and in CUDA device code; ADAFUSE_WERROR=OFF relaxes it."""
-    nvcc, cmake = _nvcc(), shutil.which("cmake")
+    nvcc, cmake = find_nvcc(), shutil.which("cmake")
     if nvcc is None or cmake is None:
         pytest.skip(f"needs nvcc and cmake (nvcc={nvcc}, cmake={cmake})")
     src = _warnings_project(tmp_path)
@@ -110,10 +82,10 @@ def test_warning_flags_turn_every_kind_of_warning_into_an_error(tmp_path):
                 assert proc.returncode == 0, f"{name}: failed with ADAFUSE_WERROR=OFF\n{_tail(output)}"
 
 
-def test_plugin_build_uses_warnings_as_errors(plugin_build):
-    cache = (plugin_build / "CMakeCache.txt").read_text()
+def test_plugin_build_uses_warnings_as_errors(native_build, plugin_build):
+    cache = (native_build / "CMakeCache.txt").read_text()
     assert "ADAFUSE_WERROR:BOOL=ON" in cache
-    flags = (plugin_build / "build.ninja").read_text() if (plugin_build / "build.ninja").exists() else ""
+    flags = (native_build / "build.ninja").read_text() if (native_build / "build.ninja").exists() else ""
     if not flags:  # Makefile generator: the per-target flags.make files
         flags = "".join(p.read_text() for p in plugin_build.rglob("flags.make"))
     assert "-Wall -Wextra -Werror" in flags

@@ -1,9 +1,8 @@
 """The C++ runtime (runtime/): build, ctest, install + find_package, the C API through ctypes against
 files the Python side writes, the HTTP service with a real HTTP client, adafuse-generate.
 
-Builds runtime/ once per session (cmake + nvcc + g++; Debian packages nlohmann-json3-dev,
-libcpp-httplib-dev, libgtest-dev; TensorRT headers from TENSORRT_ROOT / ADAFUSE_TRT_HEADERS_DIR or
-the kernel-lens wheel). Set ADAFUSE_RUNTIME_BUILD_DIR to reuse a build folder. Nothing here needs
+Uses the project's native build (tests/native_build.py: cmake + nvcc + g++; Debian packages
+nlohmann-json3-dev, libcpp-httplib-dev, libgtest-dev). Nothing here needs
 TensorRT or a GPU: engine execution is what only a TensorRT machine can show (runtime/README.md).
 The HTTP service runs over ReplayBackendForTests (runtime/tests), replaying logits recorded by
 `adafuse-export run --save-logits`, on 127.0.0.1 only.
@@ -49,21 +48,9 @@ def _cli(*args, limit: int = 300) -> str:
 
 
 @pytest.fixture(scope="session")
-def runtime_build(tmp_path_factory) -> Path:
-    cmake = shutil.which("cmake")
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    if cmake is None or nvcc is None:
-        pytest.fail(f"the runtime build needs cmake and nvcc (cmake={cmake}, nvcc={nvcc})")
-    build = Path(os.environ.get("ADAFUSE_RUNTIME_BUILD_DIR") or tmp_path_factory.mktemp("runtime_build"))
-    configure = [cmake, "-S", RUNTIME, "-B", build]
-    if not (build / "CMakeCache.txt").exists():
-        # One architecture keeps the CI build short; nothing here runs the kernel.
-        configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=90"]
-    if os.environ.get("ADAFUSE_TRT_HEADERS_DIR"):
-        configure.append(f"-DADAFUSE_TRT_HEADERS_DIR={os.environ['ADAFUSE_TRT_HEADERS_DIR']}")
-    _run(configure, 300)
-    _run([cmake, "--build", build, "-j", str(os.cpu_count() or 2)], 900)
-    return build
+def runtime_build(native_build) -> Path:
+    """runtime/'s part of the project's native build (tests/native_build.py)."""
+    return native_build / "runtime"
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from adafuse_export import installation
 from adafuse_export.convert import convert
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.errors import AdafuseError
@@ -190,14 +191,21 @@ def test_plugin_library_load_is_checked(monkeypatch, tmp_path):
     plugin = {"library": "libadafuse_trt_plugins.so", "name": "AdafuseLoraLinear"}
     monkeypatch.delenv("ADAFUSE_PLUGIN_LIB", raising=False)
     double = type("Trt", (), {"get_plugin_registry": staticmethod(lambda: RecordingPluginRegistry(calls, None))})
-    with pytest.raises(AdafuseError, match="set ADAFUSE_PLUGIN_LIB to its path"):
+    monkeypatch.setattr(installation, "native_roots", lambda: [])  # an installation without the native build
+    with pytest.raises(AdafuseError, match="which this installation does not ship; set ADAFUSE_PLUGIN_LIB to its path"):
+        trt_runner.load_plugin_library(double, tmp_path / "x.engine", plugin)
+    shipped = tmp_path / "_native" / "lib" / "libadafuse_trt_plugins.so"  # the wheel's: used without a variable
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"\x7fELF")
+    monkeypatch.setattr(installation, "native_roots", lambda: [tmp_path / "_native"])
+    with pytest.raises(AdafuseError, match=f"^{re.escape(str(shipped))}: TensorRT could not load"):
         trt_runner.load_plugin_library(double, tmp_path / "x.engine", plugin)
     lib = tmp_path / "lib.so"
     lib.write_bytes(b"\x7fELF")
     monkeypatch.setenv("ADAFUSE_PLUGIN_LIB", str(lib))
     with pytest.raises(AdafuseError, match=f"ADAFUSE_PLUGIN_LIB={re.escape(str(lib))}: TensorRT could not load"):
         trt_runner.load_plugin_library(double, tmp_path / "x.engine", plugin)
-    assert calls == [("load_library", str(lib))]
+    assert calls == [("load_library", str(shipped)), ("load_library", str(lib))]
     loaded = type("Trt", (), {"get_plugin_registry": staticmethod(lambda: RecordingPluginRegistry(calls, object()))})
     trt_runner.load_plugin_library(loaded, tmp_path / "x.engine", plugin)
 

@@ -17,7 +17,7 @@ import click
 from .. import __version__
 from ..errors import AdafuseError, shown
 from .options import emit
-from . import checkpoints, convert, example, export, run, validate
+from . import checkpoints, convert, doctor, example, export, run, validate
 
 EXIT_USAGE = 2
 # errors of a path itself (too long, a loop, not a directory, no permission, full or read-only disk): the user's input,
@@ -47,7 +47,7 @@ def cli(ctx):
 
 
 for command in (checkpoints.formats, checkpoints.inspect, run.run, export.export_routes, example.make_example,
-                convert.convert, export.export_onnx, validate.validate):
+                convert.convert, export.export_onnx, validate.validate, doctor.doctor):
     cli.add_command(command)
 
 

@@ -21,7 +21,7 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
               help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "
                    "more than max_position_embeddings is refused.")
 @click.option("--plugin-lib", type=click.Path(path_type=Path), default=None,
-              help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB).")
+              help="libadafuse_trt_plugins.so for --backend tensorrt (default: $ADAFUSE_PLUGIN_LIB, else the one installed with this tool).")
 @plugin_strategy_option("Plugin for the adapter sites of a --backend tensorrt engine: fused (AdafuseLoraLinear, the "
                         "default: 0.97x the cuBLAS dense decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
                         "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")

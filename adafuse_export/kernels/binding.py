@@ -413,13 +413,23 @@ _LOADED: Dict[str, Kernels] = {}
 
 def load_kernels(path: Optional[Union[str, Path]] = None, archs: Optional[Sequence[str]] = None,
                  **build_kwargs) -> Kernels:
-    """Load the library from `path`, $ADAFUSE_KERNELS_LIB, or build it (cached)."""
+    """Load the library from `path`, $ADAFUSE_KERNELS_LIB, a build of this checkout's sources (cached), or
+    the one shipped in the wheel. A checkout builds its own so that an edited kernel is never shadowed by
+    the library an earlier `pip install -e` compiled."""
     if path is None:
         path = os.environ.get("ADAFUSE_KERNELS_LIB")
     if path is None:
-        from .build import build_library
+        from . import build
+        from .. import installation
 
-        path = build_library(archs, **build_kwargs)
+        if build.has_sources():
+            path = build.build_library(archs, **build_kwargs)
+        else:
+            path = installation.shipped(f"lib/{installation.KERNELS_LIB}")
+            if path is None:
+                raise AdafuseKernelError(
+                    f"this installation has no {installation.KERNELS_LIB} (built without a CUDA compiler?); "
+                    "`adafuse-export doctor` tells what it holds; set ADAFUSE_KERNELS_LIB to a built library")
     key = str(Path(path).resolve())
     if key not in _LOADED:
         _LOADED[key] = Kernels(key)

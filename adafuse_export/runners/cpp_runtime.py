@@ -6,8 +6,8 @@ runtime needs: full TensorRT 10 (libnvinfer.so.10), an NVIDIA GPU, and for plugi
 plugin library ($ADAFUSE_PLUGIN_LIB). The manifest checks, the routing table and the sampler need
 none of these and are exposed here too (`verify_manifest`, `RoutingTable`, `Sampler`).
 
-The library is found at $ADAFUSE_RUNTIME_LIB, or by the loader's usual search (after
-`cmake --install`): build it as runtime/README.md says.
+The library is found at $ADAFUSE_RUNTIME_LIB, else in the installed package (the wheel ships it), else by the
+loader's usual search (after `cmake --install`).
 """
 from __future__ import annotations
 
@@ -67,14 +67,18 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 
 def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
-    """The runtime library: `path`, else $ADAFUSE_RUNTIME_LIB, else the loader's search."""
-    name = str(path or os.environ.get("ADAFUSE_RUNTIME_LIB") or ctypes.util.find_library("adafuse_runtime") or LIBRARY_NAME)
+    """The runtime library: `path`, else $ADAFUSE_RUNTIME_LIB, else the package's, else the loader's search."""
+    from .. import installation
+
+    name = str(path or os.environ.get("ADAFUSE_RUNTIME_LIB") or installation.runtime_library()
+               or ctypes.util.find_library("adafuse_runtime") or LIBRARY_NAME)
     if name not in _loaded:
         try:
             lib = ctypes.CDLL(name)
         except OSError as e:
-            raise AdafuseError(f"{name}: cannot load the C++ runtime ({e}); build runtime/ as runtime/README.md says "
-                               "and set ADAFUSE_RUNTIME_LIB to its libadafuse_runtime.so") from None
+            raise AdafuseError(f"{name}: cannot load the C++ runtime ({e}); this installation does not ship it "
+                               "(`adafuse-export doctor` tells why): build it as runtime/README.md says and set "
+                               "ADAFUSE_RUNTIME_LIB to its libadafuse_runtime.so") from None
         missing = [fn for fn in _SIGNATURES if not hasattr(lib, fn)]
         if missing:  # e.g. $ADAFUSE_RUNTIME_LIB naming an unrelated library
             raise AdafuseError(f"{name}: not the adafuse C++ runtime (it has no '{missing[0]}' entry point); set "

@@ -1,7 +1,7 @@
 """TensorRT runner over a `convert` output (engine + manifest + ONNX directory).
 
 Checks the manifest first (engine hash, plugin version), then needs a runtime and a GPU the
-engine was built for: full TensorRT (+ $ADAFUSE_PLUGIN_LIB for plugin engines) or
+engine was built for: full TensorRT (+ the plugin library, shipped or $ADAFUSE_PLUGIN_LIB, for plugin engines) or
 TensorRT-RTX (compute capability 8.0, 8.6, 8.9, 12.x). Device buffers are torch CUDA tensors.
 Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build).
 
@@ -67,13 +67,17 @@ def open_cuda(engine: Path, backend: BackendKind) -> Placement:
 
 
 def load_plugin_library(trt: Any, engine: Path, plugin: dict) -> None:
-    """Register the plugin library an engine names ($ADAFUSE_PLUGIN_LIB) before deserializing it."""
-    lib = os.environ.get("ADAFUSE_PLUGIN_LIB")
+    """Register the plugin library an engine names ($ADAFUSE_PLUGIN_LIB, else the package's) before deserializing it."""
+    from .. import installation
+
+    found = installation.plugin_library()
+    lib = str(found) if found else None
     if not lib or not Path(lib).is_file():
         raise AdafuseError(f"{engine}: this engine uses the {plugin['library']} plugin library "
-                           f"({plugin['name']}); set ADAFUSE_PLUGIN_LIB to its path")
+                           f"({plugin['name']}), which this installation does not ship; set ADAFUSE_PLUGIN_LIB to its path")
     if trt.get_plugin_registry().load_library(lib) is None:
-        raise AdafuseError(f"ADAFUSE_PLUGIN_LIB={lib}: TensorRT could not load this plugin library "
+        named = f"ADAFUSE_PLUGIN_LIB={lib}" if os.environ.get("ADAFUSE_PLUGIN_LIB") else lib
+        raise AdafuseError(f"{named}: TensorRT could not load this plugin library "
                            "(not a TensorRT plugin library, built for another TensorRT, or already loaded; "
                            "see the TensorRT log above)")
 

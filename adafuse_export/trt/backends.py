@@ -54,7 +54,7 @@ KINDS: dict[str, BackendKind] = {k.name: k for k in (
     BackendKind("tensorrt", "TensorRT", "tensorrt", "plugin", "libadafuse_trt_plugins.so", strongly_typed=True,
                 timing_cache=True, capabilities=None,
                 install="full TensorRT 10 (pip install tensorrt, from NVIDIA's package index) plus the adafuse plugin "
-                        "library (cmake -S plugins -B build/plugins && cmake --build build/plugins)"),
+                        "library (installed with this tool; from a checkout: cmake --preset release && cmake --build --preset release)"),
     BackendKind("tensorrt-rtx", "TensorRT-RTX", "tensorrt_rtx", "portable", None, strongly_typed=False,
                 timing_cache=False, capabilities=("8.0", "8.6", "8.9", "12.x"),
                 install="pip install 'adafuse-export[rtx]' (tensorrt-rtx)"),

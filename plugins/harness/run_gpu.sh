@@ -3,7 +3,7 @@
 # replay), then with --gpu --check-expert-ids (the debug-mode expert_ids check).
 #
 # On the GPU machine (no network there):
-#   bash plugins/harness/run_gpu.sh            # builds into $BUILD_DIR (cmake, or nvcc/g++ without it), runs both
+#   bash plugins/harness/run_gpu.sh            # builds into $BUILD_DIR with the project's CMake, runs both
 # TensorRT headers, first found wins:
 #   TENSORRT_ROOT=/path/to/TensorRT            # an SDK with include/NvInfer.h
 #   ADAFUSE_TRT_HEADERS_DIR=/path/with/NvInfer.h
@@ -39,40 +39,11 @@ elif [[ -f "$kl_include/NvInfer.h" ]]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null || true
 nvcc --version | tail -n 2
-if command -v cmake >/dev/null; then
-  cmake -S "$plugins" -B "$build" "${args[@]}"
-  cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
-else
-  # No cmake: the same sources and flags (plugins/cmake/AdafuseWarnings.cmake) by hand.
-  echo "cmake not found: building with nvcc / g++ directly into $build"
-  inc=""
-  for a in "${args[@]}"; do
-    case "$a" in -DTENSORRT_ROOT=*) inc="${a#-DTENSORRT_ROOT=}/include" ;; -DADAFUSE_TRT_HEADERS_DIR=*) inc="${a#-DADAFUSE_TRT_HEADERS_DIR=}" ;; esac
-  done
-  test -n "$inc" && test -f "$inc/NvInfer.h" || { echo "TensorRT headers not found (see the top of this script)"; exit 2; }
-  mkdir -p "$build/obj"
-  arch="${CUDA_ARCHS:-90}"
-  nv=(nvcc -std=c++17 -O3 -arch="sm_$arch" -Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wextra,-Werror -Werror all-warnings
-      -I"$plugins/kernels/include" -I"$plugins/common" -I"$plugins/adafuseLoraLinearPlugin"
-      -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc")
-  cxx=(g++ -std=c++17 -O3 -fPIC -Wall -Wextra -Werror -I"$plugins/kernels/include" -I"$plugins/common"
-       -I"$plugins/adafuseLoraLinearPlugin" -I"$plugins/adafuseSwitchLinearPlugin" -isystem "$inc"
-       -isystem /usr/local/cuda/include)
-  pids=()
-  for f in "$plugins"/kernels/src/*.cu "$plugins"/common/*.cu "$plugins"/adafuseSwitchLinearPlugin/*.cu; do
-    "${nv[@]}" -c "$f" -o "$build/obj/$(basename "$f").o" & pids+=($!)
-  done
-  for f in "$plugins"/common/*.cpp "$plugins"/adafuseLoraLinearPlugin/*.cpp "$plugins"/adafuseSwitchLinearPlugin/*.cpp; do
-    "${cxx[@]}" -fvisibility=hidden -c "$f" -o "$build/obj/$(basename "$f").o" & pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p"; done
-  kobjs=("$build"/obj/{api,lora_linear,switch}.cu.o)
-  nvcc -shared -arch="sm_$arch" -cudart static -o "$build/libadafuse_trt_plugins.so" "$build"/obj/*.o \
-    -Xlinker --exclude-libs,ALL
-  "${cxx[@]}" -DADAFUSE_PLUGIN_LIBRARY_PATH="\"$build/libadafuse_trt_plugins.so\"" \
-    "$plugins/harness/plugin_harness.cpp" "${kobjs[@]}" -o "$build/adafuse_plugin_harness" \
-    -L/usr/local/cuda/lib64 -lcudart_static -ldl -lpthread -lrt
-fi
+# The project's one native build (the top-level CMakeLists.txt, preset gpu-harness: kernels, plugins, harness).
+command -v cmake >/dev/null || { echo "cmake not found: the plugins build with the project's CMake (3.24 or newer)"; exit 2; }
+cmake --preset gpu-harness -S "$(dirname "$plugins")" -B "$build" "${args[@]}"
+cmake --build "$build" -j "$(nproc)" --target adafuse_trt_plugins adafuse_plugin_harness
+build="$build/plugins"
 # The lifecycle replay, then the debug-mode expert_ids check (a second process: the library
 # reads ADAFUSE_CHECK_EXPERT_IDS once).
 rc=0

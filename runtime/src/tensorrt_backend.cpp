@@ -2,10 +2,12 @@
 
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -22,6 +24,21 @@ namespace {
 
 constexpr int kPrefill = 0, kDecode = 1;  // optimisation profiles (adafuse_export/trt/build.py)
 constexpr size_t kMaxGraphs = 4096;       // captured decode steps kept (one per batch, past length, buffer)
+
+// The plugin library installed with this code: beside the module that holds it (the shared runtime in
+// lib/), or in ../lib of it (adafuse-serve in bin/). Both the wheel (adafuse_export/_native/{bin,lib}) and
+// `cmake --install` use that layout. Empty when neither exists.
+std::string installed_plugin_library() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<const void*>(&installed_plugin_library), &info) == 0 || info.dli_fname == nullptr)
+    return "";
+  const std::filesystem::path here = std::filesystem::path(info.dli_fname).parent_path();
+  for (const auto& candidate : {here / "libadafuse_trt_plugins.so", here / ".." / "lib" / "libadafuse_trt_plugins.so"}) {
+    std::error_code ec;
+    if (std::filesystem::is_regular_file(candidate, ec)) return candidate.lexically_normal().string();
+  }
+  return "";
+}
 
 void cuda_check(cudaError_t status, const std::string& what) {
   if (status != cudaSuccess) fail(ADAFUSE_ERR_CUDA, what + ": " + cudaGetErrorString(status));
@@ -144,10 +161,11 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   std::string plugin_path;
   if (manifest.plugin) {
     const char* env = std::getenv("ADAFUSE_PLUGIN_LIB");
-    plugin_path = options.plugin_library ? options.plugin_library : (env ? env : "");
+    plugin_path = options.plugin_library ? options.plugin_library : (env ? env : installed_plugin_library());
     if (plugin_path.empty())
       fail(ADAFUSE_ERR_PLUGIN, engine_name_ + ": this engine uses the " + manifest.plugin->library +
-                                   " plugin library; set ADAFUSE_PLUGIN_LIB to its path (or pass plugin_library)");
+                                   " plugin library, which is not installed beside the runtime; set ADAFUSE_PLUGIN_LIB to "
+                                   "its path (or pass plugin_library)");
     check_plugin_library(plugin_path, engine_name_);
   }
   trt_ = open_tensorrt(options.tensorrt_library ? options.tensorrt_library : "");

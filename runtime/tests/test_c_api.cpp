@@ -129,8 +129,9 @@ TEST_F(OpenEngine, RefusesTensorRTRtxEngines) {
 TEST_F(OpenEngine, NeedsThePluginLibrary) {
   unsetenv("ADAFUSE_PLUGIN_LIB");
   EXPECT_EQ(open(NVINFER_101401, nullptr), ADAFUSE_ERR_PLUGIN);
-  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": this engine uses the libadafuse_trt_plugins.so plugin library; set "
-                                                        "ADAFUSE_PLUGIN_LIB to its path (or pass plugin_library)");
+  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": this engine uses the libadafuse_trt_plugins.so plugin library, which is not "
+                                                        "installed beside the runtime; set ADAFUSE_PLUGIN_LIB to its path (or pass "
+                                                        "plugin_library)");
   EXPECT_EQ(open(NVINFER_101401, NOT_A_PLUGIN_STUB), ADAFUSE_ERR_PLUGIN);
   setenv("ADAFUSE_PLUGIN_LIB", NOT_A_PLUGIN_STUB, 1);
   EXPECT_EQ(open(NVINFER_101401, nullptr), ADAFUSE_ERR_PLUGIN);  // the environment variable is read

@@ -83,7 +83,7 @@ typedef struct adafuse_engine adafuse_engine;
 typedef struct adafuse_open_options {
   const char* engine_path;       /* OUT.engine written by `adafuse-export convert` (required) */
   const char* tensorrt_library;  /* NULL: libnvinfer.so.10, then libnvinfer.so; or a path */
-  const char* plugin_library;    /* NULL: $ADAFUSE_PLUGIN_LIB; needed when the manifest names a plugin */
+  const char* plugin_library;    /* NULL: $ADAFUSE_PLUGIN_LIB, else the one installed beside the runtime */
   int32_t device;                /* CUDA device ordinal */
   int32_t cuda_graphs;           /* nonzero: replay decode steps from CUDA graphs where the engine allows */
 } adafuse_open_options;

@@ -13,7 +13,7 @@
 #      extracted headers. Pass -DADAFUSE_DOWNLOAD_TRT_HEADERS=OFF to forbid
 #      the download (then steps 1-3 must succeed).
 #
-# Defines: TensorRT_FOUND, TensorRT_INCLUDE_DIR, TensorRT_VERSION,
+# Defines: TensorRT_FOUND, TensorRT_INCLUDE_DIR, TensorRT_VERSION, TensorRT_DOWNLOAD_ERROR (why step 4 failed),
 #          TensorRT_HEADERS_SOURCE (root|dir|system|kernel-lens),
 #          target TensorRT::headers (INTERFACE).
 # A user's own TensorRT SDK always takes precedence over the downloaded headers.
@@ -56,23 +56,32 @@ if(NOT TensorRT_INCLUDE_DIR AND ADAFUSE_DOWNLOAD_TRT_HEADERS)
     message(STATUS "FindTensorRT: downloading ${ADAFUSE_KERNEL_LENS_SPEC} (TensorRT headers) into ${_kl_dir}")
     file(MAKE_DIRECTORY "${_kl_dir}")
     execute_process(
-      COMMAND "${Python3_EXECUTABLE}" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check
+      # pip's build isolation (a `pip install` of this project) hides the interpreter's own pip through
+      # PYTHONPATH; the download needs that pip, not the isolated environment.
+      COMMAND "${CMAKE_COMMAND}" -E env --unset=PYTHONPATH --unset=PYTHONNOUSERSITE
+              "${Python3_EXECUTABLE}" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check
               -q -d "${_kl_dir}" "${ADAFUSE_KERNEL_LENS_SPEC}"
       RESULT_VARIABLE _kl_rc OUTPUT_VARIABLE _kl_out ERROR_VARIABLE _kl_err)
     file(GLOB _kl_wheels "${_kl_dir}/kernel_lens-*.whl")
     if(NOT _kl_rc EQUAL 0 OR NOT _kl_wheels)
-      message(FATAL_ERROR "FindTensorRT: pip download of ${ADAFUSE_KERNEL_LENS_SPEC} failed (${_kl_rc}): ${_kl_err}\n"
-                          "Set TENSORRT_ROOT or ADAFUSE_TRT_HEADERS_DIR to TensorRT headers instead.")
-    endif()
-    list(GET _kl_wheels 0 _kl_wheel)
-    execute_process(COMMAND "${CMAKE_COMMAND}" -E tar xf "${_kl_wheel}" WORKING_DIRECTORY "${_kl_dir}"
-                    RESULT_VARIABLE _kl_rc)
-    if(NOT _kl_rc EQUAL 0 OR NOT EXISTS "${_kl_inc}/NvInfer.h")
-      message(FATAL_ERROR "FindTensorRT: ${_kl_wheel} did not hold kernel_lens/include/tensorrt/NvInfer.h")
+      set(_kl_failure "pip download of ${ADAFUSE_KERNEL_LENS_SPEC} failed (${_kl_rc}): ${_kl_err}")
+    else()
+      list(GET _kl_wheels 0 _kl_wheel)
+      execute_process(COMMAND "${CMAKE_COMMAND}" -E tar xf "${_kl_wheel}" WORKING_DIRECTORY "${_kl_dir}"
+                      RESULT_VARIABLE _kl_rc)
+      if(NOT _kl_rc EQUAL 0 OR NOT EXISTS "${_kl_inc}/NvInfer.h")
+        set(_kl_failure "${_kl_wheel} did not hold kernel_lens/include/tensorrt/NvInfer.h")
+      endif()
     endif()
   endif()
-  set(TensorRT_INCLUDE_DIR "${_kl_inc}" CACHE PATH "TensorRT include folder" FORCE)
-  set(_trt_source "kernel-lens")
+  if(_kl_failure)
+    # Not fatal unless REQUIRED: the caller decides what to leave out without TensorRT headers.
+    set(TensorRT_DOWNLOAD_ERROR "${_kl_failure}")
+    message(STATUS "FindTensorRT: ${_kl_failure}")
+  else()
+    set(TensorRT_INCLUDE_DIR "${_kl_inc}" CACHE PATH "TensorRT include folder" FORCE)
+    set(_trt_source "kernel-lens")
+  endif()
 endif()
 
 if(TensorRT_INCLUDE_DIR AND EXISTS "${TensorRT_INCLUDE_DIR}/NvInferVersion.h")
