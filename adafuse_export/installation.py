@@ -105,10 +105,13 @@ PLUGIN_ENTRY_POINTS = ("getCreators", "setLoggerFinder")
 
 
 def declared_functions(header: Path) -> List[str]:
-    """The adafuse_* functions a C header declares (a name followed by '(' at the start of a declaration)."""
+    """The adafuse_* functions a C header declares for a shipped build (a name followed by '(' at the start of
+    a declaration, outside the benchmark-only ADAFUSE_DIAGNOSTICS block)."""
     import re
 
     text = re.sub(r"/\*.*?\*/|//[^\n]*", "", header.read_text(), flags=re.S)
+    # declarations only a benchmark build compiles (plugins/kernels: -DADAFUSE_DIAGNOSTICS) are not shipped
+    text = re.sub(r"#ifdef ADAFUSE_DIAGNOSTICS.*?#endif", "", text, flags=re.S)
     return sorted(set(re.findall(r"^\s*(?:ADAFUSE_API\s+)?[A-Za-z_][\w\s\*]*?\b(adafuse_\w+)\s*\(", text, flags=re.M)))
 
 

@@ -11,6 +11,8 @@ stacked members, rank = members x r). Per shape and row count (1, 8), side by si
   fused       adafuse_lora_linear with E=8, top-2 routes (a different route per row at 8 rows)
 and a layer chain (qkv -> o -> gate_up -> down, each input a slice of the previous output, as many
 layers as fill 4x L2) that shows how consecutive launches overlap (PDL) - cuBLAS, linear, fused.
+The fused calls keep a workspace per weight set (exclusive, as the GPU decoder's), so the one-row shrink
+launches early as it does there; kernel shapes and PDL are passed as Kernels.lora_linear's options.
 Timing: CUDA graph of a rotation over weight sets >= 4x L2, median of 30 replays. GB/s counts the
 bytes each call must read (W, the touched experts' A and B, x, y) against a device-to-device copy
 measured in the same run. Writes <out>/gemv_sites.json.
@@ -54,19 +56,13 @@ def make_sets(outf, inf, R, rows, nsets, gen, dt=torch.bfloat16, E=8, k=2):
     return sets
 
 
-def with_env(env: dict, fn):
-    def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return run
+def add_workspaces(K, sets, E=8, k=2):
+    """A workspace per weight set (its own, reused by every call: exclusive)."""
+    for st in sets:
+        rows, inf = st["x"].shape
+        st["ws"] = torch.empty(K.lora_linear_workspace_size(rows, inf, st["W"].shape[0], E, st["A"].shape[1], k),
+                               dtype=torch.uint8, device=DEV)
+    return sets
 
 
 def bench_sites(K, bw, rs, variants):
@@ -81,7 +77,7 @@ def bench_sites(K, bw, rs, variants):
                 touched = min(E, rows * k)
                 w_bytes = outf * inf * 2
                 nsets = max(2, math.ceil(4 * L2 / w_bytes))
-                sets = make_sets(outf, inf, R, rows, nsets, gen)
+                sets = add_workspaces(K, make_sets(outf, inf, R, rows, nsets, gen))
                 io = rows * (inf + outf) * 2
                 lora_bytes = touched * R * (inf + outf) * 2
 
@@ -89,24 +85,28 @@ def bench_sites(K, bw, rs, variants):
                     for s in sets:
                         torch.matmul(s["x"], s["W"].T, out=s["y"])
 
-                def linear():
-                    for s in sets:
-                        K.linear(s["x"], s["W"], out=s["y"])
+                def linear(shape):
+                    def run():
+                        for s in sets:
+                            K.linear(s["x"], s["W"], out=s["y"], gemv1=shape)
+                    return run
 
-                def fused():
-                    for s in sets:
-                        K.lora_linear(s["x"], s["W"], s["A"], s["B"], s["ids"], s["g"], 1.0, out=s["y"])
+                def fused(shape):
+                    def run():
+                        for s in sets:
+                            K.lora_linear(s["x"], s["W"], s["A"], s["B"], s["ids"], s["g"], 1.0, out=s["y"],
+                                          workspace=s["ws"], exclusive_workspace=True, gemv1=shape)
+                    return run
 
                 rec = dict(site=name, out=outf, inp=inf, rank=r, stacked_rank=R, rows=rows, nsets=nsets,
                            floor_us=(w_bytes + io) / bw * 1e6,
                            floor_fused_us=(w_bytes + io + lora_bytes) / bw * 1e6)
                 rec["cublas_us"] = time_graph(cublas)[0] * 1e3 / nsets
-                for v in (variants if rows == 1 else [""]):
-                    env = {"ADAFUSE_GEMV1": v} if v else {}
-                    tag = v or "default"
+                for v in (variants if rows == 1 else ["auto"]):
+                    tag = "default" if v == "auto" else v
                     if r == rs[0]:  # the no-adapter kernel does not depend on the rank
-                        rec[f"linear_{tag}_us"] = time_graph(with_env(env, linear))[0] * 1e3 / nsets
-                    rec[f"fused_{tag}_us"] = time_graph(with_env(env, fused))[0] * 1e3 / nsets
+                        rec[f"linear_{tag}_us"] = time_graph(linear(v))[0] * 1e3 / nsets
+                    rec[f"fused_{tag}_us"] = time_graph(fused(v))[0] * 1e3 / nsets
                 best_lin = min((v, k_) for k_, v in rec.items() if k_.startswith("linear_")) if r == rs[0] else None
                 best_fus = min((v, k_) for k_, v in rec.items() if k_.startswith("fused_"))
                 rec["cublas_frac_of_copy"] = rec["floor_us"] / rec["cublas_us"]
@@ -135,31 +135,31 @@ def bench_chain(K, bw, rs):
     nlayers = max(8, math.ceil(4 * L2 / layer_bytes))
     out = {"layers": nlayers, "floor_us": nlayers * layer_bytes / bw * 1e6}
     for r in rs:
-        layers = [{name: make_sets(o, i, m * r, 1, 1, gen)[0] for name, (o, i, m) in SITES.items()}
+        layers = [{name: add_workspaces(K, make_sets(o, i, m * r, 1, 1, gen))[0] for name, (o, i, m) in SITES.items()}
                   for _ in range(nlayers)]
         x0 = torch.randn(1, 4096, device=DEV, generator=gen).to(torch.bfloat16)
 
-        def chain(call):
+        def chain(call, pdl):
             def run():
                 h = x0
                 for lay in layers:
                     for name, (o, i, _) in SITES.items():
                         s = lay[name]
-                        call(h[:, :i], s)
+                        call(h[:, :i], s, pdl)
                         h = s["y"]
             return run
 
         variants = {
-            "cublas": lambda h, s: torch.matmul(h, s["W"].T, out=s["y"]),
-            "linear": lambda h, s: K.linear(h, s["W"], out=s["y"]),
-            "fused": lambda h, s: K.lora_linear(h, s["W"], s["A"], s["B"], s["ids"], s["g"], 1.0, out=s["y"]),
+            "cublas": lambda h, s, pdl: torch.matmul(h, s["W"].T, out=s["y"]),
+            "linear": lambda h, s, pdl: K.linear(h, s["W"], out=s["y"], pdl=pdl),
+            "fused": lambda h, s, pdl: K.lora_linear(h, s["W"], s["A"], s["B"], s["ids"], s["g"], 1.0, out=s["y"],
+                                                     workspace=s["ws"], exclusive_workspace=True, pdl=pdl),
         }
         for vname, call in variants.items():
             if vname != "fused" and r != rs[0]:
                 continue
             for pdl in ("1", "0") if vname != "cublas" else ("1",):
-                env = {"ADAFUSE_DISABLE_PDL": "0" if pdl == "1" else "1"}
-                us = time_graph(with_env(env, chain(call)))[0] * 1e3
+                us = time_graph(chain(call, pdl == "1"))[0] * 1e3
                 key = f"{vname}_r{r}" + ("" if vname == "cublas" else f"_pdl{pdl}")
                 out[key + "_us"] = us
                 log(f"chain {key}: {us:8.1f} us for {nlayers} layers = {us / nlayers:6.2f} us/layer, "
@@ -173,7 +173,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ranks", default="16,64")
-    ap.add_argument("--variants", default=",".join(GEMV1_VARIANTS), help="ADAFUSE_GEMV1 values ('' = default)")
+    ap.add_argument("--variants", default=",".join(GEMV1_VARIANTS),
+                    help="one-row GEMV shapes (Kernels.lora_linear's gemv1; 'auto' = the library's choice)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
-from adafuse_export.kernels.binding import AdafuseKernelError  # noqa: E402
+from adafuse_export.kernels.binding import DIAGNOSTICS_FLAG, AdafuseKernelError  # noqa: E402
 
 LOG = io.StringIO()
 
@@ -129,7 +129,7 @@ def check_lora(K, results):
     cases += site_cases
     for i, cs in enumerate(cases):  # every 5th few-rows case without adapter (A = B = None: y = x W^T + bias)
         cs["adapter"] = i % 5 != 2 or cs["rows"] > 16
-    # the one-row kernel's shapes (ADAFUSE_GEMV1), each on every one-row case
+    # the one-row kernel's shapes (adafuse_lora_options.gemv1), each on every one-row case
     cases += [dict(cs, gemv1=v) for cs in list(cases) if cs["rows"] == 1 for v in GEMV1_VARIANTS[1:]]
     n_fail = 0
     for cs in cases:
@@ -151,19 +151,17 @@ def check_lora(K, results):
         y = torch.full((rows, outf), float("nan"), dtype=dt, device=DEV)
         ws_n = K.lora_linear_workspace_size(rows, inf, outf, E, r, k)
         ws = torch.full((ws_n,), 255, dtype=torch.uint8, device=DEV)  # NaN-poisoned floats
-        os.environ["ADAFUSE_GEMV1"] = cs.get("gemv1", GEMV1_VARIANTS[0])
+        shape = cs.get("gemv1", GEMV1_VARIANTS[0])
         try:
             if cs["adapter"]:
-                K.lora_linear(x, W, A, B, ids, g, scale, bias=bias, out=y, workspace=ws)
+                K.lora_linear(x, W, A, B, ids, g, scale, bias=bias, out=y, workspace=ws, gemv1=shape)
             else:
-                K.linear(x, W, bias=bias, out=y, workspace=ws)
+                K.linear(x, W, bias=bias, out=y, workspace=ws, gemv1=shape)
             torch.cuda.synchronize()
             err = rel_err(y, lora_ref(x, W, bias, A, B, ids, g, scale if cs["adapter"] else 0.0))
         except Exception as exc:  # report, keep going
             err = float("nan")
             cs["error"] = repr(exc)
-        finally:
-            os.environ.pop("ADAFUSE_GEMV1")
         ok = (err == err) and err < TOL[cs["dtype"]]
         cs.update(rel_err=err, ok=ok)
         n_fail += 0 if ok else 1
@@ -222,13 +220,15 @@ def check_lora_graph(K, results):
     return n_fail
 
 
-GEMV1_VARIANTS = ("", "u4n1", "u8n1", "u4n2", "u4k2", "simt")  # ADAFUSE_GEMV1; "": default
+GEMV1_VARIANTS = ("auto", "u4n1", "u8n1", "u4n2", "u4k2", "simt")  # Kernels.lora_linear(gemv1=...)
 
 
 def check_lora_chain(K, results):
     """Programmatic dependent launches: y1 = f(x), y2 = f(y1), y3 = f(y2) back to back (each
     shrink waits for the GEMV before it), eager and as a CUDA graph replayed on new inputs,
-    with and without PDL; against float64 references of the chain."""
+    with PDL and a workspace per layer (exclusive: the one-row shrink launches early too), with PDL
+    and the binding's per-call workspaces (the shrink in stream order), and without PDL; against
+    float64 references of the chain."""
     gen = torch.Generator(device=DEV).manual_seed(77)
     cpu_gen = torch.Generator().manual_seed(78)
     n_fail, recs = 0, []
@@ -242,11 +242,19 @@ def check_lora_chain(K, results):
             x = torch.empty(rows, d, device=DEV, dtype=dt)
             ids = torch.empty(rows, 2, device=DEV, dtype=torch.int32)
             g = torch.empty(rows, 2, device=DEV, dtype=torch.float32)
+            wss = [torch.empty(K.lora_linear_workspace_size(rows, d, d, 8, r, 2), dtype=torch.uint8, device=DEV)
+                   for _ in range(3)]
+            mode = {}
 
             def chain():
                 h = x
-                for W, A, B in zip(Ws, As, Bs):
-                    h = K.lora_linear(h, W, A, B, ids, g, 0.5) if adapter else K.linear(h, W)
+                for W, A, B, ws in zip(Ws, As, Bs, wss):
+                    if not adapter:
+                        h = K.linear(h, W, pdl=mode["pdl"])
+                    elif mode["exclusive"]:
+                        h = K.lora_linear(h, W, A, B, ids, g, 0.5, workspace=ws, exclusive_workspace=True)
+                    else:
+                        h = K.lora_linear(h, W, A, B, ids, g, 0.5, pdl=mode["pdl"])
                 return h
 
             def ref():
@@ -261,8 +269,8 @@ def check_lora_chain(K, results):
                 ids.copy_(i2)
                 g.copy_(g2)
 
-            for pdl in ("1", "0"):
-                os.environ["ADAFUSE_DISABLE_PDL"] = "0" if pdl == "1" else "1"
+            for pdl, exclusive in (("1", True), ("1", False), ("0", False)):
+                mode.update(pdl=pdl == "1", exclusive=exclusive)
                 errs = []
                 try:
                     fresh()
@@ -277,12 +285,11 @@ def check_lora_chain(K, results):
                 except Exception as exc:  # report, keep going
                     errs.append(float("nan"))
                     log("  CHAIN ERROR", repr(exc))
-                finally:
-                    os.environ.pop("ADAFUSE_DISABLE_PDL")
                 worst = max(e if e == e else float("inf") for e in errs)
                 ok = worst < 3 * TOL[dname]
                 n_fail += 0 if ok else 1
-                recs.append(dict(dtype=dname, d=d, rows=rows, rank=r, adapter=adapter, pdl=pdl == "1", rel_err=worst, ok=ok))
+                recs.append(dict(dtype=dname, d=d, rows=rows, rank=r, adapter=adapter, pdl=pdl == "1",
+                                 exclusive_workspace=exclusive, rel_err=worst, ok=ok))
                 if not ok:
                     log("  CHAIN FAIL", recs[-1])
     results["lora_chain_correctness"] = recs
@@ -318,6 +325,19 @@ def make_sites(shapes, dt, E, r, gen, pristine):
             s["W_base"] = W0
         sites.append(s)
     return sites
+
+
+class SwitchVariant:
+    """A loaded benchmark build whose switch() runs one kernel sequence (Kernels.switch's variant)."""
+
+    def __init__(self, K, variant: str):
+        self.K, self.variant = K, variant
+
+    def switch(self, *args, **kw):
+        return self.K.switch(*args, variant=self.variant, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.K, name)
 
 
 def check_switch(K, results, tag=""):
@@ -487,11 +507,12 @@ def lora_bench_sets(K, rows, outf, inf, E, r, k, gen, dt=torch.bfloat16):
     return sets
 
 
-def lora_bench_fns(K, sets, scale):
-    """fused(): adafuse_lora_linear over every set; dense(): torch's x W^T (cuBLAS) over every set."""
+def lora_bench_fns(K, sets, scale, pdl: bool = True):
+    """fused(): adafuse_lora_linear over every set, each with its own workspace (exclusive, as the
+    decoder's); dense(): torch's x W^T (cuBLAS) over every set."""
     def fused():
         for (x, W, A, B, ids, g, y, ws) in sets:
-            K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws)
+            K.lora_linear(x, W, A, B, ids, g, scale, out=y, workspace=ws, pdl=pdl, exclusive_workspace=True)
 
     def dense():
         for (x, W, *_rest) in sets:
@@ -531,11 +552,7 @@ def bench_lora(K, results, copy_bw):
                 t_d, _ = time_graph(dense_only)
                 t_u, _ = time_graph(unmerged)
                 t_f2, _ = time_graph(fused)  # repeat: spread
-                os.environ["ADAFUSE_DISABLE_PDL"] = "1"
-                try:
-                    t_np, _ = time_graph(fused)
-                finally:
-                    del os.environ["ADAFUSE_DISABLE_PDL"]
+                t_np, _ = time_graph(lora_bench_fns(K, sets, scale, pdl=False)[0])
                 bytes_min = (outf * inf + rows * (inf + outf) + k * rows * r * (inf + outf)) * 2
                 if rows > 1:  # experts read: at most min(E, rows*k) distinct
                     bytes_min = (outf * inf + rows * (inf + outf) + min(E, rows * k) * r * (inf + outf)) * 2
@@ -630,8 +647,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--arch", default=None)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: lora,switch,drift,tlora,tswitch")
-    ap.add_argument("--switch-impls", default="", help="comma list of ADAFUSE_SWITCH_IMPL values to A/B "
-                    "(v2, v3a): correctness and timing of the switch again under each")
+    ap.add_argument("--switch-impls", default="", help="comma list of switch kernel sequences to A/B "
+                    "(chunked, resident_2pb; Kernels.switch variants of a -DADAFUSE_DIAGNOSTICS build): "
+                    "correctness and timing of the switch again under each")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -673,13 +691,15 @@ def main():
     section("tlora", bench_lora, K, results, bw)
     section("tswitch", bench_switch, K, results, bw, 16)
     section("tswitch", bench_switch, K, results, bw, 64)
-    # same-run A/B of the switch implementations (ADAFUSE_SWITCH_IMPL, read at every call)
-    for impl in [m for m in args.switch_impls.split(",") if m]:
-        os.environ["ADAFUSE_SWITCH_IMPL"] = impl
-        section("switch_ab", check_switch, K, results, "_" + impl)
-        section("switch_ab", bench_switch, K, results, bw, 16, "_" + impl)
-        section("switch_ab", bench_switch, K, results, bw, 64, "_" + impl)
-        os.environ.pop("ADAFUSE_SWITCH_IMPL")
+    # same-run A/B of the switch's kernel sequences (a benchmark build: the shipped one has only the default)
+    impls = [m for m in args.switch_impls.split(",") if m]
+    if impls:
+        Kd = load_kernels(build_library([arch], extra_flags=[DIAGNOSTICS_FLAG]))
+    for impl in impls:
+        Kv = SwitchVariant(Kd, impl)
+        section("switch_ab", check_switch, Kv, results, "_" + impl)
+        section("switch_ab", bench_switch, Kv, results, bw, 16, "_" + impl)
+        section("switch_ab", bench_switch, Kv, results, bw, 64, "_" + impl)
     results["failures"] = fails
 
     log("\n==== summary ====")

@@ -6,10 +6,11 @@
 The job: the 224 adapted matrices of a Llama-2-7B shape (bf16, 8 experts, top-2; W read and
 written once = 25.9 GB) get W' = W (or W_base) + sum_j c_j B_j A_j with K = terms x rank
 (r16 pristine 32, r16 in place 64, r64 pristine 128, r64 in place 256). Rows:
-  switch    the library's adafuse_switch (default implementation, v3), eager, median;
-  nomma     the same kernel from a diagnostic build (-DADAFUSE_SWITCH_DIAG, env
-            ADAFUSE_SWITCH_DIAG=nomma): A and B staged, the tensor-core product skipped;
-  nodelta   the same, A, B, product and add skipped: W tiles only stream through v3's ring;
+  switch    the library's adafuse_switch (default sequence, the resident kernel), eager, median;
+  nomma     the same kernel from a benchmark build (-DADAFUSE_DIAGNOSTICS, Kernels.switch
+            variant="no_mma"): A and B staged, the tensor-core product skipped;
+  nodelta   the same (variant="no_delta"), A, B, product and add skipped: W tiles only stream
+            through the resident kernel's ring;
   addmm     cuBLAS in place, W.addmm_(Bg, A) per site with the same K (224 launches, one CUDA graph);
   baddbmm   cuBLAS in place per shape class, W3.baddbmm_(Bg3, A3) (3 launches, one CUDA graph);
   triton    a plain Triton tile kernel (load W, tl.dot, add, store; one CTA per tile, no
@@ -50,7 +51,9 @@ E, TOP_K = 8, 2
 # (name, rank, pristine) -> K = terms x rank
 CASES = [("r16 pristine", 16, True), ("r16 in place", 16, False),
          ("r64 pristine", 64, True), ("r64 in place", 64, False)]
-DIAG_FLAG = "-DADAFUSE_SWITCH_DIAG"
+DIAG_FLAG = "-DADAFUSE_DIAGNOSTICS"  # adafuse_export.kernels.binding.DIAGNOSTICS_FLAG
+# the diagnostic rows -> Kernels.switch variants of the benchmark build
+DIAG_VARIANTS = {"nomma": "no_mma", "nodelta": "no_delta"}
 
 LOG = io.StringIO()
 
@@ -119,7 +122,8 @@ def lib_sites(torch: Any, wts: Weights, rank: int, pristine: bool, gen: Any) -> 
     return sites
 
 
-def time_switch(torch: Any, gk: Any, K: Any, sites_dev: Any, n: int, gen: Any, reps: int) -> float:
+def time_switch(torch: Any, gk: Any, K: Any, sites_dev: Any, n: int, gen: Any, reps: int,
+                variant: str = "default") -> float:
     """Median ms of eager switches alternating between two routes (every call changes it)."""
     routes = []
     for _ in range(2):
@@ -133,7 +137,8 @@ def time_switch(torch: Any, gk: Any, K: Any, sites_dev: Any, n: int, gen: Any, r
     def sw() -> None:
         ids, g = routes[state["i"] % 2]
         state["i"] += 1
-        K.switch(torch.bfloat16, sites_dev, n, 11008, 11008, ids, g, old_ids, old_g, update_old=True)
+        K.switch(torch.bfloat16, sites_dev, n, 11008, 11008, ids, g, old_ids, old_g, update_old=True,
+                 variant=variant)
 
     ms, _ = gk.time_eager(sw, reps=reps, warm=2)
     return ms
@@ -246,12 +251,8 @@ def bench(args: argparse.Namespace) -> int:
             sd = Kp.sites_to_device(sites)
             n = len(sites)
             rows[name]["switch_ms"] = time_switch(torch, gk, Kp, sd, n, gen, args.reps)
-            for mode in ("nomma", "nodelta"):
-                os.environ["ADAFUSE_SWITCH_DIAG"] = mode
-                try:
-                    rows[name][f"{mode}_ms"] = time_switch(torch, gk, Kd, sd, n, gen, args.reps)
-                finally:
-                    del os.environ["ADAFUSE_SWITCH_DIAG"]
+            for mode, variant in DIAG_VARIANTS.items():
+                rows[name][f"{mode}_ms"] = time_switch(torch, gk, Kd, sd, n, gen, args.reps, variant)
             rows[name]["switch_repeat_ms"] = time_switch(torch, gk, Kp, sd, n, gen, args.reps)
             r = rows[name]
             log(f"{name:13s} K={r['K']:3d}: switch {r['switch_ms']:.3f} ms (repeat {r['switch_repeat_ms']:.3f}), "
@@ -374,8 +375,8 @@ def find_ncu() -> str:
 # name -> (kernel name regex, rank or K, what runs): the library kernel at r16 / r64 pristine, the
 # diagnostic build's stream-only kernel at the r16 pristine configuration, the Triton tile kernel at
 # K=32 on the 4096x4096 class. Each profiles one launch over the sites of 4 layers.
-NCU_TARGETS = {"r16": ("switch_v3_kernel", 16, "lib"), "r64": ("switch_v3_kernel", 64, "lib"),
-               "r16nodelta": ("switch_v3_kernel", 16, "diag"), "triton32": ("switch_tile", 32, "triton")}
+NCU_TARGETS = {"r16": ("switch_resident_kernel", 16, "lib"), "r64": ("switch_resident_kernel", 64, "lib"),
+               "r16nodelta": ("switch_resident_kernel", 16, "diag"), "triton32": ("switch_tile", 32, "triton")}
 
 
 def run_ncu(out: Path, libs: Dict[str, str], targets: List[str]) -> Dict[str, Any]:
@@ -437,8 +438,7 @@ def ncu_target(name: str, lib: str, diag_lib: str) -> int:
             torch.cuda.synchronize()
         torch.cuda.profiler.stop()
         return 0
-    if what == "diag":
-        os.environ["ADAFUSE_SWITCH_DIAG"] = "nodelta"
+    variant = DIAG_VARIANTS["nodelta"] if what == "diag" else "default"
     K = load_kernels(diag_lib if what == "diag" else lib)
     sites = lib_sites(torch, wts, rank, True, gen)
     sd = K.sites_to_device(sites)
@@ -450,14 +450,15 @@ def ncu_target(name: str, lib: str, diag_lib: str) -> int:
         torch.cuda.synchronize()
         if step == 1:
             torch.cuda.profiler.start()
-        K.switch(torch.bfloat16, sd, len(sites), 11008, 11008, ids, g, old_ids, old_g, update_old=True)
+        K.switch(torch.bfloat16, sd, len(sites), 11008, 11008, ids, g, old_ids, old_g, update_old=True,
+                 variant=variant)
         torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     return 0
 
 
 def build_libs() -> Dict[str, str]:
-    """The library and its diagnostic build (-DADAFUSE_SWITCH_DIAG), for this GPU, in parallel."""
+    """The library and its benchmark build (-DADAFUSE_DIAGNOSTICS), for this GPU, in parallel."""
     import torch
 
     from adafuse_export.kernels import build_library

@@ -174,6 +174,30 @@ def test_kernel_ops_keeps_one_workspace_per_site_and_rows():
     assert len({w1.data_ptr(), w8.data_ptr(), wo.data_ptr()}) == 3  # all alive at once: no reuse
 
 
+def test_kernel_ops_passes_its_kept_workspace_as_exclusive():
+    """Only a workspace kept per (site, rows) may be declared exclusive (the one-row shrink then launches before
+    the previous kernel completes); KernelOps passes exactly that one, every call."""
+    from adafuse_export.runners.torch_cuda import KernelOps, SiteWeights
+
+    class Recorder:  # records what KernelOps hands the binding
+        calls: list = []
+
+        def lora_linear_workspace_size(self, rows, in_f, out_f, E, rank, top_k):
+            return rows * top_k * rank * 4 + 16
+
+        def lora_linear(self, x, W, A, B, ids, gates, scale, **kw):
+            self.calls.append(kw)
+            return x
+
+    site = SiteWeights("s", torch.zeros(24, 8), None, torch.zeros(4, 6, 8), torch.zeros(4, 24, 6), 1.0)
+    rec = Recorder()
+    ops = KernelOps(rec)
+    for _ in range(2):
+        ops.lora_linear(torch.zeros(1, 8), site, torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2))
+    assert [c["exclusive_workspace"] for c in rec.calls] == [True, True]
+    assert rec.calls[0]["workspace"] is rec.calls[1]["workspace"] is ops._workspace(site, 1, 2)
+
+
 def test_workspace_follows_the_shapes_at_a_reused_address():
     """A later decoder sharing the ops can hold a weight at a freed weight's address with other shapes (the H100
     run of gpu_families.py: a 784-byte workspace kept for a site that needed 1296): the size follows the shapes."""

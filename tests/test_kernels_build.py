@@ -1,9 +1,10 @@
 """Build the AdaFuse CUDA kernel library with nvcc (sm_80 + sm_90) and check it
 without a GPU: exported symbols, host-side argument validation of the C ABI,
-and the Python binding's checks. Runs on the CPU-only CI machine."""
+the driver floor check, and the Python binding's checks. Runs on the CPU-only CI machine."""
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,9 @@ from adafuse_export.kernels import binding as kbind
 EXPECTED_SYMBOLS = {
     "adafuse_status_string",
     "adafuse_abi_version",
+    "adafuse_required_driver_version",
+    "adafuse_check_driver_version",
+    "adafuse_check_runtime",
     "adafuse_lora_linear_workspace_size",
     "adafuse_lora_linear",
     "adafuse_switch",
@@ -42,7 +46,8 @@ def lib_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def kernels(lib_path):
-    return kbind.Kernels(lib_path)
+    # host-side checks only: this machine may have no CUDA driver (see the driver floor tests)
+    return kbind.Kernels(lib_path, check_runtime=False)
 
 
 @needs_nvcc
@@ -77,7 +82,82 @@ def test_abi_version_and_status_strings(kernels):
     assert "invalid argument" in kernels.status_string(1)
     assert "workspace" in kernels.status_string(2)
     assert "CUDA" in kernels.status_string(3)
+    assert kernels.status_string(4) == "no CUDA driver found"
+    assert "driver is older" in kernels.status_string(5)
     assert "unknown" in kernels.status_string(42)
+
+
+# ---- driver floor -------------------------------------------------------------------
+def _toolkit_version() -> tuple[int, int]:
+    """CUDA major, minor of the nvcc that built the library ("release 13.0")."""
+    out = subprocess.run([NVCC, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    assert m, out
+    return int(m.group(1)), int(m.group(2))
+
+
+def _expected_floor() -> int:
+    """The header's rule: max(12.8 for cudaStreamGetDevice, <built major>.0), as 1000 * major + 10 * minor."""
+    major, _ = _toolkit_version()
+    return max(12080, 1000 * major)
+
+
+def _installed_driver_version() -> int:
+    """cuDriverGetVersion straight from libcuda (0 without a driver): independent of the library."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    v = ctypes.c_int(0)
+    return v.value if cuda.cuDriverGetVersion(ctypes.byref(v)) == 0 else 0
+
+
+def _expected_line(driver: int) -> tuple[int, str]:
+    major, minor = _toolkit_version()
+    floor = _expected_floor()
+    branch = {12080: " (NVIDIA driver r570 or newer)", 13000: " (NVIDIA driver r580 or newer)"}.get(floor, "")
+    built, need = f"CUDA {major}.{minor}", f"{floor // 1000}.{floor % 1000 // 10}"
+    found = f"{driver // 1000}.{driver % 1000 // 10}"
+    if driver == 0:
+        return 4, f"no CUDA driver found: the adafuse kernels (built with {built}) need a driver for CUDA >= {need}{branch}"
+    if driver < floor:
+        return 5, (f"CUDA driver too old: it supports CUDA {found}, the adafuse kernels (built with {built}) need "
+                   f"CUDA >= {need}{branch}")
+    return 0, f"CUDA driver supports CUDA {found}, the adafuse kernels (built with {built}) need CUDA >= {need}"
+
+
+@needs_nvcc
+def test_driver_floor_follows_the_toolkit(kernels):
+    assert kernels.lib.adafuse_required_driver_version() == _expected_floor()
+    floor = _expected_floor()
+    for driver in (0, 11080, 12040, floor - 10, floor, floor + 10, floor + 1000):
+        status, line = kernels.runtime_status(driver)
+        assert (status, line) == _expected_line(driver), driver
+        assert "\n" not in line
+    # a short buffer is cut, never overrun; NULL with size 0 is allowed
+    small = ctypes.create_string_buffer(b"\xff" * 12, 12)
+    assert kernels.lib.adafuse_check_driver_version(0, small, 10) == kbind.ADAFUSE_ERR_NO_DRIVER
+    assert small.raw[:10] == _expected_line(0)[1][:9].encode() + b"\0" and small.raw[10:] == b"\xff" * 2
+    assert kernels.lib.adafuse_check_driver_version(0, None, 0) == kbind.ADAFUSE_ERR_NO_DRIVER
+
+
+@needs_nvcc
+def test_loading_checks_the_installed_driver(lib_path, kernels):
+    """Kernels(path) and load_kernels refuse a missing or too old driver with the one line naming both
+    versions (on a CPU-only machine: "no CUDA driver found ..."); a new enough driver loads."""
+    status, line = _expected_line(_installed_driver_version())
+    assert kernels.runtime_status() == (status, line)
+    if status == kbind.ADAFUSE_OK:
+        assert kbind.Kernels(lib_path).path == lib_path
+        assert kbind.load_kernels(lib_path) is not None
+        return
+    for load, shown in ((lambda: kbind.Kernels(lib_path), Path(lib_path)),
+                        (lambda: kbind.load_kernels(lib_path), Path(lib_path).resolve())):
+        with pytest.raises(kbind.AdafuseKernelError) as err:
+            load()
+        assert str(err.value) == f"{shown}: {line}"
+        assert err.value.status == status
+        assert "\n" not in str(err.value)
 
 
 @needs_nvcc
@@ -113,11 +193,11 @@ def test_workspace_size(kernels):
 
 
 def _lora_call(k, dtype=2, rows=1, inf=8, outf=8, x=1, W=1, A=1, B=1, E=1, rank=1, ids=1,
-               gates=1, top_k=1, y=1, ws=None, ws_bytes=0):
+               gates=1, top_k=1, y=1, ws=None, ws_bytes=0, options=None):
     p = lambda v: None if v is None else ctypes.c_void_p(0x1000 * v) if v else None  # noqa: E731
     return k.lib.adafuse_lora_linear(dtype, rows, inf, outf, p(x), p(W), None, p(A), p(B), E, rank,
                                      p(ids), p(gates), top_k, 1.0, p(y),
-                                     p(ws) if ws else None, ws_bytes, None)
+                                     p(ws) if ws else None, ws_bytes, options, None)
 
 
 @needs_nvcc
@@ -145,6 +225,26 @@ def test_lora_linear_rejects_bad_arguments_without_touching_the_gpu(kernels):
     assert _lora_call(kernels, rows=LORA_MAX_ROWS + 1) == INV  # one row past the header's limit
     # rows == 0 is a valid no-op (nothing is enqueued)
     assert _lora_call(kernels, rows=0, x=0, W=0, ids=0, y=0) == kbind.ADAFUSE_OK
+
+
+@needs_nvcc
+def test_lora_linear_options_are_checked(kernels):
+    """adafuse_lora_options: every field inside its enum (else an invalid argument, before any CUDA
+    call); in range, the call gets as far as the workspace check."""
+    INV, WS = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_ERR_WORKSPACE
+    ok = [kbind.LoraOptions(p, g, s, e) for p in (0, 1) for g in range(6) for s in range(3) for e in (0, 1)]
+    for o in ok:
+        assert _lora_call(kernels, ws=None, options=ctypes.byref(o)) == WS, (o.pdl, o.gemv1, o.shrink)
+    for bad in [(2, 0, 0, 0), (-1, 0, 0, 0), (0, 6, 0, 0), (0, -1, 0, 0), (0, 0, 3, 0), (0, 0, -1, 0),
+                (0, 0, 0, 2), (0, 0, 0, -1)]:
+        assert _lora_call(kernels, ws=None, options=ctypes.byref(kbind.LoraOptions(*bad))) == INV, bad
+    # the binding's names map onto the enums, and name a bad one
+    assert tuple(getattr(kbind.lora_options(pdl=False, gemv1="u4k2", shrink="warp", exclusive_workspace=True), f)
+                 for f in ("pdl", "gemv1", "shrink", "exclusive_workspace")) == (1, 4, 2, 1)
+    with pytest.raises(kbind.AdafuseKernelError, match=r"gemv1='u9': expected one of 'auto', 'u4n1'"):
+        kbind.lora_options(gemv1="u9")
+    with pytest.raises(kbind.AdafuseKernelError, match=r"shrink='block': expected one of 'auto', 'dot', 'warp'"):
+        kbind.lora_options(shrink="block")
 
 
 @needs_nvcc
@@ -245,17 +345,49 @@ def test_switch_site_layout_matches_the_header(tmp_path):
 @needs_nvcc
 @pytest.mark.parametrize("diag", [False, True])
 def test_switch_diagnostic_kernels_only_in_the_diagnostic_build(tmp_path, diag):
-    # -DADAFUSE_SWITCH_DIAG (benchmarks/switch_bound.py) adds v3 instantiations that skip the product
-    # (kDiag 1) or the whole delta (kDiag 2) and write wrong weights by design: they must compile
-    # warning-free there and be absent from the library proper.
+    # -DADAFUSE_DIAGNOSTICS (benchmarks/switch_bound.py) adds resident-kernel instantiations that skip
+    # the product (kSkip 1) or the whole delta (kSkip 2) and write wrong weights by design, and
+    # adafuse_switch_diagnostic that runs them: they must compile warning-free there and be absent
+    # from the shipped library.
     src = kbuild.kernel_root() / "src" / "switch.cu"
     ptx = tmp_path / "switch.ptx"
-    flags = ["-DADAFUSE_SWITCH_DIAG"] if diag else []
+    flags = [kbind.DIAGNOSTICS_FLAG] if diag else []
     subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", *flags,
                     f"-I{kbuild.kernel_root() / 'include'}", "-ptx", str(src), "-o", str(ptx)], check=True)
-    entries = [ln for ln in ptx.read_text().splitlines() if ".entry" in ln and "switch_v3_kernel" in ln]
+    entries = [ln for ln in ptx.read_text().splitlines() if ".entry" in ln and "switch_resident_kernel" in ln]
     kinds = {k for k in ("Li0EE", "Li1EE", "Li2EE") if any(k in ln for ln in entries)}
     assert kinds == ({"Li0EE", "Li1EE", "Li2EE"} if diag else {"Li0EE"}), entries
+
+
+@needs_nvcc
+def test_shipped_library_has_no_diagnostic_entry_point(kernels):
+    assert not hasattr(kernels.lib, "adafuse_switch_diagnostic")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(kbind.AdafuseKernelError, match=r"variant='no_mma' needs a benchmark build of the kernels "
+                                                       r"\(-DADAFUSE_DIAGNOSTICS\)"):
+        kernels.switch(torch.bfloat16, None, 0, 1, 1, None, None, None, None, variant="no_mma")
+    with pytest.raises(kbind.AdafuseKernelError, match=r"variant='v3': expected one of 'default', 'chunked'"):
+        kernels.switch(torch.bfloat16, None, 0, 1, 1, None, None, None, None, variant="v3")
+
+
+def test_kernel_sources_read_no_environment():
+    """Choices are arguments (adafuse_lora_options, adafuse_switch_diagnostic in benchmark builds):
+    the kernel library reads no environment variable, not even in its benchmark build."""
+    calls = re.compile(r"\b(getenv|secure_getenv|environ)\b")
+    for path in sorted((kbuild.kernel_root() / "src").glob("*")) + sorted((kbuild.kernel_root() / "include").glob("*")):
+        hits = [f"{path.name}:{i}: {ln.strip()}" for i, ln in enumerate(path.read_text().splitlines(), 1)
+                if calls.search(ln)]
+        assert not hits, hits
+
+
+def test_kernels_are_named_by_role():
+    """No version-history names (switch_v3_kernel, v3_stages, gemv_v2, ...) in the kernel sources:
+    no identifier with a part like v3 / v3a (loop indices such as v0 are single parts)."""
+    ident, version = re.compile(r"\b[A-Za-z_]\w*\b"), re.compile(r"v\d+[a-z]?")
+    for path in sorted((kbuild.kernel_root() / "src").glob("*")) + sorted((kbuild.kernel_root() / "include").glob("*")):
+        for i, ln in enumerate(path.read_text().splitlines(), 1):
+            names = [w for w in ident.findall(ln) if "_" in w and any(version.fullmatch(part) for part in w.split("_"))]
+            assert not names, f"{path.name}:{i}: {names}"
 
 
 def test_dtype_mapping():
@@ -281,6 +413,10 @@ def test_binding_checks_tensors_before_any_cuda_call(kernels):
         kernels.lora_linear([[1.0]], W, A, B, ids, g, 1.0)
     with pytest.raises(kbind.AdafuseKernelError, match="x must be a CUDA tensor"):
         kernels.linear(x, W)
+    with pytest.raises(kbind.AdafuseKernelError, match="exclusive_workspace=True needs a workspace kept per call site"):
+        kernels.lora_linear(x, W, A, B, ids, g, 1.0, exclusive_workspace=True)
+    with pytest.raises(kbind.AdafuseKernelError, match=r"gemv1='fast'"):
+        kernels.lora_linear(x, W, A, B, ids, g, 1.0, gemv1="fast")
     with pytest.raises(kbind.AdafuseKernelError, match="unsupported dtype"):
         kbind.dtype_code(torch.int8)
     with pytest.raises(kbind.AdafuseKernelError, match="must be a CUDA tensor"):

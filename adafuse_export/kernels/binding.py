@@ -3,20 +3,25 @@
 All calls enqueue on torch's current CUDA stream (``torch.cuda.current_stream()``)
 unless a stream is given, so they compose with torch ops and CUDA graph capture.
 A nonzero status from the library raises :class:`AdafuseKernelError`; argument
-problems found in Python raise it too (before anything reaches the GPU).
+problems found in Python raise it too (before anything reaches the GPU). Loading the
+library checks the CUDA driver against the floor of the toolkit it was built with
+(adafuse_check_runtime) and raises with that one line when the driver is missing or
+too old.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 ADAFUSE_OK = 0
 ADAFUSE_ERR_INVALID_ARGUMENT = 1
 ADAFUSE_ERR_WORKSPACE = 2
 ADAFUSE_ERR_CUDA = 3
-ABI_VERSION = 1
+ADAFUSE_ERR_NO_DRIVER = 4
+ADAFUSE_ERR_DRIVER_TOO_OLD = 5
+ABI_VERSION = 2
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -25,6 +30,13 @@ _DTYPE_NAMES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": 
 
 
 ATTN_MAX_GROUP = 8  # ADAFUSE_ATTN_MAX_GROUP
+
+# adafuse_lora_options' enums (adafuse_kernels.h), by the names the keyword arguments take
+GEMV1_SHAPES = {"auto": 0, "u4n1": 1, "u8n1": 2, "u4n2": 3, "u4k2": 4, "simt": 5}
+SHRINK_KINDS = {"auto": 0, "dot": 1, "warp": 2}
+# adafuse_switch_variant: adafuse_switch_diagnostic exists in builds with -DADAFUSE_DIAGNOSTICS only
+SWITCH_VARIANTS = {"default": 0, "chunked": 1, "resident_2pb": 2, "no_mma": 3, "no_delta": 4}
+DIAGNOSTICS_FLAG = "-DADAFUSE_DIAGNOSTICS"
 
 
 def decode_attention_supported(dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
@@ -65,6 +77,31 @@ class SwitchSite(ctypes.Structure):
 
 
 SWITCH_SITE_DTYPE_SIZE = ctypes.sizeof(SwitchSite)
+
+
+class LoraOptions(ctypes.Structure):
+    """Mirror of adafuse_lora_options (all zero: the library's choices)."""
+
+    _fields_ = [
+        ("pdl", ctypes.c_int32),
+        ("gemv1", ctypes.c_int32),
+        ("shrink", ctypes.c_int32),
+        ("exclusive_workspace", ctypes.c_int32),
+    ]
+
+
+def _choice(option: str, value: str, table: Dict[str, int]) -> int:
+    if value not in table:
+        raise AdafuseKernelError(f"{option}={value!r}: expected one of {', '.join(map(repr, table))}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    return table[value]
+
+
+def lora_options(*, pdl: bool = True, gemv1: str = "auto", shrink: str = "auto",
+                 exclusive_workspace: bool = False) -> LoraOptions:
+    """adafuse_lora_options from keyword arguments (names as in GEMV1_SHAPES / SHRINK_KINDS)."""
+    return LoraOptions(0 if pdl else 1, _choice("gemv1", gemv1, GEMV1_SHAPES),
+                       _choice("shrink", shrink, SHRINK_KINDS), 1 if exclusive_workspace else 0)
 
 
 def _torch():
@@ -110,9 +147,12 @@ def _check_tensor(name: str, t: Any, *, dtype=None, shape: Optional[Sequence[int
 
 
 class Kernels:
-    """The loaded library. ``Kernels(path)`` or :func:`load_kernels` (builds if needed)."""
+    """The loaded library. ``Kernels(path)`` or :func:`load_kernels` (builds if needed).
 
-    def __init__(self, path: Union[str, Path]):
+    check_runtime=False skips the driver check (for host-side tests of a library on a machine
+    without a driver; nothing can run there)."""
+
+    def __init__(self, path: Union[str, Path], *, check_runtime: bool = True):
         self.path = Path(path)
         try:
             self.lib = ctypes.CDLL(str(self.path))
@@ -128,9 +168,19 @@ class Kernels:
         vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         L.adafuse_lora_linear.restype = ctypes.c_int
         L.adafuse_lora_linear.argtypes = [i, i, i, i, vp, vp, vp, vp, vp, i, i, vp, vp, i, f, vp,
-                                          vp, ctypes.c_size_t, vp]
+                                          vp, ctypes.c_size_t, ctypes.POINTER(LoraOptions), vp]
         L.adafuse_switch.restype = ctypes.c_int
         L.adafuse_switch.argtypes = [i, vp, i, i, i, vp, vp, vp, vp, i, i, vp]
+        self._switch_diagnostic = getattr(L, "adafuse_switch_diagnostic", None)  # benchmark builds only
+        if self._switch_diagnostic is not None:
+            self._switch_diagnostic.restype = ctypes.c_int
+            self._switch_diagnostic.argtypes = [i, i, vp, i, i, i, vp, vp, vp, vp, i, i, vp]
+        L.adafuse_required_driver_version.restype = i
+        L.adafuse_required_driver_version.argtypes = []
+        L.adafuse_check_driver_version.restype = i
+        L.adafuse_check_driver_version.argtypes = [i, ctypes.c_char_p, ctypes.c_size_t]
+        L.adafuse_check_runtime.restype = i
+        L.adafuse_check_runtime.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         ll, sz = ctypes.c_longlong, ctypes.c_size_t
         L.adafuse_add_rms_norm.restype = ctypes.c_int
         L.adafuse_add_rms_norm.argtypes = [i, i, i, vp, vp, vp, f, vp, vp]
@@ -145,6 +195,26 @@ class Kernels:
         v = L.adafuse_abi_version()
         if v != ABI_VERSION:
             raise AdafuseKernelError(f"{self.path} has ABI version {v}, binding expects {ABI_VERSION}")
+        if check_runtime:
+            self.check_runtime()
+
+    # ---- driver floor ------------------------------------------------------
+    def runtime_status(self, driver_version: Optional[int] = None) -> Tuple[int, str]:
+        """(status, one line) of adafuse_check_runtime, or of adafuse_check_driver_version for a
+        given driver version (cudaDriverGetVersion's encoding, 0 = none)."""
+        buf = ctypes.create_string_buffer(512)
+        if driver_version is None:
+            st = self.lib.adafuse_check_runtime(buf, len(buf))
+        else:
+            st = self.lib.adafuse_check_driver_version(int(driver_version), buf, len(buf))
+        return st, buf.value.decode()
+
+    def check_runtime(self) -> None:
+        """Raise AdafuseKernelError naming the driver's and the build's CUDA versions when the
+        installed driver is missing or older than this build of the library needs."""
+        st, line = self.runtime_status()
+        if st != ADAFUSE_OK:
+            raise AdafuseKernelError(f"{self.path}: {line}", st)
 
     # ---- raw helpers -------------------------------------------------------
     def status_string(self, status: int) -> str:
@@ -175,20 +245,31 @@ class Kernels:
         return n
 
     def lora_linear(self, x, W, A, B, expert_ids, gates, scale: float, *, bias=None, out=None,
-                    workspace=None, stream=None):
+                    workspace=None, stream=None, pdl: bool = True, gemv1: str = "auto", shrink: str = "auto",
+                    exclusive_workspace: bool = False):
         """y = x W^T (+ bias) + scale * sum_j gates[:, j] * (x A[e]^T) B[e]^T, e = expert_ids[:, j].
 
         x [rows, in], W [out, in], A [E, rank, in], B [E, out, rank], expert_ids
         [rows, top_k] int32, gates [rows, top_k] float32; returns y [rows, out].
+        pdl, gemv1, shrink: adafuse_lora_options (the defaults are the library's choices).
+        exclusive_workspace=True promises that no earlier kernel on the stream may still use the
+        workspace's memory (a workspace kept per call site); never with workspace=None, whose
+        buffer comes from the caching allocator.
         """
-        return self._linear(x, W, (A, B, expert_ids, gates, scale), bias, out, workspace, stream)
+        if exclusive_workspace and workspace is None:
+            raise AdafuseKernelError("exclusive_workspace=True needs a workspace kept per call site; got workspace=None "
+                                     "(a fresh block from the caching allocator may still be in use by earlier kernels)",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        opts = lora_options(pdl=pdl, gemv1=gemv1, shrink=shrink, exclusive_workspace=exclusive_workspace)
+        return self._linear(x, W, (A, B, expert_ids, gates, scale), bias, out, workspace, stream, opts)
 
-    def linear(self, x, W, *, bias=None, out=None, workspace=None, stream=None):
+    def linear(self, x, W, *, bias=None, out=None, workspace=None, stream=None, pdl: bool = True,
+               gemv1: str = "auto"):
         """y = x W^T (+ bias) through the few-rows kernels with no adapter (the dense baseline);
         at most 16 rows (the many-rows GEMM needs an adapter)."""
-        return self._linear(x, W, None, bias, out, workspace, stream)
+        return self._linear(x, W, None, bias, out, workspace, stream, lora_options(pdl=pdl, gemv1=gemv1))
 
-    def _linear(self, x, W, adapter, bias, out, workspace, stream):
+    def _linear(self, x, W, adapter, bias, out, workspace, stream, opts: LoraOptions):
         torch = _torch()
         _check_tensor("x", x)
         if x.dim() != 2:
@@ -239,7 +320,7 @@ class Kernels:
             dt, rows, in_f, out_f, x.data_ptr(), W.data_ptr(),
             bias.data_ptr() if bias is not None else None, ptrs[0], ptrs[1], E, rank,
             ptrs[2], ptrs[3], top_k, float(scale), out.data_ptr(),
-            workspace.data_ptr(), workspace.numel() * workspace.element_size(),
+            workspace.data_ptr(), workspace.numel() * workspace.element_size(), ctypes.byref(opts),
             self._stream_handle(stream))
         self._raise_if(st, "adafuse_lora_linear")
         return out
@@ -278,8 +359,14 @@ class Kernels:
         return host.to(dev)
 
     def switch(self, dtype, sites_dev, num_sites: int, max_out: int, max_in: int, new_ids,
-               new_gates, old_ids, old_gates, *, update_old: bool = True, stream=None) -> None:
-        """One launch updating every site (see adafuse_switch in the header)."""
+               new_gates, old_ids, old_gates, *, update_old: bool = True, stream=None,
+               variant: str = "default") -> None:
+        """One launch updating every site (see adafuse_switch in the header). variant other than
+        "default" (SWITCH_VARIANTS) needs a library built with DIAGNOSTICS_FLAG (benchmarks only)."""
+        code = _choice("variant", variant, SWITCH_VARIANTS)
+        if code and self._switch_diagnostic is None:
+            raise AdafuseKernelError(f"variant={variant!r} needs a benchmark build of the kernels ({DIAGNOSTICS_FLAG}); "
+                                     f"{self.path} is a shipped build", ADAFUSE_ERR_INVALID_ARGUMENT)
         torch = _torch()
         dt = dtype_code(dtype)
         _check_tensor("sites", sites_dev, dtype=torch.uint8)
@@ -295,11 +382,14 @@ class Kernels:
             if t.numel() != top_k:
                 raise AdafuseKernelError(f"{nm} has {t.numel()} entries, expected top_k={top_k}",
                                          ADAFUSE_ERR_INVALID_ARGUMENT)
-        st = self.lib.adafuse_switch(dt, sites_dev.data_ptr(), int(num_sites), int(max_out),
-                                     int(max_in), new_ids.data_ptr(), new_gates.data_ptr(),
-                                     old_ids.data_ptr(), old_gates.data_ptr(), int(top_k),
-                                     1 if update_old else 0, self._stream_handle(stream))
-        self._raise_if(st, "adafuse_switch")
+        args = (dt, sites_dev.data_ptr(), int(num_sites), int(max_out), int(max_in), new_ids.data_ptr(),
+                new_gates.data_ptr(), old_ids.data_ptr(), old_gates.data_ptr(), int(top_k), 1 if update_old else 0,
+                self._stream_handle(stream))
+        if code:
+            assert self._switch_diagnostic is not None
+            self._raise_if(self._switch_diagnostic(code, *args), f"adafuse_switch_diagnostic({variant})")
+        else:
+            self._raise_if(self.lib.adafuse_switch(*args), "adafuse_switch")
 
 
     # ---- decode-step operations -------------------------------------------
@@ -412,10 +502,12 @@ _LOADED: Dict[str, Kernels] = {}
 
 
 def load_kernels(path: Optional[Union[str, Path]] = None, archs: Optional[Sequence[str]] = None,
-                 **build_kwargs) -> Kernels:
+                 *, check_runtime: bool = True, **build_kwargs) -> Kernels:
     """Load the library from `path`, $ADAFUSE_KERNELS_LIB, a build of this checkout's sources (cached), or
     the one shipped in the wheel. A checkout builds its own so that an edited kernel is never shadowed by
-    the library an earlier `pip install -e` compiled."""
+    the library an earlier `pip install -e` compiled. Raises AdafuseKernelError with one line naming both
+    versions when the CUDA driver is missing or older than the library's build needs (unless
+    check_runtime=False)."""
     if path is None:
         path = os.environ.get("ADAFUSE_KERNELS_LIB")
     if path is None:
@@ -432,5 +524,7 @@ def load_kernels(path: Optional[Union[str, Path]] = None, archs: Optional[Sequen
                     "`adafuse-export doctor` tells what it holds; set ADAFUSE_KERNELS_LIB to a built library")
     key = str(Path(path).resolve())
     if key not in _LOADED:
-        _LOADED[key] = Kernels(key)
+        _LOADED[key] = Kernels(key, check_runtime=False)
+    if check_runtime:
+        _LOADED[key].check_runtime()
     return _LOADED[key]

@@ -183,13 +183,13 @@ class KernelOps:
 
     def lora_linear(self, x, site: SiteWeights, ids, gates):
         return self.k.lora_linear(x.contiguous(), site.W, site.A, site.B, ids, gates, site.scale, bias=site.bias,
-                                  workspace=self._workspace(site, x.shape[0], ids.shape[-1]))
+                                  workspace=self._workspace(site, x.shape[0], ids.shape[-1]), exclusive_workspace=True)
 
     def _workspace(self, site: SiteWeights, rows: int, top_k: int):
-        """One workspace per (site, rows), kept for the decoder's life. Under programmatic dependent
-        launch the one-row shrink writes its flag before the previous kernel has completed, so its
-        workspace must not be memory that a kernel still in flight may use: a workspace allocated
-        per call could be a block the caching allocator just took back from another site's call."""
+        """One workspace per (site, rows), kept for the decoder's life, hence exclusive (lora_linear's
+        exclusive_workspace): under programmatic dependent launch the one-row shrink then writes its
+        flag before the previous kernel has completed, which a workspace allocated per call must not
+        allow (it could be a block the caching allocator just took back from another site's call)."""
         assert site.A is not None
         E, rank, in_f = site.A.shape
         # every size the workspace depends on is in the key: a later decoder sharing these ops can get a

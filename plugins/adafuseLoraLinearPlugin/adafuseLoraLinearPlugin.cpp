@@ -15,6 +15,31 @@ AdafuseLoraLinearPlugin::AdafuseLoraLinearPlugin(LinearConfig const& config)
 {
 }
 
+AdafuseLoraLinearPlugin::~AdafuseLoraLinearPlugin()
+{
+    if (mOneRowWorkspace != nullptr)
+        cudaFree(mOneRowWorkspace); // nothing useful can be done with an error in a destructor
+}
+
+void AdafuseLoraLinearPlugin::attached()
+{
+    LinearPluginBase::attached();
+    if (mOneRowWorkspace != nullptr)
+        return;
+    LinearFields const& f = mConfig.fields();
+    size_t const bytes = adafuse_lora_linear_workspace_size(1, f.inFeatures, f.outFeatures, f.numExperts, f.rank, f.topK);
+    check(bytes > 0, kName, "no one-row workspace size for the fields (adafuse_lora_linear_workspace_size gave 0)");
+    auto cudaCheck = [](cudaError_t e, char const* what) {
+        if (e != cudaSuccess)
+        {
+            (void) cudaGetLastError(); // consumed: reported here, not again by a later launch check
+            throw PluginError(str(kName, ": ", what, " failed: ", cudaGetErrorString(e)));
+        }
+    };
+    cudaCheck(cudaGetDevice(&mDevice), "cudaGetDevice");
+    cudaCheck(cudaMalloc(&mOneRowWorkspace, bytes), "cudaMalloc(one-row workspace)");
+}
+
 nvinfer1::IPluginV3* AdafuseLoraLinearPlugin::clone() noexcept
 {
     return cloneAs<AdafuseLoraLinearPlugin>();
@@ -40,7 +65,18 @@ int32_t AdafuseLoraLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* input
             return 0;
         }
         checkExpertIds(rows, inputs, stream);
-        enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, stream);
+        if (rows == 1 && mOneRowWorkspace != nullptr)
+        {
+            // The instance's own workspace (see the header): exclusive, so the shrink may launch early.
+            bool const capturing = streamIsCapturing(stream, kName);
+            int const device = streamDevice(stream, capturing, kName);
+            check(device == mDevice, kName, "enqueue on a stream of device ", device,
+                ", but this instance's one-row workspace is on device ", mDevice,
+                " (one execution context runs on one device)");
+            enqueueLoraLinear(inputDesc, rows, inputs, outputs, mOneRowWorkspace, /*exclusiveWorkspace=*/true, stream);
+            return 0;
+        }
+        enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, /*exclusiveWorkspace=*/false, stream);
         return 0;
     });
 }

@@ -164,7 +164,7 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         if (rows > 1)
         {
             // Prefill: rows may carry different routes, so no merge; the merged state is untouched.
-            enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, stream);
+            enqueueLoraLinear(inputDesc, rows, inputs, outputs, workspace, /*exclusiveWorkspace=*/false, stream);
             return 0;
         }
 

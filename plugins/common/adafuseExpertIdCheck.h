@@ -12,6 +12,10 @@
 // reports it.
 // Enabled by compiling with ADAFUSE_DEBUG_CHECKS (CMake -DADAFUSE_DEBUG_CHECKS=ON) or, in
 // any build, by the environment variable ADAFUSE_CHECK_EXPERT_IDS=1 (read once per process).
+// The variable is a user-facing debug switch, documented with the plugins, and the one
+// environment read of the plugin library: it turns the check on for an engine already built and
+// deployed, the way CUDA_LAUNCH_BLOCKING does for launches, without re-exporting and rebuilding
+// (a plugin field would be baked into the engine). It changes no result, only adds the check.
 #ifndef ADAFUSE_EXPERT_ID_CHECK_H
 #define ADAFUSE_EXPERT_ID_CHECK_H
 

@@ -97,6 +97,8 @@ int32_t LinearPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, in
 nvinfer1::IPluginV3* LinearPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
 {
     return guarded<nvinfer1::IPluginV3*>(name(), "attachToContext", nullptr, [&]() -> nvinfer1::IPluginV3* {
+        // An execution context runs the kernels: no driver, or one below the build's floor, is refused.
+        requireDriver(name(), /*allowNoDriver=*/false);
         nvinfer1::IPluginV3* const copy = clone();
         check(copy != nullptr, name(), "clone failed");
         auto* plugin = static_cast<LinearPluginBase*>(copy); // clone() always makes this class's type
@@ -144,9 +146,12 @@ void const* LinearPluginBase::biasInput(void const* const* inputs) const noexcep
 }
 
 void LinearPluginBase::enqueueLoraLinear(nvinfer1::PluginTensorDesc const* inputDesc, int32_t rows,
-    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) const
+    void const* const* inputs, void* const* outputs, void* workspace, bool exclusiveWorkspace,
+    cudaStream_t stream) const
 {
     LinearFields const& f = mConfig.fields();
+    adafuse_lora_options options{};
+    options.exclusive_workspace = exclusiveWorkspace ? 1 : 0;
     nvinfer1::DataType const type = inputDesc[kINPUT_X].type;
     adafuse_dtype const dtype = toKernelDtype(type, name());
     size_t const es = dataTypeSize(type, name());
@@ -165,7 +170,7 @@ void LinearPluginBase::enqueueLoraLinear(nvinfer1::PluginTensorDesc const* input
             inputs[kINPUT_A], inputs[kINPUT_B], f.numExperts, f.rank,
             static_cast<int32_t const*>(inputs[kINPUT_EXPERT_IDS]) + r * f.topK,
             static_cast<float const*>(inputs[kINPUT_GATES]) + r * f.topK, f.topK, f.scale,
-            static_cast<char*>(outputs[kOUTPUT_Y]) + r * f.outFeatures * es, workspace, wsBytes, stream);
+            static_cast<char*>(outputs[kOUTPUT_Y]) + r * f.outFeatures * es, workspace, wsBytes, &options, stream);
         check(status == ADAFUSE_OK, name(), "adafuse_lora_linear failed: ", adafuse_status_string(status),
             " (rows ", r0, "..", r0 + n, " of ", rows, ")");
     }
@@ -201,8 +206,10 @@ nvinfer1::PluginFieldCollection const* LinearPluginCreator::getFieldNames() noex
 nvinfer1::IPluginV3* LinearPluginCreator::createPlugin(
     char const* /*name*/, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase /*phase*/) noexcept
 {
-    return guarded<nvinfer1::IPluginV3*>(mIdentity.name, "createPlugin", nullptr,
-        [&]() -> nvinfer1::IPluginV3* { return create(LinearConfig::fromFieldCollection(mIdentity.name, fc)); });
+    return guarded<nvinfer1::IPluginV3*>(mIdentity.name, "createPlugin", nullptr, [&]() -> nvinfer1::IPluginV3* {
+        requireDriver(mIdentity.name, /*allowNoDriver=*/true);
+        return create(LinearConfig::fromFieldCollection(mIdentity.name, fc));
+    });
 }
 
 } // namespace plugin

@@ -62,7 +62,8 @@ public:
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs) noexcept override;
     //! A clone per execution context (a plugin's per-instance state is never shared), whose
-    //! device state is allocated here, before its first enqueue (see attached()).
+    //! device state is allocated here, before its first enqueue (see attached()). Refused when
+    //! the CUDA driver is missing or older than the kernels' build needs (requireDriver).
     nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
@@ -90,8 +91,10 @@ protected:
     void const* biasInput(void const* const* inputs) const noexcept;
     //! The unmerged routed path: adafuse_lora_linear over `rows` (> 0) rows of the inputs,
     //! in chunks of at most kLORA_CHUNK_ROWS rows (the workspace holds one chunk). Throws on failure.
+    //! exclusiveWorkspace: adafuse_lora_options::exclusive_workspace, true only for memory this
+    //! instance owns (never TensorRT's scratch, which earlier layers' kernels may still read).
     void enqueueLoraLinear(nvinfer1::PluginTensorDesc const* inputDesc, int32_t rows, void const* const* inputs,
-        void* const* outputs, void* workspace, cudaStream_t stream) const;
+        void* const* outputs, void* workspace, bool exclusiveWorkspace, cudaStream_t stream) const;
 
     PluginIdentity const mIdentity;
     LinearConfig mConfig;

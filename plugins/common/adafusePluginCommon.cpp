@@ -57,6 +57,43 @@ void log(nvinfer1::ILogger::Severity severity, std::string const& message) noexc
     }
 }
 
+DriverCheck const& driverCheck() noexcept
+{
+    static DriverCheck const kCheck = [] {
+        char line[512] = "";
+        int const status = adafuse_check_runtime(line, sizeof(line));
+        return DriverCheck{status, std::string(line)};
+    }();
+    return kCheck;
+}
+
+void logDriverCheckOnce() noexcept
+{
+    static bool const kLogged = [] {
+        DriverCheck const& c = driverCheck();
+        if (c.status == ADAFUSE_ERR_NO_DRIVER)
+        {
+            logWarning(str("adafuse_trt_plugins: ", c.line, "; plugins can be created and serialised, not run"));
+        }
+        else if (c.status != ADAFUSE_OK)
+        {
+            logError(str("adafuse_trt_plugins: ", c.line, "; every plugin is refused"));
+        }
+        return true;
+    }();
+    (void) kLogged;
+}
+
+void requireDriver(char const* plugin, bool allowNoDriver)
+{
+    DriverCheck const& c = driverCheck();
+    if (c.status == ADAFUSE_OK || (allowNoDriver && c.status == ADAFUSE_ERR_NO_DRIVER))
+    {
+        return;
+    }
+    throw PluginError(str(plugin, ": refused: ", c.line));
+}
+
 char const* dataTypeName(nvinfer1::DataType t) noexcept
 {
     switch (t)

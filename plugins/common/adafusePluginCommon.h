@@ -85,6 +85,25 @@ R guarded(char const* plugin, char const* method, R onError, F&& body) noexcept
     return onError;
 }
 
+//! The kernel library's driver check (adafuse_check_runtime), made once per process: its status
+//! (adafuse_status) and one line naming the driver's and the build's CUDA versions.
+struct DriverCheck
+{
+    int status;
+    std::string line;
+};
+DriverCheck const& driverCheck() noexcept;
+//! Logs the driver check once per process, when the library hands out its creators: an error
+//! when the driver is too old (or cannot be queried), a warning when there is none.
+void logDriverCheckOnce() noexcept;
+//! Throws PluginError("<plugin>: refused: <line>") unless the driver check passed or, with
+//! allowNoDriver, found no driver at all. Creating plugins without a driver is allowed: the build-
+//! side contract (fields, shapes, formats, serialisation) is exercised on machines without a GPU
+//! (CI, TensorRT-RTX's registry on a CPU host); nothing can run there, and attaching a plugin to
+//! an execution context is refused. A driver older than the build's floor is refused everywhere:
+//! every enqueue would fail.
+void requireDriver(char const* plugin, bool allowNoDriver);
+
 char const* dataTypeName(nvinfer1::DataType t) noexcept;
 char const* fieldTypeName(nvinfer1::PluginFieldType t) noexcept;
 std::string dimsToString(nvinfer1::Dims const& d);

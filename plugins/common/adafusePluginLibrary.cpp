@@ -13,6 +13,8 @@ ADAFUSE_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 
 ADAFUSE_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
+    // TensorRT's loadLibrary calls setLoggerFinder first, so the driver check reaches its logger.
+    adafuse::plugin::logDriverCheckOnce();
     static adafuse::plugin::AdafuseLoraLinearPluginCreator sLoraCreator;
     static adafuse::plugin::AdafuseSwitchLinearPluginCreator sSwitchCreator;
     static nvinfer1::IPluginCreatorInterface* const sCreators[] = {&sLoraCreator, &sSwitchCreator};

@@ -22,6 +22,9 @@
 //     reference y = W x + b + scale * sum_k g_k B_k A_k x computed here from the same
 //     (dtype-rounded) values; every CUDA call's status is checked; W, A, B must stay unchanged.
 //     Also: an out-of-range expert id contributes nothing (the release contract).
+//     Also: a one-row enqueue whose workspace aliases a buffer that the previous kernel on the
+//     stream (a layer that lets dependents launch early, then reads late) still reads; the
+//     previous layer must read what it was given (workspaceAliasCase).
 //   --gpu --check-expert-ids: sets ADAFUSE_CHECK_EXPERT_IDS=1 before loading the library and
 //     checks that an attached plugin's enqueue refuses an out-of-range expert id, naming it,
 //     also when it went through a captured graph.
@@ -155,6 +158,22 @@ private:
 };
 
 HarnessLogger gLogger;
+
+//! adafuse_check_runtime as the plugin library sees it (the harness links the same kernels).
+struct DriverState
+{
+    int status{ADAFUSE_OK};
+    std::string line;
+};
+DriverState const& driverState()
+{
+    static DriverState const kState = [] {
+        char line[512] = "";
+        int const st = adafuse_check_runtime(line, sizeof(line));
+        return DriverState{st, line};
+    }();
+    return kState;
+}
 
 // ============================================================================
 // IExprBuilder / IDimensionExpr implemented by the harness
@@ -529,8 +548,19 @@ void checkCreators(void* lib)
     static HarnessLoggerFinder finder(&gLogger);
     setLoggerFinder(&finder);
     int32_t n = -1;
+    gLogger.clear();
     IPluginCreatorInterface* const* creators = getCreators(n);
     expect(creators != nullptr && n == 2, cat("getCreators returns 2 creators (found ", n, ")"));
+    // The driver floor is reported once, through TensorRT's logger, when the creators are handed out.
+    DriverState const& d = driverState();
+    if (d.status == ADAFUSE_OK)
+        expect(gLogger.errorCount() == 0 && !gLogger.hasWarning("driver"),
+            cat("getCreators logs nothing about a new enough driver (", d.line, ")"));
+    else if (d.status == ADAFUSE_ERR_NO_DRIVER)
+        expect(gLogger.hasWarning(d.line) && d.line.rfind("no CUDA driver found: ", 0) == 0,
+            cat("getCreators warns '", d.line, "'"));
+    else
+        expect(gLogger.hasError({d.line}), cat("getCreators logs the error '", d.line, "'"));
     for (int32_t i = 0; creators != nullptr && i < n; ++i)
     {
         InterfaceInfo info = creators[i]->getInterfaceInfo();
@@ -944,7 +974,14 @@ void checkPlugin(std::string const& name, Cfg const& c)
         HarnessResourceContext ctx;
         gLogger.clear();
         PluginPtr p4(r->attachToContext(&ctx));
-        if (name == "AdafuseSwitchLinear" && !haveGpu())
+        DriverState const& d = driverState();
+        if (d.status != ADAFUSE_OK)
+        {
+            // An execution context would run the kernels: refused, naming both CUDA versions.
+            expect(p4 == nullptr && gLogger.hasError({name, ": refused: ", d.line, "[in attachToContext]"}),
+                cat(name, " attachToContext() refused: ", d.line, "; last error: ", gLogger.lastError()));
+        }
+        else if (name == "AdafuseSwitchLinear" && !haveGpu())
         {
             // Its per-context device state is allocated right there, so without a GPU it must
             // fail, and say why.
@@ -1934,6 +1971,209 @@ void expertIdContract(std::string const& name, bool debugChecks, std::mt19937& r
     cudaOk(cudaStreamDestroy(s), "cudaStreamDestroy");
 }
 
+// PTX of a "previous layer": lets dependent grids launch at once (griddepcontrol.launch_dependents,
+// as a TensorRT kernel built for programmatic dependent launch may), waits `ns` nanoseconds
+// (%globaltimer), then copies n16 16-byte words of src to dst through L2. A dependent that writes
+// into src before this kernel has completed shows up in dst.
+char const kPreviousLayerPtx[] = R"PTX(
+.version 7.8
+.target sm_90
+.address_size 64
+
+.visible .entry previous_layer_copy(.param .u64 src, .param .u64 dst, .param .u64 n16, .param .u64 ns)
+{
+    .reg .pred %p<3>;
+    .reg .b32 %r<9>;
+    .reg .b64 %rd<14>;
+
+    griddepcontrol.launch_dependents;
+    ld.param.u64 %rd1, [src];
+    ld.param.u64 %rd2, [dst];
+    ld.param.u64 %rd3, [n16];
+    ld.param.u64 %rd4, [ns];
+    mov.u64 %rd5, %globaltimer;
+    add.u64 %rd6, %rd5, %rd4;
+WAIT:
+    mov.u64 %rd7, %globaltimer;
+    setp.lt.u64 %p1, %rd7, %rd6;
+    @%p1 bra WAIT;
+    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r2, %ntid.x;
+    mov.u32 %r3, %tid.x;
+    mov.u32 %r4, %nctaid.x;
+    mul.wide.u32 %rd8, %r1, %r2;
+    cvt.u64.u32 %rd9, %r3;
+    add.u64 %rd8, %rd8, %rd9;
+    mul.wide.u32 %rd10, %r4, %r2;
+COPY:
+    setp.ge.u64 %p2, %rd8, %rd3;
+    @%p2 bra DONE;
+    shl.b64 %rd11, %rd8, 4;
+    add.u64 %rd12, %rd1, %rd11;
+    add.u64 %rd13, %rd2, %rd11;
+    ld.global.cg.v4.u32 {%r5, %r6, %r7, %r8}, [%rd12];
+    st.global.v4.u32 [%rd13], {%r5, %r6, %r7, %r8};
+    add.u64 %rd8, %rd8, %rd10;
+    bra COPY;
+DONE:
+    ret;
+}
+)PTX";
+
+//! The previous layer of the aliasing case: kPreviousLayerPtx loaded at run time (PTX JIT), and the
+//! buffer it reads (`live`, bytes 1..255 only, so a cleared 32-bit word anywhere shows) and the
+//! copy it makes of it.
+struct PreviousLayer
+{
+    static constexpr size_t kBytes = 64 * 1024;
+    cudaLibrary_t library{nullptr};
+    cudaKernel_t kernel{nullptr};
+    std::vector<uint8_t> pattern;
+    DeviceBuffer live, copied;
+
+    explicit PreviousLayer(std::mt19937& rng)
+        : pattern(makePattern(rng))
+        , live(pattern)
+        , copied(kBytes)
+    {
+        if (cudaOk(cudaLibraryLoadData(&library, kPreviousLayerPtx, nullptr, nullptr, 0, nullptr, nullptr, 0),
+                "cudaLibraryLoadData(previous layer PTX)"))
+            cudaOk(cudaLibraryGetKernel(&kernel, library, "previous_layer_copy"), "cudaLibraryGetKernel");
+    }
+    ~PreviousLayer()
+    {
+        if (library != nullptr)
+            cudaOk(cudaLibraryUnload(library), "cudaLibraryUnload");
+    }
+    PreviousLayer(PreviousLayer const&) = delete;
+    PreviousLayer& operator=(PreviousLayer const&) = delete;
+
+    static std::vector<uint8_t> makePattern(std::mt19937& rng)
+    {
+        std::vector<uint8_t> v(kBytes);
+        for (auto& b : v)
+            b = static_cast<uint8_t>(1 + rng() % 255);
+        return v;
+    }
+
+    //! The previous layer (reads `live` 5 ms after it started, dependents may launch at once), then
+    //! `enqueue` given `live` as its workspace, on `s`. Returns the first byte the previous layer did
+    //! not read as given (kBytes: none), -1 on a CUDA error; `rc` is enqueue's return value.
+    long long run(cudaStream_t s, std::function<int32_t(void*)> const& enqueue, int32_t& rc)
+    {
+        rc = -1;
+        bool ok = kernel != nullptr && cudaOk(cudaMemsetAsync(copied.ptr, 0, kBytes, s), "clear the copy")
+            && cudaOk(cudaMemcpyAsync(live.ptr, pattern.data(), kBytes, cudaMemcpyHostToDevice, s), "refill")
+            && cudaOk(cudaStreamSynchronize(s), "sync");
+        unsigned long long n16 = kBytes / 16, ns = 5000000;
+        void* src = live.ptr;
+        void* dst = copied.ptr;
+        void* args[] = {&src, &dst, &n16, &ns};
+        ok = ok
+            && cudaOk(cudaLaunchKernel(reinterpret_cast<void const*>(kernel), dim3(16), dim3(256), args, 0, s),
+                "launch the previous layer");
+        if (ok)
+            rc = enqueue(live.ptr);
+        if (!(cudaOk(cudaStreamSynchronize(s), "sync") && ok))
+            return -1;
+        std::vector<uint8_t> seen = copied.read();
+        for (size_t i = 0; i < kBytes; ++i)
+            if (seen[i] != pattern[i])
+                return static_cast<long long>(i);
+        return static_cast<long long>(kBytes);
+    }
+};
+
+//! TensorRT hands a layer scratch memory that earlier layers used, assuming stream order; under
+//! programmatic dependent launch an earlier kernel may still be reading it when this layer's first
+//! kernel starts. Here the previous layer (PreviousLayer) lets dependents launch at once and reads
+//! its buffer 5 ms later, and a one-row enqueue gets that buffer as its workspace: the previous
+//! layer must still read exactly what it was given, and y must be right. First a control: the
+//! kernels called directly with that buffer declared exclusive (what the plugin did before the fix
+//! of issue 23, when the one-row shrink cleared its flag there before waiting for the previous
+//! kernel) must show the overwrite, so the case can fail. Then each plugin, a build-time instance
+//! (TensorRT's timing runs: never attached) and an attached one.
+void workspaceAliasCase(std::mt19937& rng)
+{
+    std::printf("[one-row workspace aliasing the previous layer's live buffer]\n");
+    Cfg const c{256, 192, 4, 8, 2, 2.0F, 1}; // one row on the shrink + GEMV pair that shares a flag
+    DataType const t = DataType::kFLOAT;
+    Layer l = makeLayer(c, t, rng);
+    PreviousLayer prev(rng);
+    cudaStream_t s = nullptr;
+    if (prev.kernel == nullptr || !cudaOk(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream"))
+        return;
+    Activations a(c, t, 1);
+    DeviceBuffer ownWorkspace(PreviousLayer::kBytes);
+    size_t const wsBytes = adafuse_lora_linear_workspace_size(1, c.in, c.out, c.experts, c.rank, c.topK);
+    PluginTensorDesc out{};
+    std::vector<PluginTensorDesc> in = runtimeDescs(c, t, {1}, out);
+
+    // Control: the kernels with the aliased buffer declared exclusive (the hazard, on purpose).
+    {
+        std::vector<std::vector<uint8_t>> keep;
+        HostRun run;
+        auto direct = [&](void* ws, int32_t exclusive) {
+            adafuse_lora_options o{};
+            o.exclusive_workspace = exclusive;
+            return adafuse_lora_linear(ADAFUSE_FLOAT32, 1, c.in, c.out, a.x.ptr, l.W->ptr, l.bias->ptr, l.A->ptr,
+                l.B->ptr, c.experts, c.rank, static_cast<int32_t const*>(a.ids.ptr),
+                static_cast<float const*>(a.gates.ptr), c.topK, c.scale, a.y.ptr, ws, wsBytes, &o, s);
+        };
+        bool ok = stage(l, a, run, 1, makeRoute(c, 1, rng), rng, s, keep)
+            && direct(ownWorkspace.ptr, 1) == ADAFUSE_OK && cudaOk(cudaStreamSynchronize(s), "sync"); // warm-up
+        int32_t rc = -1;
+        long long const bad = ok ? prev.run(s, [&](void* ws) { return direct(ws, 1); }, rc) : -1;
+        expect(ok && rc == ADAFUSE_OK && bad >= 0 && bad < static_cast<long long>(PreviousLayer::kBytes),
+            cat("control: a shrink launched early into the aliased buffer overwrites what the previous layer reads",
+                " (first byte changed: ", bad, "; the case can fail)"));
+    }
+
+    for (auto const& name : kPluginNames)
+    {
+        Fields f(c);
+        PluginPtr buildLayer = create(name, f.fc(), TensorRTPhase::kBUILD);
+        PluginPtr engineLayer = create(name, f.fc(), TensorRTPhase::kRUNTIME);
+        HarnessResourceContext resources;
+        PluginPtr attachedLayer(engineLayer ? runtime(engineLayer.get())->attachToContext(&resources) : nullptr);
+        expect(buildLayer != nullptr && attachedLayer != nullptr,
+            cat(name, ": build-time and attached instances ", gLogger.lastError()));
+        for (auto const& [kind, plugin] : {std::pair<char const*, IPluginV3*>{"build-time", buildLayer.get()},
+                 std::pair<char const*, IPluginV3*>{"attached", attachedLayer.get()}})
+        {
+            if (plugin == nullptr)
+                continue;
+            std::string const tag = cat(name, " (", kind, ") one-row workspace aliasing the previous layer's buffer");
+            std::vector<std::vector<uint8_t>> keep;
+            HostRun run;
+            // Warm-up in stream order with a workspace of its own: modules loaded, caches filled, so
+            // that the aliased enqueue below is issued well within the previous layer's 5 ms.
+            bool ok = runtime(plugin)->onShapeChange(in.data(), c.nbInputs(), &out, 1) == 0
+                && stage(l, a, run, 1, makeRoute(c, 1, rng), rng, s, keep)
+                && enqueueLayer(plugin, l, a, in, out, ownWorkspace, s) == 0
+                && cudaOk(cudaStreamSynchronize(s), "sync");
+            ok = ok && stage(l, a, run, 1, makeRoute(c, 1, rng), rng, s, keep);
+            int32_t rc = -1;
+            long long const bad = !ok ? -1 : prev.run(s, [&](void* ws) {
+                std::vector<void const*> inPtrs = {a.x.ptr, l.W->ptr, l.A->ptr, l.B->ptr, a.ids.ptr, a.gates.ptr};
+                if (c.hasBias)
+                    inPtrs.push_back(l.bias->ptr);
+                void* outPtrs[1] = {a.y.ptr};
+                return runtime(plugin)->enqueue(in.data(), &out, inPtrs.data(), outPtrs, ws, s);
+            }, rc);
+            expect(ok && rc == 0, cat(tag, ": enqueue ran ", rc == 0 ? "" : gLogger.lastError()));
+            if (!ok || rc != 0)
+                continue;
+            expect(bad == static_cast<long long>(PreviousLayer::kBytes),
+                cat(tag, ": the previous layer read what it was given",
+                    bad == static_cast<long long>(PreviousLayer::kBytes) ? "" : cat(" - byte ", bad, " was overwritten")));
+            double const err = relError(l, a, run);
+            expect(err <= tolerance(t), cat(tag, ": y max rel err ", err, " (tol ", tolerance(t), ")"));
+        }
+    }
+    cudaOk(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
 void gpuChecks(bool debugChecks)
 {
     int count = 0;
@@ -1967,6 +2207,15 @@ void gpuChecks(bool debugChecks)
                 replayLifecycle(name, rc, t, rng, board);
     for (auto const& name : kPluginNames)
         expertIdContract(name, false, rng);
+    if (prop.major >= 9)
+    {
+        workspaceAliasCase(rng);
+    }
+    else
+    {
+        std::printf("[workspace aliasing] not run: programmatic dependent launch needs sm_90, device is sm_%d%d\n",
+            prop.major, prop.minor);
+    }
     std::printf("[gpu] max rel error (max|y-ref|/max|ref|, float64 reference), every lifecycle step:\n");
     for (auto const& kv : board.worst)
     {

@@ -9,6 +9,13 @@
 // device while the stream is being captured, where CUDA refuses that query), looked up
 // once per device; adafuse_switch caches its occupancy and function-attribute queries
 // per device and dtype (the first call on a device makes them: make it outside capture).
+// Nothing here reads the environment: every choice is an argument (adafuse_lora_options).
+//
+// Toolkit and driver floor: the library calls cudaStreamGetDevice, so it builds with CUDA >= 12.8
+// only, and runs on a driver that supports the CUDA version it was built with, at least 12.8:
+// NVIDIA driver r570 or newer for a CUDA 12.8 / 12.9 build, r580 or newer for a CUDA 13.x build.
+// adafuse_check_runtime() compares the installed driver with that floor; the Python binding and
+// the TensorRT plugin library call it when they load.
 #ifndef ADAFUSE_KERNELS_H
 #define ADAFUSE_KERNELS_H
 
@@ -20,7 +27,8 @@
 extern "C" {
 #endif
 
-#define ADAFUSE_KERNELS_ABI_VERSION 1
+// 2: adafuse_lora_linear takes adafuse_lora_options; the driver checks.
+#define ADAFUSE_KERNELS_ABI_VERSION 2
 
 // Limits checked by the functions below (a call beyond them returns
 // ADAFUSE_ERR_INVALID_ARGUMENT). Additive constants; the ABI is unchanged.
@@ -46,11 +54,26 @@ typedef enum {
   ADAFUSE_OK = 0,
   ADAFUSE_ERR_INVALID_ARGUMENT = 1,  // a size, pointer or dtype is out of range
   ADAFUSE_ERR_WORKSPACE = 2,         // workspace missing or too small
-  ADAFUSE_ERR_CUDA = 3               // a CUDA call or launch failed
+  ADAFUSE_ERR_CUDA = 3,              // a CUDA call or launch failed
+  ADAFUSE_ERR_NO_DRIVER = 4,         // no CUDA driver found (adafuse_check_runtime)
+  ADAFUSE_ERR_DRIVER_TOO_OLD = 5     // the driver is older than this build needs (adafuse_check_runtime)
 } adafuse_status;
 
 const char* adafuse_status_string(int status);
 int adafuse_abi_version(void);
+
+// ---- Driver floor ---------------------------------------------------------------
+// The lowest driver this build runs on, in cudaDriverGetVersion's encoding (1000 * major +
+// 10 * minor): max(12.8, <major version the library was built with>.0).
+int adafuse_required_driver_version(void);
+// Compares a driver version (cudaDriverGetVersion's encoding; 0 = no driver) with that floor and
+// writes one line naming both, the CUDA version of the build and the NVIDIA driver branch into
+// msg (msg_len bytes, NUL-terminated when msg_len > 0; msg may be NULL when msg_len is 0).
+// Returns ADAFUSE_OK, ADAFUSE_ERR_NO_DRIVER or ADAFUSE_ERR_DRIVER_TOO_OLD. Needs no GPU.
+int adafuse_check_driver_version(int driver_version, char* msg, size_t msg_len);
+// The same for the installed driver (cudaDriverGetVersion, which reports 0 without one);
+// ADAFUSE_ERR_CUDA, with the CUDA error named, when the query itself fails. Needs no GPU.
+int adafuse_check_runtime(char* msg, size_t msg_len);
 
 // ---- Routed fused linear --------------------------------------------------
 // y[n] = W x[n] (+ bias) + scale * sum_j gates[n,j] * B[e] (A[e] x[n]),
@@ -73,14 +96,52 @@ int adafuse_abi_version(void);
 // ADAFUSE_LORA_MAX_ROWS included) give 0.
 // A and B both NULL: no adapter, y = W x (+ bias) through the few-rows kernels (rows <= 16
 // only; expert_ids, gates and scale are then ignored, the sizes must still be valid and size
-// the workspace). Few rows on sm_90: the kernels are programmatic dependents of the stream's
-// previous kernel (PDL; ADAFUSE_DISABLE_PDL=1 turns it off): they launch while it finishes but
-// read nothing it may write, and write nothing but the call's own workspace, before it has
-// completed; the workspace carries a flag between the two kernels of one call, so one workspace
-// serves one call in flight at a time (as before). Because the one-row shrink writes that flag
-// before the previous kernel has completed, the workspace must not be memory that kernels
-// launched earlier on the stream may still access (e.g. a block a stream-ordered allocator just
-// took back): keep a workspace per call site, as the GPU decoder does.
+// the workspace).
+//
+// Few rows on sm_90: the kernels are programmatic dependents (PDL) of the stream's previous
+// kernel: they launch while it finishes, and read nothing it may write, and write nothing, before
+// it has completed (griddepcontrol.wait), with one exception: the one-row shrink with
+// exclusive_workspace set (below). PDL is used only where the kernel's code on the device was
+// compiled for sm_90+ (cudaFuncGetAttributes' ptxVersion): a library built for sm_80 alone has no
+// griddepcontrol.wait in its code and never launches early, also on a Hopper GPU.
+// One row: the shrink raises a flag in the workspace that starts the GEMV's W stream, so one
+// workspace serves one call in flight at a time.
+typedef enum {
+  ADAFUSE_PDL_AUTO = 0,  // PDL where the device and the kernel's compiled code are sm_90+
+  ADAFUSE_PDL_OFF = 1    // every kernel of the call in stream order (A/B timing)
+} adafuse_pdl_mode;
+// The one-row GEMV's shape: 16-byte W loads in flight per lane (U), rows per warp (N), warps per
+// row (K). AUTO: U4K2 for out >= 8192, else U4N1, and the SIMT GEMV above 96 LoRA pairs
+// (top_k * rank), by measurement on the H200 (benchmarks/results/gemv_sites.json).
+typedef enum {
+  ADAFUSE_GEMV1_AUTO = 0,
+  ADAFUSE_GEMV1_U4N1 = 1,
+  ADAFUSE_GEMV1_U8N1 = 2,
+  ADAFUSE_GEMV1_U4N2 = 3,
+  ADAFUSE_GEMV1_U4K2 = 4,
+  ADAFUSE_GEMV1_SIMT = 5  // the warp-per-row SIMT GEMV (the 2-16 rows fallback), at one row
+} adafuse_gemv1_shape;
+// The few-rows shrink outside the one-row GEMV path (which needs the block-per-dot shrink's
+// flag). AUTO: block per dot at one row, warp per dot at 2-16 rows (benchmarks/results/shrink_ab.log).
+typedef enum {
+  ADAFUSE_SHRINK_AUTO = 0,
+  ADAFUSE_SHRINK_DOT = 1,   // one block per (row, expert slot, rank) dot product
+  ADAFUSE_SHRINK_WARP = 2   // one warp per dot product
+} adafuse_shrink_kind;
+typedef struct {
+  int32_t pdl;     // adafuse_pdl_mode
+  int32_t gemv1;   // adafuse_gemv1_shape
+  int32_t shrink;  // adafuse_shrink_kind
+  // Nonzero: no kernel launched earlier on the stream may still access the workspace's memory (a
+  // buffer kept for this call site, as the GPU decoder's and the TensorRT plugin's per-context
+  // one-row buffer are; never scratch that a stream-ordered allocator or TensorRT hands out
+  // again). The one-row shrink then launches as a programmatic dependent too and clears its flag
+  // before the previous kernel has completed. 0: it launches in stream order (the GEMV still
+  // overlaps it), so any 16-byte aligned memory of the right size is a valid workspace.
+  int32_t exclusive_workspace;
+} adafuse_lora_options;
+// options NULL: every field 0 (the library's choices; the shrink in stream order). A field
+// outside its enum, or exclusive_workspace not 0 or 1, gives ADAFUSE_ERR_INVALID_ARGUMENT.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,
@@ -88,7 +149,7 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
                         const void* A, const void* B, int num_experts, int rank,
                         const int32_t* expert_ids, const float* gates, int top_k,
                         float scale, void* y, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream);
+                        const adafuse_lora_options* options, cudaStream_t stream);
 
 // ---- Fused switch (the paper's SGMM) --------------------------------------
 // One site = one adapted weight matrix. The site table lives in device memory.
@@ -119,6 +180,24 @@ int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int nu
                    const int32_t* new_ids, const float* new_gates,
                    int32_t* old_ids, float* old_gates, int top_k, int update_old,
                    cudaStream_t stream);
+
+#ifdef ADAFUSE_DIAGNOSTICS
+// Benchmark builds only (-DADAFUSE_DIAGNOSTICS; the shipped library has neither this function
+// nor the kernels of the wrong-by-design variants): adafuse_switch with its kernel sequence
+// chosen, for same-run A/B and for bounding the switch's costs.
+typedef enum {
+  ADAFUSE_SWITCH_VARIANT_DEFAULT = 0,       // adafuse_switch's: resident kernel at 2 blocks/SM,
+                                            // then at 1 block/SM, chunked kernel where neither fits
+  ADAFUSE_SWITCH_VARIANT_CHUNKED = 1,       // the chunked kernel alone
+  ADAFUSE_SWITCH_VARIANT_RESIDENT_2PB = 2,  // resident kernel at 2 blocks/SM, then chunked
+  ADAFUSE_SWITCH_VARIANT_NO_MMA = 3,        // WRONG by design: A and B staged, product skipped
+  ADAFUSE_SWITCH_VARIANT_NO_DELTA = 4       // WRONG by design: W tiles only stream through the ring
+} adafuse_switch_variant;
+int adafuse_switch_diagnostic(int variant, adafuse_dtype dtype, const adafuse_switch_site* sites,
+                              int num_sites, int max_out_features, int max_in_features,
+                              const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
+                              float* old_gates, int top_k, int update_old, cudaStream_t stream);
+#endif
 
 // ---- Decode-step operations between the projections ---------------------------
 // Each replaces a chain of small framework kernels with one launch (two for attention).

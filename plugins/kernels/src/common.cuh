@@ -5,10 +5,14 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "adafuse_kernels.h"
+
+// cudaStreamGetDevice (api.cu) appeared in CUDA 12.8; the driver floor is adafuse_check_runtime's.
+#if !defined(CUDART_VERSION) || CUDART_VERSION < 12080
+#error "the adafuse kernels need the CUDA toolkit 12.8 or newer (cudaStreamGetDevice)"
+#endif
 
 namespace adafuse {
 
@@ -190,26 +194,36 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   return v;
 }
 
-// ADAFUSE_DISABLE_PDL=1 turns programmatic dependent launch off (read per call, so a
-// benchmark can compare both).
-inline bool pdl_enabled() {
-  const char* s = getenv("ADAFUSE_DISABLE_PDL");
-  return !(s && s[0] && s[0] != '0');
-}
+// A launch's programmatic dependent launch (PDL) request: allowed by the caller (its options and
+// a device of sm_90+) on `device`. launch_ex grants it only to a kernel whose code on that device
+// was compiled for sm_90+: pdl_wait is empty in code compiled for older architectures (e.g. an
+// sm_80 build JIT-compiled from PTX on a Hopper GPU), and such a kernel launched early would
+// read its inputs before the previous kernel has written them.
+struct Pdl {
+  bool allowed;
+  int device;
+  Pdl when(bool cond) const { return Pdl{allowed && cond, device}; }
+};
+constexpr Pdl kNoPdl{false, -1};
+inline Pdl pdl_request(const DeviceInfo& di, bool allowed) { return Pdl{allowed && di.cc_major >= 9, di.device}; }
+// PDL of launches on this stream with the library's default (on where the device allows it).
+int stream_pdl(cudaStream_t stream, Pdl* out);  // returns adafuse_status
+// Whether kern's code on `device` was compiled for sm_90+ (cudaFuncGetAttributes' ptxVersion),
+// looked up once per (kernel, device).
+int kernel_has_pdl(const void* kern, int device, bool* out);  // returns adafuse_status
 
-// PDL for launches on this stream: enabled and the device is sm_90+.
-inline bool stream_pdl(cudaStream_t stream) {
-  DeviceInfo di;
-  return pdl_enabled() && device_info(stream, &di) == ADAFUSE_OK && di.cc_major >= 9;
-}
-
-// Launch with programmatic dependent launch allowed when pdl (sm_90+). A kernel launched so
-// runs while the previous launch finishes: it must wait (pdl_wait) before it reads anything an
+// Launch, as a programmatic dependent when pdl allows it (see Pdl). A kernel launched so runs
+// while the previous launch finishes: it must wait (pdl_wait) before it reads anything an
 // earlier kernel writes and write nothing before that; what it does before (its own
 // pdl_launch_dependents, setup) overlaps the previous kernel's tail.
 template <typename... KArgs, typename... Args>
-int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool pdl, cudaStream_t stream,
+int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, Pdl pdl, cudaStream_t stream,
               Args... args) {
+  bool early = false;
+  if (pdl.allowed) {
+    const int st = kernel_has_pdl(reinterpret_cast<const void*>(kern), pdl.device, &early);
+    if (st != ADAFUSE_OK) return st;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -219,7 +233,7 @@ int launch_ex(void (*kern)(KArgs...), dim3 grid, int threads, size_t smem, bool 
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = early ? 1 : 0;
   AF_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
   return ADAFUSE_OK;
 }

@@ -346,12 +346,15 @@ int launch_norm(int rows, int hidden, void* h, const void* delta, const void* w,
   auto* dt = static_cast<const T*>(delta);
   auto* wt = static_cast<const T*>(w);
   auto* ot = static_cast<T*>(out);
+  Pdl pdl;
+  const int st = stream_pdl(stream, &pdl);
+  if (st != ADAFUSE_OK) return st;
   if (vec)
-    return launch_ex(add_rms_norm_kernel<T, true>, dim3(rows), kNormThreads, 0, stream_pdl(stream), stream, hidden,
-                     ht, dt, wt, eps, ot);
+    return launch_ex(add_rms_norm_kernel<T, true>, dim3(rows), kNormThreads, 0, pdl, stream, hidden, ht, dt, wt, eps,
+                     ot);
   else
-    return launch_ex(add_rms_norm_kernel<T, false>, dim3(rows), kNormThreads, 0, stream_pdl(stream), stream, hidden,
-                     ht, dt, wt, eps, ot);
+    return launch_ex(add_rms_norm_kernel<T, false>, dim3(rows), kNormThreads, 0, pdl, stream, hidden, ht, dt, wt, eps,
+                     ot);
 }
 
 // Keys per split: kAttnU * kAttnThreads / L with L = D * element size / 16.
@@ -372,7 +375,10 @@ int launch_attn_partial(int batch, int H, int KV, int max_seq, const void* q, co
   if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          static_cast<int>(smem)));
   const long long blocks = static_cast<long long>(batch) * KV * nsplit;
-  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks)), kAttnThreads, smem, stream_pdl(stream), stream, H, KV,
+  Pdl pdl;
+  const int st = stream_pdl(stream, &pdl);
+  if (st != ADAFUSE_OK) return st;
+  return launch_ex(kernel, dim3(static_cast<unsigned>(blocks)), kAttnThreads, smem, pdl, stream, H, KV,
                    max_seq, nsplit, static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc),
                    positions, window, scale, part);
 }
@@ -398,7 +404,10 @@ int run_attention(int batch, int H, int KV, int D, int max_seq, const void* q, c
   if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(attn_combine_kernel<T>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          static_cast<int>(smem)));
-  return launch_ex(attn_combine_kernel<T>, dim3(batch * H), kCombineThreads, smem, stream_pdl(stream), stream, D,
+  Pdl pdl;
+  st = stream_pdl(stream, &pdl);
+  if (st != ADAFUSE_OK) return st;
+  return launch_ex(attn_combine_kernel<T>, dim3(batch * H), kCombineThreads, smem, pdl, stream, D,
                    nsplit, static_cast<const float*>(part), static_cast<T*>(out));
 }
 
@@ -444,8 +453,10 @@ int adafuse_rope_kv_write(adafuse_dtype dtype, int batch, int seq, int num_heads
   const int threads = 256;
   const long long blocks = (total + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const bool pdl = stream_pdl(stream);
-  int st = ADAFUSE_ERR_INVALID_ARGUMENT;
+  Pdl pdl;
+  int st = stream_pdl(stream, &pdl);
+  if (st != ADAFUSE_OK) return st;
+  st = ADAFUSE_ERR_INVALID_ARGUMENT;
 #define AF_ROPE(T)                                                                                                  \
   st = launch_ex(rope_kv_kernel<T>, dim3(static_cast<unsigned>(blocks)), threads, 0, pdl, stream, batch * seq, seq, \
                  num_heads, num_kv_heads, head_dim, static_cast<const T*>(q), ldq, static_cast<const T*>(k), ldk,     \
@@ -469,8 +480,10 @@ int adafuse_silu_mul(adafuse_dtype dtype, int rows, int inter, const void* gate,
   const int threads = 256;
   const long long blocks = (total + threads - 1) / threads;
   if (blocks > 0x7fffffffLL) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  const bool pdl = stream_pdl(stream);
-  int st = ADAFUSE_ERR_INVALID_ARGUMENT;
+  Pdl pdl;
+  int st = stream_pdl(stream, &pdl);
+  if (st != ADAFUSE_OK) return st;
+  st = ADAFUSE_ERR_INVALID_ARGUMENT;
 #define AF_SILU(T)                                                                                       \
   st = launch_ex(silu_mul_kernel<T>, dim3(static_cast<unsigned>(blocks)), threads, 0, pdl, stream, rows, inter, \
                  static_cast<const T*>(gate), static_cast<const T*>(up), ld, static_cast<T*>(out))

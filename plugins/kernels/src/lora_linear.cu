@@ -1,8 +1,9 @@
 // lora_linear.cu - routed fused linear:
 //   y[n] = W x[n] (+ bias) + scale * sum_j gates[n,j] * B[e] (A[e] x[n]).
 //
-// Few rows (rows <= kGemvMaxRows), the decode case, two kernels, both programmatic dependents
-// (PDL, sm_90) of the kernel before them:
+// Few rows (rows <= kGemvMaxRows), the decode case, two kernels; the GEMV is a programmatic
+// dependent (PDL, sm_90) of the shrink, the shrink one of the kernel before it where the caller's
+// workspace is exclusive (adafuse_lora_options):
 //   1. shrink_dot: t[n,j,r] = scale * g[n,j] * A[e][r,:] . x[n] into the fp32 workspace, one
 //      block per (n, j, r): about one memory round trip. Once the previous kernel has
 //      completed it raises a flag (x_ready) in the workspace.
@@ -44,10 +45,14 @@ static_assert(static_cast<long long>(ADAFUSE_LORA_MAX_EXPERTS) * ADAFUSE_LORA_MA
 
 // t[slot, r] = scale * g[slot] * A[e] x[n]: one block per (slot, r), its threads split `in`
 // (one round of 16-byte loads for in <= 8192 bf16), so the shrink costs about one memory
-// round trip. A programmatic dependent: x, ids and gates come from earlier kernels.
+// round trip. x, ids and gates come from earlier kernels.
 // x_ready (the GEMV's start signal): block 0 sets it to 0 before letting the GEMV launch and
 // to 1 once the previous kernel has completed (after griddepcontrol.wait), so the GEMV can
-// stream W x while the shrink still runs and wait for t only before its LoRA epilogue.
+// stream W x while the shrink still runs and wait for t only before its LoRA epilogue. The
+// first store comes before griddepcontrol.wait: launched as a programmatic dependent, the shrink
+// writes x_ready while the previous kernel may still run, so run_few_rows launches it so only
+// into an exclusive workspace (adafuse_lora_options::exclusive_workspace), else in stream order,
+// where griddepcontrol.wait returns at once.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
 shrink_dot_kernel(int in, int E, int rank, int top_k, const T* __restrict__ x,
@@ -111,7 +116,7 @@ shrink_dot_kernel(int in, int E, int rank, int top_k, const T* __restrict__ x,
 }
 
 // The same t with one warp per (slot, r): 8 dots per block. Faster than the block-per-dot shrink
-// at 2-16 rows (shrink_choice below); launched after the previous kernel completes (no x_ready).
+// at 2-16 rows (ADAFUSE_SHRINK_AUTO); launched after the previous kernel completes (no x_ready).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads)
 shrink_warp_kernel(int rows, int in, int E, int rank, int top_k, const T* __restrict__ x,
@@ -955,32 +960,10 @@ bool args_ok(int rows, int in, int out, int E, int rank, int top_k) {
          rank >= 1 && rank <= kMaxRank && top_k >= 1 && top_k <= kMaxTopK;
 }
 
-// The one-row kernel's shape: 16-byte loads in flight per lane (U), rows per warp (NO), warps
-// per row (KS). Default by measurement on the H200 (gemv_sites.json, 7B sites): K2 for
-// out >= 8192, else N1. ADAFUSE_GEMV1 = u4n1, u8n1, u4n2, u4k2 or simt (the v4 warp-per-row
-// kernel) forces one, for same-run A/B only.
-enum class Gemv1 { kDefault, kU4N1, kU8N1, kU4N2, kU4K2, kSimt };
-Gemv1 gemv1_choice() {
-  const char* s = getenv("ADAFUSE_GEMV1");
-  if (!s) return Gemv1::kDefault;
-  static const struct { const char* name; Gemv1 v; } names[] = {
-      {"u4n1", Gemv1::kU4N1}, {"u8n1", Gemv1::kU8N1}, {"u4n2", Gemv1::kU4N2}, {"u4k2", Gemv1::kU4K2},
-      {"simt", Gemv1::kSimt}};
-  for (const auto& n : names)
-    if (!strcmp(s, n.name)) return n.v;
-  return Gemv1::kDefault;
-}
-
-// The shrink's shape outside the one-row gemv1 path (which needs shrink_dot's x_ready signal):
-// ADAFUSE_SHRINK=dot|warp forces one, for same-run A/B.
-enum class Shrink { kAuto, kDot, kWarp };
-Shrink shrink_choice() {
-  const char* s = getenv("ADAFUSE_SHRINK");
-  if (s && !strcmp(s, "dot")) return Shrink::kDot;
-  if (s && !strcmp(s, "warp")) return Shrink::kWarp;
-  return Shrink::kAuto;
-}
-// Default: block per dot at one row (the r64 sites' SIMT path: 5.24 ms per 7B step against 5.51
+// The one-row kernel's shape (adafuse_gemv1_shape): 16-byte loads in flight per lane (U), rows
+// per warp (N), warps per row (K). AUTO by measurement on the H200 (gemv_sites.json, 7B sites):
+// K2 for out >= 8192, else N1. SIMT: the warp-per-row kernel of 2-16 rows.
+// The shrink (adafuse_shrink_kind), AUTO: block per dot at one row (the r64 sites' SIMT path: 5.24 ms per 7B step against 5.51
 // with warps), warp per dot at 2-16 rows (batch 8: r16 6.44 against 6.71 ms, r64 7.80 against
 // 8.46), same-run A/B on the H200, 2026-11-29 (benchmarks/results/shrink_ab.log).
 
@@ -993,7 +976,7 @@ constexpr int kGemv1MaxXBytes = 47 * 1024;
 constexpr long long kGemv1MaxPairs = 96;
 
 template <typename T, int U, int NO, int KS>
-int launch_gemv1(bool pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+int launch_gemv1(Pdl pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
                  int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
                  cudaStream_t stream) {
   constexpr long long kRowsPerBlock = (kThreads / 32 / KS) * NO;
@@ -1005,20 +988,20 @@ int launch_gemv1(bool pdl, int in, int out, const T* x, const T* W, const T* bia
 }
 
 template <typename T>
-int run_gemv1(bool pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E, int rank,
-              const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready, cudaStream_t s) {
-  Gemv1 c = gemv1_choice();
-  if (c == Gemv1::kDefault) c = out >= 8192 ? Gemv1::kU4K2 : Gemv1::kU4N1;
-  switch (c) {
-    case Gemv1::kU8N1: return launch_gemv1<T, 8, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    case Gemv1::kU4N2: return launch_gemv1<T, 4, 2, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    case Gemv1::kU4K2: return launch_gemv1<T, 4, 1, 2>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+int run_gemv1(int32_t shape, Pdl pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+              int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
+              cudaStream_t s) {
+  if (shape == ADAFUSE_GEMV1_AUTO) shape = out >= 8192 ? ADAFUSE_GEMV1_U4K2 : ADAFUSE_GEMV1_U4N1;
+  switch (shape) {
+    case ADAFUSE_GEMV1_U8N1: return launch_gemv1<T, 8, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4N2: return launch_gemv1<T, 4, 2, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4K2: return launch_gemv1<T, 4, 1, 2>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
     default: return launch_gemv1<T, 4, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
   }
 }
 
 template <typename T, int R, int NO, bool VEC>
-int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
+int launch_gemv(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                 const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t, T* y,
                 cudaStream_t stream) {
   const long long warps = (static_cast<long long>(out) + NO - 1) / NO;
@@ -1029,7 +1012,7 @@ int launch_gemv(bool pdl, int rows, int in, int out, const T* x, const T* W, con
 }
 
 template <typename T, int NT>
-int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+int launch_gemv_mma(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
                     int rank, const int32_t* ids, int top_k, const float* t, T* y, cudaStream_t stream) {
   const long long blocks = (static_cast<long long>(out) + 15) / 16;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
@@ -1039,7 +1022,7 @@ int launch_gemv_mma(bool pdl, int rows, int in, int out, const T* x, const T* W,
 }
 
 template <typename T, bool VEC>
-int run_gemv_rows(bool pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
+int run_gemv_rows(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
                   const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t,
                   T* y, cudaStream_t s) {
   if (rows == 1) return launch_gemv<T, 1, 1, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
@@ -1052,39 +1035,43 @@ int run_gemv_rows(bool pdl, int rows, int in, int out, const T* x, const T* W, c
 template <typename T>
 int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
                  const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
-                 float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
+                 float scale, T* y, char* ws, const Layout& L, const adafuse_lora_options& opt,
+                 cudaStream_t stream) {
   constexpr int V = TypeOps<T>::kVec;
   float* t = A ? reinterpret_cast<float*>(ws + L.t_off) : nullptr;  // A == nullptr: no adapter
   const long long slots = static_cast<long long>(rows) * top_k;
-  // One row: both kernels are programmatic dependents (sm_90); the shrink waits for the
-  // previous kernel and then raises x_ready, the GEMV streams W x from that signal on and
-  // waits for the shrink (t) only before its LoRA epilogue. 2-16 rows: the shrink is launched
-  // after the previous kernel completes and the GEMV streams W x while it runs, reading x
-  // through L1 (through L2, as the x_ready protocol must, it measured slower). No adapter:
-  // the GEMV waits for the previous kernel itself.
+  // One row: the GEMV is a programmatic dependent (sm_90) of the shrink, which raises x_ready
+  // once the previous kernel has completed; the GEMV streams W x from that signal on and waits
+  // for the shrink (t) only before its LoRA epilogue. The shrink clears x_ready before it waits
+  // for the previous kernel, so it is a programmatic dependent itself only where the caller's
+  // workspace is exclusive (adafuse_lora_options): a write into memory that an earlier kernel may
+  // still read (TensorRT's scratch, a block the caching allocator handed out again) would corrupt
+  // that kernel. 2-16 rows: the shrink is launched after the previous kernel completes and the
+  // GEMV streams W x while it runs, reading x through L1 (through L2, as the x_ready protocol
+  // must, it measured slower). No adapter: the GEMV waits for the previous kernel itself.
   DeviceInfo di;
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
-  const bool pdl = pdl_enabled() && di.cc_major >= 9;
+  const Pdl pdl = pdl_request(di, opt.pdl == ADAFUSE_PDL_AUTO);
   const bool vec_a = (in % V == 0) && aligned16(x) && aligned16(A);
   const bool vec_w = (in % V == 0) && aligned16(x) && aligned16(W);
-  const Gemv1 choice = gemv1_choice();
+  const int32_t shape = opt.gemv1;
   const bool one_row = rows == 1 && vec_w && in * static_cast<long long>(sizeof(T)) <= kGemv1MaxXBytes &&
-                       choice != Gemv1::kSimt &&
-                       (choice != Gemv1::kDefault || !t || static_cast<long long>(top_k) * rank <= kGemv1MaxPairs);
+                       shape != ADAFUSE_GEMV1_SIMT &&
+                       (shape != ADAFUSE_GEMV1_AUTO || !t || static_cast<long long>(top_k) * rank <= kGemv1MaxPairs);
   unsigned* x_ready = t ? reinterpret_cast<unsigned*>(ws + L.flag_off) : nullptr;
   const long long blocks = slots * rank;  // <= kGemvMaxRows * kMaxTopK * kMaxRank
-  const Shrink sc = shrink_choice();
-  const bool warp_shrink = !one_row && (sc == Shrink::kWarp || (sc == Shrink::kAuto && rows >= 2));
+  const bool warp_shrink =
+      !one_row && (opt.shrink == ADAFUSE_SHRINK_WARP || (opt.shrink == ADAFUSE_SHRINK_AUTO && rows >= 2));
   if (t && warp_shrink) {
     const dim3 grid(static_cast<unsigned>((blocks * 32 + kThreads - 1) / kThreads));
-    st = vec_a ? launch_ex(shrink_warp_kernel<T, true>, grid, kThreads, 0, false, stream, rows, in, E, rank, top_k, x,
+    st = vec_a ? launch_ex(shrink_warp_kernel<T, true>, grid, kThreads, 0, kNoPdl, stream, rows, in, E, rank, top_k, x,
                            A, ids, gates, scale, t)
-               : launch_ex(shrink_warp_kernel<T, false>, grid, kThreads, 0, false, stream, rows, in, E, rank, top_k, x,
+               : launch_ex(shrink_warp_kernel<T, false>, grid, kThreads, 0, kNoPdl, stream, rows, in, E, rank, top_k, x,
                            A, ids, gates, scale, t);
     if (st != ADAFUSE_OK) return st;
   } else if (t) {
-    const bool spdl = pdl && one_row;
+    const Pdl spdl = pdl.when(one_row && opt.exclusive_workspace != 0);
     const dim3 grid(static_cast<unsigned>(blocks));
     st = vec_a ? launch_ex(shrink_dot_kernel<T, true>, grid, kThreads, 0, spdl, stream, in, E, rank, top_k, x, A, ids,
                            gates, scale, t, x_ready)
@@ -1092,7 +1079,7 @@ int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bia
                            gates, scale, t, x_ready);
     if (st != ADAFUSE_OK) return st;
   }
-  if (one_row) return run_gemv1<T>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, stream);
+  if (one_row) return run_gemv1<T>(shape, pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, stream);
   if constexpr (!std::is_same<T, float>::value) {
     if (rows >= 2 && vec_w) {  // tensor-core skinny GEMM
       if (rows <= 8)
@@ -1139,7 +1126,7 @@ int tile_grid(int BM, int BN, int splits, GemmArgs<T>* a, dim3* grid) {
 }
 
 template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
-int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, bool pdl, cudaStream_t stream) {
+int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, Pdl pdl, cudaStream_t stream) {
   static std::atomic<int> opted[kMaxDevices];
   constexpr size_t smem = gemm_smem_bytes<BM, BN>();
   auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL>;
@@ -1164,7 +1151,8 @@ int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
 template <typename T>
 int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
                   const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
-                  float scale, T* y, char* ws, const Layout& L, cudaStream_t stream) {
+                  float scale, T* y, char* ws, const Layout& L, const adafuse_lora_options& opt,
+                  cudaStream_t stream) {
   DeviceInfo di;
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
@@ -1183,11 +1171,12 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   g.vec2 = rank % V == 0 && aligned16(B);  // z rows are 16-byte aligned (ldz % 8 == 0)
   g.pairs = out % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 3u) == 0;
 
-  const bool pdl = pdl_enabled() && di.cc_major >= 9;
+  // The first kernel (the shrink GEMM) in stream order, the rest programmatic dependents of it.
+  const Pdl pdl = pdl_request(di, opt.pdl == ADAFUSE_PDL_AUTO);
   if constexpr (std::is_same<T, float>::value) {
     st = launch_gemm_f32<true>(s, p.splits, stream);
   } else {
-    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, false, stream);
+    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, kNoPdl, stream);
   }
   if (st != ADAFUSE_OK) return st;
   const long long total = static_cast<long long>(rows) * p.kz;
@@ -1217,11 +1206,18 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
 template <typename T>
 int dispatch(int rows, int in, int out, const void* x, const void* W, const void* bias,
              const void* A, const void* B, int E, int rank, const int32_t* ids, const float* gates,
-             int top_k, float scale, void* y, void* ws, const Layout& L, cudaStream_t stream) {
+             int top_k, float scale, void* y, void* ws, const Layout& L, const adafuse_lora_options& opt,
+             cudaStream_t stream) {
   auto run = rows <= kGemvMaxRows ? run_few_rows<T> : run_many_rows<T>;
   return run(rows, in, out, static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
              static_cast<const T*>(A), static_cast<const T*>(B), E, rank, ids, gates, top_k, scale,
-             static_cast<T*>(y), static_cast<char*>(ws), L, stream);
+             static_cast<T*>(y), static_cast<char*>(ws), L, opt, stream);
+}
+
+bool options_ok(const adafuse_lora_options& o) {
+  return (o.pdl == ADAFUSE_PDL_AUTO || o.pdl == ADAFUSE_PDL_OFF) && o.gemv1 >= ADAFUSE_GEMV1_AUTO &&
+         o.gemv1 <= ADAFUSE_GEMV1_SIMT && o.shrink >= ADAFUSE_SHRINK_AUTO && o.shrink <= ADAFUSE_SHRINK_WARP &&
+         (o.exclusive_workspace == 0 || o.exclusive_workspace == 1);
 }
 
 }  // namespace
@@ -1240,9 +1236,10 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
                         const void* x, const void* W, const void* bias, const void* A,
                         const void* B, int num_experts, int rank, const int32_t* expert_ids,
                         const float* gates, int top_k, float scale, void* y, void* workspace,
-                        size_t workspace_bytes, cudaStream_t stream) {
+                        size_t workspace_bytes, const adafuse_lora_options* options, cudaStream_t stream) {
   using namespace adafuse;
-  if (!valid_dtype(dtype)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  const adafuse_lora_options opt = options ? *options : adafuse_lora_options{};
+  if (!valid_dtype(dtype) || !options_ok(opt)) return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (!args_ok(rows, in_features, out_features, num_experts, rank, top_k))
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return ADAFUSE_OK;
@@ -1254,14 +1251,14 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
   switch (dtype) {
     case ADAFUSE_FLOAT32:
       return dispatch<float>(rows, in_features, out_features, x, W, bias, A, B, num_experts, rank,
-                             expert_ids, gates, top_k, scale, y, workspace, L, stream);
+                             expert_ids, gates, top_k, scale, y, workspace, L, opt, stream);
     case ADAFUSE_FLOAT16:
       return dispatch<__half>(rows, in_features, out_features, x, W, bias, A, B, num_experts, rank,
-                              expert_ids, gates, top_k, scale, y, workspace, L, stream);
+                              expert_ids, gates, top_k, scale, y, workspace, L, opt, stream);
     case ADAFUSE_BFLOAT16:
       return dispatch<__nv_bfloat16>(rows, in_features, out_features, x, W, bias, A, B,
                                      num_experts, rank, expert_ids, gates, top_k, scale, y,
-                                     workspace, L, stream);
+                                     workspace, L, opt, stream);
   }
   return ADAFUSE_ERR_INVALID_ARGUMENT;
 }

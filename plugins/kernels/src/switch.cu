@@ -97,7 +97,7 @@ __device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int va
 }
 
 
-// ---- v3: pipelined, operand-resident switch (fp16 / bf16) ----------------
+// ---- resident kernel: pipelined, operand-resident switch (fp16 / bf16) ----
 // Each block takes a contiguous range of the tile sequence, ordered per site
 // column strip first (o fastest), so consecutive tiles of a block share the
 // A columns [K x BN]: A is loaded once per strip into shared memory and stays
@@ -106,16 +106,17 @@ __device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int va
 // registers). The delta is added to the W tile in shared memory in the
 // accumulator layout, then written with 16-byte coalesced stores.
 // K = terms * rank16 must fit: the launch tries 2 blocks/SM, then 1 block/SM,
-// then falls back to the v2 kernel (chunked K), all decided on the device.
+// then falls back to the chunked kernel (switch_chunked_kernel: K in chunks, W in registers;
+// also the fp32 path), all decided on the device.
 constexpr int kMaxStages = 6;
 constexpr int LDW = BN + 8;  // sA and sW row stride (elements)
 
-__host__ __device__ inline int v3_prefix_bytes(int num_sites) {
+__host__ __device__ inline int resident_prefix_bytes(int num_sites) {
   return static_cast<int>(align_up_c(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 128));
 }
 // Stages that fit in smem_bytes for a K of kmax (0: this configuration cannot run it).
-__host__ __device__ inline int v3_stages(int kmax, int num_sites, int smem_bytes) {
-  const long long pre = v3_prefix_bytes(num_sites);
+__host__ __device__ inline int resident_stages(int kmax, int num_sites, int smem_bytes) {
+  const long long pre = resident_prefix_bytes(num_sites);
   const long long a = 2ll * kmax * LDW;
   const long long st = 2ll * BM * LDW + 2ll * BM * (kmax + 8);
   if (smem_bytes <= 0 || pre + a >= smem_bytes) return 0;
@@ -176,13 +177,13 @@ __device__ __forceinline__ int locate_tile(const int* s_prefix, const adafuse_sw
   return lo;
 }
 
-// kDiag (diagnostic builds only, -DADAFUSE_SWITCH_DIAG; benchmarks/switch_bound.py): 1 skips
+// kSkip (benchmark builds only, -DADAFUSE_DIAGNOSTICS; benchmarks/switch_bound.py): 1 skips
 // the tensor-core product (A and B still staged, a zero delta added), 2 skips A, B, the product
 // and the add (W tiles only stream through the same ring). Both write wrong weights by design;
-// the library proper instantiates kDiag = 0 alone.
-template <typename T, int kDiag = 0>
+// the shipped library instantiates kSkip = 0 alone.
+template <typename T, int kSkip = 0>
 __global__ void __launch_bounds__(kThreads, 2)
-switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
+switch_resident_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
                  int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
                  const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k,
                  int smem_bytes, int smem_prev) {
@@ -242,16 +243,16 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
   if (kmax > 0) atomicMax(&s_kmax, kmax);
   __syncthreads();
   kmax = s_kmax;
-  const int S = v3_stages(kmax, num_sites, smem_bytes);
+  const int S = resident_stages(kmax, num_sites, smem_bytes);
   if (S < 2) return;                                                      // too large: later config
-  if (smem_prev > 0 && v3_stages(kmax, num_sites, smem_prev) >= 2) return;  // earlier config ran
+  if (smem_prev > 0 && resident_stages(kmax, num_sites, smem_prev) >= 2) return;  // earlier config ran
   const int total_tiles = s_prefix[num_sites];
   const int t_begin = static_cast<int>(static_cast<long long>(total_tiles) * blockIdx.x / gridDim.x);
   const int t_end = static_cast<int>(static_cast<long long>(total_tiles) * (blockIdx.x + 1) / gridDim.x);
   if (t_begin >= t_end) return;
 
   const int LDB = kmax + 8;
-  T* sA = reinterpret_cast<T*>(smem + v3_prefix_bytes(num_sites));  // [kmax][LDW]
+  T* sA = reinterpret_cast<T*>(smem + resident_prefix_bytes(num_sites));  // [kmax][LDW]
   unsigned char* stage0 = reinterpret_cast<unsigned char*>(sA + static_cast<size_t>(kmax) * LDW);
   const int stage_elems = BM * LDW + BM * LDB;
   auto stage_w = [&](int st) { return reinterpret_cast<T*>(stage0) + static_cast<size_t>(st) * stage_elems; };
@@ -285,7 +286,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
           *reinterpret_cast<uint4*>(sW + r * LDW + cc) = x;
         }
       }
-      if (kDiag != 2 && K > 0) {
+      if (kSkip != 2 && K > 0) {
         const bool vec_b = (rank % 8 == 0) && aligned16(Bg);
         const int kv = K >> 3;  // 8-element vectors per B row
         const int rv = rpad >> 3;
@@ -325,7 +326,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
     const float scale = Sd.scale;
     const int rpad = (rank + 15) & ~15;
     const int K = (Sd.W_base ? n_new : n_all) * rpad;
-    if (kDiag != 2 && (si != res_site || i0 != res_i0)) {  // new column strip: reload the resident A
+    if (kSkip != 2 && (si != res_site || i0 != res_i0)) {  // new column strip: reload the resident A
       const T* Ag = static_cast<const T*>(Sd.A);
       const bool vec_a = (in % 8 == 0) && aligned16(Ag);
       for (int v = tid; v < K * (BN / 8); v += kThreads) {
@@ -360,7 +361,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
       for (int b = 0; b < 4; ++b)
 #pragma unroll
         for (int c = 0; c < 4; ++c) { acc[a][b][c] = 0.f; tmp[a][b][c] = 0.f; }
-    const int nks = kDiag ? 0 : K >> 4, ks_per_term = rpad >> 4;
+    const int nks = kSkip ? 0 : K >> 4, ks_per_term = rpad >> 4;
     int cur_term = 0, in_term = 0;
     for (int ks = 0; ks < nks; ++ks) {
       if (in_term == ks_per_term) {  // term boundary (uniform): apply the coefficient in fp32
@@ -405,7 +406,7 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
     }
     // W tile (in shared memory) += delta, in the accumulator layout (conflict-free: LDW/2 = 4 mod 32)
 #pragma unroll
-    for (int mt = 0; mt < (kDiag == 2 ? 0 : 2); ++mt)
+    for (int mt = 0; mt < (kSkip == 2 ? 0 : 2); ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -435,10 +436,10 @@ switch_v3_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, i
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
+switch_chunked_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int max_out,
               int max_in, const int32_t* __restrict__ new_ids, const float* __restrict__ new_gates,
               const int32_t* __restrict__ old_ids, const float* __restrict__ old_gates, int top_k,
-              int v3_smem) {
+              int resident_smem) {
   constexpr bool kF32 = std::is_same<T, float>::value;
   constexpr int V = TypeOps<T>::kVec;
   constexpr int NV = (BM * BN) / (kThreads * V);  // vectors of W per thread
@@ -502,13 +503,13 @@ switch_kernel(const adafuse_switch_site* __restrict__ sites, int num_sites, int 
   const int total_tiles = s_prefix[num_sites];
   const int n_new = s_nterms;
   const int n_all = s_nall;
-  if (v3_smem > 0) {  // fp16/bf16: run only where the v3 kernel (its largest config) could not
+  if (resident_smem > 0) {  // fp16/bf16: run only where the resident kernel (its largest config) could not
     int kmax = 0;
     for (int s = tid; s < num_sites; s += kThreads)
       if (site_tiles(sites[s], max_out, max_in) > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
     if (kmax > 0) atomicMax(&s_kmax, kmax);
     __syncthreads();
-    if (v3_stages(s_kmax, num_sites, v3_smem) >= 2) return;
+    if (resident_stages(s_kmax, num_sites, resident_smem) >= 2) return;
   }
 
   for (int tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
@@ -784,10 +785,10 @@ __global__ void update_old_kernel(const int32_t* new_ids, const float* new_gates
 // them each call. The dynamic shared memory opt-ins are set in the same step.
 struct SwitchPlan {
   int num_sites = -1;  // -1: not computed yet
-  size_t smem = 0;     // v2 kernel: dynamic shared memory
-  int grid = 0;        // v2 kernel: blocks (occupancy x SMs)
-  int smem_a = 0, blocks_a = 0;  // v3 at 2 blocks/SM (16-bit dtypes only)
-  int smem_b = 0, blocks_b = 0;  // v3 at 1 block/SM
+  size_t smem = 0;     // chunked kernel: dynamic shared memory
+  int grid = 0;        // chunked kernel: blocks (occupancy x SMs)
+  int smem_a = 0, blocks_a = 0;  // resident kernel at 2 blocks/SM (16-bit dtypes only)
+  int smem_b = 0, blocks_b = 0;  // resident kernel at 1 block/SM
 };
 
 template <typename T>
@@ -797,7 +798,7 @@ int make_switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* plan) {
   p.smem = align_up(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 16) + tile_smem_bytes<T>();
   const size_t static_smem = 1024;  // term table and scan scratch, generous
   if (p.smem + static_smem > static_cast<size_t>(di.max_smem_optin)) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  auto kern = switch_kernel<T>;
+  auto kern = switch_chunked_kernel<T>;
   if (p.smem > 48 * 1024)
     AF_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)));
   int per_sm = 0;
@@ -805,20 +806,20 @@ int make_switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* plan) {
   if (per_sm < 1) return ADAFUSE_ERR_CUDA;
   p.grid = per_sm * di.sm_count;
   if constexpr (!std::is_same<T, float>::value) {
-    // v3 in two shared-memory configurations: 2 blocks/SM (half the SM's shared
+    // The resident kernel in two shared-memory configurations: 2 blocks/SM (half the SM's shared
     // memory each), then 1 block/SM (all of it); the kernels decide on the device
-    // (from the largest K = terms x rank16) which one runs, and v2 runs only where
+    // (from the largest K = terms x rank16) which one runs, and the chunked one only where
     // neither fits.
-    auto k3 = switch_v3_kernel<T>;
+    auto k3 = switch_resident_kernel<T>;
     cudaFuncAttributes fa;
     AF_CUDA_TRY(cudaFuncGetAttributes(&fa, k3));
     const int stat = static_cast<int>(fa.sharedSizeBytes);
     p.smem_a = (di.smem_per_sm / 2 - di.reserved_smem_per_block - stat) & ~127;
     p.smem_b = (min(di.max_smem_optin, di.smem_per_sm - di.reserved_smem_per_block) - stat) & ~127;
     AF_CUDA_TRY(cudaFuncSetAttribute(k3, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
-#ifdef ADAFUSE_SWITCH_DIAG
-    AF_CUDA_TRY(cudaFuncSetAttribute(switch_v3_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
-    AF_CUDA_TRY(cudaFuncSetAttribute(switch_v3_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
+#ifdef ADAFUSE_DIAGNOSTICS
+    AF_CUDA_TRY(cudaFuncSetAttribute(switch_resident_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
+    AF_CUDA_TRY(cudaFuncSetAttribute(switch_resident_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem_b));
 #endif
     int pa = 0, pb = 0;
     AF_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pa, k3, kThreads, p.smem_a));
@@ -850,28 +851,12 @@ int switch_plan(const DeviceInfo& di, int num_sites, SwitchPlan* out) {
   return ADAFUSE_OK;
 }
 
-// ADAFUSE_SWITCH_IMPL (benchmarking / A-B only; read each call so that one process can
-// compare): "v2" = the v2 kernel alone, "v3a" = v3 at 2 blocks/SM then v2; unset or
-// anything else = v3a, v3b, v2.
-int switch_impl_mode() {
-  const char* impl = getenv("ADAFUSE_SWITCH_IMPL");
-  if (impl && strcmp(impl, "v2") == 0) return 2;
-  if (impl && strcmp(impl, "v3a") == 0) return 1;
-  return 0;
-}
-
-#ifdef ADAFUSE_SWITCH_DIAG
-// Diagnostic builds: ADAFUSE_SWITCH_DIAG=nomma | nodelta picks switch_v3_kernel's kDiag 1 | 2.
-int switch_diag_mode() {
-  const char* d = getenv("ADAFUSE_SWITCH_DIAG");
-  if (d && strcmp(d, "nomma") == 0) return 1;
-  if (d && strcmp(d, "nodelta") == 0) return 2;
-  return 0;
-}
-#endif
+// The kernel sequence of one switch: adafuse_switch runs kDefault; the others exist for
+// adafuse_switch_diagnostic (benchmark builds, adafuse_switch_variant).
+enum class Sequence { kDefault = 0, kChunked = 1, kResident2pb = 2, kNoMma = 3, kNoDelta = 4 };
 
 template <typename T>
-int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
+int launch_switch(Sequence seq, const adafuse_switch_site* sites, int num_sites, int max_out, int max_in,
                   const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
                   float* old_gates, int top_k, cudaStream_t stream) {
   DeviceInfo di;
@@ -880,33 +865,32 @@ int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, 
   SwitchPlan plan;
   st = switch_plan<T>(di, num_sites, &plan);
   if (st != ADAFUSE_OK) return st;
-  int v3_smem = 0;
+  int resident_smem = 0;
   if constexpr (!std::is_same<T, float>::value) {
-    auto k3 = switch_v3_kernel<T>;
-#ifdef ADAFUSE_SWITCH_DIAG
-    const int diag = switch_diag_mode();
-    if (diag == 1) k3 = switch_v3_kernel<T, 1>;
-    if (diag == 2) k3 = switch_v3_kernel<T, 2>;
+    auto k3 = switch_resident_kernel<T>;
+#ifdef ADAFUSE_DIAGNOSTICS
+    if (seq == Sequence::kNoMma) k3 = switch_resident_kernel<T, 1>;
+    if (seq == Sequence::kNoDelta) k3 = switch_resident_kernel<T, 2>;
 #endif
-    const int mode = switch_impl_mode();
+    const bool resident = seq != Sequence::kChunked, resident_1pb = resident && seq != Sequence::kResident2pb;
     const int smem_a = plan.smem_a, smem_b = plan.smem_b;
     int prev = 0;
-    if (mode < 2 && plan.blocks_a >= 1 && smem_a > 0) {
+    if (resident && plan.blocks_a >= 1 && smem_a > 0) {
       k3<<<plan.blocks_a, kThreads, smem_a, stream>>>(sites, num_sites, max_out, max_in, new_ids,
                                                        new_gates, old_ids, old_gates, top_k, smem_a, 0);
       AF_LAUNCH_CHECK();
       prev = smem_a;
     }
-    if (mode == 0 && plan.blocks_b >= 1 && smem_b > smem_a) {
+    if (resident_1pb && plan.blocks_b >= 1 && smem_b > smem_a) {
       k3<<<plan.blocks_b, kThreads, smem_b, stream>>>(sites, num_sites, max_out, max_in, new_ids,
                                                        new_gates, old_ids, old_gates, top_k, smem_b, prev);
       AF_LAUNCH_CHECK();
       prev = smem_b;
     }
-    v3_smem = prev;
+    resident_smem = prev;
   }
-  switch_kernel<T><<<plan.grid, kThreads, plan.smem, stream>>>(sites, num_sites, max_out, max_in, new_ids,
-                                                              new_gates, old_ids, old_gates, top_k, v3_smem);
+  switch_chunked_kernel<T><<<plan.grid, kThreads, plan.smem, stream>>>(sites, num_sites, max_out, max_in, new_ids,
+                                                              new_gates, old_ids, old_gates, top_k, resident_smem);
   AF_LAUNCH_CHECK();
   return ADAFUSE_OK;
 }
@@ -914,11 +898,11 @@ int launch_switch(const adafuse_switch_site* sites, int num_sites, int max_out, 
 }  // namespace
 }  // namespace adafuse
 
-extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
-                              int max_out_features, int max_in_features, const int32_t* new_ids,
-                              const float* new_gates, int32_t* old_ids, float* old_gates, int top_k,
-                              int update_old, cudaStream_t stream) {
-  using namespace adafuse;
+namespace adafuse {
+namespace {
+int run_switch(Sequence seq, adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
+               int max_out_features, int max_in_features, const int32_t* new_ids, const float* new_gates,
+               int32_t* old_ids, float* old_gates, int top_k, int update_old, cudaStream_t stream) {
   if (!valid_dtype(dtype)) return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (num_sites < 0 || num_sites > ADAFUSE_SWITCH_MAX_SITES || top_k < 1 || top_k > kMaxTopK)
     return ADAFUSE_ERR_INVALID_ARGUMENT;
@@ -929,15 +913,15 @@ extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* si
     int st = ADAFUSE_ERR_INVALID_ARGUMENT;
     switch (dtype) {
       case ADAFUSE_FLOAT32:
-        st = launch_switch<float>(sites, num_sites, max_out_features, max_in_features, new_ids,
+        st = launch_switch<float>(seq, sites, num_sites, max_out_features, max_in_features, new_ids,
                                   new_gates, old_ids, old_gates, top_k, stream);
         break;
       case ADAFUSE_FLOAT16:
-        st = launch_switch<__half>(sites, num_sites, max_out_features, max_in_features, new_ids,
+        st = launch_switch<__half>(seq, sites, num_sites, max_out_features, max_in_features, new_ids,
                                    new_gates, old_ids, old_gates, top_k, stream);
         break;
       case ADAFUSE_BFLOAT16:
-        st = launch_switch<__nv_bfloat16>(sites, num_sites, max_out_features, max_in_features,
+        st = launch_switch<__nv_bfloat16>(seq, sites, num_sites, max_out_features, max_in_features,
                                           new_ids, new_gates, old_ids, old_gates, top_k, stream);
         break;
     }
@@ -949,3 +933,30 @@ extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* si
   }
   return ADAFUSE_OK;
 }
+}  // namespace
+}  // namespace adafuse
+
+extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
+                              int max_out_features, int max_in_features, const int32_t* new_ids,
+                              const float* new_gates, int32_t* old_ids, float* old_gates, int top_k,
+                              int update_old, cudaStream_t stream) {
+  return adafuse::run_switch(adafuse::Sequence::kDefault, dtype, sites, num_sites, max_out_features,
+                             max_in_features, new_ids, new_gates, old_ids, old_gates, top_k, update_old, stream);
+}
+
+#ifdef ADAFUSE_DIAGNOSTICS
+extern "C" int adafuse_switch_diagnostic(int variant, adafuse_dtype dtype, const adafuse_switch_site* sites,
+                                         int num_sites, int max_out_features, int max_in_features,
+                                         const int32_t* new_ids, const float* new_gates, int32_t* old_ids,
+                                         float* old_gates, int top_k, int update_old, cudaStream_t stream) {
+  if (variant < ADAFUSE_SWITCH_VARIANT_DEFAULT || variant > ADAFUSE_SWITCH_VARIANT_NO_DELTA)
+    return ADAFUSE_ERR_INVALID_ARGUMENT;
+  static_assert(static_cast<int>(adafuse::Sequence::kNoDelta) == ADAFUSE_SWITCH_VARIANT_NO_DELTA &&
+                    static_cast<int>(adafuse::Sequence::kChunked) == ADAFUSE_SWITCH_VARIANT_CHUNKED &&
+                    static_cast<int>(adafuse::Sequence::kResident2pb) == ADAFUSE_SWITCH_VARIANT_RESIDENT_2PB &&
+                    static_cast<int>(adafuse::Sequence::kNoMma) == ADAFUSE_SWITCH_VARIANT_NO_MMA,
+                "Sequence mirrors adafuse_switch_variant");
+  return adafuse::run_switch(static_cast<adafuse::Sequence>(variant), dtype, sites, num_sites, max_out_features,
+                             max_in_features, new_ids, new_gates, old_ids, old_gates, top_k, update_old, stream);
+}
+#endif
