@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,6 +129,9 @@ class _Tensors:
         """Routers run in float32 on dtype-rounded weights, as in the reference."""
         return name, "F32", shape, lambda: rounded(self.ckpt.adapters, src_name, self.td)
 
+    def site_A(self, site: Site):
+        return read_released(self.ckpt.adapters, f"{site.name}.lora_A").to(self.td)
+
     def scaled_B(self, site: Site):
         """GpuDecoder's B: the dtype-rounded B times the site's scale in float32, rounded again."""
         B = read_released(self.ckpt.adapters, f"{site.name}.lora_B").to(self.td)
@@ -175,7 +179,7 @@ class _Tensors:
         if not m.tie_word_embeddings:
             out.append(self.base("lm_head", LM_HEAD, (m.vocab_size, h)))
         for name, rope in rope_tables(self.ckpt).items():
-            out.append((name, "F32", tuple(rope.shape), lambda rope=rope: rope))
+            out.append((name, "F32", tuple(rope.shape), partial(_same, rope)))
         by_layer: dict[int, list[Stage]] = {}
         for st in stages(self.ckpt):
             by_layer.setdefault(st.layer, []).append(st)
@@ -189,9 +193,9 @@ class _Tensors:
                     out.append(self.base(f"layers.{layer}.{role}_norm", arch.qk_norm_weight(layer, role), (m.head_dim,)))
             for st in by_layer[layer]:
                 out.append((f"{st.prefix}.weight", self.dtype, (st.out_features, st.in_features),
-                            lambda st=st: self.stage_weight(st)))
+                            partial(self.stage_weight, st)))
                 if st.bias:
-                    out.append((f"{st.prefix}.bias", self.dtype, (st.out_features,), lambda st=st: self.stage_bias(st)))
+                    out.append((f"{st.prefix}.bias", self.dtype, (st.out_features,), partial(self.stage_bias, st)))
         return out
 
     def adapters(self) -> list[Entry]:
@@ -209,20 +213,24 @@ class _Tensors:
             if st.adapter == "grouped":
                 rank = sum(x.rank for x in st.routed)
                 out.append((f"{st.prefix}.lora_A", self.dtype, (st.experts, rank, st.in_features),
-                            lambda st=st: self.grouped_A(st)))
+                            partial(self.grouped_A, st)))
                 out.append((f"{st.prefix}.lora_B", self.dtype, (st.experts, st.out_features, rank),
-                            lambda st=st: self.grouped_B(st)))
+                            partial(self.grouped_B, st)))
             elif st.adapter == "per_module":
                 for x in st.routed:
                     assert x.site is not None
                     site, rows = x.site, x.rows[1] - x.rows[0]
                     name = f"layers.{st.layer}.{x.module}"
                     out.append((f"{name}.lora_A", self.dtype, (st.experts, x.rank, st.in_features),
-                                lambda site=site: read_released(self.ckpt.adapters, f"{site.name}.lora_A").to(self.td)))
+                                partial(self.site_A, site)))
                     out.append((f"{name}.lora_B", self.dtype, (st.experts, rows, x.rank),
-                                lambda site=site: self.scaled_B(site)))
+                                partial(self.scaled_B, site)))
                     out.append(self.router(f"{name}.router", f"{site.name}.router.weight", (st.experts, st.in_features)))
         return out
+
+
+def _same(t):
+    return t
 
 
 def rope_tables(ckpt: Checkpoint) -> dict[str, Any]:
