@@ -54,7 +54,10 @@ def runtime_build(tmp_path_factory) -> Path:
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
     if cmake is None or nvcc is None:
         pytest.fail(f"the runtime build needs cmake and nvcc (cmake={cmake}, nvcc={nvcc})")
-    build = Path(os.environ.get("ADAFUSE_RUNTIME_BUILD_DIR") or tmp_path_factory.mktemp("runtime_build"))
+    # One folder per session: test_native_artifact.py imports this fixture, and its second instance then
+    # finds the build done (an incremental no-op) instead of building again.
+    build = Path(os.environ.get("ADAFUSE_RUNTIME_BUILD_DIR") or tmp_path_factory.getbasetemp() / "runtime_build")
+    build.mkdir(exist_ok=True)
     configure = [cmake, "-S", RUNTIME, "-B", build]
     if not (build / "CMakeCache.txt").exists():
         # One architecture keeps the CI build short; nothing here runs the kernel.
