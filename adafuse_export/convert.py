@@ -59,11 +59,11 @@ class Plan:
 class Stages:
     """Numbered stage headers with elapsed time; detail lines indented under them."""
 
-    def __init__(self, log: Callable[[str], Any]):
-        self.log, self.t0 = log, time.time()
+    def __init__(self, log: Callable[[str], Any], total: int = 4):
+        self.log, self.t0, self.total = log, time.time(), total
 
     def __call__(self, n: int, text: str) -> None:
-        self.log(f"[{n}/4 {time.time() - self.t0:6.1f}s] {text}")
+        self.log(f"[{n}/{self.total} {time.time() - self.t0:6.1f}s] {text}")
 
     def detail(self, text: str) -> None:
         self.log(f"         {text}")
@@ -83,6 +83,10 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
 
     if validate not in VALIDATE_MODES:
         raise AdafuseError(f"--validate {validate}: expected one of {', '.join(VALIDATE_MODES)}")
+    if backend == "native":
+        return convert_native(ckpt_path, Path(engine), fmt=fmt, base=base, dtype=dtype, max_batch=max_batch,
+                              max_seq=max_seq, force=force, plugin_library=plugin_library, timing_cache=timing_cache,
+                              strategy=strategy, log=log)
     engine = Path(engine)
     outs = output_paths(engine)
     _check_outputs(engine)
@@ -112,7 +116,8 @@ def _check_outputs(engine: Path) -> None:
     """The output's name and folder; what is in the way is claimed once the checkpoint's inputs are known."""
     parent = engine.parent if str(engine.parent) else Path(".")
     if engine.suffix != ".engine":
-        raise AdafuseError(f"{engine}: the output name must end in .engine (found '{engine.suffix or 'no suffix'}')")
+        hint = "; --backend native writes a .native artifact" if engine.suffix == ".native" else ""
+        raise AdafuseError(f"{engine}: the output name must end in .engine (found '{engine.suffix or 'no suffix'}'){hint}")
     if not parent.is_dir():
         state = "is not a directory" if parent.exists() else "does not exist"
         raise AdafuseError(f"{engine}: output directory {parent} {state}")
@@ -293,3 +298,55 @@ def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:
     staged = {"onnx": staging / "onnx", "engine": staging / "engine", "manifest": staging / "manifest.json"}
     names = ("onnx", "engine", "manifest") if with_engine else ("onnx",)
     move_into_place([(staged[n], outs[n]) for n in names], staging / "replaced")
+
+
+def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | None, dtype: str, max_batch: int,
+                   max_seq: int | None, force: bool, plugin_library: Path | None, timing_cache: Path | None,
+                   strategy: str | None, log=print) -> dict:
+    """`convert --backend native`: the checkpoint as a native artifact OUT.native/ (native_artifact.py), staged beside it
+    and renamed into place at the end, as the engine outputs are. Returns its manifest."""
+    from . import native_artifact
+    from .outputs import claim
+    from .staging import make_staging, remove_stale_stagings
+
+    for value, option, why in ((plugin_library, "--plugin-lib", "it runs no TensorRT plugin"),
+                               (timing_cache, "--timing-cache", "it builds no TensorRT engine"),
+                               (strategy, "--strategy", "the native runtime chooses fused or switch when it opens the artifact")):
+        if value is not None:
+            raise AdafuseError(f"{option}: not an option of --backend native ({why})")
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.suffix != native_artifact.SUFFIX:
+        raise AdafuseError(f"{out}: the output name of --backend native must end in {native_artifact.SUFFIX} (a directory; "
+                           f"found '{out.suffix or 'no suffix'}')")
+    if not parent.is_dir():
+        raise AdafuseError(f"{out}: output directory {parent} {'is not a directory' if parent.exists() else 'does not exist'}")
+    stages = Stages(log, total=3)
+    remove_stale_stagings(out, log=stages.detail)
+    stages(1, f"reading {ckpt_path}")
+    from .converters import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path, fmt, base)
+    ckpt.require_exportable()
+    claim(out, option="ENGINE", inputs=ckpt.inputs, force=force, ours=native_artifact.artifact_files, directory=True)
+    m = ckpt.model
+    stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
+                  f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
+    max_seq = _settle_max_seq(ckpt, max_seq)
+    try:
+        staging = make_staging(out)
+    except OSError as e:
+        raise AdafuseError(f"{out}: cannot write in {parent}: {e.strerror or e}") from None
+    try:
+        with write_errors(out, staging):
+            stages(2, f"writing the native artifact ({dtype}, kernel ABI {native_artifact.ABI_VERSION})")
+            (staging / "native").mkdir()
+            manifest = native_artifact.write_artifact(ckpt, staging / "native", dtype, max_batch, max_seq, log=stages.detail)
+            stages(3, "placing it (nothing runs it on the CPU: the C++ runtime checks it at open; native execution "
+                      "is not built yet, runtime/README.md)")
+            size = sum(p.stat().st_size for p in (staging / "native").iterdir())
+            move_into_place([(staging / "native", out)], staging / "replaced")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    stages.log(f"wrote {out}/ ({size / 2**20:.1f} MiB: {', '.join(sorted(manifest['files']))}, {native_artifact.MANIFEST}) "
+               f"in {stages.elapsed:.1f}s")
+    return manifest

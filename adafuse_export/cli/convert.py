@@ -8,13 +8,15 @@ import click
 from .options import backend_option, base_option, ckpt_argument, dtype_option, force_option, format_option, plugin_strategy_option, emit
 
 
-@click.command(short_help="Checkpoint -> validated ONNX -> TensorRT engine (the main job).")
+@click.command(short_help="Checkpoint -> validated ONNX -> TensorRT engine (the main job), or a native artifact.")
 @ckpt_argument
 @click.argument("engine", type=click.Path(path_type=Path))
 @format_option
 @base_option
 @backend_option("tensorrt: plugin flavour with fused kernels (needs --plugin-lib); tensorrt-rtx: portable graph, "
-                "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed.")
+                "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed; native: no TensorRT, "
+                "writes ENGINE as a directory OUT.native for the C++ runtime's native backend (the project's CUDA "
+                "kernels; checked at open, execution not built yet: runtime/README.md).", extra=("native",))
 @dtype_option("float16")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
@@ -38,7 +40,8 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
 @force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
 def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, validate_mode,
             no_validate, force):
-    """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine).
+    """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine), or with --backend native into a native
+    artifact ENGINE (e.g. out.native/).
 
     \b
     Stages: read + validate the checkpoint; export ONNX (with the pre-gate and its routing
@@ -49,6 +52,13 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
     the checkpoint's headers first: a stage that will not fit is refused before it starts (an
     engine build that will not fit: the validated ONNX is kept). Leftovers of a killed run on the
     same output are removed.
+
+    \b
+    --backend native writes OUT.native/ instead: weights.safetensors (q/k/v and gate/up stacked
+    as the kernels take them, static LoRAs merged, RoPE tables), adapters.safetensors (experts
+    per lora_linear site, routers), routes.safetensors (the pre-gate's table) and manifest.json
+    (kernel ABI, family features, SHA-256 of every file); --dtype, --max-batch, --max-seq and
+    --force apply, the TensorRT options do not, and there is no ONNX and no CPU validation.
     """
     from ..convert import convert as run_convert
 

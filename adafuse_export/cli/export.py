@@ -65,9 +65,9 @@ def export_routes(ckpt, out, fmt, base, force):
     c = load_checkpoint(ckpt, fmt, base, validate=False)
     c.require_routing_table()  # from the configs alone: at once, before any tensor is read
     import_torch()
-    from ..onnx.export import _write_routes
+    from ..routes import write_routing_table
 
     c.validate()
     claim(out, option="OUT", inputs=c.inputs, force=force, ours=is_marked_safetensors)
-    _write_routes(c, out, "float32")
+    write_routing_table(c, out, "float32")
     emit(f"wrote routing table [{c.model.vocab_size}, {c.adapter.top_k}] to {out}")

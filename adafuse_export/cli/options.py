@@ -46,10 +46,12 @@ def device_option(choices: tuple[str, ...], default: str, help: str):
     return click.option("--device", type=click.Choice(list(choices)), default=default, show_default=True, help=help)
 
 
-def backend_option(help: str):
+def backend_option(help: str, extra: tuple[str, ...] = ()):
+    """--backend: auto or a TensorRT kind (trt.backends), plus the command's own `extra` choices."""
     from ..trt.backends import names
 
-    return click.option("--backend", type=click.Choice(["auto", *names()]), default="auto", show_default=True, help=help)
+    return click.option("--backend", type=click.Choice(["auto", *names(), *extra]), default="auto", show_default=True,
+                        help=help)
 
 
 def family_choices() -> list[str]:

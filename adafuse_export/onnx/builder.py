@@ -19,6 +19,7 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
+from ..weights import base_weight, read_released, rounded
 from . import plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
 from .graph_xp import GraphNamespace
@@ -74,19 +75,11 @@ class _Builder:
     # Each weight is a Deferred: shape from the checkpoint header, bytes read only when the exporter
     # materialises it (inline or streamed to external data), one tensor at a time.
     def _read(self, src, name: str):
-        """One checkpoint tensor. A SafetensorsSource keeps each shard memory-mapped once opened, and
-        the pages read stay resident (and count in RSS) while the map lives, so reading a 7B
-        checkpoint through it would grow RSS to the checkpoint size; the maps are released after
-        every read (re-opening costs a header parse)."""
-        t = src.get(name)
-        src.release()
-        return t
+        return read_released(src, name)
 
     def _rounded(self, src, name: str):
         """The tensor as the reference holds it (cast to the model dtype), in float32."""
-        import torch
-
-        return self._read(src, name).to(self.tdtype).to(torch.float32)
+        return rounded(src, name, self.tdtype)
 
     def _deferred(self, src, name: str, produce, elem=None) -> Deferred:
         return Deferred(self.elem if elem is None else elem, tuple(src.info(name).shape), produce)
@@ -99,16 +92,9 @@ class _Builder:
             self._weights[name] = self.weight(EMBED)
             return self._weights[name]
         base = self.ckpt.base
-        if merge_site is None:
-            # == _rounded(...).to(tdtype): float32 holds every float16/bfloat16 value exactly
-            produce = lambda: self._read(base, name).to(self.tdtype)  # noqa: E731
-        else:
-            def produce(site=merge_site):
-                w = self._rounded(base, name)
-                A = self._rounded(self.ckpt.adapters, f"{site.name}.lora_A")[0]
-                B = self._rounded(self.ckpt.adapters, f"{site.name}.lora_B")[0]
-                w = w + self.aspec.site_scale(site.name) * (B @ A)  # out of place: w may be the source tensor
-                return w.to(self.tdtype)
+
+        def produce(site=merge_site):
+            return base_weight(self.ckpt, name, self.tdtype, site)
         self._weights[name] = self.g.init(name, self._deferred(base, name, produce))
         return self._weights[name]
 

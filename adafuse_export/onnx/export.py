@@ -8,8 +8,9 @@ import onnx
 
 from ..checkpoint import Checkpoint
 from ..progress import Progress
+from ..routes import write_routing_table
 from ..summary import adapter_summary, routing_contract
-from ..tensors import atomic_directory, save_safetensors
+from ..tensors import atomic_directory
 from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
@@ -110,7 +111,7 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
         _check(tmp / PREGATE, "portable")
         graphs["pregate"] = {"file": PREGATE, "external_data": ext, **io_spec(pregate)}
         del pregate
-        routes = _write_routes(ckpt, tmp / ROUTES, dtype)
+        routes = write_routing_table(ckpt, tmp / ROUTES, dtype)
     manifest = {
         "format": "adafuse-onnx", "version": 1, "flavour": flavour, "dtype": dtype, "opset": OPSET,
         "checkpoint": {"path": str(ckpt.path), "format": ckpt.format, "index_sha256": ckpt.index_sha256()},
@@ -130,25 +131,3 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
-
-
-def _write_routes(ckpt: Checkpoint, path: Path, dtype: str) -> dict:
-    """The exact pre-gate as a table (reference.routing_table, what ReferenceModel.routing_table returns),
-    computed from the four tensors it needs rather than a whole reference model."""
-    from ..reference.model import routing_table
-    from .graph import torch_dtype
-
-    a, td = ckpt.adapter, torch_dtype(dtype)
-
-    def get(src, name):
-        return src.get(name).to(td)
-
-    bias = get(ckpt.adapters, "pregate.bias") if "pregate.bias" in ckpt.adapters else None
-    m = ckpt.model
-    norm0 = m.arch.norm_weight(0, m.arch.norms.attn_in)
-    ids, gates = routing_table(m, get(ckpt.base, "model.embed_tokens.weight"), get(ckpt.base, norm0),
-                               get(ckpt.adapters, "pregate.weight"), bias, a.top_k, a.normalize_topk)
-    plugin_ops.check_expert_ids(ids.numpy(), a.num_experts, f"{ckpt.path}: routing table 'expert_ids'")
-    save_safetensors({"expert_ids": ids, "gates": gates.float()}, path,  # atomic, umask permissions, marked as ours
-                     {"checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype}, output="routes")
-    return {"file": ROUTES, "expert_ids": [list(ids.shape), "int32"], "gates": [list(gates.shape), "float32"]}

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..weights import torch_dtype  # noqa: F401  (re-exported: the graph modules import it from here)
+
 OPSET = 17
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 ELEM_SIZES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}
@@ -25,10 +27,6 @@ ELEM_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", Tens
               TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def tensor_proto(name: str, t, proto: TensorProto | None = None) -> TensorProto:

@@ -66,13 +66,14 @@ def op_type(strategy: str) -> str:
     return STRATEGIES[strategy]
 
 
-def check_limits(where: str, *, num_experts: int, rank: int) -> None:
+def check_limits(where: str, *, num_experts: int, rank: int,
+                 remedy: str = "export with --flavour portable (standard ONNX ops) for this checkpoint") -> None:
     """Refuse an adapter site the plugin kernels cannot run (top_k is split by the builder instead)."""
     for what, value, limit, macro in (("experts", num_experts, MAX_EXPERTS, "ADAFUSE_LORA_MAX_EXPERTS"),
                                       ("rank", rank, MAX_RANK, "ADAFUSE_LORA_MAX_RANK")):
         if value > limit:
             raise AdafuseError(f"{where}: {what} is {value}, but the adafuse plugin kernels take at most {limit} "
-                               f"({macro}); export with --flavour portable (standard ONNX ops) for this checkpoint")
+                               f"({macro}); {remedy}")
 
 
 def check_expert_ids(ids, num_experts: int, where: str) -> None:

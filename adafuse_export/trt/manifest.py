@@ -133,23 +133,29 @@ def verify_engine(engine: Path, check_files: bool = True) -> dict:
         raise AdafuseError(f"{mpath}: engine needs plugin {plugin.get('name')} version {plugin.get('version')!r}, "
                            f"this adafuse-export provides version {plugin_ops.PLUGIN_VERSION!r}")
     if check_files:
-        files = manifest.get("files", {})
-        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-            raise AdafuseError(f"{mpath}: 'files' must map file names to SHA-256 strings")
-        listed: dict[str, str] = {}
-        for rel in files:
-            f = confine(engine.parent, rel, mpath)  # a manifest may name only files beside the engine
-            if not f.is_file():
-                raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
-            # each file is hashed once: one file under many spellings ('a', './a', './/a', a link) is refused before
-            # any hashing, so the work is bounded by the files that exist, not by the manifest's length
-            real = os.path.realpath(f)
-            if real in listed:
-                first, second = sorted((listed[real], rel))  # the C++ reader meets names in sorted order
-                raise AdafuseError(f"{mpath}: 'files' lists one file twice ({first!r} and {second!r})")
-            listed[real] = rel
-        for rel, digest in files.items():
-            f = confine(engine.parent, rel, mpath)
-            if sha256_file(f) != digest:
-                raise AdafuseError(f"{f}: SHA-256 does not match {mpath.name} (file modified after conversion)")
+        verify_listed_files(manifest, engine.parent, mpath)
     return manifest
+
+
+def verify_listed_files(manifest: dict, folder: Path, mpath: Path) -> None:
+    """Every file the manifest's 'files' lists: named inside `folder`, present, listed once, and of the SHA-256
+    recorded (an engine's manifest and a native artifact's alike)."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise AdafuseError(f"{mpath}: 'files' must map file names to SHA-256 strings")
+    listed: dict[str, str] = {}
+    for rel in files:
+        f = confine(folder, rel, mpath)  # a manifest may name only files in its folder
+        if not f.is_file():
+            raise AdafuseError(f"{f}: file listed in {mpath.name} is missing")
+        # each file is hashed once: one file under many spellings ('a', './a', './/a', a link) is refused before
+        # any hashing, so the work is bounded by the files that exist, not by the manifest's length
+        real = os.path.realpath(f)
+        if real in listed:
+            first, second = sorted((listed[real], rel))  # the C++ reader meets names in sorted order
+            raise AdafuseError(f"{mpath}: 'files' lists one file twice ({first!r} and {second!r})")
+        listed[real] = rel
+    for rel, digest in files.items():
+        f = confine(folder, rel, mpath)
+        if sha256_file(f) != digest:
+            raise AdafuseError(f"{f}: SHA-256 does not match {mpath.name} (file modified after conversion)")

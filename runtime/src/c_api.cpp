@@ -9,6 +9,7 @@
 #include "generation.h"
 #include "handles.h"
 #include "manifest.h"
+#include "native_artifact.h"
 #include "routing.h"
 #include "sampling.h"
 #include "tensorrt_backend.h"
@@ -145,6 +146,13 @@ adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_
     need(options, "options");
     need(options->engine_path, "options.engine_path");
     need(out, "out");
+    if (adafuse::is_native_artifact_path(options->engine_path)) {
+      const adafuse::NativeArtifact artifact = adafuse::NativeArtifact::open(options->engine_path);
+      artifact.require_covered();
+      adafuse::fail(ADAFUSE_ERR_UNSUPPORTED, artifact.summary() +
+                                                 "; the artifact passed every check, but native execution is not built "
+                                                 "into this runtime yet (runtime/README.md, 'The native backend')");
+    }
     auto engine = std::make_unique<adafuse_engine>();
     engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
     *out = hand_out(std::move(engine), Kind::engine);

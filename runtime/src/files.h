@@ -51,6 +51,9 @@ int json_depth(const std::string& text, int max_depth);
 // SHA-256 of a regular file's bytes as 64 lowercase hex digits.
 std::string sha256_file(const std::filesystem::path& path);
 
+// A name as a message shows it: control characters (NUL, newline) escaped as \xNN, so a message stays one line.
+std::string printable(const std::string& name);
+
 // directory / name, refused when name (as named in named_in) leaves directory (inputs.py confine).
 std::filesystem::path confine(const std::filesystem::path& directory, const std::string& name, const std::string& named_in);
 // Refuses a path (inside directory by name) whose symbolic links resolve outside directory.

@@ -95,9 +95,6 @@ const TensorDesc* Manifest::output(const std::string& name) const {
   return nullptr;
 }
 
-namespace {
-
-// value or null when any key on the way is missing (Python's manifest.get(...).get(...)).
 const json& lookup(const json& root, std::initializer_list<const char*> keys) {
   static const json null_value;
   const json* cur = &root;
@@ -108,45 +105,42 @@ const json& lookup(const json& root, std::initializer_list<const char*> keys) {
   return *cur;
 }
 
-class FieldReader {
- public:
-  explicit FieldReader(const fs::path& manifest) : where_(manifest.string()) {}
+void FieldReader::bad(const std::string& field, const std::string& expected, const json& found) const {
+  fail(ADAFUSE_ERR_FILE, where_ + ": field '" + field + "' must be " + expected + ", found " + found.dump());
+}
 
-  [[noreturn]] void bad(const std::string& field, const std::string& expected, const json& found) const {
-    fail(ADAFUSE_ERR_FILE, where_ + ": field '" + field + "' must be " + expected + ", found " + found.dump());
-  }
-  std::string text(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
-    const json& v = lookup(root, keys);
-    if (!v.is_string()) bad(field, "a string", v);
-    return v.get<std::string>();
-  }
-  int32_t positive(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
-    const json& v = lookup(root, keys);
-    if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > INT32_MAX) bad(field, "a positive integer", v);
-    return static_cast<int32_t>(v.get<int64_t>());
-  }
-  std::vector<TensorDesc> tensors(const json& root, const char* kind) const {
-    const std::string field = std::string("tensors.") + kind;
-    const json& list = lookup(root, {"tensors", kind});
-    if (!list.is_array() || list.empty()) bad(field, "a non-empty list", list);
-    std::vector<TensorDesc> out;
-    for (const json& t : list) {
-      if (!t.is_object() || !t.contains("name") || !t["name"].is_string() || !t.contains("dtype") ||
-          !t["dtype"].is_string() || !t.contains("shape") || !t["shape"].is_array())
-        bad(field, "a list of {name, dtype, shape}", t);
-      TensorDesc d{t["name"].get<std::string>(), t["dtype"].get<std::string>(), {}};
-      for (const json& dim : t["shape"]) {
-        if (!dim.is_number_integer() || dim.get<int64_t>() < -1) bad(field + "." + d.name + ".shape", "integers >= -1", t["shape"]);
-        d.shape.push_back(dim.get<int64_t>());
-      }
-      out.push_back(std::move(d));
+std::string FieldReader::text(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
+  const json& v = lookup(root, keys);
+  if (!v.is_string()) bad(field, "a string", v);
+  return v.get<std::string>();
+}
+
+int32_t FieldReader::positive(const json& root, std::initializer_list<const char*> keys, const std::string& field) const {
+  const json& v = lookup(root, keys);
+  if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > INT32_MAX) bad(field, "a positive integer", v);
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
+std::vector<TensorDesc> FieldReader::tensors(const json& root, const char* kind) const {
+  const std::string field = std::string("tensors.") + kind;
+  const json& list = lookup(root, {"tensors", kind});
+  if (!list.is_array() || list.empty()) bad(field, "a non-empty list", list);
+  std::vector<TensorDesc> out;
+  for (const json& t : list) {
+    if (!t.is_object() || !t.contains("name") || !t["name"].is_string() || !t.contains("dtype") ||
+        !t["dtype"].is_string() || !t.contains("shape") || !t["shape"].is_array())
+      bad(field, "a list of {name, dtype, shape}", t);
+    TensorDesc d{t["name"].get<std::string>(), t["dtype"].get<std::string>(), {}};
+    for (const json& dim : t["shape"]) {
+      if (!dim.is_number_integer() || dim.get<int64_t>() < -1) bad(field + "." + d.name + ".shape", "integers >= -1", t["shape"]);
+      d.shape.push_back(dim.get<int64_t>());
     }
-    return out;
+    out.push_back(std::move(d));
   }
+  return out;
+}
 
- private:
-  std::string where_;
-};
+namespace {
 
 void parse_fields(Manifest& m) {
   const json& j = m.json;
@@ -267,38 +261,42 @@ Manifest verify_engine(const fs::path& engine, bool check_files) {
                                    python_repr(lookup(plugin, {"version"})) + ", this adafuse-export provides version '" +
                                    kPluginVersion + "'");
   }
-  if (check_files) {
-    const json* files = &lookup(j, {"files"});
-    static const json no_files = json::object();
-    if (!j.contains("files")) files = &no_files;  // Python: manifest.get("files", {})
-    bool ok = files->is_object();
-    if (ok)
-      for (const auto& item : files->items()) ok = ok && item.value().is_string();
-    if (!ok) fail(ADAFUSE_ERR_FILE, mpath + ": 'files' must map file names to SHA-256 strings");
-    // Every name first: confined, present, and each file listed once (one file under many spellings
-    // would be hashed many times), before any hashing.
-    std::map<fs::path, std::string> listed;
-    for (const auto& item : files->items()) {
-      const std::string& rel = item.key();
-      // A manifest may name only files beside the engine; FIFOs and devices are "missing" (never opened).
-      const fs::path f = confine(engine.parent_path(), rel, mpath);
-      if (!fs::is_regular_file(f, ec))
-        fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + m.manifest_path.filename().string() + " is missing");
-      const fs::path real = fs::weakly_canonical(fs::absolute(f, ec), ec);
-      auto [at, fresh] = listed.emplace(real, rel);
-      if (!fresh)
-        fail(ADAFUSE_ERR_FILE, mpath + ": 'files' lists one file twice (" + python_repr(json(at->second)) + " and " +
-                                   python_repr(json(rel)) + ")");
-    }
-    for (const auto& [rel, digest] : files->items()) {
-      const fs::path f = confine(engine.parent_path(), rel, mpath);
-      if (digest != sha256_file(f))
-        fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + m.manifest_path.filename().string() +
-                                   " (file modified after conversion)");
-    }
-  }
+  if (check_files) verify_listed_files(j, engine.parent_path(), m.manifest_path);
   parse_fields(m);
   return m;
+}
+
+void verify_listed_files(const json& j, const fs::path& folder, const fs::path& manifest_path) {
+  const std::string mpath = manifest_path.string();
+  std::error_code ec;
+    const json* files = &lookup(j, {"files"});
+  static const json no_files = json::object();
+  if (!j.contains("files")) files = &no_files;  // Python: manifest.get("files", {})
+  bool ok = files->is_object();
+  if (ok)
+    for (const auto& item : files->items()) ok = ok && item.value().is_string();
+  if (!ok) fail(ADAFUSE_ERR_FILE, mpath + ": 'files' must map file names to SHA-256 strings");
+  // Every name first: confined, present, and each file listed once (one file under many spellings
+  // would be hashed many times), before any hashing.
+  std::map<fs::path, std::string> listed;
+  for (const auto& item : files->items()) {
+    const std::string& rel = item.key();
+    // A manifest may name only files in its folder; FIFOs and devices are "missing" (never opened).
+    const fs::path f = confine(folder, rel, mpath);
+    if (!fs::is_regular_file(f, ec))
+      fail(ADAFUSE_ERR_FILE, f.string() + ": file listed in " + manifest_path.filename().string() + " is missing");
+    const fs::path real = fs::weakly_canonical(fs::absolute(f, ec), ec);
+    auto [at, fresh] = listed.emplace(real, rel);
+    if (!fresh)
+      fail(ADAFUSE_ERR_FILE, mpath + ": 'files' lists one file twice (" + python_repr(json(at->second)) + " and " +
+                                 python_repr(json(rel)) + ")");
+  }
+  for (const auto& [rel, digest] : files->items()) {
+    const fs::path f = confine(folder, rel, mpath);
+    if (digest != sha256_file(f))
+      fail(ADAFUSE_ERR_FILE, f.string() + ": SHA-256 does not match " + manifest_path.filename().string() +
+                                 " (file modified after conversion)");
+  }
 }
 
 }  // namespace adafuse

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <map>
 #include <optional>
 #include <string>
@@ -48,6 +49,28 @@ struct Manifest {
 
 // Reads and checks ENGINE's manifest; check_files also hashes every file it lists.
 Manifest verify_engine(const std::filesystem::path& engine, bool check_files = true);
+
+// The manifest's 'files' (name -> SHA-256): every name confined to `folder`, present, listed once, then
+// each file's SHA-256 compared (an engine's manifest and a native artifact's alike; trt/manifest.py
+// verify_listed_files, same wording).
+void verify_listed_files(const nlohmann::json& manifest, const std::filesystem::path& folder,
+                         const std::filesystem::path& manifest_path);
+
+// value at root[keys...], or null when any key on the way is missing (Python's .get(...).get(...)).
+const nlohmann::json& lookup(const nlohmann::json& root, std::initializer_list<const char*> keys);
+
+// Typed fields of a manifest, refused with "MANIFEST: field 'a.b' must be EXPECTED, found VALUE".
+class FieldReader {
+ public:
+  explicit FieldReader(const std::filesystem::path& manifest) : where_(manifest.string()) {}
+  [[noreturn]] void bad(const std::string& field, const std::string& expected, const nlohmann::json& found) const;
+  std::string text(const nlohmann::json& root, std::initializer_list<const char*> keys, const std::string& field) const;
+  int32_t positive(const nlohmann::json& root, std::initializer_list<const char*> keys, const std::string& field) const;
+  std::vector<TensorDesc> tensors(const nlohmann::json& root, const char* kind) const;
+
+ private:
+  std::string where_;
+};
 
 // Python's repr() of a JSON scalar, so messages read as the Python ones do ('1', 2, None).
 std::string python_repr(const nlohmann::json& value);

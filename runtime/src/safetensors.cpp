@@ -70,7 +70,7 @@ bool unsigned_value(const nlohmann::json& v, uint64_t& out) {
 
 }  // namespace
 
-SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path) {
+SafetensorsFile::SafetensorsFile(const std::filesystem::path& path, Contents contents) : path_(path) {
   const std::string where = path.string();
   // A regular file only (a FIFO or device is refused before anything blocks), read by offsets
   // checked against its size: nothing beyond the header and the tensors' own bytes is read.
@@ -140,8 +140,11 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
       fail(ADAFUSE_ERR_FILE, at + ": data_offsets span " + std::to_string(end - begin) + " bytes, expected " +
                                  std::to_string(expected) + " for " + t.dtype + " " + shape.dump());
     if (end > begin) spans.emplace_back(begin, end, name);
-    t.data.assign(static_cast<size_t>(end - begin), '\0');
-    file.read_at(8 + n + begin, t.data.data(), end - begin);
+    t.offset = 8 + n + begin;
+    if (contents == Contents::all) {
+      t.data.assign(static_cast<size_t>(end - begin), '\0');
+      file.read_at(t.offset, t.data.data(), end - begin);
+    }
     tensors_.emplace(name, std::move(t));
   }
   std::sort(spans.begin(), spans.end());

@@ -14,14 +14,18 @@ namespace adafuse {
 struct SafeTensor {
   std::string dtype;  // safetensors code: F32, I32, ...
   std::vector<int64_t> shape;
-  std::string data;   // raw little-endian bytes
+  std::string data;   // raw little-endian bytes (empty when the file was opened for its header only)
+  uint64_t offset = 0;  // where those bytes start in the file
 
   int64_t numel() const;
 };
 
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const std::filesystem::path& path);
+  // Contents::header_only checks the header alone (every rule above) and reads no tensor bytes: a
+  // multi-GB weights file is checked in the time of its header; `offset` says where each tensor lies.
+  enum class Contents { all, header_only };
+  explicit SafetensorsFile(const std::filesystem::path& path, Contents contents = Contents::all);
   const std::filesystem::path& path() const { return path_; }
   // The tensor, checked to have this dtype and rank; refused with the file and name otherwise.
   const SafeTensor& get(const std::string& name, const std::string& dtype, size_t rank) const;

@@ -31,7 +31,9 @@ typedef enum adafuse_status {
   ADAFUSE_ERR_TENSORRT = 3,         /* TensorRT absent, too old, or it refused the engine */
   ADAFUSE_ERR_PLUGIN = 4,           /* plugin library missing, wrong, or of another version */
   ADAFUSE_ERR_CUDA = 5,             /* no GPU, out of memory, a failed CUDA call */
-  ADAFUSE_ERR_INTERNAL = 6          /* a bug: please report it with the message */
+  ADAFUSE_ERR_INTERNAL = 6,         /* a bug: please report it with the message */
+  ADAFUSE_ERR_UNSUPPORTED = 7       /* valid input this build cannot run: a native artifact (native execution is
+                                       not built yet), or a model feature the native kernels do not cover */
 } adafuse_status;
 
 /* The message of the calling thread's last failure ("" when none). Valid until its next call. */
@@ -90,7 +92,10 @@ typedef struct adafuse_open_options {
 ADAFUSE_API adafuse_open_options adafuse_open_options_default(void);
 
 /* Checks the manifest, loads TensorRT and the plugin library, deserializes the engine, creates one
- * execution context per profile and allocates the KV cache (max_batch x max_seq, owned here). */
+ * execution context per profile and allocates the KV cache (max_batch x max_seq, owned here).
+ * engine_path a directory or a name ending in .native: a native artifact (`convert --backend native`),
+ * checked in full (manifest, kernel ABI, SHA-256 of every file, every tensor's dtype and shape, the
+ * features it needs), then refused with ADAFUSE_ERR_UNSUPPORTED: native execution is not built yet. */
 ADAFUSE_API adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out);
 /* The engine's limits: sequences per batch, tokens per sequence (prompt + generated), vocabulary. */
 ADAFUSE_API void adafuse_engine_limits(const adafuse_engine* engine, int32_t* max_batch, int32_t* max_seq,
