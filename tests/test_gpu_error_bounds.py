@@ -95,7 +95,7 @@ def switch_emulation(site: dict, start, new, old, pristine: bool, dtype, keep_ol
 def test_switch_bound(inputs, dtype, experts, rank, top_k, mode):
     dt, pristine = gn.DTYPES[dtype], mode == "pristine"
     sites = switch_t.make_sites(inputs, dt, experts, rank, shapes=[(37, 7), (1, 1), (129, 257), (256, 1024)])
-    old, new = (switch_t.single_route(inputs, top_k, experts) for _ in range(2))
+    old, new = switch_t.old_and_new_routes(inputs, top_k, experts)
     for s in sites:
         start = s["W0"] if pristine else (s["W0"].double() + switch_t.delta(s, *old)).to(dt)
         s["W"] = switch_emulation(s, start, new, old, pristine, dt)

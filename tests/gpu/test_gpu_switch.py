@@ -50,7 +50,7 @@ def expected(site: dict, start: torch.Tensor, new, old, pristine: bool):
     start = start.double()
     terms = [new] if pristine else [new, old]
     ref = start + delta(site, *new) - (0.0 if pristine else delta(site, *old))
-    rss = (start ** 2 + sum(delta(site, *route, square=True) for route in terms)).sqrt()
+    rss = (start ** 2 + sum(delta(site, ids, gates, square=True) for ids, gates in terms)).sqrt()
     return ref, rss, 1 + site["A"].shape[1] * sum(len(route[0]) for route in terms)
 
 
@@ -70,6 +70,14 @@ def single_route(inputs: Inputs, top_k: int, experts: int):
     return ids[0].contiguous(), gates[0].contiguous()
 
 
+def old_and_new_routes(inputs: Inputs, top_k: int, experts: int):
+    """Two routes whose deltas differ: with one expert only the gates tell them apart, so there the
+    old route is the new one at half the gates."""
+    new = single_route(inputs, top_k, experts)
+    old = (new[0].clone(), new[1] / 2) if experts == 1 else single_route(inputs, top_k, experts)
+    return old, new
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
 
@@ -80,8 +88,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_switch(kernels, inputs, dtype, experts, rank, top_k, mode):
     dt, pristine = DTYPES[dtype], mode == "pristine"
     sites = make_sites(inputs, dt, experts, rank)
-    old = single_route(inputs, top_k, experts)
-    new = single_route(inputs, top_k, experts)
+    old, new = old_and_new_routes(inputs, top_k, experts)
     for s in sites:
         if pristine:
             s["W_base"] = s["W0"]
