@@ -1,6 +1,8 @@
 """Shared fixtures: tiny canonical checkpoints of every kind, and a CLI runner."""
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,27 @@ from adafuse_export.examples import KINDS, make_example
 # a skip on CI fails the session unless expected (tests/ci_skips.py)
 from native_build import build_native
 from ci_skips import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401
+
+
+@functools.lru_cache(maxsize=1)
+def missing_cuda() -> str | None:
+    """Why no CUDA device can run the gpu tests here, or None when one can."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False"
+            + (f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "") + ")")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """A test marked gpu fails (never skips) where there is no GPU: `-m gpu` on a CPU machine is a mistake
+    to report, not a pass. Checked before its fixtures, so nothing is built for a run that cannot happen."""
+    if item.get_closest_marker("gpu") is not None and missing_cuda():
+        pytest.fail(f"marker gpu: this test needs a CUDA GPU, but {missing_cuda()}; run `python3 -m pytest -m gpu "
+                    "tests/gpu` on a GPU machine (benchmarks/h200_all.sh does)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
