@@ -187,7 +187,7 @@ def test_rope_tables_and_family_features(artifacts):
     assert f["sliding_layers"] == [0] and f["sliding_window"] == 4096 and m["model"]["tie_word_embeddings"]
     t = tensors(art)
     assert "lm_head" not in t and "layers.0.mlp_out_norm" in t
-    assert m["kernels"]["abi_version"] == 1 and set(m["files"]) == {native.WEIGHTS, native.ADAPTERS, native.ROUTES}
+    assert m["kernels"]["abi_version"] == native.ABI_VERSION and set(m["files"]) == {native.WEIGHTS, native.ADAPTERS, native.ROUTES}
     assert all(m["files"][n] == sha256_file(art / n) for n in m["files"])
 
 
@@ -223,7 +223,7 @@ def test_reader_accepts_every_kind_and_names_what_is_not_covered(runtime_build, 
     covered = check(runtime_build, artifacts["pregate-llama"])
     assert covered.returncode == 0, covered.stderr
     lines = covered.stdout.splitlines()
-    assert lines[0].endswith("llama float32, 2 layers, routing pregate (4 experts, top-2), 34 tensors checked, kernel ABI 1")
+    assert lines[0].endswith("llama float32, 2 layers, routing pregate (4 experts, top-2), 34 tensors checked, kernel ABI " + str(native.ABI_VERSION))
     assert lines[1] == "needs: RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention, routing table"
     assert check(runtime_build, artifacts["lora-llama"]).returncode == 0
     assert check(runtime_build, artifacts["pregate-phi3"]).returncode == 0
@@ -246,7 +246,7 @@ def test_c_api_checks_everything_then_says_execution_is_not_built(runtime_lib, a
     status, message = open_through_c_api(runtime_lib, artifacts["pregate-llama"])
     assert status == 7  # ADAFUSE_ERR_UNSUPPORTED
     assert message == (f"{artifacts['pregate-llama']}: llama float32, 2 layers, routing pregate (4 experts, top-2), 34 tensors "
-                       "checked, kernel ABI 1; the artifact passed every check, but native execution is not built into this "
+                       f"checked, kernel ABI {native.ABI_VERSION}; the artifact passed every check, but native execution is not built into this "
                        "runtime yet (runtime/README.md, 'The native backend')")
     status, message = open_through_c_api(runtime_lib, artifacts["pregate-gemma2"])
     assert status == 7 and "gemma2 needs (1+w) RMSNorm" in message
@@ -283,8 +283,9 @@ REFUSALS = {
                        "{a}/manifest.json: manifest version 2 is not supported (expected 1)"),
     "not native": (lambda a: _edit_manifest(a, lambda m: m.__setitem__("format", "adafuse-engine")),
                    "{a}/manifest.json: not an adafuse native artifact manifest (expected format 'adafuse-native')"),
-    "kernel abi": (lambda a: _edit_manifest(a, lambda m: m["kernels"].__setitem__("abi_version", 2)),
-                   "{a}/manifest.json: written for kernel library ABI 2, this runtime's kernels are ABI 1 (plugins/kernels "
+    "kernel abi": (lambda a: _edit_manifest(a, lambda m: m["kernels"].__setitem__("abi_version", native.ABI_VERSION + 1)),
+                   f"{{a}}/manifest.json: written for kernel library ABI {native.ABI_VERSION + 1}, this runtime's kernels are "
+                   f"ABI {native.ABI_VERSION} (plugins/kernels "
                    "adafuse_abi_version); convert again with the adafuse-export of this runtime"),
     "manifest missing": (lambda a: (a / native.MANIFEST).unlink(),
                          "{a}: its manifest {a}/manifest.json is missing (adafuse-export convert --backend native writes it; "
