@@ -131,13 +131,8 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
     from .converters import load_checkpoint
     from .trt.backends import select_backend
 
-    ckpt = load_checkpoint(ckpt_path, fmt, base)
-    ckpt.require_exportable()
-    claim_engine_outputs(outs, ckpt.inputs, force, timing_cache)  # nothing is written before this
-    m = ckpt.model
-    stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
-                  f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
-    max_seq = _settle_max_seq(ckpt, max_seq)
+    ckpt, max_seq = _open_checkpoint(ckpt_path, fmt, base, max_seq, stages,
+                                     lambda c: claim_engine_outputs(outs, c.inputs, force, timing_cache))
     try:
         chosen = select_backend(backend)
     except AdafuseError:
@@ -169,6 +164,21 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
                       + ("validation and keeps the validated ONNX" if validate != "off" else "the export and keeps the ONNX"))
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
                 strategy, plugin_library, timing_cache)
+
+
+def _open_checkpoint(ckpt_path: Path, fmt: str | None, base: Path | None, max_seq: int | None, stages: Any,
+                     claim_outputs: Callable[[Any], object]) -> tuple[Any, int]:
+    """Read and check the checkpoint, claim the outputs (nothing is written before this), say what was read,
+    settle --max-seq: the start every convert backend shares."""
+    from .converters import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path, fmt, base)
+    ckpt.require_exportable()
+    claim_outputs(ckpt)
+    m = ckpt.model
+    stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
+                  f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
+    return ckpt, _settle_max_seq(ckpt, max_seq)
 
 
 def _settle_max_seq(ckpt, max_seq: int | None) -> int:
@@ -323,15 +333,9 @@ def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | 
     stages = Stages(log, total=3)
     remove_stale_stagings(out, log=stages.detail)
     stages(1, f"reading {ckpt_path}")
-    from .converters import load_checkpoint
-
-    ckpt = load_checkpoint(ckpt_path, fmt, base)
-    ckpt.require_exportable()
-    claim(out, option="ENGINE", inputs=ckpt.inputs, force=force, ours=native_artifact.artifact_files, directory=True)
-    m = ckpt.model
-    stages.detail(f"{ckpt.format}: {m.family}, {m.num_layers} layers, routing {ckpt.adapter.routing}, "
-                  f"{ckpt.adapter.num_experts} experts, top-{ckpt.adapter.top_k}")
-    max_seq = _settle_max_seq(ckpt, max_seq)
+    ckpt, max_seq = _open_checkpoint(ckpt_path, fmt, base, max_seq, stages,
+                                     lambda c: claim(out, option="ENGINE", inputs=c.inputs, force=force,
+                                                     ours=native_artifact.artifact_files, directory=True))
     try:
         staging = make_staging(out)
     except OSError as e:
