@@ -18,6 +18,7 @@ run then stops after validation and keeps the validated ONNX.
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from dataclasses import dataclass
@@ -275,6 +276,9 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
     from .trt.manifest import make_manifest, write_manifest
 
     chosen, outs, onnx_dir = plan.backend, plan.outs, staging / "onnx"
+    # validation's references and sessions die in reference cycles that only the collector frees: without this the
+    # builder ran beside them (measured on a 162M Qwen3: 1.7 GiB of the build stage's 2.7 GiB peak)
+    gc.collect()
     stages(4, f"building the engine with {chosen.name} {chosen.version} (max batch {plan.max_batch}, max seq {plan.max_seq})")
     with heartbeat(stages.detail, f"building the {chosen.name} engine"):
         blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,

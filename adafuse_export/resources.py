@@ -2,8 +2,9 @@
 any weight is read, and what this machine has (its memory cgroup's limit if any, else MemAvailable;
 free disk where the outputs go).
 
-The figures are models fitted to measurements on the Llama-2-7B-shaped synthetic checkpoint
-(benchmarks/streaming_rss.py, docs/large-models.md); each Need says what it counts.
+The figures are models fitted to measurements: export and validation on the Llama-2-7B-shaped synthetic
+checkpoint (benchmarks/streaming_rss.py), the engine build on models from the tiny example to 7B width
+(benchmarks/build_rss.py); docs/large-models.md. Each Need says what it counts.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .checkpoint import Checkpoint
 from .errors import AdafuseError
@@ -19,13 +21,22 @@ GiB = 2**30
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Python, torch, onnx and onnxruntime imported, before any weight (measured: about 0.5 GiB).
 RUNTIME_OVERHEAD = 600 * 2**20
-# TensorRT-RTX 1.7's builder, peak resident memory of the whole process (Python and TensorRT included) as a
-# line in the ONNX weight bytes it is given: BUILD_FIXED_BYTES + BUILD_BYTES_PER_WEIGHT_BYTE * weights,
-# fitted to complete float16 builds (max seq 2048) of Llama-2-7B-width models with 1, 2 and 4 layers
-# (benchmarks/build_rss.py; docs/large-models.md). The 7B build itself (13.1 GiB of weights) was killed by a
-# 20 GiB cgroup at 17.6 GiB anonymous + 2.1 GiB file pages, still building; the fit says it needs about 57 GiB.
-BUILD_BYTES_PER_WEIGHT_BYTE = 4.38
-BUILD_FIXED_BYTES = int(-0.45 * 2**30)  # negative: embeddings and lm_head cost less per byte than layers
+# TensorRT-RTX 1.7's engine build (stage 4 of convert), peak resident memory of the whole process:
+#   BUILD_FIXED_BYTES                                   the process (Python, torch, ONNX Runtime, TensorRT-RTX) and the builder
+#   + BUILD_BYTES_PER_LAYER x decoder layers           per-layer graph and tactics
+#   + BUILD_BYTES_PER_LAYER_WEIGHT_BYTE x the layers' weights (adapters included): the parser's, the builder's
+#     and the engine's copies
+#   + BUILD_BYTES_PER_OUTSIDE_WEIGHT_BYTE x the weights outside the layers (embeddings, lm_head, pre-gate)
+# fitted (benchmarks/fit_build_rss.py: non-negative, each figure >= 1.1x its measurement) to the builds in
+# benchmarks/results/build_rss.json, rounded up: convert's own build stage of the built-in example (0.54 GiB),
+# a 58M Llama (8 layers, 32k vocabulary; 1.17 GiB), a 162M Qwen3 (152k vocabulary; 1.52 GiB at max seq 512 and
+# 2048 alike) and a Llama-2-7B-width layer (4.16 GiB), and the builder alone on 7B-width models of 1, 2 and 4
+# layers (3.42, 5.16, 8.62 GiB). The figure is 1.10-1.32x convert's measured peaks. max seq does not count: on a
+# host without a GPU the builder allocates no activations (the 162M Qwen3 peaked at 1.52 GiB at 512 and 2048).
+BUILD_FIXED_BYTES = int(0.56 * GiB)
+BUILD_BYTES_PER_LAYER = 21 * 2**20
+BUILD_BYTES_PER_LAYER_WEIGHT_BYTE = 4.39
+BUILD_BYTES_PER_OUTSIDE_WEIGHT_BYTE = 4.65
 
 
 @dataclass(frozen=True)
@@ -46,29 +57,36 @@ def _layer_of(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class Sizes:
-    """Element counts from the headers: all weights, the largest tensor, the largest layer, and
-    what lies outside the layers (embeddings, lm_head, final norm, pre-gate)."""
+    """Element counts from the headers: all weights, the largest tensor, the decoder layers (how many, all
+    their weights, the largest one's), and what lies outside the layers (embeddings, lm_head, final norm,
+    pre-gate)."""
 
     elements: int
     largest_tensor: int
     largest_layer: int
     outside_layers: int
+    layers: int = 0
+    in_layers: int = 0
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> "Sizes":
+        return cls.from_counts((name, source.info(name).numel) for source in (ckpt.base, ckpt.adapters)
+                               for name in source.names())
+
+    @classmethod
+    def from_counts(cls, counts: Iterable[tuple[str, int]]) -> "Sizes":
+        """From (tensor name, element count) pairs: a checkpoint's headers, or a shape's expected tensors."""
         per_layer: dict[int, int] = {}
         outside = largest = total = 0
-        for source in (ckpt.base, ckpt.adapters):
-            for name in source.names():
-                n = source.info(name).numel
-                total += n
-                largest = max(largest, n)
-                layer = _layer_of(name)
-                if layer is None:
-                    outside += n
-                else:
-                    per_layer[layer] = per_layer.get(layer, 0) + n
-        return cls(total, largest, max(per_layer.values(), default=0), outside)
+        for name, n in counts:
+            total += n
+            largest = max(largest, n)
+            layer = _layer_of(name)
+            if layer is None:
+                outside += n
+            else:
+                per_layer[layer] = per_layer.get(layer, 0) + n
+        return cls(total, largest, max(per_layer.values(), default=0), outside, len(per_layer), sum(per_layer.values()))
 
     def bytes(self, dtype: str) -> int:
         return self.elements * ITEMSIZE[dtype]
@@ -110,11 +128,28 @@ def estimate(ckpt: Checkpoint, dtype: str, validate: str, reference_dtype: str |
         needs.append(Need("validate", RUNTIME_OVERHEAD + ort + ref, disk,
                           f"ONNX Runtime {ort / GiB:.1f} GiB ({held}) + {how} {ref / GiB:.1f} GiB"))
     if build:
-        needs.append(Need("build", max(RUNTIME_OVERHEAD, BUILD_FIXED_BYTES + int(BUILD_BYTES_PER_WEIGHT_BYTE * weights)),
-                          weights, f"TensorRT-RTX builder: {BUILD_FIXED_BYTES / GiB:+.1f} GiB + "
-                                   f"{BUILD_BYTES_PER_WEIGHT_BYTE}x the {weights / GiB:.1f} GiB of weights, fitted to "
-                                   f"measured builds"))
+        memory, what = build_memory(s, dtype)
+        needs.append(Need("build", memory, weights, what))
     return needs
+
+
+def _amount(n: float) -> str:
+    """GiB down to a tenth of one, then MiB, then KiB: a tiny model's terms read as sizes, not as 0.0 GiB."""
+    if n >= 0.1 * GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def build_memory(s: Sizes, dtype: str) -> tuple[int, str]:
+    """(peak bytes of convert's engine build, its terms for messages); the terms are described above."""
+    item = ITEMSIZE[dtype]
+    layers, layer_weights, outside = s.layers * BUILD_BYTES_PER_LAYER, s.in_layers * item, s.outside_layers * item
+    memory = (BUILD_FIXED_BYTES + layers + int(BUILD_BYTES_PER_LAYER_WEIGHT_BYTE * layer_weights)
+              + int(BUILD_BYTES_PER_OUTSIDE_WEIGHT_BYTE * outside))
+    what = (f"TensorRT-RTX builder: {_amount(BUILD_FIXED_BYTES)} fixed + {s.layers} layer{'s' if s.layers != 1 else ''} x {_amount(BUILD_BYTES_PER_LAYER)} + "
+            f"{BUILD_BYTES_PER_LAYER_WEIGHT_BYTE}x the {_amount(layer_weights)} of layer weights + "
+            f"{BUILD_BYTES_PER_OUTSIDE_WEIGHT_BYTE}x the {_amount(outside)} of weights outside them (embeddings, head), fitted to measured builds")
+    return memory, what
 
 
 # ---- what the machine has --------------------------------------------------------------------------

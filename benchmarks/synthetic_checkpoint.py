@@ -25,19 +25,45 @@ SHAPES = {
     "llama2-7b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    # build-memory fit (benchmarks/build_rss.py): a Qwen3 with Qwen's 152k vocabulary on a narrow, shallow
+    # body (the issue's 162M model: embeddings and head are 96% of it), and a Llama of 8 narrow layers
+    "qwen3-162m": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 512, "intermediate_size": 1536,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 2048,
+                   "tie_word_embeddings": False},
+    "llama-58m": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,
+                  "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                  "rope_theta": 10000.0, "max_position_embeddings": 1024, "tie_word_embeddings": False},
     "tiny": {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
              "rope_theta": 10000.0, "tie_word_embeddings": False},
 }
 
 
+def specs(shape: str, experts: int = 8, rank: int = 16, top_k: int = 2,
+          layers: int | None = None) -> tuple[dict, ModelSpec, AdapterSpec]:
+    """(config.json, model, adapter) of a synthetic checkpoint."""
+    cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    spec = ModelSpec.from_hf_config(cfg, shape)
+    adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=spec.arch.module_names)
+    return cfg, spec, adapter
+
+
+def tensor_counts(shape: str, experts: int = 8, rank: int = 16, top_k: int = 2,
+                  layers: int | None = None) -> list[tuple[str, int]]:
+    """(name, element count) of every tensor write_synthetic writes, without writing it (resources.Sizes.from_counts)."""
+    cfg, spec, adapter = specs(shape, experts, rank, top_k, layers)
+    ckpt = Checkpoint(Path("-"), "adafuse", cfg, spec, adapter, in_memory_source({}, "-"), in_memory_source({}, "-"))
+    shapes = [(n, tuple(s)) for n, s in spec.hf_weight_shapes().items()]
+    shapes += [(n, tuple(s)) for n, (s, _) in ckpt.expected_adapter_shapes().items()]
+    return [(n, int(torch.Size(s).numel())) for n, s in shapes]
+
+
 def write_synthetic(out: Path, shape: str = "llama2-7b", experts: int = 8, rank: int = 16, top_k: int = 2,
                     shard_bytes: int = 4 << 30, seed: int = 0, layers: int | None = None, log=print) -> None:
     """layers: fewer (or more) decoder layers than the shape has, same widths (build-memory scaling)."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    spec = ModelSpec.from_hf_config(cfg, shape)
-    adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=spec.arch.module_names)
+    cfg, spec, adapter = specs(shape, experts, rank, top_k, layers)
     gen = torch.Generator().manual_seed(seed)
 
     def producer(shape_, std, offset=0.0):

@@ -132,7 +132,11 @@ def _with_memory(monkeypatch, free: int):
 
 
 def test_memory_refusal_names_the_option_that_fits(cli, example_dirs, tmp_path, monkeypatch):
-    monkeypatch.setattr(resources, "RUNTIME_OVERHEAD", 0)  # weights only, so the tiny model's stages differ
+    # weights only, so the tiny model's stages differ (and a build that holds one copy of them, which fits)
+    for fixed in ("RUNTIME_OVERHEAD", "BUILD_FIXED_BYTES", "BUILD_BYTES_PER_LAYER"):
+        monkeypatch.setattr(resources, fixed, 0)
+    for factor in ("BUILD_BYTES_PER_LAYER_WEIGHT_BYTE", "BUILD_BYTES_PER_OUTSIDE_WEIGHT_BYTE"):
+        monkeypatch.setattr(resources, factor, 1.0)
     ckpt = load_checkpoint(example_dirs["pregate"])
     needs = {n.stage: n for n in resources.estimate(ckpt, "float32", "full", None, build=True)}
     layer = {n.stage: n for n in resources.estimate(ckpt, "float32", "layerwise", None, build=True)}
@@ -158,7 +162,7 @@ def test_build_that_does_not_fit_keeps_the_validated_onnx(cli, example_dirs, tmp
     pytest.importorskip("tensorrt_rtx")
     ckpt = load_checkpoint(example_dirs["pregate"])
     needs = {n.stage: n for n in resources.estimate(ckpt, "float16", "layerwise", None, build=True)}
-    monkeypatch.setattr(resources, "BUILD_BYTES_PER_WEIGHT_BYTE", 10_000.0)  # a builder that needs far more
+    monkeypatch.setattr(resources, "BUILD_FIXED_BYTES", 1 << 50)  # a builder that needs far more
     _with_memory(monkeypatch, needs["validate"].memory + 2**20)
     r = cli("convert", example_dirs["pregate"], tmp_path / "m.engine", "--max-seq", "32")
     assert r.code == 2, r.out
