@@ -25,7 +25,8 @@ def test_backend_choices_of_the_cli_are_the_registry():
     from adafuse_export.cli import cli
 
     backend = next(p for p in cli.commands["convert"].params if p.name == "backend")
-    assert list(backend.type.choices) == ["auto", "tensorrt", "tensorrt-rtx"] == ["auto", *backends.names()]
+    # native is not a TensorRT backend: convert writes the C++ runtime's artifact instead of an engine
+    assert list(backend.type.choices) == ["auto", "tensorrt", "tensorrt-rtx", "native"] == ["auto", *backends.names(), "native"]
 
 
 def test_rtx_is_loaded_lazily_from_its_module():
