@@ -92,7 +92,7 @@ class Check:
     """One line of `adafuse-export doctor`: a part, whether it is usable, and what was found."""
 
     def __init__(self, part: str, state: str, detail: str):
-        self.part, self.state, self.detail = part, state, detail  # state: ok | left out | FAILED
+        self.part, self.state, self.detail = part, state, detail  # state: ok | note | left out | FAILED
 
     def __repr__(self) -> str:
         return f"Check({self.part!r}, {self.state!r}, {self.detail!r})"
@@ -191,4 +191,16 @@ def check_installation() -> List[Check]:
             else:
                 problem = ""
             checks.append(Check(relative, "FAILED" if problem else "ok", f"{found}: {problem}" if problem else str(found)))
+    kernels = shipped(f"lib/{KERNELS_LIB}")
+    if kernels is not None and not any(c.state == "FAILED" and KERNELS_LIB in c.part for c in checks):
+        checks.append(_driver_check(kernels))
     return checks
+
+
+def _driver_check(kernels: Path) -> Check:
+    """The kernels' own driver floor check: "ok", or "note" with its line (a build or CI machine without a GPU
+    is no failure of the installation; the kernels refuse to load with the same line where they would run)."""
+    from .kernels.binding import ADAFUSE_OK, Kernels
+
+    status, line = Kernels(kernels, check_runtime=False).runtime_status()
+    return Check("CUDA driver", "ok" if status == ADAFUSE_OK else "note", line)

@@ -52,7 +52,11 @@ def installed(native_build, tmp_path, monkeypatch) -> Path:
 
 def test_a_complete_installation_passes(installed, capsys):
     checks = installation.check_installation()
-    assert [c.state for c in checks] == ["ok"] * len(checks), checks
+    *parts, driver = checks
+    assert [c.state for c in parts] == ["ok"] * len(parts), checks
+    # the kernels' own driver check: a note on a machine without a GPU (CI), never a failure of the installation
+    assert driver.part == "CUDA driver" and (driver.state == "ok" or (driver.state == "note" and driver.detail.startswith(
+        "no CUDA driver found: the adafuse kernels (built with CUDA "))), driver
     assert {c.part for c in checks} >= {"lib/libadafuse_kernels.so", "lib/libadafuse_runtime.so", "bin/adafuse-serve"}
     assert main(["doctor", "--require-all"]) == 0
     assert installation.plugin_library() == installed / "lib/libadafuse_trt_plugins.so"
