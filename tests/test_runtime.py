@@ -356,6 +356,11 @@ def test_service_sampling_is_reproducible_per_seed(start_server):
     ({"prompt_ids": PROMPT, "max_new_tokens": 2, "stop_ids": [300]}, "stop id 300 is out of the vocabulary [0, 256)"),
     ({"prompt_ids": PROMPT, "stream": "yes"}, "'stream' must be true or false, found \"yes\""),
     ({"prompt_ids": PROMPT, "max_tokens": 3}, "unknown field 'max_tokens'"),
+    (b'{"prompt_ids": [1e400]}', "malformed JSON: [json.exception.out_of_range.406] number overflow parsing '1e400'"),
+    # ids nlohmann holds as unsigned (2^63 .. 2^64 - 1) were converted to int64 and shown wrapped (-1)
+    ({"prompt_ids": [1, 2**64 - 1]}, "prompt_ids[1] = 18446744073709551615 is not a token id (ids lie below 2^63)"),
+    ({"prompt_ids": [2**63]}, "prompt_ids[0] = 9223372036854775808 is not a token id (ids lie below 2^63)"),
+    ({"prompt_ids": PROMPT, "max_new_tokens": 2, "stop_ids": [2**63 + 1]}, "stop_ids[0] = 9223372036854775809 is not a token id (ids lie below 2^63)"),
 ])
 def test_service_answers_bad_requests_with_400_and_one_line(start_server, body, reason):
     url = start_server()
