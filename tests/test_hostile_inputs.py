@@ -550,11 +550,16 @@ def routes_edits():
     def nan_gate(t):
         t["gates"][2, 1] = np.nan
 
+    def gate_outside(t):
+        t["gates"][2, 1], t["gates"][5, 0] = 1.5, -0.25
+
     def short(t):
         t["gates"] = t["gates"][:10]
 
     return {"no-gates": drop("gates"), "no-ids": drop("expert_ids"), "id-4": set_id(4), "id-minus-1": set_id(-1),
             "id-int32-max": set_id(2 ** 31 - 1), "nan-gate": (nan_gate, "'gates' holds NaN/Inf values"),
+            "gates-outside-0-1": (gate_outside, "'gates' holds 2 of 512 weights outside [0, 1]; a routing table holds "
+                                  "the pre-gate's softmax weights"),
             "short-gates": (short, "expected 'expert_ids' and 'gates' of shape [256, top_k], found [256, 2] and [10, 2]")}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -356,6 +357,11 @@ def test_service_sampling_is_reproducible_per_seed(start_server):
     ({"prompt_ids": PROMPT, "max_new_tokens": 2, "stop_ids": [300]}, "stop id 300 is out of the vocabulary [0, 256)"),
     ({"prompt_ids": PROMPT, "stream": "yes"}, "'stream' must be true or false, found \"yes\""),
     ({"prompt_ids": PROMPT, "max_tokens": 3}, "unknown field 'max_tokens'"),
+    (b'{"prompt_ids": [1e400]}', "malformed JSON: [json.exception.out_of_range.406] number overflow parsing '1e400'"),
+    # ids nlohmann holds as unsigned (2^63 .. 2^64 - 1) were converted to int64 and shown wrapped (-1)
+    ({"prompt_ids": [1, 2**64 - 1]}, "prompt_ids[1] = 18446744073709551615 is not a token id (ids lie below 2^63)"),
+    ({"prompt_ids": [2**63]}, "prompt_ids[0] = 9223372036854775808 is not a token id (ids lie below 2^63)"),
+    ({"prompt_ids": PROMPT, "max_new_tokens": 2, "stop_ids": [2**63 + 1]}, "stop_ids[0] = 9223372036854775809 is not a token id (ids lie below 2^63)"),
 ])
 def test_service_answers_bad_requests_with_400_and_one_line(start_server, body, reason):
     url = start_server()
@@ -427,6 +433,75 @@ def test_service_bounds_its_queue(start_server, recording):
     assert _metric(_get(url, "/metrics"), 'adafuse_requests_total{code="503"}') == codes.count(503)
 
 
+def _requests_counted(url: str) -> dict[str, float]:
+    """adafuse_requests_total by status code."""
+    return {m[0]: float(m[1]) for m in re.findall(r'^adafuse_requests_total\{code="(\d+)"\} (\S+)$', _get(url, "/metrics"), re.M)}
+
+
+def _poll(fn, limit: float = 10.0):
+    """fn() once it is truthy (every 50 ms, up to `limit` seconds), else its last value."""
+    deadline = time.monotonic() + limit
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_service_counts_a_stream_when_it_ends(start_server, recording):
+    """A streamed request was counted as 200 when its first byte went out; it is counted when it ends."""
+    url = start_server("--step-delay-ms", "300")
+    while_running = []
+
+    def look():
+        _wait_until_running(url)
+        while_running.append(_requests_counted(url))
+
+    results = _concurrently(url, [{"prompt_ids": PROMPT, "max_new_tokens": 3, "stream": True}], after_first=look)
+    assert while_running == [{}]  # running, its 200 status line on the wire, not yet counted
+    code, body = results[0]
+    assert code == 200 and json.loads(body.splitlines()[-1]) == {"tokens": recording[1][:3], "finish_reason": "length"}
+    assert _requests_counted(url) == {"200": 1}
+
+
+def test_service_counts_a_stream_cut_by_its_client_as_499(start_server):
+    url = start_server("--step-delay-ms", "200")
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"prompt_ids": PROMPT, "max_new_tokens": 7, "stream": True}).encode()
+    head = _raw(port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body, until_eof=False)  # the status line, then gone
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert _poll(lambda: _requests_counted(url)) == {"499": 1}
+    assert _poll(lambda: "adafuse_active_sequences 0\n" in _get(url, "/metrics"))  # cancelled at its next token
+    assert _requests_counted(url) == {"499": 1}
+
+
+def _get_status(url: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_service_is_not_ready_after_a_sticky_device_error(start_server, recording, stream):
+    """/health said ok after a sticky CUDA error (every later call fails): it answers 503 with the
+    reason, generate answers 503 instead of queueing, and the failed request is counted as 500."""
+    url = start_server("--sticky-error-at-decode", "2")
+    assert _get_status(url, "/health")[0] == 200
+    reason = "decode step: an illegal memory access was encountered (sticky error simulated by the replay backend)"
+    code, body = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 4, "stream": stream})
+    if stream:  # the status line went out with the first token; the last line says what happened
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert code == 200 and [line["token"] for line in lines[:-1]] == recording[1][:2] and lines[-1] == {"error": reason}
+    else:
+        assert (code, json.loads(body)) == (500, {"error": reason})
+    code, body = _get_status(url, "/health")
+    assert (code, json.loads(body)) == (503, {"status": "unavailable", "error": reason}) and body.count("\n") == 0
+    code, body = _post(url, {"prompt_ids": PROMPT, "max_new_tokens": 1})
+    assert (code, json.loads(body)) == (503, {"error": f"the engine cannot run after a device error ({reason}); restart the service"})
+    assert _requests_counted(url) == {"500": 1, "503": 1}
+
+
 def test_generate_cli_reports_one_line(runtime_build, converted):
     exe = runtime_build / "adafuse-generate"
     proc = subprocess.run([exe, "--engine", converted[1], "--prompt-ids", "1,2,3"], capture_output=True, text=True, timeout=60)
@@ -449,8 +524,6 @@ def _ctypes_name(t) -> str:
 
 def _header_declarations() -> tuple[dict[str, tuple[str, list[str]]], dict[str, list[str]]]:
     """(functions: name -> (return type, argument types), structs: name -> field types) from runtime.h."""
-    import re
-
     text = re.sub(r"/\*.*?\*/", "", (RUNTIME / "include/adafuse/runtime.h").read_text(), flags=re.S)
     functions = {}
     for ret, name, args in re.findall(r"ADAFUSE_API\s+([\w\s\*]+?)\s*\b(adafuse_\w+)\(([^)]*)\);", text):

@@ -119,7 +119,7 @@ class Runner(metaclass=RunnerMeta):
 
 def read_routes(path: Path, num_experts: int | None, vocab_size: int | None) -> tuple[np.ndarray, np.ndarray]:
     """A routing table file (export-routes' output, an export's routes.safetensors, an engine's routes_file):
-    'expert_ids' (integers in [0, num_experts)) and 'gates' (finite floats), both [vocab, top_k], every check made
+    'expert_ids' (integers in [0, num_experts)) and 'gates' (finite, in [0, 1]), both [vocab, top_k], every check made
     before a runner gathers from it or feeds an id to the adapter kernels."""
     from safetensors.numpy import load_file
 
@@ -142,4 +142,8 @@ def read_routes(path: Path, num_experts: int | None, vocab_size: int | None) -> 
         check_expert_ids(ids, num_experts, f"{path}: 'expert_ids'")
     if not np.isfinite(gates).all():
         raise AdafuseError(f"{path}: 'gates' holds NaN/Inf values, expected finite weights")
+    outside = int(((gates < 0) | (gates > 1)).sum())
+    if outside:
+        raise AdafuseError(f"{path}: 'gates' holds {outside} of {gates.size} weights outside [0, 1]; "
+                           "a routing table holds the pre-gate's softmax weights")
     return ids, gates

@@ -3,6 +3,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <set>
@@ -49,6 +50,13 @@ class Service {
     server_.on_refusal = [this](int status) { metrics_.request(status); };
     server_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
       const BackendInfo& info = scheduler_.info();
+      const std::string unusable = scheduler_.unusable_reason();
+      if (!unusable.empty()) {  // not ready: a load balancer takes this instance out of rotation
+        res.status = 503;
+        res.set_content(json{{"status", "unavailable"}, {"error", unusable}}.dump(-1, ' ', false, json::error_handler_t::replace),
+                        "application/json");
+        return;
+      }
       res.set_content(json{{"status", "ok"}, {"backend", info.description}, {"max_batch", info.max_batch},
                            {"max_seq", info.max_seq}, {"vocab", info.vocab}}.dump(),
                       "application/json");
@@ -100,6 +108,8 @@ class Service {
     } catch (const Error& e) {
       return reply_error(res, 400, e.what());
     }
+    const std::string unusable = scheduler_.unusable_reason();
+    if (!unusable.empty()) return reply_error(res, 503, "the engine cannot run after a device error (" + unusable + "); restart the service");
     auto result = request->done.get_future().share();
     if (!stream) {
       if (!scheduler_.submit(request)) return reply_error(res, 503, "the request queue is full; retry later");
@@ -113,8 +123,13 @@ class Service {
       return !channel->client_gone;
     };
     if (!scheduler_.submit(request)) return reply_error(res, 503, "the request queue is full; retry later");
-    metrics_.request(200);
-    res.set_chunked_content_provider("application/x-ndjson", [channel, result](size_t, httplib::DataSink& sink) {
+    // Counted when the stream ends, with its outcome: 200, 500 (the engine failed after the 200 status
+    // line went out: the last line holds the error), or 499 (the client went away before the end).
+    auto counted = std::make_shared<std::atomic<bool>>(false);
+    auto count = [this, counted](int status) {
+      if (!counted->exchange(true)) metrics_.request(status);
+    };
+    res.set_chunked_content_provider("application/x-ndjson", [channel, result, count](size_t, httplib::DataSink& sink) {
       std::unique_lock<std::mutex> lock(channel->mutex);
       channel->ready.wait_for(lock, std::chrono::milliseconds(50), [&] { return !channel->tokens.empty(); });
       while (!channel->tokens.empty()) {
@@ -129,11 +144,12 @@ class Service {
         lock.unlock();
         const GenerateResult& r = result.get();
         const std::string last = (r.error.empty() ? result_json(r) : json{{"error", r.error}}).dump() + "\n";
-        sink.write(last.data(), last.size());
+        if (!sink.write(last.data(), last.size())) return false;
+        count(r.error.empty() ? 200 : 500);  // before the end of the stream, so a client that read it sees it counted
         sink.done();
       }
       return true;
-    });
+    }, [count](bool) { count(499); });  // httplib calls this when the response is dropped: uncounted means cut short
   }
 
   void answer(httplib::Response& res, const GenerateResult& r) {

@@ -3,7 +3,8 @@
 //                       "top_p": 1, "seed": 0, "stop_ids": [], "stream": false}
 //                      -> {"tokens": [..], "finish_reason": "stop|length|cancelled"}
 //                      stream: application/x-ndjson, one {"token": t} line per token, then the result line
-//   GET /health        -> {"status": "ok", "backend": .., "max_batch": .., "max_seq": .., "vocab": ..}
+//   GET /health        -> {"status": "ok", "backend": .., "max_batch": .., "max_seq": .., "vocab": ..}, or 503
+//                         {"status": "unavailable", "error": ..} once the backend is unusable (a sticky CUDA error)
 //   GET /metrics       -> Prometheus text
 // A bad request gets 400 with {"error": "<one line>"} (JSON nested deeper than 16 levels included);
 // a chunked or compressed body 411 / 415; a full queue or too many connections 503; an engine failure 500.

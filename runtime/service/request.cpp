@@ -4,6 +4,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <set>
 
 #include "error.h"
@@ -49,6 +50,11 @@ std::vector<int64_t> ids_field(const json& body, const char* name, bool required
   for (const json& id : v) {
     if (!id.is_number_integer())
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("'") + name + "' must hold integer token ids, found " + shown(id));
+    // nlohmann keeps 2^63..2^64-1 as unsigned: converted to int64 it would wrap (2^64-1 became -1 in
+    // the message), so it is refused here, shown as sent.
+    if (id.is_number_unsigned() && id.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+      fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string(name) + "[" + std::to_string(ids.size()) + "] = " +
+                                             std::to_string(id.get<uint64_t>()) + " is not a token id (ids lie below 2^63)");
     ids.push_back(id.get<int64_t>());
   }
   return ids;

@@ -46,6 +46,8 @@ class Scheduler {
   // Queues a checked request; false when the queue is full.
   bool submit(std::shared_ptr<GenerateRequest> request);
   const BackendInfo& info() const { return backend_.info(); }
+  // Non-empty once the backend can run nothing more (a sticky device error): the service is not ready.
+  std::string unusable_reason() const { return backend_.unusable_reason(); }
 
  private:
   void run();

@@ -13,6 +13,22 @@ void Backend::check_ids(const int64_t* ids, size_t n) const {
                                              " is out of the vocabulary [0, " + std::to_string(vocab) + ")");
 }
 
+std::string Backend::unusable_reason() const {
+  std::lock_guard<std::mutex> lock(unusable_mutex_);
+  return unusable_;
+}
+
+void Backend::mark_unusable(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(unusable_mutex_);
+  if (unusable_.empty()) unusable_ = reason;  // the first failure is the cause; later ones follow from it
+}
+
+void Backend::check_usable() const {
+  const std::string reason = unusable_reason();
+  if (!reason.empty())
+    fail(ADAFUSE_ERR_CUDA, "the engine cannot run after an earlier device error (" + reason + "); restart the process");
+}
+
 void Backend::prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
                       int32_t* expert_ids, float* gates) {
   const BackendInfo& in = info();
@@ -24,6 +40,7 @@ void Backend::prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_p
                                            std::to_string(in.max_seq));
   if (logits == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "logits: NULL pointer");
   check_ids(ids, static_cast<size_t>(batch) * static_cast<size_t>(len));
+  check_usable();
   past_ = batch_ = 0;  // a failed prefill leaves no batch behind
   do_prefill(ids, batch, len, all_positions, logits, expert_ids, gates);
   past_ = len;
@@ -40,6 +57,7 @@ void Backend::decode(const int64_t* ids, int32_t batch, float* logits, int32_t* 
                                            std::to_string(info().max_seq));
   if (logits == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "logits: NULL pointer");
   check_ids(ids, static_cast<size_t>(batch));
+  check_usable();
   do_decode(ids, batch, logits, expert_ids, gates);
   ++past_;
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 namespace adafuse {
@@ -33,16 +34,24 @@ class Backend {
   int32_t batch() const { return batch_; }
   // The cached keys or values of one layer as float32 [batch, kv_heads, past_length, head_dim].
   void read_kv(int32_t layer, bool value, float* out) const;
+  // Why the backend can run nothing more (a sticky CUDA error: every later call on the context fails
+  // until the process restarts); empty while it is usable. Read from any thread (the service's /health).
+  std::string unusable_reason() const;
 
  protected:
   virtual void do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
                           int32_t* expert_ids, float* gates) = 0;
   virtual void do_decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) = 0;
   virtual void do_read_kv(int32_t layer, bool value, float* out) const = 0;
+  // Called by a backend that finds its device unusable; prefill and decode are refused from then on.
+  void mark_unusable(const std::string& reason);
 
  private:
   void check_ids(const int64_t* ids, size_t n) const;
+  void check_usable() const;
   int32_t past_ = 0, batch_ = 0;
+  mutable std::mutex unusable_mutex_;
+  std::string unusable_;
 };
 
 }  // namespace adafuse

@@ -1,5 +1,6 @@
 #include "routing.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "error.h"
@@ -40,6 +41,16 @@ RoutingTable::RoutingTable(const std::filesystem::path& path, int64_t num_expert
                                " ids); the adapter kernels would read outside the expert weights");
   if (bad > 0)
     fail(ADAFUSE_ERR_FILE, path.string() + ": expert_ids holds " + std::to_string(first) + ", expected ids >= 0");
+  // runners/base.py read_routes' checks and wording: gates are the pre-gate's softmax weights.
+  size_t non_finite = 0, outside = 0;
+  for (float g : gates_) {
+    if (!std::isfinite(g)) ++non_finite;
+    else if (g < 0.0f || g > 1.0f) ++outside;
+  }
+  if (non_finite > 0) fail(ADAFUSE_ERR_FILE, path.string() + ": 'gates' holds NaN/Inf values, expected finite weights");
+  if (outside > 0)
+    fail(ADAFUSE_ERR_FILE, path.string() + ": 'gates' holds " + std::to_string(outside) + " of " + std::to_string(gates_.size()) +
+                               " weights outside [0, 1]; a routing table holds the pre-gate's softmax weights");
 }
 
 void RoutingTable::lookup(const int64_t* ids, size_t n, int32_t* expert_ids, float* gates) const {

@@ -8,13 +8,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <map>
-#include <tuple>
 #include <vector>
 
 #include "engine_layout.h"
 #include "error.h"
 #include "files.h"
+#include "graph_cache.h"
 #include "route_gather.h"
 #include "routing.h"
 #include "tensorrt_library.h"
@@ -23,7 +22,7 @@ namespace adafuse {
 namespace {
 
 constexpr int kPrefill = 0, kDecode = 1;  // optimisation profiles (adafuse_export/trt/build.py)
-constexpr size_t kMaxGraphs = 4096;       // captured decode steps kept (one per batch, past length, buffer)
+constexpr size_t kMaxGraphs = 4096;       // captured decode steps kept (one per batch, past length, buffer), LRU
 
 // The plugin library installed with this code: beside the module that holds it (the shared runtime in
 // lib/), or in ../lib of it (adafuse-serve in bin/). Both the wheel (adafuse_export/_native/{bin,lib}) and
@@ -43,6 +42,30 @@ std::string installed_plugin_library() {
 void cuda_check(cudaError_t status, const std::string& what) {
   if (status != cudaSuccess) fail(ADAFUSE_ERR_CUDA, what + ": " + cudaGetErrorString(status));
 }
+
+// After a failure: whether the CUDA context is lost (a sticky error such as an illegal address, which
+// every later call returns again until the process ends). A non-sticky error (out of memory, a bad
+// argument) is cleared by cudaGetLastError and the device still synchronizes.
+bool cuda_context_lost() {
+  cudaGetLastError();
+  return cudaDeviceSynchronize() != cudaSuccess;
+}
+
+// The stream of one backend, destroyed with it, also when its constructor throws after creating it.
+class CudaStream {
+ public:
+  CudaStream() = default;
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+  ~CudaStream() {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  void create() { cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  cudaStream_t get() const { return stream_; }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
 
 class Logger : public nvinfer1::ILogger {
  public:
@@ -113,7 +136,6 @@ float bf16_to_float(uint16_t h) {
 class TensorRTBackend final : public Backend {
  public:
   TensorRTBackend(const Manifest& manifest, const adafuse_open_options& options);
-  ~TensorRTBackend() override;
   const BackendInfo& info() const override { return info_; }
 
  protected:
@@ -128,29 +150,30 @@ class TensorRTBackend final : public Backend {
   void enqueue(int profile);
   void copy_routes_back(int32_t* expert_ids, float* gates, size_t n);
   void* kv(int slot, int32_t layer, bool value) const;
-  struct Graph {
-    int seen = 0;
-    cudaGraphExec_t exec = nullptr;
-  };
+  using Graphs = GraphCache<cudaGraphExec_t>;
   // Captures the decode step just run (same shapes and addresses) into graph.
-  void capture(Graph& graph);
+  void capture(Graphs::Entry& graph);
+  // cuda_check for the steps: a failure that loses the CUDA context also marks the backend unusable.
+  void step_check(cudaError_t status, const std::string& what);
+  // Loads the plugin library into TensorRT's process-wide registry unless it is there already.
+  void register_plugins(const std::string& plugin_path);
 
   TensorRTLibrary trt_;  // first member: unloaded after every TensorRT object below
   Logger logger_;
+  CudaStream stream_;  // before the contexts and graphs that use it, so destroyed after them
   EngineLayout layout_;
   BackendInfo info_;
   std::string engine_name_;
   TrtPtr<nvinfer1::IRuntime> runtime_;
   TrtPtr<nvinfer1::ICudaEngine> engine_;
   TrtPtr<nvinfer1::IExecutionContext> contexts_[2];
-  cudaStream_t stream_ = nullptr;
   DeviceBuffer ids_, positions_, route_ids_, route_gates_, table_ids_, table_gates_, prefill_logits_, step_logits_;
   DeviceBuffer cache_[2];  // ping-pong: the past lives in cache_[slot_], the present is written to the other
   int slot_ = 0;
   size_t kv_bytes_per_tensor_ = 0;
   std::vector<int64_t> host_ids_, host_positions_;
   bool cuda_graphs_ = true;
-  std::map<std::tuple<int32_t, int32_t, int>, Graph> graphs_;
+  Graphs graphs_{kMaxGraphs, [](cudaGraphExec_t exec) { cudaGraphExecDestroy(exec); }};  // last: destroyed first
 };
 
 TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_options& options)
@@ -171,15 +194,14 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   trt_ = open_tensorrt(options.tensorrt_library ? options.tensorrt_library : "");
   cuda_check(cudaSetDevice(options.device), "CUDA device " + std::to_string(options.device) + " (running " + engine_name_ +
                                                 " needs an NVIDIA GPU)");
-  cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  stream_.create();
   cuda_graphs_ = options.cuda_graphs != 0;
 
   runtime_.reset(static_cast<nvinfer1::IRuntime*>(
       reinterpret_cast<void* (*)(void*, int32_t)>(trt_.library.symbol("createInferRuntime_INTERNAL"))(&logger_,
                                                                                                     NV_TENSORRT_VERSION)));
   if (!runtime_) fail(ADAFUSE_ERR_TENSORRT, trt_.library.path() + ": TensorRT " + trt_.version_text + " could not create a runtime");
-  if (!plugin_path.empty() && runtime_->getPluginRegistry().loadLibrary(plugin_path.c_str()) == nullptr)
-    fail(ADAFUSE_ERR_PLUGIN, plugin_path + ": TensorRT could not load the plugin library (see the TensorRT log above)");
+  if (!plugin_path.empty()) register_plugins(plugin_path);
   // A regular file (hashed above), read to its fstat size; 1 TiB is far above any engine.
   const std::string blob = read_bytes(manifest.engine_path, "engine file", 1ull << 40);
   engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
@@ -192,7 +214,7 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   for (int p : {kPrefill, kDecode}) {
     contexts_[p].reset(engine_->createExecutionContext());
     if (!contexts_[p]) fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": could not create an execution context");
-    if (!contexts_[p]->setOptimizationProfileAsync(p, stream_))
+    if (!contexts_[p]->setOptimizationProfileAsync(p, stream_.get()))
       fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": could not select optimisation profile " + std::to_string(p));
   }
   const size_t b = static_cast<size_t>(layout_.max_batch), s = static_cast<size_t>(layout_.max_seq);
@@ -223,10 +245,32 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
                       "TensorRT " + trt_.version_text + " (" + trt_.library.path() + "), " + manifest.dtype};
 }
 
-TensorRTBackend::~TensorRTBackend() {
-  for (auto& [key, graph] : graphs_)
-    if (graph.exec) cudaGraphExecDestroy(graph.exec);
-  if (stream_) cudaStreamDestroy(stream_);
+void TensorRTBackend::register_plugins(const std::string& plugin_path) {
+  // The registry lives in libnvinfer: pinned for the process (RTLD_NODELETE), so a registration
+  // recorded here cannot outlive it when the last engine closes and the library is opened again.
+  dlerror();
+  if (dlopen(trt_.library.path().c_str(), RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE) == nullptr) {
+    const char* why = dlerror();
+    fail(ADAFUSE_ERR_TENSORRT, trt_.library.path() + ": could not keep TensorRT loaded for its plugin registry: " +
+                                   (why ? why : "dlopen failed"));
+  }
+  using RegistryFn = nvinfer1::IPluginRegistry* (*)();
+  auto global_registry = reinterpret_cast<RegistryFn>(trt_.library.symbol("getPluginRegistry"));
+  nvinfer1::IPluginRegistry* registry = global_registry ? global_registry() : nullptr;
+  if (registry == nullptr)
+    fail(ADAFUSE_ERR_TENSORRT, trt_.library.path() + ": TensorRT " + trt_.version_text + " has no plugin registry (getPluginRegistry)");
+  // Each runtime's local registry searches this one, its parent, for the engine's plugins.
+  process_plugin_registrations().register_once(registry, plugin_path, [&] {
+    if (registry->loadLibrary(plugin_path.c_str()) == nullptr)
+      fail(ADAFUSE_ERR_PLUGIN, plugin_path + ": TensorRT could not load the plugin library (see the TensorRT log above)");
+  });
+}
+
+void TensorRTBackend::step_check(cudaError_t status, const std::string& what) {
+  if (status == cudaSuccess) return;
+  const std::string message = what + ": " + cudaGetErrorString(status);
+  if (cuda_context_lost()) mark_unusable(message);
+  fail(ADAFUSE_ERR_CUDA, message);
 }
 
 void* TensorRTBackend::kv(int slot, int32_t layer, bool value) const {
@@ -238,8 +282,8 @@ void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32
   host_ids_.assign(ids, ids + n);
   host_positions_.resize(n);
   for (size_t i = 0; i < n; ++i) host_positions_[i] = past + static_cast<int64_t>(i % static_cast<size_t>(len));
-  cuda_check(cudaMemcpyAsync(ids_.get(), host_ids_.data(), n * 8, cudaMemcpyHostToDevice, stream_), "input ids upload");
-  cuda_check(cudaMemcpyAsync(positions_.get(), host_positions_.data(), n * 8, cudaMemcpyHostToDevice, stream_),
+  step_check(cudaMemcpyAsync(ids_.get(), host_ids_.data(), n * 8, cudaMemcpyHostToDevice, stream_.get()), "input ids upload");
+  step_check(cudaMemcpyAsync(positions_.get(), host_positions_.data(), n * 8, cudaMemcpyHostToDevice, stream_.get()),
              "position ids upload");
   nvinfer1::IExecutionContext& ctx = *contexts_[profile];
   auto set = [&](const std::string& name, std::initializer_list<int64_t> shape, void* address) {
@@ -257,9 +301,9 @@ void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32
   set("input_ids", {batch, len}, ids_.get());
   set("position_ids", {batch, len}, positions_.get());
   if (layout_.routes_in) {
-    cuda_check(gather_routes(static_cast<const int64_t*>(ids_.get()), static_cast<int64_t>(n), layout_.top_k,
+    step_check(gather_routes(static_cast<const int64_t*>(ids_.get()), static_cast<int64_t>(n), layout_.top_k,
                              static_cast<const int32_t*>(table_ids_.get()), static_cast<const float*>(table_gates_.get()),
-                             static_cast<int32_t*>(route_ids_.get()), static_cast<float*>(route_gates_.get()), stream_),
+                             static_cast<int32_t*>(route_ids_.get()), static_cast<float*>(route_gates_.get()), stream_.get()),
                "routing table lookup");
     set("expert_ids", {batch, len, layout_.top_k}, route_ids_.get());
     set("gates", {batch, len, layout_.top_k}, route_gates_.get());
@@ -278,16 +322,19 @@ void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32
 }
 
 void TensorRTBackend::enqueue(int profile) {
-  if (!contexts_[profile]->enqueueV3(stream_))
-    fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT execution failed (see the TensorRT log above)");
+  if (!contexts_[profile]->enqueueV3(stream_.get())) {
+    const std::string message = engine_name_ + ": TensorRT execution failed (see the TensorRT log above)";
+    if (cuda_context_lost()) mark_unusable(message);
+    fail(ADAFUSE_ERR_TENSORRT, message);
+  }
 }
 
 void TensorRTBackend::copy_routes_back(int32_t* expert_ids, float* gates, size_t n) {
   const size_t bytes = n * static_cast<size_t>(layout_.top_k) * 4;
   if (expert_ids && layout_.top_k > 0)
-    cuda_check(cudaMemcpyAsync(expert_ids, route_ids_.get(), bytes, cudaMemcpyDeviceToHost, stream_), "routes download");
+    step_check(cudaMemcpyAsync(expert_ids, route_ids_.get(), bytes, cudaMemcpyDeviceToHost, stream_.get()), "routes download");
   if (gates && layout_.top_k > 0)
-    cuda_check(cudaMemcpyAsync(gates, route_gates_.get(), bytes, cudaMemcpyDeviceToHost, stream_), "routes download");
+    step_check(cudaMemcpyAsync(gates, route_gates_.get(), bytes, cudaMemcpyDeviceToHost, stream_.get()), "routes download");
 }
 
 void TensorRTBackend::do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
@@ -298,43 +345,41 @@ void TensorRTBackend::do_prefill(const int64_t* ids, int32_t batch, int32_t len,
   bind(kPrefill, ids, batch, len, 0, device_logits);
   enqueue(kPrefill);
   if (all_positions)
-    cuda_check(cudaMemcpyAsync(logits, device_logits, static_cast<size_t>(batch) * static_cast<size_t>(len) * row,
-                               cudaMemcpyDeviceToHost, stream_), "logits download");
+    step_check(cudaMemcpyAsync(logits, device_logits, static_cast<size_t>(batch) * static_cast<size_t>(len) * row,
+                               cudaMemcpyDeviceToHost, stream_.get()), "logits download");
   else  // the last position of each sequence
-    cuda_check(cudaMemcpy2DAsync(logits, row, static_cast<char*>(device_logits) + (static_cast<size_t>(len) - 1) * row,
-                                 static_cast<size_t>(len) * row, row, static_cast<size_t>(batch), cudaMemcpyDeviceToHost, stream_),
+    step_check(cudaMemcpy2DAsync(logits, row, static_cast<char*>(device_logits) + (static_cast<size_t>(len) - 1) * row,
+                                 static_cast<size_t>(len) * row, row, static_cast<size_t>(batch), cudaMemcpyDeviceToHost, stream_.get()),
                "logits download");
   copy_routes_back(expert_ids, gates, static_cast<size_t>(batch) * static_cast<size_t>(len));
-  cuda_check(cudaStreamSynchronize(stream_), "prefill");
+  step_check(cudaStreamSynchronize(stream_.get()), "prefill");
   slot_ = 1;
 }
 
 void TensorRTBackend::do_decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) {
   const int32_t past = past_length();
   bind(kDecode, ids, batch, 1, past, step_logits_.get());
-  // A captured step replays only with the same shapes and addresses: key it by batch, past length
-  // and cache slot. The first sight runs plainly, the second also captures, later ones replay.
-  auto found = graphs_.find({batch, past, slot_});
-  if (found == graphs_.end() && cuda_graphs_ && graphs_.size() < kMaxGraphs)
-    found = graphs_.emplace(std::make_tuple(batch, past, slot_), Graph{}).first;
-  if (found != graphs_.end() && found->second.exec != nullptr) {
-    cuda_check(cudaGraphLaunch(found->second.exec, stream_), "CUDA graph launch");
+  // A captured step replays only with the same shapes and addresses (graph_cache.h). The first sight
+  // runs plainly, the second also captures, later ones replay.
+  Graphs::Entry* graph = cuda_graphs_ ? &graphs_.touch({batch, past, slot_}) : nullptr;
+  if (graph != nullptr && graph->exec != nullptr) {
+    step_check(cudaGraphLaunch(graph->exec, stream_.get()), "CUDA graph launch");
   } else {
     enqueue(kDecode);
-    if (found != graphs_.end() && cuda_graphs_ && ++found->second.seen >= 2) capture(found->second);
+    if (graph != nullptr && ++graph->seen >= 2) capture(*graph);
   }
-  cuda_check(cudaMemcpyAsync(logits, step_logits_.get(), static_cast<size_t>(batch) * static_cast<size_t>(layout_.vocab) * 4,
-                             cudaMemcpyDeviceToHost, stream_), "logits download");
+  step_check(cudaMemcpyAsync(logits, step_logits_.get(), static_cast<size_t>(batch) * static_cast<size_t>(layout_.vocab) * 4,
+                             cudaMemcpyDeviceToHost, stream_.get()), "logits download");
   copy_routes_back(expert_ids, gates, static_cast<size_t>(batch));
-  cuda_check(cudaStreamSynchronize(stream_), "decode step");
+  step_check(cudaStreamSynchronize(stream_.get()), "decode step");
   slot_ = 1 - slot_;
 }
 
-void TensorRTBackend::capture(Graph& graph) {
+void TensorRTBackend::capture(Graphs::Entry& graph) {
   cudaGraph_t captured = nullptr;
-  bool ok = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess;
-  ok = contexts_[kDecode]->enqueueV3(stream_) && ok;
-  ok = cudaStreamEndCapture(stream_, &captured) == cudaSuccess && ok && captured != nullptr;
+  bool ok = cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal) == cudaSuccess;
+  ok = contexts_[kDecode]->enqueueV3(stream_.get()) && ok;
+  ok = cudaStreamEndCapture(stream_.get(), &captured) == cudaSuccess && ok && captured != nullptr;
   ok = ok && cudaGraphInstantiate(&graph.exec, captured, 0) == cudaSuccess;
   if (captured) cudaGraphDestroy(captured);
   if (!ok) {  // the engine does not allow capture (e.g. a plugin without capture support): stay eager

@@ -86,4 +86,20 @@ void check_plugin_library(const std::string& path, const std::string& engine) {
                                    ", which IPluginRegistry::loadLibrary needs)");
 }
 
+bool PluginRegistrations::register_once(const void* registry, const std::string& path, const std::function<void()>& load) {
+  std::error_code ec;
+  std::filesystem::path canonical = std::filesystem::weakly_canonical(path, ec);
+  const auto key = std::make_pair(registry, ec ? path : canonical.string());
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (registered_.count(key)) return false;
+  load();
+  registered_.insert(key);
+  return true;
+}
+
+PluginRegistrations& process_plugin_registrations() {
+  static PluginRegistrations registrations;
+  return registrations;
+}
+
 }  // namespace adafuse

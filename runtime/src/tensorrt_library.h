@@ -3,7 +3,11 @@
 // extern "C" entry points only.
 #pragma once
 
+#include <functional>
+#include <mutex>
+#include <set>
 #include <string>
+#include <utility>
 
 namespace adafuse {
 
@@ -40,5 +44,22 @@ TensorRTLibrary open_tensorrt(const std::string& path);
 // Checks that `path` is a TensorRT plugin library (exports getCreators and setLoggerFinder, which
 // IPluginRegistry::loadLibrary needs) before TensorRT loads it.
 void check_plugin_library(const std::string& path, const std::string& engine);
+
+// TensorRT keeps plugin creators in the process-wide registry of the loaded libnvinfer, and
+// IPluginRegistry::loadLibrary fails when a plugin of the library is registered already: a plugin
+// library is registered once per process and registry, however many engines are opened.
+class PluginRegistrations {
+ public:
+  // Runs load() unless (registry, path) is registered; paths compare in canonical form. load() throws
+  // on failure, which leaves the pair unregistered (a later open tries again). Returns whether load() ran.
+  bool register_once(const void* registry, const std::string& path, const std::function<void()>& load);
+
+ private:
+  std::mutex mutex_;  // held across load(): two engines opened at once register the library once
+  std::set<std::pair<const void*, std::string>> registered_;
+};
+
+// The process's registrations (what TensorRT's global registry holds).
+PluginRegistrations& process_plugin_registrations();
 
 }  // namespace adafuse

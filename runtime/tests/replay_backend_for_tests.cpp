@@ -42,6 +42,11 @@ void ReplayBackendForTests::do_prefill(const int64_t*, int32_t batch, int32_t le
 
 void ReplayBackendForTests::do_decode(const int64_t*, int32_t batch, float* logits, int32_t*, float*) {
   std::this_thread::sleep_for(delay_);
+  if (++decodes_ == sticky_at_decode_) {
+    const std::string reason = "decode step: an illegal memory access was encountered (sticky error simulated by the replay backend)";
+    mark_unusable(reason);
+    fail(ADAFUSE_ERR_CUDA, reason);
+  }
   const size_t v = static_cast<size_t>(info_.vocab);
   for (int32_t b = 0; b < batch; ++b) std::memcpy(logits + static_cast<size_t>(b) * v, row(past_length()), v * sizeof(float));
 }

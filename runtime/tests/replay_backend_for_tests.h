@@ -18,6 +18,9 @@ class ReplayBackendForTests final : public Backend {
                         std::chrono::milliseconds step_delay = std::chrono::milliseconds(0));
   const BackendInfo& info() const override { return info_; }
   int64_t recorded_positions() const { return positions_; }
+  // The n-th decode step (1-based, counted over the backend's life) fails as a sticky CUDA error
+  // would: the step throws and the backend marks itself unusable. 0: never.
+  void fail_as_sticky_at_decode(int64_t n) { sticky_at_decode_ = n; }
 
  protected:
   void do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits, int32_t* expert_ids,
@@ -31,6 +34,7 @@ class ReplayBackendForTests final : public Backend {
   std::vector<float> logits_;
   int64_t positions_ = 0;
   std::chrono::milliseconds delay_;
+  int64_t sticky_at_decode_ = 0, decodes_ = 0;
 };
 
 }  // namespace adafuse

@@ -88,5 +88,26 @@ TEST(Generation, SampledSequencesOfABatchUseTheirOwnSeeds) {
   EXPECT_NE(a[0], a[1]);
 }
 
+TEST(Backend, RefusesWorkAfterAStickyDeviceError) {
+  TempDir dir;
+  ReplayBackendForTests backend(write_recording(dir), 2, 8);
+  backend.fail_as_sticky_at_decode(2);
+  EXPECT_EQ(backend.unusable_reason(), "");
+  Generation first(backend, {{1}}, {greedy(4)});
+  const std::string reason = "decode step: an illegal memory access was encountered (sticky error simulated by the replay backend)";
+  expect_error([&] {
+    while (first.step({})) {
+    }
+  }, ADAFUSE_ERR_CUDA, reason);
+  EXPECT_EQ(backend.unusable_reason(), reason);
+  // Nothing runs any more, whatever is asked: a new batch or a step of the old one.
+  const std::string refusal = "the engine cannot run after an earlier device error (" + reason + "); restart the process";
+  expect_error([&] { Generation g(backend, {{1}}, {greedy(1)}); g.step({}); }, ADAFUSE_ERR_CUDA, refusal);
+  std::vector<float> logits(6);
+  const int64_t one = 1;
+  expect_error([&] { backend.prefill(&one, 1, 1, false, logits.data()); }, ADAFUSE_ERR_CUDA, refusal);
+  EXPECT_EQ(backend.unusable_reason(), reason);  // the first cause is kept
+}
+
 }  // namespace
 }  // namespace adafuse::testing

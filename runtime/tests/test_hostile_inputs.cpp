@@ -5,8 +5,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <future>
+#include <limits>
+#include <utility>
+#include <vector>
 
 #include "engine_fixture.h"
 #include "engine_layout.h"
@@ -269,6 +273,24 @@ TEST(HostileRoutes, ExpertIdsGatesAndShapesAreChecked) {
   ids[3] = -7;
   write_file(p, safetensors_bytes({{"expert_ids", "I32", {2, 2}, bytes_of(ids)}, {"gates", "F32", {2, 2}, bytes_of(gates)}}));
   expect_error([&] { RoutingTable t(p); }, ADAFUSE_ERR_FILE, p.string() + ": expert_ids holds -7, expected ids >= 0");
+  // Gates: finite (runners/base.py read_routes' wording) and in [0, 1], as the pre-gate's softmax makes them.
+  ids[3] = 3;
+  for (float g : {std::nanf(""), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
+    std::vector<float> bad = gates;
+    bad[2] = g;
+    write_file(p, safetensors_bytes({{"expert_ids", "I32", {2, 2}, bytes_of(ids)}, {"gates", "F32", {2, 2}, bytes_of(bad)}}));
+    expect_error([&] { RoutingTable t(p, 4); }, ADAFUSE_ERR_FILE, p.string() + ": 'gates' holds NaN/Inf values, expected finite weights");
+  }
+  for (const auto& [bad, n] : std::vector<std::pair<std::vector<float>, int>>{{{0.5f, -0.25f, 0.5f, 0.5f}, 1},
+                                                                              {{1.5f, 0.5f, 1.0000001f, 0.0f}, 2}}) {
+    write_file(p, safetensors_bytes({{"expert_ids", "I32", {2, 2}, bytes_of(ids)}, {"gates", "F32", {2, 2}, bytes_of(bad)}}));
+    expect_error([&] { RoutingTable t(p, 4); }, ADAFUSE_ERR_FILE,
+                 p.string() + ": 'gates' holds " + std::to_string(n) +
+                     " of 4 weights outside [0, 1]; a routing table holds the pre-gate's softmax weights");
+  }
+  const std::vector<float> edges = {0.0f, 1.0f, -0.0f, 0.25f};  // the bounds themselves are weights
+  write_file(p, safetensors_bytes({{"expert_ids", "I32", {2, 2}, bytes_of(ids)}, {"gates", "F32", {2, 2}, bytes_of(edges)}}));
+  EXPECT_NO_THROW(RoutingTable t(p, 4));
   write_file(p, safetensors_bytes({{"expert_ids", "I32", {2, 2}, bytes_of(ids)}}));
   expect_error([&] { RoutingTable t(p); }, ADAFUSE_ERR_FILE, p.string() + ": tensor 'gates' not found");
   write_file(p, safetensors_bytes({{"expert_ids", "I32", {1, 2000}, std::string(8000, '\0')}, {"gates", "F32", {1, 2000}, std::string(8000, '\0')}}));

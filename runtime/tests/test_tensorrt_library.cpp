@@ -2,6 +2,11 @@
 // the entry points IPluginRegistry::loadLibrary needs.
 #include <dlfcn.h>
 
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
 #include "tensorrt_library.h"
 #include "test_util.h"
 
@@ -47,6 +52,55 @@ TEST(PluginLibrary, ChecksTheEntryPoints) {
   write_file(dir / "libjunk.so", "not an ELF file");
   expect_error_containing([&] { check_plugin_library((dir / "libjunk.so").string(), "e.engine"); }, ADAFUSE_ERR_PLUGIN,
                           (dir / "libjunk.so").string() + ": cannot load the plugin library: ");
+}
+
+TEST(PluginRegistrations, LoadsEachLibraryOncePerRegistry) {
+  TempDir dir;
+  write_file(dir / "libplugins.so", "stand-in");
+  fs::create_directory(dir / "sub");
+  PluginRegistrations registrations;
+  int loads = 0;
+  const auto load = [&] { ++loads; };
+  const int registry_a = 0, registry_b = 0;  // two registries (two libnvinfer copies), told apart by address
+  const std::string path = (dir / "libplugins.so").string();
+  EXPECT_TRUE(registrations.register_once(&registry_a, path, load));
+  // The same file under other spellings (every open names it as its options or environment do).
+  EXPECT_FALSE(registrations.register_once(&registry_a, path, load));
+  EXPECT_FALSE(registrations.register_once(&registry_a, (dir / "sub" / ".." / "libplugins.so").string(), load));
+  EXPECT_FALSE(registrations.register_once(&registry_a, (dir / "." / "libplugins.so").string(), load));
+  EXPECT_EQ(loads, 1);
+  EXPECT_TRUE(registrations.register_once(&registry_b, path, load));
+  EXPECT_EQ(loads, 2);
+}
+
+TEST(PluginRegistrations, AFailedLoadIsTriedAgain) {
+  PluginRegistrations registrations;
+  const int registry = 0;
+  int loads = 0;
+  expect_error([&] {
+    registrations.register_once(&registry, "/nonexistent/libplugins.so", [&] {
+      ++loads;
+      fail(ADAFUSE_ERR_PLUGIN, "/nonexistent/libplugins.so: TensorRT could not load the plugin library");
+    });
+  }, ADAFUSE_ERR_PLUGIN, "/nonexistent/libplugins.so: TensorRT could not load the plugin library");
+  EXPECT_TRUE(registrations.register_once(&registry, "/nonexistent/libplugins.so", [&] { ++loads; }));
+  EXPECT_EQ(loads, 2);
+}
+
+TEST(PluginRegistrations, ConcurrentOpensLoadOnce) {
+  PluginRegistrations registrations;
+  const int registry = 0;
+  std::atomic<int> loads{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i)
+    threads.emplace_back([&] {
+      registrations.register_once(&registry, "/opt/lib/libplugins.so", [&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a slow load: the others must wait, not load
+        ++loads;
+      });
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(loads.load(), 1);
 }
 
 }  // namespace
