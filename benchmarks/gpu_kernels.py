@@ -253,7 +253,7 @@ def check_lora_chain(K, results):
                 if not ok:
                     log("  CHAIN FAIL", recs[-1])
     results["lora_chain_correctness"] = recs
-    log(f"lora_linear chain without PDL (graph replay) correctness: {len(recs)} cases, {n_fail} failures")
+    log(f"lora_linear chain with PDL + exclusive workspaces and without PDL (eager and graph replay) correctness: {len(recs)} cases, {n_fail} failures")
     return n_fail
 
 
