@@ -176,7 +176,9 @@ def check_installation() -> List[Check]:
                                           f"TensorRT headers {info['tensorrt_headers'] or '-'}")]
     for part, files in PARTS.items():
         if part not in info["built"]:
-            reason = next((r for r in info["left_out"] if part in r.split(":")[0]), "not built")
+            # an entry names its parts before the colon: "runtime, adafuse-serve: nlohmann-json ... not found"
+            reason = next((r for r in info["left_out"] if part in [p.strip() for p in r.split(":")[0].split(",")]),
+                          "not built")
             checks.append(Check(part, "left out", reason))
             continue
         for relative in files:

@@ -5,7 +5,9 @@ then broken one part at a time. CI also builds the real wheel and runs `doctor -
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,25 @@ def test_a_left_out_part_is_reported_with_the_build_reason(installed, capsys):
     assert main(["doctor", "--require-all"]) == 2
     assert "left out of this installation: plugins" in capsys.readouterr().err
     assert installation.plugin_library() is None
+
+
+def test_a_build_without_nvcc_leaves_the_native_parts_out_and_says_why(tmp_path):
+    """The configure a `pip install` runs on a machine without CUDA: it succeeds (the pure-Python tool installs),
+    builds nothing native, and build_info.json names what was left out and why, one entry per reason."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = "/usr/bin:/bin"  # no nvcc on it; the configure's /usr/local/cuda guess is off with an empty compiler
+    proc = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "b"), "-DCMAKE_CUDA_COMPILER="],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = " ".join(proc.stderr.split())  # CMake wraps its warnings
+    assert "leaving out kernels, plugins, runtime, adafuse-serve: no CUDA compiler (nvcc) found" in said
+    info = json.loads((tmp_path / "b" / "build_info.json").read_text())
+    assert info["built"] == [] and info["cuda_architectures"] == []
+    assert info["left_out"] == ["kernels, plugins, runtime, adafuse-serve: no CUDA compiler (nvcc) found: set CUDACXX "
+                                "or put nvcc on PATH"]
+    proc = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "c"), "-DCMAKE_CUDA_COMPILER=",
+                           "-DADAFUSE_REQUIRE_ALL=ON"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "cannot be built: no CUDA compiler (nvcc) found" in " ".join(proc.stderr.split())
 
 
 def test_no_native_build_at_all(monkeypatch, capsys):
