@@ -282,6 +282,11 @@ class GpuDecoder:
             out = weights[-1].shape[0]
             biases.append(w.get(f"{p}.bias"))
             name = f"layers.{layer}.{mod}"
+            if a is not None and self.strategy != "dense" and mod in a.static_modules:
+                # a static LoRA (one always-on expert, no route) merged into the weight in float32, as the
+                # ONNX export and the native artifact merge it (weights.base_weight)
+                delta = w[f"{name}.lora_B"][0].float() @ w[f"{name}.lora_A"][0].float()
+                weights[-1] = (weights[-1].float() + a.site_scale(name) * delta).to(self.dtype)
             if a is not None and self.strategy != "dense" and mod in a.target_modules:
                 As.append(w[f"{name}.lora_A"])
                 Bs.append((w[f"{name}.lora_B"].float() * a.site_scale(name)).to(self.dtype))
