@@ -21,3 +21,19 @@ def shared_ops(kernels):
 @pytest.mark.parametrize("name,family,config", cases())
 def test_decoder_on_gpu_matches_reference(shared_ops, tmp_path, name, family, config):
     decode_against_reference(name, family, config, tmp_path, shared_ops, "cuda")
+
+
+@pytest.mark.parametrize("strategy", ["unmerged", "fused", "switch"])
+def test_static_modules_on_gpu(shared_ops, tmp_path, strategy):
+    """A pre-gated checkpoint with static LoRA modules too (tests/test_gpu_decoder_static.py): merged, not dropped."""
+    import torch
+
+    from adafuse_export.reference import ReferenceModel
+    from adafuse_export.runners.torch_cuda import GpuDecoder
+    from test_gpu_decoder_static import PROMPT, pregate_with_static
+
+    ckpt = pregate_with_static(tmp_path / "ck")
+    want, _ = ReferenceModel(ckpt, dtype=torch.float32).generate(PROMPT, 8)
+    dec = GpuDecoder.from_checkpoint(ckpt, device="cuda", dtype=torch.float32, strategy=strategy, max_seq=20,
+                                     ops=shared_ops)
+    assert torch.equal(dec.generate(PROMPT.cuda(), 8).cpu(), want)
