@@ -1,8 +1,11 @@
 // Sampling: greedy is argmax; a seed fixes the tokens; temperature/top-k/top-p draws follow the
 // distribution computed here independently (float64 softmax over hand-sorted logits), checked by
 // a chi-square test; tokens outside top-k / top-p are never drawn.
+#include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
+#include <tuple>
 
 #include "sampling.h"
 #include "test_util.h"
@@ -90,6 +93,54 @@ TEST(Sampling, ASeedFixesTheTokens) {
   };
   EXPECT_EQ(draw(42), draw(42));
   EXPECT_NE(draw(42), draw(43));
+}
+
+// A large vocabulary: the kept set and its probabilities against a reference that sorts the whole vocabulary
+// (stable by id) and renormalises in float64, for top-k by partial selection, top-p by growing candidate
+// sets (a flat distribution whose nucleus holds thousands of tokens) and ties.
+std::vector<double> by_full_sort(const std::vector<float>& l, double t, size_t k, double top_p) {
+  std::vector<size_t> order(l.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return l[a] > l[b]; });
+  const size_t keep = k ? std::min(k, l.size()) : l.size();
+  std::vector<double> w(keep);
+  double z = 0.0;
+  for (size_t i = 0; i < keep; ++i) z += w[i] = std::exp((static_cast<double>(l[order[i]]) - l[order[0]]) / t);
+  size_t n = keep;
+  if (top_p < 1.0) {
+    double cum = 0.0;
+    for (n = 0; n < keep;) {
+      cum += w[n++] / z;
+      if (cum >= top_p) break;
+    }
+  }
+  double zn = 0.0;
+  for (size_t i = 0; i < n; ++i) zn += w[i];
+  std::vector<double> p(l.size(), 0.0);
+  for (size_t i = 0; i < n; ++i) p[order[i]] = w[i] / zn;
+  return p;
+}
+
+TEST(Sampling, LargeVocabularyKeepsWhatAFullSortKeeps) {
+  std::mt19937 gen(3);
+  std::normal_distribution<float> normal;
+  for (float spread : {0.05f, 1.0f, 4.0f}) {  // flat (a nucleus of thousands), moderate, peaked
+    std::vector<float> l(20000);
+    for (auto& x : l) x = normal(gen) * spread;
+    for (size_t i = 0; i < 200; ++i) l[i * 97] = l[5];  // ties across the cut points
+    for (auto [t, k, p] : std::vector<std::tuple<float, int32_t, float>>{
+             {1.0f, 0, 1.0f}, {0.7f, 50, 1.0f}, {1.0f, 0, 0.9f}, {1.3f, 0, 0.5f}, {0.8f, 4000, 0.95f}, {1.0f, 20000, 0.99f}}) {
+      const std::vector<double> got = sampling_distribution(options(t, k, p), l.data(), static_cast<int64_t>(l.size()));
+      const std::vector<double> want = by_full_sort(l, t, static_cast<size_t>(k), p);
+      size_t kept_got = 0, kept_want = 0;
+      for (size_t i = 0; i < l.size(); ++i) {
+        kept_got += got[i] > 0.0;
+        kept_want += want[i] > 0.0;
+        ASSERT_NEAR(got[i], want[i], 1e-12) << "spread " << spread << " t " << t << " k " << k << " p " << p << " token " << i;
+      }
+      EXPECT_EQ(kept_got, kept_want);
+    }
+  }
 }
 
 TEST(Sampling, RefusesBadOptionsAndLogits) {
