@@ -3,13 +3,14 @@
 #   plugin contract harness --gpu; the gpu tests (`python3 -m pytest -m gpu tests/gpu`: every
 #   kernel against float64 references, graph replay, every family and scaled RoPE on the GPU
 #   decoder and `run --device cuda` against the CPU reference); the per-kernel timings (routed fused
-#   linear with its ADAFUSE_GEMV1 / ADAFUSE_DISABLE_PDL variant checks, many rows, the few-rows GEMV
+#   linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
 #   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the per-kernel profile
 #   of a decode step (before/after the step kernels); the decode benchmark.
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
 #   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
 #   --no-decode stops before the profile: the two halves fit one call each.
-#   (carry .whl, with pytest's wheels if the machine lacks pytest, and plugins/harness/.trt_headers)
+#   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, since the GPU machine has no pytest,
+#   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
