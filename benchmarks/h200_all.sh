@@ -9,7 +9,7 @@
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
 #   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
 #   --no-decode stops before the profile: the two halves fit one call each.
-#   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, since the GPU machine has no pytest,
+#   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
 #   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
