@@ -3,7 +3,7 @@
 The top-level CMakeLists.txt installs, under adafuse_export/_native/,
     lib/libadafuse_kernels.so      the fused kernels' C ABI (the GPU decoder, `run --device cuda`)
     lib/libadafuse_trt_plugins.so  the TensorRT plugins (engines built with --backend tensorrt / tensorrt-rtx)
-    lib/libadafuse_runtime.so.*    the C++ runtime's C API, with include/ and lib/cmake/ for C++ users
+    lib/libadafuse_runtime.so      the C++ runtime's C API, with include/ and lib/cmake/ for C++ users
     bin/adafuse-serve, bin/adafuse-generate
     build_info.json                what was built, for which architectures, and what was left out and why.
 An environment variable still overrides each library (ADAFUSE_KERNELS_LIB, ADAFUSE_PLUGIN_LIB). This module
@@ -55,11 +55,8 @@ def plugin_library() -> Optional[Path]:
 
 
 def runtime_library() -> Optional[Path]:
-    for root in native_roots():
-        found = sorted((root / "lib").glob(RUNTIME_LIB + "*"))
-        if found:
-            return found[0]
-    return None
+    """The shipped C++ runtime (a wheel holds it as plain libadafuse_runtime.so: no soname symlinks)."""
+    return shipped(f"lib/{RUNTIME_LIB}")
 
 
 def _exec(name: str) -> int:
@@ -131,11 +128,10 @@ def _check_library(path: Path) -> str:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return f"cannot be loaded: {e}"
-    base = RUNTIME_LIB if path.name.startswith(RUNTIME_LIB) else path.name
-    if base in HEADERS:
-        header = shipped(HEADERS[base])
+    if path.name in HEADERS:
+        header = shipped(HEADERS[path.name])
         if header is None:
-            return f"is shipped without its header {HEADERS[base]}"
+            return f"is shipped without its header {HEADERS[path.name]}"
         expected = declared_functions(header)
         if not expected:
             return f"{header} declares no adafuse_* function"
@@ -144,7 +140,7 @@ def _check_library(path: Path) -> str:
     missing = [s for s in expected if not hasattr(lib, s)]
     if missing:
         return f"does not export {', '.join(missing)}"
-    if base == KERNELS_LIB:
+    if path.name == KERNELS_LIB:
         from .kernels.binding import ABI_VERSION
 
         lib.adafuse_abi_version.restype = ctypes.c_int
@@ -182,12 +178,12 @@ def check_installation() -> List[Check]:
             checks.append(Check(part, "left out", reason))
             continue
         for relative in files:
-            found = shipped(relative) if not relative.startswith(f"lib/{RUNTIME_LIB}") else runtime_library()
+            found = shipped(relative)
             if found is None:
                 checks.append(Check(relative, "FAILED", f"built but missing from {', '.join(map(str, native_roots()))}"))
                 continue
             if relative.startswith("lib/"):
-                problem = _check_library(found) if found.suffix == ".so" or ".so." in found.name else ""
+                problem = _check_library(found) if found.suffix == ".so" else ""
             elif relative.startswith("bin/"):
                 problem = _check_executable(found)
             else:

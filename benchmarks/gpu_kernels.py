@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
 from adafuse_export.kernels.binding import DIAGNOSTICS_FLAG  # noqa: E402
-from adafuse_export.kernels.binding import AdafuseKernelError  # noqa: E402
+from adafuse_export.runners.torch_cuda import capture_graph as capture_cuda_graph  # noqa: E402
 
 LOG = io.StringIO()
 
@@ -399,18 +399,8 @@ def drift_test(K, results, n_switch=10000):
 
 # ---------------------------------------------------------------------------
 def capture_graph(fn):
-    """fn() run twice on a side stream (allocator, handles), then captured: (graph, fn's result)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g, out
+    """fn() warmed up twice, then captured: (graph, fn's result)."""
+    return capture_cuda_graph(fn, warmups=2)
 
 
 def time_graph(fn, reps=30, warm=3):

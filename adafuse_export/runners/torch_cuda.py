@@ -215,6 +215,22 @@ class KernelOps:
                       new_gates.reshape(-1), old_ids, old_gates)
 
 
+def capture_graph(fn, warmups: int = 1):
+    """fn() run `warmups` times on a side stream (allocator, cuBLAS handles, per-device setup: none of it may
+    happen during capture), then captured in a CUDA graph: (graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     assert t is not None, "switch sites have adapters"
     return t.data_ptr()
@@ -442,14 +458,7 @@ class GpuDecoder:
             self._static_pos = torch.zeros((self.batch, 1), device=self.device, dtype=torch.int64)
             self._static_ids.copy_(next_ids)
             self._static_pos.fill_(self.length)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuBLAS handles)
-                self._step(self._static_ids, self._static_pos)
-            torch.cuda.current_stream().wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._static_out = self._step(self._static_ids, self._static_pos)
+            self._graph, self._static_out = capture_graph(lambda: self._step(self._static_ids, self._static_pos))
         self._static_ids.copy_(next_ids)
         self._static_pos.fill_(self.length)
         self._graph.replay()

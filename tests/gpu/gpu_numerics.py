@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from adafuse_export.runners.torch_cuda import capture_graph
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 # half the smallest subnormal: a rounding into the subnormal range is off by up to this, absolutely
@@ -124,16 +126,5 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what
 
 
 def capture(fn):
-    """fn() warmed up twice on a side stream (allocator, per-device setup), then captured in a CUDA
-    graph: (graph, what the captured call returned)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    """fn() warmed up twice, then captured in a CUDA graph: (graph, what the captured call returned)."""
+    return capture_graph(fn, warmups=2)
