@@ -238,6 +238,96 @@ int adafuse_decode_attention(adafuse_dtype dtype, int batch, int num_heads, int 
                              const void* v_cache, const int64_t* positions, int window, float scale,
                              void* out, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+
+// ---- Model operations of the native backend (runtime/src/native_backend.cpp) ----------------
+// Every family the project reads, prefill and decode, one or many sequences per call
+// (in-flight batching: each sequence with its own cache slot and length). Tokens of a call are
+// concatenated sequence by sequence; token n belongs to cache row slots[n] and sits at position
+// positions[n] (int64, device). Rounding follows adafuse_export/families/features.py (the
+// definition every backend meets): intermediates are rounded to the storage dtype where the
+// PyTorch reference rounds. All only enqueue work on `stream` and are graph-capturable.
+
+typedef enum { ADAFUSE_NORM_RMS = 0, ADAFUSE_NORM_RMS_ONE_PLUS = 1 } adafuse_norm_kind;
+typedef enum { ADAFUSE_ACT_SILU = 0, ADAFUSE_ACT_GELU_TANH = 1 } adafuse_activation;
+
+// out[n] = table[ids[n]] * dtype(scale) (rounded to dtype; scale 1: a copy); ids [tokens] int64
+// (device) each in [0, vocab): an id outside leaves its row of out untouched (the runtime checks
+// ids on the host first), table [vocab, hidden], out [tokens, hidden].
+int adafuse_embed(adafuse_dtype dtype, int tokens, int hidden, long long vocab, const int64_t* ids,
+                  const void* table, float scale, void* out, cudaStream_t stream);
+
+// adafuse_add_rms_norm for both norm kinds and strided rows: h [rows, hidden] row stride ldh
+// (updated in place when delta != NULL), delta row stride ld_delta, out row stride ldo:
+//   if delta: h = dtype(h + delta)
+//   RMS:          out = dtype(weight * dtype(h * rsqrt(mean(h^2) + eps)))      (Llama)
+//   RMS_ONE_PLUS: out = dtype(h * rsqrt(mean(h^2) + eps) * (1 + float(weight))) (Gemma)
+// (the norm in float32). out may equal h (delta must then be NULL).
+int adafuse_norm(adafuse_dtype dtype, adafuse_norm_kind kind, int rows, int hidden, void* h,
+                 long long ldh, const void* delta, long long ld_delta, const void* weight, float eps,
+                 void* out, long long ldo, cudaStream_t stream);
+
+// The per-head norm of q or k (Qwen 3, Gemma 3), in place: x [tokens, heads * head_dim] with row
+// stride ld (elements), each head's head_dim values normed with weight [head_dim].
+int adafuse_head_norm(adafuse_dtype dtype, adafuse_norm_kind kind, int tokens, int heads, int head_dim,
+                      void* x, long long ld, const void* weight, float eps, cudaStream_t stream);
+
+// out [rows, inter] = dtype(dtype(act(gate)) * up); gate and up [rows, inter] with row stride ld.
+// SILU: x * sigmoid(x); GELU_TANH: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in float32.
+int adafuse_act_mul(adafuse_dtype dtype, adafuse_activation act, int rows, int inter, const void* gate,
+                    const void* up, long long ld, void* out, cudaStream_t stream);
+
+// Rotary embedding of q and k on the first rotary_dim dims of each head (rotate_half pairs i and
+// i + rotary_dim/2; the rest of the head is copied), plus the KV-cache write, for token n:
+//   f = (use_long && use_long[n]) ? long_inv_freq : inv_freq   (float32 [rotary_dim / 2], device)
+//   cos = dtype(cosf(float(positions[n]) * f[i]) * attention_factor), sin likewise (features.rope_cos_sin)
+//   q_out[n] = q[n] * cos + rotate_half(q[n]) * sin   (each product rounded to dtype, then the sum)
+//   k_cache[slots[n], :, positions[n]] = rope(k[n]);  v_cache[slots[n], :, positions[n]] = v[n]
+// q [tokens, heads*D] row stride ldq, k, v [tokens, kv_heads*D] (ldk, ldv), q_out [tokens, heads*D]
+// contiguous, caches [cache_rows, kv_heads, max_seq, D]. A token with positions[n] outside
+// [0, max_seq) or slots[n] < 0 writes nothing. long_inv_freq and use_long may be NULL (one table).
+int adafuse_rope_cache_write(adafuse_dtype dtype, int tokens, int num_heads, int num_kv_heads, int head_dim,
+                             int rotary_dim, const void* q, long long ldq, const void* k, long long ldk,
+                             const void* v, long long ldv, const float* inv_freq, const float* long_inv_freq,
+                             const uint8_t* use_long, float attention_factor, const int32_t* slots,
+                             const int64_t* positions, void* q_out, void* k_cache, void* v_cache, int max_seq,
+                             cudaStream_t stream);
+
+// Causal GQA attention of num_seqs sequences over the caches (after adafuse_rope_cache_write):
+// sequence i has query tokens [seq_starts[i], seq_starts[i+1]) (int32 [num_seqs + 1], device;
+// seq_starts[0] = 0) in cache row seq_slots[i]; query token n attends to keys j of that row with
+// j <= positions[n] and, when window > 0, j > positions[n] - window. Scores s = q.k * scale in
+// float32, then s = softcap * tanh(s / softcap) when softcap > 0; softmax in float32; query head h
+// reads KV head h / (heads / kv_heads). q [tokens, heads*D], out [tokens, heads*D] contiguous.
+// max_seq_tokens (host) bounds every sequence's query count: 1 runs the split-K decode kernel
+// (one query per sequence, flash-decoding), more runs the tiled prefill kernel (a block per
+// query tile and head, key tiles in shared memory, online softmax). Same limits as
+// adafuse_decode_attention on head_dim, groups and alignment.
+size_t adafuse_attention_workspace_size(int tokens, int num_seqs, int num_heads, int head_dim, int max_seq);
+int adafuse_attention(adafuse_dtype dtype, int tokens, int num_seqs, int max_seq_tokens, int num_heads,
+                      int num_kv_heads, int head_dim, int max_seq, const void* q, const void* k_cache,
+                      const void* v_cache, const int32_t* seq_starts, const int32_t* seq_slots,
+                      const int64_t* positions, int window, float scale, float softcap, void* out,
+                      void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// dst[i] = src[index[i]] for rows of `cols` elements (row strides ld_src, ld_dst): the last
+// token of each sequence before the LM head.
+int adafuse_gather_rows(adafuse_dtype dtype, int rows, int cols, const void* src, long long ld_src,
+                        const int32_t* index, void* dst, long long ld_dst, cudaStream_t stream);
+
+// Final logits: out [rows, vocab] float32 = float(in) (in [rows, vocab] dtype, row stride ld_in),
+// then softcap * tanh(out / softcap) when softcap > 0.
+int adafuse_logits_to_float(adafuse_dtype dtype, int rows, long long vocab, const void* in, long long ld_in,
+                            float softcap, float* out, cudaStream_t stream);
+
+// A softmax router (adafuse_export/reference/model.py route_topk), in float32: for each row,
+// logits[e] = float(x[row]) . weight[e] (+ bias[e]) (weight [experts, in] float32, bias [experts]
+// float32 or NULL), p = softmax(logits), the top_k largest p with ties to the lower expert id
+// first, renormalized to sum 1 when normalize != 0; ids [rows, top_k] int32, gates [rows, top_k]
+// float32. x [rows, in] dtype with row stride ldx; experts <= ADAFUSE_LORA_MAX_EXPERTS.
+int adafuse_route_topk(adafuse_dtype dtype, int rows, int in_features, const void* x, long long ldx,
+                       const float* weight, const float* bias, int experts, int top_k, int normalize,
+                       int32_t* ids, float* gates, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
