@@ -265,8 +265,9 @@ class Kernels:
 
     def linear(self, x, W, *, bias=None, out=None, workspace=None, stream=None, pdl: bool = True,
                gemv1: str = "auto"):
-        """y = x W^T (+ bias) through the few-rows kernels with no adapter (the dense baseline);
-        at most 16 rows (the many-rows GEMM needs an adapter)."""
+        """y = x W^T (+ bias) with no adapter, at any row count (the few-rows kernels up to 16 rows,
+        the many-rows GEMM with K = in above): the dense baseline, the native backend's dense
+        projections and LM head."""
         return self._linear(x, W, None, bias, out, workspace, stream, lora_options(pdl=pdl, gemv1=gemv1))
 
     def _linear(self, x, W, adapter, bias, out, workspace, stream, opts: LoraOptions):

@@ -190,9 +190,11 @@ def test_lora_linear_7b_sites(kernels, inputs, case):
 
 
 @pytest.mark.parametrize("case", params(Case(dtype, in_f, out_f, rows, bias=rows != 3)
-                                         for dtype in DTYPES for (in_f, out_f) in SHAPES for rows in (1, 3, 8, 16)))
+                                         for dtype in DTYPES for (in_f, out_f) in SHAPES
+                                         for rows in (1, 3, 8, 16, 17, 64, 130, 512)))
 def test_linear_without_adapter(kernels, inputs, case):
-    """A = B = NULL: y = x W^T (+ bias) through the few-rows kernels (at most 16 rows)."""
+    """A = B = NULL: y = x W^T (+ bias): the few-rows kernels up to 16 rows, the many-rows GEMM with
+    K = in alone above (split over K up to 64 rows)."""
     run_and_check(kernels, case, inputs, adapter=False)
 
 

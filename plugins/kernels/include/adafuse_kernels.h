@@ -94,9 +94,11 @@ int adafuse_check_runtime(char* msg, size_t msg_len);
 // out_features and E*rank only, so the size never decreases as rows grow (size once for the
 // largest row count); it does not depend on dtype. Sizes outside the limits above (rows beyond
 // ADAFUSE_LORA_MAX_ROWS included) give 0.
-// A and B both NULL: no adapter, y = W x (+ bias) through the few-rows kernels (rows <= 16
-// only; expert_ids, gates and scale are then ignored, the sizes must still be valid and size
-// the workspace).
+// A and B both NULL: no adapter, y = W x (+ bias), at any row count: the few-rows kernels up to 16
+// rows, above that the many-rows GEMM with K = in only (no shrink, no z): the dense projections and
+// the LM head. expert_ids, gates and scale are then ignored; num_experts, rank and top_k must still
+// be valid and size the workspace (adafuse_lora_linear_workspace_size with them, e.g. 1, 1, 1, is
+// enough: without an adapter only its split-K partials part is used, never more than with one).
 //
 // Few rows on sm_90: the kernels are programmatic dependents (PDL) of the stream's previous
 // kernel: they launch while it finishes, and read nothing it may write, and write nothing, before

@@ -18,7 +18,8 @@
 //   3. gemm: mma.sync tensor cores (fp16/bf16; a SIMT tile for fp32), 4-stage cp.async,
 //      split over K (plus a reduce) at <= 64 rows.
 // Expert ids outside [0, num_experts) contribute nothing (no device trap).
-// A == B == nullptr: no adapter, y = W x (+ bias) through the few-rows kernels (the dense baseline).
+// A == B == nullptr: no adapter, y = W x (+ bias): the few-rows kernels, or at many rows the final
+// GEMM alone with K = in (the dense projections and the LM head of the native backend's prefill).
 #include "common.cuh"
 
 #include <algorithm>
@@ -1157,7 +1158,10 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   int st = device_info(stream, &di);
   if (st != ADAFUSE_OK) return st;
   constexpr int V = TypeOps<T>::kVec;
-  const ManyRowsPlan p = many_rows_plan(in, out, E, rank);
+  const bool adapter = A != nullptr;
+  // No adapter: no z columns (kz = 0), so the final GEMM's K is `in` alone; its split-K partials
+  // then fit the workspace sized for the caller's (E, rank) (fewer K tiles, no more splits).
+  const ManyRowsPlan p = many_rows_plan(in, out, adapter ? E : 0, rank);
   T* z = reinterpret_cast<T*>(ws + L.z_off);
   float* P = reinterpret_cast<float*>(ws + L.p_off);
 
@@ -1172,18 +1176,28 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   g.pairs = out % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 3u) == 0;
 
   // The first kernel (the shrink GEMM) in stream order, the rest programmatic dependents of it.
-  const Pdl pdl = pdl_request(di, opt.pdl == ADAFUSE_PDL_AUTO);
-  if constexpr (std::is_same<T, float>::value) {
-    st = launch_gemm_f32<true>(s, p.splits, stream);
+  // Without an adapter the final GEMM is the first kernel: it reads x without griddepcontrol.wait
+  // (that wait guards z only), so it runs in stream order; the split-K reduce after it waits.
+  const Pdl pdl = pdl_request(di, opt.pdl == ADAFUSE_PDL_AUTO && adapter);
+  const Pdl reduce_pdl = pdl_request(di, opt.pdl == ADAFUSE_PDL_AUTO);
+  if (adapter) {
+    if constexpr (std::is_same<T, float>::value) {
+      st = launch_gemm_f32<true>(s, p.splits, stream);
+    } else {
+      st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, kNoPdl, stream);
+    }
+    if (st != ADAFUSE_OK) return st;
+    const long long total = static_cast<long long>(rows) * p.kz;
+    const long long zb = std::min<long long>((total + kThreads - 1) / kThreads, 65535);
+    st = launch_ex(zscale_kernel<T>, dim3(static_cast<unsigned>(zb)), kThreads, 0, pdl, stream, rows, p.kz, p.ldz,
+                   rank, p.splits, static_cast<const float*>(P), ids, gates, top_k, scale, z);
+    if (st != ADAFUSE_OK) return st;
   } else {
-    st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, s, p.splits, kNoPdl, stream);
+    g.Z = nullptr;
+    g.B = nullptr;
+    g.K2 = 0;
+    g.vec2 = false;
   }
-  if (st != ADAFUSE_OK) return st;
-  const long long total = static_cast<long long>(rows) * p.kz;
-  const long long zb = std::min<long long>((total + kThreads - 1) / kThreads, 65535);
-  st = launch_ex(zscale_kernel<T>, dim3(static_cast<unsigned>(zb)), kThreads, 0, pdl, stream, rows, p.kz, p.ldz,
-                 rank, p.splits, static_cast<const float*>(P), ids, gates, top_k, scale, z);
-  if (st != ADAFUSE_OK) return st;
   if constexpr (std::is_same<T, float>::value) {
     return launch_gemm_f32<false>(g, 1, stream);
   } else {
@@ -1193,7 +1207,7 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
       st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, g, p.ysplits, pdl, stream);
       if (st != ADAFUSE_OK) return st;
       const long long yb = std::min<long long>((static_cast<long long>(rows) * out + kThreads - 1) / kThreads, 65535);
-      return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, pdl, stream, rows, out,
+      return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, reduce_pdl, stream, rows, out,
                        p.ysplits, static_cast<const float*>(g.P), bias, y);
     }
     if (gemm_smem_bytes<128, 128>() <= static_cast<size_t>(di.max_smem_optin))
@@ -1244,7 +1258,6 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
     return ADAFUSE_ERR_INVALID_ARGUMENT;
   if (rows == 0) return ADAFUSE_OK;
   if (!x || !W || !y || !A != !B || (A && (!expert_ids || !gates))) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  if (!A && rows > kGemvMaxRows) return ADAFUSE_ERR_INVALID_ARGUMENT;  // no adapter: few rows only
   const Layout L = make_layout(rows, in_features, out_features, num_experts, rank, top_k);
   if (L.total > 0 && (!workspace || workspace_bytes < L.total)) return ADAFUSE_ERR_WORKSPACE;
   if (reinterpret_cast<uintptr_t>(workspace) & 15u) return ADAFUSE_ERR_WORKSPACE;  // 16-byte aligned
