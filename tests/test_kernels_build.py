@@ -28,6 +28,16 @@ EXPECTED_SYMBOLS = {
     "adafuse_silu_mul",
     "adafuse_decode_attention_workspace_size",
     "adafuse_decode_attention",
+    "adafuse_embed",
+    "adafuse_norm",
+    "adafuse_head_norm",
+    "adafuse_act_mul",
+    "adafuse_rope_cache_write",
+    "adafuse_attention_workspace_size",
+    "adafuse_attention",
+    "adafuse_gather_rows",
+    "adafuse_logits_to_float",
+    "adafuse_route_topk",
 }
 
 # ADAFUSE_LORA_MAX_ROWS of plugins/kernels/include/adafuse_kernels.h (a documented, checked limit)
@@ -283,6 +293,106 @@ def test_decode_step_ops_reject_bad_arguments_without_touching_the_gpu(kernels):
     assert attn(2, 1, 32, 32, 128, 512, None, p, p, p, 0, 0.1, p, None, 0, None) == INV   # q NULL
     assert attn(2, 1, 32, 32, 128, 512, ctypes.c_void_p(0x1008), p, p, p, 0, 0.1, p, None, 0, None) == INV  # q misaligned
     assert attn(2, 0, 32, 32, 128, 512, p, p, p, p, 0, 0.1, p, None, 0, None) == OK       # no rows
+
+
+def _refused_one_by_one(fn, args, bad_values, expect):
+    """fn(*args) with one argument replaced at a time: each must give `expect`."""
+    for i, bad in bad_values:
+        a = list(args)
+        a[i] = bad
+        assert fn(*a) == expect, (fn.__name__, i, bad)
+
+
+@needs_nvcc
+def test_model_ops_reject_bad_arguments_without_touching_the_gpu(kernels):
+    """The native backend's model operations check every size, kind and pointer on the host and
+    return an invalid argument before any CUDA call (this machine may have no driver); nothing to do
+    (no rows) is success without a launch."""
+    INV, OK, WS = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_OK, kbind.ADAFUSE_ERR_WORKSPACE
+    p = ctypes.c_void_p(0x1000)
+    L = kernels.lib
+    nan, inf = float("nan"), float("inf")
+    # embed(dtype, tokens, hidden, vocab, ids, table, scale, out, stream)
+    args = [2, 3, 8, 100, p, p, 1.0, p, None]
+    _refused_one_by_one(L.adafuse_embed, args, [(0, 3), (1, -1), (2, 0), (3, 0), (4, None), (5, None), (6, nan),
+                                                (6, inf), (7, None)], INV)
+    assert L.adafuse_embed(2, 0, 8, 100, p, p, 1.0, p, None) == OK
+    # norm(dtype, kind, rows, hidden, h, ldh, delta, ld_delta, weight, eps, out, ldo, stream)
+    args = [2, 1, 4, 8, p, 8, p, 8, p, 1e-6, ctypes.c_void_p(0x2000), 8, None]
+    _refused_one_by_one(L.adafuse_norm, args, [(0, 5), (1, 2), (1, -1), (2, -1), (3, 0), (4, None), (5, 7), (7, 7),
+                                               (8, None), (9, -1.0), (9, nan), (10, None), (11, 7),
+                                               (10, p)], INV)  # out == h with a delta
+    a = list(args)
+    a[6], a[7], a[10] = None, 0, p  # in place without a delta: accepted (no rows: nothing enqueued)
+    a[2] = 0
+    assert L.adafuse_norm(*a) == OK
+    # head_norm(dtype, kind, tokens, heads, head_dim, x, ld, weight, eps, stream)
+    args = [1, 0, 5, 4, 64, p, 256, p, 1e-6, None]
+    _refused_one_by_one(L.adafuse_head_norm, args, [(0, 4), (1, 3), (2, -1), (3, 0), (4, 0), (5, None), (6, 255),
+                                                    (7, None), (8, -1e-6), (2, 1 << 30)], INV)
+    a = list(args)
+    a[2] = 0
+    assert L.adafuse_head_norm(*a) == OK
+    # act_mul(dtype, act, rows, inter, gate, up, ld, out, stream)
+    args = [2, 1, 3, 8, p, p, 16, p, None]
+    _refused_one_by_one(L.adafuse_act_mul, args, [(0, 3), (1, 2), (1, -1), (2, -1), (3, 0), (4, None), (5, None),
+                                                  (6, 7), (7, None)], INV)
+    a = list(args)
+    a[2] = 0
+    assert L.adafuse_act_mul(*a) == OK
+    # rope_cache_write(dtype, tokens, H, KV, D, R, q, ldq, k, ldk, v, ldv, inv_freq, long_inv_freq, use_long,
+    #                  attention_factor, slots, positions, q_out, k_cache, v_cache, max_seq, stream)
+    args = [2, 3, 4, 2, 8, 4, p, 32, p, 16, p, 16, p, None, None, 1.0, p, p, p, p, p, 16, None]
+    _refused_one_by_one(L.adafuse_rope_cache_write, args,
+                        [(0, 3), (1, -1), (2, 0), (3, 0), (4, 0), (5, 0), (5, 3), (5, 10), (6, None), (7, 31),
+                         (9, 15), (11, 15), (12, None), (15, nan), (16, None), (17, None), (18, None), (19, None),
+                         (20, None), (21, 0)], INV)
+    a = list(args)
+    a[1] = 0
+    assert L.adafuse_rope_cache_write(*a) == OK
+    # attention_workspace_size(tokens, num_seqs, H, D, max_seq): float32 chunks of 32 keys at D=128
+    ws = L.adafuse_attention_workspace_size
+    assert ws(0, 1, 32, 128, 512) == 0 and ws(1, 0, 32, 128, 512) == 0 and ws(1, 1, 0, 128, 512) == 0
+    assert ws(1, 1, 32, 0, 512) == 0 and ws(1, 1, 32, 128, 0) == 0
+    assert ws(3, 2, 32, 128, 512) == 4 * 3 * 32 * (512 // 32) * 130
+    # attention(dtype, tokens, num_seqs, max_seq_tokens, H, KV, D, max_seq, q, k_cache, v_cache, seq_starts,
+    #           seq_slots, positions, window, scale, softcap, out, workspace, workspace_bytes, stream)
+    attn = L.adafuse_attention
+    args = [2, 2, 2, 1, 32, 8, 128, 512, p, p, p, p, p, p, 0, 0.1, 0.0, p, None, 0, None]
+    _refused_one_by_one(attn, args, [(0, 3), (1, -1), (2, -1), (3, 0), (4, 36), (5, 0), (6, 96), (6, 512), (7, 0),
+                                     (8, None), (9, None), (10, None), (11, None), (12, None), (13, None),
+                                     (15, 0.0), (15, nan), (16, -1.0), (16, nan), (17, None),
+                                     (1, 3),  # one query per sequence at most when max_seq_tokens is 1
+                                     (2, 70000), (8, ctypes.c_void_p(0x1008))], INV)
+    assert attn(*args) == WS  # the decode kernel needs its workspace
+    a = list(args)
+    a[1] = 0
+    assert attn(*a) == OK
+    # gather_rows(dtype, rows, cols, src, ld_src, index, dst, ld_dst, stream)
+    args = [2, 3, 8, p, 8, p, p, 8, None]
+    _refused_one_by_one(L.adafuse_gather_rows, args, [(0, 3), (1, -1), (2, 0), (3, None), (4, 7), (5, None),
+                                                      (6, None), (7, 7)], INV)
+    a = list(args)
+    a[1] = 0
+    assert L.adafuse_gather_rows(*a) == OK
+    # logits_to_float(dtype, rows, vocab, in, ld_in, softcap, out, stream)
+    args = [2, 3, 1000, p, 1000, 30.0, p, None]
+    _refused_one_by_one(L.adafuse_logits_to_float, args, [(0, 3), (1, -1), (2, 0), (3, None), (4, 999), (5, -1.0),
+                                                          (5, nan), (5, inf), (6, None)], INV)
+    a = list(args)
+    a[1] = 0
+    assert L.adafuse_logits_to_float(*a) == OK
+    # route_topk(dtype, rows, in, x, ldx, weight, bias, experts, top_k, normalize, ids, gates, stream)
+    args = [2, 3, 64, p, 64, p, None, 8, 2, 1, p, p, None]
+    _refused_one_by_one(L.adafuse_route_topk, args, [(0, 3), (1, -1), (2, 0), (3, None), (4, 63), (5, None),
+                                                     (7, 0), (7, 257), (8, 0), (8, 9), (10, None),
+                                                     (11, None)], INV)
+    a = list(args)
+    a[7], a[8] = 2, 3  # top_k above the experts
+    assert L.adafuse_route_topk(*a) == INV
+    a = list(args)
+    a[1] = 0
+    assert L.adafuse_route_topk(*a) == OK
 
 
 @needs_nvcc

@@ -36,6 +36,11 @@ GEMV1_SHAPES = {"auto": 0, "u4n1": 1, "u8n1": 2, "u4n2": 3, "u4k2": 4, "simt": 5
 SHRINK_KINDS = {"auto": 0, "dot": 1, "warp": 2}
 # adafuse_switch_variant: adafuse_switch_diagnostic exists in builds with -DADAFUSE_DIAGNOSTICS only
 SWITCH_VARIANTS = {"default": 0, "chunked": 1, "resident_2pb": 2, "no_mma": 3, "no_delta": 4}
+# adafuse_norm_kind and adafuse_activation, by the names of families.base.NORMS / ACTIVATIONS
+NORM_KINDS = {"rms": 0, "rms_one_plus": 1}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+MAX_TOP_K = 8  # ADAFUSE_MAX_TOP_K
+LORA_MAX_EXPERTS = 256  # ADAFUSE_LORA_MAX_EXPERTS
 DIAGNOSTICS_FLAG = "-DADAFUSE_DIAGNOSTICS"
 
 
@@ -124,6 +129,25 @@ def dtype_code(dtype: Any) -> int:
     return _DTYPE_NAMES[name]
 
 
+def _check_rows(name: str, t: Any, *, dtype=None, shape: Optional[Sequence[int]] = None, device=None) -> None:
+    """A 2-D CUDA tensor whose rows may be strided (a view of a wider output) but whose columns are
+    contiguous, as the kernels' row-stride arguments take."""
+    torch = _torch()
+    if not isinstance(t, torch.Tensor) or not t.is_cuda or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) \
+            or t.stride(0) < t.shape[1]:
+        desc = f"{type(t).__name__} {tuple(t.shape)} strides {t.stride()} on {t.device}" \
+            if isinstance(t, torch.Tensor) else type(t).__name__
+        raise AdafuseKernelError(f"{name} must be a 2-D CUDA tensor with unit column stride, got {desc}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+    if device is not None and t.device != device:
+        raise AdafuseKernelError(f"{name} is on {t.device}, expected {device}", ADAFUSE_ERR_INVALID_ARGUMENT)
+    if dtype is not None and t.dtype != dtype:
+        raise AdafuseKernelError(f"{name} must have dtype {dtype}, got {t.dtype}", ADAFUSE_ERR_INVALID_ARGUMENT)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise AdafuseKernelError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}",
+                                 ADAFUSE_ERR_INVALID_ARGUMENT)
+
+
 def _check_tensor(name: str, t: Any, *, dtype=None, shape: Optional[Sequence[int]] = None,
                   device=None) -> None:
     torch = _torch()
@@ -192,6 +216,21 @@ class Kernels:
         L.adafuse_decode_attention_workspace_size.argtypes = [i, i, i, i]
         L.adafuse_decode_attention.restype = ctypes.c_int
         L.adafuse_decode_attention.argtypes = [i, i, i, i, i, i, vp, vp, vp, vp, i, f, vp, vp, sz, vp]
+        u8p = ctypes.c_void_p
+        for name, res, args in (
+                ("adafuse_embed", i, [i, i, i, ll, vp, vp, f, vp, vp]),
+                ("adafuse_norm", i, [i, i, i, i, vp, ll, vp, ll, vp, f, vp, ll, vp]),
+                ("adafuse_head_norm", i, [i, i, i, i, i, vp, ll, vp, f, vp]),
+                ("adafuse_act_mul", i, [i, i, i, i, vp, vp, ll, vp, vp]),
+                ("adafuse_rope_cache_write", i, [i, i, i, i, i, i, vp, ll, vp, ll, vp, ll, vp, vp, u8p, f, vp, vp, vp,
+                                                 vp, vp, i, vp]),
+                ("adafuse_attention_workspace_size", sz, [i, i, i, i, i]),
+                ("adafuse_attention", i, [i, i, i, i, i, i, i, i, vp, vp, vp, vp, vp, vp, i, f, f, vp, vp, sz, vp]),
+                ("adafuse_gather_rows", i, [i, i, i, vp, ll, vp, vp, ll, vp]),
+                ("adafuse_logits_to_float", i, [i, i, ll, vp, ll, f, vp, vp]),
+                ("adafuse_route_topk", i, [i, i, i, vp, ll, vp, vp, i, i, i, vp, vp, vp])):
+            fn = getattr(L, name)
+            fn.restype, fn.argtypes = res, args
         v = L.adafuse_abi_version()
         if v != ABI_VERSION:
             raise AdafuseKernelError(f"{self.path} has ABI version {v}, binding expects {ABI_VERSION}")
@@ -490,6 +529,201 @@ class Kernels:
             workspace.data_ptr(), workspace.numel() * workspace.element_size(), self._stream_handle(stream))
         self._raise_if(st, "adafuse_decode_attention")
         return out
+
+    # ---- model operations of the native backend ---------------------------
+    def embed(self, ids, table, *, scale: float = 1.0, out=None, stream=None):
+        """table [vocab, hidden] rows of ids [tokens] int64, times the dtype's scale -> [tokens, hidden]."""
+        torch = _torch()
+        _check_tensor("table", table)
+        if table.dim() != 2:
+            raise AdafuseKernelError(f"table must be [vocab, hidden], got {tuple(table.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        _check_tensor("ids", ids, dtype=torch.int64, device=table.device)
+        if ids.dim() != 1:
+            raise AdafuseKernelError(f"ids must be [tokens], got {tuple(ids.shape)}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        out = self._out(out, (ids.shape[0], table.shape[1]), table)
+        st = self.lib.adafuse_embed(dtype_code(table.dtype), ids.shape[0], table.shape[1], table.shape[0],
+                                    ids.data_ptr(), table.data_ptr(), float(scale), out.data_ptr(),
+                                    self._stream_handle(stream))
+        self._raise_if(st, "adafuse_embed")
+        return out
+
+    def norm(self, h, weight, eps: float, *, kind: str = "rms", delta=None, out=None, stream=None):
+        """h [rows, hidden] (row-strided; += delta in place when given) -> the norm of `kind` (NORM_KINDS)
+        into out (row-strided, may be h itself when delta is None)."""
+        code = _choice("kind", kind, NORM_KINDS)
+        _check_rows("h", h)
+        if delta is not None:
+            _check_rows("delta", delta, dtype=h.dtype, device=h.device, shape=tuple(h.shape))
+        _check_tensor("weight", weight, dtype=h.dtype, device=h.device, shape=(h.shape[1],))
+        if out is None:
+            out = _torch().empty(tuple(h.shape), dtype=h.dtype, device=h.device)
+        else:
+            _check_rows("out", out, dtype=h.dtype, device=h.device, shape=tuple(h.shape))
+        st = self.lib.adafuse_norm(dtype_code(h.dtype), code, h.shape[0], h.shape[1], h.data_ptr(), h.stride(0),
+                                   delta.data_ptr() if delta is not None else None,
+                                   delta.stride(0) if delta is not None else 0, weight.data_ptr(), float(eps),
+                                   out.data_ptr(), out.stride(0), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_norm")
+        return out
+
+    def head_norm(self, x, weight, eps: float, *, heads: int, kind: str = "rms", stream=None):
+        """Per-head norm of x [tokens, heads * head_dim] (row-strided) in place; weight [head_dim]."""
+        code = _choice("kind", kind, NORM_KINDS)
+        _check_rows("x", x)
+        if heads <= 0 or x.shape[1] % heads:
+            raise AdafuseKernelError(f"x has {x.shape[1]} columns, not a multiple of heads={heads}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        head_dim = x.shape[1] // heads
+        _check_tensor("weight", weight, dtype=x.dtype, device=x.device, shape=(head_dim,))
+        st = self.lib.adafuse_head_norm(dtype_code(x.dtype), code, x.shape[0], heads, head_dim, x.data_ptr(),
+                                        x.stride(0), weight.data_ptr(), float(eps), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_head_norm")
+        return x
+
+    def act_mul(self, gate, up, *, act: str = "silu", out=None, stream=None):
+        """act(gate) * up (ACTIVATIONS) for [rows, inter] views sharing one row stride."""
+        code = _choice("act", act, ACTIVATIONS)
+        _check_rows("gate", gate)
+        _check_rows("up", up, dtype=gate.dtype, device=gate.device, shape=tuple(gate.shape))
+        if up.stride() != gate.stride():
+            raise AdafuseKernelError(f"up has strides {up.stride()}, gate {gate.stride()}: they must share one",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        out = self._out(out, gate.shape, gate)
+        st = self.lib.adafuse_act_mul(dtype_code(gate.dtype), code, gate.shape[0], gate.shape[1], gate.data_ptr(),
+                                      up.data_ptr(), gate.stride(0), out.data_ptr(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_act_mul")
+        return out
+
+    def rope_cache_write(self, q, k, v, inv_freq, positions, slots, k_cache, v_cache, *, num_heads: int,
+                         rotary_dim: Optional[int] = None, long_inv_freq=None, use_long=None,
+                         attention_factor: float = 1.0, out=None, stream=None):
+        """q [tokens, heads*D], k/v [tokens, kv_heads*D] (row-strided), inv_freq [rotary_dim/2] float32,
+        positions [tokens] int64, slots [tokens] int32, caches [rows, kv_heads, max_seq, D] -> roped q
+        [tokens, heads*D]; writes rope(k) and v at (slots[n], positions[n]) of the caches."""
+        torch = _torch()
+        for nm, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(nm, t, dtype=q.dtype, device=q.device)
+            if t.dim() != 4 or t.shape != k_cache.shape:
+                raise AdafuseKernelError(f"{nm} must be [rows, kv_heads, max_seq, D] like k_cache "
+                                         f"{tuple(k_cache.shape)}, got {tuple(t.shape)}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        _, KV, max_seq, D = k_cache.shape
+        R = D if rotary_dim is None else int(rotary_dim)
+        tokens = q.shape[0]
+        _check_rows("q", q, shape=(tokens, num_heads * D), device=k_cache.device, dtype=k_cache.dtype)
+        _check_rows("k", k, shape=(tokens, KV * D), device=q.device, dtype=q.dtype)
+        _check_rows("v", v, shape=(tokens, KV * D), device=q.device, dtype=q.dtype)
+        _check_tensor("inv_freq", inv_freq, dtype=torch.float32, device=q.device, shape=(R // 2,))
+        if long_inv_freq is not None:
+            _check_tensor("long_inv_freq", long_inv_freq, dtype=torch.float32, device=q.device, shape=(R // 2,))
+        if use_long is not None:
+            _check_tensor("use_long", use_long, dtype=torch.uint8, device=q.device, shape=(tokens,))
+        _check_tensor("positions", positions, dtype=torch.int64, device=q.device, shape=(tokens,))
+        _check_tensor("slots", slots, dtype=torch.int32, device=q.device, shape=(tokens,))
+        out = self._out(out, (tokens, num_heads * D), q)
+        st = self.lib.adafuse_rope_cache_write(
+            dtype_code(q.dtype), tokens, num_heads, KV, D, R, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0),
+            v.data_ptr(), v.stride(0), inv_freq.data_ptr(),
+            long_inv_freq.data_ptr() if long_inv_freq is not None else None,
+            use_long.data_ptr() if use_long is not None else None, float(attention_factor), slots.data_ptr(),
+            positions.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), max_seq,
+            self._stream_handle(stream))
+        self._raise_if(st, "adafuse_rope_cache_write")
+        return out
+
+    def attention_workspace_size(self, tokens: int, num_seqs: int, num_heads: int, head_dim: int,
+                                 max_seq: int) -> int:
+        return int(self.lib.adafuse_attention_workspace_size(tokens, num_seqs, num_heads, head_dim, max_seq))
+
+    def attention(self, q, k_cache, v_cache, seq_starts, seq_slots, positions, *, num_heads: int,
+                  max_seq_tokens: int, scale: float, window: int = 0, softcap: float = 0.0, out=None,
+                  workspace=None, stream=None):
+        """Causal GQA attention of the sequences [seq_starts[i], seq_starts[i+1]) of q [tokens, heads*D]
+        over cache rows seq_slots[i] -> [tokens, heads*D]; max_seq_tokens 1: the split-K decode kernel."""
+        torch = _torch()
+        _check_tensor("q", q)
+        for nm, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_tensor(nm, t, dtype=q.dtype, device=q.device)
+            if t.dim() != 4 or t.shape != k_cache.shape:
+                raise AdafuseKernelError(f"{nm} must be [rows, kv_heads, max_seq, D] like k_cache "
+                                         f"{tuple(k_cache.shape)}, got {tuple(t.shape)}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        _, KV, max_seq, D = k_cache.shape
+        tokens = q.shape[0]
+        if q.dim() != 2 or q.shape[1] != num_heads * D:
+            raise AdafuseKernelError(f"q must be [tokens, {num_heads * D}], got {tuple(q.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        _check_tensor("seq_starts", seq_starts, dtype=torch.int32, device=q.device)
+        num_seqs = seq_starts.numel() - 1
+        if seq_starts.dim() != 1 or num_seqs < 0:
+            raise AdafuseKernelError(f"seq_starts must be [num_seqs + 1], got {tuple(seq_starts.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        _check_tensor("seq_slots", seq_slots, dtype=torch.int32, device=q.device, shape=(num_seqs,))
+        _check_tensor("positions", positions, dtype=torch.int64, device=q.device, shape=(tokens,))
+        out = self._out(out, q.shape, q)
+        nbytes = 0
+        if workspace is None and max_seq_tokens == 1 and tokens > 0 and num_seqs > 0:
+            workspace = torch.empty(self.attention_workspace_size(tokens, num_seqs, num_heads, D, max_seq),
+                                    dtype=torch.uint8, device=q.device)
+        if workspace is not None:
+            _check_tensor("workspace", workspace, device=q.device)
+            nbytes = workspace.numel() * workspace.element_size()
+        st = self.lib.adafuse_attention(
+            dtype_code(q.dtype), tokens, num_seqs, int(max_seq_tokens), num_heads, KV, D, max_seq, q.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), seq_starts.data_ptr(), seq_slots.data_ptr(), positions.data_ptr(),
+            int(window), float(scale), float(softcap), out.data_ptr(),
+            workspace.data_ptr() if workspace is not None else None, nbytes, self._stream_handle(stream))
+        self._raise_if(st, "adafuse_attention")
+        return out
+
+    def gather_rows(self, src, index, *, out=None, stream=None):
+        """out[i] = src[index[i]] (src row-strided, index [rows] int32) -> [rows, cols]."""
+        torch = _torch()
+        _check_rows("src", src)
+        _check_tensor("index", index, dtype=torch.int32, device=src.device)
+        if index.dim() != 1:
+            raise AdafuseKernelError(f"index must be [rows], got {tuple(index.shape)}", ADAFUSE_ERR_INVALID_ARGUMENT)
+        if out is None:
+            out = torch.empty((index.shape[0], src.shape[1]), dtype=src.dtype, device=src.device)
+        else:
+            _check_rows("out", out, dtype=src.dtype, device=src.device, shape=(index.shape[0], src.shape[1]))
+        st = self.lib.adafuse_gather_rows(dtype_code(src.dtype), index.shape[0], src.shape[1], src.data_ptr(),
+                                          src.stride(0), index.data_ptr(), out.data_ptr(), out.stride(0),
+                                          self._stream_handle(stream))
+        self._raise_if(st, "adafuse_gather_rows")
+        return out
+
+    def logits_to_float(self, x, *, softcap: float = 0.0, out=None, stream=None):
+        """float32 logits [rows, vocab] of x (row-strided), soft-capped when softcap > 0."""
+        torch = _torch()
+        _check_rows("x", x)
+        if out is None:
+            out = torch.empty(tuple(x.shape), dtype=torch.float32, device=x.device)
+        else:
+            _check_tensor("out", out, dtype=torch.float32, device=x.device, shape=tuple(x.shape))
+        st = self.lib.adafuse_logits_to_float(dtype_code(x.dtype), x.shape[0], x.shape[1], x.data_ptr(), x.stride(0),
+                                              float(softcap), out.data_ptr(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_logits_to_float")
+        return out
+
+    def route_topk(self, x, weight, bias, *, top_k: int, normalize: bool, stream=None):
+        """Softmax router of x [rows, in] (row-strided) with weight [experts, in] float32 and bias
+        [experts] float32 or None -> (ids [rows, top_k] int32, gates [rows, top_k] float32)."""
+        torch = _torch()
+        _check_rows("x", x)
+        _check_tensor("weight", weight, dtype=torch.float32, device=x.device)
+        if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+            raise AdafuseKernelError(f"weight must be [experts, {x.shape[1]}], got {tuple(weight.shape)}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
+        if bias is not None:
+            _check_tensor("bias", bias, dtype=torch.float32, device=x.device, shape=(weight.shape[0],))
+        ids = torch.empty((x.shape[0], top_k), dtype=torch.int32, device=x.device)
+        gates = torch.empty((x.shape[0], top_k), dtype=torch.float32, device=x.device)
+        st = self.lib.adafuse_route_topk(dtype_code(x.dtype), x.shape[0], x.shape[1], x.data_ptr(), x.stride(0),
+                                         weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                         weight.shape[0], int(top_k), 1 if normalize else 0, ids.data_ptr(),
+                                         gates.data_ptr(), self._stream_handle(stream))
+        self._raise_if(st, "adafuse_route_topk")
+        return ids, gates
 
     @staticmethod
     def _out(out, shape, like):
