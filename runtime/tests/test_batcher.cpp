@@ -197,7 +197,7 @@ TEST(InFlightBatcher, CancellationFreesTheSlotWithinOneStep) {
   while (done.empty()) done = batcher.step();
   EXPECT_EQ(done[0].id, c);
   EXPECT_EQ(done[0].tokens, HistoryBackendForTests::solo_tokens(pc, budget(6), o.vocab));
-  const auto& reuse = backend.steps()[static_cast<size_t>(before + 1)].rows;  // b's decode row, then c's prompt
+  const auto reuse = backend.steps()[static_cast<size_t>(before + 1)].rows;  // b's decode row, then c's prompt
   ASSERT_EQ(reuse.size(), 2u);
   EXPECT_EQ(reuse[1].slot, 0);
   EXPECT_EQ(reuse[1].start, 0);
