@@ -19,6 +19,10 @@ InFlightBatcher::InFlightBatcher(Backend& backend, int32_t step_tokens) : backen
   slot_taken_.assign(static_cast<size_t>(in.max_batch), false);
 }
 
+InFlightBatcher::~InFlightBatcher() {
+  for (const auto& s : sequences_) backend_.release(s.slot);
+}
+
 int32_t InFlightBatcher::free_slots() const {
   return static_cast<int32_t>(std::count(slot_taken_.begin(), slot_taken_.end(), false));
 }
@@ -42,7 +46,7 @@ uint64_t InFlightBatcher::admit(std::vector<int64_t> prompt, const SequenceOptio
   *free = true;
   const int32_t slot = static_cast<int32_t>(free - slot_taken_.begin());
   sequences_.push_back(Sequence{next_id_, slot, std::move(prompt), options, std::move(hooks), Sampler(options.sampling), {}, 0, 0,
-                                Finish::running, ""});
+                                Finish::running, "", ADAFUSE_OK});
   return next_id_++;
 }
 
@@ -64,7 +68,7 @@ std::vector<FinishedSequence> InFlightBatcher::collect_finished() {
   for (auto it = first_ended; it != sequences_.end(); ++it) {
     backend_.release(it->slot);  // its cache is free for the next sequence from the next step on
     slot_taken_[static_cast<size_t>(it->slot)] = false;
-    out.push_back(FinishedSequence{it->id, std::move(it->tokens), it->finish, std::move(it->error)});
+    out.push_back(FinishedSequence{it->id, std::move(it->tokens), it->finish, std::move(it->error), it->status});
   }
   sequences_.erase(first_ended, sequences_.end());
   return out;
@@ -108,6 +112,7 @@ void InFlightBatcher::emit(Sequence& s, const float* logits) {
     if (!s.hooks.on_token(token) && s.finish == Finish::running) s.finish = Finish::cancelled;
   } catch (const std::exception& e) {  // the caller's callback: it ends its own sequence only
     s.error = std::string("token callback failed: ") + e.what();
+    s.status = ADAFUSE_ERR_INTERNAL;
   }
 }
 
@@ -145,7 +150,11 @@ std::vector<FinishedSequence> InFlightBatcher::step() {
   } catch (const std::exception& e) {
     // The requests in this step fail; the slots are released and the batcher goes on with the next ones.
     const std::string what = e.what();
-    for (Sequence* s : in_step) s->error = what.empty() ? "the engine step failed" : what;
+    const auto* error = dynamic_cast<const Error*>(&e);
+    for (Sequence* s : in_step) {
+      s->error = what.empty() ? "the engine step failed" : what;
+      s->status = error ? error->status() : ADAFUSE_ERR_INTERNAL;
+    }
     last_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     auto failed = collect_finished();
     finished.insert(finished.end(), std::make_move_iterator(failed.begin()), std::make_move_iterator(failed.end()));

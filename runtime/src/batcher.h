@@ -42,6 +42,7 @@ struct FinishedSequence {
   std::vector<int64_t> tokens;
   Finish finish = Finish::running;
   std::string error;  // non-empty when the step that held the sequence failed
+  adafuse_status status = ADAFUSE_OK;  // the failure's status (ADAFUSE_ERR_CUDA, ...) when error is set
 };
 
 // What one step carried (for metrics and tests).
@@ -58,6 +59,10 @@ class InFlightBatcher {
   // step_tokens: the most tokens per step, 0 for the backend's max_step_tokens; it must be at least
   // max_batch (every slot may decode while a prompt is prefilled) and at most max_step_tokens.
   explicit InFlightBatcher(Backend& backend, int32_t step_tokens = 0);
+  // Releases the slots still held (the backend outlives the batcher).
+  ~InFlightBatcher();
+  InFlightBatcher(const InFlightBatcher&) = delete;
+  InFlightBatcher& operator=(const InFlightBatcher&) = delete;
 
   // Checks the sequence (prompt ids, options) against the engine and puts it into a free slot; its
   // prompt is prefilled from the next step on. Returns its id. Refused when no slot is free.
@@ -92,6 +97,7 @@ class InFlightBatcher {
     int32_t chunk = 0;      // tokens this sequence carries in the step being built
     Finish finish = Finish::running;
     std::string error;  // set when its step (or its token callback) failed: it ends with the error
+    adafuse_status status = ADAFUSE_OK;
   };
   void plan_prefill(int64_t budget);
   void emit(Sequence& s, const float* logits);
