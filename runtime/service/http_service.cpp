@@ -46,7 +46,7 @@ struct TokenChannel {
 class Service {
  public:
   Service(Backend& backend, const ServiceOptions& options)
-      : scheduler_(backend, options.queue_capacity, metrics_), server_(connection_limits(options)) {
+      : scheduler_(backend, options.queue_capacity, metrics_, options.step_tokens), server_(connection_limits(options)) {
     server_.on_refusal = [this](int status) { metrics_.request(status); };
     server_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
       const BackendInfo& info = scheduler_.info();
@@ -180,6 +180,7 @@ bool parse_service_option(const std::string& flag, const std::string& value, Ser
   else if (flag == "--max-connections") options.max_connections = static_cast<size_t>(number(1, 1 << 16));
   else if (flag == "--idle-timeout-ms") options.idle_timeout_ms = number(1, 3600000);
   else if (flag == "--request-timeout-ms") options.request_deadline_ms = number(1, 3600000);
+  else if (flag == "--step-tokens") options.step_tokens = static_cast<int32_t>(number(1, 1 << 20));
   else return false;
   return true;
 }

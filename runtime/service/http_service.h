@@ -27,10 +27,13 @@ struct ServiceOptions {
   size_t max_connections = 1024;
   long idle_timeout_ms = 5000;
   long request_deadline_ms = 10000;
+  // In-flight backends: the most tokens per engine step (decode rows + prefill chunks); 0: the
+  // backend's max_step_tokens. Smaller bounds the step time running sequences wait for.
+  int32_t step_tokens = 0;
 };
 
 // Reads one service option (--host, --port, --queue, --max-connections, --idle-timeout-ms,
-// --request-timeout-ms) into options; false when `flag` is not one.
+// --request-timeout-ms, --step-tokens) into options; false when `flag` is not one.
 bool parse_service_option(const std::string& flag, const std::string& value, ServiceOptions& options);
 
 // Serves until SIGINT or SIGTERM; prints "listening on http://HOST:PORT" once bound. Returns an exit code.

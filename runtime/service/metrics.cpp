@@ -50,6 +50,7 @@ std::string Metrics::prometheus() const {
         << "adafuse_step_latency_seconds_sum{phase=\"" << phase << "\"} " << h.sum << "\n"
         << "adafuse_step_latency_seconds_count{phase=\"" << phase << "\"} " << h.count << "\n";
   }
+  out << batching_.prometheus();
   return out.str();
 }
 

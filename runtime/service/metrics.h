@@ -8,6 +8,8 @@
 #include <mutex>
 #include <string>
 
+#include "batching_metrics.h"
+
 namespace adafuse {
 
 class Metrics {
@@ -18,6 +20,8 @@ class Metrics {
   void active_sequences(int64_t n);
   void step(bool prefill, double seconds);
   std::string prometheus() const;
+  // The executor's batching histograms (batching_metrics.h), appended to prometheus().
+  BatchingMetrics& batching() { return batching_; }
 
  private:
   static constexpr std::array<double, 10> kBuckets = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0};
@@ -31,6 +35,7 @@ class Metrics {
   uint64_t tokens_ = 0;
   int64_t queue_depth_ = 0, active_ = 0;
   Histogram prefill_, decode_;
+  BatchingMetrics batching_;
 };
 
 }  // namespace adafuse

@@ -1,12 +1,19 @@
-// The service's request queue and batcher. Requests wait in a bounded queue; one worker thread
-// takes the oldest request and up to max_batch - 1 more of the same prompt length (the engine has
-// one past length per batch), prefills them together, then runs one decode step for all of them at a
-// time until each has finished. A failed step fails the requests of that batch, not the service.
+// The service's request queue and executor. Requests wait in a bounded queue; one worker thread runs
+// them with the executor the backend allows (info().in_flight):
+// - in-flight (native backend): requests take free cache slots at step boundaries in arrival order
+//   and share every step with the running sequences (src/batcher.h: chunked prefill, the wait policy);
+//   a slot frees the moment its request ends or is cancelled.
+// - equal-length (TensorRT engines, no length per row): the oldest request and up to max_batch - 1
+//   more of the same prompt length are prefilled together, then decoded one step at a time until
+//   each has finished; then the next batch.
+// A failed step fails the requests in it, not the service.
 #pragma once
 
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <atomic>
+#include <chrono>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -15,6 +22,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "batcher.h"
 #include "generation.h"
 #include "metrics.h"
 
@@ -31,12 +39,17 @@ struct GenerateRequest {
   SequenceOptions options;
   // Called from the worker for each token; false cancels the request (e.g. the client went away).
   std::function<bool(int64_t)> on_token;
+  // Set from any thread (e.g. the HTTP front when the client goes away): the request ends as
+  // cancelled at the next step boundary, and its slot is freed there.
+  std::atomic<bool> cancel{false};
   std::promise<GenerateResult> done;
+  std::chrono::steady_clock::time_point submitted;  // set by Scheduler::submit (queue wait)
 };
 
 class Scheduler {
  public:
-  Scheduler(Backend& backend, size_t queue_capacity, Metrics& metrics);
+  // step_tokens: the in-flight executor's tokens per step (0: the backend's max_step_tokens).
+  Scheduler(Backend& backend, size_t queue_capacity, Metrics& metrics, int32_t step_tokens = 0);
   ~Scheduler();
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -51,16 +64,22 @@ class Scheduler {
 
  private:
   void run();
+  // The equal-length executor.
+  void run_equal_length();
   std::vector<std::shared_ptr<GenerateRequest>> next_batch();
   void decode(std::vector<std::shared_ptr<GenerateRequest>>& batch);
+  // The in-flight executor.
+  void run_in_flight();
 
   Backend& backend_;
   size_t capacity_;
   Metrics& metrics_;
+  int32_t step_tokens_;
   std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<std::shared_ptr<GenerateRequest>> queue_;
   bool stopping_ = false;
+  std::unique_ptr<InFlightBatcher> batcher_;  // in-flight backends only; made before the worker starts
   std::thread worker_;
 };
 

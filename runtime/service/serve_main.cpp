@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
       if (arg == "-h" || arg == "--help") {
         std::printf("usage: adafuse-serve --engine OUT.engine [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
                     "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
-                    "       [--request-timeout-ms MS]\n");
+                    "       [--request-timeout-ms MS] [--step-tokens N]\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");

@@ -80,7 +80,8 @@ void Backend::release(int32_t slot) {
 void Backend::step(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,
                    float* gates) {
   const BackendInfo& in = info();
-  if (!in.in_flight) do_step(ids, rows, n_rows, logits, expert_ids, gates);  // refuses
+  // Qualified: the base's refusal, even where a subclass overrides do_step but reports !in_flight.
+  if (!in.in_flight) Backend::do_step(ids, rows, n_rows, logits, expert_ids, gates);
   if (rows == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "step rows: NULL pointer");
   if (n_rows < 1 || n_rows > in.max_batch)
     fail(ADAFUSE_ERR_INVALID_ARGUMENT, "step of " + std::to_string(n_rows) + " sequences: the engine takes 1 to " +

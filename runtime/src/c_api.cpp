@@ -1,10 +1,12 @@
 // The C API: catches every exception at the boundary and turns it into a status and a message.
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 
 #include "adafuse/runtime.h"
 #include "engine_handle.h"
+#include "batcher.h"
 #include "error.h"
 #include "generation.h"
 #include "handles.h"
@@ -71,6 +73,28 @@ T* hand_out(std::unique_ptr<T> handle, Kind kind) {
 template <typename T>
 void free_handle(T* handle, Kind kind) {
   if (adafuse::handles::remove(handle, kind)) delete handle;  // unknown or freed pointers are ignored
+}
+
+// Sequence i's options from the C API's (seed + i), after the options' own pointers are checked.
+adafuse::SequenceOptions sequence_options(const adafuse_generate_options& o, int32_t i) {
+  adafuse::SequenceOptions seq;
+  seq.sampling = o.sampling;
+  seq.sampling.seed = o.sampling.seed + static_cast<uint64_t>(i);
+  seq.max_new_tokens = o.max_new_tokens;
+  seq.stop_ids.assign(o.stop_ids, o.stop_ids + o.num_stop_ids);
+  return seq;
+}
+
+void check_generate_options(const adafuse_generate_options* options) {
+  need(options, "options");
+  if (options->num_stop_ids > 0) need(options->stop_ids, "options.stop_ids");
+  if (options->num_stop_ids > 1u << 20)
+    adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "num_stop_ids " + std::to_string(options->num_stop_ids) + " exceeds 1048576");
+}
+
+void write_tokens(const std::vector<int64_t>& tokens, size_t width, int64_t* out_tokens, int32_t* out_length) {
+  for (size_t j = 0; j < width; ++j) out_tokens[j] = j < tokens.size() ? tokens[j] : -1;
+  *out_length = static_cast<int32_t>(tokens.size());
 }
 
 }  // namespace
@@ -176,13 +200,12 @@ adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_id
   return guarded([&] {
     need(engine, "engine");
     need(prompt_ids, "prompt_ids");
-    need(options, "options");
+    check_generate_options(options);
     need(out_tokens, "out_tokens");
     need(out_lengths, "out_lengths");
     if (batch < 1 || prompt_len < 1)
       adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "batch and prompt_len must be >= 1, found " + std::to_string(batch) +
                                                       " and " + std::to_string(prompt_len));
-    if (options->num_stop_ids > 0) need(options->stop_ids, "options.stop_ids");
     // Before copying batch x prompt_len ids out of the caller's buffer: the engine's own bounds.
     const adafuse::BackendInfo& info = engine->backend->info();
     if (batch > info.max_batch)
@@ -192,17 +215,12 @@ adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_id
       adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(prompt_len) +
                                                       " tokens is longer than the engine's profile (max_seq " +
                                                       std::to_string(info.max_seq) + ")");
-    if (options->num_stop_ids > 1u << 20)
-      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "num_stop_ids " + std::to_string(options->num_stop_ids) + " exceeds 1048576");
     std::vector<std::vector<int64_t>> prompts;
-    std::vector<adafuse::SequenceOptions> seq(static_cast<size_t>(batch));
+    std::vector<adafuse::SequenceOptions> seq;
     for (int32_t i = 0; i < batch; ++i) {
       const int64_t* row = prompt_ids + static_cast<size_t>(i) * static_cast<size_t>(prompt_len);
       prompts.emplace_back(row, row + prompt_len);
-      seq[static_cast<size_t>(i)].sampling = options->sampling;
-      seq[static_cast<size_t>(i)].sampling.seed = options->sampling.seed + static_cast<uint64_t>(i);
-      seq[static_cast<size_t>(i)].max_new_tokens = options->max_new_tokens;
-      seq[static_cast<size_t>(i)].stop_ids.assign(options->stop_ids, options->stop_ids + options->num_stop_ids);
+      seq.push_back(sequence_options(*options, i));
     }
     adafuse::Generation gen(*engine->backend, std::move(prompts), std::move(seq));
     adafuse::TokenCallback callback;
@@ -211,10 +229,78 @@ adafuse_status adafuse_generate(adafuse_engine* engine, const int64_t* prompt_id
     while (gen.step(callback)) {
     }
     const size_t width = static_cast<size_t>(options->max_new_tokens);
-    for (size_t i = 0; i < gen.size(); ++i) {
-      const auto& tokens = gen.tokens(i);
-      for (size_t j = 0; j < width; ++j) out_tokens[i * width + j] = j < tokens.size() ? tokens[j] : -1;
-      out_lengths[i] = static_cast<int32_t>(tokens.size());
+    for (size_t i = 0; i < gen.size(); ++i) write_tokens(gen.tokens(i), width, out_tokens + i * width, out_lengths + i);
+  });
+}
+
+adafuse_status adafuse_generate_many(adafuse_engine* engine, const int64_t* const* prompts, const int32_t* prompt_lens,
+                                     int32_t n, const adafuse_generate_options* options, int64_t* out_tokens,
+                                     int32_t* out_lengths) {
+  return guarded([&] {
+    need(engine, "engine");
+    need(prompts, "prompts");
+    need(prompt_lens, "prompt_lens");
+    need(out_tokens, "out_tokens");
+    need(out_lengths, "out_lengths");
+    check_generate_options(options);
+    if (n < 1 || n > (1 << 20)) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "n must be in [1, 1048576], found " + std::to_string(n));
+    const adafuse::BackendInfo& info = engine->backend->info();
+    for (int32_t i = 0; i < n; ++i) {  // the engine's bounds before any prompt is copied
+      need(prompts[i], ("prompts[" + std::to_string(i) + "]").c_str());
+      if (prompt_lens[i] < 1 || prompt_lens[i] > info.max_seq)
+        adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt_lens[" + std::to_string(i) + "] = " + std::to_string(prompt_lens[i]) +
+                                                        ": expected 1 to the engine's max_seq " + std::to_string(info.max_seq));
+    }
+    std::vector<std::vector<int64_t>> copied;
+    for (int32_t i = 0; i < n; ++i) copied.emplace_back(prompts[i], prompts[i] + prompt_lens[i]);
+    const size_t width = static_cast<size_t>(options->max_new_tokens);
+    if (!info.in_flight) {
+      for (int32_t i = 1; i < n; ++i)
+        if (prompt_lens[i] != prompt_lens[0])
+          adafuse::fail(ADAFUSE_ERR_UNSUPPORTED, "prompt " + std::to_string(i) + " has " + std::to_string(prompt_lens[i]) +
+                                                     " tokens, prompt 0 has " + std::to_string(prompt_lens[0]) + ": " +
+                                                     info.description + " runs equal-length batches only (no in-flight step)");
+      if (n > info.max_batch)
+        adafuse::fail(ADAFUSE_ERR_UNSUPPORTED, std::to_string(n) + " prompts: " + info.description +
+                                                   " runs equal-length batches of at most " + std::to_string(info.max_batch));
+    }
+    std::vector<adafuse::SequenceOptions> seq;
+    for (int32_t i = 0; i < n; ++i) {  // every prompt is checked before any runs
+      seq.push_back(sequence_options(*options, i));
+      const auto& p = copied[static_cast<size_t>(i)];
+      adafuse::check_sequence(info, p.size(), seq.back());
+      for (size_t j = 0; j < p.size(); ++j)
+        if (p[j] < 0 || p[j] >= info.vocab)
+          adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompts[" + std::to_string(i) + "][" + std::to_string(j) + "] = " +
+                                                          std::to_string(p[j]) + " is out of the vocabulary [0, " +
+                                                          std::to_string(info.vocab) + ")");
+    }
+    if (!info.in_flight) {
+      adafuse::Generation gen(*engine->backend, std::move(copied), std::move(seq));
+      adafuse::TokenCallback callback;
+      if (options->on_token != nullptr)
+        callback = [&](int32_t s, int64_t t) { return options->on_token(options->user, s, t) == 0; };
+      while (gen.step(callback)) {
+      }
+      for (size_t i = 0; i < gen.size(); ++i) write_tokens(gen.tokens(i), width, out_tokens + i * width, out_lengths + i);
+      return;
+    }
+    adafuse::InFlightBatcher batcher(*engine->backend);
+    std::map<uint64_t, int32_t> sequence_of;
+    int32_t next = 0, done = 0;
+    while (done < n) {
+      for (; next < n && batcher.free_slots() > 0; ++next) {
+        adafuse::SequenceHooks hooks;
+        if (options->on_token != nullptr)
+          hooks.on_token = [options, i = next](int64_t t) { return options->on_token(options->user, i, t) == 0; };
+        sequence_of[batcher.admit(std::move(copied[static_cast<size_t>(next)]), seq[static_cast<size_t>(next)], std::move(hooks))] = next;
+      }
+      for (auto& f : batcher.step()) {
+        const int32_t i = sequence_of.at(f.id);
+        if (!f.error.empty()) adafuse::fail(f.status, "sequence " + std::to_string(i) + ": " + f.error);
+        write_tokens(f.tokens, width, out_tokens + static_cast<size_t>(i) * width, out_lengths + i);
+        ++done;
+      }
     }
   });
 }

@@ -1,10 +1,13 @@
 // The C API: status codes and messages at the boundary, generation with a streaming callback, and
 // opening an engine up to the first step this machine cannot take (TensorRT itself, a GPU).
 #include <cstdlib>
+#include <map>
+#include <random>
 
 #include "adafuse/runtime.h"
 #include "engine_fixture.h"
 #include "engine_handle.h"
+#include "history_backend_for_tests.h"
 #include "replay_backend_for_tests.h"
 
 namespace adafuse::testing {
@@ -154,6 +157,96 @@ TEST_F(OpenEngine, StopsAtTheGpuOrTheRuntime) {
     EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
   else
     EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+}
+
+}  // namespace
+}  // namespace adafuse::testing
+
+// adafuse_generate_many: prompts of any lengths through in-flight batching, more prompts than slots.
+namespace adafuse::testing {
+namespace {
+
+void expect_status(adafuse_status got, adafuse_status want, const std::string& message) {
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(std::string(adafuse_last_error()), message);
+}
+
+HistoryBackendOptions many_options(bool in_flight) {
+  HistoryBackendOptions o;
+  o.max_batch = 3;
+  o.max_seq = 80;
+  o.max_step_tokens = 24;
+  o.vocab = 20;
+  o.in_flight = in_flight;
+  return o;
+}
+
+TEST(CApi, GenerateManyRunsPromptsOfAnyLengthInFlight) {
+  adafuse_engine* engine = adafuse::make_engine_handle(std::make_unique<HistoryBackendForTests>(many_options(true)));
+  std::mt19937_64 rng(11);
+  std::vector<std::vector<int64_t>> prompts;
+  for (int i = 0; i < 10; ++i) {
+    prompts.emplace_back(1 + rng() % 60);
+    for (auto& t : prompts.back()) t = static_cast<int64_t>(rng() % 20);
+  }
+  std::vector<const int64_t*> pointers;
+  std::vector<int32_t> lens;
+  for (const auto& p : prompts) pointers.push_back(p.data()), lens.push_back(static_cast<int32_t>(p.size()));
+  std::map<int32_t, std::vector<int64_t>> streamed;
+  adafuse_generate_options o = adafuse_generate_options_default();
+  o.max_new_tokens = 12;
+  o.sampling = {0.8f, 0, 1.0f, 500};
+  o.user = &streamed;
+  o.on_token = [](void* user, int32_t s, int64_t t) {
+    auto& m = *static_cast<std::map<int32_t, std::vector<int64_t>>*>(user);
+    m[s].push_back(t);
+    return s == 4 && m[s].size() == 2 ? 1 : 0;  // sequence 4 stops after two tokens
+  };
+  std::vector<int64_t> tokens(10 * 12, 99);
+  std::vector<int32_t> lengths(10, -5);
+  ASSERT_EQ(adafuse_generate_many(engine, pointers.data(), lens.data(), 10, &o, tokens.data(), lengths.data()), ADAFUSE_OK)
+      << adafuse_last_error();
+  for (int32_t i = 0; i < 10; ++i) {
+    SequenceOptions seq;
+    seq.max_new_tokens = 12;
+    seq.sampling = {0.8f, 0, 1.0f, 500u + static_cast<uint64_t>(i)};
+    auto solo = HistoryBackendForTests::solo_tokens(prompts[static_cast<size_t>(i)], seq, 20);
+    if (i == 4) solo.resize(2);
+    const std::vector<int64_t> row(tokens.begin() + i * 12, tokens.begin() + i * 12 + lengths[static_cast<size_t>(i)]);
+    EXPECT_EQ(row, solo) << "sequence " << i;
+    EXPECT_EQ(streamed[i], solo) << "sequence " << i;
+    for (int32_t j = lengths[static_cast<size_t>(i)]; j < 12; ++j) EXPECT_EQ(tokens[static_cast<size_t>(i * 12 + j)], -1);
+  }
+  // Bad input is refused before anything runs, naming the prompt.
+  const int32_t bad_len[2] = {3, 81};
+  expect_status(adafuse_generate_many(engine, pointers.data(), bad_len, 2, &o, tokens.data(), lengths.data()),
+                ADAFUSE_ERR_INVALID_ARGUMENT, "prompt_lens[1] = 81: expected 1 to the engine's max_seq 80");
+  const int64_t out_of_vocab[2] = {1, 20};
+  const int64_t* bad_ids[1] = {out_of_vocab};
+  const int32_t two[1] = {2};
+  expect_status(adafuse_generate_many(engine, bad_ids, two, 1, &o, tokens.data(), lengths.data()), ADAFUSE_ERR_INVALID_ARGUMENT,
+                "prompts[0][1] = 20 is out of the vocabulary [0, 20)");
+  adafuse_engine_free(engine);
+}
+
+TEST(CApi, GenerateManyOnAnEqualLengthEngine) {
+  adafuse_engine* engine = adafuse::make_engine_handle(std::make_unique<HistoryBackendForTests>(many_options(false)));
+  const int64_t a[3] = {1, 2, 3}, b[3] = {4, 5, 6}, c[2] = {7, 8};
+  const int64_t* same[2] = {a, b};
+  const int64_t* mixed[2] = {a, c};
+  const int32_t same_lens[2] = {3, 3}, mixed_lens[2] = {3, 2};
+  adafuse_generate_options o = adafuse_generate_options_default();
+  o.max_new_tokens = 5;
+  std::vector<int64_t> tokens(2 * 5);
+  std::vector<int32_t> lengths(2);
+  ASSERT_EQ(adafuse_generate_many(engine, same, same_lens, 2, &o, tokens.data(), lengths.data()), ADAFUSE_OK) << adafuse_last_error();
+  SequenceOptions seq;
+  seq.max_new_tokens = 5;
+  EXPECT_EQ(std::vector<int64_t>(tokens.begin() + 5, tokens.end()), HistoryBackendForTests::solo_tokens({4, 5, 6}, seq, 20));
+  expect_status(adafuse_generate_many(engine, mixed, mixed_lens, 2, &o, tokens.data(), lengths.data()), ADAFUSE_ERR_UNSUPPORTED,
+                "prompt 1 has 2 tokens, prompt 0 has 3: history hash backend (tests only) runs equal-length batches only (no "
+                "in-flight step)");
+  adafuse_engine_free(engine);
 }
 
 }  // namespace
