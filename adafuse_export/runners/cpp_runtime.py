@@ -35,7 +35,8 @@ class _Sampling(ctypes.Structure):
 
 class _OpenOptions(ctypes.Structure):
     _fields_ = [("engine_path", ctypes.c_char_p), ("tensorrt_library", ctypes.c_char_p),
-                ("plugin_library", ctypes.c_char_p), ("device", _i32), ("cuda_graphs", _i32)]
+                ("plugin_library", ctypes.c_char_p), ("device", _i32), ("cuda_graphs", _i32),
+                ("strategy", ctypes.c_char_p)]  # native artifacts: b"fused" (None) or b"switch"
 
 
 # name -> (restype, argtypes) of every C function used here

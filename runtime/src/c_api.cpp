@@ -10,6 +10,7 @@
 #include "handles.h"
 #include "manifest.h"
 #include "native_artifact.h"
+#include "native_backend.h"
 #include "routing.h"
 #include "sampling.h"
 #include "tensorrt_backend.h"
@@ -139,22 +140,25 @@ adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logit
 }
 void adafuse_sampler_free(adafuse_sampler* sampler) { free_handle(sampler, Kind::sampler); }
 
-adafuse_open_options adafuse_open_options_default(void) { return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1}; }
+adafuse_open_options adafuse_open_options_default(void) {
+  return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1, nullptr};
+}
 
 adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out) {
   return guarded([&] {
     need(options, "options");
     need(options->engine_path, "options.engine_path");
     need(out, "out");
-    if (adafuse::is_native_artifact_path(options->engine_path)) {
-      const adafuse::NativeArtifact artifact = adafuse::NativeArtifact::open(options->engine_path);
-      artifact.require_covered();
-      adafuse::fail(ADAFUSE_ERR_UNSUPPORTED, artifact.summary() +
-                                                 "; the artifact passed every check, but native execution is not built "
-                                                 "into this runtime yet (runtime/README.md, 'The native backend')");
-    }
     auto engine = std::make_unique<adafuse_engine>();
-    engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    if (adafuse::is_native_artifact_path(options->engine_path)) {
+      engine->backend = adafuse::open_native_backend(adafuse::NativeArtifact::open(options->engine_path), *options);
+    } else {
+      if (options->strategy != nullptr && std::string(options->strategy) != "fused")
+        adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.strategy '" + std::string(options->strategy) +
+                                                        "': a TensorRT engine runs the strategy it was built with (NULL or "
+                                                        "'fused'); 'switch' is a native artifact's option");
+      engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    }
     *out = hand_out(std::move(engine), Kind::engine);
   });
 }
