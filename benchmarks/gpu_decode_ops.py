@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time the decode-step kernels (plugins/kernels/src/decode_ops.cu) on one GPU.
+"""Time the decode-step kernels (plugins/kernels/src/model_ops.cu) on one GPU.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_decode_ops.py --out $OUT
 

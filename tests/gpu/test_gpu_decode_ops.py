@@ -1,4 +1,4 @@
-"""The decode-step kernels (plugins/kernels/src/decode_ops.cu) against float64 references on the GPU.
+"""The decode-step kernels (plugins/kernels/src/model_ops.cu) against float64 references on the GPU.
 
 add_rms_norm, rope_kv_write, silu_mul and decode_attention over dtype x odd sizes, strided views of
 a fused projection output, GQA groups 1-8 and sliding windows; outputs NaN-poisoned, and for the

@@ -301,7 +301,11 @@ int adafuse_rope_cache_write(adafuse_dtype dtype, int tokens, int num_heads, int
 // max_seq_tokens (host) bounds every sequence's query count: 1 runs the split-K decode kernel
 // (one query per sequence, flash-decoding), more runs the tiled prefill kernel (a block per
 // query tile and head, key tiles in shared memory, online softmax). Same limits as
-// adafuse_decode_attention on head_dim, groups and alignment.
+// adafuse_decode_attention on head_dim, groups and alignment; also num_seqs, num_heads <= 65535,
+// and with max_seq_tokens == 1, tokens <= num_seqs (a sequence may have no query this call).
+// Workspace: the decode kernel's split-K partials, adafuse_attention_workspace_size (it grows with
+// tokens and max_seq only: size once for the largest); the prefill kernel takes none (NULL, 0).
+// A query whose position is outside [0, max_seq) sees no key: its output is NaN (the runtime checks).
 size_t adafuse_attention_workspace_size(int tokens, int num_seqs, int num_heads, int head_dim, int max_seq);
 int adafuse_attention(adafuse_dtype dtype, int tokens, int num_seqs, int max_seq_tokens, int num_heads,
                       int num_kv_heads, int head_dim, int max_seq, const void* q, const void* k_cache,
@@ -310,7 +314,7 @@ int adafuse_attention(adafuse_dtype dtype, int tokens, int num_seqs, int max_seq
                       void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // dst[i] = src[index[i]] for rows of `cols` elements (row strides ld_src, ld_dst): the last
-// token of each sequence before the LM head.
+// token of each sequence before the LM head. An index < 0 leaves its row of dst untouched.
 int adafuse_gather_rows(adafuse_dtype dtype, int rows, int cols, const void* src, long long ld_src,
                         const int32_t* index, void* dst, long long ld_dst, cudaStream_t stream);
 
