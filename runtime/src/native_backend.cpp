@@ -13,6 +13,7 @@
 #include "native_backend_impl.h"
 #include "route_gather.h"
 #include "routing.h"
+#include "safetensors.h"
 
 namespace adafuse {
 namespace native_detail {
