@@ -2,6 +2,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "adafuse/runtime.h"
 #include "engine_handle.h"
@@ -236,6 +237,31 @@ adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_
     need(engine, "engine");
     engine->backend->decode(ids, batch, logits, expert_ids, gates);
   });
+}
+adafuse_status adafuse_step(adafuse_engine* engine, const int64_t* ids, const adafuse_step_row* rows, int32_t n_rows,
+                            float* logits, int32_t* expert_ids, float* gates) {
+  return guarded([&] {
+    need(engine, "engine");
+    need(rows, "rows");
+    const int32_t max_rows = engine->backend->info().max_batch;
+    if (n_rows < 1 || n_rows > max_rows)  // before reading the caller's array
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "step of " + std::to_string(n_rows) + " sequences: the engine takes 1 to " +
+                                                      std::to_string(max_rows));
+    std::vector<adafuse::StepRow> step(static_cast<size_t>(n_rows));
+    for (int32_t r = 0; r < n_rows; ++r)
+      step[static_cast<size_t>(r)] = adafuse::StepRow{rows[r].slot, rows[r].start, rows[r].count, rows[r].all_logits != 0};
+    engine->backend->step(ids, step.data(), n_rows, logits, expert_ids, gates);
+  });
+}
+void adafuse_step_limits(const adafuse_engine* engine, int32_t* in_flight, int32_t* max_step_tokens) {
+  const adafuse::BackendInfo none;
+  const adafuse::BackendInfo& info = adafuse::handles::valid(engine, Kind::engine) ? engine->backend->info() : none;
+  if (in_flight) *in_flight = info.in_flight ? 1 : 0;
+  if (max_step_tokens) *max_step_tokens = info.max_step_tokens;
+}
+int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot) {
+  if (!adafuse::handles::valid(engine, Kind::engine) || slot < 0 || slot >= engine->backend->info().max_batch) return 0;
+  return engine->backend->slot_length(slot);
 }
 int32_t adafuse_past_length(const adafuse_engine* engine) {
   return adafuse::handles::valid(engine, Kind::engine) ? engine->backend->past_length() : 0;

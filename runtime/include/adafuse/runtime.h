@@ -136,6 +136,25 @@ ADAFUSE_API adafuse_status adafuse_prefill(adafuse_engine* engine, const int64_t
                                            float* logits, int32_t* expert_ids, float* gates);
 ADAFUSE_API adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_t batch, float* logits,
                                           int32_t* expert_ids, float* gates);
+/* In-flight steps (engines whose adafuse_step_limits says in_flight: the native backend): sequences of
+ * different lengths share a step, each in its own cache slot in [0, max_batch). A row takes `count` new
+ * tokens at positions start .. start + count - 1 of its slot (start 0 begins a sequence; start at most the
+ * tokens the slot holds). ids: the rows' tokens concatenated in row order. logits receives, row after row,
+ * [count, vocab] float32 for a row with all_logits != 0, else [vocab] (its last position).
+ * expert_ids/gates [total tokens, top_k] receive the routes (may be NULL). The slot lengths move only when
+ * the step succeeds. */
+typedef struct adafuse_step_row {
+  int32_t slot;
+  int32_t start;
+  int32_t count;
+  int32_t all_logits;
+} adafuse_step_row;
+ADAFUSE_API adafuse_status adafuse_step(adafuse_engine* engine, const int64_t* ids, const adafuse_step_row* rows,
+                                        int32_t n_rows, float* logits, int32_t* expert_ids, float* gates);
+/* in_flight: 1 when adafuse_step runs (0: equal-length batches only); max_step_tokens: the most tokens of one step. */
+ADAFUSE_API void adafuse_step_limits(const adafuse_engine* engine, int32_t* in_flight, int32_t* max_step_tokens);
+/* Tokens slot `slot` holds (0 when out of range or released). */
+ADAFUSE_API int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot);
 /* Tokens held in the KV cache of the current batch. */
 ADAFUSE_API int32_t adafuse_past_length(const adafuse_engine* engine);
 /* The cache's layer count, KV heads and head size. */
