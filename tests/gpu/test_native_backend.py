@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -118,7 +119,8 @@ def check_against_reference(lib, ckpt_dir: Path, art: Path, strategy: str, graph
 
 
 def strategies(kind: str) -> list[str]:
-    return ["fused", "switch"] if KINDS[kind].get("routing") == "pregate" else ["fused"]
+    config = cast(dict, KINDS[kind])
+    return ["fused", "switch"] if config["routing"] == "pregate" else ["fused"]
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
