@@ -207,16 +207,21 @@ def check(runtime_build, art: Path) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-def open_through_c_api(lib_path: str, art: Path) -> tuple[int, str]:
+def open_through_c_api(lib_path: str, art: Path, strategy: bytes | None = None) -> tuple[int, str]:
     from adafuse_export.runners.cpp_runtime import _OpenOptions, load_library
 
     lib = load_library(lib_path)
-    options = _OpenOptions(str(art).encode(), None, None, 0, 1)
+    options = _OpenOptions(str(art).encode(), None, None, 0, 1, strategy)
     handle = ctypes.c_void_p()
     status = lib.adafuse_engine_open(ctypes.byref(options), ctypes.byref(handle))
-    if status == 0:  # never expected: native execution is not built
+    if status == 0:  # never on CI (no GPU)
         lib.adafuse_engine_free(handle)
     return status, lib.adafuse_last_error().decode()
+
+
+COVERS = ("every family feature (both norm kinds, post norms, q/k norm, SiLU and GeGLU, embedding scale, partial and "
+          "scaled RoPE, sliding windows, soft-capping) with a routing table, an in-decoder pre-gate, per-projection "
+          "routers or FFN experts, up to 8 routes per token")
 
 
 def test_reader_accepts_every_kind_and_names_what_is_not_covered(runtime_build, artifacts):
@@ -225,31 +230,101 @@ def test_reader_accepts_every_kind_and_names_what_is_not_covered(runtime_build, 
     lines = covered.stdout.splitlines()
     assert lines[0].endswith("llama float32, 2 layers, routing pregate (4 experts, top-2), 34 tensors checked, kernel ABI " + str(native.ABI_VERSION))
     assert lines[1] == "needs: RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention, routing table"
-    assert check(runtime_build, artifacts["lora-llama"]).returncode == 0
-    assert check(runtime_build, artifacts["pregate-phi3"]).returncode == 0
-    for name, missing in (("pregate-gemma2", "(1+w) RMSNorm, norms of the attention and MLP outputs, GeGLU MLP (gelu tanh), "
-                                             "embedding scale, decode attention of head_dim 256 with 2 query heads "
-                                             "per KV head, attention soft-capping, sliding-window attention, "
-                                             "final logit soft-capping"),  # head_dim 256 in float32: 1 KiB, over 512 B
-                          ("pregate-qwen3", "q/k norm"), ("mola-llama", "a router per projection (layerwise)"),
-                          ("mixlora-qwen2", "FFN experts (MixLoRA)"),
-                          ("pregate-ffn-llama", "in-decoder pre-gate (pregate_input mlp_norm_0)")):
+    assert lines[2] == "not covered by the native backend: -"
+    for name, needs in (("pregate-qwen3", "RMSNorm, q/k norm, SiLU-gated MLP, full RoPE, GQA decode attention, routing table"),
+                        ("mola-llama", "RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention, a router per projection (layerwise)"),
+                        ("mixlora-qwen2", "RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention, FFN experts (MixLoRA)"),
+                        ("pregate-ffn-llama", "RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention, in-decoder pre-gate "
+                                              "(pregate_input mlp_norm_0)"),
+                        ("lora-llama", None), ("pregate-phi3", None)):
         proc = check(runtime_build, artifacts[name])
-        assert proc.returncode == 1, name
-        family = name.split("-")[-1]
-        assert proc.stderr == (f"error: {artifacts[name]}: {family} needs {missing}, which the native kernels do not cover "
-                               "yet (they run the Llama-style step (RMSNorm, SiLU-gated MLP, full RoPE, GQA decode "
-                               "attention) with a routing table or without routing)\n"), proc.stderr
+        assert proc.returncode == 0, (name, proc.stderr)
+        if needs is not None:
+            assert proc.stdout.splitlines()[1] == f"needs: {needs}", name
+    # head_dim 256 in float32 is 1 KiB per head, over the attention kernels' 512 bytes: the one refusal left
+    proc = check(runtime_build, artifacts["pregate-gemma2"])
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[1] == ("needs: (1+w) RMSNorm, norms of the attention and MLP outputs, GeGLU MLP (gelu tanh), "
+                                           "embedding scale, full RoPE, decode attention of head_dim 256 with 2 query heads per "
+                                           "KV head, attention soft-capping, sliding-window attention, final logit soft-capping, "
+                                           "routing table")
+    assert proc.stderr == (f"error: {artifacts['pregate-gemma2']}: gemma2 needs decode attention of head_dim 256 with 2 query "
+                           f"heads per KV head, which the native backend does not cover (it runs {COVERS})\n"), proc.stderr
 
 
-def test_c_api_checks_everything_then_says_execution_is_not_built(runtime_lib, artifacts):
-    status, message = open_through_c_api(runtime_lib, artifacts["pregate-llama"])
-    assert status == 7  # ADAFUSE_ERR_UNSUPPORTED
-    assert message == (f"{artifacts['pregate-llama']}: llama float32, 2 layers, routing pregate (4 experts, top-2), 34 tensors "
-                       f"checked, kernel ABI {native.ABI_VERSION}; the artifact passed every check, but native execution is not built into this "
-                       "runtime yet (runtime/README.md, 'The native backend')")
+def _safetensors_bytes(path: Path) -> tuple[int, int]:
+    """(bytes, tensors) of a safetensors file from its own header, independently of the runtime's reader."""
+    header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    total = 0
+    for v in entries:
+        n = 1
+        for d in v["shape"]:
+            n *= d
+        total += n * sizes[v["dtype"]]
+        assert v["data_offsets"][1] - v["data_offsets"][0] == n * sizes[v["dtype"]]
+    return total, len(entries)
+
+
+@pytest.mark.parametrize("name", ["pregate-llama", "mixlora-qwen2", "mola-llama", "pregate-qwen3"])
+def test_device_memory_plan_counts_every_tensor_and_the_cache(runtime_build, artifacts, name):
+    art = artifacts[name]
+    proc = check(runtime_build, art)
+    assert proc.returncode == 0, proc.stderr
+    plan = {}
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(r"plan: (.+?) (\d+) bytes in (\d+) buffers", line)
+        if m:
+            plan[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+        m = re.fullmatch(r"plan: total (\d+) bytes .*", line)
+        if m:
+            total = int(m.group(1))
+    weights = [_safetensors_bytes(art / f) for f in (native.WEIGHTS, native.ADAPTERS) if (art / f).exists()]
+    assert plan["weights"] == (sum(b for b, _ in weights), sum(n for _, n in weights))
+    m = json.loads((art / native.MANIFEST).read_text())
+    model, runtime = m["model"], m["runtime"]
+    kv = runtime["max_batch"] * model["num_kv_heads"] * runtime["max_seq"] * model["head_dim"] * 4  # float32
+    assert plan["kv cache"] == (2 * model["num_layers"] * kv, 2 * model["num_layers"])
+    parts = sum(b for b, _ in plan.values())
+    buffers = sum(n for _, n in plan.values())
+    assert parts <= total <= parts + 256 * buffers  # each buffer starts on a 256-byte boundary
+    routes = m["routing"]["routes_file"]
+    if routes:  # the table's ids and gates: int32 and float32 [vocab, top_k]
+        assert plan["routes"][0] >= 2 * 4 * model["vocab_size"] * m["routing"]["top_k"]
+
+
+def test_c_api_checks_everything_then_needs_a_gpu(runtime_lib, artifacts):
+    """Without a GPU the native backend is refused at the device, after every file, feature and option check."""
+    for name in ("pregate-llama", "mixlora-qwen2", "mola-llama", "pregate-ffn-llama", "lora-llama"):
+        status, message = open_through_c_api(runtime_lib, artifacts[name])
+        assert status == 5, (name, message)  # ADAFUSE_ERR_CUDA
+        assert message.startswith(f"CUDA device 0 (running {artifacts[name]} needs an NVIDIA GPU): ") and "\n" not in message
     status, message = open_through_c_api(runtime_lib, artifacts["pregate-gemma2"])
-    assert status == 7 and "gemma2 needs (1+w) RMSNorm" in message
+    assert status == 7 and "gemma2 needs decode attention of head_dim 256" in message  # features before the device
+
+
+def test_strategy_option_refusals(runtime_lib, artifacts, tmp_path):
+    art = artifacts["pregate-llama"]
+    assert open_through_c_api(runtime_lib, art, b"merged") == (
+        1, "options.strategy 'merged' is unknown (expected 'fused' or 'switch')")
+    assert open_through_c_api(runtime_lib, art, b"switch") == (
+        1, f"{art}: strategy 'switch' merges one sequence's experts into the weights, so it runs batch 1, found "
+           "runtime.max_batch 2 (convert with --max-batch 1, or use strategy 'fused')")
+    assert open_through_c_api(runtime_lib, artifacts["mola-llama"], b"switch") == (
+        1, f"{artifacts['mola-llama']}: strategy 'switch' merges one route per token into every adapted weight, so it needs a "
+           "pre-gated artifact, found routing layerwise (use strategy 'fused')")
+    # batch 1, pre-gated: switch passes its checks and reaches the device
+    one = tmp_path / "one.native"
+    one.mkdir()
+    native.write_artifact(ckpt_of(art), one, "float32", max_batch=1, max_seq=64)
+    status, message = open_through_c_api(runtime_lib, one, b"switch")
+    assert status == 5 and message.startswith(f"CUDA device 0 (running {one} needs an NVIDIA GPU): ")
+    assert open_through_c_api(runtime_lib, art, b"fused")[0] == 5
+    # a TensorRT engine runs the strategy it was built with
+    assert open_through_c_api(runtime_lib, tmp_path / "model.engine", b"switch") == (
+        1, "options.strategy 'switch': a TensorRT engine runs the strategy it was built with (NULL or 'fused'); 'switch' is a "
+           "native artifact's option")
 
 
 def _copy(art: Path, dst: Path) -> Path:

@@ -35,7 +35,13 @@ class _Sampling(ctypes.Structure):
 
 class _OpenOptions(ctypes.Structure):
     _fields_ = [("engine_path", ctypes.c_char_p), ("tensorrt_library", ctypes.c_char_p),
-                ("plugin_library", ctypes.c_char_p), ("device", _i32), ("cuda_graphs", _i32)]
+                ("plugin_library", ctypes.c_char_p), ("device", _i32), ("cuda_graphs", _i32),
+                ("strategy", ctypes.c_char_p)]  # native artifacts: b"fused" (None) or b"switch"
+
+
+class _StepRow(ctypes.Structure):
+    """runtime.h's adafuse_step_row: one sequence's part of an in-flight step."""
+    _fields_ = [("slot", _i32), ("start", _i32), ("count", _i32), ("all_logits", _i32)]
 
 
 # name -> (restype, argtypes) of every C function used here
@@ -59,6 +65,9 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     "adafuse_prefill": (ctypes.c_int, [_p, _p, _i32, _i32, _p, _p, _p]),
     "adafuse_decode": (ctypes.c_int, [_p, _p, _i32, _p, _p, _p]),
     "adafuse_past_length": (_i32, [_p]),
+    "adafuse_step": (ctypes.c_int, [_p, _p, ctypes.POINTER(_StepRow), _i32, _p, _p, _p]),
+    "adafuse_step_limits": (None, [_p, ctypes.POINTER(_i32), ctypes.POINTER(_i32)]),
+    "adafuse_slot_length": (_i32, [_p, _i32]),
     "adafuse_kv_shape": (None, [_p, ctypes.POINTER(_i32), ctypes.POINTER(_i32), ctypes.POINTER(_i32)]),
     "adafuse_read_kv": (ctypes.c_int, [_p, _i32, _i32, _p]),
 }

@@ -3,6 +3,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "adafuse/runtime.h"
 #include "engine_handle.h"
@@ -12,6 +13,7 @@
 #include "handles.h"
 #include "manifest.h"
 #include "native_artifact.h"
+#include "native_backend.h"
 #include "routing.h"
 #include "sampling.h"
 #include "tensorrt_backend.h"
@@ -163,22 +165,25 @@ adafuse_status adafuse_sampler_next(adafuse_sampler* sampler, const float* logit
 }
 void adafuse_sampler_free(adafuse_sampler* sampler) { free_handle(sampler, Kind::sampler); }
 
-adafuse_open_options adafuse_open_options_default(void) { return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1}; }
+adafuse_open_options adafuse_open_options_default(void) {
+  return adafuse_open_options{nullptr, nullptr, nullptr, 0, 1, nullptr};
+}
 
 adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out) {
   return guarded([&] {
     need(options, "options");
     need(options->engine_path, "options.engine_path");
     need(out, "out");
-    if (adafuse::is_native_artifact_path(options->engine_path)) {
-      const adafuse::NativeArtifact artifact = adafuse::NativeArtifact::open(options->engine_path);
-      artifact.require_covered();
-      adafuse::fail(ADAFUSE_ERR_UNSUPPORTED, artifact.summary() +
-                                                 "; the artifact passed every check, but native execution is not built "
-                                                 "into this runtime yet (runtime/README.md, 'The native backend')");
-    }
     auto engine = std::make_unique<adafuse_engine>();
-    engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    if (adafuse::is_native_artifact_path(options->engine_path)) {
+      engine->backend = adafuse::open_native_backend(adafuse::NativeArtifact::open(options->engine_path), *options);
+    } else {
+      if (options->strategy != nullptr && std::string(options->strategy) != "fused")
+        adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.strategy '" + std::string(options->strategy) +
+                                                        "': a TensorRT engine runs the strategy it was built with (NULL or "
+                                                        "'fused'); 'switch' is a native artifact's option");
+      engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    }
     *out = hand_out(std::move(engine), Kind::engine);
   });
 }
@@ -318,6 +323,31 @@ adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_
     need(engine, "engine");
     engine->backend->decode(ids, batch, logits, expert_ids, gates);
   });
+}
+adafuse_status adafuse_step(adafuse_engine* engine, const int64_t* ids, const adafuse_step_row* rows, int32_t n_rows,
+                            float* logits, int32_t* expert_ids, float* gates) {
+  return guarded([&] {
+    need(engine, "engine");
+    need(rows, "rows");
+    const int32_t max_rows = engine->backend->info().max_batch;
+    if (n_rows < 1 || n_rows > max_rows)  // before reading the caller's array
+      adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "step of " + std::to_string(n_rows) + " sequences: the engine takes 1 to " +
+                                                      std::to_string(max_rows));
+    std::vector<adafuse::StepRow> step(static_cast<size_t>(n_rows));
+    for (int32_t r = 0; r < n_rows; ++r)
+      step[static_cast<size_t>(r)] = adafuse::StepRow{rows[r].slot, rows[r].start, rows[r].count, rows[r].all_logits != 0};
+    engine->backend->step(ids, step.data(), n_rows, logits, expert_ids, gates);
+  });
+}
+void adafuse_step_limits(const adafuse_engine* engine, int32_t* in_flight, int32_t* max_step_tokens) {
+  const adafuse::BackendInfo none;
+  const adafuse::BackendInfo& info = adafuse::handles::valid(engine, Kind::engine) ? engine->backend->info() : none;
+  if (in_flight) *in_flight = info.in_flight ? 1 : 0;
+  if (max_step_tokens) *max_step_tokens = info.max_step_tokens;
+}
+int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot) {
+  if (!adafuse::handles::valid(engine, Kind::engine) || slot < 0 || slot >= engine->backend->info().max_batch) return 0;
+  return engine->backend->slot_length(slot);
 }
 int32_t adafuse_past_length(const adafuse_engine* engine) {
   return adafuse::handles::valid(engine, Kind::engine) ? engine->backend->past_length() : 0;

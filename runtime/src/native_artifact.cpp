@@ -17,8 +17,9 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 const char* const kNativeCovers =
-    "the Llama-style step (RMSNorm, SiLU-gated MLP, full RoPE, GQA decode attention) with a routing table or "
-    "without routing";
+    "every family feature (both norm kinds, post norms, q/k norm, SiLU and GeGLU, embedding scale, partial and "
+    "scaled RoPE, sliding windows, soft-capping) with a routing table, an in-decoder pre-gate, per-projection "
+    "routers or FFN experts, up to 8 routes per token";
 
 namespace {
 
@@ -84,7 +85,7 @@ NativeRope parse_rope(const FieldReader& r, const json& v, const std::string& fi
   rope.theta = f.number({"rope_theta"}, field + ".rope_theta");
   rope.attention_factor = f.number({"attention_factor"}, field + ".attention_factor");
   const json& switch_at = lookup(v, {"switch_at"});
-  if (!switch_at.is_null()) Fields::count(r, switch_at, field + ".switch_at", 1);
+  if (!switch_at.is_null()) rope.switch_at = Fields::count(r, switch_at, field + ".switch_at", 1);
   rope.long_table = !switch_at.is_null();
   if (Fields::count(r, lookup(v, {"rotary_dim"}), field + ".rotary_dim", 1) != rotary_dim)
     r.bad(field + ".rotary_dim", "features.rotary_dim (" + std::to_string(rotary_dim) + ")", lookup(v, {"rotary_dim"}));
@@ -146,6 +147,9 @@ void parse_config(NativeArtifact& a) {
   a.top_k = r.positive(j, {"routing", "top_k"}, "routing.top_k");
   if (a.routing_kind == "pregate")
     a.pregate_input = f.choice({"routing", "pregate_input"}, "routing.pregate_input", {"attn_norm_0", "mlp_norm_0"});
+  if (a.routing_kind == "layerwise")
+    a.router_kind = f.choice({"routing", "router_kind"}, "routing.router_kind", {"topk", "dense"});
+  a.normalize_topk = f.boolean({"routing", "normalize_topk"}, "routing.normalize_topk");
   const json& routes = lookup(j, {"routing", "routes_file"});
   if (!routes.is_null())
     a.routes_file = confine(a.dir, r.text(j, {"routing", "routes_file"}, "routing.routes_file"), a.manifest_path.string());
@@ -372,20 +376,20 @@ NativeArtifact NativeArtifact::open(const fs::path& dir) {
 
 std::vector<NativeFeature> NativeArtifact::features() const {
   std::vector<NativeFeature> out;
-  out.push_back({norm == "rms" ? "RMSNorm" : "(1+w) RMSNorm", norm == "rms"});
-  if (norms[1] || norms[3]) out.push_back({"norms of the attention and MLP outputs", false});
-  if (qk_norm) out.push_back({"q/k norm", false});
-  out.push_back({activation == "silu" ? "SiLU-gated MLP" : "GeGLU MLP (gelu tanh)", activation == "silu"});
-  if (embed_scale != 1.0) out.push_back({"embedding scale", false});
+  out.push_back({norm == "rms" ? "RMSNorm" : "(1+w) RMSNorm", true});
+  if (norms[1] || norms[3]) out.push_back({"norms of the attention and MLP outputs", true});
+  if (qk_norm) out.push_back({"q/k norm", true});
+  out.push_back({activation == "silu" ? "SiLU-gated MLP" : "GeGLU MLP (gelu tanh)", true});
+  if (embed_scale != 1.0) out.push_back({"embedding scale", true});
   out.push_back({rotary_dim == head_dim ? "full RoPE"
                                         : "partial RoPE (" + std::to_string(rotary_dim) + " of " + std::to_string(head_dim) + " dims)",
-                 rotary_dim == head_dim});
+                 true});
   for (const NativeRope* r : {&rope, sliding_rope ? &*sliding_rope : nullptr}) {
     if (r != nullptr && (r->kind != "default" || r->attention_factor != 1.0 || r->long_table))
-      out.push_back({"scaled RoPE (" + rope_name(*r) + ")", false});
+      out.push_back({"scaled RoPE (" + rope_name(*r) + ")", true});  // the artifact holds its frequency tables
   }
-  if (sliding_rope) out.push_back({"a second RoPE for sliding layers", false});
-  // adafuse_decode_attention: heads / kv_heads <= 8, head_dim x element size a power-of-two multiple of 16 up to 512 bytes
+  if (sliding_rope) out.push_back({"a second RoPE for sliding layers", true});
+  // adafuse_attention: heads / kv_heads <= 8, head_dim x element size a power-of-two multiple of 16 up to 512 bytes
   const int64_t bytes = head_dim * (dtype == "float32" ? 4 : 2), vectors = bytes / 16;
   const bool attention = heads / kv_heads <= kMaxAttnGroup && bytes % 16 == 0 && vectors > 0 && vectors <= 32 &&
                          (vectors & (vectors - 1)) == 0;
@@ -393,13 +397,25 @@ std::vector<NativeFeature> NativeArtifact::features() const {
                            : "decode attention of head_dim " + std::to_string(head_dim) + " with " +
                                  std::to_string(heads / kv_heads) + " query heads per KV head",
                  attention});
-  if (attn_softcap) out.push_back({"attention soft-capping", false});
-  if (sliding_window) out.push_back({"sliding-window attention", false});
-  if (final_softcap) out.push_back({"final logit soft-capping", false});
+  if (attn_softcap) out.push_back({"attention soft-capping", true});
+  if (sliding_window) out.push_back({"sliding-window attention", true});
+  if (final_softcap) out.push_back({"final logit soft-capping", true});
+  // Stages whose adapter no route reaches: the reference has none for them either (it would fail).
+  bool attention_adapted_l0 = false, attention_adapted = false;
+  for (size_t l = 0; l < stages.size(); ++l)
+    for (size_t s = 0; s < 2; ++s)
+      if (!stages[l][s].adapter.empty()) (l == 0 ? attention_adapted_l0 : attention_adapted) = true;
   if (routing_kind == "pregate" && routes_file) out.push_back({"routing table", true});
-  if (routing_kind == "pregate" && !routes_file) out.push_back({"in-decoder pre-gate (pregate_input mlp_norm_0)", false});
-  if (routing_kind == "layerwise")
-    out.push_back({expert_kind == "ffn" ? "FFN experts (MixLoRA)" : "a router per projection (layerwise)", false});
+  if (routing_kind == "pregate" && !routes_file) {
+    out.push_back({"in-decoder pre-gate (pregate_input mlp_norm_0)", true});
+    if (attention_adapted_l0) out.push_back({"a routed adapter on layer 0's attention, before the pre-gate has run", false});
+  }
+  if (routing_kind == "layerwise" && expert_kind == "ffn") {
+    out.push_back({"FFN experts (MixLoRA)", true});
+    if (attention_adapted || attention_adapted_l0) out.push_back({"a routed attention adapter beside FFN experts", false});
+  }
+  if (routing_kind == "layerwise" && expert_kind == "linear")
+    out.push_back({"a router per projection (layerwise)", true});
   int64_t experts = 0, rank = 0;
   for (const auto& layer : stages)
     for (const NativeStage& st : layer) {
@@ -408,7 +424,11 @@ std::vector<NativeFeature> NativeArtifact::features() const {
       for (const NativeModule& m : st.modules) rank = std::max(rank, m.rank);
     }
   if (experts > 0) {
-    if (routing_kind != "layerwise" && top_k > kMaxTopK) out.push_back({"top-" + std::to_string(top_k) + " routes (the kernels take 8)", false});
+    // A dense (LoRAMoE) router feeds every expert to each token: its routes per token are the experts.
+    const bool dense = routing_kind == "layerwise" && router_kind == "dense";
+    if (!dense && top_k > kMaxTopK) out.push_back({"top-" + std::to_string(top_k) + " routes (the kernels take 8)", false});
+    if (dense && experts > kMaxTopK)
+      out.push_back({"a dense router over " + std::to_string(experts) + " experts (the kernels take 8 routes per token)", false});
     if (experts > kMaxExperts) out.push_back({std::to_string(experts) + " experts per site (the kernels take 256)", false});
     if (rank > kMaxRank) out.push_back({"rank " + std::to_string(rank) + " per site (the kernels take 4096)", false});
   }
@@ -421,7 +441,7 @@ void NativeArtifact::require_covered() const {
     if (!f.covered) missing += (missing.empty() ? "" : ", ") + f.name;
   if (!missing.empty())
     fail(ADAFUSE_ERR_UNSUPPORTED, dir.string() + ": " + family + " needs " + missing +
-                                      ", which the native kernels do not cover yet (they run " + kNativeCovers + ")");
+                                      ", which the native backend does not cover (it runs " + kNativeCovers + ")");
 }
 
 std::string NativeArtifact::summary() const {

@@ -2,7 +2,7 @@
 // opened and checked with the engine's readers (manifest.cpp's file hashes, files.cpp, the strict
 // safetensors reader), every tensor's name, dtype and shape derived from the manifest's model config and
 // compared, and the family features its execution needs listed against what the native kernels cover.
-// Nothing here executes the model: that is the native backend's GPU execution (not built yet).
+// Nothing here executes the model: native_backend.h does, after require_covered().
 #pragma once
 
 #include <cstdint>
@@ -42,6 +42,7 @@ struct NativeRope {
   std::string kind;  // families/rope.py rope_type
   double theta = 0, attention_factor = 1;
   bool long_table = false;  // LongRoPE: a second frequency set past switch_at
+  int64_t switch_at = 0;    // long_table: a row whose largest position + 1 exceeds this uses the long set
 };
 
 // A model feature the execution needs, and whether the native kernels cover it.
@@ -71,6 +72,8 @@ struct NativeArtifact {
   std::vector<int64_t> sliding_layers;
   // routing
   std::string routing_kind, expert_kind, pregate_input;  // pregate_input: "" unless routing pregate
+  std::string router_kind;  // layerwise only: "topk" or "dense" (LoRAMoE: every expert, softmax gates)
+  bool normalize_topk = true;
   int64_t num_experts = 0, top_k = 0;
   std::optional<std::filesystem::path> routes_file;
   // layout: layers x the four stages
@@ -91,7 +94,7 @@ struct NativeArtifact {
   std::string summary() const;
 };
 
-// What the native kernels cover today (plugins/kernels/src/decode_ops.cu): the Llama-style step.
+// What the native backend runs (native_backend.h over plugins/kernels' model operations).
 extern const char* const kNativeCovers;
 
 // A path the runtime opens as a native artifact: a directory or a name ending in .native.

@@ -85,6 +85,26 @@ TEST(CApi, GenerateChecksSizesBeforeReadingThePrompt) {
   adafuse_engine_free(engine);
 }
 
+TEST(CApi, StepChecksRowsBeforeReadingThemAndNeedsAnInFlightEngine) {
+  TempDir dir;
+  adafuse_engine* engine = replay_engine(dir);  // equal-length batches only
+  int32_t in_flight = -1, step_tokens = -1;
+  adafuse_step_limits(engine, &in_flight, &step_tokens);
+  EXPECT_EQ(in_flight, 0);
+  EXPECT_EQ(step_tokens, 0);
+  const int64_t ids[1] = {1};
+  const adafuse_step_row row = {0, 0, 1, 0};
+  float logits[4];
+  EXPECT_EQ(adafuse_step(engine, ids, &row, INT32_MAX, logits, nullptr, nullptr), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "step of 2147483647 sequences: the engine takes 1 to 2");
+  EXPECT_EQ(adafuse_step(engine, ids, nullptr, 1, logits, nullptr, nullptr), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_STREQ(adafuse_last_error(), "rows: NULL pointer");
+  EXPECT_EQ(adafuse_step(engine, ids, &row, 1, logits, nullptr, nullptr), ADAFUSE_ERR_UNSUPPORTED);
+  EXPECT_EQ(adafuse_slot_length(engine, 0), 0);
+  EXPECT_EQ(adafuse_slot_length(engine, 5), 0);  // out of range: 0, no failure
+  adafuse_engine_free(engine);
+}
+
 TEST(CApi, SamplerAndRoutesReportErrors) {
   adafuse_sampling s = adafuse_sampling_default();
   s.top_p = 2.0f;

@@ -32,8 +32,8 @@ typedef enum adafuse_status {
   ADAFUSE_ERR_PLUGIN = 4,           /* plugin library missing, wrong, or of another version */
   ADAFUSE_ERR_CUDA = 5,             /* no GPU, out of memory, a failed CUDA call */
   ADAFUSE_ERR_INTERNAL = 6,         /* a bug: please report it with the message */
-  ADAFUSE_ERR_UNSUPPORTED = 7       /* valid input this build cannot run: a native artifact (native execution is
-                                       not built yet), or a model feature the native kernels do not cover */
+  ADAFUSE_ERR_UNSUPPORTED = 7       /* valid input this build cannot run: a model feature the native backend does
+                                       not cover */
 } adafuse_status;
 
 /* The message of the calling thread's last failure ("" when none). Valid until its next call. */
@@ -88,6 +88,9 @@ typedef struct adafuse_open_options {
   const char* plugin_library;    /* NULL: $ADAFUSE_PLUGIN_LIB, else the one installed beside the runtime */
   int32_t device;                /* CUDA device ordinal */
   int32_t cuda_graphs;           /* nonzero: replay decode steps from CUDA graphs where the engine allows */
+  const char* strategy;          /* native artifacts: "fused" (NULL, the default: adafuse_lora_linear) or "switch"
+                                    (adafuse_switch merges the token's experts into the weights; batch 1, pre-gated
+                                    artifacts); TensorRT engines take NULL or "fused" only */
 } adafuse_open_options;
 ADAFUSE_API adafuse_open_options adafuse_open_options_default(void);
 
@@ -95,7 +98,9 @@ ADAFUSE_API adafuse_open_options adafuse_open_options_default(void);
  * execution context per profile and allocates the KV cache (max_batch x max_seq, owned here).
  * engine_path a directory or a name ending in .native: a native artifact (`convert --backend native`),
  * checked in full (manifest, kernel ABI, SHA-256 of every file, every tensor's dtype and shape, the
- * features it needs), then refused with ADAFUSE_ERR_UNSUPPORTED: native execution is not built yet. */
+ * features it needs: ADAFUSE_ERR_UNSUPPORTED names any not covered), then run by the native backend on
+ * `device` with the project's kernels: all device memory (weights, KV cache, activations) allocated
+ * here, an out-of-memory refused here with the bytes needed (runtime/README.md, 'The native backend'). */
 ADAFUSE_API adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_engine** out);
 /* The engine's limits: sequences per batch, tokens per sequence (prompt + generated), vocabulary. */
 ADAFUSE_API void adafuse_engine_limits(const adafuse_engine* engine, int32_t* max_batch, int32_t* max_seq,
@@ -144,6 +149,25 @@ ADAFUSE_API adafuse_status adafuse_prefill(adafuse_engine* engine, const int64_t
                                            float* logits, int32_t* expert_ids, float* gates);
 ADAFUSE_API adafuse_status adafuse_decode(adafuse_engine* engine, const int64_t* ids, int32_t batch, float* logits,
                                           int32_t* expert_ids, float* gates);
+/* In-flight steps (engines whose adafuse_step_limits says in_flight: the native backend): sequences of
+ * different lengths share a step, each in its own cache slot in [0, max_batch). A row takes `count` new
+ * tokens at positions start .. start + count - 1 of its slot (start 0 begins a sequence; start at most the
+ * tokens the slot holds). ids: the rows' tokens concatenated in row order. logits receives, row after row,
+ * [count, vocab] float32 for a row with all_logits != 0, else [vocab] (its last position).
+ * expert_ids/gates [total tokens, top_k] receive the routes (may be NULL). The slot lengths move only when
+ * the step succeeds. */
+typedef struct adafuse_step_row {
+  int32_t slot;
+  int32_t start;
+  int32_t count;
+  int32_t all_logits;
+} adafuse_step_row;
+ADAFUSE_API adafuse_status adafuse_step(adafuse_engine* engine, const int64_t* ids, const adafuse_step_row* rows,
+                                        int32_t n_rows, float* logits, int32_t* expert_ids, float* gates);
+/* in_flight: 1 when adafuse_step runs (0: equal-length batches only); max_step_tokens: the most tokens of one step. */
+ADAFUSE_API void adafuse_step_limits(const adafuse_engine* engine, int32_t* in_flight, int32_t* max_step_tokens);
+/* Tokens slot `slot` holds (0 when out of range or released). */
+ADAFUSE_API int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot);
 /* Tokens held in the KV cache of the current batch. */
 ADAFUSE_API int32_t adafuse_past_length(const adafuse_engine* engine);
 /* The cache's layer count, KV heads and head size. */
