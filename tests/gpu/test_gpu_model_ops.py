@@ -385,7 +385,7 @@ def test_route_topk(kernels, inputs, dtype, rows, in_features, experts, top_k, w
     xd = x.double()
     logits = xd @ weight.double().T + (bias.double() if bias is not None else 0.0)
     probs = torch.softmax(logits, -1)
-    best, _ = torch.sort(probs, -1, descending=True, stable=True)
+    best, _ = torch.sort(probs, dim=-1, descending=True, stable=True)
     best = best[:, :top_k]
     # float32 logits: a random walk over `in` products, then exp and the division (relative to p)
     logit_err = 8 * math.sqrt(in_features) * U32 * ((xd ** 2) @ (weight.double() ** 2).T).sqrt().amax(-1) + 16 * U32
