@@ -304,6 +304,23 @@ def test_c_api_checks_everything_then_needs_a_gpu(runtime_lib, artifacts):
     assert status == 7 and "gemma2 needs decode attention of head_dim 256" in message  # features before the device
 
 
+def test_serve_and_generate_open_native_artifacts(runtime_build, artifacts):
+    """adafuse-serve and adafuse-generate open a native artifact through the same checks as the C API (not as a
+    TensorRT engine, whose manifest would be missing): on this CPU machine they stop at the device, in one line."""
+    art = artifacts["pregate-llama"]
+    want = f"CUDA device 0 (running {art} needs an NVIDIA GPU): "
+    for cmd in ([runtime_build / "adafuse-serve", "--engine", art, "--port", "0", "--strategy", "fused"],
+                [runtime_build / "adafuse-generate", "--engine", art, "--prompt-ids", "1,2", "--strategy", "fused"]):
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120)
+        name = Path(str(cmd[0])).name
+        assert proc.returncode == 1 and proc.stderr.startswith(f"{name}: {want}"), (name, proc.stderr)
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    proc = subprocess.run([str(runtime_build / "adafuse-serve"), "--engine", str(art), "--strategy", "merged"],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (
+        2, "adafuse-serve: options.strategy 'merged' is unknown (expected 'fused' or 'switch')\n")
+
+
 def test_strategy_option_refusals(runtime_lib, artifacts, tmp_path):
     art = artifacts["pregate-llama"]
     assert open_through_c_api(runtime_lib, art, b"merged") == (
