@@ -94,13 +94,16 @@ def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str,
         art = Path(tmp) / f"model{native_artifact.SUFFIX}"
         art.mkdir()
         native_artifact.write_artifact(c, art, dtype, max_batch=1, max_seq=max_seq)
-        chosen = candidates[0]
-        if len(candidates) > 1:
-            chosen, timings = _fastest(art, candidates, c.model.vocab_size)
-            emit("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items()) + f" -> {chosen}",
-                 err=True)
-        with open_native(art, chosen) as engine:
-            return engine.generate(ids, max_new_tokens)
+        try:
+            chosen = candidates[0]
+            if len(candidates) > 1:
+                chosen, timings = _fastest(art, candidates, c.model.vocab_size)
+                emit("# auto strategy: " + ", ".join(f"{k} {v:.3f} ms/step" for k, v in timings.items())
+                     + f" -> {chosen}", err=True)
+            with open_native(art, chosen) as engine:
+                return engine.generate(ids, max_new_tokens)
+        except AdafuseError as e:  # the runtime's line names the temporary artifact: say which option ran it
+            raise AdafuseError(f"--device cuda: {e}") from None
 
 
 def base_only(c):
