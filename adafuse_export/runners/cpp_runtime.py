@@ -230,7 +230,7 @@ class Engine:
         if ids.ndim != 2:
             raise AdafuseError(f"input ids must be [batch, seq], found shape {list(ids.shape)}")
         b, s = ids.shape
-        logits = np.empty((b, s, self.vocab), np.float32)
+        logits = np.full((b, s, self.vocab), np.nan, np.float32)  # a value the runtime never wrote shows as NaN
         experts, gates = self._routes(b * s)
         _check(self.lib, self.lib.adafuse_prefill(self.handle, _ptr(ids), b, s, _ptr(logits), _ptr(experts), _ptr(gates)))
         shape = (b, s, self.top_k)
