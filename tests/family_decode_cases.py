@@ -11,6 +11,7 @@ embeddings, linear, dynamic). The CPU reference (float32) decodes greedily; the 
 artifact) decodes the same prompt with every strategy the artifact allows: the tokens must be equal, the prefill
 logits within LOGITS_ATOL, the expert ids exact. A prompt longer than the windows makes the windows matter.
 A new family adds its distinguishing config to FEATURES.
+"""
 from __future__ import annotations
 
 from pathlib import Path

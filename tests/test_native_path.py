@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -170,3 +172,32 @@ def test_validate_of_a_native_artifact(cli, example_dirs, tmp_path, runtime_libr
     res = cli("validate", example_dirs["pregate"], art, "--runtime", "cpp")
     assert res.code == 2
     assert one_line(res.err).startswith(f"CUDA device 0 (running {art} needs an NVIDIA GPU): ")
+
+
+def test_benchmark_writes_a_fused_and_a_switch_artifact_the_runtime_accepts(tmp_path, runtime_library, monkeypatch):
+    """benchmarks/h200_decode.py's 7B-shape artifacts (here of a narrow width, weights drawn on the CPU): the switch
+    artifact shares the fused one's files under a manifest of one slot, and the runtime's full check accepts both."""
+    import json
+    import subprocess
+
+    from benchmark_scripts import load
+
+    bench = load("h200_decode")  # puts benchmarks/ on sys.path
+    import synthetic_checkpoint
+    monkeypatch.setattr(bench, "WEIGHTS_DEVICE", "cpu")
+    narrow = dict(synthetic_checkpoint.SHAPES["llama2-7b"], vocab_size=512, hidden_size=128, intermediate_size=256,
+                  num_attention_heads=4, num_key_value_heads=4)
+    monkeypatch.setitem(synthetic_checkpoint.SHAPES, "llama2-7b", narrow)
+    ckpt = bench.synthetic_checkpoint(2)
+    fused, switch = bench.write_artifacts(ckpt, tmp_path, 8, 64)
+    for art, slots in ((fused, 8), (switch, 1)):
+        assert json.loads((art / native.MANIFEST).read_text())["runtime"] == {"max_batch": slots, "max_seq": 64}
+        check = subprocess.run([str(Path(runtime_library).parent / "adafuse-native-check"), str(art)],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stderr
+    assert (fused / native.WEIGHTS).stat().st_ino == (switch / native.WEIGHTS).stat().st_ino
+    feed = bench.routed_tokens(fused, 30, 512)
+    from safetensors.numpy import load_file
+
+    ids = load_file(str(fused / native.ROUTES))["expert_ids"]
+    assert all(not np.array_equal(ids[a], ids[b]) for a, b in zip(feed, feed[1:]))
