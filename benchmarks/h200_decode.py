@@ -57,7 +57,7 @@ def log(*a):
 def check_correctness(root: Path, quick: bool) -> list[dict]:
     from family_decode_cases import against_reference, attention_head_dim, cases, convert, strategies
 
-    runs = [(kind, "llama", None, kind) for kind in KINDS]
+    runs: list[tuple[str, str, dict | None, str]] = [(kind, "llama", None, kind) for kind in KINDS]
     if not quick:
         runs += [(name, family, attention_head_dim(config), "pregate") for name, family, config in
                  (p.values for p in cases())]
@@ -259,11 +259,11 @@ def transformers_ttft(ckpt: Checkpoint, ctx: int, repeats: int = 5) -> dict:
     KV cache, the last position's logits on the host."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in ckpt.hf_config.items() if k != "model_type"},
-                                   attn_implementation="sdpa")
+    cfg = transformers.LlamaConfig(**{k: v for k, v in ckpt.hf_config.items() if k != "model_type"})
+    setattr(cfg, "_attn_implementation", "sdpa")  # what the model reads; recorded below as it ran
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        model = transformers.LlamaForCausalLM(cfg).bfloat16().eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
     times = []
     with torch.no_grad():

@@ -185,7 +185,10 @@ def native_manifest(artifact: Path | str) -> dict:
     from ..inputs import read_json
     from ..native_artifact import MANIFEST
 
-    return read_json(Path(artifact) / MANIFEST)
+    data = read_json(Path(artifact) / MANIFEST)
+    if not isinstance(data, dict):
+        raise AdafuseError(f"{Path(artifact) / MANIFEST}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def native_top_k(manifest: dict) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import cast
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_validate_native_artifact_passes(cli, examples, tmp_path, kind, dtype):
     assert report["passed"] and report["runner"] == "cpp-runtime" and "native backend" in report["runner_description"]
     names = {o["name"] for o in report["outputs"]}
     assert "logits" in names and "present.0.key" in names
-    if KINDS[kind]["routing"] == "pregate":
+    if cast(dict, KINDS[kind])["routing"] == "pregate":
         ids = next(o for o in report["outputs"] if o["name"] == "expert_ids")
         assert ids["mismatched"] == 0 and ids["elements"] > 0  # exact
     assert report["greedy_agreement"]["fraction"] == 1.0 or dtype == "bfloat16"
