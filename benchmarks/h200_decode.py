@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from adafuse_export import native_artifact as native  # noqa: E402
 from adafuse_export.checkpoint import Checkpoint  # noqa: E402
+from adafuse_export.errors import AdafuseError  # noqa: E402
 from adafuse_export.examples import KINDS, make_example  # noqa: E402
 from adafuse_export.runners.cpp_runtime import Engine, load_library, open_native  # noqa: E402
 from adafuse_export.tensors import LazySource, TensorInfo  # noqa: E402
@@ -86,7 +88,7 @@ def synthetic_checkpoint(layers: int) -> Checkpoint:
 
     def producer(name: str, shape: tuple[int, ...], std: float, offset: float = 0.0):
         def make():
-            g = torch.Generator(device=WEIGHTS_DEVICE).manual_seed(sum(map(ord, name)) * 7919 + len(name))
+            g = torch.Generator(device=WEIGHTS_DEVICE).manual_seed(zlib.crc32(name.encode()))
             t = torch.randn(shape, device=WEIGHTS_DEVICE, generator=g) * std + offset
             return t.to(torch.bfloat16).cpu()
         return make
@@ -297,7 +299,10 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     layers = args.layers or (8 if args.quick else 32)
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32,64")).split(",") if b]
-    lib = load_library()
+    try:
+        lib = load_library()
+    except AdafuseError as e:
+        sys.exit(f"error: {e}")
     results: dict = {"device": torch.cuda.get_device_name(), "runtime": lib.adafuse_version().decode(),
                      "torch": torch.__version__, "shape": f"llama-2-7b width, {layers} layers, bfloat16",
                      "adapter": {"experts": EXPERTS, "top_k": TOP_K, "rank": RANK, "routing": "pregate (routing table)"},
