@@ -349,8 +349,8 @@ def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | 
             stages(2, f"writing the native artifact ({dtype}, kernel ABI {native_artifact.ABI_VERSION})")
             (staging / "native").mkdir()
             manifest = native_artifact.write_artifact(ckpt, staging / "native", dtype, max_batch, max_seq, log=stages.detail)
-            stages(3, "placing it (nothing runs it on the CPU: the C++ runtime checks it at open and runs it on a GPU; "
-                      "`validate CKPT OUT.native --runtime cpp` compares it with the reference there)")
+            stages(3, "placing it (nothing runs it on the CPU: the C++ runtime checks it at open; native execution "
+                      "is not built yet, runtime/README.md)")
             size = sum(p.stat().st_size for p in (staging / "native").iterdir())
             move_into_place([(staging / "native", out)], staging / "replaced")
     finally:

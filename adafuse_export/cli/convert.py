@@ -16,7 +16,7 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
 @backend_option("tensorrt: plugin flavour with fused kernels (needs --plugin-lib); tensorrt-rtx: portable graph, "
                 "builds on the CPU, runs on compute capability 8.x/12.x; auto: the first installed; native: no TensorRT, "
                 "writes ENGINE as a directory OUT.native for the C++ runtime's native backend (the project's CUDA "
-                "kernels, checked at open; `validate --runtime cpp` and `run --device cuda` run it: runtime/README.md).", extra=("native",))
+                "kernels; checked at open, execution not built yet: runtime/README.md).", extra=("native",))
 @dtype_option("float16")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
