@@ -77,6 +77,17 @@ def test_run_cuda_auto_on_a_pregate_checkpoint_also_cleans_up(cli, example_dirs,
     assert list(tmpdir_env.iterdir()) == []
 
 
+def test_run_cuda_with_a_cuda_torch_that_sees_no_gpu(cli, example_dirs, tmpdir_env, runtime_library, monkeypatch):
+    """A CUDA build of torch that sees no device says so before the artifact is written."""
+    monkeypatch.setenv("ADAFUSE_RUNTIME_LIB", runtime_library)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = cli("run", example_dirs["pregate"], *PROMPT, "--device", "cuda")
+    assert res.code == 2
+    assert one_line(res.err) == "--device cuda: no CUDA GPU is visible (PyTorch sees none; CUDA_VISIBLE_DEVICES?)"
+    assert list(tmpdir_env.iterdir()) == []
+
+
 @pytest.mark.parametrize("kind,args,expected", [
     ("pregate", ["--strategy", "unmerged"], "--strategy unmerged: --device cuda runs the native backend, which applies "
                                             "the adapters fused (fused) or merged into the weights (switch); use fused, "
