@@ -1,7 +1,7 @@
 """The native parts shipped in the wheel (adafuse_export/_native/): where they are and what they hold.
 
 The top-level CMakeLists.txt installs, under adafuse_export/_native/,
-    lib/libadafuse_kernels.so      the fused kernels' C ABI (the GPU decoder, `run --device cuda`)
+    lib/libadafuse_kernels.so      the fused kernels' C ABI (the kernel tests and benchmarks' binding)
     lib/libadafuse_trt_plugins.so  the TensorRT plugins (engines built with --backend tensorrt / tensorrt-rtx)
     lib/libadafuse_runtime.so      the C++ runtime's C API, with include/ and lib/cmake/ for C++ users
     bin/adafuse-serve, bin/adafuse-generate

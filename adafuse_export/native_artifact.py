@@ -5,8 +5,7 @@ OUT.native/ holds
   manifest.json        format 'adafuse-native' version 1: the kernel-library ABI it was written for, the
                        model's dims and family features, the routing contract, the layout of every layer's
                        stages, the SHA-256 of every file (checked as an engine manifest's files are)
-  weights.safetensors  the backbone in the model dtype, as runners/torch_cuda.py GpuDecoder builds it from
-                       the reference weights: per layer and stage (qkv, o, gate_up, down) one [out, in]
+  weights.safetensors  the backbone in the model dtype, made from the reference weights: per layer and stage (qkv, o, gate_up, down) one [out, in]
                        matrix with the stage's projections stacked along the rows in role order (q, k, v;
                        gate, up), bias likewise (zeros for a projection without one), static LoRAs merged
                        in float32 as the ONNX export merges them; norms, q/k norms, embedding, head (absent
@@ -16,11 +15,11 @@ OUT.native/ holds
                        axis, B [E, out, R] block-diagonal with each member's scale folded in, so scale 1);
                        per-projection routers (MoLA, LoRAMoE) keep one site per projection (B scaled) and
                        its router [E, in]; routers and an in-decoder pre-gate in float32
-  routes.safetensors   the pre-gate as a routing table (routes.write_routing_table, float32 as GpuDecoder
-                       uses it), when the route is a function of the token id
+  routes.safetensors   the pre-gate as a routing table (routes.write_routing_table, float32 whatever the
+                       dtype), when the route is a function of the token id
 
 Nothing is executed here: runtime/src/native_artifact.cpp reads and checks this, and says which family
-features the native execution does not cover yet. Tensors are produced and written one at a time
+features the native execution does not cover. Tensors are produced and written one at a time
 (tensors.write_safetensors_streaming), so memory stays near the largest stage, not the model.
 """
 from __future__ import annotations
@@ -133,7 +132,7 @@ class _Tensors:
         return read_released(self.ckpt.adapters, f"{site.name}.lora_A").to(self.td)
 
     def scaled_B(self, site: Site):
-        """GpuDecoder's B: the dtype-rounded B times the site's scale in float32, rounded again."""
+        """The dtype-rounded B times the site's scale in float32, rounded again."""
         B = read_released(self.ckpt.adapters, f"{site.name}.lora_B").to(self.td)
         return (B.float() * self.ckpt.adapter.site_scale(site.name)).to(self.td)
 
@@ -161,7 +160,7 @@ class _Tensors:
                           for x in st.routed if x.site is not None], dim=1)
 
     def grouped_B(self, st: Stage):
-        """Block-diagonal: member j's rows read only member j's rank columns (torch_cuda._group_site)."""
+        """Block-diagonal: member j's rows read only member j's rank columns (one LoRA shrink serves the stage)."""
         import torch
 
         B = torch.zeros(st.experts, st.out_features, sum(x.rank for x in st.routed), dtype=self.td)

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
 from adafuse_export.kernels.binding import DIAGNOSTICS_FLAG  # noqa: E402
-from adafuse_export.runners.torch_cuda import capture_graph as capture_cuda_graph  # noqa: E402
+from adafuse_export.kernels.binding import capture_graph as capture_cuda_graph  # noqa: E402
 
 LOG = io.StringIO()
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything that needs the H200, in one call (writes logs, JSON and a junit XML under $OUT):
 #   plugin contract harness --gpu; the gpu tests (`python3 -m pytest -m gpu tests/gpu`: every
-#   kernel against float64 references, graph replay, every family and scaled RoPE on the GPU
-#   decoder and `run --device cuda` against the CPU reference); the per-kernel timings (routed fused
-#   linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
-#   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the per-kernel profile
-#   of a decode step (before/after the step kernels); the decode benchmark.
-# Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
-#   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
-#   --no-decode stops before the profile: the two halves fit one call each.
+#   kernel against float64 references, graph replay, every kind, family and scaled RoPE on the native
+#   backend, `run --device cuda` and `validate --runtime cpp` against the CPU reference); the per-kernel
+#   timings (routed fused linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
+#   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the decode benchmark of
+#   the native backend over the C API (benchmarks/h200_decode.py).
+# The native backend's tests and benchmark need ADAFUSE_RUNTIME_LIB: the library runtime/tools/build_on_gpu.sh builds.
+# Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-checks] [--no-decode] [h200_decode.py args...]
+#   --no-checks skips everything before the decode benchmark (harness, gpu tests, per-kernel timings);
+#   --no-decode stops before it: the two halves fit one call each.
 #   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
 #   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
 set -uo pipefail
@@ -44,11 +45,7 @@ python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>
 grep -E "kernel .* us|Error" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 fi
 has --no-decode && exit $status
-if ! has --no-profile; then
-  python3 benchmarks/profile_decode_step.py --out "$OUT" > "$OUT/profile_decode_step.log" 2>&1 || status=1
-  grep "==" "$OUT/profile_decode_step.log"
-fi
-args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-profile || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
+args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
 python3 benchmarks/h200_decode.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/h200_decode.log"; rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || status=1
 exit $status

@@ -1,459 +1,351 @@
-"""Whole-model decode on the H200: AdaFuse (pre-gate + fused kernels) against the dense base,
-the conventional dynamic adapter, and what users run today (transformers + PEFT / mixlora).
+"""Whole-model decode on the GPU through the one GPU decode path: the C++ runtime's native backend over its C API
+(adafuse_export/runners/cpp_runtime.py, Engine), on the Llama-2-7B shape in bfloat16 with 8 experts top-2 of rank 16
+(random weights; a pre-gate with its routing table).
 
-One run builds the kernels, checks the GPU decoder against the CPU reference on the tiny
-fixture, then times every variant side by side. Prints a table, writes JSON (+ a PNG plot).
+  ADAFUSE_RUNTIME_LIB=<runtime/tools/build_on_gpu.sh's output> PYTHONPATH=. python3 benchmarks/h200_decode.py --out $OUT
 
-  PYTHONPATH=. python3 benchmarks/h200_decode.py --out $OUT [--hf] [--quick]
+1. correctness: every example kind (llama) and every family and scaled RoPE (tests/family_decode_cases.py), converted
+   to float32 native artifacts and opened with each strategy they allow: greedy tokens, prefill logits and expert
+   ids against the CPU reference.
+2. decode: ms per adafuse_decode call (the step's logits on the host when it returns) at batch 1, 8, 32, 64 with
+   strategy fused and at batch 1 with switch (the route changing every step, and unchanged), context 512; tokens/s
+   and the weight-read floor (the backbone's bytes over the device's copy bandwidth).
+3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same step (from the first kernel
+   or copy of the step to its last, as the CUDA profiler, torch.profiler over CUPTI, records them), batch 1.
+4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
+   against transformers' SDPA prefill of the same shape (LlamaForCausalLM, bf16, the last position's logits).
+
+Prints a table and writes OUT/native_backend.json. Defaults fit one device call of < 8 minutes; --quick (8 layers of
+the 7B width, batches 1 and 8) fits one of about 2.
 """
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adafuse_export.converters import load_checkpoint  # noqa: E402
-from adafuse_export.examples import make_example  # noqa: E402
-from adafuse_export.reference import ReferenceModel, route_topk, routing_table  # noqa: E402
-from adafuse_export.runners.torch_cuda import GpuDecoder, KernelOps, SiteWeights, weight_bytes  # noqa: E402
-from adafuse_export.spec import AdapterSpec, ModelSpec  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from adafuse_export import native_artifact as native  # noqa: E402
+from adafuse_export.checkpoint import Checkpoint  # noqa: E402
+from adafuse_export.errors import AdafuseError  # noqa: E402
+from adafuse_export.examples import KINDS, make_example  # noqa: E402
+from adafuse_export.runners.cpp_runtime import Engine, load_library, open_native  # noqa: E402
+from adafuse_export.tensors import LazySource, TensorInfo  # noqa: E402
+from adafuse_export.trt.manifest import write_manifest  # noqa: E402
 
-LLAMA2_7B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096}
-DEVICE = "cuda"
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPERTS, TOP_K, RANK = 8, 2, 16
+GAP_S = 0.003  # host pause between profiled steps: the GPU's work of one step is one cluster in the trace
+WEIGHTS_DEVICE = "cuda"  # where the random weights are drawn (tests/test_benchmarks_native.py: cpu)
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-# ---------------------------------------------------------------- correctness on the tiny fixture
-def check_tiny(ops) -> dict:
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        make_example(d, "pregate", seed=11)
-        ckpt = load_checkpoint(d)
-        ref = ReferenceModel(ckpt)
-        prompt = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(1))
-        tokens, steps = ref.generate(prompt, 16)
-        for dtype in (torch.float32, torch.bfloat16):
-            for strategy in ("fused", "switch", "unmerged"):
-                dec = GpuDecoder.from_checkpoint(ckpt, device=DEVICE, dtype=dtype, strategy=strategy, max_seq=64, ops=ops)
-                logits = dec.prefill(prompt.to(DEVICE))
-                errs = [float(torch.linalg.norm(logits.cpu() - steps[0].logits) / torch.linalg.norm(steps[0].logits))]
-                for i, step in enumerate(steps[1:]):
-                    # follow the reference's tokens so errors don't compound; graph replay for decode
-                    lg = dec.decode(tokens[:, i:i + 1].to(DEVICE))
-                    errs.append(float(torch.linalg.norm(lg.cpu() - step.logits) / torch.linalg.norm(step.logits)))
-                gen = dec.generate(prompt.to(DEVICE), 16).cpu()
-                agree = float((gen == tokens).float().mean())
-                key = f"{strategy}/{str(dtype).split('.')[-1]}"
-                tol = 1e-5 if dtype == torch.float32 else 3e-2
-                out[key] = {"max_rel_err": max(errs), "greedy_agreement": agree, "tol": tol,
-                            "pass": max(errs) < tol and (agree == 1.0 or dtype != torch.float32)}
-                log(f"tiny {key:<22} max rel err {max(errs):.2e}  greedy agreement {agree:.2f}  "
-                    f"{'PASS' if out[key]['pass'] else 'FAIL'}")
-    return out
+# ---------------------------------------------------------------- 1. correctness on the tiny examples
+def check_correctness(root: Path, quick: bool) -> list[dict]:
+    from family_decode_cases import against_reference, attention_head_dim, cases, convert, strategies
+
+    runs: list[tuple[str, str, dict | None, str]] = [(kind, "llama", None, kind) for kind in KINDS]
+    if not quick:
+        runs += [(name, family, attention_head_dim(config), "pregate") for name, family, config in
+                 (p.values for p in cases())]
+    rows = []
+    for name, family, config, kind in runs:
+        make_example(root / name, kind, family, config=config)
+        for strategy in strategies(kind):
+            art = convert(root / name, root / f"{name}-{strategy}.native", max_batch=1 if strategy == "switch" else 4)
+            try:
+                r = against_reference(root / name, art, strategy)
+            except Exception as e:  # a refusal or failure is a row, not the end of the benchmark
+                r = {"passed": False, "error": f"{type(e).__name__}: {e}"}
+            rows.append({"case": name, "kind": kind, "family": family, "strategy": strategy, **r})
+            log(f"correctness {name:<20} {kind:<12} {strategy:<7} {'PASS' if r['passed'] else 'FAIL ' + str(r)}")
+    return rows
 
 
-# ---------------------------------------------------------------- timing helpers
-def time_steps(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    if DEVICE != "cuda":  # --smoke on the CPU: wall clock
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+# ---------------------------------------------------------------- the 7B-shape artifact
+def synthetic_checkpoint(layers: int) -> Checkpoint:
+    """The Llama-2-7B shape (benchmarks/synthetic_checkpoint.py) with random bf16 weights made on the GPU, one
+    tensor at a time when the artifact writer asks for it (the same values every time: seeded by name)."""
+    from synthetic_checkpoint import specs
+
+    cfg, spec, adapter = specs("llama2-7b", EXPERTS, RANK, TOP_K, layers)
+    stub = Checkpoint(Path("synthetic-7b"), "adafuse", cfg, spec, adapter, LazySource({}), LazySource({}))
+
+    def producer(name: str, shape: tuple[int, ...], std: float, offset: float = 0.0):
+        def make():
+            g = torch.Generator(device=WEIGHTS_DEVICE).manual_seed(zlib.crc32(name.encode()))
+            t = torch.randn(shape, device=WEIGHTS_DEVICE, generator=g) * std + offset
+            return t.to(torch.bfloat16).cpu()
+        return make
+
+    def source(shapes: dict, std_of) -> LazySource:
+        return LazySource({n: (TensorInfo(n, tuple(s), "BF16", "synthetic"), producer(n, tuple(s), *std_of(n)))
+                           for n, s in shapes.items()})
+
+    base = source(spec.hf_weight_shapes(), lambda n: (0.05, 1.0) if n.endswith("norm.weight") else (0.02,))
+    adapters = source({n: s for n, (s, _) in stub.expected_adapter_shapes().items()},
+                      lambda n: (1.0,) if n.startswith("pregate") else (0.02,))
+    return Checkpoint(Path("synthetic-7b"), "adafuse", cfg, spec, adapter, base, adapters)
+
+
+def write_artifacts(ckpt: Checkpoint, root: Path, max_batch: int, max_seq: int) -> tuple[Path, Path]:
+    """(fused artifact of max_batch slots, switch artifact of one): the second shares the first's files (hard links)
+    under its own manifest."""
+    fused, switch = root / "fused.native", root / "switch.native"
+    fused.mkdir()
+    t = time.time()
+    manifest = native.write_artifact(ckpt, fused, "bfloat16", max_batch=max_batch, max_seq=max_seq)
+    switch.mkdir()
+    for name in manifest["files"]:
+        os.link(fused / name, switch / name)
+    write_manifest(native.manifest(ckpt, "bfloat16", manifest["files"], 1, max_seq), switch / native.MANIFEST)
+    size = sum((fused / n).stat().st_size for n in manifest["files"])
+    log(f"7B-shape artifact ({ckpt.model.num_layers} layers): {size / 1e9:.1f} GB written in {time.time() - t:.0f} s")
+    return fused, switch
+
+
+def weight_read_bytes(art: Path, ckpt: Checkpoint) -> int:
+    """Bytes one decode step reads at least: the backbone but the embedding (gathered row by row)."""
+    m = ckpt.model
+    return (art / native.WEIGHTS).stat().st_size - m.vocab_size * m.hidden_size * 2
 
 
 def copy_bandwidth() -> float:
-    n = 2 * 1024**3 if DEVICE == "cuda" else 64 * 1024**2
-    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEVICE)
+    n = 2 * 1024**3
+    x = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = time_steps(lambda: y.copy_(x), 20)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
     del x, y
-    return 2 * n / (ms * 1e-3)  # bytes read + written per second
+    return 2 * n * 10 / (time.perf_counter() - t)  # bytes read + written per second
 
 
-class ConventionalDecoder(GpuDecoder):
-    """The usual dynamic adapter: a router in every adapted linear, one small matmul pair per expert
-    (MoLA/PEFT-style eager code; every expert is evaluated under a routing mask, no host syncs)."""
+def routed_tokens(art: Path, n: int, vocab: int) -> list[int]:
+    """n token ids whose consecutive routes differ (the routing table's): every step switches experts."""
+    from safetensors.numpy import load_file
 
-    def __init__(self, *a, routers: dict, **kw):
-        super().__init__(*a, fuse_projections=False, **kw)  # as users' code runs it: one matmul per projection
-        self.routers = routers
-
-    def _linear(self, x, layer, mod, ids, gates):
-        site: SiteWeights = self.sites[(layer, mod)]
-        y = x @ site.W.T
-        e_ids, e_g = route_topk(x, self.routers[site.name], None, self.a.top_k, True)
-        e_g = e_g.to(x.dtype)
-        for e in range(site.A.shape[0]):
-            w = (e_g * (e_ids == e)).sum(-1, keepdim=True)
-            y = y + w * ((x @ site.A[e].T) @ site.B[e].T) * site.scale
-        return y
-
-
-def random_7b(rank: int, experts: int, top_k: int, dtype=torch.bfloat16, config=None):
-    spec = ModelSpec.from_hf_config(config or LLAMA2_7B, "llama-2-7b shape")
-    adapter = AdapterSpec(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2.0 * rank, target_modules=tuple(ALL))
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, device=DEVICE, generator=g, dtype=torch.float32) * std).to(dtype)
-
-    w = {}
-    for name, shape in spec.hf_weight_shapes().items():
-        w[name] = (1.0 + rnd(*shape, std=0.05)) if name.endswith("norm.weight") else rnd(*shape)
-    for layer in range(spec.num_layers):
-        for m in ALL:
-            out, inp = spec.linear_shape(m)
-            w[f"layers.{layer}.{m}.lora_A"] = rnd(experts, rank, inp, std=0.02)
-            w[f"layers.{layer}.{m}.lora_B"] = rnd(experts, out, rank, std=0.02)
-    pregate = rnd(experts, spec.hidden_size, std=1.0).float()
-    routes = routing_table(spec, w["model.embed_tokens.weight"].float(), w["model.layers.0.input_layernorm.weight"].float(),
-                           pregate, None, top_k, True)
-    routers = {f"layers.{l}.{m}": rnd(experts, spec.linear_shape(m)[1], std=1.0)
-               for l in range(spec.num_layers) for m in ALL}
-    return spec, adapter, w, routes, routers
-
-
-def tokens_with_changing_routes(routes, n: int) -> list[int]:
-    ids = routes[0].cpu()
-    gen = torch.Generator().manual_seed(5)
-    out = [int(torch.randint(0, ids.shape[0], (1,), generator=gen))]
+    ids = load_file(str(art / native.ROUTES))["expert_ids"]
+    gen = np.random.default_rng(5)
+    out = [int(gen.integers(vocab))]
     while len(out) < n:
-        t = int(torch.randint(0, ids.shape[0], (1,), generator=gen))
-        if not torch.equal(ids[t], ids[out[-1]]):
+        t = int(gen.integers(vocab))
+        if not np.array_equal(ids[t], ids[out[-1]]):
             out.append(t)
     return out
 
 
-def time_decoder(dec: GpuDecoder, batch: int, ctx: int, steps: int, feed: list[int], use_graph: bool) -> float:
-    """Median ms per decode step. Row r of step k takes feed[(k * batch + r) % len(feed)]: every row
-    has its own token and route (consecutive entries of `feed` differ in route), as a real batch has."""
-    prompt = torch.randint(0, dec.m.vocab_size, (batch, ctx), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
-    dec.prefill(prompt)
-    n = max(1, len(feed) // batch)
-    batches = [torch.tensor([feed[(k * batch + r) % len(feed)] for r in range(batch)], dtype=torch.int64).view(batch, 1).to(DEVICE)
-               for k in range(n)]
-    it = itertools.cycle(batches)
-
-    def step():
-        dec.decode(next(it), use_graph=use_graph)
-    return time_steps(step, steps)
-
-
-def run_variants(variants, rank, batch, ctx, steps, bw, results):
-    floor_ms = None
-    for name, make, graph, feed in variants:
-        dec = make()
-        if floor_ms is None:
-            floor_ms = weight_bytes(dec) / bw * 1e3
-        ms = time_decoder(dec, batch, ctx, steps, feed, graph)
-        row = {"rank": rank, "batch": batch, "ctx": ctx, "variant": name, "ms_per_step": ms,
-               "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor_ms}
-        results["decode"].append(row)
-        log(f"r={rank:<3} b={batch:<2} ctx={ctx:<5} {name:<42} {ms:8.2f} ms/step {batch / ms * 1e3:8.0f} tok/s  (floor {floor_ms:.2f})")
-        del dec
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+# ---------------------------------------------------------------- 2, 3. decode steps
+def decode_walls(engine: Engine, batch: int, ctx: int, feed: list[int], steps: int, warmup: int = 3,
+                 gap: float = 0.0) -> list[float]:
+    """ms of each adafuse_decode call after a prefill of `ctx` tokens per row; row r of step k takes
+    feed[(k * batch + r) % len(feed)]."""
+    prompt = np.random.default_rng(3).integers(0, engine.vocab, (batch, ctx))
+    engine.prefill(prompt)
+    out = np.empty((batch, engine.vocab), np.float32)
+    times = []
+    for k in range(warmup + steps):
+        ids = np.array([feed[(k * batch + r) % len(feed)] for r in range(batch)], np.int64)
+        if gap:
+            time.sleep(gap)
+        t = time.perf_counter()
+        engine.decode(ids, out)
+        if k >= warmup:  # the first steps capture the CUDA graph of this row count
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
 
 
-def bench_curve(ops, batches, ctxs, base_ctx, steps, results, config=None):
-    """Dense and fused at r16: the tokens/s curve over `batches` at context base_ctx, and batch 1 at
-    each context of `ctxs` (the attention share)."""
-    bw = results.get("copy_bandwidth_GBps", 0) * 1e9 or copy_bandwidth()
-    spec, adapter, w, routes, _ = random_7b(16, 8, 2, config=config)
-    changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches + [1]))
-    for batch, ctx in [(b, base_ctx) for b in batches] + [(1, c) for c in ctxs]:
-        common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
-        run_variants([("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
-                      ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing)],
-                     16, batch, ctx, steps, bw, results)
+def gpu_spans(fn, expected: int) -> list[float]:
+    """ms from the first to the last GPU activity (kernels, copies, sets) of each of `expected` clusters that fn()
+    leaves in the CUDA profiler's trace (the steps are GAP_S apart, so each step is one cluster)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(str(Path(d) / "trace.json"))
+        trace = json.loads((Path(d) / "trace.json").read_text())
+    events = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace.get("traceEvents", [])
+                    if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    clusters: list[list[float]] = []
+    for start, end in events:
+        if clusters and start - clusters[-1][1] < GAP_S * 1e6 / 3:
+            clusters[-1][1] = max(clusters[-1][1], end)
+        else:
+            clusters.append([start, end])
+    if len(clusters) < expected:
+        raise RuntimeError(f"the profiler saw {len(clusters)} GPU activity clusters for {expected} steps "
+                           f"({len(events)} events): CUPTI did not trace the runtime's kernels")
+    return [(end - start) / 1e3 for start, end in clusters[-expected:]]
 
 
-def bench_7b(ops, ranks, batches, ctx, steps, results, config=None, torch_ops=None, full=True):
-    """Every variant at every (rank, batch), context ctx. `full` adds the conventional, unmerged and
-    switch rows (slow; batch <= 8); `torch_ops` (KernelOps without the step kernels) adds the
-    dense and fused rows with the work between the projections in PyTorch ops, for A/B."""
+def host_overhead(engine: Engine, ctx: int, feed: list[int], steps: int) -> dict:
+    """Batch 1: adafuse_decode's wall time and the GPU time of the same steps (both GAP_S apart)."""
+    walls = decode_walls(engine, 1, ctx, feed, steps, gap=GAP_S)
+    spans = gpu_spans(lambda: decode_walls(engine, 1, ctx, feed, steps, warmup=0, gap=GAP_S), steps)
+    wall, gpu = statistics.median(walls), statistics.median(spans)
+    return {"wall_ms": wall, "gpu_ms": gpu, "host_overhead_ms": wall - gpu, "steps": steps}
+
+
+def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int], ctx: int, steps: int,
+                 results: dict) -> None:
     bw = copy_bandwidth()
+    floor = weight_read_bytes(fused, ckpt) / bw * 1e3
     results["copy_bandwidth_GBps"] = bw / 1e9
-    log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
-    for rank in ranks:
-        spec, adapter, w, routes, routers = random_7b(rank, 8, 2, config=config)
-        changing = tokens_with_changing_routes(routes, (steps + 8) * max(batches))
-        same = [changing[0]]
-        for batch in batches:
-            common = dict(max_batch=batch, max_seq=ctx + 4 * (steps + 8), ops=ops)
-            variants = [
-                ("dense base", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **common), True, changing),
-                ("adafuse fused (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **common), True, changing),
-            ]
-            if torch_ops is not None:  # the dense model through the library's GEMV instead of cuBLAS
-                gcommon = dict(common, ops=KernelOps(ops.k, dense_gemv=True))
-                variants.insert(1, ("dense base, kernel GEMV", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **gcommon),
-                                    True, changing))
-            if torch_ops is not None and batch in (1, 8):
-                tcommon = dict(common, ops=torch_ops)
-                variants += [
-                    ("dense base, torch step ops", lambda: GpuDecoder(spec, None, w, None, strategy="dense", **tcommon), True, changing),
-                    ("adafuse fused, torch step ops", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", **tcommon), True, changing),
-                ]
-            if full and batch <= 8:
-                variants += [
-                    ("conventional (eager)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), False, changing),
-                    ("conventional (graph)", lambda: ConventionalDecoder(spec, adapter, w, routes, strategy="unmerged", routers=routers, **common), True, changing),
-                    ("adafuse unmerged torch (graph)", lambda: GpuDecoder(spec, adapter, w, routes, strategy="unmerged", **common), True, changing),
-                ]
-            if full and batch == 1:
-                variants += [
-                    ("dense base, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, None, w, None, strategy="dense", fuse_projections=False, **common), True, changing),
-                    ("adafuse fused, unfused q/k/v + gate/up", lambda: GpuDecoder(spec, adapter, w, routes, strategy="fused", fuse_projections=False, **common), True, changing),
-                ]
-                sw = lambda: GpuDecoder(spec, adapter, {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()},
-                                        routes, strategy="switch", **common)
-                variants += [("adafuse switch, route changes (graph)", sw, True, changing),
-                             ("adafuse switch, route unchanged (graph)", sw, True, same)]
-            run_variants(variants, rank, batch, ctx, steps, bw, results)
-        if full:
-            bench_switch_kernel(ops, spec, adapter, w, routes, changing, rank, bw, results)
-        del w, routers
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+    vocab = ckpt.model.vocab_size
+    feed = routed_tokens(fused, (steps + 8) * max(batches), vocab)
+    for strategy, art, rows in (("fused", fused, [(b, "route changes") for b in batches]),
+                                ("switch", switch, [(1, "route changes"), (1, "route unchanged")])):
+        t = time.time()
+        with open_native(art, strategy) as engine:
+            log(f"opened {art.name} ({strategy}) in {time.time() - t:.0f} s")
+            for batch, routes in rows:
+                ms = statistics.median(decode_walls(engine, batch, ctx, feed if routes == "route changes" else feed[:1],
+                                                    steps))
+                row = {"strategy": strategy, "batch": batch, "ctx": ctx, "routes": routes, "ms_per_step": ms,
+                       "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor, "x_floor": ms / floor}
+                results["decode"].append(row)
+                log(f"decode {strategy:<6} b={batch:<2} ctx={ctx} {routes:<15} {ms:8.2f} ms/step "
+                    f"{row['tokens_per_s']:8.0f} tok/s  (floor {floor:.2f} ms)")
+            try:
+                results["host_overhead"].append({"strategy": strategy, "batch": 1, "ctx": ctx,
+                                                 **host_overhead(engine, ctx, feed, min(steps, 16))})
+                h = results["host_overhead"][-1]
+                log(f"host overhead {strategy}: adafuse_decode {h['wall_ms']:.3f} ms, GPU {h['gpu_ms']:.3f} ms, "
+                    f"overhead {h['host_overhead_ms']:.3f} ms")
+            except Exception as e:  # reported, not hidden
+                results["host_overhead"].append({"strategy": strategy, "error": f"{type(e).__name__}: {e}"})
+                log(f"host overhead {strategy} failed: {type(e).__name__}: {e}")
+            if strategy == "fused":
+                results["prefill"].append(native_ttft(engine, ctx))
 
 
-def bench_switch_kernel(ops, spec, adapter, w, routes, changing, rank, bw, results):
-    """The switch kernel alone: all 224 sites, route changing each call, pristine mode."""
-    wl = {k: (v.clone() if k.endswith("proj.weight") else v) for k, v in w.items()}
-    dec = GpuDecoder(spec, adapter, wl, routes, strategy="switch", max_batch=1, max_seq=8, ops=ops)
-    sites = dec.switch_sites
-    pairs = [(routes[0][t].to(DEVICE), routes[1][t].to(DEVICE)) for t in changing[:16]]
-    it = itertools.cycle(pairs)
-
-    def one():
-        i, g = next(it)
-        ops.switch(sites, i, g, dec.old_ids, dec.old_gates)
-    ms = time_steps(one, 20)
-    moved = sum(2 * s.W.numel() * s.W.element_size() + s.A.shape[1] * 2 * (s.W.shape[0] + s.W.shape[1]) * s.W.element_size()
-                for s in sites)
-    results["switch_kernel"].append({"rank": rank, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6,
-                                     "fraction_of_copy": moved / (ms * 1e-3) / bw})
-    log(f"r={rank} switch kernel: {ms:.2f} ms, {moved / ms / 1e6:.0f} GB/s = {moved / (ms * 1e-3) / bw:.0%} of copy")
+# ---------------------------------------------------------------- 4. prefill
+def native_ttft(engine: Engine, ctx: int, repeats: int = 5) -> dict:
+    """A ctx-token prompt in one in-flight step of slot 0, the last position's logits on the host."""
+    prompt = np.random.default_rng(9).integers(0, engine.vocab, ctx).tolist()
+    if ctx > engine.max_step_tokens:
+        raise ValueError(f"a {ctx}-token prompt exceeds one step of {engine.max_step_tokens} tokens")
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        engine.step([(0, 0, prompt)])
+        if i:
+            times.append((time.perf_counter() - t) * 1e3)
+    ms = statistics.median(times)
+    log(f"prefill native fused, {ctx} tokens: TTFT {ms:.2f} ms")
+    return {"variant": "native backend (fused), adafuse_step", "ctx": ctx, "ttft_ms": ms}
 
 
-# ---------------------------------------------------------------- transformers baselines
-def hf_random_llama():
-    """A random-weight Llama-2-7B in transformers, bf16, on the GPU."""
+def transformers_ttft(ckpt: Checkpoint, ctx: int, repeats: int = 5) -> dict:
+    """transformers' Llama of the same shape (random bf16 weights, SDPA attention): a forward of the prompt with its
+    KV cache, the last position's logits on the host."""
     import transformers
 
-    cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
+    cfg = transformers.LlamaConfig(**{k: v for k, v in ckpt.hf_config.items() if k != "model_type"})
+    setattr(cfg, "_attn_implementation", "sdpa")  # what the model reads; recorded below as it ran
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-
-
-def hf_generate_seconds(model, prompt, n: int) -> float:
-    """Wall seconds of one greedy `generate` of exactly n new tokens."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
+        model = transformers.LlamaForCausalLM(cfg).bfloat16().eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, ctx), device="cuda")
+    times = []
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
-def bench_hf(ctx: int, new_tokens: int, results):
-    model = hf_random_llama()
-    prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
-
-    def per_token(m):
-        def gen(n):
-            return hf_generate_seconds(m, prompt, n)
-        gen(2)
-        one = statistics.median(gen(1) for _ in range(3))
-        many = statistics.median(gen(new_tokens) for _ in range(3))
-        return (many - one) / (new_tokens - 1) * 1e3
-
-    rows = [("transformers dense", per_token(model))]
-    log(f"HF dense: {rows[-1][1]:.1f} ms/token")
-    import peft
-
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=ALL, init_lora_weights=False))
-    rows.append(("transformers + PEFT LoRA r16 (unmerged)", per_token(lora)))
-    log(f"HF PEFT: {rows[-1][1]:.1f} ms/token")
-    model = lora.unload()
-    try:
-        import mixlora
-
-        with tempfile.TemporaryDirectory() as d:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            import fixtures_real as fr
-
-            (Path(d) / "base").mkdir()
-            (Path(d) / "base" / "config.json").write_text(json.dumps(LLAMA2_7B))
-            fr.write_moe_peft_synthetic(Path(d) / "mx", Path(d) / "base", "mixlora", num_experts=8, top_k=2, r=16, lora_alpha=32)
-            config, weights = mixlora.load_adapter_weights(str(Path(d) / "mx"), device="cuda", dtype=torch.bfloat16)
-            mixlora.inject_adapter_in_model(model, config, weights)
-        rows.append(("transformers + mixlora MixLoRA 8x r16 top-2", per_token(model)))
-        log(f"HF MixLoRA: {rows[-1][1]:.1f} ms/token")
-    except Exception as e:  # report, don't hide
-        results["hf_errors"] = f"mixlora: {type(e).__name__}: {e}"
-        log(f"mixlora baseline failed: {type(e).__name__}: {e}")
-    results["hf"] = [{"variant": n, "ms_per_token": v, "ctx": ctx} for n, v in rows]
-    del model
-    gc.collect()
+        for i in range(repeats + 2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(prompt, use_cache=True, logits_to_keep=1)
+            out.logits[0, -1].float().cpu()
+            if i >= 2:
+                times.append((time.perf_counter() - t) * 1e3)
+    ms = statistics.median(times)
+    attn = getattr(model.config, "_attn_implementation", "?")
+    del model, out
     torch.cuda.empty_cache()
+    log(f"prefill transformers ({attn}), {ctx} tokens: TTFT {ms:.2f} ms")
+    return {"variant": f"transformers {transformers.__version__} LlamaForCausalLM ({attn})", "ctx": ctx, "ttft_ms": ms}
 
 
-def bench_hf_compiled(ctx: int, new_tokens: int, results):
-    """transformers' own fast path for the dense model: `generate` with a static KV cache, which
-    makes it torch.compile the decoding forward itself (CompileConfig, mode reduce-overhead: CUDA
-    graphs; the prefill stays eager)."""
-    import transformers
-
-    model = hf_random_llama()
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
-    prompt = torch.randint(0, 32000, (1, ctx), device="cuda")
-
-    def gen(n):
-        return hf_generate_seconds(model, prompt, n)
-    t0 = time.perf_counter()
-    gen(new_tokens)  # compiles (prefill and decode shapes)
-    gen(new_tokens)
-    compile_s = time.perf_counter() - t0
-    if not hasattr(model, "_compiled_call"):  # transformers' auto-compile did not engage: not this row
-        raise RuntimeError("generate did not compile the forward (no _compiled_call)")
-    one = statistics.median(gen(1) for _ in range(3))
-    many = statistics.median(gen(new_tokens) for _ in range(3))
-    ms = (many - one) / (new_tokens - 1) * 1e3
-    results.setdefault("hf", []).append({"variant": "transformers dense, static cache + torch.compile (reduce-overhead)",
-                                         "ms_per_token": ms, "ctx": ctx, "warmup_and_compile_s": compile_s,
-                                         "transformers": transformers.__version__})
-    log(f"HF dense static cache + torch.compile: {ms:.2f} ms/token (warm-up incl. compile {compile_s:.0f} s)")
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [r for r in results["decode"] if r["batch"] == 1 and r["rank"] == 16 and r["ctx"] == results["ctx"]]
-    labels = [r["variant"] for r in rows] + [r["variant"] for r in results.get("hf", [])]
-    values = [r["ms_per_step"] for r in rows] + [r["ms_per_token"] for r in results.get("hf", [])]
-    fig, ax = plt.subplots(figsize=(9, 5))
-    ax.barh(labels, values, color=["#4c72b0" if "adafuse" in l else "#999999" for l in labels])
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per decoded token (batch 1, context 512, Llama-2-7B shape, bf16, log scale)")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.1f}", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
+# ---------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--hf", action="store_true", help="also time transformers + PEFT / mixlora")
-    ap.add_argument("--quick", action="store_true", help="rank 16 and batch 1 only")
-    ap.add_argument("--ranks", default="16,64")
-    ap.add_argument("--batches", default="1,8,32,64", help="batches of the per-rank table")
-    ap.add_argument("--curve", default="2,4,16", help="extra batches of the r16 tokens/s curve (dense and fused)")
-    ap.add_argument("--ctxs", default="2048,8192", help="extra contexts at batch 1 (dense and fused, r16)")
-    ap.add_argument("--core", action="store_true", help="dense and fused rows only (no conventional/unmerged/switch)")
-    ap.add_argument("--hf-compile", action="store_true", help="also time transformers with static cache + torch.compile")
+    ap.add_argument("--quick", action="store_true", help="8 layers of the 7B width, batches 1 and 8, the example kinds only")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the 7B shape [32; --quick 8]")
+    ap.add_argument("--batches", default=None, help="decode batches (fused) [1,8,32,64; --quick 1,8]")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run of every code path on a tiny shape (no kernels)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip transformers' prefill")
+    ap.add_argument("--work", type=Path, default=None, help="where the artifacts are written [a temporary directory]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global DEVICE
-    config = None
-    if args.smoke:
-        DEVICE = "cpu"
-        config = dict(LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4)
-        args.ctx, args.steps = 16, 4
-        from adafuse_export.runners.torch_cuda import TorchOps
-        ops = TorchOps()
-        torch_ops = None
-        name = "cpu (smoke)"
-    else:
-        from adafuse_export.kernels.binding import load_kernels
+    layers = args.layers or (8 if args.quick else 32)
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32,64")).split(",") if b]
+    try:
+        lib = load_library()
+    except AdafuseError as e:
+        sys.exit(f"error: {e}")
+    results: dict = {"device": torch.cuda.get_device_name(), "runtime": lib.adafuse_version().decode(),
+                     "torch": torch.__version__, "shape": f"llama-2-7b width, {layers} layers, bfloat16",
+                     "adapter": {"experts": EXPERTS, "top_k": TOP_K, "rank": RANK, "routing": "pregate (routing table)"},
+                     "ctx": args.ctx, "steps": args.steps, "correctness": [], "decode": [], "host_overhead": [],
+                     "prefill": []}
+    path = args.out / "native_backend.json"
 
+    def save():  # after each stage: a later one that runs out of time keeps the earlier rows
+        path.write_text(json.dumps(results, indent=2))
+    work = Path(tempfile.mkdtemp(prefix="adafuse-bench-", dir=args.work))
+    try:
         t = time.time()
-        lib = load_kernels(archs=["90"])
-        ops, torch_ops = KernelOps(lib), KernelOps(lib, step_kernels=False)
-        name = torch.cuda.get_device_name()
-        log(f"kernel library built/loaded in {time.time() - t:.1f} s on {name}")
-    results = {"device": name, "torch": torch.__version__, "ctx": args.ctx,
-               "steps": args.steps, "decode": [], "switch_kernel": []}
-    results["tiny_correctness"] = check_tiny(ops)
-    ints = lambda text: [int(v) for v in text.split(",") if v]
-    ranks, batches = ([16], [1]) if args.quick else (ints(args.ranks), ints(args.batches))
-    save = lambda: (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
-    bench_7b(ops, ranks, batches, args.ctx, args.steps, results, config, torch_ops=torch_ops, full=not args.core)
-    save()  # each stage saved as it finishes: a later stage that runs out of time keeps the earlier rows
-    if not args.quick and (ints(args.curve) or ints(args.ctxs)):
-        bench_curve(ops, ints(args.curve), ints(args.ctxs), args.ctx, args.steps, results, config)
+        results["correctness"] = check_correctness(work / "tiny", args.quick)
+        log(f"correctness: {sum(r['passed'] for r in results['correctness'])}/{len(results['correctness'])} "
+            f"in {time.time() - t:.0f} s")
         save()
-    for wanted, bench, key, what in ((args.hf_compile, bench_hf_compiled, "hf_compile_error", "transformers static cache + compile"),
-                                     (args.hf, bench_hf, "hf_errors", "transformers baselines")):
-        if wanted:
+        ckpt = synthetic_checkpoint(layers)
+        fused, switch = write_artifacts(ckpt, work, max(batches), args.ctx + args.steps + 16)
+        bench_decode(fused, switch, ckpt, batches, args.ctx, args.steps, results)
+        save()
+        shutil.rmtree(work / "fused.native")
+        shutil.rmtree(work / "switch.native")
+        if not args.no_transformers:
             try:
-                bench(args.ctx, 16, results)
-            except Exception as e:  # report, don't hide
-                results[key] = f"{type(e).__name__}: {e}"
-                log(f"{what} failed: {type(e).__name__}: {e}")
-    plot(results, args.out / "h200_decode.png")
-    # summary table
-    log("\n| rank | batch | ctx | variant | ms/step | tokens/s | x dense | x floor |")
-    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                results["prefill"].append(transformers_ttft(ckpt, args.ctx))
+            except Exception as e:  # reported, not hidden
+                results["prefill_error"] = f"transformers: {type(e).__name__}: {e}"
+                log(f"transformers prefill failed: {type(e).__name__}: {e}")
+        save()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log("\n| strategy | batch | ctx | routes | ms/step | tokens/s | x floor |")
+    log("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results["decode"]:
-        dense = next(d["ms_per_step"] for d in results["decode"] if d["variant"] == "dense base"
-                     and all(d[k] == r[k] for k in ("rank", "batch", "ctx")))
-        r["x_dense"] = r["ms_per_step"] / dense
-        log(f"| {r['rank']} | {r['batch']} | {r['ctx']} | {r['variant']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['x_dense']:.2f} | {r['ms_per_step'] / r['weight_read_floor_ms']:.2f} |")
-    for r in results.get("hf", []):
-        log(f"| 16 | 1 | {r['variant']} | {r['ms_per_token']:.1f} | | |")
-    for r in results["switch_kernel"]:
-        log(f"switch kernel r={r['rank']}: {r['ms']:.2f} ms, {r['GBps']:.0f} GB/s, {r['fraction_of_copy']:.0%} of copy")
-    (args.out / "h200_decode.json").write_text(json.dumps(results, indent=2))
-    ok = all(v["pass"] for v in results["tiny_correctness"].values())
-    log("tiny-fixture correctness: " + ("PASS" if ok else "FAIL"))
+        log(f"| {r['strategy']} | {r['batch']} | {r['ctx']} | {r['routes']} | {r['ms_per_step']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['x_floor']:.2f} |")
+    for h in results["host_overhead"]:
+        if "error" not in h:
+            log(f"host overhead ({h['strategy']}, batch 1): {h['host_overhead_ms']:.3f} ms of {h['wall_ms']:.3f} ms")
+    for p in results["prefill"]:
+        log(f"TTFT {p['ctx']} tokens, {p['variant']}: {p['ttft_ms']:.2f} ms")
+    ok = all(r["passed"] for r in results["correctness"])
+    log("correctness against the CPU reference: " + ("PASS" if ok else "FAIL"))
     sys.exit(0 if ok else 1)
 
 

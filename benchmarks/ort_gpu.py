@@ -1,5 +1,5 @@
 """ONNX Runtime's CUDA execution provider on the H200: validation of the portable graph, and its
-decode speed beside the GPU decoder (the fused kernels), side by side in one run.
+decode speed beside the native backend (the fused kernels), side by side in one run.
 
     python3 benchmarks/ort_gpu.py --out $OUT          # needs onnxruntime-gpu (CUDAExecutionProvider)
 
@@ -11,7 +11,8 @@ decode speed beside the GPU decoder (the fused kernels), side by side in one run
    pre-gated on all seven projections), batch 1, prompt 128, median ms per decode step of
    a. ONNX Runtime CUDA EP, portable fp16 graph, IO binding (KV cache and routes stay on the GPU),
    b. the same session through OnnxRuntimeRunner (numpy in and out every step),
-   c. the GPU decoder, fused kernels, fp16, CUDA graph (adafuse_export/runners/torch_cuda.py).
+   c. the C++ runtime's native backend over its C API (runners/cpp_runtime.py; ADAFUSE_RUNTIME_LIB), fp16, fused
+      kernels and CUDA graphs, with the adapters and without (the base alone).
 Writes ort_gpu.json; prints a table.
 """
 from __future__ import annotations
@@ -103,10 +104,8 @@ def decode_speed(work: Path, prompt_len: int, steps: int) -> dict:
     import torch
 
     from adafuse_export.converters import load_checkpoint
-    from adafuse_export.kernels.binding import load_kernels
     from adafuse_export.onnx.export import export_onnx
     from adafuse_export.runners.onnxruntime import OnnxRuntimeRunner
-    from adafuse_export.runners.torch_cuda import GpuDecoder, KernelOps
     from benchmarks import synthetic_checkpoint
 
     synthetic_checkpoint.SHAPES["llama-1b"] = MEDIUM
@@ -182,17 +181,19 @@ def decode_speed(work: Path, prompt_len: int, steps: int) -> dict:
     out["ort_runner_numpy_ms"] = median_ms(lambda: runner.decode(np.array([[next(it2)]], np.int64)), steps)
     del runner
 
-    # c. the GPU decoder with the fused kernels
-    ops = KernelOps(load_kernels(archs=["90"]))
-    dec = GpuDecoder.from_checkpoint(ckpt, dtype=torch.float16, strategy="fused", max_seq=prompt_len + steps + 16, ops=ops)
-    dec.prefill(torch.as_tensor(prompt, device="cuda"))
-    it3 = iter(feed)
-    out["gpu_decoder_fused_ms"] = median_ms(lambda: dec.decode(torch.full((1, 1), next(it3), device="cuda", dtype=torch.int64)), steps)
-    dense = GpuDecoder(ckpt.model, None, {n: t for n, t in dec.w.items()}, None, strategy="dense",
-                       max_seq=prompt_len + steps + 16)
-    dense.prefill(torch.as_tensor(prompt, device="cuda"))
-    it4 = iter(feed)
-    out["gpu_decoder_dense_ms"] = median_ms(lambda: dense.decode(torch.full((1, 1), next(it4), device="cuda", dtype=torch.int64)), steps)
+    # c. the native backend over the C API (the one GPU decode path), with and without the adapters
+    from adafuse_export import native_artifact
+    from adafuse_export.cli.run import base_only
+    from adafuse_export.runners.cpp_runtime import open_native
+
+    for key, model in (("native_fused_ms", ckpt), ("native_dense_ms", base_only(ckpt))):
+        art = work / f"{key}.native"
+        art.mkdir()
+        native_artifact.write_artifact(model, art, "float16", max_batch=1, max_seq=prompt_len + steps + 16)
+        with open_native(art, "fused") as engine:
+            engine.prefill(prompt)
+            it3 = iter(feed)
+            out[key] = median_ms(lambda: engine.decode(np.array([next(it3)])), steps)
     return out
 
 
@@ -225,11 +226,11 @@ def main() -> int:
     (args.out / "ort_gpu.json").write_text(json.dumps(result, indent=2))
     d = result.get("decode")
     if d:
-        log("\n| variant (1.1B llama shape, fp16, 8 experts r16 top-2, batch 1) | ms/step | x GPU decoder fused |")
+        log("\n| variant (1.1B llama shape, fp16, 8 experts r16 top-2, batch 1) | ms/step | x native fused |")
         log("| --- | --- | --- |")
-        base = d["gpu_decoder_fused_ms"]
-        for key, label in (("gpu_decoder_dense_ms", "GPU decoder, dense model (no adapters)"),
-                           ("gpu_decoder_fused_ms", "GPU decoder, AdaFuse fused kernels, CUDA graph"),
+        base = d["native_fused_ms"]
+        for key, label in (("native_dense_ms", "native backend, base model (no adapters)"),
+                           ("native_fused_ms", "native backend, AdaFuse fused kernels, CUDA graphs"),
                            ("ort_iobinding_ms", "ONNX Runtime CUDA EP, portable graph, IO binding"),
                            ("ort_runner_numpy_ms", "ONNX Runtime CUDA EP through OnnxRuntimeRunner (numpy)")):
             log(f"| {label} | {d[key]:.2f} | {d[key] / base:.2f} |")

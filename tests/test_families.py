@@ -188,39 +188,6 @@ def test_onnx_matches_reference(tmp_path, examples, family, kind, flavour):
     assert report["greedy_agreement"]["matched"] == report["greedy_agreement"]["total"]
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("strategy", ["unmerged", "fused", "switch"])
-@pytest.mark.parametrize("family", NEW)
-def test_gpu_decoder_matches_reference(examples, family, strategy, fuse):
-    """The GPU decoder's logic on the CPU (TorchOps): every step's logits and the greedy tokens."""
-    from adafuse_export.runners.torch_cuda import GpuDecoder
-
-    ckpt = examples[family, "pregate"]
-    prompt = torch.tensor([[7, 8, 9, 10, 200, 3]])
-    tokens, steps = ReferenceModel(ckpt).generate(prompt, 8)
-    dec = GpuDecoder.from_checkpoint(ckpt, device="cpu", dtype=torch.float32, strategy=strategy, max_seq=32,
-                                     fuse_projections=fuse)
-    assert (dec.prefill(prompt) - steps[0].logits).abs().max().item() < ATOL
-    for i, step in enumerate(steps[1:]):
-        assert (dec.decode(tokens[:, i:i + 1]) - step.logits).abs().max().item() < ATOL
-    assert torch.equal(dec.generate(prompt, 8), tokens)
-
-
-@pytest.mark.parametrize("family", list(BASES))
-def test_gpu_decoder_runs_transformers_bases(bases, family):
-    """Dense decoding of the real bases (per-layer windows, q/k norm, partial RoPE) equals transformers'."""
-    from adafuse_export.runners.torch_cuda import GpuDecoder
-
-    ckpt = _base(bases[family])
-    weights = {n: t.to(torch.float32) for n, t in ReferenceModel(ckpt, adapters=False).w.items()
-               if n != "lm_head.weight" or not ckpt.model.tie_word_embeddings}
-    dec = GpuDecoder(ckpt.model, None, weights, None, strategy="dense", max_batch=2, max_seq=32)
-    with torch.no_grad():
-        expected = _hf(bases[family])(torch.cat([PROMPTS, DECODE], 1)).logits
-    logits = [dec.prefill(PROMPTS)] + [dec.decode(DECODE[:, t:t + 1]) for t in range(DECODE.shape[1])]
-    assert (torch.cat(logits, 1) - expected).abs().max().item() < ATOL
-
-
 @pytest.mark.parametrize("cfg,message", [
     ({"model_type": "llama", "partial_rotary_factor": 0.5},
      "partial_rotary_factor 0.5 is not supported for model_type 'llama' \\(expected 1.0\\)"),

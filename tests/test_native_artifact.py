@@ -1,7 +1,7 @@
 """The native artifact (`convert --backend native`, adafuse_export/native_artifact.py) and its C++ reader
-(runtime/src/native_artifact.cpp): layouts against the checkpoint's own tensors and against what the GPU
-decoder (runners/torch_cuda.py) builds, refusals through adafuse-native-check and the C API, the CLI, and
-the writer's peak memory. Nothing here executes the artifact: native execution is the GPU phase."""
+(runtime/src/native_artifact.cpp): layouts against the checkpoint's own tensors and the reference's weights,
+refusals through adafuse-native-check and the C API, the CLI, and the writer's peak memory. Nothing here executes
+the artifact: tests/gpu/test_native_backend.py runs it on a GPU."""
 from __future__ import annotations
 
 import ctypes
@@ -110,32 +110,41 @@ def test_grouped_site_is_the_members_lora_computed_at_once(artifacts):
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", "bfloat16"), ("phi3", "float16"), ("qwen3", "bfloat16")])
-def test_layout_equals_what_the_gpu_decoder_builds(family, dtype, tmp_path):
-    """Bit for bit what runners/torch_cuda.py GpuDecoder makes of the reference weights (on the CPU here):
-    stacked W and bias, grouped A, block-diagonal scaled B, norms, embeddings, head, routing table."""
-    from adafuse_export.runners.torch_cuda import GpuDecoder
-
+def test_layout_is_the_reference_weights_rounded_to_the_dtype(family, dtype, tmp_path):
+    """Bit for bit the float32 reference's weights rounded to the artifact's dtype: each stage's projections stacked
+    in role order, grouped A, block-diagonal B (rounded, times the site's scale in float32, rounded again), norms,
+    embeddings, head; the routing table is the reference's own (float32)."""
     make_example(tmp_path / "ck", "pregate", family)
     write(tmp_path / "ck", tmp_path / "a.native", dtype)
     t = tensors(tmp_path / "a.native")
     ck = load_checkpoint(tmp_path / "ck")
-    dec = GpuDecoder.from_checkpoint(ck, device="cpu", dtype=getattr(torch, dtype), strategy="fused")
-    assert t["layers.0.qkv.weight"].dtype == getattr(torch, dtype)
-    for (layer, group), site in dec.sites.items():
-        p = f"layers.{layer}.{group}"
-        assert torch.equal(t[f"{p}.weight"], site.W), p
-        assert torch.equal(t[f"{p}.lora_A"], site.A), p
-        assert torch.equal(t[f"{p}.lora_B"], site.B), p
-        assert (site.bias is None) == (f"{p}.bias" not in t)
-    assert torch.equal(t["embed_tokens"], dec.w["model.embed_tokens.weight"])
-    assert torch.equal(t["lm_head"], dec.w["lm_head.weight"])
-    assert torch.equal(t["final_norm"], dec.w["model.norm.weight"])
-    assert torch.equal(t["layers.1.mlp_in_norm"], dec.w["model.layers.1.post_attention_layernorm.weight"])
+    ref = ReferenceModel(ck, dtype=torch.float32)
+    td, m, a = getattr(torch, dtype), ck.model, ck.adapter
+    for layer in range(m.num_layers):
+        for stage in ("qkv", "o", "gate_up", "down"):
+            mods = [p.name for p in m.arch.stage_projections(stage)]
+            p = f"layers.{layer}.{stage}"
+            W = torch.cat([ref.w[f"{m.arch.weight_prefix(layer, mod)}.weight"].to(td) for mod in mods])
+            assert t[f"{p}.weight"].dtype == td and torch.equal(t[f"{p}.weight"], W), p
+            As = [ref.a[f"layers.{layer}.{mod}.lora_A"].to(td) for mod in mods]
+            assert torch.equal(t[f"{p}.lora_A"], torch.cat(As, dim=1)), p
+            B = torch.zeros(a.num_experts, W.shape[0], sum(x.shape[1] for x in As), dtype=td)
+            row = col = 0
+            for mod, A in zip(mods, As):
+                site = f"layers.{layer}.{mod}"
+                b = (ref.a[f"{site}.lora_B"].to(td).float() * a.site_scale(site)).to(td)
+                B[:, row:row + b.shape[1], col:col + A.shape[1]] = b
+                row, col = row + b.shape[1], col + A.shape[1]
+            assert torch.equal(t[f"{p}.lora_B"], B), p
+    assert torch.equal(t["embed_tokens"], ref.w["model.embed_tokens.weight"].to(td))
+    assert torch.equal(t["lm_head"], ref.w["lm_head.weight"].to(td))
+    assert torch.equal(t["final_norm"], ref.w["model.norm.weight"].to(td))
+    assert torch.equal(t["layers.1.mlp_in_norm"], ref.w["model.layers.1.post_attention_layernorm.weight"].to(td))
     if family == "qwen3":
-        assert torch.equal(t["layers.1.k_norm"], dec.w["model.layers.1.self_attn.k_norm.weight"])
+        assert torch.equal(t["layers.1.k_norm"], ref.w["model.layers.1.self_attn.k_norm.weight"].to(td))
     routes = load_file(str(tmp_path / "a.native" / native.ROUTES))
-    assert dec.route_ids is not None and dec.route_gates is not None
-    assert torch.equal(routes["expert_ids"], dec.route_ids) and torch.equal(routes["gates"], dec.route_gates)
+    ids, gates = ref.routing_table()
+    assert torch.equal(routes["expert_ids"], ids.to(torch.int32)) and torch.equal(routes["gates"], gates.float())
 
 
 def test_static_lora_is_merged_in_float32(artifacts):

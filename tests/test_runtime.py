@@ -557,7 +557,8 @@ def test_ctypes_signatures_match_the_header():
         assert len(c_args) == len(argtypes), (name, c_args, argtypes)
         for c_arg, py_arg in zip(c_args, argtypes):
             assert _matches(c_arg, py_arg), (name, c_arg, py_arg)
-    for struct, cls in (("adafuse_sampling", cpp_runtime._Sampling), ("adafuse_open_options", cpp_runtime._OpenOptions)):
+    for struct, cls in (("adafuse_sampling", cpp_runtime._Sampling), ("adafuse_open_options", cpp_runtime._OpenOptions),
+                        ("adafuse_step_row", cpp_runtime._StepRow)):
         fields = structs[struct]
         assert len(fields) == len(cls._fields_), (struct, fields)
         for c_field, (_, py_field) in zip(fields, cls._fields_):

@@ -29,8 +29,15 @@ def _finite(ctx, param, value):
 
 def _model_kind(model: Path) -> str:
     """What validate accepts (the one truth that --help, the README and docs/onnx-graphs.md state)."""
+    from ..native_artifact import MANIFEST, SUFFIX, artifact_files
+
     model = Path(model)
     if model.is_dir():
+        if artifact_files(model) is not None:
+            return "native"
+        if model.suffix == SUFFIX:
+            raise AdafuseError(f"{model}: not a native artifact (no {MANIFEST} of format adafuse-native in it; "
+                               "`convert --backend native` writes one)")
         return "onnx-dir"
     if model.suffix == ".engine":
         if not model.is_file():
@@ -41,8 +48,8 @@ def _model_kind(model: Path) -> str:
     if model.suffix == ".onnx":
         return "onnx-file"
     hint = " (for an engine, name the .engine file, not its .json manifest)" if model.suffix == ".json" else ""
-    raise AdafuseError(f"{model}: expected an ONNX export directory, a decoder .onnx file or a .engine file, "
-                       f"found a file named '*{model.suffix}'{hint}")
+    raise AdafuseError(f"{model}: expected an ONNX export directory, a decoder .onnx file, a .engine file or a native "
+                       f"artifact directory, found a file named '*{model.suffix}'{hint}")
 
 
 @click.command(short_help="Compare an export or engine with the PyTorch reference.")
@@ -65,8 +72,9 @@ def _model_kind(model: Path) -> str:
                "ONNX models: ONNX Runtime's execution provider (cuda needs onnxruntime-gpu; it runs with TF32 "
                "off so float32 graphs keep float32 accuracy); auto picks cuda when available.")
 @click.option("--runtime", type=click.Choice(["python", "cpp"]), default="python", show_default=True,
-              help="Engines only: run through TensorRT's Python API (python) or the C++ runtime's C API (cpp: "
-                   "libadafuse_runtime.so from runtime/, found through $ADAFUSE_RUNTIME_LIB).")
+              help="Engines: run through TensorRT's Python API (python) or the C++ runtime's C API (cpp: "
+                   "libadafuse_runtime.so from runtime/, found through $ADAFUSE_RUNTIME_LIB). Native artifacts: cpp "
+                   "only (the native backend, strategy fused, on a GPU).")
 @click.option("--reference", "mode", type=click.Choice(["full", "layerwise"]), default="full", show_default=True,
               help="full: the reference holds every weight; layerwise: it reads one layer's weights at a time and "
                    "ONNX Runtime keeps its weights in the memory-mapped data file (models that do not fit twice "
@@ -79,8 +87,9 @@ def _model_kind(model: Path) -> str:
 def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
              half_tolerance):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
-    (or `convert`'s ENGINE.onnx/), its decoder .onnx file, or a `convert` ENGINE.engine file (its ENGINE.json
-    manifest beside it; needs TensorRT and a GPU).
+    (or `convert`'s ENGINE.onnx/), its decoder .onnx file, a `convert` ENGINE.engine file (its ENGINE.json
+    manifest beside it; needs TensorRT and a GPU), or a `convert --backend native` OUT.native directory (with
+    --runtime cpp: the C++ runtime's native backend; needs a GPU).
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
@@ -91,7 +100,9 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     prompts = [parse_ids(p) for p in prompt_ids] or None
     c = load_checkpoint(ckpt, fmt, base)
     kind = _model_kind(model)
-    if kind != "engine":  # engines are run by TensorRT (runners/tensorrt.py)
+    if kind == "native" and runtime != "cpp":
+        raise AdafuseError(f"{model} is a native artifact: the C++ runtime's native backend runs it (add --runtime cpp)")
+    if kind not in ("engine", "native"):  # engines are run by TensorRT (runners/tensorrt.py), native artifacts by the runtime
         import_onnx()
     for p in prompts or ():
         if len(p) + steps > c.model.max_position_embeddings:
@@ -99,11 +110,12 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
                                f"{c.model.max_position_embeddings} positions (max_position_embeddings in {c.path})")
     from ..runners import open_runner
 
-    if kind == "engine":
+    if kind in ("engine", "native"):
         runner = open_runner(model, runtime="cpp") if runtime == "cpp" else None
     else:
         if runtime == "cpp":
-            raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files")
+            raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files and "
+                               "native artifacts")
         runner = open_model_runner(model, mode, plugin_ops=plugin_ops, device=device)
     import sys
 

@@ -3,8 +3,8 @@
 A family module subclasses `Family`, sets the class attributes that differ from Llama's and
 overrides the config hooks it needs, then registers itself with `@register` (the way Optimum
 registers one export config per model type and llama.cpp one class per architecture). The PyTorch
-reference (reference/model.py), the ONNX builder (onnx/builder.py) and the GPU decoder
-(runners/torch_cuda.py) read only this description and the ModelSpec it parses, never the
+reference (reference/model.py), the ONNX builder (onnx/builder.py) and the native artifact writer
+(native_artifact.py) read only this description and the ModelSpec it parses, never the
 family's name. docs/adding-a-family.md lists every field and who reads it.
 
 Vocabulary:

@@ -1,11 +1,11 @@
 """The math of each model feature, written once over a small array namespace `xp`.
 
-These functions are the definitions. The PyTorch reference and the GPU decoder's fallback call them with
+These functions are the definitions. The PyTorch reference calls them with
 `TORCH` (values are torch tensors); the ONNX builder calls them with its graph namespace
 (onnx/graph_xp.py: values are graph values and every operation adds a node). So a norm kind, an
 activation, an attention extra or a RoPE variant (families/rope.py) is written in one module, plus its
-tests; the CUDA kernels implement the common cases and the GPU decoder falls back to these definitions
-for the rest (runners/torch_cuda.py, KernelOps).
+tests; the CUDA kernels of the C++ runtime's native backend implement them (it refuses, at open, a feature
+they do not cover).
 
 What `xp` provides: arithmetic and comparison operators on its values (with Python numbers, which take
 the value's dtype), and the functions named in `Namespace` below. `dtype` arguments are the namespace's

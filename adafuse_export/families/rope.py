@@ -2,7 +2,7 @@
 whose tables every backend applies the same way.
 
 A `Rope` reduces each variant to one form, which features.rope_cos_sin turns into tables for every backend
-(the PyTorch reference and the GPU decoder, the ONNX graphs; a native runtime reads the same numbers):
+(the PyTorch reference, the ONNX graphs; the native artifact holds the same numbers for the C++ runtime):
 
     cos, sin = cos(p * inv_freq) * attention_factor, sin(p * inv_freq) * attention_factor
 

@@ -763,3 +763,21 @@ def load_kernels(path: Optional[Union[str, Path]] = None, archs: Optional[Sequen
     if check_runtime:
         _LOADED[key].check_runtime()
     return _LOADED[key]
+
+
+def capture_graph(fn, warmups: int = 1):
+    """fn() run `warmups` times on a side stream (allocator, cuBLAS handles, per-device setup: none of it may
+    happen during capture), then captured in a CUDA graph: (graph, what the captured call returned). For the
+    kernel tests and benchmarks that replay launches of this binding."""
+    torch = _torch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -1,7 +1,8 @@
 """Runners: one interface (prefill, decode step, routes, ModelInfo) over the PyTorch reference, ONNX Runtime, TensorRT.
 
 Backends are imported lazily: `open_runner(path)` picks one by the model file;
-`open_runner(engine, runtime="cpp")` runs an engine through the C++ runtime (runtime/, C API).
+`open_runner(model, runtime="cpp")` runs an engine or a native artifact (OUT.native/) through the C++ runtime
+(runtime/, C API; cpp_runtime.py).
 """
 from __future__ import annotations
 

@@ -1,10 +1,14 @@
 """The C++ runtime (runtime/, libadafuse_runtime.so) driven through its C API with ctypes.
 
-`CppRuntimeRunner` runs an engine with the same code a C++ service links, so `validate` compares
-that path with the PyTorch reference through the same tolerances and report. It needs what the
-runtime needs: full TensorRT 10 (libnvinfer.so.10), an NVIDIA GPU, and for plugin engines the
-plugin library ($ADAFUSE_PLUGIN_LIB). The manifest checks, the routing table and the sampler need
-none of these and are exposed here too (`verify_manifest`, `RoutingTable`, `Sampler`).
+`Engine` is the binding of one engine handle: a TensorRT engine or a native artifact (`convert --backend
+native`, run by the native backend with the project's CUDA kernels; `open_native` opens one with a strategy),
+prefill / decode / in-flight step as numpy calls. It is the one GPU decode path of `run --device cuda`,
+`validate --runtime cpp` and benchmarks/h200_decode.py. `CppRuntimeRunner` puts an Engine behind the runner
+interface, so `validate` compares the path a C++ service links with the PyTorch reference through the same
+tolerances and report. It needs what the runtime needs: an NVIDIA GPU, and for TensorRT engines full TensorRT 10
+(libnvinfer.so.10) and for plugin engines the plugin library ($ADAFUSE_PLUGIN_LIB). The manifest checks, the
+routing table and the sampler need none of these and are exposed here too (`verify_manifest`, `RoutingTable`,
+`Sampler`).
 
 The library is found at $ADAFUSE_RUNTIME_LIB, else in the installed package (the wheel ships it), else by the
 loader's usual search (after `cmake --install`).
@@ -86,8 +90,9 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(name)
         except OSError as e:
             raise AdafuseError(f"{name}: cannot load the C++ runtime ({e}); this installation does not ship it "
-                               "(`adafuse-export doctor` tells why): build it as runtime/README.md says and set "
-                               "ADAFUSE_RUNTIME_LIB to its libadafuse_runtime.so") from None
+                               "(`adafuse-export doctor` tells why): build it on the GPU machine with "
+                               "runtime/tools/build_on_gpu.sh (runtime/README.md) and set ADAFUSE_RUNTIME_LIB to the "
+                               "libadafuse_runtime.so it prints") from None
         missing = [fn for fn in _SIGNATURES if not hasattr(lib, fn)]
         if missing:  # e.g. $ADAFUSE_RUNTIME_LIB naming an unrelated library
             raise AdafuseError(f"{name}: not the adafuse C++ runtime (it has no '{missing[0]}' entry point); set "
@@ -165,81 +170,222 @@ class Sampler:
             self.lib.adafuse_sampler_free(self.handle)
 
 
-class CppRuntimeRunner(Runner):
-    """An engine run by the C++ runtime (TensorRT 10 + GPU) through its C API."""
+NATIVE_STRATEGIES = ("fused", "switch")  # adafuse_open_options.strategy of a native artifact (native_backend.cpp)
 
-    name = "cpp-runtime"
 
-    def __init__(self, engine: Path | str, library: str | None = None, tensorrt_library: str | None = None,
+def is_native_artifact(path: Path | str) -> bool:
+    """A native artifact (`convert --backend native`): a directory whose manifest.json says format adafuse-native."""
+    from ..native_artifact import artifact_files
+
+    return Path(path).is_dir() and artifact_files(Path(path)) is not None
+
+
+def native_manifest(artifact: Path | str) -> dict:
+    """The artifact's manifest.json (read after adafuse_engine_open has checked it in full)."""
+    from ..inputs import read_json
+    from ..native_artifact import MANIFEST
+
+    data = read_json(Path(artifact) / MANIFEST)
+    if not isinstance(data, dict):
+        raise AdafuseError(f"{Path(artifact) / MANIFEST}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def native_top_k(manifest: dict) -> int:
+    """Routes the native backend reports per token: the pre-gate's top-k (a table or in-decoder), else 0."""
+    r = manifest["routing"]
+    return int(r["top_k"]) if r["kind"] == "pregate" else 0
+
+
+class Engine:
+    """One engine handle of the C API: a TensorRT engine (OUT.engine) or a native artifact (OUT.native/, the native
+    backend), its limits, and its steps as numpy calls. top_k: routes per token it reports (0: none; the
+    caller knows it from the manifest). Close it (or use it as a context manager) to free the device memory."""
+
+    def __init__(self, path: Path | str, *, top_k: int, strategy: str | None = None, cuda_graphs: bool = True,
+                 device: int = 0, library: str | None = None, tensorrt_library: str | None = None,
                  plugin_library: str | None = None):
-        engine = Path(engine)
+        self.path, self.top_k = Path(path), top_k
         self.lib = lib = load_library(library)
-        manifest = verify_manifest(engine, library=library)
-        options = _OpenOptions(str(engine).encode(), tensorrt_library.encode() if tensorrt_library else None,
-                               plugin_library.encode() if plugin_library else None, 0, 1)
+        options = _OpenOptions(str(path).encode(), tensorrt_library.encode() if tensorrt_library else None,
+                               plugin_library.encode() if plugin_library else None, device, int(cuda_graphs),
+                               strategy.encode() if strategy else None)
         self.handle = _p()
         _check(lib, lib.adafuse_engine_open(ctypes.byref(options), ctypes.byref(self.handle)))
         batch, seq, vocab = _i32(), _i32(), _i64()
         lib.adafuse_engine_limits(self.handle, ctypes.byref(batch), ctypes.byref(seq), ctypes.byref(vocab))
+        self.max_batch, self.max_seq, self.vocab = batch.value, seq.value, vocab.value
         layers, heads, dim = _i32(), _i32(), _i32()
         lib.adafuse_kv_shape(self.handle, ctypes.byref(layers), ctypes.byref(heads), ctypes.byref(dim))
-        inputs = {t["name"] for t in manifest["tensors"]["inputs"]}
-        outputs = {t["name"] for t in manifest["tensors"]["outputs"]}
-        # Routes are fed from the table (inputs) or chosen by a pre-gate inside the decoder (outputs).
-        self.top_k = int(manifest["routing"]["top_k"]) if "expert_ids" in inputs | outputs else 0
-        self.max_batch, self.max_seq = batch.value, seq.value
-        dtype = manifest["engine"]["dtype"]
-        self.info = ModelInfo(model=engine, num_layers=layers.value, vocab_size=vocab.value, kv_heads=heads.value,
-                              head_dim=dim.value, needs_routes="expert_ids" in inputs, dtype=dtype,
-                              meta=manifest_meta(manifest),
-                              description=f"adafuse C++ runtime {lib.adafuse_version().decode()} (TensorRT), {dtype}")
-        self._batch = 0
-        self.table = (RoutingTable(engine.parent / manifest["routing"]["routes_file"], library)
-                      if self.info.needs_routes else None)
+        self.layers, self.kv_heads, self.head_dim = layers.value, heads.value, dim.value
+        in_flight, step_tokens = _i32(), _i32()
+        lib.adafuse_step_limits(self.handle, ctypes.byref(in_flight), ctypes.byref(step_tokens))
+        self.in_flight, self.max_step_tokens = bool(in_flight.value), step_tokens.value
+
+    def _routes(self, tokens: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if not self.top_k:
+            return None, None
+        return np.empty((tokens, self.top_k), np.int32), np.empty((tokens, self.top_k), np.float32)
+
+    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Starts a batch from ids [B, S]: (logits [B, S, vocab] float32, expert ids and gates [B, S, top_k] or None)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise AdafuseError(f"input ids must be [batch, seq], found shape {list(ids.shape)}")
+        b, s = ids.shape
+        logits = np.full((b, s, self.vocab), np.nan, np.float32)  # a value the runtime never wrote shows as NaN
+        experts, gates = self._routes(b * s)
+        _check(self.lib, self.lib.adafuse_prefill(self.handle, _ptr(ids), b, s, _ptr(logits), _ptr(experts), _ptr(gates)))
+        shape = (b, s, self.top_k)
+        return logits, None if experts is None else experts.reshape(shape), None if gates is None else gates.reshape(shape)
+
+    def decode(self, ids: np.ndarray, logits: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One token per sequence, ids [B]: (logits [B, vocab], expert ids and gates [B, top_k] or None).
+        logits: a C-contiguous float32 [B, vocab] to fill instead of a new array (benchmarks: no allocation)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        b = ids.shape[0]
+        if logits is None:
+            logits = np.empty((b, self.vocab), np.float32)
+        elif logits.dtype != np.float32 or logits.shape != (b, self.vocab) or not logits.flags.c_contiguous:
+            raise ValueError(f"logits must be C-contiguous float32 [{b}, {self.vocab}]")
+        experts, gates = self._routes(b)
+        _check(self.lib, self.lib.adafuse_decode(self.handle, _ptr(ids), b, _ptr(logits), _ptr(experts), _ptr(gates)))
+        return logits, experts, gates
+
+    def step(self, rows: list[tuple[int, int, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
+        """An in-flight step (adafuse_step): rows of (slot, start, new tokens) -> each row's logits, [count, vocab]
+        with all_logits, else [vocab] (its last position)."""
+        table = (_StepRow * len(rows))(*[_StepRow(slot, start, len(toks), int(all_logits)) for slot, start, toks in rows])
+        ids = np.array([t for _, _, toks in rows for t in toks], np.int64)
+        counts = [len(toks) if all_logits else 1 for _, _, toks in rows]
+        logits = np.empty((sum(counts), self.vocab), np.float32)
+        _check(self.lib, self.lib.adafuse_step(self.handle, _ptr(ids), table, len(rows), _ptr(logits), None, None))
+        out, row = [], 0
+        for n in counts:
+            out.append(logits[row:row + n] if all_logits else logits[row])
+            row += n
+        return out
+
+    def generate(self, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray, np.ndarray | None]:
+        """Greedy decoding of one prompt: (tokens, the prompt's logits [1, S, vocab], its expert ids [1, S, top_k] or None)."""
+        logits, experts, _ = self.prefill(np.asarray([prompt]))
+        tokens: list[int] = []
+        last = logits[0, -1]
+        while len(tokens) < max_new_tokens:
+            tokens.append(int(last.argmax()))
+            if len(tokens) < max_new_tokens:
+                last = self.decode(np.asarray(tokens[-1:]))[0][0]
+        return tokens, logits, experts
 
     @property
     def past_length(self) -> int:
         return int(self.lib.adafuse_past_length(self.handle))
 
-    def routes(self, input_ids):
-        return None if self.table is None else self.table.lookup(np.asarray(input_ids))
+    def slot_length(self, slot: int) -> int:
+        return int(self.lib.adafuse_slot_length(self.handle, slot))
 
-    def _present(self) -> dict[str, np.ndarray]:
-        b, t = self._batch, self.past_length
-        out = {}
-        for layer in range(self.info.num_layers):
-            for value, kind in ((0, "key"), (1, "value")):
-                kv = np.empty((b, self.info.kv_heads, t, self.info.head_dim), np.float32)
-                _check(self.lib, self.lib.adafuse_read_kv(self.handle, layer, value, _ptr(kv)))
-                out[f"present.{layer}.{kind}"] = kv
-        return out
-
-    def _step(self, ids: np.ndarray, prefill: bool) -> StepResult:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or (not prefill and ids.shape[1] != 1):
-            raise AdafuseError(f"input ids must be [batch, {'seq' if prefill else 1}], found shape {list(ids.shape)}")
-        b, s = ids.shape
-        logits = np.empty((b, s, self.info.vocab_size or 0), np.float32)
-        experts = np.empty((b, s, self.top_k), np.int32) if self.top_k else None
-        gates = np.empty((b, s, self.top_k), np.float32) if self.top_k else None
-        if prefill:
-            status = self.lib.adafuse_prefill(self.handle, _ptr(ids), b, s, _ptr(logits), _ptr(experts), _ptr(gates))
-        else:
-            status = self.lib.adafuse_decode(self.handle, _ptr(ids), b, _ptr(logits), _ptr(experts), _ptr(gates))
-        _check(self.lib, status)
-        self._batch = b
-        return StepResult(logits, self._present(), experts, gates)
-
-    def prefill(self, input_ids):
-        return self._step(input_ids, True)
-
-    def decode(self, input_ids):
-        return self._step(input_ids, False)
+    def read_kv(self, layer: int, value: bool, batch: int) -> np.ndarray:
+        """One layer's cached keys (value False) or values as float32 [batch, kv_heads, past_length, head_dim]."""
+        kv = np.empty((batch, self.kv_heads, self.past_length, self.head_dim), np.float32)
+        _check(self.lib, self.lib.adafuse_read_kv(self.handle, layer, int(value), _ptr(kv)))
+        return kv
 
     def close(self) -> None:
         if getattr(self, "handle", None):
             self.lib.adafuse_engine_free(self.handle)
             self.handle = _p()
 
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self):
         self.close()
+
+
+def open_native(artifact: Path | str, strategy: str = "fused", cuda_graphs: bool = True, device: int = 0,
+                library: str | None = None) -> Engine:
+    """A native artifact opened by the native backend with `strategy` (NATIVE_STRATEGIES)."""
+    if strategy not in NATIVE_STRATEGIES:
+        raise AdafuseError(f"strategy '{strategy}' is not one of the native backend's ({', '.join(NATIVE_STRATEGIES)})")
+    engine = Engine(artifact, top_k=0, strategy=strategy, cuda_graphs=cuda_graphs, device=device, library=library)
+    engine.top_k = native_top_k(native_manifest(artifact))  # the manifest is read once the runtime has checked it
+    return engine
+
+
+def native_meta(manifest: dict) -> dict[str, str]:
+    """The native manifest's routing contract as the "adafuse.*" metadata validate.check_compatible compares."""
+    from ..native_artifact import FORMAT, VERSION
+    from ..summary import routing_metadata
+
+    r = manifest["routing"]
+    return {"adafuse.format": f"{FORMAT}/{VERSION}", "adafuse.dtype": manifest["model"]["dtype"],
+            **routing_metadata({**r, "routing": r["kind"]}), "adafuse.checkpoint_sha256": manifest["source"]["index_sha256"]}
+
+
+class CppRuntimeRunner(Runner):
+    """An engine (TensorRT 10 + GPU) or a native artifact (the native backend, GPU) run by the C++ runtime through
+    its C API."""
+
+    name = "cpp-runtime"
+
+    def __init__(self, engine: Path | str, library: str | None = None, tensorrt_library: str | None = None,
+                 plugin_library: str | None = None, strategy: str = "fused"):
+        engine = Path(engine)
+        if is_native_artifact(engine):
+            self.engine = open_native(engine, strategy, library=library)
+            manifest = native_manifest(engine)
+            dtype, meta = manifest["model"]["dtype"], native_meta(manifest)
+            routes_file = manifest["routing"]["routes_file"]
+            what = f"native backend, {strategy}"
+        else:
+            manifest = verify_manifest(engine, library=library)
+            inputs = {t["name"] for t in manifest["tensors"]["inputs"]}
+            outputs = {t["name"] for t in manifest["tensors"]["outputs"]}
+            # Routes are fed from the table (inputs) or chosen by a pre-gate inside the decoder (outputs).
+            top_k = int(manifest["routing"]["top_k"]) if "expert_ids" in inputs | outputs else 0
+            self.engine = Engine(engine, top_k=top_k, library=library, tensorrt_library=tensorrt_library,
+                                 plugin_library=plugin_library)
+            dtype, meta = manifest["engine"]["dtype"], manifest_meta(manifest)
+            routes_file = manifest["routing"]["routes_file"] if "expert_ids" in inputs else None
+            what = "TensorRT"
+        e = self.engine
+        self.lib = e.lib
+        self.max_batch, self.max_seq = e.max_batch, e.max_seq
+        self.info = ModelInfo(model=engine, num_layers=e.layers, vocab_size=e.vocab, kv_heads=e.kv_heads,
+                              head_dim=e.head_dim, needs_routes=routes_file is not None, dtype=dtype, meta=meta,
+                              description=f"adafuse C++ runtime {self.lib.adafuse_version().decode()} ({what}), {dtype}")
+        self._batch = 0
+        base = engine if engine.is_dir() else engine.parent
+        self.table = RoutingTable(base / routes_file, library) if routes_file is not None else None
+
+    @property
+    def past_length(self) -> int:
+        return self.engine.past_length
+
+    def routes(self, input_ids):
+        return None if self.table is None else self.table.lookup(np.asarray(input_ids))
+
+    def _present(self) -> dict[str, np.ndarray]:
+        return {f"present.{layer}.{kind}": self.engine.read_kv(layer, value, self._batch)
+                for layer in range(self.info.num_layers) for value, kind in ((False, "key"), (True, "value"))}
+
+    def prefill(self, input_ids):
+        logits, experts, gates = self.engine.prefill(input_ids)
+        self._batch = logits.shape[0]
+        return StepResult(logits, self._present(), experts, gates)
+
+    def decode(self, input_ids):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] != 1:
+            raise AdafuseError(f"input ids must be [batch, 1], found shape {list(ids.shape)}")
+        logits, experts, gates = self.engine.decode(ids.reshape(-1))
+        return StepResult(logits[:, None], self._present(), None if experts is None else experts[:, None],
+                          None if gates is None else gates[:, None])
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from adafuse_export.runners.torch_cuda import capture_graph
+from adafuse_export.kernels.binding import capture_graph
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}

@@ -8,21 +8,18 @@ Needs the runtime built for this GPU: runtime/tools/build_on_gpu.sh, then ADAFUS
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
 import torch
 
-from adafuse_export import native_artifact as native
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.examples import KINDS, make_example
 from adafuse_export.reference import ReferenceModel
-from adafuse_export.runners.cpp_runtime import _OpenOptions, _StepRow, load_library
-from family_decode_cases import LOGITS_ATOL, PROMPT, cases
+from adafuse_export.runners.cpp_runtime import load_library, open_native
+from family_decode_cases import against_reference, attention_head_dim, cases, convert, strategies
 
 pytestmark = pytest.mark.gpu
 NEW_TOKENS = 10
@@ -36,91 +33,9 @@ def lib():
     return load_library(path)
 
 
-class Engine:
-    """One native artifact opened through the C API."""
-
-    def __init__(self, lib, art: Path, strategy: str = "fused", graphs: bool = True):
-        self.lib = lib
-        options = _OpenOptions(str(art).encode(), None, None, 0, 1 if graphs else 0, strategy.encode())
-        self.handle = ctypes.c_void_p()
-        status = lib.adafuse_engine_open(ctypes.byref(options), ctypes.byref(self.handle))
-        assert status == 0, lib.adafuse_last_error().decode()
-        b, s, v = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()
-        lib.adafuse_engine_limits(self.handle, ctypes.byref(b), ctypes.byref(s), ctypes.byref(v))
-        self.max_batch, self.max_seq, self.vocab = b.value, s.value, v.value
-        in_flight, step_tokens = ctypes.c_int32(), ctypes.c_int32()
-        lib.adafuse_step_limits(self.handle, ctypes.byref(in_flight), ctypes.byref(step_tokens))
-        assert in_flight.value == 1 and step_tokens.value >= self.max_batch
-
-    def _ok(self, status: int) -> None:
-        assert status == 0, self.lib.adafuse_last_error().decode()
-
-    def prefill(self, ids: np.ndarray, top_k: int):
-        ids = np.ascontiguousarray(ids, np.int64)
-        b, s = ids.shape
-        logits = np.full((b, s, self.vocab), np.nan, np.float32)  # NaN-poisoned: every value must be written
-        experts = np.full((b, s, max(top_k, 1)), -7, np.int32)
-        self._ok(self.lib.adafuse_prefill(self.handle, ids.ctypes.data, b, s, logits.ctypes.data,
-                                          experts.ctypes.data if top_k else None, None))
-        return logits, experts[..., :top_k]
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
-        logits = np.full((ids.shape[0], self.vocab), np.nan, np.float32)
-        self._ok(self.lib.adafuse_decode(self.handle, ids.ctypes.data, ids.shape[0], logits.ctypes.data, None, None))
-        return logits
-
-    def step(self, rows: list[tuple[int, int, list[int]]]) -> list[np.ndarray]:
-        """rows of (slot, start, new tokens) -> each row's last-position logits."""
-        table = (_StepRow * len(rows))(*[_StepRow(slot, start, len(toks), 0) for slot, start, toks in rows])
-        ids = np.array([t for _, _, toks in rows for t in toks], np.int64)
-        logits = np.full((len(rows), self.vocab), np.nan, np.float32)
-        self._ok(self.lib.adafuse_step(self.handle, ids.ctypes.data, table, len(rows), logits.ctypes.data, None, None))
-        return list(logits)
-
-    def generate(self, prompt: list[int], n: int) -> list[int]:
-        logits, _ = self.prefill(np.array([prompt]), 0)
-        out = [int(logits[0, -1].argmax())]
-        while len(out) < n:
-            out.append(int(self.decode(np.array([out[-1]]))[0].argmax()))
-        return out
-
-    def close(self) -> None:
-        if self.handle:
-            self.lib.adafuse_engine_free(self.handle)
-            self.handle = ctypes.c_void_p()
-
-
-def convert(ckpt_dir: Path, out: Path, dtype: str = "float32", max_batch: int = 4, max_seq: int = 40) -> Path:
-    out.mkdir()
-    native.write_artifact(load_checkpoint(ckpt_dir), out, dtype, max_batch=max_batch, max_seq=max_seq)
-    return out
-
-
-def check_against_reference(lib, ckpt_dir: Path, art: Path, strategy: str, graphs: bool = True) -> None:
-    ckpt = load_checkpoint(ckpt_dir)
-    ref = ReferenceModel(ckpt, dtype=torch.float32)
-    prompt = torch.tensor([PROMPT])
-    want, steps = ref.generate(prompt, NEW_TOKENS)
-    engine = Engine(lib, art, strategy, graphs)
-    try:
-        top_k = ckpt.adapter.top_k if ckpt.adapter.routing == "pregate" else 0
-        logits, experts = engine.prefill(prompt.numpy(), top_k)
-        assert not np.isnan(logits).any()
-        diff = float(np.abs(logits - steps[0].logits.numpy()).max())
-        assert diff <= LOGITS_ATOL, f"{art.name} ({strategy}): prefill logits max |diff| {diff:.2e} > {LOGITS_ATOL}"
-        if top_k:
-            assert steps[0].expert_ids is not None
-            assert np.array_equal(experts, steps[0].expert_ids.numpy()), f"{art.name} ({strategy}): expert ids differ"
-        got = engine.generate(PROMPT, NEW_TOKENS)
-        assert got == want[0].tolist(), f"{art.name} ({strategy}, graphs {graphs}): {got} != {want[0].tolist()}"
-    finally:
-        engine.close()
-
-
-def strategies(kind: str) -> list[str]:
-    config = cast(dict, KINDS[kind])
-    return ["fused", "switch"] if config["routing"] == "pregate" else ["fused"]
+def check_against_reference(ckpt_dir: Path, art: Path, strategy: str, graphs: bool = True) -> None:
+    r = against_reference(ckpt_dir, art, strategy, graphs)
+    assert r["passed"], f"{art.name} ({strategy}, graphs {graphs}): {r}"
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -128,15 +43,7 @@ def test_every_kind_every_strategy(lib, tmp_path, kind):
     make_example(tmp_path / kind, kind, "llama")
     for strategy in strategies(kind):
         art = convert(tmp_path / kind, tmp_path / f"{kind}-{strategy}.native", max_batch=1 if strategy == "switch" else 4)
-        check_against_reference(lib, tmp_path / kind, art, strategy)
-
-
-def attention_head_dim(config: dict | None) -> dict | None:
-    """The attention kernels take heads of a power-of-two count of 16-byte vectors (NativeArtifact::features refuses
-    others at open): the cases' head_dim 24 (6 float32 vectors) becomes 32, every other feature as the case sets it."""
-    if config is None or config.get("head_dim") != 24:
-        return config
-    return {**config, "head_dim": 32}
+        check_against_reference(tmp_path / kind, art, strategy)
 
 
 @pytest.mark.parametrize("name,family,config", cases())
@@ -144,12 +51,12 @@ def test_every_family_and_scaled_rope(lib, tmp_path, name, family, config):
     make_example(tmp_path / name, "pregate", family=family, config=attention_head_dim(config))
     for strategy in ("fused", "switch"):
         art = convert(tmp_path / name, tmp_path / f"{name}-{strategy}.native", max_batch=1 if strategy == "switch" else 4)
-        check_against_reference(lib, tmp_path / name, art, strategy)
+        check_against_reference(tmp_path / name, art, strategy)
 
 
 def test_without_cuda_graphs(lib, tmp_path):
     make_example(tmp_path / "ck", "pregate", "llama")
-    check_against_reference(lib, tmp_path / "ck", convert(tmp_path / "ck", tmp_path / "a.native"), "fused", graphs=False)
+    check_against_reference(tmp_path / "ck", convert(tmp_path / "ck", tmp_path / "a.native"), "fused", graphs=False)
 
 
 @pytest.mark.parametrize("kind,family,config", [
@@ -163,7 +70,7 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
     make_example(tmp_path / "ck", kind, family, config=config)
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
     want = [ref.generate(torch.tensor([p]), NEW_TOKENS)[0][0].tolist() for p in PROMPTS]
-    engine = Engine(lib, convert(tmp_path / "ck", tmp_path / "a.native", max_batch=4, max_seq=40))
+    engine = open_native(convert(tmp_path / "ck", tmp_path / "a.native", max_batch=4, max_seq=40))
     try:
         got: list[list[int]] = [[] for _ in PROMPTS]
         length = [0] * len(PROMPTS)
@@ -172,6 +79,7 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
             if step == 2:
                 rows.append((3, 0, PROMPTS[3]))  # joins mid-flight
             outs = engine.step(rows)
+            assert engine.in_flight and engine.max_step_tokens >= engine.max_batch
             nxt = []
             for (slot, start, toks), logits in zip(rows, outs):
                 length[slot] = start + len(toks)
@@ -184,7 +92,7 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
             if not rows:
                 break
         assert got == want
-        assert [lib.adafuse_slot_length(engine.handle, s) for s in range(4)] == [len(p) + NEW_TOKENS - 1 for p in PROMPTS]
+        assert [engine.slot_length(s) for s in range(4)] == [len(p) + NEW_TOKENS - 1 for p in PROMPTS]
     finally:
         engine.close()
 
@@ -198,14 +106,13 @@ def test_bfloat16_prefill_within_validates_bound(lib, tmp_path):
     prompt = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     ref32 = ReferenceModel(ckpt, dtype=torch.float32).forward(prompt)
     ref16 = ReferenceModel(ckpt, dtype=torch.bfloat16).forward(prompt)
-    engine = Engine(lib, convert(tmp_path / "ck", tmp_path / "a.native", "bfloat16"))
-    try:
-        logits, experts = engine.prefill(prompt.numpy(), ckpt.adapter.top_k)
-    finally:
-        engine.close()
+    with open_native(convert(tmp_path / "ck", tmp_path / "a.native", "bfloat16")) as engine:
+        logits, experts, _ = engine.prefill(prompt.numpy())
+    assert not np.isnan(logits).any()
     atol, rtol = TOLERANCES["bfloat16"]
     r32 = ref32.logits.numpy()
     atol = max(atol, 2 * float(np.abs(ref16.logits.float().numpy() - r32).max()))
     assert (np.abs(logits - r32) <= atol + rtol * np.abs(r32)).all()
     # the routing table is computed in float32 whatever the artifact's dtype (native_artifact.py)
-    assert ref32.expert_ids is not None and np.array_equal(experts, ref32.expert_ids.numpy())
+    assert experts is not None and ref32.expert_ids is not None
+    assert np.array_equal(experts, ref32.expert_ids.numpy())
