@@ -52,6 +52,16 @@ class Checkpoint:
     def __post_init__(self):
         self.adapter.check_modules(self.model, f"{self.path} ({self.format} adapter)")
 
+    def base_only(self) -> "Checkpoint":
+        """The base model without the adapters (run --no-adapters, the benchmarks' dense rows): routing 'none'."""
+        import dataclasses
+
+        from .tensors import in_memory_source
+
+        adapter = AdapterSpec(num_experts=1, top_k=1, r=self.adapter.r, lora_alpha=self.adapter.lora_alpha,
+                              target_modules=(), routing="none")
+        return dataclasses.replace(self, adapter=adapter, adapters=in_memory_source({}, f"{self.path} (base only)"))
+
     def sites(self) -> list[Site]:
         out = []
         for layer in range(self.model.num_layers):

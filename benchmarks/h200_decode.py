@@ -8,8 +8,9 @@
    to float32 native artifacts and opened with each strategy they allow: greedy tokens, prefill logits and expert
    ids against the CPU reference.
 2. decode: ms per adafuse_decode call (the step's logits on the host when it returns) at batch 1, 8, 32, 64 with
-   strategy fused and at batch 1 with switch (the route changing every step, and unchanged), context 512; tokens/s
-   and the weight-read floor (the backbone's bytes over the device's copy bandwidth).
+   strategy fused and at batch 1 with switch (the route changing every step, and unchanged), context 512; tokens/s,
+   the weight-read floor (the backbone's bytes over the device's copy bandwidth), and the dense base (same backbone,
+   no adapters, same backend) at the same batches with each row's ratio to it.
 3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same step (from the first kernel
    or copy of the step to its last, as the CUDA profiler, torch.profiler over CUPTI, records them), batch 1.
 4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
@@ -239,6 +240,31 @@ def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int]
                 results["prefill"].append(native_ttft(engine, ctx))
 
 
+def bench_dense(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
+    """The same backbone without adapters (routing 'none') through the same backend and kernels: the dense model a
+    user would otherwise serve, each batch's ratio against it recorded on the fused rows."""
+    dense = work / "dense.native"
+    dense.mkdir()
+    t = time.time()
+    base = ckpt.base_only()
+    native.write_artifact(base, dense, "bfloat16", max_batch=max(batches), max_seq=ctx + steps + 16)
+    log(f"dense artifact written in {time.time() - t:.0f} s")
+    floor = results["decode"][0]["weight_read_floor_ms"] if results["decode"] else float("nan")
+    feed = np.random.default_rng(6).integers(0, ckpt.model.vocab_size, (steps + 8) * max(batches)).tolist()
+    with open_native(dense, "fused") as engine:
+        for batch in batches:
+            ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
+            results["decode"].append({"strategy": "dense", "batch": batch, "ctx": ctx, "routes": "no adapters",
+                                      "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
+                                      "weight_read_floor_ms": floor, "x_floor": ms / floor})
+            log(f"decode dense  b={batch:<2} ctx={ctx} {'no adapters':<15} {ms:8.2f} ms/step")
+    shutil.rmtree(dense)
+    by_batch = {r["batch"]: r["ms_per_step"] for r in results["decode"] if r["strategy"] == "dense"}
+    for r in results["decode"]:
+        if r["strategy"] != "dense" and r["batch"] in by_batch:
+            r["x_dense"] = r["ms_per_step"] / by_batch[r["batch"]]
+
+
 # ---------------------------------------------------------------- 4. prefill
 def native_ttft(engine: Engine, ctx: int, repeats: int = 5) -> dict:
     """A ctx-token prompt in one in-flight step of slot 0, the last position's logits on the host."""
@@ -294,6 +320,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' prefill")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense base's decode rows (a second artifact)")
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts are written [a temporary directory]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -325,6 +352,9 @@ def main():
         save()
         shutil.rmtree(work / "fused.native")
         shutil.rmtree(work / "switch.native")
+        if not args.no_dense:
+            bench_dense(ckpt, work, batches, args.ctx, args.steps, results)
+            save()
         if not args.no_transformers:
             try:
                 results["prefill"].append(transformers_ttft(ckpt, args.ctx))
@@ -334,11 +364,12 @@ def main():
         save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log("\n| strategy | batch | ctx | routes | ms/step | tokens/s | x floor |")
-    log("| --- | --- | --- | --- | --- | --- | --- |")
+    log("\n| strategy | batch | ctx | routes | ms/step | tokens/s | x floor | x dense |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["decode"]:
+        dense = f"{r['x_dense']:.2f}" if "x_dense" in r else "-"
         log(f"| {r['strategy']} | {r['batch']} | {r['ctx']} | {r['routes']} | {r['ms_per_step']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['x_floor']:.2f} |")
+            f"{r['tokens_per_s']:.0f} | {r['x_floor']:.2f} | {dense} |")
     for h in results["host_overhead"]:
         if "error" not in h:
             log(f"host overhead ({h['strategy']}, batch 1): {h['host_overhead_ms']:.3f} ms of {h['wall_ms']:.3f} ms")

@@ -183,10 +183,9 @@ def decode_speed(work: Path, prompt_len: int, steps: int) -> dict:
 
     # c. the native backend over the C API (the one GPU decode path), with and without the adapters
     from adafuse_export import native_artifact
-    from adafuse_export.cli.run import base_only
-    from adafuse_export.runners.cpp_runtime import open_native
+        from adafuse_export.runners.cpp_runtime import open_native
 
-    for key, model in (("native_fused_ms", ckpt), ("native_dense_ms", base_only(ckpt))):
+    for key, model in (("native_fused_ms", ckpt), ("native_dense_ms", ckpt.base_only())):
         art = work / f"{key}.native"
         art.mkdir()
         native_artifact.write_artifact(model, art, "float16", max_batch=1, max_seq=prompt_len + steps + 16)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from adafuse_export import native_artifact as native
-from adafuse_export.cli.run import base_only
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.errors import AdafuseError
 from adafuse_export.reference import ReferenceModel
@@ -109,7 +108,7 @@ def test_no_adapters_artifact_is_the_base_model(example_dirs, tmp_path):
     """--no-adapters writes the base alone: no adapter file, routing 'none', and its reference equals the
     reference run with adapters off (what `run --no-adapters` computes on the CPU)."""
     ckpt = load_checkpoint(example_dirs["pregate"])
-    base = base_only(ckpt)
+    base = ckpt.base_only()
     art = tmp_path / "base.native"
     art.mkdir()
     manifest = native.write_artifact(base, art, "float32", max_batch=1, max_seq=16)

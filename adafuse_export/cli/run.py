@@ -86,7 +86,7 @@ def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str,
     if torch.version.cuda is not None and not torch.cuda.is_available():  # a CPU-only torch cannot tell: the runtime will
         raise AdafuseError("--device cuda: no CUDA GPU is visible (PyTorch sees none; CUDA_VISIBLE_DEVICES?)")
     if no_adapters:
-        c = base_only(c)
+        c = c.base_only()
     candidates = ["fused", "switch"] if strategy == "auto" and switchable else ["switch" if strategy == "switch" else "fused"]
     # room for auto's timing steps too (a 4-token prompt and 10 steps)
     max_seq = min(max(len(ids) + max_new_tokens, 16), c.model.max_position_embeddings)
@@ -104,18 +104,6 @@ def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str,
                 return engine.generate(ids, max_new_tokens)
         except AdafuseError as e:  # the runtime's line names the temporary artifact: say which option ran it
             raise AdafuseError(f"--device cuda: {e}") from None
-
-
-def base_only(c):
-    """The checkpoint without its adapters (--no-adapters): the base model, routing 'none'."""
-    import dataclasses
-
-    from ..spec import AdapterSpec
-    from ..tensors import in_memory_source
-
-    adapter = AdapterSpec(num_experts=1, top_k=1, r=c.adapter.r, lora_alpha=c.adapter.lora_alpha, target_modules=(),
-                          routing="none")
-    return dataclasses.replace(c, adapter=adapter, adapters=in_memory_source({}, f"{c.path} (--no-adapters)"))
 
 
 def _fastest(art: Path, strategies: list[str], vocab: int, steps: int = 8) -> tuple[str, dict[str, float]]:

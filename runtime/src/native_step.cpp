@@ -1,6 +1,6 @@
 // The native backend's step: one execution path for prefill, decode and in-flight steps (rows of slot,
-// start, count), the order of runners/torch_cuda.py GpuDecoder._step and the rounding of
-// reference/model.py (the kernels round where the reference does: adafuse_kernels.h).
+// start, count), in the order and with the rounding of reference/model.py (the kernels round where the
+// reference does: adafuse_kernels.h).
 #include <algorithm>
 #include <cstdio>
 #include <vector>

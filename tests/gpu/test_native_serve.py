@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adafuse_export import native_artifact as native
 from adafuse_export.converters import load_checkpoint
 from adafuse_export.examples import KINDS, make_example
 from adafuse_export.reference import ReferenceModel
-from family_decode_cases import cases
+from family_decode_cases import attention_head_dim, cases, convert
 
 pytestmark = pytest.mark.gpu
 NEW_TOKENS = 8
@@ -41,12 +40,6 @@ def binary(name: str, env: str) -> Path:
 def reference_tokens(ckpt_dir: Path) -> list[list[int]]:
     ref = ReferenceModel(load_checkpoint(ckpt_dir), dtype=torch.float32)
     return [ref.generate(torch.tensor([p]), NEW_TOKENS)[0][0].tolist() for p in PROMPTS]
-
-
-def convert(ckpt_dir: Path, out: Path) -> Path:
-    out.mkdir()
-    native.write_artifact(load_checkpoint(ckpt_dir), out, "float32", max_batch=4, max_seq=40)
-    return out
 
 
 class Server:
@@ -104,7 +97,5 @@ def test_every_kind_served(tmp_path, kind):
 
 @pytest.mark.parametrize("name,family,config", cases())
 def test_every_family_served(tmp_path, name, family, config):
-    from test_native_backend import attention_head_dim
-
     make_example(tmp_path / name, "pregate", family=family, config=attention_head_dim(config))
     check_served(tmp_path / name, convert(tmp_path / name, tmp_path / f"{name}.native"))
