@@ -1,12 +1,12 @@
-// adafuse-serve: the HTTP service over a TensorRT engine.
-//   adafuse-serve --engine out.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
-//                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]
+// adafuse-serve: the HTTP service over a native artifact (convert --backend native) or a TensorRT engine,
+// opened as adafuse_engine_open opens it (open_backend.h).
+//   adafuse-serve --engine OUT.native|OUT.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
+//                 [--strategy fused|switch] [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]
 #include <cstdio>
 
 #include "error.h"
 #include "http_service.h"
-#include "manifest.h"
-#include "tensorrt_backend.h"
+#include "open_backend.h"
 
 int main(int argc, char** argv) {
   adafuse::ServiceOptions service;
@@ -19,21 +19,24 @@ int main(int argc, char** argv) {
         continue;
       }
       if (arg == "-h" || arg == "--help") {
-        std::printf("usage: adafuse-serve --engine OUT.engine [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
-                    "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
-                    "       [--request-timeout-ms MS] [--step-tokens N]\n");
+        std::printf("usage: adafuse-serve --engine OUT.native|OUT.engine [--host H] [--port P] [--queue N]\n"
+                    "       [--strategy fused|switch] [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]\n"
+                    "       [--max-connections N] [--idle-timeout-ms MS] [--request-timeout-ms MS] [--step-tokens N]\n"
+                    "A native artifact's batch and sequence limits are the ones it was converted with\n"
+                    "(convert --backend native --max-batch B --max-seq S).\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
       const char* value = argv[++i];
       if (arg == "--engine") open.engine_path = value;
+      else if (arg == "--strategy") open.strategy = value;
       else if (arg == "--tensorrt-lib") open.tensorrt_library = value;
       else if (arg == "--plugin-lib") open.plugin_library = value;
       else if (!adafuse::parse_service_option(arg, value, service))
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }
     if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
-    auto backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(open.engine_path), open);
+    auto backend = adafuse::open_backend(open);
     return adafuse::serve(*backend, service);
   } catch (const adafuse::Error& e) {
     std::fprintf(stderr, "adafuse-serve: %s\n", e.what());
