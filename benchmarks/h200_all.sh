@@ -7,6 +7,8 @@
 #   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the per-kernel profile
 #   of a decode step (before/after the step kernels); the decode benchmark.
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
+#   or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark (builds
+#   adafuse-serve with runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py: about 9 minutes by default).
 #   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
 #   --no-decode stops before the profile: the two halves fit one call each.
 #   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
@@ -22,6 +24,12 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 status=0
 has() { [[ " $ARGS " == *" $1 "* ]]; }
 ARGS="$*"
+if has --serve-load; then
+  bash runtime/tools/build_on_gpu.sh > "$OUT/build_on_gpu.log" 2>&1 || { tail -5 "$OUT/build_on_gpu.log"; echo "build_on_gpu.sh failed"; exit 1; }
+  args=(); for a in "$@"; do [[ $a == --serve-load ]] || args+=("$a"); done
+  python3 benchmarks/serve_load.py --out "$OUT/serve_load.json" "${args[@]}" 2>&1 | tee "$OUT/serve_load.log"
+  exit "${PIPESTATUS[0]}"
+fi
 if ! has --no-checks; then
 if ! has --no-harness; then
   bash plugins/harness/run_gpu.sh > "$OUT/plugin_harness.log" 2>&1; rc=$?; tail -5 "$OUT/plugin_harness.log"

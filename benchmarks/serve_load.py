@@ -348,7 +348,7 @@ def drive(name: str, send: Callable[[Request], Record], args: argparse.Namespace
         n = args.requests or max(8, 2 * c)
         level = run_level(send, request_mix(n, args.seed + c, args.prompt_lengths, args.output_lengths, args.vocab), c,
                           args.level_seconds)
-        log(f"{name}: {row(level)}")
+        log(row(level, name))
         levels.append(level)
     return levels
 
