@@ -196,10 +196,11 @@ class ServeClient:
                     record.error = f"engine error mid-stream: {item['error']}"
                 else:
                     result = item
-            if record.error is None and result is None:
-                record.error = "the stream ended without its result line"
-            elif record.error is None and result["tokens"] != record.tokens:
-                record.error = "the result line's tokens differ from the streamed ones"
+            if record.error is None:
+                if result is None:
+                    record.error = "the stream ended without its result line"
+                elif result.get("tokens") != record.tokens:
+                    record.error = "the result line's tokens differ from the streamed ones"
             return record
         finally:
             conn.close()
@@ -248,6 +249,10 @@ class TransformersCB:
         # eos -1: no stop token (the synthetic config's eos 2 would end random requests early)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
         self.manager = self.model.init_continuous_batching(generation_config=config)
+        # its own warm-up (CUDA graphs at the largest sizes), as generate_batch does; timed apart from the load
+        t = time.perf_counter()
+        self.manager.warmup()
+        self.warmup_s = round(time.perf_counter() - t, 1)
         self.waiting: dict[str, queue.Queue] = {}
         self.lock = threading.Lock()
         self.count = 0
@@ -317,7 +322,7 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
 
     def step(name: str, done: Path, make: Callable[[], object]) -> None:
         if done.exists():
-            log(f"reusing {done.parent if done.name.endswith('.json') else done}")
+            log(f"reusing {done.parent}")
             return
         t = time.perf_counter()
         make()
@@ -327,11 +332,12 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
     step("write_checkpoint", paths["moe"] / "adafuse_config.json",
          lambda: write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log))
     step("write_dense_base", paths["dense"] / "adafuse_config.json", lambda: write_dense_base(paths["moe"], paths["dense"], log=log))
-    for model in ("moe", "dense"):
-        out = paths[f"{model}_native"]
-        step(f"convert_{model}", out / "manifest.json", lambda m=model, o=out: convert_native(
-            paths[m], o, fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch, max_seq=args.max_seq, force=True,
-            plugin_library=None, timing_cache=None, strategy=None, log=log))
+    def convert(model: str) -> None:
+        convert_native(paths[model], paths[f"{model}_native"], fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch,
+                       max_seq=args.max_seq, force=True, plugin_library=None, timing_cache=None, strategy=None, log=log)
+
+    step("convert_moe", paths["moe_native"] / "manifest.json", lambda: convert("moe"))
+    step("convert_dense", paths["dense_native"] / "manifest.json", lambda: convert("dense"))
     return paths
 
 
@@ -390,6 +396,8 @@ def transformers_system(model_dir: Path, args: argparse.Namespace, log: Callable
         cb = TransformersCB(model_dir, "cuda", args.output_lengths[1])
         system["open_s"] = round(time.perf_counter() - t, 1)
         system["attn_implementation"] = cb.model.config._attn_implementation
+        system["warmup_s"] = cb.warmup_s
+        system["client"] = "in process (no HTTP)"
     except Exception as e:  # not installed, no GPU, an API this script does not know: said, and the others stand
         system["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log(f"transformers: {system['skipped']}")
