@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_load.json"
 DEFAULT_SERVE = ROOT / "build" / "gpu-native" / "runtime" / "adafuse-serve"
 SCHEMA = 1
+FIRST_TOKENS = 4  # per request, kept in the JSON to compare the systems' greedy tokens
 
 
 # ---- the request mix -------------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ class Record:
     token_times: list[float] = field(default_factory=list)  # when each token was read
     tokens: list[int] = field(default_factory=list)
     error: str | None = None
+    index: int = -1  # the request's place in its level's mix
 
     @property
     def finished(self) -> float:
@@ -113,6 +115,7 @@ def summarize(concurrency: int, records: list[Record], wall_s: float) -> dict[st
     gaps = [b - a for r in good for a, b in zip(r.token_times, r.token_times[1:])]
     latency = [r.finished - r.sent for r in good]
     generated = sum(len(r.tokens) for r in records)
+    by_index = {r.index: r for r in good if r.index >= 0}
     samples = sorted({r.error or f"{len(r.tokens)} tokens, expected {r.max_new_tokens}" for r in errors})[:5]
     return {
         "concurrency": concurrency, "requests": len(records), "completed": len(good), "errors": len(errors),
@@ -122,6 +125,9 @@ def summarize(concurrency: int, records: list[Record], wall_s: float) -> dict[st
         "itl_ms": {"p50": _ms(percentile(gaps, 50)), "p99": _ms(percentile(gaps, 99))},
         "latency_ms": {"p50": _ms(percentile(latency, 50)), "p99": _ms(percentile(latency, 99))},
         "prompt_tokens": sum(r.prompt_length for r in records),
+        # the first tokens of each request by its place in the mix (null: not sent or failed), to compare systems
+        "first_tokens": [by_index[i].tokens[:FIRST_TOKENS] if i in by_index else None
+                         for i in range(max(by_index, default=-1) + 1)],
     }
 
 
@@ -133,20 +139,22 @@ def run_level(send: Callable[[Request], Record], requests: list[Request], concur
     sent or `max_seconds` passed; the ones in flight then finish and count."""
     records: list[Record] = []
     lock = threading.Lock()
-    pending = iter(requests)
+    pending = iter(enumerate(requests))
     start = time.perf_counter()
 
     def client() -> None:
         while True:
             with lock:
-                req = next(pending, None) if time.perf_counter() - start < max_seconds else None
-            if req is None:
+                item = next(pending, None) if time.perf_counter() - start < max_seconds else None
+            if item is None:
                 return
+            index, req = item
             try:
                 record = send(req)
             except Exception as e:  # a client-side failure is the request's error, never the run's end
                 record = Record(len(req.prompt_ids), req.max_new_tokens, time.perf_counter(),
                                 error=f"{type(e).__name__}: {e}")
+            record.index = index
             with lock:
                 records.append(record)
 
@@ -434,11 +442,25 @@ def table(systems: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, config: dict, prep: dict, systems: list[dict]) -> None:
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per level both systems ran: of the requests both completed, how many had the same first greedy token and
+    the same first FIRST_TOKENS (the same weights in bfloat16 on different kernels: near ties may flip)."""
+    out = []
+    for la, lb in zip(a.get("levels", []), b.get("levels", [])):
+        pairs = [(x, y) for x, y in zip(la["first_tokens"], lb["first_tokens"]) if x is not None and y is not None]
+        out.append({"concurrency": la["concurrency"], "compared": len(pairs),
+                    "first_token_equal": sum(x[:1] == y[:1] for x, y in pairs),
+                    f"first_{FIRST_TOKENS}_equal": sum(x == y for x, y in pairs)})
+    return out
+
+
+def write_json(path: Path, config: dict, prep: dict, systems: list[dict], agreement: list | None = None) -> None:
+    """The report, replaced whole (written beside, then renamed): a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"benchmark": "serve_load", "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "config": config, "prep_s": prep, "systems": systems}, indent=1) + "\n")
+                               "config": config, "prep_s": prep, "systems": systems,
+                               "agreement_adafuse_dense_vs_transformers": agreement}, indent=1) + "\n")
     tmp.replace(path)
 
 
@@ -502,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": "greedy, no stop ids", "host": platform.node(), "python": platform.python_version()}
     prep: dict[str, float] = {}
     systems: list[dict[str, Any]] = []
+    agreed: list | None = None
     if args.url:
         client = ServeClient(args.url)
         health = client.health()
@@ -533,7 +556,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(args.out, config, prep, systems)
         if "transformers" in wanted:
             systems.append(transformers_system(paths["dense"], args, log))
-    write_json(args.out, config, prep, systems)
+        named = {s["name"]: s for s in systems}
+        if "adafuse-dense" in named and "transformers-cb-dense" in named:
+            agreed = agreement(named["adafuse-dense"], named["transformers-cb-dense"])
+            log(f"greedy tokens, adafuse-dense vs transformers: {agreed}")
+    write_json(args.out, config, prep, systems, agreed)
     print(table(systems))
     log(f"wrote {args.out}")
     bad = any("skipped" in s or any(level["errors"] for level in s.get("levels", [])) for s in systems)

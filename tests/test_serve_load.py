@@ -44,6 +44,14 @@ def test_summary_of_known_records():
     assert s["ttft_ms"] == {"p50": pytest.approx(350.0), "p99": pytest.approx(float(np.percentile([500, 200], 99)))}
     assert s["itl_ms"] == {"p50": pytest.approx(200.0), "p99": pytest.approx(float(np.percentile([100, 200, 300], 99)))}
     assert s["latency_ms"]["p50"] == pytest.approx(650.0)
+    assert s["first_tokens"] == []  # no record knows its place in a mix here
+
+
+def test_agreement_counts_equal_first_tokens_of_requests_both_completed():
+    a = {"levels": [{"concurrency": 1, "first_tokens": [[1, 2, 3, 4], [5, 6, 7, 8], None, [9, 9, 9, 9]]}]}
+    b = {"levels": [{"concurrency": 1, "first_tokens": [[1, 2, 3, 4], [5, 0, 0, 0], [1, 1, 1, 1], [8, 9, 9, 9]]}]}
+    assert serve_load.agreement(a, b) == [{"concurrency": 1, "compared": 3, "first_token_equal": 2,
+                                           f"first_{serve_load.FIRST_TOKENS}_equal": 1}]
 
 
 def test_request_mix_is_fixed_by_its_seed_and_stays_in_range():
@@ -121,7 +129,7 @@ def test_refused_requests_are_errors_with_the_service_message(replay_server):
     assert len(level["error_samples"]) == 1 and level["error_samples"][0].startswith("HTTP 400: ")
 
 
-def test_cli_against_a_running_service_writes_the_table_and_json(replay_server, tmp_path):
+def test_cli_against_a_running_service_writes_the_table_and_json(replay_server, recorded, tmp_path):
     url = replay_server("--max-batch", "4", "--step-delay-ms", "1")
     out = tmp_path / "serve_load.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "serve_load.py"), "--url", url, "--label", "replay",
@@ -130,7 +138,8 @@ def test_cli_against_a_running_service_writes_the_table_and_json(replay_server, 
     assert proc.returncode == 0, proc.stderr
     assert "TTFT p50" in proc.stdout and proc.stdout.count("\nreplay ") >= 2
     report = json.loads(out.read_text())
-    assert {"benchmark", "schema", "created", "config", "prep_s", "systems"} <= report.keys()
+    assert {"benchmark", "schema", "created", "config", "prep_s", "systems",
+            "agreement_adafuse_dense_vs_transformers"} == report.keys()
     assert report["benchmark"] == "serve_load" and report["schema"] == serve_load.SCHEMA
     assert report["config"]["load"] == "closed-loop" and report["config"]["vocab"] == VOCAB
     [system] = report["systems"]
@@ -139,9 +148,10 @@ def test_cli_against_a_running_service_writes_the_table_and_json(replay_server, 
     for level, seed_offset in zip(system["levels"], (1, 3)):
         mix = serve_load.request_mix(6, 0 + seed_offset, (4, 24), (2, 12), VOCAB)
         assert {"concurrency", "requests", "completed", "errors", "error_samples", "generated_tokens", "wall_s",
-                "throughput_tok_s", "ttft_ms", "itl_ms", "latency_ms", "prompt_tokens"} == level.keys()
+                "throughput_tok_s", "ttft_ms", "itl_ms", "latency_ms", "prompt_tokens", "first_tokens"} == level.keys()
         assert (level["requests"], level["completed"], level["errors"]) == (6, 6, 0)
         assert level["generated_tokens"] == sum(r.max_new_tokens for r in mix)
+        assert level["first_tokens"] == [expected_tokens(recorded[1], r)[:serve_load.FIRST_TOKENS] for r in mix]
         assert level["throughput_tok_s"] == pytest.approx(level["generated_tokens"] / level["wall_s"], rel=1e-2)
         for metric in ("ttft_ms", "itl_ms", "latency_ms"):
             assert 0 < level[metric]["p50"] <= level[metric]["p99"]
