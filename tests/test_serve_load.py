@@ -4,6 +4,7 @@ logits recorded in a file, so every request's greedy tokens are known in advance
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,30 @@ def test_dense_base_converts_to_the_moe_artifacts_weights_without_adapters(tmp_p
     assert all(st["adapter"] is None for layer in manifests["dense"]["layers"] for st in layer["stages"])
     assert sorted(manifests["dense"]["files"]) == [native.WEIGHTS]
 
+
+
+def test_gpu_run_prepares_reuses_and_reports_a_server_that_cannot_start(native_build, tmp_path):
+    """The run without --url on the CPU: the checkpoint, its dense base and both artifacts are written (and reused
+    by a second run), adafuse-serve opens each and stops at the device: both systems are reported skipped with
+    its one line, the JSON is still written, the exit status is 1."""
+    def run():
+        return subprocess.run([sys.executable, str(BENCHMARKS / "serve_load.py"), "--shape", "tiny", "--layers", "1",
+                               "--experts", "4", "--rank", "8", "--max-batch", "4", "--prompt-lengths", "4..24",
+                               "--output-lengths", "2..8", "--systems", "moe,dense", "--workdir", str(tmp_path / "work"),
+                               "--serve", str(native_build / "runtime/adafuse-serve"), "--out", str(tmp_path / "out.json")],
+                              capture_output=True, text=True, timeout=300)
+    first = run()
+    assert first.returncode == 1, first.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert set(report["prep_s"]) == {"write_checkpoint", "write_dense_base", "convert_moe", "convert_dense"}
+    assert report["config"]["model"] == {"shape": "tiny", "layers": 1, "shape_layers": 2, "experts": 4, "rank": 8,
+                                         "routing": "pregate (routing table)", "dtype": "bfloat16", "max_batch": 4,
+                                         "max_seq": 32}
+    assert [s["name"] for s in report["systems"]] == ["adafuse-moe", "adafuse-dense"]
+    for system in report["systems"]:
+        assert "levels" not in system and system["skipped"].startswith(
+            f"adafuse-serve did not start: adafuse-serve: CUDA device 0 (running {system['artifact']} needs an NVIDIA GPU): ")
+    assert re.search(r"^adafuse-dense +skipped: adafuse-serve did not start", first.stdout, re.M)
+    second = run()
+    assert second.returncode == 1 and json.loads((tmp_path / "out.json").read_text())["prep_s"] == {}
+    assert second.stdout.count("reusing ") == 4
