@@ -21,7 +21,8 @@ manager's output queue hands it over), so its numbers carry no HTTP cost.
 
 On the GPU machine (--url not given), into --workdir (default /tmp/serve_load; kept, and reused when present):
 the synthetic checkpoint (benchmarks/synthetic_checkpoint.py: --shape llama2-7b, --experts, --rank, pre-gated
-with a routing table, --layers decoder layers), its dense base (the same weight shards, no adapters), both
+with a routing table, --layers decoder layers; its random numbers drawn on the GPU), its dense base (the same
+weight shards, no adapters), both
 converted with `convert --backend native --dtype bfloat16 --max-batch --max-seq`, each served by --serve
 (built by runtime/tools/build_on_gpu.sh), then transformers on the dense base. Prints a table and writes
 --out (benchmarks/results/serve_load.json) after each system, so a run cut short keeps what it measured.
@@ -338,7 +339,8 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
         log(f"{name}: {timings[name]} s")
 
     step("write_checkpoint", paths["moe"] / "adafuse_config.json",
-         lambda: write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log))
+         lambda: write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log,
+                                 device="cuda" if _cuda() else "cpu"))
     step("write_dense_base", paths["dense"] / "adafuse_config.json", lambda: write_dense_base(paths["moe"], paths["dense"], log=log))
     def convert(model: str) -> None:
         convert_native(paths[model], paths[f"{model}_native"], fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch,
@@ -565,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.out}")
     bad = any("skipped" in s or any(level["errors"] for level in s.get("levels", [])) for s in systems)
     return 1 if bad else 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _gpu_name() -> str | None:
