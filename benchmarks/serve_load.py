@@ -22,10 +22,14 @@ manager's output queue hands it over), so its numbers carry no HTTP cost.
 On the GPU machine (--url not given), into --workdir (default /tmp/serve_load; kept, and reused when present):
 the synthetic checkpoint (benchmarks/synthetic_checkpoint.py: --shape llama2-7b, --experts, --rank, pre-gated
 with a routing table, --layers decoder layers; its random numbers drawn on the GPU), its dense base (the same
-weight shards, no adapters), both
-converted with `convert --backend native --dtype bfloat16 --max-batch --max-seq`, each served by --serve
-(built by runtime/tools/build_on_gpu.sh), then transformers on the dense base. Prints a table and writes
---out (benchmarks/results/serve_load.json) after each system, so a run cut short keeps what it measured.
+weight shards, no adapters), both converted with `convert --backend native --dtype bfloat16 --max-batch
+--max-seq`, each served by --serve (built by runtime/tools/build_on_gpu.sh), then transformers on the dense
+base. Prints a table and writes --out (benchmarks/results/serve_load.json) after each system, so a run cut
+short keeps what it measured.
+
+Sizes: the KV cache is max_batch x max_seq slots of 2 x layers x 4096 x 2 bytes (16 layers, 64 x 2176: 36 GB);
+--layers 32 (the full 7B) with --max-batch 64 needs 73 GB of cache beside 13.5 GB of weights: an H200, or
+--max-batch 32 on an 80 GB H100 (the backend refuses at open, naming the bytes, when it does not fit).
 """
 from __future__ import annotations
 
@@ -266,6 +270,7 @@ class TransformersCB:
         self.lock = threading.Lock()
         self.count = 0
         self.running = True
+        self.failed: str | None = None  # set when the generation thread ended: every waiting client is told
         self.manager.start()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -274,6 +279,13 @@ class TransformersCB:
         while self.running:
             out = self.manager.get_result(timeout=0.05)
             if out is None:
+                if not self.manager.is_running() and self.failed is None:
+                    self.failed = "transformers' generation thread ended (see its log above)"
+                    with self.lock:
+                        for events in self.waiting.values():
+                            events.put((time.perf_counter(), None, True, self.failed))
+                if self.failed:
+                    time.sleep(0.05)
                 continue
             now = time.perf_counter()
             with self.lock:
@@ -290,15 +302,22 @@ class TransformersCB:
             self.waiting[rid] = events
         try:
             record.sent = time.perf_counter()
-            self.manager.add_request(list(req.prompt_ids), request_id=rid, max_new_tokens=req.max_new_tokens, streaming=True)
+            if self.failed:
+                record.error = self.failed
+                return record
+            if self.manager.add_request(list(req.prompt_ids), request_id=rid, max_new_tokens=req.max_new_tokens,
+                                        streaming=True) is None:
+                record.error = "transformers refused the request (add_request returned None)"
+                return record
             while True:
                 try:
-                    now, tokens, finished, error = events.get(timeout=600)
+                    now, tokens, finished, error = events.get(timeout=300)
                 except queue.Empty:
-                    record.error = "no output for 600 s"
+                    record.error = "no output for 300 s"
                     return record
-                record.token_times += [now] * (len(tokens) - len(record.tokens))
-                record.tokens = tokens
+                if tokens is not None:
+                    record.token_times += [now] * (len(tokens) - len(record.tokens))
+                    record.tokens = tokens
                 if error:
                     record.error = str(error)
                 if finished:
