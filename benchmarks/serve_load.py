@@ -253,15 +253,18 @@ class TransformersCB:
     """model.init_continuous_batching() (transformers >= 4.56; the same calls in 5.17 and 5.24): requests added
     with streaming=True, one reader thread handing each request's outputs to the client waiting on it."""
 
-    def __init__(self, model_dir: Path, device: str, max_new_tokens: int):
+    def __init__(self, model_dir: Path, device: str, max_new_tokens: int, dtype: str = "bfloat16",
+                 cb_config: dict[str, Any] | None = None):
+        """cb_config: ContinuousBatchingConfig fields (None: transformers' defaults, sized from the free memory)."""
         import torch
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, attn_implementation="sdpa",
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa",
                                                           device_map=device)
         # eos -1: no stop token (the synthetic config's eos 2 would end random requests early)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        self.manager = self.model.init_continuous_batching(generation_config=config)
+        self.manager = self.model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=None if cb_config is None else ContinuousBatchingConfig(**cb_config))
         # its own warm-up (CUDA graphs at the largest sizes), as generate_batch does; timed apart from the load
         t = time.perf_counter()
         self.manager.warmup()

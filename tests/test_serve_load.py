@@ -220,3 +220,32 @@ def test_gpu_run_prepares_reuses_and_reports_a_server_that_cannot_start(native_b
     second = run()
     assert second.returncode == 1 and json.loads((tmp_path / "out.json").read_text())["prep_s"] == {}
     assert second.stdout.count("reusing ") == 4
+
+
+def test_transformers_driver_streams_every_token_of_model_generate(tmp_path):
+    """The transformers side on the CPU (float32, a small paged cache): concurrent streamed requests through
+    ContinuousBatchingManager each end with exactly their tokens, equal to model.generate's greedy ones."""
+    import torch
+
+    synthetic.write_synthetic(tmp_path / "moe", "tiny", experts=4, rank=8, log=lambda _: None)
+    synthetic.write_dense_base(tmp_path / "moe", tmp_path / "dense", log=lambda _: None)
+    cb = serve_load.TransformersCB(tmp_path / "dense", "cpu", 12, dtype="float32",
+                                   cb_config={"num_blocks": 32, "max_batch_tokens": 128, "page_size": 16})
+    try:
+        mix = serve_load.request_mix(6, 1, (4, 24), (2, 12), 128)
+        records = []
+
+        def send(req):
+            record = cb.generate(req)
+            records.append((req, record))
+            return record
+
+        level = serve_load.run_level(send, mix, 3, max_seconds=120)
+        assert (level["requests"], level["completed"], level["errors"]) == (6, 6, 0), level["error_samples"]
+        for req, record in records:
+            want = cb.model.generate(torch.tensor([req.prompt_ids]), max_new_tokens=req.max_new_tokens,
+                                     min_new_tokens=req.max_new_tokens, do_sample=False)[0, len(req.prompt_ids):].tolist()
+            assert record.tokens == want and len(record.token_times) == req.max_new_tokens
+            assert record.sent < record.token_times[0]
+    finally:
+        cb.close()
