@@ -82,6 +82,7 @@ def replay_server(native_build, recorded):
         cmd = [native_build / "runtime/tests/adafuse_replay_server_for_tests", "--logits", recorded[0], "--port", "0", *options]
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
         return line.split()[-1]
