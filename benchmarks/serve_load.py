@@ -364,6 +364,7 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
          lambda: write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log,
                                  device="cuda" if _cuda() else "cpu"))
     step("write_dense_base", paths["dense"] / "adafuse_config.json", lambda: write_dense_base(paths["moe"], paths["dense"], log=log))
+
     def convert(model: str) -> None:
         convert_native(paths[model], paths[f"{model}_native"], fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch,
                        max_seq=args.max_seq, force=True, plugin_library=None, timing_cache=None, strategy=None, log=log)
@@ -400,8 +401,9 @@ def adafuse_system(name: str, artifact: Path, args: argparse.Namespace, log: Cal
     if args.step_tokens:
         serve_args += ["--step-tokens", str(args.step_tokens)]
     system["serve_args"] = serve_args
+    log_file = args.workdir / f"{name}.serve.log"
     try:
-        proc, url = start_server(args.serve, artifact, args.workdir / f"{name}.serve.log", serve_args)
+        proc, url = start_server(args.serve, artifact, log_file, serve_args)
     except (RuntimeError, OSError) as e:
         system["skipped"] = f"adafuse-serve did not start: {e}"
         log(f"{name}: {system['skipped']}")
@@ -414,6 +416,8 @@ def adafuse_system(name: str, artifact: Path, args: argparse.Namespace, log: Cal
         system["levels"] = drive(name, client.generate, args, log)
     finally:
         stop_server(proc)
+        if proc.returncode not in (0, -15) or any(level["errors"] for level in system.get("levels", [])):
+            system["serve_log_tail"] = log_file.read_text(errors="replace").splitlines()[-5:]
     return system
 
 
