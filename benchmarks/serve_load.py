@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--ckpt", type=Path, default=None, help="an existing synthetic MoE checkpoint to use")
     gpu.add_argument("--serve", type=Path, default=DEFAULT_SERVE, help="adafuse-serve [build/gpu-native/runtime/adafuse-serve]")
     gpu.add_argument("--shape", default="llama2-7b")
-    gpu.add_argument("--layers", type=int, default=16, help="decoder layers (the 7B shape has 32) [%(default)s]")
+    gpu.add_argument("--layers", type=int, default=None,
+                     help="decoder layers [16 for llama2-7b (which has 32), else the shape's]")
     gpu.add_argument("--experts", type=int, default=8)
     gpu.add_argument("--rank", type=int, default=16)
     gpu.add_argument("--max-batch", type=int, default=64, help="the artifacts' --max-batch (KV slots) [%(default)s]")
@@ -572,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.shape not in SHAPES:
             ap.error(f"--shape {args.shape}: expected one of {', '.join(sorted(SHAPES))}")
         args.vocab = args.vocab or SHAPES[args.shape]["vocab_size"]
+        args.layers = args.layers or (16 if args.shape == "llama2-7b" else SHAPES[args.shape]["num_hidden_layers"])
         config.update(vocab=args.vocab, model={"shape": args.shape, "layers": args.layers,
                                                "shape_layers": SHAPES[args.shape]["num_hidden_layers"], "experts": args.experts,
                                                "rank": args.rank, "routing": "pregate (routing table)", "dtype": "bfloat16",
