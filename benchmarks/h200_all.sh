@@ -7,12 +7,12 @@
 #   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the per-kernel profile
 #   of a decode step (before/after the step kernels); the decode benchmark.
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
-#   or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark (builds
-#   adafuse-serve with runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py: about 9 minutes by default).
 #   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
 #   --no-decode stops before the profile: the two halves fit one call each.
 #   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
 #   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
+# Or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark
+#   (runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py into $OUT/serve_load.json; one call).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"

@@ -327,27 +327,6 @@ def test_strategy_option_refusals(runtime_lib, artifacts, tmp_path):
            "native artifact's option")
 
 
-
-def test_serve_opens_a_native_artifact_as_the_c_api_does(runtime_build, runtime_lib, artifacts, tmp_path):
-    """adafuse-serve opens through adafuse_engine_open's function (open_backend.cpp): a native artifact gets every
-    check and reaches the device with the C API's message, --strategy is refused alike, an engine path stays TensorRT."""
-    art = artifacts["pregate-llama"]
-
-    def serve(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(runtime_build / "adafuse-serve"), "--port", "0", *args], capture_output=True, text=True,
-                              timeout=120)
-    proc = serve("--engine", str(art))
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr == f"adafuse-serve: {open_through_c_api(runtime_lib, art)[1]}\n"
-    assert proc.stderr.startswith(f"adafuse-serve: CUDA device 0 (running {art} needs an NVIDIA GPU): ")
-    proc = serve("--engine", str(art), "--strategy", "merged")
-    assert (proc.returncode, proc.stderr) == (
-        2, "adafuse-serve: options.strategy 'merged' is unknown (expected 'fused' or 'switch')\n")
-    proc = serve("--engine", str(tmp_path / "model.engine"), "--strategy", "switch")
-    assert proc.returncode == 2 and proc.stderr == (
-        "adafuse-serve: options.strategy 'switch': a TensorRT engine runs the strategy it was built with (NULL or "
-        "'fused'); 'switch' is a native artifact's option\n")
-
 def _copy(art: Path, dst: Path) -> Path:
     import shutil
 

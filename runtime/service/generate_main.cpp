@@ -63,9 +63,9 @@ int main(int argc, char** argv) {
       continue;
     }
     if (arg == "-h" || arg == "--help") {
-      std::printf("usage: adafuse-generate --engine OUT.engine --prompt-ids 1,2,3 [--max-new-tokens N] [--temperature T]\n"
+      std::printf("usage: adafuse-generate --engine OUT.engine|OUT.native --prompt-ids 1,2,3 [--max-new-tokens N] [--temperature T]\n"
                   "       [--top-k K] [--top-p P] [--seed S] [--stop-ids A,B] [--tensorrt-lib PATH] [--plugin-lib PATH]\n"
-                  "       [--no-cuda-graphs]\n");
+                  "       [--no-cuda-graphs] [--strategy fused|switch (native artifacts)]\n");
       return 0;
     }
     if (i + 1 >= argc) usage_error(arg + ": missing value (see --help)");
@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
     else if (arg == "--seed") gen.sampling.seed = static_cast<uint64_t>(parse_number(arg, value));
     else if (arg == "--tensorrt-lib") open.tensorrt_library = value;
     else if (arg == "--plugin-lib") open.plugin_library = value;
+    else if (arg == "--strategy") open.strategy = value;
     else usage_error("unknown option " + arg + " (see --help)");
   }
   if (open.engine_path == nullptr) usage_error("--engine is required");

@@ -1,7 +1,6 @@
-// adafuse-serve: the HTTP service over a native artifact (convert --backend native) or a TensorRT engine,
-// opened as adafuse_engine_open opens it (open_backend.h).
-//   adafuse-serve --engine OUT.native|OUT.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
-//                 [--strategy fused|switch] [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]
+// adafuse-serve: the HTTP service over a TensorRT engine or a native artifact.
+//   adafuse-serve --engine out.engine|out.native [--host 127.0.0.1] [--port 8000] [--queue 64]
+//                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs] [--strategy fused|switch]
 #include <cstdio>
 
 #include "error.h"
@@ -19,19 +18,17 @@ int main(int argc, char** argv) {
         continue;
       }
       if (arg == "-h" || arg == "--help") {
-        std::printf("usage: adafuse-serve --engine OUT.native|OUT.engine [--host H] [--port P] [--queue N]\n"
-                    "       [--strategy fused|switch] [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]\n"
-                    "       [--max-connections N] [--idle-timeout-ms MS] [--request-timeout-ms MS] [--step-tokens N]\n"
-                    "A native artifact's batch and sequence limits are the ones it was converted with\n"
-                    "(convert --backend native --max-batch B --max-seq S).\n");
+        std::printf("usage: adafuse-serve --engine OUT.engine|OUT.native [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
+                    "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
+                    "       [--request-timeout-ms MS] [--step-tokens N] [--strategy fused|switch (native artifacts)]\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
       const char* value = argv[++i];
       if (arg == "--engine") open.engine_path = value;
-      else if (arg == "--strategy") open.strategy = value;
       else if (arg == "--tensorrt-lib") open.tensorrt_library = value;
       else if (arg == "--plugin-lib") open.plugin_library = value;
+      else if (arg == "--strategy") open.strategy = value;
       else if (!adafuse::parse_service_option(arg, value, service))
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }

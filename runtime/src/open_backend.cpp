@@ -11,13 +11,13 @@
 namespace adafuse {
 
 std::unique_ptr<Backend> open_backend(const adafuse_open_options& options) {
-  if (options.engine_path == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.engine_path is required");
+  if (options.engine_path == nullptr) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.engine_path: NULL pointer");
   if (is_native_artifact_path(options.engine_path))
     return open_native_backend(NativeArtifact::open(options.engine_path), options);
   if (options.strategy != nullptr && std::string(options.strategy) != "fused")
     fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.strategy '" + std::string(options.strategy) +
-                                           "': a TensorRT engine runs the strategy it was built with (NULL or "
-                                           "'fused'); 'switch' is a native artifact's option");
+                                           "': a TensorRT engine runs the strategy it was built with (NULL or 'fused'); "
+                                           "'switch' is a native artifact's option");
   return open_tensorrt_backend(verify_engine(options.engine_path, true), options);
 }
 

@@ -1,6 +1,6 @@
-// The backend an engine path names, opened the same way by the C API (adafuse_engine_open) and by
-// adafuse-serve: a native artifact (a directory or a name ending in .native) runs on the native backend,
-// anything else is a TensorRT engine checked against its manifest.
+// The backend an engine path names: a native artifact (a directory, run by the project's kernels) or a
+// TensorRT engine (checked through its manifest first). One place, so the C API, adafuse-serve and
+// adafuse-generate open the same way.
 #pragma once
 
 #include <memory>
@@ -10,8 +10,6 @@
 
 namespace adafuse {
 
-// options.engine_path is required; options.strategy is a native artifact's option (a TensorRT engine takes
-// NULL or "fused" and is refused with one line otherwise).
 std::unique_ptr<Backend> open_backend(const adafuse_open_options& options);
 
 }  // namespace adafuse
