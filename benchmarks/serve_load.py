@@ -180,7 +180,7 @@ class ServeClient:
     def __init__(self, url: str, timeout: float = 600.0):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise SystemExit(f"serve_load.py: --url {url}: expected http://HOST:PORT")
+            raise ValueError(f"{url}: expected http://HOST:PORT")
         self.url, self.host, self.port, self.timeout = url.rstrip("/"), parts.hostname, parts.port or 80, timeout
 
     def health(self) -> dict[str, Any]:
@@ -555,8 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     systems: list[dict[str, Any]] = []
     agreed: list | None = None
     if args.url:
-        client = ServeClient(args.url)
-        health = client.health()
+        try:
+            client = ServeClient(args.url)
+        except ValueError as e:
+            ap.error(f"--url {e}")
+        try:
+            health = client.health()
+        except (OSError, ValueError) as e:
+            ap.error(f"--url {args.url}: GET /health failed: {e}")
         args.vocab = args.vocab or int(health["vocab"])
         config.update(vocab=args.vocab, health=health)
         systems.append({"name": args.label, "engine": "adafuse-serve", "url": args.url, "health": health,

@@ -167,6 +167,12 @@ def test_cli_refusals_are_one_line(tmp_path):
     assert proc.returncode == 2 and "--concurrency: expected concurrencies like 1,4,16,64, found '1,x'" in proc.stderr
     proc = run("--prompt-lengths", "20..10")
     assert proc.returncode == 2 and "expected 1 <= LOW <= HIGH, found '20..10'" in proc.stderr
+    proc = run("--url", "ftp://x")
+    assert proc.returncode == 2 and proc.stderr.endswith("serve_load.py: error: --url ftp://x: expected http://HOST:PORT\n")
+    proc = run("--url", "http://127.0.0.1:1")  # nothing listens on port 1
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("serve_load.py: error: --url http://127.0.0.1:1: GET /health failed: ")
+    assert "Traceback" not in proc.stderr
     proc = run("--serve", str(tmp_path / "none"), "--workdir", str(tmp_path))
     assert proc.returncode == 2 and f"--serve {tmp_path / 'none'}: not found" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written before the refusal
