@@ -339,7 +339,6 @@ class TransformersCB:
 
 def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[str], None]) -> dict[str, Path]:
     """The checkpoint, its dense base and their native artifacts under --workdir, each made only when absent."""
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     from synthetic_checkpoint import write_dense_base, write_synthetic
 
     from adafuse_export.convert import convert_native
@@ -573,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--systems: unknown {', '.join(sorted(unknown))} (expected moe, dense, transformers)")
         if {"moe", "dense"} & wanted and not args.serve.is_file():
             ap.error(f"--serve {args.serve}: not found (build it with runtime/tools/build_on_gpu.sh)")
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+        sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # adafuse_export and synthetic_checkpoint
         from synthetic_checkpoint import SHAPES
 
         if args.shape not in SHAPES:
@@ -585,7 +584,16 @@ def main(argv: list[str] | None = None) -> int:
                                                "rank": args.rank, "routing": "pregate (routing table)", "dtype": "bfloat16",
                                                "max_batch": args.max_batch, "max_seq": args.max_seq},
                       gpu=_gpu_name())
-        paths = prepare(args, prep, log)
+        if args.ckpt is not None and not (args.ckpt / "model.safetensors.index.json").is_file():
+            ap.error(f"--ckpt {args.ckpt}: not a synthetic checkpoint (no model.safetensors.index.json; "
+                     "benchmarks/synthetic_checkpoint.py writes one)")
+        from adafuse_export.errors import AdafuseError
+
+        try:
+            paths = prepare(args, prep, log)
+        except (AdafuseError, OSError) as e:  # a limit the model refuses (--max-seq), a full disk: one line
+            print(f"serve_load.py: preparing the models in {args.workdir}: {e}", file=sys.stderr)
+            return 2
         for model in ("moe", "dense"):
             if model in wanted:
                 systems.append(adafuse_system(f"adafuse-{model}", paths[f"{model}_native"], args, log))

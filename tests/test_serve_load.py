@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,12 @@ def test_cli_refusals_are_one_line(tmp_path):
     last = proc.stderr.splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("serve_load.py: error: --url http://127.0.0.1:1: GET /health failed: ")
     assert "Traceback" not in proc.stderr
+    proc = run("--serve", sys.executable, "--ckpt", str(tmp_path), "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2 and f"--ckpt {tmp_path}: not a synthetic checkpoint" in proc.stderr
+    proc = run("--serve", sys.executable, "--shape", "tiny", "--max-seq", "100000", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"serve_load.py: preparing the models in {tmp_path / 'w'}: --max-seq 100000: ")
+    shutil.rmtree(tmp_path / "w")
     proc = run("--serve", str(tmp_path / "none"), "--workdir", str(tmp_path))
     assert proc.returncode == 2 and f"--serve {tmp_path / 'none'}: not found" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written before the refusal
