@@ -359,9 +359,16 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
         timings[name] = round(time.perf_counter() - t, 1)
         log(f"{name}: {timings[name]} s")
 
-    step("write_checkpoint", paths["moe"] / "adafuse_config.json",
-         lambda: write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log,
-                                 device="cuda" if _cuda() else "cpu"))
+    def write_checkpoint() -> None:
+        cuda = _cuda()
+        write_synthetic(paths["moe"], args.shape, args.experts, args.rank, layers=args.layers, log=log,
+                        device="cuda" if cuda else "cpu")
+        if cuda:  # the servers get the device memory the random numbers held
+            import torch
+
+            torch.cuda.empty_cache()
+
+    step("write_checkpoint", paths["moe"] / "adafuse_config.json", write_checkpoint)
     step("write_dense_base", paths["dense"] / "adafuse_config.json", lambda: write_dense_base(paths["moe"], paths["dense"], log=log))
 
     def convert(model: str) -> None:
