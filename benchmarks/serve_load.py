@@ -37,7 +37,6 @@ import argparse
 import http.client
 import json
 import math
-import os
 import platform
 import queue
 import random
