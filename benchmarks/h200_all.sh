@@ -12,6 +12,8 @@
 #   --no-decode stops before it: the two halves fit one call each.
 #   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
 #   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
+# Or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark
+#   (runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py into $OUT/serve_load.json; one call).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -23,6 +25,12 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 status=0
 has() { [[ " $ARGS " == *" $1 "* ]]; }
 ARGS="$*"
+if has --serve-load; then
+  bash runtime/tools/build_on_gpu.sh > "$OUT/build_on_gpu.log" 2>&1 || { tail -5 "$OUT/build_on_gpu.log"; echo "build_on_gpu.sh failed"; exit 1; }
+  args=(); for a in "$@"; do [[ $a == --serve-load ]] || args+=("$a"); done
+  python3 benchmarks/serve_load.py --out "$OUT/serve_load.json" "${args[@]}" 2>&1 | tee "$OUT/serve_load.log"
+  exit "${PIPESTATUS[0]}"
+fi
 if ! has --no-checks; then
 if ! has --no-harness; then
   bash plugins/harness/run_gpu.sh > "$OUT/plugin_harness.log" 2>&1; rc=$?; tail -5 "$OUT/plugin_harness.log"
