@@ -21,8 +21,8 @@ manager's output queue hands it over), so its numbers carry no HTTP cost.
 
 On the GPU machine (--url not given), into --workdir (default /tmp/serve_load; kept, and reused when present):
 the synthetic checkpoint (benchmarks/synthetic_checkpoint.py: --shape llama2-7b, --experts, --rank, pre-gated
-with a routing table, --layers decoder layers; its random numbers drawn on the GPU), its dense base (the same
-weight shards, no adapters), both converted with `convert --backend native --dtype bfloat16 --max-batch
+with a routing table, --layers decoder layers; its random numbers drawn on the GPU), it and its dense base (the
+same checkpoint without adapters: Checkpoint.base_only()) converted with `convert --backend native --dtype bfloat16 --max-batch
 --max-seq`, each served by --serve (built by runtime/tools/build_on_gpu.sh), then transformers on the dense
 base. Prints a table and writes --out (benchmarks/results/serve_load.json) after each system, so a run cut
 short keeps what it measured.
@@ -40,6 +40,7 @@ import math
 import platform
 import queue
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -338,14 +339,16 @@ class TransformersCB:
 
 def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[str], None]) -> dict[str, Path]:
     """The checkpoint, its dense base and their native artifacts under --workdir, each made only when absent."""
-    from synthetic_checkpoint import write_dense_base, write_synthetic
+    from synthetic_checkpoint import write_synthetic
 
+    from adafuse_export import native_artifact
+    from adafuse_export.converters import load_checkpoint
     from adafuse_export.convert import convert_native
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     tag = f"{args.shape}-L{args.layers}-E{args.experts}-R{args.rank}"
-    paths = {"moe": args.ckpt or work / f"ckpt-{tag}", "dense": work / f"dense-{tag}"}
+    paths = {"moe": args.ckpt or work / f"ckpt-{tag}"}
     paths["moe_native"] = work / f"moe-{tag}-B{args.max_batch}-S{args.max_seq}.native"
     paths["dense_native"] = work / f"dense-{tag}-B{args.max_batch}-S{args.max_seq}.native"
 
@@ -368,14 +371,22 @@ def prepare(args: argparse.Namespace, timings: dict[str, float], log: Callable[[
             torch.cuda.empty_cache()
 
     step("write_checkpoint", paths["moe"] / "adafuse_config.json", write_checkpoint)
-    step("write_dense_base", paths["dense"] / "adafuse_config.json", lambda: write_dense_base(paths["moe"], paths["dense"], log=log))
 
-    def convert(model: str) -> None:
-        convert_native(paths[model], paths[f"{model}_native"], fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch,
+    def convert_moe() -> None:
+        convert_native(paths["moe"], paths["moe_native"], fmt=None, base=None, dtype="bfloat16", max_batch=args.max_batch,
                        max_seq=args.max_seq, force=True, plugin_library=None, timing_cache=None, strategy=None, log=log)
 
-    step("convert_moe", paths["moe_native"] / "manifest.json", lambda: convert("moe"))
-    step("convert_dense", paths["dense_native"] / "manifest.json", lambda: convert("dense"))
+    def convert_dense() -> None:  # the same checkpoint's base without adapters (routing 'none'), placed when whole
+        partial = paths["dense_native"].with_name(paths["dense_native"].name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        native_artifact.write_artifact(load_checkpoint(paths["moe"]).base_only(), partial, "bfloat16",
+                                       max_batch=args.max_batch, max_seq=args.max_seq)
+        shutil.rmtree(paths["dense_native"], ignore_errors=True)
+        partial.rename(paths["dense_native"])
+
+    step("convert_moe", paths["moe_native"] / "manifest.json", convert_moe)
+    step("convert_dense", paths["dense_native"] / "manifest.json", convert_dense)
     return paths
 
 
@@ -605,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                 systems.append(adafuse_system(f"adafuse-{model}", paths[f"{model}_native"], args, log))
                 write_json(args.out, config, prep, systems)
         if "transformers" in wanted:
-            systems.append(transformers_system(paths["dense"], args, log))
+            systems.append(transformers_system(paths["moe"], args, log))  # its base: transformers reads no adapter file
         named = {s["name"]: s for s in systems}
         if "adafuse-dense" in named and "transformers-cb-dense" in named:
             agreed = agreement(named["adafuse-dense"], named["transformers-cb-dense"])

@@ -2,7 +2,6 @@
 
   python3 benchmarks/synthetic_checkpoint.py OUT_DIR --shape llama2-7b --experts 8 --rank 16
   python3 benchmarks/synthetic_checkpoint.py OUT_DIR --shape llama2-7b --layers 2   # 7B width, 2 layers
-  python3 benchmarks/synthetic_checkpoint.py DENSE_DIR --dense-from OUT_DIR          # its base, no adapters
 
 Llama-2-7B shape in bf16 is about 13.5 GB of base weights in 4 GB shards plus the adapters;
 only one tensor is held in memory at a time. Used by benchmarks/streaming_rss.py.
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -101,34 +99,6 @@ def write_synthetic(out: Path, shape: str = "llama2-7b", experts: int = 8, rank:
     log(f"wrote {out}")
 
 
-def write_dense_base(moe: Path, out: Path, log=print) -> None:
-    """The base model of the synthetic checkpoint `moe` with no adapters, as a checkpoint `convert` reads: its
-    weight shards linked (hard links, else symbolic ones: no second copy), and a plain LoRA (routing 'none')
-    on one projection whose A and B are zero, which convert merges into the weights: W + 0 is W exactly, so
-    the converted model is the dense base (a checkpoint needs at least one adapted module)."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((moe / "config.json").read_text())
-    index = json.loads((moe / "model.safetensors.index.json").read_text())
-    for name in sorted(set(index["weight_map"].values())) + ["model.safetensors.index.json", "config.json"]:
-        dst = out / name
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        try:
-            os.link(moe / name, dst)
-        except OSError:  # another filesystem
-            dst.symlink_to((moe / name).resolve())
-    spec = ModelSpec.from_hf_config(cfg, "dense")
-    module = spec.arch.module_names[0]
-    adapter = AdapterSpec(num_experts=1, top_k=1, r=1, lora_alpha=1.0, target_modules=(), static_modules=(module,),
-                          routing="none")
-    ckpt = Checkpoint(out, "adafuse", cfg, spec, adapter, in_memory_source({}, "-"), in_memory_source({}, "-"))
-    entries = [(name, "BF16", tuple(shp), lambda shp=shp: torch.zeros(shp, dtype=torch.bfloat16))
-               for name, (shp, _) in ckpt.expected_adapter_shapes().items()]
-    write_safetensors_streaming(out / "adafuse_adapters.safetensors", entries, {"format": "pt"})
-    (out / "adafuse_config.json").write_text(json.dumps(adapter.to_json(), indent=2))
-    log(f"wrote {out} (the base of {moe}, no adapters)")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
@@ -137,11 +107,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--layers", type=int, default=None, help="decoder layers [the shape's]")
-    ap.add_argument("--dense-from", type=Path, default=None, metavar="MOE_DIR",
-                    help="write the base model of the synthetic checkpoint MOE_DIR with no adapters instead")
     a = ap.parse_args()
-    if a.dense_from is not None:
-        return write_dense_base(a.dense_from, a.out)
     write_synthetic(a.out, a.shape, a.experts, a.rank, shard_bytes=int(a.shard_gb * (1 << 30)), layers=a.layers)
 
 

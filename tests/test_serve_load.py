@@ -186,7 +186,8 @@ def test_cli_refusals_are_one_line(tmp_path):
 
 
 def test_dense_base_converts_to_the_moe_artifacts_weights_without_adapters(tmp_path):
-    """The dense system is the MoE checkpoint's base: the same weights, byte for byte, and no adapter."""
+    """The dense system is the MoE checkpoint's base (Checkpoint.base_only()): the same weights, byte for byte, and no
+    adapter (the synthetic checkpoint has no static LoRA that conversion would merge into the base)."""
     import torch
     from safetensors.torch import load_file
 
@@ -194,12 +195,11 @@ def test_dense_base_converts_to_the_moe_artifacts_weights_without_adapters(tmp_p
     from adafuse_export.converters import load_checkpoint
 
     synthetic.write_synthetic(tmp_path / "moe", "tiny", experts=4, rank=8, log=lambda _: None)
-    synthetic.write_dense_base(tmp_path / "moe", tmp_path / "dense", log=lambda _: None)
     manifests = {}
-    for name in ("moe", "dense"):
+    moe_ckpt = load_checkpoint(tmp_path / "moe")
+    for name, ckpt in (("moe", moe_ckpt), ("dense", moe_ckpt.base_only())):
         (tmp_path / f"{name}.native").mkdir()
-        manifests[name] = native.write_artifact(load_checkpoint(tmp_path / name), tmp_path / f"{name}.native", "bfloat16",
-                                                max_batch=4, max_seq=64)
+        manifests[name] = native.write_artifact(ckpt, tmp_path / f"{name}.native", "bfloat16", max_batch=4, max_seq=64)
     moe, dense = (load_file(str(tmp_path / f"{n}.native" / native.WEIGHTS)) for n in ("moe", "dense"))
     assert moe.keys() == dense.keys() and all(torch.equal(moe[k], dense[k]) for k in moe)
     assert manifests["moe"]["routing"]["kind"] == "pregate" and manifests["moe"]["routing"]["routes_file"]
@@ -222,7 +222,7 @@ def test_gpu_run_prepares_reuses_and_reports_a_server_that_cannot_start(native_b
     first = run()
     assert first.returncode == 1, first.stderr
     report = json.loads((tmp_path / "out.json").read_text())
-    assert set(report["prep_s"]) == {"write_checkpoint", "write_dense_base", "convert_moe", "convert_dense"}
+    assert set(report["prep_s"]) == {"write_checkpoint", "convert_moe", "convert_dense"}
     assert report["config"]["model"] == {"shape": "tiny", "layers": 1, "shape_layers": 2, "experts": 4, "rank": 8,
                                          "routing": "pregate (routing table)", "dtype": "bfloat16", "max_batch": 4,
                                          "max_seq": 32}
@@ -233,7 +233,7 @@ def test_gpu_run_prepares_reuses_and_reports_a_server_that_cannot_start(native_b
     assert re.search(r"^adafuse-dense +skipped: adafuse-serve did not start", first.stdout, re.M)
     second = run()
     assert second.returncode == 1 and json.loads((tmp_path / "out.json").read_text())["prep_s"] == {}
-    assert second.stdout.count("reusing ") == 4
+    assert second.stdout.count("reusing ") == 3
 
 
 def test_transformers_driver_streams_every_token_of_model_generate(tmp_path):
@@ -242,8 +242,7 @@ def test_transformers_driver_streams_every_token_of_model_generate(tmp_path):
     import torch
 
     synthetic.write_synthetic(tmp_path / "moe", "tiny", experts=4, rank=8, log=lambda _: None)
-    synthetic.write_dense_base(tmp_path / "moe", tmp_path / "dense", log=lambda _: None)
-    cb = serve_load.TransformersCB(tmp_path / "dense", "cpu", 12, dtype="float32",
+    cb = serve_load.TransformersCB(tmp_path / "moe", "cpu", 12, dtype="float32",
                                    cb_config={"num_blocks": 32, "max_batch_tokens": 128, "page_size": 16})
     try:
         mix = serve_load.request_mix(6, 1, (4, 24), (2, 12), 128)
