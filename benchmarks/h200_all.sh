@@ -6,12 +6,15 @@
 #   timings (routed fused linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
 #   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the decode benchmark of
 #   the native backend over the C API (benchmarks/h200_decode.py).
-# The native backend's tests and benchmark need ADAFUSE_RUNTIME_LIB: the library runtime/tools/build_on_gpu.sh builds.
+# First it builds the kernels, the runtime (native backend), adafuse-serve and adafuse-generate for this GPU
+# (runtime/tools/build_on_gpu.sh; ADAFUSE_DEVICE_DEPS: the header folder it needs) and exports ADAFUSE_RUNTIME_LIB
+# and ADAFUSE_KERNELS_LIB for everything after it; an ADAFUSE_RUNTIME_LIB already set skips the build.
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-checks] [--no-decode] [h200_decode.py args...]
 #   --no-checks skips everything before the decode benchmark (harness, gpu tests, per-kernel timings);
 #   --no-decode stops before it: the two halves fit one call each.
 #   (carry .whl: Python 3.12 wheels of click, safetensors, regex and, where the machine lacks pytest,
-#   pytest, pluggy, iniconfig, packaging; and plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
+#   pytest, pluggy, iniconfig, packaging; .device_deps (runtime/tools/build_on_gpu.sh says what it holds); and
+#   plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
 # Or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark
 #   (runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py into $OUT/serve_load.json; one call).
 set -uo pipefail
@@ -25,8 +28,13 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 status=0
 has() { [[ " $ARGS " == *" $1 "* ]]; }
 ARGS="$*"
+if [[ -z ${ADAFUSE_RUNTIME_LIB:-} ]]; then
+  JOBS=${JOBS:-$(nproc)} bash runtime/tools/build_on_gpu.sh > "$OUT/build_on_gpu.log" 2>&1 || {
+    tail -5 "$OUT/build_on_gpu.log"; echo "build_on_gpu.sh failed"; exit 1; }
+  export ADAFUSE_RUNTIME_LIB="$PWD/build/gpu-native/runtime/libadafuse_runtime.so"
+  export ADAFUSE_KERNELS_LIB="${ADAFUSE_KERNELS_LIB:-$PWD/build/gpu-native/plugins/kernels/libadafuse_kernels.so}"
+fi
 if has --serve-load; then
-  bash runtime/tools/build_on_gpu.sh > "$OUT/build_on_gpu.log" 2>&1 || { tail -5 "$OUT/build_on_gpu.log"; echo "build_on_gpu.sh failed"; exit 1; }
   args=(); for a in "$@"; do [[ $a == --serve-load ]] || args+=("$a"); done
   python3 benchmarks/serve_load.py --out "$OUT/serve_load.json" "${args[@]}" 2>&1 | tee "$OUT/serve_load.log"
   exit "${PIPESTATUS[0]}"
