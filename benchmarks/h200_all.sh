@@ -4,7 +4,8 @@
 #   kernel against float64 references, graph replay, every family and scaled RoPE on the GPU
 #   decoder and `run --device cuda` against the CPU reference); the per-kernel timings (routed fused
 #   linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
-#   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the per-kernel profile
+#   against cuBLAS at the 7B decoder's site shapes, FP8 against bf16 weights in the fused GEMV at those
+#   shapes (fp8_gemv.py), the decode-step kernels); the per-kernel profile
 #   of a decode step (before/after the step kernels); the decode benchmark.
 # Usage there: bash benchmarks/h200_all.sh [--no-harness] [--no-profile] [--no-checks] [--no-decode] [h200_decode.py args...]
 #   --no-checks skips everything before the profile (harness, gpu tests, per-kernel timings);
@@ -40,6 +41,8 @@ python3 benchmarks/lora_many_rows.py --out "$OUT" > "$OUT/lora_many_rows.log" 2>
 tail -16 "$OUT/lora_many_rows.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gemv_sites.py --out "$OUT" > "$OUT/gemv_sites.log" 2>&1; rc=$?
 grep -E "rows|chain" "$OUT/gemv_sites.log" | grep -v "^ "; [[ $rc == 0 ]] || status=1
+python3 benchmarks/fp8_gemv.py --out "$OUT" > "$OUT/fp8_gemv.log" 2>&1; rc=$?
+grep -E "^(site|qkv|o |gate_up|down)" "$OUT/fp8_gemv.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "kernel .* us|Error" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 fi
