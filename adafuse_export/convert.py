@@ -332,6 +332,7 @@ def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | 
                                (strategy, "--strategy", "the native runtime chooses fused or switch when it opens the artifact")):
         if value is not None:
             raise AdafuseError(f"{option}: not an option of --backend native ({why})")
+    native_artifact.check_weight_dtype(dtype, weights)
     parent = out.parent if str(out.parent) else Path(".")
     if out.suffix != native_artifact.SUFFIX:
         raise AdafuseError(f"{out}: the output name of --backend native must end in {native_artifact.SUFFIX} (a directory; "

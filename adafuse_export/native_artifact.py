@@ -357,16 +357,21 @@ def write_artifact(ckpt: Checkpoint, out: Path, dtype: str, max_batch: int, max_
     return result
 
 
+def check_weight_dtype(dtype: str, weights: str) -> None:
+    """--weights and --dtype together (no checkpoint needed): FP8 weights run with 16-bit activations."""
+    if weights not in WEIGHT_FORMATS:
+        raise AdafuseError(f"--weights '{weights}' is unknown (expected one of {', '.join(WEIGHT_FORMATS)})")
+    if weights == "fp8" and dtype not in ("float16", "bfloat16"):
+        raise AdafuseError(f"--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 "
+                           f"(the kernels run FP8 weights with 16-bit activations), got --dtype {dtype}")
+
+
 def check_weight_format(ckpt: Checkpoint, dtype: str, weights: str) -> None:
     """--weights fp8 needs what the kernels' FP8 path needs (adafuse_kernels.h ADAFUSE_WEIGHT_FP8_E4M3): 16-bit
     activations and every stage's in_features % 16 == 0; refused before anything is written."""
-    if weights not in WEIGHT_FORMATS:
-        raise AdafuseError(f"--weights '{weights}' is unknown (expected one of {', '.join(WEIGHT_FORMATS)})")
+    check_weight_dtype(dtype, weights)
     if weights != "fp8":
         return
-    if dtype not in ("float16", "bfloat16"):
-        raise AdafuseError(f"--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 "
-                           f"(the kernels run FP8 weights with 16-bit activations), got --dtype {dtype}")
     for st in stages(ckpt):
         if st.in_features % 16:
             raise AdafuseError(f"{ckpt.path}: --weights fp8 needs every projection's input size to be a multiple of 16 "

@@ -518,6 +518,14 @@ def test_convert_backend_native_writes_replaces_and_refuses(example_dirs, tmp_pa
         proc = _cli("convert", *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "native" in _cli("convert", "--help").stdout
+    fp8 = _cli("convert", "--backend", "native", example_dirs["pregate"], tmp_path / "f.native", "--weights", "fp8")
+    assert fp8.returncode == 0, fp8.stderr
+    assert "(float16, FP8 e4m3 base weights, kernel ABI" in fp8.stdout
+    assert json.loads((tmp_path / "f.native" / native.MANIFEST).read_text())["model"]["weights"] == "fp8_e4m3"
+    bad = _cli("convert", "--backend", "native", example_dirs["pregate"], tmp_path / "g.native", "--weights", "fp8",
+               "--dtype", "float32")
+    assert bad.returncode == 2 and "--weights fp8 keeps the activations in --dtype" in bad.stderr, bad.stderr
+    assert not (tmp_path / "g.native").exists()
 
 
 def test_native_writer_peak_memory_is_a_fraction_of_the_checkpoint(example_dirs, tmp_path, monkeypatch):
