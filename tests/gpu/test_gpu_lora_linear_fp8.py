@@ -203,3 +203,22 @@ def test_fp8_refusals(kernels, inputs):
     with pytest.raises(AdafuseKernelError) as e:
         kernels.linear(buf[1:].view(2, 32), q, weight_scale=s)
     assert e.value.status == 1
+
+
+@pytest.fixture(scope="module")
+def kernels_sm80():
+    """The library built for sm_80 alone (machine code plus compute_80 PTX): on a Hopper GPU the driver compiles its
+    PTX, so the kernels run their pre-sm_89 FP8 conversion (integer arithmetic in place of cvt.e4m3x2)."""
+    from adafuse_export.kernels import build_library, load_kernels
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.fail("needs an sm_80+ GPU")
+    return load_kernels(build_library(["80"]))
+
+
+@pytest.mark.parametrize("case", params(Fp8Case(dtype, in_f, out_f, rows)
+                                         for dtype in ("bf16", "fp16") for (in_f, out_f) in [(4096, 4095), (48, 129)]
+                                         for rows in (1, 8, 64, 512)))
+def test_fp8_sm80_conversion(kernels_sm80, inputs, case):
+    """The sm_80 fallback of the e4m3 conversion, on every path, against the same float64 reference."""
+    run_and_check(kernels_sm80, case, inputs)

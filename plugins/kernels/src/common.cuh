@@ -160,7 +160,7 @@ __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) {
   const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
   return __half2(r);
 #else
-  const uint32_t w = (static_cast<uint32_t>(v & 0xff00u) << 16) | (v & 0x00ffu);  // byte i -> half i
+  const uint32_t w = (static_cast<uint32_t>(v & 0xff00u) << 8) | (v & 0x00ffu);  // byte i -> bits 16i..16i+7
   const uint32_t bits = ((w & 0x007f007fu) << 7) | ((w & 0x00800080u) << 8);
   __half2 h;
   memcpy(&h, &bits, sizeof(h));
