@@ -211,7 +211,10 @@ def test_bfloat16_prefill_within_validates_bound(lib, tmp_path):
     assert ref32.expert_ids is not None and np.array_equal(experts, ref32.expert_ids.numpy())
 
 
-def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_path):
+# pre-gated only, as test_bfloat16_prefill_...: a router on bfloat16 activations (MoLA's, per projection) may flip a
+# near-tie of this toy model that the float32 reference does not, which no logits bound can absorb
+@pytest.mark.parametrize("kind", ["pregate"])
+def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_path, kind):
     """`convert --weights fp8` (bfloat16 activations, FP8 e4m3 stage weights): the native backend's prefill logits
     against the reference whose projection weights are the artifact's FP8 weights dequantized (so the bound is the
     bfloat16 one of test_bfloat16_prefill_within_validates_bound, not the quantization error), float32 truth and a
@@ -222,7 +225,7 @@ def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_pa
     from adafuse_export.quantize import dequantize_fp8
     from adafuse_export.validate import TOLERANCES
 
-    make_example(tmp_path / "ck", "pregate", "llama")
+    make_example(tmp_path / "ck", kind, "llama")
     ckpt = load_checkpoint(tmp_path / "ck")
     assert not ckpt.adapter.static_modules  # the artifact's weights are then the checkpoint's, stacked
     art = tmp_path / "a.native"
@@ -239,13 +242,15 @@ def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_pa
                 ref.w[name] = w[m.rows[0]:m.rows[1]].to(dt)
     prompt = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     ref32, ref16 = (refs[dt].forward(prompt) for dt in (torch.float32, torch.bfloat16))
+    top_k = ckpt.adapter.top_k if ckpt.adapter.routing == "pregate" else 0
     engine = Engine(lib, art)
     try:
-        logits, experts = engine.prefill(prompt.numpy(), ckpt.adapter.top_k)
+        logits, experts = engine.prefill(prompt.numpy(), top_k)
     finally:
         engine.close()
     atol, rtol = TOLERANCES["bfloat16"]
     r32 = ref32.logits.numpy()
     atol = max(atol, 2 * float(np.abs(ref16.logits.float().numpy() - r32).max()))
     assert (np.abs(logits - r32) <= atol + rtol * np.abs(r32)).all()
-    assert ref32.expert_ids is not None and np.array_equal(experts, ref32.expert_ids.numpy())
+    if top_k:
+        assert ref32.expert_ids is not None and np.array_equal(experts, ref32.expert_ids.numpy())
