@@ -479,7 +479,9 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const WT* __
                 const float* __restrict__ wscale, const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                 const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
                 T* __restrict__ y, bool vec_b, bool x_done) {
-  constexpr int U = 4;
+  // 32-wide k chunks in flight per warp: FP8 W comes in 8-byte loads, so twice as many keep the W bytes in
+  // flight per lane (what the stream's bandwidth follows) those of the 16-byte loads of T.
+  constexpr int U = kIsFp8<WT> ? 8 : 4;
   __shared__ float red[kThreads / 32][16][8 * NT + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c4 = lane & 3;
