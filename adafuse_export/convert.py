@@ -77,9 +77,10 @@ class Stages:
 def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
             dtype: str = "float32", max_batch: int = 1, max_seq: int | None = None, force: bool = False,
             validate: str = "layerwise", plugin_library: Path | None = None, timing_cache: Path | None = None,
-            strategy: str | None = None, log=print) -> dict:
+            strategy: str | None = None, weights: str = "dtype", log=print) -> dict:
     """validate: full (the reference holds every weight), layerwise (one layer at a time), off.
-    max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ."""
+    max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ.
+    weights: 'dtype', or 'fp8' (--backend native only: FP8 base weights, native_artifact.WEIGHT_FORMATS)."""
     from .staging import make_staging, remove_stale_stagings
 
     if validate not in VALIDATE_MODES:
@@ -87,7 +88,10 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     if backend == "native":
         return convert_native(ckpt_path, Path(engine), fmt=fmt, base=base, dtype=dtype, max_batch=max_batch,
                               max_seq=max_seq, force=force, plugin_library=plugin_library, timing_cache=timing_cache,
-                              strategy=strategy, log=log)
+                              strategy=strategy, weights=weights, log=log)
+    if weights != "dtype":
+        raise AdafuseError(f"--weights {weights}: only --backend native writes FP8 base weights (the TensorRT engines "
+                           f"take --dtype weights), got --backend {backend}")
     engine = Path(engine)
     outs = output_paths(engine)
     _check_outputs(engine)
@@ -316,7 +320,7 @@ def _place(staging: Path, outs: dict[str, Path], with_engine: bool) -> None:
 
 def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | None, dtype: str, max_batch: int,
                    max_seq: int | None, force: bool, plugin_library: Path | None, timing_cache: Path | None,
-                   strategy: str | None, log=print) -> dict:
+                   strategy: str | None, weights: str = "dtype", log=print) -> dict:
     """`convert --backend native`: the checkpoint as a native artifact OUT.native/ (native_artifact.py), staged beside it
     and renamed into place at the end, as the engine outputs are. Returns its manifest."""
     from . import native_artifact
@@ -328,6 +332,7 @@ def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | 
                                (strategy, "--strategy", "the native runtime chooses fused or switch when it opens the artifact")):
         if value is not None:
             raise AdafuseError(f"{option}: not an option of --backend native ({why})")
+    native_artifact.check_weight_dtype(dtype, weights)
     parent = out.parent if str(out.parent) else Path(".")
     if out.suffix != native_artifact.SUFFIX:
         raise AdafuseError(f"{out}: the output name of --backend native must end in {native_artifact.SUFFIX} (a directory; "
@@ -346,9 +351,11 @@ def convert_native(ckpt_path: Path, out: Path, *, fmt: str | None, base: Path | 
         raise AdafuseError(f"{out}: cannot write in {parent}: {e.strerror or e}") from None
     try:
         with write_errors(out, staging):
-            stages(2, f"writing the native artifact ({dtype}, kernel ABI {native_artifact.ABI_VERSION})")
+            form = dtype if weights == "dtype" else f"{dtype}, FP8 e4m3 base weights"
+            stages(2, f"writing the native artifact ({form}, kernel ABI {native_artifact.ABI_VERSION})")
             (staging / "native").mkdir()
-            manifest = native_artifact.write_artifact(ckpt, staging / "native", dtype, max_batch, max_seq, log=stages.detail)
+            manifest = native_artifact.write_artifact(ckpt, staging / "native", dtype, max_batch, max_seq, log=stages.detail,
+                                                      weights=weights)
             stages(3, "placing it (adafuse-serve / adafuse-generate / the C API run it on an NVIDIA GPU: "
                       "runtime/README.md)")
             size = sum(p.stat().st_size for p in (staging / "native").iterdir())

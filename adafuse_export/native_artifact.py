@@ -9,7 +9,11 @@ OUT.native/ holds
                        matrix with the stage's projections stacked along the rows in role order (q, k, v;
                        gate, up), bias likewise (zeros for a projection without one), static LoRAs merged
                        in float32 as the ONNX export merges them; norms, q/k norms, embedding, head (absent
-                       when tied), and the RoPE frequency tables (float32, families/rope.py's numbers)
+                       when tied), and the RoPE frequency tables (float32, families/rope.py's numbers); with
+                       weights 'fp8' (model.weights 'fp8_e4m3') each stage's matrix is float8 e4m3 instead with
+                       its per-output-channel float32 scales '<stage>.weight_scale' [out] (quantize.py, from the
+                       dtype-rounded matrix: W8A16, the kernels' ADAFUSE_WEIGHT_FP8_E4M3); everything else
+                       keeps the dtype
   adapters.safetensors the experts: a stage whose routed projections share one route (a pre-gate, MixLoRA's
                        FFN router) as ONE lora_linear site (A [E, R, in] the members' A stacked along the rank
                        axis, B [E, out, R] block-diagonal with each member's scale folded in, so scale 1);
@@ -48,6 +52,8 @@ ADAPTERS = "adapters.safetensors"
 ROUTES = "routes.safetensors"
 NORM_SLOTS = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # families.base.LayerNorms fields
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# --weights: the stages' matrices in the model dtype, or FP8 (manifest model.weights names the stored form)
+WEIGHT_FORMATS = {"dtype": "dtype", "fp8": "fp8_e4m3"}
 ROUTING_FIELDS = ("router_kind", "expert_kind", "num_experts", "top_k", "normalize_topk", "pregate_input")
 
 
@@ -118,8 +124,9 @@ Entry = tuple[str, str, tuple[int, ...], Callable[[], Any]]  # name, safetensors
 class _Tensors:
     """The artifact's tensors as (name, dtype, shape, producer): shapes known up front, bytes made on demand."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: str):
+    def __init__(self, ckpt: Checkpoint, dtype: str, weights: str = "dtype"):
         self.ckpt, self.dtype, self.td = ckpt, SAFETENSORS_DTYPES[dtype], torch_dtype(dtype)
+        self.fp8 = weights == "fp8"
 
     def base(self, name: str, src_name: str, shape: tuple[int, ...]) -> Entry:
         return name, self.dtype, shape, lambda: base_weight(self.ckpt, src_name, self.td)
@@ -143,6 +150,12 @@ class _Tensors:
         parts = [base_weight(self.ckpt, f"{m.arch.weight_prefix(st.layer, x.module)}.weight", self.td,
                              x.site if x.site is not None and x.site.static else None) for x in st.members]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def stage_fp8(self, st: Stage, part: int):
+        """The stage's matrix quantized (quantize.py): part 0 the e4m3 matrix, 1 its scales."""
+        from .quantize import quantize_fp8_per_channel
+
+        return quantize_fp8_per_channel(self.stage_weight(st), f"{st.prefix}.weight")[part]
 
     def stage_bias(self, st: Stage):
         import torch
@@ -191,8 +204,13 @@ class _Tensors:
                 for role in ("q", "k"):
                     out.append(self.base(f"layers.{layer}.{role}_norm", arch.qk_norm_weight(layer, role), (m.head_dim,)))
             for st in by_layer[layer]:
-                out.append((f"{st.prefix}.weight", self.dtype, (st.out_features, st.in_features),
-                            partial(self.stage_weight, st)))
+                if self.fp8:
+                    out.append((f"{st.prefix}.weight", "F8_E4M3", (st.out_features, st.in_features),
+                                partial(self.stage_fp8, st, 0)))
+                    out.append((f"{st.prefix}.weight_scale", "F32", (st.out_features,), partial(self.stage_fp8, st, 1)))
+                else:
+                    out.append((f"{st.prefix}.weight", self.dtype, (st.out_features, st.in_features),
+                                partial(self.stage_weight, st)))
                 if st.bias:
                     out.append((f"{st.prefix}.bias", self.dtype, (st.out_features,), partial(self.stage_bias, st)))
         return out
@@ -250,7 +268,8 @@ def _rope_json(rope) -> dict | None:
     return None if rope is None else rope.to_json()
 
 
-def manifest(ckpt: Checkpoint, dtype: str, files: dict[str, str], max_batch: int, max_seq: int) -> dict:
+def manifest(ckpt: Checkpoint, dtype: str, files: dict[str, str], max_batch: int, max_seq: int,
+             weights: str = "dtype") -> dict:
     """The manifest (format FORMAT / VERSION); `files`: name -> SHA-256 of every file beside it."""
     m, a = ckpt.model, ckpt.adapter
     summary = adapter_summary(a)
@@ -272,7 +291,8 @@ def manifest(ckpt: Checkpoint, dtype: str, files: dict[str, str], max_batch: int
     return {
         "format": FORMAT, "version": VERSION, "adafuse_export_version": __version__,
         "kernels": {"abi_version": ABI_VERSION},
-        "model": {"family": m.family, "dtype": dtype, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+        "model": {"family": m.family, "dtype": dtype, "weights": WEIGHT_FORMATS[weights],
+                  "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
                   "intermediate_size": m.intermediate_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
                   "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
                   "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings},
@@ -293,23 +313,24 @@ def manifest(ckpt: Checkpoint, dtype: str, files: dict[str, str], max_batch: int
 
 
 def write_artifact(ckpt: Checkpoint, out: Path, dtype: str, max_batch: int, max_seq: int,
-                   log: Callable[[str], object] | None = None) -> dict:
+                   log: Callable[[str], object] | None = None, weights: str = "dtype") -> dict:
     """Write the artifact's files into the (empty, staged) directory `out`; returns the manifest.
     One tensor at a time: memory is the largest stage's tensors, not the model's."""
     from .outputs import MARKER_KEY
     from .progress import Progress
     from .routes import write_routing_table
-    from .tensors import write_safetensors_streaming
+    from .tensors import DTYPE_SIZES, write_safetensors_streaming
     from .trt.manifest import sha256_file, write_manifest
 
     if dtype not in SAFETENSORS_DTYPES:
         raise AdafuseError(f"--dtype '{dtype}' is unknown (expected one of {', '.join(SAFETENSORS_DTYPES)})")
     ckpt.require_exportable()
     check_kernel_limits(ckpt)
-    tensors = _Tensors(ckpt, dtype)
+    check_weight_format(ckpt, dtype, weights)
+    tensors = _Tensors(ckpt, dtype, weights)
     meta = {MARKER_KEY: "native", "checkpoint_index_sha256": ckpt.index_sha256(), "dtype": dtype}
     groups = [(WEIGHTS, tensors.backbone()), (ADAPTERS, tensors.adapters())]
-    total = sum(math.prod(shape) * (4 if code == "F32" else 2) for _, entries in groups for _, code, shape, _ in entries)
+    total = sum(math.prod(shape) * DTYPE_SIZES[code] for _, entries in groups for _, code, shape, _ in entries)
     meter = Progress("writing the tensors", sum(len(e) for _, e in groups), total) if log else None
 
     def counted(entry: Entry) -> Entry:
@@ -330,9 +351,30 @@ def write_artifact(ckpt: Checkpoint, out: Path, dtype: str, max_batch: int, max_
     if ckpt.adapter.routing_table_exact:
         write_routing_table(ckpt, out / ROUTES, "float32")
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
-    result = manifest(ckpt, dtype, files, max_batch, max_seq)
+    result = manifest(ckpt, dtype, files, max_batch, max_seq, weights)
     write_manifest(result, out / MANIFEST)
     return result
+
+
+def check_weight_dtype(dtype: str, weights: str) -> None:
+    """--weights and --dtype together (no checkpoint needed): FP8 weights run with 16-bit activations."""
+    if weights not in WEIGHT_FORMATS:
+        raise AdafuseError(f"--weights '{weights}' is unknown (expected one of {', '.join(WEIGHT_FORMATS)})")
+    if weights == "fp8" and dtype not in ("float16", "bfloat16"):
+        raise AdafuseError(f"--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 "
+                           f"(the kernels run FP8 weights with 16-bit activations), got --dtype {dtype}")
+
+
+def check_weight_format(ckpt: Checkpoint, dtype: str, weights: str) -> None:
+    """--weights fp8 needs what the kernels' FP8 path needs (adafuse_kernels.h ADAFUSE_WEIGHT_FP8_E4M3): 16-bit
+    activations and every stage's in_features % 16 == 0; refused before anything is written."""
+    check_weight_dtype(dtype, weights)
+    if weights != "fp8":
+        return
+    for st in stages(ckpt):
+        if st.in_features % 16:
+            raise AdafuseError(f"{ckpt.path}: --weights fp8 needs every projection's input size to be a multiple of 16 "
+                               f"(16 FP8 weights per 16-byte load), stage {st.prefix} has {st.in_features}")
 
 
 def check_kernel_limits(ckpt: Checkpoint) -> None:

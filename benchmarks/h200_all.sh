@@ -4,7 +4,8 @@
 #   kernel against float64 references, graph replay, every kind, family and scaled RoPE on the native
 #   backend, `run --device cuda` and `validate --runtime cpp` against the CPU reference); the per-kernel
 #   timings (routed fused linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
-#   against cuBLAS at the 7B decoder's site shapes, the decode-step kernels); the decode benchmark of
+#   against cuBLAS at the 7B decoder's site shapes, FP8 against bf16 weights in the fused GEMV at those
+#   shapes (fp8_gemv.py), the decode-step kernels); the decode benchmark of
 #   the native backend over the C API (benchmarks/h200_decode.py).
 # First it builds the kernels, the runtime (native backend), adafuse-serve and adafuse-generate for this GPU
 # (runtime/tools/build_on_gpu.sh; ADAFUSE_DEVICE_DEPS: the header folder it needs) and exports ADAFUSE_RUNTIME_LIB
@@ -57,6 +58,8 @@ python3 benchmarks/lora_many_rows.py --out "$OUT" > "$OUT/lora_many_rows.log" 2>
 tail -16 "$OUT/lora_many_rows.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gemv_sites.py --out "$OUT" > "$OUT/gemv_sites.log" 2>&1; rc=$?
 grep -E "rows|chain" "$OUT/gemv_sites.log" | grep -v "^ "; [[ $rc == 0 ]] || status=1
+python3 benchmarks/fp8_gemv.py --out "$OUT" > "$OUT/fp8_gemv.log" 2>&1; rc=$?
+grep -E "^(site|qkv|o |gate_up|down)" "$OUT/fp8_gemv.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "kernel .* us|Error" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 fi

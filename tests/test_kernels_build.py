@@ -260,6 +260,38 @@ def test_lora_linear_options_are_checked(kernels):
 
 
 @needs_nvcc
+def test_lora_linear_fp8_weights_are_checked(kernels):
+    """ADAFUSE_WEIGHT_FP8_E4M3: weight_dtype and weight_scale must agree, and the call needs 16-bit
+    activations, in % 16 == 0 and 16-byte aligned x and W; all refused before any CUDA call.
+    Accepted combinations get as far as the workspace check."""
+    INV, WS = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_ERR_WORKSPACE
+    scale = 0x9000
+
+    def opts(weight_dtype, weight_scale):
+        o = kbind.LoraOptions()
+        o.weight_dtype, o.weight_scale = weight_dtype, weight_scale
+        return ctypes.byref(o)
+
+    fp8 = kbind.WEIGHT_FP8_E4M3
+    for dtype in (kbind.DTYPE_FLOAT16, kbind.DTYPE_BFLOAT16):
+        assert _lora_call(kernels, dtype=dtype, inf=32, ws=None, options=opts(fp8, scale)) == WS
+    assert _lora_call(kernels, inf=32, ws=None, options=opts(kbind.WEIGHT_AS_DTYPE, scale)) == INV  # scale without FP8
+    assert _lora_call(kernels, inf=32, ws=None, options=opts(fp8, None)) == INV  # FP8 without scales
+    assert _lora_call(kernels, inf=32, ws=None, options=opts(2, scale)) == INV  # no such weight dtype
+    assert _lora_call(kernels, inf=32, ws=None, options=opts(-1, None)) == INV
+    big = dict(ws=1, ws_bytes=1 << 20)  # past the workspace check
+    assert _lora_call(kernels, dtype=kbind.DTYPE_FLOAT32, inf=32, options=opts(fp8, scale), **big) == INV
+    assert _lora_call(kernels, inf=24, options=opts(fp8, scale), **big) == INV  # in % 16 != 0
+    lib, p = kernels.lib, ctypes.c_void_p
+    for x, W in ((0x1008, 0x2000), (0x1000, 0x2008)):  # x or W not 16-byte aligned
+        assert lib.adafuse_lora_linear(kbind.DTYPE_BFLOAT16, 1, 32, 8, p(x), p(W), None, p(0x3000), p(0x4000), 1, 1,
+                                       p(0x5000), p(0x6000), 1, 1.0, p(0x7000), p(0x1000), 1 << 20,
+                                       opts(fp8, scale), None) == INV, (x, W)
+    # the binding mirrors the struct: the C layout (4 int32, the weight dtype, padding, a pointer)
+    assert ctypes.sizeof(kbind.LoraOptions) == 32 and kbind.LoraOptions.weight_scale.offset == 24
+
+
+@needs_nvcc
 def test_decode_step_ops_reject_bad_arguments_without_touching_the_gpu(kernels):
     INV, OK = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_OK
     p = ctypes.c_void_p(0x1000)

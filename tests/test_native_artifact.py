@@ -264,7 +264,7 @@ def test_reader_accepts_every_kind_and_names_what_is_not_covered(runtime_build, 
 def _safetensors_bytes(path: Path) -> tuple[int, int]:
     """(bytes, tensors) of a safetensors file from its own header, independently of the runtime's reader."""
     header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
-    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
     entries = [v for k, v in header.items() if k != "__metadata__"]
     total = 0
     for v in entries:
@@ -436,6 +436,79 @@ def test_a_file_is_not_an_artifact(runtime_build, tmp_path):
                            "--backend native CKPT OUT.native), found a file\n")
 
 
+# ---- FP8 base weights (--weights fp8) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_artifacts(artifacts, tmp_path_factory) -> tuple[Path, Path]:
+    """pregate-llama in bfloat16 with FP8 stage weights, and its bfloat16 twin."""
+    root = tmp_path_factory.mktemp("fp8")
+    ckpt = ckpt_of(artifacts["pregate-llama"])
+    for name, weights in (("fp8", "fp8"), ("bf16", "dtype")):
+        (root / f"{name}.native").mkdir()
+        native.write_artifact(ckpt, root / f"{name}.native", "bfloat16", max_batch=2, max_seq=64, weights=weights)
+    return root / "fp8.native", root / "bf16.native"
+
+
+def test_fp8_stage_weights_are_the_dtype_weights_quantized(fp8_artifacts):
+    from adafuse_export.quantize import quantize_fp8_per_channel
+
+    fp8, bf16 = fp8_artifacts
+    t8, t16 = tensors(fp8), tensors(bf16)
+    stage = [n for n in t16 if re.fullmatch(r"layers\.\d+\.(qkv|o|gate_up|down)\.weight", n)]
+    assert len(stage) == 8
+    for n in stage:
+        q, scale = quantize_fp8_per_channel(t16[n], n)
+        assert t8[n].dtype == torch.float8_e4m3fn and torch.equal(t8[n].view(torch.uint8), q.view(torch.uint8)), n
+        assert torch.equal(t8[n.replace(".weight", ".weight_scale")], scale), n
+    others = set(t16) - set(stage)
+    assert set(t8) == others | set(stage) | {n.replace(".weight", ".weight_scale") for n in stage}
+    for n in others:  # norms, embedding, head, adapters, RoPE tables: as in the dtype artifact
+        assert torch.equal(t8[n], t16[n]), n
+    assert json.loads((fp8 / native.MANIFEST).read_text())["model"]["weights"] == "fp8_e4m3"
+    assert json.loads((bf16 / native.MANIFEST).read_text())["model"]["weights"] == "dtype"
+
+
+def test_reader_checks_fp8_weights_and_plans_their_bytes(runtime_build, runtime_lib, fp8_artifacts, tmp_path):
+    fp8, _ = fp8_artifacts
+    proc = check(runtime_build, fp8)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == (f"{fp8}: llama bfloat16 with FP8 e4m3 weights, 2 layers, routing pregate "
+                                           f"(4 experts, top-2), 42 tensors checked, kernel ABI {native.ABI_VERSION}")
+    plan = dict(re.findall(r"plan: (weights) (\d+) bytes", proc.stdout))
+    assert int(plan["weights"]) == sum(_safetensors_bytes(fp8 / f)[0] for f in (native.WEIGHTS, native.ADAPTERS))
+    assert open_through_c_api(runtime_lib, fp8)[0] == 5  # fused: every check passed, then the device
+    assert open_through_c_api(runtime_lib, fp8, b"switch") == (
+        1, f"{fp8}: strategy 'switch' merges the experts into bfloat16 weights; this artifact's are FP8 (convert with "
+           "--weights dtype, or use strategy 'fused')")
+    # the manifest and the tensors must agree on the weights' form
+    art = _copy(fp8, tmp_path / "dtype.native")
+    _edit_manifest(art, lambda m: m["model"].__setitem__("weights", "dtype"))
+    assert check(runtime_build, art).stderr == (
+        f"error: {art}/weights.safetensors: tensor 'layers.0.down.weight' is F8_E4M3 [64, 96], expected BF16 [64, 96] "
+        "(from manifest.json)\n")
+    art = _copy(fp8, tmp_path / "f32.native")
+    _edit_manifest(art, lambda m: m["model"].__setitem__("dtype", "float32"))
+    assert check(runtime_build, art).stderr == (
+        f"error: {art}/manifest.json: field 'model.weights' must be 'dtype' with model.dtype float32 (FP8 weights run "
+        "with 16-bit activations), found \"fp8_e4m3\"\n")
+
+
+def test_fp8_weights_refusals(artifacts, tmp_path):
+    from adafuse_export.convert import convert
+    from adafuse_export.errors import AdafuseError
+
+    ckpt = ckpt_of(artifacts["pregate-llama"])
+    (tmp_path / "a.native").mkdir()
+    with pytest.raises(AdafuseError) as e:
+        native.write_artifact(ckpt, tmp_path / "a.native", "float32", max_batch=1, max_seq=64, weights="fp8")
+    assert str(e.value) == ("--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 (the "
+                            "kernels run FP8 weights with 16-bit activations), got --dtype float32")
+    assert not any((tmp_path / "a.native").iterdir())  # refused before anything is written
+    with pytest.raises(AdafuseError) as e:
+        convert(artifacts["pregate-llama"].with_suffix(""), tmp_path / "x.engine", backend="tensorrt-rtx", weights="fp8")
+    assert str(e.value) == ("--weights fp8: only --backend native writes FP8 base weights (the TensorRT engines take "
+                            "--dtype weights), got --backend tensorrt-rtx")
+
+
 # ---- the command ---------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -471,6 +544,14 @@ def test_convert_backend_native_writes_replaces_and_refuses(example_dirs, tmp_pa
         proc = _cli("convert", *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "native" in _cli("convert", "--help").stdout
+    fp8 = _cli("convert", "--backend", "native", example_dirs["pregate"], tmp_path / "f.native", "--weights", "fp8")
+    assert fp8.returncode == 0, fp8.stderr
+    assert "(float16, FP8 e4m3 base weights, kernel ABI" in fp8.stdout
+    assert json.loads((tmp_path / "f.native" / native.MANIFEST).read_text())["model"]["weights"] == "fp8_e4m3"
+    bad = _cli("convert", "--backend", "native", example_dirs["pregate"], tmp_path / "g.native", "--weights", "fp8",
+               "--dtype", "float32")
+    assert bad.returncode == 2 and "--weights fp8 keeps the activations in --dtype" in bad.stderr, bad.stderr
+    assert not (tmp_path / "g.native").exists()
 
 
 def test_native_writer_peak_memory_is_a_fraction_of_the_checkpoint(example_dirs, tmp_path, monkeypatch):

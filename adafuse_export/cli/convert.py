@@ -18,6 +18,10 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                 "writes ENGINE as a directory OUT.native for the C++ runtime's native backend (the project's CUDA "
                 "kernels, run by adafuse-serve / adafuse-generate on an NVIDIA GPU: runtime/README.md).", extra=("native",))
 @dtype_option("float16")
+@click.option("--weights", "weights", type=click.Choice(["dtype", "fp8"]), default="dtype", show_default=True,
+              help="--backend native: the projections' base weights in --dtype, or fp8 (float8 e4m3 with per-output-channel "
+                   "float32 scales, W8A16: activations, adapters, norms, embedding and head stay in --dtype, which must be "
+                   "float16 or bfloat16). Other backends take dtype only.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
               help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "
@@ -38,8 +42,8 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                    "references: twice the time); `validate --half-tolerance fixed` gives the fixed-tolerance check.")
 @click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
 @force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
-def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_lib, strategy, timing_cache, validate_mode,
-            no_validate, force):
+def convert(ckpt, engine, fmt, base, backend, dtype, weights, max_batch, max_seq, plugin_lib, strategy, timing_cache,
+            validate_mode, no_validate, force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine), or with --backend native into a native
     artifact ENGINE (e.g. out.native/).
 
@@ -57,11 +61,12 @@ def convert(ckpt, engine, fmt, base, backend, dtype, max_batch, max_seq, plugin_
     --backend native writes OUT.native/ instead: weights.safetensors (q/k/v and gate/up stacked
     as the kernels take them, static LoRAs merged, RoPE tables), adapters.safetensors (experts
     per lora_linear site, routers), routes.safetensors (the pre-gate's table) and manifest.json
-    (kernel ABI, family features, SHA-256 of every file); --dtype, --max-batch, --max-seq and
-    --force apply, the TensorRT options do not, and there is no ONNX and no CPU validation.
+    (kernel ABI, family features, SHA-256 of every file); --dtype, --weights, --max-batch, --max-seq
+    and --force apply, the TensorRT options do not, and there is no ONNX and no CPU validation.
     """
     from ..convert import convert as run_convert
 
-    run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+    run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, weights=weights, max_batch=max_batch,
+                max_seq=max_seq,
                 force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,
                 strategy=strategy, log=emit)

@@ -21,7 +21,7 @@ ADAFUSE_ERR_WORKSPACE = 2
 ADAFUSE_ERR_CUDA = 3
 ADAFUSE_ERR_NO_DRIVER = 4
 ADAFUSE_ERR_DRIVER_TOO_OLD = 5
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -34,6 +34,8 @@ ATTN_MAX_GROUP = 8  # ADAFUSE_ATTN_MAX_GROUP
 # adafuse_lora_options' enums (adafuse_kernels.h), by the names the keyword arguments take
 GEMV1_SHAPES = {"auto": 0, "u4n1": 1, "u8n1": 2, "u4n2": 3, "u4k2": 4, "simt": 5}
 SHRINK_KINDS = {"auto": 0, "dot": 1, "warp": 2}
+WEIGHT_AS_DTYPE = 0  # adafuse_weight_dtype: W has x's dtype
+WEIGHT_FP8_E4M3 = 1  # W float8 e4m3 with float32 per-output-channel scales
 # adafuse_switch_variant: adafuse_switch_diagnostic exists in builds with -DADAFUSE_DIAGNOSTICS only
 SWITCH_VARIANTS = {"default": 0, "chunked": 1, "resident_2pb": 2, "no_mma": 3, "no_delta": 4}
 # adafuse_norm_kind and adafuse_activation, by the names of families.base.NORMS / ACTIVATIONS
@@ -92,6 +94,8 @@ class LoraOptions(ctypes.Structure):
         ("gemv1", ctypes.c_int32),
         ("shrink", ctypes.c_int32),
         ("exclusive_workspace", ctypes.c_int32),
+        ("weight_dtype", ctypes.c_int32),
+        ("weight_scale", ctypes.c_void_p),
     ]
 
 
@@ -285,11 +289,14 @@ class Kernels:
 
     def lora_linear(self, x, W, A, B, expert_ids, gates, scale: float, *, bias=None, out=None,
                     workspace=None, stream=None, pdl: bool = True, gemv1: str = "auto", shrink: str = "auto",
-                    exclusive_workspace: bool = False):
+                    exclusive_workspace: bool = False, weight_scale=None):
         """y = x W^T (+ bias) + scale * sum_j gates[:, j] * (x A[e]^T) B[e]^T, e = expert_ids[:, j].
 
         x [rows, in], W [out, in], A [E, rank, in], B [E, out, rank], expert_ids
         [rows, top_k] int32, gates [rows, top_k] float32; returns y [rows, out].
+        W of dtype torch.float8_e4m3fn (FP8 base weights, adafuse_export.quantize) takes
+        weight_scale [out] float32: x W^T becomes (x W^T) * weight_scale (W8A16; x fp16/bf16,
+        in % 16 == 0).
         pdl, gemv1, shrink: adafuse_lora_options (the defaults are the library's choices).
         exclusive_workspace=True promises that no earlier kernel on the stream may still use the
         workspace's memory (a workspace kept per call site); never with workspace=None, whose
@@ -300,16 +307,17 @@ class Kernels:
                                      "(a fresh block from the caching allocator may still be in use by earlier kernels)",
                                      ADAFUSE_ERR_INVALID_ARGUMENT)
         opts = lora_options(pdl=pdl, gemv1=gemv1, shrink=shrink, exclusive_workspace=exclusive_workspace)
-        return self._linear(x, W, (A, B, expert_ids, gates, scale), bias, out, workspace, stream, opts)
+        return self._linear(x, W, (A, B, expert_ids, gates, scale), bias, out, workspace, stream, opts, weight_scale)
 
     def linear(self, x, W, *, bias=None, out=None, workspace=None, stream=None, pdl: bool = True,
-               gemv1: str = "auto"):
+               gemv1: str = "auto", weight_scale=None):
         """y = x W^T (+ bias) with no adapter, at any row count (the few-rows kernels up to 16 rows,
         the many-rows GEMM with K = in above): the dense baseline, the native backend's dense
-        projections and LM head."""
-        return self._linear(x, W, None, bias, out, workspace, stream, lora_options(pdl=pdl, gemv1=gemv1))
+        projections and LM head. FP8 W with weight_scale as in lora_linear."""
+        return self._linear(x, W, None, bias, out, workspace, stream, lora_options(pdl=pdl, gemv1=gemv1),
+                            weight_scale)
 
-    def _linear(self, x, W, adapter, bias, out, workspace, stream, opts: LoraOptions):
+    def _linear(self, x, W, adapter, bias, out, workspace, stream, opts: LoraOptions, weight_scale=None):
         torch = _torch()
         _check_tensor("x", x)
         if x.dim() != 2:
@@ -317,11 +325,26 @@ class Kernels:
                                      ADAFUSE_ERR_INVALID_ARGUMENT)
         dt = dtype_code(x.dtype)
         rows, in_f = x.shape
-        _check_tensor("W", W, dtype=x.dtype, device=x.device)
+        fp8 = isinstance(W, torch.Tensor) and W.dtype == torch.float8_e4m3fn
+        _check_tensor("W", W, dtype=W.dtype if fp8 else x.dtype, device=x.device)
         if W.dim() != 2 or W.shape[1] != in_f:
             raise AdafuseKernelError(f"W must be [out, {in_f}], got {tuple(W.shape)}",
                                      ADAFUSE_ERR_INVALID_ARGUMENT)
         out_f = W.shape[0]
+        if fp8:
+            if x.dtype not in (torch.float16, torch.bfloat16) or in_f % 16:
+                raise AdafuseKernelError(
+                    f"FP8 W needs x of float16 or bfloat16 and in % 16 == 0, got x {x.dtype} with in={in_f}",
+                    ADAFUSE_ERR_INVALID_ARGUMENT)
+            if weight_scale is None:
+                raise AdafuseKernelError(f"FP8 W [{out_f}, {in_f}] needs weight_scale [{out_f}] float32",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+            _check_tensor("weight_scale", weight_scale, dtype=torch.float32, device=x.device, shape=(out_f,))
+            opts.weight_dtype = WEIGHT_FP8_E4M3
+            opts.weight_scale = weight_scale.data_ptr()
+        elif weight_scale is not None:
+            raise AdafuseKernelError(f"weight_scale is for FP8 W (torch.float8_e4m3fn); W has dtype {W.dtype}",
+                                     ADAFUSE_ERR_INVALID_ARGUMENT)
         E = rank = top_k = 1  # no adapter: sizes that only size the workspace
         ptrs = [None, None, None, None]
         scale = 0.0

@@ -98,6 +98,10 @@ void parse_config(NativeArtifact& a) {
   const Fields f{r, j};
   a.family = printable(r.text(j, {"model", "family"}, "model.family"));  // shown in messages
   a.dtype = f.choice({"model", "dtype"}, "model.dtype", {"float32", "float16", "bfloat16"});
+  a.fp8_weights = f.choice({"model", "weights"}, "model.weights", {"dtype", "fp8_e4m3"}) == "fp8_e4m3";
+  if (a.fp8_weights && a.dtype == "float32")
+    r.bad("model.weights", "'dtype' with model.dtype float32 (FP8 weights run with 16-bit activations)",
+          lookup(j, {"model", "weights"}));
   a.vocab = r.positive(j, {"model", "vocab_size"}, "model.vocab_size");
   a.hidden = r.positive(j, {"model", "hidden_size"}, "model.hidden_size");
   a.intermediate = r.positive(j, {"model", "intermediate_size"}, "model.intermediate_size");
@@ -184,6 +188,9 @@ void parse_config(NativeArtifact& a) {
       const Fields sf{r, s};
       st.bias = sf.boolean({"bias"}, sat + ".bias");
       st.in_features = stage_in[i];
+      if (a.fp8_weights && st.in_features % 16 != 0)
+        r.bad("model.weights", "'dtype': FP8 weights need every stage's input size to be a multiple of 16, " + sat + " has " +
+                                   std::to_string(st.in_features), lookup(j, {"model", "weights"}));
       const json& modules = lookup(s, {"modules"});
       if (!modules.is_array() || modules.empty()) r.bad(sat + ".modules", "a non-empty list", modules);
       std::vector<std::string> roles;
@@ -263,7 +270,8 @@ std::map<std::string, std::map<std::string, Expected>> expected_tensors(const Na
     }
     for (const NativeStage& st : a.stages[static_cast<size_t>(l)]) {
       const std::string sp = p + st.name + ".";
-      base[sp + "weight"] = {w, {st.out_features, st.in_features}};
+      base[sp + "weight"] = {a.fp8_weights ? "F8_E4M3" : w, {st.out_features, st.in_features}};
+      if (a.fp8_weights) base[sp + "weight_scale"] = {"F32", {st.out_features}};
       if (st.bias) base[sp + "bias"] = {w, {st.out_features}};
       if (st.adapter == "grouped") {
         adapters[sp + "lora_A"] = {w, {st.experts, st.rank, st.in_features}};
@@ -445,7 +453,8 @@ void NativeArtifact::require_covered() const {
 }
 
 std::string NativeArtifact::summary() const {
-  return dir.string() + ": " + family + " " + dtype + ", " + std::to_string(layers) + " layers, routing " + routing_kind +
+  return dir.string() + ": " + family + " " + dtype + (fp8_weights ? " with FP8 e4m3 weights" : "") + ", " +
+         std::to_string(layers) + " layers, routing " + routing_kind +
          (routing_kind == "none" ? "" : " (" + std::to_string(num_experts) + " experts, top-" + std::to_string(top_k) + ")") + ", " +
          std::to_string(tensors) + " tensors checked, kernel ABI " + std::to_string(kernel_abi_version());
 }

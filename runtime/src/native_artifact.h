@@ -56,6 +56,9 @@ struct NativeArtifact {
   nlohmann::json json;
   // model
   std::string family, dtype;  // dtype: float32, float16, bfloat16
+  // model.weights "fp8_e4m3": every stage's matrix is float8 e4m3 with float32 per-output-channel scales
+  // (<stage>.weight_scale), run by the kernels' ADAFUSE_WEIGHT_FP8_E4M3 (W8A16); "dtype": the model dtype.
+  bool fp8_weights = false;
   int64_t vocab = 0, hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0;
   int64_t max_positions = 0;
   bool tied_head = false;

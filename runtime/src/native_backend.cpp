@@ -188,6 +188,10 @@ std::string native_strategy(const NativeArtifact& a, const char* strategy) {
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges one route per token into every adapted weight, "
                                              "so it needs a pre-gated artifact, found routing " + a.routing_kind +
                                              " (use strategy 'fused')");
+    if (a.fp8_weights)
+      fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges the experts into " + a.dtype +
+                                             " weights; this artifact's are FP8 (convert with --weights dtype, or use "
+                                             "strategy 'fused')");
     if (a.max_batch != 1)
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges one sequence's experts into the weights, so it "
                                              "runs batch 1, found runtime.max_batch " + std::to_string(a.max_batch) +

@@ -133,8 +133,9 @@ class NativeBackend final : public Backend {
   void enqueue_head(int32_t first, int32_t count);
   void project(size_t layer, int stage, const void* x, int32_t rows, const int32_t* ids, const float* gates, bool merged);
   RoleOut role(size_t layer, int stage, const std::string& name, int32_t rows) const;
-  void lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A, const void* B,
-            const int32_t* ids, const float* gates, void* y);
+  // wscale: W's per-output-channel scales when W is FP8 (an artifact with fp8_weights), else nullptr.
+  void lora(size_t site, int32_t rows, const void* x, const void* W, const float* wscale, const void* bias, const void* A,
+            const void* B, const int32_t* ids, const float* gates, void* y);
   void norm(void* h, const void* delta, const std::string& weight_name, void* out, int32_t rows);
   void switch_now();
   void capture(Graph& graph, const Shape& s);

@@ -137,7 +137,7 @@ std::vector<std::pair<std::string, size_t>> native_tensor_sizes(const NativeArti
     if (!std::filesystem::exists(path, ec)) continue;  // no adapters file without routed adapters (checked at open)
     const SafetensorsFile st(path, SafetensorsFile::Contents::header_only);
     for (const auto& [name, t] : st.tensors())
-      out.emplace_back(name, static_cast<size_t>(t.numel()) * (t.dtype == "F32" ? 4 : 2));
+      out.emplace_back(name, t.bytes());
   }
   return out;
 }

@@ -43,7 +43,8 @@ RoleOut NativeBackend::role(size_t layer, int stage, const std::string& name, in
   fail(ADAFUSE_ERR_INTERNAL, "native backend: stage " + st.name + " of layer " + std::to_string(layer) + " has no role " + name);
 }
 
-void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A,
+void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W, const float* wscale, const void* bias,
+                         const void* A,
                          const void* B, const int32_t* ids, const float* gates, void* y) {
   const NativeSite& s = sites_[site];
   const bool dense = A == nullptr, few = rows <= kFewRows;
@@ -52,6 +53,10 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
   const NativeBuffer& ws = plan_.at(few ? "ws.site." + s.name : "ws.shared");
   kl::adafuse_lora_options options{};
   options.exclusive_workspace = few ? 1 : 0;
+  if (wscale != nullptr) {
+    options.weight_dtype = kl::ADAFUSE_WEIGHT_FP8_E4M3;
+    options.weight_scale = wscale;
+  }
   kcheck(kl::adafuse_lora_linear(dtype_, rows, static_cast<int>(s.in), static_cast<int>(s.out), x, W, bias, A, B,
                                  dense ? 1 : static_cast<int>(s.experts), dense ? 1 : static_cast<int>(s.rank), ids, gates,
                                  dense ? 1 : static_cast<int>(s.top_k), 1.0f, y, base_ + ws.offset, ws.bytes, &options,
@@ -66,17 +71,21 @@ void NativeBackend::project(size_t layer, int stage, const void* x, int32_t rows
   const std::string sp = p + st.name + ".";
   const int64_t e = plan_.dims.elt;
   const char* W = static_cast<const char*>(weight(sp + "weight"));
+  // FP8 weights: one byte an element, and each row's scale beside (a module's rows start at row_begin in both)
+  const int64_t we = a_.fp8_weights ? 1 : e;
+  const float* wscale = a_.fp8_weights ? static_cast<const float*>(weight(sp + "weight_scale")) : nullptr;
   const char* bias = st.bias ? static_cast<const char*>(weight(sp + "bias")) : nullptr;
   char* y = at(kStageNames[stage]);
   if (st.adapter == "per_module") {  // MoLA / LoRAMoE: each projection routes its own input
     for (size_t m = 0; m < st.modules.size(); ++m) {
       const NativeModule& mod = st.modules[m];
       const size_t site = site_index_.at({int64_t(layer), stage, int64_t(m)});
-      const char* Wm = W + mod.row_begin * st.in_features * e;
+      const char* Wm = W + mod.row_begin * st.in_features * we;
+      const float* sm = wscale ? wscale + mod.row_begin : nullptr;
       const char* bm = bias ? bias + mod.row_begin * e : nullptr;
       char* ym = y + int64_t{rows} * mod.row_begin * e;
       if (mod.rank == 0) {
-        lora(site, rows, x, Wm, bm, nullptr, nullptr, nullptr, nullptr, ym);
+        lora(site, rows, x, Wm, sm, bm, nullptr, nullptr, nullptr, nullptr, ym);
         continue;
       }
       const NativeSite& s = sites_[site];
@@ -88,17 +97,18 @@ void NativeBackend::project(size_t layer, int stage, const void* x, int32_t rows
                                     static_cast<int>(s.experts), static_cast<int>(s.top_k), normalize ? 1 : 0, site_ids,
                                     site_gates, stream_.stream),
              "adafuse_route_topk at " + s.name);
-      lora(site, rows, x, Wm, bm, weight(p + mod.name + ".lora_A"), weight(p + mod.name + ".lora_B"), site_ids, site_gates, ym);
+      lora(site, rows, x, Wm, sm, bm, weight(p + mod.name + ".lora_A"), weight(p + mod.name + ".lora_B"), site_ids, site_gates,
+           ym);
     }
     return;
   }
   const size_t site = site_index_.at({int64_t(layer), stage, -1});
   if (st.adapter.empty()) {
-    lora(site, rows, x, W, bias, nullptr, nullptr, nullptr, nullptr, y);
+    lora(site, rows, x, W, wscale, bias, nullptr, nullptr, nullptr, nullptr, y);
   } else if (merged) {  // switch: the token's experts are in the live weights
-    lora(site, rows, x, at("switch:" + sp + "weight"), bias, nullptr, nullptr, nullptr, nullptr, y);
+    lora(site, rows, x, at("switch:" + sp + "weight"), nullptr, bias, nullptr, nullptr, nullptr, nullptr, y);  // never FP8
   } else {
-    lora(site, rows, x, W, bias, weight(sp + "lora_A"), weight(sp + "lora_B"), ids, gates, y);
+    lora(site, rows, x, W, wscale, bias, weight(sp + "lora_A"), weight(sp + "lora_B"), ids, gates, y);
   }
 }
 
@@ -274,7 +284,7 @@ void NativeBackend::enqueue_head(int32_t first, int32_t count) {
   kcheck(kl::adafuse_gather_rows(dtype_, count, hidden, at("x"), a_.hidden, gather, at("last"), a_.hidden, stream_.stream),
          "adafuse_gather_rows (LM head rows)");
   lora(sites_.size() - 1, count, at("last"), weight(a_.tied_head ? "embed_tokens" : "lm_head"), nullptr, nullptr, nullptr,
-       nullptr, nullptr, at("logits"));
+       nullptr, nullptr, nullptr, at("logits"));  // the head keeps the model dtype
   kcheck(kl::adafuse_logits_to_float(dtype_, count, a_.vocab, at("logits"), a_.vocab,
                                      a_.final_softcap ? static_cast<float>(*a_.final_softcap) : 0.0f,
                                      reinterpret_cast<float*>(at("logits_f32")), stream_.stream),

@@ -48,6 +48,8 @@ nlohmann::json parse_header(const std::string& raw, const std::string& where) {
 
 }  // namespace
 
+size_t SafeTensor::bytes() const { return static_cast<size_t>(numel()) * static_cast<size_t>(dtype_size(dtype)); }
+
 int64_t SafeTensor::numel() const {
   uint64_t n = 1;
   for (int64_t d : shape) n = checked_mul(n, static_cast<uint64_t>(d), "tensor shape product");

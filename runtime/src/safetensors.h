@@ -18,6 +18,7 @@ struct SafeTensor {
   uint64_t offset = 0;  // where those bytes start in the file
 
   int64_t numel() const;
+  size_t bytes() const;  // numel times the dtype's size (a checked file has only known dtypes)
 };
 
 class SafetensorsFile {

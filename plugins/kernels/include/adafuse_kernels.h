@@ -28,7 +28,8 @@ extern "C" {
 #endif
 
 // 2: adafuse_lora_linear takes adafuse_lora_options; the driver checks.
-#define ADAFUSE_KERNELS_ABI_VERSION 2
+// 3: adafuse_lora_options names the base weight's storage (weight_dtype, weight_scale): FP8 weights.
+#define ADAFUSE_KERNELS_ABI_VERSION 3
 
 // Limits checked by the functions below (a call beyond them returns
 // ADAFUSE_ERR_INVALID_ARGUMENT). Additive constants; the ABI is unchanged.
@@ -80,7 +81,8 @@ int adafuse_check_runtime(char* msg, size_t msg_len);
 //   e = expert_ids[n,j], for every row n in [0, rows).
 // x [rows, in], W [out, in], bias [out] or NULL, A [E, rank, in],
 // B [E, out, rank], expert_ids [rows, top_k] int32 (each in [0, E)),
-// gates [rows, top_k] float32, y [rows, out]. x, W, bias, A, B, y share dtype.
+// gates [rows, top_k] float32, y [rows, out]. x, W, bias, A, B, y share dtype (W: unless
+// adafuse_lora_options::weight_dtype says FP8, below).
 // Few rows (<= 16): one GEMV-class pass over W. Many rows: one tensor-core GEMM over
 // [x | z] and [W | B_cat] (K = in + E*rank), z = the gated, scaled shrink x A[e]^T of every
 // expert, zero where a row does not use the expert (the experts' share of the work grows with
@@ -130,6 +132,18 @@ typedef enum {
   ADAFUSE_SHRINK_DOT = 1,   // one block per (row, expert slot, rank) dot product
   ADAFUSE_SHRINK_WARP = 2   // one warp per dot product
 } adafuse_shrink_kind;
+// Storage of adafuse_lora_linear's base weight W (adafuse_lora_options::weight_dtype).
+typedef enum {
+  ADAFUSE_WEIGHT_AS_DTYPE = 0,  // W has the call's dtype; weight_scale must be NULL
+  // W is float8 e4m3 (__nv_fp8_e4m3, one byte each) [out, in] with per-output-channel float32
+  // scales weight_scale[out] (device): y[n, o] = (sum_i x[n, i] W[o, i]) * weight_scale[o]
+  // (+ bias) + the LoRA term, accumulated in float32 (W8A16: x, bias, A, B and y keep dtype).
+  // Needs dtype FLOAT16 or BFLOAT16, in_features % 16 == 0 and 16-byte aligned x and W; other
+  // calls give ADAFUSE_ERR_INVALID_ARGUMENT. Every path reads W as one byte per element (the
+  // many-rows GEMM converts its W tiles to dtype in shared memory, exactly: dtype holds every
+  // e4m3 value). sm_89+ converts with cvt, older GPUs with integer arithmetic (same values).
+  ADAFUSE_WEIGHT_FP8_E4M3 = 1
+} adafuse_weight_dtype;
 typedef struct {
   int32_t pdl;     // adafuse_pdl_mode
   int32_t gemv1;   // adafuse_gemv1_shape
@@ -141,9 +155,12 @@ typedef struct {
   // before the previous kernel has completed. 0: it launches in stream order (the GEMV still
   // overlaps it), so any 16-byte aligned memory of the right size is a valid workspace.
   int32_t exclusive_workspace;
+  int32_t weight_dtype;       // adafuse_weight_dtype
+  const float* weight_scale;  // [out] float32 (device) with ADAFUSE_WEIGHT_FP8_E4M3, else NULL
 } adafuse_lora_options;
-// options NULL: every field 0 (the library's choices; the shrink in stream order). A field
-// outside its enum, or exclusive_workspace not 0 or 1, gives ADAFUSE_ERR_INVALID_ARGUMENT.
+// options NULL: every field 0 (the library's choices; the shrink in stream order; W of dtype). A
+// field outside its enum, exclusive_workspace not 0 or 1, or weight_scale not matching
+// weight_dtype gives ADAFUSE_ERR_INVALID_ARGUMENT.
 size_t adafuse_lora_linear_workspace_size(int rows, int in_features, int out_features,
                                           int num_experts, int rank, int top_k);
 int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_features,

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -149,12 +150,91 @@ __device__ __forceinline__ uint4 pack16<__half>(const float* f) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// ---- FP8 (e4m3) base weights ------------------------------------------------------
+// Two e4m3 values (the low byte first) to a half2, exactly (fp16 holds every e4m3 value). sm_89+:
+// one cvt; older architectures: place the 7 exponent-mantissa bits in fp16's field (e4m3's
+// bias is 7, fp16's 15) and multiply by 2^8, exact for normals and denormals alike (no NaN:
+// the quantizer writes none).
+__device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  return __half2(r);
+#else
+  const uint32_t w = (static_cast<uint32_t>(v & 0xff00u) << 8) | (v & 0x00ffu);  // byte i -> bits 16i..16i+7
+  const uint32_t bits = ((w & 0x007f007fu) << 7) | ((w & 0x00800080u) << 8);
+  __half2 h;
+  memcpy(&h, &bits, sizeof(h));
+  return __hmul2(h, __floats2half2_rn(256.f, 256.f));
+#endif
+}
+
+// 16 e4m3 values to floats.
+__device__ __forceinline__ void unpack16_fp8(const uint4& v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 lo = __half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu)));
+    const float2 hi = __half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16)));
+    f[4 * i] = lo.x; f[4 * i + 1] = lo.y; f[4 * i + 2] = hi.x; f[4 * i + 3] = hi.y;
+  }
+}
+
+// 8 e4m3 values (8 bytes) to 8 values of T in a 16-byte vector, exactly (bf16 holds every e4m3 value).
+template <typename T>
+__device__ __forceinline__ uint4 fp8x8_to16(uint2 v);
+template <>
+__device__ __forceinline__ uint4 fp8x8_to16<__half>(uint2 v) {
+  const uint32_t w[2] = {v.x, v.y};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const __half2 lo = fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu));
+    const __half2 hi = fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16));
+    memcpy(&o[2 * i], &lo, 4);
+    memcpy(&o[2 * i + 1], &hi, 4);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+template <>
+__device__ __forceinline__ uint4 fp8x8_to16<__nv_bfloat16>(uint2 v) {
+  const uint32_t w[2] = {v.x, v.y};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const __nv_bfloat162 lo = __float22bfloat162_rn(__half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu))));
+    const __nv_bfloat162 hi = __float22bfloat162_rn(__half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16))));
+    memcpy(&o[2 * i], &lo, 4);
+    memcpy(&o[2 * i + 1], &hi, 4);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// A base weight W stored as WT: T itself, or __nv_fp8_e4m3 (whose per-output-channel scale the
+// kernel applies to the finished W x dot). kElems elements per 16-byte load.
+template <typename T, typename WT>
+struct WeightOps {
+  static constexpr int kElems = TypeOps<T>::kVec;
+  static __device__ __forceinline__ void unpack(const uint4& v, float* f) { unpack16<T>(v, f); }
+};
+template <typename T>
+struct WeightOps<T, __nv_fp8_e4m3> {
+  static constexpr int kElems = 16;
+  static __device__ __forceinline__ void unpack(const uint4& v, float* f) { unpack16_fp8(v, f); }
+};
+template <typename WT>
+constexpr bool kIsFp8 = sizeof(WT) == 1;
+
 // Streaming 16-byte load that does not allocate in L1 (weights are read once).
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+  uint2 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
   return r;
 }
 __device__ __forceinline__ uint4 ld_cg16(const void* p) {

@@ -191,25 +191,26 @@ __device__ __forceinline__ void wait_x_ready(const unsigned* x_ready) {
 // loads per row in flight per lane; x is staged once per block in shared memory. The LoRA
 // term sum_j B[e][o,:] . t[j,:] is added after the W stream (t after griddepcontrol.wait); its
 // B values, up to LR = 4 per lane and row, are loaded before the stream.
-template <typename T, int U, int NO, int KS>
+template <typename T, typename WT, int U, int NO, int KS>
 __global__ void __launch_bounds__(kThreads)
-gemv1_kernel(int in, int out, const T* __restrict__ x, const T* __restrict__ W,
-             const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
+gemv1_kernel(int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
+             const float* __restrict__ wscale, const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
              const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
              T* __restrict__ y, const unsigned* __restrict__ x_ready) {
-  constexpr int V = TypeOps<T>::kVec, LR = 4, kWarps = kThreads / 32;
+  // A 16-byte W load holds WE elements (V of T, 16 of FP8), matched by XR 16-byte x vectors.
+  constexpr int V = TypeOps<T>::kVec, WE = WeightOps<T, WT>::kElems, XR = WE / V, LR = 4, kWarps = kThreads / 32;
   extern __shared__ uint4 xs[];  // [in / V]
   __shared__ float part[kWarps][NO];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nv = in / V;
+  const int nv = in / V, nw = in / WE;
   wait_x_ready(x_ready);
   for (int i = threadIdx.x; i < nv; i += kThreads) xs[i] = ld_cg16(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
 
   const int ks = warp % KS;  // this warp's K slice
   const long long o0 = (static_cast<long long>(blockIdx.x) * (kWarps / KS) + warp / KS) * NO;
-  const int per = (nv + KS - 1) / KS;
-  const int vb = ks * per, ve = min(nv, vb + per);
+  const int per = (nw + KS - 1) / KS;
+  const int vb = ks * per, ve = min(nw, vb + per);
   // LoRA operands that the shrink does not produce (ids, B rows) are loaded into registers now,
   // so their latency hides under the W stream; t after griddepcontrol.wait. Pair i = (j, r) over
   // the row's KS warps and lanes; with more than 32 * KS * LR pairs, all after the stream.
@@ -232,13 +233,14 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const T* __restrict__ W,
     }
   }
 
-  float acc[NO];
+  float acc[NO], wsc[NO];
   const uint4* Wv[NO];
 #pragma unroll
   for (int q = 0; q < NO; ++q) {
     acc[q] = 0.f;
     const long long o = (o0 + q < out) ? o0 + q : (out - 1);  // clamp: duplicate row, discarded
     Wv[q] = reinterpret_cast<const uint4*>(W + static_cast<size_t>(o) * in);
+    wsc[q] = kIsFp8<WT> ? __ldg(wscale + o) : 1.f;
   }
   // Full rounds with unconditional loads (a bounds check per load becomes a branch per load,
   // and ptxas then sinks the loads to their uses: one in flight), then single-load rounds.
@@ -251,31 +253,33 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const T* __restrict__ W,
       for (int q = 0; q < NO; ++q) wv[q][u] = ld_stream16(Wv[q] + v0 + 32 * u);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float xf[V];
-      unpack16<T>(xs[v0 + 32 * u], xf);
+      float xf[WE];
+#pragma unroll
+      for (int h = 0; h < XR; ++h) unpack16<T>(xs[(v0 + 32 * u) * XR + h], xf + h * V);
 #pragma unroll
       for (int q = 0; q < NO; ++q) {
-        float wf[V];
-        unpack16<T>(wv[q][u], wf);
+        float wf[WE];
+        WeightOps<T, WT>::unpack(wv[q][u], wf);
 #pragma unroll
-        for (int k = 0; k < V; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
+        for (int k = 0; k < WE; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
       }
     }
   }
   for (; v0 < ve; v0 += 32) {
-    float xf[V];
-    unpack16<T>(xs[v0], xf);
+    float xf[WE];
+#pragma unroll
+    for (int h = 0; h < XR; ++h) unpack16<T>(xs[v0 * XR + h], xf + h * V);
 #pragma unroll
     for (int q = 0; q < NO; ++q) {
-      float wf[V];
-      unpack16<T>(ld_stream16(Wv[q] + v0), wf);
+      float wf[WE];
+      WeightOps<T, WT>::unpack(ld_stream16(Wv[q] + v0), wf);
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
+      for (int k = 0; k < WE; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
     }
   }
   pdl_launch_dependents();  // only the epilogue is left: let the next kernel launch
 #pragma unroll
-  for (int q = 0; q < NO; ++q) acc[q] = warp_sum(acc[q]);
+  for (int q = 0; q < NO; ++q) acc[q] = warp_sum(acc[q]) * wsc[q];  // FP8: the channel's scale
 
   // LoRA term, split over the row's KS warps: pair i = (j, r) over lanes and warps
   if (t) {
@@ -341,10 +345,10 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const T* __restrict__ W,
 }
 
 // One warp per NO consecutive output rows; R = max rows handled (rows <= R).
-template <typename T, int R, int NO, bool VEC>
+template <typename T, typename WT, int R, int NO, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
-                 const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
+gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
+                 const float* __restrict__ wscale, const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                  const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
                  T* __restrict__ y) {
   constexpr int U = 4 / NO;  // 16-byte W loads in flight per lane = NO * U = 4 (8 measured slower at one row)
@@ -360,9 +364,10 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
 #pragma unroll
     for (int n = 0; n < R; ++n) acc[q][n] = 0.f;
 
-  if (VEC) {
-    constexpr int V = TypeOps<T>::kVec;
-    const int nv = in / V;
+  if constexpr (VEC) {
+    // A 16-byte W load holds WE elements (V of T, 16 of FP8), matched by XR 16-byte x vectors.
+    constexpr int V = TypeOps<T>::kVec, WE = WeightOps<T, WT>::kElems, XR = WE / V;
+    const int nv = in / WE;
     const uint4* Wv[NO];
 #pragma unroll
     for (int q = 0; q < NO; ++q) {
@@ -382,24 +387,34 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
       for (int u = 0; u < U; ++u) {
         const int v = v0 + 32 * u;
         if (v < nv) {
-          float wf[NO][V];
+          float wf[NO][WE];
 #pragma unroll
-          for (int q = 0; q < NO; ++q) unpack16<T>(wv[q][u], wf[q]);
+          for (int q = 0; q < NO; ++q) WeightOps<T, WT>::unpack(wv[q][u], wf[q]);
 #pragma unroll
           for (int n = 0; n < R; ++n) {
             if (n < rows) {
-              float xf[V];
-              unpack16<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(n) * in) + v), xf);
+              float xf[WE];
+              const uint4* xv = reinterpret_cast<const uint4*>(x + static_cast<size_t>(n) * in) + v * XR;
+#pragma unroll
+              for (int h = 0; h < XR; ++h) unpack16<T>(__ldg(xv + h), xf + h * V);
 #pragma unroll
               for (int q = 0; q < NO; ++q)
 #pragma unroll
-                for (int k = 0; k < V; ++k) acc[q][n] = fmaf(wf[q][k], xf[k], acc[q][n]);
+                for (int k = 0; k < WE; ++k) acc[q][n] = fmaf(wf[q][k], xf[k], acc[q][n]);
             }
           }
         }
       }
     }
-  } else {
+    if constexpr (kIsFp8<WT>) {  // the channel's scale, before the LoRA term joins acc
+#pragma unroll
+      for (int q = 0; q < NO; ++q) {
+        const float sc = __ldg(wscale + ((o0 + q < out) ? o0 + q : o0));
+#pragma unroll
+        for (int n = 0; n < R; ++n) acc[q][n] *= sc;
+      }
+    }
+  } else {  // W of T only (FP8 needs 16-byte rows)
 #pragma unroll 2
     for (int i = lane; i < in; i += 32) {
       float wf[NO];
@@ -458,13 +473,15 @@ gemv_lora_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __
 // two W rows and 16 bytes of x per 32-wide k chunk; the k order inside a chunk
 // is permuted identically for W and x (a dot product does not care), so the
 // fragments come straight from 16-byte loads with no shared memory.
-template <typename T, int NT>
+template <typename T, typename WT, int NT>
 __global__ void __launch_bounds__(kThreads)
-gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __restrict__ W,
-                const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
+gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
+                const float* __restrict__ wscale, const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
                 const int32_t* __restrict__ ids, int top_k, const float* __restrict__ t,
                 T* __restrict__ y, bool vec_b, bool x_done) {
-  constexpr int U = 4;
+  // 32-wide k chunks in flight per warp: FP8 W comes in 8-byte loads, so twice as many keep the W bytes in
+  // flight per lane (what the stream's bandwidth follows) those of the 16-byte loads of T.
+  constexpr int U = kIsFp8<WT> ? 8 : 4;
   __shared__ float red[kThreads / 32][16][8 * NT + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, c4 = lane & 3;
@@ -476,8 +493,8 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
   const uint4 z = make_uint4(0, 0, 0, 0);
   const int oa = min(o0 + g, out - 1), ob = min(o0 + g + 8, out - 1);
   const bool va = o0 + g < out, vb = o0 + g + 8 < out;
-  const T* wa = W + static_cast<size_t>(oa) * in + 8 * c4;
-  const T* wb = W + static_cast<size_t>(ob) * in + 8 * c4;
+  const WT* wa = W + static_cast<size_t>(oa) * in + 8 * c4;
+  const WT* wb = W + static_cast<size_t>(ob) * in + 8 * c4;
   const T* xr[NT];
   bool xv[NT];
 #pragma unroll
@@ -492,23 +509,33 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[h][q] = 0.f;
 
+  // A lane's 8 W elements of a chunk: 16 bytes of T, or 8 bytes of FP8 converted to T in registers.
+  using WRaw = typename std::conditional<kIsFp8<WT>, uint2, uint4>::type;
+  auto ld_w = [](const WT* p) -> WRaw {
+    if constexpr (kIsFp8<WT>) return ld_stream8(p); else return ld_stream16(p);
+  };
+  auto to_t = [](const WRaw& r) -> uint4 {
+    if constexpr (kIsFp8<WT>) return fp8x8_to16<T>(r); else return r;
+  };
   for (int c0 = warp; c0 < nchunks; c0 += (kThreads / 32) * U) {
-    uint4 la[U], lb[U], lx[U][NT];
+    WRaw ra[U], rb[U];
+    uint4 lx[U][NT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + (kThreads / 32) * u;
       const int k = c * 32 + 8 * c4;
       const bool kin = c < nchunks && k < in;
-      la[u] = (kin && va) ? ld_stream16(wa + c * 32) : z;
-      lb[u] = (kin && vb) ? ld_stream16(wb + c * 32) : z;
+      ra[u] = (kin && va) ? ld_w(wa + c * 32) : WRaw{};
+      rb[u] = (kin && vb) ? ld_w(wb + c * 32) : WRaw{};
 #pragma unroll
       for (int h = 0; h < NT; ++h)
         lx[u][h] = (kin && xv[h]) ? __ldg(reinterpret_cast<const uint4*>(xr[h] + c * 32)) : z;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint32_t a1[4] = {la[u].x, lb[u].x, la[u].y, lb[u].y};
-      const uint32_t a2[4] = {la[u].z, lb[u].z, la[u].w, lb[u].w};
+      const uint4 la = to_t(ra[u]), lb = to_t(rb[u]);
+      const uint32_t a1[4] = {la.x, lb.x, la.y, lb.y};
+      const uint32_t a2[4] = {la.z, lb.z, la.w, lb.w};
 #pragma unroll
       for (int h = 0; h < NT; ++h) {
         const uint32_t b1[2] = {lx[u][h].x, lx[u][h].y};
@@ -573,8 +600,11 @@ gemv_mma_kernel(int rows, int in, int out, const T* __restrict__ x, const T* __r
     v += __shfl_xor_sync(0xffffffffu, v, 1);
     v += __shfl_xor_sync(0xffffffffu, v, 2);
     if (live && q == 0) {
+      float d = 0.f;  // W x
 #pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) v += red[w][ol][n];
+      for (int w = 0; w < kThreads / 32; ++w) d += red[w][ol][n];
+      if constexpr (kIsFp8<WT>) d *= __ldg(wscale + o);
+      v += d;
       if (bias) v += ldf(bias + o);
       y[static_cast<size_t>(n) * out + o] = TypeOps<T>::from_f(v);
     }
@@ -606,6 +636,8 @@ struct GemmArgs {
   int M, N;       // rows, output columns
   const T* X;     // segment 1: X [M, K1]
   const T* W;     //            W [N, K1]
+  const __nv_fp8_e4m3* Wq;  // or W as FP8 (gemm_tc_kernel's W8), scaled per column by wscale [N]
+  const float* wscale;
   int K1;
   const T* Z;     // segment 2: Z [M, ldz] (first K2 columns)
   const T* B;     //            B [K2 / rank, N, rank]
@@ -667,9 +699,13 @@ constexpr int kGemmBK = 64;      // K slice per pipeline stage (128 bytes of eac
 constexpr int kGemmStages = 4;
 constexpr int kGemmLD = kGemmBK + 8;  // row pitch 144 bytes: 8 rows of an ldmatrix hit distinct banks
 
-template <int BM, int BN>
+constexpr int kGemmLD8 = kGemmBK + 16;  // FP8 W tile row pitch in bytes (16-byte cp.async rows)
+
+// The stages, plus with FP8 W (W8) the current W tile converted to T (the raw FP8 tiles go to the
+// stages' W halves: kGemmLD8 <= 2 * kGemmLD bytes a row).
+template <int BM, int BN, bool W8 = false>
 constexpr size_t gemm_smem_bytes() {
-  return static_cast<size_t>(kGemmStages) * (BM + BN) * kGemmLD * 2;
+  return (static_cast<size_t>(kGemmStages) * (BM + BN) + (W8 ? BN : 0)) * kGemmLD * 2;
 }
 
 // Block tile coordinates: M tiles on grid x when a.m_fast (blocks that share a W tile run
@@ -703,9 +739,27 @@ __device__ __forceinline__ void load_tile(const GemmArgs<T>& a, int r0, bool seg
   }
 }
 
+// The FP8 W tile of segment 1, R rows x kGemmBK bytes at k0, with 16-byte cp.async loads into
+// raw (row pitch kGemmLD8 bytes); K1 % 16 == 0, so a load is all in K or all out (zeros).
+template <typename T, int R, int NTH>
+__device__ __forceinline__ void load_tile_fp8(const GemmArgs<T>& a, int r0, int k0, uint8_t* raw) {
+  constexpr int KG = kGemmBK / 16;
+  static_assert((R * KG) % NTH == 0, "tile loads");
+#pragma unroll
+  for (int i = 0; i < R * KG / NTH; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + NTH * i;
+    const int row = idx / KG, kb = (idx % KG) * 16;
+    const int r = r0 + row, k = k0 + kb;
+    const bool ok = r < a.N && k < a.K1;
+    cp_async16(raw + row * kGemmLD8 + kb, ok ? a.Wq + static_cast<size_t>(r) * a.K1 + k : a.Wq, ok);
+  }
+}
+
 // fp16/bf16: BM x BN tile per block, WM x WN warps, mma.sync m16n8k16 with fp32 accumulation,
-// kGemmStages-deep cp.async pipeline over kGemmBK slices of K.
-template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
+// kGemmStages-deep cp.async pipeline over kGemmBK slices of K. W8: W (segment 1) is FP8; its
+// tiles land raw and are converted to T in shared memory before the MMAs (exact), and the
+// accumulators are scaled per column once segment 1 is done (before any z B_cat^T slice).
+template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL, bool W8>
 __global__ void __launch_bounds__(WM * WN * 32)
 gemm_tc_kernel(const GemmArgs<T> a) {
   constexpr int BK = kGemmBK, LD = kGemmLD, S = kGemmStages, NTH = WM * WN * 32;
@@ -714,6 +768,7 @@ gemm_tc_kernel(const GemmArgs<T> a) {
   extern __shared__ uint4 gemm_smem[];
   auto sx = reinterpret_cast<T(*)[BM][LD]>(gemm_smem);
   auto sw = reinterpret_cast<T(*)[BN][LD]>(reinterpret_cast<T*>(gemm_smem) + S * BM * LD);
+  auto swc = reinterpret_cast<T(*)[LD]>(reinterpret_cast<T*>(gemm_smem) + S * (BM + BN) * LD);  // W8 only
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rw = (warp / WN) * (BM / WM), cw = (warp % WN) * (BN / WN);
   const int m0 = tile_m(a.m_fast) * BM, n0 = tile_n(a.m_fast) * BN;
@@ -729,7 +784,10 @@ gemm_tc_kernel(const GemmArgs<T> a) {
     const bool seg1 = t < nk1;
     if (!seg1) pdl_wait();  // z is written by the preceding zscale launch
     const int k0 = seg1 ? t * BK : (t - nk1) * BK;
-    if (seg1 ? a.vec1 : a.vec2) {
+    if (W8 && seg1) {  // vec1 holds (the API's FP8 conditions)
+      load_tile<T, BM, NTH, true>(a, m0, seg1, k0, [&](int r, int kv) { return &sx[buf][r][kv]; });
+      load_tile_fp8<T, BN, NTH>(a, n0, k0, reinterpret_cast<uint8_t*>(&sw[buf][0][0]));
+    } else if (seg1 ? a.vec1 : a.vec2) {
       load_tile<T, BM, NTH, true>(a, m0, seg1, k0, [&](int r, int kv) { return &sx[buf][r][kv]; });
       load_tile<T, BN, NTH, false>(a, n0, seg1, k0, [&](int r, int kv) { return &sw[buf][r][kv]; });
     } else {
@@ -754,6 +812,21 @@ gemm_tc_kernel(const GemmArgs<T> a) {
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+  // W8: acc holds x W_q^T until segment 1 ends; then each column's scale.
+  auto scale_columns = [&]() {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int o = n0 + cw + nt * 8 + (lane & 3) * 2 + h;
+        const float sc = o < a.N ? __ldg(a.wscale + o) : 0.f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[mt][nt][h] *= sc;
+          acc[mt][nt][2 + h] *= sc;
+        }
+      }
+  };
 
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -768,6 +841,22 @@ gemm_tc_kernel(const GemmArgs<T> a) {
     if (kt + S - 1 < nk) load(kt + S - 1, (kt + S - 1) % S);
     cp_async_commit();
     const int buf = kt % S;
+    T(*wt)[LD] = sw[buf];
+    if constexpr (W8) {
+      if (t0 + kt < nk1) {  // FP8 W tile: convert the raw bytes in sw[buf] to T in swc
+        const uint8_t* raw = reinterpret_cast<const uint8_t*>(&sw[buf][0][0]);
+#pragma unroll
+        for (int i = 0; i < BN * (BK / 8) / NTH; ++i) {
+          const int idx = tid + NTH * i, row = idx / (BK / 8), kb = (idx % (BK / 8)) * 8;
+          *reinterpret_cast<uint4*>(&swc[row][kb]) =
+              fp8x8_to16<T>(*reinterpret_cast<const uint2*>(raw + row * kGemmLD8 + kb));
+        }
+        __syncthreads();
+        wt = swc;
+      } else if (t0 + kt == nk1 && kt > 0) {
+        scale_columns();  // the first z B_cat^T slice after x W_q^T slices
+      }
+    }
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       const int mi = lane >> 3;
@@ -778,7 +867,7 @@ gemm_tc_kernel(const GemmArgs<T> a) {
 #pragma unroll
       for (int p = 0; p < NT / 2; ++p) {
         uint32_t r[4];
-        ldmatrix_x4(r, &sw[buf][cw + p * 16 + (mi >> 1) * 8 + (lane & 7)][ks * 16 + (mi & 1) * 8]);
+        ldmatrix_x4(r, &wt[cw + p * 16 + (mi >> 1) * 8 + (lane & 7)][ks * 16 + (mi & 1) * 8]);
         bf[2 * p][0] = r[0]; bf[2 * p][1] = r[1];
         bf[2 * p + 1][0] = r[2]; bf[2 * p + 1][1] = r[3];
       }
@@ -789,6 +878,9 @@ gemm_tc_kernel(const GemmArgs<T> a) {
     }
   }
   cp_async_wait<0>();
+  if constexpr (W8) {
+    if (nk > 0 && t0 + nk - 1 < nk1) scale_columns();  // ended inside segment 1
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -976,65 +1068,65 @@ constexpr int kGemv1MaxXBytes = 47 * 1024;
 // gemv_sites.json of 2026-11-29: e.g. qkv 52.9 vs 37.0 us).
 constexpr long long kGemv1MaxPairs = 96;
 
-template <typename T, int U, int NO, int KS>
-int launch_gemv1(Pdl pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+template <typename T, typename WT, int U, int NO, int KS>
+int launch_gemv1(Pdl pdl, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* B, int E,
                  int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
                  cudaStream_t stream) {
   constexpr long long kRowsPerBlock = (kThreads / 32 / KS) * NO;
   const long long blocks = (out + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  return launch_ex(gemv1_kernel<T, U, NO, KS>, dim3(static_cast<unsigned>(blocks)), kThreads,
-                   static_cast<size_t>(in) * sizeof(T), pdl, stream, in, out, x, W, bias, B, E, rank, ids, top_k, t,
+  return launch_ex(gemv1_kernel<T, WT, U, NO, KS>, dim3(static_cast<unsigned>(blocks)), kThreads,
+                   static_cast<size_t>(in) * sizeof(T), pdl, stream, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t,
                    y, x_ready);
 }
 
-template <typename T>
-int run_gemv1(int32_t shape, Pdl pdl, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+template <typename T, typename WT>
+int run_gemv1(int32_t shape, Pdl pdl, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* B, int E,
               int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
               cudaStream_t s) {
   if (shape == ADAFUSE_GEMV1_AUTO) shape = out >= 8192 ? ADAFUSE_GEMV1_U4K2 : ADAFUSE_GEMV1_U4N1;
   switch (shape) {
-    case ADAFUSE_GEMV1_U8N1: return launch_gemv1<T, 8, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    case ADAFUSE_GEMV1_U4N2: return launch_gemv1<T, 4, 2, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    case ADAFUSE_GEMV1_U4K2: return launch_gemv1<T, 4, 1, 2>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    default: return launch_gemv1<T, 4, 1, 1>(pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U8N1: return launch_gemv1<T, WT, 8, 1, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4N2: return launch_gemv1<T, WT, 4, 2, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4K2: return launch_gemv1<T, WT, 4, 1, 2>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    default: return launch_gemv1<T, WT, 4, 1, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
   }
 }
 
-template <typename T, int R, int NO, bool VEC>
-int launch_gemv(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
+template <typename T, typename WT, int R, int NO, bool VEC>
+int launch_gemv(Pdl pdl, int rows, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias,
                 const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t, T* y,
                 cudaStream_t stream) {
   const long long warps = (static_cast<long long>(out) + NO - 1) / NO;
   const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  return launch_ex(gemv_lora_kernel<T, R, NO, VEC>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream,
-                   rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y);
+  return launch_ex(gemv_lora_kernel<T, WT, R, NO, VEC>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream,
+                   rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y);
 }
 
-template <typename T, int NT>
-int launch_gemv_mma(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias, const T* B, int E,
+template <typename T, typename WT, int NT>
+int launch_gemv_mma(Pdl pdl, int rows, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* B, int E,
                     int rank, const int32_t* ids, int top_k, const float* t, T* y, cudaStream_t stream) {
   const long long blocks = (static_cast<long long>(out) + 15) / 16;
   // 16-byte B rows need rank * sizeof(T) % 16 == 0 (t rows then stay 16-byte aligned too)
   const bool vec_b = t && rank % TypeOps<T>::kVec == 0 && aligned16(B) && aligned16(t);
-  return launch_ex(gemv_mma_kernel<T, NT>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream, rows, in,
-                   out, x, W, bias, B, E, rank, ids, top_k, t, y, vec_b, t != nullptr);
+  return launch_ex(gemv_mma_kernel<T, WT, NT>, dim3(static_cast<unsigned>(blocks)), kThreads, 0, pdl, stream, rows, in,
+                   out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, vec_b, t != nullptr);
 }
 
-template <typename T, bool VEC>
-int run_gemv_rows(Pdl pdl, int rows, int in, int out, const T* x, const T* W, const T* bias,
+template <typename T, typename WT, bool VEC>
+int run_gemv_rows(Pdl pdl, int rows, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias,
                   const T* B, int E, int rank, const int32_t* ids, int top_k, const float* t,
                   T* y, cudaStream_t s) {
-  if (rows == 1) return launch_gemv<T, 1, 1, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
-  if (rows == 2) return launch_gemv<T, 2, 1, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
-  if (rows <= 4) return launch_gemv<T, 4, 2, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
-  return launch_gemv<T, 8, 2, VEC>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, s);
+  if (rows == 1) return launch_gemv<T, WT, 1, 1, VEC>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, s);
+  if (rows == 2) return launch_gemv<T, WT, 2, 1, VEC>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, s);
+  if (rows <= 4) return launch_gemv<T, WT, 4, 2, VEC>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, s);
+  return launch_gemv<T, WT, 8, 2, VEC>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, s);
 }
 
 
-template <typename T>
-int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
+template <typename T, typename WT>
+int run_few_rows(int rows, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* A,
                  const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
                  float scale, T* y, char* ws, const Layout& L, const adafuse_lora_options& opt,
                  cudaStream_t stream) {
@@ -1080,12 +1172,12 @@ int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bia
                            gates, scale, t, x_ready);
     if (st != ADAFUSE_OK) return st;
   }
-  if (one_row) return run_gemv1<T>(shape, pdl, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, x_ready, stream);
+  if (one_row) return run_gemv1<T, WT>(shape, pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, stream);
   if constexpr (!std::is_same<T, float>::value) {
     if (rows >= 2 && vec_w) {  // tensor-core skinny GEMM
       if (rows <= 8)
-        return launch_gemv_mma<T, 1>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
-      return launch_gemv_mma<T, 2>(pdl, rows, in, out, x, W, bias, B, E, rank, ids, top_k, t, y, stream);
+        return launch_gemv_mma<T, WT, 1>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, stream);
+      return launch_gemv_mma<T, WT, 2>(pdl, rows, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, stream);
     }
   }
   // SIMT GEMV, in passes of at most 8 rows (each pass reads W again)
@@ -1096,8 +1188,9 @@ int run_few_rows(int rows, int in, int out, const T* x, const T* W, const T* bia
     const float* tsl = t ? t + static_cast<size_t>(r0) * top_k * rank : nullptr;
     T* ys = y + static_cast<size_t>(r0) * out;
     const int st2 = vec_w
-        ? run_gemv_rows<T, true>(pdl, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream)
-        : run_gemv_rows<T, false>(pdl, rr, in, out, xs, W, bias, B, E, rank, is, top_k, tsl, ys, stream);
+        ? run_gemv_rows<T, WT, true>(pdl, rr, in, out, xs, W, wsc, bias, B, E, rank, is, top_k, tsl, ys, stream)
+        // FP8 W always has 16-byte rows (adafuse_lora_linear checks), so its scalar variant is never built
+        : run_gemv_rows<T, WT, kIsFp8<WT>>(pdl, rr, in, out, xs, W, wsc, bias, B, E, rank, is, top_k, tsl, ys, stream);
     if (st2 != ADAFUSE_OK) return st2;
   }
   return ADAFUSE_OK;
@@ -1126,11 +1219,11 @@ int tile_grid(int BM, int BN, int splits, GemmArgs<T>* a, dim3* grid) {
   return ADAFUSE_OK;
 }
 
-template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL>
+template <typename T, int BM, int BN, int WM, int WN, bool PARTIAL, bool W8 = false>
 int launch_gemm_tc(const DeviceInfo& di, GemmArgs<T> a, int splits, Pdl pdl, cudaStream_t stream) {
   static std::atomic<int> opted[kMaxDevices];
-  constexpr size_t smem = gemm_smem_bytes<BM, BN>();
-  auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL>;
+  constexpr size_t smem = gemm_smem_bytes<BM, BN, W8>();
+  auto kern = gemm_tc_kernel<T, BM, BN, WM, WN, PARTIAL, W8>;
   int st = opt_in_smem(kern, smem, di, opted);
   if (st != ADAFUSE_OK) return st;
   dim3 grid;
@@ -1149,8 +1242,8 @@ int launch_gemm_f32(GemmArgs<float> a, int splits, cudaStream_t stream) {
   return ADAFUSE_OK;
 }
 
-template <typename T>
-int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bias, const T* A,
+template <typename T, typename WT>
+int run_many_rows(int rows, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* A,
                   const T* B, int E, int rank, const int32_t* ids, const float* gates, int top_k,
                   float scale, T* y, char* ws, const Layout& L, const adafuse_lora_options& opt,
                   cudaStream_t stream) {
@@ -1169,7 +1262,14 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
   s.M = rows; s.N = p.kz; s.X = x; s.W = A; s.K1 = in; s.P = P; s.tps = p.tps;
   s.vec1 = in % V == 0 && aligned16(x) && aligned16(A);
   GemmArgs<T> g{};  // y = [x | z] [W | B_cat]^T + bias
-  g.M = rows; g.N = out; g.X = x; g.W = W; g.K1 = in;
+  constexpr bool W8 = kIsFp8<WT>;
+  g.M = rows; g.N = out; g.X = x; g.K1 = in;
+  if constexpr (W8) {
+    g.Wq = W;
+    g.wscale = wsc;
+  } else {
+    g.W = W;
+  }
   g.Z = z; g.B = B; g.K2 = p.kz; g.rank = rank; g.ldz = p.ldz; g.bias = bias; g.Y = y;
   g.vec1 = in % V == 0 && aligned16(x) && aligned16(W);
   g.vec2 = rank % V == 0 && aligned16(B);  // z rows are 16-byte aligned (ldz % 8 == 0)
@@ -1204,26 +1304,27 @@ int run_many_rows(int rows, int in, int out, const T* x, const T* W, const T* bi
     if (rows <= kSplitRows && p.ysplits > 1) {  // split K, then y = sum + bias
       g.P = reinterpret_cast<float*>(ws + L.py_off);
       g.tps = p.ytps;
-      st = launch_gemm_tc<T, 64, 64, 2, 2, true>(di, g, p.ysplits, pdl, stream);
+      st = launch_gemm_tc<T, 64, 64, 2, 2, true, W8>(di, g, p.ysplits, pdl, stream);
       if (st != ADAFUSE_OK) return st;
       const long long yb = std::min<long long>((static_cast<long long>(rows) * out + kThreads - 1) / kThreads, 65535);
       return launch_ex(splitk_reduce_kernel<T>, dim3(static_cast<unsigned>(yb)), kThreads, 0, reduce_pdl, stream, rows, out,
                        p.ysplits, static_cast<const float*>(g.P), bias, y);
     }
-    if (gemm_smem_bytes<128, 128>() <= static_cast<size_t>(di.max_smem_optin))
-      return launch_gemm_tc<T, 128, 128, 2, 4, false>(di, g, 1, pdl, stream);
-    // 144 KB of stages do not fit a block (sm_86, sm_89, sm_120 allow 99 KB)
-    return launch_gemm_tc<T, 64, 64, 2, 2, false>(di, g, 1, pdl, stream);
+    if (gemm_smem_bytes<128, 128, W8>() <= static_cast<size_t>(di.max_smem_optin))
+      return launch_gemm_tc<T, 128, 128, 2, 4, false, W8>(di, g, 1, pdl, stream);
+    // 144 KB of stages (162 with FP8 W) do not fit a block (sm_86, sm_89, sm_120 allow 99 KB)
+    return launch_gemm_tc<T, 64, 64, 2, 2, false, W8>(di, g, 1, pdl, stream);
   }
 }
 
-template <typename T>
+template <typename T, typename WT = T>
 int dispatch(int rows, int in, int out, const void* x, const void* W, const void* bias,
              const void* A, const void* B, int E, int rank, const int32_t* ids, const float* gates,
              int top_k, float scale, void* y, void* ws, const Layout& L, const adafuse_lora_options& opt,
              cudaStream_t stream) {
-  auto run = rows <= kGemvMaxRows ? run_few_rows<T> : run_many_rows<T>;
-  return run(rows, in, out, static_cast<const T*>(x), static_cast<const T*>(W), static_cast<const T*>(bias),
+  auto run = rows <= kGemvMaxRows ? run_few_rows<T, WT> : run_many_rows<T, WT>;
+  return run(rows, in, out, static_cast<const T*>(x), static_cast<const WT*>(W), opt.weight_scale,
+             static_cast<const T*>(bias),
              static_cast<const T*>(A), static_cast<const T*>(B), E, rank, ids, gates, top_k, scale,
              static_cast<T*>(y), static_cast<char*>(ws), L, opt, stream);
 }
@@ -1231,7 +1332,15 @@ int dispatch(int rows, int in, int out, const void* x, const void* W, const void
 bool options_ok(const adafuse_lora_options& o) {
   return (o.pdl == ADAFUSE_PDL_AUTO || o.pdl == ADAFUSE_PDL_OFF) && o.gemv1 >= ADAFUSE_GEMV1_AUTO &&
          o.gemv1 <= ADAFUSE_GEMV1_SIMT && o.shrink >= ADAFUSE_SHRINK_AUTO && o.shrink <= ADAFUSE_SHRINK_WARP &&
-         (o.exclusive_workspace == 0 || o.exclusive_workspace == 1);
+         (o.exclusive_workspace == 0 || o.exclusive_workspace == 1) &&
+         ((o.weight_dtype == ADAFUSE_WEIGHT_AS_DTYPE && !o.weight_scale) ||
+          (o.weight_dtype == ADAFUSE_WEIGHT_FP8_E4M3 && o.weight_scale));
+}
+
+// FP8 W (ADAFUSE_WEIGHT_FP8_E4M3): 16-bit activations and whole 16-byte W rows (every path then
+// takes its vector loads; see adafuse_kernels.h).
+bool fp8_call_ok(adafuse_dtype dtype, int in, const void* x, const void* W) {
+  return (dtype == ADAFUSE_FLOAT16 || dtype == ADAFUSE_BFLOAT16) && in % 16 == 0 && aligned16(x) && aligned16(W);
 }
 
 }  // namespace
@@ -1261,6 +1370,14 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
   const Layout L = make_layout(rows, in_features, out_features, num_experts, rank, top_k);
   if (L.total > 0 && (!workspace || workspace_bytes < L.total)) return ADAFUSE_ERR_WORKSPACE;
   if (reinterpret_cast<uintptr_t>(workspace) & 15u) return ADAFUSE_ERR_WORKSPACE;  // 16-byte aligned
+  if (opt.weight_dtype == ADAFUSE_WEIGHT_FP8_E4M3) {
+    if (!fp8_call_ok(dtype, in_features, x, W)) return ADAFUSE_ERR_INVALID_ARGUMENT;
+    if (dtype == ADAFUSE_FLOAT16)
+      return dispatch<__half, __nv_fp8_e4m3>(rows, in_features, out_features, x, W, bias, A, B, num_experts, rank,
+                                             expert_ids, gates, top_k, scale, y, workspace, L, opt, stream);
+    return dispatch<__nv_bfloat16, __nv_fp8_e4m3>(rows, in_features, out_features, x, W, bias, A, B, num_experts,
+                                                  rank, expert_ids, gates, top_k, scale, y, workspace, L, opt, stream);
+  }
   switch (dtype) {
     case ADAFUSE_FLOAT32:
       return dispatch<float>(rows, in_features, out_features, x, W, bias, A, B, num_experts, rank,
