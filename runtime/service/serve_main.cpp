@@ -1,7 +1,8 @@
 // adafuse-serve: the HTTP service over a TensorRT engine.
 //   adafuse-serve --engine out.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
-//                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs]
+//                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs] [--model-name NAME]
 #include <cstdio>
+#include <filesystem>
 
 #include "error.h"
 #include "http_service.h"
@@ -21,7 +22,7 @@ int main(int argc, char** argv) {
       if (arg == "-h" || arg == "--help") {
         std::printf("usage: adafuse-serve --engine OUT.engine [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
                     "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
-                    "       [--request-timeout-ms MS] [--step-tokens N]\n");
+                    "       [--request-timeout-ms MS] [--step-tokens N] [--model-name NAME (default: the engine's file name)]\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }
     if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
+    if (service.model_name.empty()) service.model_name = std::filesystem::path(open.engine_path).stem().string();
     auto backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(open.engine_path), open);
     return adafuse::serve(*backend, service);
   } catch (const adafuse::Error& e) {
