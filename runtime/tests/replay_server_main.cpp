@@ -6,6 +6,7 @@
 // - HistoryBackendForTests (in-flight executor, a slot per sequence; tokens a pure function of the
 //   history, HistoryBackendForTests::solo_tokens):
 //     adafuse_replay_server_for_tests --history VOCAB [--max-batch B] [--max-seq S] [--step-delay-ms MS]
+//                                     [--equal-length 1] (the backend without step(): the equal-length executor)
 // and the service's options (--host H --port 0 --queue N --model-name NAME ...).
 #include <chrono>
 #include <cstdio>
@@ -24,11 +25,13 @@ int main(int argc, char** argv) {
   std::string logits;
   int32_t max_batch = 4, max_seq = 0;
   long delay_ms = 0, sticky_at = 0, history_vocab = 0;
+  bool equal_length = false;
   try {
     for (int i = 1; i + 1 < argc; i += 2) {
       const std::string arg = argv[i], value = argv[i + 1];
       if (arg == "--logits") logits = value;
       else if (arg == "--history") history_vocab = std::atol(value.c_str());
+      else if (arg == "--equal-length") equal_length = value == "1";
       else if (arg == "--max-batch") max_batch = std::atoi(value.c_str());
       else if (arg == "--max-seq") max_seq = std::atoi(value.c_str());
       else if (arg == "--step-delay-ms") delay_ms = std::atol(value.c_str());
@@ -43,6 +46,7 @@ int main(int argc, char** argv) {
       o.max_batch = max_batch;
       if (max_seq > 0) o.max_seq = max_seq;
       o.step_delay = std::chrono::milliseconds(delay_ms);
+      o.in_flight = !equal_length;
       backend = std::make_unique<adafuse::HistoryBackendForTests>(o);
       if (service.model_name.empty()) service.model_name = "history";
     } else {
