@@ -4,6 +4,7 @@
 #include <map>
 
 #include "error.h"
+#include "sampling.h"
 
 namespace adafuse {
 namespace {
@@ -67,7 +68,9 @@ void Scheduler::check(const GenerateRequest& request) const {
     if (request.prompt[i] < 0 || request.prompt[i] >= info.vocab)
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, request.prompt_field + "[" + std::to_string(i) + "] = " + std::to_string(request.prompt[i]) +
                                              " is out of the vocabulary [0, " + std::to_string(info.vocab) + ")");
-  // check_sequence's own message names max_new_tokens; this one names the field the body used.
+  // check_sequence's own message names max_new_tokens; this one names the field the body used
+  // (after the sampling options, which check_sequence checks first).
+  check_sampling(request.options.sampling);
   if (request.options.max_new_tokens >= 1 && request.prompt.size() + static_cast<size_t>(request.options.max_new_tokens) - 1 >
                                                  static_cast<size_t>(info.max_seq))
     fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(request.prompt.size()) + " tokens + " + request.budget_field + " " +
