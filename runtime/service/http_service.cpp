@@ -156,7 +156,7 @@ class Service {
     request->on_token = [client](int64_t) { return !client->gone(); };
     auto result = request->done.get_future();
     if (!admit(request, res, api)) return std::nullopt;
-    while (result.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready)
+    while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready)
       if (client->gone()) request->cancel = true;
     GenerateResult r = result.get();
     if (!r.error.empty()) {
