@@ -304,20 +304,6 @@ def test_c_api_checks_everything_then_needs_a_gpu(runtime_lib, artifacts):
     assert status == 7 and "gemma2 needs decode attention of head_dim 256" in message  # features before the device
 
 
-def test_serve_opens_native_artifacts_through_the_c_apis_dispatch(runtime_build, artifacts):
-    """adafuse-serve opened TensorRT engines only; it now opens what the C API opens (src/open_backend.cpp):
-    a native artifact passes every check and, without a GPU, is refused at the device in one line."""
-    art = artifacts["pregate-llama"]
-    proc = subprocess.run([str(runtime_build / "adafuse-serve"), "--engine", str(art), "--port", "0", "--strategy", "fused"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stdout == "", proc
-    assert proc.stderr.startswith(f"adafuse-serve: CUDA device 0 (running {art} needs an NVIDIA GPU): "), proc.stderr
-    assert proc.stderr.count("\n") == 1
-    proc = subprocess.run([str(runtime_build / "adafuse-serve"), "--engine", str(art), "--strategy", "merged"],
-                          capture_output=True, text=True, timeout=60)
-    assert (proc.returncode, proc.stderr) == (2, "adafuse-serve: options.strategy 'merged' is unknown (expected 'fused' or 'switch')\n")
-
-
 def test_strategy_option_refusals(runtime_lib, artifacts, tmp_path):
     art = artifacts["pregate-llama"]
     assert open_through_c_api(runtime_lib, art, b"merged") == (

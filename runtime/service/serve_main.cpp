@@ -1,15 +1,13 @@
-// adafuse-serve: the HTTP service over a TensorRT engine or a native artifact (src/open_backend.h).
-//   adafuse-serve --engine out.engine|out.native [--host 127.0.0.1] [--port 8000] [--queue 64]
+// adafuse-serve: the HTTP service over a TensorRT engine.
+//   adafuse-serve --engine out.engine [--host 127.0.0.1] [--port 8000] [--queue 64]
 //                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs] [--model-name NAME]
-//                 [--strategy fused|switch] [--device N]
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
-#include <string>
 
 #include "error.h"
 #include "http_service.h"
-#include "open_backend.h"
+#include "manifest.h"
+#include "tensorrt_backend.h"
 
 int main(int argc, char** argv) {
   adafuse::ServiceOptions service;
@@ -22,10 +20,9 @@ int main(int argc, char** argv) {
         continue;
       }
       if (arg == "-h" || arg == "--help") {
-        std::printf("usage: adafuse-serve --engine OUT.engine|OUT.native [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
+        std::printf("usage: adafuse-serve --engine OUT.engine [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
                     "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
-                    "       [--request-timeout-ms MS] [--step-tokens N] [--model-name NAME (default: the engine's file name)]\n"
-                    "       [--strategy fused|switch (native artifacts)] [--device N]\n");
+                    "       [--request-timeout-ms MS] [--step-tokens N] [--model-name NAME (default: the engine's file name)]\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
@@ -33,24 +30,12 @@ int main(int argc, char** argv) {
       if (arg == "--engine") open.engine_path = value;
       else if (arg == "--tensorrt-lib") open.tensorrt_library = value;
       else if (arg == "--plugin-lib") open.plugin_library = value;
-      else if (arg == "--strategy") open.strategy = value;
-      else if (arg == "--device") {
-        char* rest = nullptr;
-        const long device = std::strtol(value, &rest, 10);
-        if (*value == '\0' || *rest != '\0' || device < 0 || device > 1023)
-          adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, std::string("--device: expected a CUDA device ordinal, found '") + value + "'");
-        open.device = static_cast<int32_t>(device);
-      }
       else if (!adafuse::parse_service_option(arg, value, service))
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }
     if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
-    if (service.model_name.empty()) {  // out.engine, out.native or out.native/: "out"
-      std::filesystem::path path = std::filesystem::path(open.engine_path).lexically_normal();
-      if (path.filename().empty()) path = path.parent_path();
-      service.model_name = path.stem().string();
-    }
-    auto backend = adafuse::open_backend(open);
+    if (service.model_name.empty()) service.model_name = std::filesystem::path(open.engine_path).stem().string();
+    auto backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(open.engine_path), open);
     return adafuse::serve(*backend, service);
   } catch (const adafuse::Error& e) {
     std::fprintf(stderr, "adafuse-serve: %s\n", e.what());

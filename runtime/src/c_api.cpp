@@ -12,9 +12,11 @@
 #include "generation.h"
 #include "handles.h"
 #include "manifest.h"
-#include "open_backend.h"
+#include "native_artifact.h"
+#include "native_backend.h"
 #include "routing.h"
 #include "sampling.h"
+#include "tensorrt_backend.h"
 
 #ifndef ADAFUSE_RUNTIME_VERSION
 #error "ADAFUSE_RUNTIME_VERSION must be defined by the build"
@@ -173,7 +175,15 @@ adafuse_status adafuse_engine_open(const adafuse_open_options* options, adafuse_
     need(options->engine_path, "options.engine_path");
     need(out, "out");
     auto engine = std::make_unique<adafuse_engine>();
-    engine->backend = adafuse::open_backend(*options);
+    if (adafuse::is_native_artifact_path(options->engine_path)) {
+      engine->backend = adafuse::open_native_backend(adafuse::NativeArtifact::open(options->engine_path), *options);
+    } else {
+      if (options->strategy != nullptr && std::string(options->strategy) != "fused")
+        adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "options.strategy '" + std::string(options->strategy) +
+                                                        "': a TensorRT engine runs the strategy it was built with (NULL or "
+                                                        "'fused'); 'switch' is a native artifact's option");
+      engine->backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(options->engine_path, true), *options);
+    }
     *out = hand_out(std::move(engine), Kind::engine);
   });
 }
