@@ -34,7 +34,11 @@ int main(int argc, char** argv) {
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }
     if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
-    if (service.model_name.empty()) service.model_name = std::filesystem::path(open.engine_path).stem().string();
+    if (service.model_name.empty()) {  // out.engine, out.native or out.native/: "out"
+      std::filesystem::path path = std::filesystem::path(open.engine_path).lexically_normal();
+      if (path.filename().empty()) path = path.parent_path();
+      service.model_name = path.stem().string();
+    }
     auto backend = adafuse::open_tensorrt_backend(adafuse::verify_engine(open.engine_path), open);
     return adafuse::serve(*backend, service);
   } catch (const adafuse::Error& e) {
