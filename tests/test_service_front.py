@@ -11,6 +11,7 @@ OpenAI-style /v1/completions (+ SSE) and /v1/models, /health/live, 503 with Retr
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -72,11 +73,19 @@ def test_the_python_reference_is_not_trivial():
 # ---- the server ------------------------------------------------------------------------------------
 
 @pytest.fixture
-def server(native_build):
+def server_binary(request) -> Path:
+    """The test server: $ADAFUSE_TEST_SERVER (runtime/tools/sanitize.sh service: a ThreadSanitizer build), else
+    the project's native build's."""
+    given = os.environ.get("ADAFUSE_TEST_SERVER")
+    return Path(given) if given else request.getfixturevalue("native_build") / "runtime/tests/adafuse_replay_server_for_tests"
+
+
+@pytest.fixture
+def server(server_binary):
     procs = []
 
     def start(*options: str) -> str:
-        cmd = [native_build / "runtime/tests/adafuse_replay_server_for_tests", "--history", str(VOCAB), "--host", "127.0.0.1",
+        cmd = [server_binary, "--history", str(VOCAB), "--host", "127.0.0.1",
                "--port", "0", *options]
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(proc)
