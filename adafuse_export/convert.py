@@ -134,12 +134,14 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
     """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
     from . import resources
     from .converters import load_checkpoint
-    from .trt.backends import select_backend
+    from .trt.backends import TensorRTVersionRefused, select_backend
 
     ckpt, max_seq = _open_checkpoint(ckpt_path, fmt, base, max_seq, stages,
                                      lambda c: claim_engine_outputs(outs, c.inputs, force, timing_cache))
     try:
         chosen = select_backend(backend)
+    except TensorRTVersionRefused:
+        raise  # a TensorRT is installed, of the wrong major: said, not taken for "none installed"
     except AdafuseError:
         if backend != "auto":
             raise

@@ -63,3 +63,64 @@ def test_engine_runner_refuses_an_rtx_engine_on_a_gpu_it_cannot_run(monkeypatch,
         open_cuda(tmp_path / "m.engine", backends.KINDS["tensorrt-rtx"])
     assert str(e.value) == (f"{tmp_path / 'm.engine'}: TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9, 12.x; "
                             "this GPU is 9.0 (build with --backend tensorrt for it)")
+
+
+class _FakeTensorRT:
+    """Stands in for an imported `tensorrt` module: what select_backend reads (Builder, __version__)."""
+
+    Builder = object
+
+    def __init__(self, version: str):
+        self.__version__ = version
+
+
+def _installed(monkeypatch, version: str) -> None:
+    monkeypatch.setattr(backends, "_try_import", lambda name: _FakeTensorRT(version) if name == "tensorrt" else None)
+
+
+@pytest.mark.parametrize("requested", ["tensorrt", "auto"])
+def test_a_tensorrt_of_another_major_than_the_runtime_is_refused_naming_both(monkeypatch, requested):
+    """`pip install tensorrt` gives 11.x today; the runtime and plugins are built for 10 (the default headers)."""
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: None)
+    _installed(monkeypatch, "11.4.0.8")
+    with pytest.raises(backends.TensorRTVersionRefused) as e:
+        backends.select_backend(requested)
+    assert str(e.value) == (
+        "TensorRT 11.4.0.8 is installed, but the adafuse runtime and plugin library are built for TensorRT 10.x: install "
+        "'tensorrt-cu12==10.*' (or 'tensorrt-cu13==10.*'), or build the plugins and runtime against TensorRT 11 headers "
+        "(TENSORRT_ROOT)" + ("; --backend tensorrt-rtx builds without it" if requested == "auto" else ""))
+    _installed(monkeypatch, "10.14.1.48")
+    assert backends.select_backend(requested).version == "10.14.1.48"
+
+
+def test_the_runtime_major_is_the_one_of_the_headers_it_was_built_against(monkeypatch):
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: {"tensorrt_headers": "11.2.0"})
+    assert backends.runtime_tensorrt_major() == 11
+    _installed(monkeypatch, "11.4.0.8")
+    assert backends.select_backend("tensorrt").version == "11.4.0.8"
+    _installed(monkeypatch, "10.14.1.48")
+    with pytest.raises(backends.TensorRTVersionRefused, match=r"^TensorRT 10\.14\.1\.48 is installed, but .* built for TensorRT 11\.x: "
+                                                              r"install 'tensorrt-cu12==11\.\*'"):
+        backends.select_backend("tensorrt")
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: {"tensorrt_headers": ""})  # built without headers
+    assert backends.runtime_tensorrt_major() == backends.DEFAULT_TENSORRT_MAJOR == 10
+
+
+def test_the_install_hint_names_a_tensorrt_the_runtime_accepts():
+    hint = backends.KINDS["tensorrt"].install
+    assert "'tensorrt-cu12==10.*'" in hint and "'tensorrt-cu13==10.*'" in hint
+    assert f"=={backends.DEFAULT_TENSORRT_MAJOR}.*" in hint
+
+
+def test_convert_refuses_a_tensorrt_11_builder_in_one_line(monkeypatch, cli, example_dirs, tmp_path):
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: None)
+    _installed(monkeypatch, "11.4.0.8")
+    out = tmp_path / "out.engine"
+    r = cli("convert", example_dirs["pregate"], out)
+    assert r.code != 0
+    line = r.err.strip()
+    assert "\n" not in line and "Traceback" not in r.err, r.err
+    assert line.endswith("TensorRT 11.4.0.8 is installed, but the adafuse runtime and plugin library are built for TensorRT 10.x: "
+                         "install 'tensorrt-cu12==10.*' (or 'tensorrt-cu13==10.*'), or build the plugins and runtime against "
+                         "TensorRT 11 headers (TENSORRT_ROOT); --backend tensorrt-rtx builds without it"), r.err
+    assert not out.exists() and not out.with_suffix(".json").exists()

@@ -53,8 +53,10 @@ class BackendKind:
 KINDS: dict[str, BackendKind] = {k.name: k for k in (
     BackendKind("tensorrt", "TensorRT", "tensorrt", "plugin", "libadafuse_trt_plugins.so", strongly_typed=True,
                 timing_cache=True, capabilities=None,
-                install="full TensorRT 10 (pip install tensorrt, from NVIDIA's package index) plus the adafuse plugin "
-                        "library (installed with this tool; from a checkout: cmake --preset release && cmake --build --preset release)"),
+                install="full TensorRT 10 (pip install 'tensorrt-cu12==10.*' or 'tensorrt-cu13==10.*': the major the adafuse "
+                        "runtime and plugin library are built for; a plain `pip install tensorrt` may give a newer one) plus the "
+                        "adafuse plugin library (installed with this tool; from a checkout: cmake --preset release && cmake "
+                        "--build --preset release)"),
     BackendKind("tensorrt-rtx", "TensorRT-RTX", "tensorrt_rtx", "portable", None, strongly_typed=False,
                 timing_cache=False, capabilities=("8.0", "8.6", "8.9", "12.x"),
                 install="pip install 'adafuse-export[rtx]' (tensorrt-rtx)"),
@@ -88,6 +90,38 @@ class Backend:
         return self.kind.flavour
 
 
+class TensorRTVersionRefused(AdafuseError):
+    """The installed TensorRT is of another major than the runtime and plugin library are built for."""
+
+
+# The TensorRT major of the headers the native build downloads when none are given (kernel-lens 10.14.1).
+DEFAULT_TENSORRT_MAJOR = 10
+
+
+def runtime_tensorrt_major() -> int:
+    """The TensorRT major the installed runtime and plugin library were built against (build_info.json's
+    tensorrt_headers), else the default build's."""
+    from ..installation import build_info
+
+    headers = (build_info() or {}).get("tensorrt_headers") or ""
+    major = headers.split(".")[0]
+    return int(major) if major.isdigit() else DEFAULT_TENSORRT_MAJOR
+
+
+def _version_refusal(name: str, version: str, requested: str) -> str | None:
+    """Why full TensorRT `version` cannot build engines for this installation (None: it can)."""
+    if name != "tensorrt":
+        return None
+    want = runtime_tensorrt_major()
+    major = version.split(".")[0]
+    if major.isdigit() and int(major) == want:
+        return None
+    other = "; --backend tensorrt-rtx builds without it" if requested == "auto" else ""
+    return (f"TensorRT {version} is installed, but the adafuse runtime and plugin library are built for TensorRT {want}.x: "
+            f"install 'tensorrt-cu12=={want}.*' (or 'tensorrt-cu13=={want}.*'), or build the plugins and runtime against "
+            f"TensorRT {major} headers (TENSORRT_ROOT){other}")
+
+
 def _try_import(name: str):
     try:
         mod = importlib.import_module(KINDS[name].module)
@@ -103,7 +137,11 @@ def select_backend(requested: str = "auto") -> Backend:
     for name in wanted:
         mod = _try_import(name)
         if mod is not None:
-            return Backend(name, mod, getattr(mod, "__version__", "unknown"))
+            version = getattr(mod, "__version__", "unknown")
+            refused = _version_refusal(name, version, requested)
+            if refused:  # an engine it builds would not load in the runtime: refused, never skipped silently
+                raise TensorRTVersionRefused(refused)
+            return Backend(name, mod, version)
     hints = " or ".join(f"{n}: {KINDS[n].install}" for n in wanted)
     raise AdafuseError(f"no TensorRT found for --backend {requested}; install {hints}")
 

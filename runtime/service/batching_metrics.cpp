@@ -4,13 +4,6 @@
 
 namespace adafuse {
 
-void BatchingMetrics::Histogram::add(double value) {
-  for (size_t i = 0; i < bounds.size(); ++i)
-    if (value <= bounds[i]) ++counts[i];
-  ++count;
-  sum += value;
-}
-
 void BatchingMetrics::queue_wait(double seconds) {
   std::lock_guard<std::mutex> lock(mutex_);
   queue_wait_.add(seconds);
@@ -26,9 +19,8 @@ std::string BatchingMetrics::prometheus() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::ostringstream out;
   auto write = [&](const char* name, const char* help, const Histogram& h) {
-    out << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
-    for (size_t i = 0; i < h.bounds.size(); ++i) out << name << "_bucket{le=\"" << h.bounds[i] << "\"} " << h.counts[i] << "\n";
-    out << name << "_bucket{le=\"+Inf\"} " << h.count << "\n" << name << "_sum " << h.sum << "\n" << name << "_count " << h.count << "\n";
+    describe(out, name, "histogram", help);
+    h.write(out, name);
   };
   write("adafuse_queue_wait_seconds", "Time from a request's arrival to its first engine step (slot or batch taken).", queue_wait_);
   write("adafuse_batch_rows", "Sequences per engine step (batch occupancy).", rows_);

@@ -6,7 +6,8 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
-#include <vector>
+
+#include "histogram.h"
 
 namespace adafuse {
 
@@ -15,15 +16,6 @@ class BatchingMetrics {
   void queue_wait(double seconds);
   void step(int64_t rows, int64_t prefill_tokens);
   std::string prometheus() const;
-
-  struct Histogram {
-    explicit Histogram(std::vector<double> bounds) : bounds(std::move(bounds)), counts(this->bounds.size(), 0) {}
-    void add(double value);
-    std::vector<double> bounds;
-    std::vector<uint64_t> counts;  // per bound, cumulative as Prometheus wants (value <= bound)
-    uint64_t count = 0;
-    double sum = 0.0;
-  };
 
  private:
   mutable std::mutex mutex_;

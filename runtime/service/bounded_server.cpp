@@ -21,6 +21,8 @@ using Clock = std::chrono::steady_clock;
 // Set by the pre-routing refusal on this connection's thread: the body was not read, so the
 // connection cannot carry another request.
 thread_local bool close_after_response = false;
+// The client of the connection this thread serves.
+thread_local std::shared_ptr<ClientWatch> this_client;
 
 int remaining_ms(Clock::time_point deadline, std::chrono::milliseconds cap) {
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
@@ -207,6 +209,33 @@ BoundedServer::BoundedServer(const ConnectionLimits& limits) : limits_(limits) {
 
 BoundedServer::~BoundedServer() = default;
 
+bool ClientWatch::gone() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (gone_) return true;
+  pollfd p{sock_, POLLIN | POLLRDHUP, 0};
+  int r;
+  do r = ::poll(&p, 1, 0);
+  while (r < 0 && errno == EINTR);
+  if (r > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)) != 0) {
+    gone_ = true;
+  } else if (r > 0 && (p.revents & POLLIN) != 0) {
+    char byte;
+    ssize_t n;
+    do n = ::recv(sock_, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    while (n < 0 && errno == EINTR);
+    gone_ = n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK);
+  }
+  return gone_;
+}
+
+void ClientWatch::detach() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  gone_ = true;
+  sock_ = -1;
+}
+
+std::shared_ptr<ClientWatch> BoundedServer::current_client() { return this_client; }
+
 void BoundedServer::widen_backlog(int backlog) {
   if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, backlog);  // Linux updates a listening socket's backlog
 }
@@ -223,6 +252,7 @@ bool BoundedServer::process_and_close_socket(socket_t sock) {
   } else {
     DeadlineStream stream(sock, limits_.write_timeout);
     close_after_response = false;
+    this_client = std::make_shared<ClientWatch>(sock);
     for (size_t n = 0; n < limits_.max_requests_per_connection && is_running(); ++n) {
       // An idle connection is closed after idle_timeout; a request then has request_deadline in all.
       if (!stream.has_buffered() && !wait_for(sock, POLLIN, static_cast<int>(limits_.idle_timeout.count()))) break;
@@ -231,6 +261,8 @@ bool BoundedServer::process_and_close_socket(socket_t sock) {
       const bool last = n + 1 == limits_.max_requests_per_connection;
       if (!process_request(stream, last, closed, nullptr) || closed || close_after_response || stream.cut()) break;
     }
+    this_client->detach();  // before the descriptor can be reused
+    this_client.reset();
   }
   ::shutdown(sock, SHUT_RDWR);
   ::close(sock);

@@ -8,7 +8,7 @@
 //   Content-Encoding (inflated without a limit) or a Content-Length over body_limit (0.11 reads it
 //   away before answering) are refused before they are read (411, 415, 413), and the connection closed.
 // So /health gets its own thread however many connections are idle or slow (up to max_connections).
-// A full front-end redesign (an event loop, admission control) is issue 21's.
+// A handler can watch its client (current_client()): generation stops when the client goes away.
 #pragma once
 
 #include <httplib.h>
@@ -18,6 +18,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <mutex>
 
 namespace adafuse {
@@ -32,6 +33,25 @@ struct ConnectionLimits {
   size_t max_requests_per_connection = 100;
 };
 
+// The client of one connection, as a handler (or the worker running its request) sees it: gone()
+// once the peer closed or reset the connection. Safe from any thread for as long as it is held:
+// the server detaches it before closing the socket, after which gone() is true without touching a
+// descriptor that may have been reused.
+class ClientWatch {
+ public:
+  explicit ClientWatch(int sock) : sock_(sock) {}
+  // True once the client closed its end (EOF, also a half-close after sending the request), reset
+  // the connection, or the server closed it. A non-blocking poll + peek: bytes of a pipelined next
+  // request do not count as gone.
+  bool gone();
+  void detach();
+
+ private:
+  std::mutex mutex_;
+  int sock_;
+  bool gone_ = false;
+};
+
 class BoundedServer : public httplib::Server {
  public:
   explicit BoundedServer(const ConnectionLimits& limits);
@@ -41,6 +61,8 @@ class BoundedServer : public httplib::Server {
   void widen_backlog(int backlog);
   // Called with the status of each answer the server gives itself (503 at the cap, 411, 415).
   std::function<void(int)> on_refusal;
+  // The client of the request being handled on this thread (only inside a handler).
+  static std::shared_ptr<ClientWatch> current_client();
 
  private:
   bool process_and_close_socket(socket_t sock) override;

@@ -6,9 +6,13 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
-#include <set>
+#include <ctime>
+#include <deque>
+#include <functional>
+#include <optional>
 
 #include "bounded_server.h"
+#include "completions.h"
 #include "error.h"
 #include "request.h"
 #include "scheduler.h"
@@ -33,7 +37,17 @@ void on_signal(int) {
   if (running_server != nullptr) running_server->stop();
 }
 
-json result_json(const GenerateResult& r) { return json{{"tokens", r.tokens}, {"finish_reason", r.finish_reason}}; }
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+// The two APIs answer errors in their own shapes: {"error": "..."} and OpenAI's {"error": {...}}.
+enum class Api { generate, openai };
+
+// How a streamed response is written: its content type, one token, and its end (result or error).
+struct StreamFormat {
+  const char* content_type;
+  std::function<std::string(int64_t)> token;
+  std::function<std::string(const GenerateResult&)> end;
+};
 
 // Tokens handed from the worker to a streaming response.
 struct TokenChannel {
@@ -46,27 +60,25 @@ struct TokenChannel {
 class Service {
  public:
   Service(Backend& backend, const ServiceOptions& options)
-      : scheduler_(backend, options.queue_capacity, metrics_, options.step_tokens), server_(connection_limits(options)) {
+      : model_name_(options.model_name.empty() ? "adafuse" : options.model_name),
+        started_(std::time(nullptr)),
+        scheduler_(backend, options.queue_capacity, metrics_, options.step_tokens),
+        server_(connection_limits(options)) {
     server_.on_refusal = [this](int status) { metrics_.request(status); };
-    server_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-      const BackendInfo& info = scheduler_.info();
-      const std::string unusable = scheduler_.unusable_reason();
-      if (!unusable.empty()) {  // not ready: a load balancer takes this instance out of rotation
-        res.status = 503;
-        res.set_content(json{{"status", "unavailable"}, {"error", unusable}}.dump(-1, ' ', false, json::error_handler_t::replace),
-                        "application/json");
-        return;
-      }
-      res.set_content(json{{"status", "ok"}, {"backend", info.description}, {"max_batch", info.max_batch},
-                           {"max_seq", info.max_seq}, {"vocab", info.vocab}}.dump(),
-                      "application/json");
-    });
+    // Readiness: 503 once the engine can run nothing more (a load balancer takes the instance out).
+    server_.Get("/health", [this](const httplib::Request&, httplib::Response& res) { health(res, true); });
+    // Liveness: the same engine state, without the engine's details (see runtime/README.md).
+    server_.Get("/health/live", [this](const httplib::Request&, httplib::Response& res) { health(res, false); });
     server_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics_.prometheus(), "text/plain; version=0.0.4");
     });
     server_.Post("/v1/generate", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res); });
-    server_.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr) {
-      reply_error(res, 500, "internal error while answering the request");
+    server_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { complete(req, res); });
+    server_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(models_response(model_name_, started_), "application/json");
+    });
+    server_.set_exception_handler([this](const httplib::Request& req, httplib::Response& res, std::exception_ptr) {
+      reply_error(res, 500, "internal error while answering the request", api_of(req));
     });
   }
 
@@ -93,71 +105,174 @@ class Service {
   }
 
  private:
-  void reply_error(httplib::Response& res, int status, const std::string& message) {
-    metrics_.request(status);
-    res.status = status;
-    res.set_content(json{{"error", message}}.dump(-1, ' ', false, json::error_handler_t::replace) + "\n", "application/json");
+  static Api api_of(const httplib::Request& req) { return req.path.rfind("/v1/completions", 0) == 0 ? Api::openai : Api::generate; }
+
+  void health(httplib::Response& res, bool details) {
+    const std::string unusable = scheduler_.unusable_reason();
+    if (!unusable.empty()) {
+      res.status = 503;
+      res.set_content(dump(json{{"status", "unavailable"}, {"error", unusable}}), "application/json");
+      return;
+    }
+    const BackendInfo& info = scheduler_.info();
+    res.set_content(details ? json{{"status", "ok"}, {"backend", info.description}, {"model", model_name_}, {"max_batch", info.max_batch},
+                                   {"max_seq", info.max_seq}, {"vocab", info.vocab}}.dump()
+                            : json{{"status", "ok"}}.dump(),
+                    "application/json");
   }
 
-  void generate(const httplib::Request& req, httplib::Response& res) {
-    bool stream = false;
-    std::shared_ptr<GenerateRequest> request;
+  void reply_error(httplib::Response& res, int status, const std::string& message, Api api) {
+    metrics_.request(status);
+    res.status = status;
+    if (status == 503) res.set_header("Retry-After", "1");
+    res.set_content(api == Api::openai ? openai_error(message, status) : dump(json{{"error", message}}) + "\n", "application/json");
+  }
+
+  // Checks a parsed request and queues it; false once an error was answered.
+  bool admit(const std::shared_ptr<GenerateRequest>& request, httplib::Response& res, Api api) {
     try {
-      request = parse_request(req.body, stream);
       scheduler_.check(*request);
     } catch (const Error& e) {
-      return reply_error(res, 400, e.what());
+      reply_error(res, 400, e.what(), api);
+      return false;
     }
     const std::string unusable = scheduler_.unusable_reason();
-    if (!unusable.empty()) return reply_error(res, 503, "the engine cannot run after a device error (" + unusable + "); restart the service");
-    auto result = request->done.get_future().share();
-    if (!stream) {
-      if (!scheduler_.submit(request)) return reply_error(res, 503, "the request queue is full; retry later");
-      return answer(res, result.get());
+    if (!unusable.empty()) {
+      reply_error(res, 503, "the engine cannot run after a device error (" + unusable + "); restart the service", api);
+      return false;
     }
+    if (!scheduler_.submit(request)) {
+      reply_error(res, 503, "the request queue is full; retry later", api);
+      return false;
+    }
+    return true;
+  }
+
+  // A non-streaming request: runs while its client is there. The worker asks at each token
+  // (on_token: false cancels it within the step), this thread while it waits in the queue.
+  std::optional<GenerateResult> run_while_client_waits(const std::shared_ptr<GenerateRequest>& request, httplib::Response& res,
+                                                       Api api) {
+    auto client = watched_client();
+    request->on_token = [client](int64_t) { return !client->gone(); };
+    auto result = request->done.get_future();
+    if (!admit(request, res, api)) return std::nullopt;
+    while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready)
+      if (client->gone()) request->cancel = true;
+    GenerateResult r = result.get();
+    if (!r.error.empty()) {
+      reply_error(res, 500, r.error, api);
+      return std::nullopt;
+    }
+    if (r.finish_reason == finish_name(Finish::cancelled)) {  // nobody to answer: counted as nginx counts it
+      metrics_.request(499);
+      res.status = 499;
+      return std::nullopt;
+    }
+    metrics_.request(200);
+    return r;
+  }
+
+  // A streaming request: tokens are written as they come; the request is cancelled when its client
+  // goes (seen by the worker at the next token, or here between writes), and counted when it ends.
+  void stream(const std::shared_ptr<GenerateRequest>& request, httplib::Response& res, Api api, StreamFormat format) {
+    auto client = watched_client();
     auto channel = std::make_shared<TokenChannel>();
-    request->on_token = [channel](int64_t token) {
+    request->on_token = [channel, client](int64_t token) {
       std::lock_guard<std::mutex> lock(channel->mutex);
       channel->tokens.push_back(token);
       channel->ready.notify_all();
-      return !channel->client_gone;
+      return !channel->client_gone && !client->gone();
     };
-    if (!scheduler_.submit(request)) return reply_error(res, 503, "the request queue is full; retry later");
-    // Counted when the stream ends, with its outcome: 200, 500 (the engine failed after the 200 status
-    // line went out: the last line holds the error), or 499 (the client went away before the end).
+    auto result = request->done.get_future().share();
+    if (!admit(request, res, api)) return;
+    // Counted once, when the stream ends: 200, 500 (the engine failed after the 200 status line went
+    // out: the last event holds the error), or 499 (the client went away before the end).
     auto counted = std::make_shared<std::atomic<bool>>(false);
     auto count = [this, counted](int status) {
       if (!counted->exchange(true)) metrics_.request(status);
     };
-    res.set_chunked_content_provider("application/x-ndjson", [channel, result, count](size_t, httplib::DataSink& sink) {
-      std::unique_lock<std::mutex> lock(channel->mutex);
-      channel->ready.wait_for(lock, std::chrono::milliseconds(50), [&] { return !channel->tokens.empty(); });
-      while (!channel->tokens.empty()) {
-        const std::string line = json{{"token", channel->tokens.front()}}.dump() + "\n";
-        channel->tokens.pop_front();
-        if (!sink.write(line.data(), line.size())) {
-          channel->client_gone = true;
-          return false;
-        }
-      }
-      if (result.wait_for(std::chrono::seconds(0)) == std::future_status::ready && channel->tokens.empty()) {
-        lock.unlock();
-        const GenerateResult& r = result.get();
-        const std::string last = (r.error.empty() ? result_json(r) : json{{"error", r.error}}).dump() + "\n";
-        if (!sink.write(last.data(), last.size())) return false;
-        count(r.error.empty() ? 200 : 500);  // before the end of the stream, so a client that read it sees it counted
-        sink.done();
-      }
-      return true;
-    }, [count](bool) { count(499); });  // httplib calls this when the response is dropped: uncounted means cut short
+    auto gone = [channel, request] {  // called with channel->mutex held
+      channel->client_gone = true;
+      request->cancel = true;
+      return false;
+    };
+    res.set_chunked_content_provider(
+        format.content_type,
+        [channel, client, result, count, gone, format](size_t, httplib::DataSink& sink) {
+          std::unique_lock<std::mutex> lock(channel->mutex);
+          channel->ready.wait_for(lock, std::chrono::milliseconds(50), [&] { return !channel->tokens.empty(); });
+          if (client->gone()) return gone();
+          while (!channel->tokens.empty()) {
+            const std::string text = format.token(channel->tokens.front());
+            channel->tokens.pop_front();
+            if (!sink.write(text.data(), text.size())) return gone();
+          }
+          if (result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return true;
+          const GenerateResult& r = result.get();
+          if (r.error.empty() && r.finish_reason == finish_name(Finish::cancelled)) return gone();
+          const std::string last = format.end(r);
+          if (!sink.write(last.data(), last.size())) return gone();
+          count(r.error.empty() ? 200 : 500);  // before the end of the stream, so a client that read it sees it counted
+          sink.done();
+          return true;
+        },
+        [channel, request, count](bool) {  // the response is dropped: uncounted means cut short
+          {
+            std::lock_guard<std::mutex> lock(channel->mutex);
+            channel->client_gone = true;
+          }
+          request->cancel = true;
+          count(499);
+        });
   }
 
-  void answer(httplib::Response& res, const GenerateResult& r) {
-    if (!r.error.empty()) return reply_error(res, 500, r.error);
-    metrics_.request(200);
-    res.set_content(result_json(r).dump() + "\n", "application/json");
+  static std::shared_ptr<ClientWatch> watched_client() {
+    auto client = BoundedServer::current_client();
+    return client ? client : std::make_shared<ClientWatch>(-1);  // never gone: outside a connection thread
   }
 
+  void generate(const httplib::Request& req, httplib::Response& res) {
+    bool streamed = false;
+    std::shared_ptr<GenerateRequest> request;
+    try {
+      request = parse_request(req.body, streamed);
+    } catch (const Error& e) {
+      return reply_error(res, 400, e.what(), Api::generate);
+    }
+    auto result_line = [](const GenerateResult& r) {
+      return (r.error.empty() ? json{{"tokens", r.tokens}, {"finish_reason", r.finish_reason}} : json{{"error", r.error}}).dump() + "\n";
+    };
+    if (streamed)
+      return stream(request, res, Api::generate,
+                    StreamFormat{"application/x-ndjson", [](int64_t t) { return json{{"token", t}}.dump() + "\n"; }, result_line});
+    if (auto r = run_while_client_waits(request, res, Api::generate)) res.set_content(result_line(*r), "application/json");
+  }
+
+  void complete(const httplib::Request& req, httplib::Response& res) {
+    CompletionRequest c;
+    try {
+      c = parse_completion_request(req.body, model_name_);
+    } catch (const ModelNotFound& e) {
+      return reply_error(res, 404, e.what(), Api::openai);
+    } catch (const Error& e) {
+      return reply_error(res, 400, e.what(), Api::openai);
+    }
+    const CompletionIdentity who = new_completion(model_name_);
+    const size_t prompt_tokens = c.request->prompt.size();
+    if (c.stream) {
+      const bool usage = c.include_usage;
+      return stream(c.request, res, Api::openai,
+                    StreamFormat{"text/event-stream", [who](int64_t t) { return completion_token_event(who, t); },
+                                 [who, prompt_tokens, usage](const GenerateResult& r) {
+                                   return completion_end_events(who, prompt_tokens, r, usage);
+                                 }});
+    }
+    if (auto r = run_while_client_waits(c.request, res, Api::openai))
+      res.set_content(completion_response(who, prompt_tokens, *r), "application/json");
+  }
+
+  const std::string model_name_;
+  const std::time_t started_;
   Metrics metrics_;
   Scheduler scheduler_;
   BoundedServer server_;
@@ -181,7 +296,10 @@ bool parse_service_option(const std::string& flag, const std::string& value, Ser
   else if (flag == "--idle-timeout-ms") options.idle_timeout_ms = number(1, 3600000);
   else if (flag == "--request-timeout-ms") options.request_deadline_ms = number(1, 3600000);
   else if (flag == "--step-tokens") options.step_tokens = static_cast<int32_t>(number(1, 1 << 20));
-  else return false;
+  else if (flag == "--model-name") {
+    if (value.empty()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--model-name: expected a name, found ''");
+    options.model_name = value;
+  } else return false;
   return true;
 }
 

@@ -5,9 +5,13 @@
 //                      stream: application/x-ndjson, one {"token": t} line per token, then the result line
 //   GET /health        -> {"status": "ok", "backend": .., "max_batch": .., "max_seq": .., "vocab": ..}, or 503
 //                         {"status": "unavailable", "error": ..} once the backend is unusable (a sticky CUDA error)
-//   GET /metrics       -> Prometheus text
+//   GET /health/live   -> {"status": "ok"}, or the same 503 (liveness: restart the process)
+//   GET /metrics       -> Prometheus text (metrics.h; runtime/README.md says what each metric means)
+//   POST /v1/completions, GET /v1/models: the OpenAI-style API over token ids (completions.h)
 // A bad request gets 400 with {"error": "<one line>"} (JSON nested deeper than 16 levels included);
-// a chunked or compressed body 411 / 415; a full queue or too many connections 503; an engine failure 500.
+// a chunked or compressed body 411 / 415; a full queue or too many connections 503 (Retry-After: 1);
+// an engine failure 500. A request whose client goes away is cancelled within one engine step, its
+// slot freed, and counted as 499.
 #pragma once
 
 #include <cstdint>
@@ -30,10 +34,12 @@ struct ServiceOptions {
   // In-flight backends: the most tokens per engine step (decode rows + prefill chunks); 0: the
   // backend's max_step_tokens. Smaller bounds the step time running sequences wait for.
   int32_t step_tokens = 0;
+  // The one model /v1/models lists and /v1/completions accepts in "model" (empty: "adafuse").
+  std::string model_name;
 };
 
 // Reads one service option (--host, --port, --queue, --max-connections, --idle-timeout-ms,
-// --request-timeout-ms, --step-tokens) into options; false when `flag` is not one.
+// --request-timeout-ms, --step-tokens, --model-name) into options; false when `flag` is not one.
 bool parse_service_option(const std::string& flag, const std::string& value, ServiceOptions& options);
 
 // Serves until SIGINT or SIGTERM; prints "listening on http://HOST:PORT" once bound. Returns an exit code.

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "error.h"
+#include "sampling.h"
 
 namespace adafuse {
 namespace {
@@ -13,18 +14,32 @@ std::unique_ptr<InFlightBatcher> make_batcher(Backend& backend, int32_t step_tok
   return std::make_unique<InFlightBatcher>(backend, step_tokens);
 }
 
-void answer(GenerateRequest& request, GenerateResult result) {
-  try {
-    request.done.set_value(std::move(result));
-  } catch (const std::future_error&) {  // already answered
-  }
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
 }  // namespace
+
+void Scheduler::answer(GenerateRequest& request, GenerateResult result) {
+  const bool cancelled = result.error.empty() && result.finish_reason == finish_name(Finish::cancelled);
+  try {
+    request.done.set_value(std::move(result));
+  } catch (const std::future_error&) {  // already answered
+    return;
+  }
+  if (cancelled) metrics_.cancelled();
+}
+
+bool Scheduler::deliver(GenerateRequest& request, int64_t token) {
+  const auto now = std::chrono::steady_clock::now();
+  if (request.any_token)
+    metrics_.inter_token(std::chrono::duration<double>(now - request.last_token).count());
+  else
+    metrics_.first_token(std::chrono::duration<double>(now - request.submitted).count());
+  request.any_token = true;
+  request.last_token = now;
+  return !request.on_token || request.on_token(token);
+}
 
 Scheduler::Scheduler(Backend& backend, size_t queue_capacity, Metrics& metrics, int32_t step_tokens)
     : backend_(backend),
@@ -45,14 +60,22 @@ Scheduler::~Scheduler() {
 
 void Scheduler::check(const GenerateRequest& request) const {
   const BackendInfo& info = backend_.info();
-  if (request.prompt.empty()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt_ids is empty");
+  if (request.prompt.empty()) fail(ADAFUSE_ERR_INVALID_ARGUMENT, request.prompt_field + " is empty");
   if (request.prompt.size() > static_cast<size_t>(info.max_seq))
     fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(request.prompt.size()) +
                                            " tokens is longer than the engine's profile (max_seq " + std::to_string(info.max_seq) + ")");
   for (size_t i = 0; i < request.prompt.size(); ++i)
     if (request.prompt[i] < 0 || request.prompt[i] >= info.vocab)
-      fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt_ids[" + std::to_string(i) + "] = " + std::to_string(request.prompt[i]) +
+      fail(ADAFUSE_ERR_INVALID_ARGUMENT, request.prompt_field + "[" + std::to_string(i) + "] = " + std::to_string(request.prompt[i]) +
                                              " is out of the vocabulary [0, " + std::to_string(info.vocab) + ")");
+  // check_sequence's own message names max_new_tokens; this one names the field the body used
+  // (after the sampling options, which check_sequence checks first).
+  check_sampling(request.options.sampling);
+  if (request.options.max_new_tokens >= 1 && request.prompt.size() + static_cast<size_t>(request.options.max_new_tokens) - 1 >
+                                                 static_cast<size_t>(info.max_seq))
+    fail(ADAFUSE_ERR_INVALID_ARGUMENT, "prompt of " + std::to_string(request.prompt.size()) + " tokens + " + request.budget_field + " " +
+                                           std::to_string(request.options.max_new_tokens) + " exceed the engine's profile (max_seq " +
+                                           std::to_string(info.max_seq) + ")");
   check_sequence(info, request.prompt.size(), request.options);
 }
 
@@ -114,8 +137,7 @@ void Scheduler::decode(std::vector<std::shared_ptr<GenerateRequest>>& batch) {
     int64_t emitted = 0;
     more = gen.step([&](int32_t s, int64_t token) {
       ++emitted;
-      const auto& on_token = batch[static_cast<size_t>(s)]->on_token;
-      return !on_token || on_token(token);
+      return deliver(*batch[static_cast<size_t>(s)], token);
     });
     metrics_.step(first, seconds_since(start));
     // Finished sequences ride along in the fixed batch shape: every row is occupied.
@@ -124,8 +146,7 @@ void Scheduler::decode(std::vector<std::shared_ptr<GenerateRequest>>& batch) {
     metrics_.tokens(emitted);
     first = false;
   }
-  for (size_t i = 0; i < batch.size(); ++i)
-    batch[i]->done.set_value(GenerateResult{gen.tokens(i), finish_name(gen.finish(i)), ""});
+  for (size_t i = 0; i < batch.size(); ++i) answer(*batch[i], GenerateResult{gen.tokens(i), finish_name(gen.finish(i)), ""});
 }
 
 void Scheduler::run_equal_length() {
@@ -171,7 +192,7 @@ void Scheduler::run_in_flight() {
         }
         metrics_.batching().queue_wait(seconds_since(r->submitted));
         SequenceHooks hooks;
-        hooks.on_token = r->on_token;
+        hooks.on_token = [this, request = r.get()](int64_t token) { return deliver(*request, token); };
         hooks.cancelled = [request = r.get()] { return request->cancel.load(); };
         try {
           running.emplace(batcher.admit(r->prompt, r->options, std::move(hooks)), r);

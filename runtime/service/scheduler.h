@@ -36,6 +36,8 @@ struct GenerateResult {
 
 struct GenerateRequest {
   std::vector<int64_t> prompt;
+  // What the body called the prompt and the token budget (for messages).
+  std::string prompt_field = "prompt_ids", budget_field = "max_new_tokens";
   SequenceOptions options;
   // Called from the worker for each token; false cancels the request (e.g. the client went away).
   std::function<bool(int64_t)> on_token;
@@ -43,7 +45,9 @@ struct GenerateRequest {
   // cancelled at the next step boundary, and its slot is freed there.
   std::atomic<bool> cancel{false};
   std::promise<GenerateResult> done;
-  std::chrono::steady_clock::time_point submitted;  // set by Scheduler::submit (queue wait)
+  std::chrono::steady_clock::time_point submitted;  // set by Scheduler::submit (queue wait, TTFT)
+  std::chrono::steady_clock::time_point last_token;  // set by the worker (inter-token latency)
+  bool any_token = false;
 };
 
 class Scheduler {
@@ -70,6 +74,10 @@ class Scheduler {
   void decode(std::vector<std::shared_ptr<GenerateRequest>>& batch);
   // The in-flight executor.
   void run_in_flight();
+  // A new token of `request`: its latencies recorded, then its on_token (false: cancel it).
+  bool deliver(GenerateRequest& request, int64_t token);
+  // Answers `request` (once; a second answer is ignored), counting a cancelled one.
+  void answer(GenerateRequest& request, GenerateResult result);
 
   Backend& backend_;
   size_t capacity_;

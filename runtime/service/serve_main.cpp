@@ -1,7 +1,9 @@
 // adafuse-serve: the HTTP service over a TensorRT engine or a native artifact.
 //   adafuse-serve --engine out.engine|out.native [--host 127.0.0.1] [--port 8000] [--queue 64]
 //                 [--tensorrt-lib PATH] [--plugin-lib PATH] [--no-cuda-graphs] [--strategy fused|switch]
+//                 [--model-name NAME]
 #include <cstdio>
+#include <filesystem>
 
 #include "error.h"
 #include "http_service.h"
@@ -20,7 +22,8 @@ int main(int argc, char** argv) {
       if (arg == "-h" || arg == "--help") {
         std::printf("usage: adafuse-serve --engine OUT.engine|OUT.native [--host H] [--port P] [--queue N] [--tensorrt-lib PATH]\n"
                     "       [--plugin-lib PATH] [--no-cuda-graphs] [--max-connections N] [--idle-timeout-ms MS]\n"
-                    "       [--request-timeout-ms MS] [--step-tokens N] [--strategy fused|switch (native artifacts)]\n");
+                    "       [--request-timeout-ms MS] [--step-tokens N] [--strategy fused|switch (native artifacts)]\n"
+                    "       [--model-name NAME (default: the engine's file name)]\n");
         return 0;
       }
       if (i + 1 >= argc) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, arg + ": missing value (see --help)");
@@ -33,6 +36,11 @@ int main(int argc, char** argv) {
         adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "unknown option " + arg + " (see --help)");
     }
     if (open.engine_path == nullptr) adafuse::fail(ADAFUSE_ERR_INVALID_ARGUMENT, "--engine is required");
+    if (service.model_name.empty()) {  // out.engine, out.native or out.native/: "out"
+      std::filesystem::path path = std::filesystem::path(open.engine_path).lexically_normal();
+      if (path.filename().empty()) path = path.parent_path();
+      service.model_name = path.stem().string();
+    }
     auto backend = adafuse::open_backend(open);
     return adafuse::serve(*backend, service);
   } catch (const adafuse::Error& e) {

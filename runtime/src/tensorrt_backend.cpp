@@ -192,6 +192,7 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
     check_plugin_library(plugin_path, engine_name_);
   }
   trt_ = open_tensorrt(options.tensorrt_library ? options.tensorrt_library : "");
+  check_engine_tensorrt_version(engine_name_, manifest.backend_version, trt_);
   cuda_check(cudaSetDevice(options.device), "CUDA device " + std::to_string(options.device) + " (running " + engine_name_ +
                                                 " needs an NVIDIA GPU)");
   stream_.create();

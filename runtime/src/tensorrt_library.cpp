@@ -1,9 +1,14 @@
 #include "tensorrt_library.h"
 
+#include <NvInferVersion.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <system_error>
 #include <vector>
 
 #include "error.h"
@@ -34,12 +39,72 @@ std::string version_text(int v) {
 
 }  // namespace
 
+int tensorrt_major() { return NV_TENSORRT_MAJOR; }
+std::string tensorrt_soname() { return "libnvinfer.so." + std::to_string(NV_TENSORRT_MAJOR); }
+
+namespace {
+
+namespace fs = std::filesystem;
+
+int major_of(int v) { return v >= 100000 ? v / 10000 : v / 1000; }
+
+// The site-packages folders under a Python prefix: PREFIX/lib/python3.*/{site,dist}-packages.
+void add_site_packages(const fs::path& prefix, std::vector<fs::path>& out) {
+  std::error_code ec;
+  for (fs::directory_iterator it(prefix / "lib", ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().filename().string().rfind("python3", 0) == 0)
+      for (const char* leaf : {"site-packages", "dist-packages"}) out.push_back(it->path() / leaf);
+}
+
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+}  // namespace
+
+std::vector<std::string> pip_tensorrt_dirs() {
+  std::vector<fs::path> sites;
+  // A wheel installs this library inside site-packages (e.g. site-packages/adafuse_export/lib):
+  // its ancestors are where pip put tensorrt_libs beside it.
+  Dl_info self{};
+  if (dladdr(reinterpret_cast<void*>(&pip_tensorrt_dirs), &self) != 0 && self.dli_fname != nullptr) {
+    fs::path p = fs::path(self.dli_fname).parent_path();
+    for (int up = 0; up < 4 && !p.empty() && p != p.root_path(); ++up, p = p.parent_path()) sites.push_back(p);
+  }
+  for (const char* prefix : {"VIRTUAL_ENV", "CONDA_PREFIX"})
+    if (const char* v = env(prefix)) add_site_packages(v, sites);
+  if (const char* v = env("PYTHONPATH")) {
+    std::string list = v;
+    for (size_t start = 0, colon; start <= list.size(); start = colon + 1) {
+      colon = list.find(':', start);
+      if (colon == std::string::npos) colon = list.size();
+      if (colon > start) sites.push_back(list.substr(start, colon - start));
+    }
+  }
+  if (const char* home = env("HOME")) add_site_packages(fs::path(home) / ".local", sites);
+  add_site_packages("/usr/local", sites);
+  sites.push_back("/usr/lib/python3/dist-packages");
+  std::vector<std::string> dirs;
+  for (const auto& site : sites) {
+    std::error_code ec;
+    const fs::path dir = fs::weakly_canonical(site / "tensorrt_libs", ec);
+    if (!ec && fs::is_directory(dir, ec) && std::find(dirs.begin(), dirs.end(), dir.string()) == dirs.end())
+      dirs.push_back(dir.string());
+  }
+  return dirs;
+}
+
 TensorRTLibrary open_tensorrt(const std::string& path) {
-  const std::string want = "TensorRT " + std::to_string(kTensorRTMajor) + ".x";
-  std::vector<std::string> names = path.empty() ? std::vector<std::string>{"libnvinfer.so.10", "libnvinfer.so"}
-                                                : std::vector<std::string>{path};
-  std::string errors;
+  const std::string want = "TensorRT " + std::to_string(tensorrt_major()) + ".x (" + tensorrt_soname() + ")";
+  std::vector<std::string> names{path};
+  if (path.empty()) {
+    names = {tensorrt_soname(), "libnvinfer.so"};
+    for (const auto& dir : pip_tensorrt_dirs()) names.push_back(dir + "/" + tensorrt_soname());
+  }
+  std::string tried, errors;
   for (const auto& name : names) {
+    tried += (tried.empty() ? "" : ", ") + name;
     dlerror();
     void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (handle == nullptr) {
@@ -52,21 +117,37 @@ TensorRTLibrary open_tensorrt(const std::string& path) {
     auto get_version = reinterpret_cast<VersionFn>(lib.library.symbol("getInferLibVersion"));
     if (get_version == nullptr || lib.library.symbol("createInferRuntime_INTERNAL") == nullptr)
       fail(ADAFUSE_ERR_TENSORRT, name + ": not a TensorRT runtime library (no getInferLibVersion / "
-                                        "createInferRuntime_INTERNAL); this runtime needs " + want + " (libnvinfer.so.10)");
+                                        "createInferRuntime_INTERNAL); this runtime needs " + want);
     lib.version = get_version();
     lib.version_text = version_text(lib.version);
-    const int major = lib.version >= 100000 ? lib.version / 10000 : lib.version / 1000;
-    if (major < kTensorRTMajor)
-      fail(ADAFUSE_ERR_TENSORRT, name + ": TensorRT " + lib.version_text + " is too old; this runtime needs " + want +
-                                     " (libnvinfer.so.10)");
-    if (major > kTensorRTMajor)
+    const int major = major_of(lib.version);
+    if (major < tensorrt_major())
+      fail(ADAFUSE_ERR_TENSORRT, name + ": TensorRT " + lib.version_text + " is too old; this runtime needs " + want);
+    if (major > tensorrt_major())
       fail(ADAFUSE_ERR_TENSORRT, name + ": TensorRT " + lib.version_text + " is newer than this runtime was built for; it needs " +
-                                     want + " (libnvinfer.so.10)");
+                                     want + "; TensorRT " + std::to_string(major) + " needs a runtime built against its headers");
     return lib;
   }
-  fail(ADAFUSE_ERR_TENSORRT, "TensorRT not found: this runtime needs " + want + " (tried " +
-                                 (path.empty() ? std::string("libnvinfer.so.10, libnvinfer.so") : path) + ": " + errors +
-                                 "); install TensorRT 10 or pass its libnvinfer.so path");
+  const std::string major = std::to_string(tensorrt_major());
+  fail(ADAFUSE_ERR_TENSORRT, "TensorRT not found: this runtime needs TensorRT " + major + ".x (tried " + tried + ": " + errors +
+                                 "); install it (pip install tensorrt-cu12==" + major + ".* or tensorrt-cu13==" + major +
+                                 ".*) or pass its libnvinfer.so path");
+}
+
+void check_engine_tensorrt_version(const std::string& engine, const std::string& recorded, const TensorRTLibrary& trt) {
+  int major = -1, minor = -1, patch = -1;
+  char rest = 0;
+  // "10.14.1" or "10.14.1.48": the build number does not change the engine format.
+  const int n = std::sscanf(recorded.c_str(), "%d.%d.%d%c", &major, &minor, &patch, &rest);
+  if (n < 3 || (n == 4 && rest != '.'))
+    fail(ADAFUSE_ERR_TENSORRT, engine + ": its manifest does not say which TensorRT built it (engine.backend_version '" + recorded +
+                                   "'); convert it again");
+  const int v = trt.version;
+  if (major != major_of(v) || minor != (v / 100) % 100 || patch != v % 100)
+    fail(ADAFUSE_ERR_TENSORRT, engine + ": built with TensorRT " + recorded + ", but " + trt.library.path() + " is TensorRT " +
+                                   trt.version_text + "; an engine runs only on the TensorRT that built it (load TensorRT " +
+                                   std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch) +
+                                   ", or convert it again with this one)");
 }
 
 void check_plugin_library(const std::string& path, const std::string& engine) {
@@ -84,6 +165,12 @@ void check_plugin_library(const std::string& path, const std::string& engine) {
     if (lib.symbol(name) == nullptr)
       fail(ADAFUSE_ERR_PLUGIN, path + ": not a TensorRT plugin library (it does not export " + name +
                                    ", which IPluginRegistry::loadLibrary needs)");
+  // A plugin library built for another TensorRT major would hand TensorRT objects of another layout.
+  using MajorFn = int32_t (*)();
+  if (auto built_for = reinterpret_cast<MajorFn>(lib.symbol("adafuse_plugin_tensorrt_major")))
+    if (const int major = built_for(); major != tensorrt_major())
+      fail(ADAFUSE_ERR_PLUGIN, path + ": plugin library built for TensorRT " + std::to_string(major) + ", this runtime for TensorRT " +
+                                   std::to_string(tensorrt_major()) + "; use the plugin library built with this runtime");
 }
 
 bool PluginRegistrations::register_once(const void* registry, const std::string& path, const std::function<void()>& load) {

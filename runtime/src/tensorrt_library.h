@@ -1,6 +1,7 @@
 // TensorRT opened at run time (dlopen), so the runtime builds and runs its own tests without it.
-// Nothing here needs TensorRT's headers: the version check and the plugin library check use
-// extern "C" entry points only.
+// The version check and the plugin library check use extern "C" entry points only; the TensorRT
+// major this runtime drives is the one of the headers it was built against (NV_TENSORRT_MAJOR):
+// TensorRT 11 keeps the IPluginV3 interfaces but changes ILogger's layout, so a build is for one major.
 #pragma once
 
 #include <functional>
@@ -8,11 +9,14 @@
 #include <set>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace adafuse {
 
-// Oldest TensorRT major this runtime drives (the IExecutionContext::enqueueV3 / tensor-name API).
-inline constexpr int kTensorRTMajor = 10;
+// The TensorRT major this runtime was built for (its headers' NV_TENSORRT_MAJOR), and that
+// major's library name: libnvinfer.so.<major>.
+int tensorrt_major();
+std::string tensorrt_soname();
 
 class SharedLibrary {
  public:
@@ -37,12 +41,23 @@ struct TensorRTLibrary {
   std::string version_text;
 };
 
-// Opens `path`, or libnvinfer.so.10 then libnvinfer.so when path is empty; refuses a missing
-// library or one older than TensorRT 10, naming the library and the version looked for.
+// Where pip puts TensorRT's libraries: the tensorrt_libs folders of the site-packages this process
+// can see (beside the runtime library itself, $VIRTUAL_ENV, $CONDA_PREFIX, $PYTHONPATH, ~/.local,
+// /usr/local, /usr), those that exist, in that order.
+std::vector<std::string> pip_tensorrt_dirs();
+
+// Opens `path`; when path is empty, libnvinfer.so.<major> then libnvinfer.so from the loader's path,
+// then libnvinfer.so.<major> in pip_tensorrt_dirs(). Refuses a missing library, or one of another
+// TensorRT major than this runtime's, naming the library and the version looked for.
 TensorRTLibrary open_tensorrt(const std::string& path);
 
+// Refuses to deserialize an engine with a TensorRT other than the one that built it (major, minor,
+// patch): `recorded` is the manifest's engine.backend_version. Names both versions.
+void check_engine_tensorrt_version(const std::string& engine, const std::string& recorded, const TensorRTLibrary& trt);
+
 // Checks that `path` is a TensorRT plugin library (exports getCreators and setLoggerFinder, which
-// IPluginRegistry::loadLibrary needs) before TensorRT loads it.
+// IPluginRegistry::loadLibrary needs) built for this runtime's TensorRT major (its
+// adafuse_plugin_tensorrt_major(), where it exports one), before TensorRT loads it.
 void check_plugin_library(const std::string& path, const std::string& engine);
 
 // TensorRT keeps plugin creators in the process-wide registry of the loaded libnvinfer, and

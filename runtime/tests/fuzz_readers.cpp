@@ -30,6 +30,7 @@
 #include "error.h"
 #include "files.h"
 #include "manifest.h"
+#include "completions.h"
 #include "request.h"
 #include "routing.h"
 #include "safetensors.h"
@@ -121,6 +122,9 @@ std::vector<std::string> seeds() {
   } else {
     out.push_back(R"({"prompt_ids": [1, 2, 3], "max_new_tokens": 16, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3, "stop_ids": [2], "stream": true})");
     out.push_back(R"({"prompt_ids": [0]})");
+    // /v1/completions bodies, read by the same target
+    out.push_back(R"({"model": "m", "prompt": [[1, 2, 3]], "max_tokens": 8, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": 1, "stop_token_ids": [2], "stream": true, "stream_options": {"include_usage": true}, "n": 1, "logit_bias": {}, "stop": null, "user": "u"})");
+    out.push_back(R"({"prompt": "text", "stop": ["x"], "echo": false})");
   }
   return out;
 }
@@ -129,9 +133,18 @@ std::vector<std::string> seeds() {
 void run_one(const std::string& input) {
   current = &input;
   try {
-    if (target_name == "request") {
-      bool stream = false;
-      adafuse::parse_request(input, stream);
+    if (target_name == "request") {  // both request readers: /v1/generate and /v1/completions
+      try {
+        bool stream = false;
+        adafuse::parse_request(input, stream);
+      } catch (const adafuse::Error& e) {
+        if (std::strchr(e.what(), '\n') != nullptr) throw;
+      }
+      try {
+        adafuse::parse_completion_request(input, "m");
+      } catch (const adafuse::ModelNotFound& e) {
+        if (std::strchr(e.what(), '\n') != nullptr) throw adafuse::Error(ADAFUSE_ERR_INVALID_ARGUMENT, e.what());
+      }
     } else if (target_name == "manifest") {
       write(work / "out.json", input);
       const adafuse::Manifest m = adafuse::verify_engine(work / "out.engine", true);

@@ -149,6 +149,15 @@ TEST_F(OpenEngine, RefusesTensorRTRtxEngines) {
                                                         "engines (convert with --backend tensorrt)");
 }
 
+TEST_F(OpenEngine, RefusesAnEngineBuiltByAnotherTensorRTBeforeDeserializing) {
+  f.manifest["engine"]["backend_version"] = "10.13.0.35";
+  f.save();
+  EXPECT_EQ(open(NVINFER_101401, PLUGIN_STUB), ADAFUSE_ERR_TENSORRT);
+  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": built with TensorRT 10.13.0.35, but " + NVINFER_101401 +
+                                      " is TensorRT 10.14.1; an engine runs only on the TensorRT that built it (load TensorRT "
+                                      "10.13.0, or convert it again with this one)");
+}
+
 TEST_F(OpenEngine, NeedsThePluginLibrary) {
   unsetenv("ADAFUSE_PLUGIN_LIB");
   EXPECT_EQ(open(NVINFER_101401, nullptr), ADAFUSE_ERR_PLUGIN);

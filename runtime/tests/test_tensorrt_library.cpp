@@ -2,7 +2,9 @@
 // the entry points IPluginRegistry::loadLibrary needs.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <thread>
 #include <vector>
@@ -39,6 +41,74 @@ TEST(TensorRTLibrary, RefusesALibraryThatIsNotTensorRT) {
   expect_error([] { open_tensorrt(PLUGIN_STUB); }, ADAFUSE_ERR_TENSORRT,
                std::string(PLUGIN_STUB) + ": not a TensorRT runtime library (no getInferLibVersion / createInferRuntime_INTERNAL); "
                                           "this runtime needs TensorRT 10.x (libnvinfer.so.10)");
+}
+
+TEST(TensorRTLibrary, TakesItsMajorAndSonameFromTheHeadersItWasBuiltAgainst) {
+  EXPECT_EQ(tensorrt_major(), 10);  // built here against the TensorRT 10.14.1 headers
+  EXPECT_EQ(tensorrt_soname(), "libnvinfer.so.10");
+}
+
+TEST(TensorRTLibrary, RefusesANewerMajorThanItWasBuiltFor) {
+  expect_error([] { open_tensorrt(NVINFER_110400); }, ADAFUSE_ERR_TENSORRT,
+               std::string(NVINFER_110400) + ": TensorRT 11.4.0 is newer than this runtime was built for; it needs TensorRT 10.x "
+                                             "(libnvinfer.so.10); TensorRT 11 needs a runtime built against its headers");
+}
+
+// pip installs libnvinfer.so.10 under site-packages/tensorrt_libs, off the loader's path.
+TEST(TensorRTLibrary, FindsPipsTensorRTLibs) {
+  if (void* h = dlopen("libnvinfer.so.10", RTLD_LAZY)) {
+    dlclose(h);
+    GTEST_SKIP() << "TensorRT is installed here";
+  }
+  TempDir venv;
+  const fs::path libs = venv / "lib" / "python3.12" / "site-packages" / "tensorrt_libs";
+  fs::create_directories(libs);
+  fs::copy_file(NVINFER_101401, libs / "libnvinfer.so.10");
+  const char* old = std::getenv("VIRTUAL_ENV");
+  const std::string saved = old ? old : "";
+  setenv("VIRTUAL_ENV", venv.path().c_str(), 1);
+  const std::vector<std::string> dirs = pip_tensorrt_dirs();
+  const std::string dir = fs::canonical(libs).string();
+  EXPECT_NE(std::find(dirs.begin(), dirs.end(), dir), dirs.end());
+  {
+    const TensorRTLibrary lib = open_tensorrt("");
+    EXPECT_EQ(lib.library.path(), dir + "/libnvinfer.so.10");
+    EXPECT_EQ(lib.version_text, "10.14.1");
+  }
+  // Where none is there, the message says where it looked and what to install.
+  TempDir empty;
+  const fs::path none = empty / "lib" / "python3.11" / "site-packages" / "tensorrt_libs";
+  fs::create_directories(none);
+  setenv("VIRTUAL_ENV", empty.path().c_str(), 1);
+  expect_error_containing([] { open_tensorrt(""); }, ADAFUSE_ERR_TENSORRT,
+                          "(tried libnvinfer.so.10, libnvinfer.so, " + fs::canonical(none).string() + "/libnvinfer.so.10: ");
+  expect_error_containing([] { open_tensorrt(""); }, ADAFUSE_ERR_TENSORRT,
+                          "); install it (pip install tensorrt-cu12==10.* or tensorrt-cu13==10.*) or pass its libnvinfer.so path");
+  if (old) setenv("VIRTUAL_ENV", saved.c_str(), 1); else unsetenv("VIRTUAL_ENV");
+}
+
+TEST(TensorRTLibrary, RefusesAnEngineBuiltByAnotherTensorRT) {
+  const TensorRTLibrary lib = open_tensorrt(NVINFER_101401);
+  EXPECT_NO_THROW(check_engine_tensorrt_version("e.engine", "10.14.1.48", lib));
+  EXPECT_NO_THROW(check_engine_tensorrt_version("e.engine", "10.14.1", lib));
+  expect_error([&] { check_engine_tensorrt_version("e.engine", "10.13.0.35", lib); }, ADAFUSE_ERR_TENSORRT,
+               "e.engine: built with TensorRT 10.13.0.35, but " + std::string(NVINFER_101401) +
+                   " is TensorRT 10.14.1; an engine runs only on the TensorRT that built it (load TensorRT 10.13.0, or convert it "
+                   "again with this one)");
+  expect_error_containing([&] { check_engine_tensorrt_version("e.engine", "11.4.0.1", lib); }, ADAFUSE_ERR_TENSORRT,
+                          "e.engine: built with TensorRT 11.4.0.1, but ");
+  expect_error_containing([&] { check_engine_tensorrt_version("e.engine", "10.14.2", lib); }, ADAFUSE_ERR_TENSORRT,
+                          "e.engine: built with TensorRT 10.14.2, but ");
+  for (const char* bad : {"unknown", "10.14", "", "10.14.1x"})
+    expect_error([&] { check_engine_tensorrt_version("e.engine", bad, lib); }, ADAFUSE_ERR_TENSORRT,
+                 std::string("e.engine: its manifest does not say which TensorRT built it (engine.backend_version '") + bad +
+                     "'); convert it again");
+}
+
+TEST(PluginLibrary, RefusesOneBuiltForAnotherTensorRTMajor) {
+  expect_error([] { check_plugin_library(PLUGIN_STUB_OTHER_MAJOR, "e.engine"); }, ADAFUSE_ERR_PLUGIN,
+               std::string(PLUGIN_STUB_OTHER_MAJOR) +
+                   ": plugin library built for TensorRT 99, this runtime for TensorRT 10; use the plugin library built with this runtime");
 }
 
 TEST(PluginLibrary, ChecksTheEntryPoints) {
