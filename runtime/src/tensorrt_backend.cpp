@@ -361,7 +361,7 @@ void TensorRTBackend::enqueue(int profile) {
 void TensorRTBackend::carry_rows(int32_t from) {
   int32_t live = from;  // 1 + the highest slot at or above `from` that holds tokens
   for (int32_t slot = from; slot < layout_.max_batch; ++slot)
-    if (slot_length(slot) > 0 || slot < batch()) live = slot + 1;
+    if (slot_length(slot) > 0) live = slot + 1;
   if (live == from) return;
   const size_t offset = static_cast<size_t>(from) * kv_bytes_per_row_;
   const size_t bytes = static_cast<size_t>(live - from) * kv_bytes_per_row_;
