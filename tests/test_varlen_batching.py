@@ -118,11 +118,13 @@ def test_padding_and_idle_rows_leave_the_cache_alone(tmp_path):
     export_onnx(load_checkpoint(tmp_path / "ckpt"), tmp_path / "onnx", "portable", "float32")
     runner = OnnxRuntimeRunner(tmp_path / "onnx", device="cpu")
     runner.step(np.array([[1, 2, 3, 4, 5, 6], [5, 6, 0, 0, 0, 0]]), [0, 0], [6, 2])  # a cache of 6 positions
+    assert runner.past is not None
     before = {k: v.copy() for k, v in runner.past.items()}
     runner.step(np.array([[9, 9, 9], [7, 8, 9]]), [2, 1], [0, 1])  # row 0 idle; row 1 writes position 1 only
-    assert all(v.shape[2] == 6 for v in runner.past.values())
+    after = runner.past
+    assert after is not None and all(v.shape[2] == 6 for v in after.values())
     for name, old in before.items():
-        new = runner.past[name]
+        new = after[name]
         assert np.array_equal(new[0], old[0]), name
         assert np.array_equal(new[1, :, :1], old[1, :, :1]) and np.array_equal(new[1, :, 2:], old[1, :, 2:]), name
         assert not np.array_equal(new[1, :, 1], old[1, :, 1]), name  # token 7 replaced token 6 at position 1
