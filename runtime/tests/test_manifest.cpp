@@ -182,6 +182,8 @@ TEST(EngineLayout, RefusesAnUnexpectedTensorContract) {
 TEST(EngineStep, PadsRowsIntoTheSlotsBatch) {
   // Slot 2 decodes at position 5 while slot 0 prefills 3 tokens and wants all their logits; slot 1 rides along.
   EngineFixture f;
+  f.manifest["engine"]["max_batch"] = 4;
+  f.save();
   const EngineLayout l = engine_layout(verify_engine(f.engine()));
   const int64_t ids[] = {7, 1, 2, 3};
   const StepRow rows[] = {{2, 5, 1, false}, {0, 0, 3, true}};
@@ -229,7 +231,9 @@ TEST(EngineStep, BindsEveryTensorOfTheManifest) {
       ASSERT_NE(d, nullptr) << b.name;
       ASSERT_EQ(d->shape.size(), b.shape.size()) << b.name;
       for (size_t i = 0; i < b.shape.size(); ++i)  // a fixed axis of the manifest is the binding's
-        if (d->shape[i] != -1) EXPECT_EQ(d->shape[i], b.shape[i]) << b.name << " axis " << i;
+        if (d->shape[i] != -1) {
+          EXPECT_EQ(d->shape[i], b.shape[i]) << b.name << " axis " << i;
+        }
       EXPECT_EQ(b.shape[0], 2) << b.name;
       if (b.layer >= 0) {
         EXPECT_EQ(b.shape[2], 16) << b.name;
