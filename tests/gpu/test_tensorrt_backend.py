@@ -9,6 +9,7 @@ runtime/tools/build_on_gpu.sh, then ADAFUSE_RUNTIME_LIB=<its output> (and ADAFUS
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from adafuse_export.converters import load_checkpoint
 from adafuse_export.convert import convert
 from adafuse_export.examples import make_example
 from adafuse_export.reference import ReferenceModel
+from adafuse_export.runners.cpp_runtime import _OpenOptions, _StepRow, load_library
 from family_decode_cases import FEATURES, LOGITS_ATOL
-from test_native_backend import Engine, lib  # noqa: F401  (lib: the module fixture)
 
 pytestmark = pytest.mark.gpu
 NEW_TOKENS = 8
@@ -30,6 +31,58 @@ NEW_TOKENS = 8
 PROMPTS = [([3, 1, 4, 1, 5, 9, 2], 0, 0), ([2, 7], 1, 0), ([1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9], 2, 0), ([6, 6, 6], 3, 2),
            ([9, 9, 4, 4, 2], 1, 4)]
 BUDGET = [NEW_TOKENS, 3, NEW_TOKENS, NEW_TOKENS, NEW_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    path = os.environ.get("ADAFUSE_RUNTIME_LIB")
+    assert path, "set ADAFUSE_RUNTIME_LIB to the runtime built by runtime/tools/build_on_gpu.sh"
+    return load_library(path)
+
+
+class Engine:
+    """A TensorRT engine opened through the C API (main's cpp_runtime.Engine does this once merged)."""
+
+    def __init__(self, lib, path: Path):
+        self.lib = lib
+        options = _OpenOptions(str(path).encode(), None, None, 0, 1, None)
+        self.handle = ctypes.c_void_p()
+        assert lib.adafuse_engine_open(ctypes.byref(options), ctypes.byref(self.handle)) == 0, lib.adafuse_last_error().decode()
+        b, s, v = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()
+        lib.adafuse_engine_limits(self.handle, ctypes.byref(b), ctypes.byref(s), ctypes.byref(v))
+        self.max_batch, self.vocab = b.value, v.value
+        in_flight, step_tokens = ctypes.c_int32(), ctypes.c_int32()
+        lib.adafuse_step_limits(self.handle, ctypes.byref(in_flight), ctypes.byref(step_tokens))
+        assert in_flight.value == 1 and step_tokens.value >= self.max_batch  # the engine steps
+
+    def _ok(self, status: int) -> None:
+        assert status == 0, self.lib.adafuse_last_error().decode()
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, np.int64)
+        logits = np.full((*ids.shape, self.vocab), np.nan, np.float32)  # NaN-poisoned: every value must be written
+        self._ok(self.lib.adafuse_prefill(self.handle, ids.ctypes.data, ids.shape[0], ids.shape[1], logits.ctypes.data,
+                                          None, None))
+        return logits
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
+        logits = np.full((ids.shape[0], self.vocab), np.nan, np.float32)
+        self._ok(self.lib.adafuse_decode(self.handle, ids.ctypes.data, ids.shape[0], logits.ctypes.data, None, None))
+        return logits
+
+    def step(self, rows: list[tuple[int, int, list[int]]]) -> list[np.ndarray]:
+        """rows of (slot, start, new tokens) -> each row's last-position logits."""
+        table = (_StepRow * len(rows))(*[_StepRow(slot, start, len(toks), 0) for slot, start, toks in rows])
+        ids = np.array([t for _, _, toks in rows for t in toks], np.int64)
+        logits = np.full((len(rows), self.vocab), np.nan, np.float32)
+        self._ok(self.lib.adafuse_step(self.handle, ids.ctypes.data, table, len(rows), logits.ctypes.data, None, None))
+        return list(logits)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.adafuse_engine_free(self.handle)
+            self.handle = ctypes.c_void_p()
 
 
 def tensorrt_engine(ckpt_dir: Path, out: Path) -> Path:
@@ -44,7 +97,7 @@ def tensorrt_engine(ckpt_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("kind,family,config", [
     ("pregate", "llama", None), ("pregate-ffn", "qwen3", FEATURES["qwen3"]), ("mola", "phi3", FEATURES["phi3"]),
     ("mixlora", "gemma2", FEATURES["gemma2"])])
-def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config):  # noqa: F811
+def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config):
     make_example(tmp_path / "ck", kind, family, config=config)
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
     want = [ref.generate(torch.tensor([p]), n)[0][0].tolist() for (p, _, _), n in zip(PROMPTS, BUDGET)]
@@ -73,7 +126,7 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
         engine.close()
 
 
-def test_equal_length_calls_match_the_reference(lib, tmp_path):  # noqa: F811
+def test_equal_length_calls_match_the_reference(lib, tmp_path):
     """adafuse_prefill / adafuse_decode run as steps of slots 0..batch-1: logits within the float32 bound."""
     make_example(tmp_path / "ck", "pregate", "llama")
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
@@ -81,7 +134,7 @@ def test_equal_length_calls_match_the_reference(lib, tmp_path):  # noqa: F811
     want = ref.forward(torch.tensor(prompts)).logits.numpy()
     engine = Engine(lib, tensorrt_engine(tmp_path / "ck", tmp_path))
     try:
-        logits, _ = engine.prefill(prompts, 2)
+        logits = engine.prefill(prompts)
         assert np.abs(logits - want).max() <= LOGITS_ATOL
         nxt = logits[:, -1].argmax(-1)
         full = np.concatenate([prompts, nxt[:, None]], axis=1)
