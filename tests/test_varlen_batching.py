@@ -28,6 +28,7 @@ PAD = 0
 # from the table, the pre-gate inside the decoder, per-layer routers, MixLoRA experts)
 CASES = {
     "llama-pregate": ("llama", "pregate", None),
+    "llama-pregate-plugin": ("llama", "pregate", None),  # the plugin flavour: adapter nodes as ONNX Runtime custom ops
     "gemma2-pregate": ("gemma2", "pregate", FEATURES["gemma2"]),
     "qwen3-pregate": ("qwen3", "pregate", FEATURES["qwen3"]),
     "phi3-pregate": ("phi3", "pregate", FEATURES["phi3"]),
@@ -102,12 +103,13 @@ def run_batched(runner: OnnxRuntimeRunner, seqs: list[Sequence]) -> float:
 def test_rows_of_different_lengths_match_each_sequence_alone(name, tmp_path):
     family, kind, config = CASES[name]
     ckpt = make_example(tmp_path / "ckpt", kind, family=family, config=config)
-    export_onnx(load_checkpoint(tmp_path / "ckpt"), tmp_path / "onnx", "portable", "float32")
+    flavour = "plugin" if name.endswith("-plugin") else "portable"
+    export_onnx(load_checkpoint(tmp_path / "ckpt"), tmp_path / "onnx", flavour, "float32")
     ref = ReferenceModel(ckpt, dtype=torch.float32)
     seqs = [Sequence(prompt, new) for prompt, new, _, _ in SEQS]
     for seq in seqs:
         reference_alone(ref, seq)
-    worst = run_batched(OnnxRuntimeRunner(tmp_path / "onnx", device="cpu"), seqs)
+    worst = run_batched(OnnxRuntimeRunner(tmp_path / "onnx", device="cpu", plugin_ops="cpu"), seqs)
     assert worst <= LOGITS_ATOL, f"{name}: logits differ from each sequence alone by {worst:.3g}"
 
 
