@@ -226,6 +226,17 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
     if (!contexts_[p]->setOptimizationProfileAsync(p, stream_.get()))
       fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": could not select optimisation profile " + std::to_string(p));
   }
+  // The profiles must take the whole cache (max_seq positions) and every batch up to max_batch.
+  for (int p : {kPrefill, kDecode}) {
+    const std::string k0 = std::string(decoder_contract::kPastPrefix) + "0.key";
+    const nvinfer1::Dims lo = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMIN);
+    const nvinfer1::Dims hi = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMAX);
+    if (lo.nbDims != 4 || hi.nbDims != 4 || lo.d[2] > layout_.max_seq || hi.d[2] < layout_.max_seq || lo.d[0] > 1 ||
+        hi.d[0] < layout_.max_batch)
+      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": optimisation profile " + std::to_string(p) + " of '" + k0 +
+                                     "' does not take the whole cache (batch 1.." + std::to_string(layout_.max_batch) +
+                                     ", " + std::to_string(layout_.max_seq) + " positions); convert the model again");
+  }
   const size_t b = static_cast<size_t>(layout_.max_batch), s = static_cast<size_t>(layout_.max_seq);
   kv_bytes_per_tensor_ = b * static_cast<size_t>(layout_.kv_heads) * s * static_cast<size_t>(layout_.head_dim) *
                          dtype_bytes(layout_.kv_dtype);
@@ -253,17 +264,6 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
                "routing table upload");
     cuda_check(cudaMemcpy(table_gates_.ensure(n * 4, "routing table"), table.gates().data(), n * 4, cudaMemcpyHostToDevice),
                "routing table upload");
-  }
-  // The profiles must take the whole cache (max_seq positions) and every batch up to max_batch.
-  for (int p : {kPrefill, kDecode}) {
-    const std::string k0 = std::string(decoder_contract::kPastPrefix) + "0.key";
-    const nvinfer1::Dims lo = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMIN);
-    const nvinfer1::Dims hi = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMAX);
-    if (lo.nbDims != 4 || hi.nbDims != 4 || lo.d[2] > layout_.max_seq || hi.d[2] < layout_.max_seq || lo.d[0] > 1 ||
-        hi.d[0] < layout_.max_batch)
-      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": optimisation profile " + std::to_string(p) + " of '" + k0 +
-                                     "' does not take the whole cache (batch 1.." + std::to_string(layout_.max_batch) +
-                                     ", " + std::to_string(layout_.max_seq) + " positions); convert the model again");
   }
   info_ = BackendInfo{layout_.max_batch, layout_.max_seq, layout_.vocab, layout_.top_k, layout_.layers,
                       layout_.kv_heads, layout_.head_dim,
