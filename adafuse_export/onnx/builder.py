@@ -282,7 +282,7 @@ class DecoderBuilder(_Builder):
             q = apply_rope(heads(q_flat, q_shape, "q" if arch.qk_norm else None))
             kk = apply_rope(heads(k_flat, kv_shape, "k" if arch.qk_norm else None))
             v = heads(v_flat, kv_shape)
-            pk, pv = (g.op("Where", [write, g.op("GatherElements", [new, gather], axis=2), old], hint=f"present_{layer}")
+            pk, pv = (g.op("Where", [write, g.op("GatherND", [new, gather], batch_dims=2), old], hint=f"present_{layer}")
                       for new, old in ((kk, past[layer][0]), (v, past[layer][1])))
             for value, t in ((False, pk), (True, pv)):
                 g.output(contract.present_name(layer, value), t, self.elem, ["batch", kv, contract.CACHE_AXIS, d])
@@ -322,9 +322,10 @@ class DecoderBuilder(_Builder):
         positions [B, S]: past_lengths[b] + min(j, seq_lens[b] - 1), so padding repeats the row's last position;
         kpos [T]: the cache's positions 0 .. cache_len - 1;
         write [B, 1, T, 1]: cache entries this step writes (past_lengths[b] <= t < past_lengths[b] + seq_lens[b]);
-        gather [B, KV, T, d]: for entry t, the new column it takes (t - past_lengths[b], clamped into the step).
-        The present is Where(write, GatherElements(new, gather, axis 2), past): every row is written at its own
-        position with standard ops of static rank (no scatter: padding columns never reach the cache)."""
+        gather [B, KV, T, 1]: for entry t, the new column it takes (t - past_lengths[b], clamped into the step).
+        The present is Where(write, GatherND(new, gather, batch_dims 2), past): every row is written at its own
+        position with standard ops of static rank (no scatter: padding columns never reach the cache); the
+        indices are one per cache entry and head, not per element."""
         g = self.g
         width = g.op("Shape", [ids], start=1, end=2)  # [1] = S
         cols = g.op("Range", [g.const(0), g.op("Squeeze", [width, g.const([0])]), g.const(1)])  # [S]
@@ -339,7 +340,8 @@ class DecoderBuilder(_Builder):
                               g.op("Less", [offset, g.op("Unsqueeze", [seq_lens, g.const([1])])])])
         write = g.op("Unsqueeze", [inside, g.const([1, 3])], hint="kv_write")  # [B, 1, T, 1]
         column = g.op("Max", [g.op("Min", [offset, g.op("Sub", [width, g.const(1)])]), g.const(0)])  # [B, T]
-        gather = g.op("Expand", [g.op("Unsqueeze", [column, g.const([1, 3])]), g.op("Shape", [cache])], hint="kv_column")
+        heads = g.op("Concat", [g.op("Shape", [cache], end=3), g.const([1])], axis=0)  # [B, KV, T, 1]
+        gather = g.op("Expand", [g.op("Unsqueeze", [column, g.const([1, 3])]), heads], hint="kv_column")
         return positions, kpos, write, gather
 
     def mlp(self, x: str, layer: int, route) -> str:
