@@ -15,6 +15,8 @@ size_t dtype_bytes(const std::string& d) {
   return 0;
 }
 
+using nlohmann::json;
+
 namespace {
 // A top-k axis as int32 (-1 and 0 are refused below; larger than int32 becomes -1, refused too).
 int32_t narrow_axis(int64_t v) { return v > INT32_MAX ? -1 : static_cast<int32_t>(v); }
@@ -86,6 +88,30 @@ EngineLayout engine_layout(const Manifest& m) {
   checked_mul(checked_mul(checked_mul(checked_mul(rows, static_cast<uint64_t>(l.kv_heads), what),
                                       static_cast<uint64_t>(l.head_dim), what), dtype_bytes(l.kv_dtype), what),
               2ull * static_cast<uint64_t>(l.layers), what);
+  // The profiles convert recorded (profiles[i].shapes[name] = [min, opt, max]), where present: the backend binds
+  // the whole cache, so each profile's cache axis must reach max_seq and its batch axis 1..max_batch. (The
+  // TensorRT backend checks the engine's own profiles again after deserializing it.)
+  const json& profiles = lookup(m.json, {"profiles"});
+  for (size_t p = 0; profiles.is_array() && p < profiles.size(); ++p) {
+    const json& shapes = lookup(profiles[p], {"shapes"});
+    if (!shapes.is_object() || !shapes.contains(k0_name)) continue;
+    const json& range = shapes[k0_name];
+    auto axis = [&](size_t which, size_t i) -> int64_t {
+      const json& v = range.is_array() && range.size() == 3 && range[which].is_array() && range[which].size() == 4
+                          ? range[which][i] : json();
+      return v.is_number_integer() ? v.get<int64_t>() : -1;
+    };
+    const int64_t min_batch = axis(0, 0), max_batch = axis(2, 0), min_cache = axis(0, 2), max_cache = axis(2, 2);
+    if (min_batch < 0 || max_batch < 0 || min_cache < 0 || max_cache < 0)
+      fail(ADAFUSE_ERR_FILE, where + ": profile " + std::to_string(p) + " of '" + k0_name +
+                                 "' must be [min, opt, max] shapes of rank 4, found " + range.dump());
+    if (min_batch > 1 || max_batch < l.max_batch || min_cache > l.max_seq || max_cache < l.max_seq)
+      fail(ADAFUSE_ERR_FILE, where + ": profile " + std::to_string(p) + " of '" + k0_name + "' takes batch " +
+                                 std::to_string(min_batch) + ".." + std::to_string(max_batch) + " and cache length " +
+                                 std::to_string(min_cache) + ".." + std::to_string(max_cache) + "; the runtime binds batch 1.." +
+                                 std::to_string(l.max_batch) + " over the whole cache (" + std::to_string(l.max_seq) +
+                                 " positions): convert the model again");
+  }
   return l;
 }
 

@@ -179,6 +179,31 @@ TEST(EngineLayout, RefusesAnUnexpectedTensorContract) {
                    ": input 'past_key_values.0.key' holds 8 positions, expected a dynamic axis or max_seq 16");
 }
 
+TEST(EngineLayout, RefusesProfilesThatDoNotTakeTheWholeCache) {
+  // convert records each profile's shapes; an engine of the first contract had a decode cache of max_seq - 1
+  using nlohmann::json;
+  EngineFixture good;
+  const json whole = json::array({{1, 2, 1, 4}, {2, 2, 16, 4}, {2, 2, 16, 4}});
+  good.manifest["profiles"][0]["shapes"] = {{"past_key_values.0.key", whole}};
+  good.manifest["profiles"][1]["shapes"] = {{"past_key_values.0.key", whole}};
+  good.save();
+  EXPECT_EQ(engine_layout(verify_engine(good.engine())).max_seq, 16);
+  EngineFixture old;
+  old.manifest["profiles"][1]["shapes"] = {
+      {"past_key_values.0.key", json::array({{1, 2, 1, 4}, {2, 2, 8, 4}, {2, 2, 15, 4}})}};
+  old.save();
+  expect_error([&] { engine_layout(verify_engine(old.engine())); }, ADAFUSE_ERR_FILE,
+               old.manifest_path().string() +
+                   ": profile 1 of 'past_key_values.0.key' takes batch 1..2 and cache length 1..15; the runtime binds "
+                   "batch 1..2 over the whole cache (16 positions): convert the model again");
+  EngineFixture bad;
+  bad.manifest["profiles"][0]["shapes"] = {{"past_key_values.0.key", json::array({{1, 2}, {2, 2}, {2, 2}})}};
+  bad.save();
+  expect_error([&] { engine_layout(verify_engine(bad.engine())); }, ADAFUSE_ERR_FILE,
+               bad.manifest_path().string() +
+                   ": profile 0 of 'past_key_values.0.key' must be [min, opt, max] shapes of rank 4, found [[1,2],[2,2],[2,2]]");
+}
+
 TEST(EngineStep, PadsRowsIntoTheSlotsBatch) {
   // Slot 2 decodes at position 5 while slot 0 prefills 3 tokens and wants all their logits; slot 1 rides along.
   EngineFixture f;
