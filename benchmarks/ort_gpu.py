@@ -136,13 +136,16 @@ def decode_speed(work: Path, prompt_len: int, steps: int) -> dict:
     L, kv, hd = MEDIUM["num_hidden_layers"], MEDIUM["num_key_value_heads"], MEDIUM["hidden_size"] // MEDIUM["num_attention_heads"]
     state: dict = {}
 
+    cache_len = prompt_len + steps + 16  # the decoder contract (onnx/contract.py): a cache that holds the whole run
+
     def bind_step(ids: torch.Tensor, past_len: int):
         b = sess.io_binding()
         s = ids.shape[1]
-        pos = (torch.arange(s, device="cuda") + past_len)[None].contiguous()
+        past = torch.full((1,), past_len, device="cuda", dtype=torch.int64)
+        lens = torch.full((1,), s, device="cuda", dtype=torch.int64)
         e, g = tab_ids[ids].contiguous(), tab_gates[ids].contiguous()
-        keep = [ids, pos, e, g]
-        for name, t_ in (("input_ids", ids), ("position_ids", pos), ("expert_ids", e), ("gates", g)):
+        keep = [ids, past, lens, e, g]
+        for name, t_ in (("input_ids", ids), ("past_lengths", past), ("seq_lens", lens), ("expert_ids", e), ("gates", g)):
             if name in names_in:
                 b.bind_input(name, "cuda", 0, {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}[t_.dtype],
                              list(t_.shape), t_.data_ptr())
@@ -150,9 +153,9 @@ def decode_speed(work: Path, prompt_len: int, steps: int) -> dict:
             for kind in ("key", "value"):
                 name = f"past_key_values.{layer}.{kind}"
                 if past_len == 0:
-                    z = torch.zeros(1, device="cuda", dtype=torch.float16)  # a real address for the empty past
+                    z = torch.zeros(1, kv, cache_len, hd, device="cuda", dtype=torch.float16)  # zeroed, as the contract wants
                     keep.append(z)
-                    b.bind_input(name, "cuda", 0, np.float16, [1, kv, 0, hd], z.data_ptr())
+                    b.bind_input(name, "cuda", 0, np.float16, list(z.shape), z.data_ptr())
                 else:
                     b.bind_ortvalue_input(name, state[f"present.{layer}.{kind}"])
         for name in names_out:

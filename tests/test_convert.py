@@ -30,7 +30,7 @@ def test_convert_every_example(cli, example_dirs, tmp_path, kind):
     assert [p["name"] for p in manifest["profiles"]] == ["prefill", "decode"]
     decode = manifest["profiles"][1]["shapes"]
     assert decode["input_ids"] == [[1, 1], [2, 1], [2, 1]]
-    assert decode["past_key_values.0.key"][2][2] == 63  # max past = max_seq - 1
+    assert decode["past_key_values.0.key"][2][2] == 64  # the whole cache (max_seq), bound by the runtime
     assert manifest["routing"]["kind"] == ("none" if kind == "lora" else "pregate" if "pregate" in kind else "layerwise")
     if kind == "pregate":
         assert manifest["routing"]["routes_file"] == "out.onnx/routes.safetensors"

@@ -50,9 +50,11 @@ def test_segments_compute_exactly_the_whole_graph(example_dirs, tmp_path, kind, 
         ids = np.asarray(ids, np.int64)
         expected_past = runner.past
         got = runner.prefill(ids) if step == 0 else runner.decode(ids)
-        feeds = {"input_ids": ids, "position_ids": np.arange(runner.past_length - ids.shape[1], runner.past_length)[None]}
-        feeds.update(expected_past or {n: np.zeros((1, runner.kv_heads, 0, runner.head_dim), runner.kv_dtype)
-                                       for n in runner.past_names})
+        start = runner.past_length - ids.shape[1]
+        feeds = {"input_ids": ids, "past_lengths": np.array([start]), "seq_lens": np.array([ids.shape[1]])}
+        grow = np.zeros((1, runner.kv_heads, ids.shape[1], runner.head_dim), runner.kv_dtype)  # the runner's zeros
+        feeds.update({n: np.concatenate([(expected_past or {}).get(n, grow[:, :, :0]), grow], axis=2)
+                      for n in runner.past_names})
         if runner.needs_routes:
             feeds["expert_ids"], feeds["gates"] = runner.routes(ids)
         want = dict(zip(names, whole.run(names, feeds)))

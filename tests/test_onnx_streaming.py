@@ -60,14 +60,16 @@ def _feeds(session, seq=5):
     for i in session.get_inputs():
         if i.name == "input_ids":
             feeds[i.name] = rng.integers(0, 200, size=(1, seq), dtype=np.int64)
-        elif i.name == "position_ids":
-            feeds[i.name] = np.arange(seq, dtype=np.int64)[None]
+        elif i.name == "past_lengths":
+            feeds[i.name] = np.zeros(1, np.int64)
+        elif i.name == "seq_lens":
+            feeds[i.name] = np.full(1, seq, np.int64)
         elif i.name == "expert_ids":
             feeds[i.name] = rng.integers(0, 4, size=(1, seq, i.shape[2]), dtype=np.int32)
         elif i.name == "gates":
             feeds[i.name] = rng.random((1, seq, i.shape[2]), dtype=np.float32)
-        else:  # past_key_values: empty cache
-            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        else:  # past_key_values: a zeroed cache of the prompt's length
+            feeds[i.name] = np.zeros((1, i.shape[1], seq, i.shape[3]), dtype=np.float32)
     return feeds
 
 

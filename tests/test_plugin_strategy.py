@@ -161,8 +161,8 @@ def test_dense_mixture_wider_than_the_kernels_is_split_exactly(strategy, tmp_pat
     model = onnx.load(str(tmp_path / "p" / "decoder.onnx"))
     evaluator = ReferenceEvaluator(model, new_ops=[_custom_op(op) for op in plugin_ops.OP_TYPES])
     ids = np.array([[5, 17, 200, 3, 99]], np.int64)
-    feeds = {"input_ids": ids, "position_ids": np.arange(5)[None]}
-    feeds.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in model.graph.input if i.name.startswith("past")})
+    feeds = {"input_ids": ids, "past_lengths": np.array([0]), "seq_lens": np.array([5])}
+    feeds.update({i.name: np.zeros((1, 2, 5, 16), np.float32) for i in model.graph.input if i.name.startswith("past_key")})
     logits = evaluator.run(["logits"], feeds)[0]
     want = ReferenceRunner(ckpt).prefill(ids).logits
     assert np.abs(logits - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -126,7 +126,7 @@ def _break_engine(src_engine: Path, dst: Path, how: str) -> Path:
     elif how == "plugin version":
         manifest["plugin"] = {"library": "libadafuse_trt_plugins.so", "name": "AdafuseLoraLinear", "version": "2"}
     elif how == "manifest version":
-        manifest["version"] = 2
+        manifest["version"] = 1  # the first contract (one length per batch)
     elif how == "format":
         manifest["format"] = "something-else"
     elif how == "manifest missing":

@@ -108,11 +108,11 @@ def test_outputs_take_the_engines_dtypes(engines, monkeypatch):
 def _feed(runner, ids):
     t = torch.as_tensor(ids)
     b, s = t.shape
-    feed = {"input_ids": t, "position_ids": torch.arange(s).expand(b, s).contiguous()}
+    feed = {"input_ids": t, "past_lengths": torch.zeros(b, dtype=torch.int64), "seq_lens": torch.full((b,), s)}
     for name in runner.session.inputs:
         if name.startswith("past_key_values."):
             _, kv, _, d = runner.session.shapes[name]
-            feed[name] = torch.zeros(b, kv, 0, d)
+            feed[name] = torch.zeros(b, kv, s, d)
     return feed
 
 
@@ -134,7 +134,7 @@ def test_call_order(engines, monkeypatch):
     start = len(calls)
     runner.decode(np.array([[4]]))
     assert calls[start] == ("set_optimization_profile_async", 1, RUNNER_STREAM)
-    assert ("set_input_shape", "past_key_values.0.key", (1, 2, 3, 16)) in calls[start:]
+    assert ("set_input_shape", "past_key_values.0.key", (1, 2, 64, 16)) in calls[start:]  # the whole cache: max_seq
 
 
 @pytest.mark.parametrize("method, message", [

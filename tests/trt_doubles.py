@@ -126,7 +126,6 @@ class RecordingTrtContext:
             for d, n in zip(self.engine.io[name][3], shape):
                 if isinstance(d, str):
                     sizes[d] = n
-        sizes["total_seq"] = sizes["past_seq"] + sizes["seq"]  # the present = Concat(past, new) axis
         return sizes
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """ONNX graphs built directly from the canonical checkpoint (no tracing).
 
 Mirrors adafuse_export/reference/model.py op by op, so the reference is the spec:
-  decoder  input_ids, position_ids, [expert_ids, gates], past_key_values.{l}.key/value
-           -> logits, present.{l}.key/value[, expert_ids, gates]
+  decoder  input_ids, past_lengths, seq_lens, [expert_ids, gates], past_key_values.{l}.key/value
+           -> logits, present.{l}.key/value[, expert_ids, gates]   (contract.py: one length per row)
   pregate  input_ids -> expert_ids, gates        (pre-gate reading RMSNorm_0(embed) only)
 See docs/onnx-graphs.md for the contract.
 
@@ -20,7 +20,7 @@ from ..errors import AdafuseError
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
 from ..weights import base_weight, read_released, rounded
-from . import plugin_ops
+from . import contract, plugin_ops
 from .graph import ELEM, Deferred, Graph, torch_dtype
 from .graph_xp import GraphNamespace
 
@@ -42,7 +42,7 @@ def has_pregate_graph(ckpt: Checkpoint) -> bool:
 def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str, str]:
     m = ckpt.model
     return {
-        "adafuse.format": "adafuse-onnx/1", "adafuse.graph": graph, "adafuse.flavour": flavour,
+        "adafuse.format": f"adafuse-onnx/{contract.VERSION}", "adafuse.graph": graph, "adafuse.flavour": flavour,
         "adafuse.dtype": dtype, "adafuse.checkpoint_sha256": ckpt.index_sha256(),
         "adafuse.family": m.family, "adafuse.vocab_size": str(m.vocab_size), "adafuse.hidden_size": str(m.hidden_size),
         "adafuse.num_layers": str(m.num_layers), "adafuse.num_kv_heads": str(m.num_kv_heads),
@@ -231,26 +231,26 @@ class DecoderBuilder(_Builder):
     def build(self):
         g, s, a = self.g, self.spec, self.aspec
         k, kv, d, H = a.top_k, s.num_kv_heads, s.head_dim, s.num_heads
-        ids_in = g.input("input_ids", I64, ["batch", "seq"])
-        pos_in = g.input("position_ids", I64, ["batch", "seq"])
+        ids_in = g.input(contract.INPUT_IDS, I64, ["batch", "seq"])
+        past_lengths = g.input(contract.PAST_LENGTHS, I64, ["batch"])
+        seq_lens = g.input(contract.SEQ_LENS, I64, ["batch"])
         route = None
         routes_in = a.routing == "pregate" and not pregate_in_decoder(self.ckpt)
         if routes_in:
-            e_in = g.input("expert_ids", I32, ["batch", "seq", k])
-            g_in = g.input("gates", F32, ["batch", "seq", k])
+            e_in = g.input(contract.EXPERT_IDS, I32, ["batch", "seq", k])
+            g_in = g.input(contract.GATES, F32, ["batch", "seq", k])
             route = (g.op("Reshape", [e_in, g.const([-1, k])]), g.op("Reshape", [g_in, g.const([-1, k])]))
         past = []
         for layer in range(s.num_layers):
-            past.append((g.input(f"past_key_values.{layer}.key", self.elem, ["batch", kv, "past_seq", d]),
-                         g.input(f"past_key_values.{layer}.value", self.elem, ["batch", kv, "past_seq", d])))
+            past.append(tuple(g.input(contract.past_name(layer, value), self.elem, ["batch", kv, contract.CACHE_AXIS, d])
+                              for value in (False, True)))
+        pos_in, kpos, write, gather = self.row_lengths(ids_in, past_lengths, seq_lens, past[0][0])
 
         # rotary tables [B, 1, S, rotary_dim] per RoPE base, causal masks [B, 1, 1, S, T] per window
         rope = {r: self.rope_tables(pos_in, r, name)
                 for r, name in ((s.rope, "rope.inv_freq"), (s.sliding_rope, "rope.inv_freq.sliding")) if r is not None}
-        total = g.op("Add", [g.op("Shape", [past[0][0]], start=2, end=3), g.op("Shape", [ids_in], start=1, end=2)])
-        kpos = g.op("Range", [g.const(0), g.op("Squeeze", [total, g.const([0])]), g.const(1)])  # [T]
         qpos = g.op("Unsqueeze", [pos_in, g.const([2])])  # [B, S, 1]
-        causal = g.op("LessOrEqual", [kpos, qpos])
+        causal = g.op("LessOrEqual", [kpos, qpos])  # also hides the cache beyond each valid query's row
         masks: dict[int | None, str] = {None: g.op("Unsqueeze", [causal, g.const([1, 2])], hint="causal_mask")}
         if s.sliding_window is not None:
             window = g.op("Greater", [kpos, g.op("Sub", [qpos, g.const(s.sliding_window)])])
@@ -282,10 +282,10 @@ class DecoderBuilder(_Builder):
             q = apply_rope(heads(q_flat, q_shape, "q" if arch.qk_norm else None))
             kk = apply_rope(heads(k_flat, kv_shape, "k" if arch.qk_norm else None))
             v = heads(v_flat, kv_shape)
-            pk = g.op("Concat", [past[layer][0], kk], axis=2, out=f"present_{layer}_key")
-            pv = g.op("Concat", [past[layer][1], v], axis=2, out=f"present_{layer}_value")
-            g.output(f"present.{layer}.key", pk, self.elem, ["batch", kv, "total_seq", d])
-            g.output(f"present.{layer}.value", pv, self.elem, ["batch", kv, "total_seq", d])
+            pk, pv = (g.op("Where", [write, g.op("GatherND", [new, gather], batch_dims=2), old], hint=f"present_{layer}")
+                      for new, old in ((kk, past[layer][0]), (v, past[layer][1])))
+            for value, t in ((False, pk), (True, pv)):
+                g.output(contract.present_name(layer, value), t, self.elem, ["batch", kv, contract.CACHE_AXIS, d])
             q5 = g.op("Reshape", [q, g.const([0, kv, H // kv, -1, d])])  # [B, KV, rep, S, d]
             k5 = g.op("Transpose", [g.op("Unsqueeze", [pk, g.const([2])])], perm=[0, 1, 2, 4, 3])  # [B, KV, 1, d, T]
             v5 = g.op("Unsqueeze", [pv, g.const([2])])  # [B, KV, 1, T, d]
@@ -304,8 +304,8 @@ class DecoderBuilder(_Builder):
             if layer == 0 and pregate_in_decoder(self.ckpt):
                 route = self.pregate_route(x)
                 e_out, g_out = self.unflatten_route(*route, ids_in)
-                g.output("expert_ids", e_out, I32, ["batch", "seq", k])
-                g.output("gates", g_out, F32, ["batch", "seq", k])
+                g.output(contract.EXPERT_IDS, e_out, I32, ["batch", "seq", k])
+                g.output(contract.GATES, g_out, F32, ["batch", "seq", k])
             m = self.mlp(x, layer, route)
             if norms.mlp_out is not None:
                 m = self.rms_norm(m, arch.norm_weight(layer, norms.mlp_out))
@@ -314,8 +314,35 @@ class DecoderBuilder(_Builder):
         logits = g.cast(g.op("Gemm", [h, self.weight(LM_HEAD)], transB=1, hint="lm_head"), F32, self.elem)
         logits = self.softcap(logits, s.final_softcap, "float32")
         shape = g.op("Concat", [g.op("Shape", [ids_in]), g.const([s.vocab_size])], axis=0)
-        g.output("logits", g.op("Reshape", [logits, shape]), F32, ["batch", "seq", s.vocab_size])
+        g.output(contract.LOGITS, g.op("Reshape", [logits, shape]), F32, ["batch", "seq", s.vocab_size])
         return self._finish("decoder")
+
+    def row_lengths(self, ids: str, past_lengths: str, seq_lens: str, cache: str) -> tuple[str, str, str, str]:
+        """What each row's own length gives the graph (contract.py):
+        positions [B, S]: past_lengths[b] + min(j, seq_lens[b] - 1), so padding repeats the row's last position;
+        kpos [T]: the cache's positions 0 .. cache_len - 1;
+        write [B, 1, T, 1]: cache entries this step writes (past_lengths[b] <= t < past_lengths[b] + seq_lens[b]);
+        gather [B, KV, T, 1]: for entry t, the new column it takes (t - past_lengths[b], clamped into the step).
+        The present is Where(write, GatherND(new, gather, batch_dims 2), past): every row is written at its own
+        position with standard ops of static rank (no scatter: padding columns never reach the cache); the
+        indices are one per cache entry and head, not per element."""
+        g = self.g
+        width = g.op("Shape", [ids], start=1, end=2)  # [1] = S
+        cols = g.op("Range", [g.const(0), g.op("Squeeze", [width, g.const([0])]), g.const(1)])  # [S]
+        last = g.op("Max", [g.op("Sub", [seq_lens, g.const(1)]), g.const(0)])  # [B]
+        past_col = g.op("Unsqueeze", [past_lengths, g.const([1])])  # [B, 1]
+        positions = g.op("Add", [past_col, g.op("Min", [g.op("Unsqueeze", [cols, g.const([0])]),
+                                                         g.op("Unsqueeze", [last, g.const([1])])])], hint="positions")
+        cache_len = g.op("Shape", [cache], start=2, end=3)  # [1] = T
+        kpos = g.op("Range", [g.const(0), g.op("Squeeze", [cache_len, g.const([0])]), g.const(1)])  # [T]
+        offset = g.op("Sub", [g.op("Unsqueeze", [kpos, g.const([0])]), past_col])  # [B, T]: t - past_lengths[b]
+        inside = g.op("And", [g.op("GreaterOrEqual", [offset, g.const(0)]),
+                              g.op("Less", [offset, g.op("Unsqueeze", [seq_lens, g.const([1])])])])
+        write = g.op("Unsqueeze", [inside, g.const([1, 3])], hint="kv_write")  # [B, 1, T, 1]
+        column = g.op("Max", [g.op("Min", [offset, g.op("Sub", [width, g.const(1)])]), g.const(0)])  # [B, T]
+        heads = g.op("Concat", [g.op("Shape", [cache], end=3), g.const([1])], axis=0)  # [B, KV, T, 1]
+        gather = g.op("Expand", [g.op("Unsqueeze", [column, g.const([1, 3])]), heads], hint="kv_column")
+        return positions, kpos, write, gather
 
     def mlp(self, x: str, layer: int, route) -> str:
         g, a = self.g, self.aspec

@@ -11,7 +11,7 @@ from ..progress import Progress
 from ..routes import write_routing_table
 from ..summary import adapter_summary, routing_contract
 from ..tensors import atomic_directory
-from . import DECODER, MANIFEST, PREGATE, ROUTES, plugin_ops
+from . import DECODER, MANIFEST, PREGATE, ROUTES, contract, plugin_ops
 from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
 
@@ -113,7 +113,7 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
         del pregate
         routes = write_routing_table(ckpt, tmp / ROUTES, dtype)
     manifest = {
-        "format": "adafuse-onnx", "version": 1, "flavour": flavour, "dtype": dtype, "opset": OPSET,
+        "format": "adafuse-onnx", "version": contract.VERSION, "flavour": flavour, "dtype": dtype, "opset": OPSET,
         "checkpoint": {"path": str(ckpt.path), "format": ckpt.format, "index_sha256": ckpt.index_sha256()},
         "model": {"family": m.family, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                   "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
@@ -127,7 +127,9 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
                         "op_type": plugin_ops.op_type(strategy), "plugin_version": plugin_ops.PLUGIN_VERSION,
                         "fields": [n for n, _ in plugin_ops.FIELDS], "inputs": list(plugin_ops.INPUTS)}
                        if strategy is not None else None),
-        "kv_cache": "past_key_values.{l}.key/value hold positions 0..past_seq-1; present = concat(past, new) on axis 2",
+        "kv_cache": (f"past_key_values.{{l}}.key/value [batch, kv_heads, {contract.CACHE_AXIS}, head_dim] hold position p of "
+                     f"row b at index p; present = the cache with row b's {contract.SEQ_LENS}[b] new entries written from "
+                     f"index {contract.PAST_LENGTHS}[b] (adafuse_export/onnx/contract.py)"),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AdafuseError, missing_dependency
+from ..onnx import contract
 from .base import ModelInfo, Runner, StepResult, read_routes
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -72,6 +73,11 @@ class OnnxRuntimeRunner(Runner):
             self.plugin = PluginGraph(header, self.files.decoder, plugin_ops)
         self.meta = metadata(header)
         self.header = header
+        declared = [v.name for v in header.graph.input]
+        for needed in (contract.INPUT_IDS, contract.PAST_LENGTHS, contract.SEQ_LENS, contract.past_name(0, False)):
+            if needed not in declared:
+                raise AdafuseError(f"{self.files.decoder}: decoder input '{needed}' not found (found {', '.join(declared)}; "
+                                   f"an export older than format {contract.VERSION} has no length per row: export it again)")
         options = ort.SessionOptions()
         options.log_severity_level = 4  # failures reach the user as one-line errors, not as its log
         if threads:
@@ -93,9 +99,6 @@ class OnnxRuntimeRunner(Runner):
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._load_header = load_header
-        for needed in ("input_ids", "position_ids", "past_key_values.0.key"):
-            if needed not in self.inputs:
-                raise AdafuseError(f"{self.files.decoder}: decoder input '{needed}' not found (found {', '.join(self.inputs)})")
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.num_layers = len(self.past_names) // 2
         k0 = self.inputs["past_key_values.0.key"]
@@ -167,35 +170,60 @@ class OnnxRuntimeRunner(Runner):
             return self.table[0][ids], self.table[1][ids]
         return None
 
-    def _run(self, ids: np.ndarray) -> StepResult:
+    def step(self, input_ids, past_lengths, seq_lens) -> StepResult:
+        """One in-flight step over the rows of the held cache (contract.py): row b's first seq_lens[b] ids continue
+        its sequence at position past_lengths[b] (0 starts a new one in that row; seq_lens 0 carries the row).
+        The cache is made for the batch on first use and grows to hold every row's reach. Logits [B, S, vocab]
+        (columns beyond a row's seq_lens mean nothing); present: the whole cache."""
+        ids = self._check_ids(input_ids)
         batch, seq = ids.shape
+        if self.past is not None and next(iter(self.past.values())).shape[0] != batch:
+            raise AdafuseError(f"step batch {batch} differs from the cache's {next(iter(self.past.values())).shape[0]} rows")
+        past = np.asarray(past_lengths, np.int64)
+        n = np.asarray(seq_lens, np.int64)
+        cache_len = 0 if self.past is None else next(iter(self.past.values())).shape[2]
+        contract.check_step(past_lengths, seq_lens, batch, seq, max(cache_len, int((past + n).max(initial=0))))
+        return self._run(ids, past, n)
+
+    def _run(self, ids: np.ndarray, past_lengths: np.ndarray, seq_lens: np.ndarray) -> StepResult:
+        batch, seq = ids.shape
+        need = int((past_lengths + seq_lens).max(initial=0))
         if self.past is None:
             self.past = {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for n in self.past_names}
-        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(self._past_len, self._past_len + seq), (batch, seq)).astype(np.int64)}
+        have = next(iter(self.past.values())).shape[2]
+        if need > have:  # zeros: the contract wants finite values beyond every row's length
+            grow = np.zeros((batch, self.kv_heads, need - have, self.head_dim), self.kv_dtype)
+            self.past = {n: np.concatenate([v, grow], axis=2) for n, v in self.past.items()}
+        feeds = {contract.INPUT_IDS: ids, contract.PAST_LENGTHS: past_lengths, contract.SEQ_LENS: seq_lens}
         feeds.update(self.past)
         expert_ids = gates = None
         run = self.plugin.run if self.plugin else lambda session, names, f: session.run(names, f)
         try:
             if self.needs_routes:
                 expert_ids, gates = self.routes(ids)
-                feeds["expert_ids"], feeds["gates"] = expert_ids, gates
+                feeds[contract.EXPERT_IDS], feeds[contract.GATES] = expert_ids, gates
             outs = dict(zip(self.output_names, run(self.session, self.output_names, feeds)))
         except Exception as e:  # ONNX Runtime's own types: a model that cannot run its inputs is the model's fault
             if isinstance(e, AdafuseError) or type(e).__module__.split(".")[0] != "onnxruntime":
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AdafuseError(f"{self.files.decoder}: ONNX Runtime cannot run this model: {first}") from None
-        present = {n: outs[n] for n in self.output_names if n.startswith("present.")}
-        self.past = {f"past_key_values.{n[len('present.'):]}": v for n, v in present.items()}
-        self._past_len += seq
-        if "expert_ids" in outs:
-            expert_ids, gates = outs["expert_ids"], outs["gates"]
-        return StepResult(outs["logits"], present, expert_ids, gates)
+        present = {n: outs[n] for n in self.output_names if n.startswith(contract.PRESENT_PREFIX)}
+        self.past = {contract.PAST_PREFIX + n[len(contract.PRESENT_PREFIX):]: v for n, v in present.items()}
+        self._past_len = need
+        if contract.EXPERT_IDS in outs:
+            expert_ids, gates = outs[contract.EXPERT_IDS], outs[contract.GATES]
+        return StepResult(outs[contract.LOGITS], present, expert_ids, gates)
+
+    def _uniform(self, ids: np.ndarray) -> StepResult:
+        """Every row continues at the same length (prefill and decode)."""
+        batch, seq = ids.shape
+        return self._run(ids, np.full(batch, self._past_len, np.int64), np.full(batch, seq, np.int64))
 
     def prefill(self, input_ids):
         ids = self._check_ids(input_ids)
         self.past, self._past_len = None, 0
-        return self._run(ids)
+        return self._uniform(ids)
 
     def decode(self, input_ids):
         if self.past is None:
@@ -203,7 +231,7 @@ class OnnxRuntimeRunner(Runner):
         ids = self._check_ids(input_ids)
         if ids.shape[0] != next(iter(self.past.values())).shape[0]:
             raise AdafuseError(f"decode batch {ids.shape[0]} differs from the prefill batch {next(iter(self.past.values())).shape[0]}")
-        return self._run(ids)
+        return self._uniform(ids)
 
     @property
     def past_length(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import AdafuseError
 from ..inputs import confine
+from ..onnx import contract
 from ..trt.backends import BackendKind, builders_for
 from ..trt.build import DECODE, PREFILL
 from ..trt.manifest import manifest_meta, manifest_path, verify_engine
@@ -230,21 +231,23 @@ class TensorRTRunner(Runner):
             raise AdafuseError(f"{self.info.model}: {self.length} cached + {s} new tokens exceed the engine's max seq "
                                f"{self.max_seq} (its profiles; rebuild with convert --max-seq)")
         device = self.placement.device
-        feed = {"input_ids": ids,
-                "position_ids": (torch.arange(s, device=device) + self.length).expand(b, s).contiguous()}
+        # the engine's contract (onnx/contract.py): one length per row, here the same for all; the cache is bound
+        # whole ([b, kv, max_seq, d], zeros where nothing is written yet), as the C++ runtime binds it
+        feed = {contract.INPUT_IDS: ids, contract.PAST_LENGTHS: torch.full((b,), self.length, dtype=torch.int64, device=device),
+                contract.SEQ_LENS: torch.full((b,), s, dtype=torch.int64, device=device)}
         if self.table is not None:
-            feed["expert_ids"] = self.table[0][ids].contiguous()
-            feed["gates"] = self.table[1][ids].contiguous()
+            feed[contract.EXPERT_IDS] = self.table[0][ids].contiguous()
+            feed[contract.GATES] = self.table[1][ids].contiguous()
         for name in session.inputs:
-            if name.startswith("past_key_values."):
-                present = "present." + name[len("past_key_values."):]
+            if name.startswith(contract.PAST_PREFIX):
+                present = contract.PRESENT_PREFIX + name[len(contract.PAST_PREFIX):]
                 _, kv, _, d = session.shapes[name]
-                feed[name] = self.past.get(present, torch.zeros(b, kv, 0, d, device=device, dtype=session.dtypes[name]))
+                feed[name] = self.past.get(present, torch.zeros(b, kv, self.max_seq, d, device=device, dtype=session.dtypes[name]))
         outputs = session.run(feed, profile)
-        self.past = {n: t for n, t in outputs.items() if n.startswith("present.")}
+        self.past = {n: t for n, t in outputs.items() if n.startswith(contract.PRESENT_PREFIX)}
         self.length += s
-        result = StepResult(outputs["logits"].float().cpu().numpy(),
-                            {n: t.float().cpu().numpy() for n, t in self.past.items()})
+        result = StepResult(outputs[contract.LOGITS].float().cpu().numpy(),
+                            {n: t[:, :, :self.length].float().cpu().numpy() for n, t in self.past.items()})
         routed = outputs if "expert_ids" in outputs else feed if self.table is not None else None
         if routed is not None:
             result.expert_ids = routed["expert_ids"].to(torch.int32).cpu().numpy()

@@ -1,7 +1,9 @@
 """Build a serialized engine from an exported ONNX decoder.
 
-Two optimisation profiles: 0 = prefill (past length 0, 1..max_seq new tokens), 1 = decode (one
-new token, past 1..max_seq-1). A service selects the profile per step; the manifest lists them.
+Two optimisation profiles: 0 = prefill (1..max_seq new tokens per row), 1 = decode (one new token per row).
+Rows carry their own lengths (onnx/contract.py: past_lengths, seq_lens), so both profiles take any past
+lengths; the KV cache axis is 1..max_seq, tuned for max_seq (the runtime binds its whole cache, one row per
+slot). A service selects the profile per step; the manifest lists them.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any, Callable
 
 from ..errors import AdafuseError
 from ..inputs import read_bytes
+from ..onnx import contract
 from ..outputs import write_bytes
 from .backends import Backend
 
@@ -19,22 +22,22 @@ PREFILL, DECODE = 0, 1
 
 
 def profile_shapes(name: str, shape: tuple[int, ...], max_batch: int, max_seq: int) -> dict[str, list[list[int]]]:
-    """min/opt/max of one input for both profiles. Dynamic axes: batch (0), seq or past length (2 for KV)."""
-    def dims(batch: int, seq: int, past: int) -> list[int]:
+    """min/opt/max of one input for both profiles. Dynamic axes: batch (0), seq or the cache's length (2 for KV)."""
+    def dims(batch: int, seq: int, cache: int) -> list[int]:
         out = []
         for axis, d in enumerate(shape):
             if d != -1:
                 out.append(d)
             elif axis == 0:
                 out.append(batch)
-            elif name.startswith("past_key_values"):
-                out.append(past)
+            elif name.startswith(contract.PAST_PREFIX):
+                out.append(cache)
             else:
                 out.append(seq)
         return out
     return {
-        "prefill": [dims(1, 1, 0), dims(max_batch, max(1, max_seq // 2), 0), dims(max_batch, max_seq, 0)],
-        "decode": [dims(1, 1, 1), dims(max_batch, 1, max(1, max_seq // 2)), dims(max_batch, 1, max_seq - 1)],
+        "prefill": [dims(1, 1, 1), dims(max_batch, max(1, max_seq // 2), max_seq), dims(max_batch, max_seq, max_seq)],
+        "decode": [dims(1, 1, 1), dims(max_batch, 1, max_seq), dims(max_batch, 1, max_seq)],
     }
 
 

@@ -15,12 +15,12 @@ from typing import Any
 
 from .. import __version__
 from ..errors import AdafuseError
-from ..onnx import plugin_ops
+from ..onnx import contract, plugin_ops
 from ..inputs import confine, open_regular, read_json
 from ..summary import adapter_summary, routing_metadata
 
 MANIFEST_FORMAT = "adafuse-engine"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = contract.VERSION  # the decoder contract the engine's tensors follow
 # the routing section: "kind" (the summary's "routing") and these fields of summary.adapter_summary
 ROUTING_FIELDS = ("router_kind", "expert_kind", "num_experts", "top_k", "normalize_topk", "pregate_input")
 

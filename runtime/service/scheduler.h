@@ -1,9 +1,9 @@
 // The service's request queue and executor. Requests wait in a bounded queue; one worker thread runs
 // them with the executor the backend allows (info().in_flight):
-// - in-flight (native backend): requests take free cache slots at step boundaries in arrival order
+// - in-flight (native backend, TensorRT engines): requests take free cache slots at step boundaries in arrival order
 //   and share every step with the running sequences (src/batcher.h: chunked prefill, the wait policy);
 //   a slot frees the moment its request ends or is cancelled.
-// - equal-length (TensorRT engines, no length per row): the oldest request and up to max_batch - 1
+// - equal-length (a backend without a length per row): the oldest request and up to max_batch - 1
 //   more of the same prompt length are prefilled together, then decoded one step at a time until
 //   each has finished; then the next batch.
 // A failed step fails the requests in it, not the service.

@@ -18,7 +18,7 @@ struct BackendInfo {
   int32_t layers = 0, kv_heads = 0, head_dim = 0;
   std::string description;
   // step() is available: sequences of different lengths share a batch, each in its own cache slot
-  // (in-flight batching). False for engines without a length per row (the TensorRT export today).
+  // (in-flight batching). Both the native and the TensorRT backend step (decoder_contract.h: a length per row).
   bool in_flight = false;
   // The most tokens one step() call takes over all its rows (a prompt longer than this is prefilled
   // in chunks by the caller); 0 when !in_flight.

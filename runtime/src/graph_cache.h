@@ -1,6 +1,7 @@
 // The cache policy of captured decode steps (CUDA graphs), apart from CUDA so the CPU tests drive it.
 // A captured step replays only with the same shapes and addresses, so an entry is keyed by batch,
-// past length and KV-cache slot: one generation touches a new key per token. The cache holds at most
+// a length and KV-cache slot (the TensorRT backend binds its whole cache, so the length is max_seq and one
+// key serves every decode step of a batch size and buffer; the lengths per row are data). The cache holds at most
 // `capacity` entries and drops the least recently used one (destroying its graph) to make room.
 #pragma once
 
@@ -17,7 +18,7 @@ namespace adafuse {
 template <typename Exec>  // cudaGraphExec_t in the TensorRT backend; a null Exec means "not captured"
 class GraphCache {
  public:
-  using Key = std::tuple<int32_t, int32_t, int>;  // batch, past length, cache slot
+  using Key = std::tuple<int32_t, int32_t, int>;  // batch, bound cache length, cache slot
   struct Entry {
     int seen = 0;  // plain runs so far: the second one is captured
     Exec exec{};

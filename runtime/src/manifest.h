@@ -12,10 +12,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "decoder_contract.h"
+
 namespace adafuse {
 
 inline constexpr const char* kManifestFormat = "adafuse-engine";
-inline constexpr int kManifestVersion = 1;
+inline constexpr int kManifestVersion = decoder_contract::kVersion;  // the tensor contract the engine follows
 // Must equal adafuse_export/onnx/plugin_ops.py PLUGIN_VERSION (a pytest checks it).
 inline constexpr const char* kPluginVersion = "1";
 // Must equal adafuse_export/onnx/plugin_ops.py OP_TYPES.

@@ -6,10 +6,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <vector>
 
+#include "decoder_contract.h"
 #include "engine_layout.h"
 #include "error.h"
 #include "files.h"
@@ -22,7 +24,7 @@ namespace adafuse {
 namespace {
 
 constexpr int kPrefill = 0, kDecode = 1;  // optimisation profiles (adafuse_export/trt/build.py)
-constexpr size_t kMaxGraphs = 4096;       // captured decode steps kept (one per batch, past length, buffer), LRU
+constexpr size_t kMaxGraphs = 256;        // captured decode steps kept (one per batch and buffer), LRU
 
 // The plugin library installed with this code: beside the module that holds it (the shared runtime in
 // lib/), or in ../lib of it (adafuse-serve in bin/). Both the wheel (adafuse_export/_native/{bin,lib}) and
@@ -142,13 +144,18 @@ class TensorRTBackend final : public Backend {
   void do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits, int32_t* expert_ids,
                   float* gates) override;
   void do_decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) override;
+  void do_step(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,
+               float* gates) override;
   void do_read_kv(int32_t layer, bool value, float* out) const override;
 
  private:
-  // Uploads ids and positions, looks routes up on the device, binds every tensor of one step.
-  void bind(int profile, const int64_t* ids, int32_t batch, int32_t len, int32_t past, void* logits);
+  // One engine call for in-flight rows (plan_step): prefill, decode and step all run through it.
+  void run(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids, float* gates);
+  // Uploads the step's ids and lengths, looks routes up on the device, binds every tensor (step_bindings).
+  void bind(const EngineStep& step, void* logits);
   void enqueue(int profile);
-  void copy_routes_back(int32_t* expert_ids, float* gates, size_t n);
+  // Slots at and above the engine's batch that hold tokens: the present buffer gets their cache too.
+  void carry_rows(int32_t from);
   void* kv(int slot, int32_t layer, bool value) const;
   using Graphs = GraphCache<cudaGraphExec_t>;
   // Captures the decode step just run (same shapes and addresses) into graph.
@@ -167,11 +174,13 @@ class TensorRTBackend final : public Backend {
   TrtPtr<nvinfer1::IRuntime> runtime_;
   TrtPtr<nvinfer1::ICudaEngine> engine_;
   TrtPtr<nvinfer1::IExecutionContext> contexts_[2];
-  DeviceBuffer ids_, positions_, route_ids_, route_gates_, table_ids_, table_gates_, prefill_logits_, step_logits_;
-  DeviceBuffer cache_[2];  // ping-pong: the past lives in cache_[slot_], the present is written to the other
+  DeviceBuffer ids_, lengths_, route_ids_, route_gates_, table_ids_, table_gates_, prefill_logits_, step_logits_;
+  // ping-pong: the past lives in cache_[slot_], the present is written to the other. Each layer's keys (and
+  // values) are [max_batch, kv_heads, max_seq, head_dim]: one row per slot, bound whole (a prefix of rows).
+  DeviceBuffer cache_[2];
   int slot_ = 0;
-  size_t kv_bytes_per_tensor_ = 0;
-  std::vector<int64_t> host_ids_, host_positions_;
+  size_t kv_bytes_per_tensor_ = 0, kv_bytes_per_row_ = 0;
+  std::vector<int64_t> host_lengths_;  // past_lengths then seq_lens, one upload
   bool cuda_graphs_ = true;
   Graphs graphs_{kMaxGraphs, [](cudaGraphExec_t exec) { cudaGraphExecDestroy(exec); }};  // last: destroyed first
 };
@@ -218,12 +227,28 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
     if (!contexts_[p]->setOptimizationProfileAsync(p, stream_.get()))
       fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": could not select optimisation profile " + std::to_string(p));
   }
+  // The profiles must take the whole cache (max_seq positions) and every batch up to max_batch.
+  for (int p : {kPrefill, kDecode}) {
+    const std::string k0 = std::string(decoder_contract::kPastPrefix) + "0.key";
+    const nvinfer1::Dims lo = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMIN);
+    const nvinfer1::Dims hi = engine_->getProfileShape(k0.c_str(), p, nvinfer1::OptProfileSelector::kMAX);
+    if (lo.nbDims != 4 || hi.nbDims != 4 || lo.d[2] > layout_.max_seq || hi.d[2] < layout_.max_seq || lo.d[0] > 1 ||
+        hi.d[0] < layout_.max_batch)
+      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": optimisation profile " + std::to_string(p) + " of '" + k0 +
+                                     "' does not take the whole cache (batch 1.." + std::to_string(layout_.max_batch) +
+                                     ", " + std::to_string(layout_.max_seq) + " positions); convert the model again");
+  }
   const size_t b = static_cast<size_t>(layout_.max_batch), s = static_cast<size_t>(layout_.max_seq);
   kv_bytes_per_tensor_ = b * static_cast<size_t>(layout_.kv_heads) * s * static_cast<size_t>(layout_.head_dim) *
                          dtype_bytes(layout_.kv_dtype);
-  for (auto& c : cache_) c.ensure(kv_bytes_per_tensor_ * 2 * static_cast<size_t>(layout_.layers), "the KV cache");
+  kv_bytes_per_row_ = kv_bytes_per_tensor_ / b;
+  for (auto& c : cache_) {
+    const size_t bytes = kv_bytes_per_tensor_ * 2 * static_cast<size_t>(layout_.layers);
+    // zeros: the contract wants finite values beyond every row's length (masked entries still meet 0 * x)
+    cuda_check(cudaMemset(c.ensure(bytes, "the KV cache"), 0, bytes), "KV cache initialisation");
+  }
   ids_.ensure(b * s * sizeof(int64_t), "input ids");
-  positions_.ensure(b * s * sizeof(int64_t), "position ids");
+  lengths_.ensure(2 * b * sizeof(int64_t), "past lengths and sequence lengths");
   step_logits_.ensure(b * static_cast<size_t>(layout_.vocab) * sizeof(float), "decode logits");
   if (layout_.top_k > 0) {
     route_ids_.ensure(b * s * static_cast<size_t>(layout_.top_k) * 4, "routes");
@@ -244,6 +269,9 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   info_ = BackendInfo{layout_.max_batch, layout_.max_seq, layout_.vocab, layout_.top_k, layout_.layers,
                       layout_.kv_heads, layout_.head_dim,
                       "TensorRT " + trt_.version_text + " (" + trt_.library.path() + "), " + manifest.dtype};
+  info_.in_flight = true;  // rows carry their own lengths (decoder_contract.h)
+  // A step's tokens over all rows: a whole prompt of max_seq, or one token for every slot.
+  info_.max_step_tokens = std::max(layout_.max_batch, layout_.max_seq);
 }
 
 void TensorRTBackend::register_plugins(const std::string& plugin_path) {
@@ -278,48 +306,49 @@ void* TensorRTBackend::kv(int slot, int32_t layer, bool value) const {
   return static_cast<char*>(cache_[slot].get()) + (static_cast<size_t>(layer) * 2 + (value ? 1 : 0)) * kv_bytes_per_tensor_;
 }
 
-void TensorRTBackend::bind(int profile, const int64_t* ids, int32_t batch, int32_t len, int32_t past, void* logits) {
-  const size_t n = static_cast<size_t>(batch) * static_cast<size_t>(len);
-  host_ids_.assign(ids, ids + n);
-  host_positions_.resize(n);
-  for (size_t i = 0; i < n; ++i) host_positions_[i] = past + static_cast<int64_t>(i % static_cast<size_t>(len));
-  step_check(cudaMemcpyAsync(ids_.get(), host_ids_.data(), n * 8, cudaMemcpyHostToDevice, stream_.get()), "input ids upload");
-  step_check(cudaMemcpyAsync(positions_.get(), host_positions_.data(), n * 8, cudaMemcpyHostToDevice, stream_.get()),
-             "position ids upload");
-  nvinfer1::IExecutionContext& ctx = *contexts_[profile];
-  auto set = [&](const std::string& name, std::initializer_list<int64_t> shape, void* address) {
-    nvinfer1::Dims dims{};
-    dims.nbDims = static_cast<int32_t>(shape.size());
-    int i = 0;
-    for (int64_t d : shape) dims.d[i++] = d;
-    if (!ctx.setInputShape(name.c_str(), dims) || !ctx.setTensorAddress(name.c_str(), address))
-      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT refused the shape or address of '" + name + "' (see its log)");
-  };
-  auto out = [&](const std::string& name, void* address) {
-    if (!ctx.setTensorAddress(name.c_str(), address))
-      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT refused the address of '" + name + "'");
-  };
-  set("input_ids", {batch, len}, ids_.get());
-  set("position_ids", {batch, len}, positions_.get());
-  if (layout_.routes_in) {
+void TensorRTBackend::bind(const EngineStep& step, void* logits) {
+  const size_t batch = static_cast<size_t>(step.batch), n = batch * static_cast<size_t>(step.width);
+  host_lengths_.assign(step.past_lengths.begin(), step.past_lengths.end());
+  host_lengths_.insert(host_lengths_.end(), step.seq_lens.begin(), step.seq_lens.end());
+  // stream-ordered before the engine (or a replayed graph) reads them; the host vectors outlive the step's sync
+  step_check(cudaMemcpyAsync(ids_.get(), step.ids.data(), n * 8, cudaMemcpyHostToDevice, stream_.get()), "input ids upload");
+  step_check(cudaMemcpyAsync(lengths_.get(), host_lengths_.data(), 2 * batch * 8, cudaMemcpyHostToDevice, stream_.get()),
+             "row lengths upload");
+  if (layout_.routes_in)
     step_check(gather_routes(static_cast<const int64_t*>(ids_.get()), static_cast<int64_t>(n), layout_.top_k,
                              static_cast<const int32_t*>(table_ids_.get()), static_cast<const float*>(table_gates_.get()),
                              static_cast<int32_t*>(route_ids_.get()), static_cast<float*>(route_gates_.get()), stream_.get()),
                "routing table lookup");
-    set("expert_ids", {batch, len, layout_.top_k}, route_ids_.get());
-    set("gates", {batch, len, layout_.top_k}, route_gates_.get());
-  }
-  for (int32_t l = 0; l < layout_.layers; ++l)
-    for (bool value : {false, true}) {
-      const std::string suffix = std::to_string(l) + (value ? ".value" : ".key");
-      set("past_key_values." + suffix, {batch, layout_.kv_heads, past, layout_.head_dim}, kv(slot_, l, value));
-      out("present." + suffix, kv(1 - slot_, l, value));
+  nvinfer1::IExecutionContext& ctx = *contexts_[step.profile];
+  namespace dc = decoder_contract;
+  for (const TensorBinding& t : step_bindings(layout_, step.batch, step.width)) {
+    void* address = nullptr;
+    if (t.layer >= 0)
+      address = kv(t.input ? slot_ : 1 - slot_, t.layer, t.value);
+    else if (t.name == dc::kInputIds)
+      address = ids_.get();
+    else if (t.name == dc::kPastLengths)
+      address = lengths_.get();
+    else if (t.name == dc::kSeqLens)
+      address = static_cast<int64_t*>(lengths_.get()) + batch;
+    else if (t.name == dc::kExpertIds)
+      address = route_ids_.get();
+    else if (t.name == dc::kGates)
+      address = route_gates_.get();
+    else if (t.name == dc::kLogits)
+      address = logits;
+    else
+      fail(ADAFUSE_ERR_INTERNAL, engine_name_ + ": no buffer for tensor '" + t.name + "'");
+    if (t.input) {
+      nvinfer1::Dims dims{};
+      dims.nbDims = static_cast<int32_t>(t.shape.size());
+      for (size_t i = 0; i < t.shape.size(); ++i) dims.d[i] = t.shape[i];
+      if (!ctx.setInputShape(t.name.c_str(), dims))
+        fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT refused the shape of '" + t.name + "' (see its log)");
     }
-  if (layout_.routes_out) {  // the pre-gate runs inside the decoder: keep what it chose
-    out("expert_ids", route_ids_.get());
-    out("gates", route_gates_.get());
+    if (!ctx.setTensorAddress(t.name.c_str(), address))
+      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT refused the address of '" + t.name + "'");
   }
-  out("logits", logits);
 }
 
 void TensorRTBackend::enqueue(int profile) {
@@ -330,50 +359,83 @@ void TensorRTBackend::enqueue(int profile) {
   }
 }
 
-void TensorRTBackend::copy_routes_back(int32_t* expert_ids, float* gates, size_t n) {
-  const size_t bytes = n * static_cast<size_t>(layout_.top_k) * 4;
-  if (expert_ids && layout_.top_k > 0)
-    step_check(cudaMemcpyAsync(expert_ids, route_ids_.get(), bytes, cudaMemcpyDeviceToHost, stream_.get()), "routes download");
-  if (gates && layout_.top_k > 0)
-    step_check(cudaMemcpyAsync(gates, route_gates_.get(), bytes, cudaMemcpyDeviceToHost, stream_.get()), "routes download");
+void TensorRTBackend::carry_rows(int32_t from) {
+  int32_t live = from;  // 1 + the highest slot at or above `from` that holds tokens
+  for (int32_t slot = from; slot < layout_.max_batch; ++slot)
+    if (slot_length(slot) > 0) live = slot + 1;
+  if (live == from) return;
+  const size_t offset = static_cast<size_t>(from) * kv_bytes_per_row_;
+  const size_t bytes = static_cast<size_t>(live - from) * kv_bytes_per_row_;
+  for (int32_t l = 0; l < layout_.layers; ++l)
+    for (bool value : {false, true})
+      step_check(cudaMemcpyAsync(static_cast<char*>(kv(1 - slot_, l, value)) + offset,
+                                 static_cast<const char*>(kv(slot_, l, value)) + offset, bytes, cudaMemcpyDeviceToDevice,
+                                 stream_.get()),
+                 "KV cache carry");
 }
 
-void TensorRTBackend::do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
-                                 int32_t* expert_ids, float* gates) {
+void TensorRTBackend::run(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,
+                          float* gates) {
+  const EngineStep step = plan_step(layout_, ids, rows, n_rows);
   const size_t row = static_cast<size_t>(layout_.vocab) * sizeof(float);
-  void* device_logits = prefill_logits_.ensure(static_cast<size_t>(batch) * static_cast<size_t>(len) * row, "prefill logits");
-  slot_ = 0;
-  bind(kPrefill, ids, batch, len, 0, device_logits);
-  enqueue(kPrefill);
-  if (all_positions)
-    step_check(cudaMemcpyAsync(logits, device_logits, static_cast<size_t>(batch) * static_cast<size_t>(len) * row,
-                               cudaMemcpyDeviceToHost, stream_.get()), "logits download");
-  else  // the last position of each sequence
-    step_check(cudaMemcpy2DAsync(logits, row, static_cast<char*>(device_logits) + (static_cast<size_t>(len) - 1) * row,
-                                 static_cast<size_t>(len) * row, row, static_cast<size_t>(batch), cudaMemcpyDeviceToHost, stream_.get()),
-               "logits download");
-  copy_routes_back(expert_ids, gates, static_cast<size_t>(batch) * static_cast<size_t>(len));
-  step_check(cudaStreamSynchronize(stream_.get()), "prefill");
-  slot_ = 1;
-}
-
-void TensorRTBackend::do_decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) {
-  const int32_t past = past_length();
-  bind(kDecode, ids, batch, 1, past, step_logits_.get());
-  // A captured step replays only with the same shapes and addresses (graph_cache.h). The first sight
-  // runs plainly, the second also captures, later ones replay.
-  Graphs::Entry* graph = cuda_graphs_ ? &graphs_.touch({batch, past, slot_}) : nullptr;
+  const size_t positions = static_cast<size_t>(step.batch) * static_cast<size_t>(step.width);
+  void* device_logits =
+      step.profile == kDecode ? step_logits_.get() : prefill_logits_.ensure(positions * row, "prefill logits");
+  bind(step, device_logits);
+  // A captured decode step replays only with the same shapes and addresses (graph_cache.h): here the batch and
+  // the ping-pong buffer, the lengths being data. The first sight runs plainly, the second also captures,
+  // later ones replay.
+  Graphs::Entry* graph =
+      step.profile == kDecode && cuda_graphs_ ? &graphs_.touch({step.batch, layout_.max_seq, slot_}) : nullptr;
   if (graph != nullptr && graph->exec != nullptr) {
     step_check(cudaGraphLaunch(graph->exec, stream_.get()), "CUDA graph launch");
   } else {
-    enqueue(kDecode);
+    enqueue(step.profile);
     if (graph != nullptr && ++graph->seen >= 2) capture(*graph);
   }
-  step_check(cudaMemcpyAsync(logits, step_logits_.get(), static_cast<size_t>(batch) * static_cast<size_t>(layout_.vocab) * 4,
-                             cudaMemcpyDeviceToHost, stream_.get()), "logits download");
-  copy_routes_back(expert_ids, gates, static_cast<size_t>(batch));
-  step_check(cudaStreamSynchronize(stream_.get()), "decode step");
+  carry_rows(step.batch);
+  const size_t k = static_cast<size_t>(layout_.top_k);
+  size_t out = 0, token = 0;
+  for (size_t r = 0; r < static_cast<size_t>(n_rows); ++r) {
+    const EngineStep::Span& lg = step.logits[r];
+    step_check(cudaMemcpyAsync(logits + out * static_cast<size_t>(layout_.vocab),
+                               static_cast<const char*>(device_logits) + static_cast<size_t>(lg.first) * row,
+                               static_cast<size_t>(lg.count) * row, cudaMemcpyDeviceToHost, stream_.get()),
+               "logits download");
+    out += static_cast<size_t>(lg.count);
+    const EngineStep::Span& tk = step.tokens[r];
+    const size_t bytes = static_cast<size_t>(tk.count) * k * 4, from = static_cast<size_t>(tk.first) * k * 4;
+    if (k > 0 && expert_ids != nullptr)  // the routes the engine was fed or chose
+      step_check(cudaMemcpyAsync(expert_ids + token * k, static_cast<const char*>(route_ids_.get()) + from, bytes,
+                                 cudaMemcpyDeviceToHost, stream_.get()),
+                 "routes download");
+    if (k > 0 && gates != nullptr)
+      step_check(cudaMemcpyAsync(gates + token * k, static_cast<const char*>(route_gates_.get()) + from, bytes,
+                                 cudaMemcpyDeviceToHost, stream_.get()),
+                 "routes download");
+    token += static_cast<size_t>(tk.count);
+  }
+  step_check(cudaStreamSynchronize(stream_.get()), step.profile == kDecode ? "decode step" : "prefill step");
   slot_ = 1 - slot_;
+}
+
+void TensorRTBackend::do_step(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,
+                              float* gates) {
+  run(ids, rows, n_rows, logits, expert_ids, gates);
+}
+
+// An equal-length batch is slots 0..batch-1: from position 0 (prefill) or continuing (decode).
+void TensorRTBackend::do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,
+                                 int32_t* expert_ids, float* gates) {
+  std::vector<StepRow> rows(static_cast<size_t>(batch));
+  for (int32_t b = 0; b < batch; ++b) rows[static_cast<size_t>(b)] = StepRow{b, 0, len, all_positions};
+  run(ids, rows.data(), batch, logits, expert_ids, gates);
+}
+
+void TensorRTBackend::do_decode(const int64_t* ids, int32_t batch, float* logits, int32_t* expert_ids, float* gates) {
+  std::vector<StepRow> rows(static_cast<size_t>(batch));
+  for (int32_t b = 0; b < batch; ++b) rows[static_cast<size_t>(b)] = StepRow{b, past_length(), 1, false};
+  run(ids, rows.data(), batch, logits, expert_ids, gates);
 }
 
 void TensorRTBackend::capture(Graphs::Entry& graph) {
@@ -392,13 +454,16 @@ void TensorRTBackend::capture(Graphs::Entry& graph) {
   }
 }
 
+// [batch, kv_heads, past, head_dim] float32 out of the slots' [max_seq] rows.
 void TensorRTBackend::do_read_kv(int32_t layer, bool value, float* out) const {
-  const size_t n = static_cast<size_t>(batch()) * static_cast<size_t>(layout_.kv_heads) * static_cast<size_t>(past_length()) *
-                   static_cast<size_t>(layout_.head_dim);
+  const size_t past = static_cast<size_t>(past_length()), d = static_cast<size_t>(layout_.head_dim);
+  const size_t heads = static_cast<size_t>(batch()) * static_cast<size_t>(layout_.kv_heads), n = heads * past * d;
   const size_t elt = dtype_bytes(layout_.kv_dtype);
   std::vector<uint16_t> raw(layout_.kv_dtype == "float" ? 0 : n);
   void* dst = layout_.kv_dtype == "float" ? static_cast<void*>(out) : static_cast<void*>(raw.data());
-  cuda_check(cudaMemcpy(dst, kv(slot_, layer, value), n * elt, cudaMemcpyDeviceToHost), "KV cache download");
+  cuda_check(cudaMemcpy2D(dst, past * d * elt, kv(slot_, layer, value), static_cast<size_t>(layout_.max_seq) * d * elt,
+                          past * d * elt, heads, cudaMemcpyDeviceToHost),
+             "KV cache download");
   if (layout_.kv_dtype == "half")
     for (size_t i = 0; i < n; ++i) out[i] = half_to_float(raw[i]);
   if (layout_.kv_dtype == "bf16")

@@ -20,7 +20,8 @@ class EngineFixture {
                safetensors_bytes({{"expert_ids", "I32", {8, 2}, bytes_of(ids)}, {"gates", "F32", {8, 2}, bytes_of(gates)}}));
     using nlohmann::json;
     json inputs = json::array({{{"name", "input_ids"}, {"dtype", "int64"}, {"shape", {-1, -1}}},
-                               {{"name", "position_ids"}, {"dtype", "int64"}, {"shape", {-1, -1}}},
+                               {{"name", "past_lengths"}, {"dtype", "int64"}, {"shape", {-1}}},
+                               {{"name", "seq_lens"}, {"dtype", "int64"}, {"shape", {-1}}},
                                {{"name", "expert_ids"}, {"dtype", "int32"}, {"shape", {-1, -1, 2}}},
                                {{"name", "gates"}, {"dtype", "float"}, {"shape", {-1, -1, 2}}}});
     json outputs = json::array();
@@ -31,7 +32,7 @@ class EngineFixture {
       }
     outputs.push_back({{"name", "logits"}, {"dtype", "float"}, {"shape", {-1, -1, 8}}});
     manifest = {
-        {"format", "adafuse-engine"}, {"version", 1}, {"adafuse_export_version", "0.1.0"},
+        {"format", "adafuse-engine"}, {"version", 2}, {"adafuse_export_version", "0.1.0"},
         {"engine", {{"file", "out.engine"}, {"sha256", sha256_file(engine())}, {"backend", "tensorrt"},
                     {"backend_version", "10.14.1"}, {"flavour", "plugin"}, {"dtype", "float16"}, {"max_batch", 2}, {"max_seq", 16}}},
         {"tensors", {{"inputs", inputs}, {"outputs", outputs}}},

@@ -80,7 +80,8 @@ void prepare_engine_folder() {
 
 json manifest_seed() {
   json inputs = json::array({{{"name", "input_ids"}, {"dtype", "int64"}, {"shape", {-1, -1}}},
-                             {{"name", "position_ids"}, {"dtype", "int64"}, {"shape", {-1, -1}}},
+                             {{"name", "past_lengths"}, {"dtype", "int64"}, {"shape", {-1}}},
+                             {{"name", "seq_lens"}, {"dtype", "int64"}, {"shape", {-1}}},
                              {{"name", "expert_ids"}, {"dtype", "int32"}, {"shape", {-1, -1, 2}}},
                              {{"name", "gates"}, {"dtype", "float"}, {"shape", {-1, -1, 2}}}});
   json outputs = json::array({{{"name", "logits"}, {"dtype", "float"}, {"shape", {-1, -1, 8}}}});
@@ -90,7 +91,7 @@ json manifest_seed() {
       outputs.push_back({{"name", "present." + std::to_string(l) + "." + kind}, {"dtype", "half"}, {"shape", {-1, 2, -1, 4}}});
     }
   return {{"format", "adafuse-engine"},
-          {"version", 1},
+          {"version", 2},
           {"engine", {{"sha256", adafuse::sha256_file(work / "out.engine")}, {"backend", "tensorrt"}, {"backend_version", "10.14.1"},
                       {"dtype", "float16"}, {"max_batch", 2}, {"max_seq", 16}}},
           {"tensors", {{"inputs", inputs}, {"outputs", outputs}}},

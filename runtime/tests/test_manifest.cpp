@@ -1,4 +1,6 @@
 // Manifest checks: every refusal of Python's verify_engine, with its wording, and the decoder contract.
+#include <algorithm>
+
 #include "engine_fixture.h"
 #include "engine_layout.h"
 #include "manifest.h"
@@ -61,14 +63,14 @@ TEST(Manifest, RefusesAnotherFormat) {
 
 TEST(Manifest, RefusesAnotherVersion) {
   EngineFixture f;
-  f.manifest["version"] = 2;
+  f.manifest["version"] = 1;  // one length per batch (position_ids): convert again
   f.save();
   expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
-               f.manifest_path().string() + ": manifest version 2 is not supported (expected 1)");
-  f.manifest["version"] = "1";
+               f.manifest_path().string() + ": manifest version 1 is not supported (expected 2)");
+  f.manifest["version"] = "2";
   f.save();
   expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
-               f.manifest_path().string() + ": manifest version '1' is not supported (expected 1)");
+               f.manifest_path().string() + ": manifest version '2' is not supported (expected 2)");
 }
 
 TEST(Manifest, RefusesAMissingEngine) {
@@ -141,10 +143,10 @@ TEST(EngineLayout, ReadsRoutesComputedInsideTheDecoder) {
   // Pre-gates that read past layer 0's attention run inside the decoder and return their routes.
   EngineFixture f;
   auto& t = f.manifest["tensors"];
-  t["outputs"].push_back(t["inputs"][2]);
   t["outputs"].push_back(t["inputs"][3]);
+  t["outputs"].push_back(t["inputs"][4]);
+  t["inputs"].erase(4);
   t["inputs"].erase(3);
-  t["inputs"].erase(2);
   f.manifest["routing"]["routes_file"] = nullptr;
   f.save();
   const EngineLayout l = engine_layout(verify_engine(f.engine()));
@@ -164,6 +166,113 @@ TEST(EngineLayout, RefusesAnUnexpectedTensorContract) {
   g.save();
   expect_error([&] { engine_layout(verify_engine(g.engine())); }, ADAFUSE_ERR_FILE,
                g.manifest_path().string() + ": output 'present.0.value' is float of rank 4, expected half of rank 4");
+  EngineFixture h;  // an engine of the first contract: one position per token, no length per row
+  h.manifest["tensors"]["inputs"][1] = {{"name", "position_ids"}, {"dtype", "int64"}, {"shape", {-1, -1}}};
+  h.save();
+  expect_error([&] { engine_layout(verify_engine(h.engine())); }, ADAFUSE_ERR_FILE,
+               h.manifest_path().string() + ": the engine has no input 'past_lengths'");
+  EngineFixture c;  // a cache axis fixed at another length than max_seq (16) cannot bind the whole cache
+  c.manifest["tensors"]["inputs"][5]["shape"] = {-1, 2, 8, 4};  // past_key_values.0.key
+  c.save();
+  expect_error([&] { engine_layout(verify_engine(c.engine())); }, ADAFUSE_ERR_FILE,
+               c.manifest_path().string() +
+                   ": input 'past_key_values.0.key' holds 8 positions, expected a dynamic axis or max_seq 16");
+}
+
+TEST(EngineLayout, RefusesProfilesThatDoNotTakeTheWholeCache) {
+  // convert records each profile's shapes; an engine of the first contract had a decode cache of max_seq - 1
+  using nlohmann::json;
+  EngineFixture good;
+  const json whole = json::array({{1, 2, 1, 4}, {2, 2, 16, 4}, {2, 2, 16, 4}});
+  good.manifest["profiles"][0]["shapes"] = {{"past_key_values.0.key", whole}};
+  good.manifest["profiles"][1]["shapes"] = {{"past_key_values.0.key", whole}};
+  good.save();
+  EXPECT_EQ(engine_layout(verify_engine(good.engine())).max_seq, 16);
+  EngineFixture old;
+  old.manifest["profiles"][1]["shapes"] = {
+      {"past_key_values.0.key", json::array({{1, 2, 1, 4}, {2, 2, 8, 4}, {2, 2, 15, 4}})}};
+  old.save();
+  expect_error([&] { engine_layout(verify_engine(old.engine())); }, ADAFUSE_ERR_FILE,
+               old.manifest_path().string() +
+                   ": profile 1 of 'past_key_values.0.key' takes batch 1..2 and cache length 1..15; the runtime binds "
+                   "batch 1..2 over the whole cache (16 positions): convert the model again");
+  EngineFixture bad;
+  bad.manifest["profiles"][0]["shapes"] = {{"past_key_values.0.key", json::array({{1, 2}, {2, 2}, {2, 2}})}};
+  bad.save();
+  expect_error([&] { engine_layout(verify_engine(bad.engine())); }, ADAFUSE_ERR_FILE,
+               bad.manifest_path().string() +
+                   ": profile 0 of 'past_key_values.0.key' must be [min, opt, max] shapes of rank 4, found [[1,2],[2,2],[2,2]]");
+}
+
+TEST(EngineStep, PadsRowsIntoTheSlotsBatch) {
+  // Slot 2 decodes at position 5 while slot 0 prefills 3 tokens and wants all their logits; slot 1 rides along.
+  EngineFixture f;
+  f.manifest["engine"]["max_batch"] = 4;
+  f.save();
+  const EngineLayout l = engine_layout(verify_engine(f.engine()));
+  const int64_t ids[] = {7, 1, 2, 3};
+  const StepRow rows[] = {{2, 5, 1, false}, {0, 0, 3, true}};
+  const EngineStep s = plan_step(l, ids, rows, 2);
+  EXPECT_EQ(s.batch, 3);
+  EXPECT_EQ(s.width, 3);
+  EXPECT_EQ(s.profile, 0);
+  EXPECT_EQ(s.ids, (std::vector<int64_t>{1, 2, 3, 0, 0, 0, 7, 0, 0}));
+  EXPECT_EQ(s.past_lengths, (std::vector<int64_t>{0, 0, 5}));
+  EXPECT_EQ(s.seq_lens, (std::vector<int64_t>{3, 0, 1}));
+  ASSERT_EQ(s.logits.size(), 2u);
+  EXPECT_EQ(s.logits[0].first, 6);  // slot 2's one position
+  EXPECT_EQ(s.logits[0].count, 1);
+  EXPECT_EQ(s.logits[1].first, 0);  // slot 0's three
+  EXPECT_EQ(s.logits[1].count, 3);
+  EXPECT_EQ(s.tokens[0].first, 6);
+  EXPECT_EQ(s.tokens[1].count, 3);
+  const StepRow last_only[] = {{1, 4, 2, false}};
+  const EngineStep d = plan_step(l, ids, last_only, 1);
+  EXPECT_EQ(d.batch, 2);
+  EXPECT_EQ(d.logits[0].first, 3);  // row 1, column 1: its last token
+  const StepRow decode[] = {{0, 9, 1, false}, {1, 2, 1, false}};
+  EXPECT_EQ(plan_step(l, ids, decode, 2).profile, 1);
+}
+
+TEST(EngineStep, BindsEveryTensorOfTheManifest) {
+  // The bindings name exactly the manifest's tensors, with the contract's shapes (the whole cache: max_seq).
+  for (bool routes_out : {false, true}) {
+    EngineFixture f;
+    if (routes_out) {
+      auto& t = f.manifest["tensors"];
+      t["outputs"].push_back(t["inputs"][3]);
+      t["outputs"].push_back(t["inputs"][4]);
+      t["inputs"].erase(4);
+      t["inputs"].erase(3);
+      f.manifest["routing"]["routes_file"] = nullptr;
+      f.save();
+    }
+    const Manifest m = verify_engine(f.engine());
+    const EngineLayout l = engine_layout(m);
+    std::vector<std::string> inputs, outputs;
+    for (const TensorBinding& b : step_bindings(l, 2, 3)) {
+      (b.input ? inputs : outputs).push_back(b.name);
+      const TensorDesc* d = b.input ? m.input(b.name) : m.output(b.name);
+      ASSERT_NE(d, nullptr) << b.name;
+      ASSERT_EQ(d->shape.size(), b.shape.size()) << b.name;
+      for (size_t i = 0; i < b.shape.size(); ++i)  // a fixed axis of the manifest is the binding's
+        if (d->shape[i] != -1) {
+          EXPECT_EQ(d->shape[i], b.shape[i]) << b.name << " axis " << i;
+        }
+      EXPECT_EQ(b.shape[0], 2) << b.name;
+      if (b.layer >= 0) {
+        EXPECT_EQ(b.shape[2], 16) << b.name;
+        EXPECT_EQ(b.name, std::string(b.input ? "past_key_values." : "present.") + std::to_string(b.layer) +
+                              (b.value ? ".value" : ".key"));
+      } else if (b.shape.size() > 1) {
+        EXPECT_EQ(b.shape[1], 3) << b.name;
+      }
+    }
+    EXPECT_EQ(inputs.size(), m.inputs.size());
+    EXPECT_EQ(outputs.size(), m.outputs.size());
+    for (const TensorDesc& d : m.inputs) EXPECT_NE(std::find(inputs.begin(), inputs.end(), d.name), inputs.end()) << d.name;
+    for (const TensorDesc& d : m.outputs) EXPECT_NE(std::find(outputs.begin(), outputs.end(), d.name), outputs.end()) << d.name;
+  }
 }
 
 }  // namespace

@@ -131,11 +131,11 @@ ADAFUSE_API adafuse_status adafuse_generate(adafuse_engine* engine, const int64_
                                             int64_t* out_tokens, int32_t* out_lengths);
 
 /* Generates for n prompts of any lengths (prompts[i] points at prompt_lens[i] ids), n may exceed
- * max_batch. On an engine with in-flight batching (the native backend) the prompts take free cache
- * slots in order and share every step: decode rows of the running ones plus prefill chunks of the
- * newcomers (runtime/README.md, "Batching"); a sequence that ends frees its slot for the next prompt.
- * Other engines (TensorRT) run equal-length batches only: prompts of one length, n <= max_batch, or
- * ADAFUSE_ERR_UNSUPPORTED. Sequence i samples with seed sampling.seed + i; on_token gets sequence i.
+ * max_batch. On an engine with in-flight batching (the native backend and TensorRT engines) the
+ * prompts take free cache slots in order and share every step: decode rows of the running ones plus
+ * prefill chunks of the newcomers (runtime/README.md, "Batching"); a sequence that ends frees its slot for
+ * the next prompt. A backend without a step runs equal-length batches only: prompts of one length,
+ * n <= max_batch, or ADAFUSE_ERR_UNSUPPORTED. Sequence i samples with seed sampling.seed + i; on_token gets sequence i.
  * out_tokens [n, max_new_tokens] receives the tokens (-1 after a sequence ends), out_lengths [n] the
  * number generated. A failed step ends the call with its status and names the sequence. */
 ADAFUSE_API adafuse_status adafuse_generate_many(adafuse_engine* engine, const int64_t* const* prompts,
