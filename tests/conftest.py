@@ -32,9 +32,10 @@ def missing_cuda() -> str | None:
 def pytest_runtest_setup(item) -> None:
     """A test marked gpu fails (never skips) where there is no GPU: `-m gpu` on a CPU machine is a mistake
     to report, not a pass. Checked before its fixtures, so nothing is built for a run that cannot happen."""
-    if item.get_closest_marker("gpu") is not None and missing_cuda():
-        pytest.fail(f"marker gpu: this test needs a CUDA GPU, but {missing_cuda()}; run `python3 -m pytest -m gpu "
-                    "tests/gpu` on a GPU machine (benchmarks/h200_all.sh does)", pytrace=False)
+    for marker in ("gpu", "tensorrt"):
+        if item.get_closest_marker(marker) is not None and missing_cuda():
+            pytest.fail(f"marker {marker}: this test needs a CUDA GPU, but {missing_cuda()}; run `python3 -m pytest "
+                        f"-m {marker} tests/gpu` on a GPU machine", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from adafuse_export.reference import ReferenceModel
 from adafuse_export.runners.cpp_runtime import _OpenOptions, _StepRow, load_library
 from family_decode_cases import FEATURES, LOGITS_ATOL
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.tensorrt  # not gpu: `pytest -m gpu` runs where TensorRT is absent (the H200)
 NEW_TOKENS = 8
 # (prompt, slot, step it joins at): three prefill together, one joins while they decode, one takes slot 1 after
 # its first sequence (3 tokens, the shortest budget) ended
