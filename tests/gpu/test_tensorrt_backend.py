@@ -9,7 +9,6 @@ runtime/tools/build_on_gpu.sh, then ADAFUSE_RUNTIME_LIB=<its output> (and ADAFUS
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from adafuse_export.converters import load_checkpoint
 from adafuse_export.convert import convert
 from adafuse_export.examples import make_example
 from adafuse_export.reference import ReferenceModel
-from adafuse_export.runners.cpp_runtime import _OpenOptions, _StepRow, load_library
+from adafuse_export.runners.cpp_runtime import Engine, load_library
 from family_decode_cases import FEATURES, LOGITS_ATOL
 
 pytestmark = pytest.mark.tensorrt  # not gpu: `pytest -m gpu` runs where TensorRT is absent (the H200)
@@ -40,57 +39,15 @@ def lib():
     return load_library(path)
 
 
-class Engine:
-    """A TensorRT engine opened through the C API (main's cpp_runtime.Engine does this once merged)."""
-
-    def __init__(self, lib, path: Path):
-        self.lib = lib
-        options = _OpenOptions(str(path).encode(), None, None, 0, 1, None)
-        self.handle = ctypes.c_void_p()
-        assert lib.adafuse_engine_open(ctypes.byref(options), ctypes.byref(self.handle)) == 0, lib.adafuse_last_error().decode()
-        b, s, v = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int64()
-        lib.adafuse_engine_limits(self.handle, ctypes.byref(b), ctypes.byref(s), ctypes.byref(v))
-        self.max_batch, self.vocab = b.value, v.value
-        in_flight, step_tokens = ctypes.c_int32(), ctypes.c_int32()
-        lib.adafuse_step_limits(self.handle, ctypes.byref(in_flight), ctypes.byref(step_tokens))
-        assert in_flight.value == 1 and step_tokens.value >= self.max_batch  # the engine steps
-
-    def _ok(self, status: int) -> None:
-        assert status == 0, self.lib.adafuse_last_error().decode()
-
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, np.int64)
-        logits = np.full((*ids.shape, self.vocab), np.nan, np.float32)  # NaN-poisoned: every value must be written
-        self._ok(self.lib.adafuse_prefill(self.handle, ids.ctypes.data, ids.shape[0], ids.shape[1], logits.ctypes.data,
-                                          None, None))
-        return logits
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, np.int64).reshape(-1)
-        logits = np.full((ids.shape[0], self.vocab), np.nan, np.float32)
-        self._ok(self.lib.adafuse_decode(self.handle, ids.ctypes.data, ids.shape[0], logits.ctypes.data, None, None))
-        return logits
-
-    def step(self, rows: list[tuple[int, int, list[int]]]) -> list[np.ndarray]:
-        """rows of (slot, start, new tokens) -> each row's last-position logits."""
-        table = (_StepRow * len(rows))(*[_StepRow(slot, start, len(toks), 0) for slot, start, toks in rows])
-        ids = np.array([t for _, _, toks in rows for t in toks], np.int64)
-        logits = np.full((len(rows), self.vocab), np.nan, np.float32)
-        self._ok(self.lib.adafuse_step(self.handle, ids.ctypes.data, table, len(rows), logits.ctypes.data, None, None))
-        return list(logits)
-
-    def close(self) -> None:
-        if self.handle:
-            self.lib.adafuse_engine_free(self.handle)
-            self.handle = ctypes.c_void_p()
-
-
-def tensorrt_engine(ckpt_dir: Path, out: Path) -> Path:
-    """A full TensorRT engine (the plugin flavour: its plugin library from $ADAFUSE_PLUGIN_LIB, as the runtime opens it)."""
-    engine = out / "m.engine"
+def tensorrt_engine(ckpt_dir: Path, out: Path) -> Engine:
+    """A full TensorRT engine (the plugin flavour: its plugin library from $ADAFUSE_PLUGIN_LIB, as the runtime opens it),
+    opened through the C API; it steps (in_flight)."""
+    path = out / "m.engine"
     plugins = os.environ.get("ADAFUSE_PLUGIN_LIB")
-    convert(ckpt_dir, engine, backend="tensorrt", dtype="float32", max_batch=4, max_seq=40,
+    convert(ckpt_dir, path, backend="tensorrt", dtype="float32", max_batch=4, max_seq=40,
             plugin_library=Path(plugins) if plugins else None, log=lambda s: None)
+    engine = Engine(path, top_k=0)
+    assert engine.in_flight and engine.max_step_tokens >= engine.max_batch
     return engine
 
 
@@ -101,8 +58,7 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
     make_example(tmp_path / "ck", kind, family, config=config)
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
     want = [ref.generate(torch.tensor([p]), n)[0][0].tolist() for (p, _, _), n in zip(PROMPTS, BUDGET)]
-    engine = Engine(lib, tensorrt_engine(tmp_path / "ck", tmp_path))  # asserts in_flight == 1
-    try:
+    with tensorrt_engine(tmp_path / "ck", tmp_path) as engine:
         got: list[list[int]] = [[] for _ in PROMPTS]
         length = {}
         active: dict[int, int] = {}  # slot -> sequence
@@ -122,8 +78,6 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
                 if len(got[s]) == BUDGET[s]:
                     del active[slot]
         assert got == want
-    finally:
-        engine.close()
 
 
 def test_equal_length_calls_match_the_reference(lib, tmp_path):
@@ -132,13 +86,10 @@ def test_equal_length_calls_match_the_reference(lib, tmp_path):
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
     prompts = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
     want = ref.forward(torch.tensor(prompts)).logits.numpy()
-    engine = Engine(lib, tensorrt_engine(tmp_path / "ck", tmp_path))
-    try:
-        logits = engine.prefill(prompts)
+    with tensorrt_engine(tmp_path / "ck", tmp_path) as engine:
+        logits, _, _ = engine.prefill(prompts)
         assert np.abs(logits - want).max() <= LOGITS_ATOL
         nxt = logits[:, -1].argmax(-1)
         full = np.concatenate([prompts, nxt[:, None]], axis=1)
-        step = engine.decode(nxt)
+        step, _, _ = engine.decode(nxt)
         assert np.abs(step - ref.forward(torch.tensor(full)).logits[:, -1].numpy()).max() <= LOGITS_ATOL
-    finally:
-        engine.close()
