@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from adafuse_export.errors import AdafuseError
+from http_servers import Servers
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME = REPO / "runtime"
@@ -279,25 +280,9 @@ def recording(converted, tmp_path_factory) -> tuple[Path, list[int]]:
 
 @pytest.fixture
 def start_server(runtime_build, recording):
-    procs = []
-
-    def start(*options: str) -> str:
-        cmd = [runtime_build / "tests/adafuse_replay_server_for_tests", "--logits", recording[0], "--host", "127.0.0.1",
-               "--port", "0", *options]
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        line = proc.stdout.readline()  # "listening on http://127.0.0.1:PORT", or EOF if it died
-        assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        return line.split()[-1]
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with Servers() as servers:
+        yield lambda *options: servers.start([runtime_build / "tests/adafuse_replay_server_for_tests", "--logits",
+                                              recording[0], "--host", "127.0.0.1", "--port", "0", *options])
 
 
 def _post(url: str, body, timeout: float = 30) -> tuple[int, str]:

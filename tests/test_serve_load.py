@@ -15,6 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from benchmark_scripts import BENCHMARKS, load
+from http_servers import Servers
 
 serve_load = load("serve_load")
 synthetic = load("synthetic_checkpoint")
@@ -77,21 +78,9 @@ def recorded(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 @pytest.fixture
 def replay_server(native_build, recorded):
-    procs = []
-
-    def start(*options: str) -> str:
-        cmd = [native_build / "runtime/tests/adafuse_replay_server_for_tests", "--logits", recorded[0], "--port", "0", *options]
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        assert proc.stdout is not None and proc.stderr is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        return line.split()[-1]
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with Servers() as servers:
+        yield lambda *options: servers.start([native_build / "runtime/tests/adafuse_replay_server_for_tests", "--logits",
+                                              recorded[0], "--port", "0", *options])
 
 
 def expected_tokens(logits: np.ndarray, req) -> list[int]:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from http_servers import Servers
 
 VOCAB = 40
 PROMPT = [5, 6, 7]
@@ -82,26 +83,9 @@ def server_binary(request) -> Path:
 
 @pytest.fixture
 def server(server_binary):
-    procs = []
-
-    def start(*options: str) -> str:
-        cmd = [server_binary, "--history", str(VOCAB), "--host", "127.0.0.1",
-               "--port", "0", *options]
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        assert proc.stdout is not None and proc.stderr is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
-        return line.split()[-1]
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with Servers() as servers:
+        yield lambda *options: servers.start([server_binary, "--history", str(VOCAB), "--host", "127.0.0.1", "--port", "0",
+                                              *options])
 
 
 def _request(url: str, path: str, body=None, timeout: float = 30) -> tuple[int, dict[str, str], str]:

@@ -21,6 +21,7 @@ from adafuse_export.converters import load_checkpoint
 from adafuse_export.examples import KINDS, make_example
 from adafuse_export.reference import ReferenceModel
 from family_decode_cases import attention_head_dim, cases, convert
+from http_servers import Servers
 
 pytestmark = pytest.mark.gpu
 NEW_TOKENS = 8
@@ -44,15 +45,9 @@ def reference_tokens(ckpt_dir: Path) -> list[list[int]]:
 
 class Server:
     def __init__(self, engine: Path):
-        cmd = [str(binary("adafuse-serve", "ADAFUSE_SERVE")), "--engine", str(engine), "--host", "127.0.0.1", "--port", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # "listening on http://127.0.0.1:PORT", or EOF if it died
-        if not line.startswith("listening on http://127.0.0.1:"):
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            raise AssertionError(f"adafuse-serve did not start: {line!r} {err[-2000:]}")
-        self.url = line.split()[-1]
+        self.servers = Servers()
+        self.url = self.servers.start([binary("adafuse-serve", "ADAFUSE_SERVE"), "--engine", engine, "--host", "127.0.0.1",
+                                       "--port", "0"])
 
     def generate(self, prompt: list[int]) -> list[int]:
         body = json.dumps({"prompt_ids": prompt, "max_new_tokens": NEW_TOKENS}).encode()
@@ -63,12 +58,7 @@ class Server:
         return answer["tokens"]
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.servers.close()
 
 
 def check_served(ckpt_dir: Path, art: Path) -> None:
