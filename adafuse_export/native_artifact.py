@@ -403,3 +403,39 @@ def artifact_files(path: Path) -> frozenset[str] | None:
     if not isinstance(files, dict):
         return None
     return frozenset({MANIFEST, *(name for name in files if isinstance(name, str))})
+
+
+def stores_fp8(manifest: dict) -> bool:
+    """The artifact's stage weights are FP8 e4m3 (`convert --weights fp8`)."""
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    return isinstance(model, dict) and model.get("weights") == WEIGHT_FORMATS["fp8"]
+
+
+def load_fp8_twin(model, artifact: Path) -> bool:
+    """Make `model` (a reference.ReferenceModel of the checkpoint the artifact was converted from) the artifact's
+    FP8 twin: every projection's weight becomes its rows of the stored e4m3 stage matrix dequantized
+    (quantize.dequantize_fp8, float64, then the model's dtype), so the runtime is judged against what it was given
+    rather than against the quantization error. A static LoRA is merged into the stored matrix, so its site is
+    dropped from the model. Returns False, the model untouched, when the artifact's weights are not FP8. A streaming
+    model keeps these weights resident (LayerWeights.__setitem__)."""
+    from safetensors import safe_open
+
+    from .quantize import dequantize_fp8
+
+    artifact = Path(artifact)
+    if not stores_fp8(read_json(artifact / MANIFEST)):
+        return False
+    ckpt = model.ckpt
+    with safe_open(str(artifact / WEIGHTS), framework="pt") as f:
+        for st in stages(ckpt):
+            q, scale = f.get_tensor(f"{st.prefix}.weight"), f.get_tensor(f"{st.prefix}.weight_scale")
+            if tuple(q.shape) != (st.out_features, st.in_features):
+                raise AdafuseError(f"{artifact / WEIGHTS}: '{st.prefix}.weight' is {list(q.shape)}, the checkpoint "
+                                   f"{ckpt.path} makes it [{st.out_features}, {st.in_features}]")
+            w = dequantize_fp8(q, scale)
+            for x in st.members:
+                name = f"{ckpt.model.arch.weight_prefix(st.layer, x.module)}.weight"
+                model.w[name] = w[x.rows[0]:x.rows[1]].to(device=model.device, dtype=model.dtype).contiguous()
+                if x.site is not None and x.site.static:
+                    model.sites.pop((st.layer, x.module), None)
+    return True

@@ -13,10 +13,17 @@ reference's own max abs distance from float32 there): two half computations are 
 from float32 in different directions, so a fixed atol between them measures the reference's rounding,
 not the model's. Routing (expert ids, gates) is decided in float32 from dtype-rounded weights: it
 stays compared with the same-dtype reference, ids exactly.
+
+FP8 weights (a native artifact whose manifest says model.weights fp8_e4m3): the references are the artifact's
+FP8 twin (native_artifact.load_fp8_twin: the stage weights the artifact's e4m3 ones dequantized), so the runtime
+is judged by the bounds above against what it was given. The quantization's own effect is reported besides
+(quantization_effect: the twin against the unquantized reference, both run here), information unless
+min_greedy_agreement asks for a floor.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -174,17 +181,54 @@ def open_model_runner(model: Path, mode: str = "full", **options):
 
 def validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None = None, steps: int = DEFAULT_STEPS,
              atol: float | None = None, rtol: float | None = None, runner=None, mode: str = "full",
-             log: Callable[[str], object] | None = None, half_tolerance: str = "measured") -> dict:
+             log: Callable[[str], object] | None = None, half_tolerance: str = "measured",
+             min_greedy_agreement: float | None = None) -> dict:
     """mode: how the reference holds its weights (METHODS); the comparison and tolerances are the same.
     half_tolerance: how a float16/bfloat16 model is judged (HALF_TOLERANCE_MODES).
+    min_greedy_agreement: FP8 weights only: fail when the quantization's greedy agreement is below this fraction.
     log: told how it validates, then after each compared step (a 7B step takes minutes on a CPU)."""
     # a broken model's inf/NaN are judged in the report; numpy's RuntimeWarnings would only add stderr noise
     with np.errstate(all="ignore"):
-        return _validate(ckpt, model, prompts, steps, atol, rtol, runner, mode, log, half_tolerance)
+        return _validate(ckpt, model, prompts, steps, atol, rtol, runner, mode, log, half_tolerance,
+                         min_greedy_agreement)
+
+
+def quantization_effect(ckpt: Checkpoint, artifact: Path, prompts: list[list[int]], steps: int,
+                        dtype: str = "float32", stream: bool = False) -> dict:
+    """The FP8 weights' own effect, no runtime involved: the artifact's FP8 twin against the unquantized reference
+    (both `dtype`), both fed the unquantized reference's greedy tokens (one early flip does not compound). max |diff|
+    of the logits over every position, and greedy agreement: positions whose argmax is the same, every position of
+    each prompt (each predicts the next token) and each decode step."""
+    from .native_artifact import load_fp8_twin
+    from .runners.reference import ReferenceRunner
+
+    plain, twin = ReferenceRunner(ckpt, dtype, stream=stream), ReferenceRunner(ckpt, dtype, stream=stream)
+    if not load_fp8_twin(twin.model, artifact):
+        raise AdafuseError(f"{artifact}: its weights are not FP8 (manifest model.weights), no quantization to measure")
+    max_abs, agree, total = 0.0, 0, 0
+    for prompt in prompts:
+        ids = np.asarray([prompt], dtype=np.int64)
+        want, got = plain.step_logits(ids, True), twin.step_logits(ids, True)
+        for step in range(steps + 1):
+            w, g = want.double(), got.double()
+            d = float((w - g).abs().max())
+            max_abs = d if not d <= max_abs else max_abs  # NaN sticks
+            same = w.argmax(-1) == g.argmax(-1)
+            agree, total = agree + int(same.sum()), total + same.numel()
+            if step == steps:
+                break
+            tok = want[:, -1].argmax(-1)[:, None].numpy()
+            want, got = plain.step_logits(tok, False), twin.step_logits(tok, False)
+    return {"weights": "fp8_e4m3", "dtype": dtype, "reference": plain.info.description,
+            "description": f"the FP8 twin against the unquantized reference ({dtype}), fed the latter's greedy tokens; "
+                           "every prompt position and decode step",
+            "max_abs_diff": max_abs,
+            "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0}}
 
 
 def _validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None, steps: int, atol: float | None,
-              rtol: float | None, runner, mode: str, log: Callable[[str], object] | None, half_tolerance: str) -> dict:
+              rtol: float | None, runner, mode: str, log: Callable[[str], object] | None, half_tolerance: str,
+              min_greedy_agreement: float | None = None) -> dict:
     from .runners.reference import ReferenceRunner
 
     ckpt.require_exportable()  # nothing exported can stand for it
@@ -209,6 +253,22 @@ def _validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None, st
     # the truth: float32 when the bound is measured; the same-dtype reference then decides routing and the bound
     reference = ReferenceRunner(ckpt, dtype="float32" if measured else dtype, stream=stream)
     same = ReferenceRunner(ckpt, dtype=dtype, stream=stream) if measured else None
+    quantization = None
+    if runner.info.meta.get("adafuse.weights") == "fp8_e4m3":
+        from .native_artifact import load_fp8_twin
+
+        artifact = Path(runner.info.model)
+        for r in (reference, same):
+            if r is not None:
+                load_fp8_twin(r.model, artifact)
+                r.info = replace(r.info, description=r.info.description
+                                 + ", FP8 twin (the artifact's stage weights dequantized)")
+        if log is not None:
+            log("FP8 weights: judged against the FP8 twin; measuring the quantization against the unquantized reference")
+        quantization = quantization_effect(ckpt, artifact, prompts, steps, reference.info.dtype, stream)
+        if min_greedy_agreement is not None:
+            quantization["min_greedy_agreement"] = min_greedy_agreement
+            quantization["passed"] = quantization["greedy_agreement"]["fraction"] >= min_greedy_agreement
     tolerance = None
     if dtype in HALF_DTYPES:
         tolerance = {"half": half_tolerance, "multiple": HALF_BOUND_MULTIPLE if measured else None,
@@ -259,7 +319,8 @@ def _validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None, st
         "method": {"mode": mode, "description": METHODS[mode]},
         "prompts": prompts, "decode_steps": steps, "atol": atol, "rtol": rtol, "outputs": outputs,
         "greedy_agreement": {"matched": agree, "total": total, "fraction": agree / total if total else 1.0},
-        "notes": notes, "passed": all(o["passed"] for o in outputs),
+        "quantization": quantization, "notes": notes,
+        "passed": all(o["passed"] for o in outputs) and (quantization or {}).get("passed", True),
     }
 
 
@@ -289,7 +350,21 @@ def summary(report: dict) -> list[str]:
     routes = next((o for o in outs if o["name"] == "expert_ids"), None)
     if routes is not None:
         lines.append(f"routing agreement {routes['elements'] - routes['mismatched']}/{routes['elements']} expert ids")
+    lines += quantization_lines(report)
     return lines
+
+
+def quantization_lines(report: dict) -> list[str]:
+    """The FP8 quantization's own effect (validate's report['quantization']), in one line; none for other models."""
+    q = report.get("quantization")
+    if not q:
+        return []
+    g = q["greedy_agreement"]
+    floor = q.get("min_greedy_agreement")
+    verdict = "" if floor is None else (f"; at least {100 * floor:.1f}% asked: "
+                                         + ("PASS" if q["passed"] else "FAIL"))
+    return [f"FP8 quantization ({q['description']}): logits max abs diff {q['max_abs_diff']:.3e}, greedy agreement "
+            f"{g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%){verdict}"]
 
 
 def tolerance_text(o: dict) -> str:
@@ -358,6 +433,7 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"top-1 agreement: {top1['matched']}/{top1['total']} positions (the runner's largest logit is the "
                      "reference's)")
     lines.append(f"greedy agreement: {g['matched']}/{g['total']} ({100 * g['fraction']:.1f}%)")
+    lines += quantization_lines(report)
     lines += [f"note: {n}" for n in report["notes"]]
     lines.append("PASSED" if report["passed"] else "FAILED")
     return lines

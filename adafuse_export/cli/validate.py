@@ -84,8 +84,14 @@ def _model_kind(model: Path) -> str:
                    "max(--atol, 2 x the same-dtype reference's own distance from float32), expert ids exact against "
                    "the same-dtype reference (runs a second reference: twice the time with --reference layerwise); "
                    "fixed compares with the same-dtype reference under --atol/--rtol only (one reference: faster, but blind to what the half dtype itself costs).")
+@click.option("--min-greedy-agreement", type=click.FloatRange(0, 1), default=None,
+              help="FP8-weights native artifacts (convert --weights fp8): fail when the quantization's greedy agreement "
+                   "(the artifact's FP8 twin against the unquantized reference, over every prompt position and decode "
+                   "step) is below this fraction. Without it that agreement and the logits' max abs diff are reported "
+                   "only; the runtime is judged against the FP8 twin (the reference with the artifact's FP8 stage "
+                   "weights dequantized) by the bounds above.")
 def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
-             half_tolerance):
+             half_tolerance, min_greedy_agreement):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
     (or `convert`'s ENGINE.onnx/), its decoder .onnx file, a `convert` ENGINE.engine file (its ENGINE.json
     manifest beside it; needs TensorRT and a GPU), or a `convert --backend native` OUT.native directory (with
@@ -122,13 +128,18 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     # each compared step, as it completes, on a terminal's stderr (stdout keeps the report, --json clean)
     progress = (lambda line: emit(f"  {line}", err=True)) if sys.stderr.isatty() else None
     report = run_validate(c, model, prompts, steps, atol, rtol, runner=runner, mode=mode, half_tolerance=half_tolerance,
-                          log=progress)
+                          log=progress, min_greedy_agreement=min_greedy_agreement)
     if as_json:
         click.echo(json.dumps(report, indent=2))  # JSON escapes control characters itself
     else:
         for line in report_lines(report):
             emit(line)
     if not report["passed"]:
+        q = report.get("quantization") or {}
+        if all(o["passed"] for o in report["outputs"]) and not q.get("passed", True):
+            raise ValidationFailed(f"validation failed: the FP8 quantization's greedy agreement "
+                                   f"{100 * q['greedy_agreement']['fraction']:.1f}% is below --min-greedy-agreement "
+                                   f"{q['min_greedy_agreement']} (the runtime is within tolerance of the FP8 twin)")
         failed = [o["name"] for o in report["outputs"] if not o["passed"]]
         raise ValidationFailed(f"validation failed: {len(failed)} output(s) out of tolerance ({', '.join(failed[:4])}"
                                f"{', ...' if len(failed) > 4 else ''})")

@@ -323,6 +323,7 @@ def native_meta(manifest: dict) -> dict[str, str]:
 
     r = manifest["routing"]
     return {"adafuse.format": f"{FORMAT}/{VERSION}", "adafuse.dtype": manifest["model"]["dtype"],
+            "adafuse.weights": manifest["model"].get("weights", "dtype"),
             **routing_metadata({**r, "routing": r["kind"]}), "adafuse.checkpoint_sha256": manifest["source"]["index_sha256"]}
 
 

@@ -128,9 +128,6 @@ def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_pa
     bfloat16 one of test_bfloat16_prefill_within_validates_bound, not the quantization error), float32 truth and a
     bfloat16 twin for the measured atol; expert ids exact (the routing table is float32). Greedy tokens are not
     compared: bfloat16 activations may flip a near-tie of this random toy model, as test_bfloat16_prefill_... knows."""
-    from safetensors.torch import load_file
-
-    from adafuse_export.quantize import dequantize_fp8
     from adafuse_export.validate import TOLERANCES
 
     make_example(tmp_path / "ck", kind, "llama")
@@ -139,15 +136,9 @@ def test_fp8_weights_prefill_within_the_bound_of_their_own_reference(lib, tmp_pa
     art = tmp_path / "a.native"
     art.mkdir()
     native.write_artifact(ckpt, art, "bfloat16", max_batch=4, max_seq=40, weights="fp8")
-    stored = load_file(str(art / native.WEIGHTS))
     refs = {dt: ReferenceModel(ckpt, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
-    for st in native.stages(ckpt):
-        w = dequantize_fp8(stored[f"{st.prefix}.weight"], stored[f"{st.prefix}.weight_scale"])
-        for m in st.members:
-            name = f"{ckpt.model.arch.weight_prefix(st.layer, m.module)}.weight"
-            for dt, ref in refs.items():
-                assert isinstance(ref.w, dict) and ref.w[name].shape == (m.rows[1] - m.rows[0], st.in_features)
-                ref.w[name] = w[m.rows[0]:m.rows[1]].to(dt)
+    for ref in refs.values():
+        assert native.load_fp8_twin(ref, art)  # validate's twin (tests/test_fp8_validate.py checks its weights)
     prompt = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     ref32, ref16 = (refs[dt].forward(prompt) for dt in (torch.float32, torch.bfloat16))
     with open_native(art) as engine:
