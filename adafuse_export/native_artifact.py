@@ -405,7 +405,7 @@ def artifact_files(path: Path) -> frozenset[str] | None:
     return frozenset({MANIFEST, *(name for name in files if isinstance(name, str))})
 
 
-def stores_fp8(manifest: dict) -> bool:
+def stores_fp8(manifest: object) -> bool:
     """The artifact's stage weights are FP8 e4m3 (`convert --weights fp8`)."""
     model = manifest.get("model") if isinstance(manifest, dict) else None
     return isinstance(model, dict) and model.get("weights") == WEIGHT_FORMATS["fp8"]
