@@ -52,6 +52,13 @@ def _model_kind(model: Path) -> str:
                        f"artifact directory, found a file named '*{model.suffix}'{hint}")
 
 
+def _stores_fp8(model: Path, kind: str) -> bool:
+    from ..native_artifact import MANIFEST, stores_fp8
+    from ..inputs import read_json
+
+    return kind == "native" and stores_fp8(read_json(Path(model) / MANIFEST))
+
+
 @click.command(short_help="Compare an export or engine with the PyTorch reference.")
 @ckpt_argument
 @click.argument("model", type=click.Path(path_type=Path))
@@ -95,7 +102,8 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
     (or `convert`'s ENGINE.onnx/), its decoder .onnx file, a `convert` ENGINE.engine file (its ENGINE.json
     manifest beside it; needs TensorRT and a GPU), or a `convert --backend native` OUT.native directory (with
-    --runtime cpp: the C++ runtime's native backend; needs a GPU).
+    --runtime cpp: the C++ runtime's native backend; needs a GPU). A native artifact with FP8 weights is judged
+    against its FP8 twin, the quantization's own effect reported besides (see --min-greedy-agreement).
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
@@ -108,6 +116,9 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     kind = _model_kind(model)
     if kind == "native" and runtime != "cpp":
         raise AdafuseError(f"{model} is a native artifact: the C++ runtime's native backend runs it (add --runtime cpp)")
+    if min_greedy_agreement is not None and not _stores_fp8(model, kind):
+        raise AdafuseError(f"--min-greedy-agreement: {model} does not hold FP8 weights (it applies to a native artifact "
+                           "of `convert --backend native --weights fp8`)")
     if kind not in ("engine", "native"):  # engines are run by TensorRT (runners/tensorrt.py), native artifacts by the runtime
         import_onnx()
     for p in prompts or ():
