@@ -416,26 +416,49 @@ def load_fp8_twin(model, artifact: Path) -> bool:
     FP8 twin: every projection's weight becomes its rows of the stored e4m3 stage matrix dequantized
     (quantize.dequantize_fp8, float64, then the model's dtype), so the runtime is judged against what it was given
     rather than against the quantization error. A static LoRA is merged into the stored matrix, so its site is
-    dropped from the model. Returns False, the model untouched, when the artifact's weights are not FP8. A streaming
-    model keeps these weights resident (LayerWeights.__setitem__)."""
+    dropped from the model. A streaming model (LayerWeights) reads these rows from the artifact as it reads a layer,
+    so it still holds one layer at a time. Returns False, the model untouched, when the artifact's weights are not
+    FP8."""
     from safetensors import safe_open
 
     from .quantize import dequantize_fp8
+    from .reference.model import LayerWeights
 
     artifact = Path(artifact)
     if not stores_fp8(read_json(artifact / MANIFEST)):
         return False
-    ckpt = model.ckpt
-    with safe_open(str(artifact / WEIGHTS), framework="pt") as f:
+    ckpt, path = model.ckpt, str(artifact / WEIGHTS)
+    members: dict[str, tuple[Stage, Member]] = {}
+    with safe_open(path, framework="pt") as f:
         for st in stages(ckpt):
-            q, scale = f.get_tensor(f"{st.prefix}.weight"), f.get_tensor(f"{st.prefix}.weight_scale")
-            if tuple(q.shape) != (st.out_features, st.in_features):
-                raise AdafuseError(f"{artifact / WEIGHTS}: '{st.prefix}.weight' is {list(q.shape)}, the checkpoint "
-                                   f"{ckpt.path} makes it [{st.out_features}, {st.in_features}]")
-            w = dequantize_fp8(q, scale)
+            shape = tuple(f.get_slice(f"{st.prefix}.weight").get_shape())
+            if shape != (st.out_features, st.in_features):
+                raise AdafuseError(f"{path}: '{st.prefix}.weight' is {list(shape)}, the checkpoint {ckpt.path} makes it "
+                                   f"[{st.out_features}, {st.in_features}]")
             for x in st.members:
-                name = f"{ckpt.model.arch.weight_prefix(st.layer, x.module)}.weight"
-                model.w[name] = w[x.rows[0]:x.rows[1]].to(device=model.device, dtype=model.dtype).contiguous()
+                members[f"{ckpt.model.arch.weight_prefix(st.layer, x.module)}.weight"] = st, x
                 if x.site is not None and x.site.static:
                     model.sites.pop((st.layer, x.module), None)
+
+    def rows(f, name: str):
+        st, x = members[name]
+        lo, hi = x.rows
+        q, scale = f.get_slice(f"{st.prefix}.weight")[lo:hi], f.get_slice(f"{st.prefix}.weight_scale")[lo:hi]
+        return dequantize_fp8(q, scale).to(device=model.device, dtype=model.dtype).contiguous()
+
+    if isinstance(model.w, LayerWeights):
+        load, weights = model.w.load, model.w
+        weights.current, weights.layer = {}, None  # nothing read before the swap stays
+
+        def twin_load(src, name):
+            if name not in members:
+                return load(src, name)
+            with safe_open(path, framework="pt") as f:
+                return rows(f, name)
+
+        weights.load = twin_load
+    else:
+        with safe_open(path, framework="pt") as f:
+            for name in members:
+                model.w[name] = rows(f, name)
     return True

@@ -61,6 +61,19 @@ def test_twin_weights_are_the_stored_fp8_dequantized(example_dirs, tmp_path, kin
     assert twin.sites.keys() <= plain.sites.keys()
 
 
+def test_streaming_twin_is_the_in_memory_twin(example_dirs, tmp_path):
+    """--reference layerwise: the streaming reference's twin reads the same rows layer by layer."""
+    ckpt = load_checkpoint(example_dirs["lora"])  # static LoRAs on q and v: their sites dropped in both
+    art = fp8_artifact(ckpt, tmp_path / "a.native")
+    held, streamed = ReferenceModel(ckpt), ReferenceModel(ckpt, stream=True)
+    assert native.load_fp8_twin(held, art) and native.load_fp8_twin(streamed, art)
+    assert isinstance(held.w, dict) and held.sites == streamed.sites
+    assert all(torch.equal(streamed.w[n], held.w[n]) for n in held.w)
+    ids = torch.tensor([PROMPTS[0]])
+    assert torch.equal(streamed.forward(ids).logits, held.forward(ids).logits)
+    assert not torch.equal(held.forward(ids).logits, ReferenceModel(ckpt).forward(ids).logits)
+
+
 def test_twin_is_the_reference_when_weights_are_not_fp8(example_dirs, tmp_path):
     ckpt = load_checkpoint(example_dirs["lora"])
     art = fp8_artifact(ckpt, tmp_path / "a.native", weights="dtype")
@@ -132,6 +145,9 @@ def test_validate_report_of_an_fp8_artifact(example_dirs, tmp_path):
     text = "\n".join(report_lines(report))
     assert "FP8 quantization (" in text and f"{q['greedy_agreement']['matched']}/{q['greedy_agreement']['total']}" in text
     assert any(line.startswith("FP8 quantization") for line in summary(report))
+    layerwise = validate(ckpt, art, PROMPTS, 3, runner=_fp8_model_runner(ckpt, art), mode="layerwise")
+    assert layerwise["passed"] and layerwise["quantization"]["greedy_agreement"] == q["greedy_agreement"]
+    assert layerwise["outputs"] == report["outputs"]
     floor = validate(ckpt, art, PROMPTS, 3, runner=_fp8_model_runner(ckpt, art), min_greedy_agreement=1.0)
     fraction = floor["quantization"]["greedy_agreement"]["fraction"]
     assert floor["quantization"]["passed"] == floor["passed"] == (fraction == 1.0)
