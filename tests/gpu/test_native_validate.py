@@ -52,3 +52,28 @@ def test_validate_native_artifact_of_another_checkpoint_is_refused(cli, examples
     res = cli("validate", examples["pregate"], art, "--runtime", "cpp")
     assert res.code == 2
     assert "model does not match checkpoint" in res.err and res.err.count("\n") == 1, res.err
+
+
+# pregate: the stages stacked, no static LoRA; lora: static LoRAs merged into the stored FP8 matrices (the twin drops
+# their sites)
+@pytest.mark.parametrize("kind", ["pregate", "lora"])
+def test_validate_fp8_artifact_against_its_twin_and_reports_the_quantization(cli, examples, tmp_path, kind):
+    """`convert --weights fp8`, then validate: the runtime within the measured bfloat16 bound of the FP8 twin; the
+    quantization's effect in the report is the one computed on the CPU by the reference alone."""
+    from adafuse_export.converters import load_checkpoint
+    from adafuse_export.validate import quantization_effect
+
+    art = tmp_path / f"{kind}.native"
+    conv = cli("convert", examples[kind], art, "--backend", "native", "--dtype", "bfloat16", "--weights", "fp8",
+               "--max-batch", "1", "--max-seq", "32")
+    assert conv.code == 0, conv.err
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
+    res = cli("validate", examples[kind], art, "--runtime", "cpp", "--json", "--steps", "4", "--min-greedy-agreement",
+              "0", *(a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))))
+    assert res.code == 0, res.out[-3000:] + res.err
+    report = json.loads(res.out)
+    assert report["passed"] and "FP8 twin" in report["reference"]
+    q = report["quantization"]
+    assert q["passed"] and q["min_greedy_agreement"] == 0
+    expected = quantization_effect(load_checkpoint(examples[kind]), art, prompts, 4)
+    assert {k: q[k] for k in expected} == expected
