@@ -139,9 +139,9 @@ TEST(EngineLayout, RefusesExpertIdsWithoutARoutingTable) {
                f.engine().string() + ": the engine takes expert ids but its manifest names no routing table");
 }
 
-TEST(EngineLayout, ReadsRoutesComputedInsideTheDecoder) {
-  // Pre-gates that read past layer 0's attention run inside the decoder and return their routes.
-  EngineFixture f;
+// The fixture's engine turned into one whose pre-gate reads past layer 0's attention: it runs inside the decoder
+// and returns its routes (expert ids and gates become outputs; no routing table).
+void route_inside_the_decoder(EngineFixture& f) {
   auto& t = f.manifest["tensors"];
   t["outputs"].push_back(t["inputs"][3]);
   t["outputs"].push_back(t["inputs"][4]);
@@ -149,6 +149,11 @@ TEST(EngineLayout, ReadsRoutesComputedInsideTheDecoder) {
   t["inputs"].erase(3);
   f.manifest["routing"]["routes_file"] = nullptr;
   f.save();
+}
+
+TEST(EngineLayout, ReadsRoutesComputedInsideTheDecoder) {
+  EngineFixture f;
+  route_inside_the_decoder(f);
   const EngineLayout l = engine_layout(verify_engine(f.engine()));
   EXPECT_FALSE(l.routes_in);
   EXPECT_TRUE(l.routes_out);
@@ -238,15 +243,7 @@ TEST(EngineStep, BindsEveryTensorOfTheManifest) {
   // The bindings name exactly the manifest's tensors, with the contract's shapes (the whole cache: max_seq).
   for (bool routes_out : {false, true}) {
     EngineFixture f;
-    if (routes_out) {
-      auto& t = f.manifest["tensors"];
-      t["outputs"].push_back(t["inputs"][3]);
-      t["outputs"].push_back(t["inputs"][4]);
-      t["inputs"].erase(4);
-      t["inputs"].erase(3);
-      f.manifest["routing"]["routes_file"] = nullptr;
-      f.save();
-    }
+    if (routes_out) route_inside_the_decoder(f);
     const Manifest m = verify_engine(f.engine());
     const EngineLayout l = engine_layout(m);
     std::vector<std::string> inputs, outputs;
