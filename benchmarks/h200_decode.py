@@ -10,7 +10,9 @@
 2. decode: ms per adafuse_decode call (the step's logits on the host when it returns) at batch 1, 8, 32, 64 with
    strategy fused and at batch 1 with switch (the route changing every step, and unchanged), context 512; tokens/s,
    the weight-read floor (the backbone's bytes over the device's copy bandwidth), and the dense base (same backbone,
-   no adapters, same backend) at the same batches with each row's ratio to it.
+   no adapters, same backend) at the same batches with each row's ratio to it; the same model with FP8 e4m3 base
+   weights (`--weights fp8`, fused) at the same batches (issue 23's whole-step FP8 row: its x_dense is the ratio to
+   the bf16 dense step).
 3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same step (from the first kernel
    or copy of the step to its last, as the CUDA profiler, torch.profiler over CUPTI, records them), batch 1.
 4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
@@ -240,6 +242,27 @@ def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int]
                 results["prefill"].append(native_ttft(engine, ctx))
 
 
+def bench_fp8(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
+    """The same model with FP8 e4m3 base weights (per-output-channel scales; adapters and activations bf16:
+    `convert --backend native --weights fp8`), fused, the route changing every step: issue 23's whole-step row,
+    whose x_dense is its ratio to the bf16 dense step."""
+    art = work / "fp8.native"
+    art.mkdir()
+    t = time.time()
+    native.write_artifact(ckpt, art, "bfloat16", max_batch=max(batches), max_seq=ctx + steps + 16, weights="fp8")
+    log(f"FP8 artifact written in {time.time() - t:.0f} s")
+    floor = weight_read_bytes(art, ckpt) / (results["copy_bandwidth_GBps"] * 1e9) * 1e3
+    feed = routed_tokens(art, (steps + 8) * max(batches), ckpt.model.vocab_size)
+    with open_native(art, "fused") as engine:
+        for batch in batches:
+            ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
+            results["decode"].append({"strategy": "fused-fp8", "batch": batch, "ctx": ctx, "routes": "route changes",
+                                      "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
+                                      "weight_read_floor_ms": floor, "x_floor": ms / floor})
+            log(f"decode fused-fp8 b={batch:<2} ctx={ctx} {'route changes':<15} {ms:8.2f} ms/step (floor {floor:.2f} ms)")
+    shutil.rmtree(art)
+
+
 def bench_dense(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
     """The same backbone without adapters (routing 'none') through the same backend and kernels: the dense model a
     user would otherwise serve, each batch's ratio against it recorded on the fused rows."""
@@ -321,6 +344,7 @@ def main():
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' prefill")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense base's decode rows (a second artifact)")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8-weight decode rows (a third artifact)")
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts are written [a temporary directory]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -352,6 +376,9 @@ def main():
         save()
         shutil.rmtree(work / "fused.native")
         shutil.rmtree(work / "switch.native")
+        if not args.no_fp8:
+            bench_fp8(ckpt, work, batches, args.ctx, args.steps, results)
+            save()
         if not args.no_dense:
             bench_dense(ckpt, work, batches, args.ctx, args.steps, results)
             save()
