@@ -13,8 +13,8 @@
    no adapters, same backend) at the same batches with each row's ratio to it; the same model with FP8 e4m3 base
    weights (`--weights fp8`, fused) at the same batches (issue 23's whole-step FP8 row: its x_dense is the ratio to
    the bf16 dense step).
-3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same step (from the first kernel
-   or copy of the step to its last, as the CUDA profiler, torch.profiler over CUPTI, records them), batch 1.
+3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same call (CUDA events the
+   runtime records around the step's work, adafuse_last_step_gpu_time), batch 1, per call, median.
 4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
    against transformers' SDPA prefill of the same shape (LlamaForCausalLM, bf16, the last position's logits).
 
@@ -50,7 +50,6 @@ from adafuse_export.tensors import LazySource, TensorInfo  # noqa: E402
 from adafuse_export.trt.manifest import write_manifest  # noqa: E402
 
 EXPERTS, TOP_K, RANK = 8, 2, 16
-GAP_S = 0.003  # host pause between profiled steps: the GPU's work of one step is one cluster in the trace
 WEIGHTS_DEVICE = "cuda"  # where the random weights are drawn (tests/test_benchmarks_native.py: cpu)
 
 
@@ -159,54 +158,33 @@ def routed_tokens(art: Path, n: int, vocab: int) -> list[int]:
 
 # ---------------------------------------------------------------- 2, 3. decode steps
 def decode_walls(engine: Engine, batch: int, ctx: int, feed: list[int], steps: int, warmup: int = 3,
-                 gap: float = 0.0) -> list[float]:
+                 gpu: list[float] | None = None) -> list[float]:
     """ms of each adafuse_decode call after a prefill of `ctx` tokens per row; row r of step k takes
-    feed[(k * batch + r) % len(feed)]."""
+    feed[(k * batch + r) % len(feed)]. gpu: receives each call's GPU time (adafuse_last_step_gpu_time)."""
     prompt = np.random.default_rng(3).integers(0, engine.vocab, (batch, ctx))
     engine.prefill(prompt)
     out = np.empty((batch, engine.vocab), np.float32)
     times = []
     for k in range(warmup + steps):
         ids = np.array([feed[(k * batch + r) % len(feed)] for r in range(batch)], np.int64)
-        if gap:
-            time.sleep(gap)
         t = time.perf_counter()
         engine.decode(ids, out)
         if k >= warmup:  # the first steps capture the CUDA graph of this row count
             times.append((time.perf_counter() - t) * 1e3)
+            if gpu is not None:
+                gpu.append(engine.last_step_gpu_ms())
     return times
 
 
-def gpu_spans(fn, expected: int) -> list[float]:
-    """ms from the first to the last GPU activity (kernels, copies, sets) of each of `expected` clusters that fn()
-    leaves in the CUDA profiler's trace (the steps are GAP_S apart, so each step is one cluster)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        prof.export_chrome_trace(str(Path(d) / "trace.json"))
-        trace = json.loads((Path(d) / "trace.json").read_text())
-    events = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace.get("traceEvents", [])
-                    if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-    clusters: list[list[float]] = []
-    for start, end in events:
-        if clusters and start - clusters[-1][1] < GAP_S * 1e6 / 3:
-            clusters[-1][1] = max(clusters[-1][1], end)
-        else:
-            clusters.append([start, end])
-    if len(clusters) < expected:
-        raise RuntimeError(f"the profiler saw {len(clusters)} GPU activity clusters for {expected} steps "
-                           f"({len(events)} events): CUPTI did not trace the runtime's kernels")
-    return [(end - start) / 1e3 for start, end in clusters[-expected:]]
-
-
 def host_overhead(engine: Engine, ctx: int, feed: list[int], steps: int) -> dict:
-    """Batch 1: adafuse_decode's wall time and the GPU time of the same steps (both GAP_S apart)."""
-    walls = decode_walls(engine, 1, ctx, feed, steps, gap=GAP_S)
-    spans = gpu_spans(lambda: decode_walls(engine, 1, ctx, feed, steps, warmup=0, gap=GAP_S), steps)
-    wall, gpu = statistics.median(walls), statistics.median(spans)
-    return {"wall_ms": wall, "gpu_ms": gpu, "host_overhead_ms": wall - gpu, "steps": steps}
+    """Batch 1: adafuse_decode's wall time and the GPU time of the same call, from CUDA events the runtime records
+    around the step's work on its stream (its first upload to its last download): the difference is what the
+    host adds (argument checks, input packing, the graph launch, the wait's wake-up, the return)."""
+    gpu: list[float] = []
+    walls = decode_walls(engine, 1, ctx, feed, steps, gpu=gpu)
+    over = [w - g for w, g in zip(walls, gpu)]
+    return {"wall_ms": statistics.median(walls), "gpu_ms": statistics.median(gpu),
+            "host_overhead_ms": statistics.median(over), "steps": steps, "method": "wall - CUDA events of the same call"}
 
 
 def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int], ctx: int, steps: int,

@@ -74,6 +74,7 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     "adafuse_slot_length": (_i32, [_p, _i32]),
     "adafuse_kv_shape": (None, [_p, ctypes.POINTER(_i32), ctypes.POINTER(_i32), ctypes.POINTER(_i32)]),
     "adafuse_read_kv": (ctypes.c_int, [_p, _i32, _i32, _p]),
+    "adafuse_last_step_gpu_time": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_double)]),
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -277,6 +278,12 @@ class Engine:
             if len(tokens) < max_new_tokens:
                 last = self.decode(np.asarray(tokens[-1:]))[0][0]
         return tokens, logits, experts
+
+    def last_step_gpu_ms(self) -> float:
+        """GPU time of the last prefill, decode or step (adafuse_last_step_gpu_time: CUDA events around its work)."""
+        ms = ctypes.c_double()
+        _check(self.lib, self.lib.adafuse_last_step_gpu_time(self.handle, ctypes.byref(ms)))
+        return ms.value
 
     @property
     def past_length(self) -> int:

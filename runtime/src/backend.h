@@ -65,6 +65,10 @@ class Backend {
   // Why the backend can run nothing more (a sticky CUDA error: every later call on the context fails
   // until the process restarts); empty while it is usable. Read from any thread (the service's /health).
   std::string unusable_reason() const;
+  // GPU time in ms of the last prefill, decode or step, from its first upload to its last download on the
+  // backend's stream (CUDA events: the call's wall time minus it is the host's share); negative where the
+  // backend does not measure it or before its first call.
+  virtual double last_step_gpu_ms() const { return -1.0; }
 
  protected:
   virtual void do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits,

@@ -339,6 +339,17 @@ int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot) {
   if (!adafuse::handles::valid(engine, Kind::engine) || slot < 0 || slot >= engine->backend->info().max_batch) return 0;
   return engine->backend->slot_length(slot);
 }
+adafuse_status adafuse_last_step_gpu_time(const adafuse_engine* engine, double* milliseconds) {
+  return guarded([&] {
+    need(engine, "engine");
+    need(milliseconds, "milliseconds");
+    const double ms = engine->backend->last_step_gpu_ms();
+    if (ms < 0)
+      adafuse::fail(ADAFUSE_ERR_UNSUPPORTED,
+                    "no GPU time recorded: the engine's backend does not measure it, or no step has succeeded");
+    *milliseconds = ms;
+  });
+}
 int32_t adafuse_past_length(const adafuse_engine* engine) {
   return adafuse::handles::valid(engine, Kind::engine) ? engine->backend->past_length() : 0;
 }

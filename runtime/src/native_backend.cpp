@@ -45,6 +45,8 @@ NativeBackend::NativeBackend(const NativeArtifact& artifact, const adafuse_open_
   const std::string name = a_.dir.string();
   cuda_check(cudaSetDevice(device_), "CUDA device " + std::to_string(device_) + " (running " + name + " needs an NVIDIA GPU)");
   cuda_check(cudaStreamCreateWithFlags(&stream_.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_check(cudaEventCreate(&step_begin_.event), "cudaEventCreate");
+  cuda_check(cudaEventCreate(&step_end_.event), "cudaEventCreate");
   const cudaError_t status = cudaMalloc(&block_.ptr, plan_.total);
   if (status != cudaSuccess) {
     size_t free_bytes = 0, total_bytes = 0;

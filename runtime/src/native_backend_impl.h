@@ -80,6 +80,12 @@ struct Stream {
     if (stream) cudaStreamDestroy(stream);
   }
 };
+struct Event {
+  cudaEvent_t event = nullptr;
+  ~Event() {
+    if (event) cudaEventDestroy(event);
+  }
+};
 
 // One sequence's part of a step, with where its outputs go on the host.
 struct Row {
@@ -103,6 +109,7 @@ class NativeBackend final : public Backend {
   NativeBackend(const NativeBackend&) = delete;
   NativeBackend& operator=(const NativeBackend&) = delete;
   const BackendInfo& info() const override { return info_; }
+  double last_step_gpu_ms() const override { return last_gpu_ms_; }
 
  protected:
   void do_prefill(const int64_t* ids, int32_t batch, int32_t len, bool all_positions, float* logits, int32_t* expert_ids,
@@ -155,6 +162,8 @@ class NativeBackend final : public Backend {
   kl::adafuse_norm_kind norm_kind_ = kl::ADAFUSE_NORM_RMS;
   int32_t switch_sites_ = 0, switch_max_out_ = 0, switch_max_in_ = 0;
   Stream stream_;  // declared before the memory: destroyed after it
+  Event step_begin_, step_end_;  // around each step's GPU work: last_step_gpu_ms
+  double last_gpu_ms_ = -1.0;
   DeviceMemory block_;
   PinnedMemory host_inputs_;
   char* base_ = nullptr;

@@ -166,6 +166,8 @@ NativeBackend::Shape NativeBackend::prepare(const int64_t* ids, const std::vecto
   }
   h_starts[rows.size()] = n;
   s.logit_rows = static_cast<int32_t>(logit_dest_.size());
+  last_gpu_ms_ = -1.0;
+  check(cudaEventRecord(step_begin_.event, stream_.stream), "step timing event");
   check(cudaMemcpyAsync(at("inputs"), host, inputs_.bytes, cudaMemcpyHostToDevice, stream_.stream), "step inputs upload");
   return s;
 }
@@ -370,7 +372,11 @@ void NativeBackend::run(const int64_t* ids, std::vector<Row>& rows) {
       token += static_cast<size_t>(r.count);
     }
   }
+  check(cudaEventRecord(step_end_.event, stream_.stream), "step timing event");
   check(cudaStreamSynchronize(stream_.stream), "native step");
+  float ms = 0.f;
+  check(cudaEventElapsedTime(&ms, step_begin_.event, step_end_.event), "step timing");
+  last_gpu_ms_ = ms;
 }
 
 void NativeBackend::do_step(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,

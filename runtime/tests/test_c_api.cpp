@@ -64,6 +64,11 @@ TEST(CApi, GeneratesAndStreams) {
   EXPECT_EQ(adafuse_past_length(engine), 2);
   float kv[1];
   EXPECT_EQ(adafuse_read_kv(engine, 0, 0, kv), ADAFUSE_ERR_INVALID_ARGUMENT);
+  double ms = -7.0;  // the replay backend has no GPU work to time: refused, the output untouched
+  EXPECT_EQ(adafuse_last_step_gpu_time(engine, &ms), ADAFUSE_ERR_UNSUPPORTED);
+  EXPECT_EQ(ms, -7.0);
+  EXPECT_EQ(adafuse_last_step_gpu_time(engine, nullptr), ADAFUSE_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(adafuse_last_step_gpu_time(nullptr, &ms), ADAFUSE_ERR_INVALID_ARGUMENT);
   adafuse_engine_free(engine);
 }
 

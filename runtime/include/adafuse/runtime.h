@@ -170,6 +170,11 @@ ADAFUSE_API adafuse_status adafuse_step(adafuse_engine* engine, const int64_t* i
 ADAFUSE_API void adafuse_step_limits(const adafuse_engine* engine, int32_t* in_flight, int32_t* max_step_tokens);
 /* Tokens slot `slot` holds (0 when out of range or released). */
 ADAFUSE_API int32_t adafuse_slot_length(const adafuse_engine* engine, int32_t slot);
+/* GPU time in milliseconds of the engine's last prefill, decode or step (of its last chunk, for a prompt longer
+ * than one step): from its first upload to its last download on the engine's stream (CUDA events), so the
+ * call's wall time minus it is the host's share of the call. ADAFUSE_ERR_UNSUPPORTED where the backend does not measure it (TensorRT engines) or before the first
+ * call that succeeded. */
+ADAFUSE_API adafuse_status adafuse_last_step_gpu_time(const adafuse_engine* engine, double* milliseconds);
 /* Tokens held in the KV cache of the current batch. */
 ADAFUSE_API int32_t adafuse_past_length(const adafuse_engine* engine);
 /* The cache's layer count, KV heads and head size. */
