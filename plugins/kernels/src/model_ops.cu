@@ -679,7 +679,7 @@ constexpr int kTcBQ = 64;  // 16 query rows per warp
 
 template <int D>
 struct TcTile {
-  static constexpr int BK = D <= 128 ? 64 : 32;  // keys per tile: D = 256 fits 99 KiB (sm_86/89/120)
+  static constexpr int BK = D <= 128 ? 64 : 32;  // keys per tile: D = 256 fits 99 KiB (sm_86, 89, 120)
   static constexpr int LD = D + 8;               // row pitch in elements (bank-conflict-free ldmatrix)
   static constexpr size_t smem = 2 * static_cast<size_t>(kTcBQ + 4 * BK) * LD;  // Q, 2 x K, 2 x V
 };
@@ -718,7 +718,11 @@ prefill_attn_mma_kernel(int H, int KV, int max_seq, const T* __restrict__ q, con
   T* qs = reinterpret_cast<T*>(prefill_tc_smem);  // [BQ][LD]
   T* ks = qs + BQ * LD;                            // [2][BK][LD]
   T* vs = ks + 2 * BK * LD;                        // [2][BK][LD]
-  __shared__ long long qpos_s[BQ], pos_min[WARPS], pos_max[WARPS];
+  // the block's position reductions borrow V buffer 1 (first filled by iteration 0's cp.async, after
+  // the barrier below): no static shared memory, so D = 256 fits 99 KiB
+  long long* pos_min = reinterpret_cast<long long*>(vs + BK * LD);
+  long long* pos_max = pos_min + WARPS;
+  static_assert(2 * WARPS * sizeof(long long) <= BK * LD * sizeof(T), "V buffer 1 holds the reductions");
   const int seq = blockIdx.z, h = blockIdx.y;
   const int s0 = seq_starts[seq], s1 = seq_starts[seq + 1];
   const int q0 = s0 + static_cast<int>(blockIdx.x) * BQ;
@@ -737,7 +741,6 @@ prefill_attn_mma_kernel(int H, int KV, int max_seq, const T* __restrict__ q, con
   // the block's key range [lo, hi): min and max position over its queries (thread r < BQ: query r)
   const bool has_row = tid < nq;
   const long long p_t = has_row ? positions[q0 + tid] : 0;
-  if (tid < BQ) qpos_s[tid] = p_t;
   long long mn = has_row ? p_t : LLONG_MAX, mx = has_row ? p_t : LLONG_MIN;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -745,18 +748,20 @@ prefill_attn_mma_kernel(int H, int KV, int max_seq, const T* __restrict__ q, con
     mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   }
   if (lane == 0) pos_min[warp] = mn, pos_max[warp] = mx;
-  const bool dense = __syncthreads_and(!has_row || p_t == positions[q0] + tid);  // consecutive positions
+  // causal only, or consecutive positions: every key of [lo, hi) is seen by some query of the block
+  const bool dense = __syncthreads_and(window <= 0 || !has_row || p_t == positions[q0] + tid);
   mn = pos_min[0], mx = pos_max[0];
 #pragma unroll
   for (int w = 1; w < WARPS; ++w) mn = min(mn, pos_min[w]), mx = max(mx, pos_max[w]);
   long long lo = window > 0 ? mn - window + 1 : 0, hi = mx + 1;
   if (lo < 0) lo = 0;
   if (hi > max_seq) hi = max_seq;
+  __syncthreads();  // pos_min / pos_max read: V buffer 1 may be filled
 
   // this thread's two query rows (g and g + 8 of its warp's 16) and its warp's position range
   const int r0 = warp * 16 + g, r1 = r0 + 8;
   const bool ok0 = r0 < nq, ok1 = r1 < nq;
-  const long long qp0 = qpos_s[r0], qp1 = qpos_s[r1];
+  const long long qp0 = ok0 ? positions[q0 + r0] : 0, qp1 = ok1 ? positions[q0 + r1] : 0;
   long long wmin = LLONG_MAX, wmax = LLONG_MIN;
   if (ok0) wmin = min(wmin, qp0), wmax = max(wmax, qp0);
   if (ok1) wmin = min(wmin, qp1), wmax = max(wmax, qp1);
@@ -805,7 +810,7 @@ prefill_attn_mma_kernel(int H, int KV, int max_seq, const T* __restrict__ q, con
         const long long kp = k0 + j;
         bool seen = false;
         for (int r = 0; r < nq; ++r) {
-          const long long p = qpos_s[r];
+          const long long p = positions[q0 + r];
           seen = seen || (kp <= p && (window <= 0 || kp > p - window));
         }
         if (!seen)
