@@ -640,8 +640,8 @@ prefill_attn_kernel(int H, int KV, int max_seq, const T* __restrict__ q, const T
 }
 
 // ---- prefill attention on tensor cores (bfloat16, float16; sm_80+) ----------------------------
-// The function of prefill_attn_kernel (same block range, masks, softcap, online softmax, NaN rule)
-// computed flash-attention-2 style: block (query tile of kTcBQ rows, head h, sequence i), warp w of
+// prefill_attn_kernel's attention (same block range, masks, softcap, online softmax, NaN rule; only
+// the probabilities are rounded, see P below) computed flash-attention-2 style: block (query tile of kTcBQ rows, head h, sequence i), warp w of
 // its 4 takes query rows [16w, 16w + 16); key tiles of BK rows of K and V in shared memory, filled
 // by cp.async one tile ahead (double buffering). Per key tile and warp:
 //   S = Q K^T           mma.sync m16n8k16, float32 accumulators (products of 16-bit values are exact)
