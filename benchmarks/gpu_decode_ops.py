@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Time the decode-step kernels (plugins/kernels/src/model_ops.cu) on one GPU.
+"""Time the decode-step kernels and the prefill attention (plugins/kernels/src/model_ops.cu) on one GPU.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_decode_ops.py --out $OUT
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_decode_ops.py --out $OUT [--prefill-only]
 
 add_rms_norm, silu_mul and rope_kv_write + decode_attention, each timed (graph replay, median)
-against the PyTorch ops it replaces, at Llama-2-7B decode shapes. Their correctness is
-tests/gpu/test_gpu_decode_ops.py (`python3 -m pytest -m gpu tests/gpu`); a timed result is only
-checked to be finite here. Writes <out>/gpu_decode_ops.json.
+against the PyTorch ops it replaces, at Llama-2-7B decode shapes; the prefill attention (one
+prompt of 512 and of 2048 tokens, 32 heads, head_dim 128, bfloat16 and float16) against
+torch.nn.functional.scaled_dot_product_attention(is_causal=True) on the same shapes. Their
+correctness is tests/gpu/test_gpu_decode_ops.py and test_gpu_model_ops.py (`python3 -m pytest -m gpu
+tests/gpu`); a timed result is only checked to be finite here. Writes <out>/gpu_decode_ops.json.
 """
 from __future__ import annotations
 
@@ -136,13 +138,51 @@ def bench(K, results):
         results["timing"].append({"op": name, "batch": batch, "kernel_us": tk, "torch_us": tt})
 
 
+def bench_prefill(K, results):
+    """adafuse_attention over one prompt (max_seq_tokens = its length: the prefill kernel) against
+    SDPA's causal attention on the same q, k, v, each given the layout it reads."""
+    gen = torch.Generator().manual_seed(5)
+    H, D = 32, 128
+    for dt in (torch.bfloat16, torch.float16):
+        for tokens in (512, 2048):
+            q = rnd(tokens, H * D, dtype=dt, gen=gen)
+            kc = rnd(1, H, tokens, D, dtype=dt, gen=gen)
+            vc = rnd(1, H, tokens, D, dtype=dt, gen=gen)
+            starts = torch.tensor([0, tokens], dtype=torch.int32, device=DEV)
+            slots = torch.zeros(1, dtype=torch.int32, device=DEV)
+            pos = torch.arange(tokens, dtype=torch.int64, device=DEV)
+            out = torch.empty_like(q)
+            qh = q.view(1, tokens, H, D).transpose(1, 2)
+
+            def kern():
+                return K.attention(q, kc, vc, starts, slots, pos, num_heads=H, max_seq_tokens=tokens,
+                                   scale=D ** -0.5, out=out)
+
+            def sdpa():
+                return torch.nn.functional.scaled_dot_product_attention(qh, kc, vc, is_causal=True)
+            finite(f"prefill attention {tokens}", kern)
+            t_k, t_t = time_graph(kern, calls=4, reps=11), time_graph(sdpa, calls=4, reps=11)
+            flops = 4 * H * D * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
+            name = str(dt).removeprefix("torch.")
+            log(f"prefill attention {name:<8} {tokens:5d} tokens H{H} D{D}: kernel {t_k:9.1f} us "
+                f"({flops / t_k / 1e6:6.1f} TFLOP/s), SDPA causal {t_t:9.1f} us ({flops / t_t / 1e6:6.1f} TFLOP/s)"
+                f" -> {t_t / t_k:.2f}x")
+            results["prefill_attention"].append({"dtype": name, "tokens": tokens, "heads": H, "head_dim": D,
+                                                 "kernel_us": t_k, "sdpa_causal_us": t_t,
+                                                 "kernel_tflops": flops / t_k / 1e6,
+                                                 "sdpa_tflops": flops / t_t / 1e6})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--prefill-only", action="store_true", help="time only the prefill attention")
     a = ap.parse_args()
     K = load_kernels(archs=["90"])
-    results = {"device": torch.cuda.get_device_name(), "timing": []}
-    bench(K, results)
+    results = {"device": torch.cuda.get_device_name(), "timing": [], "prefill_attention": []}
+    if not a.prefill_only:
+        bench(K, results)
+    bench_prefill(K, results)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "gpu_decode_ops.json").write_text(json.dumps(results, indent=1))
 

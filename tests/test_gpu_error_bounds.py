@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 import gpu_numerics as gn  # noqa: E402
 import test_gpu_decode_ops as ops_t  # noqa: E402
 import test_gpu_lora_linear as lora_t  # noqa: E402
+import test_gpu_model_ops as model_t  # noqa: E402
 import test_gpu_switch as switch_t  # noqa: E402
 
 F32 = torch.float32
@@ -192,3 +193,67 @@ def test_bound_terms():
     assert torch.equal(gn.error_bound(torch.bfloat16, [ref], torch.zeros(2), 1), 2 * (2 ** -8 * ref.abs() + 2 ** -134))
     assert torch.allclose(gn.error_bound(torch.float32, [], ref, 100), 8 * 10 * 2 ** -24 * ref.abs())
     assert torch.equal(gn.error_bound(torch.float16, [], torch.zeros(2), 1, spread=[ref]), 8 * 2 ** -11 * ref.abs())
+
+
+# ---------------------------------------------------------------- prefill attention (tensor cores)
+def tc_prefill_emulation(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale, softcap, dt,
+                         rescale: bool = True):
+    """model_ops.cu prefill_attn_mma_kernel in float32: query tiles of 64, key tiles of 64 (32 for
+    D > 128) from the block's lo, online softmax, probabilities rounded to dt before P V, one rounding
+    at the end. `rescale` False drops the e^(m_old - m) correction of O and l (a wrong kernel)."""
+    T, G, max_seq = q.shape[0], H // KV, k_cache.shape[2]
+    bk = 64 if D <= 128 else 32
+    out = torch.full((T, H, D), float("nan"))
+    qf = q.to(F32).view(T, H, D)
+    for i in range(len(slots)):
+        a, b = int(starts[i]), int(starts[i + 1])
+        for q0 in range(a, b, 64):
+            q1 = min(b, q0 + 64)
+            p = pos[q0:q1]
+            lo = max(0, int(p.min()) - window + 1) if window > 0 else 0
+            hi = min(int(p.max()) + 1, max_seq)
+            m = torch.full((H, q1 - q0), float("-inf"))
+            l = torch.zeros(H, q1 - q0)
+            acc = torch.zeros(H, q1 - q0, D)
+            for k0 in range(lo, hi, bk):
+                kp = torch.arange(k0, min(k0 + bk, hi))
+                allowed = (kp[None, :] <= p[:, None]) & ((kp[None, :] > p[:, None] - window) if window > 0 else True)
+                k = k_cache[int(slots[i]), :, kp].to(F32).repeat_interleave(G, 0)
+                v = v_cache[int(slots[i]), :, kp].to(F32).repeat_interleave(G, 0)
+                v = torch.where(allowed.any(0)[None, :, None], v, 0.0)  # keys no query sees: zeroed V rows
+                s = torch.einsum("thd,hkd->htk", qf[q0:q1], k) * scale
+                if softcap > 0:
+                    s = torch.tanh(s / softcap) * softcap
+                s = s.masked_fill(~allowed[None], float("-inf"))
+                m_new = torch.maximum(m, s.amax(-1))
+                corr = torch.where(m_new == float("-inf"), 1.0, torch.exp(m - m_new)) if rescale else torch.ones_like(m)
+                e = torch.where(s == float("-inf"), 0.0, torch.exp(s - m_new[..., None]))
+                l = l * corr + e.sum(-1)
+                acc = acc * corr[..., None] + torch.einsum("htk,hkd->htd", e.to(dt).to(F32), v)
+                m = m_new
+            out[q0:q1] = (acc / l[..., None]).transpose(0, 1)
+    return out.reshape(T, H * D).to(dt)
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (24, 0.0), (16, 30.0)])
+@pytest.mark.parametrize("case", ["varlen", "chunked"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 128), (8, 1, 256), (4, 2, 16)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_tc_prefill_attention_bound(inputs, dtype, heads, kv_heads, head_dim, case, window, softcap):
+    """The tensor-core prefill kernel's arithmetic (probabilities rounded to the dtype) within the bound
+    of tests/gpu/test_gpu_model_ops.py::test_attention; without the online-softmax rescale, outside it."""
+    dt, H, KV, D = gn.DTYPES[dtype], heads, kv_heads, head_dim
+    lengths = model_t.PREFILL[case]
+    q, k_cache, v_cache, starts, slots, pos = model_t.attention_case(inputs, dt, H, KV, D, lengths, 320, window)
+    q = q * 2 if softcap else q
+    most = max(n for _, n in lengths)
+    scale = D ** -0.5
+    rounds = model_t.prefill_rounds_probabilities(dt, D, most)
+    assert rounds == dt
+    ref, rss, terms, spread = model_t.attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window,
+                                                          scale, softcap, rounds)
+    limit = gn.error_bound(dt, [ref], rss, terms, spread)
+    args = (q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale, softcap, dt)
+    gn.assert_close(tc_prefill_emulation(*args), ref, limit, "tensor-core prefill attention", inputs)
+    if window == 0:  # many key tiles per query tile: the running max changes
+        assert fails(lambda: gn.assert_close(tc_prefill_emulation(*args, rescale=False), ref, limit, "", inputs))

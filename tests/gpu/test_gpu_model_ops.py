@@ -200,13 +200,20 @@ def test_rope_cache_write(kernels, inputs, dtype, variant, heads, kv_heads, head
 
 
 # ---------------------------------------------------------------- attention
-def attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale, softcap):
-    """(float64 out [T, H*D], root-sum-square of its products, products per output) per sequence:
-    query t at position p attends to keys (p - window, p] of its cache row (features.softcap on
-    the scores)."""
+def attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale, softcap,
+                        rounded_probs: torch.dtype | None = None):
+    """(float64 out [T, H*D], root-sum-square of its products, products per output, spread) per
+    sequence: query t at position p attends to keys (p - window, p] of its cache row (features.softcap
+    on the scores). `rounded_probs`: the kernel rounds each (unnormalised) probability to that dtype
+    before P V (the tensor-core prefill kernel, as reference/model.py rounds softmax(...).to(q.dtype)):
+    spread is then [sqrt(sum_j ((p_j + h/u) v_j)^2)], the root-sum-square of those roundings' reach
+    (each off by at most u p'_j + h, p'_j = p_j l with l >= 1, u the unit roundoff, h half the smallest
+    subnormal), else []."""
     T, G = q.shape[0], H // KV
     out = torch.full((T, H, D), float("nan"), dtype=torch.float64, device=q.device)
     rss = torch.zeros_like(out)
+    pv = torch.zeros_like(out)
+    floor = SUBNORMAL_HALF_STEP[rounded_probs] / UNIT_ROUNDOFF[rounded_probs] if rounded_probs is not None else 0.0
     qd = q.double().view(T, H, D)
     longest = 0
     for i in range(len(slots)):
@@ -229,17 +236,26 @@ def attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, windo
         score_rss = torch.einsum("thd,hld->htl", qd[a:b] ** 2, torch.nan_to_num(k, nan=0.0) ** 2).sqrt() * scale
         score_rss = score_rss.masked_fill(~allowed, 0.0)
         rss[a:b] = torch.einsum("htl,hld->thd", probs ** 2, vz ** 2).sqrt() * (1 + score_rss.amax((0, 2)))[:, None, None]
+        pv[a:b] = torch.einsum("htl,hld->thd", ((probs + floor) * allowed) ** 2, vz ** 2).sqrt()
         longest = max(longest, int(allowed.sum(-1).max()))
-    return out.reshape(T, H * D), rss.reshape(T, H * D), D + longest
+    spread = [pv.reshape(T, H * D)] if rounded_probs is not None else []
+    return out.reshape(T, H * D), rss.reshape(T, H * D), D + longest, spread
+
+
+def prefill_rounds_probabilities(dt: torch.dtype, D: int, most: int) -> torch.dtype | None:
+    """The dtype the kernel rounds the probabilities to: the tensor-core prefill kernel's (bfloat16,
+    float16 with head_dim % 16 == 0, more than one query per sequence), None for the float32
+    (SIMT) prefill kernel and the split-K decode path."""
+    return dt if most > 1 and dt != torch.float32 and D % 16 == 0 else None
 
 
 def attention_case(inputs: Inputs, dt, H, KV, D, lengths, max_seq, window):
     """Sequences (cached, new) in distinct random cache rows: q for the new tokens; caches random up to
     each sequence's last position and NaN elsewhere (also below the window of its first query)."""
-    rows = len(lengths) + 2
+    rows, device = len(lengths) + 2, inputs.device
     slot_of = inputs.permutation(rows)[:len(lengths)].to(torch.int32)
-    k_cache = poisoned(rows, KV, max_seq, D, dtype=dt)
-    v_cache = poisoned(rows, KV, max_seq, D, dtype=dt)
+    k_cache = poisoned(rows, KV, max_seq, D, dtype=dt, device=device)
+    v_cache = poisoned(rows, KV, max_seq, D, dtype=dt, device=device)
     starts, pos = [0], []
     for (cached, new), slot in zip(lengths, slot_of.tolist()):
         pos += list(range(cached, cached + new))
@@ -250,11 +266,12 @@ def attention_case(inputs: Inputs, dt, H, KV, D, lengths, max_seq, window):
             k_cache[slot, :, lo:hi] = inputs.randn(KV, hi - lo, D, dtype=dt)
             v_cache[slot, :, lo:hi] = inputs.randn(KV, hi - lo, D, dtype=dt)
     T = starts[-1]
-    return (inputs.randn(T, H * D, dtype=dt), k_cache, v_cache, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-            slot_of.to(DEVICE), torch.tensor(pos, dtype=torch.int64, device=DEVICE))
+    return (inputs.randn(T, H * D, dtype=dt), k_cache, v_cache, torch.tensor(starts, dtype=torch.int32, device=device),
+            slot_of.to(device), torch.tensor(pos, dtype=torch.int64, device=device))
 
 
-ATTN_SHAPES = [(4, 4, 64), (8, 4, 128), (16, 4, 128), (32, 4, 128), (8, 1, 256), (2, 2, 8), (4, 1, 32)]  # groups 1-8
+# groups 1-8; head_dim 16-256 on the tensor-core prefill kernel (16-bit dtypes), 8 on the SIMT one
+ATTN_SHAPES = [(4, 4, 64), (8, 4, 128), (16, 4, 128), (32, 4, 128), (8, 1, 256), (2, 2, 8), (4, 1, 32), (4, 2, 16)]
 PREFILL = {"one": [(0, 17)], "varlen": [(0, 130), (0, 3), (0, 0), (0, 1), (0, 40)],
            "chunked": [(45, 33), (0, 70), (100, 1), (7, 64)]}
 DECODE = {"decode": [(0, 1), (300, 1), (37, 1), (0, 0), (129, 1)]}
@@ -286,9 +303,43 @@ def test_attention(kernels, inputs, dtype, heads, kv_heads, head_dim, case, wind
     kernels.attention(q, k_cache, v_cache, starts, slots, pos, num_heads=H, max_seq_tokens=most, scale=scale,
                       window=window, softcap=softcap, out=out, workspace=ws)
     torch.cuda.synchronize()
-    ref, rss, terms = attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale, softcap)
-    assert_close(out, ref, error_bound(dt, [ref], rss, terms),
+    ref, rss, terms, spread = attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, window, scale,
+                                                  softcap, prefill_rounds_probabilities(dt, D, most))
+    assert_close(out, ref, error_bound(dt, [ref], rss, terms, spread),
                  f"attention {dtype} H{H} KV{KV} D{D} {case} w{window} cap{softcap} lengths {lengths}", inputs)
+
+
+@pytest.mark.parametrize("head_dim", [64, 8], ids=["D64", "D8"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_prefill_attention_positions_with_gaps(kernels, inputs, dtype, head_dim):
+    """Queries whose positions jump by more than the window: the keys between their windows lie inside
+    the block's key range but no query may see them; their cache slots hold NaN and must add nothing
+    (the tensor-core kernel zeroes their V rows, the SIMT kernel skips probability 0)."""
+    dt, H, KV, D, max_seq, window = DTYPES[dtype], 8, 2, head_dim, 400, 16
+    seq_pos = [list(range(0, 10)) + list(range(40, 60)) + list(range(150, 153)),
+               [300] + list(range(330, 370))]
+    slots = [2, 0]
+    k_cache = poisoned(3, KV, max_seq, D, dtype=dt)
+    v_cache = poisoned(3, KV, max_seq, D, dtype=dt)
+    keys = torch.arange(max_seq, device=DEVICE)
+    for slot, ps in zip(slots, seq_pos):
+        p = torch.tensor(ps, device=DEVICE)
+        seen = ((keys[None, :] <= p[:, None]) & (keys[None, :] > p[:, None] - window)).any(0)
+        for cache in (k_cache, v_cache):
+            cache[slot, :, seen] = inputs.randn(KV, int(seen.sum()), D, dtype=dt)
+    starts = torch.tensor([0, len(seq_pos[0]), len(seq_pos[0]) + len(seq_pos[1])], dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor(seq_pos[0] + seq_pos[1], dtype=torch.int64, device=DEVICE)
+    slot_t = torch.tensor(slots, dtype=torch.int32, device=DEVICE)
+    q = inputs.randn(int(starts[-1]), H * D, dtype=dt)
+    most = max(len(ps) for ps in seq_pos)
+    out = poisoned(q.shape[0], H * D, dtype=dt)
+    kernels.attention(q, k_cache, v_cache, starts, slot_t, pos, num_heads=H, max_seq_tokens=most, scale=D ** -0.5,
+                      window=window, softcap=0.0, out=out)
+    torch.cuda.synchronize()
+    ref, rss, terms, spread = attention_reference(q, k_cache, v_cache, starts, slot_t, pos, H, KV, D, window,
+                                                  D ** -0.5, 0.0, prefill_rounds_probabilities(dt, D, most))
+    assert_close(out, ref, error_bound(dt, [ref], rss, terms, spread),
+                 f"prefill attention {dtype} D{D} positions with gaps {seq_pos}", inputs)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -318,7 +369,7 @@ def test_decode_attention_graph_replayed_with_new_positions(kernels, inputs, dty
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref, rss, terms = attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, 0, D ** -0.5, 0.0)
+        ref, rss, terms, _ = attention_reference(q, k_cache, v_cache, starts, slots, pos, H, KV, D, 0, D ** -0.5, 0.0)
         assert_close(out, ref, error_bound(dt, [ref], rss, terms),
                      f"attention decode {dtype} graph replay {replay} positions {pos.tolist()}", inputs)
 

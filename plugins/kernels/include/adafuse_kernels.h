@@ -319,7 +319,9 @@ int adafuse_rope_cache_write(adafuse_dtype dtype, int tokens, int num_heads, int
 // reads KV head h / (heads / kv_heads). q [tokens, heads*D], out [tokens, heads*D] contiguous.
 // max_seq_tokens (host) bounds every sequence's query count: 1 runs the split-K decode kernel
 // (one query per sequence, flash-decoding), more runs the tiled prefill kernel (a block per
-// query tile and head, key tiles in shared memory, online softmax). Same limits as
+// query tile and head, key tiles in shared memory, online softmax; bfloat16 and float16 with
+// head_dim % 16 == 0 on tensor cores, the probabilities rounded to the dtype before P V as the
+// reference model rounds them; float32 and head_dim 8 in float32 throughout). Same limits as
 // adafuse_decode_attention on head_dim, groups and alignment; also num_seqs, num_heads <= 65535,
 // and with max_seq_tokens == 1, tokens <= num_seqs (a sequence may have no query this call).
 // Workspace: the decode kernel's split-K partials, adafuse_attention_workspace_size (it grows with

@@ -8,7 +8,10 @@
 //   attn_partial_kernel  split-K (flash-decoding) GQA attention of one query per sequence over the
 //   attn_combine_kernel  static KV cache: partial softmax per key chunk, then a combine
 //   prefill_attn_kernel  causal GQA attention of many queries per sequence: query tile x head x
-//                        sequence per block, key tiles in shared memory, online softmax
+//                        sequence per block, key tiles in shared memory, online softmax (float32,
+//                        and head_dim 8 of the 16-bit dtypes)
+//   prefill_attn_mma_kernel  the same on tensor cores (bfloat16, float16, head_dim % 16 == 0):
+//                        flash-attention-2 with mma.sync m16n8k16
 //   embed / gather_rows / logits_to_float / route_topk: row copies, the final logits, the router.
 // Every intermediate is rounded to the storage dtype where the PyTorch reference rounds
 // (adafuse_export/families/features.py, reference/model.py), so the kernels compute its function.
@@ -16,6 +19,8 @@
 
 #include <limits.h>
 #include <math.h>
+
+#include <type_traits>
 
 namespace adafuse {
 namespace {
@@ -634,6 +639,276 @@ prefill_attn_kernel(int H, int KV, int max_seq, const T* __restrict__ q, const T
   }
 }
 
+// ---- prefill attention on tensor cores (bfloat16, float16; sm_80+) ----------------------------
+// prefill_attn_kernel's attention (same block range, masks, softcap, online softmax, NaN rule; only
+// the probabilities are rounded, see P below) computed flash-attention-2 style: block (query tile of kTcBQ rows, head h, sequence i), warp w of
+// its 4 takes query rows [16w, 16w + 16); key tiles of BK rows of K and V in shared memory, filled
+// by cp.async one tile ahead (double buffering). Per key tile and warp:
+//   S = Q K^T           mma.sync m16n8k16, float32 accumulators (products of 16-bit values are exact)
+//   s = softcap(S * scale), -inf where the query may not see the key; running max m and sum l of
+//   the unrounded exp(s - m) per row in float32 registers (the quad of lanes of a row reduces them)
+//   O = O * e^(m_old - m) + T(P) V   P rounded to the model dtype as the reference rounds its
+//                                    probabilities (reference/model.py: softmax(...).to(q.dtype))
+// and O / l rounded once at the end. A key no query of the block may see must add nothing even when
+// its cache slot holds NaN, but 0 * NaN is NaN inside an mma: a block whose query positions are not
+// consecutive (so the union of their key ranges may have holes) zeroes the V rows of such keys;
+// consecutive positions (a prompt or a chunk of one) see every key of [lo, hi).
+//
+// Fragment layouts of mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16 with floating point type"), g = lane >> 2 (groupID),
+// t = lane & 3 (threadID_in_group); a 32-bit register holds two 16-bit elements, the lower column
+// (A, C) or row (B) in its low half:
+//   A 16x16 row-major   a0: (row g,   cols 2t, 2t+1)   a1: (row g+8, cols 2t, 2t+1)
+//                       a2: (row g,   cols 2t+8, +9)   a3: (row g+8, cols 2t+8, +9)
+//   B 16x8 (k x n)      b0: (rows k = 2t, 2t+1, col n = g)   b1: (rows 2t+8, 2t+9, col g)
+//   C 16x8 float32      c0, c1: (row g, cols 2t, 2t+1)       c2, c3: (row g+8, cols 2t, 2t+1)
+// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8i..8i+7 give the addresses of rows 0..7 of matrix i;
+// register i of lane l receives matrix i's (row l >> 2, cols 2(l & 3), +1); with .trans it receives
+// (rows 2(l & 3), +1 of col l >> 2), i.e. the transposed matrix. Hence, lane l addressing:
+//   Q A fragment (16 rows x 16 dims):  row (l & 7) + 8((l >> 3) & 1), dim 8(l >> 4)  -> a0..a3
+//   K as B (k = dim, n = key), K row-major [key][dim] is B column-major, no .trans:
+//       key (l & 7) + 8(l >> 4), dim 8((l >> 3) & 1)  -> {r0, r1} = B of keys 0-7, {r2, r3} keys 8-15
+//   V as B (k = key, n = dim), V row-major [key][dim] is B row-major, .trans:
+//       key (l & 7) + 8((l >> 3) & 1), dim 8(l >> 4)  -> {r0, r1} = B of dims 0-7, {r2, r3} dims 8-15
+//   P as A: the C fragments of S for keys 16k..16k+15 (n-tiles 2k, 2k+1) are P's A fragment:
+//       a0 = S[2k].{c0,c1}, a1 = S[2k].{c2,c3}, a2 = S[2k+1].{c0,c1}, a3 = S[2k+1].{c2,c3}.
+// Shared-memory rows are padded to D + 8 elements, so the 8 rows one ldmatrix matrix reads start
+// 16 bytes apart modulo 128 and hit distinct banks.
+constexpr int kTcThreads = 128;
+constexpr int kTcBQ = 64;  // 16 query rows per warp
+
+template <int D>
+struct TcTile {
+  static constexpr int BK = D <= 128 ? 64 : 32;  // keys per tile: D = 256 fits 99 KiB (sm_86, 89, 120)
+  static constexpr int LD = D + 8;               // row pitch in elements (bank-conflict-free ldmatrix)
+  static constexpr size_t smem = 2 * static_cast<size_t>(kTcBQ + 4 * BK) * LD;  // Q, 2 x K, 2 x V
+};
+
+// Whether the tensor-core kernel covers (T, D): 16-bit dtypes, D a multiple of the mma's k = 16.
+template <typename T, int D>
+constexpr bool tc_prefill_covers() {
+  return sizeof(T) == 2 && D % 16 == 0 && D <= 256;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // round both to T; lo in the low half
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads)
+prefill_attn_mma_kernel(int H, int KV, int max_seq, const T* __restrict__ q, const T* __restrict__ k_cache,
+                        const T* __restrict__ v_cache, const int32_t* __restrict__ seq_starts,
+                        const int32_t* __restrict__ seq_slots, const int64_t* __restrict__ positions, int window,
+                        float scale, float softcap, T* __restrict__ out) {
+  pdl_launch_dependents();  // programmatic dependent launch: see launch_ex
+  pdl_wait();
+  constexpr int BQ = kTcBQ, BK = TcTile<D>::BK, LD = TcTile<D>::LD;
+  constexpr int CH = D / 8;             // 16-byte chunks per row
+  constexpr int NS = BK / 8, NO = D / 8;  // n-tiles of S (keys) and of O (dims)
+  constexpr int WARPS = kTcThreads / 32;
+  static_assert(D % 16 == 0 && BK % 16 == 0 && BQ == 16 * WARPS, "tile shape");
+  extern __shared__ uint4 prefill_tc_smem[];
+  T* qs = reinterpret_cast<T*>(prefill_tc_smem);  // [BQ][LD]
+  T* ks = qs + BQ * LD;                            // [2][BK][LD]
+  T* vs = ks + 2 * BK * LD;                        // [2][BK][LD]
+  // the block's position reductions borrow V buffer 1 (first filled by iteration 0's cp.async, after
+  // the barrier below): no static shared memory, so D = 256 fits 99 KiB
+  long long* pos_min = reinterpret_cast<long long*>(vs + BK * LD);
+  long long* pos_max = pos_min + WARPS;
+  static_assert(2 * WARPS * sizeof(long long) <= BK * LD * sizeof(T), "V buffer 1 holds the reductions");
+  const int seq = blockIdx.z, h = blockIdx.y;
+  const int s0 = seq_starts[seq], s1 = seq_starts[seq + 1];
+  const int q0 = s0 + static_cast<int>(blockIdx.x) * BQ;
+  if (q0 >= s1) return;  // block-uniform: this sequence has fewer query tiles
+  const int nq = min(BQ, s1 - q0);
+  const long long slot = seq_slots[seq];
+  const int kh = h / (H / KV);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+
+  // the Q tile (rows past the sequence's queries zero) joins the first K/V tile's cp.async group
+  for (int x = tid; x < BQ * CH; x += kTcThreads) {
+    const int r = x / CH, c = x % CH;
+    const bool in = r < nq;
+    cp_async16(qs + r * LD + c * 8, q + (static_cast<size_t>(in ? q0 + r : q0) * H + h) * D + c * 8, in);
+  }
+  // the block's key range [lo, hi): min and max position over its queries (thread r < BQ: query r)
+  const bool has_row = tid < nq;
+  const long long p_t = has_row ? positions[q0 + tid] : 0;
+  long long mn = has_row ? p_t : LLONG_MAX, mx = has_row ? p_t : LLONG_MIN;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    mn = min(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  }
+  if (lane == 0) pos_min[warp] = mn, pos_max[warp] = mx;
+  // causal only, or consecutive positions: every key of [lo, hi) is seen by some query of the block
+  const bool dense = __syncthreads_and(window <= 0 || !has_row || p_t == positions[q0] + tid);
+  mn = pos_min[0], mx = pos_max[0];
+#pragma unroll
+  for (int w = 1; w < WARPS; ++w) mn = min(mn, pos_min[w]), mx = max(mx, pos_max[w]);
+  long long lo = window > 0 ? mn - window + 1 : 0, hi = mx + 1;
+  if (lo < 0) lo = 0;
+  if (hi > max_seq) hi = max_seq;
+  __syncthreads();  // pos_min / pos_max read: V buffer 1 may be filled
+
+  // this thread's two query rows (g and g + 8 of its warp's 16) and its warp's position range
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const bool ok0 = r0 < nq, ok1 = r1 < nq;
+  const long long qp0 = ok0 ? positions[q0 + r0] : 0, qp1 = ok1 ? positions[q0 + r1] : 0;
+  long long wmin = LLONG_MAX, wmax = LLONG_MIN;
+  if (ok0) wmin = min(wmin, qp0), wmax = max(wmax, qp0);
+  if (ok1) wmin = min(wmin, qp1), wmax = max(wmax, qp1);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
+    wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+  }
+
+  const T* kbase = k_cache + (static_cast<size_t>(slot) * KV + kh) * static_cast<size_t>(max_seq) * D;
+  const T* vbase = v_cache + (static_cast<size_t>(slot) * KV + kh) * static_cast<size_t>(max_seq) * D;
+  auto load_kv = [&](long long k0, int buf) {  // keys >= hi: zeros (no read)
+    T* kd = ks + buf * BK * LD;
+    T* vd = vs + buf * BK * LD;
+#pragma unroll
+    for (int x = tid; x < BK * CH; x += kTcThreads) {
+      const int j = x / CH, c = x % CH;
+      const bool in = k0 + j < hi;
+      const size_t off = static_cast<size_t>(in ? k0 + j : lo) * D + c * 8;
+      cp_async16(kd + j * LD + c * 8, kbase + off, in);
+      cp_async16(vd + j * LD + c * 8, vbase + off, in);
+    }
+  };
+
+  float o_acc[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_acc[n][e] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows g, g + 8 (l: this lane's part)
+  const int ntiles = hi > lo ? static_cast<int>((hi - lo + BK - 1) / BK) : 0;
+  if (ntiles > 0) load_kv(lo, 0);
+  cp_async_commit();
+  for (int it = 0; it < ntiles; ++it) {
+    const long long k0 = lo + static_cast<long long>(it) * BK;
+    const int buf = it & 1;
+    if (it + 1 < ntiles) load_kv(k0 + BK, buf ^ 1);  // the buffer tile it - 1 used (all warps passed it)
+    cp_async_commit();
+    cp_async_wait<1>();  // every group but the newest: Q and tile it have landed
+    __syncthreads();
+    const T* kt = ks + buf * BK * LD;
+    const T* vt = vs + buf * BK * LD;
+    if (!dense) {  // zero the V rows of keys no query of the block may see (their slots may hold NaN)
+      T* vw = vs + buf * BK * LD;
+      for (int j = tid; j < BK; j += kTcThreads) {
+        const long long kp = k0 + j;
+        bool seen = false;
+        for (int r = 0; r < nq; ++r) {
+          const long long p = positions[q0 + r];
+          seen = seen || (kp <= p && (window <= 0 || kp > p - window));
+        }
+        if (!seen)
+          for (int c = 0; c < D; c += 8) *reinterpret_cast<uint4*>(vw + j * LD + c) = make_uint4(0u, 0u, 0u, 0u);
+      }
+      __syncthreads();
+    }
+    // warp-uniform: skip a tile whose keys every row of this warp masks (after all its queries,
+    // or before all its windows); the recurrence would leave m, l and O unchanged
+    const bool live = k0 <= wmax && (window <= 0 || k0 + BK - 1 > wmin - window);
+    if (live) {
+      float s[NS][4];
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int p = 0; p < NS / 2; ++p) {
+          uint32_t b[4];
+          ldmatrix_x4(b, kt + (p * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+          Mma<T>::run(s[2 * p], a, b);
+          Mma<T>::run(s[2 * p + 1], a, b + 2);
+        }
+      }
+      float m_new[2] = {m_run[0], m_run[1]};
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e >> 1;  // c0, c1: row g; c2, c3: row g + 8
+          const long long kp = k0 + n * 8 + 2 * t4 + (e & 1);
+          const long long p = row ? qp1 : qp0;
+          float x = s[n][e] * scale;
+          if (softcap > 0.f) x = tanhf(x / softcap) * softcap;  // features.softcap
+          const bool allowed = (row ? ok1 : ok0) && kp < hi && kp <= p && (window <= 0 || kp > p - window);
+          s[n][e] = allowed ? x : -INFINITY;
+          m_new[row] = fmaxf(m_new[row], s[n][e]);
+        }
+      float corr[2];
+#pragma unroll
+      for (int row = 0; row < 2; ++row) {
+        m_new[row] = fmaxf(m_new[row], __shfl_xor_sync(0xffffffffu, m_new[row], 1));
+        m_new[row] = fmaxf(m_new[row], __shfl_xor_sync(0xffffffffu, m_new[row], 2));
+        corr[row] = m_new[row] == -INFINITY ? 1.f : expf(m_run[row] - m_new[row]);  // m = -inf: 0
+        m_run[row] = m_new[row];
+        l_run[row] *= corr[row];
+      }
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e >> 1;
+          const float pe = s[n][e] == -INFINITY ? 0.f : expf(s[n][e] - m_run[row]);
+          s[n][e] = pe;
+          l_run[row] += pe;
+        }
+#pragma unroll
+      for (int n = 0; n < NO; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o_acc[n][e] *= corr[e >> 1];
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int p = 0; p < NO / 2; ++p) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + p * 16 + (lane >> 4) * 8);
+          Mma<T>::run(o_acc[2 * p], a, b);
+          Mma<T>::run(o_acc[2 * p + 1], a, b + 2);
+        }
+      }
+    }
+    __syncthreads();  // buffer buf is refilled by the next iteration's load
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int row = 0; row < 2; ++row) {
+    float l = l_run[row];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = row ? r1 : r0;
+    if (r < nq) {
+      T* o = out + (static_cast<size_t>(q0 + r) * H + h) * D + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[n * 8] = rnd<T>(o_acc[n][2 * row] / l);
+        o[n * 8 + 1] = rnd<T>(o_acc[n][2 * row + 1] / l);
+      }
+    }
+  }
+}
+
 // ---- host side -------------------------------------------------------------------
 // Calls f(T{}) with T the storage type of dtype (the caller checked dtype).
 template <typename F>
@@ -787,20 +1062,31 @@ int run_decode_attention(const AttnCall& a, int D, float* part, cudaStream_t str
                    stream, D, nsplit, static_cast<const float*>(part), static_cast<T*>(a.out));
 }
 
-template <typename T, int D>
-int launch_prefill(const AttnCall& a, int max_seq_tokens, cudaStream_t stream) {
-  const size_t smem = prefill_smem(D);
-  auto kernel = prefill_attn_kernel<T, D>;
+// One block per (query tile of bq rows, head, sequence).
+template <typename T, typename K>
+int launch_prefill_kernel(K kernel, size_t smem, int bq, int threads, const AttnCall& a, int max_seq_tokens,
+                          cudaStream_t stream) {
   if (smem > 48 * 1024) AF_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                          static_cast<int>(smem)));
   Pdl pdl;
   const int st = stream_pdl(stream, &pdl);
   if (st != ADAFUSE_OK) return st;
-  const dim3 grid(static_cast<unsigned>((max_seq_tokens + kPrefillBQ - 1) / kPrefillBQ), static_cast<unsigned>(a.H),
+  const dim3 grid(static_cast<unsigned>((max_seq_tokens + bq - 1) / bq), static_cast<unsigned>(a.H),
                   static_cast<unsigned>(a.seqs));
-  return launch_ex(kernel, grid, kPrefillThreads, smem, pdl, stream, a.H, a.KV, a.max_seq,
-                   static_cast<const T*>(a.q), static_cast<const T*>(a.kc), static_cast<const T*>(a.vc), a.seq_starts,
-                   a.seq_slots, a.positions, a.window, a.scale, a.softcap, static_cast<T*>(a.out));
+  return launch_ex(kernel, grid, threads, smem, pdl, stream, a.H, a.KV, a.max_seq, static_cast<const T*>(a.q),
+                   static_cast<const T*>(a.kc), static_cast<const T*>(a.vc), a.seq_starts, a.seq_slots, a.positions,
+                   a.window, a.scale, a.softcap, static_cast<T*>(a.out));
+}
+
+// bfloat16 / float16 with D a multiple of 16: the tensor-core kernel; float32 and D = 8: the SIMT one.
+template <typename T, int D>
+int launch_prefill(const AttnCall& a, int max_seq_tokens, cudaStream_t stream) {
+  if constexpr (tc_prefill_covers<T, D>())
+    return launch_prefill_kernel<T>(prefill_attn_mma_kernel<T, D>, TcTile<D>::smem, kTcBQ, kTcThreads, a,
+                                    max_seq_tokens, stream);
+  else
+    return launch_prefill_kernel<T>(prefill_attn_kernel<T, D>, prefill_smem(D), kPrefillBQ, kPrefillThreads, a,
+                                    max_seq_tokens, stream);
 }
 
 template <typename T>
