@@ -102,10 +102,14 @@ def pip_lean_runtime(monkeypatch) -> tuple[Path, str]:
     """(libnvinfer_lean.so.10 of pip's tensorrt-lean-cu13-libs, its version). Its site-packages is put on $PYTHONPATH,
     one of the places the runtime searches (a venv's, /usr/local's and the wheel-installed runtime's own site-packages
     are others; this interpreter's prefix may be none of them)."""
-    from importlib import metadata
+    from importlib import metadata, util
 
-    lean = pytest.importorskip("tensorrt_lean_libs", reason="tensorrt-lean-cu13-libs is installed by the README's test command")
-    folder = Path(lean.__file__).parent
+    # Found, not imported: the package's __init__ loads the library, which the runtime's dlopen of its soname would
+    # then get from the process instead of finding it.
+    spec = util.find_spec("tensorrt_lean_libs")
+    if spec is None or spec.origin is None:
+        pytest.skip("tensorrt-lean-cu13-libs is installed by the README's test command")
+    folder = Path(spec.origin).parent
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder.parent), os.environ.get("PYTHONPATH")])))
     return folder / "libnvinfer_lean.so.10", metadata.version("tensorrt-lean-cu13-libs")
 
