@@ -81,6 +81,15 @@ def _as_full_tensorrt(src_engine: Path, dst: Path, *, version: str, version_comp
     return engine
 
 
+def test_inspect_says_an_engine_runs_on_the_lean_runtime(cli, converted, tmp_path):
+    engine = _as_full_tensorrt(converted[1], tmp_path / "e", version="10.16.1.11")
+    r = cli("inspect", engine)
+    assert r.code == 0, r.err
+    assert "tensorrt 10.16.1.11, runs on " in r.out
+    assert "; version-compatible: runs on TensorRT 10.16.1.11's lean runtime (libnvinfer_lean)" in r.out
+    assert "lean runtime" not in cli("inspect", converted[1]).out
+
+
 def test_manifest_type_refusal_matches_python_word_for_word(runtime_lib, converted, tmp_path):
     from adafuse_export.runners.cpp_runtime import verify_manifest
     from adafuse_export.trt.manifest import verify_engine
