@@ -55,6 +55,7 @@ class Plan:
     strategy: str | None
     plugin_library: Path | None
     timing_cache: Path | None
+    version_compatible: bool = False  # --version-compatible: an engine for TensorRT's lean runtime
 
 
 class Stages:
@@ -77,18 +78,26 @@ class Stages:
 def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
             dtype: str = "float32", max_batch: int = 1, max_seq: int | None = None, force: bool = False,
             validate: str = "layerwise", plugin_library: Path | None = None, timing_cache: Path | None = None,
-            strategy: str | None = None, weights: str = "dtype", log=print) -> dict:
+            strategy: str | None = None, weights: str = "dtype", version_compatible: bool = False, log=print) -> dict:
     """validate: full (the reference holds every weight), layerwise (one layer at a time), off.
     max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ.
-    weights: 'dtype', or 'fp8' (--backend native only: FP8 base weights, native_artifact.WEIGHT_FORMATS)."""
+    weights: 'dtype', or 'fp8' (--backend native only: FP8 base weights, native_artifact.WEIGHT_FORMATS).
+    version_compatible: a full-TensorRT engine for TensorRT's lean runtime (trt/build.py builder_config)."""
     from .staging import make_staging, remove_stale_stagings
+    from .trt.backends import KINDS
+    from .trt.build import version_compatible_refusal
 
     if validate not in VALIDATE_MODES:
         raise AdafuseError(f"--validate {validate}: expected one of {', '.join(VALIDATE_MODES)}")
     if backend == "native":
+        if version_compatible:
+            raise AdafuseError("--version-compatible: not an option of --backend native (it builds no TensorRT engine; "
+                               "only --backend tensorrt builds engines for TensorRT's lean runtime)")
         return convert_native(ckpt_path, Path(engine), fmt=fmt, base=base, dtype=dtype, max_batch=max_batch,
                               max_seq=max_seq, force=force, plugin_library=plugin_library, timing_cache=timing_cache,
                               strategy=strategy, weights=weights, log=log)
+    if version_compatible and backend in KINDS and not KINDS[backend].version_compatible:
+        raise AdafuseError(version_compatible_refusal(KINDS[backend]))
     if weights != "dtype":
         raise AdafuseError(f"--weights {weights}: only --backend native writes FP8 base weights (the TensorRT engines "
                            f"take --dtype weights), got --backend {backend}")
@@ -100,7 +109,8 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     stages(1, f"reading {ckpt_path}")
     plan = plan_conversion(ckpt_path, engine, outs, fmt=fmt, base=base, backend=backend, dtype=dtype,
                            max_batch=max_batch, max_seq=max_seq, validate=validate, plugin_library=plugin_library,
-                           timing_cache=timing_cache, strategy=strategy, force=force, stages=stages)
+                           timing_cache=timing_cache, strategy=strategy, force=force, stages=stages,
+                           version_compatible=version_compatible)
     try:
         staging = make_staging(engine)
     except OSError as e:
@@ -130,11 +140,13 @@ def _check_outputs(engine: Path) -> None:
 
 def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt, base, backend: str, dtype: str,
                     max_batch: int, max_seq: int | None, validate: str, plugin_library: Path | None,
-                    timing_cache: Path | None, strategy: str | None, force: bool, stages: Stages) -> Plan:
+                    timing_cache: Path | None, strategy: str | None, force: bool, stages: Stages,
+                    version_compatible: bool = False) -> Plan:
     """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
     from . import resources
     from .converters import load_checkpoint
     from .trt.backends import TensorRTVersionRefused, select_backend
+    from .trt.build import version_compatible_refusal
 
     ckpt, max_seq = _open_checkpoint(ckpt_path, fmt, base, max_seq, stages,
                                      lambda c: claim_engine_outputs(outs, c.inputs, force, timing_cache))
@@ -146,6 +158,8 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
         if backend != "auto":
             raise
         chosen = None  # auto with no TensorRT: still export and validate the ONNX, then say what to install
+    if version_compatible and chosen and not chosen.kind.version_compatible:  # --backend auto found only TensorRT-RTX
+        raise AdafuseError(version_compatible_refusal(chosen.kind) + "; install full TensorRT or drop --version-compatible")
     flavour = chosen.flavour if chosen else "portable"
     if chosen and chosen.kind.plugin_library:
         plugin_library = plugin_library or installation.plugin_library()
@@ -170,7 +184,7 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
         stages.detail(f"the engine build will not fit here ({build_refused}): convert stops after "
                       + ("validation and keeps the validated ONNX" if validate != "off" else "the export and keeps the ONNX"))
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
-                strategy, plugin_library, timing_cache)
+                strategy, plugin_library, timing_cache, version_compatible)
 
 
 def _open_checkpoint(ckpt_path: Path, fmt: str | None, base: Path | None, max_seq: int | None, stages: Any,
@@ -289,11 +303,13 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
     with heartbeat(stages.detail, f"building the {chosen.name} engine"):
         blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,
                                 max_seq=plan.max_seq, plugin_library=plan.plugin_library, timing_cache=plan.timing_cache,
-                                log=stages.detail, log_file=onnx_dir / BUILD_LOG, log_shown_as=outs["onnx"] / BUILD_LOG)
+                                log=stages.detail, log_file=onnx_dir / BUILD_LOG, log_shown_as=outs["onnx"] / BUILD_LOG,
+                                version_compatible=plan.version_compatible)
     (staging / "engine").write_bytes(blob)
     manifest = make_manifest(engine_file=staging / "engine", engine_name=plan.engine.name, onnx_dir=onnx_dir,
                              onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,
-                             dtype=plan.dtype, max_batch=plan.max_batch, max_seq=plan.max_seq, checkpoint=plan.ckpt)
+                             dtype=plan.dtype, max_batch=plan.max_batch, max_seq=plan.max_seq, checkpoint=plan.ckpt,
+                             version_compatible=plan.version_compatible)
     write_manifest(manifest, staging / "manifest.json")
     _place(staging, outs, with_engine=True)
     stages.log(f"wrote {plan.engine} ({len(blob) / 2**20:.1f} MiB), {outs['manifest'].name}, {outs['onnx'].name}/ "

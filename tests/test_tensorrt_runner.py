@@ -82,6 +82,49 @@ def open_runner(monkeypatch, engine, calls, fail=None):
     return trt_runner.TensorRTRunner(engine)
 
 
+def test_a_version_compatible_engine_is_deserialized_by_the_lean_runtime(engines, monkeypatch, tmp_path):
+    """The plan leaves the lean runtime out: the runner loads TensorRT's lean runtime of the engine's version
+    (pip's tensorrt_lean_libs) through Runtime.load_runtime and deserializes with it."""
+    import shutil
+
+    src = engines["pregate"]
+    shutil.copytree(src.parent, tmp_path / "e")
+    engine = tmp_path / "e" / src.name
+    for other in (tmp_path / "e").glob("*.engine"):
+        if other != engine:
+            other.unlink()
+    manifest = json.loads(engine.with_suffix(".json").read_text())
+    manifest["engine"]["version_compatible"] = True
+    engine.with_suffix(".json").write_text(json.dumps(manifest))
+    version = manifest["engine"]["backend_version"]
+    lean = tmp_path / "site" / "tensorrt_lean_libs"
+    lean.mkdir(parents=True)
+    (lean / "__init__.py").write_text("")
+    (lean / f"libnvinfer_lean.so.{version.split('.')[0]}").write_bytes(b"stand-in")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    calls: list = []
+    double = RecordingTrtEngine(trt, engine.with_suffix(".onnx") / "decoder.onnx", verify_engine(engine), [])
+    parent = RecordingTrtRuntime(None, double, calls)
+    monkeypatch.setattr(trt, "Runtime", lambda logger: parent)
+    placement = trt_runner.Placement(torch.device("cpu"), RecordingStream([], RUNNER_STREAM),
+                                     lambda: RecordingStream([], TORCH_STREAM))
+    monkeypatch.setattr(trt_runner, "open_cuda", lambda engine, backend: placement)
+    runner = trt_runner.TensorRTRunner(engine)
+    assert calls[0] == ("load_runtime", str(lean / f"libnvinfer_lean.so.{version.split('.')[0]}"))
+    assert calls[1][0] == "deserialize_cuda_engine" and calls[1][1] is runner.runtimes[-1] is not parent
+    assert runner.runtimes[0] is parent  # kept: the lean runtime is the parent's
+    assert runner.prefill(np.array([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+    # Refused in one line when TensorRT does not load it, or when there is none.
+    monkeypatch.setattr(trt, "Runtime", lambda logger: RecordingTrtRuntime(None, double, [], loads=False))
+    with pytest.raises(AdafuseError, match=f"^{engine}: TensorRT could not load its lean runtime {lean}/libnvinfer_lean"):
+        trt_runner.TensorRTRunner(engine)
+    (lean / f"libnvinfer_lean.so.{version.split('.')[0]}").unlink()
+    monkeypatch.setattr(trt_runner, "LEAN_FOLDERS", ("tensorrt_lean_libs",))
+    with pytest.raises(AdafuseError, match=f"^{engine}: a version-compatible engine runs on TensorRT's lean runtime "
+                                           r"\(libnvinfer_lean\.so\.\d+\), found in none of this Python's tensorrt_lean_libs"):
+        trt_runner.TensorRTRunner(engine)
+
+
 @pytest.mark.parametrize("kind", ["pregate", "pregate-ffn", "mola"])
 def test_validate_an_engine_through_the_runner(kind, engines, example_dirs, monkeypatch):
     # before the runner contract, validate read runner.vocab_size / needs_routes, which

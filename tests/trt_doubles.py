@@ -146,14 +146,21 @@ class RecordingTrtContext:
 
 
 class RecordingTrtRuntime:
-    """Runtime: deserialize_cuda_engine gives the RecordingTrtEngine it was made for."""
+    """Runtime: deserialize_cuda_engine gives the RecordingTrtEngine it was made for; load_runtime (the lean runtime
+    of a version-compatible engine) records the path and gives a runtime of the same engine, or None (refused)."""
 
-    def __init__(self, logger, engine: RecordingTrtEngine | None = None):
-        self.logger, self.engine = logger, engine
+    def __init__(self, logger, engine: RecordingTrtEngine | None = None, calls: list | None = None,
+                 loads: bool = True):
+        self.logger, self.engine, self.calls, self.loads = logger, engine, calls if calls is not None else [], loads
 
     def deserialize_cuda_engine(self, serialized_engine: bytes):
         self.engine_bytes = len(serialized_engine)
+        self.calls.append(("deserialize_cuda_engine", self))
         return self.engine
+
+    def load_runtime(self, path: str):
+        self.calls.append(("load_runtime", path))
+        return RecordingTrtRuntime(self.logger, self.engine, self.calls) if self.loads else None
 
 
 class RecordingPluginRegistry:

@@ -108,7 +108,9 @@ def _describe(path: Path) -> tuple[str, dict, list[tuple[str, str]]] | None:
         m = verify_engine(path)
         e, r = m["engine"], m["routing"]
         rows = [("engine", str(path)), ("manifest", f"{manifest_path(path)} (hashes verified)"),
-                ("backend", f"{e['backend']} {e['backend_version']}, runs on {e.get('runs_on', '-')}"),
+                ("backend", f"{e['backend']} {e['backend_version']}, runs on {e.get('runs_on', '-')}"
+                            + (f"; version-compatible: runs on TensorRT {e['backend_version']}'s lean runtime (libnvinfer_lean)"
+                               if e.get("version_compatible") else "")),
                 ("precision", f"{e['dtype']}, {e['flavour']} flavour, max batch {e['max_batch']}, max seq {e['max_seq']}"),
                 ("routing", f"{r['kind']}" + (f", {r['num_experts']} experts top-{r['top_k']}" if r["kind"] != "none" else "")),
                 ("plugin", f"{m['plugin']['name']} version {m['plugin']['version']}" if m.get("plugin") else "none"),

@@ -32,6 +32,11 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                         "default: 0.97x the cuBLAS dense decode step on the H200) or switch (AdafuseSwitchLinear: merges the "
                         "route into a copy of W; pays only when routes repeat). See docs/engine-path.md.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None, help="Reuse/extend a TensorRT timing cache file.")
+@click.option("--version-compatible", is_flag=True,
+              help="--backend tensorrt: a version-compatible engine (lean-runtime operators only, the lean runtime left out "
+                   "of the plan), which the C++ runtime runs on TensorRT's lean runtime (libnvinfer_lean, pip "
+                   "tensorrt-lean-cu12-libs / tensorrt-lean-cu13-libs of the engine's TensorRT version) instead of the full "
+                   "libnvinfer. Refused for tensorrt-rtx and native.")
 @click.option("--validate", "validate_mode", type=click.Choice(["full", "layerwise", "off"]), default="layerwise",
               show_default=True,
               help="Check the export against the PyTorch reference in ONNX Runtime: layerwise (the reference reads one "
@@ -43,7 +48,7 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
 @click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
 @force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
 def convert(ckpt, engine, fmt, base, backend, dtype, weights, max_batch, max_seq, plugin_lib, strategy, timing_cache,
-            validate_mode, no_validate, force):
+            version_compatible, validate_mode, no_validate, force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine), or with --backend native into a native
     artifact ENGINE (e.g. out.native/).
 
@@ -69,4 +74,4 @@ def convert(ckpt, engine, fmt, base, backend, dtype, weights, max_batch, max_seq
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, weights=weights, max_batch=max_batch,
                 max_seq=max_seq,
                 force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,
-                strategy=strategy, log=emit)
+                strategy=strategy, version_compatible=version_compatible, log=emit)

@@ -83,6 +83,38 @@ def load_plugin_library(trt: Any, engine: Path, plugin: dict) -> None:
                            "see the TensorRT log above)")
 
 
+LEAN_FOLDERS = ("tensorrt_lean_libs", "tensorrt_libs")  # pip's lean wheel, then the full wheel (it ships one too)
+
+
+def lean_runtime_library(engine: Path, version: str) -> Path:
+    """TensorRT's lean runtime library for a version-compatible engine built by TensorRT `version`: pip's
+    tensorrt_lean_libs or tensorrt_libs (the C++ runtime's search, for this interpreter's packages)."""
+    from importlib import util
+
+    name = f"libnvinfer_lean.so.{version.split('.')[0]}"
+    for folder in LEAN_FOLDERS:
+        spec = util.find_spec(folder)
+        if spec is not None and spec.origin is not None and (Path(spec.origin).parent / name).is_file():
+            return Path(spec.origin).parent / name
+    raise AdafuseError(f"{engine}: a version-compatible engine runs on TensorRT's lean runtime ({name}), found in none of "
+                       f"this Python's {' or '.join(LEAN_FOLDERS)} (pip install tensorrt-lean-cu12-libs=={version} or "
+                       f"tensorrt-lean-cu13-libs=={version})")
+
+
+def engine_runtime(trt: Any, logger: Any, engine: Path, built: dict) -> list[Any]:
+    """The runtimes that deserialize `engine`, the one to deserialize with last (each must outlive the engine). A
+    version-compatible plan leaves the lean runtime out (EXCLUDE_LEAN_RUNTIME): TensorRT runs it on the lean
+    runtime of the same version, loaded through IRuntime::loadRuntime."""
+    runtime = trt.Runtime(logger)
+    if not built.get("version_compatible"):
+        return [runtime]
+    library = lean_runtime_library(engine, built["backend_version"])
+    lean = runtime.load_runtime(str(library))
+    if lean is None:
+        raise AdafuseError(f"{engine}: TensorRT could not load its lean runtime {library} (see the TensorRT log above)")
+    return [runtime, lean]
+
+
 class EngineSession:
     """One execution context of a deserialized engine: sets the profile, input shapes and addresses,
     allocates every output from the engine's own dtype and the context's resolved shape, and runs
@@ -177,8 +209,8 @@ class TensorRTRunner(Runner):
         self.logger = trt.Logger(trt.Logger.WARNING)
         if manifest.get("plugin"):
             load_plugin_library(trt, engine, manifest["plugin"])
-        self.runtime = trt.Runtime(self.logger)  # must outlive the engine
-        cuda_engine = self.runtime.deserialize_cuda_engine(engine.read_bytes())
+        self.runtimes = engine_runtime(trt, self.logger, engine, built)  # must outlive the engine
+        cuda_engine = self.runtimes[-1].deserialize_cuda_engine(engine.read_bytes())
         if cuda_engine is None:
             raise AdafuseError(f"{engine}: {backend.name} {backend.version} could not deserialize the engine "
                                f"(built with {built['backend']} {built['backend_version']})")

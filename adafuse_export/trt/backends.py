@@ -30,6 +30,7 @@ class BackendKind:
     plugin_library: str | None  # the plugin library its engines load (manifest plugin.library); None: plugin-free
     strongly_typed: bool  # networks keep the ONNX graph's dtypes (weights exported in fp16/bf16) instead of its choice
     timing_cache: bool  # whether its builder has a timing cache (--timing-cache)
+    version_compatible: bool  # whether it builds version-compatible engines for TensorRT's lean runtime (--version-compatible)
     capabilities: tuple[str, ...] | None  # compute capabilities its engines run on ("12.x": any minor); None: the GPU built on
     install: str
 
@@ -52,13 +53,13 @@ class BackendKind:
 # In `--backend auto` preference order: full TensorRT (fused kernels in the engine) first.
 KINDS: dict[str, BackendKind] = {k.name: k for k in (
     BackendKind("tensorrt", "TensorRT", "tensorrt", "plugin", "libadafuse_trt_plugins.so", strongly_typed=True,
-                timing_cache=True, capabilities=None,
+                timing_cache=True, version_compatible=True, capabilities=None,
                 install="full TensorRT 10 (pip install 'tensorrt-cu12==10.*' or 'tensorrt-cu13==10.*': the major the adafuse "
                         "runtime and plugin library are built for; a plain `pip install tensorrt` may give a newer one) plus the "
                         "adafuse plugin library (installed with this tool; from a checkout: cmake --preset release && cmake "
                         "--build --preset release)"),
     BackendKind("tensorrt-rtx", "TensorRT-RTX", "tensorrt_rtx", "portable", None, strongly_typed=False,
-                timing_cache=False, capabilities=("8.0", "8.6", "8.9", "12.x"),
+                timing_cache=False, version_compatible=False, capabilities=("8.0", "8.6", "8.9", "12.x"),
                 install="pip install 'adafuse-export[rtx]' (tensorrt-rtx)"),
 )}
 

@@ -41,13 +41,27 @@ def profile_shapes(name: str, shape: tuple[int, ...], max_batch: int, max_seq: i
     }
 
 
-def builder_config(backend: Backend, builder: Any, dtype: str) -> Any:
+def builder_config(backend: Backend, builder: Any, dtype: str, version_compatible: bool = False) -> Any:
     """The builder config; a float32 engine computes in float32 (TensorRT's default TF32 matmuls
-    differ from float32 by about 1e-3, beyond validate's float32 tolerance)."""
+    differ from float32 by about 1e-3, beyond validate's float32 tolerance). version_compatible: an engine for
+    TensorRT's lean runtime (VERSION_COMPATIBLE: lean-runtime operators only), whose plan leaves the lean runtime
+    out (EXCLUDE_LEAN_RUNTIME: about 100 MB less per engine, and no host code in the plan); the adafuse runtime
+    loads libnvinfer_lean itself."""
     config = builder.create_builder_config()
     if dtype == "float32":
         config.clear_flag(backend.trt.BuilderFlag.TF32)
+    if version_compatible:
+        if not backend.kind.version_compatible:
+            raise AdafuseError(version_compatible_refusal(backend.kind))
+        config.set_flag(backend.trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(backend.trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     return config
+
+
+def version_compatible_refusal(kind) -> str:
+    """Why --version-compatible is refused for a backend kind (trt.backends.BackendKind) that cannot build it."""
+    return (f"--version-compatible: {kind.title} engines are not version compatible (only --backend tensorrt builds "
+            "engines for TensorRT's lean runtime)")
 
 
 def attach_timing_cache(backend: Backend, config: Any, path: Path | None, log: Callable[[str], None]) -> Any:
@@ -99,7 +113,7 @@ def _write_log(trt: Any, logger: Any, log_file: Path | None, shown_as: Path | No
 def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
                  plugin_library: Path | None = None, timing_cache: Path | None = None,
                  log: Callable[[str], None] = print, log_file: Path | None = None,
-                 log_shown_as: Path | None = None) -> tuple[bytes, dict]:
+                 log_shown_as: Path | None = None, version_compatible: bool = False) -> tuple[bytes, dict]:
     """(serialized engine, engine description for the manifest). TensorRT's own messages go to `log_file`
     (named `log_shown_as` to the user: its final place); its errors are shown through `log`."""
     trt = backend.trt
@@ -108,13 +122,15 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
     logger = _collecting_logger(trt)
     try:
         return _build(backend, logger, onnx_path, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                      plugin_library=plugin_library, timing_cache=timing_cache, log=log)
+                      plugin_library=plugin_library, timing_cache=timing_cache, log=log,
+                      version_compatible=version_compatible)
     finally:
         _write_log(trt, logger, log_file, log_shown_as, log)
 
 
 def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
-           plugin_library: Path | None, timing_cache: Path | None, log: Callable[[str], None]) -> tuple[bytes, dict]:
+           plugin_library: Path | None, timing_cache: Path | None, log: Callable[[str], None],
+           version_compatible: bool = False) -> tuple[bytes, dict]:
     trt = backend.trt
     builder = trt.Builder(logger)
     if plugin_library is not None:
@@ -129,7 +145,7 @@ def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_ba
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise AdafuseError(f"{onnx_path}: {backend.name} could not parse the ONNX graph: {errors}")
-    config = builder_config(backend, builder, dtype)
+    config = builder_config(backend, builder, dtype, version_compatible)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     profiles: dict[str, dict[str, list[list[int]]]] = {"prefill": {}, "decode": {}}
     built = [builder.create_optimization_profile(), builder.create_optimization_profile()]
@@ -141,7 +157,8 @@ def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_ba
     for p in built:
         config.add_optimization_profile(p)
     cache = attach_timing_cache(backend, config, timing_cache, log)
-    log(f"building {backend.name} {backend.version} engine ({len(inputs)} inputs, 2 profiles) ...")
+    log(f"building {backend.name} {backend.version} {'version-compatible ' if version_compatible else ''}engine "
+        f"({len(inputs)} inputs, 2 profiles) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise AdafuseError(f"{onnx_path}: {backend.name} failed to build an engine (its errors are above, its whole "

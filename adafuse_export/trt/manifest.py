@@ -38,7 +38,11 @@ def manifest_path(engine: Path) -> Path:
 
 
 def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_dir_name: str, onnx_manifest: dict,
-                  backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint) -> dict:
+                  backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint,
+                  version_compatible: bool = False) -> dict:
+    """version_compatible: built with --version-compatible (engine.version_compatible; the runtime then loads
+    TensorRT's lean runtime). An optional field, absent for false, so the manifest version (the decoder contract's)
+    is unchanged."""
     files = {f"{onnx_dir_name}/{p.name}": sha256_file(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()}
     custom_ops = onnx_manifest.get("custom_ops") if onnx_manifest.get("flavour") == "plugin" else None
     adapter = adapter_summary(checkpoint.adapter)
@@ -47,7 +51,7 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
         "engine": {"file": engine_name, "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
                    "backend": backend.name, "backend_version": backend.version, "flavour": onnx_manifest["flavour"],
                    "dtype": dtype, "max_batch": max_batch, "max_seq": max_seq,
-                   "runs_on": backend.kind.runs_on},
+                   "runs_on": backend.kind.runs_on, **({"version_compatible": True} if version_compatible else {})},
         "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
         "profiles": io["profiles"],
         # runtime/src/manifest.cpp reads routing.kind, top_k and routes_file
@@ -80,7 +84,7 @@ def write_manifest(manifest: dict, path: Path) -> None:
 
 # The fields Python reads from a manifest, with their JSON types (a list where a string belongs was a traceback)
 FIELD_TYPES: dict[str, dict[str, Any]] = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
-                          "dtype": str, "max_batch": int, "max_seq": int},
+                          "dtype": str, "max_batch": int, "max_seq": int, "version_compatible": bool},
                "routing": {"kind": str, "num_experts": int, "top_k": int, "routes_file": (str, type(None)),
                            "pregate_graph": (str, type(None))},
                "plugin": {"library": str, "name": str, "strategy": str, "version": str},

@@ -148,6 +148,8 @@ void parse_fields(Manifest& m) {
   m.backend = r.text(j, {"engine", "backend"}, "engine.backend");
   m.backend_version = r.text(j, {"engine", "backend_version"}, "engine.backend_version");
   m.dtype = r.text(j, {"engine", "dtype"}, "engine.dtype");
+  m.version_compatible = lookup(j, {"engine", "version_compatible"}).is_boolean() &&
+                         lookup(j, {"engine", "version_compatible"}).get<bool>();  // its type: check_types
   m.max_batch = r.positive(j, {"engine", "max_batch"}, "engine.max_batch");
   m.max_seq = r.positive(j, {"engine", "max_seq"}, "engine.max_seq");
   m.inputs = r.tensors(j, "inputs");
@@ -170,7 +172,7 @@ void parse_fields(Manifest& m) {
 }
 
 // trt/manifest.py FIELD_TYPES / _check_types: the fields Python reads, with their JSON types.
-enum class Want { str, integer, str_or_null };
+enum class Want { str, integer, boolean, str_or_null };
 struct FieldType {
   const char* section;
   const char* key;
@@ -181,6 +183,7 @@ constexpr FieldType kFieldTypes[] = {
     {"engine", "backend", Want::str},        {"engine", "backend_version", Want::str},
     {"engine", "flavour", Want::str},        {"engine", "dtype", Want::str},
     {"engine", "max_batch", Want::integer},  {"engine", "max_seq", Want::integer},
+    {"engine", "version_compatible", Want::boolean},
     {"routing", "kind", Want::str},          {"routing", "num_experts", Want::integer},
     {"routing", "top_k", Want::integer},     {"routing", "routes_file", Want::str_or_null},
     {"routing", "pregate_graph", Want::str_or_null},
@@ -197,13 +200,17 @@ void check_types(const json& j, const std::string& mpath) {
     for (const FieldType& f : kFieldTypes) {
       if (std::string(f.section) != section || !values.contains(f.key)) continue;
       const json& v = values[f.key];
-      const bool ok = f.want == Want::integer ? v.is_number_integer()
-                      : f.want == Want::str   ? v.is_string()
-                                              : (v.is_string() || v.is_null());
+      const bool ok = f.want == Want::integer   ? v.is_number_integer()
+                      : f.want == Want::boolean ? v.is_boolean()
+                      : f.want == Want::str     ? v.is_string()
+                                                : (v.is_string() || v.is_null());
+      const char* expected = f.want == Want::integer   ? "int"
+                             : f.want == Want::boolean ? "bool"
+                             : f.want == Want::str     ? "str"
+                                                       : "str or null";
       if (!ok)
-        fail(ADAFUSE_ERR_FILE, mpath + ": '" + section + "." + f.key + "' must be " +
-                                   (f.want == Want::integer ? "int" : f.want == Want::str ? "str" : "str or null") +
-                                   ", found " + python_type(v) + " " + python_dumps(v).substr(0, 40));
+        fail(ADAFUSE_ERR_FILE, mpath + ": '" + section + "." + f.key + "' must be " + expected + ", found " + python_type(v) +
+                                   " " + python_dumps(v).substr(0, 40));
     }
   }
 }

@@ -37,6 +37,8 @@ struct Manifest {
   std::filesystem::path engine_path, manifest_path;
   nlohmann::json json;
   std::string backend, backend_version, dtype;
+  // engine.version_compatible (absent: false): built with `convert --version-compatible`, run on TensorRT's lean runtime
+  bool version_compatible = false;
   int32_t max_batch = 0, max_seq = 0;
   std::vector<TensorDesc> inputs, outputs;
   std::string routing_kind;

@@ -200,7 +200,12 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
                                    "its path (or pass plugin_library)");
     check_plugin_library(plugin_path, engine_name_);
   }
-  trt_ = open_tensorrt(options.tensorrt_library ? options.tensorrt_library : "");
+  // A version-compatible engine runs on TensorRT's lean runtime (libnvinfer_lean), found as libnvinfer is. Its
+  // plan leaves the lean runtime out (kEXCLUDE_LEAN_RUNTIME) and packs no plugin code, so it holds no host code:
+  // IRuntime::setEngineHostCodeAllowed stays false (TensorRT's version-compatibility guide asks for it only for
+  // plans that embed the lean runtime or plugins).
+  trt_ = open_tensorrt(options.tensorrt_library ? options.tensorrt_library : "",
+                       manifest.version_compatible ? TensorRTRuntime::lean : TensorRTRuntime::full);
   check_engine_tensorrt_version(engine_name_, manifest.backend_version, trt_);
   cuda_check(cudaSetDevice(options.device), "CUDA device " + std::to_string(options.device) + " (running " + engine_name_ +
                                                 " needs an NVIDIA GPU)");
@@ -216,8 +221,11 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   const std::string blob = read_bytes(manifest.engine_path, "engine file", 1ull << 40);
   engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
   if (!engine_)
-    fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT " + trt_.version_text + " could not deserialize the engine (built with " +
-                                   manifest.backend + " " + manifest.backend_version + ")");
+    fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": TensorRT " + trt_.version_text +
+                                   (manifest.version_compatible ? "'s lean runtime" : "") +
+                                   " could not deserialize the engine (built with " + manifest.backend + " " +
+                                   manifest.backend_version + (manifest.version_compatible ? ", version-compatible" : "") +
+                                   "; see the TensorRT log above)");
   if (engine_->getNbOptimizationProfiles() != 2)
     fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": the engine has " + std::to_string(engine_->getNbOptimizationProfiles()) +
                                    " optimisation profiles, expected 2 (0 prefill, 1 decode)");

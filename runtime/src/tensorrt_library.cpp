@@ -40,7 +40,13 @@ std::string version_text(int v) {
 }  // namespace
 
 int tensorrt_major() { return NV_TENSORRT_MAJOR; }
-std::string tensorrt_soname() { return "libnvinfer.so." + std::to_string(NV_TENSORRT_MAJOR); }
+namespace {
+const char* library_stem(TensorRTRuntime kind) { return kind == TensorRTRuntime::lean ? "libnvinfer_lean" : "libnvinfer"; }
+}  // namespace
+
+std::string tensorrt_soname(TensorRTRuntime kind) {
+  return std::string(library_stem(kind)) + ".so." + std::to_string(NV_TENSORRT_MAJOR);
+}
 
 namespace {
 
@@ -63,7 +69,7 @@ const char* env(const char* name) {
 
 }  // namespace
 
-std::vector<std::string> pip_tensorrt_dirs() {
+std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind) {
   std::vector<fs::path> sites;
   // A wheel installs this library inside site-packages (e.g. site-packages/adafuse_export/lib):
   // its ancestors are where pip put tensorrt_libs beside it.
@@ -85,22 +91,27 @@ std::vector<std::string> pip_tensorrt_dirs() {
   if (const char* home = env("HOME")) add_site_packages(fs::path(home) / ".local", sites);
   add_site_packages("/usr/local", sites);
   sites.push_back("/usr/lib/python3/dist-packages");
+  std::vector<const char*> folders{"tensorrt_libs"};
+  if (kind == TensorRTRuntime::lean) folders.insert(folders.begin(), "tensorrt_lean_libs");
   std::vector<std::string> dirs;
-  for (const auto& site : sites) {
-    std::error_code ec;
-    const fs::path dir = fs::weakly_canonical(site / "tensorrt_libs", ec);
-    if (!ec && fs::is_directory(dir, ec) && std::find(dirs.begin(), dirs.end(), dir.string()) == dirs.end())
-      dirs.push_back(dir.string());
-  }
+  for (const auto& site : sites)
+    for (const char* folder : folders) {
+      std::error_code ec;
+      const fs::path dir = fs::weakly_canonical(site / folder, ec);
+      if (!ec && fs::is_directory(dir, ec) && std::find(dirs.begin(), dirs.end(), dir.string()) == dirs.end())
+        dirs.push_back(dir.string());
+    }
   return dirs;
 }
 
-TensorRTLibrary open_tensorrt(const std::string& path) {
-  const std::string want = "TensorRT " + std::to_string(tensorrt_major()) + ".x (" + tensorrt_soname() + ")";
+TensorRTLibrary open_tensorrt(const std::string& path, TensorRTRuntime kind) {
+  const bool lean = kind == TensorRTRuntime::lean;
+  const std::string soname = tensorrt_soname(kind);
+  const std::string want = "TensorRT " + std::to_string(tensorrt_major()) + ".x (" + soname + ")";
   std::vector<std::string> names{path};
   if (path.empty()) {
-    names = {tensorrt_soname(), "libnvinfer.so"};
-    for (const auto& dir : pip_tensorrt_dirs()) names.push_back(dir + "/" + tensorrt_soname());
+    names = {soname, std::string(library_stem(kind)) + ".so"};
+    for (const auto& dir : pip_tensorrt_dirs(kind)) names.push_back(dir + "/" + soname);
   }
   std::string tried, errors;
   for (const auto& name : names) {
@@ -112,7 +123,7 @@ TensorRTLibrary open_tensorrt(const std::string& path) {
       errors += (errors.empty() ? "" : "; ") + std::string(why ? why : name.c_str());
       continue;
     }
-    TensorRTLibrary lib{SharedLibrary(handle, name), 0, ""};
+    TensorRTLibrary lib{SharedLibrary(handle, name), 0, "", kind};
     using VersionFn = int32_t (*)();
     auto get_version = reinterpret_cast<VersionFn>(lib.library.symbol("getInferLibVersion"));
     if (get_version == nullptr || lib.library.symbol("createInferRuntime_INTERNAL") == nullptr)
@@ -129,6 +140,11 @@ TensorRTLibrary open_tensorrt(const std::string& path) {
     return lib;
   }
   const std::string major = std::to_string(tensorrt_major());
+  if (lean)
+    fail(ADAFUSE_ERR_TENSORRT, "TensorRT lean runtime not found: a version-compatible engine needs TensorRT " + major +
+                                   ".x's lean runtime (tried " + tried + ": " + errors + "); install it (pip install " +
+                                   "tensorrt-lean-cu12-libs==" + major + ".* or tensorrt-lean-cu13-libs==" + major +
+                                   ".*, the engine's version) or pass its libnvinfer_lean.so path");
   fail(ADAFUSE_ERR_TENSORRT, "TensorRT not found: this runtime needs TensorRT " + major + ".x (tried " + tried + ": " + errors +
                                  "); install it (pip install tensorrt-cu12==" + major + ".* or tensorrt-cu13==" + major +
                                  ".*) or pass its libnvinfer.so path");
@@ -143,11 +159,16 @@ void check_engine_tensorrt_version(const std::string& engine, const std::string&
     fail(ADAFUSE_ERR_TENSORRT, engine + ": its manifest does not say which TensorRT built it (engine.backend_version '" + recorded +
                                    "'); convert it again");
   const int v = trt.version;
-  if (major != major_of(v) || minor != (v / 100) % 100 || patch != v % 100)
-    fail(ADAFUSE_ERR_TENSORRT, engine + ": built with TensorRT " + recorded + ", but " + trt.library.path() + " is TensorRT " +
-                                   trt.version_text + "; an engine runs only on the TensorRT that built it (load TensorRT " +
-                                   std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch) +
-                                   ", or convert it again with this one)");
+  const std::string built = std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+  if (major == major_of(v) && minor == (v / 100) % 100 && patch == v % 100) return;
+  if (trt.kind == TensorRTRuntime::lean)
+    fail(ADAFUSE_ERR_TENSORRT, engine + ": version-compatible engine built with TensorRT " + recorded + ", but " +
+                                   trt.library.path() + " is the lean runtime of TensorRT " + trt.version_text +
+                                   "; its plan leaves the lean runtime out, so it runs on the lean runtime of the TensorRT that "
+                                   "built it (load TensorRT " + built + "'s libnvinfer_lean, or convert it again with this one)");
+  fail(ADAFUSE_ERR_TENSORRT, engine + ": built with TensorRT " + recorded + ", but " + trt.library.path() + " is TensorRT " +
+                                 trt.version_text + "; an engine runs only on the TensorRT that built it (load TensorRT " + built +
+                                 ", or convert it again with this one)");
 }
 
 void check_plugin_library(const std::string& path, const std::string& engine) {

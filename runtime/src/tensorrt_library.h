@@ -13,10 +13,15 @@
 
 namespace adafuse {
 
+// Which TensorRT runtime library an engine needs: the full one (libnvinfer), or the lean runtime
+// (libnvinfer_lean, about a tenth of the size, no builder), which deserializes only version-compatible engines
+// (`convert --version-compatible`). Both export the same C entry points and the same IRuntime.
+enum class TensorRTRuntime { full, lean };
+
 // The TensorRT major this runtime was built for (its headers' NV_TENSORRT_MAJOR), and that
-// major's library name: libnvinfer.so.<major>.
+// major's library name: libnvinfer.so.<major> (lean: libnvinfer_lean.so.<major>).
 int tensorrt_major();
-std::string tensorrt_soname();
+std::string tensorrt_soname(TensorRTRuntime kind = TensorRTRuntime::full);
 
 class SharedLibrary {
  public:
@@ -39,20 +44,26 @@ struct TensorRTLibrary {
   SharedLibrary library;
   int version = 0;  // getInferLibVersion(): major * 10000 + minor * 100 + patch (TensorRT >= 10)
   std::string version_text;
+  TensorRTRuntime kind = TensorRTRuntime::full;  // the library looked for
 };
 
-// Where pip puts TensorRT's libraries: the tensorrt_libs folders of the site-packages this process
-// can see (beside the runtime library itself, $VIRTUAL_ENV, $CONDA_PREFIX, $PYTHONPATH, ~/.local,
-// /usr/local, /usr), those that exist, in that order.
-std::vector<std::string> pip_tensorrt_dirs();
+// Where pip puts TensorRT's libraries: the folders of the site-packages this process can see (beside
+// the runtime library itself, $VIRTUAL_ENV, $CONDA_PREFIX, $PYTHONPATH, ~/.local, /usr/local, /usr), those
+// that exist, in that order: tensorrt_libs (tensorrt-cuXX-libs); for the lean runtime each site's
+// tensorrt_lean_libs (tensorrt-lean-cuXX-libs) first, then its tensorrt_libs (the full wheel ships it too).
+std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind = TensorRTRuntime::full);
 
-// Opens `path`; when path is empty, libnvinfer.so.<major> then libnvinfer.so from the loader's path,
-// then libnvinfer.so.<major> in pip_tensorrt_dirs(). Refuses a missing library, or one of another
-// TensorRT major than this runtime's, naming the library and the version looked for.
-TensorRTLibrary open_tensorrt(const std::string& path);
+// Opens `path`; when path is empty, tensorrt_soname(kind) then its unversioned name (libnvinfer.so,
+// libnvinfer_lean.so) from the loader's path, then tensorrt_soname(kind) in pip_tensorrt_dirs(kind). Refuses a
+// missing library, or one of another TensorRT major than this runtime's, naming the library and the version
+// looked for.
+TensorRTLibrary open_tensorrt(const std::string& path, TensorRTRuntime kind = TensorRTRuntime::full);
 
 // Refuses to deserialize an engine with a TensorRT other than the one that built it (major, minor,
-// patch): `recorded` is the manifest's engine.backend_version. Names both versions.
+// patch): `recorded` is the manifest's engine.backend_version. Names both versions. A version-compatible
+// engine is built without the lean runtime in its plan (BuilderFlag::kEXCLUDE_LEAN_RUNTIME), and such a plan
+// runs on the lean runtime of the TensorRT that built it (NvInferRuntime.h, IRuntime::loadRuntime): the same
+// rule, said in terms of the lean runtime.
 void check_engine_tensorrt_version(const std::string& engine, const std::string& recorded, const TensorRTLibrary& trt);
 
 // Checks that `path` is a TensorRT plugin library (exports getCreators and setLoggerFinder, which

@@ -193,6 +193,28 @@ TEST_F(OpenEngine, StopsAtTheGpuOrTheRuntime) {
     EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
 }
 
+// A version-compatible engine loads TensorRT's lean runtime, checked as libnvinfer is.
+TEST_F(OpenEngine, LoadsTheLeanRuntimeForAVersionCompatibleEngine) {
+  f.manifest["engine"]["version_compatible"] = true;
+  f.manifest["engine"]["backend_version"] = "10.13.0.35";
+  f.save();
+  EXPECT_EQ(open(NVINFER_101401, PLUGIN_STUB), ADAFUSE_ERR_TENSORRT);
+  EXPECT_EQ(adafuse_last_error(), f.engine().string() + ": version-compatible engine built with TensorRT 10.13.0.35, but " +
+                                      NVINFER_101401 + " is the lean runtime of TensorRT 10.14.1; its plan leaves the lean runtime "
+                                      "out, so it runs on the lean runtime of the TensorRT that built it (load TensorRT 10.13.0's "
+                                      "libnvinfer_lean, or convert it again with this one)");
+  EXPECT_EQ(open("/nonexistent/libnvinfer_lean.so.10", PLUGIN_STUB), ADAFUSE_ERR_TENSORRT);
+  EXPECT_EQ(std::string(adafuse_last_error()).rfind("TensorRT lean runtime not found: a version-compatible engine needs ", 0), 0u);
+  f.manifest["engine"]["backend_version"] = "10.14.1.48";
+  f.save();
+  const adafuse_status status = open(NVINFER_101401, PLUGIN_STUB);
+  const std::string message = adafuse_last_error();
+  if (status == ADAFUSE_ERR_CUDA)
+    EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
+  else
+    EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+}
+
 }  // namespace
 }  // namespace adafuse::testing
 

@@ -130,6 +130,25 @@ TEST(Manifest, RefusesBadFields) {
                g.manifest_path().string() + ": field 'tensors.outputs' must be a non-empty list, found null");
 }
 
+TEST(Manifest, ReadsWhetherTheEngineIsVersionCompatible) {
+  EngineFixture f;
+  EXPECT_FALSE(verify_engine(f.engine()).version_compatible);  // absent: an engine for the full libnvinfer
+  f.manifest["engine"]["version_compatible"] = true;
+  f.save();
+  EXPECT_TRUE(verify_engine(f.engine()).version_compatible);
+  f.manifest["engine"]["version_compatible"] = false;
+  f.save();
+  EXPECT_FALSE(verify_engine(f.engine()).version_compatible);
+  f.manifest["engine"]["version_compatible"] = "yes";  // Python's type check, word for word
+  f.save();
+  expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
+               f.manifest_path().string() + ": 'engine.version_compatible' must be bool, found str \"yes\"");
+  f.manifest["engine"]["version_compatible"] = 1;
+  f.save();
+  expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
+               f.manifest_path().string() + ": 'engine.version_compatible' must be bool, found int 1");
+}
+
 TEST(EngineLayout, RefusesExpertIdsWithoutARoutingTable) {
   EngineFixture f;
   f.manifest["routing"]["routes_file"] = nullptr;

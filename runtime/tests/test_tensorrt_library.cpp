@@ -46,6 +46,74 @@ TEST(TensorRTLibrary, RefusesALibraryThatIsNotTensorRT) {
 TEST(TensorRTLibrary, TakesItsMajorAndSonameFromTheHeadersItWasBuiltAgainst) {
   EXPECT_EQ(tensorrt_major(), 10);  // built here against the TensorRT 10.14.1 headers
   EXPECT_EQ(tensorrt_soname(), "libnvinfer.so.10");
+  EXPECT_EQ(tensorrt_soname(TensorRTRuntime::lean), "libnvinfer_lean.so.10");
+}
+
+TEST(LeanRuntime, SaysWhatItLookedForWhenAbsent) {
+  expect_error_containing([] { open_tensorrt("/nonexistent/libnvinfer_lean.so.10", TensorRTRuntime::lean); }, ADAFUSE_ERR_TENSORRT,
+                          "TensorRT lean runtime not found: a version-compatible engine needs TensorRT 10.x's lean runtime "
+                          "(tried /nonexistent/libnvinfer_lean.so.10: ");
+  expect_error_containing([] { open_tensorrt("/nonexistent/libnvinfer_lean.so.10", TensorRTRuntime::lean); }, ADAFUSE_ERR_TENSORRT,
+                          "); install it (pip install tensorrt-lean-cu12-libs==10.* or tensorrt-lean-cu13-libs==10.*, the "
+                          "engine's version) or pass its libnvinfer_lean.so path");
+}
+
+TEST(LeanRuntime, RefusesAnotherMajorNamingTheLeanLibrary) {
+  expect_error([] { open_tensorrt(NVINFER_110400, TensorRTRuntime::lean); }, ADAFUSE_ERR_TENSORRT,
+               std::string(NVINFER_110400) + ": TensorRT 11.4.0 is newer than this runtime was built for; it needs TensorRT 10.x "
+                                             "(libnvinfer_lean.so.10); TensorRT 11 needs a runtime built against its headers");
+  expect_error([] { open_tensorrt(PLUGIN_STUB, TensorRTRuntime::lean); }, ADAFUSE_ERR_TENSORRT,
+               std::string(PLUGIN_STUB) + ": not a TensorRT runtime library (no getInferLibVersion / createInferRuntime_INTERNAL); "
+                                          "this runtime needs TensorRT 10.x (libnvinfer_lean.so.10)");
+}
+
+// pip's tensorrt-lean-cuXX-libs installs site-packages/tensorrt_lean_libs; the full wheel's tensorrt_libs holds a
+// libnvinfer_lean too. Per site, tensorrt_lean_libs comes first; the full runtime never looks there.
+TEST(LeanRuntime, SearchesPipsTensorRTLeanLibsThenTensorRTLibs) {
+  if (void* h = dlopen("libnvinfer_lean.so.10", RTLD_LAZY)) {
+    dlclose(h);
+    GTEST_SKIP() << "TensorRT's lean runtime is on the loader's path here";
+  }
+  TempDir venv;
+  const fs::path site = venv / "lib" / "python3.11" / "site-packages";
+  fs::create_directories(site / "tensorrt_lean_libs");
+  fs::create_directories(site / "tensorrt_libs");
+  fs::copy_file(NVINFER_101401, site / "tensorrt_lean_libs" / "libnvinfer_lean.so.10");
+  fs::copy_file(NVINFER_110400, site / "tensorrt_libs" / "libnvinfer_lean.so.10");  // told apart by their versions
+  const char* old = std::getenv("VIRTUAL_ENV");
+  const std::string saved = old ? old : "";
+  setenv("VIRTUAL_ENV", venv.path().c_str(), 1);
+  const std::string lean_dir = fs::canonical(site / "tensorrt_lean_libs").string();
+  const std::string full_dir = fs::canonical(site / "tensorrt_libs").string();
+  const std::vector<std::string> dirs = pip_tensorrt_dirs(TensorRTRuntime::lean);
+  const auto at = [&](const std::string& d) { return std::find(dirs.begin(), dirs.end(), d) - dirs.begin(); };
+  ASSERT_LT(at(lean_dir), static_cast<long>(dirs.size()));
+  EXPECT_EQ(at(full_dir), at(lean_dir) + 1);
+  const std::vector<std::string> full = pip_tensorrt_dirs();
+  EXPECT_EQ(std::find(full.begin(), full.end(), lean_dir), full.end());
+  {
+    const TensorRTLibrary lib = open_tensorrt("", TensorRTRuntime::lean);
+    EXPECT_EQ(lib.library.path(), lean_dir + "/libnvinfer_lean.so.10");
+    EXPECT_EQ(lib.version_text, "10.14.1");
+    EXPECT_EQ(lib.kind, TensorRTRuntime::lean);
+  }
+  fs::remove(site / "tensorrt_lean_libs" / "libnvinfer_lean.so.10");  // then the full wheel's folder
+  expect_error([] { open_tensorrt("", TensorRTRuntime::lean); }, ADAFUSE_ERR_TENSORRT,
+               full_dir + "/libnvinfer_lean.so.10: TensorRT 11.4.0 is newer than this runtime was built for; it needs TensorRT "
+                          "10.x (libnvinfer_lean.so.10); TensorRT 11 needs a runtime built against its headers");
+  if (old) setenv("VIRTUAL_ENV", saved.c_str(), 1); else unsetenv("VIRTUAL_ENV");
+}
+
+TEST(LeanRuntime, RunsAVersionCompatibleEngineOnlyOnTheLeanRuntimeOfItsTensorRT) {
+  const TensorRTLibrary lib = open_tensorrt(NVINFER_101401, TensorRTRuntime::lean);
+  EXPECT_NO_THROW(check_engine_tensorrt_version("e.engine", "10.14.1.48", lib));
+  // The plan leaves the lean runtime out (kEXCLUDE_LEAN_RUNTIME): an older or a newer lean runtime is refused.
+  for (const char* other : {"10.13.0.35", "10.16.1.11"})
+    expect_error([&] { check_engine_tensorrt_version("e.engine", other, lib); }, ADAFUSE_ERR_TENSORRT,
+                 std::string("e.engine: version-compatible engine built with TensorRT ") + other + ", but " + NVINFER_101401 +
+                     " is the lean runtime of TensorRT 10.14.1; its plan leaves the lean runtime out, so it runs on the lean "
+                     "runtime of the TensorRT that built it (load TensorRT " + std::string(other).substr(0, 7) +
+                     "'s libnvinfer_lean, or convert it again with this one)");
 }
 
 TEST(TensorRTLibrary, RefusesANewerMajorThanItWasBuiltFor) {

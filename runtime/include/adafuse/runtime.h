@@ -85,7 +85,9 @@ typedef struct adafuse_engine adafuse_engine;
 typedef struct adafuse_open_options {
   const char* engine_path;       /* OUT.engine written by `adafuse-export convert` (required) */
   const char* tensorrt_library;  /* NULL: libnvinfer.so.N (N: the TensorRT major the runtime was built for, 10),
-                                    libnvinfer.so, then pip's site-packages/tensorrt_libs; or a path. Its
+                                    libnvinfer.so, then pip's site-packages/tensorrt_libs; for a version-compatible
+                                    engine (manifest engine.version_compatible) the lean runtime libnvinfer_lean.so.N,
+                                    libnvinfer_lean.so, then tensorrt_lean_libs and tensorrt_libs; or a path. Its
                                     version must be the one that built the engine (manifest backend_version) */
   const char* plugin_library;    /* NULL: $ADAFUSE_PLUGIN_LIB, else the one installed beside the runtime */
   int32_t device;                /* CUDA device ordinal */
