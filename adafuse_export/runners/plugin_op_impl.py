@@ -38,6 +38,7 @@ class LinearFields:
     top_k: int
     scale: float  # a float32 value
     has_bias: int
+    weight_dtype: int = plugin_ops.WEIGHT_AS_DTYPE  # FP8 W: the session hands the op W dequantized (plugin_ops_ort)
 
 
 def parser_fields(node) -> LinearFields:
@@ -59,6 +60,9 @@ def parser_fields(node) -> LinearFields:
         raise AdafuseError(f"{where}: field 'scale' expected a finite float, found {f.scale}")
     if f.has_bias not in (0, 1):
         raise AdafuseError(f"{where}: field 'has_bias' expected 0 or 1, found {f.has_bias}")
+    if f.weight_dtype not in plugin_ops.WEIGHT_DTYPES.values():
+        raise AdafuseError(f"{where}: field 'weight_dtype' expected one of {sorted(plugin_ops.WEIGHT_DTYPES.values())} "
+                           f"(adafuse_weight_dtype), found {f.weight_dtype}")
     if f.out_features * f.in_features > INT32_MAX:
         raise AdafuseError(f"{where}: out_features*in_features = {f.out_features * f.in_features} exceeds the int32 "
                            f"element count the kernels index with")
