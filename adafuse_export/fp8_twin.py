@@ -44,6 +44,8 @@ def load_fp8_twin(model, source: Path) -> bool:
     """Make `model` (a reference.ReferenceModel of the checkpoint `source` was converted from) the FP8 twin of
     `source` (see the module docstring). Returns False, the model untouched, when its weights are not FP8."""
     source = Path(source)
+    if source.suffix == ".engine":  # its ONNX export beside it (the manifest's SHA-256s were checked at open)
+        source = source.with_suffix(".onnx") / "decoder.onnx"
     if source.is_dir():
         from .native_artifact import fp8_rows
 

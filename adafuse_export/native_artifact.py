@@ -41,7 +41,7 @@ from .families import EMBED, FINAL_NORM, LM_HEAD, STAGES
 from .inputs import read_json
 from .kernels.binding import ABI_VERSION
 from .summary import adapter_summary
-from .weights import base_weight, read_released, rounded, torch_dtype
+from .weights import WEIGHT_FORMATS, base_weight, read_released, rounded, torch_dtype
 
 FORMAT = "adafuse-native"
 VERSION = 1
@@ -52,8 +52,6 @@ ADAPTERS = "adapters.safetensors"
 ROUTES = "routes.safetensors"
 NORM_SLOTS = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # families.base.LayerNorms fields
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-# --weights: the stages' matrices in the model dtype, or FP8 (manifest model.weights names the stored form)
-WEIGHT_FORMATS = {"dtype": "dtype", "fp8": "fp8_e4m3"}
 ROUTING_FIELDS = ("router_kind", "expert_kind", "num_experts", "top_k", "normalize_topk", "pregate_input")
 
 

@@ -19,14 +19,13 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
-from ..weights import base_weight, read_released, rounded
+from ..weights import WEIGHT_FORMATS as WEIGHTS, base_weight, read_released, rounded
 from . import contract, plugin_ops
 from .graph import ELEM, FP8, FP8_OPSET, Deferred, Graph, torch_dtype
 from .graph_xp import GraphNamespace
 
 FLAVOURS = ("portable", "plugin")
 DTYPES = ("float32", "float16", "bfloat16")
-WEIGHTS = {"dtype": "dtype", "fp8": "fp8_e4m3"}  # --weights -> metadata adafuse.weights (native_artifact.WEIGHT_FORMATS)
 F32, I64, I32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
 
 

@@ -60,7 +60,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
 INPUTS: tuple[str, ...] = ("x", "W", "A", "B", "expert_ids", "gates", "bias", "weight_scale")
 # named input positions (as the plugin's kX_INDEX constants); weight_scale follows the inputs before it
 X, W, A, B, EXPERT_IDS, GATES, BIAS = range(7)
-# weight_dtype field: adafuse_kernels.h adafuse_weight_dtype, by the weights' form (native_artifact.WEIGHT_FORMATS)
+# weight_dtype field: adafuse_kernels.h adafuse_weight_dtype, by the weights' stored form (weights.WEIGHT_FORMATS)
 WEIGHT_DTYPES = {"dtype": 0, "fp8_e4m3": 1}
 WEIGHT_AS_DTYPE, WEIGHT_FP8_E4M3 = WEIGHT_DTYPES["dtype"], WEIGHT_DTYPES["fp8_e4m3"]
 
