@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import AdafuseError
 from .inputs import read_json
@@ -30,7 +30,7 @@ ONNX_SCALE_SUFFIX = "_scale"  # '<weight>' float8e4m3fn + '<weight>_scale' float
 
 def stores_fp8(source: Path) -> bool:
     """Whether a native artifact directory or an ONNX decoder file holds FP8 weights (its manifest / metadata)."""
-    source = Path(source)
+    source = _weights_file(Path(source))
     if source.is_dir():
         from .native_artifact import MANIFEST, stores_fp8 as manifest_fp8
 
@@ -43,9 +43,7 @@ def stores_fp8(source: Path) -> bool:
 def load_fp8_twin(model, source: Path) -> bool:
     """Make `model` (a reference.ReferenceModel of the checkpoint `source` was converted from) the FP8 twin of
     `source` (see the module docstring). Returns False, the model untouched, when its weights are not FP8."""
-    source = Path(source)
-    if source.suffix == ".engine":  # its ONNX export beside it (the manifest's SHA-256s were checked at open)
-        source = source.with_suffix(".onnx") / "decoder.onnx"
+    source = _weights_file(Path(source))
     if source.is_dir():
         from .native_artifact import fp8_rows
 
@@ -59,11 +57,21 @@ def load_fp8_twin(model, source: Path) -> bool:
     return True
 
 
-Rows = tuple[dict[str, Callable[[], object]], set[tuple[int, str]]]  # weight name -> its twin weight (float64 or
+def _weights_file(source: Path) -> Path:
+    """Where a model's FP8 weights are: an engine's in the ONNX export beside it (`convert` writes OUT.onnx/, whose
+    files the engine manifest lists with their SHA-256), an ONNX export directory's in its decoder."""
+    if source.suffix == ".engine":
+        return source.with_suffix(".onnx") / "decoder.onnx"
+    if source.is_dir() and (source / "decoder.onnx").is_file():
+        return source / "decoder.onnx"
+    return source
+
+
+Rows = tuple[dict[str, Callable[[], Any]], set[tuple[int, str]]]  # weight name -> its twin weight (float64 or
 # float32, still to be cast to the model's dtype); (layer, module) of the static sites merged into their weight
 
 
-def install(model, read: dict[str, Callable[[], object]], static: set[tuple[int, str]]) -> None:
+def install(model, read: dict[str, Callable[[], Any]], static: set[tuple[int, str]]) -> None:
     """Swap the weights `read` names for what it reads, cast to the model's device and dtype; drop `static`."""
     from .reference.model import LayerWeights
 
@@ -105,7 +113,7 @@ def onnx_fp8_rows(ckpt, path: Path) -> Rows | None:
         return None
     inits = {t.name: t for t in header.graph.initializer}
     m = ckpt.model
-    read: dict[str, Callable[[], object]] = {}
+    read: dict[str, Callable[[], Any]] = {}
     static: set[tuple[int, str]] = set()
 
     def check(name: str, elem: int, shape: tuple[int, ...]):

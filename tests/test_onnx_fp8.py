@@ -23,7 +23,7 @@ from adafuse_export.onnx.export import export_onnx
 from adafuse_export.quantize import dequantize_fp8, quantize_fp8_per_channel
 from adafuse_export.reference import ReferenceModel
 from adafuse_export.validate import validate
-from adafuse_export.weights import base_weight, torch_dtype
+from adafuse_export.weights import base_weight
 
 
 def projections(ckpt):
@@ -181,3 +181,11 @@ def test_convert_records_fp8_in_the_export_and_engine_manifests(example_dirs, tm
         assert engine["weights"] == "fp8_e4m3" and "FP8 weights: compute capability 8.9" in engine["runs_on"]
     else:
         assert "no TensorRT installed" in r.err, r.err
+
+
+def test_export_onnx_cli_writes_fp8_weights(example_dirs, tmp_path, cli):
+    r = cli("export-onnx", example_dirs["lora"], tmp_path / "o", "--dtype", "bfloat16", "--weights", "fp8")
+    assert r.code == 0 and "(FP8 e4m3 base weights)" in r.out, r.err
+    assert stores_fp8(tmp_path / "o") and json.loads((tmp_path / "o" / "manifest.json").read_text())["weights"] == "fp8_e4m3"
+    r = cli("export-onnx", example_dirs["lora"], tmp_path / "p", "--weights", "fp8")  # default --dtype float32
+    assert r.code == 2 and "--weights fp8 keeps the activations in --dtype" in r.err and not (tmp_path / "p").exists()

@@ -54,13 +54,15 @@ def _model_kind(model: Path) -> str:
 
 def _stores_fp8(model: Path, kind: str) -> bool:
     from ..fp8_twin import stores_fp8
-    from ..onnx.load import resolve
+    from ..trt.manifest import manifest_path
 
-    if kind == "native":
-        return stores_fp8(Path(model))
-    if kind in ("onnx-dir", "onnx-file"):
-        return stores_fp8(resolve(Path(model)).decoder)
-    return False
+    if kind == "engine":  # the manifest says (its ONNX export may be absent until the engine is opened)
+        from ..inputs import read_json
+
+        data = read_json(manifest_path(Path(model)))
+        engine = data.get("engine") if isinstance(data, dict) else None
+        return isinstance(engine, dict) and engine.get("weights") == "fp8_e4m3"
+    return stores_fp8(Path(model))
 
 
 @click.command(short_help="Compare an export or engine with the PyTorch reference.")

@@ -123,15 +123,13 @@ class _Builder:
             return self._weights[name + "#fp8"], self._weights[name + "#fp8_scale"]
         from ..quantize import quantize_fp8_per_channel
 
-        base, cache = self.ckpt.base, dict[str, object]()
+        base = self.ckpt.base
+        cache: list = []  # (q, scale) between writing q and its scale, which follow each other: one quantization
 
         def part(i: int):
-            # q then its scale are written one after the other: one quantization serves both
-            if cache.get("name") != name:
-                cache.clear()
-                cache.update(name=name, qs=quantize_fp8_per_channel(
-                    base_weight(self.ckpt, name, self.quantize_from, merge_site), name))
-            out = cache["qs"][i]
+            if not cache:
+                cache.append(quantize_fp8_per_channel(base_weight(self.ckpt, name, self.quantize_from, merge_site), name))
+            out = cache[0][i]
             if i == 1:
                 cache.clear()
             return out
