@@ -56,6 +56,7 @@ class Plan:
     plugin_library: Path | None
     timing_cache: Path | None
     version_compatible: bool = False  # --version-compatible: an engine for TensorRT's lean runtime
+    weights: str = "dtype"  # or "fp8": the projections' base weights FP8 e4m3 (the export, its validation, the engine)
 
 
 class Stages:
@@ -81,7 +82,8 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
             strategy: str | None = None, weights: str = "dtype", version_compatible: bool = False, log=print) -> dict:
     """validate: full (the reference holds every weight), layerwise (one layer at a time), off.
     max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ.
-    weights: 'dtype', or 'fp8' (--backend native only: FP8 base weights, native_artifact.WEIGHT_FORMATS).
+    weights: 'dtype', or 'fp8': FP8 base weights (native_artifact.WEIGHT_FORMATS in a native artifact; float8e4m3fn
+    initializers with DequantizeLinear, or FP8 inputs of the plugin nodes, in the ONNX export and the engine).
     version_compatible: a full-TensorRT engine for TensorRT's lean runtime (trt/build.py builder_config)."""
     from .staging import make_staging, remove_stale_stagings
     from .trt.backends import KINDS
@@ -98,9 +100,9 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
                               strategy=strategy, weights=weights, log=log)
     if version_compatible and backend in KINDS and not KINDS[backend].version_compatible:
         raise AdafuseError(version_compatible_refusal(KINDS[backend]))
-    if weights != "dtype":
-        raise AdafuseError(f"--weights {weights}: only --backend native writes FP8 base weights (the TensorRT engines "
-                           f"take --dtype weights), got --backend {backend}")
+    from .native_artifact import check_weight_dtype
+
+    check_weight_dtype(dtype, weights)
     engine = Path(engine)
     outs = output_paths(engine)
     _check_outputs(engine)
@@ -109,7 +111,7 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     stages(1, f"reading {ckpt_path}")
     plan = plan_conversion(ckpt_path, engine, outs, fmt=fmt, base=base, backend=backend, dtype=dtype,
                            max_batch=max_batch, max_seq=max_seq, validate=validate, plugin_library=plugin_library,
-                           timing_cache=timing_cache, strategy=strategy, force=force, stages=stages,
+                           timing_cache=timing_cache, strategy=strategy, force=force, stages=stages, weights=weights,
                            version_compatible=version_compatible)
     try:
         staging = make_staging(engine)
@@ -141,7 +143,7 @@ def _check_outputs(engine: Path) -> None:
 def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt, base, backend: str, dtype: str,
                     max_batch: int, max_seq: int | None, validate: str, plugin_library: Path | None,
                     timing_cache: Path | None, strategy: str | None, force: bool, stages: Stages,
-                    version_compatible: bool = False) -> Plan:
+                    weights: str = "dtype", version_compatible: bool = False) -> Plan:
     """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
     from . import resources
     from .converters import load_checkpoint
@@ -183,8 +185,12 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
     if build_refused:
         stages.detail(f"the engine build will not fit here ({build_refused}): convert stops after "
                       + ("validation and keeps the validated ONNX" if validate != "off" else "the export and keeps the ONNX"))
+    if weights == "fp8" and flavour == "plugin":
+        from .native_artifact import check_weight_format
+
+        check_weight_format(ckpt, dtype, weights)  # the plugin's FP8 kernels: in_features % 16 == 0
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
-                strategy, plugin_library, timing_cache, version_compatible)
+                strategy, plugin_library, timing_cache, version_compatible, weights)
 
 
 def _open_checkpoint(ckpt_path: Path, fmt: str | None, base: Path | None, max_seq: int | None, stages: Any,
@@ -239,8 +245,10 @@ def export_stage(plan: Plan, staging: Path, stages: Stages) -> dict:
     """Stage 2: the ONNX export (with progress on large weights)."""
     from .onnx.export import export_onnx
 
-    stages(2, f"exporting {plan.flavour} ONNX ({plan.dtype})")
-    return export_onnx(plan.ckpt, staging / "onnx", plan.flavour, plan.dtype, strategy=plan.strategy, progress=True)
+    form = plan.dtype if plan.weights == "dtype" else f"{plan.dtype}, FP8 e4m3 base weights"
+    stages(2, f"exporting {plan.flavour} ONNX ({form})")
+    return export_onnx(plan.ckpt, staging / "onnx", plan.flavour, plan.dtype, strategy=plan.strategy, progress=True,
+                       weights=plan.weights)
 
 
 def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
@@ -266,7 +274,9 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
                   f"(`validate` defaults to {DEFAULT_STEPS} steps and the full reference; pass --validate off to skip)")
     if plan.validate_dtype:
         onnx_dir = staging / f"onnx-{target}"
-        export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True)
+        # FP8: the float32 graph holds the same e4m3 bytes (quantized from the plan's dtype), dequantized to float32
+        export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True,
+                    weights=plan.weights, quantize_from=plan.dtype)
     try:
         report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=CONVERT_STEPS, mode=plan.validate,
                                 log=stages.detail)
@@ -301,7 +311,8 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
     gc.collect()
     stages(4, f"building the engine with {chosen.name} {chosen.version} (max batch {plan.max_batch}, max seq {plan.max_seq})")
     with heartbeat(stages.detail, f"building the {chosen.name} engine"):
-        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, max_batch=plan.max_batch,
+        blob, io = build_engine(chosen, onnx_dir / "decoder.onnx", dtype=plan.dtype, weights=plan.weights,
+                                max_batch=plan.max_batch,
                                 max_seq=plan.max_seq, plugin_library=plan.plugin_library, timing_cache=plan.timing_cache,
                                 log=stages.detail, log_file=onnx_dir / BUILD_LOG, log_shown_as=outs["onnx"] / BUILD_LOG,
                                 version_compatible=plan.version_compatible)
@@ -309,7 +320,7 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
     manifest = make_manifest(engine_file=staging / "engine", engine_name=plan.engine.name, onnx_dir=onnx_dir,
                              onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,
                              dtype=plan.dtype, max_batch=plan.max_batch, max_seq=plan.max_seq, checkpoint=plan.ckpt,
-                             version_compatible=plan.version_compatible)
+                             weights=plan.weights, version_compatible=plan.version_compatible)
     write_manifest(manifest, staging / "manifest.json")
     _place(staging, outs, with_engine=True)
     stages.log(f"wrote {plan.engine} ({len(blob) / 2**20:.1f} MiB), {outs['manifest'].name}, {outs['onnx'].name}/ "

@@ -41,7 +41,7 @@ from .families import EMBED, FINAL_NORM, LM_HEAD, STAGES
 from .inputs import read_json
 from .kernels.binding import ABI_VERSION
 from .summary import adapter_summary
-from .weights import base_weight, read_released, rounded, torch_dtype
+from .weights import WEIGHT_FORMATS, base_weight, read_released, rounded, torch_dtype
 
 FORMAT = "adafuse-native"
 VERSION = 1
@@ -52,8 +52,6 @@ ADAPTERS = "adapters.safetensors"
 ROUTES = "routes.safetensors"
 NORM_SLOTS = ("attn_in", "attn_out", "mlp_in", "mlp_out")  # families.base.LayerNorms fields
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-# --weights: the stages' matrices in the model dtype, or FP8 (manifest model.weights names the stored form)
-WEIGHT_FORMATS = {"dtype": "dtype", "fp8": "fp8_e4m3"}
 ROUTING_FIELDS = ("router_kind", "expert_kind", "num_experts", "top_k", "normalize_topk", "pregate_input")
 
 
@@ -412,23 +410,23 @@ def stores_fp8(manifest: object) -> bool:
 
 
 def load_fp8_twin(model, artifact: Path) -> bool:
-    """Make `model` (a reference.ReferenceModel of the checkpoint the artifact was converted from) the artifact's
-    FP8 twin: every projection's weight becomes its rows of the stored e4m3 stage matrix dequantized
-    (quantize.dequantize_fp8, float64, then the model's dtype), so the runtime is judged against what it was given
-    rather than against the quantization error. A static LoRA is merged into the stored matrix, so its site is
-    dropped from the model. A streaming model (LayerWeights) reads these rows from the artifact as it reads a layer,
-    so it still holds one layer at a time. Returns False, the model untouched, when the artifact's weights are not
-    FP8."""
-    from safetensors import safe_open
+    """fp8_twin.load_fp8_twin of a native artifact: `model` becomes its FP8 twin (False: its weights are not FP8)."""
+    from .fp8_twin import load_fp8_twin as load
 
-    from .quantize import dequantize_fp8
-    from .reference.model import LayerWeights
+    return load(model, Path(artifact))
+
+
+def fp8_rows(ckpt: Checkpoint, artifact: Path):
+    """The FP8 twin's weights of a native artifact (fp8_twin.Rows), or None when its weights are not FP8: every
+    projection's rows of the stored e4m3 stage matrix and its scales, dequantized in float64 (quantize.dequantize_fp8),
+    read from the file when called."""
+    from safetensors import safe_open
 
     artifact = Path(artifact)
     if not stores_fp8(read_json(artifact / MANIFEST)):
-        return False
-    ckpt, path = model.ckpt, str(artifact / WEIGHTS)
-    members: dict[str, tuple[Stage, Member]] = {}
+        return None
+    path = str(artifact / WEIGHTS)
+    read, static = {}, set()
     with safe_open(path, framework="pt") as f:
         for st in stages(ckpt):
             shape = tuple(f.get_slice(f"{st.prefix}.weight").get_shape())
@@ -436,29 +434,17 @@ def load_fp8_twin(model, artifact: Path) -> bool:
                 raise AdafuseError(f"{path}: '{st.prefix}.weight' is {list(shape)}, the checkpoint {ckpt.path} makes it "
                                    f"[{st.out_features}, {st.in_features}]")
             for x in st.members:
-                members[f"{ckpt.model.arch.weight_prefix(st.layer, x.module)}.weight"] = st, x
+                read[f"{ckpt.model.arch.weight_prefix(st.layer, x.module)}.weight"] = partial(_stage_rows, path, st, x)
                 if x.site is not None and x.site.static:
-                    model.sites.pop((st.layer, x.module), None)
+                    static.add((st.layer, x.module))
+    return read, static
 
-    def rows(f, name: str):
-        st, x = members[name]
-        lo, hi = x.rows
-        q, scale = f.get_slice(f"{st.prefix}.weight")[lo:hi], f.get_slice(f"{st.prefix}.weight_scale")[lo:hi]
-        return dequantize_fp8(q, scale).to(device=model.device, dtype=model.dtype).contiguous()
 
-    if isinstance(model.w, LayerWeights):
-        load, weights = model.w.load, model.w
-        weights.current, weights.layer = {}, None  # nothing read before the swap stays
+def _stage_rows(path: str, st: Stage, x: Member):
+    from safetensors import safe_open
 
-        def twin_load(src, name):
-            if name not in members:
-                return load(src, name)
-            with safe_open(path, framework="pt") as f:
-                return rows(f, name)
+    from .quantize import dequantize_fp8
 
-        weights.load = twin_load
-    else:
-        with safe_open(path, framework="pt") as f:
-            for name in members:
-                model.w[name] = rows(f, name)
-    return True
+    lo, hi = x.rows
+    with safe_open(path, framework="pt") as f:
+        return dequantize_fp8(f.get_slice(f"{st.prefix}.weight")[lo:hi], f.get_slice(f"{st.prefix}.weight_scale")[lo:hi])

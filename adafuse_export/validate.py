@@ -14,9 +14,9 @@ from float32 in different directions, so a fixed atol between them measures the 
 not the model's. Routing (expert ids, gates) is decided in float32 from dtype-rounded weights: it
 stays compared with the same-dtype reference, ids exactly.
 
-FP8 weights (a native artifact whose manifest says model.weights fp8_e4m3): the references are the artifact's
-FP8 twin (native_artifact.load_fp8_twin: the stage weights the artifact's e4m3 ones dequantized), so the runtime
-is judged by the bounds above against what it was given. The quantization's own effect is reported besides
+FP8 weights (a native artifact whose manifest says model.weights fp8_e4m3, or an ONNX export whose metadata says
+adafuse.weights fp8_e4m3): the references are the model's FP8 twin (fp8_twin.load_fp8_twin: the projection weights
+the model's e4m3 ones dequantized), so the runtime is judged by the bounds above against what it was given. The quantization's own effect is reported besides
 (quantization_effect: the twin against the unquantized reference, both run here), information unless
 min_greedy_agreement asks for a floor.
 """
@@ -199,12 +199,13 @@ def quantization_effect(ckpt: Checkpoint, artifact: Path, prompts: list[list[int
     (both `dtype`), both fed the unquantized reference's greedy tokens (one early flip does not compound). max |diff|
     of the logits over every position, and greedy agreement: positions whose argmax is the same, every position of
     each prompt (each predicts the next token) and each decode step."""
-    from .native_artifact import load_fp8_twin
+    from .fp8_twin import load_fp8_twin
     from .runners.reference import ReferenceRunner
 
     plain, twin = ReferenceRunner(ckpt, dtype, stream=stream), ReferenceRunner(ckpt, dtype, stream=stream)
     if not load_fp8_twin(twin.model, artifact):
-        raise AdafuseError(f"{artifact}: its weights are not FP8 (manifest model.weights), no quantization to measure")
+        raise AdafuseError(f"{artifact}: its weights are not FP8 (manifest model.weights, ONNX metadata adafuse.weights), "
+                           "no quantization to measure")
     max_abs, agree, total = 0.0, 0, 0
     for prompt in prompts:
         ids = np.asarray([prompt], dtype=np.int64)
@@ -255,14 +256,14 @@ def _validate(ckpt: Checkpoint, model: Path, prompts: list[list[int]] | None, st
     same = ReferenceRunner(ckpt, dtype=dtype, stream=stream) if measured else None
     quantization = None
     if runner.info.meta.get("adafuse.weights") == "fp8_e4m3":
-        from .native_artifact import load_fp8_twin
+        from .fp8_twin import load_fp8_twin
 
-        artifact = Path(runner.info.model)
+        artifact = Path(runner.info.model)  # the native artifact, or the decoder .onnx
         for r in (reference, same):
             if r is not None:
                 load_fp8_twin(r.model, artifact)
                 r.info = replace(r.info, description=r.info.description
-                                 + ", FP8 twin (the artifact's stage weights dequantized)")
+                                 + ", FP8 twin (the model's FP8 projection weights dequantized)")
         if log is not None:
             log("FP8 weights: judged against the FP8 twin; measuring the quantization against the unquantized reference")
         quantization = quantization_effect(ckpt, artifact, prompts, steps, reference.info.dtype, stream)

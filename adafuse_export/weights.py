@@ -7,6 +7,11 @@ from __future__ import annotations
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
+# --weights: the projections' base weights in the model dtype, or FP8 e4m3 with per-output-channel scales; the
+# value names the stored form (native artifact model.weights, ONNX metadata adafuse.weights, engine manifest)
+WEIGHT_FORMATS = {"dtype": "dtype", "fp8": "fp8_e4m3"}
+
+
 def torch_dtype(name: str):
     import torch
 

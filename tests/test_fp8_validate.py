@@ -179,5 +179,5 @@ def test_validate_cli_of_an_fp8_artifact_stops_at_the_device(cli, example_dirs, 
     dense = fp8_artifact(load_checkpoint(example_dirs["pregate"]), tmp_path / "b.native", weights="dtype")
     res = cli("validate", example_dirs["pregate"], dense, "--runtime", "cpp", "--min-greedy-agreement", "0.9")
     assert res.code == 2 and one_line(res.err) == (
-        f"--min-greedy-agreement: {dense} does not hold FP8 weights (it applies to a native artifact of "
-        "`convert --backend native --weights fp8`)")
+        f"--min-greedy-agreement: {dense} does not hold FP8 weights (it applies to a native artifact or an ONNX "
+        "export of `convert --weights fp8`)")

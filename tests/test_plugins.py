@@ -197,6 +197,8 @@ RTX_SCRIPT = textwrap.dedent(
             "top_k=9 of 16": collection(num_experts=16, top_k=9),
             "num_experts=257": collection(num_experts=257),
             "rank=4097": collection(rank=4097),
+            "weight_dtype=2": collection(weight_dtype=2),
+            "weight_dtype=1, in_features=40": collection(weight_dtype=1, in_features=40),
         }
         res["bad"] = {}
         for what, fc in bad.items():
@@ -229,7 +231,7 @@ def test_rtx_registry_loads_and_creates(rtx_result, name):
     assert res["creator_kind"] == "PLUGIN CREATOR_V3ONE"
     assert res["field_names"] == [
         ["in_features", "INT32"], ["out_features", "INT32"], ["num_experts", "INT32"], ["rank", "INT32"],
-        ["top_k", "INT32"], ["scale", "FLOAT32"], ["has_bias", "INT32"],
+        ["top_k", "INT32"], ["scale", "FLOAT32"], ["has_bias", "INT32"], ["weight_dtype", "INT32"],
     ]
     assert res["created"]
     assert res["core"] == [name, "1", ""]
@@ -256,5 +258,7 @@ def test_rtx_registry_rejects_bad_fields(rtx_result, name):
         f"{name}: field 'top_k' = 9 exceeds the kernel limit 8 (ADAFUSE_MAX_TOP_K in adafuse_kernels.h)",
         f"{name}: field 'num_experts' = 257 exceeds the kernel limit 256 (ADAFUSE_LORA_MAX_EXPERTS in adafuse_kernels.h)",
         f"{name}: field 'rank' = 4097 exceeds the kernel limit 4096 (ADAFUSE_LORA_MAX_RANK in adafuse_kernels.h)",
+        f"{name}: field 'weight_dtype' expected 0 (the dtype of x) or 1 (fp8 e4m3), found 2",
+        f"{name}: field 'in_features' = 40 must be a multiple of 16 with weight_dtype 1",
     ):
         assert expected in stderr, f"missing log line: {expected}\n{_tail(stderr)}"

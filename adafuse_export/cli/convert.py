@@ -19,9 +19,11 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                 "kernels, run by adafuse-serve / adafuse-generate on an NVIDIA GPU: runtime/README.md).", extra=("native",))
 @dtype_option("float16")
 @click.option("--weights", "weights", type=click.Choice(["dtype", "fp8"]), default="dtype", show_default=True,
-              help="--backend native: the projections' base weights in --dtype, or fp8 (float8 e4m3 with per-output-channel "
-                   "float32 scales, W8A16: activations, adapters, norms, embedding and head stay in --dtype, which must be "
-                   "float16 or bfloat16). Other backends take dtype only.")
+              help="The projections' base weights in --dtype, or fp8 (float8 e4m3 with per-output-channel float32 scales, "
+                   "W8A16: activations, adapters, norms, embedding and head stay in --dtype, which must be float16 or "
+                   "bfloat16). The ONNX export holds them as float8e4m3fn initializers with DequantizeLinear (opset 19) "
+                   "and the plugin nodes take them as FP8 inputs (--strategy fused); a native artifact stores them "
+                   "for the native backend's FP8 kernels.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
               help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "

@@ -22,10 +22,14 @@ from .options import (base_option, ckpt_argument, dtype_option, force_option, fo
 @plugin_strategy_option("Plugin flavour only: the op of every adapter site, AdafuseLoraLinear (fused, the default) or "
                         "AdafuseSwitchLinear (switch); same fields and inputs. See docs/engine-path.md.")
 @dtype_option("float32", "Weight and activation dtype (routers, norms and softmax stay float32).")
+@click.option("--weights", "weights", type=click.Choice(["dtype", "fp8"]), default="dtype", show_default=True,
+              help="The projections' base weights in --dtype, or fp8: float8e4m3fn initializers with float32 "
+                   "per-output-channel scales and DequantizeLinear (opset 19), FP8 inputs of the plugin nodes; "
+                   "--dtype float16 or bfloat16 (docs/onnx-graphs.md).")
 @click.option("--external-data-threshold", type=click.IntRange(0), default=None, metavar="BYTES",
               help="Write weights to <graph>.onnx.data when they exceed this many bytes [default: 2e9].")
 @force_option("Replace a non-empty OUT_DIR.")
-def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_data_threshold, force):
+def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, weights, external_data_threshold, force):
     """Write ONNX graphs for CKPT into OUT_DIR: decoder.onnx, pregate.onnx, routes.safetensors, manifest.json.
 
     The directory appears complete or not at all (built in a temporary directory next to it, then renamed).
@@ -35,17 +39,20 @@ def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, external_dat
     from ..converters import load_checkpoint
     from ..onnx.export import EXTERNAL_DATA_THRESHOLD, export_onnx as write_export
 
+    from ..native_artifact import check_weight_dtype
+
+    check_weight_dtype(dtype, weights)  # before the checkpoint is read
     c = load_checkpoint(ckpt, fmt, base)
     claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=onnx_export_files, directory=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True)
+    manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True, weights=weights)
     for graph, info in manifest["graphs"].items():
         extra = f" + {info['external_data']}" if info["external_data"] else ""
         emit(f"{graph:<8} {out_dir / info['file']}{extra}: "
                    f"{len(info['inputs'])} inputs, {len(info['outputs'])} outputs")
     if manifest["routes"]:
         emit(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
-    emit(f"wrote {flavour} {dtype} ONNX export to {out_dir}")
+    emit(f"wrote {flavour} {dtype}{' (FP8 e4m3 base weights)' if weights == 'fp8' else ''} ONNX export to {out_dir}")
 
 
 @click.command("export-routes", short_help="Write the pre-gate as a routing table [vocab, k].")

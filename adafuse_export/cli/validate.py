@@ -53,10 +53,16 @@ def _model_kind(model: Path) -> str:
 
 
 def _stores_fp8(model: Path, kind: str) -> bool:
-    from ..native_artifact import MANIFEST, stores_fp8
-    from ..inputs import read_json
+    from ..fp8_twin import stores_fp8
+    from ..trt.manifest import manifest_path
 
-    return kind == "native" and stores_fp8(read_json(Path(model) / MANIFEST))
+    if kind == "engine":  # the manifest says (its ONNX export may be absent until the engine is opened)
+        from ..inputs import read_json
+
+        data = read_json(manifest_path(Path(model)))
+        engine = data.get("engine") if isinstance(data, dict) else None
+        return isinstance(engine, dict) and engine.get("weights") == "fp8_e4m3"
+    return stores_fp8(Path(model))
 
 
 @click.command(short_help="Compare an export or engine with the PyTorch reference.")
@@ -92,18 +98,18 @@ def _stores_fp8(model: Path, kind: str) -> bool:
                    "the same-dtype reference (runs a second reference: twice the time with --reference layerwise); "
                    "fixed compares with the same-dtype reference under --atol/--rtol only (one reference: faster, but blind to what the half dtype itself costs).")
 @click.option("--min-greedy-agreement", type=click.FloatRange(0, 1), default=None,
-              help="FP8-weights native artifacts (convert --weights fp8): fail when the quantization's greedy agreement "
-                   "(the artifact's FP8 twin against the unquantized reference, over every prompt position and decode "
+              help="FP8-weights models (convert --weights fp8: a native artifact or an ONNX export): fail when the quantization's greedy agreement "
+                   "(the model's FP8 twin against the unquantized reference, over every prompt position and decode "
                    "step) is below this fraction. Without it that agreement and the logits' max abs diff are reported "
-                   "only; the runtime is judged against the FP8 twin (the reference with the artifact's FP8 stage "
+                   "only; the runtime is judged against the FP8 twin (the reference with the model's FP8 projection "
                    "weights dequantized) by the bounds above.")
 def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
              half_tolerance, min_greedy_agreement):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
     (or `convert`'s ENGINE.onnx/), its decoder .onnx file, a `convert` ENGINE.engine file (its ENGINE.json
     manifest beside it; needs TensorRT and a GPU), or a `convert --backend native` OUT.native directory (with
-    --runtime cpp: the C++ runtime's native backend; needs a GPU). A native artifact with FP8 weights is judged
-    against its FP8 twin, the quantization's own effect reported besides (see --min-greedy-agreement).
+    --runtime cpp: the C++ runtime's native backend; needs a GPU). A native artifact or ONNX export with FP8 weights
+    is judged against its FP8 twin, the quantization's own effect reported besides (see --min-greedy-agreement).
 
     Exit status 0 when every output is within tolerance, 1 when one is not, 2 on bad input.
     """
@@ -116,11 +122,11 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     kind = _model_kind(model)
     if kind == "native" and runtime != "cpp":
         raise AdafuseError(f"{model} is a native artifact: the C++ runtime's native backend runs it (add --runtime cpp)")
-    if min_greedy_agreement is not None and not _stores_fp8(model, kind):
-        raise AdafuseError(f"--min-greedy-agreement: {model} does not hold FP8 weights (it applies to a native artifact "
-                           "of `convert --backend native --weights fp8`)")
     if kind not in ("engine", "native"):  # engines are run by TensorRT (runners/tensorrt.py), native artifacts by the runtime
         import_onnx()
+    if min_greedy_agreement is not None and not _stores_fp8(model, kind):
+        raise AdafuseError(f"--min-greedy-agreement: {model} does not hold FP8 weights (it applies to a native artifact "
+                           "or an ONNX export of `convert --weights fp8`)")
     for p in prompts or ():
         if len(p) + steps > c.model.max_position_embeddings:
             raise AdafuseError(f"--prompt-ids ({len(p)} tokens) + --steps {steps} exceed the model's context of "

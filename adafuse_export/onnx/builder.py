@@ -19,9 +19,9 @@ from ..checkpoint import Checkpoint
 from ..errors import AdafuseError
 from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
-from ..weights import base_weight, read_released, rounded
+from ..weights import WEIGHT_FORMATS as WEIGHTS, base_weight, read_released, rounded
 from . import contract, plugin_ops
-from .graph import ELEM, Deferred, Graph, torch_dtype
+from .graph import ELEM, FP8, FP8_OPSET, Deferred, Graph, torch_dtype
 from .graph_xp import GraphNamespace
 
 FLAVOURS = ("portable", "plugin")
@@ -39,11 +39,11 @@ def has_pregate_graph(ckpt: Checkpoint) -> bool:
     return ckpt.adapter.routing_table_exact
 
 
-def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str, str]:
+def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str, weights: str = "dtype") -> dict[str, str]:
     m = ckpt.model
     return {
         "adafuse.format": f"adafuse-onnx/{contract.VERSION}", "adafuse.graph": graph, "adafuse.flavour": flavour,
-        "adafuse.dtype": dtype, "adafuse.checkpoint_sha256": ckpt.index_sha256(),
+        "adafuse.dtype": dtype, "adafuse.weights": WEIGHTS[weights], "adafuse.checkpoint_sha256": ckpt.index_sha256(),
         "adafuse.family": m.family, "adafuse.vocab_size": str(m.vocab_size), "adafuse.hidden_size": str(m.hidden_size),
         "adafuse.num_layers": str(m.num_layers), "adafuse.num_kv_heads": str(m.num_kv_heads),
         "adafuse.head_dim": str(m.head_dim), **routing_metadata(adapter_summary(ckpt.adapter)),
@@ -52,7 +52,8 @@ def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str) -> dict[str
 
 
 class _Builder:
-    def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str, strategy: str | None = None):
+    def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str, strategy: str | None = None,
+                 weights: str = "dtype", quantize_from: str | None = None):
         if flavour not in FLAVOURS:
             raise AdafuseError(f"--flavour '{flavour}' is unknown (expected one of {', '.join(FLAVOURS)})")
         if strategy is not None and flavour != "plugin":
@@ -70,6 +71,22 @@ class _Builder:
         self.elem = ELEM[dtype]
         self.sites = {(s.layer, s.module): s for s in ckpt.sites()}
         self._weights: dict[str, str] = {}
+        if weights not in WEIGHTS:
+            raise AdafuseError(f"--weights '{weights}' is unknown (expected one of {', '.join(WEIGHTS)})")
+        self.weights = weights
+        # FP8: each projection's weight as rounded to this dtype is quantized (a float32 twin of a bfloat16 graph,
+        # validated where ONNX Runtime has no bfloat16 kernels, quantizes the bfloat16 weights: the same bytes)
+        self.quantize_from = torch_dtype(quantize_from or dtype)
+        if weights == "fp8":
+            from ..native_artifact import check_weight_dtype, check_weight_format
+
+            # 16-bit weights to quantize; the plugin's kernels also need in_features % 16 == 0 (as the native backend's)
+            (check_weight_format if flavour == "plugin" else lambda c, *a: check_weight_dtype(*a))(
+                ckpt, quantize_from or dtype, weights)
+            self.g.opset = FP8_OPSET
+            if self.strategy == "switch" and flavour == "plugin":
+                raise AdafuseError("--weights fp8 --strategy switch: AdafuseSwitchLinear merges the experts into a "
+                                   "copy of W in the model dtype, which FP8 weights do not have; use --strategy fused")
 
     # ---- weights ---------------------------------------------------------------------
     # Each weight is a Deferred: shape from the checkpoint header, bytes read only when the exporter
@@ -97,6 +114,41 @@ class _Builder:
             return base_weight(self.ckpt, name, self.tdtype, site)
         self._weights[name] = self.g.init(name, self._deferred(base, name, produce))
         return self._weights[name]
+
+    def fp8_weight(self, name: str, merge_site=None) -> tuple[str, str]:
+        """A projection weight as FP8 initializers: (q [out, in] float8e4m3fn, q's name + '_scale' [out] float32),
+        quantize.quantize_fp8_per_channel of the weight as the reference holds it (static LoRA merged), the
+        per-row quantization of the native artifact's stacked stage matrices row for row."""
+        if name + "#fp8" in self._weights:
+            return self._weights[name + "#fp8"], self._weights[name + "#fp8_scale"]
+        from ..quantize import quantize_fp8_per_channel
+
+        base = self.ckpt.base
+        cache: list = []  # (q, scale) between writing q and its scale, which follow each other: one quantization
+
+        def part(i: int):
+            if not cache:
+                cache.append(quantize_fp8_per_channel(base_weight(self.ckpt, name, self.quantize_from, merge_site), name))
+            out = cache[0][i]
+            if i == 1:
+                cache.clear()
+            return out
+        out_features = base.info(name).shape[0]
+        q = self.g.init(name, self._deferred(base, name, lambda: part(0), FP8))
+        scale = self.g.init(f"{name}_scale", Deferred(F32, (out_features,), lambda: part(1)))
+        self._weights[name + "#fp8"], self._weights[name + "#fp8_scale"] = q, scale
+        return q, scale
+
+    def projection_weight(self, name: str, merge_site=None) -> str:
+        """The weight a Gemm (or a dtype-weights plugin node) reads: the base weight, or with FP8 weights its
+        DequantizeLinear along the output channels (axis 0) in float32, cast to the model dtype."""
+        if self.weights != "fp8":
+            return self.weight(name, merge_site)
+        if name + "#dq" not in self._weights:
+            g = self.g
+            deq = g.op("DequantizeLinear", list(self.fp8_weight(name, merge_site)), axis=0, hint=f"{name}.dequantize")
+            self._weights[name + "#dq"] = g.cast(deq, self.elem, F32)
+        return self._weights[name + "#dq"]
 
     def adapter_weight(self, name: str) -> str:
         if name not in self._weights:
@@ -148,9 +200,9 @@ class _Builder:
         p = self.spec.arch.weight_prefix(layer, module)
         site = self.sites.get((layer, module))
         static = site is not None and site.static
-        W = self.weight(f"{p}.weight", merge_site=site if static else None)
         bias = [self.weight(f"{p}.bias")] if module in self.spec.bias_modules else []
         if site is None or static:
+            W = self.projection_weight(f"{p}.weight", merge_site=site if static else None)
             return g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
         A, B = self.adapter_weight(f"{site.name}.lora_A"), self.adapter_weight(f"{site.name}.lora_B")
         scale = self.aspec.site_scale(site.name)
@@ -183,11 +235,22 @@ class _Builder:
                 top_k = plugin_ops.MAX_TOP_K
             op = plugin_ops.op_type(self.strategy)
             name = f"/{site.name}/{op}"  # MixLoRA has one node per slot: names must stay unique
-            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias, g.fresh(f"{site.name}.y"), name if ffn_slot is None else g.fresh(name),
+            if self.weights == "fp8":
+                # The plugin takes the FP8 initializer and its scales as inputs and runs the kernels' FP8 path. Fed a
+                # DequantizeLinear instead, TensorRT would fold it into a constant in the model dtype: the engine
+                # would then hold and read 16-bit weights, twice the bytes of the decode step's weight read.
+                W, w_scale = self.fp8_weight(f"{p}.weight")
+                extra = [w_scale]
+            else:
+                W, extra = self.weight(f"{p}.weight"), []
+            node = plugin_ops.make_node([x, W, A, B, ids, gates] + bias + extra, g.fresh(f"{site.name}.y"),
+                                        name if ffn_slot is None else g.fresh(name),
                                         in_features=inp, out_features=out, num_experts=e, rank=r, top_k=top_k,
-                                        scale=scale, has_bias=bool(bias), strategy=self.strategy)
+                                        scale=scale, has_bias=bool(bias), strategy=self.strategy,
+                                        weight_dtype=plugin_ops.WEIGHT_DTYPES[WEIGHTS[self.weights]])
             y = g.add_node(node)
             return y if rest is None else g.op("Add", [y, rest])
+        W = self.projection_weight(f"{p}.weight")
         base = g.memo((x, p), lambda: g.op("Gemm", [x, W] + bias, transB=1, hint=f"{p}"))
         return g.op("Add", [base, self.lora_delta(x, A, B, ids, gates, scale)])
 
@@ -372,7 +435,9 @@ class DecoderBuilder(_Builder):
     def _finish(self, graph: str) -> Graph:
         """The built graph with its weights still unread (Graph.model() materialises them)."""
         self.g.opset_imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
-        self.g.metadata = metadata(self.ckpt, graph, self.flavour, self.dtype)
+        self.g.metadata = metadata(self.ckpt, graph, self.flavour, self.dtype, self.weights)
+        if self.weights == "fp8":
+            self.g.metadata["adafuse.fp8_quantized_from"] = str(self.quantize_from).removeprefix("torch.")
         if self._uses_plugin():
             self.g.metadata["adafuse.strategy"] = self.strategy
         return self.g
@@ -396,10 +461,13 @@ class PregateBuilder(DecoderBuilder):
         return self._finish("pregate")
 
 
-def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32", strategy: str | None = None) -> Graph:
+def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32", strategy: str | None = None,
+                  weights: str = "dtype", quantize_from: str | None = None) -> Graph:
     """The decoder graph, weights deferred: `.model()` gives an inline ModelProto, export.write_model streams.
-    strategy (plugin flavour only): which plugin op the adapter sites use (plugin_ops.STRATEGIES)."""
-    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder", strategy).build()
+    strategy (plugin flavour only): which plugin op the adapter sites use (plugin_ops.STRATEGIES).
+    weights 'fp8': every projection's base weight as float8e4m3fn with float32 per-output-channel scales
+    (quantize.py, from the weight rounded to quantize_from, default dtype), opset 19."""
+    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder", strategy, weights, quantize_from).build()
 
 
 def build_pregate(ckpt: Checkpoint, dtype: str = "float32") -> Graph:

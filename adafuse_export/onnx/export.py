@@ -12,8 +12,8 @@ from ..routes import write_routing_table
 from ..summary import adapter_summary, routing_contract
 from ..tensors import atomic_directory
 from . import DECODER, MANIFEST, PREGATE, ROUTES, contract, plugin_ops
-from .builder import build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
-from .graph import ELEM_NAMES, OPSET, ExternalData, Graph
+from .builder import WEIGHTS, build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
+from .graph import ELEM_NAMES, ExternalData, Graph
 
 # Protobuf cannot hold more than 2 GiB; above this many initializer bytes, weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -86,20 +86,24 @@ def _check(path: Path, flavour: str) -> None:
 
 def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
                 force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                strategy: str | None = None, progress: bool = False) -> dict:
+                strategy: str | None = None, progress: bool = False, weights: str = "dtype",
+                quantize_from: str | None = None) -> dict:
     """Build and write every file into a temporary directory next to out_dir, then rename it into place.
     strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused).
-    progress: print tensors and bytes written while external weight data is written."""
+    progress: print tensors and bytes written while external weight data is written.
+    weights: 'dtype', or 'fp8' (the projections' base weights float8e4m3fn + DequantizeLinear, builder.py),
+    quantized from the weights rounded to quantize_from (default dtype)."""
     ckpt.require_exportable()
     with atomic_directory(Path(out_dir), force) as tmp:
-        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress)
+        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress, weights, quantize_from)
 
 
 def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None,
-               progress: bool) -> dict:
+               progress: bool, weights: str = "dtype", quantize_from: str | None = None) -> dict:
     m, adapter = ckpt.model, adapter_summary(ckpt.adapter)
     graphs = {}
-    decoder_graph = build_decoder(ckpt, flavour, dtype, strategy)
+    decoder_graph = build_decoder(ckpt, flavour, dtype, strategy, weights, quantize_from)
+    opset = decoder_graph.opset
     strategy = decoder_graph.metadata.get("adafuse.strategy")  # None: no plugin node in the graph
     decoder, ext = write_model(decoder_graph, tmp / DECODER, threshold, progress)
     _check(tmp / DECODER, flavour)
@@ -113,7 +117,8 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
         del pregate
         routes = write_routing_table(ckpt, tmp / ROUTES, dtype)
     manifest = {
-        "format": "adafuse-onnx", "version": contract.VERSION, "flavour": flavour, "dtype": dtype, "opset": OPSET,
+        "format": "adafuse-onnx", "version": contract.VERSION, "flavour": flavour, "dtype": dtype, "opset": opset,
+        "weights": WEIGHTS[weights],
         "checkpoint": {"path": str(ckpt.path), "format": ckpt.format, "index_sha256": ckpt.index_sha256()},
         "model": {"family": m.family, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                   "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,

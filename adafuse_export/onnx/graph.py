@@ -21,10 +21,16 @@ from onnx import TensorProto, helper, numpy_helper
 from ..weights import torch_dtype  # noqa: F401  (re-exported: the graph modules import it from here)
 
 OPSET = 17
+# FP8 weights (builder weights="fp8"): DequantizeLinear takes float8e4m3fn from opset 19 (ONNX Runtime's CPU
+# provider runs it there, TensorRT parses it); the graphs without FP8 keep opset 17.
+FP8_OPSET = 19
+IR_VERSIONS = {OPSET: 8, FP8_OPSET: 9}  # the IR version of each opset's release
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
-ELEM_SIZES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2}
+FP8 = TensorProto.FLOAT8E4M3FN
+ELEM_SIZES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, FP8: 1}
 ELEM_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-              TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
+              TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.BOOL: "bool",
+              FP8: "float8e4m3fn"}
 
 
 
@@ -37,7 +43,7 @@ def tensor_proto(name: str, t, proto: TensorProto | None = None) -> TensorProto:
     proto = TensorProto() if proto is None else proto
     if isinstance(t, torch.Tensor):
         t = t.detach().contiguous().cpu()
-        if t.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if t.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn):
             proto.name = name
             proto.data_type = _elem_of(t)
             proto.dims.extend(t.shape)
@@ -52,7 +58,7 @@ def _elem_of(t) -> int:
     import torch
 
     return {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
-            torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}[t.dtype]
+            torch.float8_e4m3fn: FP8, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32, torch.bool: TensorProto.BOOL}[t.dtype]
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Graph:
         self._count = 0
         self._consts: dict = {}
         self._memo: dict = {}
+        self.opset = OPSET  # FP8_OPSET once the graph holds FP8 weights (model() writes it)
 
     # ---- names, inputs, outputs ------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -211,6 +218,12 @@ class Graph:
             self._consts[key] = name
         return self._consts[key]
 
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """ReduceMean/ReduceMax over `axes`: an attribute up to opset 17, an input from opset 18."""
+        if self.opset >= 18:
+            return self.op(op_type, [x, self.const(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+
     def cast(self, x: str, to_elem: int, from_elem: int) -> str:
         return x if to_elem == from_elem else self.op("Cast", [x], to=to_elem)
 
@@ -232,11 +245,12 @@ class Graph:
             else:
                 tensor_proto(name, t, graph.initializer.add())
             del t
-        imports = [helper.make_opsetid("", OPSET)]
+        imports = [helper.make_opsetid("", self.opset)]
         for domain, version in self.opset_imports.items():
             imports.append(helper.make_opsetid(domain, version))
         model = helper.make_model(graph, opset_imports=imports, producer_name="adafuse-export")
-        model.ir_version = 8  # opset 17 era; readable by ONNX Runtime >= 1.13 and TensorRT 8.6+
+        # opset 17: IR 8, readable by ONNX Runtime >= 1.13 and TensorRT 8.6+; opset 19 (FP8): IR 9, ONNX Runtime >= 1.16
+        model.ir_version = IR_VERSIONS[self.opset]
         for k, v in self.metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = k, str(v)

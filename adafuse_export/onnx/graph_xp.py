@@ -91,10 +91,10 @@ class GraphNamespace:
         return self.unary("Reciprocal", self.unary("Sqrt", x))
 
     def mean_last(self, x: Value) -> Value:
-        return self.unary("ReduceMean", x, axes=[-1], keepdims=1)
+        return Value(self, self.g.reduce("ReduceMean", x.name, [-1]), x.elem)
 
     def amax_last(self, x: Value) -> Value:
-        return self.unary("ReduceMax", x, axes=[-1], keepdims=1)
+        return Value(self, self.g.reduce("ReduceMax", x.name, [-1]), x.elem)
 
     def tanh(self, x: Value) -> Value:
         return self.unary("Tanh", x)

@@ -8,15 +8,19 @@ every field, input and output and differ only in how the plugin computes the sam
     switch  AdafuseSwitchLinear  merges the row's experts into a private copy of W when the route
                                  changes, then a plain GEMV (batch-1 decode; more rows: fused path)
 
-    y = OP(x, W, A, B, expert_ids, gates[, bias])     domain "adafuse", version 1
+    y = OP(x, W, A, B, expert_ids, gates[, bias][, weight_scale])     domain "adafuse", version 1
     y = x W^T (+ bias) + scale * sum_j gates[..., j] * B[ids[..., j]] (A[ids[..., j]] x)
 
 Inputs (positions are part of the contract, see INPUTS):
     x [..., in] float, W [out, in], A [E, rank, in], B [E, out, rank],
-    expert_ids [..., top_k] int32, gates [..., top_k] float32, bias [out] (only if has_bias)
+    expert_ids [..., top_k] int32, gates [..., top_k] float32, bias [out] (only if has_bias),
+    weight_scale [out] float32 (only if weight_dtype is 1: then W is float8e4m3fn and the base term is
+    (x W^T) * weight_scale, adafuse_kernels.h ADAFUSE_WEIGHT_FP8_E4M3; the fused strategy only)
 Output: y [..., out], dtype of x.
 Attributes: exactly FIELDS, which mirror the TensorRT plugins' PluginFieldCollection
-(plugins/adafuseLoraLinearPlugin, plugins/adafuseSwitchLinearPlugin).
+(plugins/adafuseLoraLinearPlugin, plugins/adafuseSwitchLinearPlugin). weight_dtype came after the first
+seven: a serialized plugin without it reads as weight_dtype 0 (the plugins' fields of before), and a plugin
+library of before refuses an FP8 W (its type is not x's) instead of misreading it.
 
 Expert ids contract: every expert_ids value is in [0, num_experts). The kernels do not check it
 on the device (that would cost a host sync per layer); the ids are in range by construction
@@ -51,10 +55,26 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("top_k", "int"),
     ("scale", "float"),
     ("has_bias", "int"),
+    ("weight_dtype", "int"),
 )
-INPUTS: tuple[str, ...] = ("x", "W", "A", "B", "expert_ids", "gates", "bias")
-# named input positions (as the plugin's kX_INDEX constants)
+INPUTS: tuple[str, ...] = ("x", "W", "A", "B", "expert_ids", "gates", "bias", "weight_scale")
+# named input positions (as the plugin's kX_INDEX constants); weight_scale follows the inputs before it
 X, W, A, B, EXPERT_IDS, GATES, BIAS = range(7)
+# weight_dtype field: adafuse_kernels.h adafuse_weight_dtype, by the weights' stored form (weights.WEIGHT_FORMATS)
+WEIGHT_DTYPES = {"dtype": 0, "fp8_e4m3": 1}
+WEIGHT_AS_DTYPE, WEIGHT_FP8_E4M3 = WEIGHT_DTYPES["dtype"], WEIGHT_DTYPES["fp8_e4m3"]
+# fields a plugin may be created without (the plugins read them as these values: fields serialized before they existed)
+FIELD_DEFAULTS = {"weight_dtype": WEIGHT_AS_DTYPE}
+
+
+def nb_inputs(has_bias: int, weight_dtype: int) -> int:
+    """The node's input count: x .. gates, then bias when has_bias, then weight_scale when W is FP8."""
+    return 6 + int(bool(has_bias)) + int(weight_dtype == WEIGHT_FP8_E4M3)
+
+
+def weight_scale_index(has_bias: int) -> int:
+    """The position of weight_scale (FP8 W only): after the bias when there is one."""
+    return 6 + int(bool(has_bias))
 # adafuse_kernels.h: ADAFUSE_MAX_TOP_K, ADAFUSE_LORA_MAX_EXPERTS, ADAFUSE_LORA_MAX_RANK
 MAX_TOP_K, MAX_EXPERTS, MAX_RANK = 8, 256, 4096
 
@@ -88,14 +108,20 @@ def check_expert_ids(ids, num_experts: int, where: str) -> None:
 
 
 def make_node(inputs: list[str], output: str, name: str, *, in_features: int, out_features: int,
-              num_experts: int, rank: int, top_k: int, scale: float, has_bias: bool, strategy: str = DEFAULT_STRATEGY):
-    """A NodeProto of the strategy's op type; inputs in INPUTS order (bias last, only if has_bias)."""
+              num_experts: int, rank: int, top_k: int, scale: float, has_bias: bool, strategy: str = DEFAULT_STRATEGY,
+              weight_dtype: int = WEIGHT_AS_DTYPE):
+    """A NodeProto of the strategy's op type; inputs in INPUTS order (bias only if has_bias, weight_scale only
+    with weight_dtype WEIGHT_FP8_E4M3)."""
     from onnx import helper
 
     fields = dict(in_features=in_features, out_features=out_features, num_experts=num_experts, rank=rank,
-                  top_k=top_k, scale=scale, has_bias=int(bool(has_bias)))
-    expected = len(INPUTS) if has_bias else len(INPUTS) - 1
+                  top_k=top_k, scale=scale, has_bias=int(bool(has_bias)), weight_dtype=weight_dtype)
+    expected = nb_inputs(has_bias, weight_dtype)
     op = op_type(strategy)
+    if weight_dtype not in WEIGHT_DTYPES.values():
+        raise ValueError(f"{op} node '{name}': weight_dtype {weight_dtype}, expected one of {sorted(WEIGHT_DTYPES.values())}")
+    if weight_dtype == WEIGHT_FP8_E4M3 and strategy != "fused":
+        raise ValueError(f"{op} node '{name}': FP8 weights run with the fused strategy only")
     if len(inputs) != expected:
         raise ValueError(f"{op} node '{name}': {len(inputs)} inputs, expected {expected}")
     if not 1 <= top_k <= MAX_TOP_K:
@@ -125,17 +151,18 @@ def node_fields(node) -> dict:
         if a.type != want:
             raise AdafuseError(f"{where}: attribute '{name}' has type {AttributeProto.AttributeType.Name(a.type)}, expected {kind}")
         out[name] = a.f if kind == "float" else a.i
-    expected = len(INPUTS) if out["has_bias"] else len(INPUTS) - 1
+    expected = nb_inputs(out["has_bias"], out["weight_dtype"])
     if len(node.input) != expected:
-        raise AdafuseError(f"{where}: {len(node.input)} inputs, expected {expected} (has_bias {out['has_bias']})")
+        raise AdafuseError(f"{where}: {len(node.input)} inputs, expected {expected} (has_bias {out['has_bias']}, "
+                           f"weight_dtype {out['weight_dtype']})")
     return out
 
 
 def check_roundtrip(node, expected: dict) -> None:
-    """The node's attributes equal `expected` (a FIELDS dict), field by field."""
+    """The node's attributes equal `expected` (a FIELDS dict; a field of FIELD_DEFAULTS may be left out), field by field."""
     got = node_fields(node)
     for name, kind in FIELDS:
-        want = expected[name]
+        want = expected[name] if name in expected else FIELD_DEFAULTS[name]
         ok = abs(got[name] - float(want)) <= 1e-6 * max(1.0, abs(float(want))) if kind == "float" else got[name] == int(want)
         if not ok:
             raise AdafuseError(f"{node.op_type} node '{node.name}': field '{name}' is {got[name]}, expected {want}")

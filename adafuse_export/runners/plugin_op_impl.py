@@ -38,6 +38,7 @@ class LinearFields:
     top_k: int
     scale: float  # a float32 value
     has_bias: int
+    weight_dtype: int = plugin_ops.WEIGHT_AS_DTYPE  # FP8 W: the session hands the op W dequantized (plugin_ops_ort)
 
 
 def parser_fields(node) -> LinearFields:
@@ -59,6 +60,15 @@ def parser_fields(node) -> LinearFields:
         raise AdafuseError(f"{where}: field 'scale' expected a finite float, found {f.scale}")
     if f.has_bias not in (0, 1):
         raise AdafuseError(f"{where}: field 'has_bias' expected 0 or 1, found {f.has_bias}")
+    if f.weight_dtype not in plugin_ops.WEIGHT_DTYPES.values():
+        raise AdafuseError(f"{where}: field 'weight_dtype' expected one of {sorted(plugin_ops.WEIGHT_DTYPES.values())} "
+                           f"(adafuse_weight_dtype), found {f.weight_dtype}")
+    if f.weight_dtype == plugin_ops.WEIGHT_FP8_E4M3 and f.in_features % 16:
+        raise AdafuseError(f"{where}: field 'in_features' = {f.in_features} must be a multiple of 16 with weight_dtype 1 "
+                           f"(16 FP8 weights per 16-byte load, ADAFUSE_WEIGHT_FP8_E4M3 in adafuse_kernels.h)")
+    if f.weight_dtype == plugin_ops.WEIGHT_FP8_E4M3 and node.op_type != plugin_ops.STRATEGIES["fused"]:
+        raise AdafuseError(f"{where}: field 'weight_dtype' = 1 (fp8 W): the switch strategy merges the experts into W "
+                           f"in the dtype of x; FP8 weights run with {plugin_ops.STRATEGIES['fused']} (--strategy fused)")
     if f.out_features * f.in_features > INT32_MAX:
         raise AdafuseError(f"{where}: out_features*in_features = {f.out_features * f.in_features} exceeds the int32 "
                            f"element count the kernels index with")

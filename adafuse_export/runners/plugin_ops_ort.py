@@ -14,7 +14,9 @@ every adafuse node keeps its op_type, domain, inputs, output and attributes and 
     TensorRT's ONNX parser passes them (plugin_op_impl.parser_fields), its name and dtype;
   - Cast-to-float32 on x, W, A, B, bias and a Cast back to the node's dtype on y (exact: float16 and
     bfloat16 widen to float32 exactly, and the op rounds its result to the node's dtype first);
-  - an empty float32 tensor as input 6 when it has no bias.
+  - an empty float32 tensor as input 6 when it has no bias;
+  - with FP8 weights (weight_dtype 1), W is DequantizeLinear(W, weight_scale) along the output channels in
+    float32 instead of a Cast (each element q * scale rounded once to float32), and the op keeps 7 inputs.
 An op that fails records its message (naming the node) and returns NaN; `PluginGraph.run` raises it.
 """
 from __future__ import annotations
@@ -129,9 +131,15 @@ def _elem_types(model) -> dict[str, int]:
 def _session_nodes(node, site_id: int, fields: LinearFields, dtype: str) -> list:
     """The node as the session runs it: float32 Casts in, the op tagged with its site, a Cast back out."""
     inputs, nodes = list(node.input), []
+    fp8 = fields.weight_dtype == plugin_ops.WEIGHT_FP8_E4M3
+    if fp8:
+        w_scale = inputs.pop(plugin_ops.weight_scale_index(fields.has_bias))
     for pos in (plugin_ops.X, plugin_ops.W, plugin_ops.A, plugin_ops.B, plugin_ops.BIAS)[: 5 if fields.has_bias else 4]:
         cast = f"adafuse_ort/{site_id}/{plugin_ops.INPUTS[pos]}"
-        nodes.append(helper.make_node("Cast", [inputs[pos]], [cast], name=cast, to=_ELEM["float32"]))
+        if pos == plugin_ops.W and fp8:
+            nodes.append(helper.make_node("DequantizeLinear", [inputs[pos], w_scale], [cast], name=cast, axis=0))
+        else:
+            nodes.append(helper.make_node("Cast", [inputs[pos]], [cast], name=cast, to=_ELEM["float32"]))
         inputs[pos] = cast
     if not fields.has_bias:
         inputs.append(NO_BIAS)
@@ -177,10 +185,21 @@ class PluginGraph:
         weakref.finalize(self, _forget, tuple(sites))
 
     def _dtype(self, node, fields: LinearFields, types: dict[str, int]) -> str:
-        """The node's dtype: W's, which A, B and bias must share (the plugin's format rule)."""
+        """The node's dtype: W's, which A, B and bias must share (the plugin's format rule); with FP8 W
+        (float8e4m3fn, its scales float32), A's."""
         names = {v: k for k, v in _ELEM.items()}
         w = types.get(node.input[plugin_ops.W], TensorProto.UNDEFINED)
         where = f"{self.path}: {node.op_type} node '{node.name}'"
+        if fields.weight_dtype == plugin_ops.WEIGHT_FP8_E4M3:
+            scale = node.input[plugin_ops.weight_scale_index(fields.has_bias)]
+            for pos, name, want in ((plugin_ops.W, node.input[plugin_ops.W], TensorProto.FLOAT8E4M3FN),
+                                    (plugin_ops.weight_scale_index(fields.has_bias), scale, TensorProto.FLOAT)):
+                found = types.get(name, TensorProto.UNDEFINED)
+                if found != want:
+                    raise AdafuseError(f"{where}: input {pos} ({plugin_ops.INPUTS[7 if name == scale else pos]}) "
+                                       f"'{name}' expected {TensorProto.DataType.Name(want)} (weight_dtype 1), found "
+                                       f"{TensorProto.DataType.Name(found)}")
+            w = types.get(node.input[plugin_ops.A], TensorProto.UNDEFINED)
         if w not in names:
             raise AdafuseError(f"{where}: input 1 (W) '{node.input[plugin_ops.W]}' expected float32, float16 or bfloat16, "
                                f"found {TensorProto.DataType.Name(w)}")

@@ -41,12 +41,14 @@ def profile_shapes(name: str, shape: tuple[int, ...], max_batch: int, max_seq: i
     }
 
 
-def builder_config(backend: Backend, builder: Any, dtype: str, version_compatible: bool = False) -> Any:
+def builder_config(backend: Backend, builder: Any, dtype: str, version_compatible: bool = False,
+                   weights: str = "dtype") -> Any:
     """The builder config; a float32 engine computes in float32 (TensorRT's default TF32 matmuls
     differ from float32 by about 1e-3, beyond validate's float32 tolerance). version_compatible: an engine for
     TensorRT's lean runtime (VERSION_COMPATIBLE: lean-runtime operators only), whose plan leaves the lean runtime
     out (EXCLUDE_LEAN_RUNTIME: about 100 MB less per engine, and no host code in the plan); the adafuse runtime
-    loads libnvinfer_lean itself."""
+    loads libnvinfer_lean itself. FP8 weights: a weakly typed network needs the FP8 flag for its float8 tensors
+    (a strongly typed one takes the graph's types)."""
     config = builder.create_builder_config()
     if dtype == "float32":
         config.clear_flag(backend.trt.BuilderFlag.TF32)
@@ -55,6 +57,8 @@ def builder_config(backend: Backend, builder: Any, dtype: str, version_compatibl
             raise AdafuseError(version_compatible_refusal(backend.kind))
         config.set_flag(backend.trt.BuilderFlag.VERSION_COMPATIBLE)
         config.set_flag(backend.trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if weights == "fp8" and not backend.kind.strongly_typed and hasattr(backend.trt.BuilderFlag, "FP8"):
+        config.set_flag(backend.trt.BuilderFlag.FP8)
     return config
 
 
@@ -110,7 +114,7 @@ def _write_log(trt: Any, logger: Any, log_file: Path | None, shown_as: Path | No
         log(f"builder log: {len(logger.messages)} messages ({warnings} warnings) in {shown_as or log_file}")
 
 
-def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
+def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int, weights: str = "dtype",
                  plugin_library: Path | None = None, timing_cache: Path | None = None,
                  log: Callable[[str], None] = print, log_file: Path | None = None,
                  log_shown_as: Path | None = None, version_compatible: bool = False) -> tuple[bytes, dict]:
@@ -121,14 +125,14 @@ def build_engine(backend: Backend, onnx_path: Path, *, dtype: str, max_batch: in
         raise AdafuseError(f"--max-batch must be >= 1 and --max-seq >= 2, found {max_batch} and {max_seq}")
     logger = _collecting_logger(trt)
     try:
-        return _build(backend, logger, onnx_path, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+        return _build(backend, logger, onnx_path, dtype=dtype, weights=weights, max_batch=max_batch, max_seq=max_seq,
                       plugin_library=plugin_library, timing_cache=timing_cache, log=log,
                       version_compatible=version_compatible)
     finally:
         _write_log(trt, logger, log_file, log_shown_as, log)
 
 
-def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_batch: int, max_seq: int,
+def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, weights: str, max_batch: int, max_seq: int,
            plugin_library: Path | None, timing_cache: Path | None, log: Callable[[str], None],
            version_compatible: bool = False) -> tuple[bytes, dict]:
     trt = backend.trt
@@ -145,7 +149,7 @@ def _build(backend: Backend, logger: Any, onnx_path: Path, *, dtype: str, max_ba
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise AdafuseError(f"{onnx_path}: {backend.name} could not parse the ONNX graph: {errors}")
-    config = builder_config(backend, builder, dtype, version_compatible)
+    config = builder_config(backend, builder, dtype, version_compatible, weights)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     profiles: dict[str, dict[str, list[list[int]]]] = {"prefill": {}, "decode": {}}
     built = [builder.create_optimization_profile(), builder.create_optimization_profile()]

@@ -18,6 +18,7 @@ from ..errors import AdafuseError
 from ..onnx import contract, plugin_ops
 from ..inputs import confine, open_regular, read_json
 from ..summary import adapter_summary, routing_metadata
+from ..weights import WEIGHT_FORMATS
 
 MANIFEST_FORMAT = "adafuse-engine"
 MANIFEST_VERSION = contract.VERSION  # the decoder contract the engine's tensors follow
@@ -38,7 +39,7 @@ def manifest_path(engine: Path) -> Path:
 
 
 def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_dir_name: str, onnx_manifest: dict,
-                  backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint,
+                  backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint, weights: str = "dtype",
                   version_compatible: bool = False) -> dict:
     """version_compatible: built with --version-compatible (engine.version_compatible; the runtime then loads
     TensorRT's lean runtime). An optional field, absent for false, so the manifest version (the decoder contract's)
@@ -50,8 +51,11 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adafuse_export_version": __version__,
         "engine": {"file": engine_name, "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
                    "backend": backend.name, "backend_version": backend.version, "flavour": onnx_manifest["flavour"],
-                   "dtype": dtype, "max_batch": max_batch, "max_seq": max_seq,
-                   "runs_on": backend.kind.runs_on, **({"version_compatible": True} if version_compatible else {})},
+                   "dtype": dtype, "weights": WEIGHT_FORMATS[weights], "max_batch": max_batch, "max_seq": max_seq,
+                   # TensorRT-RTX's build log: an engine with fp8_e4m3 tensors "will not be able to run on sm80, sm86"
+                   "runs_on": backend.kind.runs_on + ("; FP8 weights: compute capability 8.9 or newer" if weights == "fp8"
+                                                      else ""),
+                   **({"version_compatible": True} if version_compatible else {})},
         "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
         "profiles": io["profiles"],
         # runtime/src/manifest.cpp reads routing.kind, top_k and routes_file
@@ -71,7 +75,8 @@ def manifest_meta(manifest: dict) -> dict[str, str]:
     validate.check_compatible compares with a checkpoint)."""
     r = manifest["routing"]
     meta = {"adafuse.format": f"{MANIFEST_FORMAT}/{MANIFEST_VERSION}", "adafuse.dtype": manifest["engine"]["dtype"],
-            "adafuse.flavour": manifest["engine"]["flavour"], **routing_metadata({**r, "routing": r["kind"]}),
+            "adafuse.flavour": manifest["engine"]["flavour"],
+            "adafuse.weights": manifest["engine"].get("weights", WEIGHT_FORMATS["dtype"]), **routing_metadata({**r, "routing": r["kind"]}),
             "adafuse.checkpoint_sha256": manifest["source"]["index_sha256"]}
     if manifest.get("plugin"):
         meta["adafuse.strategy"] = manifest["plugin"]["strategy"]

@@ -56,6 +56,9 @@ private:
 AdafuseSwitchLinearPlugin::AdafuseSwitchLinearPlugin(LinearConfig const& config)
     : LinearPluginBase(kIdentity, config)
 {
+    // The switch merges the experts into a private copy of W in the dtype of x (adafuse_switch has no FP8 sites).
+    check(!config.fp8Weights(), kName, "field 'weight_dtype' = 1 (fp8 W): the switch strategy merges the experts "
+        "into W in the dtype of x; FP8 weights run with AdafuseLoraLinear (--strategy fused)");
 }
 
 AdafuseSwitchLinearPlugin::~AdafuseSwitchLinearPlugin()

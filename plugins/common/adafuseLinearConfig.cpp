@@ -29,6 +29,22 @@ char const* inputName(int32_t i)
     }
 }
 
+// The type W must have, and the one x may have: 16-bit x only with FP8 W (the kernels' W8A16 path).
+DataType wantedWeightType(LinearConfig const& cfg, DataType x)
+{
+    return cfg.fp8Weights() ? DataType::kFP8 : x;
+}
+
+bool xTypeAllowed(LinearConfig const& cfg, DataType x)
+{
+    return isSupportedFloat(x) && !(cfg.fp8Weights() && x == DataType::kFLOAT);
+}
+
+char const* xTypesText(LinearConfig const& cfg)
+{
+    return cfg.fp8Weights() ? "float16 or bfloat16 (weight_dtype 1: FP8 W)" : "float32, float16 or bfloat16";
+}
+
 struct TensorView
 {
     DataType type;
@@ -84,14 +100,28 @@ void checkViews(LinearConfig const& cfg, std::vector<TensorView> const& in, std:
             ") must use the linear format");
     }
     DataType const t = in[kINPUT_X].type;
-    check(isSupportedFloat(t), p, "input 0 (x) expected float32, float16 or bfloat16, found ", dataTypeName(t));
-    for (int32_t i : {kINPUT_W, kINPUT_A, kINPUT_B, kINPUT_BIAS})
+    check(xTypeAllowed(cfg, t), p, "input 0 (x) expected ", xTypesText(cfg), ", found ", dataTypeName(t));
+    check(in[kINPUT_W].type == wantedWeightType(cfg, t), p, "input 1 (W) expected ",
+        cfg.fp8Weights() ? "fp8 (weight_dtype 1)" : "the dtype of x (", cfg.fp8Weights() ? "" : dataTypeName(t),
+        cfg.fp8Weights() ? "" : ")", ", found ", dataTypeName(in[kINPUT_W].type));
+    for (int32_t i : {kINPUT_A, kINPUT_B})
     {
-        if (i < cfg.nbInputs())
-        {
-            check(in[i].type == t, p, "input ", i, " (", inputName(i), ") expected the dtype of x (", dataTypeName(t),
-                "), found ", dataTypeName(in[i].type));
-        }
+        check(in[i].type == t, p, "input ", i, " (", inputName(i), ") expected the dtype of x (", dataTypeName(t),
+            "), found ", dataTypeName(in[i].type));
+    }
+    if (f.hasBias)
+    {
+        check(in[kINPUT_BIAS].type == t, p, "input 6 (bias) expected the dtype of x (", dataTypeName(t), "), found ",
+            dataTypeName(in[kINPUT_BIAS].type));
+    }
+    if (cfg.fp8Weights())
+    {
+        int32_t const s = cfg.weightScaleIndex();
+        std::string const name = str("input ", s, " (weight_scale)");
+        check(in[static_cast<size_t>(s)].type == DataType::kFLOAT, p, name, " expected float32, found ",
+            dataTypeName(in[static_cast<size_t>(s)].type));
+        checkRank(p, name.c_str(), in[static_cast<size_t>(s)].dims, 1);
+        checkDim(p, name.c_str(), in[static_cast<size_t>(s)].dims, 0, f.outFeatures, "out_features");
     }
     check(in[kINPUT_EXPERT_IDS].type == DataType::kINT32, p, "input 4 (expert_ids) expected int32, found ",
         dataTypeName(in[kINPUT_EXPERT_IDS].type));
@@ -178,6 +208,11 @@ void LinearConfig::validate() const
         "], found ", f.topK);
     check(std::isfinite(f.scale), p, "field 'scale' expected a finite float, found ", f.scale);
     check(f.hasBias == 0 || f.hasBias == 1, p, "field 'has_bias' expected 0 or 1, found ", f.hasBias);
+    check(f.weightDtype == ADAFUSE_WEIGHT_AS_DTYPE || f.weightDtype == ADAFUSE_WEIGHT_FP8_E4M3, p,
+        "field 'weight_dtype' expected 0 (the dtype of x) or 1 (fp8 e4m3), found ", f.weightDtype);
+    check(f.weightDtype != ADAFUSE_WEIGHT_FP8_E4M3 || f.inFeatures % 16 == 0, p,
+        "field 'in_features' = ", f.inFeatures, " must be a multiple of 16 with weight_dtype 1 (16 FP8 weights per "
+        "16-byte load, ADAFUSE_WEIGHT_FP8_E4M3 in adafuse_kernels.h)");
     // The kernel limits (adafuse_kernels.h); AdafuseSwitchLinear runs adafuse_lora_linear for
     // prefill rows, so both plugins have them. Checked here, when the plugin is created from
     // its fields (ONNX attributes or a serialized engine), and again in configurePlugin.
@@ -203,7 +238,7 @@ LinearConfig LinearConfig::fromFieldCollection(char const* pluginName, nvinfer1:
 {
     FieldReader r(pluginName, fc);
     std::vector<std::string> unknown = r.unknownFields({kFIELD_IN_FEATURES, kFIELD_OUT_FEATURES, kFIELD_NUM_EXPERTS,
-        kFIELD_RANK, kFIELD_TOP_K, kFIELD_SCALE, kFIELD_HAS_BIAS});
+        kFIELD_RANK, kFIELD_TOP_K, kFIELD_SCALE, kFIELD_HAS_BIAS, kFIELD_WEIGHT_DTYPE});
     for (std::string const& u : unknown)
     {
         logWarning(str(pluginName, ": ignoring unknown field '", u, "'"));
@@ -216,6 +251,8 @@ LinearConfig LinearConfig::fromFieldCollection(char const* pluginName, nvinfer1:
     f.topK = r.getInt32(kFIELD_TOP_K);
     f.scale = r.getFloat32(kFIELD_SCALE);
     f.hasBias = r.getInt32(kFIELD_HAS_BIAS);
+    // absent: a collection written before the field existed (see kFIELD_WEIGHT_DTYPE)
+    f.weightDtype = r.has(kFIELD_WEIGHT_DTYPE) ? r.getInt32(kFIELD_WEIGHT_DTYPE) : ADAFUSE_WEIGHT_AS_DTYPE;
     return LinearConfig(pluginName, f);
 }
 
@@ -231,6 +268,7 @@ nvinfer1::PluginFieldCollection const* LinearConfig::fieldNames()
         PluginField(kFIELD_TOP_K, nullptr, PluginFieldType::kINT32, 1),
         PluginField(kFIELD_SCALE, nullptr, PluginFieldType::kFLOAT32, 1),
         PluginField(kFIELD_HAS_BIAS, nullptr, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_WEIGHT_DTYPE, nullptr, PluginFieldType::kINT32, 1),
     };
     static nvinfer1::PluginFieldCollection const kFc{kNB_FIELDS, kFields};
     return &kFc;
@@ -248,6 +286,7 @@ nvinfer1::PluginFieldCollection const* LinearConfig::fieldsToSerialize()
         PluginField(kFIELD_TOP_K, &mFields.topK, PluginFieldType::kINT32, 1),
         PluginField(kFIELD_SCALE, &mFields.scale, PluginFieldType::kFLOAT32, 1),
         PluginField(kFIELD_HAS_BIAS, &mFields.hasBias, PluginFieldType::kINT32, 1),
+        PluginField(kFIELD_WEIGHT_DTYPE, &mFields.weightDtype, PluginFieldType::kINT32, 1),
     };
     mSerialFc.nbFields = kNB_FIELDS;
     mSerialFc.fields = mSerial.data();
@@ -262,14 +301,24 @@ void LinearConfig::outputDataTypes(
     check(nbOutputs == kNB_OUTPUTS, mPlugin, "expected 1 output, found ", nbOutputs);
     check(outputTypes != nullptr && inputTypes != nullptr, mPlugin, "null type array");
     DataType const t = inputTypes[kINPUT_X];
-    check(isSupportedFloat(t), mPlugin, "input 0 (x) expected float32, float16 or bfloat16, found ", dataTypeName(t));
-    for (int32_t i : {kINPUT_W, kINPUT_A, kINPUT_B, kINPUT_BIAS})
+    check(xTypeAllowed(*this, t), mPlugin, "input 0 (x) expected ", xTypesText(*this), ", found ", dataTypeName(t));
+    check(inputTypes[kINPUT_W] == wantedWeightType(*this, t), mPlugin, "input 1 (W) expected ",
+        fp8Weights() ? "fp8 (weight_dtype 1)" : "the dtype of x (", fp8Weights() ? "" : dataTypeName(t),
+        fp8Weights() ? "" : ")", ", found ", dataTypeName(inputTypes[kINPUT_W]));
+    for (int32_t i : {kINPUT_A, kINPUT_B})
     {
-        if (i < nbInputs)
-        {
-            check(inputTypes[i] == t, mPlugin, "input ", i, " (", inputName(i), ") expected the dtype of x (",
-                dataTypeName(t), "), found ", dataTypeName(inputTypes[i]));
-        }
+        check(inputTypes[i] == t, mPlugin, "input ", i, " (", inputName(i), ") expected the dtype of x (",
+            dataTypeName(t), "), found ", dataTypeName(inputTypes[i]));
+    }
+    if (mFields.hasBias)
+    {
+        check(inputTypes[kINPUT_BIAS] == t, mPlugin, "input 6 (bias) expected the dtype of x (", dataTypeName(t),
+            "), found ", dataTypeName(inputTypes[kINPUT_BIAS]));
+    }
+    if (fp8Weights())
+    {
+        check(inputTypes[weightScaleIndex()] == DataType::kFLOAT, mPlugin, "input ", weightScaleIndex(),
+            " (weight_scale) expected float32, found ", dataTypeName(inputTypes[weightScaleIndex()]));
     }
     check(inputTypes[kINPUT_EXPERT_IDS] == DataType::kINT32, mPlugin, "input 4 (expert_ids) expected int32, found ",
         dataTypeName(inputTypes[kINPUT_EXPERT_IDS]));
@@ -323,7 +372,15 @@ bool LinearConfig::supportsFormatCombination(
     }
     if (pos == kINPUT_X)
     {
-        return isSupportedFloat(d.type);
+        return xTypeAllowed(*this, d.type);
+    }
+    if (pos == kINPUT_W)
+    {
+        return d.type == wantedWeightType(*this, inOut[kINPUT_X].desc.type);
+    }
+    if (fp8Weights() && pos == weightScaleIndex())
+    {
+        return d.type == DataType::kFLOAT;
     }
     if (pos == kINPUT_EXPERT_IDS)
     {
@@ -333,7 +390,7 @@ bool LinearConfig::supportsFormatCombination(
     {
         return d.type == DataType::kFLOAT;
     }
-    // W, A, B, bias and y share the dtype of x (already decided: pos > 0).
+    // A, B, bias and y share the dtype of x (already decided: pos > 0).
     return d.type == inOut[kINPUT_X].desc.type;
 }
 

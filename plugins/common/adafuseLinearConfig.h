@@ -12,14 +12,16 @@ namespace adafuse
 namespace plugin
 {
 
-// Input positions (named constants; bias exists only when has_bias = 1).
+// Input positions (named constants; bias exists only when has_bias = 1, weight_scale only when
+// weight_dtype = 1, at LinearConfig::weightScaleIndex(): after the bias).
 constexpr int32_t kINPUT_X = 0;          // [..., in_features]            f32 / f16 / bf16
-constexpr int32_t kINPUT_W = 1;          // [out_features, in_features]   dtype of x
+constexpr int32_t kINPUT_W = 1;          // [out_features, in_features]   dtype of x, or fp8 e4m3 (weight_dtype 1)
 constexpr int32_t kINPUT_A = 2;          // [num_experts, rank, in]       dtype of x
 constexpr int32_t kINPUT_B = 3;          // [num_experts, out, rank]      dtype of x
 constexpr int32_t kINPUT_EXPERT_IDS = 4; // [..., top_k]                  int32
 constexpr int32_t kINPUT_GATES = 5;      // [..., top_k]                  float32
 constexpr int32_t kINPUT_BIAS = 6;       // [out_features]                dtype of x
+                                         // weight_scale [out_features]   float32 (weight_dtype 1 only)
 constexpr int32_t kOUTPUT_Y = 0;         // [..., out_features]           dtype of x
 constexpr int32_t kNB_OUTPUTS = 1;
 
@@ -31,7 +33,13 @@ constexpr char const* kFIELD_RANK = "rank";
 constexpr char const* kFIELD_TOP_K = "top_k";
 constexpr char const* kFIELD_SCALE = "scale";
 constexpr char const* kFIELD_HAS_BIAS = "has_bias";
-constexpr int32_t kNB_FIELDS = 7;
+// adafuse_weight_dtype of W: 0 the dtype of x, 1 float8 e4m3 with per-output-channel float32 scales (the
+// weight_scale input; x float16 or bfloat16, in_features % 16 == 0: the kernels' FP8 path). Added after the
+// first seven fields: a collection without it (an engine serialized before it) reads as 0, so those engines
+// keep their meaning; a plugin library of before warns it away as unknown and then refuses the FP8 W at
+// configurePlugin / onShapeChange (its type is not x's) instead of reading bytes as 16-bit weights.
+constexpr char const* kFIELD_WEIGHT_DTYPE = "weight_dtype";
+constexpr int32_t kNB_FIELDS = 8;
 
 //! Rows per adafuse_lora_linear call: larger inputs (long prefills) are processed in chunks
 //! of this many rows, and the workspace is sized for one chunk. 2048 rows keep the tensor
@@ -48,6 +56,7 @@ struct LinearFields
     int32_t topK{0};
     float scale{1.0F};
     int32_t hasBias{0};
+    int32_t weightDtype{ADAFUSE_WEIGHT_AS_DTYPE};
 };
 
 //! Validated fields plus the shape and type rules of the routed linear.
@@ -66,7 +75,11 @@ public:
 
     LinearFields const& fields() const noexcept { return mFields; }
     char const* pluginName() const noexcept { return mPlugin; }
-    int32_t nbInputs() const noexcept { return mFields.hasBias ? 7 : 6; }
+    int32_t nbInputs() const noexcept { return 6 + mFields.hasBias + (fp8Weights() ? 1 : 0); }
+    //! W is float8 e4m3 with a float32 weight_scale input (weight_dtype 1).
+    bool fp8Weights() const noexcept { return mFields.weightDtype == ADAFUSE_WEIGHT_FP8_E4M3; }
+    //! Position of the weight_scale input (fp8Weights() only): after the bias when there is one.
+    int32_t weightScaleIndex() const noexcept { return kINPUT_BIAS + mFields.hasBias; }
 
     //! Collection pointing into this object (valid while it lives and is not modified).
     nvinfer1::PluginFieldCollection const* fieldsToSerialize();

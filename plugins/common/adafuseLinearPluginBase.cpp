@@ -152,6 +152,12 @@ void LinearPluginBase::enqueueLoraLinear(nvinfer1::PluginTensorDesc const* input
     LinearFields const& f = mConfig.fields();
     adafuse_lora_options options{};
     options.exclusive_workspace = exclusiveWorkspace ? 1 : 0;
+    if (mConfig.fp8Weights())
+    {
+        // W is the engine's FP8 constant, read as one byte per weight and scaled per output row by the kernels.
+        options.weight_dtype = ADAFUSE_WEIGHT_FP8_E4M3;
+        options.weight_scale = static_cast<float const*>(inputs[mConfig.weightScaleIndex()]);
+    }
     nvinfer1::DataType const type = inputDesc[kINPUT_X].type;
     adafuse_dtype const dtype = toKernelDtype(type, name());
     size_t const es = dataTypeSize(type, name());

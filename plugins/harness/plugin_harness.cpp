@@ -323,29 +323,34 @@ struct Cfg
     int32_t in, out, experts, rank, topK;
     float scale;
     int32_t hasBias;
-    int32_t nbInputs() const { return hasBias ? 7 : 6; }
+    int32_t weightDtype{0}; // 1: W float8 e4m3 with a float32 weight_scale input after the bias
+    bool fp8() const { return weightDtype == 1; }
+    int32_t nbInputs() const { return 6 + hasBias + (fp8() ? 1 : 0); }
     std::string str() const
     {
         return cat("in=", in, " out=", out, " E=", experts, " r=", rank, " k=", topK, " scale=", scale,
-            " bias=", hasBias);
+            " bias=", hasBias, fp8() ? " W=fp8" : "");
     }
 };
 
-char const* const kFieldNames[7] = {"in_features", "out_features", "num_experts", "rank", "top_k", "scale", "has_bias"};
-PluginFieldType const kFieldTypes[7] = {PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kINT32,
-    PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kFLOAT32, PluginFieldType::kINT32};
+constexpr int kNbFields = 8;
+char const* const kFieldNames[kNbFields]
+    = {"in_features", "out_features", "num_experts", "rank", "top_k", "scale", "has_bias", "weight_dtype"};
+PluginFieldType const kFieldTypes[kNbFields] = {PluginFieldType::kINT32, PluginFieldType::kINT32,
+    PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kINT32, PluginFieldType::kFLOAT32,
+    PluginFieldType::kINT32, PluginFieldType::kINT32};
 
 //! Owns field storage and a PluginFieldCollection over it.
 struct Fields
 {
     explicit Fields(Cfg const& c)
     {
-        ints = {c.in, c.out, c.experts, c.rank, c.topK, c.hasBias};
+        ints = {c.in, c.out, c.experts, c.rank, c.topK, c.hasBias, c.weightDtype};
         scale = c.scale;
-        for (int i = 0; i < 7; ++i)
+        for (int i = 0; i < kNbFields; ++i)
         {
             void const* data = i == 5 ? static_cast<void const*>(&scale)
-                                      : static_cast<void const*>(&ints[static_cast<size_t>(i < 5 ? i : 5)]);
+                                      : static_cast<void const*>(&ints[static_cast<size_t>(i < 5 ? i : i - 1)]);
             list.emplace_back(kFieldNames[i], data, kFieldTypes[i], 1);
         }
     }
@@ -380,7 +385,7 @@ bool readFields(PluginFieldCollection const* fc, Cfg& out, std::string& why)
     for (int32_t i = 0; i < fc->nbFields; ++i)
     {
         PluginField const& f = fc->fields[i];
-        for (int j = 0; j < 7; ++j)
+        for (int j = 0; j < kNbFields; ++j)
         {
             if (f.name != nullptr && std::strcmp(f.name, kFieldNames[j]) == 0)
             {
@@ -395,15 +400,16 @@ bool readFields(PluginFieldCollection const* fc, Cfg& out, std::string& why)
                 else
                 {
                     int32_t v = *static_cast<int32_t const*>(f.data);
-                    int32_t* dst[] = {&out.in, &out.out, &out.experts, &out.rank, &out.topK, nullptr, &out.hasBias};
+                    int32_t* dst[] = {
+                        &out.in, &out.out, &out.experts, &out.rank, &out.topK, nullptr, &out.hasBias, &out.weightDtype};
                     *dst[j] = v;
                 }
             }
         }
     }
-    if (found != 7 || fc->nbFields != 7)
+    if (found != kNbFields || fc->nbFields != kNbFields)
     {
-        why = cat("expected the 7 fields, found ", found, " known of ", fc->nbFields);
+        why = cat("expected the ", kNbFields, " fields, found ", found, " known of ", fc->nbFields);
         return false;
     }
     return true;
@@ -412,7 +418,7 @@ bool readFields(PluginFieldCollection const* fc, Cfg& out, std::string& why)
 bool sameCfg(Cfg const& a, Cfg const& b)
 {
     return a.in == b.in && a.out == b.out && a.experts == b.experts && a.rank == b.rank && a.topK == b.topK
-        && a.hasBias == b.hasBias && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0;
+        && a.hasBias == b.hasBias && a.weightDtype == b.weightDtype && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0;
 }
 
 // ============================================================================
@@ -478,16 +484,28 @@ Shapes shapesFor(Cfg const& c, std::vector<int64_t> const& lead)
         withLast(c.topK), withLast(c.topK)};
     if (c.hasBias)
         s.in.push_back(dims({c.out}));
+    if (c.fp8())
+        s.in.push_back(dims({c.out})); // weight_scale
     s.out = withLast(c.out);
     return s;
 }
 
 std::vector<DataType> typesFor(Cfg const& c, DataType t)
 {
-    std::vector<DataType> v = {t, t, t, t, DataType::kINT32, DataType::kFLOAT};
+    std::vector<DataType> v = {t, c.fp8() ? DataType::kFP8 : t, t, t, DataType::kINT32, DataType::kFLOAT};
     if (c.hasBias)
         v.push_back(t);
+    if (c.fp8())
+        v.push_back(DataType::kFLOAT);
     return v;
+}
+
+//! The float types x may have: 16-bit only with FP8 W.
+std::vector<DataType> xTypes(Cfg const& c)
+{
+    if (c.fp8())
+        return {DataType::kHALF, DataType::kBF16};
+    return {DataType::kFLOAT, DataType::kHALF, DataType::kBF16};
 }
 
 PluginTensorDesc desc(Dims const& d, DataType t)
@@ -520,6 +538,7 @@ char const* typeName(DataType t)
     case DataType::kINT32: return "int32";
     case DataType::kINT8: return "int8";
     case DataType::kINT64: return "int64";
+    case DataType::kFP8: return "fp8";
     default: return "other";
     }
 }
@@ -531,9 +550,15 @@ std::vector<std::string> const kPluginNames = {"AdafuseLoraLinear", "AdafuseSwit
 constexpr int32_t kINPUT_EXPERT_IDS_POS = 4; // tensor positions of the plugin contract
 constexpr int32_t kINPUT_GATES_POS = 5;
 
-std::vector<Cfg> cpuConfigs()
+std::vector<Cfg> cpuConfigs(std::string const& name)
 {
-    return {{64, 48, 4, 8, 2, 2.0F, 1}, {100, 70, 3, 4, 1, 0.5F, 0}, {32, 32, 8, 16, 8, 0.25F, 1}};
+    std::vector<Cfg> v = {{64, 48, 4, 8, 2, 2.0F, 1}, {100, 70, 3, 4, 1, 0.5F, 0}, {32, 32, 8, 16, 8, 0.25F, 1}};
+    if (name == "AdafuseLoraLinear") // FP8 W (weight_dtype 1), with and without bias; the switch refuses it
+    {
+        v.push_back({64, 48, 4, 8, 2, 2.0F, 1, 1});
+        v.push_back({32, 32, 8, 16, 8, 0.25F, 0, 1});
+    }
+    return v;
 }
 
 void checkCreators(void* lib)
@@ -575,11 +600,11 @@ void checkCreators(void* lib)
         expect(std::string(c->getPluginNamespace()).empty(), cat(name, " creator namespace is \"\""));
         gCreators[name] = c;
         PluginFieldCollection const* fn = c->getFieldNames();
-        bool fieldsOk = fn != nullptr && fn->nbFields == 7;
-        for (int j = 0; fieldsOk && j < 7; ++j)
+        bool fieldsOk = fn != nullptr && fn->nbFields == kNbFields;
+        for (int j = 0; fieldsOk && j < kNbFields; ++j)
             fieldsOk = std::strcmp(fn->fields[j].name, kFieldNames[j]) == 0 && fn->fields[j].type == kFieldTypes[j]
                 && fn->fields[j].length == 1;
-        expect(fieldsOk, cat(name, " getFieldNames lists in_features..has_bias with kINT32/kFLOAT32 types"));
+        expect(fieldsOk, cat(name, " getFieldNames lists in_features..weight_dtype with kINT32/kFLOAT32 types"));
     }
     for (auto const& n2 : kPluginNames)
         expect(gCreators.count(n2) == 1, cat("creator ", n2, " is registered"));
@@ -630,7 +655,13 @@ void checkBadFields(std::string const& name)
             {"field 'num_experts' = 257", "kernel limit 256", "ADAFUSE_LORA_MAX_EXPERTS"}},
         {"rank=4097 > ADAFUSE_LORA_MAX_RANK", [](Fields& f) { f.ints[3] = 4097; },
             {"field 'rank' = 4097", "kernel limit 4096", "ADAFUSE_LORA_MAX_RANK"}},
+        {"weight_dtype=2", [](Fields& f) { f.ints[6] = 2; }, {"field 'weight_dtype'", "found 2"}},
+        {"weight_dtype=1 with in_features=40", [](Fields& f) { f.ints[6] = 1; f.ints[0] = 40; },
+            {"field 'in_features' = 40", "multiple of 16", "weight_dtype 1"}},
     };
+    if (name == "AdafuseSwitchLinear")
+        cases.push_back({"weight_dtype=1 (the switch merges into W in the dtype of x)",
+            [](Fields& f) { f.ints[6] = 1; }, {"field 'weight_dtype' = 1", "AdafuseLoraLinear"}});
     for (auto const& cs : cases)
     {
         Fields f(good);
@@ -660,6 +691,19 @@ void checkBadFields(std::string const& name)
         bool ok = p != nullptr && readFields(runtime(p.get())->getFieldsToSerialize(), back, why) && back.in == 64
             && back.scale == 0.5F;
         expect(ok, cat(name, " accepts in_features as kINT64 and scale as kFLOAT64 ", why));
+    }
+    // Serialized before weight_dtype existed (7 fields): created as weight_dtype 0, serialized with all 8.
+    {
+        Fields f(good);
+        f.list.pop_back();
+        gLogger.clear();
+        PluginPtr p = create(name, f.fc(), TensorRTPhase::kRUNTIME);
+        Cfg back{};
+        std::string why;
+        bool ok = p != nullptr && readFields(runtime(p.get())->getFieldsToSerialize(), back, why) && sameCfg(back, good)
+            && back.weightDtype == 0;
+        expect(ok && !gLogger.hasWarning("weight_dtype"),
+            cat(name, " reads 7 fields (no weight_dtype) as weight_dtype 0 and serializes all 8 ", why));
     }
     {
         Fields f(good);
@@ -705,6 +749,8 @@ void checkShapes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
             mkc({c.experts, c.out, c.rank}), mk(c.topK), mk(c.topK)};
         if (c.hasBias)
             in.push_back(mkc({c.out}));
+        if (c.fp8())
+            in.push_back(mkc({c.out})); // weight_scale
         DimsExprs out[1]{};
         gLogger.clear();
         int32_t rc = b->getOutputShapes(in.data(), c.nbInputs(), nullptr, 0, out, 1, eb);
@@ -740,7 +786,7 @@ void checkShapes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
 
 void checkTypes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
 {
-    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    for (DataType t : xTypes(c))
     {
         std::vector<DataType> in = typesFor(c, t);
         DataType out[1] = {DataType::kINT8};
@@ -754,10 +800,16 @@ void checkTypes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
         DataType t;
         std::string mention;
     };
-    for (Bad const& bad : std::vector<Bad>{{0, DataType::kINT32, "input 0 (x)"}, {1, DataType::kHALF, "input 1 (W)"},
-             {4, DataType::kINT64, "input 4 (expert_ids)"}, {5, DataType::kHALF, "input 5 (gates)"}})
+    std::vector<Bad> bads{{0, DataType::kINT32, "input 0 (x)"}, {1, DataType::kHALF, "input 1 (W)"},
+        {4, DataType::kINT64, "input 4 (expert_ids)"}, {5, DataType::kHALF, "input 5 (gates)"}};
+    if (c.fp8()) // W must be fp8, x 16-bit, weight_scale float32
+        bads = {{1, DataType::kBF16, "input 1 (W)"}, {0, DataType::kFLOAT, "input 0 (x)"},
+            {c.nbInputs() - 1, DataType::kHALF, "(weight_scale)"}, {5, DataType::kHALF, "input 5 (gates)"}};
+    for (Bad const& bad : bads)
     {
-        std::vector<DataType> in = typesFor(c, DataType::kFLOAT);
+        std::vector<DataType> in = typesFor(c, c.fp8() ? DataType::kHALF : DataType::kFLOAT);
+        if (c.fp8() && bad.pos == 0) // x float32 with W fp8 and the rest float32 too
+            in = typesFor(c, DataType::kFLOAT);
         in[static_cast<size_t>(bad.pos)] = bad.t;
         DataType out[1];
         gLogger.clear();
@@ -769,13 +821,14 @@ void checkTypes(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
 
 void checkFormats(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
 {
-    std::vector<DataType> const candidates
-        = {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32, DataType::kINT8, DataType::kINT64};
+    std::vector<DataType> const candidates = {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32,
+        DataType::kINT8, DataType::kINT64, DataType::kFP8};
     int32_t const nbIn = c.nbInputs();
     Shapes s = shapesFor(c, {2});
     bool allOk = true;
     std::string firstBad;
-    for (DataType t : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16})
+    std::vector<DataType> const xs = xTypes(c);
+    for (DataType t : xs)
     {
         std::vector<DataType> want = typesFor(c, t);
         want.push_back(t); // output
@@ -791,8 +844,8 @@ void checkFormats(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
             {
                 io[static_cast<size_t>(pos)].desc.type = cand;
                 bool expected = cand == want[static_cast<size_t>(pos)];
-                if (pos == 0) // x itself: any of the three float types
-                    expected = cand == DataType::kFLOAT || cand == DataType::kHALF || cand == DataType::kBF16;
+                if (pos == 0) // x itself: any of its float types
+                    expected = std::find(xs.begin(), xs.end(), cand) != xs.end();
                 bool got = b->supportsFormatCombination(pos, io.data(), nbIn, 1);
                 if (got != expected && allOk)
                 {
@@ -810,9 +863,10 @@ void checkFormats(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
             io[static_cast<size_t>(pos)].desc.format = TensorFormat::kLINEAR;
         }
     }
-    expect(allOk, cat(name, " supportsFormatCombination: linear only; x float32/float16/bfloat16; W, A, B, bias, y = "
-                            "dtype of x; expert_ids int32; gates float32 ",
-                      firstBad));
+    expect(allOk, cat(name, " supportsFormatCombination: linear only; ",
+                      c.fp8() ? "x float16/bfloat16; W fp8; weight_scale float32; A, B, bias, y = dtype of x; "
+                              : "x float32/float16/bfloat16; W, A, B, bias, y = dtype of x; ",
+                      "expert_ids int32; gates float32 ", firstBad));
 }
 
 void checkConfigureAndWorkspace(std::string const& name, IPluginV3OneBuild* b, Cfg const& c)
@@ -905,6 +959,17 @@ void checkConfigureAndWorkspace(std::string const& name, IPluginV3OneBuild* b, C
             [&](auto& v) { v[4].desc.dims.d[2] = 9; v[4].max.d[2] = 9; v[4].min.d[2] = 9; },
             {"input 4 (expert_ids) dimension 2 (top_k) = 9", "kernel limit 8", "ADAFUSE_MAX_TOP_K"}},
     };
+    if (c.fp8())
+    {
+        int32_t const s = c.nbInputs() - 1;
+        bads.push_back({"weight_scale [out+1]", [&, s](auto& v) {
+                            v[static_cast<size_t>(s)].desc.dims.d[0] = c.out + 1;
+                            v[static_cast<size_t>(s)].max.d[0] = c.out + 1;
+                        },
+            {cat("input ", s, " (weight_scale)"), "out_features"}});
+        bads.push_back({"W float16 (weight_dtype 1)", [&](auto& v) { v[1].desc.type = DataType::kHALF; },
+            {"input 1 (W)", "fp8"}});
+    }
     for (auto const& bad : bads)
     {
         std::vector<DynamicPluginTensorDesc> v = in;
@@ -958,7 +1023,7 @@ void checkPlugin(std::string const& name, Cfg const& c)
     Cfg back{};
     std::string why;
     bool ser = readFields(r->getFieldsToSerialize(), back, why) && sameCfg(back, c);
-    expect(ser, cat(name, " getFieldsToSerialize returns all 7 fields with their values ", why));
+    expect(ser, cat(name, " getFieldsToSerialize returns all ", kNbFields, " fields with their values ", why));
     {
         // Copy the serialized fields (as TensorRT does) before the source plugin goes away.
         Fields again(back);
@@ -1158,19 +1223,41 @@ struct DeviceBuffer
     }
 };
 
-//! Host copy of one problem (values already rounded to the dtype).
+//! The value of a float8 e4m3 (fn) byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits; 0x7F/0xFF are NaN.
+double e4m3ToDouble(uint8_t b)
+{
+    int const exponent = (b >> 3) & 0xF, mantissa = b & 0x7;
+    double const v = exponent == 0 ? std::ldexp(mantissa / 8.0, -6) : std::ldexp(1.0 + mantissa / 8.0, exponent - 7);
+    return (b & 0x80) ? -v : v;
+}
+
+//! The e4m3 byte nearest to v (|v| <= 448), searched over the 126 finite magnitudes: test data only (the
+//! reference takes the byte's own value, so how ties round does not matter here).
+uint8_t nearestE4m3(double v)
+{
+    uint8_t best = 0;
+    for (int m = 0; m < 0x7F; ++m)
+        if (std::fabs(e4m3ToDouble(static_cast<uint8_t>(m)) - std::fabs(v)) < std::fabs(e4m3ToDouble(best) - std::fabs(v)))
+            best = static_cast<uint8_t>(m);
+    return static_cast<uint8_t>(v < 0 ? best | 0x80 : best);
+}
+
+//! Host copy of one problem (values already rounded to the dtype). FP8 W (c.fp8()): Wd holds the e4m3 bytes,
+//! Wscale the per-output-row float32 scales, and W their product (the weight the float64 reference multiplies).
 struct Problem
 {
     Cfg c;
     DataType t;
     std::vector<float> W, A, B, bias;
     std::vector<uint8_t> Wd, Ad, Bd, biasd;
+    std::vector<float> Wscale;
+    std::vector<uint8_t> WscaleD;
 };
 
 Problem makeProblem(Cfg const& c, DataType t, std::mt19937& rng)
 {
     std::uniform_real_distribution<float> u(-1.F, 1.F);
-    Problem p{c, t, {}, {}, {}, {}, {}, {}, {}, {}};
+    Problem p{c, t, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
     auto fill = [&](std::vector<float>& v, size_t n, float s) {
         v.resize(n);
         for (auto& e : v)
@@ -1180,7 +1267,31 @@ Problem makeProblem(Cfg const& c, DataType t, std::mt19937& rng)
     fill(p.A, size_t(c.experts) * c.rank * c.in, 1.F / std::sqrt(float(c.in)));
     fill(p.B, size_t(c.experts) * c.out * c.rank, 1.F / std::sqrt(float(c.rank)));
     fill(p.bias, c.hasBias ? size_t(c.out) : 0, 0.1F);
-    p.Wd = toDevice(p.W, t);
+    if (c.fp8())
+    {
+        // quantize.py's scheme: scale = max|row| / 448, q = e4m3(w / scale); then W = q * scale exactly as read
+        p.Wscale.resize(static_cast<size_t>(c.out));
+        p.Wd.resize(p.W.size());
+        for (int o = 0; o < c.out; ++o)
+        {
+            float* row = p.W.data() + size_t(o) * c.in;
+            float absmax = 0.F;
+            for (int i = 0; i < c.in; ++i)
+                absmax = std::max(absmax, std::fabs(row[i]));
+            float const sc = absmax > 0.F ? absmax / 448.F : 1.F;
+            p.Wscale[static_cast<size_t>(o)] = sc;
+            for (int i = 0; i < c.in; ++i)
+            {
+                uint8_t const q = nearestE4m3(double(row[i]) / sc);
+                p.Wd[size_t(o) * c.in + i] = q;
+                row[i] = static_cast<float>(e4m3ToDouble(q) * sc);
+            }
+        }
+        p.WscaleD.resize(p.Wscale.size() * 4);
+        std::memcpy(p.WscaleD.data(), p.Wscale.data(), p.WscaleD.size());
+    }
+    else
+        p.Wd = toDevice(p.W, t);
     p.Ad = toDevice(p.A, t);
     p.Bd = toDevice(p.B, t);
     p.biasd = toDevice(p.bias, t);
@@ -1288,12 +1399,13 @@ struct HostRun
 struct Layer
 {
     Problem p;
-    std::unique_ptr<DeviceBuffer> W, A, B, bias;
+    std::unique_ptr<DeviceBuffer> W, A, B, bias, Wscale;
 };
 
 Layer makeLayer(Cfg const& c, DataType t, std::mt19937& rng)
 {
-    Layer l{makeProblem(c, t, rng), nullptr, nullptr, nullptr, nullptr};
+    Layer l{makeProblem(c, t, rng), nullptr, nullptr, nullptr, nullptr, nullptr};
+    l.Wscale = std::make_unique<DeviceBuffer>(l.p.WscaleD);
     l.W = std::make_unique<DeviceBuffer>(l.p.Wd);
     l.A = std::make_unique<DeviceBuffer>(l.p.Ad);
     l.B = std::make_unique<DeviceBuffer>(l.p.Bd);
@@ -1383,6 +1495,8 @@ int32_t enqueueLayer(IPluginV3* plugin, Layer const& l, Activations& a, std::vec
     std::vector<void const*> inPtrs = {a.x.ptr, l.W->ptr, l.A->ptr, l.B->ptr, a.ids.ptr, a.gates.ptr};
     if (l.p.c.hasBias)
         inPtrs.push_back(l.bias->ptr);
+    if (l.p.c.fp8())
+        inPtrs.push_back(l.Wscale->ptr);
     void* outPtrs[1] = {a.y.ptr};
     return runtime(plugin)->enqueue(in.data(), &out, inPtrs.data(), outPtrs, workspace.ptr, stream);
 }
@@ -1458,7 +1572,7 @@ struct ReplayCase
 void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, std::mt19937& rng, Scoreboard& board)
 {
     Cfg const& c = rc.c;
-    std::string const key = cat(name, " ", typeName(t));
+    std::string const key = cat(name, c.fp8() ? "(fp8 W)" : "", " ", typeName(t));
     std::string const tag = cat(key, " [", c.str(), "]");
     std::printf("[lifecycle %s]\n", tag.c_str());
     int64_t const bigRows = product(rc.bigPrefill);
@@ -1517,7 +1631,9 @@ void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, 
                 io[static_cast<size_t>(later)].desc.type = DataType::kINT8; // undecided
                 io[static_cast<size_t>(later)].desc.format = TensorFormat::kCHW32;
             }
-            for (DataType cand : {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32, DataType::kINT8})
+            std::vector<DataType> const xs = xTypes(c);
+            for (DataType cand :
+                {DataType::kFLOAT, DataType::kHALF, DataType::kBF16, DataType::kINT32, DataType::kINT8, DataType::kFP8})
             {
                 for (TensorFormat fmt : {TensorFormat::kCHW32, TensorFormat::kLINEAR})
                 {
@@ -1525,7 +1641,7 @@ void replayLifecycle(std::string const& name, ReplayCase const& rc, DataType t, 
                     io[static_cast<size_t>(pos)].desc.format = fmt;
                     bool const got = b->supportsFormatCombination(pos, io.data(), c.nbInputs(), 1);
                     bool const wanted = fmt == TensorFormat::kLINEAR
-                        && (pos == 0 ? (cand == DataType::kFLOAT || cand == DataType::kHALF || cand == DataType::kBF16)
+                        && (pos == 0 ? std::find(xs.begin(), xs.end(), cand) != xs.end()
                                      : cand == want[static_cast<size_t>(pos)]);
                     if (got != wanted && bad.empty())
                         bad = cat("pos ", pos, " ", typeName(cand), fmt == TensorFormat::kLINEAR ? " linear" : " chw32",
@@ -2205,6 +2321,13 @@ void gpuChecks(bool debugChecks)
         for (auto const& name : kPluginNames)
             for (ReplayCase const& rc : cases)
                 replayLifecycle(name, rc, t, rng, board);
+    // FP8 W (weight_dtype 1, the kernels' ADAFUSE_WEIGHT_FP8_E4M3 path): AdafuseLoraLinear only (the switch refuses
+    // it), 16-bit x; in_features % 16 == 0. The float64 reference multiplies the e4m3 values times their scales.
+    std::vector<ReplayCase> const fp8Cases = {{{256, 192, 4, 8, 2, 2.0F, 1, 1}, {2, 1500}},
+        {{1024, 512, 8, 16, 2, 2.0F, 0, 1}, {2, 40}}};
+    for (DataType t : {DataType::kHALF, DataType::kBF16})
+        for (ReplayCase const& rc : fp8Cases)
+            replayLifecycle("AdafuseLoraLinear", rc, t, rng, board);
     for (auto const& name : kPluginNames)
         expertIdContract(name, false, rng);
     if (prop.major >= 9)
@@ -2273,7 +2396,7 @@ int main(int argc, char** argv)
         for (auto const& name : kPluginNames)
         {
             checkBadFields(name);
-            for (Cfg const& c : cpuConfigs())
+            for (Cfg const& c : cpuConfigs(name))
                 checkPlugin(name, c);
         }
         if (gpu)
