@@ -2,6 +2,7 @@
 // start, count), in the order and with the rounding of reference/model.py (the kernels round where the
 // reference does: adafuse_kernels.h).
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
@@ -14,7 +15,6 @@ namespace adafuse::native_detail {
 namespace {
 
 constexpr const char* kStageNames[] = {"qkv", "o", "gate_up", "down"};  // native_artifact.h NativeStage, in order
-constexpr int32_t kFewRows = 16;  // adafuse_lora_linear's few-rows kernels: at most this many rows
 
 int64_t role_width(const NativeArtifact& a, const std::string& role) {
   if (role == "q") return a.heads * a.head_dim;
@@ -47,7 +47,8 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
                          const void* A,
                          const void* B, const int32_t* ids, const float* gates, void* y) {
   const NativeSite& s = sites_[site];
-  const bool dense = A == nullptr, few = rows <= kFewRows;
+  const bool dense = A == nullptr, few = rows <= kNativeFewRows;
+  if (!few && lt_ && wscale == nullptr && lt_lora(site, rows, x, W, bias, A, ids, gates, y)) return;
   // The few-rows kernels get their site's own workspace, kept for the backend's life, hence exclusive;
   // more rows share one workspace in stream order.
   const NativeBuffer& ws = plan_.at(few ? "ws.site." + s.name : "ws.shared");
@@ -62,6 +63,69 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
                                  dense ? 1 : static_cast<int>(s.top_k), 1.0f, y, base_ + ws.offset, ws.bytes, &options,
                                  stream_.stream),
          "adafuse_lora_linear at " + s.name + " (" + std::to_string(rows) + " rows)");
+}
+
+// The same projection in cuBLASLt GEMMs, rounded as the kernel library's many-rows path rounds z (lora_linear.cu):
+//   y = dtype(x W^T + bias)                        (the bias epilogue)
+//   t = x A_all^T in float32, A_all = A as [E * rank, in]
+//   z = dtype(c * t), c[n, e] the row's summed gates of expert e  (lora_route_columns)
+//   y = dtype(y + z B_cat^T)                       (accumulating into y)
+// y is rounded once more than the kernel library's [x | z] [W | B_cat]^T, as reference/model.py rounds x W^T
+// before it adds the LoRA term. ids and gates are the call's routes [rows, top_k], per row as the kernels read them.
+bool NativeBackend::lt_lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A,
+                            const int32_t* ids, const float* gates, void* y) {
+  const NativeSite& s = sites_[site];
+  const bool adapter = A != nullptr;
+  if (adapter && !plan_.has("lt.b_cat." + s.name)) return false;  // planned for the kernel library (native_cublaslt_adapter)
+  if (bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 16 != 0) return false;  // the bias epilogue's vector loads
+  const std::string what = "cuBLASLt at " + s.name + " (" + std::to_string(rows) + " rows)";
+  const cudaDataType_t type = dtype_ == kl::ADAFUSE_FLOAT16 ? CUDA_R_16F : CUDA_R_16BF;
+  LtGemm base;
+  base.in_type = base.out_type = type;
+  base.m = s.out;
+  base.n = rows;
+  base.k = s.in;
+  base.X = x;
+  base.W = W;
+  base.bias = bias;
+  base.D = y;
+  try {
+    if (!adapter) return lt_->run(base, stream_.stream, what);
+    const int64_t width = s.experts * s.rank;
+    LtGemm shrink;
+    shrink.in_type = type;
+    shrink.out_type = CUDA_R_32F;
+    shrink.m = width;
+    shrink.n = rows;
+    shrink.k = s.in;
+    shrink.X = x;
+    shrink.W = A;
+    shrink.D = at("lt.t");
+    LtGemm expand;
+    expand.in_type = expand.out_type = type;
+    expand.m = s.out;
+    expand.n = rows;
+    expand.k = width;
+    expand.X = at("lt.z");
+    expand.W = at("lt.b_cat." + s.name);
+    expand.D = y;
+    expand.accumulate = true;
+    // A GEMM cuBLASLt has no algorithm for leaves y to the kernel library, which writes all of it.
+    if (!lt_->run(shrink, stream_.stream, what + " x A^T")) return false;
+    check(lora_route_columns(static_cast<int>(dtype_), rows, static_cast<int32_t>(s.experts), static_cast<int32_t>(s.rank),
+                             reinterpret_cast<const float*>(at("lt.t")), ids, gates, static_cast<int32_t>(s.top_k), at("lt.z"),
+                             stream_.stream),
+          "LoRA routing columns at " + s.name + " (" + std::to_string(rows) + " rows)");
+    return lt_->run(base, stream_.stream, what + " x W^T") && lt_->run(expand, stream_.stream, what + " z B_cat^T");
+  } catch (const Error& e) {
+    device_failure(e.what());
+  }
+}
+
+const void* NativeBackend::site_lora_b(const NativeSite& s) const {
+  const NativeStage& st = a_.stages[static_cast<size_t>(s.layer)][static_cast<size_t>(s.stage)];
+  const std::string p = "layers." + std::to_string(s.layer) + ".";
+  return weight(p + (s.module >= 0 ? st.modules[static_cast<size_t>(s.module)].name : st.name) + ".lora_B");
 }
 
 void NativeBackend::project(size_t layer, int stage, const void* x, int32_t rows, const int32_t* ids, const float* gates,
