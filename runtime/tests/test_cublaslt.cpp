@@ -1,0 +1,132 @@
+// cuBLASLt opened at run time (cublaslt.h) where there is none: the places searched, the refusals of a missing,
+// incomplete or other-major library in one line, and ADAFUSE_NATIVE_GEMM. Stand-in libraries: cublaslt_stub.cpp.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "cublaslt.h"
+#include "error.h"
+
+namespace adafuse {
+namespace {
+
+class ScopedEnv {  // sets (or unsets) a variable for one test, then puts the old value back
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (old_) setenv(name_, old_->c_str(), 1);
+    else unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+std::string refusal(const std::string& path) {
+  try {
+    CublasLt::load_from(path);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), ADAFUSE_ERR_CUDA);
+    return e.what();
+  }
+  return "loaded";
+}
+
+TEST(CublasLt, SearchesTheOverrideAloneElseTheSonameOfThisBuildsCudaMajor) {
+  const std::string so = "libcublasLt.so." + std::to_string(cublaslt_major());
+  EXPECT_EQ(cublaslt_major(), CUDART_VERSION / 1000);
+  {
+    ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", "/opt/lt/libcublasLt.so.13.1");
+    EXPECT_EQ(cublaslt_candidates(), std::vector<std::string>{"/opt/lt/libcublasLt.so.13.1"});
+  }
+  ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", nullptr);
+  {
+    ScopedEnv home("CUDA_HOME", "/opt/cuda");
+    EXPECT_EQ(cublaslt_candidates(),
+              (std::vector<std::string>{so, "/opt/cuda/lib64/" + so, "/usr/local/cuda/lib64/" + so}));
+  }
+  ScopedEnv home("CUDA_HOME", nullptr);
+  EXPECT_EQ(cublaslt_candidates(), (std::vector<std::string>{so, "/usr/local/cuda/lib64/" + so}));
+}
+
+TEST(CublasLt, RefusesAMissingIncompleteOrOtherMajorLibraryInOneLine) {
+  const std::string missing = refusal("/nonexistent/libcublasLt.so.13");
+  EXPECT_EQ(missing.rfind("cuBLASLt: cannot load /nonexistent/libcublasLt.so.13: ", 0), 0u) << missing;
+  EXPECT_EQ(refusal(CUBLASLT_STUB_INCOMPLETE),
+            std::string("cuBLASLt: ") + CUBLASLT_STUB_INCOMPLETE + " is not a cuBLASLt library (no cublasLtMatmulAlgoGetHeuristic)");
+  EXPECT_EQ(refusal(NVINFER_101401).find(" is not a cuBLASLt library (no cublasLtGetVersion, cublasLtGetStatusString, "
+                                         "cublasLtCreate,"),
+            std::string("cuBLASLt: ").size() + std::string(NVINFER_101401).size());
+  const int major = cublaslt_major();
+  EXPECT_EQ(refusal(CUBLASLT_STUB_OTHER_MAJOR),
+            std::string("cuBLASLt: ") + CUBLASLT_STUB_OTHER_MAJOR + " is version " + std::to_string(major - 1) +
+                ".9.5; this runtime is built for CUDA " + std::to_string(major) + " and needs cuBLASLt " +
+                std::to_string(major) + ".x (libcublasLt.so." + std::to_string(major) + ")");
+  for (const std::string& m : {missing, refusal(CUBLASLT_STUB_OTHER_MAJOR)}) EXPECT_EQ(m.find('\n'), std::string::npos);
+}
+
+TEST(CublasLt, LoadsEveryEntryPointOfItsMajorAndNamesStatuses) {
+  const auto lib = CublasLt::load_from(CUBLASLT_STUB);
+  EXPECT_EQ(lib->version(), size_t(cublaslt_major()) * 10000 + 100);
+  EXPECT_EQ(lib->path(), CUBLASLT_STUB);
+  EXPECT_EQ(lib->status_text(1), "stub: not initialized (1)");
+  // A handle the library will not create: refused at construction, naming the call and the status.
+  static char workspace[16];
+  try {
+    LtGemms gemms(lib, workspace, sizeof workspace);
+    FAIL() << "a handle the library refused";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), ADAFUSE_ERR_CUDA);
+    EXPECT_STREQ(e.what(), "cuBLASLt: cublasLtCreate: stub: not initialized (1)");
+  }
+}
+
+TEST(CublasLt, TheOverrideIsTheOnlyPlaceTriedAndNamed) {
+  ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", "/nonexistent/libcublasLt.so");
+  try {
+    CublasLt::load();
+    FAIL() << "loaded a library that does not exist";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_EQ(m.rfind("cuBLASLt: cannot load /nonexistent/libcublasLt.so: ", 0), 0u) << m;
+    EXPECT_NE(m.find("(ADAFUSE_CUBLASLT_LIB)"), std::string::npos) << m;
+  }
+  ScopedEnv stub("ADAFUSE_CUBLASLT_LIB", CUBLASLT_STUB_OTHER_MAJOR);
+  try {
+    CublasLt::load();
+    FAIL() << "loaded a library of another major";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(" is version "), std::string::npos) << e.what();
+  }
+}
+
+TEST(CublasLt, NativeGemmChoice) {
+  {
+    ScopedEnv v("ADAFUSE_NATIVE_GEMM", nullptr);
+    EXPECT_EQ(native_gemm_choice(), GemmChoice::automatic);
+  }
+  const std::pair<const char*, GemmChoice> values[] = {
+      {"auto", GemmChoice::automatic}, {"cublaslt", GemmChoice::cublaslt}, {"kernels", GemmChoice::kernels}};
+  for (const auto& [text, choice] : values) {
+    ScopedEnv v("ADAFUSE_NATIVE_GEMM", text);
+    EXPECT_EQ(native_gemm_choice(), choice) << text;
+  }
+  ScopedEnv v("ADAFUSE_NATIVE_GEMM", "cublas");
+  try {
+    native_gemm_choice();
+    FAIL() << "an unknown choice";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), ADAFUSE_ERR_INVALID_ARGUMENT);
+    EXPECT_STREQ(e.what(), "ADAFUSE_NATIVE_GEMM 'cublas' is unknown (expected auto, cublaslt or kernels)");
+  }
+}
+
+}  // namespace
+}  // namespace adafuse
