@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "lt_lora.h"
 #include "native_backend_impl.h"
 #include "native_mix.h"
 #include "route_gather.h"
@@ -65,58 +66,35 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
          "adafuse_lora_linear at " + s.name + " (" + std::to_string(rows) + " rows)");
 }
 
-// The same projection in cuBLASLt GEMMs, rounded as the kernel library's many-rows path rounds z (lora_linear.cu):
-//   y = dtype(x W^T + bias)                        (the bias epilogue)
-//   t = x A_all^T in float32, A_all = A as [E * rank, in]
-//   z = dtype(c * t), c[n, e] the row's summed gates of expert e  (lora_route_columns)
-//   y = dtype(y + z B_cat^T)                       (accumulating into y)
-// y is rounded once more than the kernel library's [x | z] [W | B_cat]^T, as reference/model.py rounds x W^T
-// before it adds the LoRA term. ids and gates are the call's routes [rows, top_k], per row as the kernels read them.
+// The same projection through cuBLASLt (lt_lora.h says how it rounds).
 bool NativeBackend::lt_lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A,
                             const int32_t* ids, const float* gates, void* y) {
   const NativeSite& s = sites_[site];
-  const bool adapter = A != nullptr;
-  if (adapter && !plan_.has("lt.b_cat." + s.name)) return false;  // planned for the kernel library (native_cublaslt_adapter)
+  if (A != nullptr && !plan_.has("lt.b_cat." + s.name)) return false;  // planned for the kernel library (native_cublaslt_adapter)
   if (bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 16 != 0) return false;  // the bias epilogue's vector loads
-  const std::string what = "cuBLASLt at " + s.name + " (" + std::to_string(rows) + " rows)";
-  const cudaDataType_t type = dtype_ == kl::ADAFUSE_FLOAT16 ? CUDA_R_16F : CUDA_R_16BF;
-  LtGemm base;
-  base.in_type = base.out_type = type;
-  base.m = s.out;
-  base.n = rows;
-  base.k = s.in;
-  base.X = x;
-  base.W = W;
-  base.bias = bias;
-  base.D = y;
+  LtLoraCall c;
+  c.dtype = static_cast<int>(dtype_);
+  c.rows = rows;
+  c.in = s.in;
+  c.out = s.out;
+  c.x = x;
+  c.W = W;
+  c.bias = bias;
+  c.y = y;
+  if (A != nullptr) {
+    c.A = A;
+    c.b_cat = at("lt.b_cat." + s.name);
+    c.experts = s.experts;
+    c.rank = s.rank;
+    c.top_k = s.top_k;
+    c.ids = ids;
+    c.gates = gates;
+    c.t = reinterpret_cast<float*>(at("lt.t"));
+    c.z = at("lt.z");
+  }
   try {
-    if (!adapter) return lt_->run(base, stream_.stream, what);
-    const int64_t width = s.experts * s.rank;
-    LtGemm shrink;
-    shrink.in_type = type;
-    shrink.out_type = CUDA_R_32F;
-    shrink.m = width;
-    shrink.n = rows;
-    shrink.k = s.in;
-    shrink.X = x;
-    shrink.W = A;
-    shrink.D = at("lt.t");
-    LtGemm expand;
-    expand.in_type = expand.out_type = type;
-    expand.m = s.out;
-    expand.n = rows;
-    expand.k = width;
-    expand.X = at("lt.z");
-    expand.W = at("lt.b_cat." + s.name);
-    expand.D = y;
-    expand.accumulate = true;
-    // A GEMM cuBLASLt has no algorithm for leaves y to the kernel library, which writes all of it.
-    if (!lt_->run(shrink, stream_.stream, what + " x A^T")) return false;
-    check(lora_route_columns(static_cast<int>(dtype_), rows, static_cast<int32_t>(s.experts), static_cast<int32_t>(s.rank),
-                             reinterpret_cast<const float*>(at("lt.t")), ids, gates, static_cast<int32_t>(s.top_k), at("lt.z"),
-                             stream_.stream),
-          "LoRA routing columns at " + s.name + " (" + std::to_string(rows) + " rows)");
-    return lt_->run(base, stream_.stream, what + " x W^T") && lt_->run(expand, stream_.stream, what + " z B_cat^T");
+    // no algorithm for one of its GEMMs: the kernel library writes all of y
+    return lt_lora_linear(*lt_, c, stream_.stream, "cuBLASLt at " + s.name + " (" + std::to_string(rows) + " rows)");
   } catch (const Error& e) {
     device_failure(e.what());
   }

@@ -4,7 +4,10 @@ bound, with cuBLASLt required (ADAFUSE_NATIVE_GEMM=cublaslt: the open fails with
 GEMMs forced (ADAFUSE_NATIVE_GEMM=kernels): a long prompt's prefill (every position's logits, rows > 16 at every
 site and the LM head) and teacher-forced decode steps of batch 32, for static LoRA, pre-gated fused and switch, and
 pre-gated FFN experts (a site of tokens x top_k rows). The runtime's outputs start as NaN (cpp_runtime.Engine.prefill
-fills its array with NaN; decode's arrays are filled with NaN here), so a value never written fails.
+fills its array with NaN; decode's arrays are filled with NaN here), so a value never written fails. And one
+projection of the path alone (runtime/tools/lt_site_for_tests.cpp: lt_lora.h) against a float64 reference on random
+inputs, its output poisoned with NaN, within gpu_numerics' bound (the kernel library's tests' bound, plus the one
+rounding more: x W^T + bias in the dtype before the LoRA term is added).
 
 Routers on bfloat16 activations (MoLA, LoRAMoE, MixLoRA) are left out: they may flip a near-tie of these toy models
 that the float32 reference does not, which no logits bound absorbs (tests/gpu/test_native_backend.py says the same).
@@ -13,6 +16,7 @@ Needs the runtime built for this GPU: runtime/tools/build_on_gpu.sh, then ADAFUS
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -26,6 +30,9 @@ from adafuse_export.converters import load_checkpoint
 from adafuse_export.examples import make_example
 from adafuse_export.reference import ReferenceModel
 from adafuse_export.runners.cpp_runtime import load_library, open_native
+
+from gpu_numerics import DTYPES, assert_close, error_bound, poisoned
+from test_gpu_lora_linear import Case, assert_adapter_visible, operands, reference
 
 pytestmark = pytest.mark.gpu
 CASES = [("lora", "fused"), ("pregate", "fused"), ("pregate", "switch"), ("pregate-ffn", "fused")]
@@ -113,3 +120,47 @@ def test_decode_batch_32(lib, tmp_path, gemm, kind, strategy):
             out = np.full((DECODE_BATCH, engine.vocab), np.nan, np.float32)
             engine.decode(feed[:, i].numpy(), logits=out)
             within_measured_bound(out, want32[i + 1], want16[i + 1], f"{kind} decode step {i} ({gemm})")
+
+
+@pytest.fixture(scope="module")
+def lt_site():
+    path = os.environ.get("ADAFUSE_RUNTIME_LIB")
+    assert path, "set ADAFUSE_RUNTIME_LIB to the runtime built by runtime/tools/build_on_gpu.sh"
+    lib = ctypes.CDLL(str(Path(path).resolve().parent / "libadafuse_lt_site_for_tests.so"))
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.adafuse_lt_site_for_tests.restype = ctypes.c_int
+    lib.adafuse_lt_site_for_tests.argtypes = [ctypes.c_int, i64, i64, i64, vp, vp, vp, vp, vp, i64, i64, vp, vp, i64, vp,
+                                              ctypes.c_char_p, ctypes.c_size_t]
+    return lib.adafuse_lt_site_for_tests
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else int(t.data_ptr())
+
+
+# rows above the few-rows kernels (17: odd, 32: a decode batch, 512: a prefill chunk); odd shapes, the 7B qkv site;
+# an invalid id (adds nothing) and an expert chosen twice in a row's routes (its gates summed)
+SITE_CASES = [Case(dt, i, o, rows, r, e, k, bias=b, invalid_id=bad)
+              for dt in ("bf16", "fp16")
+              for (i, o, rows, r, e, k, b, bad) in [(64, 96, 17, 8, 4, 2, True, False), (4096, 12288, 32, 16, 8, 2, False, True),
+                                                   (4096, 4096, 512, 16, 8, 2, True, False), (96, 200, 33, 4, 2, 4, False, False)]]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SITE_CASES])
+@pytest.mark.parametrize("adapter", [True, False])
+def test_site_against_float64(lt_site, inputs, case, adapter):
+    dt = DTYPES[case.dtype]
+    op = operands(case, inputs)  # top_k 4 of 2 experts: some row routes one expert twice
+    y = poisoned(case.rows, case.out_f, dtype=dt)
+    message = ctypes.create_string_buffer(1024)
+    status = lt_site(1 if dt == torch.float16 else 2, case.rows, case.in_f, case.out_f, ptr(op.x), ptr(op.W), ptr(op.bias),
+                     ptr(op.A) if adapter else None, ptr(op.B) if adapter else None, case.experts, case.rank,
+                     ptr(op.ids), ptr(op.gates), case.top_k, ptr(y), message, len(message))
+    assert status == 0, f"{case.id}: {message.value.decode() or 'cuBLASLt offered no algorithm'}"
+    ref = reference(op, 1.0, adapter)  # the native backend's scale is 1 (folded into B)
+    base = ref.y - ref.adapter  # x W^T + bias, rounded to the dtype before the LoRA term is added
+    limit = error_bound(dt, [ref.y, base] if adapter else [ref.y], ref.rss, ref.terms, spread=[ref.z_rss])
+    what = f"cuBLASLt site {case.id}" + ("" if adapter else " (no adapter)")
+    if adapter:
+        assert_adapter_visible(ref, limit, what)
+    assert_close(y, ref.y, limit, what, inputs)
