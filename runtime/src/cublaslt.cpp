@@ -86,15 +86,17 @@ std::shared_ptr<const CublasLt> CublasLt::load_from(const std::string& path) {
 
 std::shared_ptr<const CublasLt> CublasLt::load() {
   static std::mutex mutex;
-  static std::shared_ptr<const CublasLt> loaded;
+  static std::map<std::string, std::shared_ptr<const CublasLt>> loaded;  // by the override in force ("" none)
   std::lock_guard<std::mutex> lock(mutex);
-  if (loaded) return loaded;
-  const bool chosen = env("ADAFUSE_CUBLASLT_LIB") != nullptr;
+  const char* override_path = env("ADAFUSE_CUBLASLT_LIB");
+  std::shared_ptr<const CublasLt>& cached = loaded[override_path ? override_path : ""];
+  if (cached) return cached;
+  const bool chosen = override_path != nullptr;
   std::string errors;
   for (const std::string& path : cublaslt_candidates()) {
     try {
-      loaded = load_from(path);
-      return loaded;
+      cached = load_from(path);
+      return cached;
     } catch (const Error& e) {
       // A library that loads but is wrong is not skipped silently; one that is absent is.
       if (chosen || std::string(e.what()).find("cannot load") == std::string::npos)
@@ -103,8 +105,7 @@ std::shared_ptr<const CublasLt> CublasLt::load() {
     }
   }
   fail(ADAFUSE_ERR_CUDA, "cuBLASLt: " + soname() + " not found (tried " + errors +
-                             "; set ADAFUSE_CUBLASLT_LIB to its path, e.g. pip's nvidia/cu" + std::to_string(cublaslt_major()) +
-                             "/lib/" + soname() + ")");
+                             "; set ADAFUSE_CUBLASLT_LIB to its path, e.g. the one pip's nvidia-cublas package installs)");
 }
 
 std::string CublasLt::status_text(lt::Status status) const {
@@ -119,6 +120,18 @@ GemmChoice native_gemm_choice() {
   if (value == "cublaslt") return GemmChoice::cublaslt;
   if (value == "kernels") return GemmChoice::kernels;
   fail(ADAFUSE_ERR_INVALID_ARGUMENT, "ADAFUSE_NATIVE_GEMM '" + value + "' is unknown (expected auto, cublaslt or kernels)");
+}
+
+std::shared_ptr<const CublasLt> native_cublaslt(const std::string& dtype, std::string* missing) {
+  const GemmChoice choice = native_gemm_choice();  // checked whatever the dtype: a typo is never silent
+  if (dtype == "float32" || choice == GemmChoice::kernels) return nullptr;
+  try {
+    return CublasLt::load();
+  } catch (const Error& e) {
+    if (choice == GemmChoice::cublaslt) fail(e.status(), std::string(e.what()) + " (ADAFUSE_NATIVE_GEMM=cublaslt requires it)");
+    if (missing) *missing = e.what();
+    return nullptr;
+  }
 }
 
 LtGemms::LtGemms(std::shared_ptr<const CublasLt> lib, void* workspace, size_t workspace_bytes)

@@ -24,8 +24,8 @@ std::vector<std::string> cublaslt_candidates();  // the places tried, in order
 
 class CublasLt {
  public:
-  // The process's library (loaded on first use, then shared); throws Error(ADAFUSE_ERR_CUDA) naming every
-  // place tried, or a library without the entry points or of another major version.
+  // The process's library (loaded on first use, then shared; per value of ADAFUSE_CUBLASLT_LIB); throws
+  // Error(ADAFUSE_ERR_CUDA) naming every place tried, or a library without the entry points or of another major.
   static std::shared_ptr<const CublasLt> load();
   // One path, not cached (tests).
   static std::shared_ptr<const CublasLt> load_from(const std::string& path);
@@ -44,6 +44,11 @@ class CublasLt {
 
 enum class GemmChoice { automatic, cublaslt, kernels };
 GemmChoice native_gemm_choice();  // ADAFUSE_NATIVE_GEMM; an unknown value is refused in one line
+
+// The native backend's cuBLASLt for an artifact of `dtype` (its open and adafuse-native-check's plan decide alike):
+// the library, or null for float32, ADAFUSE_NATIVE_GEMM=kernels, or (auto) a library that did not load, whose
+// reason goes to *missing. Throws when the choice is unknown, or cublaslt and the library did not load.
+std::shared_ptr<const CublasLt> native_cublaslt(const std::string& dtype, std::string* missing);
 
 // Row-major D [n, m] = X [n, k] W [m, k]^T (+ bias [m]) (+ D when accumulate), fp32 accumulation,
 // rounded once to D's type. X, W and bias share a type (16-bit); D is that type or float32.

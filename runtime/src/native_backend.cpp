@@ -40,17 +40,8 @@ NativeBackend::NativeBackend(const NativeArtifact& artifact, const adafuse_open_
   limits.max_seq = a_.max_seq;
   limits.switch_strategy = switch_;
   // cuBLASLt for GEMMs of many rows (16-bit dtypes): loaded before the plan, which then holds its buffers.
-  const GemmChoice gemm = native_gemm_choice();
-  std::shared_ptr<const CublasLt> lt_library;
   std::string lt_missing;
-  if (dtype_ != kl::ADAFUSE_FLOAT32 && gemm != GemmChoice::kernels) {
-    try {
-      lt_library = CublasLt::load();
-    } catch (const Error& e) {
-      if (gemm == GemmChoice::cublaslt) fail(e.status(), std::string(e.what()) + " (ADAFUSE_NATIVE_GEMM=cublaslt requires it)");
-      lt_missing = e.what();
-    }
-  }
+  const std::shared_ptr<const CublasLt> lt_library = native_cublaslt(a_.dtype, &lt_missing);
   limits.cublaslt = lt_library != nullptr;
   plan_ = plan_native(a_, native_tensor_sizes(a_), limits);
   inputs_ = native_input_layout(plan_.dims.tokens, a_.max_batch);

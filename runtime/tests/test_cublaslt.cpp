@@ -128,5 +128,37 @@ TEST(CublasLt, NativeGemmChoice) {
   }
 }
 
+TEST(CublasLt, TheNativeBackendsChoiceByDtypeAndSetting) {
+  ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", "/nonexistent/libcublasLt.so");
+  std::string missing;
+  {
+    ScopedEnv v("ADAFUSE_NATIVE_GEMM", "cublaslt");
+    EXPECT_EQ(native_cublaslt("float32", &missing), nullptr);  // float32 never runs cuBLASLt, so never needs it
+    EXPECT_EQ(missing, "");
+    try {
+      native_cublaslt("bfloat16", &missing);
+      FAIL() << "cuBLASLt required and absent";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), ADAFUSE_ERR_CUDA);
+      const std::string m = e.what();
+      EXPECT_EQ(m.rfind("cuBLASLt: cannot load /nonexistent/libcublasLt.so: ", 0), 0u) << m;
+      const std::string tail = " (ADAFUSE_CUBLASLT_LIB) (ADAFUSE_NATIVE_GEMM=cublaslt requires it)";
+      EXPECT_EQ(m.substr(m.size() - tail.size()), tail) << m;
+    }
+  }
+  {
+    ScopedEnv v("ADAFUSE_NATIVE_GEMM", "kernels");
+    EXPECT_EQ(native_cublaslt("bfloat16", &missing), nullptr);
+    EXPECT_EQ(missing, "");
+  }
+  ScopedEnv v("ADAFUSE_NATIVE_GEMM", nullptr);  // auto: absent is a note, not a refusal
+  EXPECT_EQ(native_cublaslt("float16", &missing), nullptr);
+  EXPECT_EQ(missing.rfind("cuBLASLt: cannot load /nonexistent/libcublasLt.so: ", 0), 0u) << missing;
+  ScopedEnv stub("ADAFUSE_CUBLASLT_LIB", CUBLASLT_STUB);
+  const auto found = native_cublaslt("bfloat16", nullptr);
+  ASSERT_NE(found, nullptr);
+  EXPECT_EQ(found->path(), CUBLASLT_STUB);
+}
+
 }  // namespace
 }  // namespace adafuse
