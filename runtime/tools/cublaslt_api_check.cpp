@@ -10,23 +10,25 @@
 
 namespace lt = adafuse::lt;
 
-// Enum values.
-static_assert(lt::kStatusSuccess == CUBLAS_STATUS_SUCCESS);
-static_assert(lt::kStatusExecutionFailed == CUBLAS_STATUS_EXECUTION_FAILED);
-static_assert(lt::kCompute32F == CUBLAS_COMPUTE_32F);
-static_assert(lt::kOpN == CUBLAS_OP_N);
-static_assert(lt::kOpT == CUBLAS_OP_T);
-static_assert(lt::kEpilogueDefault == CUBLASLT_EPILOGUE_DEFAULT);
-static_assert(lt::kEpilogueBias == CUBLASLT_EPILOGUE_BIAS);
-static_assert(lt::kDescTransA == CUBLASLT_MATMUL_DESC_TRANSA);
-static_assert(lt::kDescTransB == CUBLASLT_MATMUL_DESC_TRANSB);
-static_assert(lt::kDescEpilogue == CUBLASLT_MATMUL_DESC_EPILOGUE);
-static_assert(lt::kDescBiasPointer == CUBLASLT_MATMUL_DESC_BIAS_POINTER);
-static_assert(lt::kPrefMaxWorkspaceBytes == CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES);
-static_assert(lt::kPrefMinAlignmentA == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES);
-static_assert(lt::kPrefMinAlignmentB == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES);
-static_assert(lt::kPrefMinAlignmentC == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES);
-static_assert(lt::kPrefMinAlignmentD == CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES);
+// Enum values (compared as ints: the C enums' underlying type is the compiler's choice).
+template <typename E>
+constexpr int value(E e) { return static_cast<int>(e); }
+static_assert(lt::kStatusSuccess == value(CUBLAS_STATUS_SUCCESS));
+static_assert(lt::kStatusExecutionFailed == value(CUBLAS_STATUS_EXECUTION_FAILED));
+static_assert(lt::kCompute32F == value(CUBLAS_COMPUTE_32F));
+static_assert(lt::kOpN == value(CUBLAS_OP_N));
+static_assert(lt::kOpT == value(CUBLAS_OP_T));
+static_assert(lt::kEpilogueDefault == value(CUBLASLT_EPILOGUE_DEFAULT));
+static_assert(lt::kEpilogueBias == value(CUBLASLT_EPILOGUE_BIAS));
+static_assert(lt::kDescTransA == value(CUBLASLT_MATMUL_DESC_TRANSA));
+static_assert(lt::kDescTransB == value(CUBLASLT_MATMUL_DESC_TRANSB));
+static_assert(lt::kDescEpilogue == value(CUBLASLT_MATMUL_DESC_EPILOGUE));
+static_assert(lt::kDescBiasPointer == value(CUBLASLT_MATMUL_DESC_BIAS_POINTER));
+static_assert(lt::kPrefMaxWorkspaceBytes == value(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES));
+static_assert(lt::kPrefMinAlignmentA == value(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES));
+static_assert(lt::kPrefMinAlignmentB == value(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES));
+static_assert(lt::kPrefMinAlignmentC == value(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES));
+static_assert(lt::kPrefMinAlignmentD == value(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES));
 
 // The enums travel as 32-bit ints.
 template <typename Ours, typename Theirs>
