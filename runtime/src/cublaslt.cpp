@@ -25,8 +25,12 @@ void resolve(const SharedLibrary& lib, const char* name, Fn& out, std::string& m
   if (out == nullptr) missing += (missing.empty() ? "" : ", ") + std::string(name);
 }
 
+// cublasLtGetVersion(): major * 10000 + minor * 100 + patch (CUBLAS_VERSION of CUDA 12 and 13); CUDA 11's was
+// major * 1000 + minor * 100 + patch.
+size_t major_of(size_t v) { return v >= 100000 ? v / 10000 : v / 1000; }
 std::string version_text(size_t v) {
-  return std::to_string(v / 10000) + "." + std::to_string(v / 100 % 100) + "." + std::to_string(v % 100);
+  return std::to_string(major_of(v)) + "." + std::to_string(v >= 100000 ? v / 100 % 100 : v / 100 % 10) + "." +
+         std::to_string(v % 100);
 }
 
 // The largest power of two (at most 256) dividing the address: cuBLASLt's heuristic assumes 256-byte
@@ -77,7 +81,7 @@ std::shared_ptr<const CublasLt> CublasLt::load_from(const std::string& path) {
   if (!missing.empty()) fail(ADAFUSE_ERR_CUDA, "cuBLASLt: " + path + " is not a cuBLASLt library (no " + missing + ")");
   const size_t version = api.get_version();
   // The declarations in cublaslt_api.h are those of one major; another major's library is not trusted.
-  if (static_cast<int>(version / 10000) != cublaslt_major())
+  if (major_of(version) != static_cast<size_t>(cublaslt_major()))
     fail(ADAFUSE_ERR_CUDA, "cuBLASLt: " + path + " is version " + version_text(version) + "; this runtime is built for CUDA " +
                                std::to_string(cublaslt_major()) + " and needs cuBLASLt " + std::to_string(cublaslt_major()) +
                                ".x (" + soname() + ")");
