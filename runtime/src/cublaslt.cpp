@@ -145,14 +145,17 @@ LtGemms::LtGemms(std::shared_ptr<const CublasLt> lib, void* workspace, size_t wo
   check(lib_->api().create(&handle_), "cuBLASLt", "cublasLtCreate");
 }
 
-LtGemms::~LtGemms() {
+void LtGemms::release(Plan& p) const {
   const lt::Entry& api = lib_->api();
-  for (auto& [key, p] : plans_) {
-    if (p.desc) api.desc_destroy(p.desc);
-    for (lt::MatrixLayout l : {p.a, p.b, p.d})
-      if (l) api.layout_destroy(l);
-  }
-  if (handle_) api.destroy(handle_);
+  if (p.desc) api.desc_destroy(p.desc);
+  for (lt::MatrixLayout l : {p.a, p.b, p.d})
+    if (l) api.layout_destroy(l);
+  p = Plan{};
+}
+
+LtGemms::~LtGemms() {
+  for (auto& [key, p] : plans_) release(p);
+  if (handle_) lib_->api().destroy(handle_);
 }
 
 void LtGemms::check(lt::Status status, const std::string& what, const char* call) const {
@@ -162,7 +165,17 @@ void LtGemms::check(lt::Status status, const std::string& what, const char* call
 LtGemms::Plan& LtGemms::plan(const LtGemm& g, const Key& key, const std::string& what) {
   auto found = plans_.find(key);
   if (found != plans_.end()) return found->second;
-  Plan& p = plans_[key];
+  Plan p;
+  try {
+    make_plan(g, p, what);
+  } catch (...) {  // a failed call: nothing kept, the next call of this shape tries (and says) again
+    release(p);
+    throw;
+  }
+  return plans_.emplace(key, p).first->second;
+}
+
+void LtGemms::make_plan(const LtGemm& g, Plan& p, const std::string& what) {
   const lt::Entry& api = lib_->api();
   // Column-major view of the row-major problem: D^T [m, n] = W [m, k] (W^T stored, op T) times X^T [k, n].
   check(api.desc_create(&p.desc, lt::kCompute32F, CUDA_R_32F), what, "cublasLtMatmulDescCreate");
@@ -203,7 +216,6 @@ LtGemms::Plan& LtGemms::plan(const LtGemm& g, const Key& key, const std::string&
     std::fprintf(stderr, "[adafuse] %s: cuBLASLt offers no algorithm (%s); the kernel library's GEMM runs it\n", what.c_str(),
                  status != lt::kStatusSuccess ? lib_->status_text(status).c_str() : "none returned");
   }
-  return p;
 }
 
 bool LtGemms::run(const LtGemm& g, cudaStream_t stream, const std::string& what) {

@@ -85,7 +85,9 @@ class LtGemms {
     bool usable = false;
   };
   using Key = std::tuple<int, int, int64_t, int64_t, int64_t, bool, bool, uint32_t, uint32_t, uint32_t, uint32_t>;
-  Plan& plan(const LtGemm& g, const Key& key, const std::string& what);
+  Plan& plan(const LtGemm& g, const Key& key, const std::string& what);  // found, or made and kept
+  void make_plan(const LtGemm& g, Plan& p, const std::string& what);     // descriptors, then the heuristic's choice
+  void release(Plan& p) const;
   void check(lt::Status status, const std::string& what, const char* call) const;
 
   std::shared_ptr<const CublasLt> lib_;

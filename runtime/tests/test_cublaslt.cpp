@@ -1,5 +1,6 @@
 // cuBLASLt opened at run time (cublaslt.h) where there is none: the places searched, the refusals of a missing,
 // incomplete or other-major library in one line, and ADAFUSE_NATIVE_GEMM. Stand-in libraries: cublaslt_stub.cpp.
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -8,6 +9,7 @@
 
 #include "cublaslt.h"
 #include "error.h"
+#include "lt_lora.h"
 
 namespace adafuse {
 namespace {
@@ -126,6 +128,87 @@ TEST(CublasLt, NativeGemmChoice) {
     EXPECT_EQ(e.status(), ADAFUSE_ERR_INVALID_ARGUMENT);
     EXPECT_STREQ(e.what(), "ADAFUSE_NATIVE_GEMM 'cublas' is unknown (expected auto, cublaslt or kernels)");
   }
+}
+
+// LtGemms over a stand-in whose calls succeed without work (cublaslt_stub.cpp STUB_WORKING): the heuristic runs once
+// per (shape, rows, alignment) and is kept; no algorithm is said once and leaves the GEMM to the caller; a failed
+// cublasLtMatmul is an error naming the call and the status.
+struct StubCalls {
+  int heuristic = 0, matmul = 0;
+};
+StubCalls stub_calls() {
+  void* handle = dlopen(CUBLASLT_STUB_WORKING, RTLD_NOW | RTLD_NOLOAD);
+  EXPECT_NE(handle, nullptr);
+  using Fn = void (*)(int*, int*);
+  StubCalls c;
+  reinterpret_cast<Fn>(dlsym(handle, "cublaslt_stub_calls"))(&c.heuristic, &c.matmul);
+  dlclose(handle);
+  return c;
+}
+
+void* at(uintptr_t address) { return reinterpret_cast<void*>(address); }
+
+TEST(CublasLt, GemmPlansAreChosenOnceAndAFailedCallIsNamed) {
+  const auto lib = CublasLt::load_from(CUBLASLT_STUB_WORKING);
+  LtGemms gemms(lib, at(0x10000), 4096);
+  const StubCalls start = stub_calls();
+  LtGemm g;
+  g.m = 96;
+  g.n = 17;
+  g.k = 64;
+  g.X = at(0x20000);
+  g.W = at(0x30000);
+  g.D = at(0x40000);
+  auto since = [&] {
+    const StubCalls now = stub_calls();
+    return std::make_pair(now.heuristic - start.heuristic, now.matmul - start.matmul);
+  };
+  EXPECT_TRUE(gemms.run(g, nullptr, "site (17 rows)"));
+  EXPECT_TRUE(gemms.run(g, nullptr, "site (17 rows)"));
+  EXPECT_EQ(since(), std::make_pair(1, 2));  // one plan, two GEMMs
+  g.n = 32;  // another row count
+  EXPECT_TRUE(gemms.run(g, nullptr, "site (32 rows)"));
+  g.D = at(0x40002);  // the same shape, D only 2-byte aligned: an algorithm chosen for 256 bytes may refuse it
+  EXPECT_TRUE(gemms.run(g, nullptr, "site (32 rows)"));
+  g.bias = at(0x50000);  // the bias epilogue is another plan
+  EXPECT_TRUE(gemms.run(g, nullptr, "site (32 rows)"));
+  EXPECT_EQ(since(), std::make_pair(4, 5));
+  {
+    ScopedEnv none("CUBLASLT_STUB_ALGOS", "0");
+    g.n = 64;
+    testing::internal::CaptureStderr();
+    EXPECT_FALSE(gemms.run(g, nullptr, "site (64 rows)"));
+    EXPECT_FALSE(gemms.run(g, nullptr, "site (64 rows)"));
+    EXPECT_EQ(testing::internal::GetCapturedStderr(),
+              "[adafuse] site (64 rows): cuBLASLt offers no algorithm (none returned); the kernel library's GEMM runs it\n");
+    EXPECT_EQ(since(), std::make_pair(5, 5));  // asked once, never run
+  }
+  ScopedEnv failing("CUBLASLT_STUB_MATMUL_STATUS", "13");
+  g.n = 17;
+  g.bias = nullptr;
+  g.D = at(0x40000);
+  try {
+    gemms.run(g, nullptr, "cuBLASLt at layers.3.qkv (17 rows)");
+    FAIL() << "a failed cublasLtMatmul was not reported";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), ADAFUSE_ERR_CUDA);
+    EXPECT_STREQ(e.what(), "cuBLASLt at layers.3.qkv (17 rows): cublasLtMatmul: stub: execution failed (13)");
+  }
+  // a projection without adapter is that one GEMM
+  ScopedEnv working("CUBLASLT_STUB_MATMUL_STATUS", "0");
+  LtLoraCall c;
+  c.rows = 17;
+  c.in = 64;
+  c.out = 96;
+  c.x = g.X;
+  c.W = g.W;
+  c.y = g.D;
+  const StubCalls before = stub_calls();
+  EXPECT_TRUE(lt_lora_linear(gemms, c, nullptr, "dense site"));
+  EXPECT_EQ(stub_calls().matmul, before.matmul + 1);
+  EXPECT_EQ(stub_calls().heuristic, before.heuristic);  // the plan of (96, 17, 64) made above
+  c.dtype = 0;  // float32 never reaches cuBLASLt
+  EXPECT_THROW(lt_lora_linear(gemms, c, nullptr, "float32 site"), Error);
 }
 
 TEST(CublasLt, TheNativeBackendsChoiceByDtypeAndSetting) {
