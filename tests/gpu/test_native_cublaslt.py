@@ -144,6 +144,8 @@ SITE_CASES = [Case(dt, i, o, rows, r, e, k, bias=b, invalid_id=bad)
               for dt in ("bf16", "fp16")
               for (i, o, rows, r, e, k, b, bad) in [(64, 96, 17, 8, 4, 2, True, False), (4096, 12288, 32, 16, 8, 2, False, True),
                                                    (4096, 4096, 512, 16, 8, 2, True, False), (96, 200, 33, 4, 2, 4, False, False)]]
+# x one element into its buffer (2-byte aligned: the heuristic is told), and rows of an odd length (4095)
+SITE_CASES += [Case("bf16", 64, 96, 17, 8, 4, 2, misaligned=True), Case("bf16", 4095, 4096, 64, 16, 8, 2)]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SITE_CASES])
