@@ -18,6 +18,9 @@
 4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
    against transformers' SDPA prefill of the same shape (LlamaForCausalLM, bf16, the last position's logits).
 
+The GEMMs of more than 16 rows (batches 32 and 64, the prefill) run through cuBLASLt where it loads; run again with
+ADAFUSE_NATIVE_GEMM=kernels (and another --out) for the kernel library's GEMMs: the JSON records which ("native_gemm").
+
 Prints a table and writes OUT/native_backend.json. Defaults fit one device call of < 8 minutes; --quick (8 layers of
 the 7B width, batches 1 and 8) fits one of about 2.
 """
@@ -335,6 +338,7 @@ def main():
     results: dict = {"device": torch.cuda.get_device_name(), "runtime": lib.adafuse_version().decode(),
                      "torch": torch.__version__, "shape": f"llama-2-7b width, {layers} layers, bfloat16",
                      "adapter": {"experts": EXPERTS, "top_k": TOP_K, "rank": RANK, "routing": "pregate (routing table)"},
+                     "native_gemm": os.environ.get("ADAFUSE_NATIVE_GEMM") or "auto",
                      "ctx": args.ctx, "steps": args.steps, "correctness": [], "decode": [], "host_overhead": [],
                      "prefill": []}
     path = args.out / "native_backend.json"

@@ -573,3 +573,27 @@ def test_native_writer_peak_memory_is_a_fraction_of_the_checkpoint(example_dirs,
     growth = peak - base
     print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {base / 2**20:.0f} MiB, checkpoint {size / 2**20:.0f} MiB")
     assert growth < 0.25 * size, f"growth {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB checkpoint"
+
+
+def test_gemm_choice_at_open(runtime_lib, artifacts, tmp_path, monkeypatch):
+    """ADAFUSE_NATIVE_GEMM at open (runtime/README.md, 'The native backend'): cuBLASLt required and absent is refused
+    in one line naming where it looked, before the device; absent under auto (the default) or not wanted, the open goes
+    on to the device (the kernel library's GEMMs); float32 never uses cuBLASLt, so it is never required there."""
+    bf16 = tmp_path / "bf16.native"
+    bf16.mkdir()
+    native.write_artifact(ckpt_of(artifacts["pregate-llama"]), bf16, "bfloat16", max_batch=2, max_seq=64)
+    monkeypatch.setenv("ADAFUSE_CUBLASLT_LIB", "/nonexistent/libcublasLt.so")
+    monkeypatch.setenv("ADAFUSE_NATIVE_GEMM", "cublaslt")
+    status, message = open_through_c_api(runtime_lib, bf16)
+    assert status == 5 and message.startswith("cuBLASLt: cannot load /nonexistent/libcublasLt.so: "), message
+    assert message.endswith(" (ADAFUSE_CUBLASLT_LIB) (ADAFUSE_NATIVE_GEMM=cublaslt requires it)") and "\n" not in message
+    device = "CUDA device 0 (running {} needs an NVIDIA GPU): "
+    status, message = open_through_c_api(runtime_lib, artifacts["pregate-llama"])  # float32
+    assert status == 5 and message.startswith(device.format(artifacts["pregate-llama"])), message
+    for choice in ("auto", "kernels"):
+        monkeypatch.setenv("ADAFUSE_NATIVE_GEMM", choice)
+        status, message = open_through_c_api(runtime_lib, bf16)
+        assert status == 5 and message.startswith(device.format(bf16)), (choice, message)
+    monkeypatch.setenv("ADAFUSE_NATIVE_GEMM", "cublas")
+    assert open_through_c_api(runtime_lib, bf16) == (
+        1, "ADAFUSE_NATIVE_GEMM 'cublas' is unknown (expected auto, cublaslt or kernels)")

@@ -1,6 +1,7 @@
 #include "native_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include "error.h"
 #include "kernels_api.h"
 #include "native_backend_impl.h"
+#include "native_mix.h"
 #include "route_gather.h"
 #include "routing.h"
 #include "safetensors.h"
@@ -37,6 +39,10 @@ NativeBackend::NativeBackend(const NativeArtifact& artifact, const adafuse_open_
   limits.max_batch = a_.max_batch;
   limits.max_seq = a_.max_seq;
   limits.switch_strategy = switch_;
+  // cuBLASLt for GEMMs of many rows (16-bit dtypes): loaded before the plan, which then holds its buffers.
+  std::string lt_missing;
+  const std::shared_ptr<const CublasLt> lt_library = native_cublaslt(a_.dtype, &lt_missing);
+  limits.cublaslt = lt_library != nullptr;
   plan_ = plan_native(a_, native_tensor_sizes(a_), limits);
   inputs_ = native_input_layout(plan_.dims.tokens, a_.max_batch);
   sites_ = native_sites(a_, plan_.dims);
@@ -63,6 +69,16 @@ NativeBackend::NativeBackend(const NativeArtifact& artifact, const adafuse_open_
   cuda_check(cudaHostAlloc(&host_inputs_.ptr, inputs_.bytes, cudaHostAllocDefault), "pinned host memory for the step inputs");
   upload();
   init_tables();
+  if (lt_library) {
+    const NativeBuffer& ws = plan_.at("ws.cublaslt");
+    lt_ = std::make_unique<LtGemms>(lt_library, base_ + ws.offset, ws.bytes);
+  } else if (!lt_missing.empty()) {
+    static std::atomic<bool> said{false};  // once per process
+    if (!said.exchange(true))
+      std::fprintf(stderr, "[adafuse] %s; the native backend's GEMMs of more than %d rows run the kernel library's "
+                           "(ADAFUSE_NATIVE_GEMM=kernels chooses them without this note)\n",
+                   lt_missing.c_str(), kNativeFewRows);
+  }
   info_.max_batch = a_.max_batch;
   info_.max_seq = a_.max_seq;
   info_.vocab = a_.vocab;
@@ -72,7 +88,8 @@ NativeBackend::NativeBackend(const NativeArtifact& artifact, const adafuse_open_
   info_.head_dim = static_cast<int32_t>(a_.head_dim);
   info_.in_flight = true;
   info_.max_step_tokens = static_cast<int32_t>(plan_.dims.tokens);
-  info_.description = "native " + strategy + " (" + a_.family + " " + a_.dtype + ", device " + std::to_string(device_) + ")";
+  info_.description = "native " + strategy + " (" + a_.family + " " + a_.dtype + ", device " + std::to_string(device_) +
+                      (lt_ ? ", cuBLASLt above " + std::to_string(kNativeFewRows) + " rows" : "") + ")";
 }
 
 NativeBackend::~NativeBackend() {
@@ -131,6 +148,12 @@ void NativeBackend::init_tables() {
     for (int64_t i = 0; i < rows; ++i) expand[static_cast<size_t>(i)] = static_cast<int32_t>(i / k);
     cuda_check(cudaMemcpy(at("routes.ones"), ones.data(), ones.size() * 4, cudaMemcpyHostToDevice), "FFN expert gates");
     cuda_check(cudaMemcpy(at("routes.expand"), expand.data(), expand.size() * 4, cudaMemcpyHostToDevice), "FFN expert rows");
+  }
+  for (const NativeSite& s : sites_) {  // the cuBLASLt sites' B_cat [out, E * rank] from lora_B [E, out, rank]
+    if (!plan_.has("lt.b_cat." + s.name)) continue;
+    cuda_check(lora_concat_b(static_cast<int>(dtype_), static_cast<int32_t>(s.experts), s.out, static_cast<int32_t>(s.rank),
+                             site_lora_b(s), at("lt.b_cat." + s.name), stream_.stream),
+               "B_cat of " + s.name);
   }
   if (switch_) {
     std::vector<kl::adafuse_switch_site> sites;

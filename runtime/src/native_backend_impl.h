@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -15,6 +16,7 @@
 #include "error.h"
 
 #include "backend.h"
+#include "cublaslt.h"
 #include "kernels_api.h"
 #include "native_artifact.h"
 #include "native_plan.h"
@@ -143,6 +145,10 @@ class NativeBackend final : public Backend {
   // wscale: W's per-output-channel scales when W is FP8 (an artifact with fp8_weights), else nullptr.
   void lora(size_t site, int32_t rows, const void* x, const void* W, const float* wscale, const void* bias, const void* A,
             const void* B, const int32_t* ids, const float* gates, void* y);
+  // lora through cuBLASLt (16-bit W, more than kNativeFewRows rows); false: not for this call (lora runs the kernel library).
+  bool lt_lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A, const int32_t* ids,
+               const float* gates, void* y);
+  const void* site_lora_b(const NativeSite& s) const;
   void norm(void* h, const void* delta, const std::string& weight_name, void* out, int32_t rows);
   void switch_now();
   void capture(Graph& graph, const Shape& s);
@@ -167,6 +173,7 @@ class NativeBackend final : public Backend {
   DeviceMemory block_;
   PinnedMemory host_inputs_;
   char* base_ = nullptr;
+  std::unique_ptr<LtGemms> lt_;      // null: every GEMM runs the kernel library's (no cuBLASLt, float32, or ADAFUSE_NATIVE_GEMM=kernels)
   std::map<int32_t, Graph> graphs_;  // decode steps by row count
   std::vector<float*> logit_dest_;   // per logit row of the step: where it goes on the host
 };

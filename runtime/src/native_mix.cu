@@ -47,7 +47,69 @@ cudaError_t launch(int64_t rows, int32_t k, int64_t hidden, const void* expert, 
   return cudaGetLastError();
 }
 
+template <typename T>
+__global__ void route_columns_kernel(int64_t rows, int32_t experts, int32_t rank, const float* t, const int32_t* ids,
+                                     const float* gates, int32_t top_k, T* z) {
+  const int64_t width = int64_t{experts} * rank;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * width) return;
+  const int64_t n = i / width;
+  const int32_t e = static_cast<int32_t>(i % width / rank);
+  float c = 0.0f;
+  for (int32_t j = 0; j < top_k; ++j)
+    if (ids[n * top_k + j] == e) c += gates[n * top_k + j];
+  z[i] = from_float<T>(c != 0.0f ? c * t[i] : 0.0f);  // an expert the row does not use adds nothing
+}
+
+template <typename T>
+__global__ void concat_b_kernel(int32_t experts, int64_t out, int32_t rank, const T* B, T* b_cat) {
+  const int64_t width = int64_t{experts} * rank;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= out * width) return;
+  const int64_t o = i / width, e = i % width / rank, j = i % rank;
+  b_cat[i] = B[(e * out + o) * rank + j];
+}
+
+unsigned blocks_for(int64_t total, int threads) { return static_cast<unsigned>((total + threads - 1) / threads); }
+
+template <typename T>
+cudaError_t launch_route_columns(int64_t rows, int32_t experts, int32_t rank, const float* t, const int32_t* ids,
+                                 const float* gates, int32_t top_k, void* z, cudaStream_t stream) {
+  const int64_t total = rows * experts * rank;
+  if (total == 0) return cudaSuccess;
+  route_columns_kernel<T><<<blocks_for(total, 256), 256, 0, stream>>>(rows, experts, rank, t, ids, gates, top_k,
+                                                                        static_cast<T*>(z));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_concat_b(int32_t experts, int64_t out, int32_t rank, const void* B, void* b_cat, cudaStream_t stream) {
+  const int64_t total = out * experts * rank;
+  if (total == 0) return cudaSuccess;
+  concat_b_kernel<T><<<blocks_for(total, 256), 256, 0, stream>>>(experts, out, rank, static_cast<const T*>(B),
+                                                                   static_cast<T*>(b_cat));
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t lora_route_columns(int dtype, int64_t rows, int32_t experts, int32_t rank, const float* t, const int32_t* ids,
+                               const float* gates, int32_t top_k, void* z, cudaStream_t stream) {
+  switch (dtype) {
+    case 1: return launch_route_columns<__half>(rows, experts, rank, t, ids, gates, top_k, z, stream);
+    case 2: return launch_route_columns<__nv_bfloat16>(rows, experts, rank, t, ids, gates, top_k, z, stream);
+    default: return cudaErrorInvalidValue;  // cuBLASLt runs the 16-bit dtypes only
+  }
+}
+
+cudaError_t lora_concat_b(int dtype, int32_t experts, int64_t out, int32_t rank, const void* B, void* b_cat,
+                          cudaStream_t stream) {
+  switch (dtype) {
+    case 1: return launch_concat_b<__half>(experts, out, rank, B, b_cat, stream);
+    case 2: return launch_concat_b<__nv_bfloat16>(experts, out, rank, B, b_cat, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t mix_experts(int dtype, int64_t rows, int32_t k, int64_t hidden, const void* expert, const float* gates, void* out,
                         cudaStream_t stream) {

@@ -129,6 +129,10 @@ std::vector<NativeSite> native_sites(const NativeArtifact& a, const NativeDims& 
   return out;
 }
 
+bool native_cublaslt_adapter(const NativeArtifact& a, const NativeSite& s) {
+  return s.experts > 0 && s.rows > kNativeFewRows && (a.dtype == "float16" || a.dtype == "bfloat16") && !a.fp8_weights;
+}
+
 std::vector<std::pair<std::string, size_t>> native_tensor_sizes(const NativeArtifact& a) {
   std::vector<std::pair<std::string, size_t>> out;
   for (const char* file : {kNativeWeights, kNativeAdapters}) {
@@ -155,6 +159,11 @@ NativePlan plan_native(const NativeArtifact& a, const std::vector<std::pair<std:
     p.total += align_up(std::max<size_t>(bytes, 1));
   };
   for (const auto& [name, bytes] : tensors) add("w:" + name, "weights", bytes);
+  const bool lt = limits.cublaslt && d.elt == 2;
+  const std::vector<NativeSite> sites = native_sites(a, d);
+  if (lt)
+    for (const NativeSite& s : sites)
+      if (native_cublaslt_adapter(a, s)) add("lt.b_cat." + s.name, "weights", z(s.out * s.experts * s.rank * d.elt));
   size_t switch_sites = 0;
   if (limits.switch_strategy)  // the live weights the switch merges into; the uploaded ones stay pristine
     for (size_t l = 0; l < a.stages.size(); ++l)
@@ -184,6 +193,15 @@ NativePlan plan_native(const NativeArtifact& a, const std::vector<std::pair<std:
   add("last", "activations", z(L * a.hidden * e));
   add("logits", "activations", z(L * a.vocab * e));
   add("logits_f32", "activations", z(L * a.vocab * 4));
+  if (lt) {  // a cuBLASLt adapter site's t = x A_all^T (float32) and routed z (the model dtype), [rows, E * rank]
+    int64_t widest = 0;
+    for (const NativeSite& s : sites)
+      if (native_cublaslt_adapter(a, s)) widest = std::max(widest, s.rows * s.experts * s.rank);
+    if (widest > 0) {
+      add("lt.t", "activations", z(widest * 4));
+      add("lt.z", "activations", z(widest * e));
+    }
+  }
 
   if (a.routes_file) {
     add("routes.table_ids", "routes", z(a.vocab * a.top_k * 4));
@@ -208,12 +226,13 @@ NativePlan plan_native(const NativeArtifact& a, const std::vector<std::pair<std:
   }
 
   size_t shared = 0;
-  for (const NativeSite& s : native_sites(a, d)) {
+  for (const NativeSite& s : sites) {
     shared = std::max(shared, lora_workspace(s, s.rows));
     // the few-rows kernels' own workspace per call site (exclusive: see adafuse_lora_options)
     add("ws.site." + s.name, "workspaces", lora_workspace(s, std::min<int64_t>(s.rows, 16)));
   }
   add("ws.shared", "workspaces", shared);
+  if (lt) add("ws.cublaslt", "workspaces", kNativeCublasLtWorkspace);  // one stream: every cuBLASLt call shares it
   size_t attention = 0;
   for (int64_t tokens : {int64_t{limits.max_batch}, T})
     for (int64_t seqs : {int64_t{1}, int64_t{limits.max_batch}})

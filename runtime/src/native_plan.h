@@ -19,11 +19,14 @@ namespace adafuse {
 
 inline constexpr int32_t kNativeDefaultStepTokens = 512;  // tokens of one step (prefill is chunked to it)
 inline constexpr size_t kNativeAlignment = 256;           // every buffer's offset in the block
+inline constexpr int32_t kNativeFewRows = 16;  // adafuse_lora_linear's few-rows kernels: at most this many rows
+inline constexpr size_t kNativeCublasLtWorkspace = size_t{32} << 20;  // NVIDIA's recommendation for Hopper
 
 struct NativeLimits {
   int32_t max_batch = 0, max_seq = 0;  // from the artifact (convert's --max-batch / --max-seq)
   int32_t max_step_tokens = 0;         // 0: kNativeDefaultStepTokens (at least max_batch, at most max_batch * max_seq)
   bool switch_strategy = false;        // a live copy of every adapted stage's weight beside the pristine one
+  bool cublaslt = false;               // GEMMs of more than kNativeFewRows rows through cuBLASLt (16-bit dtypes)
 };
 
 // Sizes every buffer derives from (element counts and rows).
@@ -79,5 +82,11 @@ struct NativeSite {
   std::string name;
 };
 std::vector<NativeSite> native_sites(const NativeArtifact& a, const NativeDims& d);
+
+// Whether a site's adapter runs through cuBLASLt above kNativeFewRows rows when the plan has cuBLASLt: a
+// 16-bit artifact's adapted site that may see that many rows, W not FP8 (cuBLASLt's FP8 GEMMs need FP8
+// activations too, so FP8 weights keep the kernel library's GEMMs). Such a site has a B_cat copy of its
+// lora_B ("lt.b_cat." + name); the shrink's t and the routed z are shared ("lt.t", "lt.z").
+bool native_cublaslt_adapter(const NativeArtifact& a, const NativeSite& s);
 
 }  // namespace adafuse

@@ -2,9 +2,11 @@
 // start, count), in the order and with the rounding of reference/model.py (the kernels round where the
 // reference does: adafuse_kernels.h).
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
+#include "lt_lora.h"
 #include "native_backend_impl.h"
 #include "native_mix.h"
 #include "route_gather.h"
@@ -14,7 +16,6 @@ namespace adafuse::native_detail {
 namespace {
 
 constexpr const char* kStageNames[] = {"qkv", "o", "gate_up", "down"};  // native_artifact.h NativeStage, in order
-constexpr int32_t kFewRows = 16;  // adafuse_lora_linear's few-rows kernels: at most this many rows
 
 int64_t role_width(const NativeArtifact& a, const std::string& role) {
   if (role == "q") return a.heads * a.head_dim;
@@ -47,7 +48,8 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
                          const void* A,
                          const void* B, const int32_t* ids, const float* gates, void* y) {
   const NativeSite& s = sites_[site];
-  const bool dense = A == nullptr, few = rows <= kFewRows;
+  const bool dense = A == nullptr, few = rows <= kNativeFewRows;
+  if (!few && lt_ && wscale == nullptr && lt_lora(site, rows, x, W, bias, A, ids, gates, y)) return;
   // The few-rows kernels get their site's own workspace, kept for the backend's life, hence exclusive;
   // more rows share one workspace in stream order.
   const NativeBuffer& ws = plan_.at(few ? "ws.site." + s.name : "ws.shared");
@@ -62,6 +64,46 @@ void NativeBackend::lora(size_t site, int32_t rows, const void* x, const void* W
                                  dense ? 1 : static_cast<int>(s.top_k), 1.0f, y, base_ + ws.offset, ws.bytes, &options,
                                  stream_.stream),
          "adafuse_lora_linear at " + s.name + " (" + std::to_string(rows) + " rows)");
+}
+
+// The same projection through cuBLASLt (lt_lora.h says how it rounds).
+bool NativeBackend::lt_lora(size_t site, int32_t rows, const void* x, const void* W, const void* bias, const void* A,
+                            const int32_t* ids, const float* gates, void* y) {
+  const NativeSite& s = sites_[site];
+  if (A != nullptr && !plan_.has("lt.b_cat." + s.name)) return false;  // planned for the kernel library (native_cublaslt_adapter)
+  if (bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 16 != 0) return false;  // the bias epilogue's vector loads
+  LtLoraCall c;
+  c.dtype = static_cast<int>(dtype_);
+  c.rows = rows;
+  c.in = s.in;
+  c.out = s.out;
+  c.x = x;
+  c.W = W;
+  c.bias = bias;
+  c.y = y;
+  if (A != nullptr) {
+    c.A = A;
+    c.b_cat = at("lt.b_cat." + s.name);
+    c.experts = s.experts;
+    c.rank = s.rank;
+    c.top_k = s.top_k;
+    c.ids = ids;
+    c.gates = gates;
+    c.t = reinterpret_cast<float*>(at("lt.t"));
+    c.z = at("lt.z");
+  }
+  try {
+    // no algorithm for one of its GEMMs: the kernel library writes all of y
+    return lt_lora_linear(*lt_, c, stream_.stream, "cuBLASLt at " + s.name + " (" + std::to_string(rows) + " rows)");
+  } catch (const Error& e) {
+    device_failure(e.what());
+  }
+}
+
+const void* NativeBackend::site_lora_b(const NativeSite& s) const {
+  const NativeStage& st = a_.stages[static_cast<size_t>(s.layer)][static_cast<size_t>(s.stage)];
+  const std::string p = "layers." + std::to_string(s.layer) + ".";
+  return weight(p + (s.module >= 0 ? st.modules[static_cast<size_t>(s.module)].name : st.name) + ".lora_B");
 }
 
 void NativeBackend::project(size_t layer, int stage, const void* x, int32_t rows, const int32_t* ids, const float* gates,

@@ -146,6 +146,60 @@ TEST(NativePlan, SwitchKeepsALiveCopyOfEveryAdaptedWeight) {
   EXPECT_EQ(p.dims.tokens, 100);
 }
 
+// cuBLASLt (more than 16 rows, 16-bit weights): its workspace, the shrink's t (float32) and routed z (the model
+// dtype) for the widest adapter site, and a B_cat [out, E * rank] beside each adapted site's lora_B.
+TEST(NativePlan, CublasLtBuffersForSixteenBitWeights) {
+  NativeArtifact a = llama();
+  NativeLimits limits;
+  limits.max_batch = 3;
+  limits.max_seq = 100;
+  const NativePlan without = plan_native(a, {}, limits);
+  limits.cublaslt = true;
+  const NativePlan p = plan_native(a, {}, limits);
+  expect_laid_out(p);
+  EXPECT_EQ(p.at("ws.cublaslt").bytes, kNativeCublasLtWorkspace);
+  EXPECT_EQ(p.at("ws.cublaslt").group, "workspaces");
+  EXPECT_EQ(p.at("lt.t").bytes, size_t(300 * 4 * 8 * 4));  // 300 tokens x 4 experts x rank 8, float32
+  EXPECT_EQ(p.at("lt.z").bytes, size_t(300 * 4 * 8 * 2));
+  EXPECT_EQ(p.at("lt.b_cat.layers.0.qkv").bytes, size_t(128 * 4 * 8 * 2));
+  EXPECT_EQ(p.at("lt.b_cat.layers.1.down").bytes, size_t(64 * 4 * 8 * 2));
+  EXPECT_FALSE(p.has("lt.b_cat.lm_head"));  // no adapter: the dense GEMM needs only the workspace
+  const size_t b_cat = 2 * (128 + 64 + 192 + 64) * 4 * 8 * 2;
+  EXPECT_EQ(p.group_bytes("weights"), without.group_bytes("weights") + b_cat);
+  EXPECT_EQ(p.group_bytes("activations"), without.group_bytes("activations") + 300 * 4 * 8 * 6);
+  EXPECT_EQ(p.group_bytes("workspaces"), without.group_bytes("workspaces") + kNativeCublasLtWorkspace);
+  for (const NativeBuffer& b : without.buffers) EXPECT_EQ(b.name.find("lt."), std::string::npos) << b.name;
+  EXPECT_FALSE(without.has("ws.cublaslt"));
+
+  // MixLoRA's FFN stages see top_k rows per token: their t and z are the widest
+  a.routing_kind = "layerwise";
+  a.expert_kind = "ffn";
+  a.routes_file.reset();
+  EXPECT_EQ(plan_native(a, {}, limits).at("lt.t").bytes, size_t(600 * 4 * 8 * 4));
+}
+
+TEST(NativePlan, CublasLtLeavesFp8AndFloat32WeightsToTheKernels) {
+  NativeLimits limits;
+  limits.max_batch = 3;
+  limits.max_seq = 100;
+  limits.cublaslt = true;
+  NativeArtifact fp8 = llama();
+  fp8.fp8_weights = true;
+  const NativePlan p = plan_native(fp8, {}, limits);
+  EXPECT_TRUE(p.has("ws.cublaslt"));  // the LM head stays 16-bit
+  for (const NativeBuffer& b : p.buffers) EXPECT_NE(b.name.rfind("lt.", 0), 0u) << b.name;
+  const NativePlan f32 = plan_native(llama("float32"), {}, limits);
+  EXPECT_FALSE(f32.has("ws.cublaslt"));
+  EXPECT_FALSE(f32.has("lt.t"));
+  // a site of at most 16 rows never reaches cuBLASLt
+  limits.max_batch = 1;
+  limits.max_seq = 16;
+  NativeArtifact small = llama();
+  small.max_batch = 1;
+  small.max_seq = 16;
+  EXPECT_FALSE(plan_native(small, {}, limits).has("lt.t"));
+}
+
 TEST(NativePlan, InputsArePackedAligned) {
   const NativeInputLayout l = native_input_layout(5, 3);
   for (size_t offset : {l.ids, l.positions, l.slots, l.use_long_full, l.use_long_sliding, l.seq_starts, l.seq_slots, l.gather})

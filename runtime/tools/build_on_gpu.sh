@@ -6,6 +6,7 @@
 #   a split build's header leaves adafuse-serve out), openssl/ and tensorrt/NvInfer.h ... (TensorRT's headers,
 #   e.g. build/dev/_trt_headers/kernel_lens/include/tensorrt of a machine that configured the dev preset),
 # and the system's libcrypto.so.3 is linked (found through ldconfig, or OPENSSL_CRYPTO_LIBRARY=...).
+# Where the toolkit has cublasLt.h, tools/cublaslt_api_check.cpp checks the runtime's cuBLASLt declarations against it.
 # Prints the library's path for ADAFUSE_RUNTIME_LIB at the end.
 #   runtime/tools/build_on_gpu.sh [extra cmake -D arguments]
 set -euo pipefail
@@ -31,6 +32,8 @@ info = json.load(open(sys.argv[1]))
 print("built:", ", ".join(info["built"]) or "-")
 for reason in info["left_out"]:
     print("left out:", reason)
+if "cublaslt-api-check" not in info["built"]:  # runtime/CMakeLists.txt: needs the toolkit's cublasLt.h
+    print("not checked: src/cublaslt_api.h against cublasLt.h (none in this toolkit's include folder)")
 sys.exit(0 if "runtime" in info["built"] else 1)
 PY
 echo "ADAFUSE_RUNTIME_LIB=$build/runtime/libadafuse_runtime.so"

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <string>
 
+#include "cublaslt.h"
 #include "error.h"
 #include "native_artifact.h"
 #include "native_plan.h"
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
     adafuse::NativeLimits limits;
     limits.max_batch = artifact.max_batch;
     limits.max_seq = artifact.max_seq;
+    limits.cublaslt = adafuse::native_cublaslt(artifact.dtype, nullptr) != nullptr;  // as the open decides
     std::printf("%s\n", adafuse::plan_native(artifact, adafuse::native_tensor_sizes(artifact), limits).describe().c_str());
   } catch (const adafuse::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
