@@ -50,7 +50,7 @@ def kernel_times(fn) -> list[tuple[str, float, float]]:
 
 def short(name: str) -> str:
     """A kernel's name without its template arguments and parameter list."""
-    name = name.split("(")[0]
+    name = name.replace("(anonymous namespace)::", "").split("(")[0]
     depth, out = 0, []
     for ch in name:
         depth += ch == "<"

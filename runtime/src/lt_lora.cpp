@@ -15,8 +15,15 @@ bool lt_lora_linear(LtGemms& gemms, const LtLoraCall& c, cudaStream_t stream, co
   base.k = c.in;
   base.X = c.x;
   base.W = c.W;
-  base.bias = c.bias;
   base.D = c.y;
+  if (c.bias != nullptr) {
+    // y = round(x W^T + bias) with one rounding, as the reference and the kernel library compute it: the bias goes
+    // in as C (beta 1). The bias epilogue rounded x W^T to the dtype before adding the bias for some shapes on an
+    // H100 (odd widths, misaligned rows: a 1-ulp error where x W^T nearly cancels the bias).
+    const cudaError_t status = broadcast_row(c.dtype, c.rows, c.out, c.bias, c.y, stream);
+    if (status != cudaSuccess) fail(ADAFUSE_ERR_CUDA, what + ": bias broadcast: " + cudaGetErrorString(status));
+    base.accumulate = true;
+  }
   if (c.A == nullptr) return gemms.run(base, stream, what);
 
   const int64_t width = c.experts * c.rank;

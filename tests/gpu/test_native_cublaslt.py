@@ -89,8 +89,9 @@ def test_long_prompt_prefill(lib, tmp_path, gemm, kind, strategy):
     with open_native(art, strategy) as engine:
         logits, experts, _ = engine.prefill(prompt.numpy())
     within_measured_bound(logits, ref32.logits, ref16.logits, f"{kind} {strategy} prefill ({gemm})")
-    if ref32.expert_ids is not None:  # pre-gated: the routes come from the float32 table
-        assert experts is not None and np.array_equal(experts, ref32.expert_ids.numpy())
+    if ref16.expert_ids is not None:  # validate's rule: exact against the same-dtype reference (a routing table
+        # gives both references the same ids; pregate-ffn's in-decoder pre-gate routes the bfloat16 activations)
+        assert experts is not None and np.array_equal(experts, ref16.expert_ids.numpy())
 
 
 def teacher_forced(ref: ReferenceModel, prompt: torch.Tensor, feed: torch.Tensor) -> list[torch.Tensor]:
