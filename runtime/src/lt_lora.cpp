@@ -4,6 +4,9 @@
 #include "native_mix.h"
 
 namespace adafuse {
+namespace {
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+}  // namespace
 
 bool lt_lora_linear(LtGemms& gemms, const LtLoraCall& c, cudaStream_t stream, const std::string& what) {
   if (c.dtype != 1 && c.dtype != 2) fail(ADAFUSE_ERR_INTERNAL, what + ": cuBLASLt runs float16 and bfloat16 only");
@@ -15,15 +18,15 @@ bool lt_lora_linear(LtGemms& gemms, const LtLoraCall& c, cudaStream_t stream, co
   base.k = c.in;
   base.X = c.x;
   base.W = c.W;
+  base.bias = c.bias;
   base.D = c.y;
-  if (c.bias != nullptr) {
-    // y = round(x W^T + bias) with one rounding, as the reference and the kernel library compute it: the bias goes
-    // in as C (beta 1). The bias epilogue rounded x W^T to the dtype before adding the bias for some shapes on an
-    // H100 (odd widths, misaligned rows: a 1-ulp error where x W^T nearly cancels the bias).
-    const cudaError_t status = broadcast_row(c.dtype, c.rows, c.out, c.bias, c.y, stream);
-    if (status != cudaSuccess) fail(ADAFUSE_ERR_CUDA, what + ": bias broadcast: " + cudaGetErrorString(status));
-    base.accumulate = true;
-  }
+  // y = round(x W^T + bias) must be rounded once, as the reference and the kernel library compute it. On an H100
+  // the bias epilogue did so for 16-byte-aligned operands and widths (every native artifact's sites); for odd
+  // widths or misaligned rows cuBLASLt's kernels rounded x W^T before adding the bias (1 ulp off where the two
+  // nearly cancel), and so did a bias given as C with beta 1. Those sites run the kernel library instead.
+  if (c.bias != nullptr && !(aligned16(c.x) && aligned16(c.W) && aligned16(c.bias) && aligned16(c.y) && c.in % 8 == 0 &&
+                             c.out % 8 == 0))
+    return false;
   if (c.A == nullptr) return gemms.run(base, stream, what);
 
   const int64_t width = c.experts * c.rank;

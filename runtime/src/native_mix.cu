@@ -70,11 +70,6 @@ __global__ void concat_b_kernel(int32_t experts, int64_t out, int32_t rank, cons
   b_cat[i] = B[(e * out + o) * rank + j];
 }
 
-__global__ void broadcast_row_kernel(int64_t rows, int64_t cols, const uint16_t* row, uint16_t* out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < rows * cols) out[i] = row[i % cols];
-}
-
 unsigned blocks_for(int64_t total, int threads) { return static_cast<unsigned>((total + threads - 1) / threads); }
 
 template <typename T>
@@ -114,15 +109,6 @@ cudaError_t lora_concat_b(int dtype, int32_t experts, int64_t out, int32_t rank,
     case 2: return launch_concat_b<__nv_bfloat16>(experts, out, rank, B, b_cat, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-cudaError_t broadcast_row(int dtype, int64_t rows, int64_t cols, const void* row, void* out, cudaStream_t stream) {
-  if (dtype != 1 && dtype != 2) return cudaErrorInvalidValue;  // 16-bit elements, copied as such
-  const int64_t total = rows * cols;
-  if (total == 0) return cudaSuccess;
-  broadcast_row_kernel<<<blocks_for(total, 256), 256, 0, stream>>>(rows, cols, static_cast<const uint16_t*>(row),
-                                                                     static_cast<uint16_t*>(out));
-  return cudaGetLastError();
 }
 
 cudaError_t mix_experts(int dtype, int64_t rows, int32_t k, int64_t hidden, const void* expert, const float* gates, void* out,

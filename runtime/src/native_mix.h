@@ -22,10 +22,6 @@ cudaError_t mix_experts(int dtype, int64_t rows, int32_t k, int64_t hidden, cons
 cudaError_t lora_route_columns(int dtype, int64_t rows, int32_t experts, int32_t rank, const float* t, const int32_t* ids,
                                const float* gates, int32_t top_k, void* z, cudaStream_t stream);
 
-// out [rows, cols] = row [cols] repeated (16-bit dtypes): a bias as the C operand of a cuBLASLt GEMM that
-// accumulates into out (lt_lora.cpp says why not the bias epilogue).
-cudaError_t broadcast_row(int dtype, int64_t rows, int64_t cols, const void* row, void* out, cudaStream_t stream);
-
 // B_cat [out, experts * rank] (B_cat[o, e*rank + j] = B[e, o, j]) from B [experts, out, rank]: the LoRA up
 // projection as one GEMM operand, made once at open.
 cudaError_t lora_concat_b(int dtype, int32_t experts, int64_t out, int32_t rank, const void* B, void* b_cat,

@@ -17,6 +17,7 @@ Needs the runtime built for this GPU: runtime/tools/build_on_gpu.sh, then ADAFUS
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 from pathlib import Path
 
@@ -147,6 +148,13 @@ SITE_CASES = [Case(dt, i, o, rows, r, e, k, bias=b, invalid_id=bad)
                                                    (4096, 4096, 512, 16, 8, 2, True, False), (96, 200, 33, 4, 2, 4, False, False)]]
 # x one element into its buffer (2-byte aligned: the heuristic is told), and rows of an odd length (4095)
 SITE_CASES += [Case("bf16", 64, 96, 17, 8, 4, 2, misaligned=True), Case("bf16", 4095, 4096, 64, 16, 8, 2)]
+SITE_CASES += [dataclasses.replace(c, bias=False) for c in SITE_CASES[-2:]]
+
+
+def left_to_the_kernels(case: Case) -> bool:
+    """lt_lora.cpp: a biased site whose operands or widths are not 16-byte aligned returns 1 (the kernel library runs
+    it): cuBLASLt's bias epilogue rounded x W^T before adding the bias there (seen on an H100)."""
+    return case.bias and (case.misaligned or case.in_f % 8 != 0 or case.out_f % 8 != 0)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SITE_CASES])
@@ -159,6 +167,9 @@ def test_site_against_float64(lt_site, inputs, case, adapter):
     status = lt_site(1 if dt == torch.float16 else 2, case.rows, case.in_f, case.out_f, ptr(op.x), ptr(op.W), ptr(op.bias),
                      ptr(op.A) if adapter else None, ptr(op.B) if adapter else None, case.experts, case.rank,
                      ptr(op.ids), ptr(op.gates), case.top_k, ptr(y), message, len(message))
+    if left_to_the_kernels(case):
+        assert status == 1 and not message.value, f"{case.id}: status {status} {message.value.decode()}"
+        return
     assert status == 0, f"{case.id}: {message.value.decode() or 'cuBLASLt offered no algorithm'}"
     ref = reference(op, 1.0, adapter)  # the native backend's scale is 1 (folded into B)
     base = ref.y - ref.adapter  # x W^T + bias, rounded to the dtype before the LoRA term is added
