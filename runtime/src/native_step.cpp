@@ -400,19 +400,34 @@ void NativeBackend::run(const int64_t* ids, std::vector<Row>& rows) {
       download(first, count);
     }
   }
-  if (info_.top_k > 0) {  // the routes each token was fed, row by row
+  if (info_.top_k > 0) {  // the routes each token was fed: rows whose host destinations follow one another in one
+    // copy (a decode batch's [batch, top_k] arrays: one copy each instead of one per row, each a synchronous
+    // pageable copy of a few bytes)
     const size_t k = static_cast<size_t>(info_.top_k);
-    size_t token = 0;
-    for (const Row& r : rows) {
-      const size_t bytes = static_cast<size_t>(r.count) * k * 4;
-      if (r.expert_ids)
-        check(cudaMemcpyAsync(r.expert_ids, at("routes.ids") + token * k * 4, bytes, cudaMemcpyDeviceToHost, stream_.stream),
-              "routes download");
-      if (r.gates)
-        check(cudaMemcpyAsync(r.gates, at("routes.gates") + token * k * 4, bytes, cudaMemcpyDeviceToHost, stream_.stream),
-              "routes download");
-      token += static_cast<size_t>(r.count);
-    }
+    auto download_routes = [&](auto member, const char* device) {
+      size_t token = 0, run_token = 0, run_bytes = 0;
+      char* run_dest = nullptr;
+      auto flush = [&] {
+        if (run_bytes > 0)
+          check(cudaMemcpyAsync(run_dest, device + run_token * k * 4, run_bytes, cudaMemcpyDeviceToHost, stream_.stream),
+                "routes download");
+        run_bytes = 0;
+      };
+      for (const Row& r : rows) {
+        char* dest = reinterpret_cast<char*>(r.*member);
+        const size_t bytes = static_cast<size_t>(r.count) * k * 4;
+        if (dest != nullptr && run_bytes > 0 && dest == run_dest + run_bytes) {
+          run_bytes += bytes;
+        } else {
+          flush();
+          if (dest != nullptr) run_dest = dest, run_token = token, run_bytes = bytes;
+        }
+        token += static_cast<size_t>(r.count);
+      }
+      flush();
+    };
+    download_routes(&Row::expert_ids, at("routes.ids"));
+    download_routes(&Row::gates, at("routes.gates"));
   }
   check(cudaEventRecord(step_end_.event, stream_.stream), "step timing event");
   check(cudaStreamSynchronize(stream_.stream), "native step");
