@@ -503,10 +503,11 @@ def test_fp8_weights_refusals(artifacts, tmp_path):
     assert str(e.value) == ("--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 (the "
                             "kernels run FP8 weights with 16-bit activations), got --dtype float32")
     assert not any((tmp_path / "a.native").iterdir())  # refused before anything is written
-    with pytest.raises(AdafuseError) as e:
+    with pytest.raises(AdafuseError) as e:  # engines take FP8 weights too (tests/test_onnx_fp8.py), the same rule
         convert(artifacts["pregate-llama"].with_suffix(""), tmp_path / "x.engine", backend="tensorrt-rtx", weights="fp8")
-    assert str(e.value) == ("--weights fp8: only --backend native writes FP8 base weights (the TensorRT engines take "
-                            "--dtype weights), got --backend tensorrt-rtx")
+    assert str(e.value) == ("--weights fp8 keeps the activations in --dtype, which must then be float16 or bfloat16 (the "
+                            "kernels run FP8 weights with 16-bit activations), got --dtype float32")
+    assert not list(tmp_path.glob("x.*"))
 
 
 # ---- the command ---------------------------------------------------------------------------------------
