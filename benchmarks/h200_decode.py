@@ -223,46 +223,41 @@ def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int]
                 results["prefill"].append(native_ttft(engine, ctx))
 
 
+def bench_variant(label: str, source: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict,
+                  weights: str = "dtype") -> None:
+    """Another artifact of the same shape (source: the checkpoint, or its base without adapters) through the same
+    backend and kernels, fused, at every batch: rows of strategy `label`."""
+    art = work / f"{label}.native"
+    art.mkdir()
+    t = time.time()
+    native.write_artifact(source, art, "bfloat16", max_batch=max(batches), max_seq=ctx + steps + 16, weights=weights)
+    log(f"{label} artifact written in {time.time() - t:.0f} s")
+    floor = weight_read_bytes(art, source) / (results["copy_bandwidth_GBps"] * 1e9) * 1e3
+    n, vocab = (steps + 8) * max(batches), source.model.vocab_size
+    routed = source.adapter.routing != "none"
+    feed = routed_tokens(art, n, vocab) if routed else np.random.default_rng(6).integers(0, vocab, n).tolist()
+    routes = "route changes" if routed else "no adapters"
+    with open_native(art, "fused") as engine:
+        for batch in batches:
+            ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
+            results["decode"].append({"strategy": label, "batch": batch, "ctx": ctx, "routes": routes, "ms_per_step": ms,
+                                      "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor,
+                                      "x_floor": ms / floor})
+            log(f"decode {label:<9} b={batch:<2} ctx={ctx} {routes:<15} {ms:8.2f} ms/step (floor {floor:.2f} ms)")
+    shutil.rmtree(art)
+
+
 def bench_fp8(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
     """The same model with FP8 e4m3 base weights (per-output-channel scales; adapters and activations bf16:
     `convert --backend native --weights fp8`), fused, the route changing every step: issue 23's whole-step row,
     whose x_dense is its ratio to the bf16 dense step."""
-    art = work / "fp8.native"
-    art.mkdir()
-    t = time.time()
-    native.write_artifact(ckpt, art, "bfloat16", max_batch=max(batches), max_seq=ctx + steps + 16, weights="fp8")
-    log(f"FP8 artifact written in {time.time() - t:.0f} s")
-    floor = weight_read_bytes(art, ckpt) / (results["copy_bandwidth_GBps"] * 1e9) * 1e3
-    feed = routed_tokens(art, (steps + 8) * max(batches), ckpt.model.vocab_size)
-    with open_native(art, "fused") as engine:
-        for batch in batches:
-            ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
-            results["decode"].append({"strategy": "fused-fp8", "batch": batch, "ctx": ctx, "routes": "route changes",
-                                      "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
-                                      "weight_read_floor_ms": floor, "x_floor": ms / floor})
-            log(f"decode fused-fp8 b={batch:<2} ctx={ctx} {'route changes':<15} {ms:8.2f} ms/step (floor {floor:.2f} ms)")
-    shutil.rmtree(art)
+    bench_variant("fused-fp8", ckpt, work, batches, ctx, steps, results, weights="fp8")
 
 
 def bench_dense(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
     """The same backbone without adapters (routing 'none') through the same backend and kernels: the dense model a
-    user would otherwise serve, each batch's ratio against it recorded on the fused rows."""
-    dense = work / "dense.native"
-    dense.mkdir()
-    t = time.time()
-    base = ckpt.base_only()
-    native.write_artifact(base, dense, "bfloat16", max_batch=max(batches), max_seq=ctx + steps + 16)
-    log(f"dense artifact written in {time.time() - t:.0f} s")
-    floor = results["decode"][0]["weight_read_floor_ms"] if results["decode"] else float("nan")
-    feed = np.random.default_rng(6).integers(0, ckpt.model.vocab_size, (steps + 8) * max(batches)).tolist()
-    with open_native(dense, "fused") as engine:
-        for batch in batches:
-            ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
-            results["decode"].append({"strategy": "dense", "batch": batch, "ctx": ctx, "routes": "no adapters",
-                                      "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
-                                      "weight_read_floor_ms": floor, "x_floor": ms / floor})
-            log(f"decode dense  b={batch:<2} ctx={ctx} {'no adapters':<15} {ms:8.2f} ms/step")
-    shutil.rmtree(dense)
+    user would otherwise serve, each batch's ratio against it recorded on the other rows."""
+    bench_variant("dense", ckpt.base_only(), work, batches, ctx, steps, results)
     by_batch = {r["batch"]: r["ms_per_step"] for r in results["decode"] if r["strategy"] == "dense"}
     for r in results["decode"]:
         if r["strategy"] != "dense" and r["batch"] in by_batch:

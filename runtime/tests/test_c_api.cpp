@@ -135,6 +135,16 @@ class OpenEngine : public ::testing::Test {
     EXPECT_EQ(engine, nullptr);
     return status;
   }
+  // Past every check this machine can make: without a GPU, CUDA refuses; with one, the stand-in TensorRT
+  // library creates no runtime.
+  void expect_stops_at_the_gpu_or_the_runtime() {
+    const adafuse_status status = open(NVINFER_101401, PLUGIN_STUB);
+    const std::string message = adafuse_last_error();
+    if (status == ADAFUSE_ERR_CUDA)
+      EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
+    else
+      EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+  }
   EngineFixture f;
   std::string engine_path_;
 };
@@ -183,14 +193,7 @@ TEST_F(OpenEngine, RefusesAnOldTensorRT) {
 }
 
 TEST_F(OpenEngine, StopsAtTheGpuOrTheRuntime) {
-  // Past every check this machine can make: without a GPU, CUDA refuses; with one, the stand-in
-  // TensorRT library creates no runtime.
-  const adafuse_status status = open(NVINFER_101401, PLUGIN_STUB);
-  const std::string message = adafuse_last_error();
-  if (status == ADAFUSE_ERR_CUDA)
-    EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
-  else
-    EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+  expect_stops_at_the_gpu_or_the_runtime();
 }
 
 // A version-compatible engine loads TensorRT's lean runtime, checked as libnvinfer is.
@@ -207,12 +210,7 @@ TEST_F(OpenEngine, LoadsTheLeanRuntimeForAVersionCompatibleEngine) {
   EXPECT_EQ(std::string(adafuse_last_error()).rfind("TensorRT lean runtime not found: a version-compatible engine needs ", 0), 0u);
   f.manifest["engine"]["backend_version"] = "10.14.1.48";
   f.save();
-  const adafuse_status status = open(NVINFER_101401, PLUGIN_STUB);
-  const std::string message = adafuse_last_error();
-  if (status == ADAFUSE_ERR_CUDA)
-    EXPECT_EQ(message.rfind("CUDA device 0 (running " + f.engine().string() + " needs an NVIDIA GPU): ", 0), 0u) << message;
-  else
-    EXPECT_EQ(message, std::string(NVINFER_101401) + ": TensorRT 10.14.1 could not create a runtime");
+  expect_stops_at_the_gpu_or_the_runtime();
 }
 
 }  // namespace
