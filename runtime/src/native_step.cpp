@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "host_copies.h"
 #include "lt_lora.h"
 #include "native_backend_impl.h"
 #include "native_mix.h"
@@ -377,57 +378,38 @@ void NativeBackend::run(const int64_t* ids, std::vector<Row>& rows) {
       graph = nullptr;
     }
   }
-  auto download = [&](int32_t first, int32_t count) {  // consecutive destinations in one copy each
-    const float* src = reinterpret_cast<const float*>(at("logits_f32"));
-    const size_t row = static_cast<size_t>(a_.vocab) * sizeof(float);
-    for (int32_t i = 0; i < count;) {
-      int32_t j = i + 1;
-      while (j < count && logit_dest_[size_t(first + j)] == logit_dest_[size_t(first + j - 1)] + a_.vocab) ++j;
-      check(cudaMemcpyAsync(logit_dest_[size_t(first + i)], src + static_cast<int64_t>(i) * a_.vocab, row * size_t(j - i),
-                            cudaMemcpyDeviceToHost, stream_.stream),
-            "logits download");
-      i = j;
-    }
+  // Every copy from the device buffer `src` that merge_host_copies makes of `pieces` (host_copies.h).
+  auto download = [&](const char* src, const std::vector<std::pair<void*, size_t>>& pieces, const char* what) {
+    for (const HostCopy& c : merge_host_copies(pieces))
+      check(cudaMemcpyAsync(c.dest, src + c.offset, c.bytes, cudaMemcpyDeviceToHost, stream_.stream), what);
   };
+  auto download_logits = [&](int32_t first, int32_t count) {  // logit rows first.. of the head's last pass
+    std::vector<std::pair<void*, size_t>> pieces;
+    for (int32_t i = 0; i < count; ++i)
+      pieces.emplace_back(logit_dest_[size_t(first + i)], static_cast<size_t>(a_.vocab) * sizeof(float));
+    download(at("logits_f32"), pieces, "logits download");
+  };
+
   if (graph != nullptr && graph->exec != nullptr) {
     check(cudaGraphLaunch(graph->exec, stream_.stream), "CUDA graph launch");
-    download(0, s.logit_rows);
+    download_logits(0, s.logit_rows);
   } else {
     enqueue_body(s);
     for (int32_t first = 0; first < s.logit_rows; first += per_pass) {
       const int32_t count = std::min(per_pass, s.logit_rows - first);
       enqueue_head(first, count);
-      download(first, count);
+      download_logits(first, count);
     }
   }
-  if (info_.top_k > 0) {  // the routes each token was fed: rows whose host destinations follow one another in one
-    // copy (a decode batch's [batch, top_k] arrays: one copy each instead of one per row, each a synchronous
-    // pageable copy of a few bytes)
-    const size_t k = static_cast<size_t>(info_.top_k);
-    auto download_routes = [&](auto member, const char* device) {
-      size_t token = 0, run_token = 0, run_bytes = 0;
-      char* run_dest = nullptr;
-      auto flush = [&] {
-        if (run_bytes > 0)
-          check(cudaMemcpyAsync(run_dest, device + run_token * k * 4, run_bytes, cudaMemcpyDeviceToHost, stream_.stream),
-                "routes download");
-        run_bytes = 0;
-      };
-      for (const Row& r : rows) {
-        char* dest = reinterpret_cast<char*>(r.*member);
-        const size_t bytes = static_cast<size_t>(r.count) * k * 4;
-        if (dest != nullptr && run_bytes > 0 && dest == run_dest + run_bytes) {
-          run_bytes += bytes;
-        } else {
-          flush();
-          if (dest != nullptr) run_dest = dest, run_token = token, run_bytes = bytes;
-        }
-        token += static_cast<size_t>(r.count);
-      }
-      flush();
-    };
-    download_routes(&Row::expert_ids, at("routes.ids"));
-    download_routes(&Row::gates, at("routes.gates"));
+  if (info_.top_k > 0) {  // the routes each token was fed
+    std::vector<std::pair<void*, size_t>> ids, gates;
+    for (const Row& r : rows) {
+      const size_t bytes = static_cast<size_t>(r.count) * static_cast<size_t>(info_.top_k) * 4;
+      ids.emplace_back(r.expert_ids, bytes);
+      gates.emplace_back(r.gates, bytes);
+    }
+    download(at("routes.ids"), ids, "routes download");
+    download(at("routes.gates"), gates, "routes download");
   }
   check(cudaEventRecord(step_end_.event, stream_.stream), "step timing event");
   check(cudaStreamSynchronize(stream_.stream), "native step");
