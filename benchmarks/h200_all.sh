@@ -5,7 +5,8 @@
 #   backend, `run --device cuda` and `validate --runtime cpp` against the CPU reference); the per-kernel
 #   timings (routed fused linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
 #   against cuBLAS at the 7B decoder's site shapes, FP8 against bf16 weights in the fused GEMV at those
-#   shapes (fp8_gemv.py), the decode-step kernels); the decode benchmark of
+#   shapes (fp8_gemv.py), the decode-step kernels, the native step's time per kernel at each batch and of a
+#   512-token prefill (profile_native.py)); the decode benchmark of
 #   the native backend over the C API (benchmarks/h200_decode.py).
 # First it builds the kernels, the runtime (native backend), adafuse-serve and adafuse-generate for this GPU
 # (runtime/tools/build_on_gpu.sh; ADAFUSE_DEVICE_DEPS: the header folder it needs) and exports ADAFUSE_RUNTIME_LIB
@@ -62,6 +63,8 @@ python3 benchmarks/fp8_gemv.py --out "$OUT" > "$OUT/fp8_gemv.log" 2>&1; rc=$?
 grep -E "^(site|qkv|o |gate_up|down)" "$OUT/fp8_gemv.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>&1; rc=$?
 grep -E "kernel .* us|Error" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
+python3 benchmarks/profile_native.py --out "$OUT" --dense > "$OUT/profile_native.log" 2>&1; rc=$?
+grep -E "GPU span" "$OUT/profile_native.log"; [[ $rc == 0 ]] || status=1
 fi
 has --no-decode && exit $status
 args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
