@@ -72,7 +72,6 @@ bool NativeBackend::lt_lora(size_t site, int32_t rows, const void* x, const void
                             const int32_t* ids, const float* gates, void* y) {
   const NativeSite& s = sites_[site];
   if (A != nullptr && !plan_.has("lt.b_cat." + s.name)) return false;  // planned for the kernel library (native_cublaslt_adapter)
-  if (bias != nullptr && reinterpret_cast<uintptr_t>(bias) % 16 != 0) return false;  // the bias epilogue's vector loads
   LtLoraCall c;
   c.dtype = static_cast<int>(dtype_);
   c.rows = rows;
