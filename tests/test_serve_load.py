@@ -89,17 +89,22 @@ def expected_tokens(logits: np.ndarray, req) -> list[int]:
     return [int(np.argmax(logits[p])) for p in range(start, start + req.max_new_tokens)]
 
 
+def recording(generate):
+    """(send for run_level, the list of (request, record) pairs it fills as the clients finish)."""
+    records: list = []
+
+    def send(req):
+        record = generate(req)
+        records.append((req, record))
+        return record
+    return send, records
+
+
 def test_driver_completes_every_request_with_the_recorded_tokens(replay_server, recorded):
     url = replay_server("--max-batch", "4", "--step-delay-ms", "3")
     client = serve_load.ServeClient(url)
     mix = serve_load.request_mix(12, 5, (4, 24), (2, 12), VOCAB)
-    records = []
-
-    def send(req):
-        record = client.generate(req)
-        records.append((req, record))
-        return record
-
+    send, records = recording(client.generate)
     level = serve_load.run_level(send, mix, 4, max_seconds=60)
     assert (level["requests"], level["completed"], level["errors"]) == (12, 12, 0), level["error_samples"]
     assert level["generated_tokens"] == sum(r.max_new_tokens for r in mix)
@@ -235,13 +240,7 @@ def test_transformers_driver_streams_every_token_of_model_generate(tmp_path):
                                    cb_config={"num_blocks": 32, "max_batch_tokens": 128, "page_size": 16})
     try:
         mix = serve_load.request_mix(6, 1, (4, 24), (2, 12), 128)
-        records = []
-
-        def send(req):
-            record = cb.generate(req)
-            records.append((req, record))
-            return record
-
+        send, records = recording(cb.generate)
         level = serve_load.run_level(send, mix, 3, max_seconds=120)
         assert (level["requests"], level["completed"], level["errors"]) == (6, 6, 0), level["error_samples"]
         for req, record in records:
