@@ -19,24 +19,32 @@ sources=(
 )
 includes=(-I"$here/include" -I"$here/src" -I"$here/service" -I"$here/tests")
 
-run_one() {
-  local name="$1" flags="$2" env="$3"
-  local out="$root/build/sanitize-$name"
+# compile OUT FLAGS EXTRA_CFLAGS SOURCE...: every source (runtime/-relative) to OUT/*.o, two at a time, plus the
+# one-line adafuse_sampling_default() (it lives in c_api.cpp, which drags in TensorRT and CUDA); the objects'
+# paths are left in the array `objects`.
+compile() {
+  local out="$1" flags="$2" extra="$3"
+  shift 3
   mkdir -p "$out"
-  local objects=()
-  for s in "${sources[@]}"; do
+  objects=()
+  for s in "$@"; do
     local o="$out/$(echo "$s" | tr / _).o"
     # -O1 -g: line numbers in reports at a bearable speed
-    g++ -std=c++17 -O1 -g -fno-omit-frame-pointer $flags -Wall -Wextra -Werror "${includes[@]}" -c "$here/$s" -o "$o" &
+    g++ -std=c++17 -O1 -g -fno-omit-frame-pointer $flags -Wall -Wextra -Werror $extra "${includes[@]}" -c "$here/$s" -o "$o" &
     objects+=("$o")
     if (( $(jobs -rp | wc -l) >= 2 )); then wait -n; fi
   done
   wait
-  # adafuse_sampling_default() lives in c_api.cpp, which drags in TensorRT and CUDA: its one line here
   printf '#include "adafuse/runtime.h"\nextern "C" adafuse_sampling adafuse_sampling_default(void) { return adafuse_sampling{0.0f, 0, 1.0f, 0}; }\n' \
     > "$out/sampling_default.cpp"
   g++ -std=c++17 $flags "${includes[@]}" -c "$out/sampling_default.cpp" -o "$out/sampling_default.o"
   objects+=("$out/sampling_default.o")
+}
+
+run_one() {
+  local name="$1" flags="$2" env="$3"
+  local out="$root/build/sanitize-$name"
+  compile "$out" "$flags" "" "${sources[@]}"
   g++ $flags -o "$out/batching_tests" "${objects[@]}" -lgtest -lgtest_main -pthread
   echo "== $name: $out/batching_tests"
   env $env "$out/batching_tests" --gtest_brief=1
@@ -44,26 +52,13 @@ run_one() {
 
 run_service() {
   local out="$root/build/sanitize-service" flags="-fsanitize=thread"
-  mkdir -p "$out"
   local service_sources=(
     src/backend.cpp src/batcher.cpp src/generation.cpp src/sampling.cpp src/files.cpp src/safetensors.cpp
     service/scheduler.cpp service/metrics.cpp service/batching_metrics.cpp service/request.cpp service/completions.cpp
     service/bounded_server.cpp service/http_service.cpp
     tests/history_backend_for_tests.cpp tests/replay_backend_for_tests.cpp tests/replay_server_main.cpp
   )
-  local objects=()
-  for s in "${service_sources[@]}"; do
-    local o="$out/$(echo "$s" | tr / _).o"
-    g++ -std=c++17 -O1 -g -fno-omit-frame-pointer $flags -Wall -Wextra -Werror $(pkg-config --cflags cpp-httplib) \
-      "${includes[@]}" -c "$here/$s" -o "$o" &
-    objects+=("$o")
-    if (( $(jobs -rp | wc -l) >= 2 )); then wait -n; fi
-  done
-  wait
-  printf '#include "adafuse/runtime.h"\nextern "C" adafuse_sampling adafuse_sampling_default(void) { return adafuse_sampling{0.0f, 0, 1.0f, 0}; }\n' \
-    > "$out/sampling_default.cpp"
-  g++ -std=c++17 $flags "${includes[@]}" -c "$out/sampling_default.cpp" -o "$out/sampling_default.o"
-  objects+=("$out/sampling_default.o")
+  compile "$out" "$flags" "$(pkg-config --cflags cpp-httplib)" "${service_sources[@]}"
   mkdir -p "$out/tests"
   g++ $flags -o "$out/tests/adafuse_replay_server_for_tests" "${objects[@]}" $(pkg-config --libs cpp-httplib) -lcrypto -pthread
   rm -f "$out"/tsan.[0-9]*
