@@ -14,6 +14,8 @@ for the bf16 weights, so the FP8 rotation is >= 2x L2), median of 30 replays, ea
 (the spread). GB/s: the bytes a call must read (W at its storage size, the scales, the touched
 experts' A and B, x, y) against a device-to-device copy measured in the same run. A timed output is
 checked only to be finite and close to the bf16 result of the same call (tests/gpu judges correctness).
+With --shapes, first the one-row kernel shapes side by side (adafuse_lora_options.gemv1, early-W variants
+included), bf16 and FP8, fused and without adapter: the measurement behind the library's AUTO shape.
 Writes <out>/fp8_gemv.json and prints a table last.
 """
 from __future__ import annotations
@@ -45,14 +47,14 @@ def log(*a):
     print(*a, flush=True)
 
 
-def call(K, st, weight: str, adapter: bool):
-    """One adafuse_lora_linear call of a weight set, with W in bf16 or FP8."""
+def call(K, st, weight: str, adapter: bool, gemv1: str = "auto"):
+    """One adafuse_lora_linear call of a weight set, with W in bf16 or FP8 (one row: the kernel shape gemv1)."""
     W, ws = (st["Wq"], st["Ws"]) if weight == "fp8" else (st["W"], None)
     if adapter:
         K.lora_linear(st["x"], W, st["A"], st["B"], st["ids"], st["g"], SCALE, out=st["y"], workspace=st["ws"],
-                      exclusive_workspace=True, weight_scale=ws)
+                      exclusive_workspace=True, weight_scale=ws, gemv1=gemv1)
     else:
-        K.linear(st["x"], W, out=st["y"], workspace=st["ws"], weight_scale=ws)
+        K.linear(st["x"], W, out=st["y"], workspace=st["ws"], weight_scale=ws, gemv1=gemv1)
 
 
 def check(K, sets, adapter: bool) -> float:
@@ -112,10 +114,43 @@ def bench(K, bw, ranks):
     return recs
 
 
+def sweep_shapes(K, bw, shapes, r=16):
+    """One row, per site: every one-row kernel shape in `shapes`, bf16 and FP8 W, fused (r) and without adapter,
+    side by side in one run (the fraction of copy each reaches), for choosing the library's AUTO shape."""
+    gen = torch.Generator(device=DEV).manual_seed(29)
+    L2 = torch.cuda.get_device_properties(0).L2_cache_size
+    recs = []
+    for name, (outf, inf, members) in SITES.items():
+        nsets = max(2, math.ceil(4 * L2 / (outf * inf * 2)))
+        sets = add_workspaces(K, make_sets(outf, inf, members * r, 1, nsets, gen), E, TOP_K)
+        for st in sets:
+            st["Wq"], st["Ws"] = quantize_fp8_per_channel(st["W"], f"{name} W")
+        lora_bytes = TOP_K * members * r * (inf + outf) * 2
+        for adapter in (True, False):
+            for weight, w_bytes in (("bf16", outf * inf * 2), ("fp8", outf * inf + outf * 4)):
+                nbytes = w_bytes + (inf + outf) * 2 + (lora_bytes if adapter else 0)
+                row = dict(site=name, weight=weight, adapter=adapter, floor_us=1e6 * nbytes / bw)
+                for shape in shapes:
+                    def run(shape=shape, weight=weight, adapter=adapter):
+                        for st in sets:
+                            call(K, st, weight, adapter, shape)
+                    us = min(time_graph(run)[0], time_graph(run)[0]) * 1e3 / nsets
+                    row[shape] = {"us": us, "frac_of_copy": row["floor_us"] / us}
+                recs.append(row)
+                log("  %-7s %-4s %-6s " % (name, weight, "fused" if adapter else "linear")
+                    + "  ".join(f"{sh} {100 * row[sh]['frac_of_copy']:3.0f}%" for sh in shapes))
+        del sets
+        torch.cuda.empty_cache()
+    return recs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ranks", default="16,64", help="comma list of per-member ranks r (site rank = members x r)")
+    ap.add_argument("--shapes", default="",
+                    help="also: one row, r16, these one-row kernel shapes side by side (comma list of "
+                         "Kernels.lora_linear's gemv1 names, e.g. auto,u4n1,u4n1_ew,u8n1_ew)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +159,9 @@ def main() -> int:
     bw = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name(0), "copy_GBps": bw / 1e9, "E": E, "top_k": TOP_K}
     log(f"{results['device']}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
+    if args.shapes:
+        log("one row, r16, fraction of copy per kernel shape:")
+        results["one_row_shapes"] = sweep_shapes(K, bw, [sh for sh in args.shapes.split(",") if sh])
     results["sites"] = bench(K, bw, [int(r) for r in args.ranks.split(",") if r])
     # the projections of a 7B decode step: every site once per layer, per (rank, rows, adapter)
     steps = {}

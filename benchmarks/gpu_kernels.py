@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from adafuse_export.kernels import build_library, load_kernels  # noqa: E402
-from adafuse_export.kernels.binding import DIAGNOSTICS_FLAG  # noqa: E402
+from adafuse_export.kernels.binding import DIAGNOSTICS_FLAG, GEMV1_SHAPES  # noqa: E402
 from adafuse_export.kernels.binding import capture_graph as capture_cuda_graph  # noqa: E402
 
 LOG = io.StringIO()
@@ -182,7 +182,7 @@ def check_lora(K, results):
     return n_fail
 
 
-GEMV1_VARIANTS = ("auto", "u4n1", "u8n1", "u4n2", "u4k2", "simt")  # Kernels.lora_linear(gemv1=...)
+GEMV1_VARIANTS = tuple(GEMV1_SHAPES)  # Kernels.lora_linear(gemv1=...): "auto" first
 
 
 def check_lora_chain(K, results):

@@ -244,10 +244,10 @@ def test_lora_linear_options_are_checked(kernels):
     """adafuse_lora_options: every field inside its enum (else an invalid argument, before any CUDA
     call); in range, the call gets as far as the workspace check."""
     INV, WS = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_ERR_WORKSPACE
-    ok = [kbind.LoraOptions(p, g, s, e) for p in (0, 1) for g in range(6) for s in range(3) for e in (0, 1)]
+    ok = [kbind.LoraOptions(p, g, s, e) for p in (0, 1) for g in range(len(kbind.GEMV1_SHAPES)) for s in range(3) for e in (0, 1)]
     for o in ok:
         assert _lora_call(kernels, ws=None, options=ctypes.byref(o)) == WS, (o.pdl, o.gemv1, o.shrink)
-    for bad in [(2, 0, 0, 0), (-1, 0, 0, 0), (0, 6, 0, 0), (0, -1, 0, 0), (0, 0, 3, 0), (0, 0, -1, 0),
+    for bad in [(2, 0, 0, 0), (-1, 0, 0, 0), (0, len(kbind.GEMV1_SHAPES), 0, 0), (0, -1, 0, 0), (0, 0, 3, 0), (0, 0, -1, 0),
                 (0, 0, 0, 2), (0, 0, 0, -1)]:
         assert _lora_call(kernels, ws=None, options=ctypes.byref(kbind.LoraOptions(*bad))) == INV, bad
     # the binding's names map onto the enums, and name a bad one

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from adafuse_export.kernels.binding import GEMV1_SHAPES
+
 from gpu_numerics import DEVICE, DTYPES, Inputs, assert_close, capture, error_bound, poisoned, poisoned_workspace
 
 pytestmark = pytest.mark.gpu
@@ -39,11 +41,13 @@ class Case:
     bias: bool = True
     misaligned: bool = False
     invalid_id: bool = False
+    gemv1: str = "auto"  # the one-row kernel's shape (adafuse_lora_options.gemv1)
 
     @property
     def id(self) -> str:
         return (f"{self.dtype}-{self.in_f}x{self.out_f}-rows{self.rows}-r{self.rank}-E{self.experts}-k{self.top_k}"
-                + "-bias" * self.bias + "-misaligned" * self.misaligned + "-invalid_id" * self.invalid_id)
+                + "-bias" * self.bias + "-misaligned" * self.misaligned + "-invalid_id" * self.invalid_id
+                + (f"-{self.gemv1}" if self.gemv1 != "auto" else ""))
 
 
 def params(cases):
@@ -156,9 +160,10 @@ def run_and_check(kernels, case: Case, inputs: Inputs, adapter: bool = True) -> 
     ws = poisoned_workspace(kernels.lora_linear_workspace_size(case.rows, case.in_f, case.out_f, case.experts,
                                                                case.rank, case.top_k))
     if adapter:
-        kernels.lora_linear(op.x, op.W, op.A, op.B, op.ids, op.gates, SCALE, bias=op.bias, out=y, workspace=ws)
+        kernels.lora_linear(op.x, op.W, op.A, op.B, op.ids, op.gates, SCALE, bias=op.bias, out=y, workspace=ws,
+                            gemv1=case.gemv1)
     else:
-        kernels.linear(op.x, op.W, bias=op.bias, out=y, workspace=ws)
+        kernels.linear(op.x, op.W, bias=op.bias, out=y, workspace=ws, gemv1=case.gemv1)
     torch.cuda.synchronize()
     ref = reference(op, SCALE, adapter)
     limit = bound(ref, dt)
@@ -187,6 +192,21 @@ def test_lora_linear_prefill_and_limits(kernels, inputs, case):
 @pytest.mark.parametrize("case", params(site_cases()))
 def test_lora_linear_7b_sites(kernels, inputs, case):
     run_and_check(kernels, case, inputs)
+
+
+ONE_ROW_SHAPES = [s for s in GEMV1_SHAPES if s != "auto"]
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "dense"])
+@pytest.mark.parametrize("case", params(Case(dtype, in_f, out_f, 1, rank, 8, 2, bias=(in_f + rank) % 2 == 1,
+                                             misaligned=in_f == 37, gemv1=shape)
+                                        for dtype in ("bf16", "fp16") for shape in ONE_ROW_SHAPES
+                                        for (in_f, out_f, rank) in [(4096, 12288, 16), (11008, 4096, 16),
+                                                                    (4096, 4095, 64), (48, 129, 3), (37, 7, 16)]))
+def test_one_row_shapes(kernels, inputs, case, adapter):
+    """Every one-row kernel shape (early W loads included), with and without adapter, at the 7B's r16
+    sites and odd sizes (a misaligned x takes the fallback)."""
+    run_and_check(kernels, case, inputs, adapter=adapter)
 
 
 @pytest.mark.parametrize("case", params(Case(dtype, in_f, out_f, rows, bias=rows != 3)

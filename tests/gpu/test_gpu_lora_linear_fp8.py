@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from adafuse_export.kernels.binding import AdafuseKernelError
+from adafuse_export.kernels.binding import GEMV1_SHAPES, AdafuseKernelError
 from adafuse_export.quantize import dequantize_fp8, quantize_fp8_per_channel
 from gpu_numerics import DEVICE, DTYPES, Inputs, assert_close, capture, poisoned, poisoned_workspace
 from test_gpu_lora_linear import Operands, assert_adapter_visible, bound, reference
@@ -114,7 +114,7 @@ def test_fp8_lora_linear_sweep(kernels, inputs, case):
 
 @pytest.mark.parametrize("case", params(Fp8Case(dtype, in_f, out_f, 1, rank, 8, 2, bias=False, gemv1=shape)
                                          for dtype in ("bf16", "fp16")
-                                         for shape in ("u4n1", "u8n1", "u4n2", "u4k2", "simt")
+                                         for shape in [s for s in GEMV1_SHAPES if s != "auto"]
                                          for (in_f, out_f, rank) in [(4096, 12288, 16), (11008, 4096, 16),
                                                                      (4096, 4095, 64), (48, 129, 3)]))
 def test_fp8_one_row_shapes(kernels, inputs, case):
