@@ -179,32 +179,32 @@ __device__ __forceinline__ void unpack16_fp8(const uint4& v, float* f) {
   }
 }
 
-// 8 e4m3 values (8 bytes) to 8 values of T in a 16-byte vector, exactly (bf16 holds every e4m3 value).
+// Two e4m3 values (as fp16, exact) in T's 32-bit pair; bf16 holds every e4m3 value too.
 template <typename T>
-__device__ __forceinline__ uint4 fp8x8_to16(uint2 v);
+__device__ __forceinline__ uint32_t half2_as_pair(__half2 h);
 template <>
-__device__ __forceinline__ uint4 fp8x8_to16<__half>(uint2 v) {
-  const uint32_t w[2] = {v.x, v.y};
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const __half2 lo = fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu));
-    const __half2 hi = fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16));
-    memcpy(&o[2 * i], &lo, 4);
-    memcpy(&o[2 * i + 1], &hi, 4);
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
+__device__ __forceinline__ uint32_t half2_as_pair<__half>(__half2 h) {
+  uint32_t o;
+  memcpy(&o, &h, 4);
+  return o;
 }
 template <>
-__device__ __forceinline__ uint4 fp8x8_to16<__nv_bfloat16>(uint2 v) {
+__device__ __forceinline__ uint32_t half2_as_pair<__nv_bfloat16>(__half2 h) {
+  const __nv_bfloat162 b = __float22bfloat162_rn(__half22float2(h));
+  uint32_t o;
+  memcpy(&o, &b, 4);
+  return o;
+}
+
+// 8 e4m3 values (8 bytes) to 8 values of T in a 16-byte vector, exactly.
+template <typename T>
+__device__ __forceinline__ uint4 fp8x8_to16(uint2 v) {
   const uint32_t w[2] = {v.x, v.y};
   uint32_t o[4];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const __nv_bfloat162 lo = __float22bfloat162_rn(__half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu))));
-    const __nv_bfloat162 hi = __float22bfloat162_rn(__half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16))));
-    memcpy(&o[2 * i], &lo, 4);
-    memcpy(&o[2 * i + 1], &hi, 4);
+    o[2 * i] = half2_as_pair<T>(fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu)));
+    o[2 * i + 1] = half2_as_pair<T>(fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16)));
   }
   return make_uint4(o[0], o[1], o[2], o[3]);
 }
