@@ -13,6 +13,10 @@ than against the quantization error; validate.quantization_effect measures that 
                                  '<name>.weight_scale' float32, inline or in external data; dequantized as the
                                  graph's DequantizeLinear does it (float32, one rounding), then the model's dtype
 Per-output-channel scales make the two forms the same numbers: a row's scale depends on that row alone.
+The twin is the expected result of both native strategies: fused computes (x W8^T) * scale + the LoRA term; switch
+merges each decode token's experts into a copy of the weight in the model's dtype, round(W8 * scale + sum_j c_j B A)
+(float32, one rounding: the twin's weight plus the deltas, as a 16-bit model's switch merges into its own weight),
+so either differs from the twin by the model dtype's rounding only, which validate's bounds cover.
 A static LoRA is merged into the stored weight, so its site is dropped from the model. A streaming model
 (LayerWeights) reads the rows as it reads a layer, so it still holds one layer at a time.
 """

@@ -23,6 +23,7 @@ EXPECTED_SYMBOLS = {
     "adafuse_lora_linear_workspace_size",
     "adafuse_lora_linear",
     "adafuse_switch",
+    "adafuse_switch_check_site",
     "adafuse_add_rms_norm",
     "adafuse_rope_kv_write",
     "adafuse_silu_mul",
@@ -462,10 +463,12 @@ def test_switch_rejects_bad_arguments_without_touching_the_gpu(kernels):
 
 
 def test_switch_site_layout_matches_the_header(tmp_path):
-    # adafuse_switch_site: 4 pointers, 4 int32, float, int32 -> 56 bytes on 64-bit
-    assert kbind.SWITCH_SITE_DTYPE_SIZE == 56
+    # adafuse_switch_site: 4 pointers, 4 int32, float, int32 (base_dtype), pointer (base_scale) -> 64 bytes on 64-bit
+    assert kbind.SWITCH_SITE_DTYPE_SIZE == 64
     assert kbind.SwitchSite.out_features.offset == 32
     assert kbind.SwitchSite.scale.offset == 48
+    assert kbind.SwitchSite.base_dtype.offset == 52
+    assert kbind.SwitchSite.base_scale.offset == 56
     cc = shutil.which("cc") or shutil.which("gcc")
     cuda_inc = Path(NVCC).parent.parent / "include" if NVCC else None
     if cc is None or cuda_inc is None or not (cuda_inc / "cuda_runtime_api.h").is_file():
@@ -473,17 +476,50 @@ def test_switch_site_layout_matches_the_header(tmp_path):
     src = tmp_path / "layout.c"
     src.write_text(
         '#include <stdio.h>\n#include <stddef.h>\n#include "adafuse_kernels.h"\n'
-        'int main(void){printf("%zu %zu %zu %zu\\n", sizeof(adafuse_switch_site),'
+        'int main(void){printf("%zu %zu %zu %zu %zu %d %d\\n", sizeof(adafuse_switch_site),'
         ' offsetof(adafuse_switch_site, out_features), offsetof(adafuse_switch_site, scale),'
-        ' offsetof(adafuse_switch_site, reserved)); return 0;}\n')
+        ' offsetof(adafuse_switch_site, base_dtype), offsetof(adafuse_switch_site, base_scale),'
+        ' (int)ADAFUSE_WEIGHT_AS_DTYPE, (int)ADAFUSE_WEIGHT_FP8_E4M3); return 0;}\n')
     exe = tmp_path / "layout"
     subprocess.run([cc, f"-I{kbuild.kernel_root() / 'include'}", f"-I{cuda_inc}", str(src), "-o",
                     str(exe)], check=True)
-    size, off_out, off_scale, off_res = map(int, subprocess.run([str(exe)], capture_output=True,
-                                                                text=True, check=True).stdout.split())
-    assert (size, off_out, off_scale, off_res) == (
+    got = tuple(map(int, subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()))
+    assert got == (
         ctypes.sizeof(kbind.SwitchSite), kbind.SwitchSite.out_features.offset,
-        kbind.SwitchSite.scale.offset, kbind.SwitchSite.reserved.offset)
+        kbind.SwitchSite.scale.offset, kbind.SwitchSite.base_dtype.offset, kbind.SwitchSite.base_scale.offset,
+        kbind.WEIGHT_AS_DTYPE, kbind.WEIGHT_FP8_E4M3)
+
+
+@needs_nvcc
+def test_switch_check_site_is_the_fp8_base_contract(kernels):
+    """adafuse_switch_check_site (host memory, no GPU): an FP8 W_base needs a 16-bit dtype, pristine mode (W_base set)
+    and its per-row scales; a dtype base takes no scales; unknown base_dtype / dtype and a NULL record are refused."""
+    INV, OK = kbind.ADAFUSE_ERR_INVALID_ARGUMENT, kbind.ADAFUSE_OK
+    p = 0x1000
+
+    def site(base=p, base_dtype=kbind.WEIGHT_AS_DTYPE, base_scale=None):
+        return kbind.SwitchSite(p, base, p, p, 64, 32, 4, 8, 1.0, base_dtype, base_scale)
+
+    def status(dtype, s):
+        return kernels.lib.adafuse_switch_check_site(dtype, ctypes.byref(s))
+
+    FP8 = kbind.WEIGHT_FP8_E4M3
+    for dt in (kbind.DTYPE_FLOAT16, kbind.DTYPE_BFLOAT16):
+        assert status(dt, site(base_dtype=FP8, base_scale=p)) == OK
+        assert status(dt, site(base=None, base_dtype=FP8, base_scale=p)) == INV   # in-place mode
+        assert status(dt, site(base_dtype=FP8, base_scale=None)) == INV           # no scales
+    assert status(kbind.DTYPE_FLOAT32, site(base_dtype=FP8, base_scale=p)) == INV  # fp32 model
+    for dt in (kbind.DTYPE_FLOAT32, kbind.DTYPE_FLOAT16, kbind.DTYPE_BFLOAT16):
+        assert status(dt, site()) == OK                       # pristine, dtype base
+        assert status(dt, site(base=None)) == OK              # in place
+        assert status(dt, site(base_scale=p)) == INV          # scales without an FP8 base
+        assert status(dt, site(base_dtype=2, base_scale=p)) == INV
+        assert status(dt, site(base_dtype=-1)) == INV
+    assert status(9, site()) == INV
+    assert kernels.lib.adafuse_switch_check_site(kbind.DTYPE_BFLOAT16, None) == INV
+    with pytest.raises(kbind.AdafuseKernelError, match=r"adafuse_switch_check_site failed: .*\(status 1\)"):
+        kernels.check_site("float16", site(base=None, base_dtype=FP8, base_scale=p))
+    kernels.check_site("bfloat16", site(base_dtype=FP8, base_scale=p))
 
 
 @needs_nvcc
@@ -565,6 +601,22 @@ def test_binding_checks_tensors_before_any_cuda_call(kernels):
         kbind.dtype_code(torch.int8)
     with pytest.raises(kbind.AdafuseKernelError, match="must be a CUDA tensor"):
         kernels.pack_sites([dict(W=W, A=A, B=B, scale=1.0)])
+    # FP8 bases: the rules name the site before any tensor check (pristine, 16-bit W, base_scale)
+    q = torch.zeros(4, 8, dtype=torch.float8_e4m3fn)
+    s = torch.ones(4, dtype=torch.float32)
+    with pytest.raises(kbind.AdafuseKernelError, match=r"sites\[0\]\.W is FP8: the switch writes the merged weight in "
+                                                       r"the model dtype; pass the FP8 weight as W_base"):
+        kernels.pack_sites([dict(W=q, A=A, B=B)])
+    with pytest.raises(kbind.AdafuseKernelError, match=r"sites\[0\]: an FP8 W_base needs W float16 or bfloat16, "
+                                                       r"got torch.float32"):
+        kernels.pack_sites([dict(W=W.float(), W_base=q, base_scale=s, A=A.float(), B=B.float())])
+    with pytest.raises(kbind.AdafuseKernelError, match=r"sites\[0\]: an FP8 W_base needs base_scale \[4\] float32"):
+        kernels.pack_sites([dict(W=W, W_base=q, A=A, B=B)])
+    with pytest.raises(kbind.AdafuseKernelError, match=r"sites\[0\]\.base_scale is for an FP8 W_base "
+                                                       r"\(torch.float8_e4m3fn\); W_base is torch.bfloat16"):
+        kernels.pack_sites([dict(W=W, W_base=W, base_scale=s, A=A, B=B)])
+    with pytest.raises(kbind.AdafuseKernelError, match=r"sites\[0\]\.W must be a CUDA tensor"):
+        kernels.pack_sites([dict(W=W, W_base=q, base_scale=s, A=A, B=B)])  # the FP8 rules hold: on to the tensors
     h = torch.zeros(2, 8, dtype=torch.bfloat16)
     with pytest.raises(kbind.AdafuseKernelError, match="h must be a CUDA tensor"):
         kernels.add_rms_norm(h, None, torch.ones(8, dtype=torch.bfloat16), 1e-5)

@@ -476,9 +476,13 @@ def test_reader_checks_fp8_weights_and_plans_their_bytes(runtime_build, runtime_
     plan = dict(re.findall(r"plan: (weights) (\d+) bytes", proc.stdout))
     assert int(plan["weights"]) == sum(_safetensors_bytes(fp8 / f)[0] for f in (native.WEIGHTS, native.ADAPTERS))
     assert open_through_c_api(runtime_lib, fp8)[0] == 5  # fused: every check passed, then the device
+    # switch takes FP8 weights (16-bit merged copies beside them): refused only for this artifact's batch of 2
     assert open_through_c_api(runtime_lib, fp8, b"switch") == (
-        1, f"{fp8}: strategy 'switch' merges the experts into bfloat16 weights; this artifact's are FP8 (convert with "
-           "--weights dtype, or use strategy 'fused')")
+        1, f"{fp8}: strategy 'switch' merges one sequence's experts into the weights, so it runs batch 1, found "
+           "runtime.max_batch 2 (convert with --max-batch 1, or use strategy 'fused')")
+    art = _copy(fp8, tmp_path / "batch1.native")
+    _edit_manifest(art, lambda m: m["runtime"].__setitem__("max_batch", 1))
+    assert open_through_c_api(runtime_lib, art, b"switch")[0] == 5  # every check passed, then the device
     # the manifest and the tensors must agree on the weights' form
     art = _copy(fp8, tmp_path / "dtype.native")
     _edit_manifest(art, lambda m: m["model"].__setitem__("weights", "dtype"))

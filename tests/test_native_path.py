@@ -104,6 +104,20 @@ def test_run_cuda_refuses_strategies_the_native_backend_cannot_run(cli, example_
     assert list(tmpdir_env.iterdir()) == []
 
 
+def test_run_weights_fp8_is_for_the_native_backend(cli, example_dirs, tmpdir_env):
+    """--weights fp8 writes the temporary native artifact with FP8 weights: refused in one line on the CPU path, and
+    with a float32 --dtype (FP8 weights run with 16-bit activations) before anything is written."""
+    res = cli("run", example_dirs["pregate"], *PROMPT, "--weights", "fp8")
+    assert res.code == 2
+    assert one_line(res.err) == ("--weights fp8: applies to --device cuda (the native artifact it writes); the CPU "
+                                 "reference runs the checkpoint's weights")
+    res = cli("run", example_dirs["pregate"], *PROMPT, "--device", "cuda", "--weights", "fp8", "--strategy", "switch")
+    assert res.code == 2
+    assert one_line(res.err) == ("--weights fp8 keeps the activations in --dtype, which must then be float16 or "
+                                 "bfloat16 (the kernels run FP8 weights with 16-bit activations), got --dtype float32")
+    assert list(tmpdir_env.iterdir()) == []
+
+
 def test_no_adapters_artifact_is_the_base_model(example_dirs, tmp_path):
     """--no-adapters writes the base alone: no adapter file, routing 'none', and its reference equals the
     reference run with adapters off (what `run --no-adapters` computes on the CPU)."""

@@ -58,6 +58,17 @@ def test_overwrite_needs_force(cli, example_dirs, exported):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_strategy_is_the_native_backends(cli, example_dirs, exported, tmp_path):
+    """--strategy chooses the native backend's strategy: an ONNX export or an engine has none to choose."""
+    line = one_line_error(cli("validate", example_dirs["pregate"], exported["pregate", "plugin"], "--strategy", "switch"))
+    assert line == (f"error: --strategy switch: chooses the native backend's strategy; {exported['pregate', 'plugin']} is "
+                    "not a native artifact (an engine's strategy is fixed when it is built: convert --strategy)")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0")
+    line = one_line_error(cli("validate", example_dirs["pregate"], engine, "--runtime", "cpp", "--strategy", "switch"))
+    assert line.startswith("error: --strategy switch: chooses the native backend's strategy; ")
+
+
 def test_model_from_another_checkpoint(cli, example_dirs, exported):
     line = one_line_error(cli("validate", example_dirs["mola"], exported["pregate", "portable"]))
     assert "model does not match checkpoint" in line and "'expert_ids'/'gates' decoder inputs is present in the model" in line

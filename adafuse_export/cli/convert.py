@@ -23,7 +23,7 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                    "W8A16: activations, adapters, norms, embedding and head stay in --dtype, which must be float16 or "
                    "bfloat16). The ONNX export holds them as float8e4m3fn initializers with DequantizeLinear (opset 19) "
                    "and the plugin nodes take them as FP8 inputs (--strategy fused); a native artifact stores them "
-                   "for the native backend's FP8 kernels.")
+                   "for the native backend's FP8 kernels (strategy fused, or switch: the merged weights 16-bit copies).")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=1, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
               help="Longest context (prompt + generated) [default: the model's max_position_embeddings, at most 2048]; "

@@ -30,7 +30,11 @@ from .options import base_option, ckpt_argument, device_option, dtype_option, fo
               help="--device cuda: how the adapters run: fused (the routed fused linear kernel), switch (the token's "
                    "experts merged into the weights; pre-gated checkpoints), auto (pre-gated: times both at load and "
                    "keeps the faster; else fused); unmerged is the PyTorch path's and is refused.")
-def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, no_adapters, device, strategy):
+@click.option("--weights", type=click.Choice(["dtype", "fp8"]), default="dtype", show_default=True,
+              help="--device cuda: the native artifact's projection weights in --dtype, or fp8 (float8 e4m3 with "
+                   "per-output-channel scales, W8A16; --dtype float16 or bfloat16), run by either strategy (switch "
+                   "merges the experts into 16-bit copies of them).")
+def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, no_adapters, device, strategy, weights):
     """Greedy-decode with the PyTorch reference model (or, --device cuda, the native backend); print the generated ids."""
     torch = import_torch()
     from ..converters import load_checkpoint
@@ -38,6 +42,9 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, 
     from ..tensors import save_safetensors
 
     ids = parse_ids(prompt_ids)
+    if weights != "dtype" and device != "cuda":
+        raise AdafuseError(f"--weights {weights}: applies to --device cuda (the native artifact it writes); the CPU "
+                           "reference runs the checkpoint's weights")
     c = load_checkpoint(ckpt, fmt, base)
     if save_logits is not None:
         claim(save_logits, option="--save-logits", inputs=c.inputs, force=force, ours=is_marked_safetensors)
@@ -49,7 +56,7 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, 
         raise AdafuseError(f"--prompt-ids ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
                            f"context of {limit} positions (max_position_embeddings in {c.path})")
     if device == "cuda":
-        tokens, logits, experts = _run_cuda(c, ids, max_new_tokens, dtype, strategy, no_adapters)
+        tokens, logits, experts = _run_cuda(c, ids, max_new_tokens, dtype, strategy, no_adapters, weights)
         prompt_logits, routes = torch.from_numpy(logits), None if experts is None else experts[0].tolist()
     else:
         model = ReferenceModel(c, dtype=getattr(torch, dtype), adapters=not no_adapters)
@@ -64,7 +71,8 @@ def run(ckpt, fmt, base, prompt_ids, max_new_tokens, save_logits, force, dtype, 
     emit(" ".join(map(str, tokens)))
 
 
-def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str, no_adapters: bool):
+def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str, no_adapters: bool,
+              weights: str = "dtype"):
     """The native backend through the C API: the checkpoint written as a native artifact (batch 1, the run's context)
     into a temporary directory that is removed afterwards, failure or not; opened with the strategy, greedy-decoded.
     Returns (tokens, the prompt's logits [1, S, vocab], its expert ids [1, S, k] or None)."""
@@ -82,6 +90,7 @@ def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str,
         raise AdafuseError("--strategy switch merges a pre-gate's experts into the weights: " + (
             "--no-adapters leaves no adapter to merge" if no_adapters else
             f"{c.path} has routing '{c.adapter.routing}'") + " (use --strategy fused)")
+    native_artifact.check_weight_format(c, dtype, weights)
     load_library()  # no runtime library: said before anything is written
     if torch.version.cuda is not None and not torch.cuda.is_available():  # a CPU-only torch cannot tell: the runtime will
         raise AdafuseError("--device cuda: no CUDA GPU is visible (PyTorch sees none; CUDA_VISIBLE_DEVICES?)")
@@ -93,7 +102,7 @@ def _run_cuda(c, ids: list[int], max_new_tokens: int, dtype: str, strategy: str,
     with tempfile.TemporaryDirectory(prefix="adafuse-run-") as tmp:
         art = Path(tmp) / f"model{native_artifact.SUFFIX}"
         art.mkdir()
-        native_artifact.write_artifact(c, art, dtype, max_batch=1, max_seq=max_seq)
+        native_artifact.write_artifact(c, art, dtype, max_batch=1, max_seq=max_seq, weights=weights)
         try:
             chosen = candidates[0]
             if len(candidates) > 1:

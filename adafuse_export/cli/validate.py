@@ -87,7 +87,11 @@ def _stores_fp8(model: Path, kind: str) -> bool:
 @click.option("--runtime", type=click.Choice(["python", "cpp"]), default="python", show_default=True,
               help="Engines: run through TensorRT's Python API (python) or the C++ runtime's C API (cpp: "
                    "libadafuse_runtime.so from runtime/, found through $ADAFUSE_RUNTIME_LIB). Native artifacts: cpp "
-                   "only (the native backend, strategy fused, on a GPU).")
+                   "only (the native backend, on a GPU, with --strategy).")
+@click.option("--strategy", type=click.Choice(["fused", "switch"]), default="fused", show_default=True,
+              help="Native artifacts (--runtime cpp): the native backend's strategy: fused (the routed fused linear "
+                   "kernel) or switch (each decode token's experts merged into the weights; pre-gated artifacts of "
+                   "--max-batch 1; with FP8 weights the merged weights are 16-bit, beside the FP8 ones).")
 @click.option("--reference", "mode", type=click.Choice(["full", "layerwise"]), default="full", show_default=True,
               help="full: the reference holds every weight; layerwise: it reads one layer's weights at a time and "
                    "ONNX Runtime keeps its weights in the memory-mapped data file (models that do not fit twice "
@@ -103,8 +107,8 @@ def _stores_fp8(model: Path, kind: str) -> bool:
                    "step) is below this fraction. Without it that agreement and the logits' max abs diff are reported "
                    "only; the runtime is judged against the FP8 twin (the reference with the model's FP8 projection "
                    "weights dequantized) by the bounds above.")
-def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, mode,
-             half_tolerance, min_greedy_agreement):
+def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plugin_ops, device, runtime, strategy,
+             mode, half_tolerance, min_greedy_agreement):
     """Compare MODEL with the PyTorch reference of CKPT. MODEL is one of: an `export-onnx` output directory
     (or `convert`'s ENGINE.onnx/), its decoder .onnx file, a `convert` ENGINE.engine file (its ENGINE.json
     manifest beside it; needs TensorRT and a GPU), or a `convert --backend native` OUT.native directory (with
@@ -122,6 +126,9 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     kind = _model_kind(model)
     if kind == "native" and runtime != "cpp":
         raise AdafuseError(f"{model} is a native artifact: the C++ runtime's native backend runs it (add --runtime cpp)")
+    if strategy != "fused" and kind != "native":
+        raise AdafuseError(f"--strategy {strategy}: chooses the native backend's strategy; {model} is not a native "
+                           "artifact (an engine's strategy is fixed when it is built: convert --strategy)")
     if kind not in ("engine", "native"):  # engines are run by TensorRT (runners/tensorrt.py), native artifacts by the runtime
         import_onnx()
     if min_greedy_agreement is not None and not _stores_fp8(model, kind):
@@ -134,7 +141,8 @@ def validate(ckpt, model, fmt, base, prompt_ids, steps, atol, rtol, as_json, plu
     from ..runners import open_runner
 
     if kind in ("engine", "native"):
-        runner = open_runner(model, runtime="cpp") if runtime == "cpp" else None
+        runner = open_runner(model, runtime="cpp", **({"strategy": strategy} if kind == "native" else {})) \
+            if runtime == "cpp" else None
     else:
         if runtime == "cpp":
             raise AdafuseError(f"--runtime cpp: {model} is an ONNX export; the C++ runtime runs .engine files and "

@@ -21,7 +21,7 @@ ADAFUSE_ERR_WORKSPACE = 2
 ADAFUSE_ERR_CUDA = 3
 ADAFUSE_ERR_NO_DRIVER = 4
 ADAFUSE_ERR_DRIVER_TOO_OLD = 5
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
@@ -68,7 +68,7 @@ class AdafuseKernelError(RuntimeError):
 
 
 class SwitchSite(ctypes.Structure):
-    """Mirror of adafuse_switch_site (48 bytes on 64-bit)."""
+    """Mirror of adafuse_switch_site (64 bytes on 64-bit)."""
 
     _fields_ = [
         ("W", ctypes.c_void_p),
@@ -80,7 +80,8 @@ class SwitchSite(ctypes.Structure):
         ("rank", ctypes.c_int32),
         ("num_experts", ctypes.c_int32),
         ("scale", ctypes.c_float),
-        ("reserved", ctypes.c_int32),
+        ("base_dtype", ctypes.c_int32),  # adafuse_weight_dtype of W_base
+        ("base_scale", ctypes.c_void_p),  # [out] float32 with an FP8 W_base, else NULL
     ]
 
 
@@ -200,6 +201,8 @@ class Kernels:
                                           vp, ctypes.c_size_t, ctypes.POINTER(LoraOptions), vp]
         L.adafuse_switch.restype = ctypes.c_int
         L.adafuse_switch.argtypes = [i, vp, i, i, i, vp, vp, vp, vp, i, i, vp]
+        L.adafuse_switch_check_site.restype = ctypes.c_int
+        L.adafuse_switch_check_site.argtypes = [i, ctypes.POINTER(SwitchSite)]
         self._switch_diagnostic = getattr(L, "adafuse_switch_diagnostic", None)  # benchmark builds only
         if self._switch_diagnostic is not None:
             self._switch_diagnostic.restype = ctypes.c_int
@@ -392,17 +395,40 @@ class Kernels:
     # ---- fused switch ------------------------------------------------------
     @staticmethod
     def pack_sites(sites: Sequence[Dict[str, Any]]) -> bytes:
-        """Pack site dicts {W, W_base (or None), A, B, scale} of torch tensors into the
-        adafuse_switch_site array (host bytes); copy it to the device before the call."""
+        """Pack site dicts {W, W_base (or None), A, B, scale, base_scale} of torch tensors into the
+        adafuse_switch_site array (host bytes); copy it to the device before the call. W_base may be
+        FP8 (torch.float8_e4m3fn) with base_scale [out] float32 per row: W gets W_base * base_scale
+        + the deltas in W's dtype (float16 / bfloat16; pristine mode only)."""
+        torch = _torch()
+        fp8_dtype = getattr(torch, "float8_e4m3fn", None)
         arr = (SwitchSite * len(sites))()
         for k, s in enumerate(sites):
             W, A, B = s["W"], s["A"], s["B"]
-            base = s.get("W_base")
+            base, base_scale = s.get("W_base"), s.get("base_scale")
+            fp8 = fp8_dtype is not None and isinstance(base, torch.Tensor) and base.dtype == fp8_dtype
+            # the FP8 rules first (adafuse_switch_check_site's, with the site named), then the tensors
+            if fp8_dtype is not None and isinstance(W, torch.Tensor) and W.dtype == fp8_dtype:
+                raise AdafuseKernelError(
+                    f"sites[{k}].W is FP8: the switch writes the merged weight in the model dtype; pass the FP8 "
+                    "weight as W_base (pristine mode) with base_scale", ADAFUSE_ERR_INVALID_ARGUMENT)
+            if fp8 and isinstance(W, torch.Tensor) and W.dtype not in (torch.float16, torch.bfloat16):
+                raise AdafuseKernelError(f"sites[{k}]: an FP8 W_base needs W float16 or bfloat16, got {W.dtype}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+            if fp8 and base_scale is None:
+                raise AdafuseKernelError(f"sites[{k}]: an FP8 W_base needs base_scale [{base.shape[0]}] float32",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
+            if not fp8 and base_scale is not None:
+                raise AdafuseKernelError(f"sites[{k}].base_scale is for an FP8 W_base (torch.float8_e4m3fn); "
+                                         f"W_base is {'None' if base is None else base.dtype}",
+                                         ADAFUSE_ERR_INVALID_ARGUMENT)
             for nm, t in (("W", W), ("A", A), ("B", B)):
                 _check_tensor(f"sites[{k}].{nm}", t, dtype=W.dtype, device=W.device)
             if base is not None:
-                _check_tensor(f"sites[{k}].W_base", base, dtype=W.dtype, device=W.device,
+                _check_tensor(f"sites[{k}].W_base", base, dtype=fp8_dtype if fp8 else W.dtype, device=W.device,
                               shape=tuple(W.shape))
+            if fp8:
+                _check_tensor(f"sites[{k}].base_scale", base_scale, dtype=torch.float32, device=W.device,
+                              shape=(W.shape[0],))
             if W.dim() != 2 or A.dim() != 3 or B.dim() != 3 or A.shape[2] != W.shape[1] \
                     or B.shape[1] != W.shape[0] or B.shape[2] != A.shape[1] \
                     or B.shape[0] != A.shape[0]:
@@ -412,12 +438,21 @@ class Kernels:
                     ADAFUSE_ERR_INVALID_ARGUMENT)
             arr[k] = SwitchSite(W.data_ptr(), base.data_ptr() if base is not None else None,
                                 A.data_ptr(), B.data_ptr(), W.shape[0], W.shape[1], A.shape[1],
-                                A.shape[0], float(s.get("scale", 1.0)), 0)
+                                A.shape[0], float(s.get("scale", 1.0)),
+                                WEIGHT_FP8_E4M3 if fp8 else WEIGHT_AS_DTYPE,
+                                base_scale.data_ptr() if fp8 else None)
         return bytes(arr)
+
+    def check_site(self, dtype, site: SwitchSite) -> None:
+        """adafuse_switch_check_site: the library's own rule for one site record (host memory)."""
+        self._raise_if(self.lib.adafuse_switch_check_site(dtype_code(dtype), ctypes.byref(site)),
+                       "adafuse_switch_check_site")
 
     def sites_to_device(self, sites: Sequence[Dict[str, Any]], device=None):
         torch = _torch()
         raw = self.pack_sites(sites)
+        for k, s in enumerate(sites):  # adafuse_switch skips a site it would refuse: refuse it here
+            self.check_site(s["W"].dtype, SwitchSite.from_buffer_copy(raw, k * SWITCH_SITE_DTYPE_SIZE))
         dev = device if device is not None else sites[0]["W"].device
         host = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         return host.to(dev)

@@ -85,8 +85,9 @@ class _Builder:
                 ckpt, quantize_from or dtype, weights)
             self.g.opset = FP8_OPSET
             if self.strategy == "switch" and flavour == "plugin":
-                raise AdafuseError("--weights fp8 --strategy switch: AdafuseSwitchLinear merges the experts into a "
-                                   "copy of W in the model dtype, which FP8 weights do not have; use --strategy fused")
+                raise AdafuseError("--weights fp8 --strategy switch: the AdafuseSwitchLinear plugin takes W in the model "
+                                   "dtype only (it has no FP8 weight_scale input); use --strategy fused, or the native "
+                                   "backend (--backend native), whose switch strategy runs FP8 weights")
 
     # ---- weights ---------------------------------------------------------------------
     # Each weight is a Deferred: shape from the checkpoint header, bytes read only when the exporter

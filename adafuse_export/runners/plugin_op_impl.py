@@ -67,8 +67,9 @@ def parser_fields(node) -> LinearFields:
         raise AdafuseError(f"{where}: field 'in_features' = {f.in_features} must be a multiple of 16 with weight_dtype 1 "
                            f"(16 FP8 weights per 16-byte load, ADAFUSE_WEIGHT_FP8_E4M3 in adafuse_kernels.h)")
     if f.weight_dtype == plugin_ops.WEIGHT_FP8_E4M3 and node.op_type != plugin_ops.STRATEGIES["fused"]:
-        raise AdafuseError(f"{where}: field 'weight_dtype' = 1 (fp8 W): the switch strategy merges the experts into W "
-                           f"in the dtype of x; FP8 weights run with {plugin_ops.STRATEGIES['fused']} (--strategy fused)")
+        raise AdafuseError(f"{where}: field 'weight_dtype' = 1 (fp8 W): {node.op_type} takes W in the dtype of x only "
+                           f"(no FP8 weight_scale input); FP8 weights run with {plugin_ops.STRATEGIES['fused']} "
+                           "(--strategy fused) or the native backend's switch strategy")
     if f.out_features * f.in_features > INT32_MAX:
         raise AdafuseError(f"{where}: out_features*in_features = {f.out_features * f.in_features} exceeds the int32 "
                            f"element count the kernels index with")

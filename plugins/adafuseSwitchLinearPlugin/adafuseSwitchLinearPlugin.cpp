@@ -26,7 +26,8 @@ bool sameSite(adafuse_switch_site const& a, adafuse_switch_site const& b)
 {
     return a.W == b.W && a.W_base == b.W_base && a.A == b.A && a.B == b.B && a.out_features == b.out_features
         && a.in_features == b.in_features && a.rank == b.rank && a.num_experts == b.num_experts
-        && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0;
+        && std::memcmp(&a.scale, &b.scale, sizeof(float)) == 0 && a.base_dtype == b.base_dtype
+        && a.base_scale == b.base_scale;
 }
 
 //! Makes `device` current for its scope (allocations go to the current device).
@@ -56,9 +57,12 @@ private:
 AdafuseSwitchLinearPlugin::AdafuseSwitchLinearPlugin(LinearConfig const& config)
     : LinearPluginBase(kIdentity, config)
 {
-    // The switch merges the experts into a private copy of W in the dtype of x (adafuse_switch has no FP8 sites).
-    check(!config.fp8Weights(), kName, "field 'weight_dtype' = 1 (fp8 W): the switch strategy merges the experts "
-        "into W in the dtype of x; FP8 weights run with AdafuseLoraLinear (--strategy fused)");
+    // adafuse_switch takes an FP8 W_base, but this plugin does not: its inputs carry no weight_scale for its
+    // switch path, and its prefill rows run adafuse_lora_linear on W of x's dtype. The native backend's switch
+    // strategy runs FP8 weights.
+    check(!config.fp8Weights(), kName, "field 'weight_dtype' = 1 (fp8 W): this plugin's switch takes W in the dtype "
+        "of x only (no weight_scale input); FP8 weights run with AdafuseLoraLinear (--strategy fused) or on the "
+        "native backend (convert --native, run --strategy switch)");
 }
 
 AdafuseSwitchLinearPlugin::~AdafuseSwitchLinearPlugin()
@@ -195,7 +199,8 @@ int32_t AdafuseSwitchLinearPlugin::enqueue(nvinfer1::PluginTensorDesc const* inp
         site.rank = f.rank;
         site.num_experts = f.numExperts;
         site.scale = f.scale;
-        site.reserved = 0;
+        site.base_dtype = ADAFUSE_WEIGHT_AS_DTYPE; // W of x's dtype: the constructor refuses FP8 W
+        site.base_scale = nullptr;
         // A captured graph always carries the site update (compared on the device), so it is
         // right whatever ran between capture and replay; outside capture it is skipped while
         // the site is unchanged.

@@ -660,7 +660,7 @@ void checkBadFields(std::string const& name)
             {"field 'in_features' = 40", "multiple of 16", "weight_dtype 1"}},
     };
     if (name == "AdafuseSwitchLinear")
-        cases.push_back({"weight_dtype=1 (the switch merges into W in the dtype of x)",
+        cases.push_back({"weight_dtype=1 (this plugin takes W in the dtype of x only)",
             [](Fields& f) { f.ints[6] = 1; }, {"field 'weight_dtype' = 1", "AdafuseLoraLinear"}});
     for (auto const& cs : cases)
     {

@@ -156,15 +156,16 @@ void NativeBackend::init_tables() {
                "B_cat of " + s.name);
   }
   if (switch_) {
+    // Every adapted site gets a live weight in the model dtype that adafuse_switch re-derives from the pristine
+    // uploaded one (W_base): 16-bit, or FP8 with its per-row scales (an FP8 artifact's merged weights are 16-bit:
+    // merging the deltas into FP8 would round them away).
     std::vector<kl::adafuse_switch_site> sites;
     for (size_t l = 0; l < a_.stages.size(); ++l)
       for (const NativeStage& st : a_.stages[l]) {
         if (st.adapter != "grouped") continue;
         const std::string p = "layers." + std::to_string(l) + "." + st.name + ".";
-        const NativeBuffer& live = plan_.at("switch:" + p + "weight");
-        cuda_check(cudaMemcpy(base_ + live.offset, weight(p + "weight"), live.bytes, cudaMemcpyDeviceToDevice), "switch weights");
         kl::adafuse_switch_site s{};
-        s.W = base_ + live.offset;
+        s.W = at("switch:" + p + "weight");
         s.W_base = weight(p + "weight");
         s.A = weight(p + "lora_A");
         s.B = weight(p + "lora_B");
@@ -173,6 +174,9 @@ void NativeBackend::init_tables() {
         s.rank = static_cast<int32_t>(st.rank);
         s.num_experts = static_cast<int32_t>(st.experts);
         s.scale = 1.0f;  // the artifact's B has the scale folded in
+        s.base_dtype = a_.fp8_weights ? kl::ADAFUSE_WEIGHT_FP8_E4M3 : kl::ADAFUSE_WEIGHT_AS_DTYPE;
+        s.base_scale = a_.fp8_weights ? static_cast<const float*>(weight(p + "weight_scale")) : nullptr;
+        kcheck(kl::adafuse_switch_check_site(dtype_, &s), "adafuse_switch_check_site (" + p + "weight)");
         sites.push_back(s);
         switch_max_out_ = std::max(switch_max_out_, s.out_features);
         switch_max_in_ = std::max(switch_max_in_, s.in_features);
@@ -180,8 +184,14 @@ void NativeBackend::init_tables() {
     switch_sites_ = static_cast<int32_t>(sites.size());
     cuda_check(cudaMemcpy(at("switch.sites"), sites.data(), sites.size() * sizeof(kl::adafuse_switch_site), cudaMemcpyHostToDevice),
                "switch site table");
-    cuda_check(cudaMemset(at("switch.old_ids"), 0xff, static_cast<size_t>(a_.top_k) * 4), "switch routes");  // -1: nothing merged
-    cuda_check(cudaMemset(at("switch.old_gates"), 0, static_cast<size_t>(a_.top_k) * 4), "switch routes");
+    // The live weights start as the bases with no expert merged: a switch to the empty route (ids -1) from a
+    // different one (id 0, gate 0; pristine sites use the new route only), which leaves the merged route empty.
+    const size_t route_bytes = static_cast<size_t>(a_.top_k) * 4;
+    cuda_check(cudaMemsetAsync(at("routes.ids"), 0xff, route_bytes, stream_.stream), "switch routes");
+    cuda_check(cudaMemsetAsync(at("routes.gates"), 0, route_bytes, stream_.stream), "switch routes");
+    cuda_check(cudaMemsetAsync(at("switch.old_ids"), 0, route_bytes, stream_.stream), "switch routes");
+    cuda_check(cudaMemsetAsync(at("switch.old_gates"), 0, route_bytes, stream_.stream), "switch routes");
+    switch_now();
   }
   cuda_check(cudaDeviceSynchronize(), "the native backend's upload");
 }
@@ -213,10 +223,6 @@ std::string native_strategy(const NativeArtifact& a, const char* strategy) {
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges one route per token into every adapted weight, "
                                              "so it needs a pre-gated artifact, found routing " + a.routing_kind +
                                              " (use strategy 'fused')");
-    if (a.fp8_weights)
-      fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges the experts into " + a.dtype +
-                                             " weights; this artifact's are FP8 (convert with --weights dtype, or use "
-                                             "strategy 'fused')");
     if (a.max_batch != 1)
       fail(ADAFUSE_ERR_INVALID_ARGUMENT, a.dir.string() + ": strategy 'switch' merges one sequence's experts into the weights, so it "
                                              "runs batch 1, found runtime.max_batch " + std::to_string(a.max_batch) +

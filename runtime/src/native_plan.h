@@ -25,7 +25,8 @@ inline constexpr size_t kNativeCublasLtWorkspace = size_t{32} << 20;  // NVIDIA'
 struct NativeLimits {
   int32_t max_batch = 0, max_seq = 0;  // from the artifact (convert's --max-batch / --max-seq)
   int32_t max_step_tokens = 0;         // 0: kNativeDefaultStepTokens (at least max_batch, at most max_batch * max_seq)
-  bool switch_strategy = false;        // a live copy of every adapted stage's weight beside the pristine one
+  bool switch_strategy = false;        // a live model-dtype copy of every adapted stage's weight beside the pristine
+                                       // one (16-bit or FP8)
   bool cublaslt = false;               // GEMMs of more than kNativeFewRows rows through cuBLASLt (16-bit dtypes)
 };
 

@@ -148,7 +148,7 @@ void NativeBackend::project(size_t layer, int stage, const void* x, int32_t rows
   if (st.adapter.empty()) {
     lora(site, rows, x, W, wscale, bias, nullptr, nullptr, nullptr, nullptr, y);
   } else if (merged) {  // switch: the token's experts are in the live weights
-    lora(site, rows, x, at("switch:" + sp + "weight"), nullptr, bias, nullptr, nullptr, nullptr, nullptr, y);  // never FP8
+    lora(site, rows, x, at("switch:" + sp + "weight"), nullptr, bias, nullptr, nullptr, nullptr, nullptr, y);  // model dtype
   } else {
     lora(site, rows, x, W, wscale, bias, weight(sp + "lora_A"), weight(sp + "lora_B"), ids, gates, y);
   }

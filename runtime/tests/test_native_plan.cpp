@@ -146,6 +146,23 @@ TEST(NativePlan, SwitchKeepsALiveCopyOfEveryAdaptedWeight) {
   EXPECT_EQ(p.dims.tokens, 100);
 }
 
+// FP8 weights: the live copies the switch merges into are in the model dtype (two bytes an element), beside the
+// FP8 bases (one byte) and their scales.
+TEST(NativePlan, SwitchOfFp8WeightsKeepsSixteenBitLiveCopies) {
+  NativeArtifact a = llama();
+  a.fp8_weights = true;
+  a.max_batch = 1;
+  NativeLimits limits;
+  limits.max_batch = 1;
+  limits.max_seq = 100;
+  limits.switch_strategy = true;
+  const NativePlan p = plan_native(a, {{"layers.1.gate_up.weight", 192 * 64}}, limits);
+  expect_laid_out(p);
+  EXPECT_EQ(p.at("w:layers.1.gate_up.weight").bytes, size_t(192 * 64));
+  EXPECT_EQ(p.at("switch:layers.1.gate_up.weight").bytes, size_t(192 * 64 * 2));
+  EXPECT_TRUE(p.has("switch.sites"));
+}
+
 // cuBLASLt (more than 16 rows, 16-bit weights): its workspace, the shrink's t (float32) and routed z (the model
 // dtype) for the widest adapter site, and a B_cat [out, E * rank] beside each adapted site's lora_B.
 TEST(NativePlan, CublasLtBuffersForSixteenBitWeights) {

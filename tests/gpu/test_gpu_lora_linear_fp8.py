@@ -60,14 +60,20 @@ class Fp8Operands:
     wscale: torch.Tensor    # [out] float32
 
 
+def fp8_weight(inputs: Inputs, out_f: int, in_f: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [out, in] float8_e4m3fn, its scales [out] float32): W ~ N(0, scale^2) drawn in float32, its rows
+    times factors over two decades (so a wrong channel's scale shows), quantized per output channel."""
+    channel = torch.logspace(-1, 1, out_f, device=DEVICE)[inputs.permutation(out_f).to(DEVICE)]
+    w = inputs.randn(out_f, in_f, dtype=torch.float32, scale=scale) * channel[:, None]
+    return quantize_fp8_per_channel(w, "W")
+
+
 def fp8_operands(case: Fp8Case, inputs: Inputs) -> Fp8Operands:
     """Operands as test_gpu_lora_linear draws them (x W^T and the adapter term O(1) per element), W
-    quantized; rows of the weight get scales over two decades so a wrong channel's scale shows."""
+    quantized (fp8_weight)."""
     dt = DTYPES[case.dtype]
     rows, in_f, out_f, r, e = case.rows, case.in_f, case.out_f, case.rank, case.experts
-    channel = torch.logspace(-1, 1, out_f, device=DEVICE)[inputs.permutation(out_f).to(DEVICE)]
-    w = inputs.randn(out_f, in_f, dtype=torch.float32, scale=in_f ** -0.5) * channel[:, None]
-    q, wscale = quantize_fp8_per_channel(w, "W")
+    q, wscale = fp8_weight(inputs, out_f, in_f, in_f ** -0.5)
     ids, gates = inputs.route(rows, case.top_k, e)
     op = Operands(inputs.randn(rows, in_f, dtype=dt), dequantize_fp8(q, wscale),
                   inputs.randn(e, r, in_f, dtype=dt, scale=in_f ** -0.5), inputs.randn(e, out_f, r, dtype=dt, scale=r ** -0.5),

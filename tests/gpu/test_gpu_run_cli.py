@@ -48,6 +48,16 @@ def test_run_on_gpu_prints_the_reference_tokens(cli, examples, strategy):
         assert any(line.startswith("# auto strategy: fused ") for line in gpu.err.splitlines()), gpu.err
 
 
+def test_run_fp8_weights_switch_on_gpu(cli, examples):
+    """--weights fp8: the temporary artifact's FP8 weights run by switch (experts merged into bfloat16 copies) print
+    the tokens fused prints on the same FP8 artifact (tests/gpu/test_native_backend.py holds both to the FP8 twin)."""
+    args = [*PROMPT, "--device", "cuda", "--dtype", "bfloat16", "--weights", "fp8"]
+    fused = cli("run", examples["pregate"], *args, "--strategy", "fused")
+    switch = cli("run", examples["pregate"], *args, "--strategy", "switch")
+    assert tokens(switch) == tokens(fused), f"FP8 switch {switch.out!r}, FP8 fused {fused.out!r}"
+    assert routes(switch) == routes(fused)
+
+
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "pregate"])
 def test_every_kind_on_gpu(cli, examples, kind):
     """Layer-routed, in-decoder pre-gate and plain LoRA checkpoints: auto runs them fused."""

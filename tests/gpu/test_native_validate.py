@@ -77,3 +77,21 @@ def test_validate_fp8_artifact_against_its_twin_and_reports_the_quantization(cli
     assert q["passed"] and q["min_greedy_agreement"] == 0
     expected = quantization_effect(load_checkpoint(examples[kind]), art, prompts, 4)
     assert {k: q[k] for k in expected} == expected
+
+
+def test_validate_fp8_artifact_with_strategy_switch(cli, examples, tmp_path):
+    """`convert --weights fp8` then `validate --strategy switch`: each decode token's experts merged into bfloat16
+    copies of the FP8 weights (W8 * scale + the deltas, rounded once), within the measured bfloat16 bound of the FP8
+    twin, expert ids exact."""
+    art = tmp_path / "pregate.native"
+    conv = cli("convert", examples["pregate"], art, "--backend", "native", "--dtype", "bfloat16", "--weights", "fp8",
+               "--max-batch", "1", "--max-seq", "32")
+    assert conv.code == 0, conv.err
+    res = cli("validate", examples["pregate"], art, "--runtime", "cpp", "--strategy", "switch", "--json", "--steps", "6",
+              "--prompt-ids", "3,1,4,1,5,9", "--prompt-ids", "2,7")
+    assert res.code == 0, res.out[-3000:] + res.err
+    report = json.loads(res.out)
+    assert report["passed"] and "FP8 twin" in report["reference"]
+    assert "native backend, switch" in report["runner_description"]
+    ids = next(o for o in report["outputs"] if o["name"] == "expert_ids")
+    assert ids["mismatched"] == 0 and ids["elements"] > 0

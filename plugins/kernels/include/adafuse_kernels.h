@@ -29,7 +29,8 @@ extern "C" {
 
 // 2: adafuse_lora_linear takes adafuse_lora_options; the driver checks.
 // 3: adafuse_lora_options names the base weight's storage (weight_dtype, weight_scale): FP8 weights.
-#define ADAFUSE_KERNELS_ABI_VERSION 3
+// 4: adafuse_switch_site names its W_base's storage (base_dtype, base_scale; 64 bytes): FP8 switch bases.
+#define ADAFUSE_KERNELS_ABI_VERSION 4
 
 // Limits checked by the functions below (a call beyond them returns
 // ADAFUSE_ERR_INVALID_ARGUMENT). Additive constants; the ABI is unchanged.
@@ -179,8 +180,8 @@ int adafuse_lora_linear(adafuse_dtype dtype, int rows, int in_features, int out_
 // ---- Fused switch (the paper's SGMM) --------------------------------------
 // One site = one adapted weight matrix. The site table lives in device memory.
 typedef struct {
-  void* W;              // [out, in], updated in place
-  const void* W_base;   // [out, in] pristine copy, or NULL (see adafuse_switch)
+  void* W;              // [out, in] dtype, written
+  const void* W_base;   // [out, in] pristine copy (base_dtype), or NULL (see adafuse_switch)
   const void* A;        // [E, rank, in]
   const void* B;        // [E, out, rank]
   int32_t out_features;
@@ -188,23 +189,38 @@ typedef struct {
   int32_t rank;
   int32_t num_experts;
   float scale;
-  int32_t reserved;
+  // adafuse_weight_dtype of W_base: ADAFUSE_WEIGHT_AS_DTYPE (W_base has dtype; base_scale NULL) or
+  // ADAFUSE_WEIGHT_FP8_E4M3: W_base is float8 e4m3 [out, in] with float32 per-row scales
+  // base_scale[out] (device), dtype FLOAT16 or BFLOAT16 only, and W_base must not be NULL (the
+  // merged weight is dtype; merging deltas into FP8 would round them away: an e4m3 ulp is 12.5%).
+  int32_t base_dtype;
+  const float* base_scale;
 } adafuse_switch_site;
 
 // One launch over all sites (all layers). Route arrays are device arrays of
 // length top_k. For each site:
 //   W_base != NULL:  W = W_base + scale * sum_j new_gates[j] B[new_ids[j]] A[new_ids[j]]
-//                    (re-derived from the pristine copy: no drift)
+//                    (re-derived from the pristine copy: no drift; an FP8 W_base enters as
+//                    W_base[o, i] * base_scale[o], exactly, and W gets dtype)
 //   W_base == NULL:  W += scale * (sum_j new_gates[j] B A[new] - sum_j old_gates[j] B A[old])
 //                    (in place; old_ids[j] < 0 means "nothing merged")
-// If new and old routes are identical the kernel writes nothing (checked on the
-// device, so the call is graph-capturable). After the call the caller copies
-// new -> old (adafuse_switch does it on the device when update_old != 0).
+// Accumulated in float32, rounded to dtype once. If new and old routes are identical the kernel
+// writes nothing (checked on the device, so the call is graph-capturable). After the call the
+// caller copies new -> old (adafuse_switch does it on the device when update_old != 0).
+// The site table is device memory, so adafuse_switch cannot refuse a bad site: it skips one whose
+// base fields break the rules above (as one with bad sizes), and callers check every site on the
+// host with adafuse_switch_check_site when they build the table.
 int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
                    int max_out_features, int max_in_features,
                    const int32_t* new_ids, const float* new_gates,
                    int32_t* old_ids, float* old_gates, int top_k, int update_old,
                    cudaStream_t stream);
+// Host-side check of one site record (site: host memory; its pointers are not dereferenced) for
+// adafuse_switch with dtype: ADAFUSE_OK, or ADAFUSE_ERR_INVALID_ARGUMENT for a bad dtype or base_dtype,
+// an FP8 base with dtype FLOAT32, without W_base (in-place mode) or without base_scale, or a
+// base_scale with a dtype base. Sizes are not checked (adafuse_switch skips sites beyond max_*).
+// Needs no GPU.
+int adafuse_switch_check_site(adafuse_dtype dtype, const adafuse_switch_site* site);
 
 #ifdef ADAFUSE_DIAGNOSTICS
 // Benchmark builds only (-DADAFUSE_DIAGNOSTICS; the shipped library has neither this function

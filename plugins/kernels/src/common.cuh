@@ -38,6 +38,7 @@ namespace adafuse {
   } while (0)
 
 __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__host__ __device__ inline bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7u) == 0; }
 
 inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
@@ -168,15 +169,21 @@ __device__ __forceinline__ __half2 fp8x2_to_half2(uint16_t v) {
 #endif
 }
 
-// 16 e4m3 values to floats.
-__device__ __forceinline__ void unpack16_fp8(const uint4& v, float* f) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+// 8 e4m3 values (8 bytes, the low byte first) to floats, exactly.
+__device__ __forceinline__ void unpack8_fp8(const uint2& v, float* f) {
+  const uint32_t w[2] = {v.x, v.y};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2; ++i) {
     const float2 lo = __half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] & 0xffffu)));
     const float2 hi = __half22float2(fp8x2_to_half2(static_cast<uint16_t>(w[i] >> 16)));
     f[4 * i] = lo.x; f[4 * i + 1] = lo.y; f[4 * i + 2] = hi.x; f[4 * i + 3] = hi.y;
   }
+}
+
+// 16 e4m3 values to floats.
+__device__ __forceinline__ void unpack16_fp8(const uint4& v, float* f) {
+  unpack8_fp8(make_uint2(v.x, v.y), f);
+  unpack8_fp8(make_uint2(v.z, v.w), f + 8);
 }
 
 // Two e4m3 values (as fp16, exact) in T's 32-bit pair; bf16 holds every e4m3 value too.
@@ -338,6 +345,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem_
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const int src_size = valid ? 16 : 0;  // 0: fill with zeros
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_size));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
+  const int src_size = valid ? 8 : 0;  // 0: fill with zeros
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_u32(smem)), "l"(gmem),
                "r"(src_size));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }

@@ -2,7 +2,9 @@
 // adapted weight of every layer,
 //   pristine (W_base != NULL): W = W_base + sum_j c_j B[new_j] A[new_j]
 //   in place (W_base == NULL):  W += sum_j c_j B[new_j] A[new_j] - sum_j c'_j B[old_j] A[old_j]
-// with c_j = scale * gate_j, accumulated in fp32 and rounded once.
+// with c_j = scale * gate_j, accumulated in fp32 and rounded once. An FP8 (e4m3) W_base enters
+// as W8[o, i] * base_scale[o] (16-bit W only, pristine mode only): the merged W has the model's
+// dtype, since merging the deltas into FP8 would round them away.
 //
 // Work decomposition: a persistent grid walks the concatenation of all sites'
 // 64 x 128 tiles of W (a segmented gather-GEMM). Each block builds, once, the
@@ -13,7 +15,8 @@
 // in shared memory) with mma.sync m16n8k16 (fp16/bf16 operands, fp32
 // accumulators, one fp32 partial per term so the coefficient is applied in
 // fp32), staged through shared memory and added to the W registers, and the
-// tile is written back with 16-byte stores. fp32 weights use a SIMT path.
+// tile is written back with 16-byte stores (an FP8 W_base tile: 8-byte loads of 8 e4m3,
+// converted exactly and scaled in fp32 where the delta is added). fp32 weights use a SIMT path.
 // A site whose dims are non-positive or above max_* is skipped.
 // The no-op check (route unchanged) is done by every block on the device.
 #include "common.cuh"
@@ -53,9 +56,18 @@ constexpr size_t tile_smem_bytes() {
   }
 }
 
+// A site's base fields (adafuse_switch_check_site's rule, on the host and the device): a dtype
+// base has no scales; an FP8 base needs a 16-bit dtype, pristine mode and its scales.
+__host__ __device__ __forceinline__ bool site_base_valid(bool sixteen_bit, const adafuse_switch_site& s) {
+  if (s.base_dtype == ADAFUSE_WEIGHT_AS_DTYPE) return s.base_scale == nullptr;
+  return s.base_dtype == ADAFUSE_WEIGHT_FP8_E4M3 && sixteen_bit && s.W_base != nullptr && s.base_scale != nullptr;
+}
+
+template <typename T>
 __device__ __forceinline__ int site_tiles(const adafuse_switch_site& s, int max_out, int max_in) {
   if (!s.W || !s.A || !s.B || s.out_features < 1 || s.in_features < 1 || s.rank < 1 ||
-      s.num_experts < 1 || s.out_features > max_out || s.in_features > max_in)
+      s.num_experts < 1 || s.out_features > max_out || s.in_features > max_in ||
+      !site_base_valid(!std::is_same<T, float>::value, s))
     return 0;
   return ((s.out_features + BM - 1) / BM) * ((s.in_features + BN - 1) / BN);
 }
@@ -78,6 +90,15 @@ __device__ __forceinline__ uint4 load_raw(const T* p, bool vec, int valid) {
       if (k < valid) w[k >> 1] |= static_cast<uint32_t>(q[k]) << ((k & 1) * 16);
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+// 8 consecutive e4m3 bytes, `valid` of them in range (the rest 0); one 8-byte load when `vec`.
+__device__ __forceinline__ uint2 load_fp8x8(const uint8_t* p, bool vec, int valid) {
+  if (vec && valid == 8) return *reinterpret_cast<const uint2*>(p);
+  uint32_t w[2] = {0, 0};
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    if (k < valid) w[k >> 2] |= static_cast<uint32_t>(p[k]) << ((k & 3) * 8);
+  return make_uint2(w[0], w[1]);
 }
 template <typename T>
 __device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int valid) {
@@ -110,6 +131,10 @@ __device__ __forceinline__ void store_raw(T* p, const uint4& v, bool vec, int va
 // also the fp32 path), all decided on the device.
 constexpr int kMaxStages = 6;
 constexpr int LDW = BN + 8;  // sA and sW row stride (elements)
+// An FP8 W_base tile sits in its stage's sW as bytes [BM][LDW8] (half of sW's bytes; the rows map
+// to distinct bank pairs where the accumulator layout reads them) until the add turns it into T.
+constexpr int LDW8 = BN + 16;
+static_assert(BM * LDW8 <= BM * LDW * 2, "an FP8 tile fits in a 16-bit stage's sW");
 
 __host__ __device__ inline int resident_prefix_bytes(int num_sites) {
   return static_cast<int>(align_up_c(sizeof(int) * (static_cast<size_t>(num_sites) + 1), 128));
@@ -221,7 +246,7 @@ switch_resident_kernel(const adafuse_switch_site* __restrict__ sites, int num_si
     const int s = base + tid;
     int v = 0;
     if (s < num_sites) {
-      v = site_tiles(sites[s], max_out, max_in);
+      v = site_tiles<T>(sites[s], max_out, max_in);
       if (v > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
     }
 #pragma unroll
@@ -270,20 +295,41 @@ switch_resident_kernel(const adafuse_switch_site* __restrict__ sites, int num_si
       const int K = (Sd.W_base ? n_new : n_all) * rpad;
       T* sW = stage_w(st);
       T* sB = sW + BM * LDW;
-      const bool vec_w = (in % 8 == 0) && aligned16(src);
+      const bool fp8 = Sd.base_dtype == ADAFUSE_WEIGHT_FP8_E4M3;
+      const bool vec_w = (in % 8 == 0) && (fp8 ? aligned8(src) : aligned16(src));
+      if (fp8) {  // 8 e4m3 bytes per vector, raw (converted where the delta is added)
+        const uint8_t* src8 = static_cast<const uint8_t*>(Sd.W_base);
+        uint8_t* sW8 = reinterpret_cast<uint8_t*>(sW);
 #pragma unroll
-      for (int m = 0; m < (BM * BN) / (kThreads * 8); ++m) {
-        const int v = tid + kThreads * m;
-        const int r = v >> 4, cc = (v & 15) << 3;
-        const int row = o0 + r, col = i0 + cc;
-        if (vec_w) {
-          const bool ok = row < out && col < in;
-          cp_async16(sW + r * LDW + cc, ok ? src + static_cast<size_t>(row) * in + col : src, ok);
-        } else {
-          const int valid = row < out ? max(0, min(8, in - col)) : 0;
-          uint4 x = make_uint4(0, 0, 0, 0);
-          if (valid > 0) x = load_raw<T>(src + static_cast<size_t>(row) * in + col, false, valid);
-          *reinterpret_cast<uint4*>(sW + r * LDW + cc) = x;
+        for (int m = 0; m < (BM * BN) / (kThreads * 8); ++m) {
+          const int v = tid + kThreads * m;
+          const int r = v >> 4, cc = (v & 15) << 3;
+          const int row = o0 + r, col = i0 + cc;
+          if (vec_w) {
+            const bool ok = row < out && col < in;
+            cp_async8(sW8 + r * LDW8 + cc, ok ? src8 + static_cast<size_t>(row) * in + col : src8, ok);
+          } else {
+            const int valid = row < out ? max(0, min(8, in - col)) : 0;
+            uint2 x = make_uint2(0, 0);
+            if (valid > 0) x = load_fp8x8(src8 + static_cast<size_t>(row) * in + col, false, valid);
+            *reinterpret_cast<uint2*>(sW8 + r * LDW8 + cc) = x;
+          }
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < (BM * BN) / (kThreads * 8); ++m) {
+          const int v = tid + kThreads * m;
+          const int r = v >> 4, cc = (v & 15) << 3;
+          const int row = o0 + r, col = i0 + cc;
+          if (vec_w) {
+            const bool ok = row < out && col < in;
+            cp_async16(sW + r * LDW + cc, ok ? src + static_cast<size_t>(row) * in + col : src, ok);
+          } else {
+            const int valid = row < out ? max(0, min(8, in - col)) : 0;
+            uint4 x = make_uint4(0, 0, 0, 0);
+            if (valid > 0) x = load_raw<T>(src + static_cast<size_t>(row) * in + col, false, valid);
+            *reinterpret_cast<uint4*>(sW + r * LDW + cc) = x;
+          }
         }
       }
       if (kSkip != 2 && K > 0) {
@@ -404,19 +450,49 @@ switch_resident_kernel(const adafuse_switch_site* __restrict__ sites, int num_si
 #pragma unroll
           for (int q = 0; q < 4; ++q) acc[a][b][q] = fmaf(c, tmp[a][b][q], acc[a][b][q]);
     }
-    // W tile (in shared memory) += delta, in the accumulator layout (conflict-free: LDW/2 = 4 mod 32)
+    if (kSkip != 2 && Sd.base_dtype == ADAFUSE_WEIGHT_FP8_E4M3) {
+      // acc += W8 * the row's scale (fma in fp32), every byte read before the tile becomes T
+      const uint8_t* sW8 = reinterpret_cast<const uint8_t*>(sW);
 #pragma unroll
-    for (int mt = 0; mt < (kSkip == 2 ? 0 : 2); ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int lr = wm * 32 + mt * 16 + (lane >> 2) + h * 8;
-          const int lc = wn * 32 + nt * 8 + (lane & 3) * 2;
-          uint32_t* q = reinterpret_cast<uint32_t*>(sW + lr * LDW + lc);
-          const float2 f = unpack2<T>(*q);
-          *q = pack2<T>(f.x + acc[mt][nt][2 * h], f.y + acc[mt][nt][2 * h + 1]);
+          const float rs = o0 + lr < out ? __ldg(Sd.base_scale + o0 + lr) : 0.f;
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            const int lc = wn * 32 + nt * 8 + (lane & 3) * 2;
+            const float2 w = __half22float2(fp8x2_to_half2(*reinterpret_cast<const uint16_t*>(sW8 + lr * LDW8 + lc)));
+            acc[mt][nt][2 * h] = fmaf(w.x, rs, acc[mt][nt][2 * h]);
+            acc[mt][nt][2 * h + 1] = fmaf(w.y, rs, acc[mt][nt][2 * h + 1]);
+          }
         }
+      __syncthreads();
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int lr = wm * 32 + mt * 16 + (lane >> 2) + h * 8;
+            const int lc = wn * 32 + nt * 8 + (lane & 3) * 2;
+            *reinterpret_cast<uint32_t*>(sW + lr * LDW + lc) = pack2<T>(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          }
+    } else if (kSkip != 2) {
+      // W tile (in shared memory) += delta, in the accumulator layout (conflict-free: LDW/2 = 4 mod 32)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int lr = wm * 32 + mt * 16 + (lane >> 2) + h * 8;
+            const int lc = wn * 32 + nt * 8 + (lane & 3) * 2;
+            uint32_t* q = reinterpret_cast<uint32_t*>(sW + lr * LDW + lc);
+            const float2 f = unpack2<T>(*q);
+            *q = pack2<T>(f.x + acc[mt][nt][2 * h], f.y + acc[mt][nt][2 * h + 1]);
+          }
+    }
     __syncthreads();
     T* W = static_cast<T*>(Sd.W);
     const bool vec_st = (in % 8 == 0) && aligned16(W);
@@ -483,7 +559,7 @@ switch_chunked_kernel(const adafuse_switch_site* __restrict__ sites, int num_sit
   int carry = 0;
   for (int base = 0; base < num_sites; base += kThreads) {
     const int s = base + tid;
-    int v = (s < num_sites) ? site_tiles(sites[s], max_out, max_in) : 0;
+    int v = (s < num_sites) ? site_tiles<T>(sites[s], max_out, max_in) : 0;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const int u = __shfl_up_sync(0xffffffffu, v, o);
@@ -506,7 +582,7 @@ switch_chunked_kernel(const adafuse_switch_site* __restrict__ sites, int num_sit
   if (resident_smem > 0) {  // fp16/bf16: run only where the resident kernel (its largest config) could not
     int kmax = 0;
     for (int s = tid; s < num_sites; s += kThreads)
-      if (site_tiles(sites[s], max_out, max_in) > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
+      if (site_tiles<T>(sites[s], max_out, max_in) > 0) kmax = max(kmax, site_k(sites[s], n_new, n_all));
     if (kmax > 0) atomicMax(&s_kmax, kmax);
     __syncthreads();
     if (resident_stages(s_kmax, num_sites, resident_smem) >= 2) return;
@@ -530,19 +606,28 @@ switch_chunked_kernel(const adafuse_switch_site* __restrict__ sites, int num_sit
     const int local = tile - s_prefix[lo];
     const int tiles_i = (in + BN - 1) / BN;
     const int o0 = (local / tiles_i) * BM, i0 = (local % tiles_i) * BN;
-    const bool vec_w = (in % V == 0) && aligned16(W) && aligned16(src);
+    const bool fp8 = !kF32 && S.base_dtype == ADAFUSE_WEIGHT_FP8_E4M3;  // V = 8: 8 e4m3 bytes a vector
+    const bool vec_w = (in % V == 0) && aligned16(W);
+    const bool vec_src = (in % V == 0) && (fp8 ? aligned8(src) : aligned16(src));
     const bool vec_a = (in % V == 0) && aligned16(Ag);
     const bool vec_b = (rank % 8 == 0) && aligned16(Bg);
 
-    // 1. W tile into registers (issued before the delta work to overlap)
+    // 1. W tile into registers (issued before the delta work to overlap); FP8: raw in .x, .y
     uint4 wreg[NV];
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int v = tid + kThreads * k;
       const int row = o0 + v / VPR, col = i0 + (v % VPR) * V;
       const int valid = (row < out) ? max(0, min(V, in - col)) : 0;
-      wreg[k] = valid > 0 ? load_raw<T>(src + static_cast<size_t>(row) * in + col, vec_w, valid)
-                          : make_uint4(0, 0, 0, 0);
+      wreg[k] = make_uint4(0, 0, 0, 0);
+      if (valid > 0 && fp8) {
+        const uint2 b = load_fp8x8(static_cast<const uint8_t*>(S.W_base) + static_cast<size_t>(row) * in + col,
+                                   vec_src, valid);
+        wreg[k].x = b.x;
+        wreg[k].y = b.y;
+      } else if (valid > 0) {
+        wreg[k] = load_raw<T>(src + static_cast<size_t>(row) * in + col, vec_src, valid);
+      }
     }
 
     if constexpr (kF32) {
@@ -757,12 +842,20 @@ switch_chunked_kernel(const adafuse_switch_site* __restrict__ sites, int num_sit
         const int row = o0 + lr, col = i0 + lc;
         const int valid = (row < out) ? max(0, min(V, in - col)) : 0;
         if (valid > 0) {
-          float f[8];
-          unpack16<T>(wreg[k], f);
           const float4 d0 = *reinterpret_cast<const float4*>(sD + lr * LDD + lc);
           const float4 d1 = *reinterpret_cast<const float4*>(sD + lr * LDD + lc + 4);
-          f[0] += d0.x; f[1] += d0.y; f[2] += d0.z; f[3] += d0.w;
-          f[4] += d1.x; f[5] += d1.y; f[6] += d1.z; f[7] += d1.w;
+          const float d[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+          float f[8];
+          if (fp8) {  // W8 * the row's scale + delta, one fma
+            unpack8_fp8(make_uint2(wreg[k].x, wreg[k].y), f);
+            const float rs = __ldg(S.base_scale + row);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) f[c] = fmaf(f[c], rs, d[c]);
+          } else {
+            unpack16<T>(wreg[k], f);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) f[c] += d[c];
+          }
           store_raw<T>(W + static_cast<size_t>(row) * in + col, pack16<T>(f), vec_w, valid);
         }
       }
@@ -935,6 +1028,11 @@ int run_switch(Sequence seq, adafuse_dtype dtype, const adafuse_switch_site* sit
 }
 }  // namespace
 }  // namespace adafuse
+
+extern "C" int adafuse_switch_check_site(adafuse_dtype dtype, const adafuse_switch_site* site) {
+  if (!adafuse::valid_dtype(dtype) || !site) return ADAFUSE_ERR_INVALID_ARGUMENT;
+  return adafuse::site_base_valid(dtype != ADAFUSE_FLOAT32, *site) ? ADAFUSE_OK : ADAFUSE_ERR_INVALID_ARGUMENT;
+}
 
 extern "C" int adafuse_switch(adafuse_dtype dtype, const adafuse_switch_site* sites, int num_sites,
                               int max_out_features, int max_in_features, const int32_t* new_ids,
