@@ -191,7 +191,7 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
 
         check_weight_format(ckpt, dtype, weights)  # the plugin's FP8 kernels: in_features % 16 == 0
     kv_update = chosen.kv_update if chosen else "copy"
-    if kv_update == "in-place":
+    if chosen and kv_update == "in-place":
         stages.detail(f"{chosen.name} {chosen.version} updates the KV cache in place: the decoder writes it with TensorScatter "
                       f"into a static cache of {max_seq} positions")
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,

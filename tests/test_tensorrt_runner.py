@@ -282,7 +282,7 @@ def test_decode_past_the_engines_max_seq_is_refused(engines, monkeypatch):
         runner.decode(np.array([[1]]))
 
 
-def test_an_in_place_engine_binds_each_present_to_its_past(example_dirs, engines, monkeypatch, tmp_path):
+def test_an_in_place_engine_binds_each_present_to_its_past(cli, example_dirs, engines, monkeypatch, tmp_path):
     """engine.kv_in_place: present.{l} is bound to the memory of past_key_values.{l} (one cache; the double's context
     writes its outputs where they are bound, as TensorRT's in-place layer does). The engine is a TensorRT-RTX build of
     the plain-LoRA example described as in-place, its context running the in-place export (whose plugin flavour has no
@@ -296,6 +296,8 @@ def test_an_in_place_engine_binds_each_present_to_its_past(example_dirs, engines
     manifest = json.loads(engine.with_suffix(".json").read_text())
     manifest["engine"]["kv_in_place"] = True
     engine.with_suffix(".json").write_text(json.dumps(manifest))
+    assert "updated in place (present bound to the past's memory)" in cli("inspect", engine).out
+    assert "copied each step (two buffers)" in cli("inspect", engines["pregate"]).out
 
     def opened(decoder):
         double = RecordingTrtEngine(trt, decoder, verify_engine(engine), [])

@@ -3,7 +3,8 @@
 Checks the manifest first (engine hash, plugin version), then needs a runtime and a GPU the
 engine was built for: full TensorRT (+ the plugin library, shipped or $ADAFUSE_PLUGIN_LIB, for plugin engines) or
 TensorRT-RTX (compute capability 8.0, 8.6, 8.9, 12.x). Device buffers are torch CUDA tensors.
-Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build).
+Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build). An engine whose
+manifest says engine.kv_in_place gets each present.{l} bound to the memory of past_key_values.{l} (one cache).
 
 Everything about the engine's tensors (names, dtypes, KV layout, the shapes of outputs) is read
 from the deserialized engine itself, not assumed: a pre-gate-in-decoder engine outputs int32
@@ -294,7 +295,8 @@ class TensorRTRunner(Runner):
                                f"{self.max_seq} (its profiles; rebuild with convert --max-seq)")
         device = self.placement.device
         # the engine's contract (onnx/contract.py): one length per row, here the same for all; the cache is bound
-        # whole ([b, kv, max_seq, d], zeros where nothing is written yet), as the C++ runtime binds it
+        # whole ([b, kv, max_seq, d], zeros where nothing is written yet), as the C++ runtime binds it (an in-place
+        # engine's present to the same tensor)
         feed = {contract.INPUT_IDS: ids, contract.PAST_LENGTHS: torch.full((b,), self.length, dtype=torch.int64, device=device),
                 contract.SEQ_LENS: torch.full((b,), s, dtype=torch.int64, device=device)}
         if self.table is not None:
