@@ -152,3 +152,17 @@ def test_what_cannot_build_the_in_place_form_is_refused(example_dirs, tmp_path, 
                     cache_len=cache_len)
     assert str(e.value).startswith(message)
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_weights_take_the_in_place_form_too(example_dirs, tmp_path):
+    """FP8 weights (opset 19 otherwise) in the in-place graph's opset 24: the float32 twin of a float16 export, as
+    convert validates it, passes against the FP8 twin reference."""
+    ckpt = load_checkpoint(example_dirs["pregate"])
+    export_onnx(ckpt, tmp_path / "fp8", "plugin", "float32", weights="fp8", quantize_from="float16", kv_update="in-place",
+                cache_len=CACHE)
+    model = onnx.load(str(tmp_path / "fp8" / "decoder.onnx"), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import}[""] == 24
+    assert any(n.op_type == "TensorScatter" for n in model.graph.node)
+    report = validate(ckpt, tmp_path / "fp8", [[3, 17, 250, 4, 99]], steps=3,
+                      runner=OnnxRuntimeRunner(tmp_path / "fp8", plugin_ops="cpu"))
+    assert report["passed"] and report["greedy_agreement"]["fraction"] == 1.0, report

@@ -72,11 +72,6 @@ def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str, weights: st
     }
 
 
-def kv_update_of(meta: dict[str, str]) -> str:
-    """A graph's KV update form from its metadata (graphs exported before the option: copy)."""
-    return meta.get("adafuse.kv_update", "copy")
-
-
 class _Builder:
     def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str, strategy: str | None = None,
                  weights: str = "dtype", quantize_from: str | None = None, kv_update: str = "copy",
