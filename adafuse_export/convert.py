@@ -57,6 +57,7 @@ class Plan:
     timing_cache: Path | None
     version_compatible: bool = False  # --version-compatible: an engine for TensorRT's lean runtime
     weights: str = "dtype"  # or "fp8": the projections' base weights FP8 e4m3 (the export, its validation, the engine)
+    kv_update: str = "copy"  # or "in-place" (TensorRT >= 10.15: onnx.builder KV_UPDATES), from the backend's version
 
 
 class Stages:
@@ -189,8 +190,12 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
         from .native_artifact import check_weight_format
 
         check_weight_format(ckpt, dtype, weights)  # the plugin's FP8 kernels: in_features % 16 == 0
+    kv_update = chosen.kv_update if chosen else "copy"
+    if chosen and kv_update == "in-place":
+        stages.detail(f"{chosen.name} {chosen.version} updates the KV cache in place: the decoder writes it with TensorScatter "
+                      f"into a static cache of {max_seq} positions")
     return Plan(ckpt, engine, outs, chosen, flavour, dtype, max_batch, max_seq, validate, validate_dtype, build_refused,
-                strategy, plugin_library, timing_cache, version_compatible, weights)
+                strategy, plugin_library, timing_cache, version_compatible, weights, kv_update)
 
 
 def _open_checkpoint(ckpt_path: Path, fmt: str | None, base: Path | None, max_seq: int | None, stages: Any,
@@ -248,7 +253,12 @@ def export_stage(plan: Plan, staging: Path, stages: Stages) -> dict:
     form = plan.dtype if plan.weights == "dtype" else f"{plan.dtype}, FP8 e4m3 base weights"
     stages(2, f"exporting {plan.flavour} ONNX ({form})")
     return export_onnx(plan.ckpt, staging / "onnx", plan.flavour, plan.dtype, strategy=plan.strategy, progress=True,
-                       weights=plan.weights)
+                       weights=plan.weights, **_kv_form(plan))
+
+
+def _kv_form(plan: Plan) -> dict:
+    """export_onnx's KV cache arguments for the plan: an in-place cache is static, max_seq positions (what the engine binds)."""
+    return {"kv_update": plan.kv_update, "cache_len": plan.max_seq if plan.kv_update == "in-place" else None}
 
 
 def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
@@ -276,7 +286,7 @@ def validate_stage(plan: Plan, staging: Path, stages: Stages) -> dict | None:
         onnx_dir = staging / f"onnx-{target}"
         # FP8: the float32 graph holds the same e4m3 bytes (quantized from the plan's dtype), dequantized to float32
         export_onnx(plan.ckpt, onnx_dir, plan.flavour, target, strategy=plan.strategy, progress=True,
-                    weights=plan.weights, quantize_from=plan.dtype)
+                    weights=plan.weights, quantize_from=plan.dtype, **_kv_form(plan))
     try:
         report = run_validation(plan.ckpt, onnx_dir / "decoder.onnx", steps=CONVERT_STEPS, mode=plan.validate,
                                 log=stages.detail)
@@ -320,7 +330,8 @@ def build_stage(plan: Plan, staging: Path, onnx_manifest: dict, stages: Stages) 
     manifest = make_manifest(engine_file=staging / "engine", engine_name=plan.engine.name, onnx_dir=onnx_dir,
                              onnx_dir_name=outs["onnx"].name, onnx_manifest=onnx_manifest, backend=chosen, io=io,
                              dtype=plan.dtype, max_batch=plan.max_batch, max_seq=plan.max_seq, checkpoint=plan.ckpt,
-                             weights=plan.weights, version_compatible=plan.version_compatible)
+                             weights=plan.weights, version_compatible=plan.version_compatible,
+                             kv_in_place=plan.kv_update == "in-place")
     write_manifest(manifest, staging / "manifest.json")
     _place(staging, outs, with_engine=True)
     stages.log(f"wrote {plan.engine} ({len(blob) / 2**20:.1f} MiB), {outs['manifest'].name}, {outs['onnx'].name}/ "

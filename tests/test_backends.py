@@ -124,3 +124,56 @@ def test_convert_refuses_a_tensorrt_11_builder_in_one_line(monkeypatch, cli, exa
                          "install 'tensorrt-cu12==10.*' (or 'tensorrt-cu13==10.*'), or build the plugins and runtime against "
                          "TensorRT 11 headers (TENSORRT_ROOT); --backend tensorrt-rtx builds without it"), r.err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("name, version, want", [
+    ("tensorrt", "10.14.1.48", "copy"), ("tensorrt", "10.15.1.29", "in-place"), ("tensorrt", "10.16.1.11", "in-place"),
+    ("tensorrt", "unknown", "copy"), ("tensorrt-rtx", "1.7.1.116", "copy"), ("tensorrt-rtx", "10.16.0.1", "copy")])
+def test_the_kv_cache_is_updated_in_place_from_tensorrt_10_15(name, version, want):
+    assert backends.Backend(name, None, version).kv_update == want
+
+
+@pytest.mark.parametrize("version, in_place", [("10.15.1.29", True), ("10.14.1.48", False)])
+def test_convert_exports_the_kv_form_of_the_installed_tensorrt_and_records_it(monkeypatch, example_dirs, tmp_path,
+                                                                             version, in_place):
+    """convert --backend tensorrt: the export (and its validation in ONNX Runtime) is the in-place form for a builder
+    that updates the cache in place, and the manifest says so; the builder itself is a stand-in (no TensorRT here)
+    that is handed the exported graph and describes its tensors as the real build does."""
+    import json
+
+    import onnx
+
+    from adafuse_export.convert import convert
+    from adafuse_export.onnx.graph import ELEM_NAMES
+    from adafuse_export.trt import build
+
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: None)
+    _installed(monkeypatch, version)
+    built = []
+
+    def stand_in_build(backend, onnx_path, **kw):
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        built.append(model)
+
+        def described(values):
+            return [{"name": v.name, "dtype": ELEM_NAMES[v.type.tensor_type.elem_type],
+                     "shape": [d.dim_value if d.dim_value else -1 for d in v.type.tensor_type.shape.dim]} for v in values]
+        return b"stand-in engine", {"inputs": described(model.graph.input), "outputs": described(model.graph.output),
+                                    "profiles": [{"index": 0, "name": "prefill", "shapes": {}},
+                                                 {"index": 1, "name": "decode", "shapes": {}}]}
+    monkeypatch.setattr(build, "build_engine", stand_in_build)
+    plugin = tmp_path / "libadafuse_trt_plugins.so"
+    plugin.write_bytes(b"stand-in")
+    out = tmp_path / "out.engine"
+    logs: list[str] = []
+    manifest = convert(example_dirs["pregate"], out, backend="tensorrt", max_seq=24, plugin_library=plugin,
+                       log=logs.append)
+    assert manifest["engine"].get("kv_in_place", False) is in_place
+    assert json.loads(out.with_suffix(".json").read_text())["engine"].get("kv_in_place", False) is in_place
+    exported = json.loads((out.with_suffix(".onnx") / "manifest.json").read_text())
+    assert exported["kv_update"] == ("in-place" if in_place else "copy")
+    cache = next(v for v in built[0].graph.input if v.name == "past_key_values.0.key").type.tensor_type.shape.dim[2]
+    assert (cache.dim_value, cache.dim_param) == ((24, "") if in_place else (0, "cache_len"))
+    assert any(n.op_type == "TensorScatter" for n in built[0].graph.node) == in_place
+    assert any(line.strip().startswith("PASSED") for line in logs), logs  # stage 3 validated the form exported
+    assert any("updates the KV cache in place" in line for line in logs) == in_place

@@ -280,3 +280,47 @@ def test_decode_past_the_engines_max_seq_is_refused(engines, monkeypatch):
     runner.decode(np.array([[1]]))  # position 63: the last one the profiles allow
     with pytest.raises(AdafuseError, match=r"64 cached \+ 1 new tokens exceed the engine's max seq 64 \(its profiles"):
         runner.decode(np.array([[1]]))
+
+
+def test_an_in_place_engine_binds_each_present_to_its_past(cli, example_dirs, engines, monkeypatch, tmp_path):
+    """engine.kv_in_place: present.{l} is bound to the memory of past_key_values.{l} (one cache; the double's context
+    writes its outputs where they are bound, as TensorRT's in-place layer does). The engine is a TensorRT-RTX build of
+    the plain-LoRA example described as in-place, its context running the in-place export (whose plugin flavour has no
+    adafuse node, so ONNX Runtime runs it as is); validate compares it with the reference."""
+    from adafuse_export.onnx.export import export_onnx
+
+    engine, graph = tmp_path / "lora.engine", tmp_path / "in-place"
+    convert(example_dirs["lora"], engine, backend="tensorrt-rtx", dtype="float32", max_batch=2, max_seq=64,
+            log=lambda s: None)
+    export_onnx(load_checkpoint(example_dirs["lora"]), graph, "plugin", "float32", kv_update="in-place", cache_len=64)
+    manifest = json.loads(engine.with_suffix(".json").read_text())
+    manifest["engine"]["kv_in_place"] = True
+    engine.with_suffix(".json").write_text(json.dumps(manifest))
+    assert "updated in place (present bound to the past's memory)" in cli("inspect", engine).out
+    assert "copied each step (two buffers)" in cli("inspect", engines["pregate"]).out
+
+    def opened(decoder):
+        double = RecordingTrtEngine(trt, decoder, verify_engine(engine), [])
+        monkeypatch.setattr(trt, "Runtime", lambda logger: RecordingTrtRuntime(logger, double))
+        placement = trt_runner.Placement(torch.device("cpu"), RecordingStream([], RUNNER_STREAM),
+                                         lambda: RecordingStream([], TORCH_STREAM))
+        monkeypatch.setattr(trt_runner, "open_cuda", lambda engine, backend: placement)
+        return trt_runner.TensorRTRunner(engine)
+
+    runner = opened(graph / "decoder.onnx")
+    assert runner.kv_in_place
+    report = validate(load_checkpoint(example_dirs["lora"]), engine, steps=4, runner=runner)
+    assert report["passed"] and report["greedy_agreement"]["fraction"] == 1.0, report
+    bound = runner.session.context.addresses
+    pasts = [n for n in bound if n.startswith("past_key_values.")]
+    assert len(pasts) == 2 * runner.info.num_layers
+    for past in pasts:
+        assert bound["present." + past[len("past_key_values."):]] == bound[past]
+    # a copy engine's present has memory of its own
+    copy = open_runner(monkeypatch, engines["pregate"], [])
+    copy.prefill(np.array([[1, 2, 3]]))
+    assert copy.session.context.addresses["present.0.key"] != copy.session.context.addresses["past_key_values.0.key"]
+    # an engine said to be in place whose cache axis is dynamic (the copy form's graph) is refused at open
+    with pytest.raises(AdafuseError, match=rf"^{engine}: input 'past_key_values.0.key' has shape \[-1, \d+, -1, \d+\]: an "
+                                           r"in-place cache \(engine.kv_in_place\) needs a static cache axis of max_seq 64"):
+        opened(engine.with_suffix(".onnx") / "decoder.onnx")

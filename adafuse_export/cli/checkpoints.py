@@ -112,6 +112,8 @@ def _describe(path: Path) -> tuple[str, dict, list[tuple[str, str]]] | None:
                             + (f"; version-compatible: runs on TensorRT {e['backend_version']}'s lean runtime (libnvinfer_lean)"
                                if e.get("version_compatible") else "")),
                 ("precision", f"{e['dtype']}, {e['flavour']} flavour, max batch {e['max_batch']}, max seq {e['max_seq']}"),
+                ("kv cache", "updated in place (present bound to the past's memory)" if e.get("kv_in_place")
+                 else "copied each step (two buffers)"),
                 ("routing", f"{r['kind']}" + (f", {r['num_experts']} experts top-{r['top_k']}" if r["kind"] != "none" else "")),
                 ("plugin", f"{m['plugin']['name']} version {m['plugin']['version']}" if m.get("plugin") else "none"),
                 ("inputs", _tensors(m["tensors"]["inputs"])), ("outputs", _tensors(m["tensors"]["outputs"])),

@@ -26,10 +26,17 @@ from .options import (base_option, ckpt_argument, dtype_option, force_option, fo
               help="The projections' base weights in --dtype, or fp8: float8e4m3fn initializers with float32 "
                    "per-output-channel scales and DequantizeLinear (opset 19), FP8 inputs of the plugin nodes; "
                    "--dtype float16 or bfloat16 (docs/onnx-graphs.md).")
+@click.option("--kv-update", "kv_update", type=click.Choice(["copy", "in-place"]), default="copy", show_default=True,
+              help="How the decoder writes present.{l}: copy (a new tensor of the whole cache), or in-place (plugin "
+                   "flavour: TensorScatter into the past, which TensorRT >= 10.15 updates in place; needs --max-seq, "
+                   "opset 24). convert --backend tensorrt picks it from the installed TensorRT.")
+@click.option("--max-seq", type=click.IntRange(2, 1 << 20), default=None,
+              help="--kv-update in-place: the cache's static length (the engine's --max-seq).")
 @click.option("--external-data-threshold", type=click.IntRange(0), default=None, metavar="BYTES",
               help="Write weights to <graph>.onnx.data when they exceed this many bytes [default: 2e9].")
 @force_option("Replace a non-empty OUT_DIR.")
-def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, weights, external_data_threshold, force):
+def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, weights, kv_update, max_seq, external_data_threshold,
+                force):
     """Write ONNX graphs for CKPT into OUT_DIR: decoder.onnx, pregate.onnx, routes.safetensors, manifest.json.
 
     The directory appears complete or not at all (built in a temporary directory next to it, then renamed).
@@ -41,18 +48,24 @@ def export_onnx(ckpt, out_dir, fmt, base, flavour, strategy, dtype, weights, ext
 
     from ..native_artifact import check_weight_dtype
 
+    from ..onnx.builder import check_kv_update
+
     check_weight_dtype(dtype, weights)  # before the checkpoint is read
+    check_kv_update(kv_update, flavour, max_seq)
     c = load_checkpoint(ckpt, fmt, base)
     claim(out_dir, option="OUT_DIR", inputs=c.inputs, force=force, ours=onnx_export_files, directory=True)
     threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True, weights=weights)
+    manifest = write_export(c, out_dir, flavour, dtype, force, threshold, strategy, progress=True, weights=weights,
+                            kv_update=kv_update, cache_len=max_seq)
     for graph, info in manifest["graphs"].items():
         extra = f" + {info['external_data']}" if info["external_data"] else ""
         emit(f"{graph:<8} {out_dir / info['file']}{extra}: "
                    f"{len(info['inputs'])} inputs, {len(info['outputs'])} outputs")
     if manifest["routes"]:
         emit(f"routes   {out_dir / manifest['routes']['file']}: routing table {manifest['routes']['expert_ids'][0]}")
-    emit(f"wrote {flavour} {dtype}{' (FP8 e4m3 base weights)' if weights == 'fp8' else ''} ONNX export to {out_dir}")
+    form = (" (FP8 e4m3 base weights)" if weights == "fp8" else "") + (
+        f" (KV cache updated in place: {max_seq} positions)" if kv_update == "in-place" else "")
+    emit(f"wrote {flavour} {dtype}{form} ONNX export to {out_dir}")
 
 
 @click.command("export-routes", short_help="Write the pre-gate as a routing table [vocab, k].")

@@ -21,12 +21,33 @@ from ..families import EMBED, FINAL_NORM, LM_HEAD, STAGES, features
 from ..summary import adapter_summary, routing_metadata
 from ..weights import WEIGHT_FORMATS as WEIGHTS, base_weight, read_released, rounded
 from . import contract, plugin_ops
-from .graph import ELEM, FP8, FP8_OPSET, Deferred, Graph, torch_dtype
+from .graph import ELEM, FP8, FP8_OPSET, KV_IN_PLACE_OPSET, Deferred, Graph, torch_dtype
 from .graph_xp import GraphNamespace
 
 FLAVOURS = ("portable", "plugin")
+# How the decoder writes present.{l}: "copy" (Where over the whole cache, a new tensor), or "in-place" (TensorScatter of
+# the step's rows into the past, for TensorRT >= 10.15, whose parser maps it onto IKVCacheUpdateLayer: present shares
+# the past's memory; the cache axis is static, cache_len positions). runtime/README.md "The KV cache".
+KV_UPDATES = ("copy", "in-place")
 DTYPES = ("float32", "float16", "bfloat16")
 F32, I64, I32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
+
+
+def check_kv_update(kv_update: str, flavour: str, cache_len: int | None) -> int | None:
+    """The cache's static length of an in-place graph (None for copy); refuses what cannot build it."""
+    if kv_update not in KV_UPDATES:
+        raise AdafuseError(f"--kv-update '{kv_update}' is unknown (expected one of {', '.join(KV_UPDATES)})")
+    if kv_update == "copy":
+        if cache_len is not None:
+            raise AdafuseError(f"--max-seq {cache_len}: a static cache length is only for --kv-update in-place "
+                               "(the copy form's cache axis is dynamic)")
+        return None
+    if flavour != "plugin":
+        raise AdafuseError(f"--kv-update in-place: only the plugin flavour (full TensorRT >= 10.15) updates the cache in "
+                           f"place; found flavour '{flavour}'")
+    if isinstance(cache_len, bool) or not isinstance(cache_len, int) or cache_len < 2:
+        raise AdafuseError(f"--kv-update in-place needs the cache's static length (--max-seq) >= 2, found {cache_len}")
+    return cache_len
 
 
 def pregate_in_decoder(ckpt: Checkpoint) -> bool:
@@ -53,9 +74,11 @@ def metadata(ckpt: Checkpoint, graph: str, flavour: str, dtype: str, weights: st
 
 class _Builder:
     def __init__(self, ckpt: Checkpoint, flavour: str, dtype: str, name: str, strategy: str | None = None,
-                 weights: str = "dtype", quantize_from: str | None = None):
+                 weights: str = "dtype", quantize_from: str | None = None, kv_update: str = "copy",
+                 cache_len: int | None = None):
         if flavour not in FLAVOURS:
             raise AdafuseError(f"--flavour '{flavour}' is unknown (expected one of {', '.join(FLAVOURS)})")
+        self.kv_update, self.cache_len = kv_update, check_kv_update(kv_update, flavour, cache_len)
         if strategy is not None and flavour != "plugin":
             raise AdafuseError(f"--strategy {strategy}: only the plugin flavour has plugin nodes to choose "
                                f"(export-onnx --flavour plugin, convert --backend tensorrt); found flavour '{flavour}'")
@@ -88,6 +111,8 @@ class _Builder:
                 raise AdafuseError("--weights fp8 --strategy switch: the AdafuseSwitchLinear plugin takes W in the model "
                                    "dtype only (it has no FP8 weight_scale input); use --strategy fused, or the native "
                                    "backend (--backend native), whose switch strategy runs FP8 weights")
+        if kv_update == "in-place":
+            self.g.opset = KV_IN_PLACE_OPSET  # TensorScatter (FP8's DequantizeLinear takes the same form there)
 
     # ---- weights ---------------------------------------------------------------------
     # Each weight is a Deferred: shape from the checkpoint header, bytes read only when the exporter
@@ -305,10 +330,15 @@ class DecoderBuilder(_Builder):
             g_in = g.input(contract.GATES, F32, ["batch", "seq", k])
             route = (g.op("Reshape", [e_in, g.const([-1, k])]), g.op("Reshape", [g_in, g.const([-1, k])]))
         past = []
+        cache_axis = contract.CACHE_AXIS if self.cache_len is None else self.cache_len  # static in place: TensorRT needs it
         for layer in range(s.num_layers):
-            past.append(tuple(g.input(contract.past_name(layer, value), self.elem, ["batch", kv, contract.CACHE_AXIS, d])
+            past.append(tuple(g.input(contract.past_name(layer, value), self.elem, ["batch", kv, cache_axis, d])
                               for value in (False, True)))
-        pos_in, kpos, write, gather = self.row_lengths(ids_in, past_lengths, seq_lens, past[0][0])
+        pos_in, kpos = self.row_lengths(ids_in, past_lengths, seq_lens, past[0][0])
+        if self.cache_len is None:
+            write, gather = self.copy_rows(ids_in, past_lengths, seq_lens, past[0][0], kpos)
+        else:
+            scatter = self.scatter_rows(ids_in, past_lengths, seq_lens, past[0][0])
 
         # rotary tables [B, 1, S, rotary_dim] per RoPE base, causal masks [B, 1, 1, S, T] per window
         rope = {r: self.rope_tables(pos_in, r, name)
@@ -346,10 +376,16 @@ class DecoderBuilder(_Builder):
             q = apply_rope(heads(q_flat, q_shape, "q" if arch.qk_norm else None))
             kk = apply_rope(heads(k_flat, kv_shape, "k" if arch.qk_norm else None))
             v = heads(v_flat, kv_shape)
-            pk, pv = (g.op("Where", [write, g.op("GatherND", [new, gather], batch_dims=2), old], hint=f"present_{layer}")
-                      for new, old in ((kk, past[layer][0]), (v, past[layer][1])))
+            if self.cache_len is None:
+                pk, pv = (g.op("Where", [write, g.op("GatherND", [new, gather], batch_dims=2), old], hint=f"present_{layer}")
+                          for new, old in ((kk, past[layer][0]), (v, past[layer][1])))
+            else:
+                # TensorScatter's own output is the graph's present (no Identity): TensorRT's in-place layer needs its
+                # output to be a network output
+                pk, pv = (self.scatter_present(new, old, *scatter, contract.present_name(layer, value))
+                          for value, new, old in ((False, kk, past[layer][0]), (True, v, past[layer][1])))
             for value, t in ((False, pk), (True, pv)):
-                g.output(contract.present_name(layer, value), t, self.elem, ["batch", kv, contract.CACHE_AXIS, d])
+                g.output(contract.present_name(layer, value), t, self.elem, ["batch", kv, cache_axis, d])
             q5 = g.op("Reshape", [q, g.const([0, kv, H // kv, -1, d])])  # [B, KV, rep, S, d]
             k5 = g.op("Transpose", [g.op("Unsqueeze", [pk, g.const([2])])], perm=[0, 1, 2, 4, 3])  # [B, KV, 1, d, T]
             v5 = g.op("Unsqueeze", [pv, g.const([2])])  # [B, KV, 1, T, d]
@@ -381,15 +417,10 @@ class DecoderBuilder(_Builder):
         g.output(contract.LOGITS, g.op("Reshape", [logits, shape]), F32, ["batch", "seq", s.vocab_size])
         return self._finish("decoder")
 
-    def row_lengths(self, ids: str, past_lengths: str, seq_lens: str, cache: str) -> tuple[str, str, str, str]:
+    def row_lengths(self, ids: str, past_lengths: str, seq_lens: str, cache: str) -> tuple[str, str]:
         """What each row's own length gives the graph (contract.py):
         positions [B, S]: past_lengths[b] + min(j, seq_lens[b] - 1), so padding repeats the row's last position;
-        kpos [T]: the cache's positions 0 .. cache_len - 1;
-        write [B, 1, T, 1]: cache entries this step writes (past_lengths[b] <= t < past_lengths[b] + seq_lens[b]);
-        gather [B, KV, T, 1]: for entry t, the new column it takes (t - past_lengths[b], clamped into the step).
-        The present is Where(write, GatherND(new, gather, batch_dims 2), past): every row is written at its own
-        position with standard ops of static rank (no scatter: padding columns never reach the cache); the
-        indices are one per cache entry and head, not per element."""
+        kpos [T]: the cache's positions 0 .. cache_len - 1."""
         g = self.g
         width = g.op("Shape", [ids], start=1, end=2)  # [1] = S
         cols = g.op("Range", [g.const(0), g.op("Squeeze", [width, g.const([0])]), g.const(1)])  # [S]
@@ -399,6 +430,18 @@ class DecoderBuilder(_Builder):
                                                          g.op("Unsqueeze", [last, g.const([1])])])], hint="positions")
         cache_len = g.op("Shape", [cache], start=2, end=3)  # [1] = T
         kpos = g.op("Range", [g.const(0), g.op("Squeeze", [cache_len, g.const([0])]), g.const(1)])  # [T]
+        return positions, kpos
+
+    def copy_rows(self, ids: str, past_lengths: str, seq_lens: str, cache: str, kpos: str) -> tuple[str, str]:
+        """The copy form's indices (kv_update "copy"):
+        write [B, 1, T, 1]: cache entries this step writes (past_lengths[b] <= t < past_lengths[b] + seq_lens[b]);
+        gather [B, KV, T, 1]: for entry t, the new column it takes (t - past_lengths[b], clamped into the step).
+        The present is Where(write, GatherND(new, gather, batch_dims 2), past): every row is written at its own
+        position with standard ops of static rank (no scatter: padding columns never reach the cache); the
+        indices are one per cache entry and head, not per element."""
+        g = self.g
+        width = g.op("Shape", [ids], start=1, end=2)  # [1] = S
+        past_col = g.op("Unsqueeze", [past_lengths, g.const([1])])  # [B, 1]
         offset = g.op("Sub", [g.op("Unsqueeze", [kpos, g.const([0])]), past_col])  # [B, T]: t - past_lengths[b]
         inside = g.op("And", [g.op("GreaterOrEqual", [offset, g.const(0)]),
                               g.op("Less", [offset, g.op("Unsqueeze", [seq_lens, g.const([1])])])])
@@ -406,7 +449,39 @@ class DecoderBuilder(_Builder):
         column = g.op("Max", [g.op("Min", [offset, g.op("Sub", [width, g.const(1)])]), g.const(0)])  # [B, T]
         heads = g.op("Concat", [g.op("Shape", [cache], end=3), g.const([1])], axis=0)  # [B, KV, T, 1]
         gather = g.op("Expand", [g.op("Unsqueeze", [column, g.const([1, 3])]), heads], hint="kv_column")
-        return positions, kpos, write, gather
+        return write, gather
+
+    def scatter_rows(self, ids: str, past_lengths: str, seq_lens: str, cache: str) -> tuple[str, str, str, str]:
+        """The in-place form's indices (kv_update "in-place"): TensorScatter writes `seq` entries per row from
+        write_index [B] = min(past_lengths, T - seq), so it never writes past T; entry write_index + j takes the new
+        column (write_index + j - past_lengths[b]) where it is one of the row's seq_lens[b] new entries, else the
+        past's own entry (rewritten unchanged): the contract's "every other entry copied", the gathers [B, KV, seq, d].
+        Returns (write_index [B], inside [B, 1, S, 1], new column [B, KV, S, 1], cache entry [B, KV, S, 1])."""
+        g = self.g
+        width = g.op("Shape", [ids], start=1, end=2)  # [1] = S
+        cols = g.op("Range", [g.const(0), g.op("Squeeze", [width, g.const([0])]), g.const(1)])  # [S]
+        room = g.op("Squeeze", [g.op("Sub", [g.op("Shape", [cache], start=2, end=3), width]), g.const([0])])  # T - S
+        write_index = g.op("Min", [past_lengths, room], hint="kv_write_index")  # [B]
+        entry = g.op("Add", [g.op("Unsqueeze", [write_index, g.const([1])]), g.op("Unsqueeze", [cols, g.const([0])])])  # [B, S]
+        offset = g.op("Sub", [entry, g.op("Unsqueeze", [past_lengths, g.const([1])])])  # entry - past_lengths[b]
+        inside = g.op("And", [g.op("GreaterOrEqual", [offset, g.const(0)]),
+                              g.op("Less", [offset, g.op("Unsqueeze", [seq_lens, g.const([1])])])])
+        column = g.op("Max", [g.op("Min", [offset, g.op("Sub", [width, g.const(1)])]), g.const(0)])  # [B, S]
+        heads = g.op("Concat", [g.op("Shape", [cache], end=2), width, g.const([1])], axis=0)  # [B, KV, S, 1]
+
+        def per_head(t: str, hint: str) -> str:
+            return g.op("Expand", [g.op("Unsqueeze", [t, g.const([1, 3])]), heads], hint=hint)
+        return (write_index, g.op("Unsqueeze", [inside, g.const([1, 3])], hint="kv_scatter_new"),
+                per_head(column, "kv_scatter_column"), per_head(entry, "kv_scatter_entry"))
+
+    def scatter_present(self, new: str, past: str, write_index: str, inside: str, column: str, entry: str,
+                        present: str) -> str:
+        """present = TensorScatter(past, update, write_index, axis 2) (scatter_rows): in TensorRT >= 10.15 an
+        IKVCacheUpdateLayer, whose output shares the past's memory."""
+        g = self.g
+        update = g.op("Where", [inside, g.op("GatherND", [new, column], batch_dims=2),
+                                g.op("GatherND", [past, entry], batch_dims=2)], hint=f"{present}.update")
+        return g.op("TensorScatter", [past, update, write_index], out=present, axis=2, hint=present)
 
     def mlp(self, x: str, layer: int, route) -> str:
         g, a = self.g, self.aspec
@@ -437,6 +512,8 @@ class DecoderBuilder(_Builder):
         """The built graph with its weights still unread (Graph.model() materialises them)."""
         self.g.opset_imports = {plugin_ops.DOMAIN: plugin_ops.DOMAIN_VERSION} if self.flavour == "plugin" and self._uses_plugin() else {}
         self.g.metadata = metadata(self.ckpt, graph, self.flavour, self.dtype, self.weights)
+        if graph == "decoder" and self.kv_update != "copy":
+            self.g.metadata["adafuse.kv_update"] = self.kv_update
         if self.weights == "fp8":
             self.g.metadata["adafuse.fp8_quantized_from"] = str(self.quantize_from).removeprefix("torch.")
         if self._uses_plugin():
@@ -463,12 +540,16 @@ class PregateBuilder(DecoderBuilder):
 
 
 def build_decoder(ckpt: Checkpoint, flavour: str = "portable", dtype: str = "float32", strategy: str | None = None,
-                  weights: str = "dtype", quantize_from: str | None = None) -> Graph:
+                  weights: str = "dtype", quantize_from: str | None = None, kv_update: str = "copy",
+                  cache_len: int | None = None) -> Graph:
     """The decoder graph, weights deferred: `.model()` gives an inline ModelProto, export.write_model streams.
     strategy (plugin flavour only): which plugin op the adapter sites use (plugin_ops.STRATEGIES).
     weights 'fp8': every projection's base weight as float8e4m3fn with float32 per-output-channel scales
-    (quantize.py, from the weight rounded to quantize_from, default dtype), opset 19."""
-    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder", strategy, weights, quantize_from).build()
+    (quantize.py, from the weight rounded to quantize_from, default dtype), opset 19.
+    kv_update 'in-place' (plugin flavour only): present = TensorScatter into the past, whose cache axis is static
+    (cache_len positions), opset 24 (KV_UPDATES)."""
+    return DecoderBuilder(ckpt, flavour, dtype, "adafuse_decoder", strategy, weights, quantize_from, kv_update,
+                          cache_len).build()
 
 
 def build_pregate(ckpt: Checkpoint, dtype: str = "float32") -> Graph:

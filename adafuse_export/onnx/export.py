@@ -12,7 +12,7 @@ from ..routes import write_routing_table
 from ..summary import adapter_summary, routing_contract
 from ..tensors import atomic_directory
 from . import DECODER, MANIFEST, PREGATE, ROUTES, contract, plugin_ops
-from .builder import WEIGHTS, build_decoder, build_pregate, has_pregate_graph, pregate_in_decoder
+from .builder import WEIGHTS, build_decoder, build_pregate, check_kv_update, has_pregate_graph, pregate_in_decoder
 from .graph import ELEM_NAMES, ExternalData, Graph
 
 # Protobuf cannot hold more than 2 GiB; above this many initializer bytes, weights go to external data.
@@ -87,22 +87,27 @@ def _check(path: Path, flavour: str) -> None:
 def export_onnx(ckpt: Checkpoint, out_dir: Path, flavour: str = "portable", dtype: str = "float32",
                 force: bool = False, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                 strategy: str | None = None, progress: bool = False, weights: str = "dtype",
-                quantize_from: str | None = None) -> dict:
+                quantize_from: str | None = None, kv_update: str = "copy", cache_len: int | None = None) -> dict:
     """Build and write every file into a temporary directory next to out_dir, then rename it into place.
     strategy: the plugin op of the plugin flavour (plugin_ops.STRATEGIES; default fused).
     progress: print tensors and bytes written while external weight data is written.
     weights: 'dtype', or 'fp8' (the projections' base weights float8e4m3fn + DequantizeLinear, builder.py),
-    quantized from the weights rounded to quantize_from (default dtype)."""
+    quantized from the weights rounded to quantize_from (default dtype).
+    kv_update: 'copy', or 'in-place' (plugin flavour: present = TensorScatter into the past, a static cache of
+    cache_len positions; builder.KV_UPDATES)."""
+    check_kv_update(kv_update, flavour, cache_len)  # before anything is written
     ckpt.require_exportable()
     with atomic_directory(Path(out_dir), force) as tmp:
-        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress, weights, quantize_from)
+        return _write_all(ckpt, tmp, flavour, dtype, external_data_threshold, strategy, progress, weights, quantize_from,
+                          kv_update, cache_len)
 
 
 def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold: int, strategy: str | None,
-               progress: bool, weights: str = "dtype", quantize_from: str | None = None) -> dict:
+               progress: bool, weights: str = "dtype", quantize_from: str | None = None, kv_update: str = "copy",
+               cache_len: int | None = None) -> dict:
     m, adapter = ckpt.model, adapter_summary(ckpt.adapter)
     graphs = {}
-    decoder_graph = build_decoder(ckpt, flavour, dtype, strategy, weights, quantize_from)
+    decoder_graph = build_decoder(ckpt, flavour, dtype, strategy, weights, quantize_from, kv_update, cache_len)
     opset = decoder_graph.opset
     strategy = decoder_graph.metadata.get("adafuse.strategy")  # None: no plugin node in the graph
     decoder, ext = write_model(decoder_graph, tmp / DECODER, threshold, progress)
@@ -118,7 +123,7 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
         routes = write_routing_table(ckpt, tmp / ROUTES, dtype)
     manifest = {
         "format": "adafuse-onnx", "version": contract.VERSION, "flavour": flavour, "dtype": dtype, "opset": opset,
-        "weights": WEIGHTS[weights],
+        "weights": WEIGHTS[weights], "kv_update": kv_update,
         "checkpoint": {"path": str(ckpt.path), "format": ckpt.format, "index_sha256": ckpt.index_sha256()},
         "model": {"family": m.family, "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers,
                   "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
@@ -132,9 +137,11 @@ def _write_all(ckpt: Checkpoint, tmp: Path, flavour: str, dtype: str, threshold:
                         "op_type": plugin_ops.op_type(strategy), "plugin_version": plugin_ops.PLUGIN_VERSION,
                         "fields": [n for n, _ in plugin_ops.FIELDS], "inputs": list(plugin_ops.INPUTS)}
                        if strategy is not None else None),
-        "kv_cache": (f"past_key_values.{{l}}.key/value [batch, kv_heads, {contract.CACHE_AXIS}, head_dim] hold position p of "
-                     f"row b at index p; present = the cache with row b's {contract.SEQ_LENS}[b] new entries written from "
-                     f"index {contract.PAST_LENGTHS}[b] (adafuse_export/onnx/contract.py)"),
+        "kv_cache": (f"past_key_values.{{l}}.key/value [batch, kv_heads, {cache_len or contract.CACHE_AXIS}, head_dim] hold "
+                     f"position p of row b at index p; present = the cache with row b's {contract.SEQ_LENS}[b] new entries "
+                     f"written from index {contract.PAST_LENGTHS}[b] (adafuse_export/onnx/contract.py)"
+                     + ("; in place: TensorScatter into the past (TensorRT >= 10.15 binds present to the past's memory)"
+                        if kv_update == "in-place" else "")),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

@@ -24,7 +24,10 @@ OPSET = 17
 # FP8 weights (builder weights="fp8"): DequantizeLinear takes float8e4m3fn from opset 19 (ONNX Runtime's CPU
 # provider runs it there, TensorRT parses it); the graphs without FP8 keep opset 17.
 FP8_OPSET = 19
-IR_VERSIONS = {OPSET: 8, FP8_OPSET: 9}  # the IR version of each opset's release
+# The in-place KV cache update (builder kv_update "in-place"): TensorScatter is opset 24 (ONNX 1.19, IR 12), which
+# ONNX Runtime runs on the CPU (1.32 here) and TensorRT's parser imports from 10.15 on (as IKVCacheUpdateLayer).
+KV_IN_PLACE_OPSET = 24
+IR_VERSIONS = {OPSET: 8, FP8_OPSET: 9, KV_IN_PLACE_OPSET: 12}  # the IR version of each opset's release
 ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 FP8 = TensorProto.FLOAT8E4M3FN
 ELEM_SIZES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, FP8: 1}
@@ -143,7 +146,7 @@ class Graph:
         self._count = 0
         self._consts: dict = {}
         self._memo: dict = {}
-        self.opset = OPSET  # FP8_OPSET once the graph holds FP8 weights (model() writes it)
+        self.opset = OPSET  # FP8_OPSET with FP8 weights, KV_IN_PLACE_OPSET with TensorScatter (model() writes it)
 
     # ---- names, inputs, outputs ------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -155,7 +158,9 @@ class Graph:
         return name
 
     def output(self, name: str, value: str, elem: int, shape: list) -> str:
-        self.op("Identity", [value], out=name)
+        """Declares `value` a graph output named `name`: through an Identity, unless its node already named it so."""
+        if value != name:
+            self.op("Identity", [value], out=name)
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
 
@@ -249,7 +254,8 @@ class Graph:
         for domain, version in self.opset_imports.items():
             imports.append(helper.make_opsetid(domain, version))
         model = helper.make_model(graph, opset_imports=imports, producer_name="adafuse-export")
-        # opset 17: IR 8, readable by ONNX Runtime >= 1.13 and TensorRT 8.6+; opset 19 (FP8): IR 9, ONNX Runtime >= 1.16
+        # opset 17: IR 8, readable by ONNX Runtime >= 1.13 and TensorRT 8.6+; opset 19 (FP8): IR 9, ONNX Runtime >= 1.16;
+        # opset 24 (in-place KV cache): IR 12
         model.ir_version = IR_VERSIONS[self.opset]
         for k, v in self.metadata.items():
             entry = model.metadata_props.add()

@@ -107,6 +107,8 @@ class OnnxRuntimeRunner(Runner):
                                f"(ONNX Runtime runner supports float32 and float16 graphs)")
         self.kv_dtype = _NP[k0.type]
         self.kv_heads, self.head_dim = k0.shape[1], k0.shape[3]
+        # a fixed cache axis: an in-place graph's (builder kv_update "in-place"), fed whole; else it grows with the rows
+        self.cache_len = k0.shape[2] if isinstance(k0.shape[2], int) else None
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab_size = logits.shape[2] if isinstance(logits.shape[2], int) else None
         self.needs_routes = "expert_ids" in self.inputs
@@ -131,7 +133,7 @@ class OnnxRuntimeRunner(Runner):
                                                           + (", one layer at a time (per-layer subgraphs, weights "
                                                              "memory-mapped)" if layerwise else ""))
         self.past: dict[str, np.ndarray] | None = None
-        self._past_len = 0
+        self._past_len = self._reach = 0
 
     def _session(self, ort, path: Path, options, source: str | bytes | None = None, what: str = "this model"):
         """A session over `path` (or over `source`, model bytes made from it)."""
@@ -173,8 +175,9 @@ class OnnxRuntimeRunner(Runner):
     def step(self, input_ids, past_lengths, seq_lens) -> StepResult:
         """One in-flight step over the rows of the held cache (contract.py): row b's first seq_lens[b] ids continue
         its sequence at position past_lengths[b] (0 starts a new one in that row; seq_lens 0 carries the row).
-        The cache is made for the batch on first use and grows to hold every row's reach. Logits [B, S, vocab]
-        (columns beyond a row's seq_lens mean nothing); present: the whole cache."""
+        The cache is made for the batch on first use and grows to hold every row's reach (a static cache axis: made
+        whole). Logits [B, S, vocab] (columns beyond a row's seq_lens mean nothing); present: the cache up to the
+        furthest reach of any row so far (a static cache: its first that many entries)."""
         ids = self._check_ids(input_ids)
         batch, seq = ids.shape
         if self.past is not None and next(iter(self.past.values())).shape[0] != batch:
@@ -182,15 +185,21 @@ class OnnxRuntimeRunner(Runner):
         past = np.asarray(past_lengths, np.int64)
         n = np.asarray(seq_lens, np.int64)
         cache_len = 0 if self.past is None else next(iter(self.past.values())).shape[2]
-        contract.check_step(past_lengths, seq_lens, batch, seq, max(cache_len, int((past + n).max(initial=0))))
+        contract.check_step(past_lengths, seq_lens, batch, seq,
+                            self.cache_len if self.cache_len is not None else max(cache_len, int((past + n).max(initial=0))))
         return self._run(ids, past, n)
 
     def _run(self, ids: np.ndarray, past_lengths: np.ndarray, seq_lens: np.ndarray) -> StepResult:
         batch, seq = ids.shape
         need = int((past_lengths + seq_lens).max(initial=0))
         if self.past is None:
-            self.past = {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for n in self.past_names}
+            self.past = {n: np.zeros((batch, self.kv_heads, self.cache_len or 0, self.head_dim), self.kv_dtype)
+                         for n in self.past_names}
+            self._reach = 0
         have = next(iter(self.past.values())).shape[2]
+        if need > have and self.cache_len is not None:
+            raise AdafuseError(f"{self.files.decoder}: {need} positions exceed the graph's static cache of {self.cache_len} "
+                               "(an in-place export's --max-seq)")
         if need > have:  # zeros: the contract wants finite values beyond every row's length
             grow = np.zeros((batch, self.kv_heads, need - have, self.head_dim), self.kv_dtype)
             self.past = {n: np.concatenate([v, grow], axis=2) for n, v in self.past.items()}
@@ -210,7 +219,9 @@ class OnnxRuntimeRunner(Runner):
             raise AdafuseError(f"{self.files.decoder}: ONNX Runtime cannot run this model: {first}") from None
         present = {n: outs[n] for n in self.output_names if n.startswith(contract.PRESENT_PREFIX)}
         self.past = {contract.PAST_PREFIX + n[len(contract.PRESENT_PREFIX):]: v for n, v in present.items()}
-        self._past_len = need
+        self._past_len, self._reach = need, max(self._reach, need)
+        if self.cache_len is not None:  # what a growing cache would hold: the entries up to the furthest reach
+            present = {n: v[:, :, :self._reach] for n, v in present.items()}
         if contract.EXPERT_IDS in outs:
             expert_ids, gates = outs[contract.EXPERT_IDS], outs[contract.GATES]
         return StepResult(outs[contract.LOGITS], present, expert_ids, gates)

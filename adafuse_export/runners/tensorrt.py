@@ -3,7 +3,8 @@
 Checks the manifest first (engine hash, plugin version), then needs a runtime and a GPU the
 engine was built for: full TensorRT (+ the plugin library, shipped or $ADAFUSE_PLUGIN_LIB, for plugin engines) or
 TensorRT-RTX (compute capability 8.0, 8.6, 8.9, 12.x). Device buffers are torch CUDA tensors.
-Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build).
+Profile 0 runs prefill (empty past), profile 1 decode steps (see adafuse_export.trt.build). An engine whose
+manifest says engine.kv_in_place gets each present.{l} bound to the memory of past_key_values.{l} (one cache).
 
 Everything about the engine's tensors (names, dtypes, KV layout, the shapes of outputs) is read
 from the deserialized engine itself, not assumed: a pre-gate-in-decoder engine outputs int32
@@ -147,7 +148,9 @@ class EngineSession:
         if not ok:
             raise AdafuseError(f"{self.where}: TensorRT refused {call} (see the TensorRT log above)")
 
-    def run(self, feed: dict[str, Any], profile: int) -> dict[str, Any]:
+    def run(self, feed: dict[str, Any], profile: int, aliases: dict[str, str] | None = None) -> dict[str, Any]:
+        """aliases: output -> the input whose memory it is bound to (an in-place KV cache: the engine writes present.{l}
+        where it reads past_key_values.{l}); the output returned is that input's tensor."""
         import torch
 
         ctx, stream = self.context, self.placement.stream
@@ -165,12 +168,20 @@ class EngineSession:
                         f"input '{name}' of shape {list(t.shape)} (outside profile {profile}'s range?)")
             self._check(ctx.set_tensor_address(name, self._address(t)), f"the address of input '{name}'")
         outputs = {}
+        aliases = aliases or {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise AdafuseError(f"{self.where}: output '{name}' has unresolved shape {list(shape)} "
                                    "after all input shapes were set")
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.placement.device)
+            if name in aliases:
+                same = feed[aliases[name]]
+                if tuple(same.shape) != shape or same.dtype != self.dtypes[name]:
+                    raise AdafuseError(f"{self.where}: output '{name}' is {self.dtypes[name]} {list(shape)}, so it cannot "
+                                       f"share the memory of input '{aliases[name]}' ({same.dtype} {list(same.shape)})")
+                outputs[name] = same
+            else:
+                outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.placement.device)
             self._check(ctx.set_tensor_address(name, self._address(outputs[name])), f"the address of output '{name}'")
         stream.wait_stream(self.placement.current_stream())  # the inputs were written on torch's stream
         self._check(ctx.execute_async_v3(stream.cuda_stream), "execute_async_v3")
@@ -190,6 +201,22 @@ def engine_model_info(engine: Path, manifest: dict, session: EngineSession, desc
                      # the engine's own KV tensor type, never the manifest's claim: the dtype picks validate's tolerance
                      dtype=str(session.dtypes["past_key_values.0.key"]).removeprefix("torch."),
                      meta=manifest_meta(manifest), description=description)
+
+
+def check_in_place_cache(engine: Path, session: EngineSession, max_seq: int) -> None:
+    """An engine whose manifest says kv_in_place: every present.{l} of its past's dtype and shape, the cache axis fixed
+    at max_seq (TensorRT's in-place layer needs a static one); else refused in one line naming the tensor."""
+    for past in (n for n in session.inputs if n.startswith(contract.PAST_PREFIX)):
+        present = contract.PRESENT_PREFIX + past[len(contract.PAST_PREFIX):]
+        shape, dtype = session.shapes[past], session.dtypes[past]
+        if len(shape) != 4 or shape[2] != max_seq:
+            raise AdafuseError(f"{engine}: input '{past}' has shape {list(shape)}: an in-place cache (engine.kv_in_place) "
+                               f"needs a static cache axis of max_seq {max_seq} positions; convert the model again")
+        if present not in session.outputs or session.shapes[present] != shape or session.dtypes[present] != dtype:
+            found = (f"{session.dtypes[present]} {list(session.shapes[present])}" if present in session.outputs
+                     else "missing")
+            raise AdafuseError(f"{engine}: output '{present}' is {found}, input '{past}' is {dtype} {list(shape)}: an "
+                               "in-place cache (engine.kv_in_place) needs them equal; convert the model again")
 
 
 class TensorRTRunner(Runner):
@@ -223,6 +250,10 @@ class TensorRTRunner(Runner):
         if self.info.needs_routes:
             self.table = self._load_routes(engine, manifest)
         self.max_seq = int(built["max_seq"])  # the profiles' bound on past + new tokens
+        # engine.kv_in_place: present.{l} bound to the memory of past_key_values.{l} (one cache, updated in place)
+        self.kv_in_place = bool(built.get("kv_in_place"))
+        if self.kv_in_place:
+            check_in_place_cache(engine, self.session, self.max_seq)
         self.past: dict[str, Any] = {}
         self.length = 0
 
@@ -264,7 +295,8 @@ class TensorRTRunner(Runner):
                                f"{self.max_seq} (its profiles; rebuild with convert --max-seq)")
         device = self.placement.device
         # the engine's contract (onnx/contract.py): one length per row, here the same for all; the cache is bound
-        # whole ([b, kv, max_seq, d], zeros where nothing is written yet), as the C++ runtime binds it
+        # whole ([b, kv, max_seq, d], zeros where nothing is written yet), as the C++ runtime binds it (an in-place
+        # engine's present to the same tensor)
         feed = {contract.INPUT_IDS: ids, contract.PAST_LENGTHS: torch.full((b,), self.length, dtype=torch.int64, device=device),
                 contract.SEQ_LENS: torch.full((b,), s, dtype=torch.int64, device=device)}
         if self.table is not None:
@@ -275,7 +307,9 @@ class TensorRTRunner(Runner):
                 present = contract.PRESENT_PREFIX + name[len(contract.PAST_PREFIX):]
                 _, kv, _, d = session.shapes[name]
                 feed[name] = self.past.get(present, torch.zeros(b, kv, self.max_seq, d, device=device, dtype=session.dtypes[name]))
-        outputs = session.run(feed, profile)
+        aliases = {contract.PRESENT_PREFIX + n[len(contract.PAST_PREFIX):]: n
+                   for n in session.inputs if n.startswith(contract.PAST_PREFIX)} if self.kv_in_place else None
+        outputs = session.run(feed, profile, aliases)
         self.past = {n: t for n, t in outputs.items() if n.startswith(contract.PRESENT_PREFIX)}
         self.length += s
         result = StepResult(outputs[contract.LOGITS].float().cpu().numpy(),

@@ -33,6 +33,9 @@ class BackendKind:
     version_compatible: bool  # whether it builds version-compatible engines for TensorRT's lean runtime (--version-compatible)
     capabilities: tuple[str, ...] | None  # compute capabilities its engines run on ("12.x": any minor); None: the GPU built on
     install: str
+    # the version from which its ONNX parser imports TensorScatter as IKVCacheUpdateLayer (the cache updated in place,
+    # onnx.builder KV_UPDATES); None: never (TensorRT-RTX: no NVIDIA documentation says its parser does)
+    kv_in_place_since: tuple[int, int] | None = None
 
     @property
     def gpus(self) -> str:
@@ -57,7 +60,10 @@ KINDS: dict[str, BackendKind] = {k.name: k for k in (
                 install="full TensorRT 10 (pip install 'tensorrt-cu12==10.*' or 'tensorrt-cu13==10.*': the major the adafuse "
                         "runtime and plugin library are built for; a plain `pip install tensorrt` may give a newer one) plus the "
                         "adafuse plugin library (installed with this tool; from a checkout: cmake --preset release && cmake "
-                        "--build --preset release)"),
+                        "--build --preset release)",
+                # onnx-tensorrt PR #1048 (TensorRT 10.15): "Added support for RotaryEmbedding, RMSNormalization and
+                # TensorScatter"; NvInfer.h 10.15 IKVCacheUpdateLayer (runtime/README.md, "The KV cache")
+                kv_in_place_since=(10, 15)),
     BackendKind("tensorrt-rtx", "TensorRT-RTX", "tensorrt_rtx", "portable", None, strongly_typed=False,
                 timing_cache=False, version_compatible=False, capabilities=("8.0", "8.6", "8.9", "12.x"),
                 install="pip install 'adafuse-export[rtx]' (tensorrt-rtx)"),
@@ -89,6 +95,20 @@ class Backend:
     @property
     def flavour(self) -> str:
         return self.kind.flavour
+
+    @property
+    def kv_update(self) -> str:
+        """How its engines' decoder graphs write the KV cache (onnx.builder.KV_UPDATES): in place where its parser
+        maps TensorScatter onto IKVCacheUpdateLayer, else a copy."""
+        return kv_update_for(self.kind, self.version)
+
+
+def kv_update_for(kind: BackendKind, version: str) -> str:
+    """'in-place' for a backend kind whose version `version` ("10.15.1.29") imports TensorScatter in place, else 'copy'."""
+    parts = version.split(".")[:2]
+    if kind.kv_in_place_since is None or len(parts) < 2 or not all(p.isdigit() for p in parts):
+        return "copy"
+    return "in-place" if (int(parts[0]), int(parts[1])) >= kind.kv_in_place_since else "copy"
 
 
 class TensorRTVersionRefused(AdafuseError):

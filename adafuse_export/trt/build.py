@@ -3,7 +3,8 @@
 Two optimisation profiles: 0 = prefill (1..max_seq new tokens per row), 1 = decode (one new token per row).
 Rows carry their own lengths (onnx/contract.py: past_lengths, seq_lens), so both profiles take any past
 lengths; the KV cache axis is 1..max_seq, tuned for max_seq (the runtime binds its whole cache, one row per
-slot). A service selects the profile per step; the manifest lists them.
+slot), or max_seq itself where the graph fixes it (an in-place cache: onnx.builder KV_UPDATES). A service selects
+the profile per step; the manifest lists them.
 """
 from __future__ import annotations
 

@@ -40,10 +40,11 @@ def manifest_path(engine: Path) -> Path:
 
 def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_dir_name: str, onnx_manifest: dict,
                   backend, io: dict, dtype: str, max_batch: int, max_seq: int, checkpoint, weights: str = "dtype",
-                  version_compatible: bool = False) -> dict:
+                  version_compatible: bool = False, kv_in_place: bool = False) -> dict:
     """version_compatible: built with --version-compatible (engine.version_compatible; the runtime then loads
-    TensorRT's lean runtime). An optional field, absent for false, so the manifest version (the decoder contract's)
-    is unchanged."""
+    TensorRT's lean runtime). kv_in_place: the decoder updates its cache in place (engine.kv_in_place; the runtime binds
+    present.{l} to the memory of past_key_values.{l}). Optional fields, absent for false, so the manifest version (the
+    decoder contract's) is unchanged and older manifests read as a copied cache."""
     files = {f"{onnx_dir_name}/{p.name}": sha256_file(p) for p in sorted(onnx_dir.iterdir()) if p.is_file()}
     custom_ops = onnx_manifest.get("custom_ops") if onnx_manifest.get("flavour") == "plugin" else None
     adapter = adapter_summary(checkpoint.adapter)
@@ -55,7 +56,8 @@ def make_manifest(*, engine_file: Path, engine_name: str, onnx_dir: Path, onnx_d
                    # TensorRT-RTX's build log: an engine with fp8_e4m3 tensors "will not be able to run on sm80, sm86"
                    "runs_on": backend.kind.runs_on + ("; FP8 weights: compute capability 8.9 or newer" if weights == "fp8"
                                                       else ""),
-                   **({"version_compatible": True} if version_compatible else {})},
+                   **({"version_compatible": True} if version_compatible else {}),
+                   **({"kv_in_place": True} if kv_in_place else {})},
         "tensors": {"inputs": io["inputs"], "outputs": io["outputs"]},
         "profiles": io["profiles"],
         # runtime/src/manifest.cpp reads routing.kind, top_k and routes_file
@@ -89,7 +91,7 @@ def write_manifest(manifest: dict, path: Path) -> None:
 
 # The fields Python reads from a manifest, with their JSON types (a list where a string belongs was a traceback)
 FIELD_TYPES: dict[str, dict[str, Any]] = {"engine": {"file": str, "sha256": str, "backend": str, "backend_version": str, "flavour": str,
-                          "dtype": str, "max_batch": int, "max_seq": int, "version_compatible": bool},
+                          "dtype": str, "max_batch": int, "max_seq": int, "version_compatible": bool, "kv_in_place": bool},
                "routing": {"kind": str, "num_experts": int, "top_k": int, "routes_file": (str, type(None)),
                            "pregate_graph": (str, type(None))},
                "plugin": {"library": str, "name": str, "strategy": str, "version": str},

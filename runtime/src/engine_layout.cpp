@@ -20,6 +20,13 @@ using nlohmann::json;
 namespace {
 // A top-k axis as int32 (-1 and 0 are refused below; larger than int32 becomes -1, refused too).
 int32_t narrow_axis(int64_t v) { return v > INT32_MAX ? -1 : static_cast<int32_t>(v); }
+
+// [-1, 2, 16, 4], as the manifest writes a shape.
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
 }  // namespace
 
 EngineLayout engine_layout(const Manifest& m) {
@@ -36,6 +43,7 @@ EngineLayout engine_layout(const Manifest& m) {
   EngineLayout l;
   l.max_batch = m.max_batch;
   l.max_seq = m.max_seq;
+  l.kv_in_place = m.kv_in_place;
   need(m.input(dc::kInputIds), dc::kInputIds, "input", "int64", 2);
   need(m.input(dc::kPastLengths), dc::kPastLengths, "input", "int64", 1);
   need(m.input(dc::kSeqLens), dc::kSeqLens, "input", "int64", 1);
@@ -66,7 +74,17 @@ EngineLayout engine_layout(const Manifest& m) {
         if (d.shape[2] != -1 && d.shape[2] != l.max_seq)  // the backend binds its whole cache: max_seq positions
           fail(ADAFUSE_ERR_FILE, where + ": " + io + " '" + name + "' holds " + std::to_string(d.shape[2]) +
                                      " positions, expected a dynamic axis or max_seq " + std::to_string(l.max_seq));
+        // TensorRT updates a cache in place only when its sequence axis is static (IKVCacheUpdateLayer)
+        if (l.kv_in_place && d.shape[2] != l.max_seq)
+          fail(ADAFUSE_ERR_FILE, where + ": " + io + " '" + name + "' has a dynamic cache axis; an in-place cache "
+                                     "(engine.kv_in_place) needs it static, max_seq " + std::to_string(l.max_seq) +
+                                     " positions: convert the model again");
       }
+      // present shares its past's memory: one shape (the dtype is layer 0's for both, checked above)
+      if (l.kv_in_place && m.output(present)->shape != m.input(past)->shape)
+        fail(ADAFUSE_ERR_FILE, where + ": output '" + present + "' has shape " + shape_text(m.output(present)->shape) +
+                                   ", input '" + past + "' " + shape_text(m.input(past)->shape) +
+                                   ": an in-place cache (engine.kv_in_place) needs them equal; convert the model again");
     }
   if (m.input(dc::kExpertIds) != nullptr) {
     l.routes_in = true;
@@ -158,7 +176,7 @@ std::vector<TensorBinding> step_bindings(const EngineLayout& layout, int32_t bat
     for (int32_t l = 0; l < layout.layers; ++l)
       for (bool value : {false, true})
         out.push_back({(input ? dc::kPastPrefix : dc::kPresentPrefix) + std::to_string(l) + (value ? ".value" : ".key"), cache,
-                       input, l, value});
+                       input, l, value, !input && !layout.kv_in_place});
   if (layout.routes_out) {
     out.push_back({dc::kExpertIds, {b, w, layout.top_k}, false});
     out.push_back({dc::kGates, {b, w, layout.top_k}, false});

@@ -18,12 +18,16 @@ struct EngineLayout {
   int32_t top_k = 0;     // routes per token, when the engine takes or returns expert_ids/gates
   bool routes_in = false;   // the engine takes expert_ids/gates (the routing table feeds them)
   bool routes_out = false;  // the engine computes its pre-gate inside and returns expert_ids/gates
+  // engine.kv_in_place: the engine writes present.{l} into the memory of past_key_values.{l} (TensorRT's in-place
+  // KV cache update), so the backend holds one cache; else present goes to a second cache and the two swap
+  bool kv_in_place = false;
+  int32_t cache_buffers() const { return kv_in_place ? 1 : 2; }
 };
 
 // Refuses a manifest whose tensors are not the decoder contract (decoder_contract.h: input_ids int64 [B, S],
 // past_lengths/seq_lens int64 [B], optional expert_ids int32/gates float [B, S, k] as inputs or outputs,
 // past_key_values.{l}.key/value and present.* of one dtype [B, KV, T, d] with T dynamic or max_seq, logits float
-// [B, S, vocab]).
+// [B, S, vocab]). An in-place engine (manifest kv_in_place) also needs each present of its past's very shape, T max_seq.
 EngineLayout engine_layout(const Manifest& manifest);
 size_t dtype_bytes(const std::string& manifest_dtype);
 
@@ -54,6 +58,9 @@ struct TensorBinding {
   bool input = true;
   int32_t layer = -1;
   bool value = false;  // the cache's values (else keys)
+  // present.{l} of a copy engine: bound in the other cache of the two (ping-pong); false for every input and for an
+  // in-place engine's present, bound where its past is
+  bool other_cache = false;
 };
 // Every tensor of one call of `batch` rows `width` tokens wide, inputs first.
 std::vector<TensorBinding> step_bindings(const EngineLayout& layout, int32_t batch, int32_t width);

@@ -150,6 +150,7 @@ void parse_fields(Manifest& m) {
   m.dtype = r.text(j, {"engine", "dtype"}, "engine.dtype");
   m.version_compatible = lookup(j, {"engine", "version_compatible"}).is_boolean() &&
                          lookup(j, {"engine", "version_compatible"}).get<bool>();  // its type: check_types
+  m.kv_in_place = lookup(j, {"engine", "kv_in_place"}).is_boolean() && lookup(j, {"engine", "kv_in_place"}).get<bool>();
   m.max_batch = r.positive(j, {"engine", "max_batch"}, "engine.max_batch");
   m.max_seq = r.positive(j, {"engine", "max_seq"}, "engine.max_seq");
   m.inputs = r.tensors(j, "inputs");
@@ -183,7 +184,7 @@ constexpr FieldType kFieldTypes[] = {
     {"engine", "backend", Want::str},        {"engine", "backend_version", Want::str},
     {"engine", "flavour", Want::str},        {"engine", "dtype", Want::str},
     {"engine", "max_batch", Want::integer},  {"engine", "max_seq", Want::integer},
-    {"engine", "version_compatible", Want::boolean},
+    {"engine", "version_compatible", Want::boolean}, {"engine", "kv_in_place", Want::boolean},
     {"routing", "kind", Want::str},          {"routing", "num_experts", Want::integer},
     {"routing", "top_k", Want::integer},     {"routing", "routes_file", Want::str_or_null},
     {"routing", "pregate_graph", Want::str_or_null},

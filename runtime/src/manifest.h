@@ -39,6 +39,9 @@ struct Manifest {
   std::string backend, backend_version, dtype;
   // engine.version_compatible (absent: false): built with `convert --version-compatible`, run on TensorRT's lean runtime
   bool version_compatible = false;
+  // engine.kv_in_place (absent: false): the decoder updates its KV cache in place (TensorScatter, TensorRT >= 10.15):
+  // present.{l} is bound to the memory of past_key_values.{l}
+  bool kv_in_place = false;
   int32_t max_batch = 0, max_seq = 0;
   std::vector<TensorDesc> inputs, outputs;
   std::string routing_kind;

@@ -24,7 +24,7 @@ namespace adafuse {
 namespace {
 
 constexpr int kPrefill = 0, kDecode = 1;  // optimisation profiles (adafuse_export/trt/build.py)
-constexpr size_t kMaxGraphs = 256;        // captured decode steps kept (one per batch and buffer), LRU
+constexpr size_t kMaxGraphs = 256;        // captured decode steps kept (one per batch and cache buffer), LRU
 
 // The plugin library installed with this code: beside the module that holds it (the shared runtime in
 // lib/), or in ../lib of it (adafuse-serve in bin/). Both the wheel (adafuse_export/_native/{bin,lib}) and
@@ -154,8 +154,10 @@ class TensorRTBackend final : public Backend {
   // Uploads the step's ids and lengths, looks routes up on the device, binds every tensor (step_bindings).
   void bind(const EngineStep& step, void* logits);
   void enqueue(int profile);
-  // Slots at and above the engine's batch that hold tokens: the present buffer gets their cache too.
+  // Slots at and above the engine's batch that hold tokens: the present buffer gets their cache too (copy engines).
   void carry_rows(int32_t from);
+  // An in-place engine's own tensors: each present.{l} of its past's shape and dtype, the cache axis max_seq.
+  void check_in_place_tensors() const;
   void* kv(int slot, int32_t layer, bool value) const;
   using Graphs = GraphCache<cudaGraphExec_t>;
   // Captures the decode step just run (same shapes and addresses) into graph.
@@ -175,8 +177,9 @@ class TensorRTBackend final : public Backend {
   TrtPtr<nvinfer1::ICudaEngine> engine_;
   TrtPtr<nvinfer1::IExecutionContext> contexts_[2];
   DeviceBuffer ids_, lengths_, route_ids_, route_gates_, table_ids_, table_gates_, prefill_logits_, step_logits_;
-  // ping-pong: the past lives in cache_[slot_], the present is written to the other. Each layer's keys (and
-  // values) are [max_batch, kv_heads, max_seq, head_dim]: one row per slot, bound whole (a prefix of rows).
+  // Copy engines ping-pong: the past lives in cache_[slot_], the present is written to the other. In-place engines
+  // (layout_.kv_in_place) hold cache_[0] only, present bound to the past's memory; slot_ stays 0. Each layer's keys
+  // (and values) are [max_batch, kv_heads, max_seq, head_dim]: one row per slot, bound whole (a prefix of rows).
   DeviceBuffer cache_[2];
   int slot_ = 0;
   size_t kv_bytes_per_tensor_ = 0, kv_bytes_per_row_ = 0;
@@ -246,14 +249,15 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
                                      "' does not take the whole cache (batch 1.." + std::to_string(layout_.max_batch) +
                                      ", " + std::to_string(layout_.max_seq) + " positions); convert the model again");
   }
+  if (layout_.kv_in_place) check_in_place_tensors();
   const size_t b = static_cast<size_t>(layout_.max_batch), s = static_cast<size_t>(layout_.max_seq);
   kv_bytes_per_tensor_ = b * static_cast<size_t>(layout_.kv_heads) * s * static_cast<size_t>(layout_.head_dim) *
                          dtype_bytes(layout_.kv_dtype);
   kv_bytes_per_row_ = kv_bytes_per_tensor_ / b;
-  for (auto& c : cache_) {
+  for (int32_t c = 0; c < layout_.cache_buffers(); ++c) {
     const size_t bytes = kv_bytes_per_tensor_ * 2 * static_cast<size_t>(layout_.layers);
     // zeros: the contract wants finite values beyond every row's length (masked entries still meet 0 * x)
-    cuda_check(cudaMemset(c.ensure(bytes, "the KV cache"), 0, bytes), "KV cache initialisation");
+    cuda_check(cudaMemset(cache_[c].ensure(bytes, "the KV cache"), 0, bytes), "KV cache initialisation");
   }
   ids_.ensure(b * s * sizeof(int64_t), "input ids");
   lengths_.ensure(2 * b * sizeof(int64_t), "past lengths and sequence lengths");
@@ -280,6 +284,23 @@ TensorRTBackend::TensorRTBackend(const Manifest& manifest, const adafuse_open_op
   info_.in_flight = true;  // rows carry their own lengths (decoder_contract.h)
   // A step's tokens over all rows: a whole prompt of max_seq, or one token for every slot.
   info_.max_step_tokens = std::max(layout_.max_batch, layout_.max_seq);
+}
+
+void TensorRTBackend::check_in_place_tensors() const {
+  namespace dc = decoder_contract;
+  for (const TensorBinding& t : step_bindings(layout_, 1, 1)) {
+    if (t.layer < 0 || t.input) continue;
+    const std::string past = dc::kPastPrefix + t.name.substr(std::strlen(dc::kPresentPrefix));
+    const nvinfer1::Dims in = engine_->getTensorShape(past.c_str()), out = engine_->getTensorShape(t.name.c_str());
+    bool same = in.nbDims == 4 && out.nbDims == 4 && in.d[2] == layout_.max_seq &&
+                engine_->getTensorDataType(past.c_str()) == engine_->getTensorDataType(t.name.c_str());
+    for (int32_t i = 0; same && i < 4; ++i) same = in.d[i] == out.d[i];
+    if (!same)
+      fail(ADAFUSE_ERR_TENSORRT, engine_name_ + ": the engine's output '" + t.name + "' and input '" + past +
+                                     "' are not one dtype and shape with a static cache axis of " +
+                                     std::to_string(layout_.max_seq) +
+                                     " positions, as an in-place cache (engine.kv_in_place) needs; convert the model again");
+  }
 }
 
 void TensorRTBackend::register_plugins(const std::string& plugin_path) {
@@ -332,7 +353,7 @@ void TensorRTBackend::bind(const EngineStep& step, void* logits) {
   for (const TensorBinding& t : step_bindings(layout_, step.batch, step.width)) {
     void* address = nullptr;
     if (t.layer >= 0)
-      address = kv(t.input ? slot_ : 1 - slot_, t.layer, t.value);
+      address = kv(t.other_cache ? 1 - slot_ : slot_, t.layer, t.value);  // in place: present where its past is
     else if (t.name == dc::kInputIds)
       address = ids_.get();
     else if (t.name == dc::kPastLengths)
@@ -391,8 +412,8 @@ void TensorRTBackend::run(const int64_t* ids, const StepRow* rows, int32_t n_row
       step.profile == kDecode ? step_logits_.get() : prefill_logits_.ensure(positions * row, "prefill logits");
   bind(step, device_logits);
   // A captured decode step replays only with the same shapes and addresses (graph_cache.h): here the batch and
-  // the ping-pong buffer, the lengths being data. The first sight runs plainly, the second also captures,
-  // later ones replay.
+  // the ping-pong buffer (always 0 in place: one cache), the lengths being data. The first sight runs plainly, the
+  // second also captures, later ones replay.
   Graphs::Entry* graph =
       step.profile == kDecode && cuda_graphs_ ? &graphs_.touch({step.batch, layout_.max_seq, slot_}) : nullptr;
   if (graph != nullptr && graph->exec != nullptr) {
@@ -401,7 +422,7 @@ void TensorRTBackend::run(const int64_t* ids, const StepRow* rows, int32_t n_row
     enqueue(step.profile);
     if (graph != nullptr && ++graph->seen >= 2) capture(*graph);
   }
-  carry_rows(step.batch);
+  if (!layout_.kv_in_place) carry_rows(step.batch);  // in place, rows beyond the batch stay where they are
   const size_t k = static_cast<size_t>(layout_.top_k);
   size_t out = 0, token = 0;
   for (size_t r = 0; r < static_cast<size_t>(n_rows); ++r) {
@@ -424,7 +445,7 @@ void TensorRTBackend::run(const int64_t* ids, const StepRow* rows, int32_t n_row
     token += static_cast<size_t>(tk.count);
   }
   step_check(cudaStreamSynchronize(stream_.get()), step.profile == kDecode ? "decode step" : "prefill step");
-  slot_ = 1 - slot_;
+  slot_ = (slot_ + 1) % layout_.cache_buffers();  // the present becomes the past: the other cache, or the same one
 }
 
 void TensorRTBackend::do_step(const int64_t* ids, const StepRow* rows, int32_t n_rows, float* logits, int32_t* expert_ids,

@@ -149,6 +149,87 @@ TEST(Manifest, ReadsWhetherTheEngineIsVersionCompatible) {
                f.manifest_path().string() + ": 'engine.version_compatible' must be bool, found int 1");
 }
 
+TEST(Manifest, ReadsWhetherTheCacheIsUpdatedInPlace) {
+  EngineFixture f;
+  EXPECT_FALSE(verify_engine(f.engine()).kv_in_place);  // absent (every manifest before the field): a copied cache
+  f.manifest["engine"]["kv_in_place"] = true;
+  f.save();
+  EXPECT_TRUE(verify_engine(f.engine()).kv_in_place);
+  f.manifest["engine"]["kv_in_place"] = "true";  // Python's type check, word for word
+  f.save();
+  expect_error([&] { verify_engine(f.engine()); }, ADAFUSE_ERR_FILE,
+               f.manifest_path().string() + ": 'engine.kv_in_place' must be bool, found str \"true\"");
+}
+
+// The fixture's engine as convert describes one whose cache is updated in place: every cache tensor's axis is
+// max_seq (16), engine.kv_in_place true.
+void update_in_place(EngineFixture& f) {
+  for (const char* io : {"inputs", "outputs"})
+    for (auto& t : f.manifest["tensors"][io])
+      if (t["shape"].size() == 4) t["shape"] = {-1, 2, 16, 4};
+  f.manifest["engine"]["kv_in_place"] = true;
+  f.save();
+}
+
+TEST(EngineLayout, AnInPlaceEngineBindsEachPresentWhereItsPastIs) {
+  EngineFixture copy;
+  const EngineLayout c = engine_layout(verify_engine(copy.engine()));
+  EXPECT_FALSE(c.kv_in_place);
+  EXPECT_EQ(c.cache_buffers(), 2);  // ping-pong
+  EngineFixture f;
+  update_in_place(f);
+  const EngineLayout l = engine_layout(verify_engine(f.engine()));
+  EXPECT_TRUE(l.kv_in_place);
+  EXPECT_EQ(l.cache_buffers(), 1);
+  for (const EngineLayout* layout : {&c, &l}) {
+    const std::vector<TensorBinding> bindings = step_bindings(*layout, 2, 3);
+    int32_t caches = 0;
+    for (const TensorBinding& t : bindings) {
+      if (t.layer < 0) {
+        EXPECT_FALSE(t.other_cache) << t.name;
+        continue;
+      }
+      ++caches;
+      EXPECT_EQ(t.shape, (std::vector<int64_t>{2, 2, 16, 4})) << t.name;  // the whole cache of rows 0..1
+      // a copy engine's present goes to the other cache; in place it is bound where its past is, as is every input
+      EXPECT_EQ(t.other_cache, !t.input && !layout->kv_in_place) << t.name;
+    }
+    EXPECT_EQ(caches, 2 * 2 * 2);  // layers x {key, value} x {past, present}
+  }
+}
+
+TEST(EngineLayout, RefusesAnInPlaceEngineWhosePresentIsNotItsPast) {
+  EngineFixture dynamic;  // a copy engine's graph (the cache axis dynamic) said to be in place
+  dynamic.manifest["engine"]["kv_in_place"] = true;
+  dynamic.save();
+  expect_error([&] { engine_layout(verify_engine(dynamic.engine())); }, ADAFUSE_ERR_FILE,
+               dynamic.manifest_path().string() + ": input 'past_key_values.0.key' has a dynamic cache axis; an in-place "
+                                                   "cache (engine.kv_in_place) needs it static, max_seq 16 positions: "
+                                                   "convert the model again");
+  EngineFixture one;  // only a present's cache axis dynamic
+  update_in_place(one);
+  one.manifest["tensors"]["outputs"][3]["shape"] = {-1, 2, -1, 4};  // present.1.value
+  one.save();
+  expect_error([&] { engine_layout(verify_engine(one.engine())); }, ADAFUSE_ERR_FILE,
+               one.manifest_path().string() + ": output 'present.1.value' has a dynamic cache axis; an in-place cache "
+                                               "(engine.kv_in_place) needs it static, max_seq 16 positions: convert the "
+                                               "model again");
+  EngineFixture batch;  // another shape: a present of a fixed batch
+  update_in_place(batch);
+  batch.manifest["tensors"]["outputs"][2]["shape"] = {2, 2, 16, 4};  // present.1.key
+  batch.save();
+  expect_error([&] { engine_layout(verify_engine(batch.engine())); }, ADAFUSE_ERR_FILE,
+               batch.manifest_path().string() + ": output 'present.1.key' has shape [2, 2, 16, 4], input "
+                                                 "'past_key_values.1.key' [-1, 2, 16, 4]: an in-place cache "
+                                                 "(engine.kv_in_place) needs them equal; convert the model again");
+  EngineFixture dtype;  // another dtype: refused as for any engine, naming the tensor
+  update_in_place(dtype);
+  dtype.manifest["tensors"]["outputs"][0]["dtype"] = "float";  // present.0.key
+  dtype.save();
+  expect_error([&] { engine_layout(verify_engine(dtype.engine())); }, ADAFUSE_ERR_FILE,
+               dtype.manifest_path().string() + ": output 'present.0.key' is float of rank 4, expected half of rank 4");
+}
+
 TEST(EngineLayout, RefusesExpertIdsWithoutARoutingTable) {
   EngineFixture f;
   f.manifest["routing"]["routes_file"] = nullptr;

@@ -59,25 +59,63 @@ def test_in_flight_rows_of_different_lengths(lib, tmp_path, kind, family, config
     ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
     want = [ref.generate(torch.tensor([p]), n)[0][0].tolist() for (p, _, _), n in zip(PROMPTS, BUDGET)]
     with tensorrt_engine(tmp_path / "ck", tmp_path) as engine:
-        got: list[list[int]] = [[] for _ in PROMPTS]
-        length = {}
-        active: dict[int, int] = {}  # slot -> sequence
-        for step in range(40):
-            for s, (_, slot, join) in enumerate(PROMPTS):
-                if join == step:
-                    assert slot not in active
-                    active[slot], length[s] = s, 0
-            if not active:
-                break
-            rows = [(slot, length[s], PROMPTS[s][0] if length[s] == 0 else [got[s][-1]]) for slot, s in active.items()]
-            for (slot, start, toks), logits in zip(rows, engine.step(rows)):
-                s = active[slot]
-                assert not np.isnan(logits).any()
-                length[s] = start + len(toks)
-                got[s].append(int(logits.argmax()))
-                if len(got[s]) == BUDGET[s]:
-                    del active[slot]
-        assert got == want
+        assert in_flight_tokens(engine) == want
+
+
+def in_flight_tokens(engine: Engine) -> list[list[int]]:
+    """Each prompt's greedy tokens, the rows stepped as PROMPTS places them."""
+    got: list[list[int]] = [[] for _ in PROMPTS]
+    length = {}
+    active: dict[int, int] = {}  # slot -> sequence
+    for step in range(40):
+        for s, (_, slot, join) in enumerate(PROMPTS):
+            if join == step:
+                assert slot not in active
+                active[slot], length[s] = s, 0
+        if not active:
+            break
+        rows = [(slot, length[s], PROMPTS[s][0] if length[s] == 0 else [got[s][-1]]) for slot, s in active.items()]
+        for (slot, start, toks), logits in zip(rows, engine.step(rows)):
+            s = active[slot]
+            assert not np.isnan(logits).any()
+            length[s] = start + len(toks)
+            got[s].append(int(logits.argmax()))
+            if len(got[s]) == BUDGET[s]:
+                del active[slot]
+    return got
+
+
+def test_an_in_place_engine_steps_as_the_copy_engine_does(lib, tmp_path, monkeypatch):
+    """TensorRT >= 10.15: convert exports the in-place KV form (TensorScatter, IKVCacheUpdateLayer) and the backend
+    binds present.{l} where past_key_values.{l} is (one cache, runtime/README.md "The KV cache"). The same in-flight
+    steps give the reference's tokens on it and on a copy-form engine of the same checkpoint; the Python runner
+    (present bound to its past's tensor) passes validate."""
+    import json
+
+    import tensorrt
+
+    from adafuse_export.runners.tensorrt import TensorRTRunner
+    from adafuse_export.trt import backends
+    from adafuse_export.validate import validate
+
+    if backends.Backend("tensorrt", tensorrt, tensorrt.__version__).kv_update != "in-place":
+        pytest.skip(f"TensorRT {tensorrt.__version__} updates no cache in place (from 10.15): nothing of this ran")
+    make_example(tmp_path / "ck", "mixlora", "gemma2", config=FEATURES["gemma2"])
+    ref = ReferenceModel(load_checkpoint(tmp_path / "ck"), dtype=torch.float32)
+    want = [ref.generate(torch.tensor([p]), n)[0][0].tolist() for (p, _, _), n in zip(PROMPTS, BUDGET)]
+    forms = {}
+    for form in ("in-place", "copy"):
+        if form == "copy":
+            monkeypatch.setattr(backends.Backend, "kv_update", property(lambda self: "copy"))
+        (tmp_path / form).mkdir()
+        with tensorrt_engine(tmp_path / "ck", tmp_path / form) as engine:
+            forms[form] = in_flight_tokens(engine)
+        manifest = json.loads((tmp_path / form / "m.json").read_text())
+        assert manifest["engine"].get("kv_in_place", False) is (form == "in-place")
+    assert forms["in-place"] == forms["copy"] == want
+    report = validate(load_checkpoint(tmp_path / "ck"), tmp_path / "in-place" / "m.engine", steps=4,
+                      runner=TensorRTRunner(tmp_path / "in-place" / "m.engine"))
+    assert report["passed"], report
 
 
 def test_equal_length_calls_match_the_reference(lib, tmp_path):
