@@ -261,8 +261,10 @@ def fp8_batch1(run: Json, fp8: Optional[Json]) -> Json:
         elif "error" in agreement:
             why.append(f"greedy agreement failed: {agreement['error']}")
         elif not agreed:
-            why.append(f"greedy agreement {agreement['agreement']:.3f} < {FP8_AGREEMENT} (free-running "
-                       f"{agreement['free_running']:.3f}; first divergence per prompt {agreement['first_divergence']})")
+            why.append(f"greedy agreement {agreement['agreement']:.3f} < {FP8_AGREEMENT} on the bf16 tokens' prefixes "
+                       f"(the bf16 artifact's own prefill: {agreement.get('bf16_forced_self_agreement', '-')}; "
+                       f"free-running {agreement['free_running']:.3f}, first divergence per prompt "
+                       f"{agreement['first_divergence']})")
         t["why_not"] = "; ".join(why)
     return t
 
