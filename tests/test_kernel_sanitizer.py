@@ -4,6 +4,7 @@ warnings as errors. The sanitizer runs themselves need the GPU machine (bash ben
 from __future__ import annotations
 
 import dataclasses
+import json
 import importlib.util
 import os
 import re
@@ -106,3 +107,65 @@ def test_the_positive_control_compiles_with_warnings_as_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     usage = subprocess.run([str(tmp_path / "control")], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr == "usage: sanitizer_control oob|race\n"
+
+
+FAKE_NVCC = """#!/usr/bin/env bash
+while [[ $# -gt 0 ]]; do [[ $1 == -o ]] && { printf '#!/bin/sh\\nexit 0\\n' > "$2"; chmod +x "$2"; }; shift; done
+"""
+# Stands in for compute-sanitizer: records its arguments and the subset settings, writes the report the real one
+# writes (--log-file) and exits as it would: the control reported (86) unless FAKE_CONTROL=missed, the tests with
+# FAKE_ERRORS errors (86 when any).
+FAKE_SANITIZER = """#!/usr/bin/env bash
+echo "$* | $ADAFUSE_GPU_CASE_MAX $ADAFUSE_GPU_CASE_EVERY" >> "$FAKE_CALLS"
+while [[ $# -gt 0 && $1 == --* ]]; do [[ $1 == --log-file ]] && log=$2; shift 2; done
+if [[ $1 == *sanitizer_control ]]; then
+  if [[ ${FAKE_CONTROL:-} == missed ]]; then echo "========= ERROR SUMMARY: 0 errors" > "$log"; exit 0; fi
+  echo "========= ERROR SUMMARY: 1 error" > "$log"; exit 86
+fi
+echo "========= ERROR SUMMARY: ${FAKE_ERRORS:-0} errors" > "$log"
+echo "394 passed, 1864 deselected in 1.00s"
+[[ ${FAKE_ERRORS:-0} == 0 ]] || exit 86
+"""
+
+
+def fake_run(tmp_path, tool="all", **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("nvcc", FAKE_NVCC), ("compute-sanitizer", FAKE_SANITIZER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    calls = tmp_path / "calls.txt"
+    r = subprocess.run(["bash", str(SCRIPT), tool], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
+                            "FAKE_CALLS": str(calls), "COMPUTE_SANITIZER": "", **env})
+    summary = json.loads((out / "sanitizer_summary.json").read_text())
+    return r, summary, calls.read_text().splitlines()
+
+
+def test_the_script_runs_each_tool_after_its_control_and_summarises(tmp_path):
+    r, summary, calls = fake_run(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert summary["passed"] and summary["subset"] == {"ADAFUSE_GPU_CASE_MAX": "4000000", "ADAFUSE_GPU_CASE_EVERY": "4"}
+    assert [(t["tool"], t["control"], t["rc"]) for t in summary["tools"]] == [("memcheck", "reported", "0"),
+                                                                             ("racecheck", "reported", "0")]
+    assert summary["tools"][0]["sanitizer_summary"] == "ERROR SUMMARY: 0 errors"
+    assert summary["tools"][0]["pytest"] == "394 passed, 1864 deselected in 1.00s"
+    assert len(calls) == 4  # per tool: the control, then the tests
+    for call, tool, program in zip(calls, ["memcheck", "memcheck", "racecheck", "racecheck"],
+                                   ["sanitizer_control oob", "python3 -m pytest -m gpu", "sanitizer_control race",
+                                    "python3 -m pytest -m gpu"]):
+        assert call.startswith(f"--tool {tool} --error-exitcode 86 --kernel-name kns=adafuse "), call
+        assert program in call and call.endswith("| 4000000 4"), call
+    assert all(t in calls[1] for t in TESTS)
+    assert r.stdout.rstrip().endswith("kernel sanitizer: PASS (summary in " + str(tmp_path / "out") + "/sanitizer_summary.json)")
+
+
+def test_an_unreported_control_or_a_reported_error_fails(tmp_path):
+    r, summary, _ = fake_run(tmp_path, "memcheck", FAKE_CONTROL="missed")
+    assert r.returncode == 1 and not summary["passed"]
+    assert summary["tools"] == [dict(summary["tools"][0], tool="memcheck", control="NOT REPORTED", rc="0")]
+    r, summary, _ = fake_run(tmp_path, "racecheck", FAKE_ERRORS="3")
+    assert r.returncode == 1 and not summary["passed"]
+    assert (summary["tools"][0]["rc"], summary["tools"][0]["sanitizer_summary"]) == ("86", "ERROR SUMMARY: 3 errors")
+    assert "kernel sanitizer: FAIL" in r.stdout
