@@ -21,7 +21,10 @@
 #   (runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py into $OUT/serve_load.json; one call).
 # Or: bash benchmarks/h200_all.sh --sanitize [memcheck|racecheck]: only the kernel tests under compute-sanitizer
 #   (runtime/tools/kernel_sanitizer.sh: both tools by default, logs and sanitizer_summary.json in $OUT; one call).
-# After the decode benchmark, benchmarks/decode_targets.py judges issue 23's targets from $OUT (into native_backend.json).
+# After the decode benchmark, benchmarks/decode_targets.py judges issue 23's targets from $OUT (into native_backend.json),
+#   with the checks half's profile_native.json, gemv_sites.json, fp8_gemv.json and benchmarks/switch_bound.py's
+#   switch_bound.json where they are in $OUT; when the halves ran in separate calls, put their files in one folder
+#   and run `python3 benchmarks/decode_targets.py FOLDER` there (CPU only).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
