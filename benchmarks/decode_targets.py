@@ -220,8 +220,9 @@ def switch_kernel(run: Json, switch: Optional[Json]) -> Json:
                   ("addmm_pct_of_copy", "cuBLAS addmm_ on the same job"),
                   ("triton_pct_of_copy", "a one-tile-per-CTA Triton kernel")) if key in r16]
         t["why_not"] = (f"{t['source']}: the r16 switch (pristine) runs at {_pct(frac['r16 pristine'])} of copy "
-                        f"({r16['switch_ms']:.2f} ms against {switch['same_bytes_copy_ms']:.2f} ms for a copy of "
-                        f"the same bytes); the same kernel " + ", ".join(parts))
+                        f"({r16['switch_ms']:.2f} ms against the floor {switch['floor_ms']:.2f} ms: its "
+                        f"{2 * switch['weight_bytes'] / 1e9:.1f} GB read and written at the 2 GiB copy's "
+                        f"{switch['copy_TBps_2GB']:.2f} TB/s); the same kernel " + ", ".join(parts))
     return t
 
 
