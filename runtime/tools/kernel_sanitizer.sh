@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel library's GPU tests under compute-sanitizer (on the GPU machine): memcheck (out-of-bounds and misaligned
 # accesses, hardware exceptions) and racecheck (shared-memory hazards), each over a subset of
-# tests/gpu/test_gpu_{lora_linear,lora_linear_fp8,switch,model_ops,decode_ops}.py that fits a few minutes
+# tests/gpu/test_gpu_{lora_linear,lora_linear_fp8,switch,switch_fp8,model_ops,decode_ops}.py that fits a few minutes
 # (tests/gpu/conftest.py: ADAFUSE_GPU_CASE_MAX, the largest case size, default 4000000; ADAFUSE_GPU_CASE_EVERY, every
 # n-th case of each test, default 4). Only the library's kernels are checked (--kernel-name kns=adafuse: its kernels
 # live in namespace adafuse); PyTorch's, which compute the float64 references, run unchecked.
@@ -30,8 +30,10 @@ SAN="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda
 [[ -x $SAN ]] || { echo "compute-sanitizer not found at $SAN (set COMPUTE_SANITIZER to its path)" >&2; exit 2; }
 export ADAFUSE_GPU_CASE_MAX="${ADAFUSE_GPU_CASE_MAX:-4000000}" ADAFUSE_GPU_CASE_EVERY="${ADAFUSE_GPU_CASE_EVERY:-4}"
 export PYTHONPATH="$root:${PYTHONPATH:-}"
-TESTS=(tests/gpu/test_gpu_lora_linear.py tests/gpu/test_gpu_lora_linear_fp8.py tests/gpu/test_gpu_switch.py
-       tests/gpu/test_gpu_model_ops.py tests/gpu/test_gpu_decode_ops.py)
+TESTS=()  # the kernel tests; test_gpu_switch_fp8.py (FP8 bases in the switch) where the tree has it
+for name in lora_linear lora_linear_fp8 switch switch_fp8 model_ops decode_ops; do
+  [[ -f tests/gpu/test_gpu_$name.py ]] && TESTS+=("tests/gpu/test_gpu_$name.py")
+done
 ERROR_EXIT=86  # the sanitizer's exit code when it reports an error (--error-exitcode)
 # --report-api-errors no: a failed CUDA call is the tests' to catch (the library checks every return code); PyTorch's
 # probing calls (e.g. cuGetProcAddress of a symbol this driver lacks) would otherwise count as errors.
