@@ -11,7 +11,8 @@
 #   OUT=<folder> bash runtime/tools/kernel_sanitizer.sh [memcheck|racecheck|all]   (default all)
 # Needs ADAFUSE_KERNELS_LIB (benchmarks/h200_all.sh --sanitize sets it after runtime/tools/build_on_gpu.sh), else the
 # tests build the library first. COMPUTE_SANITIZER: the tool's path [on PATH, else /usr/local/cuda/bin];
-# SANITIZE_TIMEOUT: seconds per tool [300].
+# SANITIZE_TIMEOUT: seconds per tool [200: both tools and the build fit one 10-minute device call; run one tool per
+# call, `h200_all.sh --sanitize memcheck`, to give each more].
 # Writes OUT/sanitizer_<tool>.log (pytest), OUT/sanitizer_<tool>.report (the sanitizer's), OUT/sanitizer_<tool>.xml
 # (junit), OUT/sanitizer_control_<tool>.report, and OUT/sanitizer_summary.json; prints the summary. Exits non-zero
 # when a control is not reported, the sanitizer reports an error, a test fails, or a tool runs out of time.
@@ -43,7 +44,7 @@ ERROR_EXIT=86  # the sanitizer's exit code when it reports an error (--error-exi
 options=(--error-exitcode "$ERROR_EXIT" --kernel-name kns=adafuse --target-processes application-only --print-limit 200
          --report-api-errors no)
 
-control="$OUT/sanitizer_control"
+control="$(mktemp -d)/sanitizer_control"
 nvcc_bin="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
 "$nvcc_bin" -arch=native -lineinfo -o "$control" runtime/tools/sanitizer_control.cu > "$OUT/sanitizer_control_build.log" 2>&1
 control_built=$?
@@ -61,7 +62,7 @@ for tool in "${tools[@]}"; do
   fi
   control_seen=$([[ $control_rc == "$ERROR_EXIT" ]] && echo reported || echo "NOT REPORTED")
   start=$(date +%s)
-  timeout "${SANITIZE_TIMEOUT:-300}" "$SAN" --tool "$tool" "${options[@]}" --log-file "$OUT/sanitizer_$tool.report" \
+  timeout "${SANITIZE_TIMEOUT:-200}" "$SAN" --tool "$tool" "${options[@]}" --log-file "$OUT/sanitizer_$tool.report" \
     python3 -m pytest -m gpu -q -p no:cacheprovider "${TESTS[@]}" --junitxml="$OUT/sanitizer_$tool.xml" \
     > "$OUT/sanitizer_$tool.log" 2>&1
   rc=$?
@@ -72,7 +73,7 @@ for tool in "${tools[@]}"; do
     "${san_line:-none (see the report)}" "${pytest_line:-none (see the log)}" >> "$summary"
   echo "$tool: control $control_seen (rc $control_rc); tests rc $rc in ${seconds} s; ${san_line:-no sanitizer summary}; ${pytest_line:-no pytest summary}"
   [[ $control_seen == reported && $rc == 0 ]] || status=1
-  [[ $rc == 124 ]] && echo "$tool: ran past SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-300} s (lower ADAFUSE_GPU_CASE_MAX or raise ADAFUSE_GPU_CASE_EVERY)"
+  [[ $rc == 124 ]] && echo "$tool: ran past SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-200} s (lower ADAFUSE_GPU_CASE_MAX or raise ADAFUSE_GPU_CASE_EVERY)"
   [[ $rc == "$ERROR_EXIT" ]] && grep -m 20 -E "^========= (Invalid|Error|Race|Warning|  )" "$OUT/sanitizer_$tool.report"
 done
 [[ $control_built == 0 ]] || { echo "the control did not build (see $OUT/sanitizer_control_build.log)"; status=1; }
@@ -82,6 +83,6 @@ rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 subset = {k: os.environ[k] for k in ("ADAFUSE_GPU_CASE_MAX", "ADAFUSE_GPU_CASE_EVERY")}
 json.dump({"passed": sys.argv[3] == "0", "subset": subset, "tools": rows}, open(sys.argv[2], "w"), indent=1)
 EOF
-rm -f "$summary"
+rm -rf "$summary" "$(dirname "$control")"
 echo "kernel sanitizer: $([[ $status == 0 ]] && echo PASS || echo FAIL) (summary in $OUT/sanitizer_summary.json)"
 exit $status
