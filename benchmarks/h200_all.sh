@@ -19,6 +19,12 @@
 #   plugins/harness/.trt_headers: `bash plugins/harness/run_gpu.sh --prepare`)
 # Or: bash benchmarks/h200_all.sh --serve-load [serve_load.py args...]: only the serving load benchmark
 #   (runtime/tools/build_on_gpu.sh, then benchmarks/serve_load.py into $OUT/serve_load.json; one call).
+# Or: bash benchmarks/h200_all.sh --sanitize [memcheck|racecheck]: only the kernel tests under compute-sanitizer
+#   (runtime/tools/kernel_sanitizer.sh: both tools by default, logs and sanitizer_summary.json in $OUT; one call).
+# After the decode benchmark, benchmarks/decode_targets.py judges issue 23's targets from $OUT (into native_backend.json),
+#   with the checks half's profile_native.json, gemv_sites.json, fp8_gemv.json and benchmarks/switch_bound.py's
+#   switch_bound.json where they are in $OUT; when the halves ran in separate calls, put their files in one folder
+#   and run `python3 benchmarks/decode_targets.py FOLDER` there (CPU only).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -39,6 +45,11 @@ fi
 if has --serve-load; then
   args=(); for a in "$@"; do [[ $a == --serve-load ]] || args+=("$a"); done
   python3 benchmarks/serve_load.py --out "$OUT/serve_load.json" "${args[@]}" 2>&1 | tee "$OUT/serve_load.log"
+  exit "${PIPESTATUS[0]}"
+fi
+if has --sanitize; then
+  tool=all; for a in "$@"; do [[ $a == memcheck || $a == racecheck ]] && tool=$a; done
+  OUT="$OUT" bash runtime/tools/kernel_sanitizer.sh "$tool" 2>&1 | tee "$OUT/kernel_sanitizer.log"
   exit "${PIPESTATUS[0]}"
 fi
 if ! has --no-checks; then
@@ -70,4 +81,7 @@ has --no-decode && exit $status
 args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
 python3 benchmarks/h200_decode.py --out "$OUT" "${args[@]}" 2>&1 | tee "$OUT/h200_decode.log"; rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || status=1
+if [[ -f $OUT/native_backend.json ]]; then
+  python3 benchmarks/decode_targets.py "$OUT" 2>&1 | tee "$OUT/decode_targets.log"; [[ ${PIPESTATUS[0]} == 0 ]] || status=1
+fi
 exit $status

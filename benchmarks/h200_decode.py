@@ -12,7 +12,9 @@
    the weight-read floor (the backbone's bytes over the device's copy bandwidth), and the dense base (same backbone,
    no adapters, same backend) at the same batches with each row's ratio to it; the same model with FP8 e4m3 base
    weights (`--weights fp8`, fused) at the same batches (issue 23's whole-step FP8 row: its x_dense is the ratio to
-   the bf16 dense step).
+   the bf16 dense step), with its greedy agreement: the FP8 artifact's greedy tokens against the bf16 artifact's on
+   held prompts (`fp8_agreement`); a second artifact of rank 64 (`fused-r64`, fused) at batch 8 against its bytes
+   floor (add_bytes_floor).
 3. host overhead of the C API: adafuse_decode's wall time minus the GPU time of the same call (CUDA events the
    runtime records around the step's work, adafuse_last_step_gpu_time), batch 1, per call, median.
 4. prefill: the time to first token of a 512-token prompt (adafuse_step, the last position's logits on the host)
@@ -21,8 +23,8 @@
 The GEMMs of more than 16 rows (batches 32 and 64, the prefill) run through cuBLASLt where it loads; run again with
 ADAFUSE_NATIVE_GEMM=kernels (and another --out) for the kernel library's GEMMs: the JSON records which ("native_gemm").
 
-Prints a table and writes OUT/native_backend.json. Defaults fit one device call of < 8 minutes; --quick (8 layers of
-the 7B width, batches 1 and 8) fits one of about 2.
+Prints a table and writes OUT/native_backend.json (benchmarks/decode_targets.py judges issue 23's targets from it).
+Defaults fit one device call of < 8 minutes; --quick (8 layers of the 7B width, batches 1 and 8) fits one of about 2.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,6 +56,8 @@ from adafuse_export.tensors import LazySource, TensorInfo  # noqa: E402
 from adafuse_export.trt.manifest import write_manifest  # noqa: E402
 
 EXPERTS, TOP_K, RANK = 8, 2, 16
+WIDE_RANK = 64  # the second artifact's rank (issue 23's batch-8 r64 row)
+HELD_PROMPTS, HELD_PROMPT_TOKENS, HELD_NEW_TOKENS = 4, 16, 24  # FP8 greedy agreement
 WEIGHTS_DEVICE = "cuda"  # where the random weights are drawn (tests/test_benchmarks_native.py: cpu)
 
 
@@ -83,12 +88,12 @@ def check_correctness(root: Path, quick: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the 7B-shape artifact
-def synthetic_checkpoint(layers: int) -> Checkpoint:
+def synthetic_checkpoint(layers: int, rank: int = RANK) -> Checkpoint:
     """The Llama-2-7B shape (benchmarks/synthetic_checkpoint.py) with random bf16 weights made on the GPU, one
     tensor at a time when the artifact writer asks for it (the same values every time: seeded by name)."""
     from synthetic_checkpoint import specs
 
-    cfg, spec, adapter = specs("llama2-7b", EXPERTS, RANK, TOP_K, layers)
+    cfg, spec, adapter = specs("llama2-7b", EXPERTS, rank, TOP_K, layers)
     stub = Checkpoint(Path("synthetic-7b"), "adafuse", cfg, spec, adapter, LazySource({}), LazySource({}))
 
     def producer(name: str, shape: tuple[int, ...], std: float, offset: float = 0.0):
@@ -130,6 +135,43 @@ def weight_read_bytes(art: Path, ckpt: Checkpoint) -> int:
     return (art / native.WEIGHTS).stat().st_size - m.vocab_size * m.hidden_size * 2
 
 
+def adapter_bytes_per_expert(ckpt: Checkpoint, element_bytes: int = 2) -> int:
+    """Bytes of one expert's A and B over every routed stage, as the artifact stores them (native_artifact.stages):
+    a grouped stage (q/k/v, gate/up stacked) holds A [rank_sum, in] and a block-diagonal B [out, rank_sum] whose zero
+    blocks the kernels read too, so its bytes are rank_sum * (in + out); a per-module site rank * (in + its rows)."""
+    total = 0
+    for st in native.stages(ckpt):
+        if st.adapter == "grouped":
+            total += sum(x.rank for x in st.routed) * (st.in_features + st.out_features)
+        elif st.adapter == "per_module":
+            total += sum(x.rank * (st.in_features + x.rows[1] - x.rows[0]) for x in st.routed)
+    return total * element_bytes
+
+
+def experts_per_step(expert_ids: np.ndarray, feed: list[int], batch: int, steps: int, warmup: int = 3) -> float:
+    """Mean count of distinct experts the timed decode steps route to (decode_walls' feed: row r of step k takes
+    feed[(k * batch + r) % len(feed)]; expert_ids: the routing table, one route of top_k experts per token id, the
+    same in every layer). Uniform routes would give E * (1 - (1 - top_k / E) ** batch): 7.2 of 8 at batch 8, top-2."""
+    counts = [len({int(e) for r in range(batch) for e in expert_ids[feed[(k * batch + r) % len(feed)]]})
+              for k in range(warmup, warmup + steps)]
+    return float(np.mean(counts))
+
+
+def add_bytes_floor(row: dict, art: Path, ckpt: Checkpoint, feed: list[int], steps: int, bandwidth: float) -> None:
+    """A routed row's bytes_read: what a decode step of row["batch"] rows must read, the backbone's bytes
+    (weight_read_bytes) plus the A and B of every expert its rows route to (experts_per_step x
+    adapter_bytes_per_expert); and bytes_floor_ms = (W + experts x (A + B per expert)) / copy bandwidth. The KV cache
+    and activations are left out."""
+    from safetensors.numpy import load_file
+
+    experts = experts_per_step(load_file(str(art / native.ROUTES))["expert_ids"], feed, row["batch"], steps)
+    per_expert = adapter_bytes_per_expert(ckpt)
+    weights, adapters = weight_read_bytes(art, ckpt), experts * per_expert
+    row["bytes_read"] = {"weights": weights, "experts_per_step": experts, "adapter_bytes_per_expert": per_expert,
+                         "adapters": adapters}
+    row["bytes_floor_ms"] = (weights + adapters) / bandwidth * 1e3
+
+
 def copy_bandwidth() -> float:
     n = 2 * 1024**3
     x = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
@@ -157,6 +199,41 @@ def routed_tokens(art: Path, n: int, vocab: int) -> list[int]:
         if not np.array_equal(ids[t], ids[out[-1]]):
             out.append(t)
     return out
+
+
+def held_prompts(vocab: int) -> list[list[int]]:
+    """The fixed prompts of the FP8 greedy agreement (the same every run)."""
+    return np.random.default_rng(21).integers(0, vocab, (HELD_PROMPTS, HELD_PROMPT_TOKENS)).tolist()
+
+
+def greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    return [engine.generate(p, HELD_NEW_TOKENS)[0] for p in prompts]
+
+
+def forced_picks(engine: Engine, prompts: list[list[int]], reference: list[list[int]]) -> list[list[int]]:
+    """The engine's greedy pick at each position of the reference's continuation, given the reference's prefix
+    (one prefill of prompt + reference[:-1]): agreement without the cascade of a first different token."""
+    picks = []
+    for p, ref in zip(prompts, reference):
+        logits = engine.prefill(np.asarray([p + ref[:-1]]))[0][0]
+        picks.append(logits[len(p) - 1:].argmax(-1).astype(int).tolist())
+    return picks
+
+
+def agreement_figures(reference: list[list[int]], free: list[list[int]], forced: list[list[int]]) -> dict:
+    """reference: the bf16 artifact's greedy tokens per prompt; free: the other artifact's own greedy tokens; forced:
+    its picks on the reference's prefixes (forced_picks). agreement: the fraction of forced picks equal to the
+    reference; free_running: the fraction of positions where the free tokens equal it; first_divergence: per prompt,
+    the first position where they differ (the length when none)."""
+    if not (len(reference) == len(free) == len(forced)) or any(
+            not (len(r) == len(f) == len(g)) for r, f, g in zip(reference, free, forced)):
+        raise ValueError("reference, free and forced tokens must have the same prompts and lengths")
+    n = sum(len(r) for r in reference)
+    return {"agreement": sum(a == b for r, g in zip(reference, forced) for a, b in zip(r, g)) / n,
+            "free_running": sum(a == b for r, f in zip(reference, free) for a, b in zip(r, f)) / n,
+            "first_divergence": [next((i for i, (a, b) in enumerate(zip(r, f)) if a != b), len(r))
+                                 for r, f in zip(reference, free)],
+            "prompts": len(reference), "new_tokens": len(reference[0]) if reference else 0}
 
 
 # ---------------------------------------------------------------- 2, 3. decode steps
@@ -191,8 +268,12 @@ def host_overhead(engine: Engine, ctx: int, feed: list[int], steps: int) -> dict
 
 
 def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int], ctx: int, steps: int,
-                 results: dict) -> None:
+                 results: dict, greedy_reference: bool = False) -> dict | None:
+    """The fused and switch rows; with greedy_reference, the bf16 fused artifact's greedy tokens on held_prompts and
+    the fraction of them its own prefill picks on their prefixes (forced_picks: the prefill's GEMMs against the decode
+    steps' GEMVs, the ceiling of another artifact's forced agreement), returned for the FP8 artifact's agreement."""
     bw = copy_bandwidth()
+    reference = None
     floor = weight_read_bytes(fused, ckpt) / bw * 1e3
     results["copy_bandwidth_GBps"] = bw / 1e9
     vocab = ckpt.model.vocab_size
@@ -207,6 +288,8 @@ def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int]
                                                     steps))
                 row = {"strategy": strategy, "batch": batch, "ctx": ctx, "routes": routes, "ms_per_step": ms,
                        "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor, "x_floor": ms / floor}
+                if strategy == "fused":
+                    add_bytes_floor(row, art, ckpt, feed, steps, bw)
                 results["decode"].append(row)
                 log(f"decode {strategy:<6} b={batch:<2} ctx={ctx} {routes:<15} {ms:8.2f} ms/step "
                     f"{row['tokens_per_s']:8.0f} tok/s  (floor {floor:.2f} ms)")
@@ -221,12 +304,24 @@ def bench_decode(fused: Path, switch: Path, ckpt: Checkpoint, batches: list[int]
                 log(f"host overhead {strategy} failed: {type(e).__name__}: {e}")
             if strategy == "fused":
                 results["prefill"].append(native_ttft(engine, ctx))
+                if greedy_reference:
+                    try:
+                        prompts = held_prompts(vocab)
+                        tokens = greedy_tokens(engine, prompts)
+                        forced = forced_picks(engine, prompts, tokens)
+                        reference = {"tokens": tokens,
+                                     "forced_self": agreement_figures(tokens, tokens, forced)["agreement"]}
+                    except Exception as e:  # reported, not hidden: the FP8 rows still run
+                        results["fp8_agreement"] = {"error": f"bf16 reference: {type(e).__name__}: {e}"}
+                        log(f"bf16 greedy reference failed: {type(e).__name__}: {e}")
+    return reference
 
 
 def bench_variant(label: str, source: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict,
-                  weights: str = "dtype") -> None:
-    """Another artifact of the same shape (source: the checkpoint, or its base without adapters) through the same
-    backend and kernels, fused, at every batch: rows of strategy `label`."""
+                  weights: str = "dtype", then: Callable[[Engine], None] | None = None) -> None:
+    """Another artifact of the same shape (source: the checkpoint, its base without adapters, or one of another
+    rank) through the same backend and kernels, fused, at every batch: rows of strategy `label` (a routed one's with
+    its bytes floor, bytes_read). then: called with the open engine after the rows."""
     art = work / f"{label}.native"
     art.mkdir()
     t = time.time()
@@ -240,18 +335,47 @@ def bench_variant(label: str, source: Checkpoint, work: Path, batches: list[int]
     with open_native(art, "fused") as engine:
         for batch in batches:
             ms = statistics.median(decode_walls(engine, batch, ctx, feed, steps))
-            results["decode"].append({"strategy": label, "batch": batch, "ctx": ctx, "routes": routes, "ms_per_step": ms,
-                                      "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor,
-                                      "x_floor": ms / floor})
-            log(f"decode {label:<9} b={batch:<2} ctx={ctx} {routes:<15} {ms:8.2f} ms/step (floor {floor:.2f} ms)")
+            row = {"strategy": label, "batch": batch, "ctx": ctx, "routes": routes, "ms_per_step": ms,
+                   "tokens_per_s": batch / ms * 1e3, "weight_read_floor_ms": floor, "x_floor": ms / floor}
+            if routed:
+                add_bytes_floor(row, art, source, feed, steps, results["copy_bandwidth_GBps"] * 1e9)
+            results["decode"].append(row)
+            bytes_floor = f", bytes floor {row['bytes_floor_ms']:.2f} ms" if routed else ""
+            log(f"decode {label:<9} b={batch:<2} ctx={ctx} {routes:<15} {ms:8.2f} ms/step (floor {floor:.2f} ms"
+                f"{bytes_floor})")
+        if then is not None:
+            then(engine)
     shutil.rmtree(art)
 
 
-def bench_fp8(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
+def bench_fp8(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict,
+              reference: dict | None) -> None:
     """The same model with FP8 e4m3 base weights (per-output-channel scales; adapters and activations bf16:
     `convert --backend native --weights fp8`), fused, the route changing every step: issue 23's whole-step row,
-    whose x_dense is its ratio to the bf16 dense step."""
-    bench_variant("fused-fp8", ckpt, work, batches, ctx, steps, results, weights="fp8")
+    whose x_dense is its ratio to the bf16 dense step. reference: bench_decode's greedy reference of the bf16 artifact
+    on held_prompts, against which the FP8 artifact's tokens are compared (results["fp8_agreement"],
+    agreement_figures)."""
+    def agreement(engine: Engine) -> None:
+        if reference is None:
+            return
+        try:
+            prompts, tokens = held_prompts(engine.vocab), reference["tokens"]
+            a = agreement_figures(tokens, greedy_tokens(engine, prompts), forced_picks(engine, prompts, tokens))
+            results["fp8_agreement"] = {**a, "prompt_tokens": HELD_PROMPT_TOKENS,
+                                        "bf16_forced_self_agreement": reference["forced_self"]}
+            log(f"FP8 greedy agreement with bf16: {a['agreement']:.3f} on the bf16 prefixes (bf16's own prefill: "
+                f"{reference['forced_self']:.3f}), {a['free_running']:.3f} free-running (first divergence "
+                f"{a['first_divergence']})")
+        except Exception as e:  # reported, not hidden
+            results["fp8_agreement"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"FP8 greedy agreement failed: {type(e).__name__}: {e}")
+    bench_variant("fused-fp8", ckpt, work, batches, ctx, steps, results, weights="fp8", then=agreement)
+
+
+def bench_wide_rank(layers: int, work: Path, ctx: int, steps: int, results: dict) -> None:
+    """A second artifact of rank WIDE_RANK (same backbone, same seeds), fused, a route per row, at batch 8: issue
+    23's r64 row, judged against its bytes floor (W plus the A and B of the experts a step reads)."""
+    bench_variant(f"fused-r{WIDE_RANK}", synthetic_checkpoint(layers, WIDE_RANK), work, [8], ctx, steps, results)
 
 
 def bench_dense(ckpt: Checkpoint, work: Path, batches: list[int], ctx: int, steps: int, results: dict) -> None:
@@ -321,6 +445,9 @@ def main():
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' prefill")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense base's decode rows (a second artifact)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the FP8-weight decode rows (a third artifact)")
+    ap.add_argument("--no-agreement", action="store_true",
+                    help="skip the FP8 artifact's greedy agreement with the bf16 one on held prompts")
+    ap.add_argument("--no-r64", action="store_true", help=f"skip the rank-{WIDE_RANK} batch-8 row (another artifact)")
     ap.add_argument("--work", type=Path, default=None, help="where the artifacts are written [a temporary directory]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -349,12 +476,16 @@ def main():
         save()
         ckpt = synthetic_checkpoint(layers)
         fused, switch = write_artifacts(ckpt, work, max(batches), args.ctx + args.steps + 16)
-        bench_decode(fused, switch, ckpt, batches, args.ctx, args.steps, results)
+        reference = bench_decode(fused, switch, ckpt, batches, args.ctx, args.steps, results,
+                                 greedy_reference=not (args.no_fp8 or args.no_agreement))
         save()
         shutil.rmtree(work / "fused.native")
         shutil.rmtree(work / "switch.native")
         if not args.no_fp8:
-            bench_fp8(ckpt, work, batches, args.ctx, args.steps, results)
+            bench_fp8(ckpt, work, batches, args.ctx, args.steps, results, reference)
+            save()
+        if not args.no_r64:
+            bench_wide_rank(layers, work, args.ctx, args.steps, results)
             save()
         if not args.no_dense:
             bench_dense(ckpt, work, batches, args.ctx, args.steps, results)
@@ -368,12 +499,13 @@ def main():
         save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log("\n| strategy | batch | ctx | routes | ms/step | tokens/s | x floor | x dense |")
-    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    log("\n| strategy | batch | ctx | routes | ms/step | tokens/s | x floor | x bytes floor | x dense |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results["decode"]:
         dense = f"{r['x_dense']:.2f}" if "x_dense" in r else "-"
+        by_bytes = f"{r['ms_per_step'] / r['bytes_floor_ms']:.2f}" if "bytes_floor_ms" in r else "-"
         log(f"| {r['strategy']} | {r['batch']} | {r['ctx']} | {r['routes']} | {r['ms_per_step']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['x_floor']:.2f} | {dense} |")
+            f"{r['tokens_per_s']:.0f} | {r['x_floor']:.2f} | {by_bytes} | {dense} |")
     for h in results["host_overhead"]:
         if "error" not in h:
             log(f"host overhead ({h['strategy']}, batch 1): {h['host_overhead_ms']:.3f} ms of {h['wall_ms']:.3f} ms")

@@ -51,6 +51,11 @@ std::vector<std::string> cublaslt_candidates() {
   std::vector<std::string> out{soname()};  // the loader's path: LD_LIBRARY_PATH, ldconfig's cache, RUNPATH
   if (const char* home = env("CUDA_HOME")) out.push_back(std::string(home) + "/lib64/" + soname());
   out.push_back("/usr/local/cuda/lib64/" + soname());
+  // pip's wheels: nvidia-cublas (CUDA 13: nvidia/cu13/lib) and nvidia-cublas-cu12 (nvidia/cublas/lib); the
+  // major check in load_from refuses one of another CUDA major than this build's.
+  const std::string major = std::to_string(cublaslt_major());
+  for (const std::string& dir : pip_library_dirs({"nvidia/cu" + major + "/lib", "nvidia/cublas/lib"}))
+    out.push_back(dir + "/" + soname());
   return out;
 }
 
@@ -109,7 +114,8 @@ std::shared_ptr<const CublasLt> CublasLt::load() {
     }
   }
   fail(ADAFUSE_ERR_CUDA, "cuBLASLt: " + soname() + " not found (tried " + errors +
-                             "; set ADAFUSE_CUBLASLT_LIB to its path, e.g. the one pip's nvidia-cublas package installs)");
+                             "; install pip's nvidia-cublas" + (cublaslt_major() == 12 ? std::string("-cu12") : std::string()) +
+                             " or set ADAFUSE_CUBLASLT_LIB to its path)");
 }
 
 std::string CublasLt::status_text(lt::Status status) const {

@@ -1,7 +1,8 @@
 // cuBLASLt opened at run time (dlopen), so the runtime builds, loads and passes its CPU tests where no
 // cuBLAS exists; the native backend's GEMMs of many rows run through it where it loads (native_step.cpp).
 // The library: $ADAFUSE_CUBLASLT_LIB (a path, and nothing else then), else libcublasLt.so.<the CUDA major
-// this runtime is built with> from the loader's path, $CUDA_HOME/lib64, /usr/local/cuda/lib64.
+// this runtime is built with> from the loader's path, $CUDA_HOME/lib64, /usr/local/cuda/lib64, then pip's wheels
+// (pip_library_dirs: each site-packages' nvidia/cu<major>/lib, then nvidia/cublas/lib, the CUDA 12 layout).
 // ADAFUSE_NATIVE_GEMM: "auto" (unset: cuBLASLt where it loads, else the kernel library, said once on
 // stderr), "cublaslt" (required: opening fails without it), "kernels" (never cuBLASLt).
 #pragma once

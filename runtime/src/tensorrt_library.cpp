@@ -69,12 +69,12 @@ const char* env(const char* name) {
 
 }  // namespace
 
-std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind) {
+std::vector<std::string> pip_library_dirs(const std::vector<std::string>& folders) {
   std::vector<fs::path> sites;
   // A wheel installs this library inside site-packages (e.g. site-packages/adafuse_export/lib):
-  // its ancestors are where pip put tensorrt_libs beside it.
+  // its ancestors are where pip put the other wheels' libraries beside it.
   Dl_info self{};
-  if (dladdr(reinterpret_cast<void*>(&pip_tensorrt_dirs), &self) != 0 && self.dli_fname != nullptr) {
+  if (dladdr(reinterpret_cast<void*>(&pip_library_dirs), &self) != 0 && self.dli_fname != nullptr) {
     fs::path p = fs::path(self.dli_fname).parent_path();
     for (int up = 0; up < 4 && !p.empty() && p != p.root_path(); ++up, p = p.parent_path()) sites.push_back(p);
   }
@@ -91,17 +91,20 @@ std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind) {
   if (const char* home = env("HOME")) add_site_packages(fs::path(home) / ".local", sites);
   add_site_packages("/usr/local", sites);
   sites.push_back("/usr/lib/python3/dist-packages");
-  std::vector<const char*> folders{"tensorrt_libs"};
-  if (kind == TensorRTRuntime::lean) folders.insert(folders.begin(), "tensorrt_lean_libs");
   std::vector<std::string> dirs;
   for (const auto& site : sites)
-    for (const char* folder : folders) {
+    for (const std::string& folder : folders) {
       std::error_code ec;
       const fs::path dir = fs::weakly_canonical(site / folder, ec);
       if (!ec && fs::is_directory(dir, ec) && std::find(dirs.begin(), dirs.end(), dir.string()) == dirs.end())
         dirs.push_back(dir.string());
     }
   return dirs;
+}
+
+std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind) {
+  if (kind == TensorRTRuntime::lean) return pip_library_dirs({"tensorrt_lean_libs", "tensorrt_libs"});
+  return pip_library_dirs({"tensorrt_libs"});
 }
 
 TensorRTLibrary open_tensorrt(const std::string& path, TensorRTRuntime kind) {

@@ -47,9 +47,13 @@ struct TensorRTLibrary {
   TensorRTRuntime kind = TensorRTRuntime::full;  // the library looked for
 };
 
-// Where pip puts TensorRT's libraries: the folders of the site-packages this process can see (beside
-// the runtime library itself, $VIRTUAL_ENV, $CONDA_PREFIX, $PYTHONPATH, ~/.local, /usr/local, /usr), those
-// that exist, in that order: tensorrt_libs (tensorrt-cuXX-libs); for the lean runtime each site's
+// Where pip puts other wheels' shared libraries: `folders` (relative paths) inside each site-packages this
+// process can see (beside the runtime library itself, $VIRTUAL_ENV, $CONDA_PREFIX, $PYTHONPATH, ~/.local,
+// /usr/local, /usr), those that exist, canonical and without repeats, sites in that order and each site's
+// folders in the order given. The one search for TensorRT's (pip_tensorrt_dirs) and cuBLASLt's (cublaslt.h).
+std::vector<std::string> pip_library_dirs(const std::vector<std::string>& folders);
+
+// pip_library_dirs of TensorRT: tensorrt_libs (tensorrt-cuXX-libs); for the lean runtime each site's
 // tensorrt_lean_libs (tensorrt-lean-cuXX-libs) first, then its tensorrt_libs (the full wheel ships it too).
 std::vector<std::string> pip_tensorrt_dirs(TensorRTRuntime kind = TensorRTRuntime::full);
 

@@ -3,7 +3,11 @@
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdlib>
+#include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -49,13 +53,66 @@ TEST(CublasLt, SearchesTheOverrideAloneElseTheSonameOfThisBuildsCudaMajor) {
     EXPECT_EQ(cublaslt_candidates(), std::vector<std::string>{"/opt/lt/libcublasLt.so.13.1"});
   }
   ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", nullptr);
+  // The system's places first; after them come pip's wheels this machine may have (FindsPipsWheels...).
+  const auto first = [](size_t n) {
+    const std::vector<std::string> all = cublaslt_candidates();
+    return std::vector<std::string>(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(std::min(n, all.size())));
+  };
   {
     ScopedEnv home("CUDA_HOME", "/opt/cuda");
-    EXPECT_EQ(cublaslt_candidates(),
-              (std::vector<std::string>{so, "/opt/cuda/lib64/" + so, "/usr/local/cuda/lib64/" + so}));
+    EXPECT_EQ(first(3), (std::vector<std::string>{so, "/opt/cuda/lib64/" + so, "/usr/local/cuda/lib64/" + so}));
   }
   ScopedEnv home("CUDA_HOME", nullptr);
-  EXPECT_EQ(cublaslt_candidates(), (std::vector<std::string>{so, "/usr/local/cuda/lib64/" + so}));
+  EXPECT_EQ(first(2), (std::vector<std::string>{so, "/usr/local/cuda/lib64/" + so}));
+  for (const std::string& pip : first(100)) EXPECT_NE(pip, "/opt/cuda/lib64/" + so);
+}
+
+// pip's wheels put libcublasLt off the loader's path: nvidia-cublas (CUDA 13) in site-packages/nvidia/cu13/lib,
+// nvidia-cublas-cu12 in site-packages/nvidia/cublas/lib. Both are searched after the system's places, through the
+// search that finds TensorRT's wheels (pip_library_dirs).
+TEST(CublasLt, FindsPipsWheelsAfterTheSystemPlaces) {
+  namespace fs = std::filesystem;
+  const std::string so = "libcublasLt.so." + std::to_string(cublaslt_major());
+  std::string venv_name = (fs::temp_directory_path() / "adafuse-lt-XXXXXX").string();
+  ASSERT_NE(mkdtemp(venv_name.data()), nullptr);
+  const fs::path venv = venv_name;
+  const std::unique_ptr<const fs::path, void (*)(const fs::path*)> remove_venv(&venv, [](const fs::path* p) {
+    std::error_code ec;
+    fs::remove_all(*p, ec);
+  });
+  const fs::path site = venv / "lib" / "python3.12" / "site-packages";
+  const fs::path cu_major = site / "nvidia" / ("cu" + std::to_string(cublaslt_major())) / "lib";
+  const fs::path cu12 = site / "nvidia" / "cublas" / "lib";
+  fs::create_directories(cu_major);
+  fs::create_directories(cu12);
+  ScopedEnv lib("ADAFUSE_CUBLASLT_LIB", nullptr);
+  ScopedEnv home("CUDA_HOME", nullptr);
+  ScopedEnv env("VIRTUAL_ENV", venv.c_str());
+  const std::vector<std::string> tried = cublaslt_candidates();
+  const std::string in_major = fs::canonical(cu_major).string() + "/" + so, in_cu12 = fs::canonical(cu12).string() + "/" + so;
+  ASSERT_GE(tried.size(), 4u);
+  EXPECT_EQ(std::vector<std::string>(tried.begin(), tried.begin() + 4),
+            (std::vector<std::string>{so, "/usr/local/cuda/lib64/" + so, in_major, in_cu12}));
+  if (void* h = dlopen(so.c_str(), RTLD_LAZY)) {
+    dlclose(h);
+    GTEST_SKIP() << so << " is on the loader's path here";
+  }
+  if (fs::exists("/usr/local/cuda/lib64/" + so)) GTEST_SKIP() << "/usr/local/cuda/lib64/" << so << " exists here";
+  // None in either folder: the refusal names both and says what to install.
+  try {
+    CublasLt::load();
+    FAIL() << "loaded a library from empty folders";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find(", " + in_major + ", " + in_cu12), std::string::npos) << m;
+    EXPECT_NE(m.find("; install pip's nvidia-cublas"), std::string::npos) << m;
+    EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+  }
+  // A library of this major in the CUDA 12 layout (the CUDA 13 folder empty): found and loaded there.
+  fs::copy_file(CUBLASLT_STUB, cu12 / so);
+  const auto found = CublasLt::load();
+  EXPECT_EQ(found->path(), in_cu12);
+  EXPECT_EQ(found->version(), size_t(cublaslt_major()) * 10000 + 100);
 }
 
 TEST(CublasLt, RefusesAMissingIncompleteOrOtherMajorLibraryInOneLine) {
