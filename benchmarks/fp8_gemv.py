@@ -14,8 +14,8 @@ for the bf16 weights, so the FP8 rotation is >= 2x L2), median of 30 replays, ea
 (the spread). GB/s: the bytes a call must read (W at its storage size, the scales, the touched
 experts' A and B, x, y) against a device-to-device copy measured in the same run. A timed output is
 checked only to be finite and close to the bf16 result of the same call (tests/gpu judges correctness).
-With --shapes, first the one-row kernel shapes side by side (adafuse_lora_options.gemv1, early-W variants
-included), bf16 and FP8, fused and without adapter: the measurement behind the library's AUTO shape.
+With --shapes, first the one-row kernel shapes side by side (adafuse_lora_options.gemv1), bf16
+and FP8, fused and without adapter: the measurement behind the library's AUTO shape.
 Writes <out>/fp8_gemv.json and prints a table last.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="16,64", help="comma list of per-member ranks r (site rank = members x r)")
     ap.add_argument("--shapes", default="",
                     help="also: one row, r16, these one-row kernel shapes side by side (comma list of "
-                         "Kernels.lora_linear's gemv1 names, e.g. auto,u4n1,u4n1_ew,u8n1_ew)")
+                         "Kernels.lora_linear's gemv1 names, e.g. auto,u4n1,u8n1,u4n2,u4k2)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,7 @@ _DTYPE_NAMES = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": 
 ATTN_MAX_GROUP = 8  # ADAFUSE_ATTN_MAX_GROUP
 
 # adafuse_lora_options' enums (adafuse_kernels.h), by the names the keyword arguments take
-GEMV1_SHAPES = {"auto": 0, "u4n1": 1, "u8n1": 2, "u4n2": 3, "u4k2": 4, "simt": 5,
-                "u4n1_ew": 6, "u8n1_ew": 7, "u4n2_ew": 8, "u4k2_ew": 9}
+GEMV1_SHAPES = {"auto": 0, "u4n1": 1, "u8n1": 2, "u4n2": 3, "u4k2": 4, "simt": 5}
 SHRINK_KINDS = {"auto": 0, "dot": 1, "warp": 2}
 WEIGHT_AS_DTYPE = 0  # adafuse_weight_dtype: W has x's dtype
 WEIGHT_FP8_E4M3 = 1  # W float8 e4m3 with float32 per-output-channel scales

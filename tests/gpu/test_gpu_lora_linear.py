@@ -204,7 +204,7 @@ ONE_ROW_SHAPES = [s for s in GEMV1_SHAPES if s != "auto"]
                                         for (in_f, out_f, rank) in [(4096, 12288, 16), (11008, 4096, 16),
                                                                     (4096, 4095, 64), (48, 129, 3), (37, 7, 16)]))
 def test_one_row_shapes(kernels, inputs, case, adapter):
-    """Every one-row kernel shape (early W loads included), with and without adapter, at the 7B's r16
+    """Every one-row kernel shape, with and without adapter, at the 7B's r16
     sites and odd sizes (a misaligned x takes the fallback)."""
     run_and_check(kernels, case, inputs, adapter=adapter)
 

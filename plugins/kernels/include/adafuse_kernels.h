@@ -124,13 +124,7 @@ typedef enum {
   ADAFUSE_GEMV1_U8N1 = 2,
   ADAFUSE_GEMV1_U4N2 = 3,
   ADAFUSE_GEMV1_U4K2 = 4,
-  ADAFUSE_GEMV1_SIMT = 5,  // the warp-per-row SIMT GEMV (the 2-16 rows fallback), at one row
-  // The same shapes with the first round of W loads issued before x is ready (W is constant):
-  // the stream's first latency overlaps the wait for the previous kernel and x's staging.
-  ADAFUSE_GEMV1_U4N1_EW = 6,
-  ADAFUSE_GEMV1_U8N1_EW = 7,
-  ADAFUSE_GEMV1_U4N2_EW = 8,
-  ADAFUSE_GEMV1_U4K2_EW = 9
+  ADAFUSE_GEMV1_SIMT = 5  // the warp-per-row SIMT GEMV (the 2-16 rows fallback), at one row
 } adafuse_gemv1_shape;
 // The few-rows shrink outside the one-row GEMV path (which needs the block-per-dot shrink's
 // flag). AUTO: block per dot at one row, warp per dot at 2-16 rows (benchmarks/results/shrink_ab.log).

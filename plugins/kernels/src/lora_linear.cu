@@ -190,10 +190,8 @@ __device__ __forceinline__ void wait_x_ready(const unsigned* x_ready) {
 // K slice, partials added through shared memory), each warp NO consecutive rows, U 16-byte W
 // loads per row in flight per lane; x is staged once per block in shared memory. The LoRA
 // term sum_j B[e][o,:] . t[j,:] is added after the W stream (t after griddepcontrol.wait); its
-// B values, up to LR = 4 per lane and row, are loaded before the stream. EW: the first round of
-// W loads is issued before x is ready (W is constant, so it may be read while the previous kernel
-// still runs): its latency overlaps the wait for x and x's staging instead of following them.
-template <typename T, typename WT, int U, int NO, int KS, bool EW>
+// B values, up to LR = 4 per lane and row, are loaded before the stream.
+template <typename T, typename WT, int U, int NO, int KS>
 __global__ void __launch_bounds__(kThreads)
 gemv1_kernel(int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
              const float* __restrict__ wscale, const T* __restrict__ bias, const T* __restrict__ B, int E, int rank,
@@ -205,32 +203,14 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
   __shared__ float part[kWarps][NO];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nv = in / V, nw = in / WE;
-  const int ks = warp % KS;  // this warp's K slice
-  const long long o0 = (static_cast<long long>(blockIdx.x) * (kWarps / KS) + warp / KS) * NO;
-  const int per = (nw + KS - 1) / KS;
-  const int vb = ks * per, ve = min(nw, vb + per);
-  float acc[NO], wsc[NO];
-  const uint4* Wv[NO];
-#pragma unroll
-  for (int q = 0; q < NO; ++q) {
-    acc[q] = 0.f;
-    const long long o = (o0 + q < out) ? o0 + q : (out - 1);  // clamp: duplicate row, discarded
-    Wv[q] = reinterpret_cast<const uint4*>(W + static_cast<size_t>(o) * in);
-    wsc[q] = kIsFp8<WT> ? __ldg(wscale + o) : 1.f;
-  }
-  int v0 = vb + lane;
-  const bool early = EW && v0 + 32 * (U - 1) < ve;  // a full first round exists
-  uint4 w0[NO][U];
-  if (early) {
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int q = 0; q < NO; ++q) w0[q][u] = ld_stream16(Wv[q] + v0 + 32 * u);
-  }
   wait_x_ready(x_ready);
   for (int i = threadIdx.x; i < nv; i += kThreads) xs[i] = ld_cg16(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
 
+  const int ks = warp % KS;  // this warp's K slice
+  const long long o0 = (static_cast<long long>(blockIdx.x) * (kWarps / KS) + warp / KS) * NO;
+  const int per = (nw + KS - 1) / KS;
+  const int vb = ks * per, ve = min(nw, vb + per);
   // LoRA operands that the shrink does not produce (ids, B rows) are loaded into registers now,
   // so their latency hides under the W stream; t after griddepcontrol.wait. Pair i = (j, r) over
   // the row's KS warps and lanes; with more than 32 * KS * LR pairs, all after the stream.
@@ -253,14 +233,29 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
     }
   }
 
+  float acc[NO], wsc[NO];
+  const uint4* Wv[NO];
+#pragma unroll
+  for (int q = 0; q < NO; ++q) {
+    acc[q] = 0.f;
+    const long long o = (o0 + q < out) ? o0 + q : (out - 1);  // clamp: duplicate row, discarded
+    Wv[q] = reinterpret_cast<const uint4*>(W + static_cast<size_t>(o) * in);
+    wsc[q] = kIsFp8<WT> ? __ldg(wscale + o) : 1.f;
+  }
   // Full rounds with unconditional loads (a bounds check per load becomes a branch per load,
   // and ptxas then sinks the loads to their uses: one in flight), then single-load rounds.
-  auto round = [&](const uint4 (&wv)[NO][U], int v) {
+  int v0 = vb + lane;
+  for (; v0 + 32 * (U - 1) < ve; v0 += 32 * U) {
+    uint4 wv[NO][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < NO; ++q) wv[q][u] = ld_stream16(Wv[q] + v0 + 32 * u);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float xf[WE];
 #pragma unroll
-      for (int h = 0; h < XR; ++h) unpack16<T>(xs[(v + 32 * u) * XR + h], xf + h * V);
+      for (int h = 0; h < XR; ++h) unpack16<T>(xs[(v0 + 32 * u) * XR + h], xf + h * V);
 #pragma unroll
       for (int q = 0; q < NO; ++q) {
         float wf[WE];
@@ -269,18 +264,6 @@ gemv1_kernel(int in, int out, const T* __restrict__ x, const WT* __restrict__ W,
         for (int k = 0; k < WE; ++k) acc[q] = fmaf(wf[k], xf[k], acc[q]);
       }
     }
-  };
-  if (early) {
-    round(w0, v0);
-    v0 += 32 * U;
-  }
-  for (; v0 + 32 * (U - 1) < ve; v0 += 32 * U) {
-    uint4 wv[NO][U];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int q = 0; q < NO; ++q) wv[q][u] = ld_stream16(Wv[q] + v0 + 32 * u);
-    round(wv, v0);
   }
   for (; v0 < ve; v0 += 32) {
     float xf[WE];
@@ -1085,14 +1068,14 @@ constexpr int kGemv1MaxXBytes = 47 * 1024;
 // gemv_sites.json of 2026-11-29: e.g. qkv 52.9 vs 37.0 us).
 constexpr long long kGemv1MaxPairs = 96;
 
-template <typename T, typename WT, int U, int NO, int KS, bool EW>
+template <typename T, typename WT, int U, int NO, int KS>
 int launch_gemv1(Pdl pdl, int in, int out, const T* x, const WT* W, const float* wsc, const T* bias, const T* B, int E,
                  int rank, const int32_t* ids, int top_k, const float* t, T* y, const unsigned* x_ready,
                  cudaStream_t stream) {
   constexpr long long kRowsPerBlock = (kThreads / 32 / KS) * NO;
   const long long blocks = (out + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffffll) return ADAFUSE_ERR_INVALID_ARGUMENT;
-  return launch_ex(gemv1_kernel<T, WT, U, NO, KS, EW>, dim3(static_cast<unsigned>(blocks)), kThreads,
+  return launch_ex(gemv1_kernel<T, WT, U, NO, KS>, dim3(static_cast<unsigned>(blocks)), kThreads,
                    static_cast<size_t>(in) * sizeof(T), pdl, stream, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t,
                    y, x_ready);
 }
@@ -1103,17 +1086,10 @@ int run_gemv1(int32_t shape, Pdl pdl, int in, int out, const T* x, const WT* W, 
               cudaStream_t s) {
   if (shape == ADAFUSE_GEMV1_AUTO) shape = out >= 8192 ? ADAFUSE_GEMV1_U4K2 : ADAFUSE_GEMV1_U4N1;
   switch (shape) {
-#define ADAFUSE_GEMV1_CASE(SHAPE, U, NO, KS, EW) \
-  case SHAPE: return launch_gemv1<T, WT, U, NO, KS, EW>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U8N1, 8, 1, 1, false)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U4N2, 4, 2, 1, false)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U4K2, 4, 1, 2, false)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U4N1_EW, 4, 1, 1, true)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U8N1_EW, 8, 1, 1, true)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U4N2_EW, 4, 2, 1, true)
-    ADAFUSE_GEMV1_CASE(ADAFUSE_GEMV1_U4K2_EW, 4, 1, 2, true)
-#undef ADAFUSE_GEMV1_CASE
-    default: return launch_gemv1<T, WT, 4, 1, 1, false>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U8N1: return launch_gemv1<T, WT, 8, 1, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4N2: return launch_gemv1<T, WT, 4, 2, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    case ADAFUSE_GEMV1_U4K2: return launch_gemv1<T, WT, 4, 1, 2>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
+    default: return launch_gemv1<T, WT, 4, 1, 1>(pdl, in, out, x, W, wsc, bias, B, E, rank, ids, top_k, t, y, x_ready, s);
   }
 }
 
@@ -1355,7 +1331,7 @@ int dispatch(int rows, int in, int out, const void* x, const void* W, const void
 
 bool options_ok(const adafuse_lora_options& o) {
   return (o.pdl == ADAFUSE_PDL_AUTO || o.pdl == ADAFUSE_PDL_OFF) && o.gemv1 >= ADAFUSE_GEMV1_AUTO &&
-         o.gemv1 <= ADAFUSE_GEMV1_U4K2_EW && o.shrink >= ADAFUSE_SHRINK_AUTO && o.shrink <= ADAFUSE_SHRINK_WARP &&
+         o.gemv1 <= ADAFUSE_GEMV1_SIMT && o.shrink >= ADAFUSE_SHRINK_AUTO && o.shrink <= ADAFUSE_SHRINK_WARP &&
          (o.exclusive_workspace == 0 || o.exclusive_workspace == 1) &&
          ((o.weight_dtype == ADAFUSE_WEIGHT_AS_DTYPE && !o.weight_scale) ||
           (o.weight_dtype == ADAFUSE_WEIGHT_FP8_E4M3 && o.weight_scale));
