@@ -127,25 +127,3 @@ def test_bfloat16_prefill_within_validates_bound(lib, tmp_path, weights):
     assert (np.abs(logits - r32) <= atol + rtol * np.abs(r32)).all()
     assert experts is not None and ref32.expert_ids is not None
     assert np.array_equal(experts, ref32.expert_ids.numpy())
-
-
-def test_fp8_switch_decodes_the_fp8_twins_greedy_tokens(lib, tmp_path):
-    """An FP8 artifact (bfloat16 activations) opened with strategy switch: each decode token's experts merged into
-    bfloat16 copies of the FP8 weights (W8 * scale + the deltas in float32, rounded once) decode the greedy tokens of
-    the artifact's FP8 twin (the float32 reference with its weights dequantized), as the fused strategy does."""
-    make_example(tmp_path / "ck", "pregate", "llama")
-    ckpt = load_checkpoint(tmp_path / "ck")
-    art = tmp_path / "a.native"
-    art.mkdir()
-    native.write_artifact(ckpt, art, "bfloat16", max_batch=1, max_seq=40, weights="fp8")
-    twin = ReferenceModel(ckpt, dtype=torch.float32)
-    assert native.load_fp8_twin(twin, art)
-    tokens = {}
-    for prompt in PROMPTS:
-        want, _ = twin.generate(torch.tensor([prompt]), NEW_TOKENS)
-        for strategy in ("fused", "switch"):
-            with open_native(art, strategy) as engine:
-                tokens[strategy], logits, _ = engine.generate(prompt, NEW_TOKENS)
-            assert not np.isnan(logits).any(), strategy
-        assert tokens["switch"] == want[0].tolist(), (prompt, tokens, want[0].tolist())
-        assert tokens["fused"] == tokens["switch"], (prompt, tokens)
