@@ -266,6 +266,13 @@ def fp8_batch1(run: Json, fp8: Optional[Json]) -> Json:
                        f"(the bf16 artifact's own prefill: {agreement.get('bf16_forced_self_agreement', '-')}; "
                        f"free-running {agreement['free_running']:.3f}, first divergence per prompt "
                        f"{agreement['first_divergence']})")
+            self_agree = agreement.get("bf16_forced_self_agreement")
+            if isinstance(self_agree, (int, float)) and self_agree < FP8_AGREEMENT:
+                why.append(f"the bf16 artifact agrees with itself (its prefill's picks against its decode path's) on "
+                           f"only {self_agree:.3f} of the picks, below the bar itself: the synthetic model's random "
+                           f"weights leave its logits near ties that any rounding flips, so this agreement measures "
+                           f"noise, not FP8's quality (that needs a trained checkpoint, which these machines cannot "
+                           f"fetch)")
         t["why_not"] = "; ".join(why)
     return t
 

@@ -139,6 +139,18 @@ def test_missed_targets_say_why_from_the_side_files(dt):
             "free-running 0.500, first divergence per prompt [3, 24, 12, 24])") in fp8
 
 
+def test_agreement_below_the_models_own_consistency_is_called_noise(dt):
+    """The bf16 artifact disagreeing with itself (prefill against decode picks) below the bar: the verdict stays
+    missed, and the why says the agreement measures the synthetic model's near ties, not FP8."""
+    run = _run(agreement=0.2)
+    run["fp8_agreement"]["bf16_forced_self_agreement"] = 0.8
+    t = dt.judge(run)["fp8_b1"]
+    assert not t["reached"]
+    assert "agrees with itself (its prefill's picks against its decode path's) on only 0.800" in t["why_not"]
+    run["fp8_agreement"]["bf16_forced_self_agreement"] = 0.98  # consistent model: no such note
+    assert "agrees with itself" not in dt.judge(run)["fp8_b1"]["why_not"]
+
+
 def test_rows_the_run_lacks_are_not_measured(dt):
     run = _run()
     run["decode"] = [r for r in run["decode"] if r["strategy"] in ("fused", "dense") and r["batch"] <= 8]
