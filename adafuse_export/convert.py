@@ -80,19 +80,26 @@ class Stages:
 def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path | None = None, backend: str = "auto",
             dtype: str = "float32", max_batch: int = 1, max_seq: int | None = None, force: bool = False,
             validate: str = "layerwise", plugin_library: Path | None = None, timing_cache: Path | None = None,
-            strategy: str | None = None, weights: str = "dtype", version_compatible: bool = False, log=print) -> dict:
+            strategy: str | None = None, weights: str = "dtype", version_compatible: bool = False,
+            kv_update: str = "auto", log=print) -> dict:
     """validate: full (the reference holds every weight), layerwise (one layer at a time), off.
     max_seq: None for the model's max_position_embeddings, at most DEFAULT_MAX_SEQ.
     weights: 'dtype', or 'fp8': FP8 base weights (native_artifact.WEIGHT_FORMATS in a native artifact; float8e4m3fn
     initializers with DequantizeLinear, or FP8 inputs of the plugin nodes, in the ONNX export and the engine).
-    version_compatible: a full-TensorRT engine for TensorRT's lean runtime (trt/build.py builder_config)."""
+    version_compatible: a full-TensorRT engine for TensorRT's lean runtime (trt/build.py builder_config).
+    kv_update: 'auto' (the backend's Backend.kv_update), 'copy', or 'in-place' (refused where the backend cannot)."""
     from .staging import make_staging, remove_stale_stagings
     from .trt.backends import KINDS
     from .trt.build import version_compatible_refusal
 
     if validate not in VALIDATE_MODES:
         raise AdafuseError(f"--validate {validate}: expected one of {', '.join(VALIDATE_MODES)}")
+    if kv_update not in ("auto", "copy", "in-place"):
+        raise AdafuseError(f"--kv-update {kv_update}: expected one of auto, copy, in-place")
     if backend == "native":
+        if kv_update != "auto":
+            raise AdafuseError(f"--kv-update {kv_update}: not an option of --backend native (its runtime owns one cache "
+                               "per sequence slot and writes it in place)")
         if version_compatible:
             raise AdafuseError("--version-compatible: not an option of --backend native (it builds no TensorRT engine; "
                                "only --backend tensorrt builds engines for TensorRT's lean runtime)")
@@ -113,7 +120,7 @@ def convert(ckpt_path: Path, engine: Path, *, fmt: str | None = None, base: Path
     plan = plan_conversion(ckpt_path, engine, outs, fmt=fmt, base=base, backend=backend, dtype=dtype,
                            max_batch=max_batch, max_seq=max_seq, validate=validate, plugin_library=plugin_library,
                            timing_cache=timing_cache, strategy=strategy, force=force, stages=stages, weights=weights,
-                           version_compatible=version_compatible)
+                           version_compatible=version_compatible, kv_update=kv_update)
     try:
         staging = make_staging(engine)
     except OSError as e:
@@ -144,7 +151,7 @@ def _check_outputs(engine: Path) -> None:
 def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt, base, backend: str, dtype: str,
                     max_batch: int, max_seq: int | None, validate: str, plugin_library: Path | None,
                     timing_cache: Path | None, strategy: str | None, force: bool, stages: Stages,
-                    weights: str = "dtype", version_compatible: bool = False) -> Plan:
+                    weights: str = "dtype", version_compatible: bool = False, kv_update: str = "auto") -> Plan:
     """Stage 1: read the checkpoint's headers, pick the backend, settle validation, check resources."""
     from . import resources
     from .converters import load_checkpoint
@@ -190,7 +197,12 @@ def plan_conversion(ckpt_path: Path, engine: Path, outs: dict[str, Path], *, fmt
         from .native_artifact import check_weight_format
 
         check_weight_format(ckpt, dtype, weights)  # the plugin's FP8 kernels: in_features % 16 == 0
-    kv_update = chosen.kv_update if chosen else "copy"
+    supported = chosen.kv_update if chosen else "copy"
+    if kv_update == "in-place" and supported != "in-place":
+        what = f"{chosen.name} {chosen.version}" if chosen else "no TensorRT installed"
+        raise AdafuseError(f"--kv-update in-place: {what} cannot update a cache in place (its parser must import "
+                           "TensorScatter as IKVCacheUpdateLayer: full TensorRT 10.15 or newer); use --kv-update copy or auto")
+    kv_update = supported if kv_update == "auto" else kv_update
     if chosen and kv_update == "in-place":
         stages.detail(f"{chosen.name} {chosen.version} updates the KV cache in place: the decoder writes it with TensorScatter "
                       f"into a static cache of {max_seq} positions")

@@ -133,9 +133,10 @@ def test_the_kv_cache_is_updated_in_place_from_tensorrt_10_15(name, version, wan
     assert backends.Backend(name, None, version).kv_update == want
 
 
-@pytest.mark.parametrize("version, in_place", [("10.15.1.29", True), ("10.14.1.48", False)])
+@pytest.mark.parametrize("version, choice, in_place", [("10.15.1.29", "auto", True), ("10.14.1.48", "auto", False),
+                                                      ("10.15.1.29", "copy", False), ("10.16.1.11", "in-place", True)])
 def test_convert_exports_the_kv_form_of_the_installed_tensorrt_and_records_it(monkeypatch, example_dirs, tmp_path,
-                                                                             version, in_place):
+                                                                             version, choice, in_place):
     """convert --backend tensorrt: the export (and its validation in ONNX Runtime) is the in-place form for a builder
     that updates the cache in place, and the manifest says so; the builder itself is a stand-in (no TensorRT here)
     that is handed the exported graph and describes its tensors as the real build does."""
@@ -167,7 +168,7 @@ def test_convert_exports_the_kv_form_of_the_installed_tensorrt_and_records_it(mo
     out = tmp_path / "out.engine"
     logs: list[str] = []
     manifest = convert(example_dirs["pregate"], out, backend="tensorrt", max_seq=24, plugin_library=plugin,
-                       log=logs.append)
+                       kv_update=choice, log=logs.append)
     assert manifest["engine"].get("kv_in_place", False) is in_place
     assert json.loads(out.with_suffix(".json").read_text())["engine"].get("kv_in_place", False) is in_place
     exported = json.loads((out.with_suffix(".onnx") / "manifest.json").read_text())
@@ -177,3 +178,23 @@ def test_convert_exports_the_kv_form_of_the_installed_tensorrt_and_records_it(mo
     assert any(n.op_type == "TensorScatter" for n in built[0].graph.node) == in_place
     assert any(line.strip().startswith("PASSED") for line in logs), logs  # stage 3 validated the form exported
     assert any("updates the KV cache in place" in line for line in logs) == in_place
+
+
+def test_kv_update_in_place_is_refused_where_the_backend_cannot(monkeypatch, cli, example_dirs, tmp_path):
+    """--kv-update in-place with a TensorRT older than 10.15, or with --backend native: one line, nothing written."""
+    monkeypatch.setattr("adafuse_export.installation.build_info", lambda: None)
+    _installed(monkeypatch, "10.14.1.48")
+    plugin = tmp_path / "libadafuse_trt_plugins.so"
+    plugin.write_bytes(b"stand-in")
+    for args, want in [
+            (("out.engine", "--backend", "tensorrt", "--plugin-lib", str(plugin), "--kv-update", "in-place"),
+             "--kv-update in-place: tensorrt 10.14.1.48 cannot update a cache in place (its parser must import "
+             "TensorScatter as IKVCacheUpdateLayer: full TensorRT 10.15 or newer); use --kv-update copy or auto"),
+            (("out.native", "--backend", "native", "--kv-update", "copy"),
+             "--kv-update copy: not an option of --backend native (its runtime owns one cache per sequence slot and "
+             "writes it in place)")]:
+        out = tmp_path / args[0]
+        r = cli("convert", example_dirs["pregate"], out, *args[1:])
+        assert r.code != 0 and "Traceback" not in r.err, r.err
+        assert r.err.strip().endswith(want), r.err
+        assert not out.exists() and not out.with_suffix(".json").exists()

@@ -39,6 +39,12 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
                    "of the plan), which the C++ runtime runs on TensorRT's lean runtime (libnvinfer_lean, pip "
                    "tensorrt-lean-cu12-libs / tensorrt-lean-cu13-libs of the engine's TensorRT version) instead of the full "
                    "libnvinfer. Refused for tensorrt-rtx and native.")
+@click.option("--kv-update", "kv_update", type=click.Choice(["auto", "copy", "in-place"]), default="auto",
+              show_default=True,
+              help="How the engine's decoder writes the KV cache: in-place (TensorScatter into a static cache of "
+                   "--max-seq positions, one cache buffer, no copy per step: --backend tensorrt 10.15 or newer), copy "
+                   "(every step's present is a new cache: any TensorRT), or auto (in-place where the builder supports "
+                   "it). Refused for --backend native.")
 @click.option("--validate", "validate_mode", type=click.Choice(["full", "layerwise", "off"]), default="layerwise",
               show_default=True,
               help="Check the export against the PyTorch reference in ONNX Runtime: layerwise (the reference reads one "
@@ -50,7 +56,7 @@ from .options import backend_option, base_option, ckpt_argument, dtype_option, f
 @click.option("--no-validate", is_flag=True, help="Alias of --validate off.")
 @force_option("Overwrite existing ENGINE, its .json manifest and .onnx directory.")
 def convert(ckpt, engine, fmt, base, backend, dtype, weights, max_batch, max_seq, plugin_lib, strategy, timing_cache,
-            version_compatible, validate_mode, no_validate, force):
+            version_compatible, kv_update, validate_mode, no_validate, force):
     """Convert CKPT into a TensorRT engine ENGINE (e.g. out.engine), or with --backend native into a native
     artifact ENGINE (e.g. out.native/).
 
@@ -76,4 +82,4 @@ def convert(ckpt, engine, fmt, base, backend, dtype, weights, max_batch, max_seq
     run_convert(ckpt, engine, fmt=fmt, base=base, backend=backend, dtype=dtype, weights=weights, max_batch=max_batch,
                 max_seq=max_seq,
                 force=force, validate="off" if no_validate else validate_mode, plugin_library=plugin_lib, timing_cache=timing_cache,
-                strategy=strategy, version_compatible=version_compatible, log=emit)
+                strategy=strategy, version_compatible=version_compatible, kv_update=kv_update, log=emit)
