@@ -6,7 +6,8 @@
 #   timings (routed fused linear with its gemv1 / PDL-off option checks, many rows, the few-rows GEMV
 #   against cuBLAS at the 7B decoder's site shapes, FP8 against bf16 weights in the fused GEMV at those
 #   shapes (fp8_gemv.py), the decode-step kernels, the native step's time per kernel at each batch and of a
-#   512-token prefill (profile_native.py)); the decode benchmark of
+#   512-token prefill (profile_native.py), the fused switch against copy bandwidth (switch_bound.py)); the decode
+#   benchmark of
 #   the native backend over the C API (benchmarks/h200_decode.py).
 # First it builds the kernels, the runtime (native backend), adafuse-serve and adafuse-generate for this GPU
 # (runtime/tools/build_on_gpu.sh; ADAFUSE_DEVICE_DEPS: the header folder it needs) and exports ADAFUSE_RUNTIME_LIB
@@ -22,8 +23,8 @@
 # Or: bash benchmarks/h200_all.sh --sanitize [memcheck|racecheck]: only the kernel tests under compute-sanitizer
 #   (runtime/tools/kernel_sanitizer.sh: both tools by default, logs and sanitizer_summary.json in $OUT; one call).
 # After the decode benchmark, benchmarks/decode_targets.py judges issue 23's targets from $OUT (into native_backend.json),
-#   with the checks half's profile_native.json, gemv_sites.json, fp8_gemv.json and benchmarks/switch_bound.py's
-#   switch_bound.json where they are in $OUT; when the halves ran in separate calls, put their files in one folder
+#   with the checks half's profile_native.json, gemv_sites.json, fp8_gemv.json and switch_bound.json
+#   where they are in $OUT; when the halves ran in separate calls, put their files in one folder
 #   and run `python3 benchmarks/decode_targets.py FOLDER` there (CPU only).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -76,6 +77,8 @@ python3 benchmarks/gpu_decode_ops.py --out "$OUT" > "$OUT/gpu_decode_ops.log" 2>
 grep -E "kernel .* us|Error" "$OUT/gpu_decode_ops.log"; [[ $rc == 0 ]] || status=1
 python3 benchmarks/profile_native.py --out "$OUT" --dense > "$OUT/profile_native.log" 2>&1; rc=$?
 grep -E "GPU span" "$OUT/profile_native.log"; [[ $rc == 0 ]] || status=1
+python3 benchmarks/switch_bound.py --out "$OUT" > "$OUT/switch_bound.run.log" 2>&1; rc=$?  # decode_targets' switch target
+grep -E "^r(16|64) (pristine|in place) +[0-9]+ \|" "$OUT/switch_bound.run.log"; [[ $rc == 0 ]] || status=1
 fi
 has --no-decode && exit $status
 args=(); for a in "$@"; do [[ $a == --no-harness || $a == --no-checks || $a == --no-decode ]] || args+=("$a"); done
